@@ -1,0 +1,161 @@
+//! Configuration: parsed once at startup into typed, validated settings.
+//!
+//! Precedence, lowest first: built-in defaults < a YAML file < `DYN_`-prefixed environment
+//! variables (nested keys joined by `__`, e.g. `DYN_RPC__HEARTBEAT_INTERVAL=500ms`) < command
+//! line overrides. This is the only module that reads the environment. Durations are written
+//! the human way (`250ms`, `5s`, `2m`).
+
+use std::path::Path;
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Yaml};
+use figment::Figment;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::discovery::DiscoverySettings;
+use crate::rpc::RpcSettings;
+
+/// Why configuration was refused. The message names the key or file at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {0} does not exist")]
+    MissingFile(String),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Settings of the runtime itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RuntimeSettings {
+    /// `nats://HOST:PORT` to use a nats-server; absent for the embedded in-process bus.
+    pub bus: Option<String>,
+    pub discovery: DiscoverySettings,
+    pub rpc: RpcSettings,
+    /// How long a graceful shutdown waits for open requests before cancelling them.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// A `tracing` filter, e.g. `info` or `dynamo_runtime=debug,info`.
+    pub log: String,
+    /// Serve Prometheus metrics on this port (all interfaces) when set.
+    pub metrics_port: Option<u16>,
+}
+
+impl Default for RuntimeSettings {
+    fn default() -> Self {
+        Self {
+            bus: None,
+            discovery: DiscoverySettings::default(),
+            rpc: RpcSettings::default(),
+            shutdown_grace: Duration::from_secs(30),
+            log: "info".to_string(),
+            metrics_port: None,
+        }
+    }
+}
+
+impl RuntimeSettings {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(url) = &self.bus {
+            if !(url.starts_with("nats://") || url.starts_with("tls://")) {
+                return Err(ConfigError::Invalid(format!(
+                    "bus {url:?} must be a nats:// URL (leave it unset for the embedded bus)"
+                )));
+            }
+        }
+        self.discovery.validate().map_err(ConfigError::Invalid)?;
+        self.rpc.validate().map_err(ConfigError::Invalid)?;
+        Ok(())
+    }
+}
+
+/// Loads `T` from defaults < `file` < `DYN_*` env < `overrides` (a serializable struct whose
+/// `None` fields are skipped).
+pub fn load<T>(file: Option<&Path>, overrides: &impl Serialize) -> Result<T, ConfigError>
+where
+    T: Serialize + DeserializeOwned + Default,
+{
+    let mut figment = Figment::from(Serialized::defaults(T::default()));
+    if let Some(path) = file {
+        if !path.exists() {
+            return Err(ConfigError::MissingFile(path.display().to_string()));
+        }
+        figment = figment.merge(Yaml::file(path));
+    }
+    figment
+        .merge(Env::prefixed("DYN_").split("__"))
+        .merge(Serialized::defaults(overrides))
+        .extract()
+        .map_err(|e| ConfigError::Invalid(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Serialize, Default)]
+    struct Cli {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        log: Option<String>,
+    }
+
+    #[test]
+    fn precedence_defaults_file_env_cli() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "rt.yaml",
+                "log: warn\nshutdown_grace: 7s\nrpc:\n  heartbeat_interval: 200ms\n  heartbeat_timeout: 1s\n",
+            )?;
+            let file = Some(Path::new("rt.yaml"));
+            let s: RuntimeSettings = load(file, &Cli::default()).unwrap();
+            assert_eq!(s.log, "warn");
+            assert_eq!(s.shutdown_grace, Duration::from_secs(7));
+            assert_eq!(s.rpc.heartbeat_interval, Duration::from_millis(200));
+            assert_eq!(s.rpc.max_inflight, RpcSettings::default().max_inflight);
+
+            jail.set_env("DYN_LOG", "debug");
+            jail.set_env("DYN_DISCOVERY__LEASE", "9s");
+            let s: RuntimeSettings = load(file, &Cli::default()).unwrap();
+            assert_eq!(s.log, "debug");
+            assert_eq!(s.discovery.lease, Duration::from_secs(9));
+
+            let cli = Cli { log: Some("error".into()) };
+            let s: RuntimeSettings = load(file, &cli).unwrap();
+            assert_eq!(s.log, "error");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_key() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("bad.yaml", "rpc:\n  heartbeat_interval: soon\n")?;
+            let err = load::<RuntimeSettings>(Some(Path::new("bad.yaml")), &Cli::default())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("heartbeat_interval"), "{err}");
+            jail.create_file("typo.yaml", "rpc:\n  heartbeat_intervall: 1s\n")?;
+            let err = load::<RuntimeSettings>(Some(Path::new("typo.yaml")), &Cli::default())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("heartbeat_intervall"), "{err}");
+            let missing = load::<RuntimeSettings>(Some(Path::new("nope.yaml")), &Cli::default());
+            assert!(matches!(missing, Err(ConfigError::MissingFile(_))));
+            Ok(())
+        });
+        let s = RuntimeSettings {
+            rpc: RpcSettings {
+                heartbeat_timeout: Duration::from_millis(10),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        assert!(s.validate().is_err());
+        let s = RuntimeSettings {
+            bus: Some("localhost:4222".into()),
+            ..Default::default()
+        };
+        assert!(s.validate().is_err());
+    }
+}

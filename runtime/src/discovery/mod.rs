@@ -1,0 +1,194 @@
+//! Discovery: which instances serve which endpoints, with leases.
+//!
+//! An instance registers an [`InstanceInfo`] under the key `{ns}.{component}.{endpoint}.{instance}`;
+//! watchers see it join, and see it leave when it deregisters or when its lease lapses.
+//! - [`LocalDiscovery`]: in memory; entries live until deregistered (the process is the lease).
+//! - [`NatsDiscovery`]: a JetStream key-value bucket whose `max_age` is the lease. A background
+//!   task re-puts every registration every third of the lease, and recreates the bucket if a
+//!   server restart lost it, so reconnects never drop registrations. A process killed with
+//!   `kill -9` stops re-putting; the server expires its keys after the lease and, with limit
+//!   markers on, tells watchers, who see the instance leave.
+//!
+//! Watch streams start with a `Joined` for each instance present, then report changes; a
+//! lease refresh of an unchanged entry is not reported.
+
+mod local;
+mod nats;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::pin::Pin;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::Stream;
+use serde::{Deserialize, Serialize};
+
+pub use local::LocalDiscovery;
+pub use nats::NatsDiscovery;
+
+use crate::subject::{DiscoveryFilter, EndpointId, InstanceId};
+
+/// Discovery settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiscoverySettings {
+    /// How long an instance stays listed after its process stops refreshing it.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    /// The JetStream key-value bucket that holds registrations (NATS only).
+    pub bucket: String,
+}
+
+impl Default for DiscoverySettings {
+    fn default() -> Self {
+        Self {
+            lease: Duration::from_secs(5),
+            bucket: "dynamo-discovery".to_string(),
+        }
+    }
+}
+
+impl DiscoverySettings {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.lease < Duration::from_secs(1) {
+            return Err(format!(
+                "discovery.lease is {:?}; it must be at least 1s (NATS limit markers need whole seconds)",
+                self.lease
+            ));
+        }
+        if self.bucket.is_empty()
+            || !self
+                .bucket
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(format!(
+                "discovery.bucket {:?} must be non-empty ASCII letters, digits, '-' or '_'",
+                self.bucket
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One registered instance of an endpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceInfo {
+    pub endpoint: EndpointId,
+    pub instance: InstanceId,
+    /// Free-form data the instance publishes about itself (a model card, capacity, ...).
+    #[serde(default)]
+    pub metadata: serde_json::Value,
+}
+
+impl InstanceInfo {
+    pub fn key(&self) -> String {
+        self.endpoint.discovery_key(self.instance)
+    }
+}
+
+/// A change seen by a watcher.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DiscoveryEvent {
+    /// A new instance, or one whose metadata changed.
+    Joined(InstanceInfo),
+    /// An instance deregistered or its lease lapsed.
+    Left {
+        endpoint: EndpointId,
+        instance: InstanceId,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    /// The discovery store could not be reached or refused the operation; retry later.
+    #[error("discovery store unavailable: {0}")]
+    Unavailable(String),
+    /// A stored entry does not parse.
+    #[error("malformed discovery entry {key}: {reason}")]
+    Malformed { key: String, reason: String },
+}
+
+/// A stream of discovery events. Ends when discovery shuts down.
+pub struct DiscoveryWatch {
+    inner: Pin<Box<dyn Stream<Item = DiscoveryEvent> + Send>>,
+}
+
+impl DiscoveryWatch {
+    pub(crate) fn new(inner: impl Stream<Item = DiscoveryEvent> + Send + 'static) -> Self {
+        Self {
+            inner: Box::pin(inner),
+        }
+    }
+
+    pub async fn next(&mut self) -> Option<DiscoveryEvent> {
+        futures::StreamExt::next(&mut self.inner).await
+    }
+}
+
+impl fmt::Debug for DiscoveryWatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("DiscoveryWatch")
+    }
+}
+
+/// Where instances register and are found.
+#[async_trait]
+pub trait Discovery: Send + Sync + fmt::Debug + 'static {
+    /// Registers (or updates) an instance; it stays until [`Discovery::deregister`] or, on NATS,
+    /// until this process stops refreshing it for a lease.
+    async fn register(&self, info: InstanceInfo) -> Result<(), DiscoveryError>;
+
+    async fn deregister(
+        &self,
+        endpoint: &EndpointId,
+        instance: InstanceId,
+    ) -> Result<(), DiscoveryError>;
+
+    /// The instances registered now whose keys match `filter`.
+    async fn list(&self, filter: &DiscoveryFilter) -> Result<Vec<InstanceInfo>, DiscoveryError>;
+
+    /// Present instances as `Joined`, then every change, for keys matching `filter`.
+    async fn watch(&self, filter: DiscoveryFilter) -> Result<DiscoveryWatch, DiscoveryError>;
+
+    /// The lease: how long a dead process's instances stay listed at most.
+    fn lease(&self) -> Duration;
+
+    /// Stops refreshing and removes every registration of this process.
+    async fn close(&self);
+}
+
+/// Parses a discovery key back into its endpoint and instance.
+pub(crate) fn parse_key(key: &str) -> Option<(EndpointId, InstanceId)> {
+    let (path, inst) = key.rsplit_once('.')?;
+    Some((
+        EndpointId::parse(path).ok()?,
+        InstanceId::parse_hex(inst).ok()?,
+    ))
+}
+
+/// Turns raw puts/removals into `Joined`/`Left`, dropping repeats (lease refreshes).
+#[derive(Default)]
+pub(crate) struct WatchDedup {
+    known: HashMap<String, InstanceInfo>,
+}
+
+impl WatchDedup {
+    pub fn put(&mut self, info: InstanceInfo) -> Option<DiscoveryEvent> {
+        let key = info.key();
+        if self.known.get(&key) == Some(&info) {
+            return None;
+        }
+        self.known.insert(key, info.clone());
+        Some(DiscoveryEvent::Joined(info))
+    }
+
+    pub fn remove(&mut self, key: &str) -> Option<DiscoveryEvent> {
+        let info = self.known.remove(key)?;
+        Some(DiscoveryEvent::Left {
+            endpoint: info.endpoint,
+            instance: info.instance,
+        })
+    }
+}

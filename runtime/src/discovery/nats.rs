@@ -1,0 +1,309 @@
+//! Discovery in a JetStream key-value bucket (see the parent module for the lease scheme).
+//!
+//! Values are JSON [`InstanceInfo`], so `nats kv get dynamo-discovery KEY` shows them readably.
+//! The bucket's `max_age` is the lease. If the bucket already exists with another `max_age`,
+//! that one wins (all processes must agree) and refreshes follow it, with a warning.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use tokio::sync::RwLock;
+
+use super::{
+    parse_key, Discovery, DiscoveryError, DiscoverySettings, DiscoveryWatch, InstanceInfo,
+    WatchDedup,
+};
+use crate::subject::{DiscoveryFilter, EndpointId, InstanceId};
+
+/// Discovery over NATS JetStream KV. Cheap to clone.
+#[derive(Clone)]
+pub struct NatsDiscovery {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    js: jetstream::Context,
+    settings: DiscoverySettings,
+    store: RwLock<kv::Store>,
+    lease: Duration,
+    /// What this process registered: refreshed every third of the lease.
+    registered: Mutex<HashMap<String, Bytes>>,
+    refresher: Mutex<Option<tokio::task::AbortHandle>>,
+}
+
+impl std::fmt::Debug for NatsDiscovery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsDiscovery")
+            .field("bucket", &self.inner.settings.bucket)
+            .field("lease", &self.inner.lease)
+            .finish()
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> DiscoveryError {
+    DiscoveryError::Unavailable(e.to_string())
+}
+
+async fn open_bucket(
+    js: &jetstream::Context,
+    settings: &DiscoverySettings,
+) -> Result<kv::Store, DiscoveryError> {
+    if let Ok(store) = js.get_key_value(&settings.bucket).await {
+        return Ok(store);
+    }
+    let config = kv::Config {
+        bucket: settings.bucket.clone(),
+        description: "dynamo instance registrations; max_age is the lease".to_string(),
+        history: 1,
+        max_age: settings.lease,
+        // Expiry leaves a marker so watchers learn that a lease lapsed.
+        limit_markers: Some(settings.lease.max(Duration::from_secs(1))),
+        ..Default::default()
+    };
+    match js.create_key_value(config).await {
+        Ok(store) => Ok(store),
+        // Another process created it between our two calls.
+        Err(create_err) => js
+            .get_key_value(&settings.bucket)
+            .await
+            .map_err(|_| unavailable(format!("cannot create bucket {}: {create_err}", settings.bucket))),
+    }
+}
+
+impl NatsDiscovery {
+    /// Opens (or creates) the bucket and starts refreshing this process's registrations.
+    pub async fn connect(
+        client: async_nats::Client,
+        settings: DiscoverySettings,
+    ) -> Result<Self, DiscoveryError> {
+        let js = jetstream::new(client);
+        let mut store = open_bucket(&js, &settings).await?;
+        let lease = match store.status().await {
+            Ok(status) if !status.max_age().is_zero() => status.max_age(),
+            _ => settings.lease,
+        };
+        if lease != settings.lease {
+            tracing::warn!(
+                bucket = %settings.bucket,
+                configured = ?settings.lease,
+                actual = ?lease,
+                "discovery bucket exists with another lease; using the bucket's"
+            );
+        }
+        let _ = &mut store;
+        let inner = Arc::new(Inner {
+            js,
+            settings,
+            store: RwLock::new(store),
+            lease,
+            registered: Mutex::new(HashMap::new()),
+            refresher: Mutex::new(None),
+        });
+        let weak = Arc::downgrade(&inner);
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(lease / 3);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { break };
+                inner.refresh().await;
+            }
+        });
+        *inner.refresher.lock().unwrap_or_else(|p| p.into_inner()) = Some(task.abort_handle());
+        Ok(Self { inner })
+    }
+}
+
+impl Inner {
+    fn snapshot(&self) -> Vec<(String, Bytes)> {
+        self.registered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Re-puts every registration; reopens the bucket once if a put fails (e.g. a server
+    /// restarted without its store lost the bucket).
+    async fn refresh(&self) {
+        let entries = self.snapshot();
+        if entries.is_empty() {
+            return;
+        }
+        let mut failed = false;
+        {
+            let store = self.store.read().await;
+            for (k, v) in &entries {
+                if let Err(e) = store.put(k, v.clone()).await {
+                    tracing::warn!(key = %k, error = %e, "discovery refresh failed");
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        if failed {
+            match open_bucket(&self.js, &self.settings).await {
+                Ok(store) => {
+                    for (k, v) in &entries {
+                        if let Err(e) = store.put(k, v.clone()).await {
+                            tracing::warn!(key = %k, error = %e, "discovery re-register failed");
+                        }
+                    }
+                    *self.store.write().await = store;
+                }
+                Err(e) => tracing::warn!(error = %e, "discovery bucket unavailable"),
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Discovery for NatsDiscovery {
+    async fn register(&self, info: InstanceInfo) -> Result<(), DiscoveryError> {
+        let key = info.key();
+        let value = Bytes::from(serde_json::to_vec(&info).map_err(unavailable)?);
+        self.inner
+            .store
+            .read()
+            .await
+            .put(&key, value.clone())
+            .await
+            .map_err(unavailable)?;
+        self.inner
+            .registered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, value);
+        Ok(())
+    }
+
+    async fn deregister(
+        &self,
+        endpoint: &EndpointId,
+        instance: InstanceId,
+    ) -> Result<(), DiscoveryError> {
+        let key = endpoint.discovery_key(instance);
+        self.inner
+            .registered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
+        self.inner
+            .store
+            .read()
+            .await
+            .delete(&key)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn list(&self, filter: &DiscoveryFilter) -> Result<Vec<InstanceInfo>, DiscoveryError> {
+        let store = self.inner.store.read().await.clone();
+        let keys: Vec<String> = store
+            .keys()
+            .await
+            .map_err(unavailable)?
+            .try_filter(|k| futures::future::ready(filter.matches(k)))
+            .try_collect()
+            .await
+            .map_err(unavailable)?;
+        let values = futures::stream::iter(keys)
+            .map(|k| {
+                let store = store.clone();
+                async move { (k.clone(), store.get(k).await) }
+            })
+            .buffer_unordered(64)
+            .collect::<Vec<_>>()
+            .await;
+        let mut out = Vec::with_capacity(values.len());
+        for (key, value) in values {
+            match value {
+                Ok(Some(bytes)) => match serde_json::from_slice::<InstanceInfo>(&bytes) {
+                    Ok(info) => out.push(info),
+                    Err(e) => tracing::warn!(%key, error = %e, "skipping malformed discovery entry"),
+                },
+                Ok(None) => {} // expired or deleted between the two calls
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
+        out.sort_by_key(|i| i.key());
+        Ok(out)
+    }
+
+    async fn watch(&self, filter: DiscoveryFilter) -> Result<DiscoveryWatch, DiscoveryError> {
+        let store = self.inner.store.read().await.clone();
+        let watch = store.watch(filter.as_str()).await.map_err(unavailable)?;
+        let stream = futures::stream::unfold(
+            (watch, WatchDedup::default()),
+            |(mut watch, mut dedup)| async move {
+                loop {
+                    let entry = match watch.next().await? {
+                        Ok(e) => e,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "discovery watch error");
+                            continue;
+                        }
+                    };
+                    let event = match entry.operation {
+                        kv::Operation::Put => {
+                            match serde_json::from_slice::<InstanceInfo>(&entry.value) {
+                                Ok(info) => dedup.put(info),
+                                Err(e) => {
+                                    tracing::warn!(key = %entry.key, error = %e, "skipping malformed discovery entry");
+                                    None
+                                }
+                            }
+                        }
+                        kv::Operation::Delete | kv::Operation::Purge => {
+                            if parse_key(&entry.key).is_none() {
+                                tracing::debug!(key = %entry.key, "removal of a foreign key");
+                            }
+                            dedup.remove(&entry.key)
+                        }
+                    };
+                    if let Some(e) = event {
+                        return Some((e, (watch, dedup)));
+                    }
+                }
+            },
+        );
+        Ok(DiscoveryWatch::new(stream))
+    }
+
+    fn lease(&self) -> Duration {
+        self.inner.lease
+    }
+
+    async fn close(&self) {
+        if let Some(task) = self
+            .inner
+            .refresher
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            task.abort();
+        }
+        let keys: Vec<String> = std::mem::take(
+            &mut *self
+                .inner
+                .registered
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        )
+        .into_keys()
+        .collect();
+        let store = self.inner.store.read().await.clone();
+        for key in keys {
+            if let Err(e) = store.delete(&key).await {
+                tracing::warn!(%key, error = %e, "could not deregister on close");
+            }
+        }
+    }
+}

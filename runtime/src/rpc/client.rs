@@ -1,0 +1,394 @@
+//! The caller side: one multiplexed reply inbox per client, one bounded channel per call.
+//!
+//! [`RpcClient`] subscribes once to `_INBOX.{nuid}.*`; each call gets a token and the reply
+//! subject `_INBOX.{nuid}.{token}`. A dispatcher task routes every reply to its call's channel
+//! by token. A call's channel holds [`FRAME_BUFFER`] frames: when a caller stops reading and it
+//! fills, further frames for that call are dropped and the caller gets
+//! `RpcError::Protocol("frames lost")` at the gap (the bus cannot push back on a remote
+//! responder, so losing loudly is the only honest choice). Replies for finished calls are ignored.
+
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::wire::{self, Control, Frame, FrameKind, RequestEnvelope, RequestId};
+use super::{RpcError, RpcSettings};
+use crate::bus::{Bus, Headers, Message, Outgoing, Status};
+use crate::subject::{new_inbox, EndpointId, InstanceId, Subject, SubjectPattern};
+
+/// Frames buffered per call before the call loses frames.
+pub const FRAME_BUFFER: usize = 4096;
+
+/// Header carrying the trace id of the request across the bus.
+pub const TRACE_HEADER: &str = "Dyn-Trace-Id";
+
+type Pending = DashMap<u64, mpsc::Sender<Message>>;
+
+/// Where a call goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// Any one instance of the endpoint (the bus load-balances over its queue group).
+    Any(EndpointId),
+    /// One given instance.
+    Instance(EndpointId, InstanceId),
+}
+
+impl Target {
+    fn subject(&self) -> Subject {
+        match self {
+            Target::Any(ep) => ep.subject(),
+            Target::Instance(ep, i) => ep.instance_subject(*i),
+        }
+    }
+
+    fn endpoint(&self) -> &EndpointId {
+        match self {
+            Target::Any(ep) | Target::Instance(ep, _) => ep,
+        }
+    }
+}
+
+/// Per-call options; unset fields take the client's [`RpcSettings`].
+#[derive(Debug, Clone, Default)]
+pub struct CallOptions {
+    pub timeout: Option<Duration>,
+    pub request_id: Option<RequestId>,
+    pub trace_id: Option<String>,
+}
+
+/// Makes streaming calls. Cheap to clone; clones share one inbox.
+#[derive(Clone)]
+pub struct RpcClient {
+    inner: Arc<ClientInner>,
+}
+
+struct ClientInner {
+    bus: Arc<dyn Bus>,
+    inbox: Subject,
+    pending: Arc<Pending>,
+    next_token: AtomicU64,
+    settings: RpcSettings,
+    dispatcher: tokio::task::AbortHandle,
+}
+
+impl Drop for ClientInner {
+    fn drop(&mut self) {
+        self.dispatcher.abort();
+    }
+}
+
+impl std::fmt::Debug for RpcClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RpcClient")
+            .field("inbox", &self.inner.inbox)
+            .finish()
+    }
+}
+
+impl RpcClient {
+    /// Subscribes the client's inbox and starts its dispatcher.
+    pub async fn new(bus: Arc<dyn Bus>, settings: RpcSettings) -> Result<Self, RpcError> {
+        let inbox = new_inbox();
+        let pattern = SubjectPattern::parse(format!("{inbox}.*")).map_err(|e| {
+            RpcError::Protocol(format!("cannot build inbox pattern: {e}"))
+        })?;
+        let mut sub = bus.subscribe(pattern, None).await?;
+        let pending: Arc<Pending> = Arc::new(DashMap::new());
+        let routes = pending.clone();
+        let dispatcher = tokio::spawn(async move {
+            while let Some(msg) = sub.next().await {
+                let Ok(token) = msg.subject.last_token().parse::<u64>() else {
+                    continue;
+                };
+                if let Some(tx) = routes.get(&token) {
+                    // Full: the caller is not reading; the gap is reported at the stream.
+                    let _ = tx.try_send(msg);
+                }
+            }
+        })
+        .abort_handle();
+        Ok(Self {
+            inner: Arc::new(ClientInner {
+                bus,
+                inbox,
+                pending,
+                next_token: AtomicU64::new(1),
+                settings,
+                dispatcher,
+            }),
+        })
+    }
+
+    pub fn settings(&self) -> &RpcSettings {
+        &self.inner.settings
+    }
+
+    /// Sends `request` to `target` and returns the stream of its responses.
+    pub async fn call<Req, Resp>(
+        &self,
+        target: Target,
+        request: &Req,
+        options: CallOptions,
+    ) -> Result<ResponseStream<Resp>, RpcError>
+    where
+        Req: Serialize + ?Sized,
+        Resp: DeserializeOwned,
+    {
+        let body = wire::encode(request).map_err(|e| RpcError::Encode(e.to_string()))?;
+        self.call_raw(target, body, options).await.map(|raw| ResponseStream {
+            raw,
+            _resp: PhantomData,
+        })
+    }
+
+    /// As [`RpcClient::call`] with an already encoded body; responses stay bytes.
+    pub async fn call_raw(
+        &self,
+        target: Target,
+        body: Bytes,
+        options: CallOptions,
+    ) -> Result<RawResponseStream, RpcError> {
+        let s = &self.inner.settings;
+        let timeout = options.timeout.unwrap_or(s.default_timeout);
+        let id = options.request_id.unwrap_or_default();
+        let envelope = RequestEnvelope {
+            v: wire::PROTOCOL_VERSION,
+            id,
+            timeout_ms: timeout.as_millis().min(u64::MAX as u128) as u64,
+            heartbeat_ms: s.heartbeat_interval.as_millis().max(1) as u64,
+            body,
+        };
+        let payload = wire::encode(&envelope).map_err(|e| RpcError::Encode(e.to_string()))?;
+        let token = self.inner.next_token.fetch_add(1, Ordering::Relaxed);
+        let reply = Subject::parse(format!("{}.{token}", self.inner.inbox))
+            .map_err(|e| RpcError::Protocol(e.to_string()))?;
+        let (tx, rx) = mpsc::channel(FRAME_BUFFER);
+        self.inner.pending.insert(token, tx);
+        let guard = PendingGuard {
+            pending: self.inner.pending.clone(),
+            token,
+        };
+        let mut headers = Headers::new();
+        if let Some(trace) = options.trace_id {
+            headers.insert(TRACE_HEADER, trace);
+        }
+        let subject = target.subject();
+        let started = Instant::now();
+        self.inner
+            .bus
+            .publish(Outgoing {
+                subject: subject.clone(),
+                reply: Some(reply),
+                headers,
+                payload,
+            })
+            .await?;
+        Ok(RawResponseStream {
+            rx,
+            _guard: guard,
+            bus: self.inner.bus.clone(),
+            id,
+            target,
+            subject,
+            started,
+            deadline: started + timeout,
+            last_heard: started,
+            heartbeat_timeout: s.heartbeat_timeout,
+            next_seq: 0,
+            responder: None,
+            done: false,
+        })
+    }
+}
+
+struct PendingGuard {
+    pending: Arc<Pending>,
+    token: u64,
+}
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        self.pending.remove(&self.token);
+    }
+}
+
+/// The responses of one call, as raw bytes. Dropping it before the end cancels the request.
+pub struct RawResponseStream {
+    rx: mpsc::Receiver<Message>,
+    _guard: PendingGuard,
+    bus: Arc<dyn Bus>,
+    id: RequestId,
+    target: Target,
+    subject: Subject,
+    started: Instant,
+    deadline: Instant,
+    last_heard: Instant,
+    heartbeat_timeout: Duration,
+    next_seq: u64,
+    responder: Option<InstanceId>,
+    done: bool,
+}
+
+impl RawResponseStream {
+    pub fn request_id(&self) -> RequestId {
+        self.id
+    }
+
+    /// The instance answering, once its first frame arrived.
+    pub fn responder(&self) -> Option<InstanceId> {
+        self.responder
+    }
+
+    /// The next response, `None` after the last, or the error that ended the call.
+    pub async fn next(&mut self) -> Option<Result<Bytes, RpcError>> {
+        if self.done {
+            return None;
+        }
+        let result = self.next_inner().await;
+        if !matches!(result, Some(Ok(_))) {
+            self.done = true;
+        }
+        result
+    }
+
+    async fn next_inner(&mut self) -> Option<Result<Bytes, RpcError>> {
+        loop {
+            let silent_until = self.last_heard + self.heartbeat_timeout;
+            let wake = silent_until.min(self.deadline);
+            let msg = match tokio::time::timeout_at(wake, self.rx.recv()).await {
+                Ok(Some(m)) => m,
+                Ok(None) => {
+                    return Some(Err(RpcError::Protocol("reply inbox closed".into())));
+                }
+                Err(_) => {
+                    let now = Instant::now();
+                    self.send_cancel();
+                    return Some(Err(if now >= self.deadline {
+                        RpcError::DeadlineExceeded {
+                            elapsed: now - self.started,
+                        }
+                    } else {
+                        RpcError::Disconnected {
+                            silent_for: now - self.last_heard,
+                        }
+                    }));
+                }
+            };
+            self.last_heard = Instant::now();
+            if msg.status == Some(Status::NoResponders) {
+                return Some(Err(RpcError::NoResponders {
+                    subject: self.subject.to_string(),
+                }));
+            }
+            let frame: Frame = match wire::decode(&msg.payload) {
+                Ok(f) => f,
+                Err(e) => {
+                    self.send_cancel();
+                    return Some(Err(RpcError::Protocol(format!("malformed frame: {e}"))));
+                }
+            };
+            self.responder.get_or_insert(frame.from);
+            if !matches!(frame.kind, FrameKind::Heartbeat) {
+                if frame.seq != self.next_seq {
+                    self.send_cancel();
+                    return Some(Err(RpcError::Protocol(format!(
+                        "frames lost: expected frame {}, got {}",
+                        self.next_seq, frame.seq
+                    ))));
+                }
+                self.next_seq += 1;
+            }
+            match frame.kind {
+                FrameKind::Heartbeat => continue,
+                FrameKind::Data(b) => return Some(Ok(b)),
+                FrameKind::End => return None,
+                FrameKind::Error(e) => return Some(Err(RpcError::Remote(e))),
+            }
+        }
+    }
+
+    /// Tells the responder to stop. Sent to the answering instance when known, else to every
+    /// instance of the endpoint (a cancel that overtook the first frame).
+    fn send_cancel(&mut self) {
+        self.done = true;
+        let ep = self.target.endpoint();
+        let subject = match (self.responder, &self.target) {
+            (Some(i), _) | (None, &Target::Instance(_, i)) => ep.control_subject(i),
+            (None, Target::Any(_)) => ep.control_broadcast_subject(),
+        };
+        let Ok(payload) = wire::encode(&Control::Cancel { id: self.id }) else {
+            return;
+        };
+        let bus = self.bus.clone();
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                if let Err(e) = bus.publish(Outgoing::new(subject, payload)).await {
+                    tracing::debug!(error = %e, "could not send cancellation");
+                }
+            });
+        }
+    }
+}
+
+impl Drop for RawResponseStream {
+    fn drop(&mut self) {
+        if !self.done {
+            self.send_cancel();
+        }
+    }
+}
+
+/// The typed responses of one call. Dropping it before the end cancels the request.
+pub struct ResponseStream<Resp> {
+    raw: RawResponseStream,
+    _resp: PhantomData<fn() -> Resp>,
+}
+
+impl<Resp: DeserializeOwned> ResponseStream<Resp> {
+    pub fn request_id(&self) -> RequestId {
+        self.raw.request_id()
+    }
+
+    pub fn responder(&self) -> Option<InstanceId> {
+        self.raw.responder()
+    }
+
+    /// The next response, `None` after the last, or the error that ended the call.
+    pub async fn next(&mut self) -> Option<Result<Resp, RpcError>> {
+        match self.raw.next().await? {
+            Ok(bytes) => match wire::decode(&bytes) {
+                Ok(v) => Some(Ok(v)),
+                Err(e) => {
+                    self.raw.send_cancel();
+                    Some(Err(RpcError::Protocol(format!(
+                        "response does not decode as {}: {e}",
+                        std::any::type_name::<Resp>()
+                    ))))
+                }
+            },
+            Err(e) => Some(Err(e)),
+        }
+    }
+
+    /// Reads every response until the end; the first error ends it.
+    pub async fn collect(mut self) -> Result<Vec<Resp>, RpcError> {
+        let mut out = Vec::new();
+        while let Some(item) = self.next().await {
+            out.push(item?);
+        }
+        Ok(out)
+    }
+
+    /// As a `futures::Stream`.
+    pub fn into_stream(self) -> impl futures::Stream<Item = Result<Resp, RpcError>> {
+        futures::stream::unfold(self, |mut s| async move { s.next().await.map(|i| (i, s)) })
+    }
+}

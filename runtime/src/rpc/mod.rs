@@ -1,0 +1,128 @@
+//! Streaming request/response over the bus.
+//!
+//! A caller sends one [`wire::RequestEnvelope`] (request id, time left until its deadline, the
+//! heartbeat interval it wants, the encoded body) with a reply subject in its own multiplexed
+//! inbox. The responder answers with ordered [`wire::Frame`]s: `Data`, then exactly one of `End`
+//! or `Error`; `Heartbeat`s while it works and has nothing else to say. Data-bearing frames are
+//! numbered from 0, so a lost frame is noticed, never skipped silently.
+//!
+//! The caller ([`ResponseStream`]) turns every failure into one [`RpcError`] variant the caller
+//! can act on: `NoResponders` (nobody serves it: fail or wait), `DeadlineExceeded`,
+//! `PayloadTooLarge` (nothing was sent), `Disconnected` (the responder went silent past the
+//! heartbeat deadline: migrate or retry), `Remote` (the responder said no, with a kind), and
+//! `Protocol` (a malformed or lost frame). Dropping a stream before its end cancels the request:
+//! a control message reaches the responder, whose handler sees its cancellation token fire.
+
+mod client;
+pub(crate) mod wire;
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use client::{CallOptions, RawResponseStream, ResponseStream, RpcClient, Target, TRACE_HEADER};
+pub use wire::{RemoteError, RemoteErrorKind, RequestId};
+
+use crate::bus::BusError;
+
+/// Heartbeat and deadline settings of the RPC layer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RpcSettings {
+    /// How often a responder with nothing to send says it is alive.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// How long a caller waits in silence before it declares the responder gone.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_timeout: Duration,
+    /// The deadline of a request that sets none.
+    #[serde(with = "humantime_serde")]
+    pub default_timeout: Duration,
+    /// Requests one served endpoint runs at once; more are refused as `Overloaded`.
+    pub max_inflight: usize,
+}
+
+impl Default for RpcSettings {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_secs(1),
+            heartbeat_timeout: Duration::from_secs(3),
+            default_timeout: Duration::from_secs(600),
+            max_inflight: 4096,
+        }
+    }
+}
+
+impl RpcSettings {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.heartbeat_interval.is_zero() {
+            return Err("rpc.heartbeat_interval must be above zero".into());
+        }
+        if self.heartbeat_timeout <= self.heartbeat_interval {
+            return Err(format!(
+                "rpc.heartbeat_timeout ({:?}) must be longer than rpc.heartbeat_interval ({:?}); 3x is usual",
+                self.heartbeat_timeout, self.heartbeat_interval
+            ));
+        }
+        if self.max_inflight == 0 {
+            return Err("rpc.max_inflight must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// Everything that can end a call, classified for the caller's decision.
+#[derive(Debug, thiserror::Error)]
+pub enum RpcError {
+    /// No instance serves the subject: fail, or wait for one to join.
+    #[error("no responders for {subject}")]
+    NoResponders { subject: String },
+    /// The request's deadline passed before its last frame.
+    #[error("deadline exceeded after {elapsed:?}")]
+    DeadlineExceeded { elapsed: Duration },
+    /// The request is larger than the bus accepts; nothing was sent.
+    #[error("request of {size} bytes exceeds the bus limit of {max} bytes")]
+    PayloadTooLarge { size: usize, max: usize },
+    /// The responder went silent past the heartbeat deadline (it died or lost the bus):
+    /// safe to migrate the request to another instance.
+    #[error("responder disconnected: silent for {silent_for:?} (heartbeat timeout)")]
+    Disconnected { silent_for: Duration },
+    /// The responder refused or failed the request.
+    #[error("remote error ({}): {}", .0.kind, .0.message)]
+    Remote(RemoteError),
+    /// A frame did not decode, or frames were lost.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The request could not be encoded.
+    #[error("cannot encode request: {0}")]
+    Encode(String),
+    /// The bus failed.
+    #[error(transparent)]
+    Bus(BusError),
+}
+
+impl From<BusError> for RpcError {
+    fn from(e: BusError) -> Self {
+        match e {
+            BusError::PayloadTooLarge { size, max } => RpcError::PayloadTooLarge { size, max },
+            BusError::NoResponders { subject } => RpcError::NoResponders { subject },
+            other => RpcError::Bus(other),
+        }
+    }
+}
+
+impl RpcError {
+    /// A closed label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            RpcError::NoResponders { .. } => "no_responders",
+            RpcError::DeadlineExceeded { .. } => "deadline_exceeded",
+            RpcError::PayloadTooLarge { .. } => "payload_too_large",
+            RpcError::Disconnected { .. } => "disconnected",
+            RpcError::Remote(e) => e.kind.as_str(),
+            RpcError::Protocol(_) => "protocol",
+            RpcError::Encode(_) => "encode",
+            RpcError::Bus(_) => "bus",
+        }
+    }
+}

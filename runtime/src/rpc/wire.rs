@@ -1,0 +1,135 @@
+//! Wire types of the streaming RPC protocol (MessagePack via `rmp-serde`). Versioned: a
+//! responder refuses an envelope whose `v` it does not know with a `BadRequest` frame.
+
+use std::fmt;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::subject::InstanceId;
+
+/// The protocol version this build speaks.
+pub(crate) const PROTOCOL_VERSION: u8 = 1;
+
+/// Identifies one request end to end (logs, cancellation, traces).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RequestId(uuid::Uuid);
+
+impl RequestId {
+    pub fn new() -> Self {
+        Self(uuid::Uuid::new_v4())
+    }
+}
+
+impl Default for RequestId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// What a caller publishes to an endpoint subject.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct RequestEnvelope {
+    pub v: u8,
+    pub id: RequestId,
+    /// Time left until the caller's deadline when it sent the request, in milliseconds
+    /// (relative, so hosts need no synchronized clocks).
+    pub timeout_ms: u64,
+    /// How often the caller wants a heartbeat while nothing else is sent.
+    pub heartbeat_ms: u64,
+    /// The endpoint-specific request, itself MessagePack.
+    pub body: Bytes,
+}
+
+/// One frame of a response stream.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct Frame {
+    /// Sequence of data-bearing frames (`Data`, `End`, `Error`), from 0; heartbeats carry 0
+    /// and are not numbered.
+    pub seq: u64,
+    /// The instance answering, so the caller can direct a cancellation to it.
+    pub from: InstanceId,
+    pub kind: FrameKind,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum FrameKind {
+    Data(Bytes),
+    End,
+    Error(RemoteError),
+    Heartbeat,
+}
+
+/// What a caller sends to a responder's control subject.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum Control {
+    Cancel { id: RequestId },
+}
+
+/// An error a responder reports, classified by what the caller should do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{kind}: {message}")]
+pub struct RemoteError {
+    pub kind: RemoteErrorKind,
+    pub message: String,
+}
+
+impl RemoteError {
+    pub fn new(kind: RemoteErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// The classes of remote failure (a closed set: metric labels and HTTP statuses come from it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum RemoteErrorKind {
+    /// The request was malformed or of a type the endpoint does not take: do not retry.
+    BadRequest,
+    /// Too much work in flight at that instance: retry elsewhere or later.
+    Overloaded,
+    /// The instance is shutting down or its handler is gone: retry elsewhere.
+    Unavailable,
+    /// The responder's part of a frame was over the bus limit.
+    ResponseTooLarge,
+    /// The request's deadline passed at the responder.
+    DeadlineExceeded,
+    /// The handler failed.
+    Internal,
+}
+
+impl RemoteErrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RemoteErrorKind::BadRequest => "bad_request",
+            RemoteErrorKind::Overloaded => "overloaded",
+            RemoteErrorKind::Unavailable => "unavailable",
+            RemoteErrorKind::ResponseTooLarge => "response_too_large",
+            RemoteErrorKind::DeadlineExceeded => "remote_deadline_exceeded",
+            RemoteErrorKind::Internal => "internal",
+        }
+    }
+}
+
+impl fmt::Display for RemoteErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+pub(crate) fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Bytes, rmp_serde::encode::Error> {
+    rmp_serde::to_vec_named(value).map(Bytes::from)
+}
+
+pub(crate) fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, rmp_serde::decode::Error> {
+    rmp_serde::from_slice(bytes)
+}

