@@ -65,6 +65,12 @@ pub enum BusError {
     /// Nobody subscribes to the subject a request went to.
     #[error("no responders on {subject}")]
     NoResponders { subject: String },
+    /// Nobody answered a request in time.
+    #[error("no reply on {subject} within {after:?}")]
+    Timeout {
+        subject: String,
+        after: std::time::Duration,
+    },
     /// The connection to the bus is gone for good (shut down, or could not connect).
     #[error("bus connection failed: {0}")]
     Connection(String),
@@ -220,15 +226,17 @@ pub trait Bus: Send + Sync + fmt::Debug + 'static {
     /// Waits until everything published so far has reached the server.
     async fn flush(&self) -> Result<(), BusError>;
 
-    /// Sends a request and returns the stream of every reply to it. The first message a
-    /// responder sends arrives first; if nobody listens on `subject` the call fails with
-    /// [`BusError::NoResponders`]. The stream never ends by itself: the caller decides when a
-    /// reply is the last (the streaming RPC layer in [`crate::rpc`] frames that).
+    /// Sends a request and returns the stream of every reply to it, once the first reply came
+    /// within `first_reply`; if nobody listens on `subject` the call fails with
+    /// [`BusError::NoResponders`], if nobody answers in time with [`BusError::Timeout`]. The
+    /// stream never ends by itself: the caller decides when a reply is the last (the streaming
+    /// RPC layer in [`crate::rpc`] frames that, with heartbeats and deadlines).
     async fn request(
         &self,
         subject: Subject,
         headers: Headers,
         payload: Bytes,
+        first_reply: std::time::Duration,
     ) -> Result<ReplyStream, BusError> {
         let inbox = crate::subject::new_inbox();
         let mut sub = self.subscribe(SubjectPattern::from(&inbox), None).await?;
@@ -241,7 +249,13 @@ pub trait Bus: Send + Sync + fmt::Debug + 'static {
         })
         .await?;
         // Peek at the first reply so "nobody is listening" is an error here, not a stream item.
-        match sub.next().await {
+        let first = tokio::time::timeout(first_reply, sub.next())
+            .await
+            .map_err(|_| BusError::Timeout {
+                subject: target.clone(),
+                after: first_reply,
+            })?;
+        match first {
             None => Err(BusError::Connection("bus shut down".into())),
             Some(m) if m.status == Some(Status::NoResponders) => {
                 Err(BusError::NoResponders { subject: target })

@@ -59,7 +59,6 @@ impl NatsBus {
         let options = async_nats::ConnectOptions::new()
             .name(&settings.client_name)
             .connection_timeout(settings.connect_timeout)
-            .retry_on_initial_connect()
             .event_callback(|event| async move {
                 match event {
                     async_nats::Event::Disconnected => tracing::warn!("nats: disconnected"),
