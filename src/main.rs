@@ -119,7 +119,9 @@ async fn run(cli: Cli) -> Result<()> {
                 repeat,
                 delay_ms,
             };
-            call_echo(&runtime, &component, &req, true).await.map(|_| ())
+            call_echo(&runtime, &component, &req, true)
+                .await
+                .map(|_| ())
         }
         Command::Ls => ls(&runtime).await,
     };
@@ -175,7 +177,9 @@ async fn demo(runtime: &Runtime, component: ComponentId, requests: u32) -> Resul
         "dynamo-run demo: runtime on the {} bus",
         runtime.bus().transport()
     );
-    let instance = runtime.component(component.clone(), serde_json::json!({})).await?;
+    let instance = runtime
+        .component(component.clone(), serde_json::json!({}))
+        .await?;
     let role = EchoRole::start(&instance).await?;
     println!(
         "serving {} as instance {}",
@@ -222,14 +226,13 @@ async fn ls(runtime: &Runtime) -> Result<()> {
         )
         .await
     {
-        Ok(mut replies) => loop {
-            match tokio::time::timeout(Duration::from_millis(200), replies.next()).await {
-                Ok(Some(m)) => services.push(serde_json::from_slice::<serde_json::Value>(
-                    &m.payload,
-                )?),
-                _ => break,
+        Ok(mut replies) => {
+            while let Ok(Some(m)) =
+                tokio::time::timeout(Duration::from_millis(200), replies.next()).await
+            {
+                services.push(serde_json::from_slice::<serde_json::Value>(&m.payload)?);
             }
-        },
+        }
         Err(dynamo_runtime::BusError::NoResponders { .. })
         | Err(dynamo_runtime::BusError::Timeout { .. }) => {}
         Err(e) => return Err(e.into()),

@@ -56,7 +56,11 @@ impl Actor for EchoActor {
 }
 
 async fn run(req: Request<EchoRequest, EchoChunk>) {
-    let Request { body, ctx, mut reply } = req;
+    let Request {
+        body,
+        ctx,
+        mut reply,
+    } = req;
     if body.repeat > MAX_REPEAT {
         let _ = reply
             .fail(

@@ -100,6 +100,8 @@ mod tests {
         log: Option<String>,
     }
 
+    // figment's `Jail` fixes the closure's error type.
+    #[allow(clippy::result_large_err)]
     #[test]
     fn precedence_defaults_file_env_cli() {
         figment::Jail::expect_with(|jail| {
@@ -120,13 +122,16 @@ mod tests {
             assert_eq!(s.log, "debug");
             assert_eq!(s.discovery.lease, Duration::from_secs(9));
 
-            let cli = Cli { log: Some("error".into()) };
+            let cli = Cli {
+                log: Some("error".into()),
+            };
             let s: RuntimeSettings = load(file, &cli).unwrap();
             assert_eq!(s.log, "error");
             Ok(())
         });
     }
 
+    #[allow(clippy::result_large_err)]
     #[test]
     fn bad_values_are_refused_with_the_key() {
         figment::Jail::expect_with(|jail| {

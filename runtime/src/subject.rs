@@ -281,7 +281,11 @@ impl EndpointId {
 
     /// Where callers send control messages (cancellation) meant for one instance.
     pub fn control_subject(&self, instance: InstanceId) -> Subject {
-        Subject(format!("{}.{}", self.control_broadcast_subject().0, instance))
+        Subject(format!(
+            "{}.{}",
+            self.control_broadcast_subject().0,
+            instance
+        ))
     }
 
     /// Where callers send control messages when they do not know which instance took a request.
@@ -537,14 +541,26 @@ mod tests {
     fn names_reject_what_would_change_a_subject() {
         for bad in ["", "a.b", "a*", ">", "a b", "-lead", "é", &"x".repeat(65)] {
             let e = Namespace::new(bad).unwrap_err();
-            assert!(matches!(e, SubjectError::InvalidName { kind: NameKind::Namespace, .. }), "{bad:?}");
+            assert!(
+                matches!(
+                    e,
+                    SubjectError::InvalidName {
+                        kind: NameKind::Namespace,
+                        ..
+                    }
+                ),
+                "{bad:?}"
+            );
         }
         for good in ["dynamo", "a", "my_ns-2", "0abc"] {
             assert_eq!(Namespace::new(good).unwrap().as_str(), good);
         }
         assert!(matches!(
             EndpointId::new("ns", "comp", "gen.x"),
-            Err(SubjectError::InvalidName { kind: NameKind::Endpoint, .. })
+            Err(SubjectError::InvalidName {
+                kind: NameKind::Endpoint,
+                ..
+            })
         ));
     }
 
@@ -560,9 +576,18 @@ mod tests {
         let ep = EndpointId::new("dynamo", "backend", "generate").unwrap();
         let i = InstanceId::new(0xab);
         assert_eq!(ep.subject().as_str(), "dyn.ep.dynamo.backend.generate");
-        assert_eq!(ep.instance_subject(i).as_str(), "dyn.ep.dynamo.backend.generate.00000000000000ab");
-        assert_eq!(ep.control_subject(i).as_str(), "dyn.ctl.dynamo.backend.generate.00000000000000ab");
-        assert_eq!(ep.discovery_key(i), "dynamo.backend.generate.00000000000000ab");
+        assert_eq!(
+            ep.instance_subject(i).as_str(),
+            "dyn.ep.dynamo.backend.generate.00000000000000ab"
+        );
+        assert_eq!(
+            ep.control_subject(i).as_str(),
+            "dyn.ctl.dynamo.backend.generate.00000000000000ab"
+        );
+        assert_eq!(
+            ep.discovery_key(i),
+            "dynamo.backend.generate.00000000000000ab"
+        );
         assert!(ep.discovery_filter().matches(&ep.discovery_key(i)));
         let topic = Topic::new("kv_events").unwrap();
         let s = ep.component.event_subject(&topic, i);

@@ -20,12 +20,11 @@ pub enum TelemetryError {
 
 /// Installs the process's log subscriber (once; later calls are no-ops).
 pub fn init_tracing(filter: &str) -> Result<(), TelemetryError> {
-    let env_filter = tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| {
-        TelemetryError::BadFilter {
+    let env_filter =
+        tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| TelemetryError::BadFilter {
             filter: filter.to_string(),
             reason: e.to_string(),
-        }
-    })?;
+        })?;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(env_filter)
         .with_writer(std::io::stderr)

@@ -74,13 +74,22 @@ async fn publish_reaches_exact_and_wildcard_subscribers(h: &Harness) {
     for sub in [&mut exact, &mut star, &mut tail] {
         assert_eq!(next_within(sub, 5000).await.as_deref(), Some(&b"1"[..]));
     }
-    assert_eq!(next_within(&mut other, 200).await, None, "t.* must not match t.a.b");
+    assert_eq!(
+        next_within(&mut other, 200).await,
+        None,
+        "t.* must not match t.a.b"
+    );
 }
 
 async fn queue_group_delivers_each_message_to_one_member(h: &Harness) {
     let bus = h.bus().await;
     let q = dynamo_runtime::subject::QueueGroup::new("workers").unwrap();
-    let mut a = h.bus().await.subscribe(pat("jobs"), Some(q.clone())).await.unwrap();
+    let mut a = h
+        .bus()
+        .await
+        .subscribe(pat("jobs"), Some(q.clone()))
+        .await
+        .unwrap();
     let mut b = h.bus().await.subscribe(pat("jobs"), Some(q)).await.unwrap();
     let mut all = h.bus().await.subscribe(pat("jobs"), None).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await; // subscriptions on other connections
@@ -106,7 +115,10 @@ async fn queue_group_delivers_each_message_to_one_member(h: &Harness) {
         plain += 1;
     }
     assert_eq!(seen.len(), N, "every message reached the group");
-    assert!(seen.values().all(|&c| c == 1), "no message reached two members");
+    assert!(
+        seen.values().all(|&c| c == 1),
+        "no message reached two members"
+    );
     assert!(na > 0 && nb > 0, "both members got work: {na} / {nb}");
     assert_eq!(plain, N, "a plain subscriber gets everything");
 }
@@ -116,9 +128,12 @@ async fn messages_arrive_in_publish_order(h: &Harness) {
     let mut sub = h.bus().await.subscribe(pat("ordered"), None).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     for i in 0u32..2000 {
-        bus.publish(Outgoing::new(subj("ordered"), Bytes::from(i.to_le_bytes().to_vec())))
-            .await
-            .unwrap();
+        bus.publish(Outgoing::new(
+            subj("ordered"),
+            Bytes::from(i.to_le_bytes().to_vec()),
+        ))
+        .await
+        .unwrap();
     }
     bus.flush().await.unwrap();
     for i in 0u32..2000 {
@@ -145,7 +160,12 @@ async fn request_streams_every_reply(h: &Harness) {
     });
     let caller = h.bus().await;
     let mut replies = caller
-        .request(subj("svc.multi"), Headers::new(), Bytes::from_static(b"?"), SECOND)
+        .request(
+            subj("svc.multi"),
+            Headers::new(),
+            Bytes::from_static(b"?"),
+            SECOND,
+        )
         .await
         .unwrap();
     for i in 0..3u8 {
@@ -160,10 +180,20 @@ async fn request_streams_every_reply(h: &Harness) {
 async fn request_without_responders_is_a_typed_error(h: &Harness) {
     let bus = h.bus().await;
     // Someone listens but never answers: a timeout, not a hang.
-    let _mute = h.bus().await.subscribe(pat("mute.svc"), None).await.unwrap();
+    let _mute = h
+        .bus()
+        .await
+        .subscribe(pat("mute.svc"), None)
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     let err = bus
-        .request(subj("mute.svc"), Headers::new(), Bytes::new(), Duration::from_millis(200))
+        .request(
+            subj("mute.svc"),
+            Headers::new(),
+            Bytes::new(),
+            Duration::from_millis(200),
+        )
         .await
         .unwrap_err();
     assert!(matches!(err, BusError::Timeout { .. }), "{err:?}");
@@ -177,19 +207,27 @@ async fn request_without_responders_is_a_typed_error(h: &Harness) {
 async fn oversize_payload_is_refused_before_sending(h: &Harness) {
     let bus = h.bus().await;
     let max = bus.max_payload();
-    assert_eq!(max, 1024 * 1024, "both transports default to nats-server's 1 MiB");
+    assert_eq!(
+        max,
+        1024 * 1024,
+        "both transports default to nats-server's 1 MiB"
+    );
     let mut sub = h.bus().await.subscribe(pat("big"), None).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     let err = bus
         .publish(Outgoing::new(subj("big"), Bytes::from(vec![0u8; max + 1])))
         .await
         .unwrap_err();
-    assert!(matches!(err, BusError::PayloadTooLarge { size, max: m } if size == max + 1 && m == max));
+    assert!(
+        matches!(err, BusError::PayloadTooLarge { size, max: m } if size == max + 1 && m == max)
+    );
     bus.publish(Outgoing::new(subj("big"), Bytes::from(vec![7u8; max])))
         .await
         .unwrap();
     bus.flush().await.unwrap();
-    let got = next_within(&mut sub, 2000).await.expect("the largest allowed message arrives");
+    let got = next_within(&mut sub, 2000)
+        .await
+        .expect("the largest allowed message arrives");
     assert_eq!(got.len(), max);
 }
 
@@ -209,7 +247,11 @@ async fn dropping_a_subscription_unsubscribes(h: &Harness) {
 }
 
 fn echo(text: &str, times: u32, delay_ms: u64) -> TestReq {
-    TestReq::Echo { text: text.into(), times, delay_ms }
+    TestReq::Echo {
+        text: text.into(),
+        times,
+        delay_ms,
+    }
 }
 
 async fn streaming_call_through_queue_group_and_instance_subject(h: &Harness) {
@@ -218,44 +260,79 @@ async fn streaming_call_through_queue_group_and_instance_subject(h: &Harness) {
     let (rt1, rt2, caller) = (h.runtime().await, h.runtime().await, h.runtime().await);
     let (a1, _o1) = spawn_actor().await;
     let (a2, _o2) = spawn_actor().await;
-    let i1 = rt1.component(comp.clone(), serde_json::json!({})).await.unwrap();
-    let i2 = rt2.component(comp.clone(), serde_json::json!({})).await.unwrap();
-    let _s1 = i1.serve::<TestReq, TestResp, _>(ep_name.clone(), a1, serde_json::json!({})).await.unwrap();
-    let _s2 = i2.serve::<TestReq, TestResp, _>(ep_name.clone(), a2, serde_json::json!({})).await.unwrap();
+    let i1 = rt1
+        .component(comp.clone(), serde_json::json!({}))
+        .await
+        .unwrap();
+    let i2 = rt2
+        .component(comp.clone(), serde_json::json!({}))
+        .await
+        .unwrap();
+    let _s1 = i1
+        .serve::<TestReq, TestResp, _>(ep_name.clone(), a1, serde_json::json!({}))
+        .await
+        .unwrap();
+    let _s2 = i2
+        .serve::<TestReq, TestResp, _>(ep_name.clone(), a2, serde_json::json!({}))
+        .await
+        .unwrap();
     let ep = comp.endpoint("generate").unwrap();
 
     let items: Vec<TestResp> = caller
         .client()
-        .call(Target::Any(ep.clone()), &echo("hi", 5, 0), CallOptions::default())
+        .call(
+            Target::Any(ep.clone()),
+            &echo("hi", 5, 0),
+            CallOptions::default(),
+        )
         .await
         .unwrap()
         .collect()
         .await
         .unwrap();
     assert_eq!(items.len(), 5);
-    assert!(items.iter().enumerate().all(|(i, r)| r.index == i as u32 && r.text == "hi"));
+    assert!(items
+        .iter()
+        .enumerate()
+        .all(|(i, r)| r.index == i as u32 && r.text == "hi"));
 
     let mut responders = std::collections::HashSet::new();
     for _ in 0..20 {
         let mut s = caller
             .client()
-            .call::<_, TestResp>(Target::Any(ep.clone()), &echo("x", 1, 0), CallOptions::default())
+            .call::<_, TestResp>(
+                Target::Any(ep.clone()),
+                &echo("x", 1, 0),
+                CallOptions::default(),
+            )
             .await
             .unwrap();
         assert!(s.next().await.unwrap().is_ok());
         responders.insert(s.responder().unwrap());
         assert!(s.next().await.is_none());
     }
-    assert_eq!(responders.len(), 2, "the queue group spreads calls over both instances");
+    assert_eq!(
+        responders.len(),
+        2,
+        "the queue group spreads calls over both instances"
+    );
 
     for inst in [i1.id(), i2.id()] {
         let mut s = caller
             .client()
-            .call::<_, TestResp>(Target::Instance(ep.clone(), inst), &echo("direct", 2, 0), CallOptions::default())
+            .call::<_, TestResp>(
+                Target::Instance(ep.clone(), inst),
+                &echo("direct", 2, 0),
+                CallOptions::default(),
+            )
             .await
             .unwrap();
         assert_eq!(s.next().await.unwrap().unwrap().text, "direct");
-        assert_eq!(s.responder(), Some(inst), "the instance subject reaches that instance only");
+        assert_eq!(
+            s.responder(),
+            Some(inst),
+            "the instance subject reaches that instance only"
+        );
     }
 }
 
@@ -271,9 +348,16 @@ async fn serve_one(
     let rt = h.runtime().await;
     let comp = ComponentId::new("test", "echo").unwrap();
     let (actor, observed) = spawn_actor().await;
-    let inst = rt.component(comp.clone(), serde_json::json!({"role": "test"})).await.unwrap();
+    let inst = rt
+        .component(comp.clone(), serde_json::json!({"role": "test"}))
+        .await
+        .unwrap();
     let served = inst
-        .serve::<TestReq, TestResp, _>(EndpointName::new("generate").unwrap(), actor, serde_json::json!({"card": 1}))
+        .serve::<TestReq, TestResp, _>(
+            EndpointName::new("generate").unwrap(),
+            actor,
+            serde_json::json!({"card": 1}),
+        )
         .await
         .unwrap();
     (rt, served, observed, comp.endpoint("generate").unwrap())
@@ -284,7 +368,13 @@ async fn remote_errors_are_typed(h: &Harness) {
     let caller = h.runtime().await;
     let err = caller
         .client()
-        .call::<_, TestResp>(Target::Any(ep), &TestReq::Fail { message: "boom".into() }, CallOptions::default())
+        .call::<_, TestResp>(
+            Target::Any(ep),
+            &TestReq::Fail {
+                message: "boom".into(),
+            },
+            CallOptions::default(),
+        )
         .await
         .unwrap()
         .collect()
@@ -305,31 +395,57 @@ async fn bad_input_gets_typed_errors_and_serving_continues(h: &Harness) {
     // A request of a type the endpoint does not take.
     let err = caller
         .client()
-        .call::<_, TestResp>(Target::Any(ep.clone()), &OtherReq { unexpected: vec![1, 2] }, CallOptions::default())
+        .call::<_, TestResp>(
+            Target::Any(ep.clone()),
+            &OtherReq {
+                unexpected: vec![1, 2],
+            },
+            CallOptions::default(),
+        )
         .await
         .unwrap()
         .collect()
         .await
         .unwrap_err();
-    assert!(matches!(&err, RpcError::Remote(e) if e.kind == RemoteErrorKind::BadRequest), "{err:?}");
+    assert!(
+        matches!(&err, RpcError::Remote(e) if e.kind == RemoteErrorKind::BadRequest),
+        "{err:?}"
+    );
     // Garbage where an envelope should be, with a reply subject: a BadRequest error frame.
     let bus = h.bus().await;
     let mut replies = bus
-        .request(ep.subject(), Headers::new(), Bytes::from_static(b"\xc1 not msgpack"), SECOND)
+        .request(
+            ep.subject(),
+            Headers::new(),
+            Bytes::from_static(b"\xc1 not msgpack"),
+            SECOND,
+        )
         .await
         .unwrap();
-    let m = tokio::time::timeout(Duration::from_secs(2), replies.next()).await.unwrap().unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(2), replies.next())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(!m.payload.is_empty());
     // Garbage without a reply subject, and garbage on the control subject: ignored.
-    bus.publish(Outgoing::new(ep.subject(), Bytes::from_static(b"junk"))).await.unwrap();
-    bus.publish(Outgoing::new(ep.control_broadcast_subject(), Bytes::from_static(b"junk")))
+    bus.publish(Outgoing::new(ep.subject(), Bytes::from_static(b"junk")))
         .await
         .unwrap();
+    bus.publish(Outgoing::new(
+        ep.control_broadcast_subject(),
+        Bytes::from_static(b"junk"),
+    ))
+    .await
+    .unwrap();
     bus.flush().await.unwrap();
     // The endpoint still serves.
     let items: Vec<TestResp> = caller
         .client()
-        .call(Target::Any(ep), &echo("still here", 2, 0), CallOptions::default())
+        .call(
+            Target::Any(ep),
+            &echo("still here", 2, 0),
+            CallOptions::default(),
+        )
         .await
         .unwrap()
         .collect()
@@ -343,14 +459,22 @@ async fn caller_cancellation_reaches_the_handler(h: &Harness) {
     let caller = h.runtime().await;
     let mut s = caller
         .client()
-        .call::<_, TestResp>(Target::Any(ep), &echo("slow", 1000, 20), CallOptions::default())
+        .call::<_, TestResp>(
+            Target::Any(ep),
+            &echo("slow", 1000, 20),
+            CallOptions::default(),
+        )
         .await
         .unwrap();
     assert!(s.next().await.unwrap().is_ok());
     let dropped = Instant::now();
     drop(s);
     assert_eq!(observe(&mut observed, 5).await, Observed::Cancelled);
-    assert!(dropped.elapsed() < Duration::from_secs(1), "cancelled promptly: {:?}", dropped.elapsed());
+    assert!(
+        dropped.elapsed() < Duration::from_secs(1),
+        "cancelled promptly: {:?}",
+        dropped.elapsed()
+    );
 }
 
 async fn cancel_before_first_frame_reaches_the_handler(h: &Harness) {
@@ -366,14 +490,21 @@ async fn cancel_before_first_frame_reaches_the_handler(h: &Harness) {
     let dropped = Instant::now();
     drop(s);
     assert_eq!(observe(&mut observed, 5).await, Observed::Cancelled);
-    assert!(dropped.elapsed() < Duration::from_secs(1), "cancelled promptly: {:?}", dropped.elapsed());
+    assert!(
+        dropped.elapsed() < Duration::from_secs(1),
+        "cancelled promptly: {:?}",
+        dropped.elapsed()
+    );
 }
 
 async fn deadline_exceeded_is_typed_and_cancels_the_handler(h: &Harness) {
     let (_rt, _served, mut observed, ep) = serve_one(h).await;
     let caller = h.runtime().await;
     let started = Instant::now();
-    let opts = CallOptions { timeout: Some(Duration::from_millis(700)), ..Default::default() };
+    let opts = CallOptions {
+        timeout: Some(Duration::from_millis(700)),
+        ..Default::default()
+    };
     let err = caller
         .client()
         .call::<_, TestResp>(Target::Any(ep), &TestReq::Hang, opts)
@@ -382,7 +513,10 @@ async fn deadline_exceeded_is_typed_and_cancels_the_handler(h: &Harness) {
         .collect()
         .await
         .unwrap_err();
-    assert!(matches!(err, RpcError::DeadlineExceeded { .. }), "heartbeats kept it alive until the deadline: {err:?}");
+    assert!(
+        matches!(err, RpcError::DeadlineExceeded { .. }),
+        "heartbeats kept it alive until the deadline: {err:?}"
+    );
     assert!(started.elapsed() >= Duration::from_millis(700));
     assert!(started.elapsed() < Duration::from_secs(3));
     assert_eq!(observe(&mut observed, 5).await, Observed::Cancelled);
@@ -393,7 +527,11 @@ async fn dead_responder_is_detected_within_heartbeat_timeout(h: &Harness) {
     let caller = h.runtime().await;
     let mut s = caller
         .client()
-        .call::<_, TestResp>(Target::Any(ep), &echo("then silence", 1000, 50), CallOptions::default())
+        .call::<_, TestResp>(
+            Target::Any(ep),
+            &echo("then silence", 1000, 50),
+            CallOptions::default(),
+        )
         .await
         .unwrap();
     assert!(s.next().await.unwrap().is_ok());
@@ -401,14 +539,22 @@ async fn dead_responder_is_detected_within_heartbeat_timeout(h: &Harness) {
     drop(served);
     let died = Instant::now();
     let err = loop {
-        match s.next().await.expect("the stream ends with an error, not silently") {
+        match s
+            .next()
+            .await
+            .expect("the stream ends with an error, not silently")
+        {
             Ok(_) => continue,
             Err(e) => break e,
         }
     };
     assert!(matches!(err, RpcError::Disconnected { .. }), "{err:?}");
     let timeout = common::settings().rpc.heartbeat_timeout;
-    assert!(died.elapsed() < timeout + Duration::from_millis(500), "detected in {:?}", died.elapsed());
+    assert!(
+        died.elapsed() < timeout + Duration::from_millis(500),
+        "detected in {:?}",
+        died.elapsed()
+    );
 }
 
 async fn handler_dropping_its_stream_is_reported(h: &Harness) {
@@ -421,7 +567,10 @@ async fn handler_dropping_its_stream_is_reported(h: &Harness) {
         .unwrap();
     assert_eq!(s.next().await.unwrap().unwrap().text, "partial");
     let err = s.next().await.unwrap().unwrap_err();
-    assert!(matches!(&err, RpcError::Remote(e) if e.kind == RemoteErrorKind::Internal), "{err:?}");
+    assert!(
+        matches!(&err, RpcError::Remote(e) if e.kind == RemoteErrorKind::Internal),
+        "{err:?}"
+    );
 }
 
 async fn oversize_request_and_response_are_typed_errors(h: &Harness) {
@@ -438,17 +587,28 @@ async fn oversize_request_and_response_are_typed_errors(h: &Harness) {
     assert!(matches!(err, RpcError::PayloadTooLarge { .. }), "{err:?}");
     let err = caller
         .client()
-        .call::<_, TestResp>(Target::Any(ep.clone()), &TestReq::Big { size: max + 10 }, CallOptions::default())
+        .call::<_, TestResp>(
+            Target::Any(ep.clone()),
+            &TestReq::Big { size: max + 10 },
+            CallOptions::default(),
+        )
         .await
         .unwrap()
         .collect()
         .await
         .unwrap_err();
-    assert!(matches!(&err, RpcError::Remote(e) if e.kind == RemoteErrorKind::ResponseTooLarge), "{err:?}");
+    assert!(
+        matches!(&err, RpcError::Remote(e) if e.kind == RemoteErrorKind::ResponseTooLarge),
+        "{err:?}"
+    );
     // Just under the limit works.
     let items: Vec<TestResp> = caller
         .client()
-        .call(Target::Any(ep), &TestReq::Big { size: max - 1024 }, CallOptions::default())
+        .call(
+            Target::Any(ep),
+            &TestReq::Big { size: max - 1024 },
+            CallOptions::default(),
+        )
         .await
         .unwrap()
         .collect()
@@ -463,9 +623,16 @@ async fn overload_is_refused_with_a_typed_error(h: &Harness) {
     let rt = h.runtime_with(settings).await;
     let comp = ComponentId::new("test", "small").unwrap();
     let (actor, _obs) = spawn_actor().await;
-    let inst = rt.component(comp.clone(), serde_json::json!({})).await.unwrap();
+    let inst = rt
+        .component(comp.clone(), serde_json::json!({}))
+        .await
+        .unwrap();
     let _served = inst
-        .serve::<TestReq, TestResp, _>(EndpointName::new("generate").unwrap(), actor, serde_json::json!({}))
+        .serve::<TestReq, TestResp, _>(
+            EndpointName::new("generate").unwrap(),
+            actor,
+            serde_json::json!({}),
+        )
         .await
         .unwrap();
     let ep = comp.endpoint("generate").unwrap();
@@ -474,7 +641,11 @@ async fn overload_is_refused_with_a_typed_error(h: &Harness) {
     for _ in 0..2 {
         let mut s = caller
             .client()
-            .call::<_, TestResp>(Target::Any(ep.clone()), &echo("busy", 100, 50), CallOptions::default())
+            .call::<_, TestResp>(
+                Target::Any(ep.clone()),
+                &echo("busy", 100, 50),
+                CallOptions::default(),
+            )
             .await
             .unwrap();
         assert!(s.next().await.unwrap().is_ok());
@@ -482,35 +653,62 @@ async fn overload_is_refused_with_a_typed_error(h: &Harness) {
     }
     let err = caller
         .client()
-        .call::<_, TestResp>(Target::Any(ep), &echo("one more", 1, 0), CallOptions::default())
+        .call::<_, TestResp>(
+            Target::Any(ep),
+            &echo("one more", 1, 0),
+            CallOptions::default(),
+        )
         .await
         .unwrap()
         .collect()
         .await
         .unwrap_err();
-    assert!(matches!(&err, RpcError::Remote(e) if e.kind == RemoteErrorKind::Overloaded), "{err:?}");
+    assert!(
+        matches!(&err, RpcError::Remote(e) if e.kind == RemoteErrorKind::Overloaded),
+        "{err:?}"
+    );
 }
 
 async fn graceful_shutdown_drains_and_refuses_new_work(h: &Harness) {
     let (rt, served, mut observed, ep) = serve_one(h).await;
     let caller = h.runtime().await;
-    let mut watch = caller.discovery().watch(ep.discovery_filter()).await.unwrap();
-    assert!(matches!(watch.next().await, Some(DiscoveryEvent::Joined(_))));
+    let mut watch = caller
+        .discovery()
+        .watch(ep.discovery_filter())
+        .await
+        .unwrap();
+    assert!(matches!(
+        watch.next().await,
+        Some(DiscoveryEvent::Joined(_))
+    ));
     let mut inflight = caller
         .client()
-        .call::<_, TestResp>(Target::Any(ep.clone()), &echo("drain me", 6, 100), CallOptions::default())
+        .call::<_, TestResp>(
+            Target::Any(ep.clone()),
+            &echo("drain me", 6, 100),
+            CallOptions::default(),
+        )
         .await
         .unwrap();
     assert!(inflight.next().await.unwrap().is_ok());
     let shutdown = tokio::spawn(served.shutdown(Duration::from_secs(10)));
     // Deregistered first.
-    let left = tokio::time::timeout(Duration::from_secs(5), watch.next()).await.unwrap();
-    assert!(matches!(left, Some(DiscoveryEvent::Left { .. })), "{left:?}");
+    let left = tokio::time::timeout(Duration::from_secs(5), watch.next())
+        .await
+        .unwrap();
+    assert!(
+        matches!(left, Some(DiscoveryEvent::Left { .. })),
+        "{left:?}"
+    );
     // New work is not taken.
     tokio::time::sleep(Duration::from_millis(100)).await;
     let err = caller
         .client()
-        .call::<_, TestResp>(Target::Any(ep.clone()), &echo("late", 1, 0), CallOptions::default())
+        .call::<_, TestResp>(
+            Target::Any(ep.clone()),
+            &echo("late", 1, 0),
+            CallOptions::default(),
+        )
         .await
         .unwrap()
         .collect()
@@ -549,7 +747,11 @@ async fn service_protocol_lists_endpoints_and_counts_requests(h: &Harness) {
     for _ in 0..3 {
         caller
             .client()
-            .call::<_, TestResp>(Target::Any(ep.clone()), &echo("n", 1, 0), CallOptions::default())
+            .call::<_, TestResp>(
+                Target::Any(ep.clone()),
+                &echo("n", 1, 0),
+                CallOptions::default(),
+            )
             .await
             .unwrap()
             .collect()
@@ -561,10 +763,18 @@ async fn service_protocol_lists_endpoints_and_counts_requests(h: &Harness) {
         let bus = bus.clone();
         async move {
             let mut r = bus
-                .request(service_query_subject(verb), Headers::new(), Bytes::new(), SECOND)
+                .request(
+                    service_query_subject(verb),
+                    Headers::new(),
+                    Bytes::new(),
+                    SECOND,
+                )
                 .await
                 .unwrap();
-            let m = tokio::time::timeout(Duration::from_secs(2), r.next()).await.unwrap().unwrap();
+            let m = tokio::time::timeout(Duration::from_secs(2), r.next())
+                .await
+                .unwrap()
+                .unwrap();
             serde_json::from_slice::<serde_json::Value>(&m.payload).unwrap()
         }
     };
@@ -585,9 +795,16 @@ async fn service_protocol_lists_endpoints_and_counts_requests(h: &Harness) {
 
 async fn discovery_watch_sees_joins_and_leaves(h: &Harness) {
     let watcher = h.runtime().await;
-    let mut watch = watcher.discovery().watch(DiscoveryFilter::all()).await.unwrap();
+    let mut watch = watcher
+        .discovery()
+        .watch(DiscoveryFilter::all())
+        .await
+        .unwrap();
     let (rt, served, _obs, ep) = serve_one(h).await;
-    let joined = tokio::time::timeout(Duration::from_secs(5), watch.next()).await.unwrap().unwrap();
+    let joined = tokio::time::timeout(Duration::from_secs(5), watch.next())
+        .await
+        .unwrap()
+        .unwrap();
     match joined {
         DiscoveryEvent::Joined(info) => {
             assert_eq!(info.endpoint, ep);
@@ -596,15 +813,111 @@ async fn discovery_watch_sees_joins_and_leaves(h: &Harness) {
         }
         other => panic!("expected a join, got {other:?}"),
     }
-    let listed = watcher.discovery().list(&ep.discovery_filter()).await.unwrap();
+    let listed = watcher
+        .discovery()
+        .list(&ep.discovery_filter())
+        .await
+        .unwrap();
     assert_eq!(listed.len(), 1);
     // A lease refresh is not reported as a change.
     let quiet = tokio::time::timeout(Duration::from_millis(1500), watch.next()).await;
     assert!(quiet.is_err(), "unexpected event {quiet:?}");
     let instance = served.instance();
     served.shutdown(Duration::from_secs(1)).await;
-    let left = tokio::time::timeout(Duration::from_secs(5), watch.next()).await.unwrap().unwrap();
-    assert_eq!(left, DiscoveryEvent::Left { endpoint: ep.clone(), instance });
-    assert!(watcher.discovery().list(&ep.discovery_filter()).await.unwrap().is_empty());
+    let left = tokio::time::timeout(Duration::from_secs(5), watch.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        left,
+        DiscoveryEvent::Left {
+            endpoint: ep.clone(),
+            instance
+        }
+    );
+    assert!(watcher
+        .discovery()
+        .list(&ep.discovery_filter())
+        .await
+        .unwrap()
+        .is_empty());
     drop(rt);
+}
+
+/// NATS-only behaviour: a server restart does not drop registrations or subscriptions.
+mod nats_only {
+    use super::*;
+    use common::{spawn_actor, TestReq, TestResp};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn registrations_and_endpoints_survive_a_server_restart() {
+        let mut h = Harness::nats().await;
+        let rt = h.runtime().await;
+        let comp = ComponentId::new("test", "echo").unwrap();
+        let (actor, _obs) = spawn_actor().await;
+        let inst = rt
+            .component(comp.clone(), serde_json::json!({}))
+            .await
+            .unwrap();
+        let served = inst
+            .serve::<TestReq, TestResp, _>(
+                EndpointName::new("generate").unwrap(),
+                actor,
+                serde_json::json!({}),
+            )
+            .await
+            .unwrap();
+        let ep = comp.endpoint("generate").unwrap();
+        let caller = h.runtime().await;
+        let req = TestReq::Echo {
+            text: "before".into(),
+            times: 1,
+            delay_ms: 0,
+        };
+        assert_eq!(
+            caller
+                .client()
+                .call::<_, TestResp>(Target::Any(ep.clone()), &req, CallOptions::default())
+                .await
+                .unwrap()
+                .collect()
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+
+        // Restart the server with the same store; clients reconnect by themselves.
+        h.nats.as_mut().unwrap().restart().unwrap();
+
+        // Wait for the reconnect, then for more than one lease: a dropped registration would be gone.
+        let lease = rt.discovery().lease();
+        tokio::time::sleep(lease + Duration::from_millis(1500)).await;
+        let listed = caller
+            .discovery()
+            .list(&ep.discovery_filter())
+            .await
+            .unwrap();
+        assert_eq!(listed.len(), 1, "registration survives the restart");
+        assert_eq!(listed[0].instance, served.instance());
+        let req = TestReq::Echo {
+            text: "after".into(),
+            times: 3,
+            delay_ms: 0,
+        };
+        let items = caller
+            .client()
+            .call::<_, TestResp>(Target::Any(ep), &req, CallOptions::default())
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(
+            items.len(),
+            3,
+            "subscriptions were re-created after the reconnect"
+        );
+        h.finish().await;
+    }
 }

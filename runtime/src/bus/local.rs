@@ -15,7 +15,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::{check_size, Bus, BusError, Headers, Message, Outgoing, Status, Subscription, Transport};
+use super::{
+    check_size, Bus, BusError, Headers, Message, Outgoing, Status, Subscription, Transport,
+};
 use crate::subject::{pattern_matches, QueueGroup, SubjectPattern};
 
 /// The default message size limit, the same as nats-server's default `max_payload` (1 MiB),
@@ -84,15 +86,12 @@ impl LocalBus {
     fn deliver(&self, msg: Message) {
         let table = self.inner.table.read().unwrap_or_else(|p| p.into_inner());
         let exact = table.exact.get(msg.subject.as_str());
-        let matching = exact
-            .into_iter()
-            .flatten()
-            .chain(
-                table
-                    .wildcard
-                    .iter()
-                    .filter(|e| pattern_matches(&e.pattern, msg.subject.as_str())),
-            );
+        let matching = exact.into_iter().flatten().chain(
+            table
+                .wildcard
+                .iter()
+                .filter(|e| pattern_matches(&e.pattern, msg.subject.as_str())),
+        );
         let mut groups: Vec<(&str, Vec<&Entry>)> = Vec::new();
         let mut delivered_any = false;
         for entry in matching {
@@ -258,7 +257,10 @@ mod tests {
     async fn dropped_subscription_leaves_the_table() {
         let bus = LocalBus::new();
         let s = Subject::parse("a.b").unwrap();
-        let sub = bus.subscribe(SubjectPattern::parse("a.*").unwrap(), None).await.unwrap();
+        let sub = bus
+            .subscribe(SubjectPattern::parse("a.*").unwrap(), None)
+            .await
+            .unwrap();
         drop(sub);
         assert!(bus.inner.table.read().unwrap().wildcard.is_empty());
         let sub = bus.subscribe(SubjectPattern::from(&s), None).await.unwrap();

@@ -11,7 +11,9 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
-use super::{check_size, Bus, BusError, Headers, Message, Outgoing, Status, Subscription, Transport};
+use super::{
+    check_size, Bus, BusError, Headers, Message, Outgoing, Status, Subscription, Transport,
+};
 use crate::subject::{QueueGroup, Subject, SubjectPattern};
 
 /// How to reach a nats-server.

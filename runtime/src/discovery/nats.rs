@@ -68,10 +68,12 @@ async fn open_bucket(
     match js.create_key_value(config).await {
         Ok(store) => Ok(store),
         // Another process created it between our two calls.
-        Err(create_err) => js
-            .get_key_value(&settings.bucket)
-            .await
-            .map_err(|_| unavailable(format!("cannot create bucket {}: {create_err}", settings.bucket))),
+        Err(create_err) => js.get_key_value(&settings.bucket).await.map_err(|_| {
+            unavailable(format!(
+                "cannot create bucket {}: {create_err}",
+                settings.bucket
+            ))
+        }),
     }
 }
 
@@ -82,7 +84,7 @@ impl NatsDiscovery {
         settings: DiscoverySettings,
     ) -> Result<Self, DiscoveryError> {
         let js = jetstream::new(client);
-        let mut store = open_bucket(&js, &settings).await?;
+        let store = open_bucket(&js, &settings).await?;
         let lease = match store.status().await {
             Ok(status) if !status.max_age().is_zero() => status.max_age(),
             _ => settings.lease,
@@ -95,7 +97,6 @@ impl NatsDiscovery {
                 "discovery bucket exists with another lease; using the bucket's"
             );
         }
-        let _ = &mut store;
         let inner = Arc::new(Inner {
             js,
             settings,
@@ -226,7 +227,9 @@ impl Discovery for NatsDiscovery {
             match value {
                 Ok(Some(bytes)) => match serde_json::from_slice::<InstanceInfo>(&bytes) {
                     Ok(info) => out.push(info),
-                    Err(e) => tracing::warn!(%key, error = %e, "skipping malformed discovery entry"),
+                    Err(e) => {
+                        tracing::warn!(%key, error = %e, "skipping malformed discovery entry")
+                    }
                 },
                 Ok(None) => {} // expired or deleted between the two calls
                 Err(e) => return Err(unavailable(e)),

@@ -97,9 +97,8 @@ impl RpcClient {
     /// Subscribes the client's inbox and starts its dispatcher.
     pub async fn new(bus: Arc<dyn Bus>, settings: RpcSettings) -> Result<Self, RpcError> {
         let inbox = new_inbox();
-        let pattern = SubjectPattern::parse(format!("{inbox}.*")).map_err(|e| {
-            RpcError::Protocol(format!("cannot build inbox pattern: {e}"))
-        })?;
+        let pattern = SubjectPattern::parse(format!("{inbox}.*"))
+            .map_err(|e| RpcError::Protocol(format!("cannot build inbox pattern: {e}")))?;
         let mut sub = bus.subscribe(pattern, None).await?;
         let pending: Arc<Pending> = Arc::new(DashMap::new());
         let routes = pending.clone();
@@ -143,10 +142,12 @@ impl RpcClient {
         Resp: DeserializeOwned,
     {
         let body = wire::encode(request).map_err(|e| RpcError::Encode(e.to_string()))?;
-        self.call_raw(target, body, options).await.map(|raw| ResponseStream {
-            raw,
-            _resp: PhantomData,
-        })
+        self.call_raw(target, body, options)
+            .await
+            .map(|raw| ResponseStream {
+                raw,
+                _resp: PhantomData,
+            })
     }
 
     /// As [`RpcClient::call`] with an already encoded body; responses stay bytes.

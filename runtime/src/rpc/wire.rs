@@ -130,6 +130,8 @@ pub(crate) fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Bytes, rmp_serd
     rmp_serde::to_vec_named(value).map(Bytes::from)
 }
 
-pub(crate) fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, rmp_serde::decode::Error> {
+pub(crate) fn decode<'a, T: Deserialize<'a>>(
+    bytes: &'a [u8],
+) -> Result<T, rmp_serde::decode::Error> {
     rmp_serde::from_slice(bytes)
 }

@@ -227,12 +227,8 @@ impl ComponentInstance {
         };
         let requests = futures::stream::select(queue, own);
         let controls = futures::stream::select(ctl, ctl_all);
-        let task = tokio::spawn(server.run(
-            requests,
-            controls,
-            stop_requests.clone(),
-            stop.clone(),
-        ));
+        let task =
+            tokio::spawn(server.run(requests, controls, stop_requests.clone(), stop.clone()));
         tracing::info!(endpoint = %endpoint, instance = %self.id, "serving");
         Ok(ServedEndpoint {
             shared,
@@ -303,7 +299,11 @@ where
                     token.cancel();
                 }
             }
-            Err(e) => bad_input(&self.shared, "control", &format!("malformed control message: {e}")),
+            Err(e) => bad_input(
+                &self.shared,
+                "control",
+                &format!("malformed control message: {e}"),
+            ),
         }
     }
 
@@ -316,12 +316,24 @@ where
         let env: RequestEnvelope = match wire::decode(&m.payload) {
             Ok(e) => e,
             Err(e) => {
-                bad_input(&self.shared, "envelope", &format!("malformed request envelope: {e}"));
-                return refuse(RemoteErrorKind::BadRequest, format!("malformed request envelope: {e}")).await;
+                bad_input(
+                    &self.shared,
+                    "envelope",
+                    &format!("malformed request envelope: {e}"),
+                );
+                return refuse(
+                    RemoteErrorKind::BadRequest,
+                    format!("malformed request envelope: {e}"),
+                )
+                .await;
             }
         };
         if env.v != PROTOCOL_VERSION {
-            bad_input(&self.shared, "version", &format!("protocol version {}", env.v));
+            bad_input(
+                &self.shared,
+                "version",
+                &format!("protocol version {}", env.v),
+            );
             return refuse(
                 RemoteErrorKind::BadRequest,
                 format!("protocol version {} is not supported (this responder speaks {PROTOCOL_VERSION})", env.v),
@@ -341,14 +353,21 @@ where
             }
         };
         if !self.accepting.load(Ordering::Relaxed) {
-            return refuse(RemoteErrorKind::Unavailable, "instance is shutting down".into()).await;
+            return refuse(
+                RemoteErrorKind::Unavailable,
+                "instance is shutting down".into(),
+            )
+            .await;
         }
         if self.shared.open.len() >= self.settings.max_inflight {
             metrics::counter!("dynamo_runtime_overloaded_total", "endpoint" => self.shared.label())
                 .increment(1);
             return refuse(
                 RemoteErrorKind::Overloaded,
-                format!("{} requests in flight at this instance", self.settings.max_inflight),
+                format!(
+                    "{} requests in flight at this instance",
+                    self.settings.max_inflight
+                ),
             )
             .await;
         }

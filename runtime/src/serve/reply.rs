@@ -210,7 +210,8 @@ impl<Resp> Drop for ReplySender<Resp> {
         let open = self.open.clone();
         let seq = self.seq;
         let cancelled = open.cancel.is_cancelled();
-        open.endpoint.finish(open.id, open.started.elapsed(), !cancelled);
+        open.endpoint
+            .finish(open.id, open.started.elapsed(), !cancelled);
         if cancelled {
             return;
         }

@@ -105,7 +105,12 @@ impl Harness {
                 let disc = NatsDiscovery::connect(bus.client().clone(), settings.discovery.clone())
                     .await
                     .expect("discovery");
-                Runtime::with(Arc::new(bus), Arc::new(disc) as Arc<dyn Discovery>, settings).await
+                Runtime::with(
+                    Arc::new(bus),
+                    Arc::new(disc) as Arc<dyn Discovery>,
+                    settings,
+                )
+                .await
             }
             _ => unreachable!(),
         }
@@ -131,7 +136,11 @@ impl Harness {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum TestReq {
     /// Sends `text` `times` times, `delay_ms` apart.
-    Echo { text: String, times: u32, delay_ms: u64 },
+    Echo {
+        text: String,
+        times: u32,
+        delay_ms: u64,
+    },
     /// Fails with a remote error.
     Fail { message: String },
     /// Sends nothing; waits for cancellation and reports it.
@@ -192,12 +201,20 @@ impl Actor for TestActor {
         msg: Self::Msg,
         observed: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        let TestMsg::Req(Request { body, ctx, mut reply }) = msg;
+        let TestMsg::Req(Request {
+            body,
+            ctx,
+            mut reply,
+        }) = msg;
         let observed = observed.clone();
         tokio::spawn(async move {
             let cancel = ctx.cancellation().clone();
             match body {
-                TestReq::Echo { text, times, delay_ms } => {
+                TestReq::Echo {
+                    text,
+                    times,
+                    delay_ms,
+                } => {
                     for index in 0..times {
                         if index > 0 && delay_ms > 0 {
                             tokio::select! {
@@ -208,7 +225,10 @@ impl Actor for TestActor {
                                 _ = tokio::time::sleep(Duration::from_millis(delay_ms)) => {}
                             }
                         }
-                        let item = TestResp { index, text: text.clone() };
+                        let item = TestResp {
+                            index,
+                            text: text.clone(),
+                        };
                         if reply.send(&item).await.is_err() {
                             let _ = observed.send(Observed::Cancelled);
                             return;
@@ -225,13 +245,21 @@ impl Actor for TestActor {
                     let _ = observed.send(Observed::Cancelled);
                 }
                 TestReq::Big { size } => {
-                    let item = TestResp { index: 0, text: "x".repeat(size) };
+                    let item = TestResp {
+                        index: 0,
+                        text: "x".repeat(size),
+                    };
                     if reply.send(&item).await.is_ok() {
                         let _ = reply.finish().await;
                     }
                 }
                 TestReq::Drop => {
-                    let _ = reply.send(&TestResp { index: 0, text: "partial".into() }).await;
+                    let _ = reply
+                        .send(&TestResp {
+                            index: 0,
+                            text: "partial".into(),
+                        })
+                        .await;
                     drop(reply);
                 }
             }
@@ -243,7 +271,9 @@ impl Actor for TestActor {
 /// Spawns a test actor and returns it with the receiver of what its handlers observe.
 pub async fn spawn_actor() -> (ActorRef<TestMsg>, mpsc::UnboundedReceiver<Observed>) {
     let (tx, rx) = mpsc::unbounded_channel();
-    let (actor, _) = Actor::spawn(None, TestActor, tx).await.expect("spawn actor");
+    let (actor, _) = Actor::spawn(None, TestActor, tx)
+        .await
+        .expect("spawn actor");
     (actor, rx)
 }
 

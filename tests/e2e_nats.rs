@@ -1,0 +1,350 @@
+//! End to end across processes: `dynamo-run` children against a real nats-server.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dynamo_protocols::echo::{EchoChunk, EchoRequest};
+use dynamo_runtime::bus::{NatsBus, NatsSettings};
+use dynamo_runtime::discovery::{Discovery, DiscoveryEvent, DiscoverySettings, NatsDiscovery};
+use dynamo_runtime::subject::ComponentId;
+use dynamo_runtime::testing::NatsServer;
+use dynamo_runtime::{CallOptions, Runtime, RuntimeSettings, Target};
+
+const LEASE: Duration = Duration::from_secs(2);
+
+/// A `dynamo-run serve-echo` child, killed on drop.
+struct Worker {
+    child: Child,
+    instance: String,
+}
+
+impl Worker {
+    fn start(url: &str, extra: &[&str]) -> Worker {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_dynamo-run"))
+            .args(["--bus", url, "--namespace", "e2e"])
+            .args(extra)
+            .arg("serve-echo")
+            .env("DYN_DISCOVERY__LEASE", "2s")
+            .env("DYN_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn dynamo-run");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .expect("read ready line");
+        let instance = line
+            .trim()
+            .rsplit("instance=")
+            .next()
+            .filter(|_| line.starts_with("ready"))
+            .unwrap_or_else(|| panic!("worker did not get ready: {line:?}"))
+            .to_string();
+        Worker { child, instance }
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    }
+
+    fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let until = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < until,
+                "worker did not exit within {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn client(server: &NatsServer) -> Runtime {
+    let settings = RuntimeSettings {
+        discovery: DiscoverySettings {
+            lease: LEASE,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let bus = NatsBus::connect(&NatsSettings::new(server.url()))
+        .await
+        .unwrap();
+    let disc = NatsDiscovery::connect(bus.client().clone(), settings.discovery.clone())
+        .await
+        .unwrap();
+    Runtime::with(
+        Arc::new(bus),
+        Arc::new(disc) as Arc<dyn Discovery>,
+        settings,
+    )
+    .await
+    .unwrap()
+}
+
+fn echo_target() -> Target {
+    Target::Any(
+        ComponentId::new("e2e", "echo")
+            .unwrap()
+            .endpoint("generate")
+            .unwrap(),
+    )
+}
+
+async fn next_event(
+    w: &mut dynamo_runtime::discovery::DiscoveryWatch,
+    secs: u64,
+) -> DiscoveryEvent {
+    tokio::time::timeout(Duration::from_secs(secs), w.next())
+        .await
+        .expect("discovery event in time")
+        .expect("watch open")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_process_leaves_discovery_within_the_lease() {
+    let server = NatsServer::start().unwrap();
+    let rt = client(&server).await;
+    let mut watch = rt
+        .discovery()
+        .watch(dynamo_runtime::subject::DiscoveryFilter::all())
+        .await
+        .unwrap();
+    let worker = Worker::start(&server.url(), &[]);
+    match next_event(&mut watch, 5).await {
+        DiscoveryEvent::Joined(info) => assert_eq!(info.instance.to_string(), worker.instance),
+        other => panic!("{other:?}"),
+    }
+    let req = EchoRequest {
+        text: "alive?".into(),
+        repeat: 2,
+        delay_ms: 0,
+    };
+    let chunks: Vec<EchoChunk> = rt
+        .client()
+        .call(echo_target(), &req, CallOptions::default())
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    assert_eq!(chunks.len(), 2);
+
+    // A stream in progress when the process dies ends with Disconnected, not a hang.
+    let long = EchoRequest {
+        text: "long".into(),
+        repeat: 1000,
+        delay_ms: 50,
+    };
+    let mut stream = rt
+        .client()
+        .call::<_, EchoChunk>(echo_target(), &long, CallOptions::default())
+        .await
+        .unwrap();
+    assert!(stream.next().await.unwrap().is_ok());
+    worker.signal("-KILL");
+    let killed = Instant::now();
+    let err = loop {
+        match stream.next().await.expect("stream ends with an error") {
+            Ok(_) => continue,
+            Err(e) => break e,
+        }
+    };
+    assert!(
+        matches!(err, dynamo_runtime::RpcError::Disconnected { .. }),
+        "{err:?}"
+    );
+    let hb = rt.settings().rpc.heartbeat_timeout;
+    assert!(
+        killed.elapsed() < hb + Duration::from_secs(1),
+        "detected after {:?}",
+        killed.elapsed()
+    );
+
+    match next_event(&mut watch, 10).await {
+        DiscoveryEvent::Left { instance, .. } => assert_eq!(instance.to_string(), worker.instance),
+        other => panic!("{other:?}"),
+    }
+    let gone_after = killed.elapsed();
+    // The lease, plus the server's expiry sweep (about a second).
+    assert!(
+        gone_after <= LEASE + Duration::from_millis(1500),
+        "left after {gone_after:?}"
+    );
+    assert!(rt
+        .discovery()
+        .list(&dynamo_runtime::subject::DiscoveryFilter::all())
+        .await
+        .unwrap()
+        .is_empty());
+    rt.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_deregisters_drains_and_exits_zero() {
+    let server = NatsServer::start().unwrap();
+    let rt = client(&server).await;
+    let mut watch = rt
+        .discovery()
+        .watch(dynamo_runtime::subject::DiscoveryFilter::all())
+        .await
+        .unwrap();
+    let mut worker = Worker::start(&server.url(), &[]);
+    assert!(matches!(
+        next_event(&mut watch, 5).await,
+        DiscoveryEvent::Joined(_)
+    ));
+    let req = EchoRequest {
+        text: "drain".into(),
+        repeat: 10,
+        delay_ms: 100,
+    };
+    let mut stream = rt
+        .client()
+        .call::<_, EchoChunk>(echo_target(), &req, CallOptions::default())
+        .await
+        .unwrap();
+    assert!(stream.next().await.unwrap().is_ok());
+    worker.signal("-TERM");
+    let termed = Instant::now();
+    assert!(matches!(
+        next_event(&mut watch, 5).await,
+        DiscoveryEvent::Left { .. }
+    ));
+    assert!(
+        termed.elapsed() < LEASE,
+        "deregistered at once, not by lease expiry"
+    );
+    let mut rest = 0;
+    while let Some(chunk) = stream.next().await {
+        chunk.unwrap();
+        rest += 1;
+    }
+    assert_eq!(rest, 9, "the open request completes during the drain");
+    let status = worker.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "exit status {status}");
+    rt.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn call_echo_and_ls_work_across_processes_and_metrics_are_served() {
+    let server = NatsServer::start().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let _worker = Worker::start(&server.url(), &["--metrics-port", &port.to_string()]);
+    let out = Command::new(env!("CARGO_BIN_EXE_dynamo-run"))
+        .args([
+            "--bus",
+            &server.url(),
+            "--namespace",
+            "e2e",
+            "call-echo",
+            "--text",
+            "over nats",
+            "--repeat",
+            "4",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.matches("over nats").count(), 4, "{stdout}");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_dynamo-run"))
+        .args(["--bus", &server.url(), "ls"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("instances in discovery: 1"), "{stdout}");
+    assert!(stdout.contains("e2e-echo"), "{stdout}");
+
+    let mut conn = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut body = String::new();
+    conn.read_to_string(&mut body).unwrap();
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    assert!(
+        body.contains("dynamo_runtime_requests_total{endpoint=\"e2e.echo.generate\"} 1"),
+        "{body}"
+    );
+}
+
+#[test]
+fn demo_runs_on_the_embedded_bus() {
+    let out = Command::new(env!("CARGO_BIN_EXE_dynamo-run"))
+        .args(["demo", "--requests", "2"])
+        .env("DYN_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("on the local bus"), "{stdout}");
+    assert_eq!(stdout.matches("from the echo actor").count(), 6, "{stdout}");
+    assert!(
+        stdout.contains("services answering $SRV.INFO: 1"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn bad_configuration_fails_with_a_clear_message() {
+    let out = Command::new(env!("CARGO_BIN_EXE_dynamo-run"))
+        .args(["--bus", "localhost:4222", "demo"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("must be a nats:// URL"));
+    let out = Command::new(env!("CARGO_BIN_EXE_dynamo-run"))
+        .arg("demo")
+        .env("DYN_RPC__HEARTBEAT_INTERVAL", "soon")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .to_lowercase()
+        .contains("heartbeat_interval"));
+    // Nothing listening: a connection error that says what to do.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = Command::new(env!("CARGO_BIN_EXE_dynamo-run"))
+        .args(["--bus", &format!("nats://127.0.0.1:{port}"), "ls"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nats-server"));
+}
