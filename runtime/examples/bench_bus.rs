@@ -1,1 +1,310 @@
-fn main() {}
+//! Bus benchmark: request/reply latency and streaming throughput of the runtime's RPC over the
+//! in-process and NATS transports, next to raw `async-nats` on the same server in the same run.
+//!
+//! Run with `scripts/bench-bus` (release build; starts its own nats-server).
+//! Options (env): `BENCH_ITERS` (sequential round trips, default 5000), `BENCH_FRAMES`
+//! (frames streamed per throughput run, default 100000), `BENCH_SIZE` (payload bytes, 1024).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dynamo_runtime::bus::{Bus, LocalBus, NatsBus, NatsSettings};
+use dynamo_runtime::discovery::{Discovery, LocalDiscovery, NatsDiscovery};
+use dynamo_runtime::subject::{ComponentId, EndpointId, EndpointName};
+use dynamo_runtime::testing::NatsServer;
+use dynamo_runtime::{CallOptions, Request, Runtime, RuntimeSettings, ServedEndpoint, Target};
+use futures::StreamExt;
+use hdrhistogram::Histogram;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize)]
+struct BenchReq {
+    frames: u32,
+    #[serde(with = "serde_bytes_compat")]
+    payload: Bytes,
+}
+
+/// `Bytes` as a MessagePack bin, both ways.
+mod serde_bytes_compat {
+    use bytes::Bytes;
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(b: &Bytes, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(b)
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Bytes, D::Error> {
+        Bytes::deserialize(d)
+    }
+}
+
+struct BenchActor;
+
+enum BenchMsg {
+    Req(Request<BenchReq, Bytes>),
+}
+
+impl From<Request<BenchReq, Bytes>> for BenchMsg {
+    fn from(r: Request<BenchReq, Bytes>) -> Self {
+        BenchMsg::Req(r)
+    }
+}
+
+impl Actor for BenchActor {
+    type Msg = BenchMsg;
+    type State = ();
+    type Arguments = ();
+    async fn pre_start(&self, _: ActorRef<BenchMsg>, _: ()) -> Result<(), ActorProcessingErr> {
+        Ok(())
+    }
+    async fn handle(
+        &self,
+        _: ActorRef<BenchMsg>,
+        msg: BenchMsg,
+        _: &mut (),
+    ) -> Result<(), ActorProcessingErr> {
+        let BenchMsg::Req(Request { body, mut reply, .. }) = msg;
+        tokio::spawn(async move {
+            for _ in 0..body.frames {
+                if reply.send(&body.payload).await.is_err() {
+                    return;
+                }
+            }
+            let _ = reply.finish().await;
+        });
+        Ok(())
+    }
+}
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+struct Latency {
+    p50: f64,
+    p99: f64,
+}
+
+fn latency(h: &Histogram<u64>) -> Latency {
+    Latency {
+        p50: h.value_at_quantile(0.5) as f64 / 1000.0,
+        p99: h.value_at_quantile(0.99) as f64 / 1000.0,
+    }
+}
+
+async fn serve(rt: &Runtime) -> (ServedEndpoint, EndpointId) {
+    let comp = ComponentId::new("bench", "bus").unwrap();
+    let (actor, _) = Actor::spawn(None, BenchActor, ()).await.unwrap();
+    let inst = rt.component(comp.clone(), serde_json::json!({})).await.unwrap();
+    let served = inst
+        .serve::<BenchReq, Bytes, _>(
+            EndpointName::new("echo").unwrap(),
+            actor,
+            serde_json::json!({}),
+        )
+        .await
+        .unwrap();
+    (served, comp.endpoint("echo").unwrap())
+}
+
+/// Sequential calls of one frame; returns (time to first frame, time to end).
+async fn rpc_latency(rt: &Runtime, ep: &EndpointId, payload: &Bytes, iters: usize) -> (Latency, Latency) {
+    let mut first = Histogram::<u64>::new(3).unwrap();
+    let mut done = Histogram::<u64>::new(3).unwrap();
+    let req = BenchReq {
+        frames: 1,
+        payload: payload.clone(),
+    };
+    for i in 0..iters + iters / 10 {
+        let t = Instant::now();
+        let mut s = rt
+            .client()
+            .call::<_, Bytes>(Target::Any(ep.clone()), &req, CallOptions::default())
+            .await
+            .unwrap();
+        let item = s.next().await.unwrap().unwrap();
+        let t_first = t.elapsed();
+        assert!(s.next().await.is_none());
+        let t_done = t.elapsed();
+        assert_eq!(item.len(), payload.len());
+        if i >= iters / 10 {
+            first.record(t_first.as_nanos() as u64).unwrap();
+            done.record(t_done.as_nanos() as u64).unwrap();
+        }
+    }
+    (latency(&first), latency(&done))
+}
+
+async fn rpc_stream(rt: &Runtime, ep: &EndpointId, payload: &Bytes, frames: usize) -> f64 {
+    let req = BenchReq {
+        frames: frames as u32,
+        payload: payload.clone(),
+    };
+    let t = Instant::now();
+    let mut s = rt
+        .client()
+        .call::<_, Bytes>(Target::Any(ep.clone()), &req, CallOptions::default())
+        .await
+        .unwrap();
+    let mut n = 0;
+    while let Some(item) = s.next().await {
+        item.unwrap();
+        n += 1;
+    }
+    assert_eq!(n, frames);
+    frames as f64 / t.elapsed().as_secs_f64()
+}
+
+async fn raw_nats_latency(url: &str, payload: &Bytes, iters: usize) -> Latency {
+    let responder = async_nats::connect(url).await.unwrap();
+    let mut sub = responder.subscribe("raw.echo").await.unwrap();
+    responder.flush().await.unwrap();
+    let server = tokio::spawn(async move {
+        while let Some(m) = sub.next().await {
+            if let Some(r) = m.reply {
+                responder.publish(r, m.payload).await.unwrap();
+            }
+        }
+    });
+    let client = async_nats::connect(url).await.unwrap();
+    let mut h = Histogram::<u64>::new(3).unwrap();
+    for i in 0..iters + iters / 10 {
+        let t = Instant::now();
+        let r = client.request("raw.echo", payload.clone()).await.unwrap();
+        let took = t.elapsed();
+        assert_eq!(r.payload.len(), payload.len());
+        if i >= iters / 10 {
+            h.record(took.as_nanos() as u64).unwrap();
+        }
+    }
+    server.abort();
+    latency(&h)
+}
+
+async fn raw_nats_stream(url: &str, payload: &Bytes, frames: usize) -> f64 {
+    let publisher = async_nats::connect(url).await.unwrap();
+    let subscriber = async_nats::connect(url).await.unwrap();
+    let mut sub = subscriber.subscribe("raw.stream").await.unwrap();
+    subscriber.flush().await.unwrap();
+    let t = Instant::now();
+    let payload = payload.clone();
+    let pubtask = tokio::spawn(async move {
+        for _ in 0..frames {
+            publisher.publish("raw.stream", payload.clone()).await.unwrap();
+        }
+        publisher.flush().await.unwrap();
+    });
+    for _ in 0..frames {
+        sub.next().await.unwrap();
+    }
+    let rate = frames as f64 / t.elapsed().as_secs_f64();
+    pubtask.await.unwrap();
+    rate
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown cpu".into());
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    format!("{cpu}, {cores} cores")
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let iters = env_or("BENCH_ITERS", 5000);
+    let frames = env_or("BENCH_FRAMES", 100_000);
+    let size = env_or("BENCH_SIZE", 1024);
+    let payload = Bytes::from(vec![0x5a; size]);
+    let settings = RuntimeSettings::default();
+    eprintln!("machine: {}", machine());
+    eprintln!("{iters} sequential round trips and {frames} streamed frames of {size} B per path");
+
+    let server = NatsServer::start().expect("nats-server (run scripts/install-nats.sh)");
+    let url = server.url();
+
+    eprintln!("[1/6] raw async-nats request/reply ...");
+    let raw = raw_nats_latency(&url, &payload, iters).await;
+    eprintln!("[2/6] raw async-nats pub/sub stream ...");
+    let raw_rate = raw_nats_stream(&url, &payload, frames).await;
+
+    let nats_rt = {
+        let bus = NatsBus::connect(&NatsSettings::new(url.clone())).await.unwrap();
+        let disc = NatsDiscovery::connect(bus.client().clone(), settings.discovery.clone())
+            .await
+            .unwrap();
+        Runtime::with(Arc::new(bus), Arc::new(disc) as Arc<dyn Discovery>, settings.clone())
+            .await
+            .unwrap()
+    };
+    let (served_nats, ep) = serve(&nats_rt).await;
+    // The caller on its own connection, as in a real deployment.
+    let nats_caller = {
+        let bus = NatsBus::connect(&NatsSettings::new(url.clone())).await.unwrap();
+        let disc = NatsDiscovery::connect(bus.client().clone(), settings.discovery.clone())
+            .await
+            .unwrap();
+        Runtime::with(Arc::new(bus), Arc::new(disc) as Arc<dyn Discovery>, settings.clone())
+            .await
+            .unwrap()
+    };
+    eprintln!("[3/6] runtime RPC over NATS: latency ...");
+    let (nats_first, nats_done) = rpc_latency(&nats_caller, &ep, &payload, iters).await;
+    eprintln!("[4/6] runtime RPC over NATS: stream ...");
+    let nats_rate = rpc_stream(&nats_caller, &ep, &payload, frames).await;
+
+    let local_bus: Arc<dyn Bus> = Arc::new(LocalBus::new());
+    let local_rt = Runtime::with(local_bus, Arc::new(LocalDiscovery::new()), settings.clone())
+        .await
+        .unwrap();
+    let (served_local, ep_local) = serve(&local_rt).await;
+    eprintln!("[5/6] runtime RPC in-process: latency ...");
+    let (local_first, local_done) = rpc_latency(&local_rt, &ep_local, &payload, iters).await;
+    eprintln!("[6/6] runtime RPC in-process: stream ...");
+    let local_rate = rpc_stream(&local_rt, &ep_local, &payload, frames).await;
+
+    println!("machine: {}", machine());
+    println!("payload {size} B; latency over {iters} sequential calls; stream of {frames} frames\n");
+    println!("| path | p50 us | p99 us | p50 vs raw NATS | p99 vs raw NATS |");
+    println!("|---|---:|---:|---:|---:|");
+    let row = |name: &str, l: &Latency| {
+        println!(
+            "| {name} | {:.1} | {:.1} | {:.2}x | {:.2}x |",
+            l.p50,
+            l.p99,
+            l.p50 / raw.p50,
+            l.p99 / raw.p99
+        )
+    };
+    row("raw async-nats request/reply (reference)", &raw);
+    row("runtime RPC over NATS, first frame", &nats_first);
+    row("runtime RPC over NATS, end of stream", &nats_done);
+    row("runtime RPC in-process, first frame", &local_first);
+    row("runtime RPC in-process, end of stream", &local_done);
+    println!();
+    println!("| stream path | frames/s | vs raw NATS pub/sub |");
+    println!("|---|---:|---:|");
+    println!("| raw async-nats pub/sub (reference) | {raw_rate:.0} | 1.00x |");
+    println!("| runtime RPC stream over NATS | {nats_rate:.0} | {:.2}x |", nats_rate / raw_rate);
+    println!("| runtime RPC stream in-process | {local_rate:.0} | {:.2}x |", local_rate / raw_rate);
+    println!();
+    println!(
+        "targets: NATS path p50 within 1.25x of raw: {:.2}x ({}); in-process at least 10x faster than NATS loopback: {:.1}x ({})",
+        nats_first.p50 / raw.p50,
+        if nats_first.p50 / raw.p50 <= 1.25 { "met" } else { "missed" },
+        raw.p50 / local_first.p50,
+        if raw.p50 / local_first.p50 >= 10.0 { "met" } else { "missed" },
+    );
+    served_nats.shutdown(Duration::from_secs(1)).await;
+    served_local.shutdown(Duration::from_secs(1)).await;
+    nats_rt.close().await;
+    nats_caller.close().await;
+}

@@ -33,6 +33,7 @@ transport_suite!(
     deadline_exceeded_is_typed_and_cancels_the_handler,
     dead_responder_is_detected_within_heartbeat_timeout,
     handler_dropping_its_stream_is_reported,
+    slow_reader_slows_the_responder_without_losing_frames,
     oversize_request_and_response_are_typed_errors,
     overload_is_refused_with_a_typed_error,
     graceful_shutdown_drains_and_refuses_new_work,
@@ -571,6 +572,31 @@ async fn handler_dropping_its_stream_is_reported(h: &Harness) {
         matches!(&err, RpcError::Remote(e) if e.kind == RemoteErrorKind::Internal),
         "{err:?}"
     );
+}
+
+async fn slow_reader_slows_the_responder_without_losing_frames(h: &Harness) {
+    let (_rt, _served, mut observed, ep) = serve_one(h).await;
+    let caller = h.runtime().await;
+    let window = caller.settings().rpc.stream_window as u32;
+    let total = window * 8;
+    let mut s = caller
+        .client()
+        .call::<_, TestResp>(Target::Any(ep), &echo("flood", total, 0), CallOptions::default())
+        .await
+        .unwrap();
+    // Read nothing for a while: the responder must stop at the window, not overflow us.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut expected = 0;
+    while let Some(item) = s.next().await {
+        let item = item.unwrap();
+        assert_eq!(item.index, expected);
+        expected += 1;
+        if expected % 97 == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    assert_eq!(expected, total);
+    assert_eq!(observe(&mut observed, 5).await, Observed::Finished);
 }
 
 async fn oversize_request_and_response_are_typed_errors(h: &Harness) {

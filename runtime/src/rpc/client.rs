@@ -2,10 +2,10 @@
 //!
 //! [`RpcClient`] subscribes once to `_INBOX.{nuid}.*`; each call gets a token and the reply
 //! subject `_INBOX.{nuid}.{token}`. A dispatcher task routes every reply to its call's channel
-//! by token. A call's channel holds [`FRAME_BUFFER`] frames: when a caller stops reading and it
-//! fills, further frames for that call are dropped and the caller gets
-//! `RpcError::Protocol("frames lost")` at the gap (the bus cannot push back on a remote
-//! responder, so losing loudly is the only honest choice). Replies for finished calls are ignored.
+//! by token. A call's channel holds its flow-control window plus a little slack, so a responder
+//! that honours the window never overflows it; one that does not loses frames for that call
+//! only, and the caller gets `RpcError::Protocol("frames lost")` at the gap. Replies for
+//! finished calls are ignored.
 
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,8 +24,8 @@ use super::{RpcError, RpcSettings};
 use crate::bus::{Bus, Headers, Message, Outgoing, Status};
 use crate::subject::{new_inbox, EndpointId, InstanceId, Subject, SubjectPattern};
 
-/// Frames buffered per call before the call loses frames.
-pub const FRAME_BUFFER: usize = 4096;
+/// Frames buffered per call beyond the flow-control window (heartbeats, the final frame).
+const FRAME_SLACK: usize = 64;
 
 /// Header carrying the trace id of the request across the bus.
 pub const TRACE_HEADER: &str = "Dyn-Trace-Id";
@@ -165,13 +165,14 @@ impl RpcClient {
             id,
             timeout_ms: timeout.as_millis().min(u64::MAX as u128) as u64,
             heartbeat_ms: s.heartbeat_interval.as_millis().max(1) as u64,
+            window: s.stream_window,
             body,
         };
         let payload = wire::encode(&envelope).map_err(|e| RpcError::Encode(e.to_string()))?;
         let token = self.inner.next_token.fetch_add(1, Ordering::Relaxed);
         let reply = Subject::parse(format!("{}.{token}", self.inner.inbox))
             .map_err(|e| RpcError::Protocol(e.to_string()))?;
-        let (tx, rx) = mpsc::channel(FRAME_BUFFER);
+        let (tx, rx) = mpsc::channel(s.stream_window as usize + FRAME_SLACK);
         self.inner.pending.insert(token, tx);
         let guard = PendingGuard {
             pending: self.inner.pending.clone(),
@@ -204,6 +205,8 @@ impl RpcClient {
             last_heard: started,
             heartbeat_timeout: s.heartbeat_timeout,
             next_seq: 0,
+            window: s.stream_window,
+            acked: 0,
             responder: None,
             done: false,
         })
@@ -234,6 +237,9 @@ pub struct RawResponseStream {
     last_heard: Instant,
     heartbeat_timeout: Duration,
     next_seq: u64,
+    window: u64,
+    /// Data frames consumed as last acknowledged to the responder.
+    acked: u64,
     responder: Option<InstanceId>,
     done: bool,
 }
@@ -309,9 +315,29 @@ impl RawResponseStream {
             }
             match frame.kind {
                 FrameKind::Heartbeat => continue,
-                FrameKind::Data(b) => return Some(Ok(b)),
+                FrameKind::Data(b) => {
+                    if self.next_seq - self.acked >= self.window / 2 {
+                        self.ack(frame.from).await;
+                    }
+                    return Some(Ok(b));
+                }
                 FrameKind::End => return None,
                 FrameKind::Error(e) => return Some(Err(RpcError::Remote(e))),
+            }
+        }
+    }
+
+    /// Grants the responder another window of frames.
+    async fn ack(&mut self, from: InstanceId) {
+        self.acked = self.next_seq;
+        let msg = Control::Ack {
+            id: self.id,
+            consumed: self.next_seq,
+        };
+        let subject = self.target.endpoint().control_subject(from);
+        if let Ok(payload) = wire::encode(&msg) {
+            if let Err(e) = self.bus.publish(Outgoing::new(subject, payload)).await {
+                tracing::debug!(error = %e, "could not acknowledge frames");
             }
         }
     }

@@ -12,6 +12,11 @@
 //! heartbeat deadline: migrate or retry), `Remote` (the responder said no, with a kind), and
 //! `Protocol` (a malformed or lost frame). Dropping a stream before its end cancels the request:
 //! a control message reaches the responder, whose handler sees its cancellation token fire.
+//!
+//! Flow control: a stream has a window of `rpc.stream_window` data frames. The caller
+//! acknowledges what it consumed (every half window, on the responder's control subject); the
+//! responder's `send` waits while a whole window is unacknowledged. So a slow reader slows its
+//! responder down and no frame is ever dropped for lack of buffer.
 
 mod client;
 pub(crate) mod wire;
@@ -40,6 +45,9 @@ pub struct RpcSettings {
     pub default_timeout: Duration,
     /// Requests one served endpoint runs at once; more are refused as `Overloaded`.
     pub max_inflight: usize,
+    /// Flow control per stream: data frames a responder may send beyond what the caller has
+    /// consumed. A caller that reads slowly slows its responder instead of losing frames.
+    pub stream_window: u64,
 }
 
 impl Default for RpcSettings {
@@ -49,6 +57,7 @@ impl Default for RpcSettings {
             heartbeat_timeout: Duration::from_secs(3),
             default_timeout: Duration::from_secs(600),
             max_inflight: 4096,
+            stream_window: 256,
         }
     }
 }
@@ -63,6 +72,9 @@ impl RpcSettings {
                 "rpc.heartbeat_timeout ({:?}) must be longer than rpc.heartbeat_interval ({:?}); 3x is usual",
                 self.heartbeat_timeout, self.heartbeat_interval
             ));
+        }
+        if self.stream_window < 2 {
+            return Err("rpc.stream_window must be at least 2".into());
         }
         if self.max_inflight == 0 {
             return Err("rpc.max_inflight must be at least 1".into());

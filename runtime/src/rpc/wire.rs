@@ -44,6 +44,10 @@ pub(crate) struct RequestEnvelope {
     pub timeout_ms: u64,
     /// How often the caller wants a heartbeat while nothing else is sent.
     pub heartbeat_ms: u64,
+    /// Flow control: the responder keeps at most this many data frames beyond what the caller
+    /// acknowledged in flight (0: no limit).
+    #[serde(default)]
+    pub window: u64,
     /// The endpoint-specific request, itself MessagePack.
     pub body: Bytes,
 }
@@ -71,6 +75,9 @@ pub(crate) enum FrameKind {
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum Control {
     Cancel { id: RequestId },
+    /// The caller has consumed `consumed` data frames: the responder may send up to
+    /// `consumed + window`.
+    Ack { id: RequestId, consumed: u64 },
 }
 
 /// An error a responder reports, classified by what the caller should do.

@@ -69,13 +69,21 @@ impl EndpointStats {
     }
 }
 
+/// What the control listener changes in an open request: cancellation and flow-control credit.
+pub(crate) struct Flow {
+    pub cancel: CancellationToken,
+    /// Data frames the caller has consumed (acknowledged).
+    pub consumed: AtomicU64,
+    pub credit: Notify,
+}
+
 /// State one served endpoint shares with its open requests.
 pub(crate) struct EndpointShared {
     pub endpoint: EndpointId,
     pub instance: InstanceId,
     pub bus: Arc<dyn Bus>,
     pub stats: EndpointStats,
-    open: DashMap<RequestId, CancellationToken>,
+    open: DashMap<RequestId, Arc<Flow>>,
     drained: Notify,
 }
 
@@ -294,9 +302,15 @@ where
     fn control(&self, m: Message) {
         match wire::decode::<Control>(&m.payload) {
             Ok(Control::Cancel { id }) => {
-                if let Some(token) = self.shared.open.get(&id) {
+                if let Some(flow) = self.shared.open.get(&id) {
                     tracing::debug!(%id, "cancelled by caller");
-                    token.cancel();
+                    flow.cancel.cancel();
+                }
+            }
+            Ok(Control::Ack { id, consumed }) => {
+                if let Some(flow) = self.shared.open.get(&id) {
+                    flow.consumed.fetch_max(consumed, Ordering::Relaxed);
+                    flow.credit.notify_waiters();
                 }
             }
             Err(e) => bad_input(
@@ -374,13 +388,19 @@ where
         self.shared.stats.requests.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("dynamo_runtime_requests_total", "endpoint" => self.shared.label())
             .increment(1);
-        let cancel = CancellationToken::new();
-        self.shared.open.insert(env.id, cancel.clone());
+        let flow = Arc::new(Flow {
+            cancel: CancellationToken::new(),
+            consumed: AtomicU64::new(0),
+            credit: Notify::new(),
+        });
+        self.shared.open.insert(env.id, flow.clone());
         let open = Arc::new(reply::Open {
             id: env.id,
             reply,
             endpoint: self.shared.clone(),
-            cancel,
+            cancel: flow.cancel.clone(),
+            flow,
+            window: env.window,
             started: Instant::now(),
             last_sent_ms: AtomicU64::new(0),
         });
@@ -477,7 +497,7 @@ impl ServedEndpoint {
             Err(_) => {
                 let n = self.shared.open.len();
                 for entry in self.shared.open.iter() {
-                    entry.value().cancel();
+                    entry.value().cancel.cancel();
                 }
                 n
             }
@@ -499,7 +519,7 @@ impl Drop for ServedEndpoint {
         if self.task.is_some() {
             self.stop.cancel();
             for entry in self.shared.open.iter() {
-                entry.value().cancel();
+                entry.value().cancel.cancel();
             }
             self.service.remove_endpoint(&self.shared.endpoint);
         }

@@ -78,12 +78,32 @@ pub(super) struct Open {
     pub reply: Subject,
     pub endpoint: Arc<EndpointShared>,
     pub cancel: CancellationToken,
+    pub flow: Arc<super::Flow>,
+    /// Data frames allowed beyond what the caller consumed (0: unlimited).
+    pub window: u64,
     pub started: Instant,
     /// Milliseconds since `started` when the last frame went out.
     pub last_sent_ms: AtomicU64,
 }
 
 impl Open {
+    /// Waits until the caller's window allows data frame `seq`; fails once cancelled.
+    async fn credit_for(&self, seq: u64) -> Result<(), ReplyError> {
+        if self.window == 0 {
+            return Ok(());
+        }
+        loop {
+            let granted = self.flow.credit.notified();
+            if seq < self.flow.consumed.load(Ordering::Relaxed) + self.window {
+                return Ok(());
+            }
+            tokio::select! {
+                _ = granted => {}
+                _ = self.cancel.cancelled() => return Err(ReplyError::Cancelled),
+            }
+        }
+    }
+
     fn touch(&self) {
         self.last_sent_ms
             .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
@@ -147,12 +167,14 @@ impl<Resp: Serialize> ReplySender<Resp> {
         self.open.cancel.is_cancelled()
     }
 
-    /// Sends one response. An error means the stream is over: stop producing.
+    /// Sends one response; waits while the caller's flow-control window is full. An error means
+    /// the stream is over: stop producing.
     pub async fn send(&mut self, item: &Resp) -> Result<(), ReplyError> {
         if self.ended || self.open.cancel.is_cancelled() {
             return Err(ReplyError::Cancelled);
         }
         let body = wire::encode(item).map_err(|e| ReplyError::Encode(e.to_string()))?;
+        self.open.credit_for(self.seq).await?;
         match self.open.publish(self.seq, FrameKind::Data(body)).await {
             Ok(()) => {
                 self.seq += 1;
@@ -242,8 +264,8 @@ fn spawn_heartbeats(open: Arc<Open>, done: CancellationToken, deadline: Instant,
                     break;
                 }
                 _ = tick.tick() => {
-                    let since = open.started.elapsed().as_millis() as u64
-                        - open.last_sent_ms.load(Ordering::Relaxed);
+                    let since = (open.started.elapsed().as_millis() as u64)
+                        .saturating_sub(open.last_sent_ms.load(Ordering::Relaxed));
                     if since + every_ms / 10 >= every_ms {
                         let _ = open.publish(0, FrameKind::Heartbeat).await;
                     }
