@@ -46,6 +46,7 @@ pub fn settings() -> RuntimeSettings {
             heartbeat_timeout: Duration::from_millis(500),
             default_timeout: Duration::from_secs(20),
             max_inflight: 64,
+            stream_window: 32,
         },
         discovery: DiscoverySettings {
             lease: Duration::from_secs(2),
