@@ -83,6 +83,9 @@ pub(crate) struct EndpointShared {
     pub instance: InstanceId,
     pub bus: Arc<dyn Bus>,
     pub stats: EndpointStats,
+    /// Metric handles, resolved once (labels: the endpoint path, from validated names).
+    requests_total: metrics::Counter,
+    overloaded_total: metrics::Counter,
     open: DashMap<RequestId, Arc<Flow>>,
     drained: Notify,
 }
@@ -100,9 +103,6 @@ impl EndpointShared {
         }
     }
 
-    fn label(&self) -> String {
-        self.endpoint.to_string()
-    }
 }
 
 /// One running instance of a component in this process: owns an [`InstanceId`] and answers
@@ -176,6 +176,8 @@ impl ComponentInstance {
             instance: self.id,
             bus: self.bus.clone(),
             stats: EndpointStats::default(),
+            requests_total: metrics::counter!("dynamo_runtime_requests_total", "endpoint" => endpoint.to_string()),
+            overloaded_total: metrics::counter!("dynamo_runtime_overloaded_total", "endpoint" => endpoint.to_string()),
             open: DashMap::new(),
             drained: Notify::new(),
         });
@@ -374,8 +376,7 @@ where
             .await;
         }
         if self.shared.open.len() >= self.settings.max_inflight {
-            metrics::counter!("dynamo_runtime_overloaded_total", "endpoint" => self.shared.label())
-                .increment(1);
+            self.shared.overloaded_total.increment(1);
             return refuse(
                 RemoteErrorKind::Overloaded,
                 format!(
@@ -386,8 +387,7 @@ where
             .await;
         }
         self.shared.stats.requests.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("dynamo_runtime_requests_total", "endpoint" => self.shared.label())
-            .increment(1);
+        self.shared.requests_total.increment(1);
         let flow = Arc::new(Flow {
             cancel: CancellationToken::new(),
             consumed: AtomicU64::new(0),
