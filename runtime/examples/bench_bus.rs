@@ -63,7 +63,9 @@ impl Actor for BenchActor {
         msg: BenchMsg,
         _: &mut (),
     ) -> Result<(), ActorProcessingErr> {
-        let BenchMsg::Req(Request { body, mut reply, .. }) = msg;
+        let BenchMsg::Req(Request {
+            body, mut reply, ..
+        }) = msg;
         tokio::spawn(async move {
             for _ in 0..body.frames {
                 if reply.send(&body.payload).await.is_err() {
@@ -98,7 +100,10 @@ fn latency(h: &Histogram<u64>) -> Latency {
 async fn serve(rt: &Runtime) -> (ServedEndpoint, EndpointId) {
     let comp = ComponentId::new("bench", "bus").unwrap();
     let (actor, _) = Actor::spawn(None, BenchActor, ()).await.unwrap();
-    let inst = rt.component(comp.clone(), serde_json::json!({})).await.unwrap();
+    let inst = rt
+        .component(comp.clone(), serde_json::json!({}))
+        .await
+        .unwrap();
     let served = inst
         .serve::<BenchReq, Bytes, _>(
             EndpointName::new("echo").unwrap(),
@@ -111,7 +116,12 @@ async fn serve(rt: &Runtime) -> (ServedEndpoint, EndpointId) {
 }
 
 /// Sequential calls of one frame; returns (time to first frame, time to end).
-async fn rpc_latency(rt: &Runtime, ep: &EndpointId, payload: &Bytes, iters: usize) -> (Latency, Latency) {
+async fn rpc_latency(
+    rt: &Runtime,
+    ep: &EndpointId,
+    payload: &Bytes,
+    iters: usize,
+) -> (Latency, Latency) {
     let mut first = Histogram::<u64>::new(3).unwrap();
     let mut done = Histogram::<u64>::new(3).unwrap();
     let req = BenchReq {
@@ -160,14 +170,25 @@ async fn rpc_stream(rt: &Runtime, ep: &EndpointId, payload: &Bytes, frames: usiz
 
 /// Transport only, through the `Bus` trait: a responder echoes each message to its reply
 /// subject; the caller waits on one long-lived inbox subscription.
-async fn bus_latency(caller: Arc<dyn Bus>, responder: Arc<dyn Bus>, payload: &Bytes, iters: usize) -> Latency {
+async fn bus_latency(
+    caller: Arc<dyn Bus>,
+    responder: Arc<dyn Bus>,
+    payload: &Bytes,
+    iters: usize,
+) -> Latency {
     let subject = Subject::parse("bench.bus.echo").unwrap();
-    let mut sub = responder.subscribe(subject.clone().into(), None).await.unwrap();
+    let mut sub = responder
+        .subscribe(subject.clone().into(), None)
+        .await
+        .unwrap();
     responder.flush().await.unwrap();
     let server = tokio::spawn(async move {
         while let Some(m) = sub.next().await {
             if let Some(r) = m.reply {
-                responder.publish(Outgoing::new(r, m.payload)).await.unwrap();
+                responder
+                    .publish(Outgoing::new(r, m.payload))
+                    .await
+                    .unwrap();
             }
         }
     });
@@ -227,7 +248,10 @@ async fn raw_nats_stream(url: &str, payload: &Bytes, frames: usize) -> f64 {
     let payload = payload.clone();
     let pubtask = tokio::spawn(async move {
         for _ in 0..frames {
-            publisher.publish("raw.stream", payload.clone()).await.unwrap();
+            publisher
+                .publish("raw.stream", payload.clone())
+                .await
+                .unwrap();
         }
         publisher.flush().await.unwrap();
     });
@@ -248,7 +272,9 @@ fn machine() -> String {
                 .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
         })
         .unwrap_or_else(|| "unknown cpu".into());
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     format!("{cpu}, {cores} cores")
 }
 
@@ -271,24 +297,36 @@ async fn main() {
     let raw_rate = raw_nats_stream(&url, &payload, frames).await;
 
     let nats_rt = {
-        let bus = NatsBus::connect(&NatsSettings::new(url.clone())).await.unwrap();
+        let bus = NatsBus::connect(&NatsSettings::new(url.clone()))
+            .await
+            .unwrap();
         let disc = NatsDiscovery::connect(bus.client().clone(), settings.discovery.clone())
             .await
             .unwrap();
-        Runtime::with(Arc::new(bus), Arc::new(disc) as Arc<dyn Discovery>, settings.clone())
-            .await
-            .unwrap()
+        Runtime::with(
+            Arc::new(bus),
+            Arc::new(disc) as Arc<dyn Discovery>,
+            settings.clone(),
+        )
+        .await
+        .unwrap()
     };
     let (served_nats, ep) = serve(&nats_rt).await;
     // The caller on its own connection, as in a real deployment.
     let nats_caller = {
-        let bus = NatsBus::connect(&NatsSettings::new(url.clone())).await.unwrap();
+        let bus = NatsBus::connect(&NatsSettings::new(url.clone()))
+            .await
+            .unwrap();
         let disc = NatsDiscovery::connect(bus.client().clone(), settings.discovery.clone())
             .await
             .unwrap();
-        Runtime::with(Arc::new(bus), Arc::new(disc) as Arc<dyn Discovery>, settings.clone())
-            .await
-            .unwrap()
+        Runtime::with(
+            Arc::new(bus),
+            Arc::new(disc) as Arc<dyn Discovery>,
+            settings.clone(),
+        )
+        .await
+        .unwrap()
     };
     eprintln!("[3/8] runtime RPC over NATS: latency ...");
     let (nats_first, nats_done) = rpc_latency(&nats_caller, &ep, &payload, iters).await;
@@ -309,13 +347,27 @@ async fn main() {
     let nats_bus = |url: String| async move {
         Arc::new(NatsBus::connect(&NatsSettings::new(url)).await.unwrap()) as Arc<dyn Bus>
     };
-    let bus_nats = bus_latency(nats_bus(url.clone()).await, nats_bus(url.clone()).await, &payload, iters).await;
+    let bus_nats = bus_latency(
+        nats_bus(url.clone()).await,
+        nats_bus(url.clone()).await,
+        &payload,
+        iters,
+    )
+    .await;
     eprintln!("[8/8] Bus trait request/reply in-process (transport only) ...");
     let local_only = LocalBus::new();
-    let bus_local = bus_latency(Arc::new(local_only.clone()), Arc::new(local_only), &payload, iters).await;
+    let bus_local = bus_latency(
+        Arc::new(local_only.clone()),
+        Arc::new(local_only),
+        &payload,
+        iters,
+    )
+    .await;
 
     println!("machine: {}", machine());
-    println!("payload {size} B; latency over {iters} sequential calls; stream of {frames} frames\n");
+    println!(
+        "payload {size} B; latency over {iters} sequential calls; stream of {frames} frames\n"
+    );
     println!("| path | p50 us | p99 us | p50 vs raw NATS | p99 vs raw NATS |");
     println!("|---|---:|---:|---:|---:|");
     let row = |name: &str, l: &Latency| {
@@ -338,8 +390,14 @@ async fn main() {
     println!("| stream path | frames/s | vs raw NATS pub/sub |");
     println!("|---|---:|---:|");
     println!("| raw async-nats pub/sub (reference) | {raw_rate:.0} | 1.00x |");
-    println!("| runtime RPC stream over NATS | {nats_rate:.0} | {:.2}x |", nats_rate / raw_rate);
-    println!("| runtime RPC stream in-process | {local_rate:.0} | {:.2}x |", local_rate / raw_rate);
+    println!(
+        "| runtime RPC stream over NATS | {nats_rate:.0} | {:.2}x |",
+        nats_rate / raw_rate
+    );
+    println!(
+        "| runtime RPC stream in-process | {local_rate:.0} | {:.2}x |",
+        local_rate / raw_rate
+    );
     println!();
     let verdict = |ok: bool| if ok { "met" } else { "missed" };
     println!(

@@ -131,6 +131,13 @@ mod tests {
         });
     }
 
+    #[test]
+    fn the_shipped_settings_file_states_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/runtime.yaml");
+        let from_file: RuntimeSettings = Figment::from(Yaml::file(&path)).extract().unwrap();
+        assert_eq!(from_file, RuntimeSettings::default());
+    }
+
     #[allow(clippy::result_large_err)]
     #[test]
     fn bad_values_are_refused_with_the_key() {

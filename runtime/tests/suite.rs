@@ -28,6 +28,7 @@ transport_suite!(
     streaming_call_through_queue_group_and_instance_subject,
     remote_errors_are_typed,
     bad_input_gets_typed_errors_and_serving_continues,
+    malformed_frames_are_a_typed_error_for_the_caller,
     caller_cancellation_reaches_the_handler,
     cancel_before_first_frame_reaches_the_handler,
     deadline_exceeded_is_typed_and_cancels_the_handler,
@@ -455,6 +456,40 @@ async fn bad_input_gets_typed_errors_and_serving_continues(h: &Harness) {
     assert_eq!(items.len(), 2);
 }
 
+async fn malformed_frames_are_a_typed_error_for_the_caller(h: &Harness) {
+    // A rogue responder on an endpoint subject answers with garbage.
+    let rogue = h.bus().await;
+    let ep = ComponentId::new("test", "rogue")
+        .unwrap()
+        .endpoint("generate")
+        .unwrap();
+    let mut sub = rogue.subscribe(ep.subject().into(), None).await.unwrap();
+    rogue.flush().await.unwrap();
+    tokio::spawn(async move {
+        while let Some(m) = sub.next().await {
+            let reply = m.reply.unwrap();
+            rogue
+                .publish(Outgoing::new(
+                    reply,
+                    Bytes::from_static(b"\xc1 never valid msgpack"),
+                ))
+                .await
+                .unwrap();
+            rogue.flush().await.unwrap();
+        }
+    });
+    let caller = h.runtime().await;
+    let err = caller
+        .client()
+        .call::<_, TestResp>(Target::Any(ep), &echo("x", 1, 0), CallOptions::default())
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RpcError::Protocol(_)), "{err:?}");
+}
+
 async fn caller_cancellation_reaches_the_handler(h: &Harness) {
     let (_rt, _served, mut observed, ep) = serve_one(h).await;
     let caller = h.runtime().await;
@@ -581,7 +616,11 @@ async fn slow_reader_slows_the_responder_without_losing_frames(h: &Harness) {
     let total = window * 8;
     let mut s = caller
         .client()
-        .call::<_, TestResp>(Target::Any(ep), &echo("flood", total, 0), CallOptions::default())
+        .call::<_, TestResp>(
+            Target::Any(ep),
+            &echo("flood", total, 0),
+            CallOptions::default(),
+        )
         .await
         .unwrap();
     // Read nothing for a while: the responder must stop at the window, not overflow us.

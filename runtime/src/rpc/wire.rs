@@ -74,10 +74,15 @@ pub(crate) enum FrameKind {
 /// What a caller sends to a responder's control subject.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum Control {
-    Cancel { id: RequestId },
+    Cancel {
+        id: RequestId,
+    },
     /// The caller has consumed `consumed` data frames: the responder may send up to
     /// `consumed + window`.
-    Ack { id: RequestId, consumed: u64 },
+    Ack {
+        id: RequestId,
+        consumed: u64,
+    },
 }
 
 /// An error a responder reports, classified by what the caller should do.

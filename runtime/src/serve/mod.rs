@@ -102,7 +102,6 @@ impl EndpointShared {
             self.drained.notify_waiters();
         }
     }
-
 }
 
 /// One running instance of a component in this process: owns an [`InstanceId`] and answers
