@@ -3,12 +3,10 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dynamo_protocols::echo::{EchoChunk, EchoRequest};
-use dynamo_runtime::bus::{NatsBus, NatsSettings};
-use dynamo_runtime::discovery::{Discovery, DiscoveryEvent, DiscoverySettings, NatsDiscovery};
+use dynamo_runtime::discovery::{DiscoveryEvent, DiscoverySettings};
 use dynamo_runtime::subject::ComponentId;
 use dynamo_runtime::testing::NatsServer;
 use dynamo_runtime::{CallOptions, Runtime, RuntimeSettings, Target};
@@ -86,17 +84,10 @@ async fn client(server: &NatsServer) -> Runtime {
         },
         ..Default::default()
     };
-    let bus = NatsBus::connect(&NatsSettings::new(server.url()))
-        .await
-        .unwrap();
-    let disc = NatsDiscovery::connect(bus.client().clone(), settings.discovery.clone())
-        .await
-        .unwrap();
-    Runtime::with(
-        Arc::new(bus),
-        Arc::new(disc) as Arc<dyn Discovery>,
-        settings,
-    )
+    Runtime::start(RuntimeSettings {
+        bus: Some(server.url()),
+        ..settings
+    })
     .await
     .unwrap()
 }

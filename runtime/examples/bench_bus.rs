@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use dynamo_runtime::bus::{Bus, LocalBus, NatsBus, NatsSettings, Outgoing};
-use dynamo_runtime::discovery::{Discovery, LocalDiscovery, NatsDiscovery};
+use dynamo_runtime::discovery::LocalDiscovery;
 use dynamo_runtime::subject::{ComponentId, EndpointId, EndpointName, Subject};
 use dynamo_runtime::testing::NatsServer;
 use dynamo_runtime::{CallOptions, Request, Runtime, RuntimeSettings, ServedEndpoint, Target};
@@ -263,6 +263,16 @@ async fn raw_nats_stream(url: &str, payload: &Bytes, frames: usize) -> f64 {
     rate
 }
 
+/// A runtime on its own NATS connection, as a separate process would have.
+async fn nats_runtime(url: &str, settings: &RuntimeSettings) -> Runtime {
+    Runtime::start(RuntimeSettings {
+        bus: Some(url.to_string()),
+        ..settings.clone()
+    })
+    .await
+    .unwrap()
+}
+
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -296,38 +306,10 @@ async fn main() {
     eprintln!("[2/8] raw async-nats pub/sub stream ...");
     let raw_rate = raw_nats_stream(&url, &payload, frames).await;
 
-    let nats_rt = {
-        let bus = NatsBus::connect(&NatsSettings::new(url.clone()))
-            .await
-            .unwrap();
-        let disc = NatsDiscovery::connect(bus.client().clone(), settings.discovery.clone())
-            .await
-            .unwrap();
-        Runtime::with(
-            Arc::new(bus),
-            Arc::new(disc) as Arc<dyn Discovery>,
-            settings.clone(),
-        )
-        .await
-        .unwrap()
-    };
+    let nats_rt = nats_runtime(&url, &settings).await;
     let (served_nats, ep) = serve(&nats_rt).await;
     // The caller on its own connection, as in a real deployment.
-    let nats_caller = {
-        let bus = NatsBus::connect(&NatsSettings::new(url.clone()))
-            .await
-            .unwrap();
-        let disc = NatsDiscovery::connect(bus.client().clone(), settings.discovery.clone())
-            .await
-            .unwrap();
-        Runtime::with(
-            Arc::new(bus),
-            Arc::new(disc) as Arc<dyn Discovery>,
-            settings.clone(),
-        )
-        .await
-        .unwrap()
-    };
+    let nats_caller = nats_runtime(&url, &settings).await;
     eprintln!("[3/8] runtime RPC over NATS: latency ...");
     let (nats_first, nats_done) = rpc_latency(&nats_caller, &ep, &payload, iters).await;
     eprintln!("[4/8] runtime RPC over NATS: stream ...");

@@ -44,6 +44,20 @@ transport_suite!(
 
 const SECOND: Duration = Duration::from_secs(1);
 
+/// Makes a call and reads it to the end.
+async fn call_all(
+    caller: &dynamo_runtime::Runtime,
+    target: Target,
+    req: &impl serde::Serialize,
+) -> Result<Vec<TestResp>, RpcError> {
+    caller
+        .client()
+        .call::<_, TestResp>(target, req, CallOptions::default())
+        .await?
+        .collect()
+        .await
+}
+
 fn subj(s: &str) -> Subject {
     Subject::parse(s).unwrap()
 }
@@ -280,16 +294,7 @@ async fn streaming_call_through_queue_group_and_instance_subject(h: &Harness) {
         .unwrap();
     let ep = comp.endpoint("generate").unwrap();
 
-    let items: Vec<TestResp> = caller
-        .client()
-        .call(
-            Target::Any(ep.clone()),
-            &echo("hi", 5, 0),
-            CallOptions::default(),
-        )
-        .await
-        .unwrap()
-        .collect()
+    let items: Vec<TestResp> = call_all(&caller, Target::Any(ep.clone()), &echo("hi", 5, 0))
         .await
         .unwrap();
     assert_eq!(items.len(), 5);
@@ -368,20 +373,15 @@ async fn serve_one(
 async fn remote_errors_are_typed(h: &Harness) {
     let (_rt, _served, _obs, ep) = serve_one(h).await;
     let caller = h.runtime().await;
-    let err = caller
-        .client()
-        .call::<_, TestResp>(
-            Target::Any(ep),
-            &TestReq::Fail {
-                message: "boom".into(),
-            },
-            CallOptions::default(),
-        )
-        .await
-        .unwrap()
-        .collect()
-        .await
-        .unwrap_err();
+    let err = call_all(
+        &caller,
+        Target::Any(ep),
+        &TestReq::Fail {
+            message: "boom".into(),
+        },
+    )
+    .await
+    .unwrap_err();
     match err {
         RpcError::Remote(e) => {
             assert_eq!(e.kind, RemoteErrorKind::Internal);
@@ -395,20 +395,15 @@ async fn bad_input_gets_typed_errors_and_serving_continues(h: &Harness) {
     let (_rt, _served, _obs, ep) = serve_one(h).await;
     let caller = h.runtime().await;
     // A request of a type the endpoint does not take.
-    let err = caller
-        .client()
-        .call::<_, TestResp>(
-            Target::Any(ep.clone()),
-            &OtherReq {
-                unexpected: vec![1, 2],
-            },
-            CallOptions::default(),
-        )
-        .await
-        .unwrap()
-        .collect()
-        .await
-        .unwrap_err();
+    let err = call_all(
+        &caller,
+        Target::Any(ep.clone()),
+        &OtherReq {
+            unexpected: vec![1, 2],
+        },
+    )
+    .await
+    .unwrap_err();
     assert!(
         matches!(&err, RpcError::Remote(e) if e.kind == RemoteErrorKind::BadRequest),
         "{err:?}"
@@ -441,16 +436,7 @@ async fn bad_input_gets_typed_errors_and_serving_continues(h: &Harness) {
     .unwrap();
     bus.flush().await.unwrap();
     // The endpoint still serves.
-    let items: Vec<TestResp> = caller
-        .client()
-        .call(
-            Target::Any(ep),
-            &echo("still here", 2, 0),
-            CallOptions::default(),
-        )
-        .await
-        .unwrap()
-        .collect()
+    let items: Vec<TestResp> = call_all(&caller, Target::Any(ep), &echo("still here", 2, 0))
         .await
         .unwrap();
     assert_eq!(items.len(), 2);
@@ -479,12 +465,7 @@ async fn malformed_frames_are_a_typed_error_for_the_caller(h: &Harness) {
         }
     });
     let caller = h.runtime().await;
-    let err = caller
-        .client()
-        .call::<_, TestResp>(Target::Any(ep), &echo("x", 1, 0), CallOptions::default())
-        .await
-        .unwrap()
-        .collect()
+    let err = call_all(&caller, Target::Any(ep), &echo("x", 1, 0))
         .await
         .unwrap_err();
     assert!(matches!(err, RpcError::Protocol(_)), "{err:?}");
@@ -650,35 +631,22 @@ async fn oversize_request_and_response_are_typed_errors(h: &Harness) {
         .err()
         .expect("refused before sending");
     assert!(matches!(err, RpcError::PayloadTooLarge { .. }), "{err:?}");
-    let err = caller
-        .client()
-        .call::<_, TestResp>(
-            Target::Any(ep.clone()),
-            &TestReq::Big { size: max + 10 },
-            CallOptions::default(),
-        )
-        .await
-        .unwrap()
-        .collect()
-        .await
-        .unwrap_err();
+    let err = call_all(
+        &caller,
+        Target::Any(ep.clone()),
+        &TestReq::Big { size: max + 10 },
+    )
+    .await
+    .unwrap_err();
     assert!(
         matches!(&err, RpcError::Remote(e) if e.kind == RemoteErrorKind::ResponseTooLarge),
         "{err:?}"
     );
     // Just under the limit works.
-    let items: Vec<TestResp> = caller
-        .client()
-        .call(
-            Target::Any(ep),
-            &TestReq::Big { size: max - 1024 },
-            CallOptions::default(),
-        )
-        .await
-        .unwrap()
-        .collect()
-        .await
-        .unwrap();
+    let items: Vec<TestResp> =
+        call_all(&caller, Target::Any(ep), &TestReq::Big { size: max - 1024 })
+            .await
+            .unwrap();
     assert_eq!(items[0].text.len(), max - 1024);
 }
 
@@ -716,16 +684,7 @@ async fn overload_is_refused_with_a_typed_error(h: &Harness) {
         assert!(s.next().await.unwrap().is_ok());
         open.push(s);
     }
-    let err = caller
-        .client()
-        .call::<_, TestResp>(
-            Target::Any(ep),
-            &echo("one more", 1, 0),
-            CallOptions::default(),
-        )
-        .await
-        .unwrap()
-        .collect()
+    let err = call_all(&caller, Target::Any(ep), &echo("one more", 1, 0))
         .await
         .unwrap_err();
     assert!(
@@ -767,16 +726,7 @@ async fn graceful_shutdown_drains_and_refuses_new_work(h: &Harness) {
     );
     // New work is not taken.
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let err = caller
-        .client()
-        .call::<_, TestResp>(
-            Target::Any(ep.clone()),
-            &echo("late", 1, 0),
-            CallOptions::default(),
-        )
-        .await
-        .unwrap()
-        .collect()
+    let err = call_all(&caller, Target::Any(ep.clone()), &echo("late", 1, 0))
         .await
         .unwrap_err();
     assert!(matches!(err, RpcError::NoResponders { .. }), "{err:?}");
@@ -810,16 +760,7 @@ async fn service_protocol_lists_endpoints_and_counts_requests(h: &Harness) {
     let (_rt, served, _obs, ep) = serve_one(h).await;
     let caller = h.runtime().await;
     for _ in 0..3 {
-        caller
-            .client()
-            .call::<_, TestResp>(
-                Target::Any(ep.clone()),
-                &echo("n", 1, 0),
-                CallOptions::default(),
-            )
-            .await
-            .unwrap()
-            .collect()
+        call_all(&caller, Target::Any(ep.clone()), &echo("n", 1, 0))
             .await
             .unwrap();
     }
@@ -940,12 +881,7 @@ mod nats_only {
             delay_ms: 0,
         };
         assert_eq!(
-            caller
-                .client()
-                .call::<_, TestResp>(Target::Any(ep.clone()), &req, CallOptions::default())
-                .await
-                .unwrap()
-                .collect()
+            call_all(&caller, Target::Any(ep.clone()), &req)
                 .await
                 .unwrap()
                 .len(),
@@ -970,14 +906,7 @@ mod nats_only {
             times: 3,
             delay_ms: 0,
         };
-        let items = caller
-            .client()
-            .call::<_, TestResp>(Target::Any(ep), &req, CallOptions::default())
-            .await
-            .unwrap()
-            .collect()
-            .await
-            .unwrap();
+        let items = call_all(&caller, Target::Any(ep), &req).await.unwrap();
         assert_eq!(
             items.len(),
             3,

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dynamo_runtime::bus::{Bus, LocalBus, NatsBus, NatsSettings};
-use dynamo_runtime::discovery::{Discovery, DiscoverySettings, LocalDiscovery, NatsDiscovery};
+use dynamo_runtime::discovery::{DiscoverySettings, LocalDiscovery};
 use dynamo_runtime::rpc::{RemoteErrorKind, RpcSettings};
 use dynamo_runtime::testing::NatsServer;
 use dynamo_runtime::{Request, Runtime, RuntimeSettings};
@@ -100,17 +100,10 @@ impl Harness {
                 Runtime::with(Arc::new(bus.clone()), Arc::new(disc.handle()), settings).await
             }
             (None, Some(server)) => {
-                let bus = NatsBus::connect(&NatsSettings::new(server.url()))
-                    .await
-                    .expect("connect");
-                let disc = NatsDiscovery::connect(bus.client().clone(), settings.discovery.clone())
-                    .await
-                    .expect("discovery");
-                Runtime::with(
-                    Arc::new(bus),
-                    Arc::new(disc) as Arc<dyn Discovery>,
-                    settings,
-                )
+                Runtime::start(RuntimeSettings {
+                    bus: Some(server.url()),
+                    ..settings
+                })
                 .await
             }
             _ => unreachable!(),
