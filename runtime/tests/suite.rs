@@ -353,21 +353,9 @@ async fn serve_one(
     dynamo_runtime::EndpointId,
 ) {
     let rt = h.runtime().await;
-    let comp = ComponentId::new("test", "echo").unwrap();
-    let (actor, observed) = spawn_actor().await;
-    let inst = rt
-        .component(comp.clone(), serde_json::json!({"role": "test"}))
-        .await
-        .unwrap();
-    let served = inst
-        .serve::<TestReq, TestResp, _>(
-            EndpointName::new("generate").unwrap(),
-            actor,
-            serde_json::json!({"card": 1}),
-        )
-        .await
-        .unwrap();
-    (rt, served, observed, comp.endpoint("generate").unwrap())
+    let (served, observed) = common::serve_test_actor(&rt, "echo").await;
+    let ep = served.endpoint().clone();
+    (rt, served, observed, ep)
 }
 
 async fn remote_errors_are_typed(h: &Harness) {
@@ -654,21 +642,8 @@ async fn overload_is_refused_with_a_typed_error(h: &Harness) {
     let mut settings = common::settings();
     settings.rpc.max_inflight = 2;
     let rt = h.runtime_with(settings).await;
-    let comp = ComponentId::new("test", "small").unwrap();
-    let (actor, _obs) = spawn_actor().await;
-    let inst = rt
-        .component(comp.clone(), serde_json::json!({}))
-        .await
-        .unwrap();
-    let _served = inst
-        .serve::<TestReq, TestResp, _>(
-            EndpointName::new("generate").unwrap(),
-            actor,
-            serde_json::json!({}),
-        )
-        .await
-        .unwrap();
-    let ep = comp.endpoint("generate").unwrap();
+    let (served, _obs) = common::serve_test_actor(&rt, "small").await;
+    let ep = served.endpoint().clone();
     let caller = h.runtime().await;
     let mut open = Vec::new();
     for _ in 0..2 {
@@ -853,27 +828,14 @@ async fn discovery_watch_sees_joins_and_leaves(h: &Harness) {
 /// NATS-only behaviour: a server restart does not drop registrations or subscriptions.
 mod nats_only {
     use super::*;
-    use common::{spawn_actor, TestReq, TestResp};
+    use common::TestReq;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn registrations_and_endpoints_survive_a_server_restart() {
         let mut h = Harness::nats().await;
         let rt = h.runtime().await;
-        let comp = ComponentId::new("test", "echo").unwrap();
-        let (actor, _obs) = spawn_actor().await;
-        let inst = rt
-            .component(comp.clone(), serde_json::json!({}))
-            .await
-            .unwrap();
-        let served = inst
-            .serve::<TestReq, TestResp, _>(
-                EndpointName::new("generate").unwrap(),
-                actor,
-                serde_json::json!({}),
-            )
-            .await
-            .unwrap();
-        let ep = comp.endpoint("generate").unwrap();
+        let (served, _obs) = common::serve_test_actor(&rt, "echo").await;
+        let ep = served.endpoint().clone();
         let caller = h.runtime().await;
         let req = TestReq::Echo {
             text: "before".into(),

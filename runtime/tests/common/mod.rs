@@ -6,8 +6,9 @@ use std::time::Duration;
 use dynamo_runtime::bus::{Bus, LocalBus, NatsBus, NatsSettings};
 use dynamo_runtime::discovery::{DiscoverySettings, LocalDiscovery};
 use dynamo_runtime::rpc::{RemoteErrorKind, RpcSettings};
+use dynamo_runtime::subject::{ComponentId, EndpointName};
 use dynamo_runtime::testing::NatsServer;
-use dynamo_runtime::{Request, Runtime, RuntimeSettings};
+use dynamo_runtime::{Request, Runtime, RuntimeSettings, ServedEndpoint};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -269,6 +270,28 @@ pub async fn spawn_actor() -> (ActorRef<TestMsg>, mpsc::UnboundedReceiver<Observ
         .await
         .expect("spawn actor");
     (actor, rx)
+}
+
+/// Serves a test actor on `test.{component}.generate` in `rt` (metadata `{"card": 1}`).
+pub async fn serve_test_actor(
+    rt: &Runtime,
+    component: &str,
+) -> (ServedEndpoint, mpsc::UnboundedReceiver<Observed>) {
+    let comp = ComponentId::new("test", component).unwrap();
+    let (actor, observed) = spawn_actor().await;
+    let inst = rt
+        .component(comp, serde_json::json!({"role": "test"}))
+        .await
+        .unwrap();
+    let served = inst
+        .serve::<TestReq, TestResp, _>(
+            EndpointName::new("generate").unwrap(),
+            actor,
+            serde_json::json!({"card": 1}),
+        )
+        .await
+        .unwrap();
+    (served, observed)
 }
 
 /// Waits for the next observation, failing the test after `secs`.
