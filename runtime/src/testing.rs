@@ -116,6 +116,14 @@ impl NatsServer {
         self.kill();
         self.spawn()
     }
+
+    /// Starts the server again on the same port with an empty store: every stream and
+    /// key-value bucket is gone, as after a restart of a server without persistent storage.
+    pub fn restart_empty(&mut self) -> io::Result<()> {
+        self.kill();
+        self.store = tempfile::tempdir()?;
+        self.spawn()
+    }
 }
 
 impl Drop for NatsServer {

@@ -832,6 +832,15 @@ mod nats_only {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn registrations_and_endpoints_survive_a_server_restart() {
+        survives_restart(false).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn registrations_come_back_after_a_restart_that_lost_the_store() {
+        survives_restart(true).await;
+    }
+
+    async fn survives_restart(empty_store: bool) {
         let mut h = Harness::nats().await;
         let rt = h.runtime().await;
         let (served, _obs) = common::serve_test_actor(&rt, "echo").await;
@@ -850,8 +859,14 @@ mod nats_only {
             1
         );
 
-        // Restart the server with the same store; clients reconnect by themselves.
-        h.nats.as_mut().unwrap().restart().unwrap();
+        // Restart the server; clients reconnect by themselves. With an empty store the
+        // discovery bucket is gone too, and the next lease refresh re-creates it.
+        let server = h.nats.as_mut().unwrap();
+        if empty_store {
+            server.restart_empty().unwrap();
+        } else {
+            server.restart().unwrap();
+        }
 
         // Wait for the reconnect, then for more than one lease: a dropped registration would be gone.
         let lease = rt.discovery().lease();
