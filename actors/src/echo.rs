@@ -13,6 +13,7 @@ use dynamo_runtime::serve::{DrainReport, ServeError};
 use dynamo_runtime::subject::EndpointName;
 use dynamo_runtime::{ComponentInstance, Request, ServedEndpoint};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tracing::Instrument;
 
 /// The endpoint name the echo role serves.
 pub const ENDPOINT: &str = "generate";
@@ -50,7 +51,8 @@ impl Actor for EchoActor {
         _state: &mut (),
     ) -> Result<(), ActorProcessingErr> {
         let EchoMsg::Generate(req) = msg;
-        tokio::spawn(run(req));
+        let span = req.ctx.span().clone();
+        tokio::spawn(run(req).instrument(span));
         Ok(())
     }
 }

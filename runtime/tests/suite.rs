@@ -27,6 +27,7 @@ transport_suite!(
     dropping_a_subscription_unsubscribes,
     streaming_call_through_queue_group_and_instance_subject,
     remote_errors_are_typed,
+    request_and_trace_ids_reach_the_handler,
     bad_input_gets_typed_errors_and_serving_continues,
     malformed_frames_are_a_typed_error_for_the_caller,
     caller_cancellation_reaches_the_handler,
@@ -356,6 +357,32 @@ async fn serve_one(
     let (served, observed) = common::serve_test_actor(&rt, "echo").await;
     let ep = served.endpoint().clone();
     (rt, served, observed, ep)
+}
+
+async fn request_and_trace_ids_reach_the_handler(h: &Harness) {
+    let (_rt, _served, _obs, ep) = serve_one(h).await;
+    let caller = h.runtime().await;
+    let id = dynamo_runtime::rpc::RequestId::new();
+    let opts = CallOptions {
+        request_id: Some(id),
+        trace_id: Some("trace-abc".into()),
+        ..Default::default()
+    };
+    let items: Vec<TestResp> = caller
+        .client()
+        .call(Target::Any(ep.clone()), &TestReq::Whoami, opts)
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    assert_eq!(items[0].text, format!("trace-abc/{id}"));
+    // Without a trace id, the request id stands in for it.
+    let items = call_all(&caller, Target::Any(ep), &TestReq::Whoami)
+        .await
+        .unwrap();
+    let (trace, id) = items[0].text.split_once('/').unwrap();
+    assert_eq!(trace, id);
 }
 
 async fn remote_errors_are_typed(h: &Harness) {

@@ -179,9 +179,11 @@ impl RpcClient {
             token,
         };
         let mut headers = Headers::new();
-        if let Some(trace) = options.trace_id {
-            headers.insert(TRACE_HEADER, trace);
-        }
+        // Without a trace id of its own, a request is traced by its id.
+        headers.insert(
+            TRACE_HEADER,
+            options.trace_id.unwrap_or_else(|| id.to_string()),
+        );
         let subject = target.subject();
         let started = Instant::now();
         self.inner
@@ -262,6 +264,9 @@ impl RawResponseStream {
         let result = self.next_inner().await;
         if !matches!(result, Some(Ok(_))) {
             self.done = true;
+        }
+        if let Some(Err(e)) = &result {
+            metrics::counter!("dynamo_rpc_client_errors_total", "kind" => e.label()).increment(1);
         }
         result
     }

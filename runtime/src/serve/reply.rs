@@ -44,6 +44,7 @@ pub struct RequestContext {
     pub deadline: Instant,
     pub trace_id: Option<String>,
     cancel: CancellationToken,
+    span: tracing::Span,
 }
 
 impl RequestContext {
@@ -55,6 +56,12 @@ impl RequestContext {
 
     pub fn is_cancelled(&self) -> bool {
         self.cancel.is_cancelled()
+    }
+
+    /// The request's span (endpoint, request id, caller's trace id): instrument the handler's
+    /// work with it so its logs carry the ids across tasks.
+    pub fn span(&self) -> &tracing::Span {
+        &self.span
     }
 }
 
@@ -147,11 +154,18 @@ impl<Resp: Serialize> ReplySender<Resp> {
     ) -> (Self, RequestContext) {
         let done = CancellationToken::new();
         spawn_heartbeats(open.clone(), done.clone(), deadline, heartbeat);
+        let span = tracing::info_span!(
+            "request",
+            endpoint = %open.endpoint.endpoint,
+            id = %open.id,
+            trace_id = trace_id.as_deref().unwrap_or(""),
+        );
         let ctx = RequestContext {
             id: open.id,
             deadline,
             trace_id,
             cancel: open.cancel.clone(),
+            span,
         };
         let sender = Self {
             open,

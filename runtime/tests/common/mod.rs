@@ -144,6 +144,8 @@ pub enum TestReq {
     Big { size: usize },
     /// Sends one item, then drops the sender without finishing.
     Drop,
+    /// Answers with the trace id and request id the handler saw, as `trace/id`.
+    Whoami,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -245,6 +247,12 @@ impl Actor for TestActor {
                         text: "x".repeat(size),
                     };
                     if reply.send(&item).await.is_ok() {
+                        let _ = reply.finish().await;
+                    }
+                }
+                TestReq::Whoami => {
+                    let text = format!("{}/{}", ctx.trace_id.clone().unwrap_or_default(), ctx.id);
+                    if reply.send(&TestResp { index: 0, text }).await.is_ok() {
                         let _ = reply.finish().await;
                     }
                 }
