@@ -481,6 +481,30 @@ pub(crate) fn new_inbox() -> Subject {
     Subject(format!("_INBOX.{}", nuid::next()))
 }
 
+/// A multiplexed reply inbox: `_INBOX.{nuid}.{token}` per call, one `_INBOX.{nuid}.*`
+/// subscription for all.
+#[derive(Debug, Clone)]
+pub(crate) struct MuxInbox(Subject);
+
+impl MuxInbox {
+    pub fn new() -> Self {
+        Self(new_inbox())
+    }
+
+    pub fn pattern(&self) -> SubjectPattern {
+        SubjectPattern(format!("{}.*", self.0))
+    }
+
+    pub fn reply(&self, token: u64) -> Subject {
+        Subject(format!("{}.{token}", self.0))
+    }
+
+    /// The token of a reply subject of this inbox.
+    pub fn token(subject: &Subject) -> Option<u64> {
+        subject.last_token().parse().ok()
+    }
+}
+
 fn validate_tokens(value: &str, allow_wildcards: bool) -> Result<(), SubjectError> {
     let err = |reason| SubjectError::InvalidSubject {
         value: value.to_string(),

@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use super::wire::{self, Control, Frame, FrameKind, RequestEnvelope, RequestId};
 use super::{RpcError, RpcSettings};
 use crate::bus::{Bus, Headers, Message, Outgoing, Status};
-use crate::subject::{new_inbox, EndpointId, InstanceId, Subject, SubjectPattern};
+use crate::subject::{EndpointId, InstanceId, MuxInbox, Subject};
 
 /// Frames buffered per call beyond the flow-control window (heartbeats, the final frame).
 const FRAME_SLACK: usize = 64;
@@ -72,7 +72,7 @@ pub struct RpcClient {
 
 struct ClientInner {
     bus: Arc<dyn Bus>,
-    inbox: Subject,
+    inbox: MuxInbox,
     pending: Arc<Pending>,
     next_token: AtomicU64,
     settings: RpcSettings,
@@ -96,15 +96,13 @@ impl std::fmt::Debug for RpcClient {
 impl RpcClient {
     /// Subscribes the client's inbox and starts its dispatcher.
     pub async fn new(bus: Arc<dyn Bus>, settings: RpcSettings) -> Result<Self, RpcError> {
-        let inbox = new_inbox();
-        let pattern = SubjectPattern::parse(format!("{inbox}.*"))
-            .map_err(|e| RpcError::Protocol(format!("cannot build inbox pattern: {e}")))?;
-        let mut sub = bus.subscribe(pattern, None).await?;
+        let inbox = MuxInbox::new();
+        let mut sub = bus.subscribe(inbox.pattern(), None).await?;
         let pending: Arc<Pending> = Arc::new(DashMap::new());
         let routes = pending.clone();
         let dispatcher = tokio::spawn(async move {
             while let Some(msg) = sub.next().await {
-                let Ok(token) = msg.subject.last_token().parse::<u64>() else {
+                let Some(token) = MuxInbox::token(&msg.subject) else {
                     continue;
                 };
                 if let Some(tx) = routes.get(&token) {
@@ -170,20 +168,19 @@ impl RpcClient {
         };
         let payload = wire::encode(&envelope).map_err(|e| RpcError::Encode(e.to_string()))?;
         let token = self.inner.next_token.fetch_add(1, Ordering::Relaxed);
-        let reply = Subject::parse(format!("{}.{token}", self.inner.inbox))
-            .map_err(|e| RpcError::Protocol(e.to_string()))?;
+        let reply = self.inner.inbox.reply(token);
         let (tx, rx) = mpsc::channel(s.stream_window as usize + FRAME_SLACK);
         self.inner.pending.insert(token, tx);
         let guard = PendingGuard {
             pending: self.inner.pending.clone(),
             token,
         };
+        // Without a trace id of its own, the responder traces a request by its id (no header
+        // to build and send on the hot path).
         let mut headers = Headers::new();
-        // Without a trace id of its own, a request is traced by its id.
-        headers.insert(
-            TRACE_HEADER,
-            options.trace_id.unwrap_or_else(|| id.to_string()),
-        );
+        if let Some(trace) = options.trace_id {
+            headers.insert(TRACE_HEADER, trace);
+        }
         let subject = target.subject();
         let started = Instant::now();
         self.inner

@@ -405,7 +405,10 @@ where
         });
         let deadline = Instant::now() + Duration::from_millis(env.timeout_ms);
         let heartbeat = Duration::from_millis(env.heartbeat_ms.max(10));
-        let trace_id = m.headers.get(crate::rpc::TRACE_HEADER).map(str::to_string);
+        let trace_id = m
+            .headers
+            .get(crate::rpc::TRACE_HEADER)
+            .map_or_else(|| env.id.to_string(), str::to_string);
         let (reply, ctx) = ReplySender::<Resp>::open(open, deadline, heartbeat, trace_id);
         if let Err(e) = self.actor.cast(M::from(Request { body, ctx, reply })) {
             // The message (and its ReplySender) came back in the error and was dropped, which

@@ -42,7 +42,8 @@ impl<Req: std::fmt::Debug, Resp> std::fmt::Debug for Request<Req, Resp> {
 pub struct RequestContext {
     pub id: RequestId,
     pub deadline: Instant,
-    pub trace_id: Option<String>,
+    /// The caller's trace id, or the request id when the caller sent none.
+    pub trace_id: String,
     cancel: CancellationToken,
     span: tracing::Span,
 }
@@ -150,7 +151,7 @@ impl<Resp: Serialize> ReplySender<Resp> {
         open: Arc<Open>,
         deadline: Instant,
         heartbeat: Duration,
-        trace_id: Option<String>,
+        trace_id: String,
     ) -> (Self, RequestContext) {
         let done = CancellationToken::new();
         spawn_heartbeats(open.clone(), done.clone(), deadline, heartbeat);
@@ -158,7 +159,7 @@ impl<Resp: Serialize> ReplySender<Resp> {
             "request",
             endpoint = %open.endpoint.endpoint,
             id = %open.id,
-            trace_id = trace_id.as_deref().unwrap_or(""),
+            trace_id = %trace_id,
         );
         let ctx = RequestContext {
             id: open.id,

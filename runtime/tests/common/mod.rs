@@ -6,7 +6,7 @@ use std::time::Duration;
 use dynamo_runtime::bus::{Bus, LocalBus, NatsBus, NatsSettings};
 use dynamo_runtime::discovery::{DiscoverySettings, LocalDiscovery};
 use dynamo_runtime::rpc::{RemoteErrorKind, RpcSettings};
-use dynamo_runtime::subject::{ComponentId, EndpointName};
+use dynamo_runtime::subject::{ComponentId, DiscoveryFilter, EndpointName};
 use dynamo_runtime::testing::NatsServer;
 use dynamo_runtime::{Request, Runtime, RuntimeSettings, ServedEndpoint};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -118,12 +118,23 @@ impl Harness {
         self.runtime_with(settings()).await
     }
 
-    /// Closes every runtime: registrations removed, buses flushed.
+    /// Closes every runtime and asserts a clean shutdown: nothing is left registered.
     pub async fn finish(self) {
         let rts: Vec<Runtime> = std::mem::take(&mut *self.runtimes.lock().unwrap());
         for rt in rts {
             rt.close().await;
         }
+        let observer = self.runtime().await;
+        let left = observer
+            .discovery()
+            .list(&DiscoveryFilter::all())
+            .await
+            .unwrap();
+        assert!(
+            left.is_empty(),
+            "registrations left after shutdown: {left:?}"
+        );
+        observer.close().await;
     }
 }
 
@@ -251,7 +262,7 @@ impl Actor for TestActor {
                     }
                 }
                 TestReq::Whoami => {
-                    let text = format!("{}/{}", ctx.trace_id.clone().unwrap_or_default(), ctx.id);
+                    let text = format!("{}/{}", ctx.trace_id, ctx.id);
                     if reply.send(&TestResp { index: 0, text }).await.is_ok() {
                         let _ = reply.finish().await;
                     }
