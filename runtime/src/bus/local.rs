@@ -16,7 +16,8 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use super::{
-    check_size, Bus, BusError, Headers, Message, Outgoing, Status, Subscription, Transport,
+    check_size, Bus, BusError, HandlerSubscription, Headers, Message, MessageHandler, Outgoing,
+    Status, Subscription, Transport,
 };
 use crate::subject::{pattern_matches, QueueGroup, SubjectPattern};
 
@@ -48,7 +49,12 @@ struct Entry {
     id: u64,
     pattern: String,
     queue: Option<String>,
-    tx: mpsc::Sender<Message>,
+    sink: Sink,
+}
+
+enum Sink {
+    Channel(mpsc::Sender<Message>),
+    Handler(MessageHandler),
 }
 
 impl std::fmt::Debug for LocalBus {
@@ -125,6 +131,38 @@ impl LocalBus {
         }
     }
 
+    fn insert(
+        &self,
+        pattern: SubjectPattern,
+        queue: Option<QueueGroup>,
+        sink: Sink,
+    ) -> Unsubscribe {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let wildcard = pattern.has_wildcards();
+        let entry = Entry {
+            id,
+            pattern: pattern.as_str().to_string(),
+            queue: queue.map(|q| q.as_str().to_string()),
+            sink,
+        };
+        let mut table = self.inner.table.write().unwrap_or_else(|p| p.into_inner());
+        if wildcard {
+            table.wildcard.push(entry);
+        } else {
+            table
+                .exact
+                .entry(pattern.as_str().to_string())
+                .or_default()
+                .push(entry);
+        }
+        Unsubscribe {
+            bus: self.clone(),
+            id,
+            pattern: pattern.as_str().to_string(),
+            wildcard,
+        }
+    }
+
     fn remove(&self, id: u64, pattern: &str, wildcard: bool) {
         let mut table = self.inner.table.write().unwrap_or_else(|p| p.into_inner());
         if wildcard {
@@ -139,7 +177,11 @@ impl LocalBus {
 }
 
 fn send(entry: &Entry, msg: Message) {
-    match entry.tx.try_send(msg) {
+    let tx = match &entry.sink {
+        Sink::Channel(tx) => tx,
+        Sink::Handler(handler) => return handler(msg),
+    };
+    match tx.try_send(msg) {
         Ok(()) => {}
         Err(mpsc::error::TrySendError::Full(_)) => {
             metrics::counter!("dynamo_bus_dropped_messages_total", "transport" => "local")
@@ -192,36 +234,20 @@ impl Bus for LocalBus {
         queue: Option<QueueGroup>,
     ) -> Result<Subscription, BusError> {
         let (tx, rx) = mpsc::channel(self.inner.capacity);
-        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let wildcard = pattern.has_wildcards();
-        let entry = Entry {
-            id,
-            pattern: pattern.as_str().to_string(),
-            queue: queue.map(|q| q.as_str().to_string()),
-            tx,
-        };
-        {
-            let mut table = self.inner.table.write().unwrap_or_else(|p| p.into_inner());
-            if wildcard {
-                table.wildcard.push(entry);
-            } else {
-                table
-                    .exact
-                    .entry(pattern.as_str().to_string())
-                    .or_default()
-                    .push(entry);
-            }
-        }
-        let guard = Unsubscribe {
-            bus: self.clone(),
-            id,
-            pattern: pattern.as_str().to_string(),
-            wildcard,
-        };
+        let guard = self.insert(pattern, queue, Sink::Channel(tx));
         let stream = futures::stream::unfold((rx, guard), |(mut rx, guard)| async move {
             rx.recv().await.map(|m| (m, (rx, guard)))
         });
         Ok(Subscription::new(stream))
+    }
+
+    async fn subscribe_handler(
+        &self,
+        pattern: SubjectPattern,
+        handler: MessageHandler,
+    ) -> Result<HandlerSubscription, BusError> {
+        let guard = self.insert(pattern, None, Sink::Handler(handler));
+        Ok(HandlerSubscription::new(guard))
     }
 
     async fn flush(&self) -> Result<(), BusError> {

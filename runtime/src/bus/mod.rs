@@ -20,6 +20,7 @@ mod nats;
 
 use std::fmt;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use async_trait::async_trait;
@@ -204,6 +205,38 @@ impl fmt::Debug for Subscription {
     }
 }
 
+/// Called with each message of a handler subscription, in order. It must be quick and must
+/// not block or await: on the in-process bus it runs inline in the publisher's task.
+pub type MessageHandler = Arc<dyn Fn(Message) + Send + Sync>;
+
+/// A handler subscription; dropping it unsubscribes.
+pub struct HandlerSubscription {
+    _guard: Box<dyn Send + Sync>,
+}
+
+impl HandlerSubscription {
+    pub(crate) fn new(guard: impl Send + Sync + 'static) -> Self {
+        Self {
+            _guard: Box::new(guard),
+        }
+    }
+}
+
+impl fmt::Debug for HandlerSubscription {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("HandlerSubscription")
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// A message bus. Object-safe: roles hold an `Arc<dyn Bus>` and never know which transport.
 #[async_trait]
 pub trait Bus: Send + Sync + fmt::Debug + 'static {
@@ -222,6 +255,23 @@ pub trait Bus: Send + Sync + fmt::Debug + 'static {
         pattern: SubjectPattern,
         queue: Option<QueueGroup>,
     ) -> Result<Subscription, BusError>;
+
+    /// Subscribes a handler instead of a stream: for fan-out points (the RPC reply inbox) where
+    /// a task of their own would cost every message a task hop. On the in-process bus the
+    /// handler runs inline in the publisher; elsewhere in a task that reads the subscription.
+    async fn subscribe_handler(
+        &self,
+        pattern: SubjectPattern,
+        handler: MessageHandler,
+    ) -> Result<HandlerSubscription, BusError> {
+        let mut sub = self.subscribe(pattern, None).await?;
+        let task = tokio::spawn(async move {
+            while let Some(m) = sub.next().await {
+                handler(m);
+            }
+        });
+        Ok(HandlerSubscription::new(AbortOnDrop(task.abort_handle())))
+    }
 
     /// Waits until everything published so far has reached the server.
     async fn flush(&self) -> Result<(), BusError>;

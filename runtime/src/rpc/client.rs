@@ -21,7 +21,7 @@ use tokio::time::Instant;
 
 use super::wire::{self, Control, Frame, FrameKind, RequestEnvelope, RequestId};
 use super::{RpcError, RpcSettings};
-use crate::bus::{Bus, Headers, Message, Outgoing, Status};
+use crate::bus::{Bus, HandlerSubscription, Headers, Message, MessageHandler, Outgoing, Status};
 use crate::subject::{EndpointId, InstanceId, MuxInbox, Subject};
 
 /// Frames buffered per call beyond the flow-control window (heartbeats, the final frame).
@@ -76,13 +76,7 @@ struct ClientInner {
     pending: Arc<Pending>,
     next_token: AtomicU64,
     settings: RpcSettings,
-    dispatcher: tokio::task::AbortHandle,
-}
-
-impl Drop for ClientInner {
-    fn drop(&mut self) {
-        self.dispatcher.abort();
-    }
+    _subscription: HandlerSubscription,
 }
 
 impl std::fmt::Debug for RpcClient {
@@ -97,21 +91,18 @@ impl RpcClient {
     /// Subscribes the client's inbox and starts its dispatcher.
     pub async fn new(bus: Arc<dyn Bus>, settings: RpcSettings) -> Result<Self, RpcError> {
         let inbox = MuxInbox::new();
-        let mut sub = bus.subscribe(inbox.pattern(), None).await?;
         let pending: Arc<Pending> = Arc::new(DashMap::new());
         let routes = pending.clone();
-        let dispatcher = tokio::spawn(async move {
-            while let Some(msg) = sub.next().await {
-                let Some(token) = MuxInbox::token(&msg.subject) else {
-                    continue;
-                };
-                if let Some(tx) = routes.get(&token) {
-                    // Full: the caller is not reading; the gap is reported at the stream.
-                    let _ = tx.try_send(msg);
-                }
+        let route: MessageHandler = Arc::new(move |msg: Message| {
+            let Some(token) = MuxInbox::token(&msg.subject) else {
+                return;
+            };
+            if let Some(tx) = routes.get(&token) {
+                // Full: the responder ignored the window; the gap is reported at the stream.
+                let _ = tx.try_send(msg);
             }
-        })
-        .abort_handle();
+        });
+        let subscription = bus.subscribe_handler(inbox.pattern(), route).await?;
         Ok(Self {
             inner: Arc::new(ClientInner {
                 bus,
@@ -119,7 +110,7 @@ impl RpcClient {
                 pending,
                 next_token: AtomicU64::new(1),
                 settings,
-                dispatcher,
+                _subscription: subscription,
             }),
         })
     }
