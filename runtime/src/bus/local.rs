@@ -244,9 +244,10 @@ impl Bus for LocalBus {
     async fn subscribe_handler(
         &self,
         pattern: SubjectPattern,
+        queue: Option<QueueGroup>,
         handler: MessageHandler,
     ) -> Result<HandlerSubscription, BusError> {
-        let guard = self.insert(pattern, None, Sink::Handler(handler));
+        let guard = self.insert(pattern, queue, Sink::Handler(handler));
         Ok(HandlerSubscription::new(guard))
     }
 

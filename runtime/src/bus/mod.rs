@@ -205,8 +205,9 @@ impl fmt::Debug for Subscription {
     }
 }
 
-/// Called with each message of a handler subscription, in order. It must be quick and must
-/// not block or await: on the in-process bus it runs inline in the publisher's task.
+/// Called with each message of a handler subscription, in order. It must be quick, must not
+/// block, and must not use the bus itself (spawn a task to publish): on the in-process bus it
+/// runs inline in the publisher's task, under the subscription table's read lock.
 pub type MessageHandler = Arc<dyn Fn(Message) + Send + Sync>;
 
 /// A handler subscription; dropping it unsubscribes.
@@ -262,9 +263,10 @@ pub trait Bus: Send + Sync + fmt::Debug + 'static {
     async fn subscribe_handler(
         &self,
         pattern: SubjectPattern,
+        queue: Option<QueueGroup>,
         handler: MessageHandler,
     ) -> Result<HandlerSubscription, BusError> {
-        let mut sub = self.subscribe(pattern, None).await?;
+        let mut sub = self.subscribe(pattern, queue).await?;
         let task = tokio::spawn(async move {
             while let Some(m) = sub.next().await {
                 handler(m);

@@ -102,7 +102,7 @@ impl RpcClient {
                 let _ = tx.try_send(msg);
             }
         });
-        let subscription = bus.subscribe_handler(inbox.pattern(), route).await?;
+        let subscription = bus.subscribe_handler(inbox.pattern(), None, route).await?;
         Ok(Self {
             inner: Arc::new(ClientInner {
                 bus,
