@@ -2,7 +2,9 @@
 //! in-process and NATS transports, next to raw `async-nats` on the same server in the same run.
 //!
 //! Run with `scripts/bench-bus` (release build; starts its own nats-server).
-//! Options (env): `BENCH_ITERS` (sequential round trips, default 5000), `BENCH_FRAMES`
+//! Latency paths take turns in `BENCH_ROUNDS` rounds (default 5) so that machine noise falls on
+//! all of them alike. Options (env): `BENCH_ITERS` (sequential round trips per path over all
+//! rounds, default 5000), `BENCH_FRAMES`
 //! (frames streamed per throughput run, default 100000), `BENCH_SIZE` (payload bytes, 1024).
 
 use std::sync::Arc;
@@ -121,9 +123,9 @@ async fn rpc_latency(
     ep: &EndpointId,
     payload: &Bytes,
     iters: usize,
-) -> (Latency, Latency) {
-    let mut first = Histogram::<u64>::new(3).unwrap();
-    let mut done = Histogram::<u64>::new(3).unwrap();
+    first: &mut Histogram<u64>,
+    done: &mut Histogram<u64>,
+) {
     let req = BenchReq {
         frames: 1,
         payload: payload.clone(),
@@ -145,7 +147,6 @@ async fn rpc_latency(
             done.record(t_done.as_nanos() as u64).unwrap();
         }
     }
-    (latency(&first), latency(&done))
 }
 
 async fn rpc_stream(rt: &Runtime, ep: &EndpointId, payload: &Bytes, frames: usize) -> f64 {
@@ -175,7 +176,8 @@ async fn bus_latency(
     responder: Arc<dyn Bus>,
     payload: &Bytes,
     iters: usize,
-) -> Latency {
+    h: &mut Histogram<u64>,
+) {
     let subject = Subject::parse("bench.bus.echo").unwrap();
     let mut sub = responder
         .subscribe(subject.clone().into(), None)
@@ -195,7 +197,6 @@ async fn bus_latency(
     let inbox = Subject::parse("_INBOX.bench.bus").unwrap();
     let mut replies = caller.subscribe(inbox.clone().into(), None).await.unwrap();
     caller.flush().await.unwrap();
-    let mut h = Histogram::<u64>::new(3).unwrap();
     for i in 0..iters + iters / 10 {
         let t = Instant::now();
         caller
@@ -210,10 +211,9 @@ async fn bus_latency(
         }
     }
     server.abort();
-    latency(&h)
 }
 
-async fn raw_nats_latency(url: &str, payload: &Bytes, iters: usize) -> Latency {
+async fn raw_nats_latency(url: &str, payload: &Bytes, iters: usize, h: &mut Histogram<u64>) {
     let responder = async_nats::connect(url).await.unwrap();
     let mut sub = responder.subscribe("raw.echo").await.unwrap();
     responder.flush().await.unwrap();
@@ -225,7 +225,6 @@ async fn raw_nats_latency(url: &str, payload: &Bytes, iters: usize) -> Latency {
         }
     });
     let client = async_nats::connect(url).await.unwrap();
-    let mut h = Histogram::<u64>::new(3).unwrap();
     for i in 0..iters + iters / 10 {
         let t = Instant::now();
         let r = client.request("raw.echo", payload.clone()).await.unwrap();
@@ -236,7 +235,6 @@ async fn raw_nats_latency(url: &str, payload: &Bytes, iters: usize) -> Latency {
         }
     }
     server.abort();
-    latency(&h)
 }
 
 async fn raw_nats_stream(url: &str, payload: &Bytes, frames: usize) -> f64 {
@@ -293,6 +291,7 @@ async fn main() {
     let iters = env_or("BENCH_ITERS", 5000);
     let frames = env_or("BENCH_FRAMES", 100_000);
     let size = env_or("BENCH_SIZE", 1024);
+    let rounds = env_or("BENCH_ROUNDS", 5).max(1);
     let payload = Bytes::from(vec![0x5a; size]);
     let settings = RuntimeSettings::default();
     eprintln!("machine: {}", machine());
@@ -301,54 +300,68 @@ async fn main() {
     let server = NatsServer::start().expect("nats-server (run scripts/install-nats.sh)");
     let url = server.url();
 
-    eprintln!("[1/8] raw async-nats request/reply ...");
-    let raw = raw_nats_latency(&url, &payload, iters).await;
-    eprintln!("[2/8] raw async-nats pub/sub stream ...");
-    let raw_rate = raw_nats_stream(&url, &payload, frames).await;
-
     let nats_rt = nats_runtime(&url, &settings).await;
     let (served_nats, ep) = serve(&nats_rt).await;
     // The caller on its own connection, as in a real deployment.
     let nats_caller = nats_runtime(&url, &settings).await;
-    eprintln!("[3/8] runtime RPC over NATS: latency ...");
-    let (nats_first, nats_done) = rpc_latency(&nats_caller, &ep, &payload, iters).await;
-    eprintln!("[4/8] runtime RPC over NATS: stream ...");
-    let nats_rate = rpc_stream(&nats_caller, &ep, &payload, frames).await;
-
     let local_bus: Arc<dyn Bus> = Arc::new(LocalBus::new());
     let local_rt = Runtime::with(local_bus, Arc::new(LocalDiscovery::new()), settings.clone())
         .await
         .unwrap();
     let (served_local, ep_local) = serve(&local_rt).await;
-    eprintln!("[5/8] runtime RPC in-process: latency ...");
-    let (local_first, local_done) = rpc_latency(&local_rt, &ep_local, &payload, iters).await;
-    eprintln!("[6/8] runtime RPC in-process: stream ...");
-    let local_rate = rpc_stream(&local_rt, &ep_local, &payload, frames).await;
-
-    eprintln!("[7/8] Bus trait request/reply over NATS (transport only) ...");
     let nats_bus = |url: String| async move {
         Arc::new(NatsBus::connect(&NatsSettings::new(url)).await.unwrap()) as Arc<dyn Bus>
     };
-    let bus_nats = bus_latency(
-        nats_bus(url.clone()).await,
-        nats_bus(url.clone()).await,
-        &payload,
-        iters,
-    )
-    .await;
-    eprintln!("[8/8] Bus trait request/reply in-process (transport only) ...");
     let local_only = LocalBus::new();
-    let bus_local = bus_latency(
-        Arc::new(local_only.clone()),
-        Arc::new(local_only),
-        &payload,
-        iters,
-    )
-    .await;
+
+    // Latency: the paths take turns, round by round, so machine noise falls on all alike.
+    let new_h = || Histogram::<u64>::new(3).unwrap();
+    let (mut raw_h, mut bus_nats_h, mut bus_local_h) = (new_h(), new_h(), new_h());
+    let (mut nats_first_h, mut nats_done_h, mut local_first_h, mut local_done_h) =
+        (new_h(), new_h(), new_h(), new_h());
+    let per_round = (iters / rounds).max(1);
+    for round in 1..=rounds {
+        eprintln!("latency round {round}/{rounds} ({per_round} calls per path) ...");
+        raw_nats_latency(&url, &payload, per_round, &mut raw_h).await;
+        let (c, r) = (nats_bus(url.clone()).await, nats_bus(url.clone()).await);
+        bus_latency(c, r, &payload, per_round, &mut bus_nats_h).await;
+        let (c, r) = (Arc::new(local_only.clone()), Arc::new(local_only.clone()));
+        bus_latency(c, r, &payload, per_round, &mut bus_local_h).await;
+        rpc_latency(
+            &nats_caller,
+            &ep,
+            &payload,
+            per_round,
+            &mut nats_first_h,
+            &mut nats_done_h,
+        )
+        .await;
+        rpc_latency(
+            &local_rt,
+            &ep_local,
+            &payload,
+            per_round,
+            &mut local_first_h,
+            &mut local_done_h,
+        )
+        .await;
+    }
+    let raw = latency(&raw_h);
+    let bus_nats = latency(&bus_nats_h);
+    let bus_local = latency(&bus_local_h);
+    let (nats_first, nats_done) = (latency(&nats_first_h), latency(&nats_done_h));
+    let (local_first, local_done) = (latency(&local_first_h), latency(&local_done_h));
+
+    eprintln!("stream: raw async-nats pub/sub ...");
+    let raw_rate = raw_nats_stream(&url, &payload, frames).await;
+    eprintln!("stream: runtime RPC over NATS ...");
+    let nats_rate = rpc_stream(&nats_caller, &ep, &payload, frames).await;
+    eprintln!("stream: runtime RPC in-process ...");
+    let local_rate = rpc_stream(&local_rt, &ep_local, &payload, frames).await;
 
     println!("machine: {}", machine());
     println!(
-        "payload {size} B; latency over {iters} sequential calls; stream of {frames} frames\n"
+        "payload {size} B; latency over {iters} sequential calls per path in {rounds} interleaved rounds; stream of {frames} frames\n"
     );
     println!("| path | p50 us | p99 us | p50 vs raw NATS | p99 vs raw NATS |");
     println!("|---|---:|---:|---:|---:|");
