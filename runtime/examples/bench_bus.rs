@@ -88,6 +88,25 @@ impl Actor for BenchActor {
     }
 }
 
+/// Every call of the benchmark fails loudly after 10 s instead of waiting out the default
+/// deadline.
+fn call_options() -> CallOptions {
+    CallOptions {
+        timeout: Some(STALL),
+        ..Default::default()
+    }
+}
+
+/// How long any single wait of the benchmark may take before it reports a stall.
+const STALL: Duration = Duration::from_secs(10);
+
+/// Awaits `fut`, panicking with `what` if it takes longer than [`STALL`].
+async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(STALL, fut)
+        .await
+        .unwrap_or_else(|_| panic!("stalled: {what} took over {STALL:?}"))
+}
+
 fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
@@ -142,7 +161,7 @@ async fn rpc_latency(
         let t = Instant::now();
         let mut s = rt
             .client()
-            .call::<_, Bytes>(Target::Any(ep.clone()), &req, CallOptions::default())
+            .call::<_, Bytes>(Target::Any(ep.clone()), &req, call_options())
             .await
             .unwrap();
         let item = s.next().await.unwrap().unwrap();
@@ -165,7 +184,7 @@ async fn rpc_stream(rt: &Runtime, ep: &EndpointId, payload: &Bytes, frames: usiz
     let t = Instant::now();
     let mut s = rt
         .client()
-        .call::<_, Bytes>(Target::Any(ep.clone()), &req, CallOptions::default())
+        .call::<_, Bytes>(Target::Any(ep.clone()), &req, call_options())
         .await
         .unwrap();
     let mut n = 0;
@@ -186,7 +205,9 @@ async fn bus_latency(
     iters: usize,
     h: &mut Histogram<u64>,
 ) {
-    let subject = Subject::parse("bench.bus.echo").unwrap();
+    // Fresh subjects per run, so no earlier responder or inbox can ever interfere.
+    let run = next_run();
+    let subject = Subject::parse(format!("bench.bus.echo.{run}")).unwrap();
     let mut sub = responder
         .subscribe(subject.clone().into(), None)
         .await
@@ -202,7 +223,7 @@ async fn bus_latency(
             }
         }
     });
-    let inbox = Subject::parse("_INBOX.bench.bus").unwrap();
+    let inbox = Subject::parse(format!("_INBOX.bench.{run}")).unwrap();
     let mut replies = caller.subscribe(inbox.clone().into(), None).await.unwrap();
     caller.flush().await.unwrap();
     for i in 0..iters + iters / 10 {
@@ -211,7 +232,7 @@ async fn bus_latency(
             .publish(Outgoing::new(subject.clone(), payload.clone()).with_reply(inbox.clone()))
             .await
             .unwrap();
-        let r = replies.next().await.unwrap();
+        let r = within("bus reply", replies.next()).await.unwrap();
         let took = t.elapsed();
         assert_eq!(r.payload.len(), payload.len());
         if i >= iters / 10 {
@@ -262,7 +283,7 @@ async fn raw_nats_stream(url: &str, payload: &Bytes, frames: usize) -> f64 {
         publisher.flush().await.unwrap();
     });
     for _ in 0..frames {
-        sub.next().await.unwrap();
+        within("raw pub/sub frame", sub.next()).await.unwrap();
     }
     let rate = frames as f64 / t.elapsed().as_secs_f64();
     pubtask.await.unwrap();
@@ -277,6 +298,12 @@ async fn nats_runtime(url: &str, settings: &RuntimeSettings) -> Runtime {
     })
     .await
     .unwrap()
+}
+
+fn next_run() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static RUN: AtomicU64 = AtomicU64::new(0);
+    RUN.fetch_add(1, Ordering::Relaxed)
 }
 
 fn machine() -> String {
