@@ -234,7 +234,14 @@ async fn bus_latency(
             .unwrap();
         let r = within("bus reply", replies.next()).await.unwrap();
         let took = t.elapsed();
-        assert_eq!(r.payload.len(), payload.len());
+        assert_eq!(
+            r.payload.len(),
+            payload.len(),
+            "{:?} on {} (caller {:?})",
+            r.status,
+            r.subject,
+            caller.transport()
+        );
         if i >= iters / 10 {
             h.record(took.as_nanos() as u64).unwrap();
         }

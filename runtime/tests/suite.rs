@@ -19,6 +19,7 @@ use dynamo_runtime::{CallOptions, Target};
 
 transport_suite!(
     publish_reaches_exact_and_wildcard_subscribers,
+    flush_makes_subscriptions_visible_to_other_connections,
     queue_group_delivers_each_message_to_one_member,
     messages_arrive_in_publish_order,
     request_streams_every_reply,
@@ -57,6 +58,19 @@ async fn call_all(
         .await?
         .collect()
         .await
+}
+
+/// Subscribes on a connection of its own and waits until the subscription is visible to
+/// every other connection.
+async fn subscribe_elsewhere(
+    h: &Harness,
+    pattern: &str,
+    queue: Option<dynamo_runtime::subject::QueueGroup>,
+) -> dynamo_runtime::bus::Subscription {
+    let bus = h.bus().await;
+    let sub = bus.subscribe(pat(pattern), queue).await.unwrap();
+    bus.flush().await.unwrap();
+    sub
 }
 
 fn subj(s: &str) -> Subject {
@@ -98,18 +112,37 @@ async fn publish_reaches_exact_and_wildcard_subscribers(h: &Harness) {
     );
 }
 
+async fn flush_makes_subscriptions_visible_to_other_connections(h: &Harness) {
+    let caller = h.bus().await;
+    for i in 0..200 {
+        let subject = format!("fresh.{i}");
+        let responder = h.bus().await;
+        let mut sub = responder.subscribe(pat(&subject), None).await.unwrap();
+        responder.flush().await.unwrap();
+        // Right after the flush, a request from another connection must find the subscriber.
+        let asked = caller.request(subj(&subject), Headers::new(), Bytes::new(), SECOND);
+        let answer = async {
+            let Ok(Some(m)) = tokio::time::timeout(SECOND, sub.next()).await else {
+                return;
+            };
+            responder
+                .publish(Outgoing::new(m.reply.unwrap(), Bytes::from_static(b"here")))
+                .await
+                .unwrap();
+            responder.flush().await.unwrap();
+        };
+        let (asked, ()) = tokio::join!(asked, answer);
+        let mut replies = asked.unwrap_or_else(|e| panic!("attempt {i}: {e}"));
+        assert_eq!(&replies.next().await.unwrap().payload[..], b"here");
+    }
+}
+
 async fn queue_group_delivers_each_message_to_one_member(h: &Harness) {
     let bus = h.bus().await;
     let q = dynamo_runtime::subject::QueueGroup::new("workers").unwrap();
-    let mut a = h
-        .bus()
-        .await
-        .subscribe(pat("jobs"), Some(q.clone()))
-        .await
-        .unwrap();
-    let mut b = h.bus().await.subscribe(pat("jobs"), Some(q)).await.unwrap();
-    let mut all = h.bus().await.subscribe(pat("jobs"), None).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await; // subscriptions on other connections
+    let mut a = subscribe_elsewhere(h, "jobs", Some(q.clone())).await;
+    let mut b = subscribe_elsewhere(h, "jobs", Some(q)).await;
+    let mut all = subscribe_elsewhere(h, "jobs", None).await;
     const N: usize = 200;
     for i in 0..N {
         bus.publish(Outgoing::new(subj("jobs"), Bytes::from(i.to_string())))
@@ -142,8 +175,7 @@ async fn queue_group_delivers_each_message_to_one_member(h: &Harness) {
 
 async fn messages_arrive_in_publish_order(h: &Harness) {
     let bus = h.bus().await;
-    let mut sub = h.bus().await.subscribe(pat("ordered"), None).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut sub = subscribe_elsewhere(h, "ordered", None).await;
     for i in 0u32..2000 {
         bus.publish(Outgoing::new(
             subj("ordered"),
@@ -197,13 +229,7 @@ async fn request_streams_every_reply(h: &Harness) {
 async fn request_without_responders_is_a_typed_error(h: &Harness) {
     let bus = h.bus().await;
     // Someone listens but never answers: a timeout, not a hang.
-    let _mute = h
-        .bus()
-        .await
-        .subscribe(pat("mute.svc"), None)
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let _mute = subscribe_elsewhere(h, "mute.svc", None).await;
     let err = bus
         .request(
             subj("mute.svc"),
@@ -229,8 +255,7 @@ async fn oversize_payload_is_refused_before_sending(h: &Harness) {
         1024 * 1024,
         "both transports default to nats-server's 1 MiB"
     );
-    let mut sub = h.bus().await.subscribe(pat("big"), None).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut sub = subscribe_elsewhere(h, "big", None).await;
     let err = bus
         .publish(Outgoing::new(subj("big"), Bytes::from(vec![0u8; max + 1])))
         .await

@@ -275,7 +275,8 @@ pub trait Bus: Send + Sync + fmt::Debug + 'static {
         Ok(HandlerSubscription::new(AbortOnDrop(task.abort_handle())))
     }
 
-    /// Waits until everything published so far has reached the server.
+    /// Waits until the bus has processed everything this connection sent so far: after it,
+    /// this connection's subscriptions are visible to every other publisher.
     async fn flush(&self) -> Result<(), BusError>;
 
     /// Sends a request and returns the stream of every reply to it, once the first reply came

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use async_nats::{HeaderMap, StatusCode};
 use async_trait::async_trait;
+use bytes::Bytes;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
@@ -194,10 +195,20 @@ impl Bus for NatsBus {
         Ok(Subscription::new(sub.map(from_nats)))
     }
 
+    /// Waits until the server has processed everything sent so far. `async_nats::Client::flush`
+    /// only empties the socket buffer; a subscription is not yet visible to other connections
+    /// then. So this ends with a round trip the server answers at once: a request to a subject
+    /// nobody listens on, which it answers "no responders" after everything before it.
     async fn flush(&self) -> Result<(), BusError> {
-        self.client
-            .flush()
+        let barrier = crate::subject::new_inbox();
+        match self
+            .client
+            .request(barrier.as_str().to_string(), Bytes::new())
             .await
-            .map_err(|e| BusError::Connection(e.to_string()))
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => Ok(()),
+            Err(e) => Err(BusError::Connection(format!("flush failed: {e}"))),
+        }
     }
 }

@@ -21,8 +21,11 @@ use tokio::time::Instant;
 
 use super::wire::{self, Control, Frame, FrameKind, RequestEnvelope, RequestId};
 use super::{RpcError, RpcSettings};
-use crate::bus::{Bus, HandlerSubscription, Headers, Message, MessageHandler, Outgoing, Status};
-use crate::subject::{EndpointId, InstanceId, MuxInbox, Subject};
+use crate::bus::{
+    Bus, HandlerSubscription, Headers, Message, MessageHandler, Outgoing, Status, Subscription,
+    Transport,
+};
+use crate::subject::{new_inbox, EndpointId, InstanceId, MuxInbox, Subject, SubjectPattern};
 
 /// Frames buffered per call beyond the flow-control window (heartbeats, the final frame).
 const FRAME_SLACK: usize = 64;
@@ -158,13 +161,27 @@ impl RpcClient {
             body,
         };
         let payload = wire::encode(&envelope).map_err(|e| RpcError::Encode(e.to_string()))?;
-        let token = self.inner.next_token.fetch_add(1, Ordering::Relaxed);
-        let reply = self.inner.inbox.reply(token);
-        let (tx, rx) = mpsc::channel(s.stream_window as usize + FRAME_SLACK);
-        self.inner.pending.insert(token, tx);
-        let guard = PendingGuard {
-            pending: self.inner.pending.clone(),
-            token,
+        let (reply, replies) = if self.inner.bus.transport() == Transport::Nats {
+            // On NATS a subscription per call lets the client's connection task hand replies
+            // straight to this call (SUB and UNSUB are pipelined, no round trip), one task
+            // hop fewer than a shared inbox plus dispatcher.
+            let reply = new_inbox();
+            let sub = self
+                .inner
+                .bus
+                .subscribe(SubjectPattern::from(&reply), None)
+                .await?;
+            (reply, Replies::Own(sub))
+        } else {
+            // In process the shared inbox's handler runs inline in the responder's publish.
+            let token = self.inner.next_token.fetch_add(1, Ordering::Relaxed);
+            let (tx, rx) = mpsc::channel(s.stream_window as usize + FRAME_SLACK);
+            self.inner.pending.insert(token, tx);
+            let guard = PendingGuard {
+                pending: self.inner.pending.clone(),
+                token,
+            };
+            (self.inner.inbox.reply(token), Replies::Shared(rx, guard))
         };
         // Without a trace id of its own, the responder traces a request by its id (no header
         // to build and send on the hot path).
@@ -184,8 +201,7 @@ impl RpcClient {
             })
             .await?;
         Ok(RawResponseStream {
-            rx,
-            _guard: guard,
+            replies,
             bus: self.inner.bus.clone(),
             id,
             target,
@@ -214,10 +230,26 @@ impl Drop for PendingGuard {
     }
 }
 
+/// Where a call's replies arrive.
+enum Replies {
+    /// Routed by token from the client's shared inbox (in-process bus).
+    Shared(mpsc::Receiver<Message>, PendingGuard),
+    /// The call's own reply subscription (NATS).
+    Own(Subscription),
+}
+
+impl Replies {
+    async fn recv(&mut self) -> Option<Message> {
+        match self {
+            Replies::Shared(rx, _guard) => rx.recv().await,
+            Replies::Own(sub) => sub.next().await,
+        }
+    }
+}
+
 /// The responses of one call, as raw bytes. Dropping it before the end cancels the request.
 pub struct RawResponseStream {
-    rx: mpsc::Receiver<Message>,
-    _guard: PendingGuard,
+    replies: Replies,
     bus: Arc<dyn Bus>,
     id: RequestId,
     target: Target,
@@ -263,7 +295,7 @@ impl RawResponseStream {
         loop {
             let silent_until = self.last_heard + self.heartbeat_timeout;
             let wake = silent_until.min(self.deadline);
-            let msg = match tokio::time::timeout_at(wake, self.rx.recv()).await {
+            let msg = match tokio::time::timeout_at(wake, self.replies.recv()).await {
                 Ok(Some(m)) => m,
                 Ok(None) => {
                     return Some(Err(RpcError::Protocol("reply inbox closed".into())));
