@@ -1,11 +1,15 @@
-//! The caller side: one multiplexed reply inbox per client, one bounded channel per call.
+//! The caller side.
 //!
-//! [`RpcClient`] subscribes once to `_INBOX.{nuid}.*`; each call gets a token and the reply
-//! subject `_INBOX.{nuid}.{token}`. A dispatcher task routes every reply to its call's channel
-//! by token. A call's channel holds its flow-control window plus a little slack, so a responder
-//! that honours the window never overflows it; one that does not loses frames for that call
-//! only, and the caller gets `RpcError::Protocol("frames lost")` at the gap. Replies for
-//! finished calls are ignored.
+//! Replies reach a call the cheapest way each transport allows. On NATS each call subscribes
+//! its own reply subject, so the connection task delivers frames straight to it. In process
+//! the client subscribes once to `_INBOX.{nuid}.*` with a handler that runs inline in the
+//! responder's publish; each call gets a token, the reply subject `_INBOX.{nuid}.{token}` and
+//! a bounded channel the handler routes to by token.
+//!
+//! A call's channel holds its flow-control window plus a little slack, so a responder that
+//! honours the window never overflows it; one that does not loses frames for that call only,
+//! and the caller gets `RpcError::Protocol("frames lost")` at the gap. Replies for finished
+//! calls are ignored.
 
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -75,24 +79,22 @@ pub struct RpcClient {
 
 struct ClientInner {
     bus: Arc<dyn Bus>,
+    settings: RpcSettings,
+    /// The in-process bus's shared reply inbox; `None` on NATS (a subscription per call).
+    shared: Option<SharedInbox>,
+}
+
+/// One reply inbox for all calls, routed by token: `_INBOX.{nuid}.{token}`. Its handler runs
+/// inline in the responder's publish, so a frame costs no task hop.
+struct SharedInbox {
     inbox: MuxInbox,
     pending: Arc<Pending>,
     next_token: AtomicU64,
-    settings: RpcSettings,
     _subscription: HandlerSubscription,
 }
 
-impl std::fmt::Debug for RpcClient {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RpcClient")
-            .field("inbox", &self.inner.inbox)
-            .finish()
-    }
-}
-
-impl RpcClient {
-    /// Subscribes the client's inbox and starts its dispatcher.
-    pub async fn new(bus: Arc<dyn Bus>, settings: RpcSettings) -> Result<Self, RpcError> {
+impl SharedInbox {
+    async fn subscribe(bus: &Arc<dyn Bus>) -> Result<Self, RpcError> {
         let inbox = MuxInbox::new();
         let pending: Arc<Pending> = Arc::new(DashMap::new());
         let routes = pending.clone();
@@ -107,13 +109,34 @@ impl RpcClient {
         });
         let subscription = bus.subscribe_handler(inbox.pattern(), None, route).await?;
         Ok(Self {
+            inbox,
+            pending,
+            next_token: AtomicU64::new(1),
+            _subscription: subscription,
+        })
+    }
+}
+
+impl std::fmt::Debug for RpcClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RpcClient")
+            .field("transport", &self.inner.bus.transport())
+            .finish()
+    }
+}
+
+impl RpcClient {
+    /// A client on `bus`. On the in-process bus it subscribes its shared reply inbox.
+    pub async fn new(bus: Arc<dyn Bus>, settings: RpcSettings) -> Result<Self, RpcError> {
+        let shared = match bus.transport() {
+            Transport::Local => Some(SharedInbox::subscribe(&bus).await?),
+            Transport::Nats => None,
+        };
+        Ok(Self {
             inner: Arc::new(ClientInner {
                 bus,
-                inbox,
-                pending,
-                next_token: AtomicU64::new(1),
                 settings,
-                _subscription: subscription,
+                shared,
             }),
         })
     }
@@ -161,27 +184,29 @@ impl RpcClient {
             body,
         };
         let payload = wire::encode(&envelope).map_err(|e| RpcError::Encode(e.to_string()))?;
-        let (reply, replies) = if self.inner.bus.transport() == Transport::Nats {
-            // On NATS a subscription per call lets the client's connection task hand replies
-            // straight to this call (SUB and UNSUB are pipelined, no round trip), one task
-            // hop fewer than a shared inbox plus dispatcher.
-            let reply = new_inbox();
-            let sub = self
-                .inner
-                .bus
-                .subscribe(SubjectPattern::from(&reply), None)
-                .await?;
-            (reply, Replies::Own(sub))
-        } else {
-            // In process the shared inbox's handler runs inline in the responder's publish.
-            let token = self.inner.next_token.fetch_add(1, Ordering::Relaxed);
-            let (tx, rx) = mpsc::channel(s.stream_window as usize + FRAME_SLACK);
-            self.inner.pending.insert(token, tx);
-            let guard = PendingGuard {
-                pending: self.inner.pending.clone(),
-                token,
-            };
-            (self.inner.inbox.reply(token), Replies::Shared(rx, guard))
+        let (reply, replies) = match &self.inner.shared {
+            Some(shared) => {
+                let token = shared.next_token.fetch_add(1, Ordering::Relaxed);
+                let (tx, rx) = mpsc::channel(s.stream_window as usize + FRAME_SLACK);
+                shared.pending.insert(token, tx);
+                let guard = PendingGuard {
+                    pending: shared.pending.clone(),
+                    token,
+                };
+                (shared.inbox.reply(token), Replies::Shared(rx, guard))
+            }
+            None => {
+                // The client's connection task hands replies straight to this call (SUB and
+                // UNSUB are pipelined, no round trip; SUB reaches the server before the
+                // request does): one task hop fewer than a shared inbox and a dispatcher.
+                let reply = new_inbox();
+                let sub = self
+                    .inner
+                    .bus
+                    .subscribe(SubjectPattern::from(&reply), None)
+                    .await?;
+                (reply, Replies::Own(sub))
+            }
         };
         // Without a trace id of its own, the responder traces a request by its id (no header
         // to build and send on the hot path).
