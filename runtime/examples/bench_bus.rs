@@ -107,6 +107,12 @@ async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
         .unwrap_or_else(|_| panic!("stalled: {what} took over {STALL:?}"))
 }
 
+/// A round trip on `client`'s connection: afterwards the server has processed everything sent
+/// before it, subscriptions included (`async_nats::Client::flush` only empties the socket).
+async fn server_has_processed(client: &async_nats::Client) {
+    let _ = client.request("_INBOX.bench.barrier", Bytes::new()).await;
+}
+
 fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
@@ -251,8 +257,9 @@ async fn bus_latency(
 
 async fn raw_nats_latency(url: &str, payload: &Bytes, iters: usize, h: &mut Histogram<u64>) {
     let responder = async_nats::connect(url).await.unwrap();
-    let mut sub = responder.subscribe("raw.echo").await.unwrap();
-    responder.flush().await.unwrap();
+    let subject = format!("raw.echo.{}", next_run());
+    let mut sub = responder.subscribe(subject.clone()).await.unwrap();
+    server_has_processed(&responder).await;
     let server = tokio::spawn(async move {
         while let Some(m) = sub.next().await {
             if let Some(r) = m.reply {
@@ -263,7 +270,10 @@ async fn raw_nats_latency(url: &str, payload: &Bytes, iters: usize, h: &mut Hist
     let client = async_nats::connect(url).await.unwrap();
     for i in 0..iters + iters / 10 {
         let t = Instant::now();
-        let r = client.request("raw.echo", payload.clone()).await.unwrap();
+        let r = client
+            .request(subject.clone(), payload.clone())
+            .await
+            .unwrap();
         let took = t.elapsed();
         assert_eq!(r.payload.len(), payload.len());
         if i >= iters / 10 {
@@ -277,7 +287,7 @@ async fn raw_nats_stream(url: &str, payload: &Bytes, frames: usize) -> f64 {
     let publisher = async_nats::connect(url).await.unwrap();
     let subscriber = async_nats::connect(url).await.unwrap();
     let mut sub = subscriber.subscribe("raw.stream").await.unwrap();
-    subscriber.flush().await.unwrap();
+    server_has_processed(&subscriber).await;
     let t = Instant::now();
     let payload = payload.clone();
     let pubtask = tokio::spawn(async move {

@@ -477,7 +477,7 @@ impl ServiceVerb {
 }
 
 /// A fresh inbox prefix (`_INBOX.{nuid}`) for replies.
-pub fn new_inbox() -> Subject {
+pub(crate) fn new_inbox() -> Subject {
     Subject(format!("_INBOX.{}", nuid::next()))
 }
 

@@ -1,10 +1,9 @@
 //! The caller side.
 //!
-//! Replies reach a call the cheapest way each transport allows. On NATS each call subscribes
-//! its own reply subject, so the connection task delivers frames straight to it. In process
-//! the client subscribes once to `_INBOX.{nuid}.*` with a handler that runs inline in the
-//! responder's publish; each call gets a token, the reply subject `_INBOX.{nuid}.{token}` and
-//! a bounded channel the handler routes to by token.
+//! The client subscribes once to `_INBOX.{nuid}.*` with a handler (inline in the responder's
+//! publish on the in-process bus, a task of its own on NATS); each call gets a token, the reply
+//! subject `_INBOX.{nuid}.{token}` and a bounded channel the handler routes to by token. (A
+//! subscription per call measured no faster on NATS and churns the server's interest graph.)
 //!
 //! A call's channel holds its flow-control window plus a little slack, so a responder that
 //! honours the window never overflows it; one that does not loses frames for that call only,
@@ -25,11 +24,8 @@ use tokio::time::Instant;
 
 use super::wire::{self, Control, Frame, FrameKind, RequestEnvelope, RequestId};
 use super::{RpcError, RpcSettings};
-use crate::bus::{
-    Bus, HandlerSubscription, Headers, Message, MessageHandler, Outgoing, Status, Subscription,
-    Transport,
-};
-use crate::subject::{new_inbox, EndpointId, InstanceId, MuxInbox, Subject, SubjectPattern};
+use crate::bus::{Bus, HandlerSubscription, Headers, Message, MessageHandler, Outgoing, Status};
+use crate::subject::{EndpointId, InstanceId, MuxInbox, Subject};
 
 /// Frames buffered per call beyond the flow-control window (heartbeats, the final frame).
 const FRAME_SLACK: usize = 64;
@@ -80,12 +76,10 @@ pub struct RpcClient {
 struct ClientInner {
     bus: Arc<dyn Bus>,
     settings: RpcSettings,
-    /// The in-process bus's shared reply inbox; `None` on NATS (a subscription per call).
-    shared: Option<SharedInbox>,
+    shared: SharedInbox,
 }
 
-/// One reply inbox for all calls, routed by token: `_INBOX.{nuid}.{token}`. Its handler runs
-/// inline in the responder's publish, so a frame costs no task hop.
+/// One reply inbox for all calls, routed by token: `_INBOX.{nuid}.{token}`.
 struct SharedInbox {
     inbox: MuxInbox,
     pending: Arc<Pending>,
@@ -126,12 +120,9 @@ impl std::fmt::Debug for RpcClient {
 }
 
 impl RpcClient {
-    /// A client on `bus`. On the in-process bus it subscribes its shared reply inbox.
+    /// A client on `bus`, with its reply inbox subscribed.
     pub async fn new(bus: Arc<dyn Bus>, settings: RpcSettings) -> Result<Self, RpcError> {
-        let shared = match bus.transport() {
-            Transport::Local => Some(SharedInbox::subscribe(&bus).await?),
-            Transport::Nats => None,
-        };
+        let shared = SharedInbox::subscribe(&bus).await?;
         Ok(Self {
             inner: Arc::new(ClientInner {
                 bus,
@@ -184,29 +175,14 @@ impl RpcClient {
             body,
         };
         let payload = wire::encode(&envelope).map_err(|e| RpcError::Encode(e.to_string()))?;
-        let (reply, replies) = match &self.inner.shared {
-            Some(shared) => {
-                let token = shared.next_token.fetch_add(1, Ordering::Relaxed);
-                let (tx, rx) = mpsc::channel(s.stream_window as usize + FRAME_SLACK);
-                shared.pending.insert(token, tx);
-                let guard = PendingGuard {
-                    pending: shared.pending.clone(),
-                    token,
-                };
-                (shared.inbox.reply(token), Replies::Shared(rx, guard))
-            }
-            None => {
-                // The client's connection task hands replies straight to this call (SUB and
-                // UNSUB are pipelined, no round trip; SUB reaches the server before the
-                // request does): one task hop fewer than a shared inbox and a dispatcher.
-                let reply = new_inbox();
-                let sub = self
-                    .inner
-                    .bus
-                    .subscribe(SubjectPattern::from(&reply), None)
-                    .await?;
-                (reply, Replies::Own(sub))
-            }
+        let shared = &self.inner.shared;
+        let token = shared.next_token.fetch_add(1, Ordering::Relaxed);
+        let reply = shared.inbox.reply(token);
+        let (tx, rx) = mpsc::channel(s.stream_window as usize + FRAME_SLACK);
+        shared.pending.insert(token, tx);
+        let guard = PendingGuard {
+            pending: shared.pending.clone(),
+            token,
         };
         // Without a trace id of its own, the responder traces a request by its id (no header
         // to build and send on the hot path).
@@ -226,7 +202,8 @@ impl RpcClient {
             })
             .await?;
         Ok(RawResponseStream {
-            replies,
+            rx,
+            _guard: guard,
             bus: self.inner.bus.clone(),
             id,
             target,
@@ -255,26 +232,10 @@ impl Drop for PendingGuard {
     }
 }
 
-/// Where a call's replies arrive.
-enum Replies {
-    /// Routed by token from the client's shared inbox (in-process bus).
-    Shared(mpsc::Receiver<Message>, PendingGuard),
-    /// The call's own reply subscription (NATS).
-    Own(Subscription),
-}
-
-impl Replies {
-    async fn recv(&mut self) -> Option<Message> {
-        match self {
-            Replies::Shared(rx, _guard) => rx.recv().await,
-            Replies::Own(sub) => sub.next().await,
-        }
-    }
-}
-
 /// The responses of one call, as raw bytes. Dropping it before the end cancels the request.
 pub struct RawResponseStream {
-    replies: Replies,
+    rx: mpsc::Receiver<Message>,
+    _guard: PendingGuard,
     bus: Arc<dyn Bus>,
     id: RequestId,
     target: Target,
@@ -320,7 +281,7 @@ impl RawResponseStream {
         loop {
             let silent_until = self.last_heard + self.heartbeat_timeout;
             let wake = silent_until.min(self.deadline);
-            let msg = match tokio::time::timeout_at(wake, self.replies.recv()).await {
+            let msg = match tokio::time::timeout_at(wake, self.rx.recv()).await {
                 Ok(Some(m)) => m,
                 Ok(None) => {
                     return Some(Err(RpcError::Protocol("reply inbox closed".into())));
