@@ -1,0 +1,245 @@
+//! Discovery, the service protocol, graceful shutdown, and NATS-only restarts.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use dynamo_runtime::bus::Headers;
+use dynamo_runtime::discovery::DiscoveryEvent;
+use dynamo_runtime::rpc::RpcError;
+use dynamo_runtime::subject::{service_query_subject, DiscoveryFilter, ServiceVerb};
+use dynamo_runtime::{CallOptions, Target};
+
+use super::common::observe;
+use super::{call_all, echo, serve_one, Harness, Observed, TestReq, TestResp, SECOND};
+use crate::transport_suite;
+
+transport_suite!(
+    graceful_shutdown_drains_and_refuses_new_work,
+    service_protocol_lists_endpoints_and_counts_requests,
+    discovery_watch_sees_joins_and_leaves,
+);
+
+async fn graceful_shutdown_drains_and_refuses_new_work(h: &Harness) {
+    let (rt, served, mut observed, ep) = serve_one(h).await;
+    let caller = h.runtime().await;
+    let mut watch = caller
+        .discovery()
+        .watch(ep.discovery_filter())
+        .await
+        .unwrap();
+    assert!(matches!(
+        watch.next().await,
+        Some(DiscoveryEvent::Joined(_))
+    ));
+    let mut inflight = caller
+        .client()
+        .call::<_, TestResp>(
+            Target::Any(ep.clone()),
+            &echo("drain me", 6, 100),
+            CallOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert!(inflight.next().await.unwrap().is_ok());
+    let shutdown = tokio::spawn(served.shutdown(Duration::from_secs(10)));
+    // Deregistered first.
+    let left = tokio::time::timeout(Duration::from_secs(5), watch.next())
+        .await
+        .unwrap();
+    assert!(
+        matches!(left, Some(DiscoveryEvent::Left { .. })),
+        "{left:?}"
+    );
+    // New work is not taken.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let err = call_all(&caller, Target::Any(ep.clone()), &echo("late", 1, 0))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RpcError::NoResponders { .. }), "{err:?}");
+    // The request in flight completes.
+    let mut rest = 0;
+    while let Some(item) = inflight.next().await {
+        item.unwrap();
+        rest += 1;
+    }
+    assert_eq!(rest, 5);
+    assert_eq!(observe(&mut observed, 5).await, Observed::Finished);
+    let report = shutdown.await.unwrap();
+    assert_eq!(report.open_at_start, 1);
+    assert_eq!(report.cancelled, 0);
+    drop(rt);
+
+    // A request that outlives the grace period is cancelled.
+    let (_rt2, served2, mut observed2, ep2) = serve_one(h).await;
+    let _hung = caller
+        .client()
+        .call::<_, TestResp>(Target::Any(ep2), &TestReq::Hang, CallOptions::default())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let report = served2.shutdown(Duration::from_millis(200)).await;
+    assert_eq!(report.cancelled, 1);
+    assert_eq!(observe(&mut observed2, 5).await, Observed::Cancelled);
+}
+
+async fn service_protocol_lists_endpoints_and_counts_requests(h: &Harness) {
+    let (_rt, served, _obs, ep) = serve_one(h).await;
+    let caller = h.runtime().await;
+    for _ in 0..3 {
+        call_all(&caller, Target::Any(ep.clone()), &echo("n", 1, 0))
+            .await
+            .unwrap();
+    }
+    let bus = h.bus().await;
+    let ask = |verb| {
+        let bus = bus.clone();
+        async move {
+            let mut r = bus
+                .request(
+                    service_query_subject(verb),
+                    Headers::new(),
+                    Bytes::new(),
+                    SECOND,
+                )
+                .await
+                .unwrap();
+            let m = tokio::time::timeout(Duration::from_secs(2), r.next())
+                .await
+                .unwrap()
+                .unwrap();
+            serde_json::from_slice::<serde_json::Value>(&m.payload).unwrap()
+        }
+    };
+    let ping = ask(ServiceVerb::Ping).await;
+    assert_eq!(ping["type"], "io.nats.micro.v1.ping_response");
+    assert_eq!(ping["name"], "test-echo");
+    assert_eq!(ping["id"], served.instance().to_string());
+    let info = ask(ServiceVerb::Info).await;
+    assert_eq!(info["type"], "io.nats.micro.v1.info_response");
+    assert_eq!(info["endpoints"][0]["name"], "generate");
+    assert_eq!(info["endpoints"][0]["subject"], ep.subject().as_str());
+    assert_eq!(info["endpoints"][0]["queue_group"], ep.subject().as_str());
+    let stats = ask(ServiceVerb::Stats).await;
+    assert_eq!(stats["type"], "io.nats.micro.v1.stats_response");
+    assert_eq!(stats["endpoints"][0]["num_requests"], 3);
+    assert_eq!(stats["endpoints"][0]["num_errors"], 0);
+}
+
+async fn discovery_watch_sees_joins_and_leaves(h: &Harness) {
+    let watcher = h.runtime().await;
+    let mut watch = watcher
+        .discovery()
+        .watch(DiscoveryFilter::all())
+        .await
+        .unwrap();
+    let (rt, served, _obs, ep) = serve_one(h).await;
+    let joined = tokio::time::timeout(Duration::from_secs(5), watch.next())
+        .await
+        .unwrap()
+        .unwrap();
+    match joined {
+        DiscoveryEvent::Joined(info) => {
+            assert_eq!(info.endpoint, ep);
+            assert_eq!(info.instance, served.instance());
+            assert_eq!(info.metadata["card"], 1);
+        }
+        other => panic!("expected a join, got {other:?}"),
+    }
+    let listed = watcher
+        .discovery()
+        .list(&ep.discovery_filter())
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 1);
+    // A lease refresh is not reported as a change.
+    let quiet = tokio::time::timeout(Duration::from_millis(1500), watch.next()).await;
+    assert!(quiet.is_err(), "unexpected event {quiet:?}");
+    let instance = served.instance();
+    served.shutdown(Duration::from_secs(1)).await;
+    let left = tokio::time::timeout(Duration::from_secs(5), watch.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        left,
+        DiscoveryEvent::Left {
+            endpoint: ep.clone(),
+            instance
+        }
+    );
+    assert!(watcher
+        .discovery()
+        .list(&ep.discovery_filter())
+        .await
+        .unwrap()
+        .is_empty());
+    drop(rt);
+}
+
+/// NATS-only behaviour: a server restart does not drop registrations or subscriptions.
+mod nats_only {
+    use super::*;
+    use crate::common::TestReq;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn registrations_and_endpoints_survive_a_server_restart() {
+        survives_restart(false).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn registrations_come_back_after_a_restart_that_lost_the_store() {
+        survives_restart(true).await;
+    }
+
+    async fn survives_restart(empty_store: bool) {
+        let mut h = Harness::nats().await;
+        let rt = h.runtime().await;
+        let (served, _obs) = crate::common::serve_test_actor(&rt, "echo").await;
+        let ep = served.endpoint().clone();
+        let caller = h.runtime().await;
+        let req = TestReq::Echo {
+            text: "before".into(),
+            times: 1,
+            delay_ms: 0,
+        };
+        assert_eq!(
+            call_all(&caller, Target::Any(ep.clone()), &req)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+
+        // Restart the server; clients reconnect by themselves. With an empty store the
+        // discovery bucket is gone too, and the next lease refresh re-creates it.
+        let server = h.nats.as_mut().unwrap();
+        if empty_store {
+            server.restart_empty().unwrap();
+        } else {
+            server.restart().unwrap();
+        }
+
+        // Wait for the reconnect, then for more than one lease: a dropped registration would be gone.
+        let lease = rt.discovery().lease();
+        tokio::time::sleep(lease + Duration::from_millis(1500)).await;
+        let listed = caller
+            .discovery()
+            .list(&ep.discovery_filter())
+            .await
+            .unwrap();
+        assert_eq!(listed.len(), 1, "registration survives the restart");
+        assert_eq!(listed[0].instance, served.instance());
+        let req = TestReq::Echo {
+            text: "after".into(),
+            times: 3,
+            delay_ms: 0,
+        };
+        let items = call_all(&caller, Target::Any(ep), &req).await.unwrap();
+        assert_eq!(
+            items.len(),
+            3,
+            "subscriptions were re-created after the reconnect"
+        );
+        h.finish().await;
+    }
+}

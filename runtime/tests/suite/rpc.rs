@@ -1,0 +1,439 @@
+//! Streaming request/response through hosted actors: errors, cancellation, deadlines,
+//! heartbeats, flow control.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dynamo_runtime::bus::{Headers, Outgoing};
+use dynamo_runtime::rpc::{RemoteErrorKind, RpcError};
+use dynamo_runtime::subject::{ComponentId, EndpointName};
+use dynamo_runtime::{CallOptions, Target};
+
+use super::common::{observe, OtherReq};
+use super::{call_all, echo, serve_one, spawn_actor, Harness, Observed, TestReq, TestResp, SECOND};
+use crate::transport_suite;
+
+transport_suite!(
+    streaming_call_through_queue_group_and_instance_subject,
+    request_and_trace_ids_reach_the_handler,
+    remote_errors_are_typed,
+    bad_input_gets_typed_errors_and_serving_continues,
+    malformed_frames_are_a_typed_error_for_the_caller,
+    caller_cancellation_reaches_the_handler,
+    cancel_before_first_frame_reaches_the_handler,
+    deadline_exceeded_is_typed_and_cancels_the_handler,
+    dead_responder_is_detected_within_heartbeat_timeout,
+    handler_dropping_its_stream_is_reported,
+    slow_reader_slows_the_responder_without_losing_frames,
+    oversize_request_and_response_are_typed_errors,
+    overload_is_refused_with_a_typed_error,
+);
+
+async fn streaming_call_through_queue_group_and_instance_subject(h: &Harness) {
+    let comp = ComponentId::new("test", "echo").unwrap();
+    let ep_name = EndpointName::new("generate").unwrap();
+    let (rt1, rt2, caller) = (h.runtime().await, h.runtime().await, h.runtime().await);
+    let (a1, _o1) = spawn_actor().await;
+    let (a2, _o2) = spawn_actor().await;
+    let i1 = rt1
+        .component(comp.clone(), serde_json::json!({}))
+        .await
+        .unwrap();
+    let i2 = rt2
+        .component(comp.clone(), serde_json::json!({}))
+        .await
+        .unwrap();
+    let _s1 = i1
+        .serve::<TestReq, TestResp, _>(ep_name.clone(), a1, serde_json::json!({}))
+        .await
+        .unwrap();
+    let _s2 = i2
+        .serve::<TestReq, TestResp, _>(ep_name.clone(), a2, serde_json::json!({}))
+        .await
+        .unwrap();
+    let ep = comp.endpoint("generate").unwrap();
+
+    let items: Vec<TestResp> = call_all(&caller, Target::Any(ep.clone()), &echo("hi", 5, 0))
+        .await
+        .unwrap();
+    assert_eq!(items.len(), 5);
+    assert!(items
+        .iter()
+        .enumerate()
+        .all(|(i, r)| r.index == i as u32 && r.text == "hi"));
+
+    let mut responders = std::collections::HashSet::new();
+    for _ in 0..20 {
+        let mut s = caller
+            .client()
+            .call::<_, TestResp>(
+                Target::Any(ep.clone()),
+                &echo("x", 1, 0),
+                CallOptions::default(),
+            )
+            .await
+            .unwrap();
+        assert!(s.next().await.unwrap().is_ok());
+        responders.insert(s.responder().unwrap());
+        assert!(s.next().await.is_none());
+    }
+    assert_eq!(
+        responders.len(),
+        2,
+        "the queue group spreads calls over both instances"
+    );
+
+    for inst in [i1.id(), i2.id()] {
+        let mut s = caller
+            .client()
+            .call::<_, TestResp>(
+                Target::Instance(ep.clone(), inst),
+                &echo("direct", 2, 0),
+                CallOptions::default(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(s.next().await.unwrap().unwrap().text, "direct");
+        assert_eq!(
+            s.responder(),
+            Some(inst),
+            "the instance subject reaches that instance only"
+        );
+    }
+}
+
+async fn request_and_trace_ids_reach_the_handler(h: &Harness) {
+    let (_rt, _served, _obs, ep) = serve_one(h).await;
+    let caller = h.runtime().await;
+    let id = dynamo_runtime::rpc::RequestId::new();
+    let opts = CallOptions {
+        request_id: Some(id),
+        trace_id: Some("trace-abc".into()),
+        ..Default::default()
+    };
+    let items: Vec<TestResp> = caller
+        .client()
+        .call(Target::Any(ep.clone()), &TestReq::Whoami, opts)
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    assert_eq!(items[0].text, format!("trace-abc/{id}"));
+    // Without a trace id, the request id stands in for it.
+    let items = call_all(&caller, Target::Any(ep), &TestReq::Whoami)
+        .await
+        .unwrap();
+    let (trace, id) = items[0].text.split_once('/').unwrap();
+    assert_eq!(trace, id);
+}
+
+async fn remote_errors_are_typed(h: &Harness) {
+    let (_rt, _served, _obs, ep) = serve_one(h).await;
+    let caller = h.runtime().await;
+    let err = call_all(
+        &caller,
+        Target::Any(ep),
+        &TestReq::Fail {
+            message: "boom".into(),
+        },
+    )
+    .await
+    .unwrap_err();
+    match err {
+        RpcError::Remote(e) => {
+            assert_eq!(e.kind, RemoteErrorKind::Internal);
+            assert_eq!(e.message, "boom");
+        }
+        other => panic!("expected a remote error, got {other:?}"),
+    }
+}
+
+async fn bad_input_gets_typed_errors_and_serving_continues(h: &Harness) {
+    let (_rt, _served, _obs, ep) = serve_one(h).await;
+    let caller = h.runtime().await;
+    // A request of a type the endpoint does not take.
+    let err = call_all(
+        &caller,
+        Target::Any(ep.clone()),
+        &OtherReq {
+            unexpected: vec![1, 2],
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&err, RpcError::Remote(e) if e.kind == RemoteErrorKind::BadRequest),
+        "{err:?}"
+    );
+    // Garbage where an envelope should be, with a reply subject: a BadRequest error frame.
+    let bus = h.bus().await;
+    let mut replies = bus
+        .request(
+            ep.subject(),
+            Headers::new(),
+            Bytes::from_static(b"\xc1 not msgpack"),
+            SECOND,
+        )
+        .await
+        .unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(2), replies.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!m.payload.is_empty());
+    // Garbage without a reply subject, and garbage on the control subject: ignored.
+    bus.publish(Outgoing::new(ep.subject(), Bytes::from_static(b"junk")))
+        .await
+        .unwrap();
+    bus.publish(Outgoing::new(
+        ep.control_broadcast_subject(),
+        Bytes::from_static(b"junk"),
+    ))
+    .await
+    .unwrap();
+    bus.flush().await.unwrap();
+    // The endpoint still serves.
+    let items: Vec<TestResp> = call_all(&caller, Target::Any(ep), &echo("still here", 2, 0))
+        .await
+        .unwrap();
+    assert_eq!(items.len(), 2);
+}
+
+async fn malformed_frames_are_a_typed_error_for_the_caller(h: &Harness) {
+    // A rogue responder on an endpoint subject answers with garbage.
+    let rogue = h.bus().await;
+    let ep = ComponentId::new("test", "rogue")
+        .unwrap()
+        .endpoint("generate")
+        .unwrap();
+    let mut sub = rogue.subscribe(ep.subject().into(), None).await.unwrap();
+    rogue.flush().await.unwrap();
+    tokio::spawn(async move {
+        while let Some(m) = sub.next().await {
+            let reply = m.reply.unwrap();
+            rogue
+                .publish(Outgoing::new(
+                    reply,
+                    Bytes::from_static(b"\xc1 never valid msgpack"),
+                ))
+                .await
+                .unwrap();
+            rogue.flush().await.unwrap();
+        }
+    });
+    let caller = h.runtime().await;
+    let err = call_all(&caller, Target::Any(ep), &echo("x", 1, 0))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RpcError::Protocol(_)), "{err:?}");
+}
+
+async fn caller_cancellation_reaches_the_handler(h: &Harness) {
+    let (_rt, _served, mut observed, ep) = serve_one(h).await;
+    let caller = h.runtime().await;
+    let mut s = caller
+        .client()
+        .call::<_, TestResp>(
+            Target::Any(ep),
+            &echo("slow", 1000, 20),
+            CallOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert!(s.next().await.unwrap().is_ok());
+    let dropped = Instant::now();
+    drop(s);
+    assert_eq!(observe(&mut observed, 5).await, Observed::Cancelled);
+    assert!(
+        dropped.elapsed() < Duration::from_secs(1),
+        "cancelled promptly: {:?}",
+        dropped.elapsed()
+    );
+}
+
+async fn cancel_before_first_frame_reaches_the_handler(h: &Harness) {
+    let (_rt, _served, mut observed, ep) = serve_one(h).await;
+    let caller = h.runtime().await;
+    let s = caller
+        .client()
+        .call::<_, TestResp>(Target::Any(ep), &TestReq::Hang, CallOptions::default())
+        .await
+        .unwrap();
+    // Give the request time to reach the handler, then drop before any frame arrived.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let dropped = Instant::now();
+    drop(s);
+    assert_eq!(observe(&mut observed, 5).await, Observed::Cancelled);
+    assert!(
+        dropped.elapsed() < Duration::from_secs(1),
+        "cancelled promptly: {:?}",
+        dropped.elapsed()
+    );
+}
+
+async fn deadline_exceeded_is_typed_and_cancels_the_handler(h: &Harness) {
+    let (_rt, _served, mut observed, ep) = serve_one(h).await;
+    let caller = h.runtime().await;
+    let started = Instant::now();
+    let opts = CallOptions {
+        timeout: Some(Duration::from_millis(700)),
+        ..Default::default()
+    };
+    let err = caller
+        .client()
+        .call::<_, TestResp>(Target::Any(ep), &TestReq::Hang, opts)
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, RpcError::DeadlineExceeded { .. }),
+        "heartbeats kept it alive until the deadline: {err:?}"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(700));
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert_eq!(observe(&mut observed, 5).await, Observed::Cancelled);
+}
+
+async fn dead_responder_is_detected_within_heartbeat_timeout(h: &Harness) {
+    let (_rt, served, _observed, ep) = serve_one(h).await;
+    let caller = h.runtime().await;
+    let mut s = caller
+        .client()
+        .call::<_, TestResp>(
+            Target::Any(ep),
+            &echo("then silence", 1000, 50),
+            CallOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert!(s.next().await.unwrap().is_ok());
+    // The responder vanishes mid-stream: no end frame, no heartbeats.
+    drop(served);
+    let died = Instant::now();
+    let err = loop {
+        match s
+            .next()
+            .await
+            .expect("the stream ends with an error, not silently")
+        {
+            Ok(_) => continue,
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(err, RpcError::Disconnected { .. }), "{err:?}");
+    let timeout = crate::common::settings().rpc.heartbeat_timeout;
+    assert!(
+        died.elapsed() < timeout + Duration::from_millis(500),
+        "detected in {:?}",
+        died.elapsed()
+    );
+}
+
+async fn handler_dropping_its_stream_is_reported(h: &Harness) {
+    let (_rt, _served, _obs, ep) = serve_one(h).await;
+    let caller = h.runtime().await;
+    let mut s = caller
+        .client()
+        .call::<_, TestResp>(Target::Any(ep), &TestReq::Drop, CallOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(s.next().await.unwrap().unwrap().text, "partial");
+    let err = s.next().await.unwrap().unwrap_err();
+    assert!(
+        matches!(&err, RpcError::Remote(e) if e.kind == RemoteErrorKind::Internal),
+        "{err:?}"
+    );
+}
+
+async fn slow_reader_slows_the_responder_without_losing_frames(h: &Harness) {
+    let (_rt, _served, mut observed, ep) = serve_one(h).await;
+    let caller = h.runtime().await;
+    let window = caller.settings().rpc.stream_window as u32;
+    let total = window * 8;
+    let mut s = caller
+        .client()
+        .call::<_, TestResp>(
+            Target::Any(ep),
+            &echo("flood", total, 0),
+            CallOptions::default(),
+        )
+        .await
+        .unwrap();
+    // Read nothing for a while: the responder must stop at the window, not overflow us.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut expected = 0;
+    while let Some(item) = s.next().await {
+        let item = item.unwrap();
+        assert_eq!(item.index, expected);
+        expected += 1;
+        if expected % 97 == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    assert_eq!(expected, total);
+    assert_eq!(observe(&mut observed, 5).await, Observed::Finished);
+}
+
+async fn oversize_request_and_response_are_typed_errors(h: &Harness) {
+    let (_rt, _served, _obs, ep) = serve_one(h).await;
+    let caller = h.runtime().await;
+    let max = caller.bus().max_payload();
+    let huge = echo(&"y".repeat(max), 1, 0);
+    let err = caller
+        .client()
+        .call::<_, TestResp>(Target::Any(ep.clone()), &huge, CallOptions::default())
+        .await
+        .err()
+        .expect("refused before sending");
+    assert!(matches!(err, RpcError::PayloadTooLarge { .. }), "{err:?}");
+    let err = call_all(
+        &caller,
+        Target::Any(ep.clone()),
+        &TestReq::Big { size: max + 10 },
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&err, RpcError::Remote(e) if e.kind == RemoteErrorKind::ResponseTooLarge),
+        "{err:?}"
+    );
+    // Just under the limit works.
+    let items: Vec<TestResp> =
+        call_all(&caller, Target::Any(ep), &TestReq::Big { size: max - 1024 })
+            .await
+            .unwrap();
+    assert_eq!(items[0].text.len(), max - 1024);
+}
+
+async fn overload_is_refused_with_a_typed_error(h: &Harness) {
+    let mut settings = crate::common::settings();
+    settings.rpc.max_inflight = 2;
+    let rt = h.runtime_with(settings).await;
+    let (served, _obs) = crate::common::serve_test_actor(&rt, "small").await;
+    let ep = served.endpoint().clone();
+    let caller = h.runtime().await;
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let mut s = caller
+            .client()
+            .call::<_, TestResp>(
+                Target::Any(ep.clone()),
+                &echo("busy", 100, 50),
+                CallOptions::default(),
+            )
+            .await
+            .unwrap();
+        assert!(s.next().await.unwrap().is_ok());
+        open.push(s);
+    }
+    let err = call_all(&caller, Target::Any(ep), &echo("one more", 1, 0))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, RpcError::Remote(e) if e.kind == RemoteErrorKind::Overloaded),
+        "{err:?}"
+    );
+}
