@@ -3,7 +3,7 @@
 //! - [`LocalBus`]: in-process, no server. The embedded default.
 //! - [`NatsBus`]: `async-nats` against a real nats-server.
 //!
-//! Semantics both keep (the shared test suite in `tests/bus_suite.rs` checks them):
+//! Semantics both keep (the shared test suite in `runtime/tests/suite/bus.rs` checks them):
 //! - subscriptions match with NATS wildcards (`*` one token, `>` the rest);
 //! - within a queue group each message goes to exactly one member; plain subscribers all get it;
 //! - messages from one publisher arrive at one subscriber in publish order;
@@ -13,7 +13,9 @@
 //!   [`BusError::PayloadTooLarge`] before anything is sent;
 //! - a subscriber that stops reading loses messages once its buffer of
 //!   [`SUBSCRIPTION_CAPACITY`] fills (NATS calls this a slow consumer); publishers never block on it.
-//! - dropping a [`Subscription`] unsubscribes.
+//! - dropping a [`Subscription`] unsubscribes;
+//! - after [`Bus::flush`] returns, this connection's subscriptions are visible to every other
+//!   publisher.
 
 mod local;
 mod nats;
