@@ -192,6 +192,15 @@ async fn killed_process_leaves_discovery_within_the_lease() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_deregisters_drains_and_exits_zero() {
+    stop_gracefully_on("-TERM").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_deregisters_drains_and_exits_zero() {
+    stop_gracefully_on("-INT").await;
+}
+
+async fn stop_gracefully_on(signal: &str) {
     let server = NatsServer::start().unwrap();
     let rt = client(&server).await;
     let mut watch = rt
@@ -215,7 +224,7 @@ async fn sigterm_deregisters_drains_and_exits_zero() {
         .await
         .unwrap();
     assert!(stream.next().await.unwrap().is_ok());
-    worker.signal("-TERM");
+    worker.signal(signal);
     let termed = Instant::now();
     assert!(matches!(
         next_event(&mut watch, 5).await,

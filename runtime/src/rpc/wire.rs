@@ -147,3 +147,39 @@ pub(crate) fn decode<'a, T: Deserialize<'a>>(
 ) -> Result<T, rmp_serde::decode::Error> {
     rmp_serde::from_slice(bytes)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        // Whatever arrives from the bus, decoding returns an error or a value: never a panic,
+        // never an allocation sized by a forged length prefix.
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode::<Frame>(&bytes);
+            let _ = decode::<RequestEnvelope>(&bytes);
+            let _ = decode::<Control>(&bytes);
+        }
+
+        #[test]
+        fn frames_round_trip(seq in any::<u64>(), from in any::<u64>(), body in prop::collection::vec(any::<u8>(), 0..64)) {
+            let frame = Frame { seq, from: InstanceId::new(from), kind: FrameKind::Data(Bytes::from(body.clone())) };
+            let back: Frame = decode(&encode(&frame).unwrap()).unwrap();
+            prop_assert_eq!(back.seq, seq);
+            prop_assert_eq!(back.from, InstanceId::new(from));
+            prop_assert!(matches!(back.kind, FrameKind::Data(b) if b[..] == body[..]));
+        }
+    }
+
+    #[test]
+    fn forged_length_prefixes_are_refused() {
+        // A bin32 claiming 4 GiB, an array32 claiming 4 billion elements: errors, no allocation.
+        let huge_bin = [0xc6, 0xff, 0xff, 0xff, 0xff, 1, 2, 3];
+        let huge_array = [0xdd, 0xff, 0xff, 0xff, 0xff, 0];
+        assert!(decode::<RequestEnvelope>(&huge_bin).is_err());
+        assert!(decode::<Frame>(&huge_array).is_err());
+        assert!(decode::<Vec<u64>>(&huge_array).is_err());
+    }
+}
