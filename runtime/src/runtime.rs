@@ -54,9 +54,7 @@ impl Runtime {
         match &settings.bus {
             Some(url) => {
                 let nats = NatsBus::connect(&NatsSettings::new(url.clone())).await?;
-                let discovery =
-                    NatsDiscovery::connect(nats.client().clone(), settings.discovery.clone())
-                        .await?;
+                let discovery = NatsDiscovery::connect(&nats, settings.discovery.clone()).await?;
                 Self::with(Arc::new(nats), Arc::new(discovery), settings).await
             }
             None => {

@@ -4,6 +4,7 @@
 //! nats-server restart costs in-flight messages but no subscription. Status messages from the
 //! server (503, no responders) become [`Status::NoResponders`].
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::{HeaderMap, StatusCode};
@@ -11,6 +12,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
 use super::{
     check_size, Bus, BusError, Headers, Message, Outgoing, Status, Subscription, Transport,
@@ -53,27 +55,20 @@ impl NatsSettings {
 #[derive(Clone, Debug)]
 pub struct NatsBus {
     client: async_nats::Client,
+    /// Counts (re)connections; watchers resynchronize state the server may have lost.
+    connections: watch::Receiver<u64>,
 }
 
 impl NatsBus {
     /// Connects, failing with [`BusError::Connection`] if the server cannot be reached within
     /// `connect_timeout` (the message names the URL and says to start nats-server).
     pub async fn connect(settings: &NatsSettings) -> Result<Self, BusError> {
+        let (connected, connections) = watch::channel(0u64);
+        let connected = Arc::new(connected);
         let options = async_nats::ConnectOptions::new()
             .name(&settings.client_name)
             .connection_timeout(settings.connect_timeout)
-            .event_callback(|event| async move {
-                match event {
-                    async_nats::Event::Disconnected => tracing::warn!("nats: disconnected"),
-                    async_nats::Event::Connected => tracing::info!("nats: connected"),
-                    async_nats::Event::SlowConsumer(sid) => {
-                        metrics::counter!("dynamo_bus_dropped_messages_total", "transport" => "nats")
-                            .increment(1);
-                        tracing::warn!(sid, "nats: slow consumer, messages dropped")
-                    }
-                    other => tracing::debug!(%other, "nats event"),
-                }
-            });
+            .event_callback(move |event| on_event(event, connected.clone()));
         let connect = async_nats::connect_with_options(settings.url.as_str(), options);
         let client = match tokio::time::timeout(settings.connect_timeout, connect).await {
             Ok(Ok(c)) => c,
@@ -90,12 +85,36 @@ impl NatsBus {
                 )))
             }
         };
-        Ok(Self { client })
+        Ok(Self {
+            client,
+            connections,
+        })
+    }
+
+    /// Changes each time the client reconnects to a server.
+    pub fn reconnections(&self) -> watch::Receiver<u64> {
+        self.connections.clone()
     }
 
     /// The underlying client, for JetStream (discovery) and benchmarks against raw async-nats.
     pub fn client(&self) -> &async_nats::Client {
         &self.client
+    }
+}
+
+async fn on_event(event: async_nats::Event, connected: Arc<watch::Sender<u64>>) {
+    match event {
+        async_nats::Event::Disconnected => tracing::warn!("nats: disconnected"),
+        async_nats::Event::Connected => {
+            tracing::info!("nats: connected");
+            connected.send_modify(|n| *n += 1);
+        }
+        async_nats::Event::SlowConsumer(sid) => {
+            metrics::counter!("dynamo_bus_dropped_messages_total", "transport" => "nats")
+                .increment(1);
+            tracing::warn!(sid, "nats: slow consumer, messages dropped")
+        }
+        other => tracing::debug!(%other, "nats event"),
     }
 }
 

@@ -10,7 +10,9 @@
 //!   markers on, tells watchers, who see the instance leave.
 //!
 //! Watch streams start with a `Joined` for each instance present, then report changes; a
-//! lease refresh of an unchanged entry is not reported.
+//! lease refresh of an unchanged entry is not reported. On NATS a watch outlives server
+//! restarts: when its stream breaks or the client reconnects it watches anew and reconciles
+//! against a fresh listing, reporting the joins and leaves it missed meanwhile.
 
 mod local;
 mod nats;
@@ -159,15 +161,6 @@ pub trait Discovery: Send + Sync + fmt::Debug + 'static {
     async fn close(&self);
 }
 
-/// Parses a discovery key back into its endpoint and instance.
-pub(crate) fn parse_key(key: &str) -> Option<(EndpointId, InstanceId)> {
-    let (path, inst) = key.rsplit_once('.')?;
-    Some((
-        EndpointId::parse(path).ok()?,
-        InstanceId::parse_hex(inst).ok()?,
-    ))
-}
-
 /// Turns raw puts/removals into `Joined`/`Left`, dropping repeats (lease refreshes).
 #[derive(Default)]
 pub(crate) struct WatchDedup {
@@ -182,6 +175,11 @@ impl WatchDedup {
         }
         self.known.insert(key, info.clone());
         Some(DiscoveryEvent::Joined(info))
+    }
+
+    /// The keys currently known.
+    pub fn keys(&self) -> Vec<String> {
+        self.known.keys().cloned().collect()
     }
 
     pub fn remove(&mut self, key: &str) -> Option<DiscoveryEvent> {

@@ -5,19 +5,20 @@
 //! that one wins (all processes must agree) and refreshes follow it, with a warning.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
-use tokio::sync::RwLock;
+use tokio::sync::{mpsc, RwLock};
 
 use super::{
-    parse_key, Discovery, DiscoveryError, DiscoverySettings, DiscoveryWatch, InstanceInfo,
+    Discovery, DiscoveryError, DiscoveryEvent, DiscoverySettings, DiscoveryWatch, InstanceInfo,
     WatchDedup,
 };
+use crate::bus::NatsBus;
 use crate::subject::{DiscoveryFilter, EndpointId, InstanceId};
 
 /// Discovery over NATS JetStream KV. Cheap to clone.
@@ -34,6 +35,7 @@ struct Inner {
     /// What this process registered: refreshed every third of the lease.
     registered: Mutex<HashMap<String, Bytes>>,
     refresher: Mutex<Option<tokio::task::AbortHandle>>,
+    reconnections: tokio::sync::watch::Receiver<u64>,
 }
 
 impl std::fmt::Debug for NatsDiscovery {
@@ -80,10 +82,10 @@ async fn open_bucket(
 impl NatsDiscovery {
     /// Opens (or creates) the bucket and starts refreshing this process's registrations.
     pub async fn connect(
-        client: async_nats::Client,
+        bus: &NatsBus,
         settings: DiscoverySettings,
     ) -> Result<Self, DiscoveryError> {
-        let js = jetstream::new(client);
+        let js = jetstream::new(bus.client().clone());
         let store = open_bucket(&js, &settings).await?;
         let lease = match store.status().await {
             Ok(status) if !status.max_age().is_zero() => status.max_age(),
@@ -104,6 +106,7 @@ impl NatsDiscovery {
             lease,
             registered: Mutex::new(HashMap::new()),
             refresher: Mutex::new(None),
+            reconnections: bus.reconnections(),
         });
         let weak = Arc::downgrade(&inner);
         let task = tokio::spawn(async move {
@@ -164,6 +167,43 @@ impl Inner {
     }
 }
 
+impl Inner {
+    async fn list(&self, filter: &DiscoveryFilter) -> Result<Vec<InstanceInfo>, DiscoveryError> {
+        let store = self.store.read().await.clone();
+        let keys: Vec<String> = store
+            .keys()
+            .await
+            .map_err(unavailable)?
+            .try_filter(|k| futures::future::ready(filter.matches(k)))
+            .try_collect()
+            .await
+            .map_err(unavailable)?;
+        let values = futures::stream::iter(keys)
+            .map(|k| {
+                let store = store.clone();
+                async move { (k.clone(), store.get(k).await) }
+            })
+            .buffer_unordered(64)
+            .collect::<Vec<_>>()
+            .await;
+        let mut out = Vec::with_capacity(values.len());
+        for (key, value) in values {
+            match value {
+                Ok(Some(bytes)) => match serde_json::from_slice::<InstanceInfo>(&bytes) {
+                    Ok(info) => out.push(info),
+                    Err(e) => {
+                        tracing::warn!(%key, error = %e, "skipping malformed discovery entry")
+                    }
+                },
+                Ok(None) => {} // expired or deleted between the two calls
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
+        out.sort_by_key(|i| i.key());
+        Ok(out)
+    }
+}
+
 #[async_trait]
 impl Discovery for NatsDiscovery {
     async fn register(&self, info: InstanceInfo) -> Result<(), DiscoveryError> {
@@ -205,77 +245,23 @@ impl Discovery for NatsDiscovery {
     }
 
     async fn list(&self, filter: &DiscoveryFilter) -> Result<Vec<InstanceInfo>, DiscoveryError> {
-        let store = self.inner.store.read().await.clone();
-        let keys: Vec<String> = store
-            .keys()
-            .await
-            .map_err(unavailable)?
-            .try_filter(|k| futures::future::ready(filter.matches(k)))
-            .try_collect()
-            .await
-            .map_err(unavailable)?;
-        let values = futures::stream::iter(keys)
-            .map(|k| {
-                let store = store.clone();
-                async move { (k.clone(), store.get(k).await) }
-            })
-            .buffer_unordered(64)
-            .collect::<Vec<_>>()
-            .await;
-        let mut out = Vec::with_capacity(values.len());
-        for (key, value) in values {
-            match value {
-                Ok(Some(bytes)) => match serde_json::from_slice::<InstanceInfo>(&bytes) {
-                    Ok(info) => out.push(info),
-                    Err(e) => {
-                        tracing::warn!(%key, error = %e, "skipping malformed discovery entry")
-                    }
-                },
-                Ok(None) => {} // expired or deleted between the two calls
-                Err(e) => return Err(unavailable(e)),
-            }
-        }
-        out.sort_by_key(|i| i.key());
-        Ok(out)
+        self.inner.list(filter).await
     }
 
     async fn watch(&self, filter: DiscoveryFilter) -> Result<DiscoveryWatch, DiscoveryError> {
-        let store = self.inner.store.read().await.clone();
-        let watch = store.watch(filter.as_str()).await.map_err(unavailable)?;
-        let stream = futures::stream::unfold(
-            (watch, WatchDedup::default()),
-            |(mut watch, mut dedup)| async move {
-                loop {
-                    let entry = match watch.next().await? {
-                        Ok(e) => e,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "discovery watch error");
-                            continue;
-                        }
-                    };
-                    let event = match entry.operation {
-                        kv::Operation::Put => {
-                            match serde_json::from_slice::<InstanceInfo>(&entry.value) {
-                                Ok(info) => dedup.put(info),
-                                Err(e) => {
-                                    tracing::warn!(key = %entry.key, error = %e, "skipping malformed discovery entry");
-                                    None
-                                }
-                            }
-                        }
-                        kv::Operation::Delete | kv::Operation::Purge => {
-                            if parse_key(&entry.key).is_none() {
-                                tracing::debug!(key = %entry.key, "removal of a foreign key");
-                            }
-                            dedup.remove(&entry.key)
-                        }
-                    };
-                    if let Some(e) = event {
-                        return Some((e, (watch, dedup)));
-                    }
-                }
-            },
-        );
+        // Fail early if the bucket cannot be watched at all; later failures are retried.
+        let first = self
+            .inner
+            .store
+            .read()
+            .await
+            .watch(filter.as_str())
+            .await
+            .map_err(unavailable)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run_watch(Arc::downgrade(&self.inner), filter, first, tx));
+        let stream =
+            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (e, rx)) });
         Ok(DiscoveryWatch::new(stream))
     }
 
@@ -308,5 +294,105 @@ impl Discovery for NatsDiscovery {
                 tracing::warn!(%key, error = %e, "could not deregister on close");
             }
         }
+    }
+}
+
+/// Feeds one watcher: follows the bucket's changes and, whenever the watch breaks or the
+/// client reconnects (a restarted server may have lost the watch, or the whole bucket),
+/// reconciles against a fresh listing (missed leaves and joins are reported) and watches anew.
+async fn run_watch(
+    inner: Weak<Inner>,
+    filter: DiscoveryFilter,
+    mut watch: kv::Watch,
+    tx: mpsc::UnboundedSender<DiscoveryEvent>,
+) {
+    let mut dedup = WatchDedup::default();
+    let mut reconnections = match inner.upgrade() {
+        Some(i) => i.reconnections.clone(),
+        None => return,
+    };
+    reconnections.mark_unchanged();
+    let send = |event: Option<DiscoveryEvent>| match event {
+        Some(e) => tx.send(e).is_ok(),
+        None => true,
+    };
+    loop {
+        // Follow the watch until it breaks or the connection is re-established.
+        loop {
+            tokio::select! {
+                _ = tx.closed() => return,
+                changed = reconnections.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    break;
+                }
+                entry = watch.next() => match entry {
+                    Some(Ok(entry)) => {
+                        if !send(apply(&mut dedup, entry)) {
+                            return;
+                        }
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "discovery watch broke; re-watching");
+                        break;
+                    }
+                    None => break,
+                },
+            }
+        }
+        // Re-watch, then reconcile what was missed in between.
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if tx.is_closed() {
+                return;
+            }
+            let Some(i) = inner.upgrade() else { return };
+            let reopened = async {
+                let store = i.store.read().await.clone();
+                let w = store.watch(filter.as_str()).await.map_err(unavailable)?;
+                let now = i.list(&filter).await?;
+                Ok::<_, DiscoveryError>((w, now))
+            }
+            .await;
+            drop(i);
+            match reopened {
+                Ok((w, now)) => {
+                    watch = w;
+                    let present: std::collections::HashSet<String> =
+                        now.iter().map(InstanceInfo::key).collect();
+                    for key in dedup.keys() {
+                        if !present.contains(&key) && !send(dedup.remove(&key)) {
+                            return;
+                        }
+                    }
+                    for info in now {
+                        if !send(dedup.put(info)) {
+                            return;
+                        }
+                    }
+                    break;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "discovery re-watch failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+}
+
+/// Turns one bucket entry into the event it means, if any.
+fn apply(dedup: &mut WatchDedup, entry: kv::Entry) -> Option<DiscoveryEvent> {
+    match entry.operation {
+        kv::Operation::Put => match serde_json::from_slice::<InstanceInfo>(&entry.value) {
+            Ok(info) => dedup.put(info),
+            Err(e) => {
+                tracing::warn!(key = %entry.key, error = %e, "skipping malformed discovery entry");
+                None
+            }
+        },
+        kv::Operation::Delete | kv::Operation::Purge => dedup.remove(&entry.key),
     }
 }

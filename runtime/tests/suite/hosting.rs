@@ -197,6 +197,15 @@ mod nats_only {
         let (served, _obs) = crate::common::serve_test_actor(&rt, "echo").await;
         let ep = served.endpoint().clone();
         let caller = h.runtime().await;
+        let mut watch = caller
+            .discovery()
+            .watch(DiscoveryFilter::all())
+            .await
+            .unwrap();
+        assert!(matches!(
+            watch.next().await,
+            Some(DiscoveryEvent::Joined(_))
+        ));
         let req = TestReq::Echo {
             text: "before".into(),
             times: 1,
@@ -239,6 +248,21 @@ mod nats_only {
             items.len(),
             3,
             "subscriptions were re-created after the reconnect"
+        );
+        // A watch opened before the restart still reports what happens after it.
+        let (late, _obs2) = crate::common::serve_test_actor(&rt, "late").await;
+        let joined = loop {
+            match tokio::time::timeout(Duration::from_secs(5), watch.next()).await {
+                Ok(Some(DiscoveryEvent::Joined(info))) if info.instance == late.instance() => {
+                    break true
+                }
+                Ok(Some(_)) => continue,
+                _ => break false,
+            }
+        };
+        assert!(
+            joined,
+            "the watch saw the instance that joined after the restart"
         );
         h.finish().await;
     }
