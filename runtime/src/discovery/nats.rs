@@ -349,7 +349,9 @@ async fn run_watch(
             }
             let Some(i) = inner.upgrade() else { return };
             let reopened = async {
-                let store = i.store.read().await.clone();
+                // A server that lost its store lost the bucket too: whoever comes first makes it.
+                let store = open_bucket(&i.js, &i.settings).await?;
+                *i.store.write().await = store.clone();
                 let w = store.watch(filter.as_str()).await.map_err(unavailable)?;
                 let now = i.list(&filter).await?;
                 Ok::<_, DiscoveryError>((w, now))

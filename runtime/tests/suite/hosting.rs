@@ -180,6 +180,7 @@ async fn discovery_watch_sees_joins_and_leaves(h: &Harness) {
 mod nats_only {
     use super::*;
     use crate::common::TestReq;
+    use dynamo_runtime::{Runtime, RuntimeSettings};
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn registrations_and_endpoints_survive_a_server_restart() {
@@ -189,6 +190,43 @@ mod nats_only {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn registrations_come_back_after_a_restart_that_lost_the_store() {
         survives_restart(true).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_watch_reports_an_instance_lost_with_the_servers_store() {
+        let mut h = Harness::nats().await;
+        let watcher = h.runtime().await;
+        let mut watch = watcher
+            .discovery()
+            .watch(DiscoveryFilter::all())
+            .await
+            .unwrap();
+        // A process that will die while the server is down: never deregistered, and its
+        // registration vanishes with the store instead of expiring in front of the watcher.
+        let url = h.nats.as_ref().unwrap().url();
+        let doomed = Runtime::start(RuntimeSettings {
+            bus: Some(url),
+            ..crate::common::settings()
+        })
+        .await
+        .unwrap();
+        let (served, _obs) = crate::common::serve_test_actor(&doomed, "doomed").await;
+        let instance = served.instance();
+        let joined = tokio::time::timeout(Duration::from_secs(5), watch.next()).await;
+        assert!(
+            matches!(joined, Ok(Some(DiscoveryEvent::Joined(_)))),
+            "{joined:?}"
+        );
+        h.nats.as_mut().unwrap().kill();
+        drop(served);
+        drop(doomed);
+        h.nats.as_mut().unwrap().restart_empty().unwrap();
+        let left = tokio::time::timeout(Duration::from_secs(10), watch.next()).await;
+        match left {
+            Ok(Some(DiscoveryEvent::Left { instance: gone, .. })) => assert_eq!(gone, instance),
+            other => panic!("expected the lost instance to leave, got {other:?}"),
+        }
+        h.finish().await;
     }
 
     async fn survives_restart(empty_store: bool) {
