@@ -101,6 +101,20 @@ fn echo_target() -> Target {
     )
 }
 
+/// Starts an echo stream and reads its first chunk.
+async fn start_stream(
+    rt: &Runtime,
+    req: &EchoRequest,
+) -> dynamo_runtime::rpc::ResponseStream<EchoChunk> {
+    let mut stream = rt
+        .client()
+        .call::<_, EchoChunk>(echo_target(), req, CallOptions::default())
+        .await
+        .unwrap();
+    assert!(stream.next().await.unwrap().is_ok());
+    stream
+}
+
 async fn next_event(
     w: &mut dynamo_runtime::discovery::DiscoveryWatch,
     secs: u64,
@@ -146,12 +160,7 @@ async fn killed_process_leaves_discovery_within_the_lease() {
         repeat: 1000,
         delay_ms: 50,
     };
-    let mut stream = rt
-        .client()
-        .call::<_, EchoChunk>(echo_target(), &long, CallOptions::default())
-        .await
-        .unwrap();
-    assert!(stream.next().await.unwrap().is_ok());
+    let mut stream = start_stream(&rt, &long).await;
     worker.signal("-KILL");
     let killed = Instant::now();
     let err = loop {
@@ -218,12 +227,7 @@ async fn stop_gracefully_on(signal: &str) {
         repeat: 10,
         delay_ms: 100,
     };
-    let mut stream = rt
-        .client()
-        .call::<_, EchoChunk>(echo_target(), &req, CallOptions::default())
-        .await
-        .unwrap();
-    assert!(stream.next().await.unwrap().is_ok());
+    let mut stream = start_stream(&rt, &req).await;
     worker.signal(signal);
     let termed = Instant::now();
     assert!(matches!(

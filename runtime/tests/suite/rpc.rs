@@ -242,9 +242,17 @@ async fn caller_cancellation_reaches_the_handler(h: &Harness) {
         .await
         .unwrap();
     assert!(s.next().await.unwrap().is_ok());
+    drop_and_expect_prompt_cancel(s, &mut observed).await;
+}
+
+/// Drops `stream` and asserts that its handler saw the cancellation within a second.
+async fn drop_and_expect_prompt_cancel(
+    stream: dynamo_runtime::rpc::ResponseStream<TestResp>,
+    observed: &mut tokio::sync::mpsc::UnboundedReceiver<Observed>,
+) {
     let dropped = Instant::now();
-    drop(s);
-    assert_eq!(observe(&mut observed, 5).await, Observed::Cancelled);
+    drop(stream);
+    assert_eq!(observe(observed, 5).await, Observed::Cancelled);
     assert!(
         dropped.elapsed() < Duration::from_secs(1),
         "cancelled promptly: {:?}",
@@ -262,14 +270,7 @@ async fn cancel_before_first_frame_reaches_the_handler(h: &Harness) {
         .unwrap();
     // Give the request time to reach the handler, then drop before any frame arrived.
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let dropped = Instant::now();
-    drop(s);
-    assert_eq!(observe(&mut observed, 5).await, Observed::Cancelled);
-    assert!(
-        dropped.elapsed() < Duration::from_secs(1),
-        "cancelled promptly: {:?}",
-        dropped.elapsed()
-    );
+    drop_and_expect_prompt_cancel(s, &mut observed).await;
 }
 
 async fn deadline_exceeded_is_typed_and_cancels_the_handler(h: &Harness) {
