@@ -43,11 +43,11 @@ async fn streaming_call_through_queue_group_and_instance_subject(h: &Harness) {
         .component(comp.clone(), serde_json::json!({}))
         .await
         .unwrap();
-    let _s1 = i1
+    let s1 = i1
         .serve::<TestReq, TestResp, _>(ep_name.clone(), a1, serde_json::json!({}))
         .await
         .unwrap();
-    let _s2 = i2
+    let s2 = i2
         .serve::<TestReq, TestResp, _>(ep_name.clone(), a2, serde_json::json!({}))
         .await
         .unwrap();
@@ -100,6 +100,8 @@ async fn streaming_call_through_queue_group_and_instance_subject(h: &Harness) {
             "the instance subject reaches that instance only"
         );
     }
+    wait_until_idle(&s1).await;
+    wait_until_idle(&s2).await;
 }
 
 async fn request_and_trace_ids_reach_the_handler(h: &Harness) {
@@ -230,7 +232,7 @@ async fn malformed_frames_are_a_typed_error_for_the_caller(h: &Harness) {
 }
 
 async fn caller_cancellation_reaches_the_handler(h: &Harness) {
-    let (_rt, _served, mut observed, ep) = serve_one(h).await;
+    let (_rt, served, mut observed, ep) = serve_one(h).await;
     let caller = h.runtime().await;
     let mut s = caller
         .client()
@@ -243,6 +245,20 @@ async fn caller_cancellation_reaches_the_handler(h: &Harness) {
         .unwrap();
     assert!(s.next().await.unwrap().is_ok());
     drop_and_expect_prompt_cancel(s, &mut observed).await;
+    wait_until_idle(&served).await;
+}
+
+/// Waits (up to 2 s) until `served` has no open request left: nothing leaks per request.
+async fn wait_until_idle(served: &dynamo_runtime::ServedEndpoint) {
+    let until = Instant::now() + Duration::from_secs(2);
+    while served.open_requests() > 0 {
+        assert!(
+            Instant::now() < until,
+            "{} requests still open",
+            served.open_requests()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// Drops `stream` and asserts that its handler saw the cancellation within a second.
@@ -261,7 +277,7 @@ async fn drop_and_expect_prompt_cancel(
 }
 
 async fn cancel_before_first_frame_reaches_the_handler(h: &Harness) {
-    let (_rt, _served, mut observed, ep) = serve_one(h).await;
+    let (_rt, served, mut observed, ep) = serve_one(h).await;
     let caller = h.runtime().await;
     let s = caller
         .client()
@@ -271,6 +287,7 @@ async fn cancel_before_first_frame_reaches_the_handler(h: &Harness) {
     // Give the request time to reach the handler, then drop before any frame arrived.
     tokio::time::sleep(Duration::from_millis(50)).await;
     drop_and_expect_prompt_cancel(s, &mut observed).await;
+    wait_until_idle(&served).await;
 }
 
 async fn deadline_exceeded_is_typed_and_cancels_the_handler(h: &Harness) {
