@@ -441,7 +441,7 @@ fn bad_input(shared: &EndpointShared, reason: &'static str, detail: &str) {
 }
 
 /// A served endpoint. Call [`ServedEndpoint::shutdown`] to stop it gracefully; dropping it
-/// stops it at once (open requests are cancelled).
+/// stops it at once (open requests are cancelled, the instance deregistered in the background).
 pub struct ServedEndpoint {
     shared: Arc<EndpointShared>,
     stop: CancellationToken,
@@ -524,6 +524,18 @@ impl Drop for ServedEndpoint {
                 entry.value().cancel.cancel();
             }
             self.service.remove_endpoint(&self.shared.endpoint);
+            // Deregister too, so nobody keeps routing to an endpoint that is gone (the lease
+            // would only catch it later, and the in-process discovery never).
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                let discovery = self.discovery.clone();
+                let endpoint = self.shared.endpoint.clone();
+                let instance = self.shared.instance;
+                handle.spawn(async move {
+                    if let Err(e) = discovery.deregister(&endpoint, instance).await {
+                        tracing::warn!(%endpoint, error = %e, "could not deregister a dropped endpoint");
+                    }
+                });
+            }
         }
     }
 }

@@ -173,6 +173,24 @@ async fn discovery_watch_sees_joins_and_leaves(h: &Harness) {
         .await
         .unwrap()
         .is_empty());
+    // An endpoint dropped without a graceful shutdown deregisters as well, at once rather than
+    // when its lease runs out (2 s here).
+    let (dropped, _obs) = crate::common::serve_test_actor(&rt, "dropped").await;
+    let (dropped_ep, instance) = (dropped.endpoint().clone(), dropped.instance());
+    let joined = tokio::time::timeout(Duration::from_secs(5), watch.next()).await;
+    assert!(
+        matches!(joined, Ok(Some(DiscoveryEvent::Joined(_)))),
+        "{joined:?}"
+    );
+    drop(dropped);
+    let left = tokio::time::timeout(Duration::from_millis(1000), watch.next()).await;
+    assert_eq!(
+        left.ok().flatten(),
+        Some(DiscoveryEvent::Left {
+            endpoint: dropped_ep,
+            instance
+        })
+    );
     drop(rt);
 }
 
