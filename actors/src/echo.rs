@@ -73,22 +73,30 @@ async fn run(req: Request<EchoRequest, EchoChunk>) {
         return;
     }
     let cancel = ctx.cancellation();
-    for index in 0..body.repeat {
+    let chunk = |index| EchoChunk {
+        index,
+        text: body.text.clone(),
+    };
+    let Some(last) = body.repeat.checked_sub(1) else {
+        let _ = reply.finish().await;
+        return;
+    };
+    for index in 0..=last {
         if index > 0 && body.delay_ms > 0 {
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(Duration::from_millis(body.delay_ms)) => {}
             }
         }
-        let chunk = EchoChunk {
-            index,
-            text: body.text.clone(),
-        };
-        if reply.send(&chunk).await.is_err() {
+        if index == last {
+            break;
+        }
+        if reply.send(&chunk(index)).await.is_err() {
             return;
         }
     }
-    if let Err(e) = reply.finish().await {
+    // The last chunk also ends the stream: one message fewer.
+    if let Err(e) = reply.finish_with(&chunk(last)).await {
         tracing::debug!(error = %e, "echo: could not finish");
     }
 }

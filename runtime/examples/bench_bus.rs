@@ -69,10 +69,12 @@ impl Actor for BenchActor {
             body, mut reply, ..
         }) = msg;
         if body.frames <= 1 {
-            // A unary answer is quick: reply from the actor itself, as unary roles do.
-            if body.frames == 0 || reply.send(&body.payload).await.is_ok() {
-                let _ = reply.finish().await;
-            }
+            // A unary answer is quick: reply from the actor itself, as unary roles do, in one
+            // frame that is data and end.
+            let _ = match body.frames {
+                0 => reply.finish().await,
+                _ => reply.finish_with(&body.payload).await,
+            };
             return Ok(());
         }
         // A stream is produced by a task of its own, so the mailbox keeps moving.

@@ -51,6 +51,9 @@ impl NatsSettings {
     }
 }
 
+/// How long a flush waits for its round trip through the server.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A bus over a NATS connection. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct NatsBus {
@@ -215,19 +218,27 @@ impl Bus for NatsBus {
     }
 
     /// Waits until the server has processed everything sent so far. `async_nats::Client::flush`
-    /// only empties the socket buffer; a subscription is not yet visible to other connections
-    /// then. So this ends with a round trip the server answers at once: a request to a subject
-    /// nobody listens on, which it answers "no responders" after everything before it.
+    /// only empties the socket; a subscription is not yet visible to other connections then.
+    /// So this ends with a round trip through the server on this connection: a message to a
+    /// fresh inbox this connection subscribes, which comes back only after everything before it
+    /// was processed (whoever else listens, e.g. on `>`).
     async fn flush(&self) -> Result<(), BusError> {
-        let barrier = crate::subject::new_inbox();
-        match self
+        let err = |e: String| BusError::Connection(format!("flush failed: {e}"));
+        let barrier = crate::subject::new_inbox().as_str().to_string();
+        let mut echo = self
             .client
-            .request(barrier.as_str().to_string(), Bytes::new())
+            .subscribe(barrier.clone())
             .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => Ok(()),
-            Err(e) => Err(BusError::Connection(format!("flush failed: {e}"))),
+            .map_err(|e| err(e.to_string()))?;
+        self.client
+            .publish(barrier, Bytes::new())
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        self.client.flush().await.map_err(|e| err(e.to_string()))?;
+        match tokio::time::timeout(FLUSH_TIMEOUT, echo.next()).await {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => Err(err("connection closed".into())),
+            Err(_) => Err(err(format!("no round trip within {FLUSH_TIMEOUT:?}"))),
         }
     }
 }

@@ -332,6 +332,11 @@ impl RawResponseStream {
                     }
                     return Some(Ok(b));
                 }
+                FrameKind::Last(b) => {
+                    // The stream ends with this item: the next call returns `None`.
+                    self.done = true;
+                    return Some(Ok(b));
+                }
                 FrameKind::End => return None,
                 FrameKind::Error(e) => return Some(Err(RpcError::Remote(e))),
             }

@@ -3,7 +3,7 @@
 //! A caller sends one [`wire::RequestEnvelope`] (request id, time left until its deadline, the
 //! heartbeat interval it wants, the encoded body) with a reply subject in its own multiplexed
 //! inbox. The responder answers with ordered [`wire::Frame`]s: `Data`, then exactly one of `End`
-//! or `Error`; `Heartbeat`s while it works and has nothing else to say. Data-bearing frames are
+//! or `Error`, or a `Last` that is data and end at once (a unary answer is one message); `Heartbeat`s while it works and has nothing else to say. Data-bearing frames are
 //! numbered from 0, so a lost frame is noticed, never skipped silently.
 //!
 //! The caller ([`ResponseStream`]) turns every failure into one [`RpcError`] variant the caller

@@ -55,7 +55,7 @@ pub(crate) struct RequestEnvelope {
 /// One frame of a response stream.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct Frame {
-    /// Sequence of data-bearing frames (`Data`, `End`, `Error`), from 0; heartbeats carry 0
+    /// Sequence of data-bearing frames (`Data`, `Last`, `End`, `Error`), from 0; heartbeats carry 0
     /// and are not numbered.
     pub seq: u64,
     /// The instance answering, so the caller can direct a cancellation to it.
@@ -66,6 +66,8 @@ pub(crate) struct Frame {
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum FrameKind {
     Data(Bytes),
+    /// The last data frame, which is also the end.
+    Last(Bytes),
     End,
     Error(RemoteError),
     Heartbeat,

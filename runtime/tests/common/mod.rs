@@ -157,6 +157,8 @@ pub enum TestReq {
     Drop,
     /// Answers with the trace id and request id the handler saw, as `trace/id`.
     Whoami,
+    /// Answers `text` once, with `finish_with` (one frame that is data and end).
+    Unary { text: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -266,6 +268,9 @@ impl Actor for TestActor {
                     if reply.send(&TestResp { index: 0, text }).await.is_ok() {
                         let _ = reply.finish().await;
                     }
+                }
+                TestReq::Unary { text } => {
+                    let _ = reply.finish_with(&TestResp { index: 0, text }).await;
                 }
                 TestReq::Drop => {
                     let _ = reply

@@ -10,13 +10,17 @@ use dynamo_runtime::subject::{ComponentId, EndpointName};
 use dynamo_runtime::{CallOptions, Target};
 
 use super::common::{observe, OtherReq};
-use super::{call_all, echo, serve_one, spawn_actor, Harness, Observed, TestReq, TestResp, SECOND};
+use super::{
+    call_all, echo, next_within, pat, serve_one, spawn_actor, Harness, Observed, TestReq, TestResp,
+    SECOND,
+};
 use crate::transport_suite;
 
 transport_suite!(
     streaming_call_through_queue_group_and_instance_subject,
     request_and_trace_ids_reach_the_handler,
     remote_errors_are_typed,
+    a_unary_answer_is_one_message,
     bad_input_gets_typed_errors_and_serving_continues,
     malformed_frames_are_a_typed_error_for_the_caller,
     caller_cancellation_reaches_the_handler,
@@ -128,6 +132,50 @@ async fn request_and_trace_ids_reach_the_handler(h: &Harness) {
         .unwrap();
     let (trace, id) = items[0].text.split_once('/').unwrap();
     assert_eq!(trace, id);
+}
+
+async fn a_unary_answer_is_one_message(h: &Harness) {
+    let (_rt, served, _obs, ep) = serve_one(h).await;
+    let caller = h.runtime().await;
+    // Watch every RPC reply on the bus (`_INBOX.{client}.{call}`).
+    let tap_bus = h.bus().await;
+    let mut tap = tap_bus.subscribe(pat("_INBOX.*.*"), None).await.unwrap();
+    tap_bus.flush().await.unwrap();
+    let unary = TestReq::Unary { text: "one".into() };
+    let items = call_all(&caller, Target::Any(ep.clone()), &unary)
+        .await
+        .unwrap();
+    assert_eq!(
+        items,
+        vec![TestResp {
+            index: 0,
+            text: "one".into()
+        }]
+    );
+    assert_eq!(
+        count_within(&mut tap, 300).await,
+        1,
+        "data and end in one frame"
+    );
+    let items = call_all(&caller, Target::Any(ep), &echo("one", 1, 0))
+        .await
+        .unwrap();
+    assert_eq!(items.len(), 1);
+    assert_eq!(
+        count_within(&mut tap, 300).await,
+        2,
+        "a data frame, then an end frame"
+    );
+    wait_until_idle(&served).await;
+}
+
+/// Counts the messages `sub` receives until it has been quiet for `ms`.
+async fn count_within(sub: &mut dynamo_runtime::bus::Subscription, ms: u64) -> usize {
+    let mut n = 0;
+    while next_within(sub, ms).await.is_some() {
+        n += 1;
+    }
+    n
 }
 
 async fn remote_errors_are_typed(h: &Harness) {
