@@ -152,13 +152,13 @@ async fn serve(rt: &Runtime) -> (ServedEndpoint, EndpointId) {
     (served, comp.endpoint("echo").unwrap())
 }
 
-/// Sequential calls of one frame; returns (time to first frame, time to end).
+/// Sequential unary calls (the answer is one frame that also ends the stream), timed from the
+/// call until the stream has ended.
 async fn rpc_latency(
     rt: &Runtime,
     ep: &EndpointId,
     payload: &Bytes,
     iters: usize,
-    first: &mut Histogram<u64>,
     done: &mut Histogram<u64>,
 ) {
     let req = BenchReq {
@@ -173,12 +173,10 @@ async fn rpc_latency(
             .await
             .unwrap();
         let item = s.next().await.unwrap().unwrap();
-        let t_first = t.elapsed();
         assert!(s.next().await.is_none());
         let t_done = t.elapsed();
         assert_eq!(item.len(), payload.len());
         if i >= iters / 10 {
-            first.record(t_first.as_nanos() as u64).unwrap();
             done.record(t_done.as_nanos() as u64).unwrap();
         }
     }
@@ -381,8 +379,7 @@ async fn bench() {
     // Latency: the paths take turns, round by round, so machine noise falls on all alike.
     let new_h = || Histogram::<u64>::new(3).unwrap();
     let (mut raw_h, mut bus_nats_h, mut bus_local_h) = (new_h(), new_h(), new_h());
-    let (mut nats_first_h, mut nats_done_h, mut local_first_h, mut local_done_h) =
-        (new_h(), new_h(), new_h(), new_h());
+    let (mut nats_done_h, mut local_done_h) = (new_h(), new_h());
     let per_round = (iters / rounds).max(1);
     for round in 1..=rounds {
         eprintln!("latency round {round}/{rounds} ({per_round} calls per path) ...");
@@ -391,30 +388,13 @@ async fn bench() {
         bus_latency(c, r, &payload, per_round, &mut bus_nats_h).await;
         let (c, r) = (Arc::new(local_only.clone()), Arc::new(local_only.clone()));
         bus_latency(c, r, &payload, per_round, &mut bus_local_h).await;
-        rpc_latency(
-            &nats_caller,
-            &ep,
-            &payload,
-            per_round,
-            &mut nats_first_h,
-            &mut nats_done_h,
-        )
-        .await;
-        rpc_latency(
-            &local_rt,
-            &ep_local,
-            &payload,
-            per_round,
-            &mut local_first_h,
-            &mut local_done_h,
-        )
-        .await;
+        rpc_latency(&nats_caller, &ep, &payload, per_round, &mut nats_done_h).await;
+        rpc_latency(&local_rt, &ep_local, &payload, per_round, &mut local_done_h).await;
     }
     let raw = latency(&raw_h);
     let bus_nats = latency(&bus_nats_h);
     let bus_local = latency(&bus_local_h);
-    let (nats_first, nats_done) = (latency(&nats_first_h), latency(&nats_done_h));
-    let (local_first, local_done) = (latency(&local_first_h), latency(&local_done_h));
+    let (nats_done, local_done) = (latency(&nats_done_h), latency(&local_done_h));
 
     eprintln!("stream: raw async-nats pub/sub ...");
     let raw_rate = raw_nats_stream(&url, &payload, frames).await;
@@ -441,10 +421,8 @@ async fn bench() {
     row("raw async-nats request/reply (reference)", &raw);
     row("Bus trait over NATS, transport only", &bus_nats);
     row("Bus trait in-process, transport only", &bus_local);
-    row("runtime RPC over NATS, first frame", &nats_first);
-    row("runtime RPC over NATS, end of stream", &nats_done);
-    row("runtime RPC in-process, first frame", &local_first);
-    row("runtime RPC in-process, end of stream", &local_done);
+    row("runtime RPC over NATS, unary call", &nats_done);
+    row("runtime RPC in-process, unary call", &local_done);
     println!();
     println!("| stream path | frames/s | vs raw NATS pub/sub |");
     println!("|---|---:|---:|");
