@@ -185,26 +185,9 @@ impl<Resp: Serialize> ReplySender<Resp> {
     /// Sends one response; waits while the caller's flow-control window is full. An error means
     /// the stream is over: stop producing.
     pub async fn send(&mut self, item: &Resp) -> Result<(), ReplyError> {
-        if self.ended || self.open.cancel.is_cancelled() {
-            return Err(ReplyError::Cancelled);
-        }
-        let body = wire::encode(item).map_err(|e| ReplyError::Encode(e.to_string()))?;
-        self.open.credit_for(self.seq).await?;
-        match self.open.publish(self.seq, FrameKind::Data(body)).await {
-            Ok(()) => {
-                self.seq += 1;
-                Ok(())
-            }
-            Err(ReplyError::TooLarge { size, max }) => {
-                self.end_with(FrameKind::Error(RemoteError::new(
-                    RemoteErrorKind::ResponseTooLarge,
-                    format!("a response of {size} bytes exceeds the bus limit of {max} bytes"),
-                )))
-                .await?;
-                Err(ReplyError::TooLarge { size, max })
-            }
-            Err(e) => Err(e),
-        }
+        self.publish_item(item, false).await?;
+        self.seq += 1;
+        Ok(())
     }
 
     /// Ends the stream successfully.
@@ -215,12 +198,28 @@ impl<Resp: Serialize> ReplySender<Resp> {
     /// Sends `item` as the last response and ends the stream, in one frame: a unary answer
     /// costs one message instead of two.
     pub async fn finish_with(mut self, item: &Resp) -> Result<(), ReplyError> {
+        self.publish_item(item, true).await?;
+        self.ended = true;
+        self.open
+            .endpoint
+            .finish(self.open.id, self.open.started.elapsed(), false);
+        Ok(())
+    }
+
+    /// Publishes a data frame (`last`: one that also ends the stream) once the window allows.
+    /// One over the bus limit ends the stream with `ResponseTooLarge` for the caller instead.
+    async fn publish_item(&mut self, item: &Resp, last: bool) -> Result<(), ReplyError> {
         if self.ended || self.open.cancel.is_cancelled() {
             return Err(ReplyError::Cancelled);
         }
         let body = wire::encode(item).map_err(|e| ReplyError::Encode(e.to_string()))?;
         self.open.credit_for(self.seq).await?;
-        match self.open.publish(self.seq, FrameKind::Last(body)).await {
+        let kind = if last {
+            FrameKind::Last(body)
+        } else {
+            FrameKind::Data(body)
+        };
+        match self.open.publish(self.seq, kind).await {
             Err(ReplyError::TooLarge { size, max }) => {
                 self.end_with(FrameKind::Error(RemoteError::new(
                     RemoteErrorKind::ResponseTooLarge,
@@ -229,13 +228,7 @@ impl<Resp: Serialize> ReplySender<Resp> {
                 .await?;
                 Err(ReplyError::TooLarge { size, max })
             }
-            result => {
-                self.ended = true;
-                self.open
-                    .endpoint
-                    .finish(self.open.id, self.open.started.elapsed(), false);
-                result
-            }
+            other => other,
         }
     }
 
