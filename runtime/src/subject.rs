@@ -160,10 +160,6 @@ impl InstanceId {
         Self(rand::random())
     }
 
-    pub fn get(self) -> u64 {
-        self.0
-    }
-
     /// Parses the 16-hex-digit form used in subjects and discovery keys.
     pub fn parse_hex(s: &str) -> Result<Self, SubjectError> {
         if s.len() != 16 {
@@ -322,14 +318,6 @@ impl DiscoveryFilter {
         Self(">".to_string())
     }
 
-    pub fn namespace(ns: &Namespace) -> Self {
-        Self(format!("{ns}.>"))
-    }
-
-    pub fn component(c: &ComponentId) -> Self {
-        Self(format!("{c}.*.*"))
-    }
-
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -363,11 +351,6 @@ impl Subject {
     /// The last `.`-separated token.
     pub fn last_token(&self) -> &str {
         self.0.rsplit('.').next().unwrap_or(&self.0)
-    }
-
-    /// `self` with one more token; `token` must be a valid token.
-    pub fn child(&self, token: &str) -> Result<Self, SubjectError> {
-        Self::parse(format!("{}.{}", self.0, token))
     }
 }
 

@@ -165,7 +165,8 @@ impl Bus for NatsBus {
     }
 
     fn max_payload(&self) -> usize {
-        self.client.server_info().max_payload
+        // Cached by the client; `server_info()` would clone the whole INFO on every publish.
+        self.client.max_payload()
     }
 
     async fn publish(&self, msg: Outgoing) -> Result<(), BusError> {

@@ -253,10 +253,6 @@ pub struct RawResponseStream {
 }
 
 impl RawResponseStream {
-    pub fn request_id(&self) -> RequestId {
-        self.id
-    }
-
     /// The instance answering, once its first frame arrived.
     pub fn responder(&self) -> Option<InstanceId> {
         self.responder
@@ -396,10 +392,6 @@ pub struct ResponseStream<Resp> {
 }
 
 impl<Resp: DeserializeOwned> ResponseStream<Resp> {
-    pub fn request_id(&self) -> RequestId {
-        self.raw.request_id()
-    }
-
     pub fn responder(&self) -> Option<InstanceId> {
         self.raw.responder()
     }
@@ -428,10 +420,5 @@ impl<Resp: DeserializeOwned> ResponseStream<Resp> {
             out.push(item?);
         }
         Ok(out)
-    }
-
-    /// As a `futures::Stream`.
-    pub fn into_stream(self) -> impl futures::Stream<Item = Result<Resp, RpcError>> {
-        futures::stream::unfold(self, |mut s| async move { s.next().await.map(|i| (i, s)) })
     }
 }

@@ -55,10 +55,6 @@ impl RequestContext {
         &self.cancel
     }
 
-    pub fn is_cancelled(&self) -> bool {
-        self.cancel.is_cancelled()
-    }
-
     /// The request's span (endpoint, request id, caller's trace id): instrument the handler's
     /// work with it so its logs carry the ids across tasks.
     pub fn span(&self) -> &tracing::Span {
@@ -176,10 +172,6 @@ impl<Resp: Serialize> ReplySender<Resp> {
             _resp: PhantomData,
         };
         (sender, ctx)
-    }
-
-    pub fn is_cancelled(&self) -> bool {
-        self.open.cancel.is_cancelled()
     }
 
     /// Sends one response; waits while the caller's flow-control window is full. An error means

@@ -125,13 +125,14 @@ async fn service_protocol_lists_endpoints_and_counts_requests(h: &Harness) {
     assert_eq!(stats["endpoints"][0]["num_errors"], 0);
 }
 
+/// Watches every instance in `rt`'s discovery.
+async fn watch_all(rt: &dynamo_runtime::Runtime) -> dynamo_runtime::discovery::DiscoveryWatch {
+    rt.discovery().watch(DiscoveryFilter::all()).await.unwrap()
+}
+
 async fn discovery_watch_sees_joins_and_leaves(h: &Harness) {
     let watcher = h.runtime().await;
-    let mut watch = watcher
-        .discovery()
-        .watch(DiscoveryFilter::all())
-        .await
-        .unwrap();
+    let mut watch = watch_all(&watcher).await;
     let (rt, served, _obs, ep) = serve_one(h).await;
     let joined = tokio::time::timeout(Duration::from_secs(5), watch.next())
         .await
@@ -214,11 +215,7 @@ mod nats_only {
     async fn a_watch_reports_an_instance_lost_with_the_servers_store() {
         let mut h = Harness::nats().await;
         let watcher = h.runtime().await;
-        let mut watch = watcher
-            .discovery()
-            .watch(DiscoveryFilter::all())
-            .await
-            .unwrap();
+        let mut watch = watch_all(&watcher).await;
         // A process that will die while the server is down: never deregistered, and its
         // registration vanishes with the store instead of expiring in front of the watcher.
         let url = h.nats.as_ref().unwrap().url();
@@ -253,11 +250,7 @@ mod nats_only {
         let (served, _obs) = crate::common::serve_test_actor(&rt, "echo").await;
         let ep = served.endpoint().clone();
         let caller = h.runtime().await;
-        let mut watch = caller
-            .discovery()
-            .watch(DiscoveryFilter::all())
-            .await
-            .unwrap();
+        let mut watch = watch_all(&caller).await;
         assert!(matches!(
             watch.next().await,
             Some(DiscoveryEvent::Joined(_))
