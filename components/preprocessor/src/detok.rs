@@ -1,0 +1,217 @@
+//! Turning generated token ids into text, one piece at a time.
+//!
+//! [`Decoder`]: incremental detokenization. Decoding each token alone breaks multi-byte
+//! characters (byte-level BPE splits them over tokens) and words whose spacing depends on their
+//! neighbours (SentencePiece). Instead it keeps two offsets into the token list: text is
+//! released only when decoding `tokens[prefix..]` yields more than `tokens[prefix..read]` and
+//! does not end in an incomplete character (U+FFFD). The window starts with the last few
+//! prompt tokens so that the first generated word gets its leading space right.
+//!
+//! [`StopJail`]: stop strings. Text that could still be the start of a stop string is held
+//! back; once a stop string appears, the text before it is released and the rest discarded.
+
+use std::sync::Arc;
+
+use dynamo_protocols::llm::TokenId;
+
+/// How many prompt tokens seed the decoding window.
+const CONTEXT_TOKENS: usize = 5;
+
+/// Incremental detokenizer for one sequence.
+pub struct Decoder {
+    tokenizer: Arc<tokenizers::Tokenizer>,
+    tokens: Vec<TokenId>,
+    prefix: usize,
+    read: usize,
+}
+
+impl Decoder {
+    pub fn new(tokenizer: Arc<tokenizers::Tokenizer>, prompt: &[TokenId]) -> Self {
+        let tokens = prompt[prompt.len().saturating_sub(CONTEXT_TOKENS)..].to_vec();
+        let read = tokens.len();
+        Self {
+            tokenizer,
+            tokens,
+            prefix: 0,
+            read,
+        }
+    }
+
+    fn decode(&self, range: std::ops::Range<usize>) -> String {
+        // Ids come from our own engine, checked against the vocabulary by the preprocessor;
+        // an unknown id decodes to nothing rather than failing the stream.
+        self.tokenizer
+            .decode(&self.tokens[range], true)
+            .unwrap_or_default()
+    }
+
+    /// Adds one token; returns the text it completes (possibly empty).
+    pub fn push(&mut self, token: TokenId) -> String {
+        self.tokens.push(token);
+        let before = self.decode(self.prefix..self.read);
+        let after = self.decode(self.prefix..self.tokens.len());
+        if after.len() > before.len() && !after.ends_with('\u{FFFD}') {
+            // `after` extends `before` except in rare normalisation cases; cut on a character
+            // boundary either way.
+            let cut = if after.starts_with(&before) {
+                before.len()
+            } else {
+                common_prefix_len(&before, &after)
+            };
+            self.prefix = self.read;
+            self.read = self.tokens.len();
+            after[cut..].to_string()
+        } else {
+            String::new()
+        }
+    }
+
+    /// Text held back at the end of the stream (an incomplete character decodes lossily).
+    pub fn flush(&mut self) -> String {
+        if self.read == self.tokens.len() {
+            return String::new();
+        }
+        let before = self.decode(self.prefix..self.read);
+        let after = self.decode(self.prefix..self.tokens.len());
+        self.read = self.tokens.len();
+        let cut = common_prefix_len(&before, &after);
+        after[cut..].to_string()
+    }
+}
+
+fn common_prefix_len(a: &str, b: &str) -> usize {
+    a.char_indices()
+        .zip(b.chars())
+        .find(|((_, ca), cb)| ca != cb)
+        .map(|((i, _), _)| i)
+        .unwrap_or_else(|| a.len().min(b.len()))
+}
+
+/// Holds back text that may be the start of a stop string.
+#[derive(Debug, Default)]
+pub struct StopJail {
+    stops: Vec<String>,
+    held: String,
+}
+
+/// What [`StopJail::push`] releases.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Released {
+    pub text: String,
+    /// A stop string matched: `text` ends just before it and the sequence is over.
+    pub stopped: bool,
+}
+
+impl StopJail {
+    pub fn new(stops: Vec<String>) -> Self {
+        Self {
+            stops,
+            held: String::new(),
+        }
+    }
+
+    pub fn push(&mut self, text: &str) -> Released {
+        if self.stops.is_empty() {
+            return Released {
+                text: text.to_string(),
+                stopped: false,
+            };
+        }
+        self.held.push_str(text);
+        // Earliest complete match wins. Released text never holds a stop's start, so any
+        // match begins inside `held`.
+        if let Some(pos) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min()
+        {
+            let text = self.held[..pos].to_string();
+            self.held.clear();
+            return Released {
+                text,
+                stopped: true,
+            };
+        }
+        // Keep the longest suffix that is a proper prefix of some stop string.
+        let keep = self
+            .held
+            .char_indices()
+            .map(|(i, _)| i)
+            .find(|&i| {
+                let tail = &self.held[i..];
+                self.stops.iter().any(|s| s.starts_with(tail))
+            })
+            .unwrap_or(self.held.len());
+        let text = self.held[..keep].to_string();
+        self.held.drain(..keep);
+        Released {
+            text,
+            stopped: false,
+        }
+    }
+
+    /// The held text, when the sequence ends for another reason.
+    pub fn flush(&mut self) -> String {
+        std::mem::take(&mut self.held)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn jail_all(stops: &[&str], pieces: &[&str]) -> (String, bool) {
+        let mut jail = StopJail::new(stops.iter().map(|s| s.to_string()).collect());
+        let mut out = String::new();
+        for p in pieces {
+            let r = jail.push(p);
+            out.push_str(&r.text);
+            if r.stopped {
+                return (out, true);
+            }
+        }
+        out.push_str(&jail.flush());
+        (out, false)
+    }
+
+    #[test]
+    fn stop_split_over_pieces_is_removed() {
+        assert_eq!(jail_all(&["END"], &["abc E", "N", "D tail"]), ("abc ".into(), true));
+    }
+
+    #[test]
+    fn false_start_is_released() {
+        let mut jail = StopJail::new(vec!["STOP".into()]);
+        assert_eq!(jail.push("x ST").text, "x ");
+        let r = jail.push("ART");
+        assert_eq!((r.text.as_str(), r.stopped), ("START", false));
+    }
+
+    #[test]
+    fn earliest_of_several_stops_wins() {
+        assert_eq!(jail_all(&["bb", "a"], &["xxbba"]), ("xx".into(), true));
+    }
+
+    proptest! {
+        /// Whatever the cut into pieces, the output is the text up to the first stop string
+        /// (or all of it), the same as on the whole text at once.
+        #[test]
+        fn jail_equals_whole_text_search(text in "[ab ]{0,40}", cuts in proptest::collection::vec(0usize..40, 0..8)) {
+            let stops = ["ab a", "bb"];
+            let expected = match stops.iter().filter_map(|s| text.find(s)).min() {
+                Some(p) => (text[..p].to_string(), true),
+                None => (text.clone(), false),
+            };
+            let mut points: Vec<usize> = cuts.into_iter().filter(|&c| c < text.len()).collect();
+            points.sort();
+            points.dedup();
+            let mut pieces = Vec::new();
+            let mut last = 0;
+            for p in points { pieces.push(&text[last..p]); last = p; }
+            pieces.push(&text[last..]);
+            prop_assert_eq!(jail_all(&stops, &pieces), expected);
+        }
+    }
+}

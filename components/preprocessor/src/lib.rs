@@ -1,0 +1,18 @@
+//! From OpenAI requests to token ids and back, for one model:
+//!
+//! - [`model`]: Hugging Face model folders and the files a frontend fetches to serve them;
+//! - [`template`]: chat templates (`minijinja`);
+//! - [`pipeline`]: request validation and tokenization ([`Preprocessor`]), and per request the
+//!   [`OutputProcessor`] (incremental detokenization, stop tokens and strings, usage);
+//! - [`detok`]: the incremental decoder and the stop-string jail;
+//! - [`make_model`]: a deterministic small model folder for tests and the quickstart.
+#![forbid(unsafe_code)]
+
+pub mod detok;
+pub mod make_model;
+pub mod model;
+pub mod pipeline;
+pub mod template;
+
+pub use model::{ModelError, ModelFiles, ModelFolder};
+pub use pipeline::{OutputProcessor, Piece, Prepared, Preprocessor, RequestError};

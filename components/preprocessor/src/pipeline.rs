@@ -1,0 +1,595 @@
+//! The request pipeline of one model: OpenAI request in, validated [`Prepared`] request out
+//! (chat template applied, prompt tokenized, parameters checked); and per request, an
+//! [`OutputProcessor`] that turns the engine's token ids into text with stop handling and exact
+//! token counts.
+//!
+//! Every problem with a request is a [`RequestError`] naming the parameter, never a panic.
+
+use std::sync::Arc;
+
+use dynamo_protocols::llm::{
+    EngineOutput, FinishReason, PreprocessedRequest, SamplingOptions, StopConditions, TokenId,
+};
+use dynamo_protocols::openai::{
+    ChatCompletionRequest, ChatMessage, CompletionRequest, GenerationParams, MessageContent,
+    Prompt,
+};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::detok::{Decoder, StopJail};
+use crate::model::{
+    ModelError, ModelFiles, CHAT_TEMPLATE, CONFIG, GENERATION_CONFIG, TOKENIZER, TOKENIZER_CONFIG,
+};
+use crate::template::{ChatTemplate, TemplateError};
+
+/// Most stop strings per request.
+pub const MAX_STOP_STRINGS: usize = 16;
+
+const ROLES: [&str; 6] = ["system", "developer", "user", "assistant", "tool", "function"];
+
+/// A request the pipeline refuses (an HTTP 400).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct RequestError {
+    pub message: String,
+    /// The offending parameter, as a JSON path (`messages[1].role`).
+    pub param: Option<String>,
+    /// A machine-readable code where OpenAI defines one (`context_length_exceeded`).
+    pub code: Option<&'static str>,
+}
+
+impl RequestError {
+    fn new(message: impl Into<String>, param: Option<&str>) -> Self {
+        Self {
+            message: message.into(),
+            param: param.map(str::to_string),
+            code: None,
+        }
+    }
+
+    fn unsupported(param: &str, what: &str) -> Self {
+        Self::new(format!("{what} is not supported by this server"), Some(param))
+    }
+}
+
+fn parse<'a, T: Deserialize<'a>>(body: &'a Value) -> Result<T, RequestError> {
+    serde_path_to_error::deserialize(body).map_err(|e| {
+        let path = e.path().to_string();
+        if path == "." {
+            RequestError::new(e.inner().to_string(), None)
+        } else {
+            RequestError::new(format!("{path}: {}", e.inner()), Some(&path))
+        }
+    })
+}
+
+/// A validated, tokenized request and what the frontend needs to answer it.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub request: PreprocessedRequest,
+    pub stream: bool,
+    pub include_usage: bool,
+    pub stop_strings: Vec<String>,
+    /// `nvext.backend_instance_id`: route to this instance.
+    pub instance: Option<String>,
+    /// Completions with `echo`: the prompt text, sent before the completion.
+    pub echo: Option<String>,
+}
+
+impl Prepared {
+    pub fn prompt_tokens(&self) -> u32 {
+        self.request.token_ids.len() as u32
+    }
+}
+
+fn text_field(v: &Value, key: &str) -> Option<String> {
+    match v.get(key)? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
+        _ => None,
+    }
+}
+
+fn token_ids(v: &Value) -> Vec<TokenId> {
+    match v {
+        Value::Number(n) => n.as_u64().map(|n| vec![n as TokenId]).unwrap_or_default(),
+        Value::Array(a) => a
+            .iter()
+            .filter_map(|x| x.as_u64().map(|n| n as TokenId))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Tokenizer, chat template and limits of one model.
+pub struct Preprocessor {
+    name: String,
+    tokenizer: Arc<tokenizers::Tokenizer>,
+    template: Option<ChatTemplate>,
+    bos_token: Option<String>,
+    eos_token: Option<String>,
+    eos_ids: Vec<TokenId>,
+    context_length: u32,
+    vocab_size: u32,
+}
+
+impl std::fmt::Debug for Preprocessor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Preprocessor")
+            .field("name", &self.name)
+            .field("context_length", &self.context_length)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Preprocessor {
+    pub fn new(name: &str, files: &ModelFiles) -> Result<Self, ModelError> {
+        let tok_bytes = files
+            .get(TOKENIZER)
+            .ok_or(ModelError::Missing { file: TOKENIZER })?;
+        let tokenizer =
+            tokenizers::Tokenizer::from_bytes(tok_bytes).map_err(|e| ModelError::Invalid {
+                file: TOKENIZER,
+                reason: e.to_string(),
+            })?;
+        let tok_config = files.json(TOKENIZER_CONFIG)?.unwrap_or(Value::Null);
+        let template_src = match files.get(CHAT_TEMPLATE) {
+            Some(b) => Some(String::from_utf8_lossy(b).into_owned()),
+            None => match tok_config.get("chat_template") {
+                Some(Value::String(s)) => Some(s.clone()),
+                // A list of named templates: the "default" one, else the first.
+                Some(Value::Array(list)) => list
+                    .iter()
+                    .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                    .or_else(|| list.first())
+                    .and_then(|t| t.get("template"))
+                    .and_then(Value::as_str)
+                    .map(str::to_string),
+                _ => None,
+            },
+        };
+        let template = template_src
+            .map(|s| ChatTemplate::new(&s))
+            .transpose()
+            .map_err(|e| ModelError::Invalid {
+                file: TOKENIZER_CONFIG,
+                reason: e.to_string(),
+            })?;
+        let bos_token = text_field(&tok_config, "bos_token");
+        let eos_token = text_field(&tok_config, "eos_token");
+        let mut eos_ids = Vec::new();
+        for (file, value) in [
+            (GENERATION_CONFIG, files.json(GENERATION_CONFIG)?),
+            (CONFIG, files.json(CONFIG)?),
+        ] {
+            let _ = file;
+            if let Some(v) = value.as_ref().and_then(|v| v.get("eos_token_id")) {
+                eos_ids.extend(token_ids(v));
+            }
+        }
+        if let Some(id) = eos_token.as_deref().and_then(|t| tokenizer.token_to_id(t)) {
+            eos_ids.push(id);
+        }
+        eos_ids.sort_unstable();
+        eos_ids.dedup();
+        Ok(Self {
+            name: name.to_string(),
+            vocab_size: tokenizer.get_vocab_size(true) as u32,
+            tokenizer: Arc::new(tokenizer),
+            template,
+            bos_token,
+            eos_token,
+            eos_ids,
+            context_length: files.context_length()?,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn context_length(&self) -> u32 {
+        self.context_length
+    }
+
+    pub fn eos_ids(&self) -> &[TokenId] {
+        &self.eos_ids
+    }
+
+    pub fn tokenizer(&self) -> &Arc<tokenizers::Tokenizer> {
+        &self.tokenizer
+    }
+
+    /// Tokenizes `text`; `special` adds the tokenizer's BOS/EOS framing.
+    pub fn encode(&self, text: &str, special: bool) -> Result<Vec<TokenId>, RequestError> {
+        self.tokenizer
+            .encode_fast(text, special)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| RequestError::new(format!("cannot tokenize the prompt: {e}"), None))
+    }
+
+    /// Renders the chat template for `req` (the prompt text, before tokenization).
+    pub fn render_chat(&self, req: &ChatCompletionRequest) -> Result<String, RequestError> {
+        let template = self.template.as_ref().ok_or_else(|| {
+            RequestError::new(
+                format!(
+                    "model {} has no chat template; use /v1/completions with a prompt",
+                    self.name
+                ),
+                Some("messages"),
+            )
+        })?;
+        if req.messages.is_empty() {
+            return Err(RequestError::new(
+                "messages must not be empty",
+                Some("messages"),
+            ));
+        }
+        let messages = req
+            .messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| message_value(i, m))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut ctx = json!({
+            "messages": messages,
+            "add_generation_prompt": true,
+            "bos_token": self.bos_token.clone().unwrap_or_default(),
+            "eos_token": self.eos_token.clone().unwrap_or_default(),
+        });
+        if let Some(tools) = &req.tools {
+            ctx["tools"] = Value::Array(tools.clone());
+        }
+        if let Some(extra) = &req.chat_template_kwargs {
+            for (k, v) in extra {
+                ctx[k.as_str()] = v.clone();
+            }
+        }
+        template.render(&ctx).map_err(|e| match e {
+            TemplateError::Render(m) => {
+                RequestError::new(format!("the chat template failed: {m}"), Some("messages"))
+            }
+            TemplateError::Compile(m) => RequestError::new(
+                format!("the model's chat template does not compile: {m}"),
+                None,
+            ),
+        })
+    }
+
+    /// Validates and tokenizes a `/v1/chat/completions` body.
+    pub fn chat(&self, body: &Value) -> Result<Prepared, RequestError> {
+        require_object(body)?;
+        let req: ChatCompletionRequest = parse(body)?;
+        let params: GenerationParams = parse(body)?;
+        let prompt = self.render_chat(&req)?;
+        let tokens = self.encode(&prompt, false)?;
+        self.prepare(tokens, params, None)
+    }
+
+    /// Validates and tokenizes a `/v1/completions` body.
+    pub fn completion(&self, body: &Value) -> Result<Prepared, RequestError> {
+        require_object(body)?;
+        let req: CompletionRequest = parse(body)?;
+        let params: GenerationParams = parse(body)?;
+        if req.best_of.is_some_and(|b| b != 1) {
+            return Err(RequestError::unsupported("best_of", "best_of other than 1"));
+        }
+        if req.suffix.is_some() {
+            return Err(RequestError::unsupported("suffix", "suffix"));
+        }
+        fn one<T>(mut v: Vec<T>) -> Result<T, RequestError> {
+            if v.len() == 1 {
+                Ok(v.remove(0))
+            } else {
+                Err(RequestError::new(
+                    format!("prompt must be one prompt, not a batch of {}", v.len()),
+                    Some("prompt"),
+                ))
+            }
+        }
+        let (tokens, text) = match req.prompt {
+            Prompt::Text(t) => (self.encode(&t, true)?, t),
+            Prompt::Texts(v) => {
+                let t = one(v)?;
+                (self.encode(&t, true)?, t)
+            }
+            Prompt::Tokens(ids) => (ids, String::new()),
+            Prompt::TokenBatches(v) => (one(v)?, String::new()),
+        };
+        if let Some(bad) = tokens.iter().find(|&&t| t >= self.vocab_size) {
+            return Err(RequestError::new(
+                format!(
+                    "prompt token id {bad} is outside the vocabulary (size {})",
+                    self.vocab_size
+                ),
+                Some("prompt"),
+            ));
+        }
+        let echo = if req.echo == Some(true) {
+            Some(if text.is_empty() {
+                self.tokenizer.decode(&tokens, true).unwrap_or_default()
+            } else {
+                text
+            })
+        } else {
+            None
+        };
+        self.prepare(tokens, params, echo)
+    }
+
+    fn prepare(
+        &self,
+        token_ids: Vec<TokenId>,
+        p: GenerationParams,
+        echo: Option<String>,
+    ) -> Result<Prepared, RequestError> {
+        if token_ids.is_empty() {
+            return Err(RequestError::new("the prompt is empty", Some("prompt")));
+        }
+        if p.n.is_some_and(|n| n != 1) {
+            return Err(RequestError::new(
+                "n other than 1 is not supported: send n=1, or several requests",
+                Some("n"),
+            ));
+        }
+        let wants_logprobs = match &p.logprobs {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+            Some(Value::Number(n)) => n.as_f64() != Some(0.0),
+            Some(_) => true,
+        };
+        if wants_logprobs || p.top_logprobs.is_some_and(|n| n > 0) {
+            return Err(RequestError::unsupported("logprobs", "logprobs"));
+        }
+        check_range("temperature", p.temperature, 0.0, 2.0)?;
+        check_range("top_p", p.top_p, f32::MIN_POSITIVE, 1.0)?;
+        check_range("presence_penalty", p.presence_penalty, -2.0, 2.0)?;
+        check_range("frequency_penalty", p.frequency_penalty, -2.0, 2.0)?;
+        let top_k = match p.top_k {
+            None | Some(-1) | Some(0) => None,
+            Some(k) if k > 0 => Some(k.min(u32::MAX as i64) as u32),
+            Some(k) => {
+                return Err(RequestError::new(
+                    format!("top_k is {k}; it must be positive, or -1 to disable"),
+                    Some("top_k"),
+                ))
+            }
+        };
+        let prompt_len = token_ids.len() as u64;
+        let context = self.context_length as u64;
+        if prompt_len >= context {
+            return Err(RequestError {
+                message: format!(
+                    "this model's maximum context length is {context} tokens; the prompt is {prompt_len} tokens, leaving no room to generate"
+                ),
+                param: Some("messages".into()),
+                code: Some("context_length_exceeded"),
+            });
+        }
+        let (max_param, max_tokens) = match (p.max_completion_tokens, p.max_tokens) {
+            (Some(m), _) => ("max_completion_tokens", Some(m)),
+            (None, m) => ("max_tokens", m),
+        };
+        let max_tokens = match max_tokens {
+            None => context - prompt_len,
+            Some(m) if m < 1 => {
+                return Err(RequestError::new(
+                    format!("{max_param} is {m}; it must be at least 1"),
+                    Some(max_param),
+                ))
+            }
+            Some(m) if prompt_len + m as u64 > context => {
+                return Err(RequestError {
+                    message: format!(
+                        "this model's maximum context length is {context} tokens; you asked for {} ({prompt_len} in the prompt, {m} to generate)",
+                        prompt_len + m as u64
+                    ),
+                    param: Some(max_param.into()),
+                    code: Some("context_length_exceeded"),
+                })
+            }
+            Some(m) => m as u64,
+        } as u32;
+        let min_tokens = match p.min_tokens {
+            None => 0,
+            Some(m) if m < 0 || m as u64 > max_tokens as u64 => {
+                return Err(RequestError::new(
+                    format!("min_tokens is {m}; it must be between 0 and max_tokens ({max_tokens})"),
+                    Some("min_tokens"),
+                ))
+            }
+            Some(m) => m as u32,
+        };
+        let stop_strings = p.stop.map(|s| s.into_vec()).unwrap_or_default();
+        if stop_strings.len() > MAX_STOP_STRINGS {
+            return Err(RequestError::new(
+                format!("stop has {} strings; at most {MAX_STOP_STRINGS} are allowed", stop_strings.len()),
+                Some("stop"),
+            ));
+        }
+        if stop_strings.iter().any(String::is_empty) {
+            return Err(RequestError::new("stop strings must not be empty", Some("stop")));
+        }
+        let stop_token_ids = if p.ignore_eos == Some(true) {
+            Vec::new()
+        } else {
+            self.eos_ids.clone()
+        };
+        let stream = p.stream.unwrap_or(false);
+        Ok(Prepared {
+            request: PreprocessedRequest {
+                token_ids,
+                sampling: SamplingOptions {
+                    temperature: p.temperature,
+                    top_p: p.top_p,
+                    top_k,
+                    seed: p.seed.map(|s| s as u64),
+                    presence_penalty: p.presence_penalty,
+                    frequency_penalty: p.frequency_penalty,
+                },
+                stop: StopConditions {
+                    max_tokens,
+                    min_tokens,
+                    stop_token_ids,
+                },
+            },
+            stream,
+            include_usage: stream && p.stream_options.is_some_and(|o| o.include_usage),
+            stop_strings,
+            instance: p.nvext.and_then(|x| x.backend_instance_id),
+            echo,
+        })
+    }
+
+    /// The output side of one request.
+    pub fn output(&self, prepared: &Prepared) -> OutputProcessor {
+        OutputProcessor {
+            decoder: Decoder::new(self.tokenizer.clone(), &prepared.request.token_ids),
+            jail: StopJail::new(prepared.stop_strings.clone()),
+            stop: prepared.request.stop.clone(),
+            generated: 0,
+            cached_tokens: 0,
+            finished: None,
+        }
+    }
+}
+
+fn require_object(body: &Value) -> Result<(), RequestError> {
+    if body.is_object() {
+        Ok(())
+    } else {
+        Err(RequestError::new("the request body must be a JSON object", None))
+    }
+}
+
+fn check_range(name: &str, v: Option<f32>, lo: f32, hi: f32) -> Result<(), RequestError> {
+    match v {
+        Some(x) if !(lo..=hi).contains(&x) => Err(RequestError::new(
+            format!("{name} is {x}; it must be between {lo} and {hi}"),
+            Some(name),
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn message_value(i: usize, m: &ChatMessage) -> Result<Value, RequestError> {
+    if !ROLES.contains(&m.role.as_str()) {
+        let p = format!("messages[{i}].role");
+        return Err(RequestError::new(
+            format!("{p} is {:?}; it must be one of {}", m.role, ROLES.join(", ")),
+            Some(&p),
+        ));
+    }
+    let content = match &m.content {
+        None => Value::Null,
+        Some(MessageContent::Text(t)) => Value::String(t.clone()),
+        Some(MessageContent::Parts(parts)) => {
+            let mut text = String::new();
+            for (j, part) in parts.iter().enumerate() {
+                match (part.kind.as_str(), &part.text) {
+                    ("text", Some(t)) => text.push_str(t),
+                    _ => {
+                        let p = format!("messages[{i}].content[{j}]");
+                        return Err(RequestError::new(
+                            format!("{p}: only text content parts are supported (got type {:?})", part.kind),
+                            Some(&p),
+                        ));
+                    }
+                }
+            }
+            Value::String(text)
+        }
+    };
+    let mut v = json!({ "role": m.role, "content": content });
+    if let Some(n) = &m.name {
+        v["name"] = json!(n);
+    }
+    if let Some(t) = &m.tool_calls {
+        v["tool_calls"] = t.clone();
+    }
+    if let Some(t) = &m.tool_call_id {
+        v["tool_call_id"] = json!(t);
+    }
+    Ok(v)
+}
+
+/// Text released by one engine output.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Piece {
+    pub text: String,
+    /// Set once: the sequence is over (later outputs are ignored).
+    pub finish: Option<FinishReason>,
+}
+
+/// Turns one request's engine outputs into text: incremental detokenization, stop tokens
+/// (after `min_tokens`), stop strings, `max_tokens`, and the token count for usage.
+pub struct OutputProcessor {
+    decoder: Decoder,
+    jail: StopJail,
+    stop: StopConditions,
+    generated: u32,
+    cached_tokens: u32,
+    finished: Option<FinishReason>,
+}
+
+impl OutputProcessor {
+    pub fn process(&mut self, out: &EngineOutput) -> Piece {
+        let mut piece = Piece::default();
+        if self.finished.is_some() {
+            return piece;
+        }
+        if let Some(c) = out.cached_tokens {
+            self.cached_tokens = c;
+        }
+        for &t in &out.token_ids {
+            self.generated += 1;
+            if self.generated > self.stop.min_tokens && self.stop.stop_token_ids.contains(&t) {
+                return self.finish(piece, FinishReason::Stop);
+            }
+            let text = self.decoder.push(t);
+            let released = self.jail.push(&text);
+            piece.text.push_str(&released.text);
+            if released.stopped {
+                self.finished = Some(FinishReason::Stop);
+                piece.finish = self.finished;
+                return piece;
+            }
+            if self.generated >= self.stop.max_tokens {
+                return self.finish(piece, FinishReason::Length);
+            }
+        }
+        match out.finish_reason {
+            Some(reason) => self.finish(piece, reason),
+            None => piece,
+        }
+    }
+
+    /// Ends the sequence: releases held text, unless it completes a stop string.
+    fn finish(&mut self, mut piece: Piece, reason: FinishReason) -> Piece {
+        let tail = self.decoder.flush();
+        let released = self.jail.push(&tail);
+        piece.text.push_str(&released.text);
+        let reason = if released.stopped {
+            FinishReason::Stop
+        } else {
+            piece.text.push_str(&self.jail.flush());
+            reason
+        };
+        self.finished = Some(reason);
+        piece.finish = Some(reason);
+        piece
+    }
+
+    /// Ends a stream that stopped without a finish reason (the worker went away).
+    pub fn is_finished(&self) -> bool {
+        self.finished.is_some()
+    }
+
+    pub fn completion_tokens(&self) -> u32 {
+        self.generated
+    }
+
+    pub fn cached_tokens(&self) -> u32 {
+        self.cached_tokens
+    }
+}

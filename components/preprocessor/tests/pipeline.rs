@@ -1,0 +1,177 @@
+//! The preprocessor on a generated model folder: template, tokenization, validation,
+//! incremental detokenization and stop handling, as a frontend uses them.
+
+use std::sync::OnceLock;
+
+use dynamo_preprocessor::detok::Decoder;
+use dynamo_preprocessor::make_model::{build_tokenizer, make_model, MakeModelSettings, IM_END};
+use dynamo_preprocessor::{ModelFolder, Preprocessor, RequestError};
+use dynamo_protocols::llm::{EngineOutput, FinishReason};
+use serde_json::{json, Value};
+
+fn model() -> &'static (tempfile::TempDir, Preprocessor) {
+    static M: OnceLock<(tempfile::TempDir, Preprocessor)> = OnceLock::new();
+    M.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        make_model(dir.path(), &MakeModelSettings::default()).unwrap();
+        let folder = ModelFolder::load(dir.path()).unwrap();
+        let pre = Preprocessor::new("tiny", folder.files()).unwrap();
+        (dir, pre)
+    })
+}
+
+fn pre() -> &'static Preprocessor {
+    &model().1
+}
+
+fn chat_err(body: Value) -> RequestError {
+    pre().chat(&body).unwrap_err()
+}
+
+#[test]
+fn generated_folder_is_deterministic_with_a_real_vocabulary() {
+    let a = build_tokenizer(&MakeModelSettings::default()).unwrap();
+    let b = build_tokenizer(&MakeModelSettings::default()).unwrap();
+    assert!(a.get_vocab_size(true) >= 4096, "vocab {}", a.get_vocab_size(true));
+    assert_eq!(a.to_string(false).unwrap(), b.to_string(false).unwrap());
+    // Common words are single tokens; text round-trips.
+    let enc = a.encode("the of and", false).unwrap();
+    assert_eq!(enc.get_ids().len(), 3);
+    assert_eq!(pre().context_length(), 4096);
+    assert!(!pre().eos_ids().is_empty());
+}
+
+#[test]
+fn chat_template_frames_messages_and_tokenizes() {
+    let p = pre()
+        .chat(&json!({"model": "tiny", "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": " world"}]}
+        ], "max_tokens": 5, "stop": "x", "stream": true, "stream_options": {"include_usage": true}}))
+        .unwrap();
+    let text = pre().tokenizer().decode(&p.request.token_ids, false).unwrap();
+    assert_eq!(
+        text,
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHello world<|im_end|>\n<|im_start|>assistant\n"
+    );
+    assert_eq!(p.request.stop.max_tokens, 5);
+    assert_eq!(p.stop_strings, vec!["x".to_string()]);
+    assert!(p.stream && p.include_usage);
+    let im_end = pre().tokenizer().token_to_id(IM_END).unwrap();
+    assert!(p.request.stop.stop_token_ids.contains(&im_end));
+}
+
+#[test]
+fn bad_requests_name_the_parameter() {
+    let cases = [
+        (json!({"model": "m"}), None, "missing field `messages`"),
+        (json!({"model": "m", "messages": []}), Some("messages"), "must not be empty"),
+        (json!({"model": "m", "messages": "hi"}), Some("messages"), "invalid type"),
+        (json!({"model": "m", "messages": [{"role": "robot", "content": "x"}]}), Some("messages[0].role"), "robot"),
+        (json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2}), Some("n"), "n other than 1"),
+        (json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": true}), Some("logprobs"), "not supported"),
+        (json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}), Some("max_tokens"), "at least 1"),
+        (json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -3}), Some("max_completion_tokens"), "at least 1"),
+        (json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 3.5}), Some("temperature"), "between"),
+        (json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": "many"}), Some("max_tokens"), "invalid type"),
+        (json!({"model": "m", "messages": [{"role": "user", "content": "x"}, {"role": "system", "content": "late"}]}), Some("messages"), "system message must come first"),
+        (json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": ["a", ""]}), Some("stop"), "empty"),
+        (json!([1, 2]), None, "JSON object"),
+    ];
+    for (body, param, needle) in cases {
+        let e = chat_err(body.clone());
+        assert_eq!(e.param.as_deref(), param, "{body}: {e:?}");
+        assert!(e.message.contains(needle), "{body}: {e:?}");
+    }
+}
+
+#[test]
+fn prompt_over_the_context_is_refused() {
+    let long = "word ".repeat(5000);
+    let e = chat_err(json!({"model": "m", "messages": [{"role": "user", "content": long}]}));
+    assert_eq!(e.code, Some("context_length_exceeded"));
+    let e = chat_err(json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4090}));
+    assert_eq!(e.code, Some("context_length_exceeded"));
+    assert_eq!(e.param.as_deref(), Some("max_tokens"));
+}
+
+#[test]
+fn unknown_fields_are_ignored_and_defaults_fill_the_context() {
+    let p = pre()
+        .completion(&json!({"model": "m", "prompt": "one two", "frobnicate": {"x": 1}, "user": "u1"}))
+        .unwrap();
+    assert_eq!(
+        p.request.stop.max_tokens as usize + p.request.token_ids.len(),
+        4096
+    );
+}
+
+/// Streaming a text token by token gives the text, for multi-byte characters and spaces too.
+#[test]
+fn incremental_detokenization_matches_whole_decode() {
+    let tok = pre().tokenizer();
+    for text in [
+        "Hello world, the server said: café naïve größe.",
+        "日本語のテキスト 🎉🙂 mixed with ascii",
+        "  leading spaces\nand\ttabs  ",
+    ] {
+        let ids = tok.encode_fast(text, false).unwrap().get_ids().to_vec();
+        let prompt = tok.encode_fast("Prompt:", false).unwrap().get_ids().to_vec();
+        let mut d = Decoder::new(tok.clone(), &prompt);
+        let mut out = String::new();
+        for &t in &ids {
+            let piece = d.push(t);
+            assert!(!piece.contains('\u{FFFD}'), "split character in {piece:?}");
+            out.push_str(&piece);
+        }
+        out.push_str(&d.flush());
+        assert_eq!(out, tok.decode(&ids, true).unwrap());
+        assert_eq!(out, text);
+    }
+}
+
+fn run_output(prompt: &str, body: Value, tokens: &[u32]) -> (String, Option<FinishReason>, u32) {
+    let mut body = body;
+    body["prompt"] = json!(prompt);
+    let prepared = pre().completion(&body).unwrap();
+    let mut out = pre().output(&prepared);
+    let mut text = String::new();
+    for &t in tokens {
+        let p = out.process(&EngineOutput {
+            token_ids: vec![t],
+            ..Default::default()
+        });
+        text.push_str(&p.text);
+        if let Some(f) = p.finish {
+            return (text, Some(f), out.completion_tokens());
+        }
+    }
+    (text, None, out.completion_tokens())
+}
+
+#[test]
+fn stop_strings_max_tokens_and_stop_tokens() {
+    let tok = pre().tokenizer();
+    let ids = |s: &str| tok.encode_fast(s, false).unwrap().get_ids().to_vec();
+    let gen = ids("alpha beta gamma delta epsilon");
+
+    let (text, finish, n) = run_output("x", json!({"model": "m", "stop": ["gamma"]}), &gen);
+    assert_eq!(text, "alpha beta ");
+    assert_eq!(finish, Some(FinishReason::Stop));
+    assert!(n >= 3 && n < gen.len() as u32, "{n}");
+
+    let (text, finish, n) = run_output("x", json!({"model": "m", "max_tokens": 2}), &gen);
+    assert_eq!(finish, Some(FinishReason::Length));
+    assert_eq!(n, 2);
+    assert_eq!(text, tok.decode(&gen[..2], true).unwrap());
+
+    let eos = tok.token_to_id(IM_END).unwrap();
+    let mut with_eos = gen.clone();
+    with_eos.insert(2, eos);
+    let (text, finish, n) = run_output("x", json!({"model": "m"}), &with_eos);
+    assert_eq!((finish, n), (Some(FinishReason::Stop), 3));
+    assert_eq!(text, tok.decode(&gen[..2], true).unwrap());
+    // ignore_eos keeps going past it (and the special token prints nothing).
+    let (_, finish, n) = run_output("x", json!({"model": "m", "ignore_eos": true}), &with_eos);
+    assert_eq!((finish, n), (None, with_eos.len() as u32));
+}

@@ -1,0 +1,135 @@
+//! Between the frontend and the workers: preprocessed requests in, token ids out; and the
+//! model card a worker publishes so frontends can serve its model.
+
+use serde::{Deserialize, Serialize};
+
+/// A token id in the model's vocabulary.
+pub type TokenId = u32;
+
+/// Sampling parameters, already validated by the frontend.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SamplingOptions {
+    /// `None` or 0: greedy.
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    #[serde(default)]
+    pub top_p: Option<f32>,
+    /// `None`: no top-k cut.
+    #[serde(default)]
+    pub top_k: Option<u32>,
+    #[serde(default)]
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub presence_penalty: Option<f32>,
+    #[serde(default)]
+    pub frequency_penalty: Option<f32>,
+}
+
+/// When an engine stops generating for a request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StopConditions {
+    /// Most tokens to generate (at least 1).
+    pub max_tokens: u32,
+    /// Stop tokens and EOS are not honoured before this many tokens.
+    #[serde(default)]
+    pub min_tokens: u32,
+    /// Tokens that end generation (the model's EOS ids unless `ignore_eos`, plus the request's).
+    #[serde(default)]
+    pub stop_token_ids: Vec<TokenId>,
+}
+
+/// What a worker's `generate` endpoint takes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PreprocessedRequest {
+    pub token_ids: Vec<TokenId>,
+    pub sampling: SamplingOptions,
+    pub stop: StopConditions,
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// A stop token, EOS, or (decided by the frontend) a stop string.
+    Stop,
+    /// `max_tokens` reached.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// One streamed piece of a worker's answer. The last one carries `finish_reason`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct EngineOutput {
+    pub token_ids: Vec<TokenId>,
+    #[serde(default)]
+    pub finish_reason: Option<FinishReason>,
+    /// Prompt tokens whose KV was already cached (first output only).
+    #[serde(default)]
+    pub cached_tokens: Option<u32>,
+}
+
+/// A file of a model folder, named by its content hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelFile {
+    /// File name in the folder, e.g. `tokenizer.json`.
+    pub name: String,
+    /// XXH3-128 of the content, 32 lowercase hex digits.
+    pub hash: String,
+    pub size: u64,
+}
+
+/// What a worker publishes (in its discovery metadata, under [`ModelCard::METADATA_KEY`]) so
+/// a frontend can serve its model: names, limits, and the files to build the preprocessor
+/// from, fetched by hash from the worker's [`ModelCard::FILES_ENDPOINT`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelCard {
+    /// The name clients use (`model` in requests).
+    pub name: String,
+    /// Context length in tokens (prompt + completion).
+    pub context_length: u32,
+    /// KV cache block size in tokens.
+    pub kv_block_size: u32,
+    /// KV cache capacity in blocks.
+    pub kv_total_blocks: u64,
+    /// `tokenizer.json`, `tokenizer_config.json` and, if present, `generation_config.json`
+    /// and `config.json`.
+    pub files: Vec<ModelFile>,
+}
+
+impl ModelCard {
+    /// The key of the card in an instance's discovery metadata.
+    pub const METADATA_KEY: &'static str = "model";
+    /// The endpoint (on the worker's component) that serves model files by hash.
+    pub const FILES_ENDPOINT: &'static str = "model_files";
+
+    /// An identity for the card's content: equal cards build equal preprocessors.
+    pub fn content_key(&self) -> String {
+        let mut key = format!("{}|{}", self.name, self.context_length);
+        for f in &self.files {
+            key.push('|');
+            key.push_str(&f.hash);
+        }
+        key
+    }
+}
+
+/// Ask a worker for one model file by content hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRequest {
+    pub hash: String,
+}
+
+/// One piece of a model file; the pieces concatenate to the file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileChunk {
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
+}
