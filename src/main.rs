@@ -1,31 +1,41 @@
 //! `dynamo-run`: the launcher.
 //!
-//! For now it starts the runtime and the echo role (the issues that add the OpenAI frontend,
-//! engines and graphs extend it):
-//! - `dynamo-run demo`: everything in one process on the embedded bus, a few streamed calls,
-//!   what discovery and the service protocol show, then a graceful shutdown;
-//! - `dynamo-run serve-echo`: serve the echo endpoint until SIGTERM/SIGINT;
-//! - `dynamo-run call-echo`: one streamed call;
-//! - `dynamo-run ls`: instances in discovery and services answering `$SRV.INFO`.
+//! - `dynamo-run in=http|text|batch:FILE out=echo|dyn [flags]`: a frontend (OpenAI HTTP, a
+//!   terminal chat, or a JSONL batch) with engines in this process or on the bus;
+//! - `dynamo-run in=dyn://NAMESPACE.COMPONENT.ENDPOINT out=echo --model-path DIR`: a worker;
+//! - `dynamo-run make-model --out DIR`: a small Hugging Face-style model folder;
+//! - `dynamo-run ls`: instances in discovery and services answering the NATS service protocol;
+//! - `demo`, `serve-echo`, `call-echo`: the runtime's echo diagnostics.
+//!
+//! Without `--bus` everything runs in this process on the embedded bus.
 #![forbid(unsafe_code)]
 
-use std::io::Write;
-use std::net::SocketAddr;
+mod diag;
+mod launch;
+
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use bytes::Bytes;
-use clap::{Parser, Subcommand};
-use dynamo_actors::echo::{EchoRole, ENDPOINT};
-use dynamo_protocols::echo::{EchoChunk, EchoRequest};
-use dynamo_runtime::bus::Headers;
-use dynamo_runtime::subject::{service_query_subject, ComponentId, DiscoveryFilter, ServiceVerb};
-use dynamo_runtime::{config, telemetry, CallOptions, Runtime, RuntimeSettings, Target};
+use clap::{Args, Parser, Subcommand};
+use dynamo_actors::frontend::RouterMode;
+use dynamo_preprocessor::make_model::{make_model, MakeModelSettings};
+use dynamo_protocols::echo::EchoRequest;
+use dynamo_runtime::subject::ComponentId;
+use dynamo_runtime::{config, telemetry, Runtime, RuntimeSettings};
 use serde::Serialize;
 
+use launch::{Input, LaunchSettings, Output};
+
 #[derive(Parser)]
-#[command(name = "dynamo-run", version, about = "Run dynamo components")]
+#[command(
+    name = "dynamo-run",
+    version,
+    about = "Serve language models over the OpenAI API, in one process or across many",
+    args_conflicts_with_subcommands = true,
+    after_help = "Examples:\n  dynamo-run make-model --out /tmp/tiny\n  dynamo-run in=http out=echo --model-path /tmp/tiny\n  dynamo-run in=dyn://dynamo.backend.generate out=echo --model-path /tmp/tiny --bus nats://127.0.0.1:4222\n  dynamo-run in=http out=dyn --bus nats://127.0.0.1:4222"
+)]
 struct Cli {
     /// A YAML file of runtime settings (overridden by DYN_* variables and flags).
     #[arg(long, global = true)]
@@ -39,24 +49,75 @@ struct Cli {
     /// Log filter (e.g. info, debug, dynamo_runtime=debug).
     #[arg(long, global = true)]
     log: Option<String>,
-    /// Serve Prometheus metrics on this port.
+    /// Serve Prometheus metrics on this port (the frontend also serves /metrics).
     #[arg(long, global = true)]
     metrics_port: Option<u16>,
+    #[command(flatten)]
+    launch: LaunchArgs,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+}
+
+#[derive(Args)]
+struct LaunchArgs {
+    /// `in=http|text|batch:FILE.jsonl|dyn://NS.COMPONENT.ENDPOINT` and `out=echo|dyn`
+    /// (defaults: in=http out=echo).
+    #[arg(value_name = "in=... out=...")]
+    io: Vec<String>,
+    /// A Hugging Face model folder (tokenizer.json, tokenizer_config.json, config.json).
+    #[arg(long)]
+    model_path: Option<PathBuf>,
+    /// The name clients use; default: the folder's name.
+    #[arg(long)]
+    model_name: Option<String>,
+    #[arg(long, default_value_t = 8080)]
+    http_port: u16,
+    #[arg(long, default_value = "0.0.0.0")]
+    http_host: IpAddr,
+    /// round-robin, random, or direct (requests name the worker in nvext.backend_instance_id).
+    #[arg(long, default_value = "round-robin")]
+    router_mode: RouterMode,
+    /// Workers to host in this process (out=echo).
+    #[arg(long, default_value_t = 1)]
+    num_workers: usize,
+    /// Echo engine: time per generated token.
+    #[arg(long, default_value_t = 10)]
+    echo_delay_ms: u64,
+    /// KV block size published in the model card.
+    #[arg(long, default_value_t = 64)]
+    kv_block_size: u32,
+    /// Requests in flight beyond this get 429.
+    #[arg(long, default_value_t = 1024)]
+    max_inflight: usize,
+    /// Request bodies over this many bytes get 413.
+    #[arg(long, default_value_t = 16 * 1024 * 1024)]
+    max_body_bytes: usize,
+    /// in=batch: requests in flight at once.
+    #[arg(long, default_value_t = 16)]
+    batch_concurrency: usize,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve an echo endpoint on the embedded bus, call it, show discovery, shut down.
+    /// Write a small Hugging Face-style model folder (tokenizer, chat template, config).
+    MakeModel {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 4096)]
+        vocab_size: usize,
+        #[arg(long, default_value_t = 4096)]
+        context_length: u32,
+    },
+    /// List instances in discovery and services answering the NATS service protocol.
+    Ls,
+    /// Runtime diagnostics: serve the echo role on the embedded bus, call it, shut down.
     Demo {
-        /// How many streamed calls to make.
         #[arg(long, default_value_t = 3)]
         requests: u32,
     },
-    /// Serve the echo endpoint until SIGTERM or SIGINT.
+    /// Runtime diagnostics: serve the echo role until SIGTERM or SIGINT.
     ServeEcho,
-    /// Call the echo endpoint once and print each streamed chunk.
+    /// Runtime diagnostics: call the echo role once and print each streamed chunk.
     CallEcho {
         #[arg(long, default_value = "hello")]
         text: String,
@@ -65,8 +126,6 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         delay_ms: u64,
     },
-    /// List instances in discovery and services answering the NATS service protocol.
-    Ls,
 }
 
 /// Flags that override settings; unset ones are skipped.
@@ -88,7 +147,62 @@ async fn main() {
     }
 }
 
+fn launch_settings(cli: &Cli) -> Result<LaunchSettings> {
+    let a = &cli.launch;
+    let (mut input, mut output) = (Input::Http, Output::Echo);
+    for arg in &a.io {
+        match arg.split_once('=') {
+            Some(("in", v)) => input = v.parse()?,
+            Some(("out", v)) => output = v.parse()?,
+            _ => bail!("unexpected argument {arg:?}; expected in=... or out=... (see --help)"),
+        }
+    }
+    if let Some(name) = &a.model_name {
+        if name.trim().is_empty() {
+            bail!("--model-name must not be empty");
+        }
+    }
+    Ok(LaunchSettings {
+        input,
+        output,
+        namespace: cli.namespace.clone(),
+        model_path: a.model_path.clone(),
+        model_name: a.model_name.clone(),
+        http_addr: SocketAddr::new(a.http_host, a.http_port),
+        router_mode: a.router_mode,
+        num_workers: a.num_workers,
+        echo_delay: Duration::from_millis(a.echo_delay_ms),
+        kv_block_size: a.kv_block_size,
+        max_inflight: a.max_inflight,
+        max_body_bytes: a.max_body_bytes,
+        batch_concurrency: a.batch_concurrency,
+    })
+}
+
 async fn run(cli: Cli) -> Result<()> {
+    if let Some(Command::MakeModel {
+        out,
+        vocab_size,
+        context_length,
+    }) = &cli.command
+    {
+        if *vocab_size < 512 {
+            bail!("--vocab-size must be at least 512");
+        }
+        eprintln!("training a {vocab_size}-token byte-level BPE tokenizer...");
+        let s = MakeModelSettings {
+            vocab_size: *vocab_size,
+            context_length: *context_length,
+            ..Default::default()
+        };
+        let vocab = make_model(out, &s)?;
+        println!("wrote {} (vocabulary {vocab}, context {context_length})", out.display());
+        return Ok(());
+    }
+    let launch = match cli.command {
+        None => Some(launch_settings(&cli)?),
+        Some(_) => None,
+    };
     let overrides = Overrides {
         bus: cli.bus.clone(),
         log: cli.log.clone(),
@@ -107,148 +221,26 @@ async fn run(cli: Cli) -> Result<()> {
         .await
         .context("starting the runtime")?;
     let result = match cli.command {
-        Command::Demo { requests } => demo(&runtime, component, requests).await,
-        Command::ServeEcho => serve_echo(&runtime, component).await,
-        Command::CallEcho {
+        None => launch::run(&runtime, launch.expect("parsed above")).await,
+        Some(Command::MakeModel { .. }) => unreachable!("handled above"),
+        Some(Command::Demo { requests }) => diag::demo(&runtime, component, requests).await,
+        Some(Command::ServeEcho) => diag::serve_echo(&runtime, component).await,
+        Some(Command::CallEcho {
             text,
             repeat,
             delay_ms,
-        } => {
+        }) => {
             let req = EchoRequest {
                 text,
                 repeat,
                 delay_ms,
             };
-            call_echo(&runtime, &component, &req, true)
+            diag::call_echo(&runtime, &component, &req, true)
                 .await
                 .map(|_| ())
         }
-        Command::Ls => ls(&runtime).await,
+        Some(Command::Ls) => diag::ls(&runtime).await,
     };
     runtime.close().await;
     result
-}
-
-async fn serve_echo(runtime: &Runtime, component: ComponentId) -> Result<()> {
-    let instance = runtime.component(component, serde_json::json!({})).await?;
-    let role = EchoRole::start(&instance).await?;
-    let ep = role.served().endpoint().clone();
-    println!("ready endpoint={ep} instance={}", instance.id());
-    std::io::stdout().flush()?;
-    let stop = runtime.shutdown_token();
-    let signal = tokio::select! {
-        s = dynamo_runtime::shutdown_signal() => s,
-        _ = stop.cancelled() => "runtime shutdown",
-    };
-    let grace = runtime.settings().shutdown_grace;
-    eprintln!("{signal}: draining open requests (up to {grace:?})");
-    let report = role.shutdown(grace).await;
-    eprintln!(
-        "stopped: {} open at shutdown, {} cancelled",
-        report.open_at_start, report.cancelled
-    );
-    Ok(())
-}
-
-async fn call_echo(
-    runtime: &Runtime,
-    component: &ComponentId,
-    req: &EchoRequest,
-    print: bool,
-) -> Result<Vec<EchoChunk>> {
-    let ep = component.endpoint(ENDPOINT)?;
-    let mut stream = runtime
-        .client()
-        .call::<_, EchoChunk>(Target::Any(ep), req, CallOptions::default())
-        .await?;
-    let mut out = Vec::new();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk?;
-        if print {
-            println!("  [{}] {}", chunk.index, chunk.text);
-        }
-        out.push(chunk);
-    }
-    Ok(out)
-}
-
-async fn demo(runtime: &Runtime, component: ComponentId, requests: u32) -> Result<()> {
-    println!(
-        "dynamo-run demo: runtime on the {} bus",
-        runtime.bus().transport()
-    );
-    let instance = runtime
-        .component(component.clone(), serde_json::json!({}))
-        .await?;
-    let role = EchoRole::start(&instance).await?;
-    println!(
-        "serving {} as instance {}",
-        role.served().endpoint(),
-        instance.id()
-    );
-    for i in 0..requests {
-        let req = EchoRequest {
-            text: format!("hello #{i} from the echo actor"),
-            repeat: 3,
-            delay_ms: 10,
-        };
-        let started = Instant::now();
-        println!("request {i}: streaming {} chunks", req.repeat);
-        let chunks = call_echo(runtime, &component, &req, true).await?;
-        if chunks.len() != req.repeat as usize {
-            bail!("expected {} chunks, got {}", req.repeat, chunks.len());
-        }
-        println!("request {i}: done in {:?}", started.elapsed());
-    }
-    ls(runtime).await?;
-    let report = role.shutdown(Duration::from_secs(5)).await;
-    println!(
-        "shut down gracefully ({} requests open at shutdown)",
-        report.open_at_start
-    );
-    Ok(())
-}
-
-async fn ls(runtime: &Runtime) -> Result<()> {
-    let instances = runtime.discovery().list(&DiscoveryFilter::all()).await?;
-    println!("instances in discovery: {}", instances.len());
-    for i in &instances {
-        println!("  {}  {}  {}", i.endpoint, i.instance, i.metadata);
-    }
-    let mut services = Vec::new();
-    let bus = runtime.bus();
-    match bus
-        .request(
-            service_query_subject(ServiceVerb::Info),
-            Headers::new(),
-            Bytes::new(),
-            Duration::from_millis(500),
-        )
-        .await
-    {
-        Ok(mut replies) => {
-            while let Ok(Some(m)) =
-                tokio::time::timeout(Duration::from_millis(200), replies.next()).await
-            {
-                services.push(serde_json::from_slice::<serde_json::Value>(&m.payload)?);
-            }
-        }
-        Err(dynamo_runtime::BusError::NoResponders { .. })
-        | Err(dynamo_runtime::BusError::Timeout { .. }) => {}
-        Err(e) => return Err(e.into()),
-    }
-    println!("services answering $SRV.INFO: {}", services.len());
-    for s in &services {
-        let endpoints = s["endpoints"].as_array().cloned().unwrap_or_default();
-        for e in endpoints {
-            println!(
-                "  {}  id={}  endpoint={}  subject={}",
-                s["name"].as_str().unwrap_or("?"),
-                s["id"].as_str().unwrap_or("?"),
-                e["name"].as_str().unwrap_or("?"),
-                e["subject"].as_str().unwrap_or("?"),
-            );
-        }
-    }
-    Ok(())
 }

@@ -318,6 +318,11 @@ impl DiscoveryFilter {
         Self(">".to_string())
     }
 
+    /// Every instance in one namespace.
+    pub fn namespace(namespace: &Namespace) -> Self {
+        Self(format!("{namespace}.>"))
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }

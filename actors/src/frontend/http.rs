@@ -1,0 +1,348 @@
+//! The OpenAI HTTP API (axum): `/v1/chat/completions` and `/v1/completions` (JSON or SSE),
+//! `/v1/models`, `/health`, `/live`, `/metrics`.
+//!
+//! Every error is an OpenAI error body with a 4xx/5xx status. Bodies over the configured limit
+//! get 413 without being read whole. A client that disconnects drops its response stream,
+//! which drops the [`Generation`] and cancels the request on the worker.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use dynamo_protocols::openai::{
+    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, Completion,
+    CompletionChoice, Delta, ModelList, ModelObject,
+};
+use futures::Stream;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use super::metrics::Endpoint;
+use super::serving::{ApiError, Generation, Serving};
+
+pub(crate) struct HttpState {
+    pub serving: Arc<Serving>,
+    pub max_body_bytes: usize,
+    pub render_metrics: Box<dyn Fn() -> String + Send + Sync>,
+}
+
+pub(crate) fn router(state: Arc<HttpState>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .route("/live", get(live))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+fn json_response(status: StatusCode, body: &impl Serialize) -> Response {
+    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    (status, [(header::CONTENT_TYPE, "application/json")], bytes).into_response()
+}
+
+fn error_response(e: &ApiError) -> Response {
+    let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut r = json_response(status, &e.body());
+    if let Some(s) = e.retry_after {
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(s));
+    }
+    r
+}
+
+async fn not_found(req: Request) -> Response {
+    error_response(&ApiError::new(
+        404,
+        "invalid_request_error",
+        format!("no route for {} {}", req.method(), req.uri().path()),
+    ))
+}
+
+/// Reads and parses the body, refusing oversize bodies and invalid JSON.
+async fn read_json(state: &HttpState, req: Request) -> Result<Value, ApiError> {
+    let too_large = || {
+        let mut e = ApiError::new(
+            413,
+            "invalid_request_error",
+            format!("the request body is over the limit of {} bytes", state.max_body_bytes),
+        );
+        e.code = Some("request_too_large");
+        e
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > state.max_body_bytes) {
+        return Err(too_large());
+    }
+    let bytes = match axum::body::to_bytes(req.into_body(), state.max_body_bytes).await {
+        Ok(b) => b,
+        Err(e) => {
+            let over = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            return Err(if over {
+                too_large()
+            } else {
+                ApiError::bad_request(format!("cannot read the request body: {e}"), None)
+            });
+        }
+    };
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}"), None))
+}
+
+async fn chat(State(state): State<Arc<HttpState>>, req: Request) -> Response {
+    generate(state, req, Endpoint::Chat).await
+}
+
+async fn completions(State(state): State<Arc<HttpState>>, req: Request) -> Response {
+    generate(state, req, Endpoint::Completions).await
+}
+
+async fn generate(state: Arc<HttpState>, req: Request, endpoint: Endpoint) -> Response {
+    let body = match read_json(&state, req).await {
+        Ok(b) => b,
+        Err(e) => return error_response(&e),
+    };
+    let gen = match state.serving.start(endpoint, &body).await {
+        Ok(g) => g,
+        Err(e) => return error_response(&e),
+    };
+    if gen.prepared.stream {
+        sse(gen, endpoint).into_response()
+    } else {
+        match whole(gen, endpoint).await {
+            Ok(r) => r,
+            Err(e) => error_response(&e),
+        }
+    }
+}
+
+fn chat_chunk(gen: &Generation, delta: Delta, finish: Option<&str>) -> ChatCompletionChunk {
+    ChatCompletionChunk {
+        id: format!("chatcmpl-{}", gen.id),
+        object: "chat.completion.chunk".into(),
+        created: gen.created,
+        model: gen.model.clone(),
+        choices: vec![ChatChunkChoice {
+            index: 0,
+            delta,
+            finish_reason: finish.map(str::to_string),
+            logprobs: None,
+        }],
+        usage: None,
+    }
+}
+
+fn completion_chunk(gen: &Generation, text: String, finish: Option<&str>) -> Completion {
+    Completion {
+        id: format!("cmpl-{}", gen.id),
+        object: "text_completion".into(),
+        created: gen.created,
+        model: gen.model.clone(),
+        choices: vec![CompletionChoice {
+            index: 0,
+            text,
+            finish_reason: finish.map(str::to_string),
+            logprobs: None,
+        }],
+        usage: None,
+    }
+}
+
+fn event(v: &impl Serialize) -> Event {
+    Event::default().data(serde_json::to_string(v).unwrap_or_default())
+}
+
+/// The SSE answer: chunks as text arrives, a usage chunk if asked, then `[DONE]`.
+fn sse(gen: Generation, endpoint: Endpoint) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    enum Phase {
+        Start,
+        Body,
+        Usage,
+        Done,
+        End,
+    }
+    let stream = futures::stream::unfold((gen, Phase::Start), move |(mut gen, phase)| async move {
+        match phase {
+            Phase::Start => {
+                // Chat opens with the role; completions with the echoed prompt, if asked.
+                let first = match endpoint {
+                    Endpoint::Chat => Some(event(&chat_chunk(
+                        &gen,
+                        Delta {
+                            role: Some("assistant".into()),
+                            content: Some(String::new()),
+                        },
+                        None,
+                    ))),
+                    Endpoint::Completions => gen
+                        .prepared
+                        .echo
+                        .clone()
+                        .map(|t| event(&completion_chunk(&gen, t, None))),
+                };
+                match first {
+                    Some(ev) => Some((Ok(ev), (gen, Phase::Body))),
+                    None => Some((Ok(Event::default().comment("")), (gen, Phase::Body))),
+                }
+            }
+            Phase::Body => loop {
+                match gen.next().await {
+                    Some(Ok(piece)) => {
+                        let finish = piece.finish.map(|f| f.as_str());
+                        if piece.text.is_empty() && finish.is_none() {
+                            continue;
+                        }
+                        let ev = match endpoint {
+                            Endpoint::Chat => {
+                                let content = (!piece.text.is_empty()).then_some(piece.text);
+                                event(&chat_chunk(&gen, Delta { role: None, content }, finish))
+                            }
+                            Endpoint::Completions => event(&completion_chunk(&gen, piece.text, finish)),
+                        };
+                        let next = if finish.is_some() { Phase::Usage } else { Phase::Body };
+                        break Some((Ok(ev), (gen, next)));
+                    }
+                    Some(Err(e)) => break Some((Ok(event(&e.body())), (gen, Phase::Done))),
+                    None => break Some((Ok(Event::default().comment("")), (gen, Phase::Usage))),
+                }
+            },
+            Phase::Usage => {
+                if !gen.prepared.include_usage {
+                    return Some((Ok(Event::default().data("[DONE]")), (gen, Phase::End)));
+                }
+                let usage = Some(gen.usage());
+                let ev = match endpoint {
+                    Endpoint::Chat => {
+                        let mut c = chat_chunk(&gen, Delta::default(), None);
+                        c.choices.clear();
+                        c.usage = usage;
+                        event(&c)
+                    }
+                    Endpoint::Completions => {
+                        let mut c = completion_chunk(&gen, String::new(), None);
+                        c.choices.clear();
+                        c.usage = usage;
+                        event(&c)
+                    }
+                };
+                Some((Ok(ev), (gen, Phase::Done)))
+            }
+            Phase::Done => Some((Ok(Event::default().data("[DONE]")), (gen, Phase::End))),
+            Phase::End => None,
+        }
+    });
+    Sse::new(stream)
+}
+
+/// The whole answer as one JSON body.
+async fn whole(mut gen: Generation, endpoint: Endpoint) -> Result<Response, ApiError> {
+    let mut text = gen.prepared.echo.clone().unwrap_or_default();
+    let mut finish = None;
+    while let Some(piece) = gen.next().await {
+        let piece = piece?;
+        text.push_str(&piece.text);
+        if let Some(f) = piece.finish {
+            finish = Some(f.as_str().to_string());
+        }
+    }
+    let usage = gen.usage();
+    Ok(match endpoint {
+        Endpoint::Chat => json_response(
+            StatusCode::OK,
+            &ChatCompletion {
+                id: format!("chatcmpl-{}", gen.id),
+                object: "chat.completion".into(),
+                created: gen.created,
+                model: gen.model.clone(),
+                choices: vec![ChatChoice {
+                    index: 0,
+                    message: AssistantMessage {
+                        role: "assistant".into(),
+                        content: text,
+                    },
+                    finish_reason: finish,
+                    logprobs: None,
+                }],
+                usage,
+            },
+        ),
+        Endpoint::Completions => {
+            let mut c = completion_chunk(&gen, text, finish.as_deref());
+            c.usage = Some(usage);
+            json_response(StatusCode::OK, &c)
+        }
+    })
+}
+
+async fn models(State(state): State<Arc<HttpState>>) -> Response {
+    let data = state
+        .serving
+        .table()
+        .list()
+        .iter()
+        .map(|m| ModelObject {
+            id: m.card.name.clone(),
+            object: "model".into(),
+            created: m.created,
+            owned_by: "dynamo".into(),
+        })
+        .collect();
+    json_response(
+        StatusCode::OK,
+        &ModelList {
+            object: "list".into(),
+            data,
+        },
+    )
+}
+
+/// Ready when at least one model is served; lists every instance.
+async fn health(State(state): State<Arc<HttpState>>) -> Response {
+    let models = state.serving.table().list();
+    let instances: Vec<Value> = models
+        .iter()
+        .flat_map(|m| {
+            m.instances.iter().map(|a| {
+                json!({
+                    "model": m.card.name,
+                    "endpoint": a.endpoint.to_string(),
+                    "instance_id": a.instance.to_string(),
+                })
+            })
+        })
+        .collect();
+    let (status, code) = if models.is_empty() {
+        ("no models served yet", StatusCode::SERVICE_UNAVAILABLE)
+    } else {
+        ("healthy", StatusCode::OK)
+    };
+    json_response(
+        code,
+        &json!({ "status": status, "instances": instances, "inflight": state.serving.inflight() }),
+    )
+}
+
+async fn live() -> Response {
+    json_response(StatusCode::OK, &json!({ "status": "live" }))
+}
+
+async fn metrics(State(state): State<Arc<HttpState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        Body::from((state.render_metrics)()),
+    )
+        .into_response()
+}

@@ -1,0 +1,189 @@
+//! The frontend role: the OpenAI HTTP API in front of the workers.
+//!
+//! - [`models`]: the model watcher actor follows discovery and keeps the table of served
+//!   models (card, preprocessor, live instances);
+//! - [`serving`]: the request path shared by HTTP and the terminal inputs (`in=text`,
+//!   `in=batch`): preprocess, admit, route, stream, account;
+//! - `http`: the axum routes; `metrics`: the `dynamo_frontend_*` series.
+//!
+//! Routing in this role is the simple modes (round-robin, random, direct); the KV-aware
+//! router is its own role.
+
+mod http;
+pub mod metrics;
+pub mod models;
+pub mod serving;
+
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use axum::serve::ListenerExt;
+use dynamo_runtime::subject::Namespace;
+use dynamo_runtime::{telemetry, Runtime};
+use ractor::{Actor, ActorRef};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+pub use metrics::Endpoint;
+pub use models::{ModelEntry, ModelTable, WorkerAddr};
+pub use serving::{ApiError, Generation, Serving};
+
+/// How the frontend picks a worker among a model's instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RouterMode {
+    #[default]
+    RoundRobin,
+    Random,
+    /// The request names the instance (`nvext.backend_instance_id`).
+    Direct,
+}
+
+impl FromStr for RouterMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "round-robin" => Ok(RouterMode::RoundRobin),
+            "random" => Ok(RouterMode::Random),
+            "direct" => Ok(RouterMode::Direct),
+            other => Err(format!(
+                "unknown router mode {other:?}; expected round-robin, random or direct"
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct FrontendSettings {
+    /// Where to serve HTTP; `None` for the terminal inputs.
+    pub http_addr: Option<SocketAddr>,
+    pub namespace: Namespace,
+    pub router_mode: RouterMode,
+    /// Larger request bodies get 413.
+    pub max_body_bytes: usize,
+    /// Requests in flight beyond this get 429 with `Retry-After`.
+    pub max_inflight: usize,
+}
+
+impl FrontendSettings {
+    pub fn new(namespace: Namespace) -> Self {
+        Self {
+            http_addr: None,
+            namespace,
+            router_mode: RouterMode::default(),
+            max_body_bytes: 16 * 1024 * 1024,
+            max_inflight: 1024,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrontendError {
+    #[error("cannot listen on {addr}: {reason}; pick another --http-port")]
+    Bind { addr: SocketAddr, reason: String },
+    #[error("cannot start the model watcher: {0}")]
+    Watcher(String),
+    #[error("cannot install metrics: {0}")]
+    Metrics(String),
+}
+
+/// A running frontend.
+pub struct Frontend {
+    watcher: ActorRef<models::WatcherMsg>,
+    serving: Arc<Serving>,
+    addr: Option<SocketAddr>,
+    stop: CancellationToken,
+    server: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Frontend {
+    pub async fn start(runtime: &Runtime, settings: FrontendSettings) -> Result<Self, FrontendError> {
+        let table = Arc::new(ModelTable::default());
+        let watcher = models::ModelWatcher {
+            runtime: runtime.clone(),
+            namespace: settings.namespace.clone(),
+            table: table.clone(),
+        };
+        let (watcher, _) = Actor::spawn(None, watcher, ())
+            .await
+            .map_err(|e| FrontendError::Watcher(e.to_string()))?;
+        let serving = Arc::new(Serving::new(
+            runtime.clone(),
+            table,
+            settings.router_mode,
+            settings.max_inflight,
+        ));
+        let stop = CancellationToken::new();
+        let (addr, server) = match settings.http_addr {
+            None => (None, None),
+            Some(addr) => {
+                let handle = telemetry::install_metrics(None)
+                    .map_err(|e| FrontendError::Metrics(e.to_string()))?;
+                let state = Arc::new(http::HttpState {
+                    serving: serving.clone(),
+                    max_body_bytes: settings.max_body_bytes,
+                    render_metrics: Box::new(move || handle.render()),
+                });
+                let listener = match tokio::net::TcpListener::bind(addr).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        watcher.stop(None);
+                        return Err(FrontendError::Bind {
+                            addr,
+                            reason: e.to_string(),
+                        });
+                    }
+                };
+                let local = listener.local_addr().unwrap_or(addr);
+                let listener = listener.tap_io(|tcp| {
+                    if let Err(e) = tcp.set_nodelay(true) {
+                        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+                    }
+                });
+                let app = http::router(state);
+                let stop = stop.clone();
+                let server = tokio::spawn(async move {
+                    let served = axum::serve(listener, app)
+                        .with_graceful_shutdown(stop.cancelled_owned())
+                        .await;
+                    if let Err(e) = served {
+                        tracing::error!(error = %e, "HTTP server stopped");
+                    }
+                });
+                tracing::info!(addr = %local, "OpenAI API listening");
+                (Some(local), Some(server))
+            }
+        };
+        Ok(Self {
+            watcher,
+            serving,
+            addr,
+            stop,
+            server,
+        })
+    }
+
+    /// The bound HTTP address.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.addr
+    }
+
+    pub fn serving(&self) -> &Arc<Serving> {
+        &self.serving
+    }
+
+    pub fn models(&self) -> &Arc<ModelTable> {
+        self.serving.table()
+    }
+
+    /// Stops accepting connections, lets open responses finish, stops the watcher.
+    pub async fn shutdown(mut self) {
+        self.stop.cancel();
+        if let Some(s) = self.server.take() {
+            let _ = s.await;
+        }
+        self.watcher.stop(None);
+    }
+}

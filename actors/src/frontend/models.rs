@@ -1,0 +1,331 @@
+//! Which models this frontend serves: the model watcher actor and the table it maintains.
+//!
+//! The watcher follows discovery for the namespace. A `generate` instance whose metadata holds
+//! a [`ModelCard`] adds itself to its model; the first time a card's content is seen, the
+//! watcher fetches the card's files from that instance (over the bus, by content hash, checked
+//! on arrival) and builds a [`Preprocessor`]. A model is listed once its preprocessor is built
+//! and stays listed while at least one instance serves it; its last instance leaving drops it.
+//!
+//! Instances of one model name may publish different cards (a rolling upgrade): the card with
+//! the most live instances (and a built preprocessor) wins, the others wait unlisted.
+//!
+//! The table is read by every request (a brief read lock, never held across an await) and
+//! written only by the watcher, which replaces whole [`ModelEntry`] values.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use dynamo_preprocessor::model::content_hash;
+use dynamo_preprocessor::{ModelFiles, Preprocessor};
+use dynamo_protocols::llm::{FileChunk, FileRequest, ModelCard};
+use dynamo_runtime::subject::{DiscoveryFilter, Namespace};
+use dynamo_runtime::{CallOptions, DiscoveryEvent, EndpointId, InstanceId, Runtime, Target};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::sync::watch;
+
+/// Where one worker instance is reached.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct WorkerAddr {
+    pub endpoint: EndpointId,
+    pub instance: InstanceId,
+}
+
+/// A served model: its card, preprocessor and live instances.
+#[derive(Debug)]
+pub struct ModelEntry {
+    pub card: ModelCard,
+    pub pre: Arc<Preprocessor>,
+    pub instances: Vec<WorkerAddr>,
+    /// Round-robin position, shared by successive entries of the model.
+    pub(crate) cursor: Arc<AtomicUsize>,
+    /// When the model was first listed (seconds since the epoch).
+    pub created: u64,
+}
+
+/// The models a frontend serves now.
+#[derive(Debug)]
+pub struct ModelTable {
+    models: RwLock<BTreeMap<String, Arc<ModelEntry>>>,
+    version: watch::Sender<u64>,
+}
+
+impl Default for ModelTable {
+    fn default() -> Self {
+        Self {
+            models: RwLock::default(),
+            version: watch::channel(0).0,
+        }
+    }
+}
+
+impl ModelTable {
+    pub fn get(&self, name: &str) -> Option<Arc<ModelEntry>> {
+        self.models.read().ok()?.get(name).cloned()
+    }
+
+    pub fn list(&self) -> Vec<Arc<ModelEntry>> {
+        self.models
+            .read()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Fires after every change of the table.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+
+    fn replace(&self, name: &str, entry: Option<ModelEntry>) {
+        if let Ok(mut m) = self.models.write() {
+            match entry {
+                Some(e) => m.insert(name.to_string(), Arc::new(e)),
+                None => m.remove(name),
+            };
+        }
+        self.version.send_modify(|v| *v += 1);
+    }
+
+    /// Waits until `name` is listed with at least `instances` instances.
+    pub async fn wait_for(&self, name: &str, instances: usize) {
+        let mut rx = self.changes();
+        loop {
+            if self.get(name).is_some_and(|e| e.instances.len() >= instances) {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+pub(crate) enum WatcherMsg {
+    Discovery(DiscoveryEvent),
+    Built {
+        key: String,
+        result: Result<Arc<Preprocessor>, String>,
+    },
+}
+
+pub(crate) struct ModelWatcher {
+    pub runtime: Runtime,
+    pub namespace: Namespace,
+    pub table: Arc<ModelTable>,
+}
+
+#[derive(Default)]
+pub(crate) struct WatcherState {
+    cards: HashMap<WorkerAddr, ModelCard>,
+    pipelines: HashMap<String, Arc<Preprocessor>>,
+    fetching: HashSet<String>,
+    cursors: HashMap<String, Arc<AtomicUsize>>,
+    created: HashMap<String, u64>,
+    forward: Option<tokio::task::JoinHandle<()>>,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+/// Fetches a card's files from one instance and builds the preprocessor.
+async fn build(runtime: Runtime, addr: WorkerAddr, card: ModelCard) -> Result<Arc<Preprocessor>, String> {
+    let files_ep = addr
+        .endpoint
+        .component
+        .endpoint(ModelCard::FILES_ENDPOINT)
+        .map_err(|e| e.to_string())?;
+    let mut files = ModelFiles::default();
+    for f in &card.files {
+        let req = FileRequest {
+            hash: f.hash.clone(),
+        };
+        let chunks: Vec<FileChunk> = runtime
+            .client()
+            .call(
+                Target::Instance(files_ep.clone(), addr.instance),
+                &req,
+                CallOptions::default(),
+            )
+            .await
+            .map_err(|e| format!("fetching {}: {e}", f.name))?
+            .collect()
+            .await
+            .map_err(|e| format!("fetching {}: {e}", f.name))?;
+        let bytes: Vec<u8> = chunks.into_iter().flat_map(|c| c.data).collect();
+        if bytes.len() as u64 != f.size || content_hash(&bytes) != f.hash {
+            return Err(format!("{} arrived corrupted (size or hash mismatch)", f.name));
+        }
+        files.insert(&f.name, bytes);
+    }
+    let name = card.name.clone();
+    tokio::task::spawn_blocking(move || Preprocessor::new(&name, &files))
+        .await
+        .map_err(|e| e.to_string())?
+        .map(Arc::new)
+        .map_err(|e| e.to_string())
+}
+
+impl ModelWatcher {
+    /// Recomputes the entry of model `name` from the live instances and built pipelines.
+    fn refresh(&self, state: &mut WatcherState, name: &str) {
+        let mut by_key: BTreeMap<String, Vec<WorkerAddr>> = BTreeMap::new();
+        for (addr, card) in &state.cards {
+            if card.name == name {
+                by_key.entry(card.content_key()).or_default().push(addr.clone());
+            }
+        }
+        let best = by_key
+            .iter()
+            .filter(|(k, _)| state.pipelines.contains_key(*k))
+            .max_by_key(|(_, v)| v.len());
+        let entry = best.and_then(|(key, addrs)| {
+            let card = state.cards.get(addrs.first()?)?.clone();
+            let mut instances = addrs.clone();
+            instances.sort_by_key(|a| a.instance);
+            Some(ModelEntry {
+                card,
+                pre: state.pipelines.get(key)?.clone(),
+                instances,
+                cursor: state.cursors.entry(name.to_string()).or_default().clone(),
+                created: *state.created.entry(name.to_string()).or_insert_with(now_secs),
+            })
+        });
+        if entry.is_none() {
+            state.created.remove(name);
+        }
+        match &entry {
+            Some(e) => tracing::info!(model = name, instances = e.instances.len(), "model listed"),
+            None if self.table.get(name).is_some() => tracing::info!(model = name, "model no longer served"),
+            None => {}
+        }
+        self.table.replace(name, entry);
+        // Drop preprocessors no live instance uses.
+        let live: HashSet<String> = state.cards.values().map(ModelCard::content_key).collect();
+        state.pipelines.retain(|k, _| live.contains(k));
+    }
+
+    fn on_event(&self, myself: &ActorRef<WatcherMsg>, state: &mut WatcherState, ev: DiscoveryEvent) {
+        match ev {
+            DiscoveryEvent::Joined(info) => {
+                let Some(raw) = info.metadata.get(ModelCard::METADATA_KEY) else {
+                    return;
+                };
+                let card: ModelCard = match serde_json::from_value(raw.clone()) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(endpoint = %info.endpoint, instance = %info.instance, error = %e, "ignoring an instance with a malformed model card");
+                        return;
+                    }
+                };
+                let addr = WorkerAddr {
+                    endpoint: info.endpoint,
+                    instance: info.instance,
+                };
+                let key = card.content_key();
+                let name = card.name.clone();
+                let previous = state.cards.insert(addr.clone(), card.clone());
+                if !state.pipelines.contains_key(&key) && state.fetching.insert(key.clone()) {
+                    let (runtime, me) = (self.runtime.clone(), myself.clone());
+                    tokio::spawn(async move {
+                        let result = build(runtime, addr, card).await;
+                        let _ = me.cast(WatcherMsg::Built { key, result });
+                    });
+                }
+                if let Some(prev) = previous.filter(|p| p.name != name) {
+                    self.refresh(state, &prev.name);
+                }
+                self.refresh(state, &name);
+            }
+            DiscoveryEvent::Left { endpoint, instance } => {
+                if let Some(card) = state.cards.remove(&WorkerAddr { endpoint, instance }) {
+                    self.refresh(state, &card.name);
+                }
+            }
+        }
+    }
+}
+
+impl Actor for ModelWatcher {
+    type Msg = WatcherMsg;
+    type State = WatcherState;
+    type Arguments = ();
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<WatcherMsg>,
+        _: (),
+    ) -> Result<WatcherState, ActorProcessingErr> {
+        let mut watch = self
+            .runtime
+            .discovery()
+            .watch(DiscoveryFilter::namespace(&self.namespace))
+            .await?;
+        let forward = tokio::spawn(async move {
+            while let Some(ev) = watch.next().await {
+                if myself.cast(WatcherMsg::Discovery(ev)).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(WatcherState {
+            forward: Some(forward),
+            ..Default::default()
+        })
+    }
+
+    async fn post_stop(
+        &self,
+        _: ActorRef<WatcherMsg>,
+        state: &mut WatcherState,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Some(f) = state.forward.take() {
+            f.abort();
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<WatcherMsg>,
+        msg: WatcherMsg,
+        state: &mut WatcherState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            WatcherMsg::Discovery(ev) => self.on_event(&myself, state, ev),
+            WatcherMsg::Built { key, result } => {
+                state.fetching.remove(&key);
+                match result {
+                    Ok(pre) => {
+                        let name = pre.name().to_string();
+                        state.pipelines.insert(key, pre);
+                        self.refresh(state, &name);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot build a model's preprocessor; retrying from another instance");
+                        // Try again from any live instance with this card.
+                        if let Some((addr, card)) = state
+                            .cards
+                            .iter()
+                            .find(|(_, c)| c.content_key() == key)
+                            .map(|(a, c)| (a.clone(), c.clone()))
+                        {
+                            state.fetching.insert(key.clone());
+                            let (runtime, me) = (self.runtime.clone(), myself.clone());
+                            tokio::spawn(async move {
+                                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                                let result = build(runtime, addr, card).await;
+                                let _ = me.cast(WatcherMsg::Built { key, result });
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,406 @@
+//! The frontend's request path, shared by HTTP and the terminal inputs: find the model,
+//! preprocess, admit (in-flight limit), route, call the worker, and turn its token stream into
+//! text pieces with usage and metrics.
+//!
+//! Routing retries: an instance that has no responders (it just died) is skipped and another
+//! tried, up to [`MAX_ATTEMPTS`], before any token reaches the client. Errors are classified
+//! once here into an [`ApiError`] with an HTTP status; worker internals never reach clients.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use dynamo_preprocessor::{OutputProcessor, Piece, Prepared, RequestError};
+use dynamo_protocols::llm::{EngineOutput, FinishReason};
+use dynamo_protocols::openai::{ErrorDetail, ErrorResponse, PromptTokensDetails, Usage};
+use dynamo_runtime::rpc::{RemoteErrorKind, ResponseStream};
+use dynamo_runtime::{CallOptions, InstanceId, RpcError, Runtime, Target};
+use serde_json::Value;
+
+use super::metrics::{Endpoint, RequestMetrics, Status};
+use super::models::{ModelEntry, ModelTable, WorkerAddr};
+use super::RouterMode;
+
+/// Instances tried per request before giving up with 503.
+pub const MAX_ATTEMPTS: usize = 3;
+
+/// A refused or failed request, ready to become an OpenAI error body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: u16,
+    pub kind: &'static str,
+    pub message: String,
+    pub param: Option<String>,
+    pub code: Option<&'static str>,
+    /// Seconds, for 429 and 503.
+    pub retry_after: Option<u32>,
+}
+
+impl ApiError {
+    pub fn new(status: u16, kind: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            kind,
+            message: message.into(),
+            param: None,
+            code: None,
+            retry_after: None,
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>, param: Option<&str>) -> Self {
+        let mut e = Self::new(400, "invalid_request_error", message);
+        e.param = param.map(str::to_string);
+        e
+    }
+
+    fn unavailable(message: impl Into<String>) -> Self {
+        let mut e = Self::new(503, "service_unavailable", message);
+        e.retry_after = Some(1);
+        e
+    }
+
+    pub fn body(&self) -> ErrorResponse {
+        ErrorResponse {
+            error: ErrorDetail {
+                message: self.message.clone(),
+                kind: self.kind.to_string(),
+                param: self.param.clone(),
+                code: self.code.map(str::to_string),
+            },
+        }
+    }
+
+    pub(crate) fn status_label(&self) -> Status {
+        Status::from_code(self.status)
+    }
+}
+
+impl From<RequestError> for ApiError {
+    fn from(e: RequestError) -> Self {
+        Self {
+            status: 400,
+            kind: "invalid_request_error",
+            message: e.message,
+            param: e.param,
+            code: e.code,
+            retry_after: None,
+        }
+    }
+}
+
+/// Classifies a call failure (`model` is for the message only).
+fn rpc_error(e: &RpcError, model: &str) -> ApiError {
+    match e {
+        RpcError::NoResponders { .. } => {
+            ApiError::unavailable(format!("no live worker serves model {model}; retry shortly"))
+        }
+        RpcError::Disconnected { .. } => ApiError::unavailable(format!(
+            "the worker serving model {model} stopped responding; retry the request"
+        )),
+        RpcError::DeadlineExceeded { .. } => {
+            ApiError::new(504, "timeout", "the request took longer than its deadline")
+        }
+        RpcError::PayloadTooLarge { size, max } => {
+            let mut e = ApiError::new(
+                413,
+                "invalid_request_error",
+                format!("the tokenized request is {size} bytes; the bus carries at most {max}"),
+            );
+            e.code = Some("request_too_large");
+            e
+        }
+        RpcError::Remote(r) => match r.kind {
+            RemoteErrorKind::BadRequest => ApiError::bad_request(r.message.clone(), None),
+            RemoteErrorKind::Overloaded | RemoteErrorKind::Unavailable => {
+                ApiError::unavailable(format!("the worker is overloaded: {}", r.message))
+            }
+            RemoteErrorKind::DeadlineExceeded => {
+                ApiError::new(504, "timeout", "the request took longer than its deadline")
+            }
+            RemoteErrorKind::ResponseTooLarge | RemoteErrorKind::Internal => {
+                tracing::warn!(error = %r.message, "worker failed a request");
+                ApiError::new(500, "internal_error", "the worker failed the request")
+            }
+        },
+        RpcError::Protocol(_) | RpcError::Encode(_) | RpcError::Bus(_) => {
+            tracing::warn!(error = %e, "request failed on the bus");
+            ApiError::new(500, "internal_error", "the request failed between frontend and worker")
+        }
+    }
+}
+
+/// The shared request path.
+pub struct Serving {
+    runtime: Runtime,
+    table: Arc<ModelTable>,
+    mode: RouterMode,
+    max_inflight: usize,
+    inflight: Arc<AtomicUsize>,
+}
+
+/// Holds one in-flight slot; frees it on drop.
+struct Permit(Arc<AtomicUsize>);
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+impl Serving {
+    pub fn new(runtime: Runtime, table: Arc<ModelTable>, mode: RouterMode, max_inflight: usize) -> Self {
+        Self {
+            runtime,
+            table,
+            mode,
+            max_inflight,
+            inflight: Arc::default(),
+        }
+    }
+
+    pub fn table(&self) -> &Arc<ModelTable> {
+        &self.table
+    }
+
+    pub fn inflight(&self) -> usize {
+        self.inflight.load(Ordering::Acquire)
+    }
+
+    fn admit(&self) -> Result<Permit, ApiError> {
+        let prev = self.inflight.fetch_add(1, Ordering::AcqRel);
+        let permit = Permit(self.inflight.clone());
+        if prev >= self.max_inflight {
+            let mut e = ApiError::new(
+                429,
+                "rate_limit_error",
+                format!(
+                    "the server is at its limit of {} requests in flight; retry shortly",
+                    self.max_inflight
+                ),
+            );
+            e.retry_after = Some(1);
+            return Err(e);
+        }
+        Ok(permit)
+    }
+
+    fn pick(&self, entry: &ModelEntry, pinned: Option<&str>, skip: &[InstanceId]) -> Result<WorkerAddr, ApiError> {
+        if let Some(hex) = pinned {
+            let param = Some("nvext.backend_instance_id");
+            let id = InstanceId::parse_hex(hex).map_err(|_| {
+                ApiError::bad_request(format!("backend_instance_id {hex:?} is not an instance id (16 hex digits)"), param)
+            })?;
+            return entry
+                .instances
+                .iter()
+                .find(|a| a.instance == id)
+                .cloned()
+                .ok_or_else(|| {
+                    ApiError::bad_request(
+                        format!("instance {hex} does not serve model {}", entry.card.name),
+                        param,
+                    )
+                });
+        }
+        let live: Vec<&WorkerAddr> = entry
+            .instances
+            .iter()
+            .filter(|a| !skip.contains(&a.instance))
+            .collect();
+        if live.is_empty() {
+            return Err(ApiError::unavailable(format!(
+                "no live worker serves model {}; retry shortly",
+                entry.card.name
+            )));
+        }
+        let i = match self.mode {
+            RouterMode::RoundRobin => entry.cursor.fetch_add(1, Ordering::Relaxed) % live.len(),
+            RouterMode::Random => rand::random_range(0..live.len()),
+            RouterMode::Direct => {
+                return Err(ApiError::bad_request(
+                    "the router is in direct mode: name a worker in nvext.backend_instance_id",
+                    Some("nvext.backend_instance_id"),
+                ))
+            }
+        };
+        Ok(live[i].clone())
+    }
+
+    /// Preprocesses, routes and starts one request; the result streams its text.
+    pub async fn start(&self, endpoint: Endpoint, body: &Value) -> Result<Generation, ApiError> {
+        let started = Instant::now();
+        let model = match body.get("model") {
+            Some(Value::String(m)) => m.clone(),
+            Some(_) => return Err(ApiError::bad_request("model must be a string", Some("model"))),
+            None => return Err(ApiError::bad_request("missing field `model`", Some("model"))),
+        };
+        let Some(entry) = self.table.get(&model) else {
+            let mut e = ApiError::new(
+                404,
+                "invalid_request_error",
+                format!("the model {model:?} does not exist or no worker serves it; GET /v1/models lists the served models"),
+            );
+            e.param = Some("model".into());
+            e.code = Some("model_not_found");
+            let m = RequestMetrics::start(None, endpoint, 0, started);
+            m.finish(e.status_label());
+            return Err(e);
+        };
+        let metrics_model = Some(entry.card.name.as_str());
+        let fail = |e: ApiError, prompt: u32| {
+            RequestMetrics::start(metrics_model, endpoint, prompt, started).finish(e.status_label());
+            Err(e)
+        };
+        let permit = match self.admit() {
+            Ok(p) => p,
+            Err(e) => return fail(e, 0),
+        };
+        let prepared = match endpoint {
+            Endpoint::Chat => entry.pre.chat(body),
+            Endpoint::Completions => entry.pre.completion(body),
+        };
+        let prepared = match prepared {
+            Ok(p) => p,
+            Err(e) => return fail(e.into(), 0),
+        };
+        let metrics = RequestMetrics::start(metrics_model, endpoint, prepared.prompt_tokens(), started);
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let mut tried = Vec::new();
+        let mut last_err = None;
+        for _ in 0..MAX_ATTEMPTS {
+            let addr = match self.pick(&entry, prepared.instance.as_deref(), &tried) {
+                Ok(a) => a,
+                Err(e) => {
+                    last_err = Some(last_err.unwrap_or(e));
+                    break;
+                }
+            };
+            let opts = CallOptions {
+                trace_id: Some(id.clone()),
+                ..Default::default()
+            };
+            let call = self
+                .runtime
+                .client()
+                .call::<_, EngineOutput>(
+                    Target::Instance(addr.endpoint.clone(), addr.instance),
+                    &prepared.request,
+                    opts,
+                )
+                .await;
+            let first = match call {
+                Ok(mut stream) => match stream.next().await {
+                    Some(Ok(out)) => Ok((stream, Some(out))),
+                    Some(Err(e)) => Err(e),
+                    None => Ok((stream, None)),
+                },
+                Err(e) => Err(e),
+            };
+            match first {
+                Ok((stream, first)) => {
+                    let output = entry.pre.output(&prepared);
+                    return Ok(Generation {
+                        id,
+                        model,
+                        created: now_secs(),
+                        worker: addr.instance,
+                        prepared,
+                        output,
+                        stream,
+                        pending: first,
+                        done: false,
+                        metrics,
+                        _permit: permit,
+                    });
+                }
+                Err(e @ (RpcError::NoResponders { .. } | RpcError::Disconnected { .. }))
+                    if prepared.instance.is_none() =>
+                {
+                    tracing::debug!(instance = %addr.instance, error = %e, "worker unavailable; trying another");
+                    tried.push(addr.instance);
+                    last_err = Some(rpc_error(&e, &model));
+                }
+                Err(e) => {
+                    let e = rpc_error(&e, &model);
+                    metrics.finish(e.status_label());
+                    return Err(e);
+                }
+            }
+        }
+        let e = last_err.unwrap_or_else(|| ApiError::unavailable(format!("no live worker serves model {model}")));
+        metrics.finish(e.status_label());
+        Err(e)
+    }
+}
+
+/// One request in progress: pieces of text until a finish reason.
+pub struct Generation {
+    pub id: String,
+    pub model: String,
+    pub created: u64,
+    /// The instance serving it.
+    pub worker: InstanceId,
+    pub prepared: Prepared,
+    output: OutputProcessor,
+    stream: ResponseStream<EngineOutput>,
+    pending: Option<EngineOutput>,
+    done: bool,
+    metrics: RequestMetrics,
+    _permit: Permit,
+}
+
+impl Generation {
+    /// The next piece: text (possibly empty) and, once, a finish reason; `None` after it.
+    /// Dropping the generation cancels the request on the worker.
+    pub async fn next(&mut self) -> Option<Result<Piece, ApiError>> {
+        if self.done {
+            return None;
+        }
+        let out = match self.pending.take() {
+            Some(o) => Some(Ok(o)),
+            None => self.stream.next().await,
+        };
+        let piece = match out {
+            Some(Ok(out)) => self.output.process(&out),
+            Some(Err(e)) => {
+                self.done = true;
+                let e = rpc_error(&e, &self.model);
+                self.metrics.set_status(e.status_label());
+                return Some(Err(e));
+            }
+            // The worker ended without a finish reason: treat as a stop.
+            None => Piece {
+                text: String::new(),
+                finish: Some(FinishReason::Stop),
+            },
+        };
+        self.metrics.on_tokens(self.output.completion_tokens());
+        if piece.finish.is_some() {
+            self.done = true;
+            self.metrics.set_output(self.output.completion_tokens());
+            self.metrics.set_status(Status::Ok);
+        }
+        Some(Ok(piece))
+    }
+
+    pub fn usage(&self) -> Usage {
+        let prompt = self.prepared.prompt_tokens();
+        let completion = self.output.completion_tokens();
+        Usage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            total_tokens: prompt + completion,
+            prompt_tokens_details: Some(PromptTokensDetails {
+                cached_tokens: self.output.cached_tokens(),
+            }),
+        }
+    }
+}

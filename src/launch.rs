@@ -1,0 +1,387 @@
+//! `dynamo-run in=... out=...`: what runs in this process.
+//!
+//! - `out=echo`: this process hosts `--num-workers` echo workers for the model folder;
+//!   `out=dyn`: workers are elsewhere on the bus, found through discovery.
+//! - `in=http`: the OpenAI frontend; `in=text`: a chat in the terminal; `in=batch:FILE`: prompts
+//!   from JSONL, answers with timing as JSONL on stdout; `in=dyn://ns.component.endpoint`: this
+//!   process is only a worker, serving that endpoint.
+
+use std::io::{BufRead, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use dynamo_actors::frontend::{Endpoint, Frontend, FrontendSettings, RouterMode, Serving};
+use dynamo_actors::worker::WorkerRole;
+use dynamo_engine::{EchoEngine, EchoSettings, Engine};
+use dynamo_preprocessor::ModelFolder;
+use dynamo_runtime::subject::{ComponentId, EndpointId, Namespace};
+use dynamo_runtime::Runtime;
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+/// Where requests come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    Http,
+    Text,
+    Batch(PathBuf),
+    /// Serve this endpoint as a worker.
+    Endpoint(EndpointId),
+}
+
+/// What answers them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    Echo,
+    /// Workers found on the bus.
+    Dyn,
+}
+
+impl std::str::FromStr for Input {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "http" => Input::Http,
+            "text" => Input::Text,
+            _ if s.starts_with("batch:") => Input::Batch(PathBuf::from(&s["batch:".len()..])),
+            _ if s.starts_with("dyn://") => Input::Endpoint(
+                EndpointId::parse(&s["dyn://".len()..])
+                    .with_context(|| format!("in={s}: expected dyn://namespace.component.endpoint"))?,
+            ),
+            other => bail!("in={other} is not an input; use http, text, batch:FILE.jsonl or dyn://namespace.component.endpoint"),
+        })
+    }
+}
+
+impl std::str::FromStr for Output {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "echo" => Ok(Output::Echo),
+            "dyn" => Ok(Output::Dyn),
+            other => bail!("out={other} is not an engine; use echo, or dyn for workers on the bus"),
+        }
+    }
+}
+
+/// Everything `in=/out=` runs need, parsed from the command line.
+#[derive(Debug, Clone)]
+pub struct LaunchSettings {
+    pub input: Input,
+    pub output: Output,
+    pub namespace: String,
+    pub model_path: Option<PathBuf>,
+    pub model_name: Option<String>,
+    pub http_addr: SocketAddr,
+    pub router_mode: RouterMode,
+    pub num_workers: usize,
+    pub echo_delay: Duration,
+    pub kv_block_size: u32,
+    pub max_inflight: usize,
+    pub max_body_bytes: usize,
+    pub batch_concurrency: usize,
+}
+
+/// The model folder and name for engines hosted here.
+fn model(s: &LaunchSettings) -> Result<(ModelFolder, String)> {
+    let path = s.model_path.as_deref().ok_or_else(|| {
+        anyhow!("--model-path DIR is required to host an engine (`dynamo-run make-model --out DIR` writes a small model)")
+    })?;
+    eprintln!("loading model folder {}", path.display());
+    let folder = ModelFolder::load(path)?;
+    let name = s.model_name.clone().unwrap_or_else(|| folder.default_name());
+    // Build the preprocessor once here so a broken folder fails now, not in the frontend.
+    dynamo_preprocessor::Preprocessor::new(&name, folder.files())
+        .with_context(|| format!("model folder {}", path.display()))?;
+    Ok((folder, name))
+}
+
+fn engine(s: &LaunchSettings) -> Arc<dyn Engine> {
+    Arc::new(EchoEngine::new(EchoSettings {
+        delay_per_token: s.echo_delay,
+    }))
+}
+
+/// Starts `n` workers on `endpoint`, each its own instance.
+async fn start_workers(
+    runtime: &Runtime,
+    s: &LaunchSettings,
+    endpoint: &EndpointId,
+    n: usize,
+) -> Result<(Vec<WorkerRole>, String)> {
+    let (folder, name) = model(s)?;
+    let card = folder.files().card(&name, s.kv_block_size, 0)?;
+    let mut workers = Vec::new();
+    for _ in 0..n {
+        let instance = runtime
+            .component(endpoint.component.clone(), json!({ "model": name }))
+            .await?;
+        let w = WorkerRole::start(
+            &instance,
+            endpoint.endpoint.clone(),
+            engine(s),
+            card.clone(),
+            folder.files().clone(),
+        )
+        .await?;
+        workers.push(w);
+    }
+    Ok((workers, name))
+}
+
+async fn wait_for_stop(runtime: &Runtime) -> &'static str {
+    let stop = runtime.shutdown_token();
+    tokio::select! {
+        s = dynamo_runtime::shutdown_signal() => s,
+        _ = stop.cancelled() => "runtime shutdown",
+    }
+}
+
+async fn stop_workers(workers: Vec<WorkerRole>, grace: Duration) {
+    for w in workers {
+        let r = w.shutdown(grace).await;
+        if r.open_at_start > 0 {
+            eprintln!(
+                "worker drained: {} open at shutdown, {} cancelled",
+                r.open_at_start, r.cancelled
+            );
+        }
+    }
+}
+
+pub async fn run(runtime: &Runtime, s: LaunchSettings) -> Result<()> {
+    let namespace = Namespace::new(&s.namespace).with_context(|| format!("--namespace {:?}", s.namespace))?;
+    let grace = runtime.settings().shutdown_grace;
+    if let Input::Endpoint(ep) = &s.input {
+        if s.output == Output::Dyn {
+            bail!("in=dyn://... makes this process a worker: give it an engine (out=echo)");
+        }
+        let (workers, name) = start_workers(runtime, &s, ep, 1).await?;
+        println!(
+            "ready endpoint={ep} model={name} instance={}",
+            workers[0].served().instance()
+        );
+        std::io::stdout().flush()?;
+        let signal = wait_for_stop(runtime).await;
+        eprintln!("{signal}: draining open requests (up to {grace:?})");
+        stop_workers(workers, grace).await;
+        return Ok(());
+    }
+    let mut fs = FrontendSettings::new(namespace.clone());
+    fs.router_mode = s.router_mode;
+    fs.max_inflight = s.max_inflight;
+    fs.max_body_bytes = s.max_body_bytes;
+    if s.input == Input::Http {
+        fs.http_addr = Some(s.http_addr);
+    }
+    let frontend = Frontend::start(runtime, fs).await?;
+    let (workers, model) = match s.output {
+        Output::Echo => {
+            let ep = ComponentId::new(namespace.as_str(), "backend")?.endpoint("generate")?;
+            let (w, name) = start_workers(runtime, &s, &ep, s.num_workers.max(1)).await?;
+            let n = w.len();
+            wait_model(&frontend, Some(&name), n).await?;
+            (w, Some(name))
+        }
+        Output::Dyn => (Vec::new(), s.model_name.clone()),
+    };
+    let result = match &s.input {
+        Input::Http => {
+            let addr = frontend.local_addr().expect("http input binds");
+            match &model {
+                Some(m) => println!("ready: model {m} at http://{addr}/v1 (on the {} bus)", runtime.bus().transport()),
+                None => println!("ready: http://{addr}/v1, models from workers on the bus"),
+            }
+            std::io::stdout().flush()?;
+            let signal = wait_for_stop(runtime).await;
+            eprintln!("{signal}: shutting down");
+            Ok(())
+        }
+        Input::Text => {
+            let m = wait_model(&frontend, model.as_deref(), 1).await?;
+            chat_loop(frontend.serving(), &m).await
+        }
+        Input::Batch(path) => {
+            let m = wait_model(&frontend, model.as_deref(), 1).await?;
+            batch(frontend.serving(), &m, path, s.batch_concurrency).await
+        }
+        Input::Endpoint(_) => unreachable!("handled above"),
+    };
+    frontend.shutdown().await;
+    stop_workers(workers, grace).await;
+    result
+}
+
+/// Waits until `name` (or, without a name, any model) is served by `instances` instances.
+async fn wait_model(frontend: &Frontend, name: Option<&str>, instances: usize) -> Result<String> {
+    const WAIT: Duration = Duration::from_secs(30);
+    let table = frontend.models();
+    let found = tokio::time::timeout(WAIT, async {
+        match name {
+            Some(n) => {
+                table.wait_for(n, instances).await;
+                n.to_string()
+            }
+            None => {
+                let mut rx = table.changes();
+                loop {
+                    if let Some(m) = table.list().first() {
+                        return m.card.name.clone();
+                    }
+                    let _ = rx.changed().await;
+                }
+            }
+        }
+    })
+    .await;
+    found.map_err(|_| match name {
+        Some(n) => anyhow!("model {n} did not appear within {WAIT:?}; are its workers running on this bus and namespace?"),
+        None => anyhow!("no model appeared within {WAIT:?}; start a worker (dynamo-run in=dyn://NAMESPACE.backend.generate out=echo --model-path DIR --bus ...)"),
+    })
+}
+
+/// Streams one chat request's answer through `on_text`; returns (finish reason, usage json, ttft).
+async fn run_one(
+    serving: &Serving,
+    endpoint: Endpoint,
+    body: &Value,
+    mut on_text: impl FnMut(&str),
+) -> Result<(Option<&'static str>, Value, Option<Duration>), dynamo_actors::frontend::ApiError> {
+    let started = Instant::now();
+    let mut gen = serving.start(endpoint, body).await?;
+    let mut finish = None;
+    let mut ttft = None;
+    while let Some(piece) = gen.next().await {
+        let piece = piece?;
+        if !piece.text.is_empty() {
+            ttft.get_or_insert_with(|| started.elapsed());
+            on_text(&piece.text);
+        }
+        if let Some(f) = piece.finish {
+            finish = Some(f.as_str());
+        }
+    }
+    Ok((finish, serde_json::to_value(gen.usage()).unwrap_or_default(), ttft))
+}
+
+async fn chat_loop(serving: &Serving, model: &str) -> Result<()> {
+    eprintln!("chatting with {model}; an empty line or end of input quits");
+    let mut messages: Vec<Value> = Vec::new();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(1);
+    std::thread::spawn(move || {
+        let stdin = std::io::stdin();
+        for line in stdin.lock().lines() {
+            let Ok(line) = line else { break };
+            if tx.blocking_send(line).is_err() {
+                break;
+            }
+        }
+    });
+    loop {
+        eprint!("> ");
+        let Some(line) = rx.recv().await else { break };
+        if line.trim().is_empty() {
+            break;
+        }
+        messages.push(json!({"role": "user", "content": line}));
+        let body = json!({"model": model, "messages": messages});
+        let mut answer = String::new();
+        let result = run_one(serving, Endpoint::Chat, &body, |t| {
+            answer.push_str(t);
+            print!("{t}");
+            let _ = std::io::stdout().flush();
+        })
+        .await;
+        println!();
+        match result {
+            Ok(_) => messages.push(json!({"role": "assistant", "content": answer})),
+            Err(e) => {
+                eprintln!("error ({}): {}", e.status, e.message);
+                messages.pop();
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One batch line: `{"text": ...}` (a user message), `{"messages": [...]}` or
+/// `{"prompt": ...}`, with optional request parameters beside it.
+fn batch_request(model: &str, line: &str) -> Result<(Endpoint, Value), String> {
+    let mut v: Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
+    let obj = v.as_object_mut().ok_or("not a JSON object")?;
+    obj.insert("model".into(), json!(model));
+    obj.remove("stream");
+    if let Some(text) = obj.remove("text") {
+        obj.insert("messages".into(), json!([{"role": "user", "content": text}]));
+    }
+    let endpoint = if obj.contains_key("messages") {
+        Endpoint::Chat
+    } else if obj.contains_key("prompt") {
+        Endpoint::Completions
+    } else {
+        return Err("needs \"text\", \"messages\" or \"prompt\"".into());
+    };
+    Ok((endpoint, v))
+}
+
+async fn batch(serving: &Serving, model: &str, path: &Path, concurrency: usize) -> Result<()> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let lines: Vec<(usize, &str)> = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .collect();
+    eprintln!("batch: {} requests from {} to {model}", lines.len(), path.display());
+    let started = Instant::now();
+    let total = lines.len();
+    let mut results = futures::stream::iter(lines)
+        .map(|(i, line)| async move {
+            let t0 = Instant::now();
+            let out = match batch_request(model, line) {
+                Err(e) => json!({"line": i + 1, "error": e}),
+                Ok((endpoint, body)) => {
+                    let mut response = String::new();
+                    match run_one(serving, endpoint, &body, |t| response.push_str(t)).await {
+                        Ok((finish, usage, ttft)) => json!({
+                            "line": i + 1,
+                            "response": response,
+                            "finish_reason": finish,
+                            "usage": usage,
+                            "ttft_ms": ttft.map(|d| d.as_secs_f64() * 1e3),
+                            "duration_ms": t0.elapsed().as_secs_f64() * 1e3,
+                        }),
+                        Err(e) => json!({"line": i + 1, "error": e.message, "status": e.status}),
+                    }
+                }
+            };
+            out
+        })
+        .buffered(concurrency.max(1));
+    let (mut done, mut failed, mut tokens) = (0usize, 0usize, 0u64);
+    let mut stdout = std::io::stdout().lock();
+    while let Some(out) = results.next().await {
+        done += 1;
+        if out.get("error").is_some() {
+            failed += 1;
+        }
+        tokens += out["usage"]["completion_tokens"].as_u64().unwrap_or(0);
+        writeln!(stdout, "{out}")?;
+        if done % 100 == 0 {
+            eprintln!("batch: {done}/{total} done");
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "batch: {done} requests ({failed} failed) in {secs:.2}s; {tokens} completion tokens, {:.1} tokens/s",
+        tokens as f64 / secs.max(1e-9)
+    );
+    if failed > 0 {
+        bail!("{failed} of {done} batch requests failed (see the \"error\" fields)");
+    }
+    Ok(())
+}
