@@ -94,7 +94,10 @@ fn model(s: &LaunchSettings) -> Result<(ModelFolder, String)> {
     })?;
     eprintln!("loading model folder {}", path.display());
     let folder = ModelFolder::load(path)?;
-    let name = s.model_name.clone().unwrap_or_else(|| folder.default_name());
+    let name = s
+        .model_name
+        .clone()
+        .unwrap_or_else(|| folder.default_name());
     // Build the preprocessor once here so a broken folder fails now, not in the frontend.
     dynamo_preprocessor::Preprocessor::new(&name, folder.files())
         .with_context(|| format!("model folder {}", path.display()))?;
@@ -155,7 +158,8 @@ async fn stop_workers(workers: Vec<WorkerRole>, grace: Duration) {
 }
 
 pub async fn run(runtime: &Runtime, s: LaunchSettings) -> Result<()> {
-    let namespace = Namespace::new(&s.namespace).with_context(|| format!("--namespace {:?}", s.namespace))?;
+    let namespace =
+        Namespace::new(&s.namespace).with_context(|| format!("--namespace {:?}", s.namespace))?;
     let grace = runtime.settings().shutdown_grace;
     if let Input::Endpoint(ep) = &s.input {
         if s.output == Output::Dyn {
@@ -194,7 +198,10 @@ pub async fn run(runtime: &Runtime, s: LaunchSettings) -> Result<()> {
         Input::Http => {
             let addr = frontend.local_addr().expect("http input binds");
             match &model {
-                Some(m) => println!("ready: model {m} at http://{addr}/v1 (on the {} bus)", runtime.bus().transport()),
+                Some(m) => println!(
+                    "ready: model {m} at http://{addr}/v1 (on the {} bus)",
+                    runtime.bus().transport()
+                ),
                 None => println!("ready: http://{addr}/v1, models from workers on the bus"),
             }
             std::io::stdout().flush()?;
@@ -266,7 +273,11 @@ async fn run_one(
             finish = Some(f.as_str());
         }
     }
-    Ok((finish, serde_json::to_value(gen.usage()).unwrap_or_default(), ttft))
+    Ok((
+        finish,
+        serde_json::to_value(gen.usage()).unwrap_or_default(),
+        ttft,
+    ))
 }
 
 async fn chat_loop(serving: &Serving, model: &str) -> Result<()> {
@@ -317,7 +328,10 @@ fn batch_request(model: &str, line: &str) -> Result<(Endpoint, Value), String> {
     obj.insert("model".into(), json!(model));
     obj.remove("stream");
     if let Some(text) = obj.remove("text") {
-        obj.insert("messages".into(), json!([{"role": "user", "content": text}]));
+        obj.insert(
+            "messages".into(),
+            json!([{"role": "user", "content": text}]),
+        );
     }
     let endpoint = if obj.contains_key("messages") {
         Endpoint::Chat
@@ -330,13 +344,18 @@ fn batch_request(model: &str, line: &str) -> Result<(Endpoint, Value), String> {
 }
 
 async fn batch(serving: &Serving, model: &str, path: &Path, concurrency: usize) -> Result<()> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let lines: Vec<(usize, &str)> = text
         .lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
         .collect();
-    eprintln!("batch: {} requests from {} to {model}", lines.len(), path.display());
+    eprintln!(
+        "batch: {} requests from {} to {model}",
+        lines.len(),
+        path.display()
+    );
     let started = Instant::now();
     let total = lines.len();
     let mut results = futures::stream::iter(lines)

@@ -196,7 +196,10 @@ async fn run(cli: Cli) -> Result<()> {
             ..Default::default()
         };
         let vocab = make_model(out, &s)?;
-        println!("wrote {} (vocabulary {vocab}, context {context_length})", out.display());
+        println!(
+            "wrote {} (vocabulary {vocab}, context {context_length})",
+            out.display()
+        );
         return Ok(());
     }
     let launch = match cli.command {

@@ -95,7 +95,10 @@ async fn generate(engine: Arc<dyn Engine>, req: Request<PreprocessedRequest, Eng
     } = req;
     if body.token_ids.is_empty() {
         let _ = reply
-            .fail(RemoteErrorKind::BadRequest, "the prompt has no tokens".to_string())
+            .fail(
+                RemoteErrorKind::BadRequest,
+                "the prompt has no tokens".to_string(),
+            )
             .await;
         return;
     }
@@ -121,7 +124,9 @@ async fn generate(engine: Arc<dyn Engine>, req: Request<PreprocessedRequest, Eng
 }
 
 async fn send_file(files: Arc<ModelFiles>, req: Request<FileRequest, FileChunk>) {
-    let Request { body, mut reply, .. } = req;
+    let Request {
+        body, mut reply, ..
+    } = req;
     let Some(bytes) = files.by_hash(&body.hash) else {
         let _ = reply
             .fail(

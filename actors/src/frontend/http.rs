@@ -20,11 +20,15 @@ use dynamo_protocols::openai::{
     CompletionChoice, Delta, ModelList, ModelObject,
 };
 use futures::Stream;
+use http_body_util::BodyExt;
 use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::metrics::Endpoint;
 use super::serving::{ApiError, Generation, Serving};
+
+/// Response header naming the worker instance that served the request.
+pub const WORKER_HEADER: &str = "x-dynamo-instance-id";
 
 pub(crate) struct HttpState {
     pub serving: Arc<Serving>,
@@ -67,37 +71,38 @@ async fn not_found(req: Request) -> Response {
     ))
 }
 
+/// How much of an oversize body is read and discarded so the client, still sending, sees the
+/// 413 rather than a reset connection; past this the connection is dropped.
+const DRAIN_FACTOR: usize = 8;
+
 /// Reads and parses the body, refusing oversize bodies and invalid JSON.
 async fn read_json(state: &HttpState, req: Request) -> Result<Value, ApiError> {
-    let too_large = || {
+    let limit = state.max_body_bytes;
+    let mut body = req.into_body();
+    let mut bytes = Vec::new();
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            ApiError::bad_request(format!("cannot read the request body: {e}"), None)
+        })?;
+        if let Some(data) = frame.data_ref() {
+            seen += data.len();
+            if seen <= limit {
+                bytes.extend_from_slice(data);
+            } else if seen > limit.saturating_mul(DRAIN_FACTOR) {
+                break;
+            }
+        }
+    }
+    if seen > limit {
         let mut e = ApiError::new(
             413,
             "invalid_request_error",
-            format!("the request body is over the limit of {} bytes", state.max_body_bytes),
+            format!("the request body is over the limit of {limit} bytes"),
         );
         e.code = Some("request_too_large");
-        e
-    };
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > state.max_body_bytes) {
-        return Err(too_large());
+        return Err(e);
     }
-    let bytes = match axum::body::to_bytes(req.into_body(), state.max_body_bytes).await {
-        Ok(b) => b,
-        Err(e) => {
-            let over = std::error::Error::source(&e)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-            return Err(if over {
-                too_large()
-            } else {
-                ApiError::bad_request(format!("cannot read the request body: {e}"), None)
-            });
-        }
-    };
     serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}"), None))
 }
@@ -119,14 +124,19 @@ async fn generate(state: Arc<HttpState>, req: Request, endpoint: Endpoint) -> Re
         Ok(g) => g,
         Err(e) => return error_response(&e),
     };
-    if gen.prepared.stream {
+    let worker = HeaderValue::from_str(&gen.worker.to_string()).ok();
+    let mut response = if gen.prepared.stream {
         sse(gen, endpoint).into_response()
     } else {
         match whole(gen, endpoint).await {
             Ok(r) => r,
-            Err(e) => error_response(&e),
+            Err(e) => return error_response(&e),
         }
+    };
+    if let Some(w) = worker {
+        response.headers_mut().insert(WORKER_HEADER, w);
     }
+    response
 }
 
 fn chat_chunk(gen: &Generation, delta: Delta, finish: Option<&str>) -> ChatCompletionChunk {
@@ -166,15 +176,54 @@ fn event(v: &impl Serialize) -> Event {
 }
 
 /// The SSE answer: chunks as text arrives, a usage chunk if asked, then `[DONE]`.
-fn sse(gen: Generation, endpoint: Endpoint) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    enum Phase {
-        Start,
-        Body,
-        Usage,
-        Done,
-        End,
+enum Phase {
+    Start,
+    Body,
+    Usage,
+    Done,
+    End,
+}
+
+type SseStep = Option<(Result<Event, Infallible>, (Generation, Phase))>;
+
+/// The next event with text or a finish reason (empty pieces are skipped).
+async fn body_event(mut gen: Generation, endpoint: Endpoint) -> SseStep {
+    loop {
+        match gen.next().await {
+            Some(Ok(piece)) => {
+                let finish = piece.finish.map(|f| f.as_str());
+                if piece.text.is_empty() && finish.is_none() {
+                    continue;
+                }
+                let ev = match endpoint {
+                    Endpoint::Chat => {
+                        let content = (!piece.text.is_empty()).then_some(piece.text);
+                        event(&chat_chunk(
+                            &gen,
+                            Delta {
+                                role: None,
+                                content,
+                            },
+                            finish,
+                        ))
+                    }
+                    Endpoint::Completions => event(&completion_chunk(&gen, piece.text, finish)),
+                };
+                let next = if finish.is_some() {
+                    Phase::Usage
+                } else {
+                    Phase::Body
+                };
+                return Some((Ok(ev), (gen, next)));
+            }
+            Some(Err(e)) => return Some((Ok(event(&e.body())), (gen, Phase::Done))),
+            None => return Some((Ok(Event::default().data("[DONE]")), (gen, Phase::End))),
+        }
     }
-    let stream = futures::stream::unfold((gen, Phase::Start), move |(mut gen, phase)| async move {
+}
+
+fn sse(gen: Generation, endpoint: Endpoint) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let stream = futures::stream::unfold((gen, Phase::Start), move |(gen, phase)| async move {
         match phase {
             Phase::Start => {
                 // Chat opens with the role; completions with the echoed prompt, if asked.
@@ -195,30 +244,10 @@ fn sse(gen: Generation, endpoint: Endpoint) -> Sse<impl Stream<Item = Result<Eve
                 };
                 match first {
                     Some(ev) => Some((Ok(ev), (gen, Phase::Body))),
-                    None => Some((Ok(Event::default().comment("")), (gen, Phase::Body))),
+                    None => body_event(gen, endpoint).await,
                 }
             }
-            Phase::Body => loop {
-                match gen.next().await {
-                    Some(Ok(piece)) => {
-                        let finish = piece.finish.map(|f| f.as_str());
-                        if piece.text.is_empty() && finish.is_none() {
-                            continue;
-                        }
-                        let ev = match endpoint {
-                            Endpoint::Chat => {
-                                let content = (!piece.text.is_empty()).then_some(piece.text);
-                                event(&chat_chunk(&gen, Delta { role: None, content }, finish))
-                            }
-                            Endpoint::Completions => event(&completion_chunk(&gen, piece.text, finish)),
-                        };
-                        let next = if finish.is_some() { Phase::Usage } else { Phase::Body };
-                        break Some((Ok(ev), (gen, next)));
-                    }
-                    Some(Err(e)) => break Some((Ok(event(&e.body())), (gen, Phase::Done))),
-                    None => break Some((Ok(Event::default().comment("")), (gen, Phase::Usage))),
-                }
-            },
+            Phase::Body => body_event(gen, endpoint).await,
             Phase::Usage => {
                 if !gen.prepared.include_usage {
                     return Some((Ok(Event::default().data("[DONE]")), (gen, Phase::End)));

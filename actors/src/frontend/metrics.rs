@@ -88,7 +88,12 @@ pub struct RequestMetrics {
 }
 
 impl RequestMetrics {
-    pub fn start(model: Option<&str>, endpoint: Endpoint, prompt_tokens: u32, started: Instant) -> Self {
+    pub fn start(
+        model: Option<&str>,
+        endpoint: Endpoint,
+        prompt_tokens: u32,
+        started: Instant,
+    ) -> Self {
         let model = model.unwrap_or("unknown").to_string();
         gauge!(INFLIGHT, "model" => model.clone()).increment(1.0);
         Self {
@@ -126,7 +131,8 @@ impl RequestMetrics {
             None => histogram!(TTFT, "model" => self.model.clone())
                 .record(now.duration_since(self.started).as_secs_f64()),
             Some(last) => {
-                let per = now.duration_since(last).as_secs_f64() / (total - self.seen_tokens) as f64;
+                let per =
+                    now.duration_since(last).as_secs_f64() / (total - self.seen_tokens) as f64;
                 histogram!(ITL, "model" => self.model.clone()).record(per);
             }
         }
@@ -144,8 +150,10 @@ impl Drop for RequestMetrics {
         histogram!(DURATION, "model" => self.model.clone(), "endpoint" => self.endpoint.as_str())
             .record(self.started.elapsed().as_secs_f64());
         if status == Status::Ok {
-            histogram!(INPUT_TOKENS, "model" => self.model.clone()).record(self.prompt_tokens as f64);
-            histogram!(OUTPUT_TOKENS, "model" => self.model.clone()).record(self.output_tokens as f64);
+            histogram!(INPUT_TOKENS, "model" => self.model.clone())
+                .record(self.prompt_tokens as f64);
+            histogram!(OUTPUT_TOKENS, "model" => self.model.clone())
+                .record(self.output_tokens as f64);
         }
     }
 }

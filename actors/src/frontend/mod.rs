@@ -10,6 +10,7 @@
 //! router is its own role.
 
 mod http;
+pub use http::WORKER_HEADER;
 pub mod metrics;
 pub mod models;
 pub mod serving;
@@ -99,7 +100,10 @@ pub struct Frontend {
 }
 
 impl Frontend {
-    pub async fn start(runtime: &Runtime, settings: FrontendSettings) -> Result<Self, FrontendError> {
+    pub async fn start(
+        runtime: &Runtime,
+        settings: FrontendSettings,
+    ) -> Result<Self, FrontendError> {
         let table = Arc::new(ModelTable::default());
         let watcher = models::ModelWatcher {
             runtime: runtime.clone(),

@@ -91,7 +91,10 @@ impl ModelTable {
     pub async fn wait_for(&self, name: &str, instances: usize) {
         let mut rx = self.changes();
         loop {
-            if self.get(name).is_some_and(|e| e.instances.len() >= instances) {
+            if self
+                .get(name)
+                .is_some_and(|e| e.instances.len() >= instances)
+            {
                 return;
             }
             if rx.changed().await.is_err() {
@@ -133,7 +136,11 @@ fn now_secs() -> u64 {
 }
 
 /// Fetches a card's files from one instance and builds the preprocessor.
-async fn build(runtime: Runtime, addr: WorkerAddr, card: ModelCard) -> Result<Arc<Preprocessor>, String> {
+async fn build(
+    runtime: Runtime,
+    addr: WorkerAddr,
+    card: ModelCard,
+) -> Result<Arc<Preprocessor>, String> {
     let files_ep = addr
         .endpoint
         .component
@@ -158,7 +165,10 @@ async fn build(runtime: Runtime, addr: WorkerAddr, card: ModelCard) -> Result<Ar
             .map_err(|e| format!("fetching {}: {e}", f.name))?;
         let bytes: Vec<u8> = chunks.into_iter().flat_map(|c| c.data).collect();
         if bytes.len() as u64 != f.size || content_hash(&bytes) != f.hash {
-            return Err(format!("{} arrived corrupted (size or hash mismatch)", f.name));
+            return Err(format!(
+                "{} arrived corrupted (size or hash mismatch)",
+                f.name
+            ));
         }
         files.insert(&f.name, bytes);
     }
@@ -176,7 +186,10 @@ impl ModelWatcher {
         let mut by_key: BTreeMap<String, Vec<WorkerAddr>> = BTreeMap::new();
         for (addr, card) in &state.cards {
             if card.name == name {
-                by_key.entry(card.content_key()).or_default().push(addr.clone());
+                by_key
+                    .entry(card.content_key())
+                    .or_default()
+                    .push(addr.clone());
             }
         }
         let best = by_key
@@ -192,7 +205,10 @@ impl ModelWatcher {
                 pre: state.pipelines.get(key)?.clone(),
                 instances,
                 cursor: state.cursors.entry(name.to_string()).or_default().clone(),
-                created: *state.created.entry(name.to_string()).or_insert_with(now_secs),
+                created: *state
+                    .created
+                    .entry(name.to_string())
+                    .or_insert_with(now_secs),
             })
         });
         if entry.is_none() {
@@ -200,7 +216,9 @@ impl ModelWatcher {
         }
         match &entry {
             Some(e) => tracing::info!(model = name, instances = e.instances.len(), "model listed"),
-            None if self.table.get(name).is_some() => tracing::info!(model = name, "model no longer served"),
+            None if self.table.get(name).is_some() => {
+                tracing::info!(model = name, "model no longer served")
+            }
             None => {}
         }
         self.table.replace(name, entry);
@@ -209,7 +227,12 @@ impl ModelWatcher {
         state.pipelines.retain(|k, _| live.contains(k));
     }
 
-    fn on_event(&self, myself: &ActorRef<WatcherMsg>, state: &mut WatcherState, ev: DiscoveryEvent) {
+    fn on_event(
+        &self,
+        myself: &ActorRef<WatcherMsg>,
+        state: &mut WatcherState,
+        ev: DiscoveryEvent,
+    ) {
         match ev {
             DiscoveryEvent::Joined(info) => {
                 let Some(raw) = info.metadata.get(ModelCard::METADATA_KEY) else {

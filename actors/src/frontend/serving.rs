@@ -92,9 +92,9 @@ impl From<RequestError> for ApiError {
 /// Classifies a call failure (`model` is for the message only).
 fn rpc_error(e: &RpcError, model: &str) -> ApiError {
     match e {
-        RpcError::NoResponders { .. } => {
-            ApiError::unavailable(format!("no live worker serves model {model}; retry shortly"))
-        }
+        RpcError::NoResponders { .. } => ApiError::unavailable(format!(
+            "no live worker serves model {model}; retry shortly"
+        )),
         RpcError::Disconnected { .. } => ApiError::unavailable(format!(
             "the worker serving model {model} stopped responding; retry the request"
         )),
@@ -125,7 +125,11 @@ fn rpc_error(e: &RpcError, model: &str) -> ApiError {
         },
         RpcError::Protocol(_) | RpcError::Encode(_) | RpcError::Bus(_) => {
             tracing::warn!(error = %e, "request failed on the bus");
-            ApiError::new(500, "internal_error", "the request failed between frontend and worker")
+            ApiError::new(
+                500,
+                "internal_error",
+                "the request failed between frontend and worker",
+            )
         }
     }
 }
@@ -156,7 +160,12 @@ fn now_secs() -> u64 {
 }
 
 impl Serving {
-    pub fn new(runtime: Runtime, table: Arc<ModelTable>, mode: RouterMode, max_inflight: usize) -> Self {
+    pub fn new(
+        runtime: Runtime,
+        table: Arc<ModelTable>,
+        mode: RouterMode,
+        max_inflight: usize,
+    ) -> Self {
         Self {
             runtime,
             table,
@@ -192,11 +201,19 @@ impl Serving {
         Ok(permit)
     }
 
-    fn pick(&self, entry: &ModelEntry, pinned: Option<&str>, skip: &[InstanceId]) -> Result<WorkerAddr, ApiError> {
+    fn pick(
+        &self,
+        entry: &ModelEntry,
+        pinned: Option<&str>,
+        skip: &[InstanceId],
+    ) -> Result<WorkerAddr, ApiError> {
         if let Some(hex) = pinned {
             let param = Some("nvext.backend_instance_id");
             let id = InstanceId::parse_hex(hex).map_err(|_| {
-                ApiError::bad_request(format!("backend_instance_id {hex:?} is not an instance id (16 hex digits)"), param)
+                ApiError::bad_request(
+                    format!("backend_instance_id {hex:?} is not an instance id (16 hex digits)"),
+                    param,
+                )
             })?;
             return entry
                 .instances
@@ -239,8 +256,18 @@ impl Serving {
         let started = Instant::now();
         let model = match body.get("model") {
             Some(Value::String(m)) => m.clone(),
-            Some(_) => return Err(ApiError::bad_request("model must be a string", Some("model"))),
-            None => return Err(ApiError::bad_request("missing field `model`", Some("model"))),
+            Some(_) => {
+                return Err(ApiError::bad_request(
+                    "model must be a string",
+                    Some("model"),
+                ))
+            }
+            None => {
+                return Err(ApiError::bad_request(
+                    "missing field `model`",
+                    Some("model"),
+                ))
+            }
         };
         let Some(entry) = self.table.get(&model) else {
             let mut e = ApiError::new(
@@ -256,7 +283,8 @@ impl Serving {
         };
         let metrics_model = Some(entry.card.name.as_str());
         let fail = |e: ApiError, prompt: u32| {
-            RequestMetrics::start(metrics_model, endpoint, prompt, started).finish(e.status_label());
+            RequestMetrics::start(metrics_model, endpoint, prompt, started)
+                .finish(e.status_label());
             Err(e)
         };
         let permit = match self.admit() {
@@ -271,7 +299,8 @@ impl Serving {
             Ok(p) => p,
             Err(e) => return fail(e.into(), 0),
         };
-        let metrics = RequestMetrics::start(metrics_model, endpoint, prepared.prompt_tokens(), started);
+        let metrics =
+            RequestMetrics::start(metrics_model, endpoint, prepared.prompt_tokens(), started);
         let id = uuid::Uuid::new_v4().simple().to_string();
         let mut tried = Vec::new();
         let mut last_err = None;
@@ -335,7 +364,9 @@ impl Serving {
                 }
             }
         }
-        let e = last_err.unwrap_or_else(|| ApiError::unavailable(format!("no live worker serves model {model}")));
+        let e = last_err.unwrap_or_else(|| {
+            ApiError::unavailable(format!("no live worker serves model {model}"))
+        });
         metrics.finish(e.status_label());
         Err(e)
     }

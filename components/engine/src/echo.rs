@@ -37,7 +37,9 @@ impl Engine for EchoEngine {
         cancel: CancellationToken,
     ) -> Result<EngineStream, EngineError> {
         if request.stop.max_tokens == 0 {
-            return Err(EngineError::BadRequest("max_tokens must be at least 1".into()));
+            return Err(EngineError::BadRequest(
+                "max_tokens must be at least 1".into(),
+            ));
         }
         let delay = self.settings.delay_per_token;
         let stop = request.stop;
@@ -88,7 +90,12 @@ mod tests {
     use super::*;
     use dynamo_protocols::llm::{SamplingOptions, StopConditions};
 
-    fn req(tokens: Vec<u32>, max_tokens: u32, stop: Vec<u32>, min_tokens: u32) -> PreprocessedRequest {
+    fn req(
+        tokens: Vec<u32>,
+        max_tokens: u32,
+        stop: Vec<u32>,
+        min_tokens: u32,
+    ) -> PreprocessedRequest {
         PreprocessedRequest {
             token_ids: tokens,
             sampling: SamplingOptions::default(),
@@ -101,7 +108,9 @@ mod tests {
     }
 
     async fn run(r: PreprocessedRequest) -> Vec<EngineOutput> {
-        let s = EchoEngine::default().generate(r, CancellationToken::new()).unwrap();
+        let s = EchoEngine::default()
+            .generate(r, CancellationToken::new())
+            .unwrap();
         s.map(|o| o.unwrap()).collect().await
     }
 
@@ -117,7 +126,10 @@ mod tests {
 
         let cut = run(req(vec![1, 2, 3], 2, vec![], 0)).await;
         assert_eq!(tokens(&cut), vec![1, 2]);
-        assert_eq!(cut.last().unwrap().finish_reason, Some(FinishReason::Length));
+        assert_eq!(
+            cut.last().unwrap().finish_reason,
+            Some(FinishReason::Length)
+        );
 
         let stopped = run(req(vec![1, 9, 3, 9, 5], 10, vec![9], 0)).await;
         assert_eq!(tokens(&stopped), vec![1, 9]);
@@ -132,7 +144,9 @@ mod tests {
         let engine = EchoEngine::new(EchoSettings {
             delay_per_token: Duration::from_millis(100),
         });
-        let mut s = engine.generate(req(vec![1, 2, 3, 4], 10, vec![], 0), cancel.clone()).unwrap();
+        let mut s = engine
+            .generate(req(vec![1, 2, 3, 4], 10, vec![], 0), cancel.clone())
+            .unwrap();
         assert_eq!(s.next().await.unwrap().unwrap().token_ids, vec![1]);
         cancel.cancel();
         assert!(s.next().await.is_none());

@@ -178,7 +178,10 @@ mod tests {
 
     #[test]
     fn stop_split_over_pieces_is_removed() {
-        assert_eq!(jail_all(&["END"], &["abc E", "N", "D tail"]), ("abc ".into(), true));
+        assert_eq!(
+            jail_all(&["END"], &["abc E", "N", "D tail"]),
+            ("abc ".into(), true)
+        );
     }
 
     #[test]

@@ -11,9 +11,9 @@ use std::path::Path;
 use serde_json::json;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+use tokenizers::models::TrainerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::processors::template::TemplateProcessing;
-use tokenizers::models::TrainerWrapper;
 use tokenizers::{AddedToken, Tokenizer};
 
 use crate::model::{ModelError, CONFIG, GENERATION_CONFIG, TOKENIZER, TOKENIZER_CONFIG};
@@ -87,10 +87,10 @@ kind off need house picture try us again animal point mother world near build se
 token cache request worker router prefill decode latency throughput memory block prefix engine stream batch";
 
 const SYLLABLES: [&str; 48] = [
-    "ka", "lo", "mi", "ren", "tu", "sa", "vel", "dor", "qui", "ban", "ze", "po", "lin", "gar", "fe",
-    "nu", "sto", "pra", "chi", "wen", "ol", "ex", "tri", "mon", "har", "is", "ul", "bre", "dy", "fan",
-    "gle", "jo", "kro", "lu", "mar", "nes", "or", "pel", "ro", "sim", "tar", "ur", "vin", "wa", "yel",
-    "zor", "ac", "em",
+    "ka", "lo", "mi", "ren", "tu", "sa", "vel", "dor", "qui", "ban", "ze", "po", "lin", "gar",
+    "fe", "nu", "sto", "pra", "chi", "wen", "ol", "ex", "tri", "mon", "har", "is", "ul", "bre",
+    "dy", "fan", "gle", "jo", "kro", "lu", "mar", "nes", "or", "pel", "ro", "sim", "tar", "ur",
+    "vin", "wa", "yel", "zor", "ac", "em",
 ];
 
 /// English-like text: common words and generated ones, with Zipf-like frequencies,
@@ -100,7 +100,9 @@ fn corpus(seed: u64) -> Vec<String> {
     let mut words: Vec<String> = COMMON.split_whitespace().map(str::to_string).collect();
     for _ in 0..3000 {
         let n = 1 + rng.below(3);
-        let w: String = (0..n).map(|_| SYLLABLES[rng.below(SYLLABLES.len())]).collect();
+        let w: String = (0..n)
+            .map(|_| SYLLABLES[rng.below(SYLLABLES.len())])
+            .collect();
         words.push(w);
     }
     words.extend(["café", "naïve", "日本語", "größe", "ünïcode", "emoji🙂"].map(String::from));

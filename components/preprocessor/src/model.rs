@@ -76,7 +76,11 @@ impl ModelFiles {
         let tok = self.json(TOKENIZER_CONFIG)?;
         let n = from(
             &config,
-            &["max_position_embeddings", "max_sequence_length", "n_positions"],
+            &[
+                "max_position_embeddings",
+                "max_sequence_length",
+                "n_positions",
+            ],
         )
         .or_else(|| from(&tok, &["model_max_length"]))
         .unwrap_or(DEFAULT_CONTEXT as u64);
@@ -84,7 +88,12 @@ impl ModelFiles {
     }
 
     /// Describes the files for a card.
-    pub fn card(&self, name: &str, kv_block_size: u32, kv_total_blocks: u64) -> Result<ModelCard, ModelError> {
+    pub fn card(
+        &self,
+        name: &str,
+        kv_block_size: u32,
+        kv_total_blocks: u64,
+    ) -> Result<ModelCard, ModelError> {
         Ok(ModelCard {
             name: name.to_string(),
             context_length: self.context_length()?,

@@ -11,8 +11,7 @@ use dynamo_protocols::llm::{
     EngineOutput, FinishReason, PreprocessedRequest, SamplingOptions, StopConditions, TokenId,
 };
 use dynamo_protocols::openai::{
-    ChatCompletionRequest, ChatMessage, CompletionRequest, GenerationParams, MessageContent,
-    Prompt,
+    ChatCompletionRequest, ChatMessage, CompletionRequest, GenerationParams, MessageContent, Prompt,
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -26,7 +25,14 @@ use crate::template::{ChatTemplate, TemplateError};
 /// Most stop strings per request.
 pub const MAX_STOP_STRINGS: usize = 16;
 
-const ROLES: [&str; 6] = ["system", "developer", "user", "assistant", "tool", "function"];
+const ROLES: [&str; 6] = [
+    "system",
+    "developer",
+    "user",
+    "assistant",
+    "tool",
+    "function",
+];
 
 /// A request the pipeline refuses (an HTTP 400).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -49,7 +55,10 @@ impl RequestError {
     }
 
     fn unsupported(param: &str, what: &str) -> Self {
-        Self::new(format!("{what} is not supported by this server"), Some(param))
+        Self::new(
+            format!("{what} is not supported by this server"),
+            Some(param),
+        )
     }
 }
 
@@ -394,7 +403,9 @@ impl Preprocessor {
             None => 0,
             Some(m) if m < 0 || m as u64 > max_tokens as u64 => {
                 return Err(RequestError::new(
-                    format!("min_tokens is {m}; it must be between 0 and max_tokens ({max_tokens})"),
+                    format!(
+                        "min_tokens is {m}; it must be between 0 and max_tokens ({max_tokens})"
+                    ),
                     Some("min_tokens"),
                 ))
             }
@@ -403,12 +414,18 @@ impl Preprocessor {
         let stop_strings = p.stop.map(|s| s.into_vec()).unwrap_or_default();
         if stop_strings.len() > MAX_STOP_STRINGS {
             return Err(RequestError::new(
-                format!("stop has {} strings; at most {MAX_STOP_STRINGS} are allowed", stop_strings.len()),
+                format!(
+                    "stop has {} strings; at most {MAX_STOP_STRINGS} are allowed",
+                    stop_strings.len()
+                ),
                 Some("stop"),
             ));
         }
         if stop_strings.iter().any(String::is_empty) {
-            return Err(RequestError::new("stop strings must not be empty", Some("stop")));
+            return Err(RequestError::new(
+                "stop strings must not be empty",
+                Some("stop"),
+            ));
         }
         let stop_token_ids = if p.ignore_eos == Some(true) {
             Vec::new()
@@ -458,7 +475,10 @@ fn require_object(body: &Value) -> Result<(), RequestError> {
     if body.is_object() {
         Ok(())
     } else {
-        Err(RequestError::new("the request body must be a JSON object", None))
+        Err(RequestError::new(
+            "the request body must be a JSON object",
+            None,
+        ))
     }
 }
 
@@ -476,7 +496,11 @@ fn message_value(i: usize, m: &ChatMessage) -> Result<Value, RequestError> {
     if !ROLES.contains(&m.role.as_str()) {
         let p = format!("messages[{i}].role");
         return Err(RequestError::new(
-            format!("{p} is {:?}; it must be one of {}", m.role, ROLES.join(", ")),
+            format!(
+                "{p} is {:?}; it must be one of {}",
+                m.role,
+                ROLES.join(", ")
+            ),
             Some(&p),
         ));
     }
@@ -491,7 +515,10 @@ fn message_value(i: usize, m: &ChatMessage) -> Result<Value, RequestError> {
                     _ => {
                         let p = format!("messages[{i}].content[{j}]");
                         return Err(RequestError::new(
-                            format!("{p}: only text content parts are supported (got type {:?})", part.kind),
+                            format!(
+                                "{p}: only text content parts are supported (got type {:?})",
+                                part.kind
+                            ),
                             Some(&p),
                         ));
                     }

@@ -123,9 +123,15 @@ mod tests {
     #[test]
     fn raise_exception_is_a_render_error_with_its_message() {
         let src = "{% if messages[0].role != 'user' %}{{ raise_exception('Conversation must start with a user message') }}{% endif %}";
-        let e = render(src, json!({"messages": [{"role": "assistant", "content": "x"}]})).unwrap_err();
+        let e = render(
+            src,
+            json!({"messages": [{"role": "assistant", "content": "x"}]}),
+        )
+        .unwrap_err();
         match e {
-            TemplateError::Render(m) => assert!(m.contains("must start with a user message"), "{m}"),
+            TemplateError::Render(m) => {
+                assert!(m.contains("must start with a user message"), "{m}")
+            }
             other => panic!("expected a render error, got {other:?}"),
         }
     }

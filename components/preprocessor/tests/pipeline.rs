@@ -32,7 +32,11 @@ fn chat_err(body: Value) -> RequestError {
 fn generated_folder_is_deterministic_with_a_real_vocabulary() {
     let a = build_tokenizer(&MakeModelSettings::default()).unwrap();
     let b = build_tokenizer(&MakeModelSettings::default()).unwrap();
-    assert!(a.get_vocab_size(true) >= 4096, "vocab {}", a.get_vocab_size(true));
+    assert!(
+        a.get_vocab_size(true) >= 4096,
+        "vocab {}",
+        a.get_vocab_size(true)
+    );
     assert_eq!(a.to_string(false).unwrap(), b.to_string(false).unwrap());
     // Common words are single tokens; text round-trips.
     let enc = a.encode(" the of and", false).unwrap();
@@ -49,7 +53,10 @@ fn chat_template_frames_messages_and_tokenizes() {
             {"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": " world"}]}
         ], "max_tokens": 5, "stop": "x", "stream": true, "stream_options": {"include_usage": true}}))
         .unwrap();
-    let text = pre().tokenizer().decode(&p.request.token_ids, false).unwrap();
+    let text = pre()
+        .tokenizer()
+        .decode(&p.request.token_ids, false)
+        .unwrap();
     assert_eq!(
         text,
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHello world<|im_end|>\n<|im_start|>assistant\n"
@@ -65,17 +72,61 @@ fn chat_template_frames_messages_and_tokenizes() {
 fn bad_requests_name_the_parameter() {
     let cases = [
         (json!({"model": "m"}), None, "missing field `messages`"),
-        (json!({"model": "m", "messages": []}), Some("messages"), "must not be empty"),
-        (json!({"model": "m", "messages": "hi"}), Some("messages"), "invalid type"),
-        (json!({"model": "m", "messages": [{"role": "robot", "content": "x"}]}), Some("messages[0].role"), "robot"),
-        (json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2}), Some("n"), "n other than 1"),
-        (json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": true}), Some("logprobs"), "not supported"),
-        (json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}), Some("max_tokens"), "at least 1"),
-        (json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -3}), Some("max_completion_tokens"), "at least 1"),
-        (json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 3.5}), Some("temperature"), "between"),
-        (json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": "many"}), Some("max_tokens"), "invalid type"),
-        (json!({"model": "m", "messages": [{"role": "user", "content": "x"}, {"role": "system", "content": "late"}]}), Some("messages"), "system message must come first"),
-        (json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": ["a", ""]}), Some("stop"), "empty"),
+        (
+            json!({"model": "m", "messages": []}),
+            Some("messages"),
+            "must not be empty",
+        ),
+        (
+            json!({"model": "m", "messages": "hi"}),
+            Some("messages"),
+            "invalid type",
+        ),
+        (
+            json!({"model": "m", "messages": [{"role": "robot", "content": "x"}]}),
+            Some("messages[0].role"),
+            "robot",
+        ),
+        (
+            json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2}),
+            Some("n"),
+            "n other than 1",
+        ),
+        (
+            json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": true}),
+            Some("logprobs"),
+            "not supported",
+        ),
+        (
+            json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}),
+            Some("max_tokens"),
+            "at least 1",
+        ),
+        (
+            json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -3}),
+            Some("max_completion_tokens"),
+            "at least 1",
+        ),
+        (
+            json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 3.5}),
+            Some("temperature"),
+            "between",
+        ),
+        (
+            json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": "many"}),
+            Some("max_tokens"),
+            "invalid type",
+        ),
+        (
+            json!({"model": "m", "messages": [{"role": "user", "content": "x"}, {"role": "system", "content": "late"}]}),
+            Some("messages"),
+            "system message must come first",
+        ),
+        (
+            json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": ["a", ""]}),
+            Some("stop"),
+            "empty",
+        ),
         (json!([1, 2]), None, "JSON object"),
     ];
     for (body, param, needle) in cases {
@@ -90,7 +141,9 @@ fn prompt_over_the_context_is_refused() {
     let long = "word ".repeat(5000);
     let e = chat_err(json!({"model": "m", "messages": [{"role": "user", "content": long}]}));
     assert_eq!(e.code, Some("context_length_exceeded"));
-    let e = chat_err(json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4090}));
+    let e = chat_err(
+        json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4090}),
+    );
     assert_eq!(e.code, Some("context_length_exceeded"));
     assert_eq!(e.param.as_deref(), Some("max_tokens"));
 }
@@ -98,7 +151,9 @@ fn prompt_over_the_context_is_refused() {
 #[test]
 fn unknown_fields_are_ignored_and_defaults_fill_the_context() {
     let p = pre()
-        .completion(&json!({"model": "m", "prompt": "one two", "frobnicate": {"x": 1}, "user": "u1"}))
+        .completion(
+            &json!({"model": "m", "prompt": "one two", "frobnicate": {"x": 1}, "user": "u1"}),
+        )
         .unwrap();
     assert_eq!(
         p.request.stop.max_tokens as usize + p.request.token_ids.len(),
@@ -116,7 +171,11 @@ fn incremental_detokenization_matches_whole_decode() {
         "  leading spaces\nand\ttabs  ",
     ] {
         let ids = tok.encode_fast(text, false).unwrap().get_ids().to_vec();
-        let prompt = tok.encode_fast("Prompt:", false).unwrap().get_ids().to_vec();
+        let prompt = tok
+            .encode_fast("Prompt:", false)
+            .unwrap()
+            .get_ids()
+            .to_vec();
         let mut d = Decoder::new(tok.clone(), &prompt);
         let mut out = String::new();
         for &t in &ids {

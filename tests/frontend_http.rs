@@ -1,0 +1,557 @@
+//! The OpenAI frontend over real HTTP (reqwest) in front of echo workers on the embedded bus:
+//! what clients see, including every bad-input answer.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use dynamo_actors::frontend::{Frontend, FrontendSettings, RouterMode, WORKER_HEADER};
+use dynamo_actors::worker::{WorkerRole, GENERATE};
+use dynamo_engine::{EchoEngine, EchoSettings};
+use dynamo_preprocessor::make_model::{make_model, MakeModelSettings};
+use dynamo_preprocessor::{ModelFolder, Preprocessor};
+use dynamo_runtime::discovery::InstanceInfo;
+use dynamo_runtime::subject::{EndpointId, EndpointName, Namespace};
+use dynamo_runtime::{InstanceId, Runtime, RuntimeSettings};
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+const MODEL: &str = "tiny";
+
+fn model_dir() -> &'static tempfile::TempDir {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        make_model(dir.path(), &MakeModelSettings::default()).unwrap();
+        dir
+    })
+}
+
+fn folder() -> ModelFolder {
+    ModelFolder::load(model_dir().path()).unwrap()
+}
+
+fn endpoint() -> EndpointId {
+    EndpointId::new("test", "backend", GENERATE).unwrap()
+}
+
+struct Stack {
+    runtime: Runtime,
+    frontend: Option<Frontend>,
+    workers: Vec<WorkerRole>,
+    base: String,
+    http: reqwest::Client,
+}
+
+struct Opts {
+    workers: usize,
+    delay: Duration,
+    mode: RouterMode,
+    max_inflight: usize,
+    max_body: usize,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Self {
+            workers: 1,
+            delay: Duration::ZERO,
+            mode: RouterMode::RoundRobin,
+            max_inflight: 64,
+            max_body: 1 << 20,
+        }
+    }
+}
+
+async fn add_worker(runtime: &Runtime, delay: Duration) -> WorkerRole {
+    let f = folder();
+    let card = f.files().card(MODEL, 64, 0).unwrap();
+    let instance = runtime
+        .component(endpoint().component, json!({}))
+        .await
+        .unwrap();
+    let engine = EchoEngine::new(EchoSettings {
+        delay_per_token: delay,
+    });
+    WorkerRole::start(
+        &instance,
+        EndpointName::new(GENERATE).unwrap(),
+        std::sync::Arc::new(engine),
+        card,
+        f.files().clone(),
+    )
+    .await
+    .unwrap()
+}
+
+impl Stack {
+    async fn start(o: Opts) -> Stack {
+        let runtime = Runtime::start(RuntimeSettings::default()).await.unwrap();
+        let mut s = FrontendSettings::new(Namespace::new("test").unwrap());
+        s.http_addr = Some("127.0.0.1:0".parse().unwrap());
+        s.router_mode = o.mode;
+        s.max_inflight = o.max_inflight;
+        s.max_body_bytes = o.max_body;
+        let frontend = Frontend::start(&runtime, s).await.unwrap();
+        let mut workers = Vec::new();
+        for _ in 0..o.workers {
+            workers.push(add_worker(&runtime, o.delay).await);
+        }
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            frontend.models().wait_for(MODEL, o.workers),
+        )
+        .await
+        .expect("model listed");
+        let base = format!("http://{}", frontend.local_addr().unwrap());
+        Stack {
+            runtime,
+            frontend: Some(frontend),
+            workers,
+            base,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    async fn post(&self, path: &str, body: &Value) -> (u16, Value, reqwest::header::HeaderMap) {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let headers = r.headers().clone();
+        let body = r.json::<Value>().await.unwrap_or(Value::Null);
+        (status, body, headers)
+    }
+
+    async fn get(&self, path: &str) -> (u16, String) {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    }
+
+    async fn inflight(&self) -> u64 {
+        let (_, body) = self.get("/health").await;
+        serde_json::from_str::<Value>(&body).unwrap()["inflight"]
+            .as_u64()
+            .unwrap()
+    }
+
+    async fn finish(mut self) {
+        self.frontend.take().unwrap().shutdown().await;
+        for w in self.workers.drain(..) {
+            w.shutdown(Duration::from_secs(1)).await;
+        }
+        self.runtime.close().await;
+    }
+}
+
+fn chat(content: &str) -> Value {
+    json!({"model": MODEL, "messages": [{"role": "user", "content": content}]})
+}
+
+/// The answer is an OpenAI error body with this status.
+fn assert_error(status: u16, body: &Value, want: u16, needle: &str) {
+    assert_eq!(status, want, "{body}");
+    let e = &body["error"];
+    for key in ["message", "type", "param", "code"] {
+        assert!(e.get(key).is_some(), "error body lacks {key}: {body}");
+    }
+    let msg = e["message"].as_str().unwrap();
+    assert!(msg.contains(needle), "{msg:?} lacks {needle:?}");
+}
+
+/// Reads an SSE response into its `data:` payloads.
+async fn sse_events(r: reqwest::Response) -> Vec<String> {
+    let text = r.text().await.unwrap();
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_and_completions_with_usage_streaming_and_not() {
+    let s = Stack::start(Opts::default()).await;
+    let pre = Preprocessor::new(MODEL, folder().files()).unwrap();
+
+    // Non-streaming chat: the echo engine repeats the framed prompt up to the end of turn.
+    let (status, body, headers) = s
+        .post("/v1/chat/completions", &chat("Hello there, café 日本"))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(body["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(
+        body["choices"][0]["message"]["content"],
+        "user\nHello there, café 日本"
+    );
+    assert_eq!(body["choices"][0]["finish_reason"], "stop");
+    let prompt = pre
+        .chat(&chat("Hello there, café 日本"))
+        .unwrap()
+        .prompt_tokens() as u64;
+    let usage = &body["usage"];
+    assert_eq!(usage["prompt_tokens"], prompt);
+    let completion = usage["completion_tokens"].as_u64().unwrap();
+    assert_eq!(usage["total_tokens"].as_u64().unwrap(), prompt + completion);
+    assert!(headers.contains_key(WORKER_HEADER));
+
+    // Streaming completion with a stop string and usage: the stop string and what follows
+    // never reach the client.
+    let r = s
+        .http
+        .post(format!("{}/v1/completions", s.base))
+        .json(
+            &json!({"model": MODEL, "prompt": "one two three four", "stream": true,
+                      "stop": ["three"], "stream_options": {"include_usage": true}}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let events = sse_events(r).await;
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["text"].as_str())
+        .collect();
+    assert_eq!(text, "one two ");
+    let finishes: Vec<&Value> = chunks
+        .iter()
+        .map(|c| &c["choices"][0]["finish_reason"])
+        .filter(|f| !f.is_null())
+        .collect();
+    assert_eq!(finishes, vec![&json!("stop")]);
+    let usage = &chunks.last().unwrap()["usage"];
+    assert_eq!(chunks.last().unwrap()["choices"], json!([]));
+    let p = pre
+        .completion(&json!({"model": MODEL, "prompt": "one two three four"}))
+        .unwrap();
+    assert_eq!(usage["prompt_tokens"], p.prompt_tokens() as u64);
+
+    // max_tokens ends with length, and completion tokens equal max_tokens.
+    let (status, body, _) = s
+        .post(
+            "/v1/completions",
+            &json!({"model": MODEL, "prompt": "alpha beta gamma delta", "max_tokens": 3}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"][0]["finish_reason"], "length");
+    assert_eq!(body["usage"]["completion_tokens"], 3);
+
+    // Streaming chat: role first, then content, then finish.
+    let r = s
+        .http
+        .post(format!("{}/v1/chat/completions", s.base))
+        .json(&json!({"model": MODEL, "stream": true, "messages": [{"role": "user", "content": "stream me"}]}))
+        .send()
+        .await
+        .unwrap();
+    let events = sse_events(r).await;
+    let first: Value = serde_json::from_str(&events[0]).unwrap();
+    assert_eq!(first["object"], "chat.completion.chunk");
+    assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
+    let content: String = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect();
+    assert_eq!(content, "user\nstream me");
+    assert_eq!(s.inflight().await, 0);
+    s.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_openai_errors_and_leaks_nothing() {
+    let s = Stack::start(Opts {
+        max_body: 64 * 1024,
+        ..Default::default()
+    })
+    .await;
+    let raw = |body: &'static str| {
+        let s = &s;
+        async move {
+            let r = s
+                .http
+                .post(format!("{}/v1/chat/completions", s.base))
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let (st, b) = raw("{not json").await;
+    assert_error(st, &b, 400, "not valid JSON");
+    let (st, b) = raw(
+        r#"{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": "ten"}"#,
+    )
+    .await;
+    assert_error(st, &b, 400, "max_tokens");
+    assert_eq!(b["error"]["param"], "max_tokens");
+    let (st, b, _) = s
+        .post("/v1/chat/completions", &json!({"model": MODEL}))
+        .await;
+    assert_error(st, &b, 400, "messages");
+    let (st, b, _) = s
+        .post(
+            "/v1/chat/completions",
+            &json!({"model": MODEL, "messages": []}),
+        )
+        .await;
+    assert_error(st, &b, 400, "must not be empty");
+    let (st, b, _) = s
+        .post(
+            "/v1/chat/completions",
+            &json!({"messages": [{"role": "user", "content": "x"}]}),
+        )
+        .await;
+    assert_error(st, &b, 400, "model");
+    let (st, b, _) = s
+        .post(
+            "/v1/chat/completions",
+            &json!({"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}),
+        )
+        .await;
+    assert_error(st, &b, 404, "gpt-9");
+    assert_eq!(b["error"]["code"], "model_not_found");
+    let long = "word ".repeat(5000);
+    let (st, b, _) = s.post("/v1/chat/completions", &chat(&long)).await;
+    assert_error(st, &b, 400, "context length");
+    assert_eq!(b["error"]["code"], "context_length_exceeded");
+    let mut zero = chat("x");
+    zero["max_tokens"] = json!(0);
+    let (st, b, _) = s.post("/v1/chat/completions", &zero).await;
+    assert_error(st, &b, 400, "at least 1");
+    let mut n2 = chat("x");
+    n2["n"] = json!(2);
+    let (st, b, _) = s.post("/v1/chat/completions", &n2).await;
+    assert_error(st, &b, 400, "n other than 1");
+    let huge = "x".repeat(100 * 1024);
+    let (st, b, _) = s.post("/v1/chat/completions", &chat(&huge)).await;
+    assert_error(st, &b, 413, "over the limit");
+    let (st, body) = s.get("/v1/nothing").await;
+    assert_error(st, &serde_json::from_str(&body).unwrap(), 404, "no route");
+
+    // The server still serves, and no request slot leaked.
+    let (st, b, _) = s.post("/v1/chat/completions", &chat("still alive")).await;
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(s.inflight().await, 0);
+    s.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_live_worker_is_503_and_the_inflight_limit_is_429() {
+    let mut s = Stack::start(Opts {
+        max_inflight: 2,
+        delay: Duration::from_millis(200),
+        ..Default::default()
+    })
+    .await;
+    // Two slow streams hold both slots; a third request is refused with Retry-After.
+    let open = |s: &Stack| {
+        s.http
+            .post(format!("{}/v1/completions", s.base))
+            .json(&json!({"model": MODEL, "prompt": "a b c d", "stream": true}))
+            .send()
+    };
+    let a = open(&s).await.unwrap();
+    let b = open(&s).await.unwrap();
+    assert_eq!((a.status().as_u16(), b.status().as_u16()), (200, 200));
+    let (st, body, headers) = s.post("/v1/chat/completions", &chat("third")).await;
+    assert_error(st, &body, 429, "limit of 2");
+    assert_eq!(headers["retry-after"], "1");
+    drop((sse_events(a).await, sse_events(b).await));
+    assert_eq!(s.inflight().await, 0);
+
+    // A registered instance that nobody answers for: the model stays listed, requests get 503.
+    let ghost = InstanceInfo {
+        endpoint: endpoint(),
+        instance: InstanceId::random(),
+        metadata: json!({"role": "worker", "model": folder().files().card(MODEL, 64, 0).unwrap()}),
+    };
+    s.runtime.discovery().register(ghost.clone()).await.unwrap();
+    let table = s.frontend.as_ref().unwrap().models().clone();
+    tokio::time::timeout(Duration::from_secs(5), table.wait_for(MODEL, 2))
+        .await
+        .unwrap();
+    for w in s.workers.drain(..) {
+        w.shutdown(Duration::from_secs(1)).await;
+    }
+    let mut changes = table.changes();
+    while table.get(MODEL).map(|m| m.instances.len()) != Some(1) {
+        tokio::time::timeout(Duration::from_secs(5), changes.changed())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let (st, body, headers) = s.post("/v1/chat/completions", &chat("anyone?")).await;
+    assert_error(st, &body, 503, "no live worker");
+    assert!(headers.contains_key("retry-after"));
+    assert_eq!(s.inflight().await, 0);
+
+    // Its last instance leaving drops the model: 404 and an empty list.
+    s.runtime
+        .discovery()
+        .deregister(&ghost.endpoint, ghost.instance)
+        .await
+        .unwrap();
+    while table.get(MODEL).is_some() {
+        tokio::time::timeout(Duration::from_secs(5), changes.changed())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let (_, models) = s.get("/v1/models").await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&models).unwrap()["data"],
+        json!([])
+    );
+    let (st, body) = s.get("/health").await;
+    assert_eq!(st, 503, "{body}");
+    s.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_disconnect_cancels_the_request_on_the_worker() {
+    let s = Stack::start(Opts {
+        delay: Duration::from_millis(20),
+        ..Default::default()
+    })
+    .await;
+    let long = "many words here ".repeat(100);
+    let r = s
+        .http
+        .post(format!("{}/v1/completions", s.base))
+        .json(&json!({"model": MODEL, "prompt": long, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    let mut body = r.bytes_stream();
+    let first = body.next().await.unwrap().unwrap();
+    assert!(!first.is_empty());
+    assert_eq!(s.workers[0].served().open_requests(), 1);
+    drop(body);
+    // 300 tokens at 20 ms would take 6 s; the worker must let go well before.
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    while s.workers[0].served().open_requests() > 0 {
+        assert!(
+            std::time::Instant::now() < until,
+            "the worker kept generating for a gone client"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(s.inflight().await, 0);
+    s.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routing_modes_spread_or_pin_requests() {
+    let s = Stack::start(Opts {
+        workers: 2,
+        ..Default::default()
+    })
+    .await;
+    let ids: Vec<String> = s
+        .workers
+        .iter()
+        .map(|w| w.served().instance().to_string())
+        .collect();
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        let (st, _, h) = s.post("/v1/chat/completions", &chat("rr")).await;
+        assert_eq!(st, 200);
+        seen.push(h[WORKER_HEADER].to_str().unwrap().to_string());
+    }
+    assert_ne!(seen[0], seen[1], "round-robin alternates: {seen:?}");
+    assert_eq!(seen[0], seen[2]);
+    assert_eq!(seen[1], seen[3]);
+    // A request can pin its worker.
+    for id in &ids {
+        let mut body = chat("pinned");
+        body["nvext"] = json!({"backend_instance_id": id});
+        let (st, _, h) = s.post("/v1/chat/completions", &body).await;
+        assert_eq!(st, 200);
+        assert_eq!(h[WORKER_HEADER].to_str().unwrap(), id);
+    }
+    let mut bad = chat("pinned");
+    bad["nvext"] = json!({"backend_instance_id": "0123456789abcdef"});
+    let (st, b, _) = s.post("/v1/chat/completions", &bad).await;
+    assert_error(st, &b, 400, "does not serve");
+    // /health lists both instances; /metrics has the frontend series.
+    let (_, health) = s.get("/health").await;
+    for id in &ids {
+        assert!(health.contains(id.as_str()), "{health}");
+    }
+    let (st, m) = s.get("/metrics").await;
+    assert_eq!(st, 200);
+    for series in [
+        "dynamo_frontend_requests_total{model=\"tiny\",endpoint=\"chat_completions\",status=\"200\"}",
+        "dynamo_frontend_time_to_first_token_seconds",
+        "dynamo_frontend_inter_token_latency_seconds",
+        "dynamo_frontend_request_duration_seconds",
+        "dynamo_frontend_input_sequence_tokens",
+        "dynamo_frontend_output_sequence_tokens",
+        "dynamo_frontend_inflight_requests",
+    ] {
+        assert!(m.contains(series), "missing {series} in\n{m}");
+    }
+    s.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_mode_requires_an_instance_and_random_uses_all() {
+    let s = Stack::start(Opts {
+        workers: 2,
+        mode: RouterMode::Direct,
+        ..Default::default()
+    })
+    .await;
+    let (st, b, _) = s.post("/v1/chat/completions", &chat("where?")).await;
+    assert_error(st, &b, 400, "direct mode");
+    let id = s.workers[1].served().instance().to_string();
+    let mut body = chat("here");
+    body["nvext"] = json!({"backend_instance_id": id});
+    let (st, _, h) = s.post("/v1/chat/completions", &body).await;
+    assert_eq!((st, h[WORKER_HEADER].to_str().unwrap()), (200, id.as_str()));
+    s.finish().await;
+
+    let s = Stack::start(Opts {
+        workers: 2,
+        mode: RouterMode::Random,
+        ..Default::default()
+    })
+    .await;
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..24 {
+        let (_, _, h) = s.post("/v1/chat/completions", &chat("r")).await;
+        seen.insert(h[WORKER_HEADER].to_str().unwrap().to_string());
+    }
+    assert_eq!(
+        seen.len(),
+        2,
+        "random routing used one worker for 24 requests"
+    );
+    s.finish().await;
+}
