@@ -1,0 +1,210 @@
+//! The official `openai` Python SDK against a frontend and two echo workers, each its own
+//! `dynamo-run` process, over a real nats-server; then workers are killed.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use dynamo_runtime::testing::NatsServer;
+use serde_json::Value;
+
+const LEASE: &str = "2s";
+
+/// A `dynamo-run` child, killed on drop; `ready` is its ready line.
+struct Proc {
+    child: Child,
+    ready: String,
+}
+
+impl Proc {
+    fn start(args: &[&str]) -> Proc {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_dynamo-run"))
+            .args(args)
+            .env("DYN_DISCOVERY__LEASE", LEASE)
+            .env("DYN_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn dynamo-run");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .expect("read the ready line");
+        assert!(
+            line.starts_with("ready"),
+            "{args:?} did not get ready: {line:?}"
+        );
+        Proc {
+            child,
+            ready: line.trim().to_string(),
+        }
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn python() -> String {
+    let out = Command::new("bash")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/install-python.sh"))
+        .output()
+        .expect("run scripts/install-python.sh");
+    assert!(
+        out.status.success(),
+        "scripts/install-python.sh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .expect("the script prints the venv's python")
+        .to_string()
+}
+
+/// Instances of `model` that `/health` lists.
+async fn instances(http: &reqwest::Client, base: &str) -> usize {
+    let Ok(r) = http.get(format!("{base}/health")).send().await else {
+        return 0;
+    };
+    let v: Value = r.json().await.unwrap_or(Value::Null);
+    v["instances"].as_array().map(Vec::len).unwrap_or(0)
+}
+
+async fn wait_instances(http: &reqwest::Client, base: &str, want: usize, within: Duration) {
+    let until = Instant::now() + within;
+    loop {
+        let n = instances(http, base).await;
+        if n == want {
+            return;
+        }
+        assert!(
+            Instant::now() < until,
+            "expected {want} instances, /health lists {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_sdk_against_frontend_and_two_workers_over_nats() {
+    let py = python();
+    let server = NatsServer::start().unwrap();
+    let url = server.url();
+    let model_dir = tempfile::tempdir().unwrap();
+    let dir = model_dir.path().to_str().unwrap();
+    let made = Command::new(env!("CARGO_BIN_EXE_dynamo-run"))
+        .args(["make-model", "--out", dir])
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+
+    let worker = |_: usize| {
+        Proc::start(&[
+            "--bus",
+            &url,
+            "in=dyn://e2e.backend.generate",
+            "out=echo",
+            "--model-path",
+            dir,
+            "--model-name",
+            "tiny",
+            "--echo-delay-ms",
+            "0",
+        ])
+    };
+    let mut w1 = worker(1);
+    let mut w2 = worker(2);
+    assert!(w1.ready.contains("model=tiny"), "{}", w1.ready);
+    let frontend = Proc::start(&[
+        "--bus",
+        &url,
+        "--namespace",
+        "e2e",
+        "in=http",
+        "out=dyn",
+        "--http-host",
+        "127.0.0.1",
+        "--http-port",
+        "0",
+    ]);
+    let addr = frontend
+        .ready
+        .split("http://")
+        .nth(1)
+        .and_then(|s| s.split('/').next())
+        .unwrap_or_else(|| panic!("no address in {:?}", frontend.ready))
+        .to_string();
+    let base = format!("http://{addr}");
+    let http = reqwest::Client::new();
+    wait_instances(&http, &base, 2, Duration::from_secs(10)).await;
+
+    let sdk = |py: &str| {
+        let out = Command::new(py)
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client.py"))
+            .args([&format!("{base}/v1"), "tiny"])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "openai SDK checks failed:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("all checks passed"), "{stdout}");
+    };
+    sdk(&py);
+
+    // kill -9 one worker: the model stays listed and every request is still served (the
+    // dead instance is skipped even before its lease runs out).
+    w1.kill9();
+    for i in 0..6 {
+        let r = http
+            .post(format!("{base}/v1/completions"))
+            .json(&serde_json::json!({"model": "tiny", "prompt": "still here", "max_tokens": 4}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            200,
+            "request {i} after a worker died: {}",
+            r.text().await.unwrap()
+        );
+    }
+    wait_instances(&http, &base, 1, Duration::from_secs(5)).await;
+    sdk(&py);
+
+    // The last worker gone: the model is no longer listed.
+    w2.kill9();
+    wait_instances(&http, &base, 0, Duration::from_secs(5)).await;
+    let models: Value = http
+        .get(format!("{base}/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models["data"], serde_json::json!([]));
+    let r = http
+        .post(format!("{base}/v1/completions"))
+        .json(&serde_json::json!({"model": "tiny", "prompt": "anyone"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    drop(frontend);
+}
