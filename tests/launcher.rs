@@ -1,0 +1,108 @@
+//! `dynamo-run in=text|batch out=echo` and the launcher's argument errors, as processes on the
+//! embedded bus.
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+
+use serde_json::Value;
+
+fn model_dir() -> &'static str {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_dynamo-run"))
+            .args(["make-model", "--out", dir.path().to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        dir
+    })
+    .path()
+    .to_str()
+    .unwrap()
+}
+
+fn run(args: &[&str], stdin: &str) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dynamo-run"))
+        .args(args)
+        .env("DYN_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn text_input_chats_in_the_terminal() {
+    let out = run(
+        &["in=text", "out=echo", "--model-path", model_dir(), "--echo-delay-ms", "0"],
+        "hello terminal\nsecond turn\n",
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // Each turn echoes the conversation as the template frames it, up to the first end of turn.
+    assert_eq!(stdout.matches("user\nhello terminal").count(), 2, "{stdout}");
+}
+
+#[test]
+fn batch_input_writes_answers_with_timing() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("prompts.jsonl");
+    std::fs::write(
+        &file,
+        "{\"text\": \"first prompt\"}\n\n{\"prompt\": \"one two three\", \"max_tokens\": 2}\n{\"messages\": [{\"role\": \"user\", \"content\": \"third\"}], \"stop\": \"ir\"}\n",
+    )
+    .unwrap();
+    let input = format!("in=batch:{}", file.display());
+    let out = run(&[&input, "out=echo", "--model-path", model_dir(), "--echo-delay-ms", "0"], "");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert_eq!(lines[0]["line"], 1);
+    assert_eq!(lines[0]["response"], "user\nfirst prompt");
+    assert_eq!(lines[1]["finish_reason"], "length");
+    assert_eq!(lines[1]["usage"]["completion_tokens"], 2);
+    assert_eq!(lines[2]["response"], "user\nth");
+    for l in &lines {
+        assert!(l["duration_ms"].as_f64().unwrap() >= 0.0, "{l}");
+        assert!(l["ttft_ms"].is_number(), "{l}");
+    }
+    assert!(String::from_utf8_lossy(&out.stderr).contains("3 requests (0 failed)"));
+
+    // A bad line is reported in place and fails the run; the others are still answered.
+    std::fs::write(&file, "{\"text\": \"fine\"}\nnot json\n{\"neither\": 1}\n").unwrap();
+    let out = run(&[&input, "out=echo", "--model-path", model_dir(), "--echo-delay-ms", "0"], "");
+    assert!(!out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines[0]["response"], "user\nfine");
+    assert!(lines[1]["error"].as_str().unwrap().contains("not JSON"));
+    assert!(lines[2]["error"].as_str().unwrap().contains("needs"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("2 of 3 batch requests failed"));
+}
+
+#[test]
+fn bad_launch_arguments_say_what_to_do() {
+    let cases: [(&[&str], &str); 5] = [
+        (&["in=carrier-pigeon"], "use http, text"),
+        (&["out=gpt"], "not an engine"),
+        (&["in=http", "out=echo"], "make-model"),
+        (&["in=dyn://only.two", "out=echo"], "namespace.component.endpoint"),
+        (&["in=http", "bogus"], "expected in=... or out=..."),
+    ];
+    for (args, needle) in cases {
+        let out = run(args, "");
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+    let missing = run(&["in=text", "out=echo", "--model-path", "/nonexistent/model"], "");
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("not a directory"));
+}
