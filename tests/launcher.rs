@@ -15,7 +15,11 @@ fn model_dir() -> &'static str {
             .args(["make-model", "--out", dir.path().to_str().unwrap()])
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         dir
     })
     .path()
@@ -32,20 +36,40 @@ fn run(args: &[&str], stdin: &str) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
     child.wait_with_output().unwrap()
 }
 
 #[test]
 fn text_input_chats_in_the_terminal() {
     let out = run(
-        &["in=text", "out=echo", "--model-path", model_dir(), "--echo-delay-ms", "0"],
+        &[
+            "in=text",
+            "out=echo",
+            "--model-path",
+            model_dir(),
+            "--echo-delay-ms",
+            "0",
+        ],
         "hello terminal\nsecond turn\n",
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     // Each turn echoes the conversation as the template frames it, up to the first end of turn.
-    assert_eq!(stdout.matches("user\nhello terminal").count(), 2, "{stdout}");
+    assert_eq!(
+        stdout.matches("user\nhello terminal").count(),
+        2,
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -58,8 +82,22 @@ fn batch_input_writes_answers_with_timing() {
     )
     .unwrap();
     let input = format!("in=batch:{}", file.display());
-    let out = run(&[&input, "out=echo", "--model-path", model_dir(), "--echo-delay-ms", "0"], "");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run(
+        &[
+            &input,
+            "out=echo",
+            "--model-path",
+            model_dir(),
+            "--echo-delay-ms",
+            "0",
+        ],
+        "",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -78,10 +116,23 @@ fn batch_input_writes_answers_with_timing() {
 
     // A bad line is reported in place and fails the run; the others are still answered.
     std::fs::write(&file, "{\"text\": \"fine\"}\nnot json\n{\"neither\": 1}\n").unwrap();
-    let out = run(&[&input, "out=echo", "--model-path", model_dir(), "--echo-delay-ms", "0"], "");
+    let out = run(
+        &[
+            &input,
+            "out=echo",
+            "--model-path",
+            model_dir(),
+            "--echo-delay-ms",
+            "0",
+        ],
+        "",
+    );
     assert!(!out.status.success());
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let lines: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines[0]["response"], "user\nfine");
     assert!(lines[1]["error"].as_str().unwrap().contains("not JSON"));
     assert!(lines[2]["error"].as_str().unwrap().contains("needs"));
@@ -94,7 +145,10 @@ fn bad_launch_arguments_say_what_to_do() {
         (&["in=carrier-pigeon"], "use http, text"),
         (&["out=gpt"], "not an engine"),
         (&["in=http", "out=echo"], "make-model"),
-        (&["in=dyn://only.two", "out=echo"], "namespace.component.endpoint"),
+        (
+            &["in=dyn://only.two", "out=echo"],
+            "namespace.component.endpoint",
+        ),
         (&["in=http", "bogus"], "expected in=... or out=..."),
     ];
     for (args, needle) in cases {
@@ -103,6 +157,9 @@ fn bad_launch_arguments_say_what_to_do() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
     }
-    let missing = run(&["in=text", "out=echo", "--model-path", "/nonexistent/model"], "");
+    let missing = run(
+        &["in=text", "out=echo", "--model-path", "/nonexistent/model"],
+        "",
+    );
     assert!(String::from_utf8_lossy(&missing.stderr).contains("not a directory"));
 }
