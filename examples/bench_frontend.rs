@@ -334,7 +334,7 @@ async fn main() {
     println!("| concurrency | path | req/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | server CPU-s/req | server peak RSS MiB |");
     println!("|---|---|---|---|---|---|---|---|---|");
     let mut added = Vec::new();
-    for (conc, n) in [(1usize, 150usize), (32, 1200), (128, 2400)] {
+    for (conc, n) in [(1usize, 60usize), (32, 1200), (128, 2400)] {
         let n = ((n as f64) * scale).max(conc as f64) as usize;
         let e = engine_load(
             &pre,
