@@ -17,6 +17,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::detok::{Decoder, StopJail};
+use crate::fast_bpe::FastBpe;
 use crate::model::{
     ModelError, ModelFiles, CHAT_TEMPLATE, CONFIG, GENERATION_CONFIG, TOKENIZER, TOKENIZER_CONFIG,
 };
@@ -115,6 +116,8 @@ fn token_ids(v: &Value) -> Vec<TokenId> {
 pub struct Preprocessor {
     name: String,
     tokenizer: Arc<tokenizers::Tokenizer>,
+    /// Exact fast path for prompts, when the tokenizer's configuration allows one.
+    fast: Option<FastBpe>,
     template: Option<ChatTemplate>,
     bos_token: Option<String>,
     eos_token: Option<String>,
@@ -142,6 +145,9 @@ impl Preprocessor {
                 file: TOKENIZER,
                 reason: e.to_string(),
             })?;
+        let fast = files
+            .json(TOKENIZER)?
+            .and_then(|json| FastBpe::from_tokenizer_json(&json));
         let tok_config = files.json(TOKENIZER_CONFIG)?.unwrap_or(Value::Null);
         let template_src = match files.get(CHAT_TEMPLATE) {
             Some(b) => Some(String::from_utf8_lossy(b).into_owned()),
@@ -186,6 +192,7 @@ impl Preprocessor {
             name: name.to_string(),
             vocab_size: tokenizer.get_vocab_size(true) as u32,
             tokenizer: Arc::new(tokenizer),
+            fast,
             template,
             bos_token,
             eos_token,
@@ -206,12 +213,20 @@ impl Preprocessor {
         &self.eos_ids
     }
 
+    /// Whether prompts take the fast byte-level BPE path ([`FastBpe`]).
+    pub fn has_fast_encoder(&self) -> bool {
+        self.fast.is_some()
+    }
+
     pub fn tokenizer(&self) -> &Arc<tokenizers::Tokenizer> {
         &self.tokenizer
     }
 
     /// Tokenizes `text`; `special` adds the tokenizer's BOS/EOS framing.
     pub fn encode(&self, text: &str, special: bool) -> Result<Vec<TokenId>, RequestError> {
+        if let (false, Some(fast)) = (special, &self.fast) {
+            return Ok(fast.encode(text));
+        }
         self.tokenizer
             .encode_fast(text, special)
             .map(|e| e.get_ids().to_vec())

@@ -43,6 +43,7 @@ fn generated_folder_is_deterministic_with_a_real_vocabulary() {
     assert_eq!(enc.get_ids().len(), 3);
     assert_eq!(pre().context_length(), 4096);
     assert!(!pre().eos_ids().is_empty());
+    assert!(pre().has_fast_encoder());
 }
 
 #[test]
