@@ -45,6 +45,9 @@ fn byte_chars() -> [char; 256] {
     table
 }
 
+/// Word bytes -> their token ids.
+type WordCache = HashMap<Box<[u8]>, Box<[TokenId]>>;
+
 struct Added {
     matcher: AhoCorasick,
     ids: Vec<TokenId>,
@@ -74,7 +77,7 @@ pub struct FastBpe {
     normal: Option<Added>,
     split: regex::Regex,
     chars: [char; 256],
-    cache: Mutex<HashMap<Box<[u8]>, Box<[TokenId]>>>,
+    cache: Mutex<WordCache>,
 }
 
 fn merge_pair(m: &Value) -> Option<(String, String)> {
