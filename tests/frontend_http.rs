@@ -463,6 +463,22 @@ async fn client_disconnect_cancels_the_request_on_the_worker() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(s.inflight().await, 0);
+
+    // The same for a non-streaming request whose client gives up waiting.
+    let gave_up = s
+        .http
+        .post(format!("{}/v1/completions", s.base))
+        .json(&json!({"model": MODEL, "prompt": long}))
+        .timeout(Duration::from_millis(300))
+        .send()
+        .await;
+    assert!(gave_up.is_err(), "6 s of tokens cannot arrive in 300 ms");
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    while s.workers[0].served().open_requests() > 0 {
+        assert!(std::time::Instant::now() < until, "the worker kept generating for a gone client");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(s.inflight().await, 0);
     s.finish().await;
 }
 
