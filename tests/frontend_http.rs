@@ -353,6 +353,13 @@ async fn bad_input_gets_openai_errors_and_leaks_nothing() {
     assert_error(st, &b, 413, "over the limit");
     let (st, body) = s.get("/v1/nothing").await;
     assert_error(st, &serde_json::from_str(&body).unwrap(), 404, "no route");
+    let (st, body) = s.get("/v1/chat/completions").await;
+    assert_error(
+        st,
+        &serde_json::from_str(&body).unwrap(),
+        405,
+        "GET is not allowed",
+    );
 
     // The server still serves, and no request slot leaked.
     let (st, b, _) = s.post("/v1/chat/completions", &chat("still alive")).await;
@@ -475,7 +482,10 @@ async fn client_disconnect_cancels_the_request_on_the_worker() {
     assert!(gave_up.is_err(), "6 s of tokens cannot arrive in 300 ms");
     let until = std::time::Instant::now() + Duration::from_secs(3);
     while s.workers[0].served().open_requests() > 0 {
-        assert!(std::time::Instant::now() < until, "the worker kept generating for a gone client");
+        assert!(
+            std::time::Instant::now() < until,
+            "the worker kept generating for a gone client"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(s.inflight().await, 0);

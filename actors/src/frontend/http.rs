@@ -45,6 +45,7 @@ pub(crate) fn router(state: Arc<HttpState>) -> Router {
         .route("/live", get(live))
         .route("/metrics", get(metrics))
         .fallback(not_found)
+        .method_not_allowed_fallback(wrong_method)
         .with_state(state)
 }
 
@@ -68,6 +69,14 @@ async fn not_found(req: Request) -> Response {
         404,
         "invalid_request_error",
         format!("no route for {} {}", req.method(), req.uri().path()),
+    ))
+}
+
+async fn wrong_method(req: Request) -> Response {
+    error_response(&ApiError::new(
+        405,
+        "invalid_request_error",
+        format!("{} is not allowed on {}", req.method(), req.uri().path()),
     ))
 }
 

@@ -104,6 +104,9 @@ impl ModelTable {
     }
 }
 
+/// Builds of one card tried before giving up (until another instance with it joins).
+const MAX_BUILD_ATTEMPTS: u32 = 5;
+
 pub(crate) enum WatcherMsg {
     Discovery(DiscoveryEvent),
     Built {
@@ -123,6 +126,8 @@ pub(crate) struct WatcherState {
     cards: HashMap<WorkerAddr, ModelCard>,
     pipelines: HashMap<String, Arc<Preprocessor>>,
     fetching: HashSet<String>,
+    /// Failed builds per card since its last success, for backoff and giving up.
+    failures: HashMap<String, u32>,
     cursors: HashMap<String, Arc<AtomicUsize>>,
     created: HashMap<String, u64>,
     forward: Option<tokio::task::JoinHandle<()>>,
@@ -252,6 +257,9 @@ impl ModelWatcher {
                 let key = card.content_key();
                 let name = card.name.clone();
                 let previous = state.cards.insert(addr.clone(), card.clone());
+                if previous.is_none() {
+                    state.failures.remove(&key);
+                }
                 if !state.pipelines.contains_key(&key) && state.fetching.insert(key.clone()) {
                     let (runtime, me) = (self.runtime.clone(), myself.clone());
                     tokio::spawn(async move {
@@ -324,13 +332,21 @@ impl Actor for ModelWatcher {
                 state.fetching.remove(&key);
                 match result {
                     Ok(pre) => {
+                        state.failures.remove(&key);
                         let name = pre.name().to_string();
                         state.pipelines.insert(key, pre);
                         self.refresh(state, &name);
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "cannot build a model's preprocessor; retrying from another instance");
-                        // Try again from any live instance with this card.
+                        let failures = state.failures.entry(key.clone()).or_default();
+                        *failures += 1;
+                        let attempt = *failures;
+                        if attempt >= MAX_BUILD_ATTEMPTS {
+                            tracing::error!(error = %e, attempts = attempt, "cannot build a model's preprocessor; giving up until another instance with this card joins");
+                            return Ok(());
+                        }
+                        tracing::warn!(error = %e, attempt, "cannot build a model's preprocessor; retrying");
+                        // Try again, with backoff, from any live instance with this card.
                         if let Some((addr, card)) = state
                             .cards
                             .iter()
@@ -340,7 +356,8 @@ impl Actor for ModelWatcher {
                             state.fetching.insert(key.clone());
                             let (runtime, me) = (self.runtime.clone(), myself.clone());
                             tokio::spawn(async move {
-                                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                                tokio::time::sleep(std::time::Duration::from_secs(attempt as u64))
+                                    .await;
                                 let result = build(runtime, addr, card).await;
                                 let _ = me.cast(WatcherMsg::Built { key, result });
                             });
