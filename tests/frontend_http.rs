@@ -344,6 +344,11 @@ async fn bad_input_gets_openai_errors_and_leaks_nothing() {
     zero["max_tokens"] = json!(0);
     let (st, b, _) = s.post("/v1/chat/completions", &zero).await;
     assert_error(st, &b, 400, "at least 1");
+    // The chat template's own refusal (raise_exception) is the client's error, named.
+    let late_system = json!({"model": MODEL, "messages": [
+        {"role": "user", "content": "x"}, {"role": "system", "content": "late"}]});
+    let (st, b, _) = s.post("/v1/chat/completions", &late_system).await;
+    assert_error(st, &b, 400, "A system message must come first");
     let mut n2 = chat("x");
     n2["n"] = json!(2);
     let (st, b, _) = s.post("/v1/chat/completions", &n2).await;
