@@ -10,5 +10,6 @@
 #![forbid(unsafe_code)]
 
 pub mod echo;
+pub mod kv;
 pub mod llm;
 pub mod openai;

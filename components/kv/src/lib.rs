@@ -1,0 +1,12 @@
+//! The KV cache's bookkeeping, without the bus:
+//!
+//! - [`hash`]: block and sequence hashes (XXH3-64, seed 1337, as `ARCHITECTURE.md` fixes them);
+//! - [`pool`]: the paged block pool with reference counts, prefix caching, LRU eviction of
+//!   unreferenced cached blocks, and the KV events every change of cached content emits.
+#![forbid(unsafe_code)]
+
+pub mod hash;
+pub mod pool;
+
+pub use hash::{block_hashes, hash_block, sequence_hash, SEED};
+pub use pool::{BlockId, BlockPool, PoolError};

@@ -1,0 +1,344 @@
+//! The paged block pool: a fixed number of blocks of `block_size` tokens.
+//!
+//! Every block is in exactly one of three states, which [`BlockPool::check`] verifies:
+//! - **active**: referenced by at least one sequence (`refs > 0`), cached or not;
+//! - **cached, idle**: unreferenced but holding a known prefix; kept in an LRU and reused by a
+//!   later sequence with the same prefix, or evicted (oldest first) only when space is needed;
+//! - **free**: unreferenced and holding nothing.
+//!
+//! A sequence reuses the longest run of cached blocks matching its leading sequence hashes
+//! ([`BlockPool::acquire_prefix`]); new blocks come from the free list, then from evicting
+//! idle cached blocks ([`BlockPool::allocate`]). A block becomes cached when it fills
+//! ([`BlockPool::register`]). Released blocks go to the LRU tail-first, so a sequence's last
+//! blocks are evicted before its first (which other prompts are likelier to share).
+//!
+//! Every change of cached content appends a [`KvEvent`] (stored, removed, cleared) with the next
+//! event id; consecutive stores of one chain and consecutive removals merge into one event.
+//! [`BlockPool::take_events`] hands them out; [`BlockPool::dump`] describes the cached set as of
+//! the last event id. Replaying the events yields exactly the cached set (property-tested).
+//!
+//! Costs: allocate and release are O(log n) per block (the LRU is a B-tree on a use stamp);
+//! prefix matching is O(matched) hash lookups.
+
+use std::collections::{BTreeMap, HashMap};
+
+use dynamo_protocols::kv::{
+    KvDump, KvEvent, KvEventData, LocalBlockHash, SequenceHash, StorageTier, StoredBlock,
+};
+
+/// A block's index in the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BlockId(u32);
+
+impl BlockId {
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PoolError {
+    /// Not enough free or evictable blocks now; retry after others finish (or preempt).
+    #[error("{wanted} blocks wanted, {available} available")]
+    OutOfBlocks { wanted: usize, available: usize },
+    /// The operation needs no block to be in use.
+    #[error("{active} blocks are in use")]
+    Busy { active: usize },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Cached {
+    hash: SequenceHash,
+    parent: Option<SequenceHash>,
+    local: LocalBlockHash,
+    /// The block's index in its sequence (orders dumps parents-first).
+    position: u32,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Meta {
+    refs: u32,
+    cached: Option<Cached>,
+    /// LRU key while idle.
+    stamp: u64,
+}
+
+#[derive(Debug)]
+pub struct BlockPool {
+    block_size: usize,
+    tier: StorageTier,
+    blocks: Vec<Meta>,
+    free: Vec<BlockId>,
+    by_hash: HashMap<SequenceHash, BlockId>,
+    lru: BTreeMap<u64, BlockId>,
+    clock: u64,
+    next_event: u64,
+    pending: Vec<KvEvent>,
+}
+
+impl BlockPool {
+    pub fn new(num_blocks: usize, block_size: usize) -> Self {
+        Self {
+            block_size: block_size.max(1),
+            tier: StorageTier::Device,
+            blocks: vec![Meta::default(); num_blocks],
+            free: (0..num_blocks as u32).rev().map(BlockId).collect(),
+            by_hash: HashMap::new(),
+            lru: BTreeMap::new(),
+            clock: 0,
+            next_event: 0,
+            pending: Vec::new(),
+        }
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Blocks referenced by some sequence.
+    pub fn active_blocks(&self) -> usize {
+        self.blocks.len() - self.free.len() - self.lru.len()
+    }
+
+    /// Blocks an allocation can get now (free plus evictable).
+    pub fn available(&self) -> usize {
+        self.free.len() + self.lru.len()
+    }
+
+    pub fn cached_blocks(&self) -> usize {
+        self.by_hash.len()
+    }
+
+    /// How many leading `hashes` are cached (without taking them).
+    pub fn match_prefix(&self, hashes: &[SequenceHash]) -> usize {
+        hashes
+            .iter()
+            .take_while(|h| self.by_hash.contains_key(h))
+            .count()
+    }
+
+    /// Takes a reference on each leading cached block of `hashes`; returns them in order.
+    pub fn acquire_prefix(&mut self, hashes: &[SequenceHash]) -> Vec<BlockId> {
+        let mut out = Vec::new();
+        for h in hashes {
+            let Some(&id) = self.by_hash.get(h) else {
+                break;
+            };
+            let meta = &mut self.blocks[id.index()];
+            if meta.refs == 0 {
+                self.lru.remove(&meta.stamp);
+            }
+            meta.refs += 1;
+            out.push(id);
+        }
+        out
+    }
+
+    /// `n` new, empty blocks (referenced once), evicting idle cached blocks if needed.
+    pub fn allocate(&mut self, n: usize) -> Result<Vec<BlockId>, PoolError> {
+        if n > self.available() {
+            return Err(PoolError::OutOfBlocks {
+                wanted: n,
+                available: self.available(),
+            });
+        }
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            let id = match self.free.pop() {
+                Some(id) => id,
+                None => {
+                    let (_, id) = self.lru.pop_first().expect("available() counted it");
+                    self.uncache(id);
+                    id
+                }
+            };
+            self.blocks[id.index()].refs = 1;
+            out.push(id);
+        }
+        Ok(out)
+    }
+
+    fn uncache(&mut self, id: BlockId) {
+        if let Some(c) = self.blocks[id.index()].cached.take() {
+            self.by_hash.remove(&c.hash);
+            if let Some(KvEvent {
+                data: KvEventData::Removed { block_hashes },
+                ..
+            }) = self.pending.last_mut()
+            {
+                block_hashes.push(c.hash);
+            } else {
+                self.emit(KvEventData::Removed {
+                    block_hashes: vec![c.hash],
+                });
+            }
+        }
+    }
+
+    fn emit(&mut self, data: KvEventData) {
+        self.pending.push(KvEvent {
+            event_id: self.next_event,
+            tier: self.tier,
+            data,
+        });
+        self.next_event += 1;
+    }
+
+    /// Records that `block` is full and holds the prefix `hash`. A prefix already cached in
+    /// another block is not cached twice (this block stays private to its sequence).
+    pub fn register(
+        &mut self,
+        block: BlockId,
+        parent: Option<SequenceHash>,
+        local: LocalBlockHash,
+        hash: SequenceHash,
+        position: u32,
+    ) {
+        if self.blocks[block.index()].cached.is_some() || self.by_hash.contains_key(&hash) {
+            return;
+        }
+        self.blocks[block.index()].cached = Some(Cached {
+            hash,
+            parent,
+            local,
+            position,
+        });
+        self.by_hash.insert(hash, block);
+        let stored = StoredBlock {
+            block_hash: hash,
+            tokens_hash: local,
+        };
+        // Extend the last event if it stored this block's parent.
+        if let Some(KvEvent {
+            data: KvEventData::Stored { blocks, .. },
+            ..
+        }) = self.pending.last_mut()
+        {
+            if parent.is_some() && blocks.last().map(|b| b.block_hash) == parent {
+                blocks.push(stored);
+                return;
+            }
+        }
+        self.emit(KvEventData::Stored {
+            parent_hash: parent,
+            blocks: vec![stored],
+        });
+    }
+
+    /// Drops one reference on each block; unreferenced cached blocks become idle (evictable,
+    /// the last given first), the others free.
+    pub fn release(&mut self, blocks: &[BlockId]) {
+        for &id in blocks.iter().rev() {
+            let meta = &mut self.blocks[id.index()];
+            debug_assert!(meta.refs > 0, "release of an unreferenced block");
+            meta.refs = meta.refs.saturating_sub(1);
+            if meta.refs > 0 {
+                continue;
+            }
+            if meta.cached.is_some() {
+                self.clock += 1;
+                meta.stamp = self.clock;
+                self.lru.insert(self.clock, id);
+            } else {
+                self.free.push(id);
+            }
+        }
+    }
+
+    /// Forgets every cached block (none may be in use) and emits `cleared`.
+    pub fn reset(&mut self) -> Result<(), PoolError> {
+        let active = self.active_blocks();
+        if active > 0 {
+            return Err(PoolError::Busy { active });
+        }
+        while let Some((_, id)) = self.lru.pop_first() {
+            self.blocks[id.index()].cached = None;
+            self.free.push(id);
+        }
+        self.by_hash.clear();
+        self.emit(KvEventData::Cleared);
+        Ok(())
+    }
+
+    /// Events since the last call, in order.
+    pub fn take_events(&mut self) -> Vec<KvEvent> {
+        std::mem::take(&mut self.pending)
+    }
+
+    /// The cached set as of the last emitted event.
+    pub fn dump(&self) -> KvDump {
+        let mut blocks: Vec<&Cached> = self
+            .blocks
+            .iter()
+            .filter_map(|m| m.cached.as_ref())
+            .collect();
+        blocks.sort_by_key(|c| c.position);
+        KvDump {
+            last_event_id: self.next_event.checked_sub(1),
+            block_size: self.block_size as u32,
+            blocks: blocks
+                .into_iter()
+                .map(|c| {
+                    (
+                        c.parent,
+                        StoredBlock {
+                            block_hash: c.hash,
+                            tokens_hash: c.local,
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    /// The cached prefixes.
+    pub fn cached_hashes(&self) -> impl Iterator<Item = SequenceHash> + '_ {
+        self.by_hash.keys().copied()
+    }
+
+    /// Verifies the pool's invariants; returns what is wrong.
+    pub fn check(&self) -> Result<(), String> {
+        let mut free = vec![false; self.blocks.len()];
+        for id in &self.free {
+            if std::mem::replace(&mut free[id.index()], true) {
+                return Err(format!("{id:?} is on the free list twice"));
+            }
+            let m = &self.blocks[id.index()];
+            if m.refs > 0 || m.cached.is_some() {
+                return Err(format!("free {id:?} is referenced or cached"));
+            }
+        }
+        for (stamp, id) in &self.lru {
+            let m = &self.blocks[id.index()];
+            if m.refs > 0 || m.cached.is_none() || m.stamp != *stamp || free[id.index()] {
+                return Err(format!(
+                    "idle {id:?} is referenced, uncached, misfiled or free"
+                ));
+            }
+        }
+        for (i, m) in self.blocks.iter().enumerate() {
+            let idle = self.lru.contains_key(&m.stamp) && self.lru[&m.stamp].index() == i;
+            if m.refs == 0 && !free[i] && !idle {
+                return Err(format!(
+                    "block {i} is unreferenced but neither free nor idle"
+                ));
+            }
+            if let Some(c) = &m.cached {
+                if self.by_hash.get(&c.hash).map(|b| b.index()) != Some(i) {
+                    return Err(format!("block {i} is cached but not indexed by its hash"));
+                }
+            }
+        }
+        if self.by_hash.len() != self.blocks.iter().filter(|m| m.cached.is_some()).count() {
+            return Err("the hash index and the blocks disagree".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

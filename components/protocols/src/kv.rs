@@ -1,0 +1,84 @@
+//! KV-cache events and load, as workers publish them and routers consume them.
+//!
+//! Hashes follow `ARCHITECTURE.md`: a block's [`LocalBlockHash`] is XXH3-64 (seed 1337) of its
+//! token ids as little-endian u32; a [`SequenceHash`] chains them, so equal sequence hashes mean
+//! equal prefixes. Only full blocks are hashed.
+
+use serde::{Deserialize, Serialize};
+
+/// Hash of one block's tokens alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct LocalBlockHash(pub u64);
+
+/// Hash of a block and everything before it: identifies a prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SequenceHash(pub u64);
+
+/// Where a cached block lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StorageTier {
+    Device,
+    Host,
+    Disk,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredBlock {
+    pub block_hash: SequenceHash,
+    pub tokens_hash: LocalBlockHash,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum KvEventData {
+    /// Blocks now cached, each extending the previous (the first extends `parent_hash`).
+    Stored {
+        parent_hash: Option<SequenceHash>,
+        blocks: Vec<StoredBlock>,
+    },
+    /// Blocks no longer cached.
+    Removed { block_hashes: Vec<SequenceHash> },
+    /// Everything in this tier is gone.
+    Cleared,
+}
+
+/// One change of a worker's cached content. `event_id` increases by one per event per worker;
+/// a gap means events were lost and the receiver should resync from a [`KvDump`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvEvent {
+    pub event_id: u64,
+    pub tier: StorageTier,
+    pub data: KvEventData,
+}
+
+/// What a worker publishes on its KV-event subject.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvEventBatch {
+    pub events: Vec<KvEvent>,
+}
+
+/// A worker's whole cached set, with the id of the last event it reflects.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvDump {
+    pub last_event_id: Option<u64>,
+    pub block_size: u32,
+    /// Cached blocks with their parents (`None` for a first block), parents before children.
+    pub blocks: Vec<(Option<SequenceHash>, StoredBlock)>,
+}
+
+/// Ask a worker for its [`KvDump`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvDumpRequest {}
+
+/// A worker's load, published at an interval and on change.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadReport {
+    pub active_blocks: u64,
+    pub total_blocks: u64,
+    pub waiting_requests: u64,
+    pub queued_prefill_tokens: u64,
+    pub running_requests: u64,
+}
