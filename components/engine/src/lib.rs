@@ -7,14 +7,19 @@
 #![forbid(unsafe_code)]
 
 pub mod echo;
+pub mod mocker;
+pub mod scheduler;
 
 use std::pin::Pin;
 
+use dynamo_protocols::kv::{KvDump, KvEvent, LoadReport};
 use dynamo_protocols::llm::{EngineOutput, PreprocessedRequest};
 use futures::Stream;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 pub use echo::{EchoEngine, EchoSettings};
+pub use mocker::{MockerEngine, MockerSettings};
 
 /// Why an engine refused or failed a request; each variant is a decision for the caller.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -40,4 +45,54 @@ pub trait Engine: Send + Sync + 'static {
         request: PreprocessedRequest,
         cancel: CancellationToken,
     ) -> Result<EngineStream, EngineError>;
+
+    /// The engine's KV cache, for engines that have one (echo has none).
+    fn kv(&self) -> Option<KvHandle> {
+        None
+    }
+}
+
+/// An engine's KV cache as the worker publishes it: event batches (consecutive event ids; a
+/// subscriber that lags sees a gap), load, and a dump of the cached set on request.
+#[derive(Clone)]
+pub struct KvHandle {
+    events: broadcast::Sender<Vec<KvEvent>>,
+    load: watch::Receiver<LoadReport>,
+    dumps: mpsc::Sender<oneshot::Sender<KvDump>>,
+    block_size: u32,
+}
+
+impl KvHandle {
+    pub fn new(
+        events: broadcast::Sender<Vec<KvEvent>>,
+        load: watch::Receiver<LoadReport>,
+        dumps: mpsc::Sender<oneshot::Sender<KvDump>>,
+        block_size: u32,
+    ) -> Self {
+        Self {
+            events,
+            load,
+            dumps,
+            block_size,
+        }
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Vec<KvEvent>> {
+        self.events.subscribe()
+    }
+
+    pub fn load(&self) -> watch::Receiver<LoadReport> {
+        self.load.clone()
+    }
+
+    pub fn block_size(&self) -> u32 {
+        self.block_size
+    }
+
+    /// The cached set and the last event id it reflects; `None` if the engine has stopped.
+    pub async fn dump(&self) -> Option<KvDump> {
+        let (tx, rx) = oneshot::channel();
+        self.dumps.send(tx).await.ok()?;
+        rx.await.ok()
+    }
 }

@@ -1,0 +1,334 @@
+//! The mocker engine: the real [`Scheduler`] and block pool with the model's execution
+//! simulated, so that what it publishes (KV events, load) is what a real engine would publish.
+//!
+//! Step time comes from a perf model, by default the polynomials widely used for this purpose:
+//! `prefill_ms = 4.209989e-7 t² + 0.01518344 t + 16.50142` with `t` the uncached prompt tokens
+//! in the batch, and `decode_ms = -25.74 p² + 54.01 p + 5.74` (floor 1 ms) with `p` the KV usage
+//! fraction; a step with both pays both. `speedup_ratio` divides the time. Sampled tokens are
+//! drawn (deterministically per engine) from the ordinary part of the vocabulary, so output
+//! detokenizes and never ends early on an EOS.
+//!
+//! The scheduler runs in its own task, fed through a bounded command channel (a full channel is
+//! `Overloaded`). Each step's KV events go out on a broadcast channel (a subscriber that falls
+//! behind sees a gap in event ids, which is what triggers a router's resync), load on a watch.
+
+use std::ops::Range;
+use std::time::Duration;
+
+use dynamo_protocols::kv::{KvDump, LoadReport};
+use dynamo_protocols::llm::{PreprocessedRequest, TokenId};
+use futures::StreamExt;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::scheduler::{
+    Executor, OutputSender, Scheduler, SchedulerSettings, StepBatch, StepResult,
+};
+use crate::{Engine, EngineError, EngineStream, KvHandle};
+
+/// Requests queued for the scheduler task beyond which `generate` answers `Overloaded`.
+const COMMAND_QUEUE: usize = 4096;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct MockerSettings {
+    pub num_gpu_blocks: usize,
+    pub block_size: usize,
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+    /// Simulated time is divided by this.
+    pub speedup_ratio: f64,
+    /// Token ids to sample from (the vocabulary without special tokens).
+    pub vocab: Range<TokenId>,
+    pub seed: u64,
+}
+
+impl Default for MockerSettings {
+    fn default() -> Self {
+        Self {
+            num_gpu_blocks: 16384,
+            block_size: 64,
+            max_num_seqs: 256,
+            max_num_batched_tokens: 8192,
+            speedup_ratio: 1.0,
+            vocab: 0..32000,
+            seed: 0,
+        }
+    }
+}
+
+impl MockerSettings {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.num_gpu_blocks == 0 || self.block_size == 0 || self.max_num_seqs == 0 {
+            return Err("num_gpu_blocks, block_size and max_num_seqs must be positive".into());
+        }
+        if self.max_num_batched_tokens == 0 {
+            return Err("max_num_batched_tokens must be positive".into());
+        }
+        if !(self.speedup_ratio.is_finite() && self.speedup_ratio > 0.0) {
+            return Err(format!(
+                "speedup_ratio {} must be a positive number",
+                self.speedup_ratio
+            ));
+        }
+        if self.vocab.is_empty() {
+            return Err("the vocabulary range is empty".into());
+        }
+        Ok(())
+    }
+}
+
+/// Prefill time for `t` uncached tokens.
+pub fn prefill_ms(t: f64) -> f64 {
+    4.209989e-7 * t * t + 0.01518344 * t + 16.50142
+}
+
+/// Decode time at KV usage fraction `p`.
+pub fn decode_ms(p: f64) -> f64 {
+    (-25.74 * p * p + 54.01 * p + 5.74).max(1.0)
+}
+
+struct Simulated {
+    speedup: f64,
+    vocab: Range<TokenId>,
+    state: u64,
+}
+
+impl Simulated {
+    fn next_token(&mut self) -> TokenId {
+        self.state ^= self.state << 13;
+        self.state ^= self.state >> 7;
+        self.state ^= self.state << 17;
+        let span = (self.vocab.end - self.vocab.start) as u64;
+        self.vocab.start + (self.state % span) as TokenId
+    }
+}
+
+impl Executor for Simulated {
+    fn execute(&mut self, batch: &StepBatch<'_>) -> StepResult {
+        let mut prefill_tokens = 0usize;
+        let mut decodes = 0usize;
+        let mut sampled = Vec::new();
+        for item in &batch.items {
+            // Tokens of the prompt (or of a recomputation) are prefill; one generated token is decode.
+            if item.start + item.len <= item.prompt_len || item.len > 1 {
+                prefill_tokens += item.len;
+            } else {
+                decodes += 1;
+            }
+            if item.samples {
+                sampled.push(self.next_token());
+            }
+        }
+        let mut ms = 0.0;
+        if prefill_tokens > 0 {
+            ms += prefill_ms(prefill_tokens as f64);
+        }
+        if decodes > 0 {
+            ms += decode_ms(batch.kv_usage);
+        }
+        StepResult {
+            sampled,
+            duration: Duration::from_secs_f64(ms / 1e3 / self.speedup),
+        }
+    }
+}
+
+enum Command {
+    Add {
+        req: PreprocessedRequest,
+        out: OutputSender,
+        cancel: CancellationToken,
+    },
+    Dump(oneshot::Sender<KvDump>),
+}
+
+/// A running mocker: its scheduler task and the channels to it.
+pub struct MockerEngine {
+    commands: mpsc::Sender<Command>,
+    kv: KvHandle,
+    stop: CancellationToken,
+}
+
+impl MockerEngine {
+    /// Starts the scheduler task (needs a tokio runtime).
+    pub fn start(settings: MockerSettings) -> Result<Self, EngineError> {
+        settings.validate().map_err(EngineError::BadRequest)?;
+        let scheduler = Scheduler::new(
+            SchedulerSettings {
+                num_blocks: settings.num_gpu_blocks,
+                block_size: settings.block_size,
+                max_num_seqs: settings.max_num_seqs,
+                max_num_batched_tokens: settings.max_num_batched_tokens,
+            },
+            Simulated {
+                speedup: settings.speedup_ratio,
+                vocab: settings.vocab.clone(),
+                state: settings.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1,
+            },
+        );
+        let (commands, rx) = mpsc::channel(COMMAND_QUEUE);
+        let (events, _) = broadcast::channel(1024);
+        let (load_tx, load) = watch::channel(scheduler.load());
+        let (dumps, mut dump_rx) = mpsc::channel::<oneshot::Sender<KvDump>>(16);
+        let stop = CancellationToken::new();
+        // Dump requests reach the scheduler through the command channel.
+        let to_sched = commands.clone();
+        tokio::spawn(async move {
+            while let Some(reply) = dump_rx.recv().await {
+                if to_sched.send(Command::Dump(reply)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        tokio::spawn(run(scheduler, rx, events.clone(), load_tx, stop.clone()));
+        Ok(Self {
+            commands,
+            kv: KvHandle::new(events, load, dumps, settings.block_size as u32),
+            stop,
+        })
+    }
+}
+
+impl Drop for MockerEngine {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn run(
+    mut sched: Scheduler<Simulated>,
+    mut rx: mpsc::Receiver<Command>,
+    events: broadcast::Sender<Vec<dynamo_protocols::kv::KvEvent>>,
+    load: watch::Sender<LoadReport>,
+    stop: CancellationToken,
+) {
+    let handle = |sched: &mut Scheduler<Simulated>, cmd: Command| match cmd {
+        Command::Add { req, out, cancel } => {
+            if let Err(e) = sched.add(req, out.clone(), cancel) {
+                let _ = out.send(Err(e));
+            }
+        }
+        Command::Dump(reply) => {
+            let _ = reply.send(sched.dump());
+        }
+    };
+    loop {
+        while let Ok(cmd) = rx.try_recv() {
+            handle(&mut sched, cmd);
+        }
+        let duration = sched.step();
+        if let Some(d) = duration {
+            // The step's outputs and events appear when its simulated time has passed.
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(d) => {}
+            }
+        }
+        sched.deliver();
+        let batch = sched.take_events();
+        if !batch.is_empty() {
+            // No subscriber is fine: nobody is indexing this worker.
+            let _ = events.send(batch);
+        }
+        load.send_if_modified(|l| {
+            let now = sched.load();
+            std::mem::replace(l, now) != now
+        });
+        if duration.is_none() {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                cmd = rx.recv() => match cmd {
+                    Some(cmd) => handle(&mut sched, cmd),
+                    None => return,
+                },
+            }
+        }
+    }
+}
+
+impl Engine for MockerEngine {
+    fn generate(
+        &self,
+        request: PreprocessedRequest,
+        cancel: CancellationToken,
+    ) -> Result<EngineStream, EngineError> {
+        let (out, rx) = mpsc::unbounded_channel();
+        self.commands
+            .try_send(Command::Add {
+                req: request,
+                out,
+                cancel,
+            })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => {
+                    EngineError::Overloaded(format!("{COMMAND_QUEUE} requests are queued"))
+                }
+                mpsc::error::TrySendError::Closed(_) => {
+                    EngineError::Internal("the scheduler has stopped".into())
+                }
+            })?;
+        Ok(UnboundedReceiverStream::new(rx).boxed())
+    }
+
+    fn kv(&self) -> Option<KvHandle> {
+        Some(self.kv.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dynamo_protocols::llm::{SamplingOptions, StopConditions};
+
+    #[test]
+    fn perf_model_is_the_published_polynomial() {
+        assert!((prefill_ms(0.0) - 16.50142).abs() < 1e-9);
+        assert!((prefill_ms(1000.0) - (0.4209989 + 15.18344 + 16.50142)).abs() < 1e-6);
+        assert!((decode_ms(0.0) - 5.74).abs() < 1e-9);
+        assert!((decode_ms(0.5) - (-6.435 + 27.005 + 5.74)).abs() < 1e-9);
+        assert_eq!(decode_ms(2.5), 1.0, "floor of 1 ms");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn simulated_time_follows_the_model_and_tokens_come_from_the_vocabulary() {
+        let engine = MockerEngine::start(MockerSettings {
+            num_gpu_blocks: 64,
+            block_size: 16,
+            speedup_ratio: 2.0,
+            vocab: 10..20,
+            ..Default::default()
+        })
+        .unwrap();
+        let started = tokio::time::Instant::now();
+        let req = PreprocessedRequest {
+            token_ids: (0..100).collect(),
+            sampling: SamplingOptions::default(),
+            stop: StopConditions {
+                max_tokens: 3,
+                min_tokens: 0,
+                stop_token_ids: vec![],
+            },
+        };
+        let outs: Vec<_> = engine
+            .generate(req, CancellationToken::new())
+            .unwrap()
+            .map(|o| o.unwrap())
+            .collect()
+            .await;
+        let tokens: Vec<TokenId> = outs.iter().flat_map(|o| o.token_ids.clone()).collect();
+        assert_eq!(tokens.len(), 3);
+        assert!(tokens.iter().all(|t| (10..20).contains(t)));
+        // One prefill step of 100 tokens, then two decode steps; each token appears when its
+        // step's time has passed.
+        let usage = 7.0 / 64.0;
+        let expected = (prefill_ms(100.0) + 2.0 * decode_ms(usage)) / 2.0;
+        let elapsed = started.elapsed().as_secs_f64() * 1e3;
+        assert!(
+            (elapsed - expected).abs() < 3.0,
+            "elapsed {elapsed} ms, expected ~{expected} ms"
+        );
+        let load = engine.kv().unwrap().load().borrow().clone();
+        assert_eq!(load.total_blocks, 64);
+    }
+}

@@ -1,0 +1,409 @@
+//! The engine scheduler: continuous batching over a [`BlockPool`], one step at a time.
+//!
+//! Each step builds a batch under a token budget (`max_num_batched_tokens`) and a sequence cap
+//! (`max_num_seqs`): first the running sequences (one decode token each, or the next chunk of
+//! a prompt still being prefilled), then waiting ones, admitted while blocks and budget last.
+//! An admitted sequence reuses its longest cached prefix (those tokens are not computed again,
+//! and are reported as `cached_tokens`). When a running sequence needs a block and none is
+//! free, the most recently admitted sequence is preempted: its blocks are released and it
+//! goes back to the front of the queue to be recomputed later (its prefix may still be
+//! cached). The batch goes to an [`Executor`], which computes it (or simulates doing so) and
+//! samples one token for each sequence whose known tokens are all computed.
+//!
+//! Blocks are cached as soon as they are full and computed, so the pool's KV events describe
+//! what the engine really holds. A request is checked at [`Scheduler::add`]: one that could
+//! never fit in the pool is refused instead of waiting forever. A cancelled request (token
+//! fired or receiver dropped) is dropped at the start of the next step.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use dynamo_kv::{block_hashes, hash_block, sequence_hash, BlockId, BlockPool, PoolError};
+use dynamo_protocols::kv::{KvDump, KvEvent, LoadReport, LocalBlockHash, SequenceHash};
+use dynamo_protocols::llm::{
+    EngineOutput, FinishReason, PreprocessedRequest, SamplingOptions, StopConditions, TokenId,
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::EngineError;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SchedulerSettings {
+    pub num_blocks: usize,
+    pub block_size: usize,
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+}
+
+/// One sequence's share of a step.
+#[derive(Debug)]
+pub struct Scheduled<'a> {
+    /// Every known token of the sequence (prompt, then generated).
+    pub tokens: &'a [TokenId],
+    pub prompt_len: usize,
+    /// Tokens computed before this step (their KV is in `blocks`).
+    pub start: usize,
+    /// Tokens computed in this step: `tokens[start..start + len]`.
+    pub len: usize,
+    pub blocks: &'a [BlockId],
+    pub sampling: &'a SamplingOptions,
+    /// This step reaches the end of the known tokens: sample the next one.
+    pub samples: bool,
+}
+
+/// What one step computes.
+#[derive(Debug)]
+pub struct StepBatch<'a> {
+    pub items: Vec<Scheduled<'a>>,
+    /// Fraction of the pool's blocks in use.
+    pub kv_usage: f64,
+    pub block_size: usize,
+}
+
+/// The result of a step: a token for each item that samples (in item order), and how long
+/// the step took or, for a simulation, should take.
+#[derive(Debug, Default)]
+pub struct StepResult {
+    pub sampled: Vec<TokenId>,
+    pub duration: Duration,
+}
+
+/// Computes steps: the model (or its simulation).
+pub trait Executor: Send + 'static {
+    fn execute(&mut self, batch: &StepBatch<'_>) -> StepResult;
+}
+
+/// Where a sequence's outputs go. Unbounded: one output per step, at most `max_tokens` per
+/// request, so the request itself bounds it.
+pub type OutputSender = mpsc::UnboundedSender<Result<EngineOutput, EngineError>>;
+
+struct Seq {
+    tokens: Vec<TokenId>,
+    prompt_len: usize,
+    computed: usize,
+    blocks: Vec<BlockId>,
+    /// Full blocks whose hashes are known: (local, sequence).
+    hashes: Vec<(LocalBlockHash, SequenceHash)>,
+    /// Blocks registered with the pool.
+    registered: usize,
+    stop: StopConditions,
+    sampling: SamplingOptions,
+    generated: u32,
+    /// Prompt tokens found cached at first admission; reported with the first output.
+    cached_tokens: Option<u32>,
+    cached_reported: bool,
+    out: OutputSender,
+    cancel: CancellationToken,
+}
+
+impl Seq {
+    fn gone(&self) -> bool {
+        self.cancel.is_cancelled() || self.out.is_closed()
+    }
+
+    fn extend_hashes(&mut self, block_size: usize) {
+        let full = self.tokens.len() / block_size;
+        while self.hashes.len() < full {
+            let i = self.hashes.len();
+            let local = hash_block(&self.tokens[i * block_size..(i + 1) * block_size]);
+            let parent = self.hashes.last().map(|h| h.1);
+            self.hashes.push((local, sequence_hash(parent, local)));
+        }
+    }
+}
+
+pub struct Scheduler<E> {
+    settings: SchedulerSettings,
+    pool: BlockPool,
+    waiting: VecDeque<Seq>,
+    running: Vec<Seq>,
+    executor: E,
+    preemptions: u64,
+    /// Outputs of the last step, sent by [`Scheduler::deliver`].
+    outbox: Vec<(OutputSender, Result<EngineOutput, EngineError>)>,
+}
+
+impl<E: Executor> Scheduler<E> {
+    pub fn new(settings: SchedulerSettings, executor: E) -> Self {
+        Self {
+            pool: BlockPool::new(settings.num_blocks, settings.block_size),
+            settings,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            executor,
+            preemptions: 0,
+            outbox: Vec::new(),
+        }
+    }
+
+    /// Queues a request, or refuses one that could never fit in the pool.
+    pub fn add(
+        &mut self,
+        req: PreprocessedRequest,
+        out: OutputSender,
+        cancel: CancellationToken,
+    ) -> Result<(), EngineError> {
+        let bs = self.settings.block_size;
+        let need = req.token_ids.len() + req.stop.max_tokens as usize;
+        let capacity = self.settings.num_blocks * bs;
+        if need > capacity {
+            return Err(EngineError::BadRequest(format!(
+                "the request needs up to {need} tokens of KV cache (prompt {} + max_tokens {}) but this worker holds {capacity} ({} blocks of {bs}); shorten the prompt or max_tokens",
+                req.token_ids.len(),
+                req.stop.max_tokens,
+                self.settings.num_blocks
+            )));
+        }
+        if req.token_ids.is_empty() {
+            return Err(EngineError::BadRequest("the prompt has no tokens".into()));
+        }
+        self.waiting.push_back(Seq {
+            prompt_len: req.token_ids.len(),
+            tokens: req.token_ids,
+            computed: 0,
+            blocks: Vec::new(),
+            hashes: Vec::new(),
+            registered: 0,
+            stop: req.stop,
+            sampling: req.sampling,
+            generated: 0,
+            cached_tokens: None,
+            cached_reported: false,
+            out,
+            cancel,
+        });
+        Ok(())
+    }
+
+    pub fn has_work(&self) -> bool {
+        !self.waiting.is_empty() || !self.running.is_empty()
+    }
+
+    pub fn load(&self) -> LoadReport {
+        let pending = |s: &Seq| s.prompt_len.saturating_sub(s.computed) as u64;
+        LoadReport {
+            active_blocks: self.pool.active_blocks() as u64,
+            total_blocks: self.pool.num_blocks() as u64,
+            waiting_requests: self.waiting.len() as u64,
+            queued_prefill_tokens: self.waiting.iter().chain(&self.running).map(pending).sum(),
+            running_requests: self.running.len() as u64,
+        }
+    }
+
+    pub fn preemptions(&self) -> u64 {
+        self.preemptions
+    }
+
+    pub fn take_events(&mut self) -> Vec<KvEvent> {
+        self.pool.take_events()
+    }
+
+    pub fn dump(&self) -> KvDump {
+        self.pool.dump()
+    }
+
+    fn drop_gone(&mut self) {
+        let pool = &mut self.pool;
+        self.running.retain(|s| {
+            if s.gone() {
+                pool.release(&s.blocks);
+            }
+            !s.gone()
+        });
+        self.waiting.retain(|s| {
+            if s.gone() {
+                pool.release(&s.blocks);
+            }
+            !s.gone()
+        });
+    }
+
+    /// Gives `seq` blocks for its first `upto` tokens.
+    fn grow(pool: &mut BlockPool, seq: &mut Seq, upto: usize, bs: usize) -> Result<(), PoolError> {
+        let needed = upto.div_ceil(bs);
+        if seq.blocks.len() < needed {
+            let new = pool.allocate(needed - seq.blocks.len())?;
+            seq.blocks.extend(new);
+        }
+        Ok(())
+    }
+
+    fn preempt(&mut self, seq: Seq) {
+        let mut seq = seq;
+        self.pool.release(&seq.blocks);
+        seq.blocks.clear();
+        seq.registered = 0;
+        seq.computed = 0;
+        self.preemptions += 1;
+        self.waiting.push_front(seq);
+    }
+
+    /// Sends the last step's outputs. A real engine calls it right after [`Scheduler::step`];
+    /// a simulation once the step's simulated time has passed. A receiver that is gone is
+    /// dropped at the next step.
+    pub fn deliver(&mut self) {
+        for (out, item) in self.outbox.drain(..) {
+            let _ = out.send(item);
+        }
+    }
+
+    /// Runs one step (outputs wait in an outbox for [`Scheduler::deliver`]). Returns the
+    /// executor's duration, or `None` when there was nothing to do.
+    pub fn step(&mut self) -> Option<Duration> {
+        self.drop_gone();
+        let bs = self.settings.block_size;
+        let mut budget = self.settings.max_num_batched_tokens;
+        // (index into running, tokens this step)
+        let mut plan: Vec<(usize, usize)> = Vec::new();
+        let mut preempted = false;
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let seq = &self.running[i];
+            let take = (seq.tokens.len() - seq.computed).min(budget);
+            let upto = seq.computed + take;
+            loop {
+                let (pool, seq) = (&mut self.pool, &mut self.running[i]);
+                match Self::grow(pool, seq, upto, bs) {
+                    Ok(()) => break,
+                    Err(_) => {
+                        // Preempt the newest sequence; if that is this one, stop here.
+                        let victim = self.running.pop().expect("running is not empty");
+                        preempted = true;
+                        let is_self = self.running.len() == i;
+                        self.preempt(victim);
+                        if is_self {
+                            break;
+                        }
+                    }
+                }
+            }
+            if i >= self.running.len() {
+                break;
+            }
+            plan.push((i, take));
+            budget -= take;
+            i += 1;
+        }
+        while !preempted && budget > 0 && self.running.len() < self.settings.max_num_seqs {
+            let Some(mut seq) = self.waiting.pop_front() else {
+                break;
+            };
+            seq.extend_hashes(bs);
+            // Always compute at least the last known token, so never reuse its block whole.
+            let reusable = (seq.tokens.len() - 1) / bs;
+            let hashes: Vec<SequenceHash> = seq.hashes[..reusable.min(seq.hashes.len())]
+                .iter()
+                .map(|h| h.1)
+                .collect();
+            let acquired = self.pool.acquire_prefix(&hashes);
+            let matched = acquired.len();
+            seq.blocks = acquired;
+            seq.registered = matched;
+            seq.computed = matched * bs;
+            let take = (seq.tokens.len() - seq.computed).min(budget);
+            let upto = seq.computed + take;
+            if Self::grow(&mut self.pool, &mut seq, upto, bs).is_err() {
+                self.pool.release(&seq.blocks);
+                seq.blocks.clear();
+                seq.registered = 0;
+                seq.computed = 0;
+                self.waiting.push_front(seq);
+                break;
+            }
+            if seq.cached_tokens.is_none() {
+                seq.cached_tokens = Some(seq.computed as u32);
+            }
+            budget -= take;
+            self.running.push(seq);
+            plan.push((self.running.len() - 1, take));
+        }
+        if plan.is_empty() {
+            return None;
+        }
+        let kv_usage = self.pool.active_blocks() as f64 / self.pool.num_blocks().max(1) as f64;
+        let batch = StepBatch {
+            items: plan
+                .iter()
+                .map(|&(i, take)| {
+                    let s = &self.running[i];
+                    Scheduled {
+                        tokens: &s.tokens,
+                        prompt_len: s.prompt_len,
+                        start: s.computed,
+                        len: take,
+                        blocks: &s.blocks,
+                        sampling: &s.sampling,
+                        samples: s.computed + take == s.tokens.len(),
+                    }
+                })
+                .collect(),
+            kv_usage,
+            block_size: bs,
+        };
+        let result = self.executor.execute(&batch);
+        drop(batch);
+        let mut sampled = result.sampled.into_iter();
+        let mut finished = Vec::new();
+        for &(i, take) in &plan {
+            let seq = &mut self.running[i];
+            seq.computed += take;
+            seq.extend_hashes(bs);
+            let full = (seq.computed / bs).min(seq.hashes.len());
+            for b in seq.registered..full {
+                let parent = b.checked_sub(1).map(|p| seq.hashes[p].1);
+                let (local, hash) = seq.hashes[b];
+                self.pool
+                    .register(seq.blocks[b], parent, local, hash, b as u32);
+            }
+            seq.registered = seq.registered.max(full);
+            if seq.computed < seq.tokens.len() {
+                continue;
+            }
+            let Some(token) = sampled.next() else {
+                self.outbox.push((
+                    seq.out.clone(),
+                    Err(EngineError::Internal(
+                        "the executor sampled no token".into(),
+                    )),
+                ));
+                finished.push(i);
+                continue;
+            };
+            seq.tokens.push(token);
+            seq.generated += 1;
+            let finish = if seq.generated > seq.stop.min_tokens
+                && seq.stop.stop_token_ids.contains(&token)
+            {
+                Some(FinishReason::Stop)
+            } else if seq.generated >= seq.stop.max_tokens {
+                Some(FinishReason::Length)
+            } else {
+                None
+            };
+            let out = EngineOutput {
+                token_ids: vec![token],
+                finish_reason: finish,
+                cached_tokens: (!std::mem::replace(&mut seq.cached_reported, true))
+                    .then(|| seq.cached_tokens.unwrap_or(0)),
+            };
+            self.outbox.push((seq.out.clone(), Ok(out)));
+            if finish.is_some() {
+                finished.push(i);
+            }
+        }
+        for &i in finished.iter().rev() {
+            let seq = self.running.remove(i);
+            self.pool.release(&seq.blocks);
+        }
+        Some(result.duration)
+    }
+}
+
+/// Block hashes of a token sequence as this scheduler computes them (for tests and routers).
+pub fn prompt_hashes(tokens: &[TokenId], block_size: usize) -> Vec<SequenceHash> {
+    block_hashes(tokens, block_size)
+        .into_iter()
+        .map(|h| h.1)
+        .collect()
+}
