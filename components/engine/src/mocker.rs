@@ -328,7 +328,7 @@ mod tests {
             (elapsed - expected).abs() < 3.0,
             "elapsed {elapsed} ms, expected ~{expected} ms"
         );
-        let load = engine.kv().unwrap().load().borrow().clone();
+        let load = *engine.kv().unwrap().load().borrow();
         assert_eq!(load.total_blocks, 64);
     }
 }
