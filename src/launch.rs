@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use dynamo_actors::frontend::{Endpoint, Frontend, FrontendSettings, RouterMode, Serving};
 use dynamo_actors::worker::WorkerRole;
-use dynamo_engine::{EchoEngine, EchoSettings, Engine};
-use dynamo_preprocessor::ModelFolder;
+use dynamo_engine::{EchoEngine, EchoSettings, Engine, MockerEngine, MockerSettings};
+use dynamo_preprocessor::{ModelFolder, Preprocessor};
 use dynamo_runtime::subject::{ComponentId, EndpointId, Namespace};
 use dynamo_runtime::Runtime;
 use futures::StreamExt;
@@ -36,6 +36,8 @@ pub enum Input {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Output {
     Echo,
+    /// The real scheduler and block pool with simulated execution.
+    Mocker,
     /// Workers found on the bus.
     Dyn,
 }
@@ -63,8 +65,11 @@ impl std::str::FromStr for Output {
     fn from_str(s: &str) -> Result<Self> {
         match s {
             "echo" => Ok(Output::Echo),
+            "mocker" => Ok(Output::Mocker),
             "dyn" => Ok(Output::Dyn),
-            other => bail!("out={other} is not an engine; use echo, or dyn for workers on the bus"),
+            other => bail!(
+                "out={other} is not an engine; use echo, mocker, or dyn for workers on the bus"
+            ),
         }
     }
 }
@@ -81,14 +86,14 @@ pub struct LaunchSettings {
     pub router_mode: RouterMode,
     pub num_workers: usize,
     pub echo_delay: Duration,
-    pub kv_block_size: u32,
+    pub mocker: MockerSettings,
     pub max_inflight: usize,
     pub max_body_bytes: usize,
     pub batch_concurrency: usize,
 }
 
-/// The model folder and name for engines hosted here.
-fn model(s: &LaunchSettings) -> Result<(ModelFolder, String)> {
+/// The model folder, name and preprocessor for engines hosted here.
+fn model(s: &LaunchSettings) -> Result<(ModelFolder, String, Preprocessor)> {
     let path = s.model_path.as_deref().ok_or_else(|| {
         anyhow!("--model-path DIR is required to host an engine (`dynamo-run make-model --out DIR` writes a small model)")
     })?;
@@ -98,16 +103,25 @@ fn model(s: &LaunchSettings) -> Result<(ModelFolder, String)> {
         .model_name
         .clone()
         .unwrap_or_else(|| folder.default_name());
-    // Build the preprocessor once here so a broken folder fails now, not in the frontend.
-    dynamo_preprocessor::Preprocessor::new(&name, folder.files())
+    // Build the preprocessor here so a broken folder fails now, not in the frontend.
+    let pre = Preprocessor::new(&name, folder.files())
         .with_context(|| format!("model folder {}", path.display()))?;
-    Ok((folder, name))
+    Ok((folder, name, pre))
 }
 
-fn engine(s: &LaunchSettings) -> Arc<dyn Engine> {
-    Arc::new(EchoEngine::new(EchoSettings {
-        delay_per_token: s.echo_delay,
-    }))
+/// The engine of worker number `index`.
+fn engine(s: &LaunchSettings, pre: &Preprocessor, index: usize) -> Result<Arc<dyn Engine>> {
+    Ok(match s.output {
+        Output::Mocker => {
+            let mut m = s.mocker.clone();
+            m.vocab = pre.ordinary_tokens();
+            m.seed = index as u64;
+            Arc::new(MockerEngine::start(m).map_err(|e| anyhow!("mocker settings: {e}"))?)
+        }
+        _ => Arc::new(EchoEngine::new(EchoSettings {
+            delay_per_token: s.echo_delay,
+        })),
+    })
 }
 
 /// Starts `n` workers on `endpoint`, each its own instance.
@@ -117,17 +131,21 @@ async fn start_workers(
     endpoint: &EndpointId,
     n: usize,
 ) -> Result<(Vec<WorkerRole>, String)> {
-    let (folder, name) = model(s)?;
-    let card = folder.files().card(&name, s.kv_block_size, 0)?;
+    let (folder, name, pre) = model(s)?;
+    let (block_size, blocks) = match s.output {
+        Output::Mocker => (s.mocker.block_size as u32, s.mocker.num_gpu_blocks as u64),
+        _ => (s.mocker.block_size as u32, 0),
+    };
+    let card = folder.files().card(&name, block_size, blocks)?;
     let mut workers = Vec::new();
-    for _ in 0..n {
+    for index in 0..n {
         let instance = runtime
             .component(endpoint.component.clone(), json!({ "model": name }))
             .await?;
         let w = WorkerRole::start(
             &instance,
             endpoint.endpoint.clone(),
-            engine(s),
+            engine(s, &pre, index)?,
             card.clone(),
             folder.files().clone(),
         )
@@ -163,9 +181,9 @@ pub async fn run(runtime: &Runtime, s: LaunchSettings) -> Result<()> {
     let grace = runtime.settings().shutdown_grace;
     if let Input::Endpoint(ep) = &s.input {
         if s.output == Output::Dyn {
-            bail!("in=dyn://... makes this process a worker: give it an engine (out=echo)");
+            bail!("in=dyn://... makes this process a worker: give it an engine (out=echo or out=mocker)");
         }
-        let (workers, name) = start_workers(runtime, &s, ep, 1).await?;
+        let (workers, name) = start_workers(runtime, &s, ep, s.num_workers.max(1)).await?;
         println!(
             "ready endpoint={ep} model={name} instance={}",
             workers[0].served().instance()
@@ -185,7 +203,7 @@ pub async fn run(runtime: &Runtime, s: LaunchSettings) -> Result<()> {
     }
     let frontend = Frontend::start(runtime, fs).await?;
     let (workers, model) = match s.output {
-        Output::Echo => {
+        Output::Echo | Output::Mocker => {
             let ep = ComponentId::new(namespace.as_str(), "backend")?.endpoint("generate")?;
             let (w, name) = start_workers(runtime, &s, &ep, s.num_workers.max(1)).await?;
             let n = w.len();

@@ -20,6 +20,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use dynamo_actors::frontend::RouterMode;
+use dynamo_engine::MockerSettings;
 use dynamo_preprocessor::make_model::{make_model, MakeModelSettings};
 use dynamo_protocols::echo::EchoRequest;
 use dynamo_runtime::subject::ComponentId;
@@ -60,7 +61,7 @@ struct Cli {
 
 #[derive(Args)]
 struct LaunchArgs {
-    /// `in=http|text|batch:FILE.jsonl|dyn://NS.COMPONENT.ENDPOINT` and `out=echo|dyn`
+    /// `in=http|text|batch:FILE.jsonl|dyn://NS.COMPONENT.ENDPOINT` and `out=echo|mocker|dyn`
     /// (defaults: in=http out=echo).
     #[arg(value_name = "in=... out=...")]
     io: Vec<String>,
@@ -77,15 +78,27 @@ struct LaunchArgs {
     /// round-robin, random, or direct (requests name the worker in nvext.backend_instance_id).
     #[arg(long, default_value = "round-robin")]
     router_mode: RouterMode,
-    /// Workers to host in this process (out=echo).
+    /// Workers to host in this process (out=echo, out=mocker).
     #[arg(long, default_value_t = 1)]
     num_workers: usize,
     /// Echo engine: time per generated token.
     #[arg(long, default_value_t = 10)]
     echo_delay_ms: u64,
-    /// KV block size published in the model card.
-    #[arg(long, default_value_t = 64)]
-    kv_block_size: u32,
+    /// KV cache block size in tokens (mocker; published in the model card).
+    #[arg(long, alias = "kv-block-size", default_value_t = 64)]
+    block_size: usize,
+    /// Mocker: KV cache blocks per worker.
+    #[arg(long, default_value_t = 16384)]
+    num_gpu_blocks: usize,
+    /// Mocker: sequences per batch at most.
+    #[arg(long, default_value_t = 256)]
+    max_num_seqs: usize,
+    /// Mocker: tokens per step at most (prefill chunks plus decodes).
+    #[arg(long, default_value_t = 8192)]
+    max_num_batched_tokens: usize,
+    /// Mocker: simulated time is divided by this.
+    #[arg(long, default_value_t = 1.0)]
+    speedup_ratio: f64,
     /// Requests in flight beyond this get 429.
     #[arg(long, default_value_t = 1024)]
     max_inflight: usize,
@@ -157,6 +170,18 @@ fn launch_settings(cli: &Cli) -> Result<LaunchSettings> {
             _ => bail!("unexpected argument {arg:?}; expected in=... or out=... (see --help)"),
         }
     }
+    if output == Output::Mocker {
+        let m = MockerSettings {
+            num_gpu_blocks: a.num_gpu_blocks,
+            block_size: a.block_size,
+            max_num_seqs: a.max_num_seqs,
+            max_num_batched_tokens: a.max_num_batched_tokens,
+            speedup_ratio: a.speedup_ratio,
+            ..Default::default()
+        };
+        m.validate()
+            .map_err(|e| anyhow::anyhow!("mocker settings: {e}"))?;
+    }
     if let Some(name) = &a.model_name {
         if name.trim().is_empty() {
             bail!("--model-name must not be empty");
@@ -172,7 +197,14 @@ fn launch_settings(cli: &Cli) -> Result<LaunchSettings> {
         router_mode: a.router_mode,
         num_workers: a.num_workers,
         echo_delay: Duration::from_millis(a.echo_delay_ms),
-        kv_block_size: a.kv_block_size,
+        mocker: MockerSettings {
+            num_gpu_blocks: a.num_gpu_blocks,
+            block_size: a.block_size,
+            max_num_seqs: a.max_num_seqs,
+            max_num_batched_tokens: a.max_num_batched_tokens,
+            speedup_ratio: a.speedup_ratio,
+            ..Default::default()
+        },
         max_inflight: a.max_inflight,
         max_body_bytes: a.max_body_bytes,
         batch_concurrency: a.batch_concurrency,

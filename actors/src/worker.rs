@@ -8,16 +8,25 @@
 //!   bus payload limit, so a frontend can build the same preprocessor without the folder.
 //! - The card is the `model` key of the `generate` endpoint's discovery metadata: a frontend
 //!   lists the model while at least one worker serving it is registered.
+//! - An engine with a KV cache (the mocker, later the native engine) also gets: its KV event
+//!   batches published on `dyn.ev.{ns}.{component}.kv_events.{instance}` as they happen; its
+//!   load on `...load.{instance}`, on change (at most every [`LOAD_MIN_INTERVAL`]) and at least
+//!   every [`LOAD_MAX_INTERVAL`]; and a `kv_dump` endpoint that streams its cached set (pieces
+//!   of at most [`DUMP_PIECE`] blocks) for routers that must resync.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use dynamo_engine::{Engine, EngineError};
+use dynamo_engine::{Engine, EngineError, KvHandle};
 use dynamo_preprocessor::ModelFiles;
+use dynamo_protocols::kv::{
+    KvDump, KvDumpRequest, KvEventBatch, KV_DUMP_ENDPOINT, KV_EVENTS_TOPIC, LOAD_TOPIC,
+};
 use dynamo_protocols::llm::{EngineOutput, FileChunk, FileRequest, ModelCard, PreprocessedRequest};
+use dynamo_runtime::bus::Outgoing;
 use dynamo_runtime::rpc::RemoteErrorKind;
-use dynamo_runtime::serve::{DrainReport, ServeError};
-use dynamo_runtime::subject::EndpointName;
+use dynamo_runtime::serve::{encode_event, DrainReport, ServeError};
+use dynamo_runtime::subject::{EndpointName, Topic};
 use dynamo_runtime::{ComponentInstance, Request, ServedEndpoint};
 use futures::StreamExt;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -28,10 +37,23 @@ pub const GENERATE: &str = "generate";
 
 /// Size of one model-file chunk on the bus (well under the 1 MiB NATS default).
 const FILE_CHUNK: usize = 256 * 1024;
+/// Load is published on change at most this often...
+pub const LOAD_MIN_INTERVAL: Duration = Duration::from_millis(100);
+/// ...and at least this often.
+pub const LOAD_MAX_INTERVAL: Duration = Duration::from_secs(1);
+/// Blocks per `kv_dump` piece (about 30 bytes each: well under the bus payload limit).
+pub const DUMP_PIECE: usize = 8192;
 
 pub enum WorkerMsg {
     Generate(Request<PreprocessedRequest, EngineOutput>),
     File(Request<FileRequest, FileChunk>),
+    Dump(Request<KvDumpRequest, KvDump>),
+}
+
+impl From<Request<KvDumpRequest, KvDump>> for WorkerMsg {
+    fn from(r: Request<KvDumpRequest, KvDump>) -> Self {
+        WorkerMsg::Dump(r)
+    }
 }
 
 impl From<Request<PreprocessedRequest, EngineOutput>> for WorkerMsg {
@@ -73,6 +95,9 @@ impl Actor for WorkerActor {
             }
             WorkerMsg::File(req) => {
                 tokio::spawn(send_file(self.files.clone(), req));
+            }
+            WorkerMsg::Dump(req) => {
+                tokio::spawn(send_dump(self.engine.kv(), req));
             }
         }
         Ok(())
@@ -151,6 +176,109 @@ async fn send_file(files: Arc<ModelFiles>, req: Request<FileRequest, FileChunk>)
     let _ = reply.finish().await;
 }
 
+async fn send_dump(kv: Option<KvHandle>, req: Request<KvDumpRequest, KvDump>) {
+    let Request { mut reply, .. } = req;
+    let dump = match kv {
+        Some(kv) => kv.dump().await,
+        None => None,
+    };
+    let Some(dump) = dump else {
+        let _ = reply
+            .fail(
+                RemoteErrorKind::Unavailable,
+                "this engine has no KV cache to dump".to_string(),
+            )
+            .await;
+        return;
+    };
+    let pieces: Vec<KvDump> = if dump.blocks.is_empty() {
+        vec![dump]
+    } else {
+        dump.blocks
+            .chunks(DUMP_PIECE)
+            .map(|c| KvDump {
+                last_event_id: dump.last_event_id,
+                block_size: dump.block_size,
+                blocks: c.to_vec(),
+            })
+            .collect()
+    };
+    let mut pieces = pieces.into_iter().peekable();
+    while let Some(piece) = pieces.next() {
+        if pieces.peek().is_none() {
+            let _ = reply.finish_with(&piece).await;
+            return;
+        }
+        if reply.send(&piece).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Publishes KV event batches and load reports until aborted.
+fn spawn_kv_publishers(
+    instance: &ComponentInstance,
+    kv: &KvHandle,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let topic = |t: &str| Topic::new(t).expect("topic names are valid constants");
+    let bus = instance.bus().clone();
+    let events_subject = instance
+        .component()
+        .event_subject(&topic(KV_EVENTS_TOPIC), instance.id());
+    let load_subject = instance
+        .component()
+        .event_subject(&topic(LOAD_TOPIC), instance.id());
+    let mut events = kv.subscribe();
+    let events_bus = bus.clone();
+    let events_task = tokio::spawn(async move {
+        loop {
+            let batch = match events.recv().await {
+                Ok(b) => b,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    // Routers see the gap in event ids and resync from a dump.
+                    tracing::warn!(lost_batches = n, "KV event publisher fell behind");
+                    continue;
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            };
+            let payload = match encode_event(&KvEventBatch { events: batch }) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot encode KV events");
+                    continue;
+                }
+            };
+            if let Err(e) = events_bus
+                .publish(Outgoing::new(events_subject.clone(), payload))
+                .await
+            {
+                tracing::warn!(error = %e, "cannot publish KV events");
+            }
+        }
+    });
+    let mut load = kv.load();
+    let load_task = tokio::spawn(async move {
+        loop {
+            let report = *load.borrow_and_update();
+            if let Ok(payload) = encode_event(&report) {
+                if let Err(e) = bus
+                    .publish(Outgoing::new(load_subject.clone(), payload))
+                    .await
+                {
+                    tracing::debug!(error = %e, "cannot publish load");
+                }
+            }
+            tokio::time::sleep(LOAD_MIN_INTERVAL).await;
+            match tokio::time::timeout(LOAD_MAX_INTERVAL - LOAD_MIN_INTERVAL, load.changed()).await
+            {
+                Ok(Err(_)) => return,
+                Ok(Ok(())) | Err(_) => {}
+            }
+        }
+    });
+    vec![events_task, load_task]
+}
+
 /// The `generate` endpoint's discovery metadata: its role and the model card.
 fn card_metadata(card: &ModelCard) -> serde_json::Value {
     let mut meta = serde_json::Map::new();
@@ -176,6 +304,8 @@ pub struct WorkerRole {
     actor: ActorRef<WorkerMsg>,
     generate: ServedEndpoint,
     files: ServedEndpoint,
+    dump: Option<ServedEndpoint>,
+    publishers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl WorkerRole {
@@ -189,6 +319,7 @@ impl WorkerRole {
         card: ModelCard,
         files: ModelFiles,
     ) -> Result<Self, WorkerError> {
+        let kv = engine.kv();
         let actor = WorkerActor {
             engine,
             files: Arc::new(files),
@@ -198,6 +329,18 @@ impl WorkerRole {
             .map_err(|e| WorkerError::Spawn(e.to_string()))?;
         let name = |s: &str| EndpointName::new(s).expect("endpoint names are valid constants");
         let result = async {
+            let dump = match &kv {
+                Some(_) => Some(
+                    instance
+                        .serve::<KvDumpRequest, KvDump, _>(
+                            name(KV_DUMP_ENDPOINT),
+                            actor.clone(),
+                            serde_json::json!({ "role": "kv_dump" }),
+                        )
+                        .await?,
+                ),
+                None => None,
+            };
             let files = instance
                 .serve::<FileRequest, FileChunk, _>(
                     name(ModelCard::FILES_ENDPOINT),
@@ -212,14 +355,19 @@ impl WorkerRole {
                     card_metadata(&card),
                 )
                 .await?;
-            Ok::<_, ServeError>((generate, files))
+            Ok::<_, ServeError>((generate, files, dump))
         }
         .await;
         match result {
-            Ok((generate, files)) => Ok(Self {
+            Ok((generate, files, dump)) => Ok(Self {
+                publishers: kv
+                    .as_ref()
+                    .map(|kv| spawn_kv_publishers(instance, kv))
+                    .unwrap_or_default(),
                 actor,
                 generate,
                 files,
+                dump,
             }),
             Err(e) => {
                 actor.stop(None);
@@ -236,6 +384,12 @@ impl WorkerRole {
     pub async fn shutdown(self, grace: Duration) -> DrainReport {
         let report = self.generate.shutdown(grace).await;
         self.files.shutdown(Duration::from_secs(1)).await;
+        if let Some(d) = self.dump {
+            d.shutdown(Duration::from_secs(1)).await;
+        }
+        for p in self.publishers {
+            p.abort();
+        }
         self.actor.stop(None);
         report
     }

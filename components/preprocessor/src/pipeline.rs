@@ -213,6 +213,31 @@ impl Preprocessor {
         &self.eos_ids
     }
 
+    /// The ordinary (non-special) token ids, as one range: special tokens sit at either end
+    /// of the vocabulary in the layouts we know. Simulated engines sample from it.
+    pub fn ordinary_tokens(&self) -> std::ops::Range<TokenId> {
+        let special: Vec<TokenId> = self
+            .tokenizer
+            .get_added_tokens_decoder()
+            .iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, _)| *id)
+            .collect();
+        let half = self.vocab_size / 2;
+        let start = special
+            .iter()
+            .filter(|&&i| i < half)
+            .max()
+            .map_or(0, |m| m + 1);
+        let end = special
+            .iter()
+            .filter(|&&i| i >= half)
+            .min()
+            .copied()
+            .unwrap_or(self.vocab_size);
+        start..end.max(start + 1)
+    }
+
     /// Whether prompts take the fast byte-level BPE path ([`FastBpe`]).
     pub fn has_fast_encoder(&self) -> bool {
         self.fast.is_some()

@@ -6,6 +6,14 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Event topic of a worker's [`KvEventBatch`]es (`dyn.ev.{ns}.{component}.kv_events.{instance}`).
+pub const KV_EVENTS_TOPIC: &str = "kv_events";
+/// Event topic of a worker's [`LoadReport`]s.
+pub const LOAD_TOPIC: &str = "load";
+/// Endpoint (on the worker's component) answering a [`KvDumpRequest`] with a stream of
+/// [`KvDump`] pieces (each with the same `last_event_id`).
+pub const KV_DUMP_ENDPOINT: &str = "kv_dump";
+
 /// Hash of one block's tokens alone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]

@@ -41,7 +41,7 @@ use crate::bus::{Bus, BusError, Message, Outgoing};
 use crate::discovery::{Discovery, DiscoveryError, InstanceInfo};
 use crate::rpc::wire::{self, Control, Frame, FrameKind, RequestEnvelope, PROTOCOL_VERSION};
 use crate::rpc::{RemoteError, RemoteErrorKind, RequestId, RpcSettings};
-use crate::subject::{ComponentId, EndpointId, EndpointName, InstanceId, SubjectPattern};
+use crate::subject::{ComponentId, EndpointId, EndpointName, InstanceId, SubjectPattern, Topic};
 
 /// Why serving could not start.
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +125,16 @@ impl std::fmt::Debug for ComponentInstance {
     }
 }
 
+/// Encodes an event as [`ComponentInstance::publish_event`] does (MessagePack, named fields).
+pub fn encode_event<T: Serialize + ?Sized>(event: &T) -> Result<bytes::Bytes, String> {
+    wire::encode(event).map_err(|e| e.to_string())
+}
+
+/// Decodes an event published with [`ComponentInstance::publish_event`].
+pub fn decode_event<T: DeserializeOwned>(payload: &[u8]) -> Result<T, String> {
+    wire::decode(payload).map_err(|e| e.to_string())
+}
+
 impl ComponentInstance {
     pub(crate) async fn start(
         component: ComponentId,
@@ -151,6 +161,22 @@ impl ComponentInstance {
 
     pub fn component(&self) -> &ComponentId {
         &self.component
+    }
+
+    pub fn bus(&self) -> &Arc<dyn Bus> {
+        &self.bus
+    }
+
+    /// Publishes `event` (MessagePack) on this instance's subject for `topic`
+    /// (`dyn.ev.{ns}.{component}.{topic}.{instance}`); see [`decode_event`].
+    pub async fn publish_event<T: Serialize + ?Sized>(
+        &self,
+        topic: &Topic,
+        event: &T,
+    ) -> Result<(), BusError> {
+        let payload = wire::encode(event).map_err(|e| BusError::Operation(e.to_string()))?;
+        let subject = self.component.event_subject(topic, self.id);
+        self.bus.publish(Outgoing::new(subject, payload)).await
     }
 
     /// Serves `endpoint` with `actor`: every request arrives as `M::from(Request<Req, Resp>)`.
