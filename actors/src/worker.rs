@@ -269,10 +269,10 @@ fn spawn_kv_publishers(
                 }
             }
             tokio::time::sleep(LOAD_MIN_INTERVAL).await;
-            match tokio::time::timeout(LOAD_MAX_INTERVAL - LOAD_MIN_INTERVAL, load.changed()).await
-            {
-                Ok(Err(_)) => return,
-                Ok(Ok(())) | Err(_) => {}
+            // Publish again on the next change, or when the maximum interval is up.
+            let wait = LOAD_MAX_INTERVAL - LOAD_MIN_INTERVAL;
+            if let Ok(Err(_)) = tokio::time::timeout(wait, load.changed()).await {
+                return;
             }
         }
     });
