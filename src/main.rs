@@ -4,12 +4,14 @@
 //!   terminal chat, or a JSONL batch) with engines in this process or on the bus;
 //! - `dynamo-run in=dyn://NAMESPACE.COMPONENT.ENDPOINT out=echo --model-path DIR`: a worker;
 //! - `dynamo-run make-model --out DIR`: a small Hugging Face-style model folder;
+//! - `dynamo-run bench --url URL --model NAME --workload ...`: an OpenAI-HTTP load generator;
 //! - `dynamo-run ls`: instances in discovery and services answering the NATS service protocol;
 //! - `demo`, `serve-echo`, `call-echo`: the runtime's echo diagnostics.
 //!
 //! Without `--bus` everything runs in this process on the embedded bus.
 #![forbid(unsafe_code)]
 
+mod bench;
 mod diag;
 mod launch;
 
@@ -121,6 +123,8 @@ enum Command {
         #[arg(long, default_value_t = 4096)]
         context_length: u32,
     },
+    /// Load-test an OpenAI frontend and report throughput and latency.
+    Bench(bench::BenchArgs),
     /// List instances in discovery and services answering the NATS service protocol.
     Ls,
     /// Runtime diagnostics: serve the echo role on the embedded bus, call it, shut down.
@@ -234,6 +238,9 @@ async fn run(cli: Cli) -> Result<()> {
         );
         return Ok(());
     }
+    if let Some(Command::Bench(args)) = &cli.command {
+        return bench::run(args.clone()).await;
+    }
     let launch = match cli.command {
         None => Some(launch_settings(&cli)?),
         Some(_) => None,
@@ -257,7 +264,7 @@ async fn run(cli: Cli) -> Result<()> {
         .context("starting the runtime")?;
     let result = match cli.command {
         None => launch::run(&runtime, launch.expect("parsed above")).await,
-        Some(Command::MakeModel { .. }) => unreachable!("handled above"),
+        Some(Command::MakeModel { .. }) | Some(Command::Bench(_)) => unreachable!("handled above"),
         Some(Command::Demo { requests }) => diag::demo(&runtime, component, requests).await,
         Some(Command::ServeEcho) => diag::serve_echo(&runtime, component).await,
         Some(Command::CallEcho {

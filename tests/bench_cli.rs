@@ -1,0 +1,241 @@
+//! `dynamo-run bench` against `dynamo-run in=http out=mocker` (4 workers, embedded bus):
+//! workloads, JSON report, plot, cached-token accounting, and bad trace lines.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+
+use serde_json::Value;
+
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn model_dir() -> &'static str {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_dynamo-run"))
+            .args(["make-model", "--out", dir.path().to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        dir
+    })
+    .path()
+    .to_str()
+    .unwrap()
+}
+
+fn server(blocks: &str, extra: &[&str]) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dynamo-run"))
+        .args([
+            "in=http",
+            "out=mocker",
+            "--model-path",
+            model_dir(),
+            "--model-name",
+            "m",
+        ])
+        .args([
+            "--http-host",
+            "127.0.0.1",
+            "--http-port",
+            "0",
+            "--num-workers",
+            "4",
+        ])
+        .args([
+            "--speedup-ratio",
+            "20",
+            "--num-gpu-blocks",
+            blocks,
+            "--block-size",
+            "16",
+        ])
+        .args(extra)
+        .env("DYN_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|s| s.split('/').next())
+        .unwrap_or_else(|| panic!("no ready line: {line:?}"))
+        .to_string();
+    Server {
+        child,
+        url: format!("http://{addr}"),
+    }
+}
+
+fn bench(url: &str, args: &[&str]) -> (Output, Option<Value>) {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("out.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_dynamo-run"))
+        .args([
+            "bench",
+            "--url",
+            url,
+            "--model",
+            "m",
+            "--output-json",
+            json.to_str().unwrap(),
+        ])
+        .args(args)
+        .output()
+        .unwrap();
+    let v = std::fs::read_to_string(&json)
+        .ok()
+        .map(|s| serde_json::from_str(&s).unwrap());
+    (out, v)
+}
+
+#[test]
+fn shared_prefix_and_multi_turn_reuse_the_cache_and_report_everything() {
+    let s = server("256", &["--router-mode", "round-robin"]);
+    let dir = tempfile::tempdir().unwrap();
+    let plot = dir.path().join("plot.svg");
+    let (out, v) = bench(
+        &s.url,
+        &[
+            "--workload",
+            "shared-prefix",
+            "--requests",
+            "48",
+            "--concurrency",
+            "8",
+            "--groups",
+            "2",
+            "--prompts-per-group",
+            "4",
+            "--system-prompt-tokens",
+            "128",
+            "--question-tokens",
+            "16",
+            "--output-tokens",
+            "8",
+            "--warmup",
+            "4",
+            "--plot",
+            plot.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = v.unwrap();
+    assert_eq!(v["completed"], 48);
+    assert_eq!(v["errors"], serde_json::json!({}));
+    for key in ["ttft_ms", "itl_ms", "e2e_ms"] {
+        for stat in ["p50", "p90", "p99", "mean"] {
+            assert!(v[key][stat].as_f64().unwrap() > 0.0, "{key}.{stat}: {v}");
+        }
+    }
+    assert!(v["requests_per_second"].as_f64().unwrap() > 0.0);
+    assert!(v["output_tokens_per_second"].as_f64().unwrap() > 0.0);
+    // Two 128-token system prompts over four workers: most prompt tokens are cache hits.
+    let ratio = v["cached_token_ratio"].as_f64().unwrap();
+    assert!(ratio > 0.5, "cached token ratio {ratio}");
+    assert!(std::fs::read_to_string(&plot).unwrap().starts_with("<svg"));
+
+    let (out, v) = bench(
+        &s.url,
+        &[
+            "--workload",
+            "multi-turn",
+            "--users",
+            "3",
+            "--turns",
+            "3",
+            "--requests",
+            "9",
+            "--concurrency",
+            "3",
+            "--system-prompt-tokens",
+            "64",
+            "--question-tokens",
+            "16",
+            "--output-tokens",
+            "8",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(v.unwrap()["completed"], 9);
+}
+
+#[test]
+fn traces_replay_and_bad_lines_are_reported() {
+    let s = server("256", &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("trace.jsonl");
+    std::fs::write(
+        &trace,
+        "{\"timestamp\": 0, \"input_length\": 40, \"output_length\": 4, \"hash_ids\": [1, 2, 3]}\n\
+         {\"timestamp\": 20, \"input_length\": 40, \"output_length\": 4, \"hash_ids\": [1, 2, 4]}\n\
+         {\"timestamp\": 30, \"input_length\": \"long\"}\n\
+         {\"timestamp\": 40, \"input_length\": 20, \"output_length\": 4, \"hash_ids\": [1, 2]}\n",
+    )
+    .unwrap();
+    let workload = format!("trace:{}", trace.display());
+    let args = [
+        "--workload",
+        &workload,
+        "--requests",
+        "10",
+        "--trace-block-size",
+        "16",
+    ];
+    let (out, _) = bench(&s.url, &args);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("line 3") && stderr.contains("--on-bad-line skip"),
+        "{stderr}"
+    );
+
+    let (out, v) = bench(&s.url, &[&args[..], &["--on-bad-line", "skip"]].concat());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("line 3"));
+    assert_eq!(v.unwrap()["completed"], 3);
+}
+
+#[tokio::test]
+async fn a_prompt_the_pool_can_never_hold_is_a_clear_400() {
+    // 8 blocks of 16 tokens: a request within the model's 4096-token context but over what a
+    // worker's pool can ever hold is refused at once, not queued forever.
+    let s = server("8", &[]);
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/completions", s.url))
+        .json(&serde_json::json!({"model": "m", "prompt": "many words in this prompt", "max_tokens": 200}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("KV cache"), "{msg}");
+}
