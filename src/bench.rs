@@ -323,11 +323,10 @@ fn stats(v: &mut [f64]) -> Value {
 
 fn progress(done: usize, total: usize, errors: usize, started: Instant) {
     let width = 30;
-    let filled = if total == 0 {
-        width
-    } else {
-        done * width / total
-    };
+    let filled = (done * width)
+        .checked_div(total)
+        .unwrap_or(width)
+        .min(width);
     eprint!(
         "\r[{}{}] {done}/{total} requests, {:.1} req/s, {errors} errors ",
         "#".repeat(filled),

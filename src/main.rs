@@ -124,7 +124,7 @@ enum Command {
         context_length: u32,
     },
     /// Load-test an OpenAI frontend and report throughput and latency.
-    Bench(bench::BenchArgs),
+    Bench(Box<bench::BenchArgs>),
     /// List instances in discovery and services answering the NATS service protocol.
     Ls,
     /// Runtime diagnostics: serve the echo role on the embedded bus, call it, shut down.
@@ -239,7 +239,7 @@ async fn run(cli: Cli) -> Result<()> {
         return Ok(());
     }
     if let Some(Command::Bench(args)) = &cli.command {
-        return bench::run(args.clone()).await;
+        return bench::run((**args).clone()).await;
     }
     let launch = match cli.command {
         None => Some(launch_settings(&cli)?),
