@@ -4,7 +4,8 @@
 //! drawn from 260..3900, inside every vocabulary of 4096 tokens or more), streaming with
 //! `include_usage` so that TTFT, ITL, output tokens and cached tokens come from the server:
 //! - `shared-prefix`: `--groups` x `--prompts-per-group`; each group shares a system prompt of
-//!   `--system-prompt-tokens`, each prompt adds a unique question of `--question-tokens`;
+//!   `--system-prompt-tokens`, each prompt adds a question of `--question-tokens`; each request
+//!   picks a group at random and that group's next prompt;
 //! - `multi-turn`: `--users` x `--turns`; each turn re-sends the history plus a new question;
 //! - `trace:FILE`: Mooncake-format JSONL (`timestamp` ms, `input_length`, `output_length`,
 //!   `hash_ids`), where equal hash ids become equal blocks of `--trace-block-size` tokens;
@@ -119,19 +120,17 @@ fn shared_prefix(a: &BenchArgs, n: usize) -> Vec<Job> {
     let questions: Vec<Vec<u32>> = (0..groups * per_group)
         .map(|_| rng.tokens(a.question_tokens))
         .collect();
-    // Requests interleave the groups (consecutive requests rarely share a prefix) and cycle
-    // through each group's prompts; past groups x prompts-per-group, prompts repeat.
+    // Each request picks a group at random (so no routing policy lines up with the order) and
+    // the group's next prompt; past prompts-per-group, a group's prompts repeat.
+    let mut next = vec![0usize; groups];
     (0..n)
-        .map(|i| {
-            let g = i % groups;
-            let k = (i / groups) % per_group;
+        .map(|_| {
+            let g = (rng.next() % groups as u64) as usize;
+            let k = next[g] % per_group;
+            next[g] += 1;
             let mut prompt = systems[g].clone();
             prompt.extend_from_slice(&questions[g * per_group + k]);
-            Job {
-                prompt,
-                max_tokens: a.output_tokens,
-                at: None,
-            }
+            Job { prompt, max_tokens: a.output_tokens, at: None }
         })
         .collect()
 }
