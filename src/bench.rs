@@ -130,7 +130,11 @@ fn shared_prefix(a: &BenchArgs, n: usize) -> Vec<Job> {
             next[g] += 1;
             let mut prompt = systems[g].clone();
             prompt.extend_from_slice(&questions[g * per_group + k]);
-            Job { prompt, max_tokens: a.output_tokens, at: None }
+            Job {
+                prompt,
+                max_tokens: a.output_tokens,
+                at: None,
+            }
         })
         .collect()
 }

@@ -257,7 +257,7 @@ async fn call_echo_and_ls_work_across_processes_and_metrics_are_served() {
         .local_addr()
         .unwrap()
         .port();
-    let _worker = Worker::start(&server.url(), &["--metrics-port", &port.to_string()]);
+    let worker = Worker::start(&server.url(), &["--metrics-port", &port.to_string()]);
     let out = Command::new(env!("CARGO_BIN_EXE_dynamo-run"))
         .args([
             "--bus",
@@ -295,10 +295,11 @@ async fn call_echo_and_ls_work_across_processes_and_metrics_are_served() {
     let mut body = String::new();
     conn.read_to_string(&mut body).unwrap();
     assert!(body.starts_with("HTTP/1.1 200"), "{body}");
-    assert!(
-        body.contains("dynamo_runtime_requests_total{endpoint=\"e2e.echo.generate\"} 1"),
-        "{body}"
+    let series = format!(
+        "dynamo_runtime_requests_total{{endpoint=\"e2e.echo.generate\",instance=\"{}\"}} 1",
+        worker.instance
     );
+    assert!(body.contains(&series), "{body}");
 }
 
 #[test]

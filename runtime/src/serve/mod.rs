@@ -201,8 +201,11 @@ impl ComponentInstance {
             instance: self.id,
             bus: self.bus.clone(),
             stats: EndpointStats::default(),
-            requests_total: metrics::counter!("dynamo_runtime_requests_total", "endpoint" => endpoint.to_string()),
-            overloaded_total: metrics::counter!("dynamo_runtime_overloaded_total", "endpoint" => endpoint.to_string()),
+            // Per instance: many workers in one process each get their own series.
+            requests_total: metrics::counter!("dynamo_runtime_requests_total",
+                "endpoint" => endpoint.to_string(), "instance" => self.id.to_string()),
+            overloaded_total: metrics::counter!("dynamo_runtime_overloaded_total",
+                "endpoint" => endpoint.to_string(), "instance" => self.id.to_string()),
             open: DashMap::new(),
             drained: Notify::new(),
         });
