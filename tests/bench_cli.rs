@@ -45,14 +45,7 @@ fn server(blocks: &str, extra: &[&str]) -> Server {
             "--model-name",
             "m",
         ])
-        .args([
-            "--http-host",
-            "127.0.0.1",
-            "--http-port",
-            "0",
-            "--num-workers",
-            "4",
-        ])
+        .args(["--http-host", "127.0.0.1", "--http-port", "0"])
         .args([
             "--speedup-ratio",
             "20",
@@ -61,6 +54,11 @@ fn server(blocks: &str, extra: &[&str]) -> Server {
             "--block-size",
             "16",
         ])
+        .args(if extra.contains(&"--num-workers") {
+            &[][..]
+        } else {
+            &["--num-workers", "4"][..]
+        })
         .args(extra)
         .env("DYN_LOG", "warn")
         .stdout(Stdio::piped())
@@ -238,4 +236,46 @@ async fn a_prompt_the_pool_can_never_hold_is_a_clear_400() {
     let body: Value = r.json().await.unwrap();
     let msg = body["error"]["message"].as_str().unwrap();
     assert!(msg.contains("KV cache"), "{msg}");
+}
+
+#[tokio::test]
+async fn two_hundred_fifty_six_mocker_workers_in_one_process() {
+    let s = server("64", &["--num-workers", "256"]);
+    let http = reqwest::Client::new();
+    let health: Value = http
+        .get(format!("{}/health", s.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: std::collections::HashSet<&str> = health["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["instance_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 256, "each worker is its own instance");
+    let (out, v) = bench(
+        &s.url,
+        &[
+            "--requests",
+            "64",
+            "--concurrency",
+            "16",
+            "--system-prompt-tokens",
+            "64",
+            "--question-tokens",
+            "16",
+            "--output-tokens",
+            "4",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(v.unwrap()["completed"], 64);
 }
