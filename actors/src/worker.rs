@@ -11,7 +11,7 @@
 //! - An engine with a KV cache (the mocker, later the native engine) also gets: its KV event
 //!   batches published on `dyn.ev.{ns}.{component}.kv_events.{instance}` as they happen; its
 //!   load on `...load.{instance}`, on change (at most every [`LOAD_MIN_INTERVAL`]) and at least
-//!   every [`LOAD_MAX_INTERVAL`]; and a `kv_dump` endpoint that streams its cached set (pieces
+//!   every [`LOAD_MAX_INTERVAL`] (also as `dynamo_worker_*` gauges per instance); and a `kv_dump` endpoint that streams its cached set (pieces
 //!   of at most [`DUMP_PIECE`] blocks) for routers that must resync.
 
 use std::sync::Arc;
@@ -230,6 +230,10 @@ fn spawn_kv_publishers(
         .event_subject(&topic(LOAD_TOPIC), instance.id());
     let mut events = kv.subscribe();
     let events_bus = bus.clone();
+    let published = metrics::counter!(
+        "dynamo_worker_kv_event_batches_total",
+        "instance" => instance.id().to_string()
+    );
     let events_task = tokio::spawn(async move {
         loop {
             let batch = match events.recv().await {
@@ -248,18 +252,36 @@ fn spawn_kv_publishers(
                     continue;
                 }
             };
-            if let Err(e) = events_bus
-                .publish(Outgoing::new(events_subject.clone(), payload))
-                .await
-            {
-                tracing::warn!(error = %e, "cannot publish KV events");
+            let subject = events_subject.clone();
+            match events_bus.publish(Outgoing::new(subject, payload)).await {
+                Ok(()) => published.increment(1),
+                Err(e) => tracing::warn!(error = %e, "cannot publish KV events"),
             }
         }
     });
     let mut load = kv.load();
+    let id = instance.id().to_string();
+    let gauges = [
+        "dynamo_worker_active_blocks",
+        "dynamo_worker_total_blocks",
+        "dynamo_worker_waiting_requests",
+        "dynamo_worker_running_requests",
+        "dynamo_worker_queued_prefill_tokens",
+    ]
+    .map(|name| metrics::gauge!(name, "instance" => id.clone()));
+    drop(id);
     let load_task = tokio::spawn(async move {
         loop {
             let report = *load.borrow_and_update();
+            for (g, v) in gauges.iter().zip([
+                report.active_blocks,
+                report.total_blocks,
+                report.waiting_requests,
+                report.running_requests,
+                report.queued_prefill_tokens,
+            ]) {
+                g.set(v as f64);
+            }
             if let Ok(payload) = encode_event(&report) {
                 if let Err(e) = bus
                     .publish(Outgoing::new(load_subject.clone(), payload))
