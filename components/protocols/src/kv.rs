@@ -90,3 +90,8 @@ pub struct LoadReport {
     pub queued_prefill_tokens: u64,
     pub running_requests: u64,
 }
+
+/// A worker as the router knows it (the raw value of its instance id).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct WorkerId(pub u64);

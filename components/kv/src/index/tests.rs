@@ -1,0 +1,165 @@
+use std::collections::HashMap;
+
+use dynamo_protocols::kv::{KvEvent, KvEventData, LocalBlockHash, StoredBlock};
+use proptest::prelude::*;
+
+use super::*;
+
+fn stored(tier: StorageTier, hashes: &[u64]) -> KvEvent {
+    KvEvent {
+        event_id: 0,
+        tier,
+        data: KvEventData::Stored {
+            parent_hash: None,
+            blocks: hashes
+                .iter()
+                .map(|&h| StoredBlock {
+                    block_hash: SequenceHash(h),
+                    tokens_hash: LocalBlockHash(h),
+                })
+                .collect(),
+        },
+    }
+}
+
+fn removed(tier: StorageTier, hashes: &[u64]) -> KvEvent {
+    KvEvent {
+        event_id: 0,
+        tier,
+        data: KvEventData::Removed {
+            block_hashes: hashes.iter().map(|&h| SequenceHash(h)).collect(),
+        },
+    }
+}
+
+/// The naive reference: per worker, the blocks held and their tiers.
+type Reference = HashMap<WorkerId, HashMap<SequenceHash, u8>>;
+
+fn reference_matches(r: &Reference, q: &[SequenceHash]) -> HashMap<WorkerId, Overlap> {
+    let mut out = HashMap::new();
+    for (w, held) in r {
+        let mut o = Overlap::default();
+        for h in q {
+            match held.get(h) {
+                Some(&t) if t != 0 => o.add(t),
+                _ => break,
+            }
+        }
+        if o.blocks() > 0 {
+            out.insert(*w, o);
+        }
+    }
+    out
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Store(u64, u8, Vec<u64>),
+    Remove(u64, u8, Vec<u64>),
+    Clear(u64, u8),
+    Gone(u64),
+    Query(Vec<u64>),
+}
+
+fn tier(t: u8) -> StorageTier {
+    [StorageTier::Device, StorageTier::Host, StorageTier::Disk][t as usize % 3]
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let hashes = || proptest::collection::vec(0u64..12, 1..6);
+    prop_oneof![
+        5 => (0u64..4, 0u8..3, hashes()).prop_map(|(w, t, h)| Op::Store(w, t, h)),
+        2 => (0u64..4, 0u8..3, hashes()).prop_map(|(w, t, h)| Op::Remove(w, t, h)),
+        1 => (0u64..4, 0u8..3).prop_map(|(w, t)| Op::Clear(w, t)),
+        1 => (0u64..4).prop_map(Op::Gone),
+        4 => hashes().prop_map(Op::Query),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn index_matches_the_naive_reference(ops in proptest::collection::vec(op(), 1..60)) {
+        let index = KvIndex::new(IndexSettings { max_blocks: usize::MAX, shards: 4 });
+        let mut r: Reference = HashMap::new();
+        for op in ops {
+            match op {
+                Op::Store(w, t, hs) => {
+                    index.apply(WorkerId(w), &[stored(tier(t), &hs)]);
+                    let held = r.entry(WorkerId(w)).or_default();
+                    for h in hs { *held.entry(SequenceHash(h)).or_default() |= bit(tier(t)); }
+                }
+                Op::Remove(w, t, hs) => {
+                    index.apply(WorkerId(w), &[removed(tier(t), &hs)]);
+                    if let Some(held) = r.get_mut(&WorkerId(w)) {
+                        for h in hs {
+                            if let Some(x) = held.get_mut(&SequenceHash(h)) { *x &= !bit(tier(t)); }
+                        }
+                    }
+                }
+                Op::Clear(w, t) => {
+                    index.apply(WorkerId(w), &[KvEvent { event_id: 0, tier: tier(t), data: KvEventData::Cleared }]);
+                    if let Some(held) = r.get_mut(&WorkerId(w)) {
+                        for x in held.values_mut() { *x &= !bit(tier(t)); }
+                    }
+                }
+                Op::Gone(w) => {
+                    index.remove_worker(WorkerId(w));
+                    r.remove(&WorkerId(w));
+                }
+                Op::Query(hs) => {
+                    let q: Vec<SequenceHash> = hs.into_iter().map(SequenceHash).collect();
+                    prop_assert_eq!(index.find_matches(&q), reference_matches(&r, &q));
+                }
+            }
+            let pairs: usize = r.values().map(|h| h.values().filter(|&&t| t != 0).count()).sum();
+            prop_assert_eq!(index.pairs(), pairs);
+        }
+    }
+}
+
+#[test]
+fn memory_is_capped_by_pruning_least_recently_used_blocks() {
+    let index = KvIndex::new(IndexSettings {
+        max_blocks: 100,
+        shards: 8,
+    });
+    let hot: Vec<SequenceHash> = (0..10).map(SequenceHash).collect();
+    index.apply(
+        WorkerId(1),
+        &[stored(StorageTier::Device, &(0..10).collect::<Vec<_>>())],
+    );
+    for batch in 0..50u64 {
+        // Keep the first ten blocks in use.
+        assert_eq!(index.find_matches(&hot)[&WorkerId(1)].device, 10);
+        let hs: Vec<u64> = (1000 + batch * 10..1000 + batch * 10 + 10).collect();
+        index.apply(WorkerId(2), &[stored(StorageTier::Device, &hs)]);
+        assert!(index.pairs() <= 100, "{} pairs", index.pairs());
+    }
+    assert!(index.pruned() >= 400);
+    assert_eq!(
+        index.find_matches(&hot)[&WorkerId(1)].device,
+        10,
+        "recently used blocks survive"
+    );
+}
+
+#[test]
+fn bad_events_are_counted_and_harmless() {
+    let index = KvIndex::new(IndexSettings::default());
+    let s = index.apply(WorkerId(7), &[removed(StorageTier::Device, &[1, 2])]);
+    assert_eq!(s.unknown_removals, 2);
+    let s = index.apply(
+        WorkerId(7),
+        &[
+            stored(StorageTier::Device, &[1]),
+            stored(StorageTier::Device, &[1]),
+        ],
+    );
+    assert_eq!((s.stored, s.duplicate_stores), (1, 1));
+    assert_eq!(index.pairs(), 1);
+    index.remove_worker(WorkerId(99));
+    assert_eq!(
+        index.find_matches(&[SequenceHash(1)])[&WorkerId(7)].device,
+        1
+    );
+}
