@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use dynamo_actors::frontend::{Endpoint, Frontend, FrontendSettings, RouterMode, Serving};
+use dynamo_actors::router::KvRouterSettings;
 use dynamo_actors::worker::WorkerRole;
 use dynamo_engine::{EchoEngine, EchoSettings, Engine, MockerEngine, MockerSettings};
 use dynamo_preprocessor::{ModelFolder, Preprocessor};
@@ -84,6 +85,7 @@ pub struct LaunchSettings {
     pub model_name: Option<String>,
     pub http_addr: SocketAddr,
     pub router_mode: RouterMode,
+    pub kv_router: KvRouterSettings,
     pub num_workers: usize,
     pub echo_delay: Duration,
     pub mocker: MockerSettings,
@@ -196,6 +198,7 @@ pub async fn run(runtime: &Runtime, s: LaunchSettings) -> Result<()> {
     }
     let mut fs = FrontendSettings::new(namespace.clone());
     fs.router_mode = s.router_mode;
+    fs.kv_router = s.kv_router.clone();
     fs.max_inflight = s.max_inflight;
     fs.max_body_bytes = s.max_body_bytes;
     if s.input == Input::Http {

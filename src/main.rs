@@ -22,6 +22,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use dynamo_actors::frontend::RouterMode;
+use dynamo_actors::router::KvRouterSettings;
 use dynamo_engine::MockerSettings;
 use dynamo_preprocessor::make_model::{make_model, MakeModelSettings};
 use dynamo_protocols::echo::EchoRequest;
@@ -77,9 +78,19 @@ struct LaunchArgs {
     http_port: u16,
     #[arg(long, default_value = "0.0.0.0")]
     http_host: IpAddr,
-    /// round-robin, random, or direct (requests name the worker in nvext.backend_instance_id).
+    /// kv, round-robin, random, least-loaded, or direct (requests name the worker in
+    /// nvext.backend_instance_id).
     #[arg(long, default_value = "round-robin")]
     router_mode: RouterMode,
+    /// KV router: weight of prefill work (blocks not cached) against decode load.
+    #[arg(long, default_value_t = 1.0)]
+    kv_overlap_score_weight: f64,
+    /// KV router: 0 picks the lowest cost; above 0 samples with a softmax at this temperature.
+    #[arg(long, default_value_t = 0.0)]
+    router_temperature: f64,
+    /// KV router: skip workers whose KV usage fraction is above this.
+    #[arg(long, default_value_t = 0.98)]
+    busy_threshold: f64,
     /// Workers to host in this process (out=echo, out=mocker).
     #[arg(long, default_value_t = 1)]
     num_workers: usize,
@@ -186,6 +197,15 @@ fn launch_settings(cli: &Cli) -> Result<LaunchSettings> {
         m.validate()
             .map_err(|e| anyhow::anyhow!("mocker settings: {e}"))?;
     }
+    if !(a.kv_overlap_score_weight.is_finite() && a.kv_overlap_score_weight >= 0.0) {
+        bail!("--kv-overlap-score-weight must be a number >= 0");
+    }
+    if !(a.router_temperature.is_finite() && a.router_temperature >= 0.0) {
+        bail!("--router-temperature must be a number >= 0");
+    }
+    if !(a.busy_threshold > 0.0 && a.busy_threshold <= 1.0) {
+        bail!("--busy-threshold must be in (0, 1]");
+    }
     if let Some(name) = &a.model_name {
         if name.trim().is_empty() {
             bail!("--model-name must not be empty");
@@ -199,6 +219,12 @@ fn launch_settings(cli: &Cli) -> Result<LaunchSettings> {
         model_name: a.model_name.clone(),
         http_addr: SocketAddr::new(a.http_host, a.http_port),
         router_mode: a.router_mode,
+        kv_router: KvRouterSettings {
+            overlap_weight: a.kv_overlap_score_weight,
+            temperature: a.router_temperature,
+            busy_threshold: a.busy_threshold,
+            ..Default::default()
+        },
         num_workers: a.num_workers,
         echo_delay: Duration::from_millis(a.echo_delay_ms),
         mocker: MockerSettings {

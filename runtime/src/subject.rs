@@ -152,6 +152,11 @@ name_type!(
 pub struct InstanceId(u64);
 
 impl InstanceId {
+    /// The raw value (routers key workers by it).
+    pub fn as_u64(self) -> u64 {
+        self.0
+    }
+
     pub fn new(raw: u64) -> Self {
         Self(raw)
     }

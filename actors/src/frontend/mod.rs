@@ -26,6 +26,8 @@ use ractor::{Actor, ActorRef};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+use crate::router::{start_ingest, KvRouter, KvRouterSettings, RouterIngest};
+
 pub use metrics::Endpoint;
 pub use models::{ModelEntry, ModelTable, WorkerAddr};
 pub use serving::{ApiError, Generation, Serving};
@@ -39,6 +41,17 @@ pub enum RouterMode {
     Random,
     /// The request names the instance (`nvext.backend_instance_id`).
     Direct,
+    /// KV-aware: least prefill work left after cached blocks, weighed against load.
+    Kv,
+    /// The least loaded worker (reported and routed blocks), ignoring cached prefixes.
+    LeastLoaded,
+}
+
+impl RouterMode {
+    /// Whether the mode needs the KV router's index and load tracking.
+    pub fn uses_kv_router(self) -> bool {
+        matches!(self, RouterMode::Kv | RouterMode::LeastLoaded)
+    }
 }
 
 impl FromStr for RouterMode {
@@ -49,8 +62,10 @@ impl FromStr for RouterMode {
             "round-robin" => Ok(RouterMode::RoundRobin),
             "random" => Ok(RouterMode::Random),
             "direct" => Ok(RouterMode::Direct),
+            "kv" => Ok(RouterMode::Kv),
+            "least-loaded" => Ok(RouterMode::LeastLoaded),
             other => Err(format!(
-                "unknown router mode {other:?}; expected round-robin, random or direct"
+                "unknown router mode {other:?}; expected kv, round-robin, random, least-loaded or direct"
             )),
         }
     }
@@ -66,6 +81,8 @@ pub struct FrontendSettings {
     pub max_body_bytes: usize,
     /// Requests in flight beyond this get 429 with `Retry-After`.
     pub max_inflight: usize,
+    /// Settings of the KV router (modes `kv` and `least-loaded`).
+    pub kv_router: KvRouterSettings,
 }
 
 impl FrontendSettings {
@@ -76,6 +93,7 @@ impl FrontendSettings {
             router_mode: RouterMode::default(),
             max_body_bytes: 16 * 1024 * 1024,
             max_inflight: 1024,
+            kv_router: KvRouterSettings::default(),
         }
     }
 }
@@ -93,6 +111,7 @@ pub enum FrontendError {
 /// A running frontend.
 pub struct Frontend {
     watcher: ActorRef<models::WatcherMsg>,
+    ingest: Option<RouterIngest>,
     serving: Arc<Serving>,
     addr: Option<SocketAddr>,
     stop: CancellationToken,
@@ -113,11 +132,23 @@ impl Frontend {
         let (watcher, _) = Actor::spawn(None, watcher, ())
             .await
             .map_err(|e| FrontendError::Watcher(e.to_string()))?;
+        let (router, ingest) = if settings.router_mode.uses_kv_router() {
+            let mut rs = settings.kv_router.clone();
+            rs.load_only = settings.router_mode == RouterMode::LeastLoaded;
+            let router = KvRouter::new(rs);
+            let ingest = start_ingest(runtime, settings.namespace.clone(), router.clone())
+                .await
+                .map_err(FrontendError::Watcher)?;
+            (Some(router), Some(ingest))
+        } else {
+            (None, None)
+        };
         let serving = Arc::new(Serving::new(
             runtime.clone(),
             table,
             settings.router_mode,
             settings.max_inflight,
+            router,
         ));
         let stop = CancellationToken::new();
         let (addr, server) = match settings.http_addr {
@@ -162,6 +193,7 @@ impl Frontend {
         };
         Ok(Self {
             watcher,
+            ingest,
             serving,
             addr,
             stop,
@@ -189,5 +221,8 @@ impl Frontend {
             let _ = s.await;
         }
         self.watcher.stop(None);
+        if let Some(i) = &self.ingest {
+            i.stop();
+        }
     }
 }

@@ -20,6 +20,8 @@ use serde_json::Value;
 use super::metrics::{Endpoint, RequestMetrics, Status};
 use super::models::{ModelEntry, ModelTable, WorkerAddr};
 use super::RouterMode;
+use crate::router::{KvRouter, RouteError, RouteLease};
+use dynamo_protocols::kv::WorkerId;
 
 /// Instances tried per request before giving up with 503.
 pub const MAX_ATTEMPTS: usize = 3;
@@ -137,6 +139,7 @@ fn rpc_error(e: &RpcError, model: &str) -> ApiError {
 /// The shared request path.
 pub struct Serving {
     runtime: Runtime,
+    router: Option<Arc<KvRouter>>,
     table: Arc<ModelTable>,
     mode: RouterMode,
     max_inflight: usize,
@@ -165,9 +168,11 @@ impl Serving {
         table: Arc<ModelTable>,
         mode: RouterMode,
         max_inflight: usize,
+        router: Option<Arc<KvRouter>>,
     ) -> Self {
         Self {
             runtime,
+            router,
             table,
             mode,
             max_inflight,
@@ -204,9 +209,10 @@ impl Serving {
     fn pick(
         &self,
         entry: &ModelEntry,
-        pinned: Option<&str>,
+        prepared: &Prepared,
         skip: &[InstanceId],
-    ) -> Result<WorkerAddr, ApiError> {
+    ) -> Result<(WorkerAddr, Option<RouteLease>), ApiError> {
+        let pinned = prepared.instance.as_deref();
         if let Some(hex) = pinned {
             let param = Some("nvext.backend_instance_id");
             let id = InstanceId::parse_hex(hex).map_err(|_| {
@@ -219,7 +225,7 @@ impl Serving {
                 .instances
                 .iter()
                 .find(|a| a.instance == id)
-                .cloned()
+                .map(|a| (a.clone(), None))
                 .ok_or_else(|| {
                     ApiError::bad_request(
                         format!("instance {hex} does not serve model {}", entry.card.name),
@@ -238,7 +244,30 @@ impl Serving {
                 entry.card.name
             )));
         }
+        if let (true, Some(router)) = (self.mode.uses_kv_router(), &self.router) {
+            let ids: Vec<WorkerId> = live.iter().map(|a| WorkerId(a.instance.as_u64())).collect();
+            let bs = entry.card.kv_block_size.max(1) as usize;
+            return match router.route(&ids, &prepared.request.token_ids, bs) {
+                Ok(d) => {
+                    let addr = live
+                        .iter()
+                        .find(|a| a.instance.as_u64() == d.worker.0)
+                        .map(|a| (*a).clone())
+                        .expect("the router picks among the candidates");
+                    Ok((addr, Some(d.lease)))
+                }
+                Err(RouteError::AllBusy(n)) => Err(ApiError::unavailable(format!(
+                    "all {n} workers serving model {} are busy (KV cache over the busy threshold); retry shortly",
+                    entry.card.name
+                ))),
+                Err(RouteError::NoWorkers) => Err(ApiError::unavailable(format!(
+                    "no live worker serves model {}; retry shortly",
+                    entry.card.name
+                ))),
+            };
+        }
         let i = match self.mode {
+            RouterMode::Kv | RouterMode::LeastLoaded => 0,
             RouterMode::RoundRobin => entry.cursor.fetch_add(1, Ordering::Relaxed) % live.len(),
             RouterMode::Random => rand::random_range(0..live.len()),
             RouterMode::Direct => {
@@ -248,7 +277,7 @@ impl Serving {
                 ))
             }
         };
-        Ok(live[i].clone())
+        Ok((live[i].clone(), None))
     }
 
     /// Preprocesses, routes and starts one request; the result streams its text.
@@ -305,7 +334,7 @@ impl Serving {
         let mut tried = Vec::new();
         let mut last_err = None;
         for _ in 0..MAX_ATTEMPTS {
-            let addr = match self.pick(&entry, prepared.instance.as_deref(), &tried) {
+            let (addr, lease) = match self.pick(&entry, &prepared, &tried) {
                 Ok(a) => a,
                 Err(e) => {
                     last_err = Some(last_err.unwrap_or(e));
@@ -346,6 +375,7 @@ impl Serving {
                         stream,
                         pending: first,
                         done: false,
+                        lease,
                         metrics,
                         _permit: permit,
                     });
@@ -384,6 +414,8 @@ pub struct Generation {
     stream: ResponseStream<EngineOutput>,
     pending: Option<EngineOutput>,
     done: bool,
+    /// The KV router's accounting for this request (released on drop).
+    lease: Option<RouteLease>,
     metrics: RequestMetrics,
     _permit: Permit,
 }
@@ -413,6 +445,11 @@ impl Generation {
                 finish: Some(FinishReason::Stop),
             },
         };
+        if self.output.completion_tokens() > 0 {
+            if let Some(l) = &mut self.lease {
+                l.prefill_done();
+            }
+        }
         self.metrics.on_tokens(self.output.completion_tokens());
         if piece.finish.is_some() {
             self.done = true;

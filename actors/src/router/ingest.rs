@@ -1,0 +1,369 @@
+//! The router's ingest actor: keeps the [`KvRouter`]'s index and loads current from the bus.
+//!
+//! It follows discovery for the namespace; each component with model workers gets two
+//! wildcard subscriptions (`kv_events.*`, `load.*`), forwarded into the mailbox. Per worker it
+//! tracks the next expected event id:
+//! - the first batch seen starts at id 0: applied; otherwise the router started late → resync;
+//! - a gap (events lost) → resync: the worker's entries are dropped and rebuilt from its
+//!   `kv_dump`; batches arriving meanwhile wait, and those past the dump's last id are applied;
+//! - events at or below the expected id (duplicates, reordering) are dropped and counted;
+//! - a worker leaving discovery is purged from the index and the loads.
+//!
+//! Malformed payloads and events for unknown workers are counted
+//! (`dynamo_router_bad_events_total{reason}`), logged once per worker, and never applied.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use dynamo_protocols::kv::{
+    KvDump, KvDumpRequest, KvEvent, KvEventBatch, KvEventData, LoadReport, StorageTier, WorkerId,
+    KV_DUMP_ENDPOINT, KV_EVENTS_TOPIC, LOAD_TOPIC,
+};
+use dynamo_protocols::llm::ModelCard;
+use dynamo_runtime::serve::decode_event;
+use dynamo_runtime::subject::{ComponentId, DiscoveryFilter, Namespace, Topic};
+use dynamo_runtime::{CallOptions, DiscoveryEvent, InstanceId, Runtime, Target};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+
+use super::KvRouter;
+
+pub enum IngestMsg {
+    Discovery(DiscoveryEvent),
+    Events {
+        worker: String,
+        payload: bytes::Bytes,
+    },
+    Load {
+        worker: String,
+        payload: bytes::Bytes,
+    },
+    Resynced {
+        worker: WorkerId,
+        dump: Result<KvDump, String>,
+    },
+}
+
+#[derive(Default)]
+struct WorkerTrack {
+    component: Option<ComponentId>,
+    next_id: Option<u64>,
+    resyncing: bool,
+    pending: Vec<KvEvent>,
+    warned: bool,
+}
+
+pub struct IngestState {
+    workers: HashMap<WorkerId, WorkerTrack>,
+    subscribed: HashSet<ComponentId>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+struct Ingest {
+    runtime: Runtime,
+    namespace: Namespace,
+    router: Arc<KvRouter>,
+}
+
+/// The running ingest actor.
+pub struct RouterIngest {
+    actor: ActorRef<IngestMsg>,
+}
+
+impl RouterIngest {
+    pub fn stop(&self) {
+        self.actor.stop(None);
+    }
+}
+
+/// Starts the ingest actor for `router` in `namespace`.
+pub async fn start_ingest(
+    runtime: &Runtime,
+    namespace: Namespace,
+    router: Arc<KvRouter>,
+) -> Result<RouterIngest, String> {
+    let ingest = Ingest {
+        runtime: runtime.clone(),
+        namespace,
+        router,
+    };
+    let (actor, _) = Actor::spawn(None, ingest, ())
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(RouterIngest { actor })
+}
+
+fn bad(reason: &'static str) {
+    metrics::counter!("dynamo_router_bad_events_total", "reason" => reason).increment(1);
+}
+
+fn worker_of(token: &str) -> Option<WorkerId> {
+    InstanceId::parse_hex(token)
+        .ok()
+        .map(|i| WorkerId(i.as_u64()))
+}
+
+impl Ingest {
+    fn subscribe(
+        &self,
+        myself: &ActorRef<IngestMsg>,
+        state: &mut IngestState,
+        component: &ComponentId,
+    ) {
+        if !state.subscribed.insert(component.clone()) {
+            return;
+        }
+        for (topic, is_events) in [(KV_EVENTS_TOPIC, true), (LOAD_TOPIC, false)] {
+            let pattern = component.event_pattern(&Topic::new(topic).expect("valid topic"));
+            let (bus, me) = (self.runtime.bus().clone(), myself.clone());
+            state.tasks.push(tokio::spawn(async move {
+                let mut sub = match bus.subscribe(pattern, None).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(error = %e, "router cannot subscribe to worker events");
+                        return;
+                    }
+                };
+                while let Some(m) = sub.next().await {
+                    let worker = m.subject.last_token().to_string();
+                    let msg = if is_events {
+                        IngestMsg::Events {
+                            worker,
+                            payload: m.payload,
+                        }
+                    } else {
+                        IngestMsg::Load {
+                            worker,
+                            payload: m.payload,
+                        }
+                    };
+                    if me.cast(msg).is_err() {
+                        return;
+                    }
+                }
+            }));
+        }
+    }
+
+    fn resync(&self, myself: &ActorRef<IngestMsg>, w: WorkerId, track: &mut WorkerTrack) {
+        if track.resyncing {
+            return;
+        }
+        let Some(component) = track.component.clone() else {
+            return;
+        };
+        track.resyncing = true;
+        metrics::counter!("dynamo_router_resyncs_total").increment(1);
+        let (runtime, me) = (self.runtime.clone(), myself.clone());
+        tokio::spawn(async move {
+            let dump = async {
+                let ep = component
+                    .endpoint(KV_DUMP_ENDPOINT)
+                    .map_err(|e| e.to_string())?;
+                let pieces: Vec<KvDump> = runtime
+                    .client()
+                    .call(
+                        Target::Instance(ep, InstanceId::new(w.0)),
+                        &KvDumpRequest {},
+                        CallOptions::default(),
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .collect()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let mut all = KvDump::default();
+                for p in pieces {
+                    all.last_event_id = p.last_event_id;
+                    all.block_size = p.block_size;
+                    all.blocks.extend(p.blocks);
+                }
+                Ok::<_, String>(all)
+            }
+            .await;
+            let _ = me.cast(IngestMsg::Resynced { worker: w, dump });
+        });
+    }
+
+    /// Applies events in id order; starts a resync on a gap.
+    fn on_events(
+        &self,
+        myself: &ActorRef<IngestMsg>,
+        w: WorkerId,
+        track: &mut WorkerTrack,
+        events: Vec<KvEvent>,
+    ) {
+        if track.resyncing {
+            track.pending.extend(events);
+            return;
+        }
+        let mut apply = Vec::with_capacity(events.len());
+        for e in events {
+            let expected = track.next_id.unwrap_or(0);
+            if track.next_id.is_some() && e.event_id < expected {
+                bad("duplicate_or_reordered");
+                continue;
+            }
+            if e.event_id != expected {
+                // A gap, or a router that started late: rebuild this worker from a dump.
+                self.router.index().apply(w, &apply);
+                apply.clear();
+                track.pending.push(e);
+                self.resync(myself, w, track);
+                continue;
+            }
+            if track.resyncing {
+                track.pending.push(e);
+                continue;
+            }
+            track.next_id = Some(e.event_id + 1);
+            apply.push(e);
+        }
+        let stats = self.router.index().apply(w, &apply);
+        if stats.unknown_removals > 0 {
+            metrics::counter!("dynamo_router_bad_events_total", "reason" => "unknown_removal")
+                .increment(stats.unknown_removals as u64);
+        }
+    }
+}
+
+impl Actor for Ingest {
+    type Msg = IngestMsg;
+    type State = IngestState;
+    type Arguments = ();
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<IngestMsg>,
+        _: (),
+    ) -> Result<IngestState, ActorProcessingErr> {
+        let mut watch = self
+            .runtime
+            .discovery()
+            .watch(DiscoveryFilter::namespace(&self.namespace))
+            .await?;
+        let me = myself.clone();
+        let forward = tokio::spawn(async move {
+            while let Some(ev) = watch.next().await {
+                if me.cast(IngestMsg::Discovery(ev)).is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(IngestState {
+            workers: HashMap::new(),
+            subscribed: HashSet::new(),
+            tasks: vec![forward],
+        })
+    }
+
+    async fn post_stop(
+        &self,
+        _: ActorRef<IngestMsg>,
+        state: &mut IngestState,
+    ) -> Result<(), ActorProcessingErr> {
+        for t in state.tasks.drain(..) {
+            t.abort();
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<IngestMsg>,
+        msg: IngestMsg,
+        state: &mut IngestState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            IngestMsg::Discovery(DiscoveryEvent::Joined(info)) => {
+                if info.metadata.get(ModelCard::METADATA_KEY).is_none() {
+                    return Ok(());
+                }
+                let component = info.endpoint.component.clone();
+                self.subscribe(&myself, state, &component);
+                let w = WorkerId(info.instance.as_u64());
+                state.workers.entry(w).or_default().component = Some(component);
+            }
+            IngestMsg::Discovery(DiscoveryEvent::Left { endpoint, instance }) => {
+                let w = WorkerId(instance.as_u64());
+                if state
+                    .workers
+                    .get(&w)
+                    .is_some_and(|t| t.component.as_ref() == Some(&endpoint.component))
+                {
+                    state.workers.remove(&w);
+                    self.router.forget(w);
+                }
+            }
+            IngestMsg::Events { worker, payload } => {
+                let Some(w) = worker_of(&worker) else {
+                    bad("bad_subject");
+                    return Ok(());
+                };
+                let batch: KvEventBatch = match decode_event(&payload) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        bad("malformed");
+                        let track = state.workers.entry(w).or_default();
+                        if !std::mem::replace(&mut track.warned, true) {
+                            tracing::warn!(worker = %worker, error = %e, "malformed KV event batch");
+                        }
+                        return Ok(());
+                    }
+                };
+                let Some(track) = state.workers.get_mut(&w).filter(|t| t.component.is_some())
+                else {
+                    // Not (yet) in discovery: nothing to resync from, so not indexed.
+                    bad("unknown_worker");
+                    return Ok(());
+                };
+                self.on_events(&myself, w, track, batch.events);
+            }
+            IngestMsg::Load { worker, payload } => {
+                let (Some(w), Ok(report)) =
+                    (worker_of(&worker), decode_event::<LoadReport>(&payload))
+                else {
+                    bad("malformed_load");
+                    return Ok(());
+                };
+                if state.workers.contains_key(&w) {
+                    self.router.record_load(w, report);
+                }
+            }
+            IngestMsg::Resynced { worker: w, dump } => {
+                let Some(track) = state.workers.get_mut(&w) else {
+                    return Ok(());
+                };
+                track.resyncing = false;
+                match dump {
+                    Ok(dump) => {
+                        self.router.index().remove_worker(w);
+                        let blocks = dump.blocks.iter().map(|(_, b)| *b).collect();
+                        self.router.index().apply(
+                            w,
+                            &[KvEvent {
+                                event_id: 0,
+                                tier: StorageTier::Device,
+                                data: KvEventData::Stored {
+                                    parent_hash: None,
+                                    blocks,
+                                },
+                            }],
+                        );
+                        let next = dump.last_event_id.map_or(0, |l| l + 1);
+                        track.next_id = Some(next);
+                        let mut pending = std::mem::take(&mut track.pending);
+                        // Events the dump already reflects.
+                        pending.retain(|e| e.event_id >= next);
+                        self.on_events(&myself, w, track, pending);
+                    }
+                    Err(e) => {
+                        tracing::warn!(worker = ?w, error = %e, "KV resync failed; retrying on the next batch");
+                        track.next_id = None;
+                        track.pending.clear();
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
