@@ -80,6 +80,9 @@ pub struct BenchArgs {
     plot: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// KV block size of the workers, for the oracle hit rate.
+    #[arg(long, default_value_t = 64)]
+    block_size: usize,
 }
 
 /// One request to send: prompt token ids, output length, and (traces) when to send it.
@@ -377,6 +380,7 @@ pub async fn run(a: BenchArgs) -> Result<()> {
     }
     let n = jobs.len();
     let warmup = a.warmup.min(n);
+    let oracle = oracle_ratio(&jobs[warmup..], &jobs[..warmup], a.block_size);
     eprintln!(
         "bench: {} requests ({} warm-up) of {} against {url}",
         n - warmup,
@@ -449,10 +453,36 @@ pub async fn run(a: BenchArgs) -> Result<()> {
     );
     eprintln!();
     let samples = samples.lock().await.clone();
-    report(&a, &samples)
+    report(&a, &samples, oracle)
 }
 
-fn report(a: &BenchArgs, samples: &[Sample]) -> Result<()> {
+/// The cached-token ratio a router that knew everything could reach: one cache of unlimited
+/// size, so each request reuses the longest prefix (in whole blocks) any earlier request had.
+fn oracle_ratio(measured: &[Job], warmup: &[Job], block_size: usize) -> f64 {
+    let mut seen = std::collections::HashSet::new();
+    let (mut cached, mut total) = (0u64, 0u64);
+    for (i, job) in warmup.iter().chain(measured).enumerate() {
+        let hashes = dynamo_kv::block_hashes(&job.prompt, block_size.max(1));
+        // As the engines do, the last prompt token is always computed.
+        let reusable = (job.prompt.len().saturating_sub(1)) / block_size.max(1);
+        let hit = hashes[..reusable.min(hashes.len())]
+            .iter()
+            .take_while(|h| seen.contains(&h.1))
+            .count();
+        if i >= warmup.len() {
+            cached += (hit * block_size) as u64;
+            total += job.prompt.len() as u64;
+        }
+        seen.extend(hashes.iter().map(|h| h.1));
+    }
+    if total == 0 {
+        0.0
+    } else {
+        cached as f64 / total as f64
+    }
+}
+
+fn report(a: &BenchArgs, samples: &[Sample], oracle: f64) -> Result<()> {
     let ok: Vec<&Sample> = samples.iter().filter(|s| s.status == Some(200)).collect();
     let mut errors: BTreeMap<String, usize> = BTreeMap::new();
     for s in samples.iter().filter(|s| s.status != Some(200)) {
@@ -486,6 +516,7 @@ fn report(a: &BenchArgs, samples: &[Sample]) -> Result<()> {
         "prompt_tokens": prompt_tokens,
         "cached_tokens": cached,
         "cached_token_ratio": if prompt_tokens > 0 { cached as f64 / prompt_tokens as f64 } else { 0.0 },
+        "oracle_cached_token_ratio": oracle,
         "ttft_ms": stats(&mut ttft),
         "itl_ms": stats(&mut itl),
         "e2e_ms": stats(&mut e2e),
@@ -494,13 +525,14 @@ fn report(a: &BenchArgs, samples: &[Sample]) -> Result<()> {
         .with_context(|| format!("writing {}", a.output_json.display()))?;
     let f = |v: &Value| v.as_f64().map_or("-".into(), |x| format!("{x:.1}"));
     println!(
-        "completed {} ({} errors) in {:.1}s: {:.2} req/s, {:.0} output tok/s, cached tokens {:.1}%",
+        "completed {} ({} errors) in {:.1}s: {:.2} req/s, {:.0} output tok/s, cached tokens {:.1}% (oracle {:.1}%)",
         ok.len(),
         samples.len() - ok.len(),
         span,
         result["requests_per_second"].as_f64().unwrap_or(0.0),
         result["output_tokens_per_second"].as_f64().unwrap_or(0.0),
-        result["cached_token_ratio"].as_f64().unwrap_or(0.0) * 100.0
+        result["cached_token_ratio"].as_f64().unwrap_or(0.0) * 100.0,
+        oracle * 100.0
     );
     for (name, key) in [("TTFT", "ttft_ms"), ("ITL", "itl_ms"), ("E2E", "e2e_ms")] {
         let s = &result[key];

@@ -17,9 +17,9 @@
 
 mod ingest;
 
-use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::Instant;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use dynamo_kv::{block_hashes, IndexSettings, KvIndex, Overlap};
@@ -41,6 +41,10 @@ pub struct KvRouterSettings {
     pub disk_credit: f64,
     /// Ignore overlap: route by load alone (`least-loaded`).
     pub load_only: bool,
+    /// How long a prefix the router sent to a worker counts as cached there before the
+    /// worker's own events confirm it (0, the default: no prediction; on the scarce-KV bench
+    /// predictions lowered the hit rate, so they wait for the no-events fallback mode).
+    pub prediction_ttl: Duration,
     pub index: IndexSettings,
 }
 
@@ -53,6 +57,7 @@ impl Default for KvRouterSettings {
             host_credit: 0.5,
             disk_credit: 0.25,
             load_only: false,
+            prediction_ttl: Duration::ZERO,
             index: IndexSettings::default(),
         }
     }
@@ -87,6 +92,8 @@ pub struct KvRouter {
     settings: KvRouterSettings,
     index: KvIndex,
     loads: DashMap<WorkerId, Accounting>,
+    /// Prefixes predicted from routing decisions, oldest first, until their events arrive.
+    predictions: Mutex<VecDeque<(Instant, WorkerId, Vec<SequenceHash>)>>,
 }
 
 impl KvRouter {
@@ -95,11 +102,24 @@ impl KvRouter {
             index: KvIndex::new(settings.index.clone()),
             settings,
             loads: DashMap::new(),
+            predictions: Mutex::new(VecDeque::new()),
         })
     }
 
     pub fn index(&self) -> &KvIndex {
         &self.index
+    }
+
+    fn expire_predictions(&self) {
+        let ttl = self.settings.prediction_ttl;
+        let Ok(mut p) = self.predictions.lock() else {
+            return;
+        };
+        while p.front().is_some_and(|(at, _, _)| at.elapsed() > ttl) {
+            if let Some((_, w, hashes)) = p.pop_front() {
+                self.index.unpredict(w, &hashes);
+            }
+        }
     }
 
     pub(crate) fn record_load(&self, w: WorkerId, report: LoadReport) {
@@ -124,13 +144,13 @@ impl KvRouter {
         }
         let bs = block_size.max(1);
         let needed = tokens.len().div_ceil(bs) as f64;
-        let overlaps: HashMap<WorkerId, Overlap> = if self.settings.load_only {
-            HashMap::new()
+        let hashes: Vec<SequenceHash> = if self.settings.load_only {
+            Vec::new()
         } else {
-            let hashes: Vec<SequenceHash> =
-                block_hashes(tokens, bs).into_iter().map(|h| h.1).collect();
-            self.index.find_matches(&hashes)
+            block_hashes(tokens, bs).into_iter().map(|h| h.1).collect()
         };
+        self.expire_predictions();
+        let overlaps: HashMap<WorkerId, Overlap> = self.index.find_matches(&hashes);
         let s = &self.settings;
         let mut scored: Vec<(WorkerId, f64, Overlap)> = Vec::with_capacity(candidates.len());
         for &w in candidates {
@@ -177,6 +197,12 @@ impl KvRouter {
             ties[rand::random_range(0..ties.len())]
         };
         let (worker, _, overlap) = scored[pick];
+        if !self.settings.prediction_ttl.is_zero() && !hashes.is_empty() {
+            self.index.predict(worker, &hashes);
+            if let Ok(mut p) = self.predictions.lock() {
+                p.push_back((Instant::now(), worker, hashes));
+            }
+        }
         let lease = RouteLease {
             router: self.clone(),
             worker,

@@ -56,6 +56,9 @@ fn bit(tier: StorageTier) -> u8 {
     }
 }
 
+/// Tier bit of blocks a router predicted from its own decisions (counted as device).
+const PREDICTED: u8 = 8;
+
 /// A worker's leading run of cached blocks for a query, by the tier each block is in (the
 /// fastest tier that holds it).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -71,7 +74,7 @@ impl Overlap {
     }
 
     fn add(&mut self, tiers: u8) {
-        if tiers & 1 != 0 {
+        if tiers & (1 | PREDICTED) != 0 {
             self.device += 1;
         } else if tiers & 2 != 0 {
             self.host += 1;
@@ -255,6 +258,25 @@ impl KvIndex {
         }
         self.prune();
         stats
+    }
+
+    /// Records that `worker` is about to hold `hashes` (a router just sent it their prompt), so
+    /// that requests with the same prefix find it before its events arrive. Predictions count
+    /// as device blocks until [`KvIndex::unpredict`] drops them; blocks the worker's events
+    /// confirm stay.
+    pub fn predict(&self, worker: WorkerId, hashes: &[SequenceHash]) {
+        let mut stats = ApplyStats::default();
+        for &h in hashes {
+            self.store(worker, h, PREDICTED, &mut stats);
+        }
+        self.prune();
+    }
+
+    /// Drops the predictions of [`KvIndex::predict`] (their time to be confirmed is up).
+    pub fn unpredict(&self, worker: WorkerId, hashes: &[SequenceHash]) {
+        for &h in hashes {
+            self.unhold(worker, h, PREDICTED);
+        }
     }
 
     /// Forgets everything `worker` holds (it left, or is about to be resynced).
