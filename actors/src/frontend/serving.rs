@@ -180,6 +180,11 @@ impl Serving {
         }
     }
 
+    /// The KV router (modes `kv` and `least-loaded`).
+    pub fn router(&self) -> Option<&Arc<KvRouter>> {
+        self.router.as_ref()
+    }
+
     pub fn table(&self) -> &Arc<ModelTable> {
         &self.table
     }

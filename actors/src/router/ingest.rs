@@ -351,10 +351,21 @@ impl Actor for Ingest {
                         );
                         let next = dump.last_event_id.map_or(0, |l| l + 1);
                         track.next_id = Some(next);
-                        let mut pending = std::mem::take(&mut track.pending);
-                        // Events the dump already reflects.
-                        pending.retain(|e| e.event_id >= next);
-                        self.on_events(&myself, w, track, pending);
+                        // Events the dump already reflects are dropped; those continuing
+                        // from it are applied; anything after a further gap is dropped too
+                        // (the worker's next real batch continues from the dump).
+                        let mut expected = next;
+                        let mut apply = Vec::new();
+                        for e in std::mem::take(&mut track.pending) {
+                            if e.event_id == expected {
+                                expected += 1;
+                                apply.push(e);
+                            } else if e.event_id > expected {
+                                bad("gap_after_resync");
+                            }
+                        }
+                        track.next_id = Some(expected);
+                        self.router.index().apply(w, &apply);
                     }
                     Err(e) => {
                         tracing::warn!(worker = ?w, error = %e, "KV resync failed; retrying on the next batch");

@@ -11,7 +11,8 @@
 //! Cost of worker `w` for a request of `n` blocks: `overlap_weight x (n - credited(w) +
 //! pending_prefill(w) / block_size) + decode_blocks(w)`, where `credited` counts cached
 //! leading blocks (device 1, host `host_credit`, disk `disk_credit`), and `decode_blocks` is the
-//! larger of the worker's reported active blocks and the router's own count. Workers whose KV
+//! router's own count plus whatever the worker's last report showed beyond the router's count
+//! at that time (load from elsewhere), so a stale report does not outlive the requests in it. Workers whose KV
 //! usage is over `busy_threshold` are skipped; the lowest cost wins (ties broken at random), or
 //! with `temperature > 0` a softmax over `-cost / temperature` picks.
 
@@ -70,6 +71,29 @@ struct Accounting {
     prefill_tokens: u64,
     /// Blocks of requests routed here and not finished.
     blocks: u64,
+    /// Our own counts when the report was taken: the rest of a report is other load.
+    blocks_at_report: u64,
+    prefill_at_report: u64,
+}
+
+impl Accounting {
+    /// Active blocks: ours now, plus what the last report showed beyond ours then (other
+    /// routers' requests), so a report taken before our requests finished does not linger.
+    fn decode_blocks(&self) -> u64 {
+        self.blocks
+            + self
+                .report
+                .active_blocks
+                .saturating_sub(self.blocks_at_report)
+    }
+
+    fn pending_prefill_tokens(&self) -> u64 {
+        self.prefill_tokens
+            + self
+                .report
+                .queued_prefill_tokens
+                .saturating_sub(self.prefill_at_report)
+    }
 }
 
 /// Why no worker was chosen.
@@ -123,7 +147,10 @@ impl KvRouter {
     }
 
     pub(crate) fn record_load(&self, w: WorkerId, report: LoadReport) {
-        self.loads.entry(w).or_default().report = report;
+        let mut acc = self.loads.entry(w).or_default();
+        acc.report = report;
+        acc.blocks_at_report = acc.blocks;
+        acc.prefill_at_report = acc.prefill_tokens;
     }
 
     pub(crate) fn forget(&self, w: WorkerId) {
@@ -155,7 +182,7 @@ impl KvRouter {
         let mut scored: Vec<(WorkerId, f64, Overlap)> = Vec::with_capacity(candidates.len());
         for &w in candidates {
             let acc = self.loads.get(&w).map(|a| *a).unwrap_or_default();
-            let decode = (acc.report.active_blocks.max(acc.blocks)) as f64;
+            let decode = acc.decode_blocks() as f64;
             if acc.report.total_blocks > 0
                 && decode / acc.report.total_blocks as f64 > s.busy_threshold
             {
@@ -164,8 +191,7 @@ impl KvRouter {
             let o = overlaps.get(&w).copied().unwrap_or_default();
             let credited =
                 o.device as f64 + s.host_credit * o.host as f64 + s.disk_credit * o.disk as f64;
-            let pending =
-                (acc.prefill_tokens + acc.report.queued_prefill_tokens) as f64 / bs as f64;
+            let pending = acc.pending_prefill_tokens() as f64 / bs as f64;
             let cost = s.overlap_weight * ((needed - credited).max(0.0) + pending) + decode;
             scored.push((w, cost, o));
         }

@@ -1,0 +1,214 @@
+//! The KV router over a real nats-server: three mocker workers (one `dynamo-run` process each)
+//! and a frontend in this process in `kv` mode. Repeated-prefix requests land on the worker that
+//! holds the prefix; a lost event batch is repaired by a resync from the worker's dump; a killed
+//! worker's blocks are purged from the index.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use dynamo_actors::frontend::{Endpoint, Frontend, FrontendSettings, RouterMode};
+use dynamo_kv::block_hashes;
+use dynamo_protocols::kv::{
+    KvEvent, KvEventBatch, KvEventData, LocalBlockHash, SequenceHash, StorageTier, StoredBlock,
+    WorkerId, KV_EVENTS_TOPIC,
+};
+use dynamo_runtime::bus::Outgoing;
+use dynamo_runtime::discovery::DiscoverySettings;
+use dynamo_runtime::serve::encode_event;
+use dynamo_runtime::subject::{ComponentId, Namespace, Topic};
+use dynamo_runtime::testing::NatsServer;
+use dynamo_runtime::{InstanceId, Runtime, RuntimeSettings};
+use serde_json::json;
+
+const BS: usize = 16;
+
+struct Worker {
+    child: Child,
+    instance: InstanceId,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn worker(url: &str, dir: &str) -> Worker {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dynamo-run"))
+        .args([
+            "--bus",
+            url,
+            "in=dyn://e2e.backend.generate",
+            "out=mocker",
+            "--model-path",
+            dir,
+        ])
+        .args([
+            "--model-name",
+            "m",
+            "--num-gpu-blocks",
+            "256",
+            "--block-size",
+            "16",
+            "--speedup-ratio",
+            "20",
+        ])
+        .env("DYN_DISCOVERY__LEASE", "2s")
+        .env("DYN_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let hex = line.trim().rsplit("instance=").next().unwrap();
+    Worker {
+        instance: InstanceId::parse_hex(hex).unwrap_or_else(|_| panic!("ready line {line:?}")),
+        child,
+    }
+}
+
+async fn eventually(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
+    let until = Instant::now() + within;
+    while !cond() {
+        assert!(Instant::now() < until, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_routing_follows_the_prefix_resyncs_and_purges() {
+    let server = NatsServer::start().unwrap();
+    let model = tempfile::tempdir().unwrap();
+    let dir = model.path().to_str().unwrap();
+    assert!(Command::new(env!("CARGO_BIN_EXE_dynamo-run"))
+        .args(["make-model", "--out", dir])
+        .status()
+        .unwrap()
+        .success());
+    let runtime = Runtime::start(RuntimeSettings {
+        bus: Some(server.url()),
+        discovery: DiscoverySettings {
+            lease: Duration::from_secs(2),
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut settings = FrontendSettings::new(Namespace::new("e2e").unwrap());
+    settings.router_mode = RouterMode::Kv;
+    let frontend = Frontend::start(&runtime, settings).await.unwrap();
+    let mut workers: Vec<Worker> = (0..3).map(|_| worker(&server.url(), dir)).collect();
+    tokio::time::timeout(Duration::from_secs(10), frontend.models().wait_for("m", 3))
+        .await
+        .expect("three workers listed");
+    let serving = frontend.serving().clone();
+    let router = serving.router().unwrap().clone();
+
+    let prefix: Vec<u32> = (300..460).collect();
+    let ask = |suffix: u32| {
+        let serving = serving.clone();
+        let mut prompt = prefix.clone();
+        prompt.extend([suffix, suffix + 1, suffix + 2]);
+        async move {
+            let body = json!({"model": "m", "prompt": prompt, "max_tokens": 2});
+            let mut g = serving.start(Endpoint::Completions, &body).await.unwrap();
+            while let Some(p) = g.next().await {
+                p.unwrap();
+            }
+            g.worker
+        }
+    };
+    let hashes: Vec<SequenceHash> = block_hashes(&prefix, BS).into_iter().map(|h| h.1).collect();
+    let holder = ask(1000).await;
+    let wid = WorkerId(holder.as_u64());
+    eventually(
+        "the holder's blocks are indexed",
+        Duration::from_secs(5),
+        || {
+            router
+                .index()
+                .find_matches(&hashes)
+                .get(&wid)
+                .map(|o| o.blocks())
+                == Some(10)
+        },
+    )
+    .await;
+    for i in 0..6 {
+        assert_eq!(
+            ask(2000 + i * 10).await,
+            holder,
+            "request {i} with the same prefix"
+        );
+    }
+
+    // A batch lost on the way: the next one the router sees skips ids. Forge one far ahead
+    // with a block the worker never stored; the router must resync from the dump.
+    let bogus = SequenceHash(0xdead_beef);
+    let batch = KvEventBatch {
+        events: vec![KvEvent {
+            event_id: 1_000_000,
+            tier: StorageTier::Device,
+            data: KvEventData::Stored {
+                parent_hash: None,
+                blocks: vec![StoredBlock {
+                    block_hash: bogus,
+                    tokens_hash: LocalBlockHash(1),
+                }],
+            },
+        }],
+    };
+    let component = ComponentId::new("e2e", "backend").unwrap();
+    let subject = component.event_subject(&Topic::new(KV_EVENTS_TOPIC).unwrap(), holder);
+    runtime
+        .bus()
+        .publish(Outgoing::new(subject, encode_event(&batch).unwrap()))
+        .await
+        .unwrap();
+    runtime.bus().flush().await.unwrap();
+    // After the resync the index holds exactly the dump: the prefix, never the forged block.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!router.index().find_matches(&[bogus]).contains_key(&wid));
+    assert_eq!(
+        router
+            .index()
+            .find_matches(&hashes)
+            .get(&wid)
+            .map(|o| o.blocks()),
+        Some(10)
+    );
+    assert_eq!(
+        ask(3000).await,
+        holder,
+        "routing still follows the prefix after the resync"
+    );
+
+    // Kill the holder: once its lease lapses its blocks leave the index, and the prefix goes
+    // to a live worker.
+    let pos = workers.iter().position(|w| w.instance == holder).unwrap();
+    drop(workers.remove(pos));
+    eventually(
+        "the killed worker is purged",
+        Duration::from_secs(8),
+        || !router.index().find_matches(&hashes).contains_key(&wid),
+    )
+    .await;
+    tokio::time::timeout(Duration::from_secs(5), async {
+        let mut changes = frontend.models().changes();
+        while frontend.models().get("m").map(|m| m.instances.len()) != Some(2) {
+            let _ = changes.changed().await;
+        }
+    })
+    .await
+    .expect("the model keeps two instances");
+    let next = ask(4000).await;
+    assert_ne!(next, holder);
+    assert!(workers.iter().any(|w| w.instance == next));
+    frontend.shutdown().await;
+    runtime.close().await;
+}
