@@ -165,6 +165,7 @@ async fn kv_routing_follows_the_prefix_resyncs_and_purges() {
     };
     let component = ComponentId::new("e2e", "backend").unwrap();
     let subject = component.event_subject(&Topic::new(KV_EVENTS_TOPIC).unwrap(), holder);
+    let resyncs = router.resyncs();
     runtime
         .bus()
         .publish(Outgoing::new(subject, encode_event(&batch).unwrap()))
@@ -172,7 +173,10 @@ async fn kv_routing_follows_the_prefix_resyncs_and_purges() {
         .unwrap();
     runtime.bus().flush().await.unwrap();
     // After the resync the index holds exactly the dump: the prefix, never the forged block.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually("the router resyncs", Duration::from_secs(5), || {
+        router.resyncs() > resyncs
+    })
+    .await;
     assert!(!router.index().find_matches(&[bogus]).contains_key(&wid));
     assert_eq!(
         router

@@ -366,6 +366,7 @@ impl Actor for Ingest {
                         }
                         track.next_id = Some(expected);
                         self.router.index().apply(w, &apply);
+                        self.router.count_resync();
                     }
                     Err(e) => {
                         tracing::warn!(worker = ?w, error = %e, "KV resync failed; retrying on the next batch");

@@ -116,6 +116,8 @@ pub struct KvRouter {
     settings: KvRouterSettings,
     index: KvIndex,
     loads: DashMap<WorkerId, Accounting>,
+    /// Completed resyncs from worker dumps.
+    resyncs: std::sync::atomic::AtomicU64,
     /// Prefixes predicted from routing decisions, oldest first, until their events arrive.
     predictions: Mutex<VecDeque<(Instant, WorkerId, Vec<SequenceHash>)>>,
 }
@@ -126,12 +128,23 @@ impl KvRouter {
             index: KvIndex::new(settings.index.clone()),
             settings,
             loads: DashMap::new(),
+            resyncs: Default::default(),
             predictions: Mutex::new(VecDeque::new()),
         })
     }
 
     pub fn index(&self) -> &KvIndex {
         &self.index
+    }
+
+    /// Workers rebuilt from their dumps so far (after a gap in events, or a late start).
+    pub fn resyncs(&self) -> u64 {
+        self.resyncs.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(crate) fn count_resync(&self) {
+        self.resyncs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn expire_predictions(&self) {
