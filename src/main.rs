@@ -88,9 +88,10 @@ struct LaunchArgs {
     /// KV router: 0 picks the lowest cost; above 0 samples with a softmax at this temperature.
     #[arg(long, default_value_t = 0.0)]
     router_temperature: f64,
-    /// KV router: skip workers whose KV usage fraction is above this.
-    #[arg(long, default_value_t = 0.98)]
-    busy_threshold: f64,
+    /// KV router: skip workers whose KV usage fraction is above this (all busy: 503).
+    /// Unset: never skip (the engines queue).
+    #[arg(long)]
+    busy_threshold: Option<f64>,
     /// Workers to host in this process (out=echo, out=mocker).
     #[arg(long, default_value_t = 1)]
     num_workers: usize,
@@ -203,7 +204,7 @@ fn launch_settings(cli: &Cli) -> Result<LaunchSettings> {
     if !(a.router_temperature.is_finite() && a.router_temperature >= 0.0) {
         bail!("--router-temperature must be a number >= 0");
     }
-    if !(a.busy_threshold > 0.0 && a.busy_threshold <= 1.0) {
+    if a.busy_threshold.is_some_and(|t| !(t > 0.0 && t <= 1.0)) {
         bail!("--busy-threshold must be in (0, 1]");
     }
     if let Some(name) = &a.model_name {

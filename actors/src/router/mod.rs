@@ -35,8 +35,9 @@ pub struct KvRouterSettings {
     pub overlap_weight: f64,
     /// 0: lowest cost wins; above 0: softmax sampling over costs.
     pub temperature: f64,
-    /// Workers whose KV usage fraction is above this are skipped.
-    pub busy_threshold: f64,
+    /// Workers whose KV usage fraction is above this are skipped; when all are, requests get
+    /// 503 (no queueing in the router: the engines queue). `None`: never skipped.
+    pub busy_threshold: Option<f64>,
     /// Credit for a cached block in host memory / on disk (device blocks count 1).
     pub host_credit: f64,
     pub disk_credit: f64,
@@ -54,7 +55,7 @@ impl Default for KvRouterSettings {
         Self {
             overlap_weight: 1.0,
             temperature: 0.0,
-            busy_threshold: 0.98,
+            busy_threshold: None,
             host_credit: 0.5,
             disk_credit: 0.25,
             load_only: false,
@@ -196,9 +197,10 @@ impl KvRouter {
         for &w in candidates {
             let acc = self.loads.get(&w).map(|a| *a).unwrap_or_default();
             let decode = acc.decode_blocks() as f64;
-            if acc.report.total_blocks > 0
-                && decode / acc.report.total_blocks as f64 > s.busy_threshold
-            {
+            let busy = s.busy_threshold.is_some_and(|t| {
+                acc.report.total_blocks > 0 && decode / acc.report.total_blocks as f64 > t
+            });
+            if busy {
                 continue;
             }
             let o = overlaps.get(&w).copied().unwrap_or_default();
@@ -242,11 +244,13 @@ impl KvRouter {
                 p.push_back((Instant::now(), worker, hashes));
             }
         }
+        // The request adds the blocks it does not find cached (shared prefix blocks are
+        // already counted in the worker's active blocks while in use).
         let lease = RouteLease {
             router: self.clone(),
             worker,
-            prefill_tokens: tokens.len() as u64,
-            blocks: needed as u64,
+            prefill_tokens: tokens.len().saturating_sub(overlap.blocks() as usize * bs) as u64,
+            blocks: (needed as u64).saturating_sub(overlap.blocks() as u64),
         };
         {
             let mut acc = self.loads.entry(worker).or_default();
@@ -350,7 +354,10 @@ mod tests {
 
     #[test]
     fn leases_account_until_dropped_and_busy_workers_are_skipped() {
-        let router = KvRouter::new(KvRouterSettings::default());
+        let router = KvRouter::new(KvRouterSettings {
+            busy_threshold: Some(0.98),
+            ..Default::default()
+        });
         let workers = [WorkerId(1), WorkerId(2)];
         let prompt: Vec<u32> = (0..160).collect();
         let a = router.route(&workers, &prompt, 16).unwrap();

@@ -6,6 +6,7 @@
 //! - `find_matches` p50/p99 for 64-block queries on one thread while another ingests at
 //!   100k block events/s;
 //! - memory per indexed (worker, block) pair (RSS growth while building the index).
+//!
 //! Targets on 2 cores: ingest >= 1M block events/s; find_matches p99 <= 100 us at 10k workers.
 
 use std::collections::VecDeque;
