@@ -70,10 +70,12 @@ struct Accounting {
     report: LoadReport,
     /// Prompt tokens routed here whose first token has not come back yet.
     prefill_tokens: u64,
-    /// Blocks of requests routed here and not finished.
+    /// New (uncached) blocks of requests routed here and not finished: the load we add.
     blocks: u64,
+    /// All blocks those requests occupy, shared prefix blocks included.
+    occupied: u64,
     /// Our own counts when the report was taken: the rest of a report is other load.
-    blocks_at_report: u64,
+    occupied_at_report: u64,
     prefill_at_report: u64,
 }
 
@@ -85,7 +87,7 @@ impl Accounting {
             + self
                 .report
                 .active_blocks
-                .saturating_sub(self.blocks_at_report)
+                .saturating_sub(self.occupied_at_report)
     }
 
     fn pending_prefill_tokens(&self) -> u64 {
@@ -163,7 +165,7 @@ impl KvRouter {
     pub(crate) fn record_load(&self, w: WorkerId, report: LoadReport) {
         let mut acc = self.loads.entry(w).or_default();
         acc.report = report;
-        acc.blocks_at_report = acc.blocks;
+        acc.occupied_at_report = acc.occupied;
         acc.prefill_at_report = acc.prefill_tokens;
     }
 
@@ -251,11 +253,13 @@ impl KvRouter {
             worker,
             prefill_tokens: tokens.len().saturating_sub(overlap.blocks() as usize * bs) as u64,
             blocks: (needed as u64).saturating_sub(overlap.blocks() as u64),
+            occupied: needed as u64,
         };
         {
             let mut acc = self.loads.entry(worker).or_default();
             acc.prefill_tokens += lease.prefill_tokens;
             acc.blocks += lease.blocks;
+            acc.occupied += lease.occupied;
         }
         metrics::histogram!("dynamo_router_overlap_blocks").record(overlap.blocks() as f64);
         if needed > 0.0 {
@@ -278,6 +282,7 @@ pub struct RouteLease {
     worker: WorkerId,
     prefill_tokens: u64,
     blocks: u64,
+    occupied: u64,
 }
 
 impl RouteLease {
@@ -297,6 +302,7 @@ impl Drop for RouteLease {
         self.prefill_done();
         if let Some(mut acc) = self.router.loads.get_mut(&self.worker) {
             acc.blocks = acc.blocks.saturating_sub(self.blocks);
+            acc.occupied = acc.occupied.saturating_sub(self.occupied);
         }
     }
 }
