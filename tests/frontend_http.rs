@@ -5,6 +5,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use dynamo_actors::frontend::{Frontend, FrontendSettings, RouterMode, WORKER_HEADER};
+use dynamo_actors::router::KvRouterSettings;
 use dynamo_actors::worker::{WorkerRole, GENERATE};
 use dynamo_engine::{EchoEngine, EchoSettings};
 use dynamo_preprocessor::make_model::{make_model, MakeModelSettings};
@@ -48,6 +49,7 @@ struct Opts {
     mode: RouterMode,
     max_inflight: usize,
     max_body: usize,
+    kv: KvRouterSettings,
 }
 
 impl Default for Opts {
@@ -58,6 +60,7 @@ impl Default for Opts {
             mode: RouterMode::RoundRobin,
             max_inflight: 64,
             max_body: 1 << 20,
+            kv: KvRouterSettings::default(),
         }
     }
 }
@@ -91,6 +94,7 @@ impl Stack {
         s.router_mode = o.mode;
         s.max_inflight = o.max_inflight;
         s.max_body_bytes = o.max_body;
+        s.kv_router = o.kv;
         let frontend = Frontend::start(&runtime, s).await.unwrap();
         let mut workers = Vec::new();
         for _ in 0..o.workers {
@@ -584,5 +588,46 @@ async fn direct_mode_requires_an_instance_and_random_uses_all() {
         2,
         "random routing used one worker for 24 requests"
     );
+    s.finish().await;
+}
+
+/// Echo workers publish no KV events: the kv router falls back, visibly, to prefixes predicted
+/// from its own decisions, so a repeated prompt keeps going to the worker that served it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_mode_without_events_falls_back_to_predicted_prefixes() {
+    let s = Stack::start(Opts {
+        workers: 3,
+        mode: RouterMode::Kv,
+        kv: KvRouterSettings {
+            fallback_after: Duration::ZERO,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    let long = "the same long system prompt shared by these requests ".repeat(20);
+    let mut seen = Vec::new();
+    for i in 0..5 {
+        let body =
+            json!({"model": MODEL, "prompt": format!("{long} question {i}"), "max_tokens": 2});
+        let (st, b, h) = s.post("/v1/completions", &body).await;
+        assert_eq!(st, 200, "{b}");
+        seen.push(h[WORKER_HEADER].to_str().unwrap().to_string());
+    }
+    assert!(
+        seen.iter().all(|w| *w == seen[0]),
+        "a repeated prefix sticks: {seen:?}"
+    );
+    let router = s
+        .frontend
+        .as_ref()
+        .unwrap()
+        .serving()
+        .router()
+        .unwrap()
+        .clone();
+    assert!(router.approximate());
+    let (_, m) = s.get("/metrics").await;
+    assert!(m.contains("dynamo_router_approximate 1"), "{m}");
     s.finish().await;
 }

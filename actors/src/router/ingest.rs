@@ -316,6 +316,7 @@ impl Actor for Ingest {
                     bad("unknown_worker");
                     return Ok(());
                 };
+                self.router.note_events();
                 self.on_events(&myself, w, track, batch.events);
             }
             IngestMsg::Load { worker, payload } => {

@@ -44,9 +44,14 @@ pub struct KvRouterSettings {
     /// Ignore overlap: route by load alone (`least-loaded`).
     pub load_only: bool,
     /// How long a prefix the router sent to a worker counts as cached there before the
-    /// worker's own events confirm it (0, the default: no prediction; on the scarce-KV bench
-    /// predictions lowered the hit rate, so they wait for the no-events fallback mode).
+    /// worker's own events confirm it, while events flow (0, the default: no prediction; on the
+    /// scarce-KV bench predictions lowered the hit rate).
     pub prediction_ttl: Duration,
+    /// Fallback: once requests were routed this long ago and no KV event has arrived from any
+    /// worker, the router predicts cached prefixes from its own decisions (`fallback_ttl` each),
+    /// logs it once and sets `dynamo_router_approximate` to 1; the first event ends it.
+    pub fallback_after: Duration,
+    pub fallback_ttl: Duration,
     pub index: IndexSettings,
 }
 
@@ -60,6 +65,8 @@ impl Default for KvRouterSettings {
             disk_credit: 0.25,
             load_only: false,
             prediction_ttl: Duration::ZERO,
+            fallback_after: Duration::from_secs(2),
+            fallback_ttl: Duration::from_secs(120),
             index: IndexSettings::default(),
         }
     }
@@ -121,6 +128,10 @@ pub struct KvRouter {
     loads: DashMap<WorkerId, Accounting>,
     /// Completed resyncs from worker dumps.
     resyncs: std::sync::atomic::AtomicU64,
+    /// Whether any KV event has arrived; when the first request was routed.
+    events_seen: std::sync::atomic::AtomicBool,
+    first_route: std::sync::OnceLock<Instant>,
+    approximate_logged: std::sync::atomic::AtomicBool,
     /// Prefixes predicted from routing decisions, oldest first, until their events arrive.
     predictions: Mutex<VecDeque<(Instant, WorkerId, Vec<SequenceHash>)>>,
 }
@@ -132,6 +143,9 @@ impl KvRouter {
             settings,
             loads: DashMap::new(),
             resyncs: Default::default(),
+            events_seen: Default::default(),
+            first_route: std::sync::OnceLock::new(),
+            approximate_logged: Default::default(),
             predictions: Mutex::new(VecDeque::new()),
         })
     }
@@ -145,13 +159,54 @@ impl KvRouter {
         self.resyncs.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// A KV event arrived: the index is fed by events, not predictions.
+    pub(crate) fn note_events(&self) {
+        if !self
+            .events_seen
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+            && self
+                .approximate_logged
+                .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::info!("KV events are arriving: routing on the event-fed index again");
+            metrics::gauge!("dynamo_router_approximate").set(0.0);
+        }
+    }
+
+    /// Whether routing runs on predictions because no worker publishes KV events.
+    pub fn approximate(&self) -> bool {
+        !self.events_seen.load(std::sync::atomic::Ordering::Relaxed)
+            && self
+                .first_route
+                .get()
+                .is_some_and(|t| t.elapsed() >= self.settings.fallback_after)
+    }
+
+    fn prediction_ttl(&self) -> Duration {
+        if self.approximate() {
+            if !self
+                .approximate_logged
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+            {
+                tracing::warn!(
+                    after = ?self.settings.fallback_after,
+                    "no KV events from any worker: routing on prefixes predicted from routing decisions"
+                );
+            }
+            metrics::gauge!("dynamo_router_approximate").set(1.0);
+            self.settings.fallback_ttl
+        } else {
+            self.settings.prediction_ttl
+        }
+    }
+
     pub(crate) fn count_resync(&self) {
         self.resyncs
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn expire_predictions(&self) {
-        let ttl = self.settings.prediction_ttl;
+        let ttl = self.settings.prediction_ttl.max(self.settings.fallback_ttl);
         let Ok(mut p) = self.predictions.lock() else {
             return;
         };
@@ -240,7 +295,8 @@ impl KvRouter {
             ties[rand::random_range(0..ties.len())]
         };
         let (worker, _, overlap) = scored[pick];
-        if !self.settings.prediction_ttl.is_zero() && !hashes.is_empty() {
+        self.first_route.get_or_init(Instant::now);
+        if !self.prediction_ttl().is_zero() && !hashes.is_empty() {
             self.index.predict(worker, &hashes);
             if let Ok(mut p) = self.predictions.lock() {
                 p.push_back((Instant::now(), worker, hashes));
