@@ -26,11 +26,40 @@
 //! is counted in [`ApplyStats`] and otherwise ignored.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, RwLock};
 
 use dashmap::DashMap;
 use dynamo_protocols::kv::{KvEvent, KvEventData, SequenceHash, StorageTier, WorkerId};
+
+/// Hasher for keys that are already random 64-bit values (sequence hashes are XXH3 outputs,
+/// worker ids random instance ids): one multiply spreads them over the table, where SipHash
+/// would cost most of a lookup.
+#[derive(Default)]
+pub struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ b as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_u64(&mut self, x: u64) {
+        self.0 = (self.0 ^ x).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type IdBuild = BuildHasherDefault<IdHasher>;
+type IdMap<K, V> = HashMap<K, V, IdBuild>;
+
+/// Per worker, its leading run of a query's blocks ([`KvIndex::find_matches`]).
+pub type OverlapMap = IdMap<WorkerId, Overlap>;
 
 #[derive(Debug, Clone)]
 pub struct IndexSettings {
@@ -96,15 +125,15 @@ pub struct ApplyStats {
 }
 
 struct Entry {
-    holders: HashMap<WorkerId, u8>,
+    holders: IdMap<WorkerId, u8>,
     /// Last touch (store or lookup), on the index clock.
     stamp: AtomicU64,
 }
 
 pub struct KvIndex {
     settings: IndexSettings,
-    shards: Vec<RwLock<HashMap<SequenceHash, Entry>>>,
-    workers: DashMap<WorkerId, HashSet<SequenceHash>>,
+    shards: Vec<RwLock<IdMap<SequenceHash, Entry>>>,
+    workers: DashMap<WorkerId, HashSet<SequenceHash, IdBuild>, IdBuild>,
     pairs: AtomicUsize,
     clock: AtomicU64,
     queue: Mutex<VecDeque<(SequenceHash, u64)>>,
@@ -114,12 +143,12 @@ pub struct KvIndex {
 impl KvIndex {
     pub fn new(settings: IndexSettings) -> Self {
         let shards = (0..settings.shards.max(1))
-            .map(|_| RwLock::new(HashMap::new()))
+            .map(|_| RwLock::new(IdMap::default()))
             .collect();
         Self {
             settings,
             shards,
-            workers: DashMap::new(),
+            workers: DashMap::with_hasher(IdBuild::default()),
             pairs: AtomicUsize::new(0),
             clock: AtomicU64::new(0),
             queue: Mutex::new(VecDeque::new()),
@@ -127,7 +156,7 @@ impl KvIndex {
         }
     }
 
-    fn shard(&self, h: SequenceHash) -> &RwLock<HashMap<SequenceHash, Entry>> {
+    fn shard(&self, h: SequenceHash) -> &RwLock<IdMap<SequenceHash, Entry>> {
         // Sequence hashes are already uniformly distributed.
         &self.shards[(h.0 % self.shards.len() as u64) as usize]
     }
@@ -166,7 +195,7 @@ impl KvIndex {
             let entry = shard.entry(h).or_insert_with(|| {
                 new_entry = true;
                 Entry {
-                    holders: HashMap::new(),
+                    holders: IdMap::default(),
                     stamp: AtomicU64::new(stamp),
                 }
             });
@@ -334,8 +363,8 @@ impl KvIndex {
     }
 
     /// For each worker holding at least the first block: its leading run of `hashes`.
-    pub fn find_matches(&self, hashes: &[SequenceHash]) -> HashMap<WorkerId, Overlap> {
-        let mut done: HashMap<WorkerId, Overlap> = HashMap::new();
+    pub fn find_matches(&self, hashes: &[SequenceHash]) -> OverlapMap {
+        let mut done = OverlapMap::default();
         let mut live: Vec<(WorkerId, Overlap)> = Vec::new();
         let stamp = self.tick();
         for (i, h) in hashes.iter().enumerate() {

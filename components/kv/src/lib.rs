@@ -11,5 +11,5 @@ pub mod index;
 pub mod pool;
 
 pub use hash::{block_hashes, hash_block, sequence_hash, SEED};
-pub use index::{ApplyStats, IndexSettings, KvIndex, Overlap};
+pub use index::{ApplyStats, IndexSettings, KvIndex, Overlap, OverlapMap};
 pub use pool::{BlockId, BlockPool, PoolError};

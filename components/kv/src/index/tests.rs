@@ -108,7 +108,8 @@ proptest! {
                 }
                 Op::Query(hs) => {
                     let q: Vec<SequenceHash> = hs.into_iter().map(SequenceHash).collect();
-                    prop_assert_eq!(index.find_matches(&q), reference_matches(&r, &q));
+                    let got: HashMap<WorkerId, Overlap> = index.find_matches(&q).into_iter().collect();
+                    prop_assert_eq!(got, reference_matches(&r, &q));
                 }
             }
             let pairs: usize = r.values().map(|h| h.values().filter(|&&t| t != 0).count()).sum();
