@@ -32,6 +32,7 @@ pub enum IngestMsg {
     Events {
         worker: String,
         payload: bytes::Bytes,
+        received: std::time::Instant,
     },
     Load {
         worker: String,
@@ -129,6 +130,7 @@ impl Ingest {
                         IngestMsg::Events {
                             worker,
                             payload: m.payload,
+                            received: std::time::Instant::now(),
                         }
                     } else {
                         IngestMsg::Load {
@@ -294,7 +296,14 @@ impl Actor for Ingest {
                     self.router.forget(w);
                 }
             }
-            IngestMsg::Events { worker, payload } => {
+            IngestMsg::Events {
+                worker,
+                payload,
+                received,
+            } => {
+                // How far behind the bus the index is: time from receipt to application.
+                metrics::histogram!("dynamo_router_event_lag_seconds")
+                    .record(received.elapsed().as_secs_f64());
                 let Some(w) = worker_of(&worker) else {
                     bad("bad_subject");
                     return Ok(());
