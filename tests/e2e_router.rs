@@ -147,6 +147,27 @@ async fn kv_routing_follows_the_prefix_resyncs_and_purges() {
         );
     }
 
+    // A router that starts late (a second frontend) rebuilds the index from the workers'
+    // dumps, without new traffic.
+    let mut late = FrontendSettings::new(Namespace::new("e2e").unwrap());
+    late.router_mode = RouterMode::Kv;
+    let late = Frontend::start(&runtime, late).await.unwrap();
+    let late_router = late.serving().router().unwrap().clone();
+    eventually(
+        "the late router knows the holder's blocks",
+        Duration::from_secs(5),
+        || {
+            late_router
+                .index()
+                .find_matches(&hashes)
+                .get(&wid)
+                .map(|o| o.blocks())
+                == Some(10)
+        },
+    )
+    .await;
+    late.shutdown().await;
+
     // A batch lost on the way: the next one the router sees skips ids. Forge one far ahead
     // with a block the worker never stored; the router must resync from the dump.
     let bogus = SequenceHash(0xdead_beef);

@@ -3,7 +3,8 @@
 //! It follows discovery for the namespace; each component with model workers gets two
 //! wildcard subscriptions (`kv_events.*`, `load.*`), forwarded into the mailbox. Per worker it
 //! tracks the next expected event id:
-//! - the first batch seen starts at id 0: applied; otherwise the router started late → resync;
+//! - a worker that joins is resynced from its dump at once (a router that starts late rebuilds
+//!   the index without waiting for traffic); batches arriving meanwhile wait for the dump;
 //! - a gap (events lost) → resync: the worker's entries are dropped and rebuilt from its
 //!   `kv_dump`; batches arriving meanwhile wait, and those past the dump's last id are applied;
 //! - events at or below the expected id (duplicates, reordering) are dropped and counted;
@@ -283,7 +284,13 @@ impl Actor for Ingest {
                 let component = info.endpoint.component.clone();
                 self.subscribe(&myself, state, &component);
                 let w = WorkerId(info.instance.as_u64());
-                state.workers.entry(w).or_default().component = Some(component);
+                let track = state.workers.entry(w).or_default();
+                track.component = Some(component);
+                // A worker we have no events from yet may hold blocks already (this router
+                // started late): rebuild its part of the index from its dump now.
+                if track.next_id.is_none() {
+                    self.resync(&myself, w, track);
+                }
             }
             IngestMsg::Discovery(DiscoveryEvent::Left { endpoint, instance }) => {
                 let w = WorkerId(instance.as_u64());
