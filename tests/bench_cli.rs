@@ -1,89 +1,56 @@
 //! `dynamo-run bench` against `dynamo-run in=http out=mocker` (4 workers, embedded bus):
 //! workloads, JSON report, plot, cached-token accounting, and bad trace lines.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
+mod common;
 
+use std::process::Output;
+
+use common::{dynamo_run, model_dir, Proc};
 use serde_json::Value;
 
 struct Server {
-    child: Child,
+    _proc: Proc,
     url: String,
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn model_dir() -> &'static str {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let out = Command::new(env!("CARGO_BIN_EXE_dynamo-run"))
-            .args(["make-model", "--out", dir.path().to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert!(out.status.success());
-        dir
-    })
-    .path()
-    .to_str()
-    .unwrap()
-}
-
 fn server(blocks: &str, extra: &[&str]) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dynamo-run"))
-        .args([
-            "in=http",
-            "out=mocker",
-            "--model-path",
-            model_dir(),
-            "--model-name",
-            "m",
-        ])
-        .args(["--http-host", "127.0.0.1", "--http-port", "0"])
-        .args([
-            "--speedup-ratio",
-            "20",
-            "--num-gpu-blocks",
-            blocks,
-            "--block-size",
-            "16",
-        ])
-        .args(if extra.contains(&"--num-workers") {
-            &[][..]
-        } else {
-            &["--num-workers", "4"][..]
-        })
-        .args(extra)
-        .env("DYN_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|s| s.split('/').next())
-        .unwrap_or_else(|| panic!("no ready line: {line:?}"))
-        .to_string();
+    let workers: &[&str] = if extra.contains(&"--num-workers") {
+        &[]
+    } else {
+        &["--num-workers", "4"]
+    };
+    let proc = Proc::start(
+        dynamo_run()
+            .args([
+                "in=http",
+                "out=mocker",
+                "--model-path",
+                model_dir(),
+                "--model-name",
+                "m",
+            ])
+            .args(["--http-host", "127.0.0.1", "--http-port", "0"])
+            .args([
+                "--speedup-ratio",
+                "20",
+                "--num-gpu-blocks",
+                blocks,
+                "--block-size",
+                "16",
+            ])
+            .args(workers)
+            .args(extra),
+    );
     Server {
-        child,
-        url: format!("http://{addr}"),
+        url: proc.http_base(),
+        _proc: proc,
     }
 }
 
 fn bench(url: &str, args: &[&str]) -> (Output, Option<Value>) {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("out.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_dynamo-run"))
+    let out = dynamo_run()
         .args([
             "bench",
             "--url",

@@ -2,11 +2,12 @@
 //! publish on the bus, replayed per worker, equal each worker's actual cached set (its
 //! `kv_dump`), with consecutive event ids; and the load reports arrive.
 
+mod common;
+
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{dynamo_run, model_dir, Proc};
 use dynamo_protocols::kv::{
     KvDump, KvDumpRequest, KvEventBatch, KvEventData, LoadReport, SequenceHash, KV_DUMP_ENDPOINT,
     KV_EVENTS_TOPIC, LOAD_TOPIC,
@@ -26,13 +27,7 @@ struct Replayed {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mocker_events_on_the_bus_replay_to_each_workers_cached_set() {
     let server = NatsServer::start().unwrap();
-    let model = tempfile::tempdir().unwrap();
-    let dir = model.path().to_str().unwrap();
-    let made = Command::new(env!("CARGO_BIN_EXE_dynamo-run"))
-        .args(["make-model", "--out", dir])
-        .output()
-        .unwrap();
-    assert!(made.status.success());
+    let dir = model_dir();
     let runtime = Runtime::start(RuntimeSettings {
         bus: Some(server.url()),
         ..Default::default()
@@ -59,32 +54,22 @@ async fn mocker_events_on_the_bus_replay_to_each_workers_cached_set() {
         .unwrap();
     runtime.bus().flush().await.unwrap();
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dynamo-run"))
-        .args([
-            "--bus",
-            &server.url(),
-            "in=dyn://e2e.backend.generate",
-            "out=mocker",
-            "--model-path",
-            dir,
-            "--num-workers",
-            "8",
-            "--num-gpu-blocks",
-            "48",
-            "--block-size",
-            "16",
-            "--speedup-ratio",
-            "50",
-        ])
-        .env("DYN_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(line.starts_with("ready"), "{line}");
+    let mut workers = Proc::start(dynamo_run().args([
+        "--bus",
+        &server.url(),
+        "in=dyn://e2e.backend.generate",
+        "out=mocker",
+        "--model-path",
+        dir,
+        "--num-workers",
+        "8",
+        "--num-gpu-blocks",
+        "48",
+        "--block-size",
+        "16",
+        "--speedup-ratio",
+        "50",
+    ]));
     let generate = component.endpoint("generate").unwrap();
     let until = Instant::now() + Duration::from_secs(10);
     let instances: Vec<InstanceId> = loop {
@@ -202,7 +187,6 @@ async fn mocker_events_on_the_bus_replay_to_each_workers_cached_set() {
     let load: LoadReport = decode_event(&msg.payload).unwrap();
     assert_eq!(load.total_blocks, 48);
 
-    let _ = child.kill();
-    let _ = child.wait();
+    workers.kill9();
     runtime.close().await;
 }

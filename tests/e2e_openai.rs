@@ -1,73 +1,21 @@
 //! The official `openai` Python SDK against a frontend and two echo workers, each its own
 //! `dynamo-run` process, over a real nats-server; then workers are killed.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::{dynamo_run, model_dir, python, Proc};
 use dynamo_runtime::testing::NatsServer;
 use serde_json::Value;
 
 const LEASE: &str = "2s";
 
-/// A `dynamo-run` child, killed on drop; `ready` is its ready line.
-struct Proc {
-    child: Child,
-    ready: String,
-}
-
-impl Proc {
-    fn start(args: &[&str]) -> Proc {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_dynamo-run"))
-            .args(args)
-            .env("DYN_DISCOVERY__LEASE", LEASE)
-            .env("DYN_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn dynamo-run");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .expect("read the ready line");
-        assert!(
-            line.starts_with("ready"),
-            "{args:?} did not get ready: {line:?}"
-        );
-        Proc {
-            child,
-            ready: line.trim().to_string(),
-        }
-    }
-
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-fn python() -> String {
-    let out = Command::new("bash")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/install-python.sh"))
-        .output()
-        .expect("run scripts/install-python.sh");
-    assert!(
-        out.status.success(),
-        "scripts/install-python.sh failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .last()
-        .expect("the script prints the venv's python")
-        .to_string()
+/// A `dynamo-run` child with a 2 s discovery lease.
+fn start(args: &[&str]) -> Proc {
+    Proc::start(dynamo_run().args(args).env("DYN_DISCOVERY__LEASE", LEASE))
 }
 
 /// Instances of `model` that `/health` lists.
@@ -99,20 +47,10 @@ async fn openai_sdk_against_frontend_and_two_workers_over_nats() {
     let py = python();
     let server = NatsServer::start().unwrap();
     let url = server.url();
-    let model_dir = tempfile::tempdir().unwrap();
-    let dir = model_dir.path().to_str().unwrap();
-    let made = Command::new(env!("CARGO_BIN_EXE_dynamo-run"))
-        .args(["make-model", "--out", dir])
-        .output()
-        .unwrap();
-    assert!(
-        made.status.success(),
-        "{}",
-        String::from_utf8_lossy(&made.stderr)
-    );
+    let dir = model_dir();
 
     let worker = |_: usize| {
-        Proc::start(&[
+        start(&[
             "--bus",
             &url,
             "in=dyn://e2e.backend.generate",
@@ -128,7 +66,7 @@ async fn openai_sdk_against_frontend_and_two_workers_over_nats() {
     let mut w1 = worker(1);
     let mut w2 = worker(2);
     assert!(w1.ready.contains("model=tiny"), "{}", w1.ready);
-    let frontend = Proc::start(&[
+    let frontend = start(&[
         "--bus",
         &url,
         "--namespace",
@@ -140,14 +78,7 @@ async fn openai_sdk_against_frontend_and_two_workers_over_nats() {
         "--http-port",
         "0",
     ]);
-    let addr = frontend
-        .ready
-        .split("http://")
-        .nth(1)
-        .and_then(|s| s.split('/').next())
-        .unwrap_or_else(|| panic!("no address in {:?}", frontend.ready))
-        .to_string();
-    let base = format!("http://{addr}");
+    let base = frontend.http_base();
     let http = reqwest::Client::new();
     wait_instances(&http, &base, 2, Duration::from_secs(10)).await;
 

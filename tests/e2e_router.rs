@@ -3,10 +3,11 @@
 //! holds the prefix; a lost event batch is repaired by a resync from the worker's dump; a killed
 //! worker's blocks are purged from the index.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
+use std::time::Duration;
+
+use common::{dynamo_run, eventually, model_dir, Proc};
 use dynamo_actors::frontend::{Endpoint, Frontend, FrontendSettings, RouterMode};
 use dynamo_kv::block_hashes;
 use dynamo_protocols::kv::{
@@ -24,71 +25,44 @@ use serde_json::json;
 const BS: usize = 16;
 
 struct Worker {
-    child: Child,
+    _proc: Proc,
     instance: InstanceId,
 }
 
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn worker(url: &str, dir: &str) -> Worker {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dynamo-run"))
-        .args([
-            "--bus",
-            url,
-            "in=dyn://e2e.backend.generate",
-            "out=mocker",
-            "--model-path",
-            dir,
-        ])
-        .args([
-            "--model-name",
-            "m",
-            "--num-gpu-blocks",
-            "256",
-            "--block-size",
-            "16",
-            "--speedup-ratio",
-            "20",
-        ])
-        .env("DYN_DISCOVERY__LEASE", "2s")
-        .env("DYN_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let hex = line.trim().rsplit("instance=").next().unwrap();
+    let proc = Proc::start(
+        dynamo_run()
+            .args([
+                "--bus",
+                url,
+                "in=dyn://e2e.backend.generate",
+                "out=mocker",
+                "--model-path",
+                dir,
+            ])
+            .args([
+                "--model-name",
+                "m",
+                "--num-gpu-blocks",
+                "256",
+                "--block-size",
+                "16",
+            ])
+            .args(["--speedup-ratio", "20"])
+            .env("DYN_DISCOVERY__LEASE", "2s"),
+    );
+    let instance = InstanceId::parse_hex(proc.instance())
+        .unwrap_or_else(|_| panic!("ready line {:?}", proc.ready));
     Worker {
-        instance: InstanceId::parse_hex(hex).unwrap_or_else(|_| panic!("ready line {line:?}")),
-        child,
-    }
-}
-
-async fn eventually(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
-    let until = Instant::now() + within;
-    while !cond() {
-        assert!(Instant::now() < until, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        _proc: proc,
+        instance,
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kv_routing_follows_the_prefix_resyncs_and_purges() {
     let server = NatsServer::start().unwrap();
-    let model = tempfile::tempdir().unwrap();
-    let dir = model.path().to_str().unwrap();
-    assert!(Command::new(env!("CARGO_BIN_EXE_dynamo-run"))
-        .args(["make-model", "--out", dir])
-        .status()
-        .unwrap()
-        .success());
+    let dir = model_dir();
     let runtime = Runtime::start(RuntimeSettings {
         bus: Some(server.url()),
         discovery: DiscoverySettings {

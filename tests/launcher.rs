@@ -1,36 +1,17 @@
 //! `dynamo-run in=text|batch out=echo` and the launcher's argument errors, as processes on the
 //! embedded bus.
 
-use std::io::Write;
-use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
+mod common;
 
+use std::io::Write;
+use std::process::{Output, Stdio};
+
+use common::{dynamo_run, model_dir};
 use serde_json::Value;
 
-fn model_dir() -> &'static str {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let out = Command::new(env!("CARGO_BIN_EXE_dynamo-run"))
-            .args(["make-model", "--out", dir.path().to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        dir
-    })
-    .path()
-    .to_str()
-    .unwrap()
-}
-
 fn run(args: &[&str], stdin: &str) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dynamo-run"))
+    let mut child = dynamo_run()
         .args(args)
-        .env("DYN_LOG", "warn")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -72,6 +53,24 @@ fn text_input_chats_in_the_terminal() {
     );
 }
 
+/// Runs an echo batch; returns the process output and its JSON lines.
+fn batch(input: &str) -> (Output, Vec<Value>) {
+    let args = [
+        input,
+        "out=echo",
+        "--model-path",
+        model_dir(),
+        "--echo-delay-ms",
+        "0",
+    ];
+    let out = run(&args, "");
+    let lines = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (out, lines)
+}
+
 #[test]
 fn batch_input_writes_answers_with_timing() {
     let dir = tempfile::tempdir().unwrap();
@@ -82,26 +81,12 @@ fn batch_input_writes_answers_with_timing() {
     )
     .unwrap();
     let input = format!("in=batch:{}", file.display());
-    let out = run(
-        &[
-            &input,
-            "out=echo",
-            "--model-path",
-            model_dir(),
-            "--echo-delay-ms",
-            "0",
-        ],
-        "",
-    );
+    let (out, lines) = batch(&input);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
     assert_eq!(lines.len(), 3);
     assert_eq!(lines[0]["line"], 1);
     assert_eq!(lines[0]["response"], "user\nfirst prompt");
@@ -116,23 +101,8 @@ fn batch_input_writes_answers_with_timing() {
 
     // A bad line is reported in place and fails the run; the others are still answered.
     std::fs::write(&file, "{\"text\": \"fine\"}\nnot json\n{\"neither\": 1}\n").unwrap();
-    let out = run(
-        &[
-            &input,
-            "out=echo",
-            "--model-path",
-            model_dir(),
-            "--echo-delay-ms",
-            "0",
-        ],
-        "",
-    );
+    let (out, lines) = batch(&input);
     assert!(!out.status.success());
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let lines: Vec<Value> = stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
     assert_eq!(lines[0]["response"], "user\nfine");
     assert!(lines[1]["error"].as_str().unwrap().contains("not JSON"));
     assert!(lines[2]["error"].as_str().unwrap().contains("needs"));

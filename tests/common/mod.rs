@@ -1,0 +1,120 @@
+//! Shared by the end-to-end tests: `dynamo-run` child processes, the generated model folder,
+//! the Python venv, and waiting for a condition.
+// Each test binary compiles this module and uses a part of it.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// `dynamo-run`, logging at `warn`.
+pub fn dynamo_run() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_dynamo-run"));
+    c.env("DYN_LOG", "warn");
+    c
+}
+
+/// A model folder written once per test binary by `dynamo-run make-model`.
+pub fn model_dir() -> &'static str {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dynamo_run()
+            .args(["make-model", "--out", dir.path().to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        dir
+    })
+    .path()
+    .to_str()
+    .unwrap()
+}
+
+/// A `dynamo-run` child that printed its ready line; killed on drop.
+pub struct Proc {
+    child: Child,
+    pub ready: String,
+}
+
+impl Proc {
+    /// Spawns `cmd` (stdout piped) and reads its first line, which must start with `ready`.
+    pub fn start(cmd: &mut Command) -> Proc {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn dynamo-run");
+        let mut ready = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut ready)
+            .expect("read the ready line");
+        assert!(
+            ready.starts_with("ready"),
+            "{cmd:?} did not get ready: {ready:?}"
+        );
+        Proc {
+            child,
+            ready: ready.trim().to_string(),
+        }
+    }
+
+    /// `http://ADDR` from a frontend's ready line.
+    pub fn http_base(&self) -> String {
+        let addr = self
+            .ready
+            .split("http://")
+            .nth(1)
+            .and_then(|s| s.split('/').next())
+            .unwrap_or_else(|| panic!("no address in {:?}", self.ready));
+        format!("http://{addr}")
+    }
+
+    /// The `instance=` of a worker's ready line.
+    pub fn instance(&self) -> &str {
+        self.ready.rsplit("instance=").next().unwrap_or_default()
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// The venv python with the test packages (`scripts/install-python.sh`, idempotent).
+pub fn python() -> String {
+    let out = Command::new("bash")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/install-python.sh"))
+        .output()
+        .expect("run scripts/install-python.sh");
+    assert!(
+        out.status.success(),
+        "scripts/install-python.sh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .expect("the script prints the venv's python")
+        .to_string()
+}
+
+/// Waits until `cond` holds (for state with no event to wait on), failing after `within`.
+pub async fn eventually(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
+    let until = Instant::now() + within;
+    while !cond() {
+        assert!(Instant::now() < until, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
