@@ -186,16 +186,17 @@ fn launch_settings(cli: &Cli) -> Result<LaunchSettings> {
             _ => bail!("unexpected argument {arg:?}; expected in=... or out=... (see --help)"),
         }
     }
+    let mocker = MockerSettings {
+        num_gpu_blocks: a.num_gpu_blocks,
+        block_size: a.block_size,
+        max_num_seqs: a.max_num_seqs,
+        max_num_batched_tokens: a.max_num_batched_tokens,
+        speedup_ratio: a.speedup_ratio,
+        ..Default::default()
+    };
     if output == Output::Mocker {
-        let m = MockerSettings {
-            num_gpu_blocks: a.num_gpu_blocks,
-            block_size: a.block_size,
-            max_num_seqs: a.max_num_seqs,
-            max_num_batched_tokens: a.max_num_batched_tokens,
-            speedup_ratio: a.speedup_ratio,
-            ..Default::default()
-        };
-        m.validate()
+        mocker
+            .validate()
             .map_err(|e| anyhow::anyhow!("mocker settings: {e}"))?;
     }
     if !(a.kv_overlap_score_weight.is_finite() && a.kv_overlap_score_weight >= 0.0) {
@@ -228,14 +229,7 @@ fn launch_settings(cli: &Cli) -> Result<LaunchSettings> {
         },
         num_workers: a.num_workers,
         echo_delay: Duration::from_millis(a.echo_delay_ms),
-        mocker: MockerSettings {
-            num_gpu_blocks: a.num_gpu_blocks,
-            block_size: a.block_size,
-            max_num_seqs: a.max_num_seqs,
-            max_num_batched_tokens: a.max_num_batched_tokens,
-            speedup_ratio: a.speedup_ratio,
-            ..Default::default()
-        },
+        mocker,
         max_inflight: a.max_inflight,
         max_body_bytes: a.max_body_bytes,
         batch_concurrency: a.batch_concurrency,

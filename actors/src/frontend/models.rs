@@ -17,7 +17,6 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use dynamo_preprocessor::model::content_hash;
 use dynamo_preprocessor::{ModelFiles, Preprocessor};
 use dynamo_protocols::llm::{FileChunk, FileRequest, ModelCard};
 use dynamo_runtime::subject::{DiscoveryFilter, Namespace};
@@ -169,13 +168,14 @@ async fn build(
             .await
             .map_err(|e| format!("fetching {}: {e}", f.name))?;
         let bytes: Vec<u8> = chunks.into_iter().flat_map(|c| c.data).collect();
-        if bytes.len() as u64 != f.size || content_hash(&bytes) != f.hash {
+        let size = bytes.len() as u64;
+        files.insert(&f.name, bytes);
+        if size != f.size || files.hash(&f.name) != Some(f.hash.as_str()) {
             return Err(format!(
                 "{} arrived corrupted (size or hash mismatch)",
                 f.name
             ));
         }
-        files.insert(&f.name, bytes);
     }
     let name = card.name.clone();
     tokio::task::spawn_blocking(move || Preprocessor::new(&name, &files))

@@ -39,16 +39,23 @@ pub fn content_hash(bytes: &[u8]) -> String {
 /// The preprocessor's files, by name, with their bytes.
 #[derive(Debug, Clone, Default)]
 pub struct ModelFiles {
-    files: BTreeMap<String, Vec<u8>>,
+    /// Name -> (content hash, bytes); the hash is computed once, on insert.
+    files: BTreeMap<String, (String, Vec<u8>)>,
 }
 
 impl ModelFiles {
     pub fn insert(&mut self, name: &str, bytes: Vec<u8>) {
-        self.files.insert(name.to_string(), bytes);
+        self.files
+            .insert(name.to_string(), (content_hash(&bytes), bytes));
     }
 
     pub fn get(&self, name: &str) -> Option<&[u8]> {
-        self.files.get(name).map(Vec::as_slice)
+        self.files.get(name).map(|(_, b)| b.as_slice())
+    }
+
+    /// The content hash of a file.
+    pub fn hash(&self, name: &str) -> Option<&str> {
+        self.files.get(name).map(|(h, _)| h.as_str())
     }
 
     pub(crate) fn json(&self, file: &'static str) -> Result<Option<Value>, ModelError> {
@@ -102,9 +109,9 @@ impl ModelFiles {
             files: self
                 .files
                 .iter()
-                .map(|(name, bytes)| ModelFile {
+                .map(|(name, (hash, bytes))| ModelFile {
                     name: name.clone(),
-                    hash: content_hash(bytes),
+                    hash: hash.clone(),
                     size: bytes.len() as u64,
                 })
                 .collect(),
@@ -115,8 +122,8 @@ impl ModelFiles {
     pub fn by_hash(&self, hash: &str) -> Option<&[u8]> {
         self.files
             .values()
-            .find(|b| content_hash(b) == hash)
-            .map(Vec::as_slice)
+            .find(|(h, _)| h == hash)
+            .map(|(_, b)| b.as_slice())
     }
 }
 
