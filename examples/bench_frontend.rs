@@ -97,62 +97,37 @@ fn peak_rss_mib(pid: u32) -> f64 {
         / 1024.0
 }
 
-async fn http_load(base: &str, model: &str, conc: usize, n: usize, max_tokens: u32) -> Stats {
-    let client = reqwest::Client::builder()
-        .tcp_nodelay(true)
-        .pool_max_idle_per_host(conc)
-        .build()
-        .unwrap();
+/// When one request started, and when each of its visible tokens arrived.
+type Timings = futures::future::BoxFuture<'static, (Instant, Vec<Instant>)>;
+
+/// Runs `n` requests, `conc` at a time, and gathers their TTFT and ITL.
+async fn drive(conc: usize, n: usize, one: Arc<dyn Fn(usize) -> Timings + Send + Sync>) -> Stats {
     let started = Instant::now();
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut tasks = Vec::new();
-    for _ in 0..conc {
-        let (client, next, base, model) = (
-            client.clone(),
-            next.clone(),
-            base.to_string(),
-            model.to_string(),
-        );
-        tasks.push(tokio::spawn(async move {
-            let mut s = Stats::default();
-            loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if i >= n {
-                    break s;
-                }
-                let body = chat_body(&model, i as u64, 600, max_tokens);
-                let t0 = Instant::now();
-                let r = client
-                    .post(format!("{base}/v1/chat/completions"))
-                    .json(&body)
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(r.status(), 200);
-                let mut stream = r.bytes_stream();
-                let mut last: Option<Instant> = None;
-                let mut buf = Vec::new();
-                while let Some(chunk) = stream.next().await {
-                    buf.extend_from_slice(&chunk.unwrap());
-                    // One event per "\n\n"; count those carrying content.
-                    while let Some(pos) = buf.windows(2).position(|w| w == b"\n\n") {
-                        let ev: Vec<u8> = buf.drain(..pos + 2).collect();
-                        if ev.windows(10).any(|w| w == b"\"content\":")
-                            && !ev.windows(12).any(|w| w == b"\"content\":\"\"")
-                        {
-                            let now = Instant::now();
-                            match last {
-                                None => s.ttft.push(now.duration_since(t0).as_secs_f64()),
-                                Some(l) => s.itl.push(now.duration_since(l).as_secs_f64()),
-                            }
-                            last = Some(now);
-                        }
+    let tasks: Vec<_> = (0..conc)
+        .map(|_| {
+            let (next, one) = (next.clone(), one.clone());
+            tokio::spawn(async move {
+                let mut s = Stats::default();
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= n {
+                        break s;
                     }
+                    let (t0, tokens) = one(i).await;
+                    if let Some(first) = tokens.first() {
+                        s.ttft.push(first.duration_since(t0).as_secs_f64());
+                    }
+                    s.itl.extend(
+                        tokens
+                            .windows(2)
+                            .map(|w| w[1].duration_since(w[0]).as_secs_f64()),
+                    );
+                    s.requests += 1;
                 }
-                s.requests += 1;
-            }
-        }));
-    }
+            })
+        })
+        .collect();
     let mut all = Stats::default();
     for t in tasks {
         let s = t.await.unwrap();
@@ -162,6 +137,46 @@ async fn http_load(base: &str, model: &str, conc: usize, n: usize, max_tokens: u
     }
     all.wall = started.elapsed().as_secs_f64();
     all
+}
+
+async fn http_load(base: &str, model: &str, conc: usize, n: usize, max_tokens: u32) -> Stats {
+    let client = reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(conc)
+        .build()
+        .unwrap();
+    let (base, model) = (base.to_string(), model.to_string());
+    let one = move |i: usize| -> Timings {
+        let (client, base) = (client.clone(), base.clone());
+        let body = chat_body(&model, i as u64, 600, max_tokens);
+        Box::pin(async move {
+            let t0 = Instant::now();
+            let r = client
+                .post(format!("{base}/v1/chat/completions"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            let mut stream = r.bytes_stream();
+            let mut tokens = Vec::new();
+            let mut buf = Vec::new();
+            while let Some(chunk) = stream.next().await {
+                buf.extend_from_slice(&chunk.unwrap());
+                // One event per "\n\n"; count those carrying content.
+                while let Some(pos) = buf.windows(2).position(|w| w == b"\n\n") {
+                    let ev: Vec<u8> = buf.drain(..pos + 2).collect();
+                    if ev.windows(10).any(|w| w == b"\"content\":")
+                        && !ev.windows(12).any(|w| w == b"\"content\":\"\"")
+                    {
+                        tokens.push(Instant::now());
+                    }
+                }
+            }
+            (t0, tokens)
+        })
+    };
+    drive(conc, n, Arc::new(one)).await
 }
 
 async fn engine_load(
@@ -182,56 +197,30 @@ async fn engine_load(
             .map(|t| !tok.decode(&[t], true).unwrap_or_default().is_empty())
             .collect(),
     );
-    let reqs: Vec<_> = (0..n)
-        .map(|i| {
-            pre.chat(&chat_body(model, i as u64, 600, max_tokens))
-                .unwrap()
-                .request
-        })
-        .collect();
-    let reqs = Arc::new(reqs);
-    let started = Instant::now();
-    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut tasks = Vec::new();
-    for _ in 0..conc {
-        let (engine, next, reqs, visible) =
-            (engine.clone(), next.clone(), reqs.clone(), visible.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut s = Stats::default();
-            loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if i >= reqs.len() {
-                    break s;
+    let reqs: Arc<Vec<_>> = Arc::new(
+        (0..n)
+            .map(|i| {
+                pre.chat(&chat_body(model, i as u64, 600, max_tokens))
+                    .unwrap()
+                    .request
+            })
+            .collect(),
+    );
+    let one = move |i: usize| -> Timings {
+        let (engine, visible, req) = (engine.clone(), visible.clone(), reqs[i].clone());
+        Box::pin(async move {
+            let t0 = Instant::now();
+            let mut stream = engine.generate(req, CancellationToken::new()).unwrap();
+            let mut tokens = Vec::new();
+            while let Some(out) = stream.next().await {
+                if out.unwrap().token_ids.iter().any(|&t| visible[t as usize]) {
+                    tokens.push(Instant::now());
                 }
-                let t0 = Instant::now();
-                let mut stream = engine
-                    .generate(reqs[i].clone(), CancellationToken::new())
-                    .unwrap();
-                let mut last: Option<Instant> = None;
-                while let Some(out) = stream.next().await {
-                    if !out.unwrap().token_ids.iter().any(|&t| visible[t as usize]) {
-                        continue;
-                    }
-                    let now = Instant::now();
-                    match last {
-                        None => s.ttft.push(now.duration_since(t0).as_secs_f64()),
-                        Some(l) => s.itl.push(now.duration_since(l).as_secs_f64()),
-                    }
-                    last = Some(now);
-                }
-                s.requests += 1;
             }
-        }));
-    }
-    let mut all = Stats::default();
-    for t in tasks {
-        let s = t.await.unwrap();
-        all.ttft.extend(s.ttft);
-        all.itl.extend(s.itl);
-        all.requests += s.requests;
-    }
-    all.wall = started.elapsed().as_secs_f64();
-    all
+            (t0, tokens)
+        })
+    };
+    drive(conc, n, Arc::new(one)).await
 }
 
 fn env_or<T: std::str::FromStr>(k: &str, d: T) -> T {

@@ -37,7 +37,6 @@ use launch::{Input, LaunchSettings, Output};
     name = "dynamo-run",
     version,
     about = "Serve language models over the OpenAI API, in one process or across many",
-    subcommand_precedence_over_arg = true,
     after_help = "Examples:\n  dynamo-run make-model --out /tmp/tiny\n  dynamo-run in=http out=echo --model-path /tmp/tiny\n  dynamo-run in=dyn://dynamo.backend.generate out=echo --model-path /tmp/tiny --bus nats://127.0.0.1:4222\n  dynamo-run in=http out=dyn --bus nats://127.0.0.1:4222"
 )]
 struct Cli {

@@ -28,12 +28,15 @@ fn run(args: &[&str], stdin: &str) -> Output {
 
 #[test]
 fn text_input_chats_in_the_terminal() {
+    // A model named like a subcommand is still a flag value, not the `bench` subcommand.
     let out = run(
         &[
             "in=text",
             "out=echo",
             "--model-path",
             model_dir(),
+            "--model-name",
+            "bench",
             "--echo-delay-ms",
             "0",
         ],
