@@ -23,7 +23,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use dynamo_kv::{block_hashes, IndexSettings, KvIndex, Overlap, OverlapMap};
+use dynamo_kv::index::IdBuild;
+use dynamo_kv::{block_hashes, IndexSettings, KvIndex, Overlap};
 use dynamo_protocols::kv::{LoadReport, SequenceHash, WorkerId};
 use dynamo_protocols::llm::TokenId;
 
@@ -248,7 +249,8 @@ impl KvRouter {
             block_hashes(tokens, bs).into_iter().map(|h| h.1).collect()
         };
         self.expire_predictions();
-        let overlaps: OverlapMap = self.index.find_matches(&hashes);
+        let overlaps: std::collections::HashMap<WorkerId, Overlap, IdBuild> =
+            self.index.find_matches(&hashes).into_iter().collect();
         let s = &self.settings;
         let mut scored: Vec<(WorkerId, f64, Overlap)> = Vec::with_capacity(candidates.len());
         for &w in candidates {

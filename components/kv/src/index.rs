@@ -3,15 +3,22 @@
 //!
 //! **Design.** A sequence hash names a whole prefix, so the index is a flat map from
 //! [`SequenceHash`] to the workers holding that block (with a tier bitmask each), split into
-//! `shards` maps behind their own `RwLock`s, chosen by hash. A reverse map (worker -> its
-//! blocks, in a `DashMap`) makes "worker gone" and `cleared` cost the worker's own blocks, not
-//! the index. Writes lock one shard for one block at a time; lookups take shard read locks one
-//! block at a time, so ingest never blocks a lookup for longer than one block's update.
+//! `shards` maps behind their own `RwLock`s, chosen by hash. Each worker gets a dense slot
+//! number (recycled when it leaves); a block's holders are a map slot -> tiers, and a block
+//! held by many workers (`dense_holders` or more) also keeps a bitset of its holders' slots.
+//! A reverse map (worker -> its slot and blocks, in a `DashMap`) makes "worker gone" and
+//! `cleared` cost the worker's own blocks, not the index. Writes lock one shard for one block
+//! at a time; lookups take shard read locks one block at a time, so ingest never blocks a
+//! lookup for longer than one block's update.
 //!
-//! **Lookup** (`find_matches`): walk the query's hashes in order, keeping the candidate
-//! workers that held every block so far; a worker's score is its leading run, counted per
-//! tier. O(L x C) for L query blocks and C candidates (each membership test is a hash lookup),
-//! stopping at the first block no candidate holds.
+//! **Lookup** (`find_matches`): walk the query's hashes in order, keeping the set of workers
+//! that held every block so far; a worker's score is its leading run, counted per tier. While
+//! the blocks walked are popular (bitsets), the live set is a bitset too and each block costs
+//! `slots / 64` word ANDs, whatever the number of holders; once a block has few holders the
+//! live set becomes a short list and each block costs one hash probe per live worker. So a
+//! query costs O(L x min(C, S/64)) for L query blocks, C candidates and S slots, plus O(1) per
+//! worker in the answer, stopping at the first block no candidate holds. Blocks held in host
+//! or disk tiers only are rare; only blocks that have such holders are walked holder by holder.
 //!
 //! **Bounded memory**: at most `max_blocks` indexed (worker, block) pairs. Past that, whole
 //! blocks are pruned least-recently-used first: a CLOCK-style queue (second chance for blocks
@@ -20,7 +27,8 @@
 //!
 //! Events of one worker must be applied in order by one caller at a time (the router applies
 //! each worker's batches in event-id order); different workers' events may be applied
-//! concurrently with each other and with lookups.
+//! concurrently with each other and with lookups. Lock order: a worker's reverse-map entry,
+//! then one index shard; the prune queue is never taken while either is held by a writer.
 //!
 //! **Bad input** never corrupts the index: removing a block never stored, or storing one twice,
 //! is counted in [`ApplyStats`] and otherwise ignored.
@@ -34,8 +42,8 @@ use dashmap::DashMap;
 use dynamo_protocols::kv::{KvEvent, KvEventData, SequenceHash, StorageTier, WorkerId};
 
 /// Hasher for keys that are already random 64-bit values (sequence hashes are XXH3 outputs,
-/// worker ids random instance ids): one multiply spreads them over the table, where SipHash
-/// would cost most of a lookup.
+/// worker ids random instance ids) or small dense numbers: one multiply spreads them over the
+/// table, where SipHash would cost most of a lookup.
 #[derive(Default)]
 pub struct IdHasher(u64);
 
@@ -53,19 +61,67 @@ impl Hasher for IdHasher {
     fn write_u64(&mut self, x: u64) {
         self.0 = (self.0 ^ x).wrapping_mul(0x9e37_79b9_7f4a_7c15);
     }
+
+    fn write_u32(&mut self, x: u32) {
+        self.write_u64(x as u64);
+    }
 }
 
-type IdBuild = BuildHasherDefault<IdHasher>;
+pub type IdBuild = BuildHasherDefault<IdHasher>;
 type IdMap<K, V> = HashMap<K, V, IdBuild>;
 
-/// Per worker, its leading run of a query's blocks ([`KvIndex::find_matches`]).
-pub type OverlapMap = IdMap<WorkerId, Overlap>;
+/// Per worker holding at least a query's first block, its leading run of the query's blocks
+/// ([`KvIndex::find_matches`]), in no particular order.
+#[derive(Debug, Clone, Default)]
+pub struct OverlapMap(Vec<(WorkerId, Overlap)>);
+
+impl OverlapMap {
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &(WorkerId, Overlap)> {
+        self.0.iter()
+    }
+
+    /// One worker's overlap. A linear scan: to look up many, collect into a map first.
+    pub fn get(&self, w: &WorkerId) -> Option<&Overlap> {
+        self.0.iter().find(|(x, _)| x == w).map(|(_, o)| o)
+    }
+
+    pub fn contains_key(&self, w: &WorkerId) -> bool {
+        self.get(w).is_some()
+    }
+}
+
+impl IntoIterator for OverlapMap {
+    type Item = (WorkerId, Overlap);
+    type IntoIter = std::vec::IntoIter<(WorkerId, Overlap)>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter()
+    }
+}
+
+impl std::ops::Index<&WorkerId> for OverlapMap {
+    type Output = Overlap;
+
+    fn index(&self, w: &WorkerId) -> &Overlap {
+        self.get(w).expect("worker not in the overlap map")
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct IndexSettings {
     /// Most (worker, block) pairs indexed before least-recently-used blocks are pruned.
     pub max_blocks: usize,
     pub shards: usize,
+    /// A block with this many holders also keeps a bitset of them (dropped again below half).
+    pub dense_holders: usize,
 }
 
 impl Default for IndexSettings {
@@ -73,6 +129,7 @@ impl Default for IndexSettings {
         Self {
             max_blocks: 20_000_000,
             shards: 64,
+            dense_holders: 32,
         }
     }
 }
@@ -87,6 +144,10 @@ fn bit(tier: StorageTier) -> u8 {
 
 /// Tier bit of blocks a router predicted from its own decisions (counted as device).
 const PREDICTED: u8 = 8;
+
+fn on_device(tiers: u8) -> bool {
+    tiers & (1 | PREDICTED) != 0
+}
 
 /// A worker's leading run of cached blocks for a query, by the tier each block is in (the
 /// fastest tier that holds it).
@@ -103,7 +164,7 @@ impl Overlap {
     }
 
     fn add(&mut self, tiers: u8) {
-        if tiers & (1 | PREDICTED) != 0 {
+        if on_device(tiers) {
             self.device += 1;
         } else if tiers & 2 != 0 {
             self.host += 1;
@@ -125,15 +186,99 @@ pub struct ApplyStats {
 }
 
 struct Entry {
-    holders: IdMap<WorkerId, u8>,
+    /// Slot -> tier bits.
+    holders: IdMap<u32, u8>,
+    /// Bitset of the holders' slots, kept while there are many holders.
+    bits: Option<Vec<u64>>,
+    /// Holders with no device (or predicted) copy: their hits count as host or disk.
+    lower: u32,
     /// Last touch (store or lookup), on the index clock.
     stamp: AtomicU64,
+}
+
+fn set_bit(bits: &mut Vec<u64>, slot: u32) {
+    let (w, b) = (slot as usize / 64, slot % 64);
+    if bits.len() <= w {
+        bits.resize(w + 1, 0);
+    }
+    bits[w] |= 1 << b;
+}
+
+fn test_and_clear(bits: &mut [u64], slot: u32) -> bool {
+    let (w, b) = (slot as usize / 64, slot % 64);
+    match bits.get_mut(w) {
+        Some(word) if *word & (1 << b) != 0 => {
+            *word &= !(1 << b);
+            true
+        }
+        _ => false,
+    }
+}
+
+impl Entry {
+    fn new(stamp: u64) -> Self {
+        Self {
+            holders: IdMap::default(),
+            bits: None,
+            lower: 0,
+            stamp: AtomicU64::new(stamp),
+        }
+    }
+
+    /// Sets `slot`'s tier bits to `new` (0: not a holder), keeping `lower` and the bitset.
+    fn set(&mut self, slot: u32, new: u8, dense_at: usize) {
+        let old = if new == 0 {
+            self.holders.remove(&slot)
+        } else {
+            self.holders.insert(slot, new)
+        }
+        .unwrap_or(0);
+        let was_lower = old != 0 && !on_device(old);
+        let is_lower = new != 0 && !on_device(new);
+        if was_lower && !is_lower {
+            self.lower -= 1;
+        } else if is_lower && !was_lower {
+            self.lower += 1;
+        }
+        let n = self.holders.len();
+        match &mut self.bits {
+            Some(_) if n < dense_at / 2 => self.bits = None,
+            Some(bits) => {
+                if new == 0 {
+                    test_and_clear(bits, slot);
+                } else {
+                    set_bit(bits, slot);
+                }
+            }
+            None if n >= dense_at => {
+                let mut bits = Vec::new();
+                for &s in self.holders.keys() {
+                    set_bit(&mut bits, s);
+                }
+                self.bits = Some(bits);
+            }
+            None => {}
+        }
+    }
+}
+
+/// A worker's slot and the blocks it holds.
+struct Held {
+    slot: u32,
+    blocks: HashSet<SequenceHash, IdBuild>,
+}
+
+#[derive(Default)]
+struct Slots {
+    workers: Vec<Option<WorkerId>>,
+    free: Vec<u32>,
 }
 
 pub struct KvIndex {
     settings: IndexSettings,
     shards: Vec<RwLock<IdMap<SequenceHash, Entry>>>,
-    workers: DashMap<WorkerId, HashSet<SequenceHash, IdBuild>, IdBuild>,
+    workers: DashMap<WorkerId, Held, IdBuild>,
+    slots: RwLock<Slots>,
     pairs: AtomicUsize,
     clock: AtomicU64,
     queue: Mutex<VecDeque<(SequenceHash, u64)>>,
@@ -149,6 +294,7 @@ impl KvIndex {
             settings,
             shards,
             workers: DashMap::with_hasher(IdBuild::default()),
+            slots: RwLock::new(Slots::default()),
             pairs: AtomicUsize::new(0),
             clock: AtomicU64::new(0),
             queue: Mutex::new(VecDeque::new()),
@@ -163,6 +309,10 @@ impl KvIndex {
 
     fn tick(&self) -> u64 {
         self.clock.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn dense_at(&self) -> usize {
+        self.settings.dense_holders.max(2)
     }
 
     /// (worker, block) pairs indexed.
@@ -187,30 +337,55 @@ impl KvIndex {
         self.pruned.load(Ordering::Relaxed)
     }
 
+    fn new_slot(&self, worker: WorkerId) -> u32 {
+        let mut slots = self.slots.write().unwrap_or_else(|p| p.into_inner());
+        match slots.free.pop() {
+            Some(s) => {
+                slots.workers[s as usize] = Some(worker);
+                s
+            }
+            None => {
+                slots.workers.push(Some(worker));
+                (slots.workers.len() - 1) as u32
+            }
+        }
+    }
+
+    fn free_slot(&self, slot: u32) {
+        let mut slots = self.slots.write().unwrap_or_else(|p| p.into_inner());
+        slots.workers[slot as usize] = None;
+        slots.free.push(slot);
+    }
+
+    /// Adds `tier` to `worker`'s hold on `h`; true if the block is new to the index.
     fn store(&self, worker: WorkerId, h: SequenceHash, tier: u8, stats: &mut ApplyStats) {
         let stamp = self.tick();
         let mut new_entry = false;
         {
-            let mut shard = self.shard(h).write().unwrap_or_else(|p| p.into_inner());
-            let entry = shard.entry(h).or_insert_with(|| {
-                new_entry = true;
-                Entry {
-                    holders: IdMap::default(),
-                    stamp: AtomicU64::new(stamp),
-                }
+            let mut held = self.workers.entry(worker).or_insert_with(|| Held {
+                slot: self.new_slot(worker),
+                blocks: HashSet::default(),
             });
-            entry.stamp.store(stamp, Ordering::Relaxed);
-            let tiers = entry.holders.entry(worker).or_insert(0);
-            if *tiers & tier != 0 {
-                stats.duplicate_stores += 1;
-                return;
+            let slot = held.slot;
+            {
+                let mut shard = self.shard(h).write().unwrap_or_else(|p| p.into_inner());
+                let entry = shard.entry(h).or_insert_with(|| {
+                    new_entry = true;
+                    Entry::new(stamp)
+                });
+                entry.stamp.store(stamp, Ordering::Relaxed);
+                let tiers = entry.holders.get(&slot).copied().unwrap_or(0);
+                if tiers & tier != 0 {
+                    stats.duplicate_stores += 1;
+                    return;
+                }
+                if tiers == 0 {
+                    self.pairs.fetch_add(1, Ordering::Relaxed);
+                }
+                entry.set(slot, tiers | tier, self.dense_at());
             }
-            if *tiers == 0 {
-                self.pairs.fetch_add(1, Ordering::Relaxed);
-            }
-            *tiers |= tier;
+            held.blocks.insert(h);
         }
-        self.workers.entry(worker).or_default().insert(h);
         stats.stored += 1;
         if new_entry {
             if let Ok(mut q) = self.queue.lock() {
@@ -221,34 +396,28 @@ impl KvIndex {
 
     /// Drops `tier` of `worker`'s hold on `h`; true if it held it there.
     fn unhold(&self, worker: WorkerId, h: SequenceHash, tier: u8) -> bool {
+        let Some(mut held) = self.workers.get_mut(&worker) else {
+            return false;
+        };
         let mut shard = self.shard(h).write().unwrap_or_else(|p| p.into_inner());
         let Some(entry) = shard.get_mut(&h) else {
             return false;
         };
-        let Some(tiers) = entry.holders.get_mut(&worker) else {
+        let Some(&tiers) = entry.holders.get(&held.slot) else {
             return false;
         };
-        if *tiers & tier == 0 {
+        if tiers & tier == 0 {
             return false;
         }
-        *tiers &= !tier;
-        if *tiers == 0 {
-            entry.holders.remove(&worker);
+        entry.set(held.slot, tiers & !tier, self.dense_at());
+        if tiers & !tier == 0 {
             self.pairs.fetch_sub(1, Ordering::Relaxed);
-            drop(shard);
-            if let Some(mut blocks) = self.workers.get_mut(&worker) {
-                blocks.remove(&h);
+            if entry.holders.is_empty() {
+                shard.remove(&h);
             }
-            self.drop_if_empty(h);
+            held.blocks.remove(&h);
         }
         true
-    }
-
-    fn drop_if_empty(&self, h: SequenceHash) {
-        let mut shard = self.shard(h).write().unwrap_or_else(|p| p.into_inner());
-        if shard.get(&h).is_some_and(|e| e.holders.is_empty()) {
-            shard.remove(&h);
-        }
     }
 
     /// Applies one worker's events, in order.
@@ -275,7 +444,7 @@ impl KvIndex {
                     let held: Vec<SequenceHash> = self
                         .workers
                         .get(&worker)
-                        .map(|b| b.iter().copied().collect())
+                        .map(|b| b.blocks.iter().copied().collect())
                         .unwrap_or_default();
                     for h in held {
                         if self.unhold(worker, h, tier) {
@@ -310,13 +479,16 @@ impl KvIndex {
 
     /// Forgets everything `worker` holds (it left, or is about to be resynced).
     pub fn remove_worker(&self, worker: WorkerId) {
+        // Taking the entry out first means a concurrent store for this worker either finished
+        // (its block is in `held`) or starts afresh with a new slot.
         let Some((_, held)) = self.workers.remove(&worker) else {
             return;
         };
-        for h in held {
+        for h in held.blocks {
             let mut shard = self.shard(h).write().unwrap_or_else(|p| p.into_inner());
             if let Some(entry) = shard.get_mut(&h) {
-                if entry.holders.remove(&worker).is_some() {
+                if entry.holders.contains_key(&held.slot) {
+                    entry.set(held.slot, 0, self.dense_at());
                     self.pairs.fetch_sub(1, Ordering::Relaxed);
                 }
                 if entry.holders.is_empty() {
@@ -324,6 +496,7 @@ impl KvIndex {
                 }
             }
         }
+        self.free_slot(held.slot);
     }
 
     /// Prunes least-recently-used blocks while over the cap.
@@ -353,9 +526,17 @@ impl KvIndex {
             let entry = shard.remove(&h).expect("checked above");
             drop(shard);
             self.pairs.fetch_sub(entry.holders.len(), Ordering::Relaxed);
-            for w in entry.holders.keys() {
-                if let Some(mut b) = self.workers.get_mut(w) {
-                    b.remove(&h);
+            let owners: Vec<WorkerId> = {
+                let slots = self.slots.read().unwrap_or_else(|p| p.into_inner());
+                entry
+                    .holders
+                    .keys()
+                    .filter_map(|&s| slots.workers.get(s as usize).copied().flatten())
+                    .collect()
+            };
+            for w in owners {
+                if let Some(mut held) = self.workers.get_mut(&w) {
+                    held.blocks.remove(&h);
                 }
             }
             self.pruned.fetch_add(1, Ordering::Relaxed);
@@ -364,43 +545,131 @@ impl KvIndex {
 
     /// For each worker holding at least the first block: its leading run of `hashes`.
     pub fn find_matches(&self, hashes: &[SequenceHash]) -> OverlapMap {
-        let mut done = OverlapMap::default();
-        let mut live: Vec<(WorkerId, Overlap)> = Vec::new();
+        // (slot, overlap) of workers whose run ended.
+        let mut out: Vec<(u32, Overlap)> = Vec::new();
         let stamp = self.tick();
+        // Live workers as a bitset while blocks are popular; their overlap is the depth,
+        // less the host and disk hits recorded in `lower_hits`.
+        let mut dense: Option<Vec<u64>> = None;
+        let mut lower_hits: IdMap<u32, Overlap> = IdMap::default();
+        let dense_overlap = |depth: usize, slot: u32, lower: &IdMap<u32, Overlap>| {
+            let l = lower.get(&slot).copied().unwrap_or_default();
+            Overlap {
+                device: depth as u32 - l.host - l.disk,
+                ..l
+            }
+        };
+        // Live workers as a list once blocks have few holders.
+        let mut live: Vec<(u32, Overlap)> = Vec::new();
+        let mut depth = 0;
         for (i, h) in hashes.iter().enumerate() {
             let shard = self.shard(*h).read().unwrap_or_else(|p| p.into_inner());
             let Some(entry) = shard.get(h) else {
                 break;
             };
             entry.stamp.store(stamp, Ordering::Relaxed);
+            let count_lower = |bits: &[u64], lower_hits: &mut IdMap<u32, Overlap>| {
+                if entry.lower > 0 {
+                    for (&s, &t) in &entry.holders {
+                        let (w, b) = (s as usize / 64, s % 64);
+                        if !on_device(t) && bits.get(w).is_some_and(|x| x & (1 << b) != 0) {
+                            lower_hits.entry(s).or_default().add(t);
+                        }
+                    }
+                }
+            };
             if i == 0 {
-                live = entry
-                    .holders
-                    .iter()
-                    .map(|(&w, &t)| {
-                        let mut o = Overlap::default();
-                        o.add(t);
-                        (w, o)
-                    })
-                    .collect();
+                match &entry.bits {
+                    Some(bits) => {
+                        count_lower(bits, &mut lower_hits);
+                        dense = Some(bits.clone());
+                    }
+                    None => {
+                        live = entry
+                            .holders
+                            .iter()
+                            .map(|(&s, &t)| {
+                                let mut o = Overlap::default();
+                                o.add(t);
+                                (s, o)
+                            })
+                            .collect();
+                    }
+                }
+            } else if let Some(set) = dense.as_mut() {
+                match &entry.bits {
+                    Some(bits) => {
+                        let mut any = false;
+                        for (k, word) in set.iter_mut().enumerate() {
+                            let keep = *word & bits.get(k).copied().unwrap_or(0);
+                            let mut gone = *word & !keep;
+                            while gone != 0 {
+                                let s = (k * 64) as u32 + gone.trailing_zeros();
+                                gone &= gone - 1;
+                                out.push((s, dense_overlap(i, s, &lower_hits)));
+                            }
+                            *word = keep;
+                            any |= keep != 0;
+                        }
+                        count_lower(set, &mut lower_hits);
+                        if !any {
+                            dense = None;
+                        }
+                    }
+                    None => {
+                        // Few holders: the live set becomes a list.
+                        for (&s, &t) in &entry.holders {
+                            if test_and_clear(set, s) {
+                                let mut o = dense_overlap(i, s, &lower_hits);
+                                o.add(t);
+                                live.push((s, o));
+                            }
+                        }
+                        for (k, &word) in set.iter().enumerate() {
+                            let mut gone = word;
+                            while gone != 0 {
+                                let s = (k * 64) as u32 + gone.trailing_zeros();
+                                gone &= gone - 1;
+                                out.push((s, dense_overlap(i, s, &lower_hits)));
+                            }
+                        }
+                        dense = None;
+                    }
+                }
             } else {
-                live.retain_mut(|(w, o)| match entry.holders.get(w) {
+                live.retain_mut(|(s, o)| match entry.holders.get(s) {
                     Some(&t) => {
                         o.add(t);
                         true
                     }
                     None => {
-                        done.insert(*w, *o);
+                        out.push((*s, *o));
                         false
                     }
                 });
             }
-            if live.is_empty() {
+            depth = i + 1;
+            if dense.is_none() && live.is_empty() {
                 break;
             }
         }
-        done.extend(live);
-        done
+        if let Some(set) = dense {
+            for (k, &word) in set.iter().enumerate() {
+                let mut left = word;
+                while left != 0 {
+                    let s = (k * 64) as u32 + left.trailing_zeros();
+                    left &= left - 1;
+                    out.push((s, dense_overlap(depth, s, &lower_hits)));
+                }
+            }
+        }
+        out.extend(live);
+        let slots = self.slots.read().unwrap_or_else(|p| p.into_inner());
+        OverlapMap(
+            out.into_iter()
+                .filter_map(|(s, o)| Some((slots.workers.get(s as usize).copied().flatten()?, o)))
+                .collect(),
+        )
     }
 }
 

@@ -68,18 +68,22 @@ fn tier(t: u8) -> StorageTier {
 fn op() -> impl Strategy<Value = Op> {
     let hashes = || proptest::collection::vec(0u64..12, 1..6);
     prop_oneof![
-        5 => (0u64..4, 0u8..3, hashes()).prop_map(|(w, t, h)| Op::Store(w, t, h)),
-        2 => (0u64..4, 0u8..3, hashes()).prop_map(|(w, t, h)| Op::Remove(w, t, h)),
-        1 => (0u64..4, 0u8..3).prop_map(|(w, t)| Op::Clear(w, t)),
-        1 => (0u64..4).prop_map(Op::Gone),
+        5 => (0u64..8, 0u8..3, hashes()).prop_map(|(w, t, h)| Op::Store(w, t, h)),
+        2 => (0u64..8, 0u8..3, hashes()).prop_map(|(w, t, h)| Op::Remove(w, t, h)),
+        1 => (0u64..8, 0u8..3).prop_map(|(w, t)| Op::Clear(w, t)),
+        1 => (0u64..8).prop_map(Op::Gone),
         4 => hashes().prop_map(Op::Query),
     ]
 }
 
 proptest! {
     #[test]
-    fn index_matches_the_naive_reference(ops in proptest::collection::vec(op(), 1..60)) {
-        let index = KvIndex::new(IndexSettings { max_blocks: usize::MAX, shards: 4 });
+    // `dense_holders` 2-5 so that blocks switch between holder lists and bitsets all the time.
+    fn index_matches_the_naive_reference(
+        ops in proptest::collection::vec(op(), 1..80),
+        dense_holders in 2usize..6,
+    ) {
+        let index = KvIndex::new(IndexSettings { max_blocks: usize::MAX, shards: 4, dense_holders });
         let mut r: Reference = HashMap::new();
         for op in ops {
             match op {
@@ -123,6 +127,7 @@ fn memory_is_capped_by_pruning_least_recently_used_blocks() {
     let index = KvIndex::new(IndexSettings {
         max_blocks: 100,
         shards: 8,
+        ..Default::default()
     });
     let hot: Vec<SequenceHash> = (0..10).map(SequenceHash).collect();
     index.apply(
@@ -163,4 +168,66 @@ fn bad_events_are_counted_and_harmless() {
         index.find_matches(&[SequenceHash(1)])[&WorkerId(7)].device,
         1
     );
+}
+
+/// Hundreds of workers (bitsets spanning many words, slots recycled as workers leave and
+/// join) against the naive reference, with mixed tiers.
+#[test]
+fn many_workers_agree_with_the_reference() {
+    let index = KvIndex::new(IndexSettings {
+        max_blocks: usize::MAX,
+        shards: 8,
+        dense_holders: 8,
+    });
+    let mut r: Reference = HashMap::new();
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut rnd = |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    };
+    // Chains: prefix p's block i is hash p * 100 + i, so chains share leading blocks.
+    for step in 0..6000 {
+        let w = WorkerId(rnd(300));
+        let t = tier(if rnd(10) == 0 { 1 + rnd(2) as u8 } else { 0 });
+        let p = rnd(6);
+        let len = 1 + rnd(12);
+        let hs: Vec<u64> = (0..len).map(|i| p * 100 + i).collect();
+        match rnd(20) {
+            0 => {
+                index.remove_worker(w);
+                r.remove(&w);
+            }
+            1..=4 => {
+                let tail: Vec<u64> = hs[hs.len() / 2..].to_vec();
+                index.apply(w, &[removed(t, &tail)]);
+                if let Some(held) = r.get_mut(&w) {
+                    for h in tail {
+                        if let Some(b) = held.get_mut(&SequenceHash(h)) {
+                            *b &= !bit(t);
+                        }
+                    }
+                }
+            }
+            _ => {
+                index.apply(w, &[stored(t, &hs)]);
+                let held = r.entry(w).or_default();
+                for h in hs {
+                    *held.entry(SequenceHash(h)).or_default() |= bit(t);
+                }
+            }
+        }
+        if step % 50 == 0 {
+            let p = rnd(6);
+            let q: Vec<SequenceHash> = (0..14).map(|i| SequenceHash(p * 100 + i)).collect();
+            let got: HashMap<WorkerId, Overlap> = index.find_matches(&q).into_iter().collect();
+            assert_eq!(got, reference_matches(&r, &q), "step {step}");
+        }
+    }
+    let pairs: usize = r
+        .values()
+        .map(|h| h.values().filter(|&&t| t != 0).count())
+        .sum();
+    assert_eq!(index.pairs(), pairs);
 }
