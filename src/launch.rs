@@ -86,6 +86,7 @@ pub struct LaunchSettings {
     pub http_addr: SocketAddr,
     pub router_mode: RouterMode,
     pub kv_router: KvRouterSettings,
+    pub remote_router: bool,
     pub num_workers: usize,
     pub echo_delay: Duration,
     pub mocker: MockerSettings,
@@ -177,6 +178,29 @@ async fn stop_workers(workers: Vec<WorkerRole>, grace: Duration) {
     }
 }
 
+/// `dynamo-run router`: the KV router as its own component until SIGTERM.
+pub async fn run_router(
+    runtime: &Runtime,
+    namespace: &str,
+    settings: KvRouterSettings,
+) -> Result<()> {
+    let namespace =
+        Namespace::new(namespace).with_context(|| format!("--namespace {namespace:?}"))?;
+    let router =
+        dynamo_actors::router::RouterComponent::start(runtime, namespace.clone(), settings)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot start the router: {e}"))?;
+    println!(
+        "ready endpoint={namespace}.router.route instance={}",
+        router.instance().id()
+    );
+    std::io::stdout().flush()?;
+    let signal = wait_for_stop(runtime).await;
+    eprintln!("{signal}: stopping the router");
+    router.shutdown().await;
+    Ok(())
+}
+
 pub async fn run(runtime: &Runtime, s: LaunchSettings) -> Result<()> {
     let namespace =
         Namespace::new(&s.namespace).with_context(|| format!("--namespace {:?}", s.namespace))?;
@@ -199,6 +223,7 @@ pub async fn run(runtime: &Runtime, s: LaunchSettings) -> Result<()> {
     let mut fs = FrontendSettings::new(namespace.clone());
     fs.router_mode = s.router_mode;
     fs.kv_router = s.kv_router.clone();
+    fs.remote_router = s.remote_router;
     fs.max_inflight = s.max_inflight;
     fs.max_body_bytes = s.max_body_bytes;
     if s.input == Input::Http {

@@ -3,6 +3,7 @@
 //! - `dynamo-run in=http|text|batch:FILE out=echo|dyn [flags]`: a frontend (OpenAI HTTP, a
 //!   terminal chat, or a JSONL batch) with engines in this process or on the bus;
 //! - `dynamo-run in=dyn://NAMESPACE.COMPONENT.ENDPOINT out=echo --model-path DIR`: a worker;
+//! - `dynamo-run router`: the KV router as its own component (`{ns}.router.route`);
 //! - `dynamo-run make-model --out DIR`: a small Hugging Face-style model folder;
 //! - `dynamo-run bench --url URL --model NAME --workload ...`: an OpenAI-HTTP load generator;
 //! - `dynamo-run ls`: instances in discovery and services answering the NATS service protocol;
@@ -81,16 +82,12 @@ struct LaunchArgs {
     /// nvext.backend_instance_id).
     #[arg(long, default_value = "round-robin")]
     router_mode: RouterMode,
-    /// KV router: weight of prefill work (blocks not cached) against decode load.
-    #[arg(long, default_value_t = 1.0)]
-    kv_overlap_score_weight: f64,
-    /// KV router: 0 picks the lowest cost; above 0 samples with a softmax at this temperature.
-    #[arg(long, default_value_t = 0.0)]
-    router_temperature: f64,
-    /// KV router: skip workers whose KV usage fraction is above this (all busy: 503).
-    /// Unset: never skip (the engines queue).
+    #[command(flatten)]
+    router: RouterArgs,
+    /// Modes kv and least-loaded: ask the router component (`dynamo-run router`) on the bus
+    /// for each request's worker instead of routing in this process.
     #[arg(long)]
-    busy_threshold: Option<f64>,
+    remote_router: bool,
     /// Workers to host in this process (out=echo, out=mocker).
     #[arg(long, default_value_t = 1)]
     num_workers: usize,
@@ -123,8 +120,46 @@ struct LaunchArgs {
     batch_concurrency: usize,
 }
 
+/// The KV router's settings (frontends with --router-mode kv, and `dynamo-run router`).
+#[derive(Args, Clone)]
+struct RouterArgs {
+    /// KV router: weight of prefill work (blocks not cached) against decode load.
+    #[arg(long, default_value_t = 1.0)]
+    kv_overlap_score_weight: f64,
+    /// KV router: 0 picks the lowest cost; above 0 samples with a softmax at this temperature.
+    #[arg(long, default_value_t = 0.0)]
+    router_temperature: f64,
+    /// KV router: skip workers whose KV usage fraction is above this (all busy: 503).
+    /// Unset: never skip (the engines queue).
+    #[arg(long)]
+    busy_threshold: Option<f64>,
+}
+
+impl RouterArgs {
+    fn settings(&self) -> Result<KvRouterSettings> {
+        if !(self.kv_overlap_score_weight.is_finite() && self.kv_overlap_score_weight >= 0.0) {
+            bail!("--kv-overlap-score-weight must be a number >= 0");
+        }
+        if !(self.router_temperature.is_finite() && self.router_temperature >= 0.0) {
+            bail!("--router-temperature must be a number >= 0");
+        }
+        if self.busy_threshold.is_some_and(|t| !(t > 0.0 && t <= 1.0)) {
+            bail!("--busy-threshold must be in (0, 1]");
+        }
+        Ok(KvRouterSettings {
+            overlap_weight: self.kv_overlap_score_weight,
+            temperature: self.router_temperature,
+            busy_threshold: self.busy_threshold,
+            ..Default::default()
+        })
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Run the KV router as its own component (`{namespace}.router.route`) until SIGTERM;
+    /// frontends use it with --router-mode kv --remote-router.
+    Router(RouterArgs),
     /// Write a small Hugging Face-style model folder (tokenizer, chat template, config).
     MakeModel {
         #[arg(long)]
@@ -198,14 +233,9 @@ fn launch_settings(cli: &Cli) -> Result<LaunchSettings> {
             .validate()
             .map_err(|e| anyhow::anyhow!("mocker settings: {e}"))?;
     }
-    if !(a.kv_overlap_score_weight.is_finite() && a.kv_overlap_score_weight >= 0.0) {
-        bail!("--kv-overlap-score-weight must be a number >= 0");
-    }
-    if !(a.router_temperature.is_finite() && a.router_temperature >= 0.0) {
-        bail!("--router-temperature must be a number >= 0");
-    }
-    if a.busy_threshold.is_some_and(|t| !(t > 0.0 && t <= 1.0)) {
-        bail!("--busy-threshold must be in (0, 1]");
+    let kv_router = a.router.settings()?;
+    if a.remote_router && !a.router_mode.uses_kv_router() {
+        bail!("--remote-router needs --router-mode kv or least-loaded");
     }
     if let Some(name) = &a.model_name {
         if name.trim().is_empty() {
@@ -220,12 +250,8 @@ fn launch_settings(cli: &Cli) -> Result<LaunchSettings> {
         model_name: a.model_name.clone(),
         http_addr: SocketAddr::new(a.http_host, a.http_port),
         router_mode: a.router_mode,
-        kv_router: KvRouterSettings {
-            overlap_weight: a.kv_overlap_score_weight,
-            temperature: a.router_temperature,
-            busy_threshold: a.busy_threshold,
-            ..Default::default()
-        },
+        kv_router,
+        remote_router: a.remote_router,
         num_workers: a.num_workers,
         echo_delay: Duration::from_millis(a.echo_delay_ms),
         mocker,
@@ -261,9 +287,13 @@ async fn run(cli: Cli) -> Result<()> {
     if let Some(Command::Bench(args)) = &cli.command {
         return bench::run((**args).clone()).await;
     }
-    let launch = match cli.command {
+    let launch = match &cli.command {
         None => Some(launch_settings(&cli)?),
         Some(_) => None,
+    };
+    let router = match &cli.command {
+        Some(Command::Router(args)) => Some(args.settings()?),
+        _ => None,
     };
     let overrides = Overrides {
         bus: cli.bus.clone(),
@@ -302,6 +332,9 @@ async fn run(cli: Cli) -> Result<()> {
                 .map(|_| ())
         }
         Some(Command::Ls) => diag::ls(&runtime).await,
+        Some(Command::Router(_)) => {
+            launch::run_router(&runtime, &cli.namespace, router.expect("parsed above")).await
+        }
     };
     runtime.close().await;
     result

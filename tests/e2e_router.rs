@@ -1,7 +1,9 @@
 //! The KV router over a real nats-server: three mocker workers (one `dynamo-run` process each)
 //! and a frontend in this process in `kv` mode. Repeated-prefix requests land on the worker that
 //! holds the prefix; a lost event batch is repaired by a resync from the worker's dump; a killed
-//! worker's blocks are purged from the index.
+//! worker's blocks are purged from the index. Then the router as its own component
+//! (`dynamo-run router`): a frontend routes through it, and a second frontend's router sees
+//! those requests' load through the shared decisions.
 
 mod common;
 
@@ -209,5 +211,108 @@ async fn kv_routing_follows_the_prefix_resyncs_and_purges() {
     assert_ne!(next, holder);
     assert!(workers.iter().any(|w| w.instance == next));
     frontend.shutdown().await;
+    runtime.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_component_routes_and_replicas_share_its_decisions() {
+    let server = NatsServer::start().unwrap();
+    let dir = model_dir();
+    let _router =
+        Proc::start(dynamo_run().args(["--bus", &server.url(), "--namespace", "e2e", "router"]));
+    let workers: Vec<Worker> = (0..2).map(|_| worker(&server.url(), dir)).collect();
+    let runtime = Runtime::start(RuntimeSettings {
+        bus: Some(server.url()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // Frontend A routes through the router component; frontend B has a router of its own.
+    let mut a = FrontendSettings::new(Namespace::new("e2e").unwrap());
+    a.router_mode = RouterMode::Kv;
+    a.remote_router = true;
+    let a = Frontend::start(&runtime, a).await.unwrap();
+    assert!(a.serving().router().is_none(), "A routes remotely");
+    let mut b = FrontendSettings::new(Namespace::new("e2e").unwrap());
+    b.router_mode = RouterMode::Kv;
+    let b = Frontend::start(&runtime, b).await.unwrap();
+    for f in [&a, &b] {
+        tokio::time::timeout(Duration::from_secs(10), f.models().wait_for("m", 2))
+            .await
+            .expect("two workers listed");
+    }
+    let serving = a.serving().clone();
+    let b_router = b.serving().router().unwrap().clone();
+    let prefix: Vec<u32> = (500..660).collect();
+    let hashes: Vec<SequenceHash> = block_hashes(&prefix, BS).into_iter().map(|h| h.1).collect();
+    let start = |suffix: u32, max_tokens: u32| {
+        let serving = serving.clone();
+        let mut prompt = prefix.clone();
+        prompt.extend([suffix, suffix + 1, suffix + 2]);
+        async move {
+            let body = json!({"model": "m", "prompt": prompt, "max_tokens": max_tokens});
+            serving.start(Endpoint::Completions, &body).await.unwrap()
+        }
+    };
+    let ask = |suffix: u32| {
+        let start = &start;
+        async move {
+            let mut g = start(suffix, 2).await;
+            while let Some(p) = g.next().await {
+                p.unwrap();
+            }
+            g.worker
+        }
+    };
+    let holder = ask(1000).await;
+    let wid = WorkerId(holder.as_u64());
+    eventually(
+        "the holder's blocks are indexed",
+        Duration::from_secs(5),
+        || {
+            b_router
+                .index()
+                .find_matches(&hashes)
+                .get(&wid)
+                .map(|o| o.blocks())
+                == Some(10)
+        },
+    )
+    .await;
+    // Round-robin would alternate between the two workers; the router component follows the
+    // prefix.
+    for i in 0..6 {
+        assert_eq!(
+            ask(2000 + i * 10).await,
+            holder,
+            "request {i} with the same prefix"
+        );
+    }
+
+    // A long request routed by the component shows in B's accounting while it runs...
+    let mut long = start(3000, 1500).await;
+    let worker = WorkerId(long.worker.as_u64());
+    eventually("B accounts for A's request", Duration::from_secs(5), || {
+        b_router.shared_leases() == 1 && b_router.accounted(worker).1 > 0
+    })
+    .await;
+    let first = long.next().await;
+    assert!(matches!(first, Some(Ok(_))), "{:?}", first.map(|r| r.err()));
+    eventually("B sees the first token", Duration::from_secs(5), || {
+        b_router.accounted(worker).0 == 0
+    })
+    .await;
+    // ...and leaves it when the request ends.
+    while let Some(p) = long.next().await {
+        p.unwrap();
+    }
+    drop(long);
+    eventually("B releases A's request", Duration::from_secs(5), || {
+        b_router.shared_leases() == 0 && b_router.accounted(worker) == (0, 0)
+    })
+    .await;
+    drop(workers);
+    a.shutdown().await;
+    b.shutdown().await;
     runtime.close().await;
 }

@@ -26,7 +26,10 @@ use ractor::{Actor, ActorRef};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::router::{start_ingest, KvRouter, KvRouterSettings, RouterIngest};
+use crate::router::{spawn_publisher, start_ingest, KvRouter, KvRouterSettings, RouterIngest};
+use dynamo_protocols::router::{ROUTER_COMPONENT, ROUTE_ENDPOINT};
+use dynamo_runtime::subject::ComponentId;
+use serving::RemoteRouter;
 
 pub use metrics::Endpoint;
 pub use models::{ModelEntry, ModelTable, WorkerAddr};
@@ -83,6 +86,10 @@ pub struct FrontendSettings {
     pub max_inflight: usize,
     /// Settings of the KV router (modes `kv` and `least-loaded`).
     pub kv_router: KvRouterSettings,
+    /// Modes `kv` and `least-loaded`: ask the router component `{namespace}.router` for each
+    /// request's worker instead of routing in this process (requests are routed round-robin,
+    /// with a warning and `dynamo_frontend_router_fallbacks_total`, while none answers).
+    pub remote_router: bool,
 }
 
 impl FrontendSettings {
@@ -94,6 +101,7 @@ impl FrontendSettings {
             max_body_bytes: 16 * 1024 * 1024,
             max_inflight: 1024,
             kv_router: KvRouterSettings::default(),
+            remote_router: false,
         }
     }
 }
@@ -111,6 +119,7 @@ pub enum FrontendError {
 /// A running frontend.
 pub struct Frontend {
     watcher: ActorRef<models::WatcherMsg>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
     ingest: Option<RouterIngest>,
     serving: Arc<Serving>,
     addr: Option<SocketAddr>,
@@ -132,7 +141,17 @@ impl Frontend {
         let (watcher, _) = Actor::spawn(None, watcher, ())
             .await
             .map_err(|e| FrontendError::Watcher(e.to_string()))?;
-        let (router, ingest) = if settings.router_mode.uses_kv_router() {
+        let mut remote = None;
+        let mut tasks = Vec::new();
+        let (router, ingest) = if settings.router_mode.uses_kv_router() && settings.remote_router {
+            let endpoint = ComponentId::new(settings.namespace.as_str(), ROUTER_COMPONENT)
+                .and_then(|c| c.endpoint(ROUTE_ENDPOINT))
+                .map_err(|e| FrontendError::Watcher(e.to_string()))?;
+            let (sink, task) = spawn_publisher(runtime, &settings.namespace, rand::random());
+            tasks.push(task);
+            remote = Some(RemoteRouter { endpoint, sink });
+            (None, None)
+        } else if settings.router_mode.uses_kv_router() {
             let mut rs = settings.kv_router.clone();
             rs.load_only = settings.router_mode == RouterMode::LeastLoaded;
             let router = KvRouter::new(rs);
@@ -149,6 +168,7 @@ impl Frontend {
             settings.router_mode,
             settings.max_inflight,
             router,
+            remote,
         ));
         let stop = CancellationToken::new();
         let (addr, server) = match settings.http_addr {
@@ -193,6 +213,7 @@ impl Frontend {
         };
         Ok(Self {
             watcher,
+            tasks,
             ingest,
             serving,
             addr,
@@ -223,6 +244,9 @@ impl Frontend {
         self.watcher.stop(None);
         if let Some(i) = &self.ingest {
             i.stop();
+        }
+        for t in &self.tasks {
+            t.abort();
         }
     }
 }

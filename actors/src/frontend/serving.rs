@@ -20,8 +20,10 @@ use serde_json::Value;
 use super::metrics::{Endpoint, RequestMetrics, Status};
 use super::models::{ModelEntry, ModelTable, WorkerAddr};
 use super::RouterMode;
-use crate::router::{KvRouter, RouteError, RouteLease};
+use crate::router::{DecisionSink, KvRouter, RouteError, RouteLease};
 use dynamo_protocols::kv::WorkerId;
+use dynamo_protocols::router::{RouteRequest, RouteResponse};
+use dynamo_runtime::EndpointId;
 
 /// Instances tried per request before giving up with 503.
 pub const MAX_ATTEMPTS: usize = 3;
@@ -136,10 +138,18 @@ fn rpc_error(e: &RpcError, model: &str) -> ApiError {
     }
 }
 
+/// A router component on the bus (`--remote-router`): asked for each request's worker; the
+/// request's first token and end are reported through `sink`.
+pub struct RemoteRouter {
+    pub endpoint: EndpointId,
+    pub sink: DecisionSink,
+}
+
 /// The shared request path.
 pub struct Serving {
     runtime: Runtime,
     router: Option<Arc<KvRouter>>,
+    remote: Option<RemoteRouter>,
     table: Arc<ModelTable>,
     mode: RouterMode,
     max_inflight: usize,
@@ -169,10 +179,12 @@ impl Serving {
         mode: RouterMode,
         max_inflight: usize,
         router: Option<Arc<KvRouter>>,
+        remote: Option<RemoteRouter>,
     ) -> Self {
         Self {
             runtime,
             router,
+            remote,
             table,
             mode,
             max_inflight,
@@ -211,8 +223,79 @@ impl Serving {
         Ok(permit)
     }
 
-    fn pick(
+    /// Asks the router component for a worker; `None` when no router component answers (the
+    /// caller then picks locally: serving on goes before routing well).
+    async fn pick_remote(
         &self,
+        remote: &RemoteRouter,
+        entry: &ModelEntry,
+        prepared: &Prepared,
+        skip: &[InstanceId],
+    ) -> Option<Result<(WorkerAddr, Option<RouteLease>), ApiError>> {
+        let request = RouteRequest {
+            model: entry.card.name.clone(),
+            token_ids: prepared.request.token_ids.clone(),
+            exclude: skip.iter().map(|i| WorkerId(i.as_u64())).collect(),
+        };
+        let reply = match self
+            .runtime
+            .client()
+            .call::<_, RouteResponse>(
+                Target::Any(remote.endpoint.clone()),
+                &request,
+                CallOptions {
+                    timeout: Some(std::time::Duration::from_secs(2)),
+                    ..Default::default()
+                },
+            )
+            .await
+        {
+            Ok(mut stream) => stream.next().await,
+            Err(e) => Some(Err(e)),
+        };
+        let decided = match reply {
+            Some(Ok(r)) => r,
+            Some(Err(RpcError::Remote(e))) if e.kind == RemoteErrorKind::Overloaded => {
+                return Some(Err(ApiError::unavailable(format!(
+                    "{}; retry shortly",
+                    e.message
+                ))))
+            }
+            Some(Err(e)) => {
+                metrics::counter!("dynamo_frontend_router_fallbacks_total").increment(1);
+                tracing::warn!(router = %remote.endpoint, error = %e, "the router component did not answer; routing this request round-robin");
+                return None;
+            }
+            None => return None,
+        };
+        let lease = RouteLease::remote(remote.sink.clone(), decided.lease);
+        let addr = entry
+            .instances
+            .iter()
+            .find(|a| a.instance.as_u64() == decided.worker.0 && !skip.contains(&a.instance))
+            .cloned();
+        // None: the router knows a worker this frontend does not (yet); any live one serves.
+        addr.map(|addr| Ok((addr, Some(lease))))
+    }
+
+    async fn route(
+        &self,
+        entry: &ModelEntry,
+        prepared: &Prepared,
+        skip: &[InstanceId],
+    ) -> Result<(WorkerAddr, Option<RouteLease>), ApiError> {
+        if let (Some(remote), None) = (&self.remote, &prepared.instance) {
+            if let Some(picked) = self.pick_remote(remote, entry, prepared, skip).await {
+                return picked;
+            }
+            return self.pick_with(RouterMode::RoundRobin, entry, prepared, skip);
+        }
+        self.pick_with(self.mode, entry, prepared, skip)
+    }
+
+    fn pick_with(
+        &self,
+        mode: RouterMode,
         entry: &ModelEntry,
         prepared: &Prepared,
         skip: &[InstanceId],
@@ -249,7 +332,7 @@ impl Serving {
                 entry.card.name
             )));
         }
-        if let (true, Some(router)) = (self.mode.uses_kv_router(), &self.router) {
+        if let (true, Some(router)) = (mode.uses_kv_router(), &self.router) {
             let ids: Vec<WorkerId> = live.iter().map(|a| WorkerId(a.instance.as_u64())).collect();
             let bs = entry.card.kv_block_size.max(1) as usize;
             return match router.route(&ids, &prepared.request.token_ids, bs) {
@@ -271,7 +354,7 @@ impl Serving {
                 ))),
             };
         }
-        let i = match self.mode {
+        let i = match mode {
             RouterMode::Kv | RouterMode::LeastLoaded => 0,
             RouterMode::RoundRobin => entry.cursor.fetch_add(1, Ordering::Relaxed) % live.len(),
             RouterMode::Random => rand::random_range(0..live.len()),
@@ -339,7 +422,7 @@ impl Serving {
         let mut tried = Vec::new();
         let mut last_err = None;
         for _ in 0..MAX_ATTEMPTS {
-            let (addr, lease) = match self.pick(&entry, &prepared, &tried) {
+            let (addr, lease) = match self.route(&entry, &prepared, &tried).await {
                 Ok(a) => a,
                 Err(e) => {
                     last_err = Some(last_err.unwrap_or(e));

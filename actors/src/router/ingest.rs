@@ -69,29 +69,45 @@ struct Ingest {
 /// The running ingest actor.
 pub struct RouterIngest {
     actor: ActorRef<IngestMsg>,
+    sync: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl RouterIngest {
     pub fn stop(&self) {
         self.actor.stop(None);
+        for t in &self.sync {
+            t.abort();
+        }
     }
 }
 
-/// Starts the ingest actor for `router` in `namespace`.
+/// Starts the ingest actor for `router` in `namespace`, and the sharing of routing decisions
+/// with the other routers there.
 pub async fn start_ingest(
     runtime: &Runtime,
     namespace: Namespace,
     router: Arc<KvRouter>,
 ) -> Result<RouterIngest, String> {
+    let subscriber = super::sync::spawn_subscriber(runtime, &namespace, router.clone()).await?;
+    let (sink, publisher) = super::sync::spawn_publisher(runtime, &namespace, router.id());
+    router.share_decisions(sink);
     let ingest = Ingest {
         runtime: runtime.clone(),
         namespace,
         router,
     };
-    let (actor, _) = Actor::spawn(None, ingest, ())
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(RouterIngest { actor })
+    let (actor, _) = match Actor::spawn(None, ingest, ()).await {
+        Ok(a) => a,
+        Err(e) => {
+            subscriber.abort();
+            publisher.abort();
+            return Err(e.to_string());
+        }
+    };
+    Ok(RouterIngest {
+        actor,
+        sync: vec![subscriber, publisher],
+    })
 }
 
 fn bad(reason: &'static str) {
@@ -278,12 +294,21 @@ impl Actor for Ingest {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             IngestMsg::Discovery(DiscoveryEvent::Joined(info)) => {
-                if info.metadata.get(ModelCard::METADATA_KEY).is_none() {
+                let Some(raw) = info.metadata.get(ModelCard::METADATA_KEY) else {
                     return Ok(());
-                }
+                };
                 let component = info.endpoint.component.clone();
                 self.subscribe(&myself, state, &component);
                 let w = WorkerId(info.instance.as_u64());
+                match serde_json::from_value::<ModelCard>(raw.clone()) {
+                    Ok(card) => {
+                        self.router
+                            .add_worker(w, card.name, card.kv_block_size.max(1) as usize)
+                    }
+                    Err(e) => {
+                        tracing::warn!(instance = %info.instance, error = %e, "worker with a malformed model card: not routed to by model")
+                    }
+                }
                 let track = state.workers.entry(w).or_default();
                 track.component = Some(component);
                 // A worker we have no events from yet may hold blocks already (this router

@@ -7,6 +7,12 @@
 //!   [`RouteLease`] whose `Drop` releases it, so the accounting cannot leak.
 //! - The ingest actor (`ingest`) keeps the index current from the workers' KV events on the
 //!   bus (gap → resync from a dump; worker gone → purge) and records load reports.
+//! - Routers share their decisions over the bus (`sync`): each applies the others' routed,
+//!   first-token and finished events to its accounting (held until finished, or at most
+//!   `shared_lease_ttl` should the finish be lost), so replicas agree on load.
+//! - [`RouterComponent`] (`service`) runs a router as its own component, answering
+//!   `{ns}.router.route`; frontends with a remote router call it and report their requests'
+//!   first token and end as decision events.
 //!
 //! Cost of worker `w` for a request of `n` blocks: `overlap_weight x (n - credited(w) +
 //! pending_prefill(w) / block_size) + decode_blocks(w)`, where `credited` counts cached
@@ -17,8 +23,11 @@
 //! with `temperature > 0` a softmax over `-cost / temperature` picks.
 
 mod ingest;
+mod service;
+mod sync;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,8 +36,11 @@ use dynamo_kv::index::IdBuild;
 use dynamo_kv::{block_hashes, IndexSettings, KvIndex, Overlap};
 use dynamo_protocols::kv::{LoadReport, SequenceHash, WorkerId};
 use dynamo_protocols::llm::TokenId;
+use dynamo_protocols::router::{LeaseId, RouterEvent, RouterEventKind};
 
 pub use ingest::{start_ingest, RouterIngest};
+pub use service::RouterComponent;
+pub use sync::{spawn_publisher, DecisionSink};
 
 #[derive(Debug, Clone)]
 pub struct KvRouterSettings {
@@ -53,6 +65,9 @@ pub struct KvRouterSettings {
     /// logs it once and sets `dynamo_router_approximate` to 1; the first event ends it.
     pub fallback_after: Duration,
     pub fallback_ttl: Duration,
+    /// A request another router (or a frontend with a remote router) routed counts here
+    /// until its finish event arrives, or for this long should that event be lost.
+    pub shared_lease_ttl: Duration,
     pub index: IndexSettings,
 }
 
@@ -68,6 +83,7 @@ impl Default for KvRouterSettings {
             prediction_ttl: Duration::ZERO,
             fallback_after: Duration::from_secs(2),
             fallback_ttl: Duration::from_secs(120),
+            shared_lease_ttl: Duration::from_secs(600),
             index: IndexSettings::default(),
         }
     }
@@ -116,6 +132,25 @@ pub enum RouteError {
     AllBusy(usize),
 }
 
+/// A request routed by another router, as this one accounts it.
+#[derive(Debug, Clone, Copy)]
+struct SharedLease {
+    worker: WorkerId,
+    prefill_tokens: u64,
+    blocks: u64,
+    occupied: u64,
+    at: Instant,
+}
+
+#[derive(Default)]
+struct Shared {
+    leases: HashMap<LeaseId, SharedLease>,
+    /// First tokens and finishes that arrived before their decision (bus order holds per
+    /// publisher only): (when, finished).
+    early: HashMap<LeaseId, (Instant, bool)>,
+    swept: Option<Instant>,
+}
+
 /// A routing decision.
 pub struct Decision {
     pub worker: WorkerId,
@@ -135,6 +170,13 @@ pub struct KvRouter {
     approximate_logged: std::sync::atomic::AtomicBool,
     /// Prefixes predicted from routing decisions, oldest first, until their events arrive.
     predictions: Mutex<VecDeque<(Instant, WorkerId, Vec<SequenceHash>)>>,
+    /// This router's id in shared decisions, and where its decisions are published.
+    id: u64,
+    sink: std::sync::OnceLock<DecisionSink>,
+    next_lease: AtomicU64,
+    shared: Mutex<Shared>,
+    /// Workers in discovery: the model each serves and its KV block size.
+    models: DashMap<WorkerId, (String, usize)>,
 }
 
 impl KvRouter {
@@ -148,7 +190,202 @@ impl KvRouter {
             first_route: std::sync::OnceLock::new(),
             approximate_logged: Default::default(),
             predictions: Mutex::new(VecDeque::new()),
+            id: rand::random(),
+            sink: std::sync::OnceLock::new(),
+            next_lease: AtomicU64::new(1),
+            shared: Mutex::new(Shared::default()),
+            models: DashMap::new(),
         })
+    }
+
+    /// This router's id in shared decisions.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Publishes this router's decisions from now on.
+    pub fn share_decisions(&self, sink: DecisionSink) {
+        let _ = self.sink.set(sink);
+    }
+
+    fn publish(&self, lease: u64, kind: RouterEventKind) {
+        if let Some(sink) = self.sink.get() {
+            sink.send(RouterEvent {
+                lease: LeaseId {
+                    router: self.id,
+                    id: lease,
+                },
+                kind,
+            });
+        }
+    }
+
+    /// What this router accounts to `worker` from the requests it and the other routers
+    /// routed there (prompt tokens before their first token, new blocks until they end); load
+    /// reports are not included.
+    pub fn accounted(&self, worker: WorkerId) -> (u64, u64) {
+        self.loads
+            .get(&worker)
+            .map(|a| (a.prefill_tokens, a.blocks))
+            .unwrap_or_default()
+    }
+
+    /// Requests routed by other routers that this one accounts for.
+    pub fn shared_leases(&self) -> usize {
+        self.shared.lock().map(|s| s.leases.len()).unwrap_or(0)
+    }
+
+    /// Applies another router's decision event (or a remote-router frontend's) to the load
+    /// accounting. Unknown leases, duplicates and late events are harmless.
+    pub fn apply_decision(&self, event: RouterEvent) {
+        let Ok(mut shared) = self.shared.lock() else {
+            return;
+        };
+        let now = Instant::now();
+        match event.kind {
+            RouterEventKind::Routed {
+                worker,
+                prefill_tokens,
+                blocks,
+                occupied,
+            } => {
+                if shared.leases.contains_key(&event.lease) {
+                    return;
+                }
+                let mut lease = SharedLease {
+                    worker,
+                    prefill_tokens,
+                    blocks,
+                    occupied,
+                    at: now,
+                };
+                // Kept until it ages out: a duplicate of the decision is dropped too.
+                match shared.early.get(&event.lease) {
+                    Some((_, true)) => return,
+                    Some((_, false)) => lease.prefill_tokens = 0,
+                    None => {}
+                }
+                let mut acc = self.loads.entry(worker).or_default();
+                acc.prefill_tokens += lease.prefill_tokens;
+                acc.blocks += lease.blocks;
+                acc.occupied += lease.occupied;
+                drop(acc);
+                shared.leases.insert(event.lease, lease);
+            }
+            RouterEventKind::PrefillDone => match shared.leases.get_mut(&event.lease) {
+                Some(lease) => {
+                    let tokens = std::mem::take(&mut lease.prefill_tokens);
+                    if let Some(mut acc) = self.loads.get_mut(&lease.worker) {
+                        acc.prefill_tokens = acc.prefill_tokens.saturating_sub(tokens);
+                    }
+                }
+                None => {
+                    shared.early.entry(event.lease).or_insert((now, false));
+                }
+            },
+            RouterEventKind::Finished => match shared.leases.remove(&event.lease) {
+                Some(lease) => self.release(&lease),
+                None => {
+                    shared.early.insert(event.lease, (now, true));
+                }
+            },
+        }
+        metrics::gauge!("dynamo_router_shared_leases").set(shared.leases.len() as f64);
+    }
+
+    fn release(&self, lease: &SharedLease) {
+        if let Some(mut acc) = self.loads.get_mut(&lease.worker) {
+            acc.prefill_tokens = acc.prefill_tokens.saturating_sub(lease.prefill_tokens);
+            acc.blocks = acc.blocks.saturating_sub(lease.blocks);
+            acc.occupied = acc.occupied.saturating_sub(lease.occupied);
+        }
+    }
+
+    /// Releases shared leases whose finish never came, and forgets old early events.
+    fn sweep_shared(&self) {
+        let Ok(mut shared) = self.shared.lock() else {
+            return;
+        };
+        if shared
+            .swept
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            return;
+        }
+        shared.swept = Some(Instant::now());
+        let ttl = self.settings.shared_lease_ttl;
+        let expired: Vec<LeaseId> = shared
+            .leases
+            .iter()
+            .filter(|(_, l)| l.at.elapsed() > ttl)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            if let Some(lease) = shared.leases.remove(&id) {
+                self.release(&lease);
+                metrics::counter!("dynamo_router_expired_leases_total").increment(1);
+            }
+        }
+        let keep = ttl.min(Duration::from_secs(60));
+        shared.early.retain(|_, (at, _)| at.elapsed() <= keep);
+    }
+
+    /// Records that `worker` (in discovery) serves `model` with blocks of `block_size`.
+    pub(crate) fn add_worker(&self, worker: WorkerId, model: String, block_size: usize) {
+        self.models.insert(worker, (model, block_size));
+    }
+
+    /// Picks a worker among those serving `model` (as discovery shows them), but not in
+    /// `exclude`, for `tokens`.
+    pub fn route_model(
+        self: &Arc<Self>,
+        model: &str,
+        exclude: &[WorkerId],
+        tokens: &[TokenId],
+    ) -> Result<Decision, RouteError> {
+        let mut block_size = 0;
+        let mut candidates: Vec<WorkerId> = Vec::new();
+        for e in self.models.iter() {
+            if e.value().0 == model && !exclude.contains(e.key()) {
+                candidates.push(*e.key());
+                block_size = e.value().1;
+            }
+        }
+        candidates.sort_unstable();
+        self.route(&candidates, tokens, block_size)
+    }
+
+    /// Hands `lease` over to the shared accounting, under its id: for a router component,
+    /// whose caller reports the request's first token and end as decision events.
+    pub fn detach(&self, mut lease: RouteLease) -> LeaseId {
+        let LeaseInner::Local {
+            id,
+            worker,
+            prefill_tokens,
+            blocks,
+            occupied,
+            ..
+        } = std::mem::replace(&mut lease.inner, LeaseInner::Detached)
+        else {
+            unreachable!("detach takes a lease this router made")
+        };
+        let lease_id = LeaseId {
+            router: self.id,
+            id,
+        };
+        if let Ok(mut shared) = self.shared.lock() {
+            shared.leases.insert(
+                lease_id,
+                SharedLease {
+                    worker,
+                    prefill_tokens,
+                    blocks,
+                    occupied,
+                    at: Instant::now(),
+                },
+            );
+        }
+        lease_id
     }
 
     pub fn index(&self) -> &KvIndex {
@@ -228,6 +465,10 @@ impl KvRouter {
     pub(crate) fn forget(&self, w: WorkerId) {
         self.index.remove_worker(w);
         self.loads.remove(&w);
+        self.models.remove(&w);
+        if let Ok(mut shared) = self.shared.lock() {
+            shared.leases.retain(|_, l| l.worker != w);
+        }
     }
 
     /// Picks a worker among `candidates` for `tokens`.
@@ -249,6 +490,7 @@ impl KvRouter {
             block_hashes(tokens, bs).into_iter().map(|h| h.1).collect()
         };
         self.expire_predictions();
+        self.sweep_shared();
         let overlaps: std::collections::HashMap<WorkerId, Overlap, IdBuild> =
             self.index.find_matches(&hashes).into_iter().collect();
         let s = &self.settings;
@@ -306,19 +548,35 @@ impl KvRouter {
         }
         // The request adds the blocks it does not find cached (shared prefix blocks are
         // already counted in the worker's active blocks while in use).
-        let lease = RouteLease {
-            router: self.clone(),
-            worker,
-            prefill_tokens: tokens.len().saturating_sub(overlap.blocks() as usize * bs) as u64,
-            blocks: (needed as u64).saturating_sub(overlap.blocks() as u64),
-            occupied: needed as u64,
-        };
+        let id = self.next_lease.fetch_add(1, Ordering::Relaxed);
+        let prefill_tokens = tokens.len().saturating_sub(overlap.blocks() as usize * bs) as u64;
+        let blocks = (needed as u64).saturating_sub(overlap.blocks() as u64);
+        let occupied = needed as u64;
         {
             let mut acc = self.loads.entry(worker).or_default();
-            acc.prefill_tokens += lease.prefill_tokens;
-            acc.blocks += lease.blocks;
-            acc.occupied += lease.occupied;
+            acc.prefill_tokens += prefill_tokens;
+            acc.blocks += blocks;
+            acc.occupied += occupied;
         }
+        self.publish(
+            id,
+            RouterEventKind::Routed {
+                worker,
+                prefill_tokens,
+                blocks,
+                occupied,
+            },
+        );
+        let lease = RouteLease {
+            inner: LeaseInner::Local {
+                router: self.clone(),
+                id,
+                worker,
+                prefill_tokens,
+                blocks,
+                occupied,
+            },
+        };
         metrics::histogram!("dynamo_router_overlap_blocks").record(overlap.blocks() as f64);
         if needed > 0.0 {
             metrics::histogram!("dynamo_router_hit_ratio").record(overlap.blocks() as f64 / needed);
@@ -334,33 +592,101 @@ impl KvRouter {
     }
 }
 
-/// The router's accounting for one routed request; released when dropped.
+/// The router's accounting for one routed request; released when dropped (and the release
+/// shared with the other routers), so it cannot leak.
 pub struct RouteLease {
-    router: Arc<KvRouter>,
-    worker: WorkerId,
-    prefill_tokens: u64,
-    blocks: u64,
-    occupied: u64,
+    inner: LeaseInner,
+}
+
+enum LeaseInner {
+    /// Made by a router in this process.
+    Local {
+        router: Arc<KvRouter>,
+        id: u64,
+        worker: WorkerId,
+        prefill_tokens: u64,
+        blocks: u64,
+        occupied: u64,
+    },
+    /// Made by a router component: its first token and end are published as events.
+    Remote {
+        sink: DecisionSink,
+        lease: LeaseId,
+        prefill_pending: bool,
+    },
+    Detached,
 }
 
 impl RouteLease {
+    /// A lease a router component granted (`lease`), reported through `sink`.
+    pub fn remote(sink: DecisionSink, lease: LeaseId) -> Self {
+        Self {
+            inner: LeaseInner::Remote {
+                sink,
+                lease,
+                prefill_pending: true,
+            },
+        }
+    }
+
     /// The first token came back: the prompt's prefill is done.
     pub fn prefill_done(&mut self) {
-        let tokens = std::mem::take(&mut self.prefill_tokens);
-        if tokens > 0 {
-            if let Some(mut acc) = self.router.loads.get_mut(&self.worker) {
-                acc.prefill_tokens = acc.prefill_tokens.saturating_sub(tokens);
+        match &mut self.inner {
+            LeaseInner::Local {
+                router,
+                id,
+                worker,
+                prefill_tokens,
+                ..
+            } => {
+                let tokens = std::mem::take(prefill_tokens);
+                if tokens > 0 {
+                    if let Some(mut acc) = router.loads.get_mut(worker) {
+                        acc.prefill_tokens = acc.prefill_tokens.saturating_sub(tokens);
+                    }
+                    router.publish(*id, RouterEventKind::PrefillDone);
+                }
             }
+            LeaseInner::Remote {
+                sink,
+                lease,
+                prefill_pending,
+            } => {
+                if std::mem::take(prefill_pending) {
+                    sink.send(RouterEvent {
+                        lease: *lease,
+                        kind: RouterEventKind::PrefillDone,
+                    });
+                }
+            }
+            LeaseInner::Detached => {}
         }
     }
 }
 
 impl Drop for RouteLease {
     fn drop(&mut self) {
-        self.prefill_done();
-        if let Some(mut acc) = self.router.loads.get_mut(&self.worker) {
-            acc.blocks = acc.blocks.saturating_sub(self.blocks);
-            acc.occupied = acc.occupied.saturating_sub(self.occupied);
+        match std::mem::replace(&mut self.inner, LeaseInner::Detached) {
+            LeaseInner::Local {
+                router,
+                id,
+                worker,
+                prefill_tokens,
+                blocks,
+                occupied,
+            } => {
+                if let Some(mut acc) = router.loads.get_mut(&worker) {
+                    acc.prefill_tokens = acc.prefill_tokens.saturating_sub(prefill_tokens);
+                    acc.blocks = acc.blocks.saturating_sub(blocks);
+                    acc.occupied = acc.occupied.saturating_sub(occupied);
+                }
+                router.publish(id, RouterEventKind::Finished);
+            }
+            LeaseInner::Remote { sink, lease, .. } => sink.send(RouterEvent {
+                lease,
+                kind: RouterEventKind::Finished,
+            }),
+            LeaseInner::Detached => {}
         }
     }
 }
@@ -414,6 +740,81 @@ mod tests {
             router.route(&workers, &prompt, 16).unwrap().worker,
             WorkerId(2)
         );
+    }
+
+    /// Two routers wired as the bus would: B applies A's decision events.
+    fn replicas() -> (
+        Arc<KvRouter>,
+        Arc<KvRouter>,
+        tokio::sync::mpsc::UnboundedReceiver<RouterEvent>,
+    ) {
+        let a = KvRouter::new(KvRouterSettings::default());
+        let b = KvRouter::new(KvRouterSettings::default());
+        let (sink, rx) = DecisionSink::channel();
+        a.share_decisions(sink);
+        (a, b, rx)
+    }
+
+    fn forward(rx: &mut tokio::sync::mpsc::UnboundedReceiver<RouterEvent>, to: &KvRouter) {
+        while let Ok(e) = rx.try_recv() {
+            to.apply_decision(e);
+        }
+    }
+
+    #[test]
+    fn replicas_agree_on_load_and_release_it_together() {
+        let (a, b, mut rx) = replicas();
+        let workers = [WorkerId(1), WorkerId(2)];
+        let prompt: Vec<u32> = (0..160).collect();
+        let mut d = a.route(&workers, &prompt, 16).unwrap();
+        forward(&mut rx, &b);
+        assert_eq!(a.accounted(d.worker), (160, 10));
+        assert_eq!(b.accounted(d.worker), a.accounted(d.worker));
+        assert_eq!(b.shared_leases(), 1);
+        // B sees A's request, so it sends the next one to the other worker.
+        let other = b.route(&workers, &prompt, 16).unwrap();
+        assert_ne!(other.worker, d.worker);
+        d.lease.prefill_done();
+        forward(&mut rx, &b);
+        assert_eq!(b.accounted(d.worker), (0, 10));
+        let w = d.worker;
+        drop(d);
+        forward(&mut rx, &b);
+        assert_eq!(b.accounted(w), (0, 0));
+        assert_eq!(b.shared_leases(), 0);
+    }
+
+    #[test]
+    fn out_of_order_duplicate_and_lost_decision_events_cannot_leak() {
+        let (a, b, mut rx) = replicas();
+        let prompt: Vec<u32> = (0..64).collect();
+        let d = a.route(&[WorkerId(1)], &prompt, 16).unwrap();
+        let mut events = Vec::new();
+        while let Ok(e) = rx.try_recv() {
+            events.push(e);
+        }
+        drop(d);
+        while let Ok(e) = rx.try_recv() {
+            events.push(e);
+        }
+        // The end arrives first (another publisher's path), then the decision, twice.
+        let finished = events.pop().unwrap();
+        b.apply_decision(finished.clone());
+        b.apply_decision(events[0].clone());
+        b.apply_decision(events[0].clone());
+        assert_eq!(b.accounted(WorkerId(1)), (0, 0));
+        assert_eq!(b.shared_leases(), 0);
+        // A finish that never comes: the lease expires after its TTL.
+        let c = KvRouter::new(KvRouterSettings {
+            shared_lease_ttl: Duration::ZERO,
+            ..Default::default()
+        });
+        c.apply_decision(events[0].clone());
+        assert_eq!(c.accounted(WorkerId(1)), (64, 4));
+        std::thread::sleep(Duration::from_millis(5));
+        let _ = c.route(&[WorkerId(2)], &prompt, 16).unwrap();
+        assert_eq!(c.accounted(WorkerId(1)), (0, 0));
+        assert_eq!(c.shared_leases(), 0);
     }
 
     #[test]

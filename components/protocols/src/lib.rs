@@ -3,6 +3,8 @@
 //! - [`openai`]: the OpenAI HTTP API (chat, completions, models, errors) as clients send it.
 //! - [`llm`]: what the frontend sends a worker (token ids and sampling/stop parameters) and
 //!   what comes back (token ids and a finish reason), plus the model card workers publish.
+//! - [`kv`]: KV-cache events, dumps and load reports workers publish for routers.
+//! - [`router`]: routing requests to a router component and the decisions routers share.
 //! - [`echo`]: the runtime's smoke-test endpoint.
 //!
 //! Versioning rule: fields are added with `#[serde(default)]`; nothing is renamed or removed
@@ -13,3 +15,4 @@ pub mod echo;
 pub mod kv;
 pub mod llm;
 pub mod openai;
+pub mod router;
