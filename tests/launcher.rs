@@ -114,7 +114,7 @@ fn batch_input_writes_answers_with_timing() {
 
 #[test]
 fn bad_launch_arguments_say_what_to_do() {
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 8] = [
         (&["in=carrier-pigeon"], "use http, text"),
         (&["out=gpt"], "not an engine"),
         (&["in=http", "out=echo"], "make-model"),
@@ -123,6 +123,18 @@ fn bad_launch_arguments_say_what_to_do() {
             "namespace.component.endpoint",
         ),
         (&["in=http", "bogus"], "expected in=... or out=..."),
+        (
+            &["--remote-router"],
+            "needs --router-mode kv or least-loaded",
+        ),
+        (
+            &["router", "--router-temperature=-1"],
+            "--router-temperature must be a number >= 0",
+        ),
+        (
+            &["--router-mode", "kv", "--busy-threshold", "1.5"],
+            "--busy-threshold must be in (0, 1]",
+        ),
     ];
     for (args, needle) in cases {
         let out = run(args, "");
