@@ -4,10 +4,13 @@
 //! Every engine honours the request's [`StopConditions`](dynamo_protocols::llm::StopConditions)
 //! (stop tokens after `min_tokens`, `max_tokens`) and stops within one step once the request's
 //! cancellation token fires or its stream is dropped.
-#![forbid(unsafe_code)]
+// Unsafe code is denied except where a module needs it and says why at each block: the
+// native engine's matmul call into `gemm` and its memory map of the weights.
+#![deny(unsafe_code)]
 
 pub mod echo;
 pub mod mocker;
+pub mod native;
 pub mod scheduler;
 
 use std::pin::Pin;
@@ -20,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use echo::{EchoEngine, EchoSettings};
 pub use mocker::{MockerEngine, MockerSettings};
+pub use native::{NativeEngine, NativeError, NativeSettings};
 
 /// Why an engine refused or failed a request; each variant is a decision for the caller.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

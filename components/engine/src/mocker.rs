@@ -117,7 +117,7 @@ impl Executor for Simulated {
                 decodes += 1;
             }
             if item.samples {
-                sampled.push(self.next_token());
+                sampled.push(Ok(self.next_token()));
             }
         }
         let mut ms = 0.0;

@@ -65,7 +65,8 @@ pub struct StepBatch<'a> {
 /// the step took or, for a simulation, should take.
 #[derive(Debug, Default)]
 pub struct StepResult {
-    pub sampled: Vec<TokenId>,
+    /// Per sampling item: its token, or why it failed (that request ends with the error).
+    pub sampled: Vec<Result<TokenId, EngineError>>,
     pub duration: Duration,
 }
 
@@ -360,15 +361,17 @@ impl<E: Executor> Scheduler<E> {
             if seq.computed < seq.tokens.len() {
                 continue;
             }
-            let Some(token) = sampled.next() else {
-                self.outbox.push((
-                    seq.out.clone(),
-                    Err(EngineError::Internal(
-                        "the executor sampled no token".into(),
-                    )),
-                ));
-                finished.push(i);
-                continue;
+            let token = match sampled.next() {
+                Some(Ok(t)) => t,
+                failed => {
+                    let e = match failed {
+                        Some(Err(e)) => e,
+                        _ => EngineError::Internal("the executor sampled no token".into()),
+                    };
+                    self.outbox.push((seq.out.clone(), Err(e)));
+                    finished.push(i);
+                    continue;
+                }
             };
             seq.tokens.push(token);
             seq.generated += 1;
@@ -397,6 +400,63 @@ impl<E: Executor> Scheduler<E> {
             self.pool.release(&seq.blocks);
         }
         Some(result.duration)
+    }
+}
+
+impl<E> Scheduler<E> {
+    pub fn executor(&self) -> &E {
+        &self.executor
+    }
+
+    pub fn executor_mut(&mut self) -> &mut E {
+        &mut self.executor
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.settings.block_size
+    }
+
+    /// Calls `read` on the cached blocks of the leading `hashes` (in order, while cached),
+    /// with each block's local hash; returns how many there were. The blocks are held
+    /// meanwhile.
+    pub fn export_blocks(
+        &mut self,
+        hashes: &[SequenceHash],
+        mut read: impl FnMut(&mut E, BlockId, LocalBlockHash),
+    ) -> usize {
+        let blocks = self.pool.acquire_prefix(hashes);
+        for &b in &blocks {
+            let local = self
+                .pool
+                .cached_local(b)
+                .expect("acquired blocks are cached");
+            read(&mut self.executor, b, local);
+        }
+        self.pool.release(&blocks);
+        blocks.len()
+    }
+
+    /// Caches a prefix from elsewhere: `chain` is a prefix's leading blocks in order (local
+    /// and sequence hash each). Blocks already cached are skipped; the others get new blocks,
+    /// filled by `write` (with the chain index) and registered, so requests with this prefix
+    /// find them. Returns how many were written.
+    pub fn import_blocks(
+        &mut self,
+        chain: &[(LocalBlockHash, SequenceHash)],
+        mut write: impl FnMut(&mut E, usize, BlockId),
+    ) -> Result<usize, PoolError> {
+        let hashes: Vec<SequenceHash> = chain.iter().map(|c| c.1).collect();
+        let have = self.pool.match_prefix(&hashes);
+        let new = self.pool.allocate(chain.len() - have)?;
+        for (j, &b) in new.iter().enumerate() {
+            let i = have + j;
+            write(&mut self.executor, i, b);
+            let parent = i.checked_sub(1).map(|p| chain[p].1);
+            self.pool
+                .register(b, parent, chain[i].0, chain[i].1, i as u32);
+        }
+        self.pool.release(&new);
+        Ok(new.len())
     }
 }
 

@@ -28,7 +28,7 @@ impl Executor for Counting {
                 .items
                 .iter()
                 .filter(|i| i.samples)
-                .map(|_| 1000 + self.steps.len() as u32)
+                .map(|_| Ok(1000 + self.steps.len() as u32))
                 .collect(),
             duration: Default::default(),
         }

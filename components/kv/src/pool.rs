@@ -31,6 +31,11 @@ use dynamo_protocols::kv::{
 pub struct BlockId(u32);
 
 impl BlockId {
+    /// Block `index` of a cache managed outside a pool (scoring a prompt on a private cache).
+    pub fn new(index: u32) -> Self {
+        Self(index)
+    }
+
     pub fn index(self) -> usize {
         self.0 as usize
     }
@@ -119,6 +124,11 @@ impl BlockPool {
             .iter()
             .take_while(|h| self.by_hash.contains_key(h))
             .count()
+    }
+
+    /// The local (token) hash of the prefix block `block` holds, if it is cached.
+    pub fn cached_local(&self, block: BlockId) -> Option<LocalBlockHash> {
+        self.blocks[block.index()].cached.as_ref().map(|c| c.local)
     }
 
     /// Takes a reference on each leading cached block of `hashes`; returns them in order.

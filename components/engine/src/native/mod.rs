@@ -1,0 +1,441 @@
+//! The native engine: Llama-family checkpoints on the CPU, through the same [`Scheduler`] and
+//! block pool as the mocker, so batching, chunked prefill, prefix caching, preemption and KV
+//! events behave identically; here the executor runs the model ([`model`]) over a paged KV
+//! cache ([`kv`]) whose blocks are the pool's blocks.
+//!
+//! The scheduler and model run on one OS thread per engine (the forward pass is CPU-bound and
+//! must not stall the async runtime), fanning work out to the engine's own rayon pool (both
+//! cores by default). Requests, dumps, and KV export/import reach it through one bounded
+//! command channel (full: `Overloaded`).
+//!
+//! Layers: [`config`] (the HF `config.json`), [`weights`] (safetensors, memory-mapped),
+//! [`ops`] (matmul and friends), [`model`] (the forward pass), [`kv`] (paged cache and
+//! export layout), [`sampling`], [`random`] (deterministic random checkpoints for tests and
+//! benchmarks).
+
+pub mod config;
+pub mod kv;
+pub mod model;
+pub mod ops;
+pub mod random;
+pub mod sampling;
+pub mod weights;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use dynamo_protocols::kv::{KvDump, LoadReport, SequenceHash};
+use dynamo_protocols::llm::PreprocessedRequest;
+use futures::StreamExt;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::scheduler::{
+    Executor, OutputSender, Scheduler, SchedulerSettings, StepBatch, StepResult,
+};
+use crate::{Engine, EngineError, EngineStream, KvHandle};
+pub use kv::{KvBlock, KvBlocks, KvLayout};
+pub use model::{Compute, Model};
+
+const COMMAND_QUEUE: usize = 4096;
+
+/// What can go wrong loading or driving the native engine.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum NativeError {
+    #[error("model config: {0}")]
+    Config(String),
+    #[error("unsupported model: {0}")]
+    Unsupported(String),
+    #[error("weights: {0}")]
+    Weights(String),
+    #[error("weights: tensor {0} is missing")]
+    MissingTensor(String),
+    #[error("engine settings: {0}")]
+    Settings(String),
+    #[error("KV import: {0}")]
+    Import(String),
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct NativeSettings {
+    pub model_path: PathBuf,
+    pub compute: Compute,
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// KV blocks; unset: as many as `kv_cache_memory` holds.
+    pub num_gpu_blocks: Option<usize>,
+    /// Bytes of KV cache when `num_gpu_blocks` is unset.
+    pub kv_cache_memory: usize,
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+    /// Compute threads (default: every core).
+    pub threads: Option<usize>,
+    /// Seed of the draws of requests without a seed.
+    pub seed: u64,
+}
+
+impl Default for NativeSettings {
+    fn default() -> Self {
+        Self {
+            model_path: PathBuf::new(),
+            compute: Compute::F32,
+            block_size: 16,
+            num_gpu_blocks: None,
+            kv_cache_memory: 1 << 30,
+            max_num_seqs: 64,
+            max_num_batched_tokens: 2048,
+            threads: None,
+            seed: 0,
+        }
+    }
+}
+
+struct NativeExecutor {
+    model: Arc<Model>,
+    cache: kv::KvCache,
+    threads: rayon::ThreadPool,
+    rng: u64,
+}
+
+impl Executor for NativeExecutor {
+    fn execute(&mut self, batch: &StepBatch<'_>) -> StepResult {
+        let started = Instant::now();
+        let steps: Vec<model::SeqStep<'_>> = batch
+            .items
+            .iter()
+            .map(|it| model::SeqStep {
+                tokens: &it.tokens[it.start..it.start + it.len],
+                start: it.start,
+                blocks: it.blocks,
+                logits: it.samples,
+            })
+            .collect();
+        let (model, cache) = (&self.model, &mut self.cache);
+        let logits = self.threads.install(|| model.forward(cache, &steps));
+        let mut logits = logits.into_iter();
+        let mut sampled = Vec::new();
+        for it in batch.items.iter().filter(|i| i.samples) {
+            let Some(mut l) = logits.next() else {
+                sampled.push(Err(EngineError::Internal(
+                    "no logits for a sampling row".into(),
+                )));
+                continue;
+            };
+            sampling::penalize(&mut l, &it.tokens[it.prompt_len..], it.sampling);
+            let position = it.tokens.len();
+            let draw = match it.sampling.seed {
+                Some(seed) => sampling::uniform(seed, position),
+                None => {
+                    self.rng = self.rng.wrapping_add(1);
+                    sampling::uniform(self.rng, position)
+                }
+            };
+            sampled.push(sampling::sample(&l, it.sampling, draw).ok_or_else(|| {
+                EngineError::Internal(
+                    "the model produced non-finite logits (NaN or infinity) for this request"
+                        .into(),
+                )
+            }));
+        }
+        StepResult {
+            sampled,
+            duration: started.elapsed(),
+        }
+    }
+}
+
+enum Command {
+    Add {
+        req: PreprocessedRequest,
+        out: OutputSender,
+        cancel: CancellationToken,
+    },
+    Dump(oneshot::Sender<KvDump>),
+    Export {
+        hashes: Vec<SequenceHash>,
+        reply: oneshot::Sender<KvBlocks>,
+    },
+    Import {
+        blocks: KvBlocks,
+        reply: oneshot::Sender<Result<usize, NativeError>>,
+    },
+}
+
+/// A loaded model served by its scheduler thread.
+pub struct NativeEngine {
+    commands: mpsc::Sender<Command>,
+    kv: KvHandle,
+    model: Arc<Model>,
+    layout: KvLayout,
+    num_blocks: usize,
+    preemptions: Arc<std::sync::atomic::AtomicU64>,
+    stop: CancellationToken,
+}
+
+impl NativeEngine {
+    /// Loads the model (blocking: call it off the async threads, e.g. in `spawn_blocking`)
+    /// and starts the engine thread. `progress(layers loaded, layers)` reports loading.
+    pub fn start(
+        settings: NativeSettings,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self, NativeError> {
+        if settings.block_size == 0
+            || settings.max_num_seqs == 0
+            || settings.max_num_batched_tokens == 0
+        {
+            return Err(NativeError::Settings(
+                "block_size, max_num_seqs and max_num_batched_tokens must be positive".into(),
+            ));
+        }
+        let model = Arc::new(Model::load(
+            &settings.model_path,
+            settings.compute,
+            progress,
+        )?);
+        let layout = model.kv_layout(settings.block_size);
+        let num_blocks = match settings.num_gpu_blocks {
+            Some(n) => n,
+            None => settings.kv_cache_memory / layout.block_bytes(),
+        };
+        if num_blocks == 0 {
+            return Err(NativeError::Settings(format!(
+                "the KV cache holds no block: one block takes {} bytes; raise --kv-cache-memory or set --num-gpu-blocks",
+                layout.block_bytes()
+            )));
+        }
+        let threads = rayon::ThreadPoolBuilder::new()
+            .num_threads(settings.threads.unwrap_or(0))
+            .thread_name(|i| format!("native-{i}"))
+            .build()
+            .map_err(|e| NativeError::Settings(format!("cannot start compute threads: {e}")))?;
+        let executor = NativeExecutor {
+            model: model.clone(),
+            cache: kv::KvCache::new(layout, num_blocks),
+            threads,
+            rng: settings.seed,
+        };
+        let scheduler = Scheduler::new(
+            SchedulerSettings {
+                num_blocks,
+                block_size: settings.block_size,
+                max_num_seqs: settings.max_num_seqs,
+                max_num_batched_tokens: settings.max_num_batched_tokens,
+            },
+            executor,
+        );
+        let (commands, rx) = mpsc::channel(COMMAND_QUEUE);
+        let (events, _) = broadcast::channel(1024);
+        let (load_tx, load) = watch::channel(scheduler.load());
+        let (dumps, mut dump_rx) = mpsc::channel::<oneshot::Sender<KvDump>>(16);
+        let stop = CancellationToken::new();
+        let to_sched = commands.clone();
+        let stopped = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stopped.cancelled() => break,
+                    reply = dump_rx.recv() => match reply {
+                        Some(reply) => if to_sched.send(Command::Dump(reply)).await.is_err() { break },
+                        None => break,
+                    },
+                }
+            }
+        });
+        let (ev, st) = (events.clone(), stop.clone());
+        let preemptions = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = preemptions.clone();
+        std::thread::Builder::new()
+            .name("native-engine".into())
+            .spawn(move || run(scheduler, rx, ev, load_tx, counter, st))
+            .map_err(|e| NativeError::Settings(format!("cannot start the engine thread: {e}")))?;
+        Ok(Self {
+            commands,
+            kv: KvHandle::new(events, load, dumps, settings.block_size as u32),
+            model,
+            layout,
+            num_blocks,
+            preemptions,
+            stop,
+        })
+    }
+
+    /// Sequences preempted (their blocks taken, to be recomputed) so far.
+    pub fn preemptions(&self) -> u64 {
+        self.preemptions.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    pub fn kv_layout(&self) -> KvLayout {
+        self.layout
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.num_blocks
+    }
+
+    /// Copies out the cached blocks of the leading `hashes` (as many as are cached, in order).
+    pub async fn export(&self, hashes: Vec<SequenceHash>) -> Result<KvBlocks, NativeError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Export { hashes, reply })
+            .await
+            .map_err(|_| NativeError::Stopped)?;
+        rx.await.map_err(|_| NativeError::Stopped)
+    }
+
+    /// Caches `blocks` (a prefix's leading blocks, as [`NativeEngine::export`] gives them) in
+    /// this engine's pool, so requests with that prefix reuse them; returns how many were
+    /// written (blocks already cached are skipped).
+    pub async fn import(&self, blocks: KvBlocks) -> Result<usize, NativeError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Import { blocks, reply })
+            .await
+            .map_err(|_| NativeError::Stopped)?;
+        rx.await.map_err(|_| NativeError::Stopped)?
+    }
+}
+
+impl Drop for NativeEngine {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+fn handle(sched: &mut Scheduler<NativeExecutor>, cmd: Command) {
+    match cmd {
+        Command::Add { req, out, cancel } => {
+            if let Err(e) = sched.add(req, out.clone(), cancel) {
+                let _ = out.send(Err(e));
+            }
+        }
+        Command::Dump(reply) => {
+            let _ = reply.send(sched.dump());
+        }
+        Command::Export { hashes, reply } => {
+            let layout = sched.executor().cache.layout();
+            let mut blocks = Vec::new();
+            let mut i = 0;
+            sched.export_blocks(&hashes, |exec, b, local| {
+                blocks.push(KvBlock {
+                    local,
+                    hash: hashes[i],
+                    data: exec.cache.read_block(b),
+                });
+                i += 1;
+            });
+            let _ = reply.send(KvBlocks { layout, blocks });
+        }
+        Command::Import { blocks, reply } => {
+            let layout = sched.executor().cache.layout();
+            let result = if blocks.layout != layout {
+                Err(NativeError::Import(format!(
+                    "layout {:?} does not match this engine's {layout:?}",
+                    blocks.layout
+                )))
+            } else if let Some(b) = blocks
+                .blocks
+                .iter()
+                .find(|b| b.data.len() != layout.block_bytes())
+            {
+                Err(NativeError::Import(format!(
+                    "block {:?} has {} bytes, the layout needs {}",
+                    b.hash,
+                    b.data.len(),
+                    layout.block_bytes()
+                )))
+            } else {
+                let chain: Vec<_> = blocks.blocks.iter().map(|b| (b.local, b.hash)).collect();
+                sched
+                    .import_blocks(&chain, |exec, i, b| {
+                        exec.cache.write_block(b, &blocks.blocks[i].data)
+                    })
+                    .map_err(|e| NativeError::Import(e.to_string()))
+            };
+            let _ = reply.send(result);
+        }
+    }
+}
+
+fn run(
+    mut sched: Scheduler<NativeExecutor>,
+    mut rx: mpsc::Receiver<Command>,
+    events: broadcast::Sender<Vec<dynamo_protocols::kv::KvEvent>>,
+    load: watch::Sender<LoadReport>,
+    preemptions: Arc<std::sync::atomic::AtomicU64>,
+    stop: CancellationToken,
+) {
+    loop {
+        while let Ok(cmd) = rx.try_recv() {
+            handle(&mut sched, cmd);
+        }
+        if stop.is_cancelled() {
+            return;
+        }
+        let worked = sched.step().is_some();
+        preemptions.store(sched.preemptions(), std::sync::atomic::Ordering::Relaxed);
+        sched.deliver();
+        let batch = sched.take_events();
+        if !batch.is_empty() {
+            let _ = events.send(batch);
+        }
+        load.send_if_modified(|l| {
+            let now = sched.load();
+            std::mem::replace(l, now) != now
+        });
+        if !worked {
+            match rx.blocking_recv() {
+                Some(cmd) => handle(&mut sched, cmd),
+                None => return,
+            }
+        }
+    }
+}
+
+impl Engine for NativeEngine {
+    fn generate(
+        &self,
+        request: PreprocessedRequest,
+        cancel: CancellationToken,
+    ) -> Result<EngineStream, EngineError> {
+        let context = self.model.config().max_position_embeddings;
+        let need = request.token_ids.len() + request.stop.max_tokens as usize;
+        if need > context {
+            return Err(EngineError::BadRequest(format!(
+                "prompt ({} tokens) plus max_tokens ({}) exceeds the model's context of {context} tokens",
+                request.token_ids.len(),
+                request.stop.max_tokens
+            )));
+        }
+        let (out, rx) = mpsc::unbounded_channel();
+        self.commands
+            .try_send(Command::Add {
+                req: request,
+                out,
+                cancel,
+            })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => {
+                    EngineError::Overloaded(format!("{COMMAND_QUEUE} requests are queued"))
+                }
+                mpsc::error::TrySendError::Closed(_) => {
+                    EngineError::Internal("the engine has stopped".into())
+                }
+            })?;
+        Ok(UnboundedReceiverStream::new(rx).boxed())
+    }
+
+    fn kv(&self) -> Option<KvHandle> {
+        Some(self.kv.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests;

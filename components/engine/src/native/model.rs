@@ -1,0 +1,283 @@
+//! The decoder (Llama, Mistral, Qwen2) and its batched forward pass over a paged KV cache.
+//!
+//! One step computes any mix of sequences, each a run of new tokens at positions
+//! `start..start + len` (a prefill chunk, or one decode token): every projection runs once
+//! over all the step's tokens (so a batch reads each weight once); attention runs per
+//! (token, head), reading K/V of positions `0..=pos` through the sequence's block table.
+//! Logits are computed only for the rows that sample.
+
+use std::path::Path;
+
+use dynamo_kv::BlockId;
+use dynamo_protocols::llm::TokenId;
+use rayon::prelude::*;
+
+use super::config::ModelConfig;
+use super::kv::{KvCache, KvLayout};
+use super::ops::{self, Linear};
+use super::weights::Weights;
+use super::NativeError;
+
+/// The arithmetic type of the weights at run time (activations and KV are f32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Compute {
+    #[default]
+    F32,
+    Bf16,
+}
+
+struct Layer {
+    attn_norm: Vec<f32>,
+    /// q, k and v projections stacked: `[q_dim + 2 kv_dim, hidden]`.
+    qkv: Linear,
+    o: Linear,
+    mlp_norm: Vec<f32>,
+    /// gate and up stacked: `[2 intermediate, hidden]`.
+    gate_up: Linear,
+    down: Linear,
+}
+
+pub struct Model {
+    cfg: ModelConfig,
+    embed: Vec<f32>,
+    layers: Vec<Layer>,
+    norm: Vec<f32>,
+    lm_head: Linear,
+    inv_freq: Vec<f64>,
+}
+
+/// One sequence's part of a step.
+pub struct SeqStep<'a> {
+    /// The tokens to compute, at positions `start..start + tokens.len()`.
+    pub tokens: &'a [TokenId],
+    pub start: usize,
+    /// Block table covering at least `start + tokens.len()` positions.
+    pub blocks: &'a [BlockId],
+    /// Whether the last token's logits are wanted.
+    pub logits: bool,
+}
+
+impl Model {
+    /// Loads `dir`'s `config.json` and safetensors weights. `progress(done, total)` is called
+    /// after each layer.
+    pub fn load(
+        dir: &Path,
+        compute: Compute,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self, NativeError> {
+        let cfg_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path)
+            .map_err(|e| NativeError::Config(format!("{}: {e}", cfg_path.display())))?;
+        let cfg = ModelConfig::parse(&text)?;
+        let w = Weights::open(dir)?;
+        let bf = compute == Compute::Bf16;
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let (q_dim, kv_dim, inter) = (
+            cfg.num_heads * hd,
+            cfg.num_kv_heads * hd,
+            cfg.intermediate_size,
+        );
+        let embed = w.f32("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let p = |s: &str| format!("model.layers.{i}.{s}");
+            let mut qkv = w.f32(&p("self_attn.q_proj.weight"), &[q_dim, h])?;
+            qkv.extend(w.f32(&p("self_attn.k_proj.weight"), &[kv_dim, h])?);
+            qkv.extend(w.f32(&p("self_attn.v_proj.weight"), &[kv_dim, h])?);
+            let bias = if cfg.qkv_bias {
+                let mut b = w.f32(&p("self_attn.q_proj.bias"), &[q_dim])?;
+                b.extend(w.f32(&p("self_attn.k_proj.bias"), &[kv_dim])?);
+                b.extend(w.f32(&p("self_attn.v_proj.bias"), &[kv_dim])?);
+                Some(b)
+            } else {
+                None
+            };
+            let mut gate_up = w.f32(&p("mlp.gate_proj.weight"), &[inter, h])?;
+            gate_up.extend(w.f32(&p("mlp.up_proj.weight"), &[inter, h])?);
+            layers.push(Layer {
+                attn_norm: w.f32(&p("input_layernorm.weight"), &[h])?,
+                qkv: Linear::new(q_dim + 2 * kv_dim, h, qkv, bias, bf),
+                o: Linear::new(
+                    h,
+                    q_dim,
+                    w.f32(&p("self_attn.o_proj.weight"), &[h, q_dim])?,
+                    None,
+                    bf,
+                ),
+                mlp_norm: w.f32(&p("post_attention_layernorm.weight"), &[h])?,
+                gate_up: Linear::new(2 * inter, h, gate_up, None, bf),
+                down: Linear::new(
+                    h,
+                    inter,
+                    w.f32(&p("mlp.down_proj.weight"), &[h, inter])?,
+                    None,
+                    bf,
+                ),
+            });
+            progress(i + 1, cfg.num_layers);
+        }
+        let head = if cfg.tie_word_embeddings {
+            embed.clone()
+        } else {
+            w.f32("lm_head.weight", &[cfg.vocab_size, h])?
+        };
+        Ok(Self {
+            norm: w.f32("model.norm.weight", &[h])?,
+            lm_head: Linear::new(cfg.vocab_size, h, head, None, bf),
+            inv_freq: cfg.rope_inv_freq(),
+            embed,
+            layers,
+            cfg,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// Bytes of weights read per forward step (what a decode step streams from memory).
+    pub fn weight_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| l.qkv.bytes() + l.o.bytes() + l.gate_up.bytes() + l.down.bytes())
+            .sum::<usize>()
+            + self.lm_head.bytes()
+    }
+
+    pub fn kv_layout(&self, block_size: usize) -> KvLayout {
+        KvLayout {
+            layers: self.cfg.num_layers,
+            kv_heads: self.cfg.num_kv_heads,
+            head_dim: self.cfg.head_dim,
+            block_size,
+            dtype: "f32",
+        }
+    }
+
+    /// The logits after `tokens` (one sequence on a private cache): for scoring and checks.
+    pub fn last_logits(&self, tokens: &[TokenId]) -> Vec<f32> {
+        let bs = 16;
+        let blocks: Vec<BlockId> = (0..tokens.len().div_ceil(bs) as u32)
+            .map(BlockId::new)
+            .collect();
+        let mut cache = KvCache::new(self.kv_layout(bs), blocks.len());
+        let step = SeqStep {
+            tokens,
+            start: 0,
+            blocks: &blocks,
+            logits: true,
+        };
+        self.forward(&mut cache, &[step]).pop().unwrap_or_default()
+    }
+
+    /// Runs one step; returns the logits of each sequence with `logits` set, in order.
+    pub fn forward(&self, cache: &mut KvCache, seqs: &[SeqStep<'_>]) -> Vec<Vec<f32>> {
+        let c = &self.cfg;
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let (nh, nkv) = (c.num_heads, c.num_kv_heads);
+        let (q_dim, kv_dim) = (nh * hd, nkv * hd);
+        let bs = cache.layout().block_size;
+        // Row r of the step: (sequence, position).
+        let rows: Vec<(usize, usize)> = seqs
+            .iter()
+            .enumerate()
+            .flat_map(|(s, q)| (0..q.tokens.len()).map(move |i| (s, q.start + i)))
+            .collect();
+        let n = rows.len();
+        let mut x = vec![0f32; n * h];
+        let mut r = 0;
+        for q in seqs {
+            for &t in q.tokens {
+                let t = (t as usize).min(c.vocab_size - 1);
+                x[r * h..(r + 1) * h].copy_from_slice(&self.embed[t * h..(t + 1) * h]);
+                r += 1;
+            }
+        }
+        let mut xn = vec![0f32; n * h];
+        let mut qkv = vec![0f32; n * (q_dim + 2 * kv_dim)];
+        let mut att = vec![0f32; n * q_dim];
+        let mut proj = vec![0f32; n * h];
+        let mut gu = vec![0f32; n * 2 * c.intermediate_size];
+        let mut act = vec![0f32; n * c.intermediate_size];
+        let scale = 1.0 / (hd as f32).sqrt();
+        for (l, layer) in self.layers.iter().enumerate() {
+            ops::rms_norm(&x, &layer.attn_norm, c.rms_norm_eps, &mut xn);
+            layer.qkv.forward(&xn, n, &mut qkv);
+            // RoPE on q and k, then k and v into the cache.
+            let width = q_dim + 2 * kv_dim;
+            qkv.par_chunks_mut(width)
+                .zip(rows.par_iter())
+                .for_each(|(row, &(_, pos))| {
+                    for head in row[..q_dim + kv_dim].chunks_exact_mut(hd) {
+                        ops::rope(head, pos, &self.inv_freq);
+                    }
+                });
+            {
+                let (kc, vc) = cache.layer_mut(l);
+                for (row, &(s, pos)) in qkv.chunks_exact(width).zip(&rows) {
+                    let off = (seqs[s].blocks[pos / bs].index() * bs + pos % bs) * kv_dim;
+                    kc[off..off + kv_dim].copy_from_slice(&row[q_dim..q_dim + kv_dim]);
+                    vc[off..off + kv_dim].copy_from_slice(&row[q_dim + kv_dim..]);
+                }
+            }
+            // Attention, one task per (row, head).
+            let (kc, vc) = cache.layer(l);
+            att.par_chunks_mut(hd).enumerate().for_each(|(i, out)| {
+                let (row, head) = (i / nh, i % nh);
+                let (s, pos) = rows[row];
+                let blocks = seqs[s].blocks;
+                let g = head / (nh / nkv);
+                let q = &qkv[row * width + head * hd..row * width + (head + 1) * hd];
+                let mut scores: Vec<f32> = (0..=pos)
+                    .map(|t| {
+                        let off = (blocks[t / bs].index() * bs + t % bs) * kv_dim + g * hd;
+                        ops::dot(q, &kc[off..off + hd]) * scale
+                    })
+                    .collect();
+                ops::softmax(&mut scores);
+                out.fill(0.0);
+                for (t, p) in scores.iter().enumerate() {
+                    let off = (blocks[t / bs].index() * bs + t % bs) * kv_dim + g * hd;
+                    for (o, v) in out.iter_mut().zip(&vc[off..off + hd]) {
+                        *o += p * v;
+                    }
+                }
+            });
+            layer.o.forward(&att, n, &mut proj);
+            for (a, b) in x.iter_mut().zip(&proj) {
+                *a += b;
+            }
+            ops::rms_norm(&x, &layer.mlp_norm, c.rms_norm_eps, &mut xn);
+            layer.gate_up.forward(&xn, n, &mut gu);
+            ops::silu_mul(&gu, c.intermediate_size, &mut act);
+            layer.down.forward(&act, n, &mut proj);
+            for (a, b) in x.iter_mut().zip(&proj) {
+                *a += b;
+            }
+        }
+        // Logits for the last row of each sequence that wants them.
+        let mut last = Vec::new();
+        let mut end = 0;
+        for q in seqs {
+            end += q.tokens.len();
+            if q.logits && !q.tokens.is_empty() {
+                last.push(end - 1);
+            }
+        }
+        if last.is_empty() {
+            return Vec::new();
+        }
+        let mut sel = vec![0f32; last.len() * h];
+        for (i, &row) in last.iter().enumerate() {
+            sel[i * h..(i + 1) * h].copy_from_slice(&x[row * h..(row + 1) * h]);
+        }
+        let mut normed = vec![0f32; sel.len()];
+        ops::rms_norm(&sel, &self.norm, c.rms_norm_eps, &mut normed);
+        let mut logits = vec![0f32; last.len() * c.vocab_size];
+        self.lm_head.forward(&normed, last.len(), &mut logits);
+        logits
+            .chunks_exact(c.vocab_size)
+            .map(<[f32]>::to_vec)
+            .collect()
+    }
+}

@@ -1,0 +1,152 @@
+//! Picking the next token from logits: OpenAI-style frequency and presence penalties over the
+//! tokens generated so far, then greedy (temperature 0 or unset) or temperature, top-k and
+//! top-p sampling. A request's `seed` makes its draws a function of (seed, position) alone, so
+//! the same seed and request give the same output however requests are batched.
+
+use dynamo_protocols::llm::{SamplingOptions, TokenId};
+
+/// SplitMix64 step.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// A uniform draw in [0, 1) for `position` of a request seeded with `seed`.
+pub fn uniform(seed: u64, position: usize) -> f64 {
+    (mix(seed ^ mix(position as u64)) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Applies penalties for `generated` tokens to `logits` in place.
+pub fn penalize(logits: &mut [f32], generated: &[TokenId], opts: &SamplingOptions) {
+    let freq = opts.frequency_penalty.unwrap_or(0.0);
+    let pres = opts.presence_penalty.unwrap_or(0.0);
+    if (freq == 0.0 && pres == 0.0) || generated.is_empty() {
+        return;
+    }
+    let mut counts: std::collections::HashMap<TokenId, u32> = Default::default();
+    for &t in generated {
+        *counts.entry(t).or_default() += 1;
+    }
+    for (t, c) in counts {
+        if let Some(l) = logits.get_mut(t as usize) {
+            *l -= freq * c as f32 + pres;
+        }
+    }
+}
+
+/// The next token; `draw` is a uniform number in [0, 1) (unused when greedy). `None` when the
+/// logits are not finite (the model produced NaN or infinity).
+pub fn sample(logits: &[f32], opts: &SamplingOptions, draw: f64) -> Option<TokenId> {
+    if logits.iter().any(|x| !x.is_finite()) {
+        return None;
+    }
+    let temperature = opts.temperature.unwrap_or(0.0);
+    if temperature <= 0.0 {
+        let mut best = 0;
+        for (i, &x) in logits.iter().enumerate() {
+            if x > logits[best] {
+                best = i;
+            }
+        }
+        return Some(best as TokenId);
+    }
+    // Candidates by descending logit; top-k cut.
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    let k = opts
+        .top_k
+        .filter(|&k| k > 0)
+        .map_or(logits.len(), |k| (k as usize).min(logits.len()));
+    if k < idx.len() {
+        idx.select_nth_unstable_by(k - 1, |&a, &b| {
+            logits[b as usize]
+                .total_cmp(&logits[a as usize])
+                .then(a.cmp(&b))
+        });
+        idx.truncate(k);
+    }
+    idx.sort_unstable_by(|&a, &b| {
+        logits[b as usize]
+            .total_cmp(&logits[a as usize])
+            .then(a.cmp(&b))
+    });
+    let max = logits[idx[0] as usize];
+    let mut probs: Vec<f64> = idx
+        .iter()
+        .map(|&i| (((logits[i as usize] - max) / temperature) as f64).exp())
+        .collect();
+    let total: f64 = probs.iter().sum();
+    for p in &mut probs {
+        *p /= total;
+    }
+    // Nucleus: the smallest prefix whose mass reaches top_p.
+    let top_p = opts.top_p.unwrap_or(1.0).clamp(0.0, 1.0) as f64;
+    let mut keep = probs.len();
+    if top_p < 1.0 {
+        let mut acc = 0.0;
+        for (i, p) in probs.iter().enumerate() {
+            acc += p;
+            if acc >= top_p {
+                keep = i + 1;
+                break;
+            }
+        }
+    }
+    let mass: f64 = probs[..keep].iter().sum();
+    let mut r = draw * mass;
+    for (i, p) in probs[..keep].iter().enumerate() {
+        if r < *p {
+            return Some(idx[i]);
+        }
+        r -= p;
+    }
+    Some(idx[keep - 1])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(t: f32) -> SamplingOptions {
+        SamplingOptions {
+            temperature: Some(t),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn greedy_top_k_top_p_and_penalties() {
+        let logits = [1.0, 3.0, 2.0, 0.5];
+        assert_eq!(sample(&logits, &SamplingOptions::default(), 0.9), Some(1));
+        // top_k 1 is greedy at any temperature.
+        let k1 = SamplingOptions {
+            top_k: Some(1),
+            ..opts(5.0)
+        };
+        assert!((0..20).all(|i| sample(&logits, &k1, i as f64 / 20.0) == Some(1)));
+        // A tiny top_p keeps only the most likely token.
+        let p = SamplingOptions {
+            top_p: Some(0.01),
+            ..opts(1.0)
+        };
+        assert!((0..20).all(|i| sample(&logits, &p, i as f64 / 20.0) == Some(1)));
+        // High temperature reaches every token across draws.
+        let seen: std::collections::HashSet<_> = (0..100)
+            .map(|i| sample(&logits, &opts(100.0), uniform(7, i)).unwrap())
+            .collect();
+        assert_eq!(seen.len(), 4);
+        // A frequency penalty on token 1 makes 2 the greedy choice.
+        let mut l = logits;
+        let pen = SamplingOptions {
+            frequency_penalty: Some(0.8),
+            ..Default::default()
+        };
+        penalize(&mut l, &[1, 1], &pen);
+        assert_eq!(sample(&l, &pen, 0.0), Some(2));
+        assert_eq!(
+            sample(&[f32::NAN, 1.0], &SamplingOptions::default(), 0.0),
+            None
+        );
+    }
+}

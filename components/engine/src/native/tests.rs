@@ -1,0 +1,279 @@
+use std::path::Path;
+
+use dynamo_protocols::llm::{EngineOutput, SamplingOptions, StopConditions, TokenId};
+use futures::future::join_all;
+
+use super::random::RandomModel;
+use super::*;
+
+fn tiny(dir: &Path) -> RandomModel {
+    let m = RandomModel::preset("tiny", 512).unwrap();
+    m.write(dir, &mut |_, _| {}).unwrap();
+    m
+}
+
+fn engine(dir: &Path, f: impl FnOnce(&mut NativeSettings)) -> NativeEngine {
+    let mut s = NativeSettings {
+        model_path: dir.to_path_buf(),
+        num_gpu_blocks: Some(256),
+        threads: Some(2),
+        ..Default::default()
+    };
+    f(&mut s);
+    NativeEngine::start(s, &mut |_, _| {}).unwrap()
+}
+
+fn request(
+    prompt: Vec<TokenId>,
+    max_tokens: u32,
+    sampling: SamplingOptions,
+) -> PreprocessedRequest {
+    PreprocessedRequest {
+        token_ids: prompt,
+        sampling,
+        stop: StopConditions {
+            max_tokens,
+            min_tokens: 0,
+            stop_token_ids: vec![],
+        },
+    }
+}
+
+async fn run(e: &NativeEngine, req: PreprocessedRequest) -> (Vec<TokenId>, u32) {
+    let outs: Vec<EngineOutput> = e
+        .generate(req, CancellationToken::new())
+        .unwrap()
+        .map(|o| o.unwrap())
+        .collect()
+        .await;
+    let cached = outs.first().and_then(|o| o.cached_tokens).unwrap_or(0);
+    (outs.into_iter().flat_map(|o| o.token_ids).collect(), cached)
+}
+
+fn prompt(seed: u32, len: usize) -> Vec<TokenId> {
+    (0..len as u32)
+        .map(|i| (i * 31 + seed * 17) % 500 + 3)
+        .collect()
+}
+
+fn greedy() -> SamplingOptions {
+    SamplingOptions::default()
+}
+
+/// Greedy tokens are the same whether a request runs alone, batched with others, chunked,
+/// from a cached prefix, or preempted and recomputed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batching_chunking_caching_and_preemption_do_not_change_greedy_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny(dir.path());
+    let prompts: Vec<Vec<TokenId>> = (0..4).map(|i| prompt(i, 40 + 7 * i as usize)).collect();
+    let alone = engine(dir.path(), |_| {});
+    let mut want = Vec::new();
+    for p in &prompts {
+        want.push(run(&alone, request(p.clone(), 12, greedy())).await.0);
+    }
+    assert!(want.iter().all(|t| t.len() == 12));
+    assert!(
+        want.windows(2).any(|w| w[0] != w[1]),
+        "different prompts, different outputs"
+    );
+
+    // Batched: all at once.
+    let batched = engine(dir.path(), |_| {});
+    let got: Vec<_> = join_all(
+        prompts
+            .iter()
+            .map(|p| run(&batched, request(p.clone(), 12, greedy()))),
+    )
+    .await;
+    assert_eq!(
+        got.iter().map(|g| g.0.clone()).collect::<Vec<_>>(),
+        want,
+        "batched"
+    );
+
+    // Chunked prefill: 8 tokens a step.
+    let chunked = engine(dir.path(), |s| s.max_num_batched_tokens = 8);
+    for (p, w) in prompts.iter().zip(&want) {
+        assert_eq!(
+            &run(&chunked, request(p.clone(), 12, greedy())).await.0,
+            w,
+            "chunked"
+        );
+    }
+
+    // Prefix-cached: the same prompt again reuses its full blocks.
+    let (again, cached) = run(&alone, request(prompts[3].clone(), 12, greedy())).await;
+    assert!(cached >= 32, "cached {cached}");
+    assert_eq!(again, want[3], "cached prefix");
+
+    // Preempted: a pool too small for all four at once.
+    let tight = engine(dir.path(), |s| s.num_gpu_blocks = Some(9));
+    let got: Vec<_> = join_all(
+        prompts
+            .iter()
+            .map(|p| run(&tight, request(p.clone(), 12, greedy()))),
+    )
+    .await;
+    assert!(tight.preemptions() > 0, "the tight pool preempted");
+    assert_eq!(
+        got.iter().map(|g| g.0.clone()).collect::<Vec<_>>(),
+        want,
+        "preempted"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seeds_make_sampling_reproducible() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny(dir.path());
+    let e = engine(dir.path(), |_| {});
+    let opts = |seed| SamplingOptions {
+        temperature: Some(1.5),
+        top_p: Some(0.95),
+        top_k: Some(50),
+        seed: Some(seed),
+        ..Default::default()
+    };
+    let p = prompt(9, 30);
+    let a = run(&e, request(p.clone(), 16, opts(1))).await.0;
+    let b = run(&e, request(p.clone(), 16, opts(1))).await.0;
+    let c = run(&e, request(p.clone(), 16, opts(2))).await.0;
+    assert_eq!(a, b, "same seed, same tokens");
+    assert_ne!(a, c, "another seed, other tokens");
+    // Penalties change greedy output (repetitions get costlier).
+    let plain = run(&e, request(p.clone(), 24, greedy())).await.0;
+    let penalized = run(
+        &e,
+        request(
+            p.clone(),
+            24,
+            SamplingOptions {
+                frequency_penalty: Some(2.0),
+                presence_penalty: Some(2.0),
+                ..Default::default()
+            },
+        ),
+    )
+    .await
+    .0;
+    let distinct = |t: &[TokenId]| t.iter().collect::<std::collections::HashSet<_>>().len();
+    assert!(
+        distinct(&penalized) >= distinct(&plain),
+        "{penalized:?} vs {plain:?}"
+    );
+}
+
+/// Engine A computes a prompt; its blocks go to engine B, which continues from them and
+/// produces what A alone produces.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exported_blocks_continue_decoding_on_another_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny(dir.path());
+    let (a, b) = (engine(dir.path(), |_| {}), engine(dir.path(), |_| {}));
+    let p = prompt(5, 70);
+    let want = run(&a, request(p.clone(), 10, greedy())).await.0;
+    let hashes = crate::scheduler::prompt_hashes(&p, 16);
+    assert_eq!(hashes.len(), 4);
+    let blocks = a.export(hashes.clone()).await.unwrap();
+    assert_eq!(blocks.blocks.len(), 4);
+    assert_eq!(blocks.layout.block_bytes(), blocks.blocks[0].data.len());
+    assert_eq!(b.import(blocks.clone()).await.unwrap(), 4);
+    let (got, cached) = run(&b, request(p.clone(), 10, greedy())).await;
+    assert_eq!(cached, 64, "B reused the imported blocks");
+    assert_eq!(got, want);
+    // Importing again writes nothing; a mismatched layout is refused.
+    assert_eq!(b.import(blocks.clone()).await.unwrap(), 0);
+    let mut wrong = blocks;
+    wrong.layout.head_dim += 1;
+    assert!(matches!(b.import(wrong).await, Err(NativeError::Import(_))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_models_and_requests_get_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny(dir.path());
+    let start = |d: &Path| {
+        NativeEngine::start(
+            NativeSettings {
+                model_path: d.to_path_buf(),
+                num_gpu_blocks: Some(64),
+                ..Default::default()
+            },
+            &mut |_, _| {},
+        )
+    };
+    // A prompt beyond the context is refused; the engine keeps serving.
+    let e = start(dir.path()).unwrap();
+    let long = request(prompt(1, 4000), 200, greedy());
+    let err = e.generate(long, CancellationToken::new()).err().unwrap();
+    assert!(matches!(err, EngineError::BadRequest(m) if m.contains("context")));
+    assert_eq!(
+        run(&e, request(prompt(1, 10), 3, greedy())).await.0.len(),
+        3
+    );
+    drop(e);
+
+    let copy = |name: &str| {
+        let d = dir.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        for f in ["config.json", "model.safetensors"] {
+            std::fs::copy(dir.path().join(f), d.join(f)).unwrap();
+        }
+        d
+    };
+    // Truncated weights.
+    let d = copy("truncated");
+    let f = d.join("model.safetensors");
+    let len = std::fs::metadata(&f).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    assert!(matches!(start(&d).err().unwrap(), NativeError::Weights(m) if m.contains("truncated")));
+    // Garbage instead of a header.
+    let d = copy("garbage");
+    std::fs::write(
+        d.join("model.safetensors"),
+        b"\xff\xff\xff\xff\xff\xff\xff\x7fnot json",
+    )
+    .unwrap();
+    assert!(matches!(start(&d).err().unwrap(), NativeError::Weights(_)));
+    // A missing tensor is named.
+    let d = copy("missing");
+    let mut m = RandomModel::preset("tiny", 512).unwrap();
+    m.num_layers = 1;
+    m.write(&d, &mut |_, _| {}).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap()).unwrap();
+    cfg["num_hidden_layers"] = 2.into();
+    std::fs::write(d.join("config.json"), cfg.to_string()).unwrap();
+    assert_eq!(
+        start(&d).err().unwrap(),
+        NativeError::MissingTensor("model.layers.1.self_attn.q_proj.weight".into())
+    );
+    // Wrong shape.
+    cfg["num_hidden_layers"] = 1.into();
+    cfg["intermediate_size"] = 100.into();
+    std::fs::write(d.join("config.json"), cfg.to_string()).unwrap();
+    assert!(matches!(start(&d).err().unwrap(), NativeError::Weights(m) if m.contains("shape")));
+    // An unsupported architecture.
+    cfg["architectures"] = serde_json::json!(["GPT2LMHeadModel"]);
+    std::fs::write(d.join("config.json"), cfg.to_string()).unwrap();
+    assert!(
+        matches!(start(&d).err().unwrap(), NativeError::Unsupported(m) if m.contains("GPT2LMHeadModel"))
+    );
+    // NaN weights.
+    let d = dir.path().join("nan");
+    let m = RandomModel::preset("tiny", 512).unwrap();
+    m.write(&d, &mut |_, _| {}).unwrap();
+    let mut tensors = m.tensors();
+    tensors[3].2[5] = f32::NAN;
+    weights::write_safetensors(&d.join("model.safetensors"), &tensors, weights::Dtype::F32)
+        .unwrap();
+    assert!(
+        matches!(start(&d).err().unwrap(), NativeError::Weights(m) if m.contains("non-finite"))
+    );
+}
