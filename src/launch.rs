@@ -1,7 +1,9 @@
 //! `dynamo-run in=... out=...`: what runs in this process.
 //!
 //! - `out=echo`: this process hosts `--num-workers` echo workers for the model folder;
-//!   `out=dyn`: workers are elsewhere on the bus, found through discovery.
+//!   `out=mocker`: simulated engines over real block pools; `out=native`: the model itself on
+//!   the CPU (safetensors weights in the folder); `out=dyn`: workers are elsewhere on the bus,
+//!   found through discovery.
 //! - `in=http`: the OpenAI frontend; `in=text`: a chat in the terminal; `in=batch:FILE`: prompts
 //!   from JSONL, answers with timing as JSONL on stdout; `in=dyn://ns.component.endpoint`: this
 //!   process is only a worker, serving that endpoint.
@@ -16,7 +18,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use dynamo_actors::frontend::{Endpoint, Frontend, FrontendSettings, RouterMode, Serving};
 use dynamo_actors::router::KvRouterSettings;
 use dynamo_actors::worker::WorkerRole;
-use dynamo_engine::{EchoEngine, EchoSettings, Engine, MockerEngine, MockerSettings};
+use dynamo_engine::{
+    EchoEngine, EchoSettings, Engine, MockerEngine, MockerSettings, NativeEngine, NativeSettings,
+};
 use dynamo_preprocessor::{ModelFolder, Preprocessor};
 use dynamo_runtime::subject::{ComponentId, EndpointId, Namespace};
 use dynamo_runtime::Runtime;
@@ -39,6 +43,8 @@ pub enum Output {
     Echo,
     /// The real scheduler and block pool with simulated execution.
     Mocker,
+    /// The model on the CPU.
+    Native,
     /// Workers found on the bus.
     Dyn,
 }
@@ -67,9 +73,10 @@ impl std::str::FromStr for Output {
         match s {
             "echo" => Ok(Output::Echo),
             "mocker" => Ok(Output::Mocker),
+            "native" => Ok(Output::Native),
             "dyn" => Ok(Output::Dyn),
             other => bail!(
-                "out={other} is not an engine; use echo, mocker, or dyn for workers on the bus"
+                "out={other} is not an engine; use echo, mocker, native, or dyn for workers on the bus"
             ),
         }
     }
@@ -90,6 +97,8 @@ pub struct LaunchSettings {
     pub num_workers: usize,
     pub echo_delay: Duration,
     pub mocker: MockerSettings,
+    /// out=native (model_path is filled in from `model_path`).
+    pub native: NativeSettings,
     pub max_inflight: usize,
     pub max_body_bytes: usize,
     pub batch_concurrency: usize,
@@ -112,18 +121,59 @@ fn model(s: &LaunchSettings) -> Result<(ModelFolder, String, Preprocessor)> {
     Ok((folder, name, pre))
 }
 
-/// The engine of worker number `index`.
-fn engine(s: &LaunchSettings, pre: &Preprocessor, index: usize) -> Result<Arc<dyn Engine>> {
+/// The engine of worker number `index`, and its KV cache (block size, blocks) for the card.
+async fn engine(
+    s: &LaunchSettings,
+    pre: &Preprocessor,
+    index: usize,
+) -> Result<(Arc<dyn Engine>, u32, u64)> {
     Ok(match s.output {
         Output::Mocker => {
             let mut m = s.mocker.clone();
             m.vocab = pre.ordinary_tokens();
             m.seed = index as u64;
-            Arc::new(MockerEngine::start(m).map_err(|e| anyhow!("mocker settings: {e}"))?)
+            let (bs, blocks) = (m.block_size as u32, m.num_gpu_blocks as u64);
+            let e = MockerEngine::start(m).map_err(|e| anyhow!("mocker settings: {e}"))?;
+            (Arc::new(e), bs, blocks)
         }
-        _ => Arc::new(EchoEngine::new(EchoSettings {
-            delay_per_token: s.echo_delay,
-        })),
+        Output::Native => {
+            let mut n = s.native.clone();
+            n.model_path = s.model_path.clone().unwrap_or_default();
+            n.seed = index as u64;
+            let started = Instant::now();
+            let e = tokio::task::spawn_blocking(move || {
+                NativeEngine::start(n, &mut |done, total| {
+                    eprint!("\rloading weights: layer {done}/{total}");
+                    if done == total {
+                        eprintln!();
+                    }
+                })
+            })
+            .await
+            .map_err(|e| anyhow!("model loading failed: {e}"))?
+            .map_err(|e| anyhow!("out=native: {e}"))?;
+            let c = e.model().config();
+            eprintln!(
+                "native engine: {:?} with {} layers, {:.0}M parameters, {:.0} MiB of weights, {} KV blocks of {} tokens ({:.0} MiB), loaded in {:.1}s",
+                c.arch,
+                c.num_layers,
+                c.parameters() as f64 / 1e6,
+                e.model().weight_bytes() as f64 / (1 << 20) as f64,
+                e.num_blocks(),
+                s.native.block_size,
+                (e.num_blocks() * e.kv_layout().block_bytes()) as f64 / (1 << 20) as f64,
+                started.elapsed().as_secs_f64()
+            );
+            let (bs, blocks) = (s.native.block_size as u32, e.num_blocks() as u64);
+            (Arc::new(e), bs, blocks)
+        }
+        _ => (
+            Arc::new(EchoEngine::new(EchoSettings {
+                delay_per_token: s.echo_delay,
+            })),
+            s.mocker.block_size as u32,
+            0,
+        ),
     })
 }
 
@@ -135,21 +185,18 @@ async fn start_workers(
     n: usize,
 ) -> Result<(Vec<WorkerRole>, String)> {
     let (folder, name, pre) = model(s)?;
-    let (block_size, blocks) = match s.output {
-        Output::Mocker => (s.mocker.block_size as u32, s.mocker.num_gpu_blocks as u64),
-        _ => (s.mocker.block_size as u32, 0),
-    };
-    let card = folder.files().card(&name, block_size, blocks)?;
     let mut workers = Vec::new();
     for index in 0..n {
+        let (engine, block_size, blocks) = engine(s, &pre, index).await?;
+        let card = folder.files().card(&name, block_size, blocks)?;
         let instance = runtime
             .component(endpoint.component.clone(), json!({ "model": name }))
             .await?;
         let w = WorkerRole::start(
             &instance,
             endpoint.endpoint.clone(),
-            engine(s, &pre, index)?,
-            card.clone(),
+            engine,
+            card,
             folder.files().clone(),
         )
         .await?;
@@ -231,7 +278,7 @@ pub async fn run(runtime: &Runtime, s: LaunchSettings) -> Result<()> {
     }
     let frontend = Frontend::start(runtime, fs).await?;
     let (workers, model) = match s.output {
-        Output::Echo | Output::Mocker => {
+        Output::Echo | Output::Mocker | Output::Native => {
             let ep = ComponentId::new(namespace.as_str(), "backend")?.endpoint("generate")?;
             let (w, name) = start_workers(runtime, &s, &ep, s.num_workers.max(1)).await?;
             let n = w.len();

@@ -24,7 +24,10 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use dynamo_actors::frontend::RouterMode;
 use dynamo_actors::router::KvRouterSettings;
-use dynamo_engine::MockerSettings;
+use dynamo_engine::native::random::RandomModel;
+use dynamo_engine::native::weights::Dtype;
+use dynamo_engine::native::Compute;
+use dynamo_engine::{MockerSettings, NativeSettings};
 use dynamo_preprocessor::make_model::{make_model, MakeModelSettings};
 use dynamo_protocols::echo::EchoRequest;
 use dynamo_runtime::subject::ComponentId;
@@ -97,13 +100,20 @@ struct LaunchArgs {
     /// KV cache block size in tokens (mocker; published in the model card).
     #[arg(long, alias = "kv-block-size", default_value_t = 64)]
     block_size: usize,
-    /// Mocker: KV cache blocks per worker.
-    #[arg(long, default_value_t = 16384)]
-    num_gpu_blocks: usize,
-    /// Mocker: sequences per batch at most.
+    /// KV cache blocks per worker (mocker default 16384; native default: what
+    /// --kv-cache-memory holds).
+    #[arg(long)]
+    num_gpu_blocks: Option<usize>,
+    /// Native: KV cache size per worker when --num-gpu-blocks is unset (e.g. 512MiB, 2GiB).
+    #[arg(long, default_value = "1GiB")]
+    kv_cache_memory: String,
+    /// Native: arithmetic type of the weights, f32 or bf16 (activations and KV stay f32).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Sequences per batch at most (mocker, native).
     #[arg(long, default_value_t = 256)]
     max_num_seqs: usize,
-    /// Mocker: tokens per step at most (prefill chunks plus decodes).
+    /// Tokens per step at most, prefill chunks plus decodes (mocker, native).
     #[arg(long, default_value_t = 8192)]
     max_num_batched_tokens: usize,
     /// Mocker: simulated time is divided by this.
@@ -161,6 +171,8 @@ enum Command {
     /// frontends use it with --router-mode kv --remote-router.
     Router(RouterArgs),
     /// Write a small Hugging Face-style model folder (tokenizer, chat template, config).
+    /// With deterministic random safetensors weights: `tiny` (2 layers, hidden 64; for tests)
+    /// or `small` (SmolLM2-135M's layer shapes; for benchmarks).
     MakeModel {
         #[arg(long)]
         out: PathBuf,
@@ -168,6 +180,12 @@ enum Command {
         vocab_size: usize,
         #[arg(long, default_value_t = 4096)]
         context_length: u32,
+        /// tiny or small.
+        #[arg(long, default_value = "tiny")]
+        preset: String,
+        /// Element type of the weight files: f32, bf16 or f16.
+        #[arg(long, default_value = "f32")]
+        weights_dtype: String,
     },
     /// Load-test an OpenAI frontend and report throughput and latency.
     Bench(Box<bench::BenchArgs>),
@@ -210,6 +228,33 @@ async fn main() {
     }
 }
 
+/// `1GiB`, `512MiB`, `64KiB`, `1000000` (bytes), `2GB`.
+fn parse_bytes(s: &str) -> Result<usize> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| anyhow::anyhow!("expected a size like 512MiB or 2GiB"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "kib" => 1024.0,
+        "m" | "mb" => 1e6,
+        "mib" => (1u64 << 20) as f64,
+        "g" | "gb" => 1e9,
+        "gib" => (1u64 << 30) as f64,
+        other => bail!("unknown unit {other:?}; use B, KiB, MiB or GiB"),
+    };
+    let bytes = n * mult;
+    if !(bytes.is_finite() && bytes >= 1.0) {
+        bail!("expected a positive size");
+    }
+    Ok(bytes as usize)
+}
+
 fn launch_settings(cli: &Cli) -> Result<LaunchSettings> {
     let a = &cli.launch;
     let (mut input, mut output) = (Input::Http, Output::Echo);
@@ -221,7 +266,7 @@ fn launch_settings(cli: &Cli) -> Result<LaunchSettings> {
         }
     }
     let mocker = MockerSettings {
-        num_gpu_blocks: a.num_gpu_blocks,
+        num_gpu_blocks: a.num_gpu_blocks.unwrap_or(16384),
         block_size: a.block_size,
         max_num_seqs: a.max_num_seqs,
         max_num_batched_tokens: a.max_num_batched_tokens,
@@ -232,6 +277,23 @@ fn launch_settings(cli: &Cli) -> Result<LaunchSettings> {
         mocker
             .validate()
             .map_err(|e| anyhow::anyhow!("mocker settings: {e}"))?;
+    }
+    let native = NativeSettings {
+        compute: match a.dtype.as_str() {
+            "f32" => Compute::F32,
+            "bf16" => Compute::Bf16,
+            other => bail!("--dtype {other:?}: use f32 or bf16"),
+        },
+        block_size: a.block_size,
+        num_gpu_blocks: a.num_gpu_blocks,
+        kv_cache_memory: parse_bytes(&a.kv_cache_memory)
+            .with_context(|| format!("--kv-cache-memory {:?}", a.kv_cache_memory))?,
+        max_num_seqs: a.max_num_seqs,
+        max_num_batched_tokens: a.max_num_batched_tokens,
+        ..Default::default()
+    };
+    if a.block_size == 0 {
+        bail!("--block-size must be positive");
     }
     let kv_router = a.router.settings()?;
     if a.remote_router && !a.router_mode.uses_kv_router() {
@@ -255,6 +317,7 @@ fn launch_settings(cli: &Cli) -> Result<LaunchSettings> {
         num_workers: a.num_workers,
         echo_delay: Duration::from_millis(a.echo_delay_ms),
         mocker,
+        native,
         max_inflight: a.max_inflight,
         max_body_bytes: a.max_body_bytes,
         batch_concurrency: a.batch_concurrency,
@@ -266,11 +329,21 @@ async fn run(cli: Cli) -> Result<()> {
         out,
         vocab_size,
         context_length,
+        preset,
+        weights_dtype,
     }) = &cli.command
     {
         if *vocab_size < 512 {
             bail!("--vocab-size must be at least 512");
         }
+        let dtype = match weights_dtype.as_str() {
+            "f32" => Dtype::F32,
+            "bf16" => Dtype::Bf16,
+            "f16" => Dtype::F16,
+            other => bail!("--weights-dtype {other:?}: use f32, bf16 or f16"),
+        };
+        // Checked before training the tokenizer.
+        RandomModel::preset(preset, *vocab_size).map_err(|e| anyhow::anyhow!("--preset: {e}"))?;
         eprintln!("training a {vocab_size}-token byte-level BPE tokenizer...");
         let s = MakeModelSettings {
             vocab_size: *vocab_size,
@@ -278,6 +351,23 @@ async fn run(cli: Cli) -> Result<()> {
             ..Default::default()
         };
         let vocab = make_model(out, &s)?;
+        let mut weights = RandomModel::preset(preset, vocab).map_err(|e| anyhow::anyhow!("{e}"))?;
+        weights.max_position_embeddings = *context_length as usize;
+        weights.dtype = dtype;
+        eprintln!(
+            "writing {preset} weights ({:.1}M parameters, {weights_dtype})...",
+            dynamo_engine::native::config::ModelConfig::parse(&weights.config_keys().to_string())
+                .map(|c| c.parameters() as f64 / 1e6)
+                .unwrap_or(0.0)
+        );
+        weights
+            .write(out, &mut |done, total| {
+                if done == total || done % 50 == 0 {
+                    eprint!("\rtensors {done}/{total}");
+                }
+            })
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        eprintln!();
         println!(
             "wrote {} (vocabulary {vocab}, context {context_length})",
             out.display()
