@@ -184,6 +184,10 @@ impl Model {
             .flat_map(|(s, q)| (0..q.tokens.len()).map(move |i| (s, q.start + i)))
             .collect();
         let n = rows.len();
+        let tables: Vec<Vec<(f32, f32)>> = rows
+            .iter()
+            .map(|&(_, pos)| ops::rope_table(pos, &self.inv_freq))
+            .collect();
         let mut x = vec![0f32; n * h];
         let mut r = 0;
         for q in seqs {
@@ -206,10 +210,10 @@ impl Model {
             // RoPE on q and k, then k and v into the cache.
             let width = q_dim + 2 * kv_dim;
             qkv.par_chunks_mut(width)
-                .zip(rows.par_iter())
-                .for_each(|(row, &(_, pos))| {
+                .zip(tables.par_iter())
+                .for_each(|(row, table)| {
                     for head in row[..q_dim + kv_dim].chunks_exact_mut(hd) {
-                        ops::rope(head, pos, &self.inv_freq);
+                        ops::rope(head, table);
                     }
                 });
             {
@@ -220,29 +224,41 @@ impl Model {
                     vc[off..off + kv_dim].copy_from_slice(&row[q_dim + kv_dim..]);
                 }
             }
-            // Attention, one task per (row, head).
+            // Attention, one task per (row, kv head): the query heads sharing a kv head read
+            // each cached K and V row once.
             let (kc, vc) = cache.layer(l);
-            att.par_chunks_mut(hd).enumerate().for_each(|(i, out)| {
-                let (row, head) = (i / nh, i % nh);
-                let (s, pos) = rows[row];
-                let blocks = seqs[s].blocks;
-                let g = head / (nh / nkv);
-                let q = &qkv[row * width + head * hd..row * width + (head + 1) * hd];
-                let mut scores: Vec<f32> = (0..=pos)
-                    .map(|t| {
+            let rep = nh / nkv;
+            att.par_chunks_mut(rep * hd)
+                .enumerate()
+                .for_each(|(i, out)| {
+                    let (row, g) = (i / nkv, i % nkv);
+                    let (s, pos) = rows[row];
+                    let blocks = seqs[s].blocks;
+                    let q = &qkv[row * width + g * rep * hd..row * width + (g + 1) * rep * hd];
+                    let span = pos + 1;
+                    let mut scores = vec![0f32; rep * span];
+                    for t in 0..span {
                         let off = (blocks[t / bs].index() * bs + t % bs) * kv_dim + g * hd;
-                        ops::dot(q, &kc[off..off + hd]) * scale
-                    })
-                    .collect();
-                ops::softmax(&mut scores);
-                out.fill(0.0);
-                for (t, p) in scores.iter().enumerate() {
-                    let off = (blocks[t / bs].index() * bs + t % bs) * kv_dim + g * hd;
-                    for (o, v) in out.iter_mut().zip(&vc[off..off + hd]) {
-                        *o += p * v;
+                        let k = &kc[off..off + hd];
+                        for j in 0..rep {
+                            scores[j * span + t] = ops::dot(&q[j * hd..(j + 1) * hd], k) * scale;
+                        }
                     }
-                }
-            });
+                    for j in 0..rep {
+                        ops::softmax(&mut scores[j * span..(j + 1) * span]);
+                    }
+                    out.fill(0.0);
+                    for t in 0..span {
+                        let off = (blocks[t / bs].index() * bs + t % bs) * kv_dim + g * hd;
+                        let v = &vc[off..off + hd];
+                        for j in 0..rep {
+                            let p = scores[j * span + t];
+                            for (o, x) in out[j * hd..(j + 1) * hd].iter_mut().zip(v) {
+                                *o += p * x;
+                            }
+                        }
+                    }
+                });
             layer.o.forward(&att, n, &mut proj);
             for (a, b) in x.iter_mut().zip(&proj) {
                 *a += b;

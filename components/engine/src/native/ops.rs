@@ -15,7 +15,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 /// Rows at or below which a matmul is a batch of dot products (each weight read once).
-const GEMV_ROWS: usize = 8;
+const GEMV_ROWS: usize = 1;
 
 pub enum WeightData {
     F32(Vec<f32>),
@@ -115,20 +115,14 @@ impl Linear {
         t.par_chunks_mut(CHUNK * rows)
             .enumerate()
             .for_each(|(c, out)| {
-                let mut wide = vec![0f32; k];
                 for (j, o) in out.chunks_exact_mut(rows).enumerate() {
                     let f = c * CHUNK + j;
-                    let wrow: &[f32] = match &self.w {
-                        WeightData::F32(w) => &w[f * k..(f + 1) * k],
-                        WeightData::Bf16(w) => {
-                            for (d, s) in wide.iter_mut().zip(&w[f * k..(f + 1) * k]) {
-                                *d = s.to_f32();
-                            }
-                            &wide
-                        }
-                    };
                     for (r, v) in o.iter_mut().enumerate() {
-                        *v = dot(&x[r * k..(r + 1) * k], wrow);
+                        let xr = &x[r * k..(r + 1) * k];
+                        *v = match &self.w {
+                            WeightData::F32(w) => dot(xr, &w[f * k..(f + 1) * k]),
+                            WeightData::Bf16(w) => dot_bf16(xr, &w[f * k..(f + 1) * k]),
+                        };
                     }
                 }
             });
@@ -140,7 +134,9 @@ impl Linear {
     }
 }
 
-/// `y[m, ldy-strided from col0] = x[m, k] w[n, k]^T` with the `gemm` crate.
+/// `y[m, ldy-strided from col0] = x[m, k] w[n, k]^T` with the `gemm` crate, computed as
+/// `y^T = w x^T` so that the large operand (the weights) is the left-hand side, which `gemm`
+/// streams without repacking, and only the small activations are packed.
 #[allow(clippy::too_many_arguments)]
 fn gemm_nt(
     x: &[f32],
@@ -158,23 +154,23 @@ fn gemm_nt(
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: the assert above keeps every access in bounds: dst is m x n with row stride
-    // `ldy` starting at `col0`; lhs is x (m x k, row-major); rhs is w^T (k x n), element
-    // (i, j) at w[j * k + i]. The slices are not aliased (y is &mut).
+    // SAFETY: the assert above keeps every access in bounds. dst is y^T (n x m): element
+    // (j, r) at y[r * ldy + col0 + j]; lhs is w (n x k, row-major); rhs is x^T (k x m):
+    // element (i, r) at x[r * k + i]. The slices are not aliased (y is &mut).
     #[allow(unsafe_code)]
     unsafe {
         gemm::gemm(
-            m,
             n,
+            m,
             k,
             y.as_mut_ptr().add(col0),
-            1,
             ldy as isize,
+            1,
             false,
-            x.as_ptr(),
+            w.as_ptr(),
             1,
             k as isize,
-            w.as_ptr(),
+            x.as_ptr(),
             k as isize,
             1,
             0.0,
@@ -187,20 +183,45 @@ fn gemm_nt(
     }
 }
 
-/// A dot product with eight accumulators (vectorizes to AVX2 FMAs).
+/// A dot product with sixteen independent accumulators over fixed-size chunks, so the
+/// compiler vectorizes it without bounds checks (`mul_add` would be a libm call on a build
+/// without FMA enabled).
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] = x[i].mul_add(y[i], acc[i]);
+        let x: &[f32; 16] = x.try_into().expect("chunks of 16");
+        let y: &[f32; 16] = y.try_into().expect("chunks of 16");
+        for i in 0..16 {
+            acc[i] += x[i] * y[i];
         }
     }
     let mut s: f32 = acc.iter().sum();
     for (x, y) in ra.iter().zip(rb) {
         s += x * y;
+    }
+    s
+}
+
+/// [`dot`] against bf16 weights, widened in registers (a bf16 is the top half of an f32).
+#[inline]
+pub fn dot_bf16(a: &[f32], b: &[bf16]) -> f32 {
+    let wide = |v: bf16| f32::from_bits((v.to_bits() as u32) << 16);
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        let x: &[f32; 16] = x.try_into().expect("chunks of 16");
+        let y: &[bf16; 16] = y.try_into().expect("chunks of 16");
+        for i in 0..16 {
+            acc[i] += x[i] * wide(y[i]);
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * wide(*y);
     }
     s
 }
@@ -217,16 +238,26 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
+/// `cos` and `sin` of `pos * inv_freq[i]` for one position (computed in f64 once per
+/// position and step, shared by every head and layer).
+pub fn rope_table(pos: usize, inv_freq: &[f64]) -> Vec<(f32, f32)> {
+    inv_freq
+        .iter()
+        .map(|f| {
+            let (sin, cos) = (pos as f64 * f).sin_cos();
+            (cos as f32, sin as f32)
+        })
+        .collect()
+}
+
 /// Rotates one head vector in place (the "rotate half" layout of Hugging Face Llama):
-/// pairs `(i, i + d/2)` by `pos * inv_freq[i]`.
-pub fn rope(head: &mut [f32], pos: usize, inv_freq: &[f64]) {
+/// pairs `(i, i + d/2)` by the angles of [`rope_table`].
+pub fn rope(head: &mut [f32], table: &[(f32, f32)]) {
     let half = head.len() / 2;
-    for i in 0..half {
-        let angle = pos as f64 * inv_freq[i];
-        let (sin, cos) = angle.sin_cos();
-        let (a, b) = (head[i] as f64, head[i + half] as f64);
-        head[i] = (a * cos - b * sin) as f32;
-        head[i + half] = (b * cos + a * sin) as f32;
+    for (i, &(cos, sin)) in table.iter().enumerate().take(half) {
+        let (a, b) = (head[i], head[i + half]);
+        head[i] = a * cos - b * sin;
+        head[i + half] = b * cos + a * sin;
     }
 }
 
