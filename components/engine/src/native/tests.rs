@@ -276,4 +276,28 @@ async fn bad_models_and_requests_get_clear_errors() {
     assert!(
         matches!(start(&d).err().unwrap(), NativeError::Weights(m) if m.contains("non-finite"))
     );
+    // Finite weights that overflow: each request fails with an error, none hangs or crashes.
+    let d = dir.path().join("overflow");
+    m.write(&d, &mut |_, _| {}).unwrap();
+    let mut tensors = m.tensors();
+    for t in tensors
+        .iter_mut()
+        .filter(|t| t.0.ends_with("input_layernorm.weight"))
+    {
+        t.2.iter_mut().for_each(|x| *x = 3e38);
+    }
+    weights::write_safetensors(&d.join("model.safetensors"), &tensors, weights::Dtype::F32)
+        .unwrap();
+    let e = start(&d).unwrap();
+    for _ in 0..2 {
+        let mut s = e
+            .generate(
+                request(prompt(2, 20), 4, greedy()),
+                CancellationToken::new(),
+            )
+            .unwrap();
+        let first = s.next().await.unwrap();
+        assert!(matches!(first, Err(EngineError::Internal(m)) if m.contains("non-finite")));
+        assert!(s.next().await.is_none());
+    }
 }
