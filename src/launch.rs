@@ -178,7 +178,7 @@ async fn engine(
 }
 
 /// Starts `n` workers on `endpoint`, each its own instance.
-async fn start_workers(
+pub(crate) async fn start_workers(
     runtime: &Runtime,
     s: &LaunchSettings,
     endpoint: &EndpointId,
@@ -205,7 +205,7 @@ async fn start_workers(
     Ok((workers, name))
 }
 
-async fn wait_for_stop(runtime: &Runtime) -> &'static str {
+pub(crate) async fn wait_for_stop(runtime: &Runtime) -> &'static str {
     let stop = runtime.shutdown_token();
     tokio::select! {
         s = dynamo_runtime::shutdown_signal() => s,
@@ -213,7 +213,7 @@ async fn wait_for_stop(runtime: &Runtime) -> &'static str {
     }
 }
 
-async fn stop_workers(workers: Vec<WorkerRole>, grace: Duration) {
+pub(crate) async fn stop_workers(workers: Vec<WorkerRole>, grace: Duration) {
     for w in workers {
         let r = w.shutdown(grace).await;
         if r.open_at_start > 0 {
@@ -248,6 +248,17 @@ pub async fn run_router(
     Ok(())
 }
 
+/// The frontend's settings from the command line (no HTTP address).
+pub(crate) fn frontend_settings(s: &LaunchSettings, namespace: &Namespace) -> FrontendSettings {
+    let mut fs = FrontendSettings::new(namespace.clone());
+    fs.router_mode = s.router_mode;
+    fs.kv_router = s.kv_router.clone();
+    fs.remote_router = s.remote_router;
+    fs.max_inflight = s.max_inflight;
+    fs.max_body_bytes = s.max_body_bytes;
+    fs
+}
+
 pub async fn run(runtime: &Runtime, s: LaunchSettings) -> Result<()> {
     let namespace =
         Namespace::new(&s.namespace).with_context(|| format!("--namespace {:?}", s.namespace))?;
@@ -267,12 +278,7 @@ pub async fn run(runtime: &Runtime, s: LaunchSettings) -> Result<()> {
         stop_workers(workers, grace).await;
         return Ok(());
     }
-    let mut fs = FrontendSettings::new(namespace.clone());
-    fs.router_mode = s.router_mode;
-    fs.kv_router = s.kv_router.clone();
-    fs.remote_router = s.remote_router;
-    fs.max_inflight = s.max_inflight;
-    fs.max_body_bytes = s.max_body_bytes;
+    let mut fs = frontend_settings(&s, &namespace);
     if s.input == Input::Http {
         fs.http_addr = Some(s.http_addr);
     }

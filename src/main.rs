@@ -4,6 +4,7 @@
 //!   terminal chat, or a JSONL batch) with engines in this process or on the bus;
 //! - `dynamo-run in=dyn://NAMESPACE.COMPONENT.ENDPOINT out=echo --model-path DIR`: a worker;
 //! - `dynamo-run router`: the KV router as its own component (`{ns}.router.route`);
+//! - `dynamo-run serve GRAPH.yaml`: a component graph, in this process or as child processes;
 //! - `dynamo-run make-model --out DIR`: a small Hugging Face-style model folder;
 //! - `dynamo-run bench --url URL --model NAME --workload ...`: an OpenAI-HTTP load generator;
 //! - `dynamo-run ls`: instances in discovery and services answering the NATS service protocol;
@@ -14,7 +15,9 @@
 
 mod bench;
 mod diag;
+mod graph;
 mod launch;
+mod serve;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -167,6 +170,18 @@ impl RouterArgs {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Start a component graph (config/*.yaml): in this process on the embedded bus, or with
+    /// --bus as supervised child processes, one per component replica.
+    Serve {
+        /// The graph file.
+        file: PathBuf,
+        /// With --bus: start only this component (a graph spread over machines).
+        #[arg(long)]
+        only: Option<String>,
+        /// Override a setting: COMPONENT.KEY=VALUE or defaults.KEY=VALUE (repeatable).
+        #[arg(long = "set", value_name = "COMPONENT.KEY=VALUE")]
+        set: Vec<String>,
+    },
     /// Run the KV router as its own component (`{namespace}.router.route`) until SIGTERM;
     /// frontends use it with --router-mode kv --remote-router.
     Router(RouterArgs),
@@ -385,6 +400,15 @@ async fn run(cli: Cli) -> Result<()> {
         Some(Command::Router(args)) => Some(args.settings()?),
         _ => None,
     };
+    // A graph is validated before anything starts.
+    let graph = match &cli.command {
+        Some(Command::Serve { file, set, .. }) => {
+            // `DYN_GRAPH__*` overrides: read here, with the other command-line settings.
+            let env: Vec<(String, String)> = std::env::vars().collect();
+            Some(graph::load(file, &env, set)?)
+        }
+        _ => None,
+    };
     let overrides = Overrides {
         bus: cli.bus.clone(),
         log: cli.log.clone(),
@@ -422,6 +446,16 @@ async fn run(cli: Cli) -> Result<()> {
                 .map(|_| ())
         }
         Some(Command::Ls) => diag::ls(&runtime).await,
+        Some(Command::Serve { only, .. }) => {
+            let g = graph.expect("loaded above");
+            match cli.bus.clone().or_else(|| g.bus.clone()) {
+                Some(bus) => serve::supervised(&runtime, &g, &bus, only.as_deref()).await,
+                None if only.is_some() => {
+                    Err(anyhow::anyhow!("--only needs a bus (--bus nats://...): without one the whole graph runs in this process"))
+                }
+                None => serve::embedded(&runtime, &g).await,
+            }
+        }
         Some(Command::Router(_)) => {
             launch::run_router(&runtime, &cli.namespace, router.expect("parsed above")).await
         }

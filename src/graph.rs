@@ -1,0 +1,656 @@
+//! Component graphs: a deployment declared once in YAML (`config/*.yaml`) and started with
+//! `dynamo-run serve`.
+//!
+//! ```yaml
+//! namespace: dynamo            # optional, default "dynamo"
+//! defaults:                    # settings every component inherits (and may override)
+//!   model_path: models/tiny
+//! components:
+//!   backend:                   # the component's name on the bus
+//!     role: worker             # frontend | router | worker (prefill, decode, planner and
+//!     replicas: 4              #   offloader are reserved for later roles)
+//!     engine: mocker           # worker: echo | mocker | native
+//!     num_gpu_blocks: 1024
+//!   router:
+//!     role: router
+//!   frontend:
+//!     role: frontend
+//!     http_port: 8080
+//!     router_mode: kv
+//!     depends_on: [router]     # optional; roles already start workers, routers, frontends
+//! ```
+//!
+//! Settings resolve with one precedence: `defaults` < the component's own keys < environment
+//! (`DYN_GRAPH__{COMPONENT}__{KEY}`, `DEFAULTS` for defaults) < `--set component.key=value`.
+//! Validation happens before anything starts and names the file, line and key: unknown keys
+//! or roles, bad references, dependency cycles, impossible replica counts, a worker without an
+//! engine or model, and port clashes.
+//!
+//! A graph compiles to one `dynamo-run` command line per component replica
+//! ([`Component::args`]): `serve` runs those in this process on the embedded bus, or as
+//! supervised child processes with `--bus`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Result};
+use serde::Deserialize;
+use serde_yaml::{Mapping, Value};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Worker,
+    Router,
+    Frontend,
+    Prefill,
+    Decode,
+    Planner,
+    Offloader,
+}
+
+impl Role {
+    /// Start order when `depends_on` says nothing: workers, then routers, then frontends.
+    fn rank(self) -> u8 {
+        match self {
+            Role::Worker | Role::Prefill | Role::Decode | Role::Offloader => 0,
+            Role::Router => 1,
+            Role::Frontend | Role::Planner => 2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EngineKind {
+    Echo,
+    Mocker,
+    Native,
+}
+
+/// Every setting a component can have (those of other roles are rejected).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    // Shared.
+    pub model_path: Option<PathBuf>,
+    pub model_name: Option<String>,
+    pub block_size: Option<usize>,
+    /// Prometheus `/metrics` port of the first replica (replica i: + i).
+    pub metrics_port: Option<u16>,
+    pub log: Option<String>,
+    // Workers.
+    pub engine: Option<EngineKind>,
+    pub endpoint: Option<String>,
+    pub num_gpu_blocks: Option<usize>,
+    pub max_num_seqs: Option<usize>,
+    pub max_num_batched_tokens: Option<usize>,
+    pub speedup_ratio: Option<f64>,
+    pub echo_delay_ms: Option<u64>,
+    pub kv_cache_memory: Option<String>,
+    pub dtype: Option<String>,
+    // Routers, and frontends routing in-process.
+    pub router_mode: Option<String>,
+    pub kv_overlap_score_weight: Option<f64>,
+    pub router_temperature: Option<f64>,
+    pub busy_threshold: Option<f64>,
+    // Frontends.
+    pub http_port: Option<u16>,
+    pub http_host: Option<String>,
+    pub max_inflight: Option<usize>,
+    pub max_body_bytes: Option<usize>,
+}
+
+const SETTING_KEYS: &[&str] = &[
+    "model_path",
+    "model_name",
+    "block_size",
+    "metrics_port",
+    "log",
+    "engine",
+    "endpoint",
+    "num_gpu_blocks",
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "speedup_ratio",
+    "echo_delay_ms",
+    "kv_cache_memory",
+    "dtype",
+    "router_mode",
+    "kv_overlap_score_weight",
+    "router_temperature",
+    "busy_threshold",
+    "http_port",
+    "http_host",
+    "max_inflight",
+    "max_body_bytes",
+];
+
+const WORKER_KEYS: &[&str] = &[
+    "engine",
+    "endpoint",
+    "num_gpu_blocks",
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "speedup_ratio",
+    "echo_delay_ms",
+    "kv_cache_memory",
+    "dtype",
+];
+const FRONTEND_KEYS: &[&str] = &["http_port", "http_host", "max_inflight", "max_body_bytes"];
+
+/// One component of a graph, settings resolved.
+#[derive(Debug, Clone)]
+pub struct Component {
+    pub name: String,
+    pub role: Role,
+    pub replicas: usize,
+    pub depends_on: Vec<String>,
+    pub settings: Settings,
+}
+
+#[derive(Debug, Clone)]
+pub struct Graph {
+    pub file: PathBuf,
+    pub namespace: String,
+    pub bus: Option<String>,
+    /// In start order (dependencies first).
+    pub components: Vec<Component>,
+}
+
+/// Where a key is in the file, for errors: `FILE:LINE: key`.
+struct Locator<'a> {
+    file: &'a Path,
+    text: &'a str,
+}
+
+impl Locator<'_> {
+    /// Line (1-based) of `key` inside the block of `section` (a top-level key, or
+    /// `components.NAME`), or of the section itself.
+    fn line(&self, path: &[&str]) -> Option<usize> {
+        let mut indent = -1i64;
+        let mut from = 0;
+        let lines: Vec<&str> = self.text.lines().collect();
+        let mut found = None;
+        for part in path {
+            found = None;
+            for (i, l) in lines.iter().enumerate().skip(from) {
+                let trimmed = l.trim_start();
+                if trimmed.is_empty() || trimmed.starts_with('#') {
+                    continue;
+                }
+                let ind = (l.len() - trimmed.len()) as i64;
+                if ind <= indent && i > from {
+                    break;
+                }
+                if ind > indent
+                    && (trimmed.starts_with(&format!("{part}:"))
+                        || trimmed.starts_with(&format!("\"{part}\":")))
+                {
+                    found = Some(i);
+                    indent = ind;
+                    from = i + 1;
+                    break;
+                }
+            }
+            found?;
+        }
+        found.map(|i| i + 1)
+    }
+
+    fn error(&self, path: &[&str], msg: impl std::fmt::Display) -> anyhow::Error {
+        let key = path.join(".");
+        match self
+            .line(path)
+            .or_else(|| self.line(&path[..path.len().saturating_sub(1)]))
+        {
+            Some(line) => anyhow::anyhow!("{}:{line}: {key}: {msg}", self.file.display()),
+            None => anyhow::anyhow!("{}: {key}: {msg}", self.file.display()),
+        }
+    }
+}
+
+/// Parses a scalar override (`--set a.b=V`, environment) as YAML, so numbers are numbers.
+fn scalar(v: &str) -> Value {
+    serde_yaml::from_str::<Value>(v).unwrap_or_else(|_| Value::String(v.to_string()))
+}
+
+fn key(s: &str) -> Value {
+    Value::String(s.to_string())
+}
+
+/// Applies `section.key=value` to the raw document (`defaults.x`, or `NAME.x` for component
+/// NAME).
+fn apply_override(doc: &mut Mapping, target: &str, value: Value, origin: &str) -> Result<()> {
+    let Some((section, k)) = target.split_once('.') else {
+        bail!("{origin} {target:?}: expected COMPONENT.KEY=VALUE or defaults.KEY=VALUE");
+    };
+    let map = if section == "defaults" {
+        doc.entry(key("defaults"))
+            .or_insert_with(|| Value::Mapping(Mapping::new()))
+    } else {
+        let comps = doc
+            .get_mut(key("components"))
+            .and_then(Value::as_mapping_mut)
+            .ok_or_else(|| anyhow::anyhow!("{origin} {target:?}: the graph has no components"))?;
+        comps.get_mut(key(section)).ok_or_else(|| {
+            anyhow::anyhow!("{origin} {target:?}: no component {section:?} in the graph")
+        })?
+    };
+    let Some(map) = map.as_mapping_mut() else {
+        bail!("{origin} {target:?}: {section} is not a mapping");
+    };
+    map.insert(key(k), value);
+    Ok(())
+}
+
+/// Reads, overrides and validates a graph.
+pub fn load(file: &Path, env: &[(String, String)], sets: &[String]) -> Result<Graph> {
+    let text =
+        std::fs::read_to_string(file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let loc = Locator { file, text: &text };
+    let mut doc: Mapping = match serde_yaml::from_str(&text) {
+        Ok(Value::Mapping(m)) => m,
+        Ok(_) => bail!(
+            "{}: a graph is a mapping with `components:`",
+            file.display()
+        ),
+        Err(e) => match e.location() {
+            Some(l) => bail!("{}:{}: {e}", file.display(), l.line()),
+            None => bail!("{}: {e}", file.display()),
+        },
+    };
+    for k in doc.keys() {
+        let name = k.as_str().unwrap_or("?");
+        if !["namespace", "bus", "defaults", "components"].contains(&name) {
+            return Err(loc.error(
+                &[name],
+                "unknown key; expected namespace, bus, defaults, components",
+            ));
+        }
+    }
+    // Environment, then --set, over the file.
+    for (k, v) in env {
+        if let Some(rest) = k.strip_prefix("DYN_GRAPH__") {
+            let target = rest.to_ascii_lowercase().replace("__", ".");
+            apply_override(&mut doc, &target, scalar(v), k)?;
+        }
+    }
+    for s in sets {
+        let Some((target, v)) = s.split_once('=') else {
+            bail!("--set {s:?}: expected COMPONENT.KEY=VALUE");
+        };
+        apply_override(&mut doc, target, scalar(v), "--set")?;
+    }
+    let namespace = match doc.get(key("namespace")) {
+        None => "dynamo".to_string(),
+        Some(Value::String(s)) => s.clone(),
+        Some(_) => return Err(loc.error(&["namespace"], "must be a string")),
+    };
+    dynamo_runtime::subject::Namespace::new(&namespace)
+        .map_err(|e| loc.error(&["namespace"], e))?;
+    let bus = match doc.get(key("bus")) {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s == "embedded" => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(_) => return Err(loc.error(&["bus"], "must be a nats:// URL or `embedded`")),
+    };
+    let defaults = match doc.get(key("defaults")) {
+        None | Some(Value::Null) => Mapping::new(),
+        Some(Value::Mapping(m)) => m.clone(),
+        Some(_) => return Err(loc.error(&["defaults"], "must be a mapping of settings")),
+    };
+    check_settings(&loc, &["defaults"], &defaults)?;
+    let comps = match doc.get(key("components")) {
+        Some(Value::Mapping(m)) if !m.is_empty() => m.clone(),
+        _ => {
+            return Err(loc.error(
+                &["components"],
+                "the graph needs a non-empty `components:` mapping",
+            ))
+        }
+    };
+    let mut components = Vec::new();
+    for (name, spec) in &comps {
+        let name = name.as_str().unwrap_or_default().to_string();
+        dynamo_runtime::subject::ComponentName::new(&name)
+            .map_err(|e| loc.error(&["components", &name], e))?;
+        let path = ["components", name.as_str()];
+        let Value::Mapping(spec) = spec else {
+            return Err(loc.error(&path, "must be a mapping with at least `role:`"));
+        };
+        let mut own = spec.clone();
+        let role: Role = match own.remove(key("role")) {
+            Some(v) => serde_yaml::from_value(v).map_err(|_| {
+                loc.error(&["components", &name, "role"], "unknown role; expected frontend, router or worker (prefill, decode, planner, offloader come with later roles)")
+            })?,
+            None => return Err(loc.error(&path, "missing `role:`")),
+        };
+        let replicas = match own.remove(key("replicas")) {
+            None => 1,
+            Some(Value::Number(n)) if n.as_u64().is_some_and(|r| (1..=4096).contains(&r)) => {
+                n.as_u64().unwrap_or(1) as usize
+            }
+            Some(v) => {
+                return Err(loc.error(
+                    &["components", &name, "replicas"],
+                    format!("{v:?} is not a replica count (1 to 4096)"),
+                ))
+            }
+        };
+        let depends_on: Vec<String> = match own.remove(key("depends_on")) {
+            None => Vec::new(),
+            Some(v) => serde_yaml::from_value(v).map_err(|_| {
+                loc.error(
+                    &["components", &name, "depends_on"],
+                    "must be a list of component names",
+                )
+            })?,
+        };
+        check_settings(&loc, &path, &own)?;
+        // defaults < component.
+        let mut merged = defaults.clone();
+        for (k, v) in own {
+            merged.insert(k, v);
+        }
+        let settings: Settings =
+            serde_yaml::from_value(Value::Mapping(merged)).map_err(|e| loc.error(&path, e))?;
+        components.push(Component {
+            name,
+            role,
+            replicas,
+            depends_on,
+            settings,
+        });
+    }
+    let components = validate(&loc, components)?;
+    Ok(Graph {
+        file: file.to_path_buf(),
+        namespace,
+        bus,
+        components,
+    })
+}
+
+/// Unknown keys and wrongly typed values of a settings mapping.
+fn check_settings(loc: &Locator<'_>, path: &[&str], m: &Mapping) -> Result<()> {
+    for (k, v) in m {
+        let name = k.as_str().unwrap_or("?");
+        let mut p = path.to_vec();
+        p.push(name);
+        if !SETTING_KEYS.contains(&name) {
+            return Err(loc.error(
+                &p,
+                format!("unknown key; settings are: {}", SETTING_KEYS.join(", ")),
+            ));
+        }
+        let mut one = Mapping::new();
+        one.insert(k.clone(), v.clone());
+        serde_yaml::from_value::<Settings>(Value::Mapping(one)).map_err(|e| loc.error(&p, e))?;
+    }
+    Ok(())
+}
+
+fn validate(loc: &Locator<'_>, comps: Vec<Component>) -> Result<Vec<Component>> {
+    let names: HashSet<&str> = comps.iter().map(|c| c.name.as_str()).collect();
+    for c in &comps {
+        let at = |k: &'static str| vec!["components", c.name.as_str(), k];
+        if matches!(
+            c.role,
+            Role::Prefill | Role::Decode | Role::Planner | Role::Offloader
+        ) {
+            return Err(loc.error(
+                &at("role"),
+                format!("role {:?} is not available yet", c.role),
+            ));
+        }
+        for d in &c.depends_on {
+            if !names.contains(d.as_str()) {
+                return Err(loc.error(&at("depends_on"), format!("no component named {d:?}")));
+            }
+            if d == &c.name {
+                return Err(loc.error(&at("depends_on"), "a component cannot depend on itself"));
+            }
+        }
+        let s = &c.settings;
+        let own = |keys: &[&'static str], role: &str| -> Result<()> {
+            let set: Vec<&str> = keys
+                .iter()
+                .copied()
+                .filter(|k| loc.line(&["components", c.name.as_str(), k]).is_some())
+                .collect();
+            if let Some(k) = set.first() {
+                return Err(loc.error(&at(k), format!("only a {role} has this setting")));
+            }
+            Ok(())
+        };
+        match c.role {
+            Role::Worker => {
+                own(FRONTEND_KEYS, "frontend")?;
+                let Some(engine) = s.engine else {
+                    return Err(loc.error(
+                        &at("engine"),
+                        "a worker needs `engine:` (echo, mocker or native)",
+                    ));
+                };
+                let _ = engine;
+                if s.model_path.is_none() {
+                    return Err(loc.error(
+                        &at("model_path"),
+                        "a worker needs `model_path:` (here or in defaults; `--set defaults.model_path=DIR`)",
+                    ));
+                }
+            }
+            Role::Frontend => {
+                own(WORKER_KEYS, "worker")?;
+                if c.replicas > 1 && s.http_port.is_some_and(|p| p != 0) {
+                    return Err(loc.error(
+                        &at("replicas"),
+                        format!(
+                            "{} replicas cannot all listen on http_port {} on one machine",
+                            c.replicas,
+                            s.http_port.unwrap_or(0)
+                        ),
+                    ));
+                }
+            }
+            Role::Router => {
+                own(WORKER_KEYS, "worker")?;
+                own(FRONTEND_KEYS, "frontend")?;
+            }
+            _ => {}
+        }
+    }
+    // Port clashes: HTTP ports and metrics port ranges.
+    let mut ports: HashMap<u16, String> = HashMap::new();
+    for c in &comps {
+        let mut claim = |port: u16, what: &str| -> Result<()> {
+            if port == 0 {
+                return Ok(());
+            }
+            if let Some(other) = ports.insert(port, format!("{} {what}", c.name)) {
+                return Err(loc.error(
+                    &["components", &c.name, what],
+                    format!("port {port} is also {other}"),
+                ));
+            }
+            Ok(())
+        };
+        if c.role == Role::Frontend {
+            claim(c.settings.http_port.unwrap_or(8080), "http_port")?;
+        }
+        if let Some(m) = c.settings.metrics_port {
+            for i in 0..c.replicas {
+                claim(m.wrapping_add(i as u16), "metrics_port")?;
+            }
+        }
+    }
+    // Start order: dependencies first (explicit edges, then roles), cycles refused.
+    let mut order: Vec<Component> = Vec::new();
+    let mut left: BTreeMap<(u8, usize), Component> = comps
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| ((c.role.rank(), i), c))
+        .collect();
+    while !left.is_empty() {
+        let ready = left
+            .iter()
+            .find(|(_, c)| {
+                c.depends_on
+                    .iter()
+                    .all(|d| order.iter().any(|o| &o.name == d))
+            })
+            .map(|(k, _)| *k);
+        match ready {
+            Some(k) => order.push(left.remove(&k).expect("found above")),
+            None => {
+                let c = left.values().next().expect("not empty");
+                return Err(loc.error(
+                    &["components", &c.name, "depends_on"],
+                    format!(
+                        "dependency cycle among {}",
+                        left.values()
+                            .map(|c| c.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(order)
+}
+
+impl Graph {
+    pub fn component(&self, name: &str) -> Option<&Component> {
+        self.components.iter().find(|c| c.name == name)
+    }
+
+    /// Whether some component is a router (frontends in kv mode then ask it).
+    pub fn has_router(&self) -> bool {
+        self.components.iter().any(|c| c.role == Role::Router)
+    }
+}
+
+impl Component {
+    /// The `dynamo-run` arguments of replica `replica` (after the binary name), `bus` given
+    /// or not.
+    pub fn args(&self, g: &Graph, bus: Option<&str>, replica: usize) -> Vec<String> {
+        let s = &self.settings;
+        let mut a: Vec<String> = Vec::new();
+        let flag = |a: &mut Vec<String>, name: &str, v: Option<String>| {
+            if let Some(v) = v {
+                a.push(format!("--{name}"));
+                a.push(v);
+            }
+        };
+        if let Some(b) = bus {
+            flag(&mut a, "bus", Some(b.to_string()));
+        }
+        flag(&mut a, "namespace", Some(g.namespace.clone()));
+        flag(&mut a, "log", s.log.clone());
+        flag(
+            &mut a,
+            "metrics-port",
+            s.metrics_port.map(|p| (p as usize + replica).to_string()),
+        );
+        let router = |a: &mut Vec<String>| {
+            let mut f = |n: &str, v: Option<f64>| {
+                if let Some(v) = v {
+                    a.push(format!("--{n}={v}"));
+                }
+            };
+            f("kv-overlap-score-weight", s.kv_overlap_score_weight);
+            f("router-temperature", s.router_temperature);
+            f("busy-threshold", s.busy_threshold);
+        };
+        match self.role {
+            Role::Router => {
+                a.push("router".into());
+                router(&mut a);
+            }
+            Role::Frontend => {
+                a.push("in=http".into());
+                a.push("out=dyn".into());
+                flag(
+                    &mut a,
+                    "http-port",
+                    Some(s.http_port.unwrap_or(8080).to_string()),
+                );
+                flag(&mut a, "http-host", s.http_host.clone());
+                flag(&mut a, "model-name", s.model_name.clone());
+                let mode = s.router_mode.clone().unwrap_or_else(|| {
+                    if g.has_router() {
+                        "kv".into()
+                    } else {
+                        "round-robin".into()
+                    }
+                });
+                if g.has_router() && (mode == "kv" || mode == "least-loaded") {
+                    a.push("--remote-router".into());
+                }
+                flag(&mut a, "router-mode", Some(mode));
+                router(&mut a);
+                flag(
+                    &mut a,
+                    "max-inflight",
+                    s.max_inflight.map(|v| v.to_string()),
+                );
+                flag(
+                    &mut a,
+                    "max-body-bytes",
+                    s.max_body_bytes.map(|v| v.to_string()),
+                );
+            }
+            _ => {
+                let engine = match s.engine {
+                    Some(EngineKind::Echo) => "echo",
+                    Some(EngineKind::Native) => "native",
+                    _ => "mocker",
+                };
+                a.push(format!(
+                    "in=dyn://{}.{}.{}",
+                    g.namespace,
+                    self.name,
+                    s.endpoint.as_deref().unwrap_or("generate")
+                ));
+                a.push(format!("out={engine}"));
+                flag(
+                    &mut a,
+                    "model-path",
+                    s.model_path.as_ref().map(|p| p.display().to_string()),
+                );
+                flag(&mut a, "model-name", s.model_name.clone());
+                flag(&mut a, "block-size", s.block_size.map(|v| v.to_string()));
+                flag(
+                    &mut a,
+                    "num-gpu-blocks",
+                    s.num_gpu_blocks.map(|v| v.to_string()),
+                );
+                flag(
+                    &mut a,
+                    "max-num-seqs",
+                    s.max_num_seqs.map(|v| v.to_string()),
+                );
+                flag(
+                    &mut a,
+                    "max-num-batched-tokens",
+                    s.max_num_batched_tokens.map(|v| v.to_string()),
+                );
+                flag(
+                    &mut a,
+                    "speedup-ratio",
+                    s.speedup_ratio.map(|v| v.to_string()),
+                );
+                flag(
+                    &mut a,
+                    "echo-delay-ms",
+                    s.echo_delay_ms.map(|v| v.to_string()),
+                );
+                flag(&mut a, "kv-cache-memory", s.kv_cache_memory.clone());
+                flag(&mut a, "dtype", s.dtype.clone());
+            }
+        }
+        a
+    }
+}

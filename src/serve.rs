@@ -1,0 +1,280 @@
+//! `dynamo-run serve GRAPH.yaml`: starts a component graph ([`crate::graph`]).
+//!
+//! - Without a bus, every component runs in this process on the embedded bus (workers as
+//!   instances, routers as router components, frontends on their HTTP ports).
+//! - With `--bus nats://...` (or `bus:` in the graph), each component replica is its own
+//!   `dynamo-run` child process, started in dependency order (each component's replicas ready
+//!   before its dependents start), its output prefixed `[component.replica]`, restarted with
+//!   exponential backoff (1 s doubling to 30 s; reset after a minute up) if it exits.
+//!   `--only NAME` starts just that component (a graph spread over machines).
+//!
+//! SIGTERM or SIGINT stops everything in reverse dependency order: each component's processes
+//! get SIGTERM and up to the runtime's shutdown grace to drain, then SIGKILL.
+
+use std::io::Write;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Parser;
+use dynamo_actors::frontend::Frontend;
+use dynamo_actors::router::RouterComponent;
+use dynamo_runtime::subject::Namespace;
+use dynamo_runtime::Runtime;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::graph::{Component, Graph, Role};
+use crate::launch::{self, Input};
+
+/// Parses a component's arguments as the command line would.
+fn parse(args: &[String]) -> Result<crate::Cli> {
+    crate::Cli::try_parse_from(
+        std::iter::once("dynamo-run".to_string()).chain(args.iter().cloned()),
+    )
+    .map_err(|e| anyhow!("{e}"))
+}
+
+/// Runs the graph in this process.
+pub async fn embedded(runtime: &Runtime, g: &Graph) -> Result<()> {
+    let ns = Namespace::new(&g.namespace)?;
+    let grace = runtime.settings().shutdown_grace;
+    let mut workers = Vec::new();
+    let mut routers = Vec::new();
+    let mut frontends = Vec::new();
+    for c in &g.components {
+        let args = c.args(g, None, 0);
+        let cli = parse(&args).with_context(|| format!("component {}", c.name))?;
+        match c.role {
+            Role::Router => {
+                let Some(crate::Command::Router(r)) = &cli.command else {
+                    bail!("component {}: not a router command line", c.name);
+                };
+                for _ in 0..c.replicas {
+                    let r = RouterComponent::start(runtime, ns.clone(), r.settings()?)
+                        .await
+                        .map_err(|e| anyhow!("component {}: {e}", c.name))?;
+                    routers.push(r);
+                }
+                println!("[{}] {} router(s) ready", c.name, c.replicas);
+            }
+            Role::Frontend => {
+                let s = crate::launch_settings(&cli)?;
+                for _ in 0..c.replicas {
+                    let mut fs = launch::frontend_settings(&s, &ns);
+                    fs.http_addr = Some(s.http_addr);
+                    let f = Frontend::start(runtime, fs).await?;
+                    println!(
+                        "[{}] ready: http://{}/v1",
+                        c.name,
+                        f.local_addr().expect("an HTTP frontend")
+                    );
+                    frontends.push(f);
+                }
+            }
+            _ => {
+                let s = crate::launch_settings(&cli)?;
+                let Input::Endpoint(ep) = &s.input else {
+                    bail!("component {}: not a worker command line", c.name);
+                };
+                let (w, model) = launch::start_workers(runtime, &s, ep, c.replicas).await?;
+                println!("[{}] {} worker(s) of model {model} ready", c.name, w.len());
+                workers.push(w);
+            }
+        }
+        std::io::stdout().flush()?;
+    }
+    println!(
+        "ready: graph {} ({} components) on the embedded bus",
+        g.file.display(),
+        g.components.len()
+    );
+    std::io::stdout().flush()?;
+    let signal = launch::wait_for_stop(runtime).await;
+    eprintln!("{signal}: stopping in reverse dependency order");
+    for f in frontends {
+        f.shutdown().await;
+    }
+    for r in routers {
+        r.shutdown().await;
+    }
+    for w in workers.into_iter().rev() {
+        launch::stop_workers(w, grace).await;
+    }
+    Ok(())
+}
+
+fn signal(pid: u32, sig: nix::sys::signal::Signal) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
+}
+
+/// One replica's supervision loop: run, forward output, restart with backoff until `stop`.
+async fn supervise(
+    label: String,
+    args: Vec<String>,
+    ready: mpsc::UnboundedSender<(String, String)>,
+    stop: CancellationToken,
+    shutting_down: CancellationToken,
+    grace: Duration,
+) {
+    let exe = std::env::current_exe().unwrap_or_else(|_| "dynamo-run".into());
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let started = Instant::now();
+        let child = tokio::process::Command::new(&exe)
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            // Its own process group: a terminal's Ctrl-C reaches only this supervisor, which
+            // stops the children in order.
+            .process_group(0)
+            .spawn();
+        let mut child = match child {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("[{label}] cannot start: {e}");
+                return;
+            }
+        };
+        let pid = child.id().unwrap_or(0);
+        let forward = |stream: Option<Box<dyn tokio::io::AsyncRead + Unpin + Send>>, out: bool| {
+            let (label, ready) = (label.clone(), ready.clone());
+            tokio::spawn(async move {
+                let Some(s) = stream else { return };
+                let mut lines = BufReader::new(s).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if out {
+                        if line.starts_with("ready") {
+                            let _ = ready.send((label.clone(), line.clone()));
+                        }
+                        println!("[{label}] {line}");
+                    } else {
+                        eprintln!("[{label}] {line}");
+                    }
+                }
+            })
+        };
+        let o = forward(child.stdout.take().map(|s| Box::new(s) as _), true);
+        let e = forward(child.stderr.take().map(|s| Box::new(s) as _), false);
+        let status = tokio::select! {
+            s = child.wait() => Some(s),
+            _ = stop.cancelled() => None,
+        };
+        match status {
+            None => {
+                signal(pid, nix::sys::signal::Signal::SIGTERM);
+                if tokio::time::timeout(grace, child.wait()).await.is_err() {
+                    eprintln!("[{label}] did not stop within {grace:?}: killing");
+                    let _ = child.kill().await;
+                }
+                let _ = tokio::join!(o, e);
+                return;
+            }
+            Some(status) => {
+                let _ = tokio::join!(o, e);
+                let status = status
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|e| e.to_string());
+                if shutting_down.is_cancelled() {
+                    eprintln!("[{label}] exited ({status}) during shutdown");
+                    return;
+                }
+                if started.elapsed() > Duration::from_secs(60) {
+                    backoff = Duration::from_secs(1);
+                }
+                eprintln!("[{label}] exited ({status}); restarting in {backoff:?}");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.cancelled() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+struct Running {
+    stop: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Runs the graph's components (or only `only`) as supervised child processes on `bus`.
+pub async fn supervised(runtime: &Runtime, g: &Graph, bus: &str, only: Option<&str>) -> Result<()> {
+    let grace = runtime.settings().shutdown_grace;
+    let comps: Vec<&Component> = match only {
+        Some(name) => vec![g.component(name).ok_or_else(|| {
+            anyhow!("--only {name:?}: no such component in {}", g.file.display())
+        })?],
+        None => g.components.iter().collect(),
+    };
+    let mut running: Vec<Running> = Vec::new();
+    let shutting_down = CancellationToken::new();
+    let processes: usize = comps.iter().map(|c| c.replicas).sum();
+    let result = async {
+        for c in &comps {
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let stop = CancellationToken::new();
+            let tasks = (0..c.replicas)
+                .map(|r| {
+                    tokio::spawn(supervise(
+                        format!("{}.{r}", c.name),
+                        c.args(g, Some(bus), r),
+                        tx.clone(),
+                        stop.clone(),
+                        shutting_down.clone(),
+                        grace,
+                    ))
+                })
+                .collect();
+            running.push(Running { stop, tasks });
+            // Dependents start once every replica of this component is ready.
+            let seen = Arc::new(Mutex::new(std::collections::HashSet::new()));
+            let wait = async {
+                while seen.lock().map(|s| s.len()).unwrap_or(0) < c.replicas {
+                    match rx.recv().await {
+                        Some((label, _)) => {
+                            if let Ok(mut s) = seen.lock() {
+                                s.insert(label);
+                            }
+                        }
+                        None => break,
+                    }
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::timeout(Duration::from_secs(120), wait) => {}
+                s = launch::wait_for_stop(runtime) => bail!("{s} while starting {}", c.name),
+            }
+            let ready = seen.lock().map(|s| s.len()).unwrap_or(0);
+            if ready < c.replicas {
+                bail!(
+                    "component {}: {ready} of {} replicas got ready within 120 s",
+                    c.name,
+                    c.replicas
+                );
+            }
+        }
+        Ok(())
+    }
+    .await;
+    if result.is_ok() {
+        println!(
+            "ready: graph {} ({processes} processes) on {bus}",
+            g.file.display()
+        );
+        std::io::stdout().flush()?;
+        let signal = launch::wait_for_stop(runtime).await;
+        eprintln!("{signal}: stopping in reverse dependency order");
+    }
+    shutting_down.cancel();
+    for r in running.into_iter().rev() {
+        r.stop.cancel();
+        for t in r.tasks {
+            let _ = t.await;
+        }
+    }
+    result
+}
