@@ -291,7 +291,15 @@ pub async fn run(runtime: &Runtime, s: LaunchSettings) -> Result<()> {
             wait_model(&frontend, Some(&name), n).await?;
             (w, Some(name))
         }
-        Output::Dyn => (Vec::new(), s.model_name.clone()),
+        Output::Dyn => {
+            // A named model: "ready" once it can be served (workers may also come later).
+            if let (Some(name), Input::Http) = (&s.model_name, &s.input) {
+                if let Err(e) = wait_model(&frontend, Some(name), 1).await {
+                    eprintln!("warning: {e}");
+                }
+            }
+            (Vec::new(), s.model_name.clone())
+        }
     };
     let result = match &s.input {
         Input::Http => {
@@ -324,7 +332,11 @@ pub async fn run(runtime: &Runtime, s: LaunchSettings) -> Result<()> {
 }
 
 /// Waits until `name` (or, without a name, any model) is served by `instances` instances.
-async fn wait_model(frontend: &Frontend, name: Option<&str>, instances: usize) -> Result<String> {
+pub(crate) async fn wait_model(
+    frontend: &Frontend,
+    name: Option<&str>,
+    instances: usize,
+) -> Result<String> {
     const WAIT: Duration = Duration::from_secs(30);
     let table = frontend.models();
     let found = tokio::time::timeout(WAIT, async {

@@ -44,6 +44,8 @@ pub async fn embedded(runtime: &Runtime, g: &Graph) -> Result<()> {
     let mut workers = Vec::new();
     let mut routers = Vec::new();
     let mut frontends = Vec::new();
+    // (model, instances) of the workers started so far: frontends are ready once they list them.
+    let mut models: Vec<(String, usize)> = Vec::new();
     for c in &g.components {
         let args = c.args(g, None, 0);
         let cli = parse(&args).with_context(|| format!("component {}", c.name))?;
@@ -66,6 +68,9 @@ pub async fn embedded(runtime: &Runtime, g: &Graph) -> Result<()> {
                     let mut fs = launch::frontend_settings(&s, &ns);
                     fs.http_addr = Some(s.http_addr);
                     let f = Frontend::start(runtime, fs).await?;
+                    for (m, n) in &models {
+                        launch::wait_model(&f, Some(m), *n).await?;
+                    }
                     println!(
                         "[{}] ready: http://{}/v1",
                         c.name,
@@ -81,6 +86,10 @@ pub async fn embedded(runtime: &Runtime, g: &Graph) -> Result<()> {
                 };
                 let (w, model) = launch::start_workers(runtime, &s, ep, c.replicas).await?;
                 println!("[{}] {} worker(s) of model {model} ready", c.name, w.len());
+                match models.iter_mut().find(|(m, _)| *m == model) {
+                    Some((_, n)) => *n += w.len(),
+                    None => models.push((model, w.len())),
+                }
                 workers.push(w);
             }
         }

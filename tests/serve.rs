@@ -1,0 +1,320 @@
+//! `dynamo-run serve` on the shipped graphs: bad graphs fail before anything starts, naming
+//! file, line and key; `config/mocker-cluster.yaml` serves on the embedded bus and takes a
+//! `dynamo-run bench` run; over a real nats-server each replica is a supervised process that
+//! is restarted when killed, and SIGTERM stops them all.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{dynamo_run, model_dir};
+use dynamo_runtime::testing::NatsServer;
+
+fn graph(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("config")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+/// A `dynamo-run serve` child whose output lines are collected.
+struct Serve {
+    child: Child,
+    out: Arc<Mutex<Vec<String>>>,
+    err: Arc<Mutex<Vec<String>>>,
+}
+
+impl Serve {
+    fn start(args: &[&str]) -> Serve {
+        let mut child = dynamo_run()
+            .arg("serve")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let collect = |r: Box<dyn std::io::Read + Send>| {
+            let lines = Arc::new(Mutex::new(Vec::new()));
+            let l = lines.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(r).lines().map_while(Result::ok) {
+                    l.lock().unwrap().push(line);
+                }
+            });
+            lines
+        };
+        let out = collect(Box::new(child.stdout.take().unwrap()));
+        let err = collect(Box::new(child.stderr.take().unwrap()));
+        Serve { child, out, err }
+    }
+
+    /// Waits for a stdout line containing `needle` (the n-th such line); returns it.
+    fn wait_out(&mut self, needle: &str, nth: usize, within: Duration) -> String {
+        let until = Instant::now() + within;
+        loop {
+            if let Some(l) = self
+                .out
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|l| l.contains(needle))
+                .nth(nth)
+            {
+                return l.clone();
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "serve exited ({status}) before {needle:?}: {}",
+                    self.err.lock().unwrap().join("\n")
+                );
+            }
+            assert!(
+                Instant::now() < until,
+                "no {needle:?} in {:?}",
+                self.out.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn wait_err(&self, needle: &str, within: Duration) {
+        let until = Instant::now() + within;
+        while !self.err.lock().unwrap().iter().any(|l| l.contains(needle)) {
+            assert!(Instant::now() < until, "no {needle:?} on stderr");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM, then the exit status within `within`.
+    fn terminate(mut self, within: Duration) -> std::process::ExitStatus {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let until = Instant::now() + within;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < until, "serve did not stop after SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// `http://127.0.0.1:PORT` from a line holding `http://HOST:PORT/v1`.
+fn base(line: &str) -> String {
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap();
+    let port = addr.rsplit(':').next().unwrap();
+    format!("http://127.0.0.1:{port}")
+}
+
+#[test]
+fn bad_graphs_fail_before_anything_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let worker = "  backend:\n    role: worker\n    engine: mocker\n    model_path: /m\n";
+    let cases: &[(&str, String, &str)] = &[
+        ("unknown key", format!("components:\n{worker}    engin: mocker\n"), ":6: components.backend.engin: unknown key"),
+        ("unknown role", "components:\n  x:\n    role: gpu\n".into(), ":3: components.x.role: unknown role"),
+        ("zero replicas", format!("components:\n{worker}    replicas: 0\n"), ":6: components.backend.replicas"),
+        ("missing engine", "components:\n  backend:\n    role: worker\n    model_path: /m\n".into(), "needs `engine:`"),
+        (
+            "cycle",
+            format!("components:\n{worker}    depends_on: [frontend]\n  frontend:\n    role: frontend\n    depends_on: [backend]\n"),
+            "dependency cycle",
+        ),
+        ("bad reference", format!("components:\n{worker}    depends_on: [nobody]\n"), ":6: components.backend.depends_on: no component named \"nobody\""),
+        (
+            "port clash",
+            "components:\n  a:\n    role: frontend\n    http_port: 9000\n  b:\n    role: frontend\n    http_port: 9000\n".into(),
+            "port 9000 is also a http_port",
+        ),
+        ("wrong type", format!("components:\n{worker}    num_gpu_blocks: lots\n"), ":6: components.backend.num_gpu_blocks"),
+        ("worker key on a frontend", "components:\n  f:\n    role: frontend\n    engine: mocker\n".into(), ":4: components.f.engine: only a worker"),
+    ];
+    for (what, yaml, needle) in cases {
+        let file = dir.path().join(format!("{}.yaml", what.replace(' ', "-")));
+        std::fs::write(&file, yaml).unwrap();
+        let t = Instant::now();
+        let out = dynamo_run().arg("serve").arg(&file).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what}: accepted");
+        assert!(stderr.contains(needle), "{what}: {stderr}");
+        assert!(
+            stderr.contains(file.to_str().unwrap()),
+            "{what} names the file: {stderr}"
+        );
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("ready"),
+            "{what}: something started"
+        );
+        assert!(t.elapsed() < Duration::from_secs(10));
+    }
+    // --set names a component that is not there.
+    let out = dynamo_run()
+        .args([
+            "serve",
+            &graph("mocker-cluster.yaml"),
+            "--set",
+            "nobody.replicas=2",
+        ])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no component \"nobody\""));
+}
+
+#[test]
+fn mocker_cluster_on_the_embedded_bus_serves_a_bench_run() {
+    let model = format!("defaults.model_path={}", model_dir());
+    let mut serve = Serve::start(&[
+        &graph("mocker-cluster.yaml"),
+        "--set",
+        &model,
+        "--set",
+        "frontend.http_port=0",
+    ]);
+    let frontend = serve.wait_out("[frontend] ready: http://", 0, Duration::from_secs(60));
+    serve.wait_out("ready: graph", 0, Duration::from_secs(30));
+    assert!(serve
+        .out
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("32 worker(s)")));
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let out = dynamo_run()
+        .args([
+            "bench",
+            "--url",
+            &base(&frontend),
+            "--model",
+            "tiny",
+            "--workload",
+            "shared-prefix",
+        ])
+        .args([
+            "--requests",
+            "48",
+            "--concurrency",
+            "8",
+            "--warmup",
+            "0",
+            "--output-tokens",
+            "8",
+        ])
+        .args([
+            "--groups",
+            "4",
+            "--system-prompt-tokens",
+            "256",
+            "--question-tokens",
+            "32",
+        ])
+        .args([
+            "--block-size",
+            "64",
+            "--output-json",
+            json.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(r["completed"], 48, "{r}");
+    assert_eq!(r["errors"], serde_json::json!({}), "{r}");
+    // The KV router (a router component here) finds the shared prefixes.
+    assert!(r["cached_token_ratio"].as_f64().unwrap() > 0.3, "{r}");
+    assert!(serve.terminate(Duration::from_secs(30)).success());
+}
+
+#[test]
+fn over_nats_replicas_are_supervised_processes() {
+    let nats = NatsServer::start().unwrap();
+    let model = format!("defaults.model_path={}", model_dir());
+    let mut serve = Serve::start(&[
+        &graph("mocker-cluster.yaml"),
+        "--bus",
+        &nats.url(),
+        "--set",
+        &model,
+        "--set",
+        "backend.replicas=2",
+        "--set",
+        "frontend.http_port=0",
+    ]);
+    let frontend = serve.wait_out(
+        "[frontend.0] ready: model tiny at http://",
+        0,
+        Duration::from_secs(60),
+    );
+    serve.wait_out("ready: graph", 0, Duration::from_secs(30));
+    let url = format!("{}/v1/completions", base(&frontend));
+    let ask = || {
+        let out = Command::new("curl")
+            .args(["-sf", &url, "-H", "content-type: application/json"])
+            .args([
+                "-d",
+                r#"{"model": "tiny", "prompt": "hello there", "max_tokens": 4}"#,
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["usage"]["completion_tokens"], 4, "{v}");
+    };
+    ask();
+    // Kill one worker process: the supervisor restarts it.
+    let pid = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .find(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let ppid = stat
+                .rsplit(')')
+                .next()
+                .and_then(|s| s.split_whitespace().nth(1));
+            String::from_utf8_lossy(&cmd).contains("in=dyn://dynamo.backend.generate")
+                && ppid == Some(&serve.child.id().to_string())
+        })
+        .expect("a worker child of serve");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    serve.wait_err("restarting in", Duration::from_secs(10));
+    serve.wait_out("[backend.", 2, Duration::from_secs(30));
+    ask();
+    let status = serve.terminate(Duration::from_secs(40));
+    assert!(status.success(), "{status}");
+    // Every child is gone.
+    let alive = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            String::from_utf8_lossy(
+                &std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default(),
+            )
+            .contains(&nats.url())
+        })
+        .count();
+    assert_eq!(alive, 0, "children left running");
+}
