@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Python packages the tests use (the official `openai` SDK for real-client checks,
 # `xxhash` as an independent reference for block hashes, `numpy` for the native engine's reference
-# forward pass) into a project-local, git-ignored
+# forward pass, `nats-py` to check the NATS service protocol) into a project-local, git-ignored
 # venv. Idempotent. Prints the venv's python on its last line.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -10,16 +10,16 @@ want_openai="${OPENAI_VERSION:-3.*}"
 py="$venv/bin/python"
 
 have() {
-  [ -x "$py" ] && "$py" -c "import openai, xxhash, numpy, sys; sys.exit(0 if openai.__version__.startswith(\"${want_openai%%.*}.\") else 1)" 2>/dev/null
+  [ -x "$py" ] && "$py" -c "import openai, xxhash, numpy, nats, sys; sys.exit(0 if openai.__version__.startswith(\"${want_openai%%.*}.\") else 1)" 2>/dev/null
 }
 
 if ! have; then
-  echo "installing openai $want_openai, xxhash and numpy into $venv (PyPI)" >&2
+  echo "installing openai $want_openai, xxhash, numpy and nats-py into $venv (PyPI)" >&2
   python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check "openai==$want_openai" "xxhash==4.*" "numpy==2.*" >&2 || {
-    echo "error: could not install openai, xxhash and numpy from PyPI; check that PyPI is reachable" >&2
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "openai==$want_openai" "xxhash==4.*" "numpy==2.*" "nats-py==2.*" >&2 || {
+    echo "error: could not install the test packages from PyPI; check that PyPI is reachable" >&2
     exit 1
   }
-  have || { echo "error: openai, xxhash or numpy installed but does not import in $venv" >&2; exit 1; }
+  have || { echo "error: a test package installed but does not import in $venv" >&2; exit 1; }
 fi
 echo "$py"

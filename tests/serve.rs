@@ -1,7 +1,8 @@
 //! `dynamo-run serve` on the shipped graphs: bad graphs fail before anything starts, naming
 //! file, line and key; `config/mocker-cluster.yaml` serves on the embedded bus and takes a
 //! `dynamo-run bench` run; over a real nats-server each replica is a supervised process that
-//! is restarted when killed, and SIGTERM stops them all.
+//! answers the NATS service protocol (checked with `nats-py`), is restarted when killed, and
+//! SIGTERM stops them all.
 
 mod common;
 
@@ -280,6 +281,21 @@ fn over_nats_replicas_are_supervised_processes() {
         assert_eq!(v["usage"]["completion_tokens"], 4, "{v}");
     };
     ask();
+    // Every component answers the NATS service protocol (checked with the nats-py client).
+    let out = Command::new(common::python())
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/nats_micro.py"))
+        .arg(nats.url())
+        .arg("dynamo-backend:generate,model_files,kv_dump")
+        .arg("dynamo-router:route")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("ok dynamo-router STATS"), "{stdout}");
     // Kill one worker process: the supervisor restarts it.
     let pid = std::fs::read_dir("/proc")
         .unwrap()
