@@ -18,6 +18,7 @@ pub async fn serve_echo(runtime: &Runtime, component: ComponentId) -> Result<()>
     let ep = role.served().endpoint().clone();
     println!("ready endpoint={ep} instance={}", instance.id());
     std::io::stdout().flush()?;
+    dynamo_runtime::telemetry::mark_ready();
     let stop = runtime.shutdown_token();
     let signal = tokio::select! {
         s = dynamo_runtime::shutdown_signal() => s,
@@ -93,10 +94,49 @@ pub async fn demo(runtime: &Runtime, component: ComponentId, requests: u32) -> R
 }
 
 pub async fn ls(runtime: &Runtime) -> Result<()> {
+    use dynamo_protocols::kv::{LoadReport, LOAD_TOPIC};
+    use dynamo_protocols::llm::ModelCard;
     let instances = runtime.discovery().list(&DiscoveryFilter::all()).await?;
+    // Load reports come at least every second: listen for a little over one.
+    let mut loads: std::collections::HashMap<String, LoadReport> = Default::default();
+    let namespaces: std::collections::BTreeSet<String> = instances
+        .iter()
+        .map(|i| i.endpoint.component.namespace.to_string())
+        .collect();
+    for ns in namespaces {
+        let ns = dynamo_runtime::subject::Namespace::new(&ns)?;
+        let topic = dynamo_runtime::subject::Topic::new(LOAD_TOPIC)?;
+        let mut sub = runtime
+            .bus()
+            .subscribe(ComponentId::namespace_event_pattern(&ns, &topic), None)
+            .await?;
+        let until = Instant::now() + Duration::from_millis(1200);
+        while let Ok(Some(m)) = tokio::time::timeout_at(until.into(), sub.next()).await {
+            if let Ok(l) = dynamo_runtime::serve::decode_event::<LoadReport>(&m.payload) {
+                loads.insert(m.subject.last_token().to_string(), l);
+            }
+        }
+    }
     println!("instances in discovery: {}", instances.len());
     for i in &instances {
-        println!("  {}  {}  {}", i.endpoint, i.instance, i.metadata);
+        let card = i
+            .metadata
+            .get(ModelCard::METADATA_KEY)
+            .and_then(|c| serde_json::from_value::<ModelCard>(c.clone()).ok());
+        let model = card
+            .map(|c| format!("  model={}", c.name))
+            .unwrap_or_default();
+        let load = loads
+            .get(&i.instance.to_string())
+            .filter(|_| !model.is_empty())
+            .map(|l| {
+                format!(
+                    "  kv={}/{} running={} waiting={}",
+                    l.active_blocks, l.total_blocks, l.running_requests, l.waiting_requests
+                )
+            })
+            .unwrap_or_default();
+        println!("  {}  {}{model}{load}", i.endpoint, i.instance);
     }
     let mut services = Vec::new();
     let bus = runtime.bus();
@@ -134,4 +174,104 @@ pub async fn ls(runtime: &Runtime) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn short(h: u64) -> String {
+    format!("{:08x}", h >> 32)
+}
+
+/// `dynamo-run watch events|load`: tails KV events (or load reports) of every component in the
+/// namespace, one readable line each, until SIGINT/SIGTERM.
+pub async fn watch(runtime: &Runtime, namespace: &str, what: &str) -> Result<()> {
+    use dynamo_protocols::kv::{
+        KvEventBatch, KvEventData, LoadReport, KV_EVENTS_TOPIC, LOAD_TOPIC,
+    };
+    use dynamo_runtime::serve::decode_event;
+    use dynamo_runtime::subject::{Namespace, Topic};
+    let topic = match what {
+        "events" => KV_EVENTS_TOPIC,
+        "load" => LOAD_TOPIC,
+        other => bail!("watch {other:?}: use `watch events` (KV events) or `watch load`"),
+    };
+    let ns = Namespace::new(namespace)?;
+    let pattern = ComponentId::namespace_event_pattern(&ns, &Topic::new(topic)?);
+    let mut sub = runtime.bus().subscribe(pattern.clone(), None).await?;
+    eprintln!(
+        "watching {pattern} on the {} bus (Ctrl-C stops)",
+        runtime.bus().transport()
+    );
+    let stop = runtime.shutdown_token();
+    loop {
+        let m = tokio::select! {
+            m = sub.next() => match m { Some(m) => m, None => return Ok(()) },
+            _ = dynamo_runtime::shutdown_signal() => return Ok(()),
+            _ = stop.cancelled() => return Ok(()),
+        };
+        let tokens: Vec<&str> = m.subject.as_str().split('.').collect();
+        let (component, instance) = (
+            tokens.get(3).copied().unwrap_or("?"),
+            m.subject.last_token(),
+        );
+        let now = chrono::Utc::now().format("%H:%M:%S%.3f");
+        let mut out = std::io::stdout().lock();
+        if topic == LOAD_TOPIC {
+            match decode_event::<LoadReport>(&m.payload) {
+                Ok(l) => writeln!(
+                    out,
+                    "{now} {component} {instance} load: kv {}/{} blocks, {} running, {} waiting, {} prefill tokens queued",
+                    l.active_blocks, l.total_blocks, l.running_requests, l.waiting_requests, l.queued_prefill_tokens
+                )?,
+                Err(e) => writeln!(out, "{now} {component} {instance} malformed load report: {e}")?,
+            }
+            continue;
+        }
+        match decode_event::<KvEventBatch>(&m.payload) {
+            Ok(batch) => {
+                for e in batch.events {
+                    let tier = format!("{:?}", e.tier).to_lowercase();
+                    let what = match &e.data {
+                        KvEventData::Stored {
+                            parent_hash,
+                            blocks,
+                        } => format!(
+                            "stored {} block(s) {}..{} after {}",
+                            blocks.len(),
+                            blocks
+                                .first()
+                                .map(|b| short(b.block_hash.0))
+                                .unwrap_or_default(),
+                            blocks
+                                .last()
+                                .map(|b| short(b.block_hash.0))
+                                .unwrap_or_default(),
+                            parent_hash
+                                .map(|p| short(p.0))
+                                .unwrap_or_else(|| "root".into())
+                        ),
+                        KvEventData::Removed { block_hashes } => format!(
+                            "removed {} block(s) {}",
+                            block_hashes.len(),
+                            block_hashes
+                                .iter()
+                                .take(4)
+                                .map(|h| short(h.0))
+                                .collect::<Vec<_>>()
+                                .join(" ")
+                        ),
+                        KvEventData::Cleared => "cleared".to_string(),
+                    };
+                    writeln!(
+                        out,
+                        "{now} {component} {instance} #{} [{tier}] {what}",
+                        e.event_id
+                    )?;
+                }
+            }
+            Err(e) => writeln!(
+                out,
+                "{now} {component} {instance} malformed KV event batch: {e}"
+            )?,
+        }
+        out.flush()?;
+    }
 }

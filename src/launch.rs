@@ -242,6 +242,7 @@ pub async fn run_router(
         router.instance().id()
     );
     std::io::stdout().flush()?;
+    dynamo_runtime::telemetry::mark_ready();
     let signal = wait_for_stop(runtime).await;
     eprintln!("{signal}: stopping the router");
     router.shutdown().await;
@@ -273,6 +274,7 @@ pub async fn run(runtime: &Runtime, s: LaunchSettings) -> Result<()> {
             workers[0].served().instance()
         );
         std::io::stdout().flush()?;
+        dynamo_runtime::telemetry::mark_ready();
         let signal = wait_for_stop(runtime).await;
         eprintln!("{signal}: draining open requests (up to {grace:?})");
         stop_workers(workers, grace).await;
@@ -312,6 +314,7 @@ pub async fn run(runtime: &Runtime, s: LaunchSettings) -> Result<()> {
                 None => println!("ready: http://{addr}/v1, models from workers on the bus"),
             }
             std::io::stdout().flush()?;
+            dynamo_runtime::telemetry::mark_ready();
             let signal = wait_for_stop(runtime).await;
             eprintln!("{signal}: shutting down");
             Ok(())

@@ -7,7 +7,8 @@
 //! - `dynamo-run serve GRAPH.yaml`: a component graph, in this process or as child processes;
 //! - `dynamo-run make-model --out DIR`: a small Hugging Face-style model folder;
 //! - `dynamo-run bench --url URL --model NAME --workload ...`: an OpenAI-HTTP load generator;
-//! - `dynamo-run ls`: instances in discovery and services answering the NATS service protocol;
+//! - `dynamo-run ls`: instances in discovery (models, load) and services answering the NATS
+//!   service protocol; `dynamo-run watch events|load`: the namespace's KV events or load, tailed;
 //! - `demo`, `serve-echo`, `call-echo`: the runtime's echo diagnostics.
 //!
 //! Without `--bus` everything runs in this process on the embedded bus.
@@ -204,8 +205,14 @@ enum Command {
     },
     /// Load-test an OpenAI frontend and report throughput and latency.
     Bench(Box<bench::BenchArgs>),
-    /// List instances in discovery and services answering the NATS service protocol.
+    /// List instances in discovery (with their models and load) and services answering the
+    /// NATS service protocol.
     Ls,
+    /// Tail the namespace's KV events (`events`) or load reports (`load`) as readable lines.
+    Watch {
+        /// events or load.
+        what: String,
+    },
     /// Runtime diagnostics: serve the echo role on the embedded bus, call it, shut down.
     Demo {
         #[arg(long, default_value_t = 3)]
@@ -446,6 +453,7 @@ async fn run(cli: Cli) -> Result<()> {
                 .map(|_| ())
         }
         Some(Command::Ls) => diag::ls(&runtime).await,
+        Some(Command::Watch { what }) => diag::watch(&runtime, &cli.namespace, &what).await,
         Some(Command::Serve { only, .. }) => {
             let g = graph.expect("loaded above");
             match cli.bus.clone().or_else(|| g.bus.clone()) {

@@ -101,6 +101,7 @@ pub async fn embedded(runtime: &Runtime, g: &Graph) -> Result<()> {
         g.components.len()
     );
     std::io::stdout().flush()?;
+    dynamo_runtime::telemetry::mark_ready();
     let signal = launch::wait_for_stop(runtime).await;
     eprintln!("{signal}: stopping in reverse dependency order");
     for f in frontends {
@@ -275,6 +276,7 @@ pub async fn supervised(runtime: &Runtime, g: &Graph, bus: &str, only: Option<&s
             g.file.display()
         );
         std::io::stdout().flush()?;
+        dynamo_runtime::telemetry::mark_ready();
         let signal = launch::wait_for_stop(runtime).await;
         eprintln!("{signal}: stopping in reverse dependency order");
     }

@@ -281,6 +281,59 @@ fn over_nats_replicas_are_supervised_processes() {
         assert_eq!(v["usage"]["completion_tokens"], 4, "{v}");
     };
     ask();
+    // `watch events` shows the KV blocks a request stores; `ls` shows models and load.
+    let mut watch = dynamo_run()
+        .args(["--bus", &nats.url(), "watch", "events"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+    {
+        let (stdout, lines) = (watch.stdout.take().unwrap(), lines.clone());
+        std::thread::spawn(move || {
+            for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(l);
+            }
+        });
+    }
+    let until = Instant::now() + Duration::from_secs(10);
+    let prompt: String = (0..120).map(|i| format!("word{i} ")).collect();
+    while !lines
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("] stored "))
+    {
+        assert!(
+            Instant::now() < until,
+            "watch showed no stored event: {:?}",
+            lines.lock().unwrap()
+        );
+        let body =
+            serde_json::json!({"model": "tiny", "prompt": prompt, "max_tokens": 2}).to_string();
+        Command::new("curl")
+            .args([
+                "-sf",
+                &url,
+                "-H",
+                "content-type: application/json",
+                "-d",
+                &body,
+            ])
+            .output()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let _ = watch.kill();
+    let _ = watch.wait();
+    let ls = dynamo_run()
+        .args(["--bus", &nats.url(), "ls"])
+        .output()
+        .unwrap();
+    let ls = String::from_utf8_lossy(&ls.stdout);
+    assert_eq!(ls.matches("model=tiny  kv=").count(), 2, "{ls}");
+    assert!(ls.contains("dynamo.router.route"), "{ls}");
     // Every component answers the NATS service protocol (checked with the nats-py client).
     let out = Command::new(common::python())
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/nats_micro.py"))

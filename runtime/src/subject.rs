@@ -226,6 +226,12 @@ impl ComponentId {
         ))
     }
 
+    /// Matches every component's events of `topic` in `namespace` (component and instance are
+    /// the subject's 4th and last tokens).
+    pub fn namespace_event_pattern(namespace: &Namespace, topic: &Topic) -> SubjectPattern {
+        SubjectPattern(format!("dyn.ev.{namespace}.*.{topic}.*"))
+    }
+
     /// The NATS service-protocol name of this component (`{ns}-{component}`).
     pub fn service_name(&self) -> String {
         format!("{}-{}", self.namespace, self.component)

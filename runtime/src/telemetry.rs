@@ -2,9 +2,12 @@
 //!
 //! Logs go to stderr through `tracing-subscriber` with the filter from settings (`log`, or
 //! `DYN_LOG`). Metrics use the `metrics` facade with one process-wide Prometheus recorder;
-//! [`install_metrics`] installs it once and, given an address, serves `/metrics` there.
+//! [`install_metrics`] installs it once and, given an address, serves there `/metrics`,
+//! `/live` (200 while the process runs) and `/health` (503 until the process calls
+//! [`mark_ready`], then 200): what orchestrators probe.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -33,6 +36,46 @@ pub fn init_tracing(filter: &str) -> Result<(), TelemetryError> {
 }
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+static READY: AtomicBool = AtomicBool::new(false);
+
+/// The process serves what it is for (its roles started): `/health` answers 200 from now on.
+pub fn mark_ready() {
+    READY.store(true, Ordering::Relaxed);
+}
+
+pub fn is_ready() -> bool {
+    READY.load(Ordering::Relaxed)
+}
+
+async fn serve_http(listener: tokio::net::TcpListener, handle: PrometheusHandle) {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let h = handle.clone();
+                async move { h.render() }
+            }),
+        )
+        .route(
+            "/live",
+            get(|| async { (StatusCode::OK, "{\"status\":\"live\"}") }),
+        )
+        .route(
+            "/health",
+            get(|| async {
+                if is_ready() {
+                    (StatusCode::OK, "{\"status\":\"ready\"}")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "{\"status\":\"starting\"}")
+                }
+            }),
+        );
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "metrics endpoint stopped");
+    }
+}
 /// Serialises installation: two first callers must not both try to set the global recorder.
 static INSTALL: Mutex<()> = Mutex::new(());
 
@@ -73,18 +116,16 @@ pub fn install_metrics(listen: Option<SocketAddr>) -> Result<PrometheusHandle, T
     };
     let handle = match listen {
         Some(addr) => {
-            let (recorder, exporter) = builder()
-                .map_err(err)?
-                .with_http_listener(addr)
-                .build()
+            let std_listener = std::net::TcpListener::bind(addr).map_err(|e| err(e.to_string()))?;
+            std_listener
+                .set_nonblocking(true)
                 .map_err(|e| err(e.to_string()))?;
+            let listener =
+                tokio::net::TcpListener::from_std(std_listener).map_err(|e| err(e.to_string()))?;
+            let recorder = builder().map_err(err)?.build_recorder();
             let handle = recorder.handle();
             metrics::set_global_recorder(recorder).map_err(|e| err(e.to_string()))?;
-            tokio::spawn(async move {
-                if let Err(e) = exporter.await {
-                    tracing::error!(error = ?e, "metrics endpoint stopped");
-                }
-            });
+            tokio::spawn(serve_http(listener, handle.clone()));
             handle
         }
         None => {

@@ -1,0 +1,208 @@
+//! The deployment files in `config/`: Kubernetes manifests are structurally valid (what
+//! `kubectl apply --dry-run=client` checks for these kinds: API versions, names, selectors
+//! matching template labels, containers with images, readiness probes on `/health` at a
+//! declared port, Services selecting a Deployment) and their `dynamo-run` arguments parse;
+//! the Grafana dashboard's queries name metrics the code exports.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+
+use serde_yaml::Value;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn s<'a>(v: &'a Value, path: &[&str]) -> Option<&'a Value> {
+    path.iter().try_fold(v, |v, k| v.get(*k))
+}
+
+#[test]
+fn kubernetes_manifests_are_valid_and_their_commands_parse() {
+    let mut docs = Vec::new();
+    for e in std::fs::read_dir(root().join("config/k8s")).unwrap() {
+        let path = e.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        for d in serde_yaml::Deserializer::from_str(&text) {
+            let v = Value::deserialize(d).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            docs.push((path.display().to_string(), v));
+        }
+    }
+    let mut deployments: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+    let mut services = Vec::new();
+    for (file, d) in &docs {
+        let kind = d["kind"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{file}: no kind"));
+        let name = s(d, &["metadata", "name"]).and_then(Value::as_str);
+        assert!(
+            name.is_some_and(|n| !n.is_empty()),
+            "{file}: {kind} without metadata.name"
+        );
+        let name = name.unwrap().to_string();
+        match kind {
+            "Deployment" => {
+                assert_eq!(d["apiVersion"].as_str(), Some("apps/v1"), "{file}: {name}");
+                let labels: BTreeMap<String, String> = serde_yaml::from_value(
+                    s(d, &["spec", "template", "metadata", "labels"])
+                        .cloned()
+                        .unwrap(),
+                )
+                .unwrap();
+                let selector: BTreeMap<String, String> = serde_yaml::from_value(
+                    s(d, &["spec", "selector", "matchLabels"]).cloned().unwrap(),
+                )
+                .unwrap();
+                assert!(
+                    selector.iter().all(|(k, v)| labels.get(k) == Some(v)),
+                    "{file}: {name}: selector {selector:?} does not match labels {labels:?}"
+                );
+                let spec = s(d, &["spec", "template", "spec"]).unwrap();
+                let containers = spec["containers"].as_sequence().unwrap();
+                assert!(!containers.is_empty(), "{file}: {name}: no containers");
+                let init = spec
+                    .get("initContainers")
+                    .and_then(Value::as_sequence)
+                    .cloned()
+                    .unwrap_or_default();
+                for c in containers.iter().chain(&init) {
+                    let cname = c["name"].as_str().unwrap();
+                    assert!(
+                        c["image"].as_str().is_some_and(|i| !i.is_empty()),
+                        "{file}: {cname}: no image"
+                    );
+                    let args: Vec<String> = c
+                        .get("args")
+                        .map(|a| serde_yaml::from_value(a.clone()).unwrap())
+                        .unwrap_or_default();
+                    if c["image"].as_str().unwrap().starts_with("dynamo-rs") {
+                        // The arguments parse: clap prints help only if everything before
+                        // `--help` is a known flag or command.
+                        let out = common::dynamo_run()
+                            .args(&args)
+                            .arg("--help")
+                            .output()
+                            .unwrap();
+                        assert!(
+                            out.status.success(),
+                            "{file}: {cname}: {args:?}: {}",
+                            String::from_utf8_lossy(&out.stderr)
+                        );
+                        if let Some(i) = args.iter().position(|a| a == "--bus") {
+                            assert_eq!(args[i + 1], "nats://nats:4222", "{file}: {cname}");
+                        }
+                    }
+                    if init.iter().any(|i| i == c) {
+                        continue;
+                    }
+                    let ports: Vec<(Option<String>, u64)> = c["ports"]
+                        .as_sequence()
+                        .map(|p| {
+                            p.iter()
+                                .map(|p| {
+                                    (
+                                        p["name"].as_str().map(str::to_string),
+                                        p["containerPort"].as_u64().unwrap(),
+                                    )
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    let probe = s(c, &["readinessProbe", "httpGet"])
+                        .unwrap_or_else(|| panic!("{file}: {cname}: no readiness probe"));
+                    if c["image"].as_str().unwrap().starts_with("dynamo-rs") {
+                        assert_eq!(probe["path"].as_str(), Some("/health"), "{file}: {cname}");
+                    }
+                    let port = &probe["port"];
+                    assert!(
+                        ports.iter().any(|(n, p)| port.as_u64() == Some(*p)
+                            || (n.is_some() && port.as_str() == n.as_deref())),
+                        "{file}: {cname}: probe port {port:?} is not a container port {ports:?}"
+                    );
+                }
+                deployments.insert(name, labels);
+            }
+            "Service" => {
+                assert_eq!(d["apiVersion"].as_str(), Some("v1"), "{file}: {name}");
+                services.push((file.clone(), name, d.clone()));
+            }
+            other => panic!("{file}: unexpected kind {other}"),
+        }
+    }
+    for name in ["nats", "dynamo-frontend", "dynamo-router", "dynamo-backend"] {
+        assert!(deployments.contains_key(name), "no Deployment {name}");
+    }
+    for (file, name, d) in services {
+        let selector: BTreeMap<String, String> =
+            serde_yaml::from_value(s(&d, &["spec", "selector"]).cloned().unwrap()).unwrap();
+        assert!(
+            deployments
+                .values()
+                .any(|l| selector.iter().all(|(k, v)| l.get(k) == Some(v))),
+            "{file}: Service {name} selects no Deployment"
+        );
+        assert!(s(&d, &["spec", "ports"])
+            .and_then(Value::as_sequence)
+            .is_some_and(|p| !p.is_empty()));
+    }
+}
+
+use serde::Deserialize;
+
+#[test]
+fn the_dashboard_queries_metrics_the_code_exports() {
+    let text = std::fs::read_to_string(root().join("config/grafana/dynamo-rs.json")).unwrap();
+    let dash: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut exported = HashSet::new();
+    let mut stack = vec![
+        root().join("actors/src"),
+        root().join("runtime/src"),
+        root().join("components"),
+    ];
+    while let Some(p) = stack.pop() {
+        if p.is_dir() {
+            stack.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+        } else if p.extension().is_some_and(|e| e == "rs") {
+            let src = std::fs::read_to_string(&p).unwrap();
+            for part in src.split('"').skip(1).step_by(2) {
+                if part.starts_with("dynamo_")
+                    && part.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                {
+                    exported.insert(part.to_string());
+                }
+            }
+        }
+    }
+    let mut checked = 0;
+    for panel in dash["panels"].as_array().unwrap() {
+        for t in panel["targets"].as_array().unwrap() {
+            let expr = t["expr"].as_str().unwrap();
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if !word.starts_with("dynamo_") {
+                    continue;
+                }
+                let base = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| word.strip_suffix(s))
+                    .unwrap_or(word);
+                assert!(
+                    exported.contains(base),
+                    "panel {:?} queries {word}, which nothing exports",
+                    panel["title"]
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 15, "{checked} metric references");
+    // Frontend latency, router hit rate and worker KV usage are covered.
+    for m in [
+        "dynamo_frontend_time_to_first_token_seconds",
+        "dynamo_router_hit_ratio",
+        "dynamo_worker_active_blocks",
+    ] {
+        assert!(text.contains(m), "{m}");
+    }
+}
