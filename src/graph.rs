@@ -654,3 +654,73 @@ impl Component {
         a
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("g.yaml");
+        std::fs::write(&p, text).unwrap();
+        (dir, p)
+    }
+
+    const GRAPH: &str = "defaults:\n  model_path: /d\n  block_size: 16\ncomponents:\n  backend:\n    role: worker\n    engine: mocker\n    block_size: 32\n    replicas: 2\n  frontend:\n    role: frontend\n    http_port: 9000\n";
+
+    #[test]
+    fn settings_resolve_defaults_component_env_then_set() {
+        let (_d, p) = write(GRAPH);
+        let g = load(&p, &[], &[]).unwrap();
+        let b = g.component("backend").unwrap();
+        assert_eq!(b.settings.block_size, Some(32), "component over defaults");
+        assert_eq!(
+            b.settings.model_path.as_deref(),
+            Some(Path::new("/d")),
+            "inherited"
+        );
+        let env = vec![
+            (
+                "DYN_GRAPH__BACKEND__BLOCK_SIZE".to_string(),
+                "64".to_string(),
+            ),
+            (
+                "DYN_GRAPH__DEFAULTS__MODEL_PATH".to_string(),
+                "/e".to_string(),
+            ),
+            ("OTHER".to_string(), "x".to_string()),
+        ];
+        let g = load(&p, &env, &[]).unwrap();
+        let b = g.component("backend").unwrap();
+        assert_eq!(b.settings.block_size, Some(64), "env over component");
+        assert_eq!(b.settings.model_path.as_deref(), Some(Path::new("/e")));
+        let g = load(
+            &p,
+            &env,
+            &[
+                "backend.block_size=128".into(),
+                "frontend.http_port=0".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            g.component("backend").unwrap().settings.block_size,
+            Some(128),
+            "--set over env"
+        );
+        // Start order: workers before the frontend; command lines per replica.
+        assert_eq!(g.components[0].name, "backend");
+        let args = g.components[0].args(&g, Some("nats://h:4222"), 1);
+        assert!(
+            args.windows(2).any(|w| w == ["--block-size", "128"]),
+            "{args:?}"
+        );
+        assert!(args.contains(&"in=dyn://dynamo.backend.generate".to_string()));
+        let f = g.component("frontend").unwrap().args(&g, None, 0);
+        assert!(f.windows(2).any(|w| w == ["--http-port", "0"]), "{f:?}");
+        assert!(
+            f.windows(2).any(|w| w == ["--router-mode", "round-robin"]),
+            "no router component: {f:?}"
+        );
+    }
+}
