@@ -235,29 +235,11 @@ impl Model {
                     let (s, pos) = rows[row];
                     let blocks = seqs[s].blocks;
                     let q = &qkv[row * width + g * rep * hd..row * width + (g + 1) * rep * hd];
-                    let span = pos + 1;
-                    let mut scores = vec![0f32; rep * span];
-                    for t in 0..span {
-                        let off = (blocks[t / bs].index() * bs + t % bs) * kv_dim + g * hd;
-                        let k = &kc[off..off + hd];
-                        for j in 0..rep {
-                            scores[j * span + t] = ops::dot(&q[j * hd..(j + 1) * hd], k) * scale;
-                        }
-                    }
-                    for j in 0..rep {
-                        ops::softmax(&mut scores[j * span..(j + 1) * span]);
-                    }
-                    out.fill(0.0);
-                    for t in 0..span {
-                        let off = (blocks[t / bs].index() * bs + t % bs) * kv_dim + g * hd;
-                        let v = &vc[off..off + hd];
-                        for j in 0..rep {
-                            let p = scores[j * span + t];
-                            for (o, x) in out[j * hd..(j + 1) * hd].iter_mut().zip(v) {
-                                *o += p * x;
-                            }
-                        }
-                    }
+                    // Offsets of positions 0..=pos of this kv head.
+                    let offsets: Vec<usize> = (0..=pos)
+                        .map(|t| (blocks[t / bs].index() * bs + t % bs) * kv_dim + g * hd)
+                        .collect();
+                    ops::attend(q, rep, hd, &offsets, kc, vc, scale, out);
                 });
             layer.o.forward(&att, n, &mut proj);
             for (a, b) in x.iter_mut().zip(&proj) {

@@ -1,8 +1,15 @@
 //! The numeric kernels of the native engine, on `f32` activations:
 //! - [`Linear`]: `y = x W^T (+ b)` with `W` stored as the checkpoint has it (`[out, in]`), in
-//!   f32 or bf16. Few rows (decode) take a row-parallel dot-product path that reads each weight
-//!   once (memory-bound, both cores streaming); more rows (prefill) go to the `gemm` crate's
-//!   packed, multi-threaded f32 kernels (bf16 weights are widened one slab at a time).
+//!   f32 or bf16. One row (decode) takes a row-parallel dot-product path that reads each
+//!   weight once (memory-bound, both cores streaming); 2-64 rows (decode batches) a
+//!   register-tiled AVX2/FMA kernel that also streams the weights once; more rows (prefill) the
+//!   `gemm` crate's packed, multi-threaded f32 kernels (bf16 weights widened a slab at a time).
+//! - Attention of the query heads sharing a kv head, over a block table's cache rows.
+//!
+//! The hot loops are written once as safe generic Rust and compiled twice: for baseline
+//! x86-64, and with AVX2 and FMA enabled (`#[target_feature]`), chosen at run time with
+//! `is_x86_feature_detected!`. The only `unsafe` is that dispatch, the AVX2 intrinsics of the
+//! tile kernel (bounds asserted before), and the call into `gemm`.
 //! - RMSNorm, RoPE, SiLU-gating and the numerically stable softmax the model needs.
 //!
 //! Why these and not a tensor library: the forward pass needs six operations, and paged
@@ -16,6 +23,9 @@ use rayon::prelude::*;
 
 /// Rows at or below which a matmul is a batch of dot products (each weight read once).
 const GEMV_ROWS: usize = 1;
+/// Rows up to which a decode batch uses the register-tiled AVX2 kernel (when the CPU has
+/// AVX2 and FMA): it streams the weights once, where `gemm` repacks them on every call.
+const TILE_ROWS: usize = 64;
 
 pub enum WeightData {
     F32(Vec<f32>),
@@ -67,6 +77,8 @@ impl Linear {
         debug_assert_eq!(y.len(), rows * n);
         if rows <= GEMV_ROWS {
             self.gemv(x, rows, y);
+        } else if rows <= TILE_ROWS && k % 8 == 0 && has_avx2_fma() {
+            self.tiled(x, rows, y);
         } else {
             match &self.w {
                 WeightData::F32(w) => gemm_nt(x, rows, k, w, n, y, 0, n),
@@ -105,24 +117,61 @@ impl Linear {
         }
     }
 
+    /// A decode batch on AVX2: blocks of 3 output features against the inputs 4 rows at a
+    /// time, 12 vector accumulators in registers, each weight read once per call.
+    fn tiled(&self, x: &[f32], rows: usize, y: &mut [f32]) {
+        let (n, k) = (self.out_dim, self.in_dim);
+        const CHUNK: usize = 48;
+        let mut t = vec![0f32; n * rows];
+        t.par_chunks_mut(CHUNK * rows)
+            .enumerate()
+            .for_each(|(c, out)| {
+                let lo = c * CHUNK;
+                let hi = (lo + CHUNK).min(n);
+                let mut wide = Vec::new();
+                let w: &[f32] = match &self.w {
+                    WeightData::F32(w) => &w[lo * k..hi * k],
+                    WeightData::Bf16(w) => {
+                        wide.extend(
+                            w[lo * k..hi * k]
+                                .iter()
+                                .map(|v| f32::from_bits((v.to_bits() as u32) << 16)),
+                        );
+                        &wide
+                    }
+                };
+                tile_block(x, rows, k, w, hi - lo, out);
+            });
+        for f in 0..n {
+            for r in 0..rows {
+                y[r * n + f] = t[f * rows + r];
+            }
+        }
+    }
+
     /// Few rows: each output feature's weight row is read once and dotted with every input.
     fn gemv(&self, x: &[f32], rows: usize, y: &mut [f32]) {
         let (n, k) = (self.out_dim, self.in_dim);
         // Outputs are computed feature-major into `t` ([n, rows]) in parallel chunks, then
         // transposed into `y`.
-        const CHUNK: usize = 64;
+        // One long contiguous stream of rows per thread (and a spare chunk each for balance):
+        // fewer, longer tasks stream better and wake sleeping threads less often.
+        let chunk = n.div_ceil(2 * rayon::current_num_threads()).max(16);
         let mut t = vec![0f32; n * rows];
-        t.par_chunks_mut(CHUNK * rows)
+        t.par_chunks_mut(chunk * rows)
             .enumerate()
             .for_each(|(c, out)| {
-                for (j, o) in out.chunks_exact_mut(rows).enumerate() {
-                    let f = c * CHUNK + j;
-                    for (r, v) in o.iter_mut().enumerate() {
-                        let xr = &x[r * k..(r + 1) * k];
-                        *v = match &self.w {
-                            WeightData::F32(w) => dot(xr, &w[f * k..(f + 1) * k]),
-                            WeightData::Bf16(w) => dot_bf16(xr, &w[f * k..(f + 1) * k]),
-                        };
+                let lo = c * chunk;
+                let hi = lo + out.len() / rows;
+                for r in 0..rows {
+                    let xr = &x[r * k..(r + 1) * k];
+                    match &self.w {
+                        WeightData::F32(w) => {
+                            dots(xr, Rows::F32(&w[lo * k..hi * k]), k, out, r, rows)
+                        }
+                        WeightData::Bf16(w) => {
+                            dots(xr, Rows::Bf16(&w[lo * k..hi * k]), k, out, r, rows)
+                        }
                     }
                 }
             });
@@ -131,6 +180,207 @@ impl Linear {
                 y[r * n + f] = t[f * rows + r];
             }
         }
+    }
+}
+
+/// Weight rows of either type.
+#[derive(Clone, Copy)]
+enum Rows<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [bf16]),
+}
+
+/// `out[j * stride + r] = x . w_j` for each row `w_j` of `w` (rows of `k`): the decode path.
+/// Compiled with AVX2 and FMA when the CPU has them (checked at run time), else for baseline
+/// x86-64; memory-bound either way once vectorized 8-wide.
+fn dots(x: &[f32], w: Rows<'_>, k: usize, out: &mut [f32], r: usize, stride: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2_fma() {
+            // SAFETY: the CPU has AVX2 and FMA (checked at run time); the function is safe
+            // Rust compiled with those features enabled.
+            #[allow(unsafe_code)]
+            unsafe {
+                dots_avx2(x, w, k, out, r, stride)
+            };
+            return;
+        }
+    }
+    dots_generic::<false>(x, w, k, out, r, stride)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn dots_avx2(x: &[f32], w: Rows<'_>, k: usize, out: &mut [f32], r: usize, stride: usize) {
+    dots_generic::<true>(x, w, k, out, r, stride)
+}
+
+#[inline(always)]
+fn dots_generic<const FMA: bool>(
+    x: &[f32],
+    w: Rows<'_>,
+    k: usize,
+    out: &mut [f32],
+    r: usize,
+    stride: usize,
+) {
+    let madd = |a: f32, b: f32, c: f32| if FMA { a.mul_add(b, c) } else { c + a * b };
+    let wide = |v: bf16| f32::from_bits((v.to_bits() as u32) << 16);
+    let n = match w {
+        Rows::F32(w) => w.len() / k,
+        Rows::Bf16(w) => w.len() / k,
+    };
+    for j in 0..n {
+        let mut acc = [0f32; 16];
+        let mut tail = 0f32;
+        match w {
+            Rows::F32(w) => {
+                let wr = &w[j * k..(j + 1) * k];
+                let (cx, cw) = (x.chunks_exact(16), wr.chunks_exact(16));
+                for (a, b) in cx.remainder().iter().zip(cw.remainder()) {
+                    tail += a * b;
+                }
+                for (a, b) in cx.zip(cw) {
+                    let a: &[f32; 16] = a.try_into().expect("chunks of 16");
+                    let b: &[f32; 16] = b.try_into().expect("chunks of 16");
+                    for l in 0..16 {
+                        acc[l] = madd(a[l], b[l], acc[l]);
+                    }
+                }
+            }
+            Rows::Bf16(w) => {
+                let wr = &w[j * k..(j + 1) * k];
+                let (cx, cw) = (x.chunks_exact(16), wr.chunks_exact(16));
+                for (a, b) in cx.remainder().iter().zip(cw.remainder()) {
+                    tail += a * wide(*b);
+                }
+                for (a, b) in cx.zip(cw) {
+                    let a: &[f32; 16] = a.try_into().expect("chunks of 16");
+                    let b: &[bf16; 16] = b.try_into().expect("chunks of 16");
+                    for l in 0..16 {
+                        acc[l] = madd(a[l], wide(b[l]), acc[l]);
+                    }
+                }
+            }
+        }
+        out[j * stride + r] = acc.iter().sum::<f32>() + tail;
+    }
+}
+
+fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `out[f * rows + r] = x[r] . w[f]` for the `nf` rows of `w` (`[nf, k]`, `k % 8 == 0`).
+fn tile_block(x: &[f32], rows: usize, k: usize, w: &[f32], nf: usize, out: &mut [f32]) {
+    assert!(k % 8 == 0 && x.len() >= rows * k && w.len() >= nf * k && out.len() >= nf * rows);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2_fma() {
+            // SAFETY: the CPU has AVX2 and FMA (checked at run time), and the assert above
+            // bounds every pointer `tile_avx2` forms (see its loops).
+            #[allow(unsafe_code)]
+            unsafe {
+                tile_avx2(x, rows, k, w, nf, out)
+            };
+            return;
+        }
+    }
+    for f in 0..nf {
+        for r in 0..rows {
+            out[f * rows + r] = dot(&x[r * k..(r + 1) * k], &w[f * k..(f + 1) * k]);
+        }
+    }
+}
+
+/// The AVX2 micro-kernel of [`tile_block`]: 3 weight rows x 4 input rows per tile, 8 lanes.
+/// Every pointer stays inside `x[..rows * k]` and `w[..nf * k]`: rows and features are walked
+/// in whole tiles while they fit, the rest one at a time, and `c` steps by 8 up to `k`.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_avx2(x: &[f32], rows: usize, k: usize, w: &[f32], nf: usize, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps(v, 1);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+    let (xp, wp) = (x.as_ptr(), w.as_ptr());
+    let mut f = 0;
+    while f < nf {
+        let fw = (nf - f).min(3);
+        let w0 = wp.add(f * k);
+        let w1 = wp.add((f + 1.min(fw - 1)) * k);
+        let w2 = wp.add((f + 2.min(fw - 1)) * k);
+        let mut r = 0;
+        while r < rows {
+            if r + 4 <= rows {
+                let (x0, x1, x2, x3) = (
+                    xp.add(r * k),
+                    xp.add((r + 1) * k),
+                    xp.add((r + 2) * k),
+                    xp.add((r + 3) * k),
+                );
+                let mut acc = [_mm256_setzero_ps(); 12];
+                let mut c = 0;
+                while c < k {
+                    let a0 = _mm256_loadu_ps(w0.add(c));
+                    let a1 = _mm256_loadu_ps(w1.add(c));
+                    let a2 = _mm256_loadu_ps(w2.add(c));
+                    let b = _mm256_loadu_ps(x0.add(c));
+                    acc[0] = _mm256_fmadd_ps(a0, b, acc[0]);
+                    acc[1] = _mm256_fmadd_ps(a1, b, acc[1]);
+                    acc[2] = _mm256_fmadd_ps(a2, b, acc[2]);
+                    let b = _mm256_loadu_ps(x1.add(c));
+                    acc[3] = _mm256_fmadd_ps(a0, b, acc[3]);
+                    acc[4] = _mm256_fmadd_ps(a1, b, acc[4]);
+                    acc[5] = _mm256_fmadd_ps(a2, b, acc[5]);
+                    let b = _mm256_loadu_ps(x2.add(c));
+                    acc[6] = _mm256_fmadd_ps(a0, b, acc[6]);
+                    acc[7] = _mm256_fmadd_ps(a1, b, acc[7]);
+                    acc[8] = _mm256_fmadd_ps(a2, b, acc[8]);
+                    let b = _mm256_loadu_ps(x3.add(c));
+                    acc[9] = _mm256_fmadd_ps(a0, b, acc[9]);
+                    acc[10] = _mm256_fmadd_ps(a1, b, acc[10]);
+                    acc[11] = _mm256_fmadd_ps(a2, b, acc[11]);
+                    c += 8;
+                }
+                for i in 0..4 {
+                    for j in 0..fw {
+                        out[(f + j) * rows + r + i] = hsum(acc[i * 3 + j]);
+                    }
+                }
+                r += 4;
+            } else {
+                let x0 = xp.add(r * k);
+                let mut acc = [_mm256_setzero_ps(); 3];
+                let mut c = 0;
+                while c < k {
+                    let b = _mm256_loadu_ps(x0.add(c));
+                    acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(w0.add(c)), b, acc[0]);
+                    acc[1] = _mm256_fmadd_ps(_mm256_loadu_ps(w1.add(c)), b, acc[1]);
+                    acc[2] = _mm256_fmadd_ps(_mm256_loadu_ps(w2.add(c)), b, acc[2]);
+                    c += 8;
+                }
+                for j in 0..fw {
+                    out[(f + j) * rows + r] = hsum(acc[j]);
+                }
+                r += 1;
+            }
+        }
+        f += fw;
     }
 }
 
@@ -271,6 +521,101 @@ pub fn silu_mul(gate_up: &[f32], i: usize, out: &mut [f32]) {
     }
 }
 
+/// Attention of `rep` query heads (`q`, `rep x hd`) sharing one kv head over the cached
+/// positions at `offsets` (into `kc`/`vc`), into `out` (`rep x hd`). Compiled twice: with
+/// AVX2 and FMA when the CPU has them (checked at run time), and for baseline x86-64.
+#[allow(clippy::too_many_arguments)]
+pub fn attend(
+    q: &[f32],
+    rep: usize,
+    hd: usize,
+    offsets: &[usize],
+    kc: &[f32],
+    vc: &[f32],
+    scale: f32,
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if hd % 8 == 0 && has_avx2_fma() {
+            // SAFETY: the CPU has AVX2 and FMA (checked at run time); the function is safe
+            // Rust compiled with those features enabled.
+            #[allow(unsafe_code)]
+            unsafe {
+                attend_avx2(q, rep, hd, offsets, kc, vc, scale, out)
+            };
+            return;
+        }
+    }
+    attend_generic::<false>(q, rep, hd, offsets, kc, vc, scale, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma")]
+fn attend_avx2(
+    q: &[f32],
+    rep: usize,
+    hd: usize,
+    offsets: &[usize],
+    kc: &[f32],
+    vc: &[f32],
+    scale: f32,
+    out: &mut [f32],
+) {
+    attend_generic::<true>(q, rep, hd, offsets, kc, vc, scale, out)
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn attend_generic<const FMA: bool>(
+    q: &[f32],
+    rep: usize,
+    hd: usize,
+    offsets: &[usize],
+    kc: &[f32],
+    vc: &[f32],
+    scale: f32,
+    out: &mut [f32],
+) {
+    let span = offsets.len();
+    let mut scores = vec![0f32; rep * span];
+    let madd = |a: f32, b: f32, c: f32| if FMA { a.mul_add(b, c) } else { c + a * b };
+    for (t, &off) in offsets.iter().enumerate() {
+        let k = &kc[off..off + hd];
+        for j in 0..rep {
+            let qj = &q[j * hd..(j + 1) * hd];
+            let mut acc = [0f32; 8];
+            for (x, y) in qj.chunks_exact(8).zip(k.chunks_exact(8)) {
+                let x: &[f32; 8] = x.try_into().expect("chunks of 8");
+                let y: &[f32; 8] = y.try_into().expect("chunks of 8");
+                for l in 0..8 {
+                    acc[l] = madd(x[l], y[l], acc[l]);
+                }
+            }
+            let mut sum: f32 = acc.iter().sum();
+            let tail = hd / 8 * 8;
+            for i in tail..hd {
+                sum += qj[i] * k[i];
+            }
+            scores[j * span + t] = sum * scale;
+        }
+    }
+    for j in 0..rep {
+        softmax(&mut scores[j * span..(j + 1) * span]);
+    }
+    out.fill(0.0);
+    for (t, &off) in offsets.iter().enumerate() {
+        let v = &vc[off..off + hd];
+        for j in 0..rep {
+            let p = scores[j * span + t];
+            for (o, x) in out[j * hd..(j + 1) * hd].iter_mut().zip(v) {
+                *o = madd(p, *x, *o);
+            }
+        }
+    }
+}
+
 /// In-place softmax.
 pub fn softmax(x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -300,7 +645,13 @@ mod tests {
 
     #[test]
     fn linear_paths_agree_with_a_naive_matmul() {
-        let (n, k) = (300, 70);
+        // k = 72: the AVX2 tile kernel for 2..=64 rows (where the CPU has it); k = 70: gemm.
+        for k in [72, 70] {
+            check_linear(300, k);
+        }
+    }
+
+    fn check_linear(n: usize, k: usize) {
         let w: Vec<f32> = (0..n * k)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 64.0)
             .collect();
