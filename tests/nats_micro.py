@@ -2,8 +2,9 @@
 
 Usage: python nats_micro.py NATS_URL SERVICE:ENDPOINT[,ENDPOINT...] [...]
 Each argument names a service (`{namespace}-{component}`) that must answer $SRV.PING,
-$SRV.INFO (with those endpoints) and $SRV.STATS. Prints one line per check; exits non-zero
-on the first failure.
+$SRV.INFO (with those endpoints) and $SRV.STATS, and whose instances are registered in the
+JetStream key-value bucket `dynamo-discovery` (what `nats kv ls` shows). Prints one line per
+check; exits non-zero on the first failure.
 """
 import asyncio
 import json
@@ -52,6 +53,15 @@ async def main(url, wanted):
             len(stats) == len(mine) and all(s["type"] == "io.nats.micro.v1.stats_response" for s in stats),
             stats,
         )
+    # Discovery: one key per (endpoint, instance) in the JetStream key-value bucket.
+    kv = await nc.jetstream().key_value("dynamo-discovery")
+    keys = await kv.keys()
+    for service, endpoints in wanted:
+        ns, component = service.split("-", 1)
+        ids = {i["id"] for i in infos if i["name"] == service}
+        for ep in endpoints:
+            want = {f"{ns}.{component}.{ep}.{i}" for i in ids}
+            check(f"{service}.{ep} in the discovery bucket", want <= set(keys), sorted(keys))
     await nc.close()
 
 

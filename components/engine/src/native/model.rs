@@ -209,8 +209,11 @@ impl Model {
             layer.qkv.forward(&xn, n, &mut qkv);
             // RoPE on q and k, then k and v into the cache.
             let width = q_dim + 2 * kv_dim;
+            // (Split only across many rows: waking the other threads for a decode step's few
+            // rows costs more than the work.)
             qkv.par_chunks_mut(width)
                 .zip(tables.par_iter())
+                .with_min_len(32)
                 .for_each(|(row, table)| {
                     for head in row[..q_dim + kv_dim].chunks_exact_mut(hd) {
                         ops::rope(head, table);
@@ -230,6 +233,7 @@ impl Model {
             let rep = nh / nkv;
             att.par_chunks_mut(rep * hd)
                 .enumerate()
+                .with_min_len(4)
                 .for_each(|(i, out)| {
                     let (row, g) = (i / nkv, i % nkv);
                     let (s, pos) = rows[row];
