@@ -184,6 +184,16 @@ impl Model {
             .flat_map(|(s, q)| (0..q.tokens.len()).map(move |i| (s, q.start + i)))
             .collect();
         let n = rows.len();
+        // Each sequence's cache rows (start of position t's K/V in a layer), shared by every
+        // layer and head.
+        let cache_rows: Vec<Vec<usize>> = seqs
+            .iter()
+            .map(|q| {
+                (0..q.start + q.tokens.len())
+                    .map(|t| (q.blocks[t / bs].index() * bs + t % bs) * kv_dim)
+                    .collect()
+            })
+            .collect();
         let tables: Vec<Vec<(f32, f32)>> = rows
             .iter()
             .map(|&(_, pos)| ops::rope_table(pos, &self.inv_freq))
@@ -237,13 +247,9 @@ impl Model {
                 .for_each(|(i, out)| {
                     let (row, g) = (i / nkv, i % nkv);
                     let (s, pos) = rows[row];
-                    let blocks = seqs[s].blocks;
                     let q = &qkv[row * width + g * rep * hd..row * width + (g + 1) * rep * hd];
-                    // Offsets of positions 0..=pos of this kv head.
-                    let offsets: Vec<usize> = (0..=pos)
-                        .map(|t| (blocks[t / bs].index() * bs + t % bs) * kv_dim + g * hd)
-                        .collect();
-                    ops::attend(q, rep, hd, &offsets, kc, vc, scale, out);
+                    let positions = &cache_rows[s][..=pos];
+                    ops::attend(q, rep, hd, positions, g * hd, kc, vc, scale, out);
                 });
             layer.o.forward(&att, n, &mut proj);
             for (a, b) in x.iter_mut().zip(&proj) {

@@ -522,7 +522,8 @@ pub fn silu_mul(gate_up: &[f32], i: usize, out: &mut [f32]) {
 }
 
 /// Attention of `rep` query heads (`q`, `rep x hd`) sharing one kv head over the cached
-/// positions at `offsets` (into `kc`/`vc`), into `out` (`rep x hd`). Compiled twice: with
+/// positions whose rows start at `offsets` (into `kc`/`vc`; the head at `+ head`), into `out`
+/// (`rep x hd`). Compiled twice: with
 /// AVX2 and FMA when the CPU has them (checked at run time), and for baseline x86-64.
 #[allow(clippy::too_many_arguments)]
 pub fn attend(
@@ -530,6 +531,7 @@ pub fn attend(
     rep: usize,
     hd: usize,
     offsets: &[usize],
+    head: usize,
     kc: &[f32],
     vc: &[f32],
     scale: f32,
@@ -542,12 +544,12 @@ pub fn attend(
             // Rust compiled with those features enabled.
             #[allow(unsafe_code)]
             unsafe {
-                attend_avx2(q, rep, hd, offsets, kc, vc, scale, out)
+                attend_avx2(q, rep, hd, offsets, head, kc, vc, scale, out)
             };
             return;
         }
     }
-    attend_generic::<false>(q, rep, hd, offsets, kc, vc, scale, out)
+    attend_generic::<false>(q, rep, hd, offsets, head, kc, vc, scale, out)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -558,12 +560,13 @@ fn attend_avx2(
     rep: usize,
     hd: usize,
     offsets: &[usize],
+    head: usize,
     kc: &[f32],
     vc: &[f32],
     scale: f32,
     out: &mut [f32],
 ) {
-    attend_generic::<true>(q, rep, hd, offsets, kc, vc, scale, out)
+    attend_generic::<true>(q, rep, hd, offsets, head, kc, vc, scale, out)
 }
 
 #[inline(always)]
@@ -573,6 +576,7 @@ fn attend_generic<const FMA: bool>(
     rep: usize,
     hd: usize,
     offsets: &[usize],
+    head: usize,
     kc: &[f32],
     vc: &[f32],
     scale: f32,
@@ -581,7 +585,8 @@ fn attend_generic<const FMA: bool>(
     let span = offsets.len();
     let mut scores = vec![0f32; rep * span];
     let madd = |a: f32, b: f32, c: f32| if FMA { a.mul_add(b, c) } else { c + a * b };
-    for (t, &off) in offsets.iter().enumerate() {
+    for (t, &row) in offsets.iter().enumerate() {
+        let off = row + head;
         let k = &kc[off..off + hd];
         for j in 0..rep {
             let qj = &q[j * hd..(j + 1) * hd];
@@ -602,10 +607,11 @@ fn attend_generic<const FMA: bool>(
         }
     }
     for j in 0..rep {
-        softmax(&mut scores[j * span..(j + 1) * span]);
+        softmax_fast(&mut scores[j * span..(j + 1) * span]);
     }
     out.fill(0.0);
-    for (t, &off) in offsets.iter().enumerate() {
+    for (t, &row) in offsets.iter().enumerate() {
+        let off = row + head;
         let v = &vc[off..off + hd];
         for j in 0..rep {
             let p = scores[j * span + t];
@@ -613,6 +619,38 @@ fn attend_generic<const FMA: bool>(
                 *o = madd(p, *x, *o);
             }
         }
+    }
+}
+
+/// `e^x` for `x <= 0` to ~1e-7 relative (Cephes' range reduction and polynomial), in plain
+/// arithmetic the compiler vectorizes (`f32::exp` is a libm call per element).
+#[inline(always)]
+fn exp_neg(x: f32) -> f32 {
+    let x = x.max(-87.0);
+    let n = (x * std::f32::consts::LOG2_E).round();
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let mut p = 1.987_569_1e-4_f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 0.166_666_65;
+    p = p * r + 0.5;
+    let e = p * r * r + r + 1.0;
+    e * f32::from_bits(((n as i32 + 127) << 23) as u32)
+}
+
+/// In-place softmax with [`exp_neg`] (inlined into the caller's target features).
+#[inline(always)]
+fn softmax_fast(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in x.iter_mut() {
+        *v = exp_neg(*v - max);
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    for v in x.iter_mut() {
+        *v *= inv;
     }
 }
 
@@ -641,6 +679,18 @@ mod tests {
             }
         }
         y
+    }
+
+    #[test]
+    fn fast_exp_matches_the_library_exp() {
+        let mut worst = 0f32;
+        for i in 0..20000 {
+            let x = -(i as f32) * 0.0043;
+            let (a, b) = (exp_neg(x), x.exp());
+            worst = worst.max(((a - b) / b.max(f32::MIN_POSITIVE)).abs());
+        }
+        assert!(worst < 1e-6, "worst relative error {worst}");
+        assert!(exp_neg(-200.0) < 1e-37);
     }
 
     #[test]
