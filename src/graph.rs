@@ -546,6 +546,8 @@ impl Component {
         };
         if let Some(b) = bus {
             flag(&mut a, "bus", Some(b.to_string()));
+            // Children of a supervisor: no orphans if it is killed outright.
+            a.push("--exit-with-parent".into());
         }
         flag(&mut a, "namespace", Some(g.namespace.clone()));
         flag(&mut a, "log", s.log.clone());

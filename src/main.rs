@@ -63,6 +63,10 @@ struct Cli {
     /// Serve Prometheus metrics on this port (the frontend also serves /metrics).
     #[arg(long, global = true)]
     metrics_port: Option<u16>,
+    /// Stop (gracefully) when the parent process dies: set by `serve` on its children, so a
+    /// supervisor killed with SIGKILL leaves no orphans.
+    #[arg(long, global = true, hide = true)]
+    exit_with_parent: bool,
     #[command(flatten)]
     launch: LaunchArgs,
     #[command(subcommand)]
@@ -433,6 +437,24 @@ async fn run(cli: Cli) -> Result<()> {
     let runtime = Runtime::start(settings)
         .await
         .context("starting the runtime")?;
+    if cli.exit_with_parent {
+        let (parent, stop) = (nix::unistd::getppid(), runtime.shutdown_token());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                if nix::unistd::getppid() != parent {
+                    stop.cancel();
+                    // Its end of our stderr may be gone too: never panic on the write.
+                    use std::io::Write;
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "the supervising process is gone: shutting down"
+                    );
+                    return;
+                }
+            }
+        });
+    }
     let result = match cli.command {
         None => launch::run(&runtime, launch.expect("parsed above")).await,
         Some(Command::MakeModel { .. }) | Some(Command::Bench(_)) => unreachable!("handled above"),

@@ -109,6 +109,24 @@ impl Serve {
     }
 }
 
+impl Drop for Serve {
+    /// A failed test still stops the graph: SIGTERM (serve stops its children), then SIGKILL.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let until = Instant::now() + Duration::from_secs(20);
+            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// `http://127.0.0.1:PORT` from a line holding `http://HOST:PORT/v1`.
 fn base(line: &str) -> String {
     let addr = line
@@ -386,4 +404,48 @@ fn over_nats_replicas_are_supervised_processes() {
         })
         .count();
     assert_eq!(alive, 0, "children left running");
+}
+
+/// Children of a supervisor killed outright (SIGKILL: no chance to stop them) notice and stop.
+#[test]
+fn children_do_not_outlive_a_killed_supervisor() {
+    let nats = NatsServer::start().unwrap();
+    let model = format!("defaults.model_path={}", model_dir());
+    let mut serve = Serve::start(&[
+        &graph("mocker-cluster.yaml"),
+        "--bus",
+        &nats.url(),
+        "--set",
+        &model,
+        "--set",
+        "backend.replicas=1",
+        "--set",
+        "frontend.http_port=0",
+    ]);
+    serve.wait_out("ready: graph", 0, Duration::from_secs(60));
+    let children = || {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|pid| {
+                let cmd = String::from_utf8_lossy(
+                    &std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default(),
+                )
+                .to_string();
+                cmd.contains(&nats.url()) && cmd.contains("--exit-with-parent")
+            })
+            .count()
+    };
+    assert_eq!(children(), 3, "backend, router and frontend processes");
+    serve.child.kill().unwrap();
+    serve.child.wait().unwrap();
+    let until = Instant::now() + Duration::from_secs(15);
+    while children() > 0 {
+        assert!(
+            Instant::now() < until,
+            "{} children outlived the supervisor",
+            children()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

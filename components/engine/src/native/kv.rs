@@ -1,10 +1,11 @@
 //! The paged KV cache: per layer, K and V for `num_blocks` blocks of `block_size` tokens,
-//! laid out `[block][token][kv_head][head_dim]` in f32. A sequence's block table (from the
+//! laid out `[block][kv_head][token][head_dim]` in f32, so attention for one kv head reads a
+//! block's positions as one contiguous run. A sequence's block table (from the
 //! scheduler's block pool) maps its positions to blocks, so sequences share cached prefix
 //! blocks without copying them.
 //!
 //! Blocks export and import as bytes with their [`KvLayout`]: per block, for each layer, K then
-//! V (`block_size x kv_heads x head_dim` little-endian f32 each). That is the unit the transfer
+//! V (`kv_heads x block_size x head_dim` little-endian f32 each). That is the unit the transfer
 //! library and the offloader move.
 
 use dynamo_kv::BlockId;
@@ -69,11 +70,11 @@ impl KvCache {
         self.layout
     }
 
-    /// Offset of (block, token in block, kv head 0).
+    /// Offset of (block, kv head 0, token in block); kv head `g` is `g * block_size *
+    /// head_dim` further.
     #[inline]
     pub fn offset(&self, block: BlockId, slot: usize) -> usize {
-        (block.index() * self.layout.block_size + slot)
-            * self.layout.kv_heads
+        (block.index() * self.layout.kv_heads * self.layout.block_size + slot)
             * self.layout.head_dim
     }
 

@@ -184,13 +184,13 @@ impl Model {
             .flat_map(|(s, q)| (0..q.tokens.len()).map(move |i| (s, q.start + i)))
             .collect();
         let n = rows.len();
-        // Each sequence's cache rows (start of position t's K/V in a layer), shared by every
-        // layer and head.
+        // Each sequence's cache rows (start of position t's K/V for kv head 0 in a layer; head
+        // g is `g * bs * hd` further), shared by every layer and head.
         let cache_rows: Vec<Vec<usize>> = seqs
             .iter()
             .map(|q| {
                 (0..q.start + q.tokens.len())
-                    .map(|t| (q.blocks[t / bs].index() * bs + t % bs) * kv_dim)
+                    .map(|t| cache.offset(q.blocks[t / bs], t % bs))
                     .collect()
             })
             .collect();
@@ -232,9 +232,13 @@ impl Model {
             {
                 let (kc, vc) = cache.layer_mut(l);
                 for (row, &(s, pos)) in qkv.chunks_exact(width).zip(&rows) {
-                    let off = (seqs[s].blocks[pos / bs].index() * bs + pos % bs) * kv_dim;
-                    kc[off..off + kv_dim].copy_from_slice(&row[q_dim..q_dim + kv_dim]);
-                    vc[off..off + kv_dim].copy_from_slice(&row[q_dim + kv_dim..]);
+                    let base = cache_rows[s][pos];
+                    for g in 0..nkv {
+                        let off = base + g * bs * hd;
+                        let (k, v) = (q_dim + g * hd, q_dim + kv_dim + g * hd);
+                        kc[off..off + hd].copy_from_slice(&row[k..k + hd]);
+                        vc[off..off + hd].copy_from_slice(&row[v..v + hd]);
+                    }
                 }
             }
             // Attention, one task per (row, kv head): the query heads sharing a kv head read
@@ -249,7 +253,7 @@ impl Model {
                     let (s, pos) = rows[row];
                     let q = &qkv[row * width + g * rep * hd..row * width + (g + 1) * rep * hd];
                     let positions = &cache_rows[s][..=pos];
-                    ops::attend(q, rep, hd, positions, g * hd, kc, vc, scale, out);
+                    ops::attend(q, rep, hd, positions, g * bs * hd, kc, vc, scale, out);
                 });
             layer.o.forward(&att, n, &mut proj);
             for (a, b) in x.iter_mut().zip(&proj) {
