@@ -532,29 +532,31 @@ impl Graph {
     }
 }
 
+/// Appends `--name value` when `v` is set.
+fn flag(a: &mut Vec<String>, name: &str, v: Option<impl std::fmt::Display>) {
+    if let Some(v) = v {
+        a.push(format!("--{name}"));
+        a.push(v.to_string());
+    }
+}
+
 impl Component {
     /// The `dynamo-run` arguments of replica `replica` (after the binary name), `bus` given
     /// or not.
     pub fn args(&self, g: &Graph, bus: Option<&str>, replica: usize) -> Vec<String> {
         let s = &self.settings;
         let mut a: Vec<String> = Vec::new();
-        let flag = |a: &mut Vec<String>, name: &str, v: Option<String>| {
-            if let Some(v) = v {
-                a.push(format!("--{name}"));
-                a.push(v);
-            }
-        };
         if let Some(b) = bus {
-            flag(&mut a, "bus", Some(b.to_string()));
+            flag(&mut a, "bus", Some(b));
             // Children of a supervisor: no orphans if it is killed outright.
             a.push("--exit-with-parent".into());
         }
-        flag(&mut a, "namespace", Some(g.namespace.clone()));
-        flag(&mut a, "log", s.log.clone());
+        flag(&mut a, "namespace", Some(&g.namespace));
+        flag(&mut a, "log", s.log.as_deref());
         flag(
             &mut a,
             "metrics-port",
-            s.metrics_port.map(|p| (p as usize + replica).to_string()),
+            s.metrics_port.map(|p| p as usize + replica),
         );
         let router = |a: &mut Vec<String>| {
             let mut f = |n: &str, v: Option<f64>| {
@@ -574,13 +576,9 @@ impl Component {
             Role::Frontend => {
                 a.push("in=http".into());
                 a.push("out=dyn".into());
-                flag(
-                    &mut a,
-                    "http-port",
-                    Some(s.http_port.unwrap_or(8080).to_string()),
-                );
-                flag(&mut a, "http-host", s.http_host.clone());
-                flag(&mut a, "model-name", s.model_name.clone());
+                flag(&mut a, "http-port", Some(s.http_port.unwrap_or(8080)));
+                flag(&mut a, "http-host", s.http_host.as_deref());
+                flag(&mut a, "model-name", s.model_name.as_deref());
                 let mode = s.router_mode.clone().unwrap_or_else(|| {
                     if g.has_router() {
                         "kv".into()
@@ -593,16 +591,8 @@ impl Component {
                 }
                 flag(&mut a, "router-mode", Some(mode));
                 router(&mut a);
-                flag(
-                    &mut a,
-                    "max-inflight",
-                    s.max_inflight.map(|v| v.to_string()),
-                );
-                flag(
-                    &mut a,
-                    "max-body-bytes",
-                    s.max_body_bytes.map(|v| v.to_string()),
-                );
+                flag(&mut a, "max-inflight", s.max_inflight);
+                flag(&mut a, "max-body-bytes", s.max_body_bytes);
             }
             _ => {
                 let engine = match s.engine {
@@ -620,37 +610,17 @@ impl Component {
                 flag(
                     &mut a,
                     "model-path",
-                    s.model_path.as_ref().map(|p| p.display().to_string()),
+                    s.model_path.as_ref().map(|p| p.display()),
                 );
-                flag(&mut a, "model-name", s.model_name.clone());
-                flag(&mut a, "block-size", s.block_size.map(|v| v.to_string()));
-                flag(
-                    &mut a,
-                    "num-gpu-blocks",
-                    s.num_gpu_blocks.map(|v| v.to_string()),
-                );
-                flag(
-                    &mut a,
-                    "max-num-seqs",
-                    s.max_num_seqs.map(|v| v.to_string()),
-                );
-                flag(
-                    &mut a,
-                    "max-num-batched-tokens",
-                    s.max_num_batched_tokens.map(|v| v.to_string()),
-                );
-                flag(
-                    &mut a,
-                    "speedup-ratio",
-                    s.speedup_ratio.map(|v| v.to_string()),
-                );
-                flag(
-                    &mut a,
-                    "echo-delay-ms",
-                    s.echo_delay_ms.map(|v| v.to_string()),
-                );
-                flag(&mut a, "kv-cache-memory", s.kv_cache_memory.clone());
-                flag(&mut a, "dtype", s.dtype.clone());
+                flag(&mut a, "model-name", s.model_name.as_deref());
+                flag(&mut a, "block-size", s.block_size);
+                flag(&mut a, "num-gpu-blocks", s.num_gpu_blocks);
+                flag(&mut a, "max-num-seqs", s.max_num_seqs);
+                flag(&mut a, "max-num-batched-tokens", s.max_num_batched_tokens);
+                flag(&mut a, "speedup-ratio", s.speedup_ratio);
+                flag(&mut a, "echo-delay-ms", s.echo_delay_ms);
+                flag(&mut a, "kv-cache-memory", s.kv_cache_memory.as_deref());
+                flag(&mut a, "dtype", s.dtype.as_deref());
             }
         }
         a

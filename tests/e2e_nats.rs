@@ -1,79 +1,31 @@
 //! End to end across processes: `dynamo-run` children against a real nats-server.
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::{dynamo_run, Proc};
 use dynamo_protocols::echo::{EchoChunk, EchoRequest};
 use dynamo_runtime::discovery::{DiscoveryEvent, DiscoverySettings};
 use dynamo_runtime::subject::ComponentId;
 use dynamo_runtime::testing::NatsServer;
 use dynamo_runtime::{CallOptions, Runtime, RuntimeSettings, Target};
+use nix::sys::signal::Signal;
 
 const LEASE: Duration = Duration::from_secs(2);
 
-/// A `dynamo-run serve-echo` child, killed on drop.
-struct Worker {
-    child: Child,
-    instance: String,
-}
-
-impl Worker {
-    fn start(url: &str, extra: &[&str]) -> Worker {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_dynamo-run"))
+/// A `dynamo-run serve-echo` child (killed on drop) on `url`, with a 2 s discovery lease.
+fn worker(url: &str, extra: &[&str]) -> Proc {
+    Proc::start(
+        dynamo_run()
             .args(["--bus", url, "--namespace", "e2e"])
             .args(extra)
             .arg("serve-echo")
-            .env("DYN_DISCOVERY__LEASE", "2s")
-            .env("DYN_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn dynamo-run");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .expect("read ready line");
-        let instance = line
-            .trim()
-            .rsplit("instance=")
-            .next()
-            .filter(|_| line.starts_with("ready"))
-            .unwrap_or_else(|| panic!("worker did not get ready: {line:?}"))
-            .to_string();
-        Worker { child, instance }
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok);
-    }
-
-    fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
-        let until = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < until,
-                "worker did not exit within {within:?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+            .env("DYN_DISCOVERY__LEASE", "2s"),
+    )
 }
 
 async fn client(server: &NatsServer) -> Runtime {
@@ -134,9 +86,9 @@ async fn killed_process_leaves_discovery_within_the_lease() {
         .watch(dynamo_runtime::subject::DiscoveryFilter::all())
         .await
         .unwrap();
-    let worker = Worker::start(&server.url(), &[]);
+    let worker = worker(&server.url(), &[]);
     match next_event(&mut watch, 5).await {
-        DiscoveryEvent::Joined(info) => assert_eq!(info.instance.to_string(), worker.instance),
+        DiscoveryEvent::Joined(info) => assert_eq!(info.instance.to_string(), worker.instance()),
         other => panic!("{other:?}"),
     }
     let req = EchoRequest {
@@ -161,7 +113,7 @@ async fn killed_process_leaves_discovery_within_the_lease() {
         delay_ms: 50,
     };
     let mut stream = start_stream(&rt, &long).await;
-    worker.signal("-KILL");
+    worker.signal(Signal::SIGKILL);
     let killed = Instant::now();
     let err = loop {
         match stream.next().await.expect("stream ends with an error") {
@@ -181,7 +133,9 @@ async fn killed_process_leaves_discovery_within_the_lease() {
     );
 
     match next_event(&mut watch, 10).await {
-        DiscoveryEvent::Left { instance, .. } => assert_eq!(instance.to_string(), worker.instance),
+        DiscoveryEvent::Left { instance, .. } => {
+            assert_eq!(instance.to_string(), worker.instance())
+        }
         other => panic!("{other:?}"),
     }
     let gone_after = killed.elapsed();
@@ -201,15 +155,15 @@ async fn killed_process_leaves_discovery_within_the_lease() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_deregisters_drains_and_exits_zero() {
-    stop_gracefully_on("-TERM").await;
+    stop_gracefully_on(Signal::SIGTERM).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigint_deregisters_drains_and_exits_zero() {
-    stop_gracefully_on("-INT").await;
+    stop_gracefully_on(Signal::SIGINT).await;
 }
 
-async fn stop_gracefully_on(signal: &str) {
+async fn stop_gracefully_on(signal: Signal) {
     let server = NatsServer::start().unwrap();
     let rt = client(&server).await;
     let mut watch = rt
@@ -217,7 +171,7 @@ async fn stop_gracefully_on(signal: &str) {
         .watch(dynamo_runtime::subject::DiscoveryFilter::all())
         .await
         .unwrap();
-    let mut worker = Worker::start(&server.url(), &[]);
+    let mut worker = worker(&server.url(), &[]);
     assert!(matches!(
         next_event(&mut watch, 5).await,
         DiscoveryEvent::Joined(_)
@@ -257,7 +211,7 @@ async fn call_echo_and_ls_work_across_processes_and_metrics_are_served() {
         .local_addr()
         .unwrap()
         .port();
-    let worker = Worker::start(&server.url(), &["--metrics-port", &port.to_string()]);
+    let worker = worker(&server.url(), &["--metrics-port", &port.to_string()]);
     let out = Command::new(env!("CARGO_BIN_EXE_dynamo-run"))
         .args([
             "--bus",
@@ -297,7 +251,7 @@ async fn call_echo_and_ls_work_across_processes_and_metrics_are_served() {
     assert!(body.starts_with("HTTP/1.1 200"), "{body}");
     let series = format!(
         "dynamo_runtime_requests_total{{endpoint=\"e2e.echo.generate\",instance=\"{}\"}} 1",
-        worker.instance
+        worker.instance()
     );
     assert!(body.contains(&series), "{body}");
 }

@@ -10,7 +10,10 @@ mod common;
 use std::time::Duration;
 
 use common::{dynamo_run, eventually, model_dir, Proc};
-use dynamo_actors::frontend::{Endpoint, Frontend, FrontendSettings, RouterMode};
+use dynamo_actors::frontend::{
+    Endpoint, Frontend, FrontendSettings, Generation, RouterMode, Serving,
+};
+use dynamo_actors::router::KvRouter;
 use dynamo_kv::block_hashes;
 use dynamo_protocols::kv::{
     KvEvent, KvEventBatch, KvEventData, LocalBlockHash, SequenceHash, StorageTier, StoredBlock,
@@ -61,6 +64,32 @@ fn worker(url: &str, dir: &str) -> Worker {
     }
 }
 
+/// Starts a completion of `prefix` plus three tokens from `suffix` on.
+async fn start(serving: &Serving, prefix: &[u32], suffix: u32, max_tokens: u32) -> Generation {
+    let mut prompt = prefix.to_vec();
+    prompt.extend([suffix, suffix + 1, suffix + 2]);
+    let body = json!({"model": "m", "prompt": prompt, "max_tokens": max_tokens});
+    serving.start(Endpoint::Completions, &body).await.unwrap()
+}
+
+/// Runs a two-token completion of `prefix` + `suffix` to the end; the worker that served it.
+async fn ask(serving: &Serving, prefix: &[u32], suffix: u32) -> InstanceId {
+    let mut g = start(serving, prefix, suffix, 2).await;
+    while let Some(p) = g.next().await {
+        p.unwrap();
+    }
+    g.worker
+}
+
+/// The leading blocks of `hashes` that `router`'s index credits to `w`.
+fn held(router: &KvRouter, hashes: &[SequenceHash], w: WorkerId) -> Option<u32> {
+    router
+        .index()
+        .find_matches(hashes)
+        .get(&w)
+        .map(|o| o.blocks())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kv_routing_follows_the_prefix_resyncs_and_purges() {
     let server = NatsServer::start().unwrap();
@@ -86,33 +115,14 @@ async fn kv_routing_follows_the_prefix_resyncs_and_purges() {
     let router = serving.router().unwrap().clone();
 
     let prefix: Vec<u32> = (300..460).collect();
-    let ask = |suffix: u32| {
-        let serving = serving.clone();
-        let mut prompt = prefix.clone();
-        prompt.extend([suffix, suffix + 1, suffix + 2]);
-        async move {
-            let body = json!({"model": "m", "prompt": prompt, "max_tokens": 2});
-            let mut g = serving.start(Endpoint::Completions, &body).await.unwrap();
-            while let Some(p) = g.next().await {
-                p.unwrap();
-            }
-            g.worker
-        }
-    };
+    let ask = |suffix: u32| ask(&serving, &prefix, suffix);
     let hashes: Vec<SequenceHash> = block_hashes(&prefix, BS).into_iter().map(|h| h.1).collect();
     let holder = ask(1000).await;
     let wid = WorkerId(holder.as_u64());
     eventually(
         "the holder's blocks are indexed",
         Duration::from_secs(5),
-        || {
-            router
-                .index()
-                .find_matches(&hashes)
-                .get(&wid)
-                .map(|o| o.blocks())
-                == Some(10)
-        },
+        || held(&router, &hashes, wid) == Some(10),
     )
     .await;
     for i in 0..6 {
@@ -132,14 +142,7 @@ async fn kv_routing_follows_the_prefix_resyncs_and_purges() {
     eventually(
         "the late router knows the holder's blocks",
         Duration::from_secs(5),
-        || {
-            late_router
-                .index()
-                .find_matches(&hashes)
-                .get(&wid)
-                .map(|o| o.blocks())
-                == Some(10)
-        },
+        || held(&late_router, &hashes, wid) == Some(10),
     )
     .await;
     late.shutdown().await;
@@ -175,14 +178,7 @@ async fn kv_routing_follows_the_prefix_resyncs_and_purges() {
     })
     .await;
     assert!(!router.index().find_matches(&[bogus]).contains_key(&wid));
-    assert_eq!(
-        router
-            .index()
-            .find_matches(&hashes)
-            .get(&wid)
-            .map(|o| o.blocks()),
-        Some(10)
-    );
+    assert_eq!(held(&router, &hashes, wid), Some(10));
     assert_eq!(
         ask(3000).await,
         holder,
@@ -196,7 +192,7 @@ async fn kv_routing_follows_the_prefix_resyncs_and_purges() {
     eventually(
         "the killed worker is purged",
         Duration::from_secs(8),
-        || !router.index().find_matches(&hashes).contains_key(&wid),
+        || held(&router, &hashes, wid).is_none(),
     )
     .await;
     tokio::time::timeout(Duration::from_secs(5), async {
@@ -245,38 +241,13 @@ async fn a_router_component_routes_and_replicas_share_its_decisions() {
     let b_router = b.serving().router().unwrap().clone();
     let prefix: Vec<u32> = (500..660).collect();
     let hashes: Vec<SequenceHash> = block_hashes(&prefix, BS).into_iter().map(|h| h.1).collect();
-    let start = |suffix: u32, max_tokens: u32| {
-        let serving = serving.clone();
-        let mut prompt = prefix.clone();
-        prompt.extend([suffix, suffix + 1, suffix + 2]);
-        async move {
-            let body = json!({"model": "m", "prompt": prompt, "max_tokens": max_tokens});
-            serving.start(Endpoint::Completions, &body).await.unwrap()
-        }
-    };
-    let ask = |suffix: u32| {
-        let start = &start;
-        async move {
-            let mut g = start(suffix, 2).await;
-            while let Some(p) = g.next().await {
-                p.unwrap();
-            }
-            g.worker
-        }
-    };
+    let ask = |suffix: u32| ask(&serving, &prefix, suffix);
     let holder = ask(1000).await;
     let wid = WorkerId(holder.as_u64());
     eventually(
         "the holder's blocks are indexed",
         Duration::from_secs(5),
-        || {
-            b_router
-                .index()
-                .find_matches(&hashes)
-                .get(&wid)
-                .map(|o| o.blocks())
-                == Some(10)
-        },
+        || held(&b_router, &hashes, wid) == Some(10),
     )
     .await;
     // Round-robin would alternate between the two workers; the router component follows the
@@ -290,7 +261,7 @@ async fn a_router_component_routes_and_replicas_share_its_decisions() {
     }
 
     // A long request routed by the component shows in B's accounting while it runs...
-    let mut long = start(3000, 1500).await;
+    let mut long = start(&serving, &prefix, 3000, 1500).await;
     let worker = WorkerId(long.worker.as_u64());
     eventually("B accounts for A's request", Duration::from_secs(5), || {
         b_router.shared_leases() == 1 && b_router.accounted(worker).1 > 0

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::{dynamo_run, model_dir};
 use dynamo_runtime::testing::NatsServer;
+use nix::sys::signal::Signal;
 
 fn graph(name: &str) -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -91,21 +92,22 @@ impl Serve {
         }
     }
 
-    /// SIGTERM, then the exit status within `within`.
-    fn terminate(mut self, within: Duration) -> std::process::ExitStatus {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
+    /// SIGTERM; the exit status if it comes within `within`.
+    fn stop(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        signal(self.child.id() as i32, Signal::SIGTERM);
         let until = Instant::now() + within;
-        loop {
+        while Instant::now() < until {
             if let Some(s) = self.child.try_wait().unwrap() {
-                return s;
+                return Some(s);
             }
-            assert!(Instant::now() < until, "serve did not stop after SIGTERM");
             std::thread::sleep(Duration::from_millis(50));
         }
+        None
+    }
+
+    /// SIGTERM, then the exit status within `within`.
+    fn terminate(mut self, within: Duration) -> std::process::ExitStatus {
+        self.stop(within).expect("serve did not stop after SIGTERM")
     }
 }
 
@@ -113,18 +115,38 @@ impl Drop for Serve {
     /// A failed test still stops the graph: SIGTERM (serve stops its children), then SIGKILL.
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(self.child.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let until = Instant::now() + Duration::from_secs(20);
-            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < until {
-                std::thread::sleep(Duration::from_millis(50));
+            if self.stop(Duration::from_secs(20)).is_none() {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
             }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
         }
     }
+}
+
+/// Processes running now: (pid, parent pid, command line, arguments separated by spaces).
+fn processes() -> Vec<(i32, i32, String)> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // The parent pid follows the state, after the parenthesised command name.
+            let ppid = stat
+                .rsplit(')')
+                .next()?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            Some((pid, ppid, cmd))
+        })
+        .collect()
+}
+
+fn signal(pid: i32, sig: Signal) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
 }
 
 /// `http://127.0.0.1:PORT` from a line holding `http://HOST:PORT/v1`.
@@ -368,40 +390,23 @@ fn over_nats_replicas_are_supervised_processes() {
     );
     assert!(stdout.contains("ok dynamo-router STATS"), "{stdout}");
     // Kill one worker process: the supervisor restarts it.
-    let pid = std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .find(|pid| {
-            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let ppid = stat
-                .rsplit(')')
-                .next()
-                .and_then(|s| s.split_whitespace().nth(1));
-            String::from_utf8_lossy(&cmd).contains("in=dyn://dynamo.backend.generate")
-                && ppid == Some(&serve.child.id().to_string())
+    let serve_pid = serve.child.id() as i32;
+    let (pid, _, _) = processes()
+        .into_iter()
+        .find(|(_, ppid, cmd)| {
+            *ppid == serve_pid && cmd.contains("in=dyn://dynamo.backend.generate")
         })
         .expect("a worker child of serve");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    signal(pid, Signal::SIGKILL);
     serve.wait_err("restarting in", Duration::from_secs(10));
     serve.wait_out("[backend.", 2, Duration::from_secs(30));
     ask();
     let status = serve.terminate(Duration::from_secs(40));
     assert!(status.success(), "{status}");
     // Every child is gone.
-    let alive = std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            String::from_utf8_lossy(
-                &std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default(),
-            )
-            .contains(&nats.url())
-        })
+    let alive = processes()
+        .iter()
+        .filter(|(_, _, cmd)| cmd.contains(&nats.url()))
         .count();
     assert_eq!(alive, 0, "children left running");
 }
@@ -424,16 +429,9 @@ fn children_do_not_outlive_a_killed_supervisor() {
     ]);
     serve.wait_out("ready: graph", 0, Duration::from_secs(60));
     let children = || {
-        std::fs::read_dir("/proc")
-            .unwrap()
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-            .filter(|pid| {
-                let cmd = String::from_utf8_lossy(
-                    &std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default(),
-                )
-                .to_string();
-                cmd.contains(&nats.url()) && cmd.contains("--exit-with-parent")
-            })
+        processes()
+            .iter()
+            .filter(|(_, _, cmd)| cmd.contains(&nats.url()) && cmd.contains("--exit-with-parent"))
             .count()
     };
     assert_eq!(children(), 3, "backend, router and frontend processes");

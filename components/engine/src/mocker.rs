@@ -17,18 +17,14 @@ use std::time::Duration;
 
 use dynamo_protocols::kv::{KvDump, LoadReport};
 use dynamo_protocols::llm::{PreprocessedRequest, TokenId};
-use futures::StreamExt;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
-use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::scheduler::{
-    Executor, OutputSender, Scheduler, SchedulerSettings, StepBatch, StepResult,
+    forward_dumps, submit, Executor, OutputSender, Scheduler, SchedulerSettings, StepBatch,
+    StepResult, COMMAND_QUEUE,
 };
 use crate::{Engine, EngineError, EngineStream, KvHandle};
-
-/// Requests queued for the scheduler task beyond which `generate` answers `Overloaded`.
-const COMMAND_QUEUE: usize = 4096;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct MockerSettings {
@@ -170,17 +166,9 @@ impl MockerEngine {
         let (commands, rx) = mpsc::channel(COMMAND_QUEUE);
         let (events, _) = broadcast::channel(1024);
         let (load_tx, load) = watch::channel(scheduler.load());
-        let (dumps, mut dump_rx) = mpsc::channel::<oneshot::Sender<KvDump>>(16);
+        let (dumps, dump_rx) = mpsc::channel::<oneshot::Sender<KvDump>>(16);
         let stop = CancellationToken::new();
-        // Dump requests reach the scheduler through the command channel.
-        let to_sched = commands.clone();
-        tokio::spawn(async move {
-            while let Some(reply) = dump_rx.recv().await {
-                if to_sched.send(Command::Dump(reply)).await.is_err() {
-                    break;
-                }
-            }
-        });
+        forward_dumps(dump_rx, commands.clone(), Command::Dump, stop.clone());
         tokio::spawn(run(scheduler, rx, events.clone(), load_tx, stop.clone()));
         Ok(Self {
             commands,
@@ -253,22 +241,11 @@ impl Engine for MockerEngine {
         request: PreprocessedRequest,
         cancel: CancellationToken,
     ) -> Result<EngineStream, EngineError> {
-        let (out, rx) = mpsc::unbounded_channel();
-        self.commands
-            .try_send(Command::Add {
-                req: request,
-                out,
-                cancel,
-            })
-            .map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => {
-                    EngineError::Overloaded(format!("{COMMAND_QUEUE} requests are queued"))
-                }
-                mpsc::error::TrySendError::Closed(_) => {
-                    EngineError::Internal("the scheduler has stopped".into())
-                }
-            })?;
-        Ok(UnboundedReceiverStream::new(rx).boxed())
+        submit(&self.commands, |out| Command::Add {
+            req: request,
+            out,
+            cancel,
+        })
     }
 
     fn kv(&self) -> Option<KvHandle> {
@@ -280,6 +257,7 @@ impl Engine for MockerEngine {
 mod tests {
     use super::*;
     use dynamo_protocols::llm::{SamplingOptions, StopConditions};
+    use futures::StreamExt;
 
     #[test]
     fn perf_model_is_the_published_polynomial() {

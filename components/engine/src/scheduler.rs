@@ -23,10 +23,12 @@ use dynamo_protocols::kv::{KvDump, KvEvent, LoadReport, LocalBlockHash, Sequence
 use dynamo_protocols::llm::{
     EngineOutput, FinishReason, PreprocessedRequest, SamplingOptions, StopConditions, TokenId,
 };
-use tokio::sync::mpsc;
+use futures::StreamExt;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::EngineError;
+use crate::{EngineError, EngineStream};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SchedulerSettings {
@@ -78,6 +80,52 @@ pub trait Executor: Send + 'static {
 /// Where a sequence's outputs go. Unbounded: one output per step, at most `max_tokens` per
 /// request, so the request itself bounds it.
 pub type OutputSender = mpsc::UnboundedSender<Result<EngineOutput, EngineError>>;
+
+/// Requests queued for an engine's scheduler beyond which `generate` answers `Overloaded`.
+pub(crate) const COMMAND_QUEUE: usize = 4096;
+
+/// Hands a request to an engine's scheduler through its bounded command channel (`make`
+/// wraps the request's output sender in the engine's command); the outputs stream back. A
+/// full channel is `Overloaded`, a closed one `Internal`.
+pub(crate) fn submit<C>(
+    commands: &mpsc::Sender<C>,
+    make: impl FnOnce(OutputSender) -> C,
+) -> Result<EngineStream, EngineError> {
+    let (out, rx) = mpsc::unbounded_channel();
+    commands.try_send(make(out)).map_err(|e| match e {
+        mpsc::error::TrySendError::Full(_) => {
+            EngineError::Overloaded(format!("{COMMAND_QUEUE} requests are queued"))
+        }
+        mpsc::error::TrySendError::Closed(_) => {
+            EngineError::Internal("the engine has stopped".into())
+        }
+    })?;
+    Ok(UnboundedReceiverStream::new(rx).boxed())
+}
+
+/// Forwards a `KvHandle`'s dump requests into the scheduler's command channel (`wrap` makes
+/// the command) until `stop` fires or either side closes. Needs a tokio runtime.
+pub(crate) fn forward_dumps<C: Send + 'static>(
+    mut dumps: mpsc::Receiver<oneshot::Sender<KvDump>>,
+    commands: mpsc::Sender<C>,
+    wrap: fn(oneshot::Sender<KvDump>) -> C,
+    stop: CancellationToken,
+) {
+    tokio::spawn(async move {
+        loop {
+            let reply = tokio::select! {
+                _ = stop.cancelled() => break,
+                reply = dumps.recv() => match reply {
+                    Some(reply) => reply,
+                    None => break,
+                },
+            };
+            if commands.send(wrap(reply)).await.is_err() {
+                break;
+            }
+        }
+    });
+}
 
 struct Seq {
     tokens: Vec<TokenId>,

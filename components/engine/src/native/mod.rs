@@ -27,19 +27,16 @@ use std::time::Instant;
 
 use dynamo_protocols::kv::{KvDump, LoadReport, SequenceHash};
 use dynamo_protocols::llm::PreprocessedRequest;
-use futures::StreamExt;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
-use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::scheduler::{
-    Executor, OutputSender, Scheduler, SchedulerSettings, StepBatch, StepResult,
+    forward_dumps, submit, Executor, OutputSender, Scheduler, SchedulerSettings, StepBatch,
+    StepResult, COMMAND_QUEUE,
 };
 use crate::{Engine, EngineError, EngineStream, KvHandle};
 pub use kv::{KvBlock, KvBlocks, KvLayout};
 pub use model::{Compute, Model};
-
-const COMMAND_QUEUE: usize = 4096;
 
 /// What can go wrong loading or driving the native engine.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -230,21 +227,9 @@ impl NativeEngine {
         let (commands, rx) = mpsc::channel(COMMAND_QUEUE);
         let (events, _) = broadcast::channel(1024);
         let (load_tx, load) = watch::channel(scheduler.load());
-        let (dumps, mut dump_rx) = mpsc::channel::<oneshot::Sender<KvDump>>(16);
+        let (dumps, dump_rx) = mpsc::channel::<oneshot::Sender<KvDump>>(16);
         let stop = CancellationToken::new();
-        let to_sched = commands.clone();
-        let stopped = stop.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = stopped.cancelled() => break,
-                    reply = dump_rx.recv() => match reply {
-                        Some(reply) => if to_sched.send(Command::Dump(reply)).await.is_err() { break },
-                        None => break,
-                    },
-                }
-            }
-        });
+        forward_dumps(dump_rx, commands.clone(), Command::Dump, stop.clone());
         let (ev, st) = (events.clone(), stop.clone());
         let preemptions = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let counter = preemptions.clone();
@@ -414,22 +399,11 @@ impl Engine for NativeEngine {
                 request.stop.max_tokens
             )));
         }
-        let (out, rx) = mpsc::unbounded_channel();
-        self.commands
-            .try_send(Command::Add {
-                req: request,
-                out,
-                cancel,
-            })
-            .map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => {
-                    EngineError::Overloaded(format!("{COMMAND_QUEUE} requests are queued"))
-                }
-                mpsc::error::TrySendError::Closed(_) => {
-                    EngineError::Internal("the engine has stopped".into())
-                }
-            })?;
-        Ok(UnboundedReceiverStream::new(rx).boxed())
+        submit(&self.commands, |out| Command::Add {
+            req: request,
+            out,
+            cancel,
+        })
     }
 
     fn kv(&self) -> Option<KvHandle> {

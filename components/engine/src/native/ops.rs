@@ -5,12 +5,12 @@
 //!   register-tiled AVX2/FMA kernel that also streams the weights once; more rows (prefill) the
 //!   `gemm` crate's packed, multi-threaded f32 kernels (bf16 weights widened a slab at a time).
 //! - Attention of the query heads sharing a kv head, over a block table's cache rows.
+//! - RMSNorm, RoPE, SiLU-gating and the numerically stable softmax the model needs.
 //!
 //! The hot loops are written once as safe generic Rust and compiled twice: for baseline
 //! x86-64, and with AVX2 and FMA enabled (`#[target_feature]`), chosen at run time with
 //! `is_x86_feature_detected!`. The only `unsafe` is that dispatch, the AVX2 intrinsics of the
 //! tile kernel (bounds asserted before), and the call into `gemm`.
-//! - RMSNorm, RoPE, SiLU-gating and the numerically stable softmax the model needs.
 //!
 //! Why these and not a tensor library: the forward pass needs six operations, and paged
 //! attention reads K/V through block tables no dense tensor type expresses; `candle-core` on
@@ -21,8 +21,6 @@
 use half::bf16;
 use rayon::prelude::*;
 
-/// Rows at or below which a matmul is a batch of dot products (each weight read once).
-const GEMV_ROWS: usize = 1;
 /// Rows up to which a decode batch uses the register-tiled AVX2 kernel (when the CPU has
 /// AVX2 and FMA): it streams the weights once, where `gemm` repacks them on every call.
 const TILE_ROWS: usize = 64;
@@ -75,8 +73,8 @@ impl Linear {
         let (n, k) = (self.out_dim, self.in_dim);
         debug_assert_eq!(x.len(), rows * k);
         debug_assert_eq!(y.len(), rows * n);
-        if rows <= GEMV_ROWS {
-            self.gemv(x, rows, y);
+        if rows == 1 {
+            self.gemv(x, y);
         } else if rows <= TILE_ROWS && k % 8 == 0 && has_avx2_fma() {
             self.tiled(x, rows, y);
         } else {
@@ -132,11 +130,7 @@ impl Linear {
                 let w: &[f32] = match &self.w {
                     WeightData::F32(w) => &w[lo * k..hi * k],
                     WeightData::Bf16(w) => {
-                        wide.extend(
-                            w[lo * k..hi * k]
-                                .iter()
-                                .map(|v| f32::from_bits((v.to_bits() as u32) << 16)),
-                        );
+                        wide.extend(w[lo * k..hi * k].iter().map(|&v| widen(v)));
                         &wide
                     }
                 };
@@ -149,37 +143,19 @@ impl Linear {
         }
     }
 
-    /// Few rows: each output feature's weight row is read once and dotted with every input.
-    fn gemv(&self, x: &[f32], rows: usize, y: &mut [f32]) {
+    /// One row: each output feature's weight row is read once, in parallel over long
+    /// contiguous runs of rows (one per thread, and a spare each for balance: fewer, longer
+    /// tasks stream better and wake sleeping threads less often).
+    fn gemv(&self, x: &[f32], y: &mut [f32]) {
         let (n, k) = (self.out_dim, self.in_dim);
-        // Outputs are computed feature-major into `t` ([n, rows]) in parallel chunks, then
-        // transposed into `y`.
-        // One long contiguous stream of rows per thread (and a spare chunk each for balance):
-        // fewer, longer tasks stream better and wake sleeping threads less often.
         let chunk = n.div_ceil(2 * rayon::current_num_threads()).max(16);
-        let mut t = vec![0f32; n * rows];
-        t.par_chunks_mut(chunk * rows)
-            .enumerate()
-            .for_each(|(c, out)| {
-                let lo = c * chunk;
-                let hi = lo + out.len() / rows;
-                for r in 0..rows {
-                    let xr = &x[r * k..(r + 1) * k];
-                    match &self.w {
-                        WeightData::F32(w) => {
-                            dots(xr, Rows::F32(&w[lo * k..hi * k]), k, out, r, rows)
-                        }
-                        WeightData::Bf16(w) => {
-                            dots(xr, Rows::Bf16(&w[lo * k..hi * k]), k, out, r, rows)
-                        }
-                    }
-                }
-            });
-        for f in 0..n {
-            for r in 0..rows {
-                y[r * n + f] = t[f * rows + r];
+        y.par_chunks_mut(chunk).enumerate().for_each(|(c, out)| {
+            let (lo, hi) = (c * chunk, c * chunk + out.len());
+            match &self.w {
+                WeightData::F32(w) => dots(x, Rows::F32(&w[lo * k..hi * k]), k, out),
+                WeightData::Bf16(w) => dots(x, Rows::Bf16(&w[lo * k..hi * k]), k, out),
             }
-        }
+        });
     }
 }
 
@@ -190,10 +166,10 @@ enum Rows<'a> {
     Bf16(&'a [bf16]),
 }
 
-/// `out[j * stride + r] = x . w_j` for each row `w_j` of `w` (rows of `k`): the decode path.
-/// Compiled with AVX2 and FMA when the CPU has them (checked at run time), else for baseline
-/// x86-64; memory-bound either way once vectorized 8-wide.
-fn dots(x: &[f32], w: Rows<'_>, k: usize, out: &mut [f32], r: usize, stride: usize) {
+/// `out[j] = x . w_j` for each row `w_j` of `w` (rows of `k`): the decode path. Compiled with
+/// AVX2 and FMA when the CPU has them (checked at run time), else for baseline x86-64;
+/// memory-bound either way once vectorized 8-wide.
+fn dots(x: &[f32], w: Rows<'_>, k: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         if has_avx2_fma() {
@@ -201,70 +177,60 @@ fn dots(x: &[f32], w: Rows<'_>, k: usize, out: &mut [f32], r: usize, stride: usi
             // Rust compiled with those features enabled.
             #[allow(unsafe_code)]
             unsafe {
-                dots_avx2(x, w, k, out, r, stride)
+                dots_avx2(x, w, k, out)
             };
             return;
         }
     }
-    dots_generic::<false>(x, w, k, out, r, stride)
+    dots_generic::<false>(x, w, k, out)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn dots_avx2(x: &[f32], w: Rows<'_>, k: usize, out: &mut [f32], r: usize, stride: usize) {
-    dots_generic::<true>(x, w, k, out, r, stride)
+fn dots_avx2(x: &[f32], w: Rows<'_>, k: usize, out: &mut [f32]) {
+    dots_generic::<true>(x, w, k, out)
 }
 
 #[inline(always)]
-fn dots_generic<const FMA: bool>(
-    x: &[f32],
-    w: Rows<'_>,
-    k: usize,
-    out: &mut [f32],
-    r: usize,
-    stride: usize,
-) {
-    let madd = |a: f32, b: f32, c: f32| if FMA { a.mul_add(b, c) } else { c + a * b };
-    let wide = |v: bf16| f32::from_bits((v.to_bits() as u32) << 16);
-    let n = match w {
-        Rows::F32(w) => w.len() / k,
-        Rows::Bf16(w) => w.len() / k,
-    };
-    for j in 0..n {
-        let mut acc = [0f32; 16];
-        let mut tail = 0f32;
-        match w {
-            Rows::F32(w) => {
-                let wr = &w[j * k..(j + 1) * k];
-                let (cx, cw) = (x.chunks_exact(16), wr.chunks_exact(16));
-                for (a, b) in cx.remainder().iter().zip(cw.remainder()) {
-                    tail += a * b;
-                }
-                for (a, b) in cx.zip(cw) {
-                    let a: &[f32; 16] = a.try_into().expect("chunks of 16");
-                    let b: &[f32; 16] = b.try_into().expect("chunks of 16");
-                    for l in 0..16 {
-                        acc[l] = madd(a[l], b[l], acc[l]);
-                    }
-                }
-            }
-            Rows::Bf16(w) => {
-                let wr = &w[j * k..(j + 1) * k];
-                let (cx, cw) = (x.chunks_exact(16), wr.chunks_exact(16));
-                for (a, b) in cx.remainder().iter().zip(cw.remainder()) {
-                    tail += a * wide(*b);
-                }
-                for (a, b) in cx.zip(cw) {
-                    let a: &[f32; 16] = a.try_into().expect("chunks of 16");
-                    let b: &[bf16; 16] = b.try_into().expect("chunks of 16");
-                    for l in 0..16 {
-                        acc[l] = madd(a[l], wide(b[l]), acc[l]);
-                    }
-                }
-            }
-        }
-        out[j * stride + r] = acc.iter().sum::<f32>() + tail;
+fn dots_generic<const FMA: bool>(x: &[f32], w: Rows<'_>, k: usize, out: &mut [f32]) {
+    for (j, o) in out.iter_mut().enumerate() {
+        *o = match w {
+            Rows::F32(w) => dot_with::<FMA, _>(x, &w[j * k..(j + 1) * k], |v| v),
+            Rows::Bf16(w) => dot_with::<FMA, _>(x, &w[j * k..(j + 1) * k], widen),
+        };
     }
+}
+
+/// A bf16 is the top half of an f32: widening is a shift (vectorizes, unlike a call).
+#[inline(always)]
+fn widen(v: bf16) -> f32 {
+    f32::from_bits((v.to_bits() as u32) << 16)
+}
+
+/// The one dot-product kernel: sixteen independent accumulators over fixed-size chunks, so
+/// the compiler vectorizes it without bounds checks; `b`'s elements go through `wide` (f32 or
+/// bf16). With `FMA` (only inside a `#[target_feature(enable = "fma")]` caller) it fuses the
+/// multiply-add; without, `mul_add` would be a libm call, so it multiplies and adds.
+#[inline(always)]
+fn dot_with<const FMA: bool, T: Copy>(a: &[f32], b: &[T], wide: impl Fn(T) -> f32) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let mut s = 0f32;
+    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+        s += x * wide(*y);
+    }
+    for (x, y) in ca.zip(cb) {
+        let x: &[f32; 16] = x.try_into().expect("chunks of 16");
+        let y: &[T; 16] = y.try_into().expect("chunks of 16");
+        for l in 0..16 {
+            acc[l] = if FMA {
+                x[l].mul_add(wide(y[l]), acc[l])
+            } else {
+                acc[l] + x[l] * wide(y[l])
+            };
+        }
+    }
+    s + acc.iter().sum::<f32>()
 }
 
 fn has_avx2_fma() -> bool {
@@ -295,7 +261,8 @@ fn tile_block(x: &[f32], rows: usize, k: usize, w: &[f32], nf: usize, out: &mut 
     }
     for f in 0..nf {
         for r in 0..rows {
-            out[f * rows + r] = dot(&x[r * k..(r + 1) * k], &w[f * k..(f + 1) * k]);
+            out[f * rows + r] =
+                dot_with::<false, _>(&x[r * k..(r + 1) * k], &w[f * k..(f + 1) * k], |v| v);
         }
     }
 }
@@ -433,49 +400,6 @@ fn gemm_nt(
     }
 }
 
-/// A dot product with sixteen independent accumulators over fixed-size chunks, so the
-/// compiler vectorizes it without bounds checks (`mul_add` would be a libm call on a build
-/// without FMA enabled).
-#[inline]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        let x: &[f32; 16] = x.try_into().expect("chunks of 16");
-        let y: &[f32; 16] = y.try_into().expect("chunks of 16");
-        for i in 0..16 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
-    }
-    s
-}
-
-/// [`dot`] against bf16 weights, widened in registers (a bf16 is the top half of an f32).
-#[inline]
-pub fn dot_bf16(a: &[f32], b: &[bf16]) -> f32 {
-    let wide = |v: bf16| f32::from_bits((v.to_bits() as u32) << 16);
-    let mut acc = [0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        let x: &[f32; 16] = x.try_into().expect("chunks of 16");
-        let y: &[bf16; 16] = y.try_into().expect("chunks of 16");
-        for i in 0..16 {
-            acc[i] += x[i] * wide(y[i]);
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * wide(*y);
-    }
-    s
-}
-
 /// `out = x / rms(x) * w`, row by row.
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let d = w.len();
@@ -539,7 +463,7 @@ pub fn attend(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        if hd % 8 == 0 && has_avx2_fma() {
+        if has_avx2_fma() {
             // SAFETY: the CPU has AVX2 and FMA (checked at run time); the function is safe
             // Rust compiled with those features enabled.
             #[allow(unsafe_code)]
@@ -589,25 +513,12 @@ fn attend_generic<const FMA: bool>(
         let off = row + head;
         let k = &kc[off..off + hd];
         for j in 0..rep {
-            let qj = &q[j * hd..(j + 1) * hd];
-            let mut acc = [0f32; 8];
-            for (x, y) in qj.chunks_exact(8).zip(k.chunks_exact(8)) {
-                let x: &[f32; 8] = x.try_into().expect("chunks of 8");
-                let y: &[f32; 8] = y.try_into().expect("chunks of 8");
-                for l in 0..8 {
-                    acc[l] = madd(x[l], y[l], acc[l]);
-                }
-            }
-            let mut sum: f32 = acc.iter().sum();
-            let tail = hd / 8 * 8;
-            for i in tail..hd {
-                sum += qj[i] * k[i];
-            }
+            let sum = dot_with::<FMA, _>(&q[j * hd..(j + 1) * hd], k, |v| v);
             scores[j * span + t] = sum * scale;
         }
     }
     for j in 0..rep {
-        softmax_fast(&mut scores[j * span..(j + 1) * span]);
+        softmax(&mut scores[j * span..(j + 1) * span]);
     }
     out.fill(0.0);
     for (t, &row) in offsets.iter().enumerate() {
@@ -639,9 +550,10 @@ fn exp_neg(x: f32) -> f32 {
     e * f32::from_bits(((n as i32 + 127) << 23) as u32)
 }
 
-/// In-place softmax with [`exp_neg`] (inlined into the caller's target features).
+/// In-place, numerically stable softmax with [`exp_neg`] (inlined into the caller's target
+/// features).
 #[inline(always)]
-fn softmax_fast(x: &mut [f32]) {
+fn softmax(x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0;
     for v in x.iter_mut() {
@@ -651,19 +563,6 @@ fn softmax_fast(x: &mut [f32]) {
     let inv = 1.0 / sum;
     for v in x.iter_mut() {
         *v *= inv;
-    }
-}
-
-/// In-place softmax.
-pub fn softmax(x: &mut [f32]) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    for v in x.iter_mut() {
-        *v /= sum;
     }
 }
 

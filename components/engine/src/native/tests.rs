@@ -2,6 +2,7 @@ use std::path::Path;
 
 use dynamo_protocols::llm::{EngineOutput, SamplingOptions, StopConditions, TokenId};
 use futures::future::join_all;
+use futures::StreamExt;
 
 use super::random::RandomModel;
 use super::*;

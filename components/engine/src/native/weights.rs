@@ -218,26 +218,18 @@ fn parse_header(
                 format!("tensor {name} has dtype {dtype_name} (supported: F32, F16, BF16)"),
             )
         })?;
-        let shape: Vec<usize> = v
-            .get("shape")
-            .and_then(Value::as_array)
-            .map(|a| {
+        let numbers = |key: &str| -> Option<Vec<usize>> {
+            let a = v.get(key)?.as_array()?;
+            Some(
                 a.iter()
                     .filter_map(Value::as_u64)
                     .map(|x| x as usize)
-                    .collect()
-            })
-            .ok_or_else(|| corrupt(path, format!("tensor {name} has no shape")))?;
-        let offsets: Vec<usize> = v
-            .get("data_offsets")
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(Value::as_u64)
-                    .map(|x| x as usize)
-                    .collect()
-            })
-            .unwrap_or_default();
+                    .collect(),
+            )
+        };
+        let shape =
+            numbers("shape").ok_or_else(|| corrupt(path, format!("tensor {name} has no shape")))?;
+        let offsets = numbers("data_offsets").unwrap_or_default();
         let [begin, end] = offsets[..] else {
             return Err(corrupt(path, format!("tensor {name} has no data_offsets")));
         };
