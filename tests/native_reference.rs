@@ -87,6 +87,20 @@ fn logits_match_the_numpy_reference() {
         Compute::F32,
         1e-4,
     );
+    // Head dim 64 (the shape of SmolLM2 and Qwen2.5-0.5B): the vectorized attention kernel;
+    // 2 x 180 gate/up features end in a zero-padded weight panel.
+    check(
+        "head dim 64",
+        &RandomModel {
+            hidden_size: 128,
+            num_heads: 2,
+            num_kv_heads: 1,
+            intermediate_size: 180,
+            ..base.clone()
+        },
+        Compute::F32,
+        1e-4,
+    );
     // bf16 files are read exactly (the reference widens them the same way).
     check(
         "bf16 file",

@@ -5,7 +5,8 @@
 //! (stop tokens after `min_tokens`, `max_tokens`) and stops within one step once the request's
 //! cancellation token fires or its stream is dropped.
 // Unsafe code is denied except where a module needs it and says why at each block: the
-// native engine's matmul call into `gemm` and its memory map of the weights.
+// native engine's SIMD kernels (intrinsics, and writes into disjoint strips of one output)
+// and its memory map of the weights.
 #![deny(unsafe_code)]
 
 pub mod echo;

@@ -1,36 +1,53 @@
 //! The numeric kernels of the native engine, on `f32` activations:
-//! - [`Linear`]: `y = x W^T (+ b)` with `W` stored as the checkpoint has it (`[out, in]`), in
-//!   f32 or bf16. One row (decode) takes a row-parallel dot-product path that reads each
-//!   weight once (memory-bound, both cores streaming); 2-64 rows (decode batches) a
-//!   register-tiled AVX2/FMA kernel that also streams the weights once; more rows (prefill) the
-//!   `gemm` crate's packed, multi-threaded f32 kernels (bf16 weights widened a slab at a time).
+//! - [`Linear`]: `y = x W^T (+ b)`, every row count (a decode token, a decode batch, a prefill
+//!   chunk) through one kernel over weights repacked at load time into panels of 16 output
+//!   features (`[panel][in][16]`, f32 or bf16). A panel is one contiguous stream, so the
+//!   hardware prefetcher keeps up at any batch size, and the AVX2/FMA micro-kernel keeps a
+//!   16-feature x 6-row block of outputs in 12 registers: each weight vector loaded serves six
+//!   rows, each broadcast input two weight vectors. Panels are split across the cores; the
+//!   input dimension is walked in blocks whose panel slice stays in L1 while every row uses it.
 //! - Attention of the query heads sharing a kv head, over a block table's cache rows.
 //! - RMSNorm, RoPE, SiLU-gating and the numerically stable softmax the model needs.
 //!
-//! The hot loops are written once as safe generic Rust and compiled twice: for baseline
-//! x86-64, and with AVX2 and FMA enabled (`#[target_feature]`), chosen at run time with
-//! `is_x86_feature_detected!`. The only `unsafe` is that dispatch, the AVX2 intrinsics of the
-//! tile kernel (bounds asserted before), and the call into `gemm`.
+//! The hot loops are compiled for baseline x86-64 and with AVX2 and FMA enabled
+//! (`#[target_feature]`), chosen at run time with `is_x86_feature_detected!`. The only
+//! `unsafe` is that dispatch and the matmul kernel (intrinsics and its writes into disjoint
+//! column strips of the output, bounds asserted before).
 //!
 //! Why these and not a tensor library: the forward pass needs six operations, and paged
-//! attention reads K/V through block tables no dense tensor type expresses; `candle-core` on
-//! the CPU calls the same `gemm` kernels (measured: no speed-up, 3.5 more minutes of cold
-//! build). A CUDA backend implements the same [`super::model`] steps with cuBLAS and a paged
-//! attention kernel over the same block layout.
+//! attention reads K/V through block tables no dense tensor type expresses; a decode step is
+//! a skinny matmul whose speed is the weight stream, which general GEMMs (`gemm`, and
+//! `candle-core` on top of it) repack on every call. A CUDA backend implements the same
+//! [`super::model`] steps with cuBLAS and a paged attention kernel over the same block layout.
 
 use half::bf16;
 use rayon::prelude::*;
 
-/// Rows up to which a decode batch uses the register-tiled AVX2 kernel (when the CPU has
-/// AVX2 and FMA): it streams the weights once, where `gemm` repacks them on every call.
-const TILE_ROWS: usize = 64;
+/// Output features per weight panel (two AVX2 vectors).
+const PANEL: usize = 16;
+/// Input positions per block of the walk: a panel's slice (16 KiB in f32) stays in L1 while
+/// every row group uses it.
+const K_BLOCK: usize = 256;
+/// Rows per micro-kernel call (12 accumulators + 2 weight vectors + 1 broadcast fit AVX2's 16
+/// registers).
+const ROW_GROUP: usize = 6;
+/// How far ahead of the multi-row kernel the weight stream is prefetched, in bytes: without
+/// it the hardware prefetcher falls behind once each weight feeds several rows (measured on
+/// 8 rows: ~19 GB/s of weights without, ~24 GB/s with). The one-row kernel streams fast
+/// enough without (and slower with).
+const PREFETCH_AHEAD: usize = 2048;
+/// Below this many multiply-adds a matmul runs on the calling thread: waking the pool costs
+/// more.
+const PARALLEL_MIN: usize = 1 << 16;
 
+/// Weights repacked as panels: element `(f, c)` at `((f / 16) * in + c) * 16 + f % 16`, the
+/// last panel zero-padded.
 pub enum WeightData {
     F32(Vec<f32>),
     Bf16(Vec<bf16>),
 }
 
-/// A linear layer's weight, `[out, in]` row-major, and optional bias.
+/// A linear layer's weight and optional bias.
 pub struct Linear {
     pub out_dim: usize,
     pub in_dim: usize,
@@ -39,6 +56,7 @@ pub struct Linear {
 }
 
 impl Linear {
+    /// `w` is `[out, in]` row-major, as checkpoints store it.
     pub fn new(
         out_dim: usize,
         in_dim: usize,
@@ -46,11 +64,20 @@ impl Linear {
         bias: Option<Vec<f32>>,
         bf: bool,
     ) -> Self {
-        debug_assert_eq!(w.len(), out_dim * in_dim);
+        assert_eq!(w.len(), out_dim * in_dim, "weight shape");
+        let (n, k) = (out_dim, in_dim);
+        let mut packed = vec![0f32; n.div_ceil(PANEL) * k * PANEL];
+        for (f, row) in w.chunks_exact(k.max(1)).enumerate() {
+            let (p, lane) = (f / PANEL, f % PANEL);
+            let panel = &mut packed[p * k * PANEL..(p + 1) * k * PANEL];
+            for (c, &v) in row.iter().enumerate() {
+                panel[c * PANEL + lane] = v;
+            }
+        }
         let w = if bf {
-            WeightData::Bf16(w.into_iter().map(bf16::from_f32).collect())
+            WeightData::Bf16(packed.into_iter().map(bf16::from_f32).collect())
         } else {
-            WeightData::F32(w)
+            WeightData::F32(packed)
         };
         Self {
             out_dim,
@@ -60,7 +87,7 @@ impl Linear {
         }
     }
 
-    /// Bytes of weight data.
+    /// Bytes of weight data (including the last panel's padding).
     pub fn bytes(&self) -> usize {
         match &self.w {
             WeightData::F32(w) => w.len() * 4,
@@ -70,135 +97,332 @@ impl Linear {
 
     /// `y[rows, out] = x[rows, in] W^T + b`.
     pub fn forward(&self, x: &[f32], rows: usize, y: &mut [f32]) {
+        self.forward_with(x, rows, y, has_avx2_fma())
+    }
+
+    /// [`Self::forward`] with the AVX2 kernel (`simd`, only where the CPU has it) or the
+    /// portable one.
+    fn forward_with(&self, x: &[f32], rows: usize, y: &mut [f32], simd: bool) {
         let (n, k) = (self.out_dim, self.in_dim);
-        debug_assert_eq!(x.len(), rows * k);
-        debug_assert_eq!(y.len(), rows * n);
-        if rows == 1 {
-            self.gemv(x, y);
-        } else if rows <= TILE_ROWS && k % 8 == 0 && has_avx2_fma() {
-            self.tiled(x, rows, y);
-        } else {
-            match &self.w {
-                WeightData::F32(w) => gemm_nt(x, rows, k, w, n, y, 0, n),
-                WeightData::Bf16(w) => {
-                    // Widen a slab of output rows at a time, in parallel over slabs.
-                    const SLAB: usize = 256;
-                    let mut yt = vec![0f32; rows * n];
-                    yt.par_chunks_mut(rows * SLAB)
-                        .enumerate()
-                        .for_each(|(s, out)| {
-                            let lo = s * SLAB;
-                            let hi = (lo + SLAB).min(n);
-                            let wide: Vec<f32> =
-                                w[lo * k..hi * k].iter().map(|v| v.to_f32()).collect();
-                            // Slab-major scratch: out[r * (hi - lo) + c].
-                            gemm_nt(x, rows, k, &wide, hi - lo, out, 0, hi - lo);
-                        });
-                    for s in 0..n.div_ceil(SLAB) {
-                        let lo = s * SLAB;
-                        let width = (lo + SLAB).min(n) - lo;
-                        let slab = &yt[rows * lo..rows * lo + rows * width];
-                        for r in 0..rows {
-                            y[r * n + lo..r * n + lo + width]
-                                .copy_from_slice(&slab[r * width..(r + 1) * width]);
-                        }
-                    }
-                }
+        assert!(
+            x.len() >= rows * k && y.len() >= rows * n,
+            "matmul operand sizes"
+        );
+        let panels = n.div_ceil(PANEL);
+        let out = OutPtr(y.as_mut_ptr());
+        let run = |lo: usize, hi: usize| match &self.w {
+            WeightData::F32(w) => panels_dispatch(x, rows, k, n, Panels::F32(w), lo, hi, out, simd),
+            WeightData::Bf16(w) => {
+                panels_dispatch(x, rows, k, n, Panels::Bf16(w), lo, hi, out, simd)
             }
+        };
+        if rows * n * k < PARALLEL_MIN || rayon::current_num_threads() == 1 {
+            run(0, panels);
+        } else {
+            // Contiguous runs of panels (long streams), a few per thread for balance.
+            let per_thread = if rows <= 64 { 2 } else { 8 };
+            let tasks = (per_thread * rayon::current_num_threads()).min(panels);
+            (0..tasks)
+                .into_par_iter()
+                .for_each(|t| run(t * panels / tasks, (t + 1) * panels / tasks));
         }
         if let Some(b) = &self.bias {
-            for row in y.chunks_exact_mut(n) {
+            for row in y[..rows * n].chunks_exact_mut(n) {
                 for (v, bb) in row.iter_mut().zip(b) {
                     *v += bb;
                 }
             }
         }
     }
-
-    /// A decode batch on AVX2: blocks of 3 output features against the inputs 4 rows at a
-    /// time, 12 vector accumulators in registers, each weight read once per call.
-    fn tiled(&self, x: &[f32], rows: usize, y: &mut [f32]) {
-        let (n, k) = (self.out_dim, self.in_dim);
-        const CHUNK: usize = 48;
-        let mut t = vec![0f32; n * rows];
-        t.par_chunks_mut(CHUNK * rows)
-            .enumerate()
-            .for_each(|(c, out)| {
-                let lo = c * CHUNK;
-                let hi = (lo + CHUNK).min(n);
-                let mut wide = Vec::new();
-                let w: &[f32] = match &self.w {
-                    WeightData::F32(w) => &w[lo * k..hi * k],
-                    WeightData::Bf16(w) => {
-                        wide.extend(w[lo * k..hi * k].iter().map(|&v| widen(v)));
-                        &wide
-                    }
-                };
-                tile_block(x, rows, k, w, hi - lo, out);
-            });
-        for f in 0..n {
-            for r in 0..rows {
-                y[r * n + f] = t[f * rows + r];
-            }
-        }
-    }
-
-    /// One row: each output feature's weight row is read once, in parallel over long
-    /// contiguous runs of rows (one per thread, and a spare each for balance: fewer, longer
-    /// tasks stream better and wake sleeping threads less often).
-    fn gemv(&self, x: &[f32], y: &mut [f32]) {
-        let (n, k) = (self.out_dim, self.in_dim);
-        let chunk = n.div_ceil(2 * rayon::current_num_threads()).max(16);
-        y.par_chunks_mut(chunk).enumerate().for_each(|(c, out)| {
-            let (lo, hi) = (c * chunk, c * chunk + out.len());
-            match &self.w {
-                WeightData::F32(w) => dots(x, Rows::F32(&w[lo * k..hi * k]), k, out),
-                WeightData::Bf16(w) => dots(x, Rows::Bf16(&w[lo * k..hi * k]), k, out),
-            }
-        });
-    }
 }
 
-/// Weight rows of either type.
+/// Packed weights of either type.
 #[derive(Clone, Copy)]
-enum Rows<'a> {
+enum Panels<'a> {
     F32(&'a [f32]),
     Bf16(&'a [bf16]),
 }
 
-/// `out[j] = x . w_j` for each row `w_j` of `w` (rows of `k`): the decode path. Compiled with
-/// AVX2 and FMA when the CPU has them (checked at run time), else for baseline x86-64;
-/// memory-bound either way once vectorized 8-wide.
-fn dots(x: &[f32], w: Rows<'_>, k: usize, out: &mut [f32]) {
+/// The output matrix, shared by the tasks of one matmul: each writes only the columns of its
+/// own panels.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint column ranges (their panels') of one `&mut [f32]` that
+// outlives them (`forward` holds it across the parallel loop).
+#[allow(unsafe_code)]
+unsafe impl Send for OutPtr {}
+#[allow(unsafe_code)]
+unsafe impl Sync for OutPtr {}
+
+/// Output panels `lo..hi` of `y = x W^T`: the AVX2 kernel where the CPU has it, else portable
+/// Rust.
+#[allow(clippy::too_many_arguments)]
+fn panels_dispatch(
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    n: usize,
+    w: Panels<'_>,
+    lo: usize,
+    hi: usize,
+    y: OutPtr,
+    simd: bool,
+) {
+    let len = match w {
+        Panels::F32(w) => w.len(),
+        Panels::Bf16(w) => w.len(),
+    };
+    assert!(
+        hi * PANEL <= n.div_ceil(PANEL) * PANEL && len >= hi * k * PANEL && x.len() >= rows * k
+    );
     #[cfg(target_arch = "x86_64")]
     {
-        if has_avx2_fma() {
-            // SAFETY: the CPU has AVX2 and FMA (checked at run time); the function is safe
-            // Rust compiled with those features enabled.
+        if simd {
+            // SAFETY: the CPU has AVX2 and FMA (checked at run time); the assert above and
+            // `forward`'s bound every read (panels below `hi`, rows below `rows`, inputs
+            // below `k`) and write (rows below `rows`, columns of panels `lo..hi` below `n`).
             #[allow(unsafe_code)]
             unsafe {
-                dots_avx2(x, w, k, out)
-            };
+                match w {
+                    Panels::F32(w) => {
+                        panels_avx2::<false>(x, rows, k, n, w.as_ptr().cast(), lo, hi, y.0)
+                    }
+                    Panels::Bf16(w) => {
+                        panels_avx2::<true>(x, rows, k, n, w.as_ptr().cast(), lo, hi, y.0)
+                    }
+                }
+            }
             return;
         }
     }
-    dots_generic::<false>(x, w, k, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn dots_avx2(x: &[f32], w: Rows<'_>, k: usize, out: &mut [f32]) {
-    dots_generic::<true>(x, w, k, out)
-}
-
-#[inline(always)]
-fn dots_generic<const FMA: bool>(x: &[f32], w: Rows<'_>, k: usize, out: &mut [f32]) {
-    for (j, o) in out.iter_mut().enumerate() {
-        *o = match w {
-            Rows::F32(w) => dot_with::<FMA, _>(x, &w[j * k..(j + 1) * k], |v| v),
-            Rows::Bf16(w) => dot_with::<FMA, _>(x, &w[j * k..(j + 1) * k], widen),
-        };
+    for p in lo..hi {
+        let cols = (n - p * PANEL).min(PANEL);
+        for r in 0..rows {
+            let mut acc = [0f32; PANEL];
+            let xr = &x[r * k..(r + 1) * k];
+            for (c, &xv) in xr.iter().enumerate() {
+                let at = (p * k + c) * PANEL;
+                for (l, a) in acc.iter_mut().enumerate() {
+                    let wv = match w {
+                        Panels::F32(w) => w[at + l],
+                        Panels::Bf16(w) => widen(w[at + l]),
+                    };
+                    *a += xv * wv;
+                }
+            }
+            // SAFETY: row r < rows and columns p*16..p*16+cols < n of the caller's `y`, a
+            // range no other task writes (see `OutPtr`).
+            #[allow(unsafe_code)]
+            unsafe {
+                std::ptr::copy_nonoverlapping(acc.as_ptr(), y.0.add(r * n + p * PANEL), cols);
+            }
+        }
     }
+}
+
+/// AVX2/FMA body of [`panels_dispatch`] (`w` points at f32 or, with `BF`, bf16 panels).
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code, clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn panels_avx2<const BF: bool>(
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    n: usize,
+    w: *const u8,
+    lo: usize,
+    hi: usize,
+    y: *mut f32,
+) {
+    let elem = if BF { 2 } else { 4 };
+    let mut tmp = [0f32; ROW_GROUP * PANEL];
+    for p in lo..hi {
+        let wp = w.add(p * k * PANEL * elem);
+        let cols = (n - p * PANEL).min(PANEL);
+        if cols < PANEL {
+            // The padded last panel: whole input range at once into a scratch tile, then the
+            // valid columns out.
+            for (r, g) in row_groups(rows) {
+                micro_any::<BF>(
+                    g,
+                    x.as_ptr().add(r * k),
+                    k,
+                    wp,
+                    0,
+                    k,
+                    true,
+                    tmp.as_mut_ptr(),
+                    PANEL,
+                );
+                for i in 0..g {
+                    std::ptr::copy_nonoverlapping(
+                        tmp.as_ptr().add(i * PANEL),
+                        y.add((r + i) * n + p * PANEL),
+                        cols,
+                    );
+                }
+            }
+            continue;
+        }
+        let mut c0 = 0;
+        while c0 < k {
+            let c1 = (c0 + K_BLOCK).min(k);
+            for (r, g) in row_groups(rows) {
+                micro_any::<BF>(
+                    g,
+                    x.as_ptr().add(r * k),
+                    k,
+                    wp,
+                    c0,
+                    c1,
+                    c0 == 0,
+                    y.add(r * n + p * PANEL),
+                    n,
+                );
+            }
+            c0 = c1;
+        }
+    }
+}
+
+/// `rows` split into as few groups of at most [`ROW_GROUP`] as possible, of near-equal size
+/// (8 rows as 4 + 4, not 6 + 2: a small group has too few accumulators to hide FMA latency).
+/// Yields `(first row, group size)`.
+fn row_groups(rows: usize) -> impl Iterator<Item = (usize, usize)> {
+    let groups = rows.div_ceil(ROW_GROUP).max(1);
+    (0..groups).map(move |i| {
+        let (lo, hi) = (i * rows / groups, (i + 1) * rows / groups);
+        (lo, hi - lo)
+    })
+}
+
+/// [`micro`] for `g` (1..=6) rows.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code, clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn micro_any<const BF: bool>(
+    g: usize,
+    x: *const f32,
+    k: usize,
+    w: *const u8,
+    c0: usize,
+    c1: usize,
+    first: bool,
+    y: *mut f32,
+    ldy: usize,
+) {
+    match g {
+        6 => micro::<6, BF>(x, k, w, c0, c1, first, y, ldy),
+        5 => micro::<5, BF>(x, k, w, c0, c1, first, y, ldy),
+        4 => micro::<4, BF>(x, k, w, c0, c1, first, y, ldy),
+        3 => micro::<3, BF>(x, k, w, c0, c1, first, y, ldy),
+        2 => micro::<2, BF>(x, k, w, c0, c1, first, y, ldy),
+        _ => micro1::<BF>(x, w, c0, c1, first, y),
+    }
+}
+
+/// 16 weights of a panel at input position `c`, widened to f32.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+#[inline(always)]
+unsafe fn load_panel<const BF: bool>(
+    w: *const u8,
+    c: usize,
+) -> (std::arch::x86_64::__m256, std::arch::x86_64::__m256) {
+    use std::arch::x86_64::*;
+    if BF {
+        let v = _mm256_loadu_si256(w.add(c * PANEL * 2).cast());
+        let wide =
+            |h: __m128i| _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+        (
+            wide(_mm256_castsi256_si128(v)),
+            wide(_mm256_extracti128_si256(v, 1)),
+        )
+    } else {
+        let p: *const f32 = w.add(c * PANEL * 4).cast();
+        (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)))
+    }
+}
+
+/// `y[i][0..16] (+)= sum over c in c0..c1 of x[i * k + c] * panel[c][0..16]` for `R` rows:
+/// 2R accumulators, each weight vector reused by every row.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code, clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn micro<const R: usize, const BF: bool>(
+    x: *const f32,
+    k: usize,
+    w: *const u8,
+    c0: usize,
+    c1: usize,
+    first: bool,
+    y: *mut f32,
+    ldy: usize,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    let line = if BF { PANEL * 2 } else { PANEL * 4 };
+    for c in c0..c1 {
+        _mm_prefetch::<_MM_HINT_T0>(w.add(c * line + PREFETCH_AHEAD).cast());
+        let (w0, w1) = load_panel::<BF>(w, c);
+        for (i, a) in acc.iter_mut().enumerate() {
+            let b = _mm256_broadcast_ss(&*x.add(i * k + c));
+            a[0] = _mm256_fmadd_ps(w0, b, a[0]);
+            a[1] = _mm256_fmadd_ps(w1, b, a[1]);
+        }
+    }
+    for (i, a) in acc.iter().enumerate() {
+        let o = y.add(i * ldy);
+        let (mut v0, mut v1) = (a[0], a[1]);
+        if !first {
+            v0 = _mm256_add_ps(v0, _mm256_loadu_ps(o));
+            v1 = _mm256_add_ps(v1, _mm256_loadu_ps(o.add(8)));
+        }
+        _mm256_storeu_ps(o, v0);
+        _mm256_storeu_ps(o.add(8), v1);
+    }
+}
+
+/// [`micro`] for one row (a decode token): four independent accumulator pairs over
+/// consecutive input positions, so the weight stream is not held up by FMA latency.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+#[inline(always)]
+unsafe fn micro1<const BF: bool>(
+    x: *const f32,
+    w: *const u8,
+    c0: usize,
+    c1: usize,
+    first: bool,
+    y: *mut f32,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm256_setzero_ps(); 8];
+    let mut c = c0;
+    while c + 4 <= c1 {
+        for u in 0..4 {
+            let (w0, w1) = load_panel::<BF>(w, c + u);
+            let b = _mm256_broadcast_ss(&*x.add(c + u));
+            acc[2 * u] = _mm256_fmadd_ps(w0, b, acc[2 * u]);
+            acc[2 * u + 1] = _mm256_fmadd_ps(w1, b, acc[2 * u + 1]);
+        }
+        c += 4;
+    }
+    while c < c1 {
+        let (w0, w1) = load_panel::<BF>(w, c);
+        let b = _mm256_broadcast_ss(&*x.add(c));
+        acc[0] = _mm256_fmadd_ps(w0, b, acc[0]);
+        acc[1] = _mm256_fmadd_ps(w1, b, acc[1]);
+        c += 1;
+    }
+    let mut v0 = _mm256_add_ps(_mm256_add_ps(acc[0], acc[2]), _mm256_add_ps(acc[4], acc[6]));
+    let mut v1 = _mm256_add_ps(_mm256_add_ps(acc[1], acc[3]), _mm256_add_ps(acc[5], acc[7]));
+    if !first {
+        v0 = _mm256_add_ps(v0, _mm256_loadu_ps(y));
+        v1 = _mm256_add_ps(v1, _mm256_loadu_ps(y.add(8)));
+    }
+    _mm256_storeu_ps(y, v0);
+    _mm256_storeu_ps(y.add(8), v1);
 }
 
 /// A bf16 is the top half of an f32: widening is a shift (vectorizes, unlike a call).
@@ -244,162 +468,6 @@ fn has_avx2_fma() -> bool {
     }
 }
 
-/// `out[f * rows + r] = x[r] . w[f]` for the `nf` rows of `w` (`[nf, k]`, `k % 8 == 0`).
-fn tile_block(x: &[f32], rows: usize, k: usize, w: &[f32], nf: usize, out: &mut [f32]) {
-    assert!(k % 8 == 0 && x.len() >= rows * k && w.len() >= nf * k && out.len() >= nf * rows);
-    #[cfg(target_arch = "x86_64")]
-    {
-        if has_avx2_fma() {
-            // SAFETY: the CPU has AVX2 and FMA (checked at run time), and the assert above
-            // bounds every pointer `tile_avx2` forms (see its loops).
-            #[allow(unsafe_code)]
-            unsafe {
-                tile_avx2(x, rows, k, w, nf, out)
-            };
-            return;
-        }
-    }
-    for f in 0..nf {
-        for r in 0..rows {
-            out[f * rows + r] =
-                dot_with::<false, _>(&x[r * k..(r + 1) * k], &w[f * k..(f + 1) * k], |v| v);
-        }
-    }
-}
-
-/// The AVX2 micro-kernel of [`tile_block`]: 3 weight rows x 4 input rows per tile, 8 lanes.
-/// Every pointer stays inside `x[..rows * k]` and `w[..nf * k]`: rows and features are walked
-/// in whole tiles while they fit, the rest one at a time, and `c` steps by 8 up to `k`.
-#[cfg(target_arch = "x86_64")]
-#[allow(unsafe_code)]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn tile_avx2(x: &[f32], rows: usize, k: usize, w: &[f32], nf: usize, out: &mut [f32]) {
-    use std::arch::x86_64::*;
-    #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let lo = _mm256_castps256_ps128(v);
-        let hi = _mm256_extractf128_ps(v, 1);
-        let s = _mm_add_ps(lo, hi);
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-        _mm_cvtss_f32(s)
-    }
-    let (xp, wp) = (x.as_ptr(), w.as_ptr());
-    let mut f = 0;
-    while f < nf {
-        let fw = (nf - f).min(3);
-        let w0 = wp.add(f * k);
-        let w1 = wp.add((f + 1.min(fw - 1)) * k);
-        let w2 = wp.add((f + 2.min(fw - 1)) * k);
-        let mut r = 0;
-        while r < rows {
-            if r + 4 <= rows {
-                let (x0, x1, x2, x3) = (
-                    xp.add(r * k),
-                    xp.add((r + 1) * k),
-                    xp.add((r + 2) * k),
-                    xp.add((r + 3) * k),
-                );
-                let mut acc = [_mm256_setzero_ps(); 12];
-                let mut c = 0;
-                while c < k {
-                    let a0 = _mm256_loadu_ps(w0.add(c));
-                    let a1 = _mm256_loadu_ps(w1.add(c));
-                    let a2 = _mm256_loadu_ps(w2.add(c));
-                    let b = _mm256_loadu_ps(x0.add(c));
-                    acc[0] = _mm256_fmadd_ps(a0, b, acc[0]);
-                    acc[1] = _mm256_fmadd_ps(a1, b, acc[1]);
-                    acc[2] = _mm256_fmadd_ps(a2, b, acc[2]);
-                    let b = _mm256_loadu_ps(x1.add(c));
-                    acc[3] = _mm256_fmadd_ps(a0, b, acc[3]);
-                    acc[4] = _mm256_fmadd_ps(a1, b, acc[4]);
-                    acc[5] = _mm256_fmadd_ps(a2, b, acc[5]);
-                    let b = _mm256_loadu_ps(x2.add(c));
-                    acc[6] = _mm256_fmadd_ps(a0, b, acc[6]);
-                    acc[7] = _mm256_fmadd_ps(a1, b, acc[7]);
-                    acc[8] = _mm256_fmadd_ps(a2, b, acc[8]);
-                    let b = _mm256_loadu_ps(x3.add(c));
-                    acc[9] = _mm256_fmadd_ps(a0, b, acc[9]);
-                    acc[10] = _mm256_fmadd_ps(a1, b, acc[10]);
-                    acc[11] = _mm256_fmadd_ps(a2, b, acc[11]);
-                    c += 8;
-                }
-                for i in 0..4 {
-                    for j in 0..fw {
-                        out[(f + j) * rows + r + i] = hsum(acc[i * 3 + j]);
-                    }
-                }
-                r += 4;
-            } else {
-                let x0 = xp.add(r * k);
-                let mut acc = [_mm256_setzero_ps(); 3];
-                let mut c = 0;
-                while c < k {
-                    let b = _mm256_loadu_ps(x0.add(c));
-                    acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(w0.add(c)), b, acc[0]);
-                    acc[1] = _mm256_fmadd_ps(_mm256_loadu_ps(w1.add(c)), b, acc[1]);
-                    acc[2] = _mm256_fmadd_ps(_mm256_loadu_ps(w2.add(c)), b, acc[2]);
-                    c += 8;
-                }
-                for j in 0..fw {
-                    out[(f + j) * rows + r] = hsum(acc[j]);
-                }
-                r += 1;
-            }
-        }
-        f += fw;
-    }
-}
-
-/// `y[m, ldy-strided from col0] = x[m, k] w[n, k]^T` with the `gemm` crate, computed as
-/// `y^T = w x^T` so that the large operand (the weights) is the left-hand side, which `gemm`
-/// streams without repacking, and only the small activations are packed.
-#[allow(clippy::too_many_arguments)]
-fn gemm_nt(
-    x: &[f32],
-    m: usize,
-    k: usize,
-    w: &[f32],
-    n: usize,
-    y: &mut [f32],
-    col0: usize,
-    ldy: usize,
-) {
-    assert!(x.len() >= m * k && w.len() >= n * k && y.len() >= (m - 1) * ldy + col0 + n);
-    let threads = if m * n * k >= 1 << 20 {
-        gemm::Parallelism::Rayon(0)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: the assert above keeps every access in bounds. dst is y^T (n x m): element
-    // (j, r) at y[r * ldy + col0 + j]; lhs is w (n x k, row-major); rhs is x^T (k x m):
-    // element (i, r) at x[r * k + i]. The slices are not aliased (y is &mut).
-    #[allow(unsafe_code)]
-    unsafe {
-        gemm::gemm(
-            n,
-            m,
-            k,
-            y.as_mut_ptr().add(col0),
-            ldy as isize,
-            1,
-            false,
-            w.as_ptr(),
-            1,
-            k as isize,
-            x.as_ptr(),
-            k as isize,
-            1,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            threads,
-        );
-    }
-}
-
 /// `out = x / rms(x) * w`, row by row.
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let d = w.len();
@@ -436,11 +504,38 @@ pub fn rope(head: &mut [f32], table: &[(f32, f32)]) {
 }
 
 /// `gate_up` rows hold `[gate (i), up (i)]`; writes `silu(gate) * up` to `out` rows of `i`.
+/// Compiled with AVX2 and FMA when the CPU has them.
 pub fn silu_mul(gate_up: &[f32], i: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2_fma() {
+            // SAFETY: the CPU has AVX2 and FMA (checked at run time); the function is safe
+            // Rust compiled with those features enabled.
+            #[allow(unsafe_code)]
+            unsafe {
+                silu_mul_avx2(gate_up, i, out)
+            };
+            return;
+        }
+    }
+    silu_mul_generic(gate_up, i, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn silu_mul_avx2(gate_up: &[f32], i: usize, out: &mut [f32]) {
+    silu_mul_generic(gate_up, i, out)
+}
+
+#[inline(always)]
+fn silu_mul_generic(gate_up: &[f32], i: usize, out: &mut [f32]) {
     for (gu, o) in gate_up.chunks_exact(2 * i).zip(out.chunks_exact_mut(i)) {
         let (g, u) = gu.split_at(i);
         for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-            *o = g / (1.0 + (-g).exp()) * u;
+            // sigmoid(g) from e^-|g| (never overflows; vectorizes, unlike `exp`).
+            let e = exp_neg(-g.abs());
+            let sig = if g >= 0.0 { 1.0 } else { e } / (1.0 + e);
+            *o = g * sig * u;
         }
     }
 }
@@ -461,9 +556,48 @@ pub fn attend(
     scale: f32,
     out: &mut [f32],
 ) {
+    attend_with(
+        q,
+        rep,
+        hd,
+        offsets,
+        head,
+        kc,
+        vc,
+        scale,
+        out,
+        has_avx2_fma(),
+    )
+}
+
+/// [`attend`] with the AVX2 kernels (`simd`, only where the CPU has them) or the portable one.
+#[allow(clippy::too_many_arguments)]
+fn attend_with(
+    q: &[f32],
+    rep: usize,
+    hd: usize,
+    offsets: &[usize],
+    head: usize,
+    kc: &[f32],
+    vc: &[f32],
+    scale: f32,
+    out: &mut [f32],
+    simd: bool,
+) {
     #[cfg(target_arch = "x86_64")]
     {
-        if has_avx2_fma() {
+        if simd {
+            let fits = |c: &[f32]| offsets.iter().all(|&o| o + head + hd <= c.len());
+            if hd % 64 == 0 && q.len() >= rep * hd && out.len() >= rep * hd && fits(kc) && fits(vc)
+            {
+                // SAFETY: the CPU has AVX2 and FMA (checked at run time); the checks above
+                // bound every K/V row, query and output access of the kernel.
+                #[allow(unsafe_code)]
+                unsafe {
+                    attend_avx2_64(q, rep, hd, offsets, head, kc, vc, scale, out)
+                };
+                return;
+            }
             // SAFETY: the CPU has AVX2 and FMA (checked at run time); the function is safe
             // Rust compiled with those features enabled.
             #[allow(unsafe_code)]
@@ -474,6 +608,121 @@ pub fn attend(
         }
     }
     attend_generic::<false>(q, rep, hd, offsets, head, kc, vc, scale, out)
+}
+
+/// Positions per tile of the value pass: their V rows (16 KiB at head_dim 64) stay in L1
+/// while each query head and 64-lane slice of the head uses them.
+const V_TILE: usize = 64;
+const PF_POS: usize = 32;
+
+/// [`attend`] for head dims that are multiples of 64, with intrinsics:
+/// - scores: the partial sums of 8 positions are reduced together (7 horizontal adds for 8
+///   scores instead of a reduction each), and the next 8 positions' K rows are prefetched
+///   (a block holds 16 positions; without it each block's rows arrive one miss at a time);
+/// - values: per tile of positions, each query head accumulates a 64-lane slice of its output
+///   in 8 registers over the tile's V rows, and the next tile's rows are prefetched.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code, clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_avx2_64(
+    q: &[f32],
+    rep: usize,
+    hd: usize,
+    offsets: &[usize],
+    head: usize,
+    kc: &[f32],
+    vc: &[f32],
+    scale: f32,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let span = offsets.len();
+    let padded = span.div_ceil(8) * 8;
+    let mut scores = vec![0f32; rep * padded];
+    let (kp, vp, qp) = (kc.as_ptr(), vc.as_ptr(), q.as_ptr());
+    let prefetch_row = |p: *const f32| {
+        for line in (0..hd).step_by(16) {
+            _mm_prefetch::<_MM_HINT_T0>(p.add(line).cast());
+        }
+    };
+    // Scores: per query head and 64-lane slice of the head, the slice of q stays in 8
+    // registers while every position's K slice streams past (one load per multiply-add);
+    // each position's 8-lane partial sum is kept, and eight of them reduced together.
+    let mut part = vec![_mm256_setzero_ps(); padded];
+    for j in 0..rep {
+        for c0 in (0..hd).step_by(64) {
+            let qj = qp.add(j * hd + c0);
+            let qv: [__m256; 8] = std::array::from_fn(|u| _mm256_loadu_ps(qj.add(8 * u)));
+            for (t, &o) in offsets.iter().enumerate() {
+                if j == 0 && c0 == 0 {
+                    if let Some(&ahead) = offsets.get(t + PF_POS) {
+                        prefetch_row(kp.add(ahead + head));
+                        prefetch_row(vp.add(ahead + head));
+                    }
+                }
+                let kr = kp.add(o + head + c0);
+                let mut a0 = _mm256_mul_ps(qv[0], _mm256_loadu_ps(kr));
+                let mut a1 = _mm256_mul_ps(qv[1], _mm256_loadu_ps(kr.add(8)));
+                for u in (2..8).step_by(2) {
+                    a0 = _mm256_fmadd_ps(qv[u], _mm256_loadu_ps(kr.add(8 * u)), a0);
+                    a1 = _mm256_fmadd_ps(qv[u + 1], _mm256_loadu_ps(kr.add(8 * u + 8)), a1);
+                }
+                let sum = _mm256_add_ps(a0, a1);
+                part[t] = if c0 == 0 {
+                    sum
+                } else {
+                    _mm256_add_ps(part[t], sum)
+                };
+            }
+        }
+        // Eight 8-lane partial sums to one vector of eight totals (the padding stays zero).
+        for (g, p) in part.chunks_exact(8).enumerate() {
+            let h01 = _mm256_hadd_ps(p[0], p[1]);
+            let h23 = _mm256_hadd_ps(p[2], p[3]);
+            let h45 = _mm256_hadd_ps(p[4], p[5]);
+            let h67 = _mm256_hadd_ps(p[6], p[7]);
+            let h0123 = _mm256_hadd_ps(h01, h23);
+            let h4567 = _mm256_hadd_ps(h45, h67);
+            let sum = _mm256_add_ps(
+                _mm256_permute2f128_ps(h0123, h4567, 0x20),
+                _mm256_permute2f128_ps(h0123, h4567, 0x31),
+            );
+            _mm256_storeu_ps(
+                scores.as_mut_ptr().add(j * padded + 8 * g),
+                _mm256_mul_ps(sum, _mm256_set1_ps(scale)),
+            );
+        }
+    }
+    for j in 0..rep {
+        softmax(&mut scores[j * padded..j * padded + span]);
+    }
+    out[..rep * hd].fill(0.0);
+    let op = out.as_mut_ptr();
+    let mut t0 = 0;
+    while t0 < span {
+        let t1 = (t0 + V_TILE).min(span);
+        for j in 0..rep {
+            let sj = scores.as_ptr().add(j * padded);
+            for c0 in (0..hd).step_by(64) {
+                let o = op.add(j * hd + c0);
+                let mut acc = [_mm256_setzero_ps(); 8];
+                for (v, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_loadu_ps(o.add(8 * v));
+                }
+                for (t, &row) in offsets.iter().enumerate().take(t1).skip(t0) {
+                    let p = _mm256_broadcast_ss(&*sj.add(t));
+                    let vr = vp.add(row + head + c0);
+                    for (v, a) in acc.iter_mut().enumerate() {
+                        *a = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr.add(8 * v)), *a);
+                    }
+                }
+                for (v, a) in acc.iter().enumerate() {
+                    _mm256_storeu_ps(o.add(8 * v), *a);
+                }
+            }
+        }
+        t0 = t1;
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -534,11 +783,15 @@ fn attend_generic<const FMA: bool>(
 }
 
 /// `e^x` for `x <= 0` to ~1e-7 relative (Cephes' range reduction and polynomial), in plain
-/// arithmetic the compiler vectorizes (`f32::exp` is a libm call per element).
+/// arithmetic the compiler vectorizes (`f32::exp` is a libm call per element). The integer
+/// part is rounded and taken out of the float by adding 1.5 * 2^23 (it lands in the low
+/// mantissa bits): an `as i32` cast saturates, which compiles to scalar code per lane.
 #[inline(always)]
 fn exp_neg(x: f32) -> f32 {
+    const SHIFT: f32 = 12_582_912.0;
     let x = x.max(-87.0);
-    let n = (x * std::f32::consts::LOG2_E).round();
+    let t = x * std::f32::consts::LOG2_E + SHIFT;
+    let n = t - SHIFT;
     let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
     let mut p = 1.987_569_1e-4_f32;
     p = p * r + 1.398_199_9e-3;
@@ -547,19 +800,41 @@ fn exp_neg(x: f32) -> f32 {
     p = p * r + 0.166_666_65;
     p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
-    e * f32::from_bits(((n as i32 + 127) << 23) as u32)
+    // n (in -126..=0) as an integer, then 2^n built from its exponent bits.
+    let n_int = t.to_bits().wrapping_sub(SHIFT.to_bits());
+    e * f32::from_bits(n_int.wrapping_add(127) << 23)
 }
 
 /// In-place, numerically stable softmax with [`exp_neg`] (inlined into the caller's target
 /// features).
 #[inline(always)]
 fn softmax(x: &mut [f32]) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
+    // Each pass on its own so each vectorizes: a running sum in the exp loop would serialize
+    // it (float addition is not reassociated).
+    let mut m = [f32::NEG_INFINITY; 8];
+    let mut chunks = x.chunks_exact(8);
+    for c in &mut chunks {
+        for (m, v) in m.iter_mut().zip(c) {
+            *m = m.max(*v);
+        }
+    }
+    let max = chunks
+        .remainder()
+        .iter()
+        .chain(&m)
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
     for v in x.iter_mut() {
         *v = exp_neg(*v - max);
-        sum += *v;
     }
+    let mut acc = [0f32; 8];
+    let mut chunks = x.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += v;
+        }
+    }
+    let sum = chunks.remainder().iter().sum::<f32>() + acc.iter().sum::<f32>();
     let inv = 1.0 / sum;
     for v in x.iter_mut() {
         *v *= inv;
@@ -594,9 +869,85 @@ mod tests {
 
     #[test]
     fn linear_paths_agree_with_a_naive_matmul() {
-        // k = 72: the AVX2 tile kernel for 2..=64 rows (where the CPU has it); k = 70: gemm.
-        for k in [72, 70] {
-            check_linear(300, k);
+        // 300 outputs: a zero-padded last panel; k = 600: several input blocks accumulated;
+        // odd k: no vector alignment; rows cover one token, uneven row groups and prefill.
+        for (n, k) in [(300, 72), (300, 70), (64, 600), (37, 9)] {
+            check_linear(n, k);
+        }
+    }
+
+    /// Attention in f64 over the same cache rows.
+    #[allow(clippy::too_many_arguments)]
+    fn naive_attend(
+        q: &[f32],
+        rep: usize,
+        hd: usize,
+        offsets: &[usize],
+        head: usize,
+        kc: &[f32],
+        vc: &[f32],
+        scale: f32,
+    ) -> Vec<f32> {
+        let mut out = vec![0f32; rep * hd];
+        for j in 0..rep {
+            let s: Vec<f64> = offsets
+                .iter()
+                .map(|&o| {
+                    (0..hd)
+                        .map(|d| q[j * hd + d] as f64 * kc[o + head + d] as f64)
+                        .sum::<f64>()
+                        * scale as f64
+                })
+                .collect();
+            let max = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = s.iter().map(|v| (v - max).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            for d in 0..hd {
+                let v: f64 = offsets
+                    .iter()
+                    .zip(&e)
+                    .map(|(&o, p)| p / sum * vc[o + head + d] as f64)
+                    .sum();
+                out[j * hd + d] = v as f32;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn attention_matches_a_float64_reference() {
+        // Head dims 64 and 128 take the AVX2 kernel (where the CPU has it), 16 the portable
+        // one; spans around the 8-position groups and the 64-position value tiles; rows
+        // scattered over blocks in reverse order, at a kv head other than the first.
+        let (bs, kv_heads) = (16, 2);
+        for hd in [16, 64, 128] {
+            for rep in [1, 3] {
+                for span in [1usize, 7, 8, 9, 70, 170] {
+                    let blocks = span.div_ceil(bs);
+                    let len = blocks * kv_heads * bs * hd;
+                    let val =
+                        |i: usize, m: usize| ((i * 7919 % m) as f32 - m as f32 / 2.0) / m as f32;
+                    let kc: Vec<f32> = (0..len).map(|i| val(i, 97) * 4.0).collect();
+                    let vc: Vec<f32> = (0..len).map(|i| val(i, 89)).collect();
+                    let q: Vec<f32> = (0..rep * hd).map(|i| val(i + 5, 83)).collect();
+                    let offsets: Vec<usize> = (0..span)
+                        .map(|t| ((blocks - 1 - t / bs) * kv_heads * bs + t % bs) * hd)
+                        .collect();
+                    let head = bs * hd;
+                    let scale = 1.0 / (hd as f32).sqrt();
+                    let want = naive_attend(&q, rep, hd, &offsets, head, &kc, &vc, scale);
+                    for simd in [false, has_avx2_fma()] {
+                        let mut out = vec![f32::NAN; rep * hd];
+                        attend_with(&q, rep, hd, &offsets, head, &kc, &vc, scale, &mut out, simd);
+                        for (a, b) in out.iter().zip(&want) {
+                            assert!(
+                                (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                                "hd {hd} rep {rep} span {span} simd {simd}: {a} vs {b}"
+                            );
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -604,20 +955,21 @@ mod tests {
         let w: Vec<f32> = (0..n * k)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 64.0)
             .collect();
-        for rows in [1, 3, 8, 9, 40] {
+        for rows in [1, 3, 8, 9, 40, 100] {
             let x: Vec<f32> = (0..rows * k)
                 .map(|i| ((i * 13 % 29) as f32 - 14.0) / 16.0)
                 .collect();
             let want = naive(&x, rows, &w, n, k);
-            for bf in [false, true] {
+            for (bf, simd) in [(false, false), (false, true), (true, false), (true, true)] {
+                let simd = simd && has_avx2_fma();
                 let lin = Linear::new(n, k, w.clone(), None, bf);
                 let mut y = vec![0f32; rows * n];
-                lin.forward(&x, rows, &mut y);
+                lin.forward_with(&x, rows, &mut y, simd);
                 let tol = if bf { 0.05 } else { 1e-4 };
                 for (a, b) in y.iter().zip(&want) {
                     assert!(
                         (a - b).abs() <= tol * (1.0 + b.abs()),
-                        "rows {rows} bf16 {bf}: {a} vs {b}"
+                        "{n}x{k}, rows {rows}, bf16 {bf}, simd {simd}: {a} vs {b}"
                     );
                 }
             }
