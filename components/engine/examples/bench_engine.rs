@@ -2,9 +2,10 @@
 //! shapes, random weights), f32 and bf16 weights, on the forward pass directly (no scheduler):
 //! - prefill tokens/s of one 512-token prompt, next to the matmul floor: the step's FLOPs over
 //!   the GEMM rate measured here with the same kernels;
-//! - decode tokens/s at batch 1, 8 and 32 (each sequence 128 tokens in), next to the memory
-//!   floor: a decode step must stream every weight once, so weight bytes over the copy
-//!   bandwidth measured here bound batch-1 speed.
+//! - decode tokens/s at batch 1, 8 and 32 (each sequence 128 tokens in), next to the step's
+//!   roofline: a decode step must stream every weight (and the batch's K/V) once, and do its
+//!   FLOPs; weight bytes over the read bandwidth measured here bound batch-1 speed, FLOPs
+//!   over the GEMM rate batch-32 speed.
 //!
 //! Targets: batch-1 decode at least 60% of the bandwidth floor; batch-32 decode throughput at
 //! least 8x batch-1.
@@ -42,25 +43,31 @@ fn copy_bandwidth() -> f64 {
 }
 
 /// Read bandwidth with every core: bytes per second summing a 512 MiB buffer (what a decode
-/// step does with the weights).
+/// step does with the weights), best of 12 passes.
 fn read_bandwidth() -> f64 {
     let n = 128 << 20; // f32 elements: 512 MiB
     let src = vec![1.0f32; n];
+    let sum = |c: &[f32]| {
+        let mut acc = [0f32; 32];
+        for x in c.chunks_exact(32) {
+            for i in 0..32 {
+                acc[i] += x[i];
+            }
+        }
+        acc.iter().sum::<f32>()
+    };
+    let threads = rayon::current_num_threads();
     let mut best = f64::INFINITY;
-    for _ in 0..5 {
+    for pass in 0..12 {
+        // Two shapes, the better one counts: 1 MiB tasks, and one contiguous run per thread;
+        // both from inside the pool, as the forward pass runs.
+        let chunk = if pass % 2 == 0 {
+            1 << 18
+        } else {
+            n.div_ceil(threads)
+        };
         let t = Instant::now();
-        let s: f32 = src
-            .par_chunks(1 << 20)
-            .map(|c| {
-                let mut acc = [0f32; 16];
-                for x in c.chunks_exact(16) {
-                    for i in 0..16 {
-                        acc[i] += x[i];
-                    }
-                }
-                acc.iter().sum::<f32>()
-            })
-            .sum();
+        let s: f32 = rayon::scope(|_| src.par_chunks(chunk).map(sum).sum());
         std::hint::black_box(s);
         best = best.min(t.elapsed().as_secs_f64());
     }
@@ -84,8 +91,8 @@ fn gemm_rate() -> f64 {
 }
 
 /// FLOPs of a forward pass over `tokens` new tokens with `context` average attended
-/// positions.
-fn flops(m: &Model, tokens: usize, context: usize) -> f64 {
+/// positions, and logits for `logit_rows` of them.
+fn flops(m: &Model, tokens: usize, context: usize, logit_rows: usize) -> f64 {
     let c = m.config();
     let (h, hd) = (c.hidden_size, c.head_dim);
     let per_token_linear = 2.0
@@ -94,7 +101,8 @@ fn flops(m: &Model, tokens: usize, context: usize) -> f64 {
                 + c.num_heads * hd * h
                 + 3 * h * c.intermediate_size)) as f64;
     let per_token_attn = 4.0 * (c.num_layers * c.num_heads * hd * context) as f64;
-    tokens as f64 * (per_token_linear + per_token_attn) + 2.0 * (h * c.vocab_size) as f64
+    tokens as f64 * (per_token_linear + per_token_attn)
+        + logit_rows as f64 * 2.0 * (h * c.vocab_size) as f64
 }
 
 struct Seqs {
@@ -158,7 +166,7 @@ fn main() {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    eprintln!("measuring copy bandwidth and GEMM rate ...");
+    eprintln!("measuring read and copy bandwidth and the GEMM rate ...");
     let bw = copy_bandwidth();
     let read_bw = read_bandwidth();
     let gemm = gemm_rate();
@@ -190,18 +198,30 @@ fn main() {
             step(&m, &mut s, std::slice::from_ref(&prompt));
             best = best.min(t.elapsed().as_secs_f64());
         }
-        let floor = flops(&m, 512, 256) / gemm;
+        let floor = flops(&m, 512, 256, 1) / gemm;
         println!(
             "| {label} | prefill 512 tokens | {:.0} | {:.0} (GEMM) | {:.0}% | |",
             512.0 / best,
             512.0 / floor,
             100.0 * floor / best
         );
-        // Decode at batch 1, 8, 32: each sequence 128 tokens in, 16 timed steps.
-        // A step must read every weight once: weight bytes over the read bandwidth.
-        let step_floor = m.weight_bytes() as f64 / read_bw;
+        // Decode at batch 1, 8, 32: each sequence 128 tokens in, 16 timed steps. The floor of
+        // a step is its roofline: the slower of reading every weight and the batch's K/V once
+        // (at the read bandwidth) and its FLOPs (at the GEMM rate). At batch 1 that is the
+        // weight stream; at batch 32 the FLOPs.
+        let c = m.config();
+        let context = 128 + 1 + 8; // attended positions, averaged over the timed steps
+        let kv_bytes_per_seq =
+            (context * c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4) as f64;
         let mut batch1 = 0.0;
         for batch in [1usize, 8, 32] {
+            let bytes = m.weight_bytes() as f64 + batch as f64 * kv_bytes_per_seq;
+            let (mem, compute) = (bytes / read_bw, flops(&m, batch, context, batch) / gemm);
+            let (step_floor, bound) = if mem >= compute {
+                (mem, "bandwidth")
+            } else {
+                (compute, "GEMM")
+            };
             let mut s = seqs(&m, batch, 128 + 32);
             let prompts: Vec<Vec<u32>> = (0..batch)
                 .map(|b| {
@@ -224,7 +244,7 @@ fn main() {
             }
             let floor_rate = batch as f64 / step_floor;
             println!(
-                "| {label} | decode batch {batch} | {:.1} | {:.1} (bandwidth) | {:.0}% | {:.1}x |",
+                "| {label} | decode batch {batch} | {:.1} | {:.1} ({bound}) | {:.0}% | {:.1}x |",
                 rate,
                 floor_rate,
                 100.0 * rate / floor_rate,
