@@ -31,6 +31,8 @@ const K_BLOCK: usize = 256;
 /// Rows per micro-kernel call (12 accumulators + 2 weight vectors + 1 broadcast fit AVX2's 16
 /// registers).
 const ROW_GROUP: usize = 6;
+/// Rows per AVX-512 micro-kernel call (16 accumulators of its 32 registers).
+const ROW_GROUP_512: usize = 16;
 /// How far ahead of the multi-row kernel the weight stream is prefetched, in bytes: without
 /// it the hardware prefetcher falls behind once each weight feeds several rows (measured on
 /// 8 rows: ~19 GB/s of weights without, ~24 GB/s with). The one-row kernel streams fast
@@ -97,12 +99,11 @@ impl Linear {
 
     /// `y[rows, out] = x[rows, in] W^T + b`.
     pub fn forward(&self, x: &[f32], rows: usize, y: &mut [f32]) {
-        self.forward_with(x, rows, y, has_avx2_fma())
+        self.forward_with(x, rows, y, Simd::best())
     }
 
-    /// [`Self::forward`] with the AVX2 kernel (`simd`, only where the CPU has it) or the
-    /// portable one.
-    fn forward_with(&self, x: &[f32], rows: usize, y: &mut [f32], simd: bool) {
+    /// [`Self::forward`] with the kernels of one instruction set (one the CPU has).
+    fn forward_with(&self, x: &[f32], rows: usize, y: &mut [f32], simd: Simd) {
         let (n, k) = (self.out_dim, self.in_dim);
         assert!(
             x.len() >= rows * k && y.len() >= rows * n,
@@ -166,7 +167,7 @@ fn panels_dispatch(
     lo: usize,
     hi: usize,
     y: OutPtr,
-    simd: bool,
+    simd: Simd,
 ) {
     let len = match w {
         Panels::F32(w) => w.len(),
@@ -177,22 +178,31 @@ fn panels_dispatch(
     );
     #[cfg(target_arch = "x86_64")]
     {
-        if simd {
-            // SAFETY: the CPU has AVX2 and FMA (checked at run time); the assert above and
-            // `forward`'s bound every read (panels below `hi`, rows below `rows`, inputs
-            // below `k`) and write (rows below `rows`, columns of panels `lo..hi` below `n`).
-            #[allow(unsafe_code)]
-            unsafe {
-                match w {
-                    Panels::F32(w) => {
-                        panels_avx2::<false>(x, rows, k, n, w.as_ptr().cast(), lo, hi, y.0)
-                    }
-                    Panels::Bf16(w) => {
-                        panels_avx2::<true>(x, rows, k, n, w.as_ptr().cast(), lo, hi, y.0)
-                    }
+        // SAFETY: `simd` names an instruction set the CPU has (`Simd::best`, or a test's
+        // `Simd::available`); the assert above and `forward`'s bound every read (panels below
+        // `hi`, rows below `rows`, inputs below `k`) and write (rows below `rows`, columns of
+        // panels `lo..hi` below `n`).
+        #[allow(unsafe_code)]
+        unsafe {
+            let (f32s, bf16s) = match w {
+                Panels::F32(w) => (Some(w.as_ptr().cast::<u8>()), None),
+                Panels::Bf16(w) => (None, Some(w.as_ptr().cast::<u8>())),
+            };
+            match (simd, f32s, bf16s) {
+                (Simd::Avx512, Some(w), _) => {
+                    return panels_avx512::<false>(x, rows, k, n, w, lo, hi, y.0)
                 }
+                (Simd::Avx512, _, Some(w)) => {
+                    return panels_avx512::<true>(x, rows, k, n, w, lo, hi, y.0)
+                }
+                (Simd::Avx2, Some(w), _) => {
+                    return panels_avx2::<false>(x, rows, k, n, w, lo, hi, y.0)
+                }
+                (Simd::Avx2, _, Some(w)) => {
+                    return panels_avx2::<true>(x, rows, k, n, w, lo, hi, y.0)
+                }
+                _ => {}
             }
-            return;
         }
     }
     for p in lo..hi {
@@ -220,6 +230,52 @@ fn panels_dispatch(
     }
 }
 
+/// The walk over output panels `lo..hi` shared by the SIMD bodies: per panel, input blocks of
+/// [`K_BLOCK`] (the first block stores, later ones add) and, inside each, row groups of at most
+/// `G` rows through `micro(g, x, w, c0, c1, first, y, ldy)`. The zero-padded last panel goes
+/// through a scratch tile in one block so that only its valid columns are written.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code, clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn panel_walk<const G: usize>(
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    n: usize,
+    w: *const u8,
+    elem: usize,
+    lo: usize,
+    hi: usize,
+    y: *mut f32,
+    micro: impl Fn(usize, *const f32, *const u8, usize, usize, bool, *mut f32, usize),
+) {
+    let mut tmp = [[0f32; PANEL]; 16];
+    assert!(G <= tmp.len());
+    for p in lo..hi {
+        let wp = w.add(p * k * PANEL * elem);
+        let cols = (n - p * PANEL).min(PANEL);
+        if cols < PANEL {
+            for (r, g) in row_groups(rows, G) {
+                let xr = x.as_ptr().add(r * k);
+                micro(g, xr, wp, 0, k, true, tmp.as_mut_ptr().cast(), PANEL);
+                for (i, t) in tmp.iter().enumerate().take(g) {
+                    std::ptr::copy_nonoverlapping(t.as_ptr(), y.add((r + i) * n + p * PANEL), cols);
+                }
+            }
+            continue;
+        }
+        let mut c0 = 0;
+        while c0 < k {
+            let c1 = (c0 + K_BLOCK).min(k);
+            for (r, g) in row_groups(rows, G) {
+                let xr = x.as_ptr().add(r * k);
+                micro(g, xr, wp, c0, c1, c0 == 0, y.add(r * n + p * PANEL), n);
+            }
+            c0 = c1;
+        }
+    }
+}
+
 /// AVX2/FMA body of [`panels_dispatch`] (`w` points at f32 or, with `BF`, bf16 panels).
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code, clippy::too_many_arguments)]
@@ -235,61 +291,112 @@ unsafe fn panels_avx2<const BF: bool>(
     y: *mut f32,
 ) {
     let elem = if BF { 2 } else { 4 };
-    let mut tmp = [0f32; ROW_GROUP * PANEL];
-    for p in lo..hi {
-        let wp = w.add(p * k * PANEL * elem);
-        let cols = (n - p * PANEL).min(PANEL);
-        if cols < PANEL {
-            // The padded last panel: whole input range at once into a scratch tile, then the
-            // valid columns out.
-            for (r, g) in row_groups(rows) {
-                micro_any::<BF>(
-                    g,
-                    x.as_ptr().add(r * k),
-                    k,
-                    wp,
-                    0,
-                    k,
-                    true,
-                    tmp.as_mut_ptr(),
-                    PANEL,
-                );
-                for i in 0..g {
-                    std::ptr::copy_nonoverlapping(
-                        tmp.as_ptr().add(i * PANEL),
-                        y.add((r + i) * n + p * PANEL),
-                        cols,
-                    );
-                }
+    panel_walk::<ROW_GROUP>(
+        x,
+        rows,
+        k,
+        n,
+        w,
+        elem,
+        lo,
+        hi,
+        y,
+        |g, xr, wp, c0, c1, first, yo, ldy| micro_any::<BF>(g, xr, k, wp, c0, c1, first, yo, ldy),
+    );
+}
+
+/// AVX-512 body of [`panels_dispatch`]: a panel is one 16-lane register, and up to 16 rows
+/// share each weight vector (16 accumulators of the 32 registers; the input is broadcast
+/// straight from memory into each multiply-add), so a row group loads about one operand per
+/// multiply-add instead of two-thirds of one per 8-lane AVX2 multiply-add.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code, clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn panels_avx512<const BF: bool>(
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    n: usize,
+    w: *const u8,
+    lo: usize,
+    hi: usize,
+    y: *mut f32,
+) {
+    let elem = if BF { 2 } else { 4 };
+    panel_walk::<ROW_GROUP_512>(
+        x,
+        rows,
+        k,
+        n,
+        w,
+        elem,
+        lo,
+        hi,
+        y,
+        |g, xr, wp, c0, c1, first, yo, ldy| {
+            match g {
+                16 => micro512::<16, BF>(xr, k, wp, c0, c1, first, yo, ldy),
+                15 => micro512::<15, BF>(xr, k, wp, c0, c1, first, yo, ldy),
+                14 => micro512::<14, BF>(xr, k, wp, c0, c1, first, yo, ldy),
+                13 => micro512::<13, BF>(xr, k, wp, c0, c1, first, yo, ldy),
+                12 => micro512::<12, BF>(xr, k, wp, c0, c1, first, yo, ldy),
+                11 => micro512::<11, BF>(xr, k, wp, c0, c1, first, yo, ldy),
+                10 => micro512::<10, BF>(xr, k, wp, c0, c1, first, yo, ldy),
+                9 => micro512::<9, BF>(xr, k, wp, c0, c1, first, yo, ldy),
+                8 => micro512::<8, BF>(xr, k, wp, c0, c1, first, yo, ldy),
+                7 => micro512::<7, BF>(xr, k, wp, c0, c1, first, yo, ldy),
+                // Fewer rows: the AVX2 kernels (the one-row one is tuned for streaming).
+                _ => micro_any::<BF>(g, xr, k, wp, c0, c1, first, yo, ldy),
             }
-            continue;
+        },
+    );
+}
+
+/// [`micro`] in 16-lane registers: `R` accumulators, one weight load per input position.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code, clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn micro512<const R: usize, const BF: bool>(
+    x: *const f32,
+    k: usize,
+    w: *const u8,
+    c0: usize,
+    c1: usize,
+    first: bool,
+    y: *mut f32,
+    ldy: usize,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm512_setzero_ps(); R];
+    let line = if BF { PANEL * 2 } else { PANEL * 4 };
+    for c in c0..c1 {
+        _mm_prefetch::<_MM_HINT_T0>(w.add(c * line + PREFETCH_AHEAD).cast());
+        let wv = if BF {
+            let h = _mm256_loadu_si256(w.add(c * line).cast());
+            _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+        } else {
+            _mm512_loadu_ps(w.add(c * line).cast())
+        };
+        for (i, a) in acc.iter_mut().enumerate() {
+            *a = _mm512_fmadd_ps(wv, _mm512_set1_ps(*x.add(i * k + c)), *a);
         }
-        let mut c0 = 0;
-        while c0 < k {
-            let c1 = (c0 + K_BLOCK).min(k);
-            for (r, g) in row_groups(rows) {
-                micro_any::<BF>(
-                    g,
-                    x.as_ptr().add(r * k),
-                    k,
-                    wp,
-                    c0,
-                    c1,
-                    c0 == 0,
-                    y.add(r * n + p * PANEL),
-                    n,
-                );
-            }
-            c0 = c1;
-        }
+    }
+    for (i, a) in acc.iter().enumerate() {
+        let o = y.add(i * ldy);
+        let v = if first {
+            *a
+        } else {
+            _mm512_add_ps(*a, _mm512_loadu_ps(o))
+        };
+        _mm512_storeu_ps(o, v);
     }
 }
 
-/// `rows` split into as few groups of at most [`ROW_GROUP`] as possible, of near-equal size
-/// (8 rows as 4 + 4, not 6 + 2: a small group has too few accumulators to hide FMA latency).
+/// `rows` split into as few groups of at most `max` as possible, of near-equal size (8 rows
+/// as 4 + 4, not 6 + 2: a small group has too few accumulators to hide FMA latency).
 /// Yields `(first row, group size)`.
-fn row_groups(rows: usize) -> impl Iterator<Item = (usize, usize)> {
-    let groups = rows.div_ceil(ROW_GROUP).max(1);
+fn row_groups(rows: usize, max: usize) -> impl Iterator<Item = (usize, usize)> {
+    let groups = rows.div_ceil(max).max(1);
     (0..groups).map(move |i| {
         let (lo, hi) = (i * rows / groups, (i + 1) * rows / groups);
         (lo, hi - lo)
@@ -457,6 +564,44 @@ fn dot_with<const FMA: bool, T: Copy>(a: &[f32], b: &[T], wide: impl Fn(T) -> f3
     s + acc.iter().sum::<f32>()
 }
 
+/// The instruction sets the kernels are compiled for, best last.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Simd {
+    Portable,
+    Avx2,
+    Avx512,
+}
+
+impl Simd {
+    /// Every level this CPU can run (the tests run each).
+    #[cfg(test)]
+    fn available() -> Vec<Self> {
+        let mut v = vec![Self::Portable];
+        if has_avx2_fma() {
+            v.push(Self::Avx2);
+            #[cfg(target_arch = "x86_64")]
+            if std::is_x86_feature_detected!("avx512f") {
+                v.push(Self::Avx512);
+            }
+        }
+        v
+    }
+
+    fn best() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if has_avx2_fma() {
+                return if std::is_x86_feature_detected!("avx512f") {
+                    Self::Avx512
+                } else {
+                    Self::Avx2
+                };
+            }
+        }
+        Self::Portable
+    }
+}
+
 fn has_avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -588,7 +733,11 @@ fn attend_with(
     {
         if simd {
             let fits = |c: &[f32]| offsets.iter().all(|&o| o + head + hd <= c.len());
-            if hd % 64 == 0 && q.len() >= rep * hd && out.len() >= rep * hd && fits(kc) && fits(vc)
+            if hd.is_multiple_of(64)
+                && q.len() >= rep * hd
+                && out.len() >= rep * hd
+                && fits(kc)
+                && fits(vc)
             {
                 // SAFETY: the CPU has AVX2 and FMA (checked at run time); the checks above
                 // bound every K/V row, query and output access of the kernel.
@@ -960,8 +1109,10 @@ mod tests {
                 .map(|i| ((i * 13 % 29) as f32 - 14.0) / 16.0)
                 .collect();
             let want = naive(&x, rows, &w, n, k);
-            for (bf, simd) in [(false, false), (false, true), (true, false), (true, true)] {
-                let simd = simd && has_avx2_fma();
+            for (bf, simd) in [false, true]
+                .into_iter()
+                .flat_map(|bf| Simd::available().into_iter().map(move |s| (bf, s)))
+            {
                 let lin = Linear::new(n, k, w.clone(), None, bf);
                 let mut y = vec![0f32; rows * n];
                 lin.forward_with(&x, rows, &mut y, simd);
@@ -969,7 +1120,7 @@ mod tests {
                 for (a, b) in y.iter().zip(&want) {
                     assert!(
                         (a - b).abs() <= tol * (1.0 + b.abs()),
-                        "{n}x{k}, rows {rows}, bf16 {bf}, simd {simd}: {a} vs {b}"
+                        "{n}x{k}, rows {rows}, bf16 {bf}, {simd:?}: {a} vs {b}"
                     );
                 }
             }
