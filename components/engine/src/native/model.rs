@@ -265,7 +265,13 @@ impl Model {
                     let (s, pos) = rows[row];
                     let q = &qkv[row * width + g * rep * hd..row * width + (g + 1) * rep * hd];
                     let positions = &cache_rows[s][..=pos];
-                    ops::attend(q, rep, hd, positions, g * bs * hd, kc, vc, scale, out);
+                    // The pair this thread most likely takes next, for prefetching.
+                    let next = (i + 1 < n * nkv).then(|| {
+                        let (row, g) = ((i + 1) / nkv, (i + 1) % nkv);
+                        let (s, pos) = rows[row];
+                        (&cache_rows[s][..=pos], g * bs * hd)
+                    });
+                    ops::attend(q, rep, hd, positions, g * bs * hd, kc, vc, scale, out, next);
                 });
             layer.o.forward(&att, n, &mut proj);
             for (a, b) in x.iter_mut().zip(&proj) {

@@ -700,6 +700,7 @@ pub fn attend(
     vc: &[f32],
     scale: f32,
     out: &mut [f32],
+    next: Option<(&[usize], usize)>,
 ) {
     attend_with(
         q,
@@ -711,6 +712,7 @@ pub fn attend(
         vc,
         scale,
         out,
+        next,
         has_avx2_fma(),
     )
 }
@@ -727,6 +729,7 @@ fn attend_with(
     vc: &[f32],
     scale: f32,
     out: &mut [f32],
+    next: Option<(&[usize], usize)>,
     simd: bool,
 ) {
     #[cfg(target_arch = "x86_64")]
@@ -743,7 +746,7 @@ fn attend_with(
                 // bound every K/V row, query and output access of the kernel.
                 #[allow(unsafe_code)]
                 unsafe {
-                    attend_avx2_64(q, rep, hd, offsets, head, kc, vc, scale, out)
+                    attend_avx2_64(q, rep, hd, offsets, head, kc, vc, scale, out, next)
                 };
                 return;
             }
@@ -762,6 +765,7 @@ fn attend_with(
 /// Positions per tile of the value pass: their V rows (16 KiB at head_dim 64) stay in L1
 /// while each query head and 64-lane slice of the head uses them.
 const V_TILE: usize = 64;
+/// Positions ahead of the first query head's pass that K rows are prefetched.
 const PF_POS: usize = 32;
 
 /// [`attend`] for head dims that are multiples of 64, with intrinsics:
@@ -783,15 +787,22 @@ unsafe fn attend_avx2_64(
     vc: &[f32],
     scale: f32,
     out: &mut [f32],
+    next: Option<(&[usize], usize)>,
 ) {
     use std::arch::x86_64::*;
     let span = offsets.len();
     let padded = span.div_ceil(8) * 8;
     let mut scores = vec![0f32; rep * padded];
     let (kp, vp, qp) = (kc.as_ptr(), vc.as_ptr(), q.as_ptr());
-    let prefetch_row = |p: *const f32| {
+    // Prefetch addresses are formed with wrapping arithmetic (a hint may point anywhere; a
+    // prefetch never faults).
+    let prefetch_row = |p: *const f32, near: bool| {
         for line in (0..hd).step_by(16) {
-            _mm_prefetch::<_MM_HINT_T0>(p.add(line).cast());
+            if near {
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(line).cast());
+            } else {
+                _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(line).cast());
+            }
         }
     };
     // Scores: per query head and 64-lane slice of the head, the slice of q stays in 8
@@ -803,10 +814,16 @@ unsafe fn attend_avx2_64(
             let qj = qp.add(j * hd + c0);
             let qv: [__m256; 8] = std::array::from_fn(|u| _mm256_loadu_ps(qj.add(8 * u)));
             for (t, &o) in offsets.iter().enumerate() {
-                if j == 0 && c0 == 0 {
-                    if let Some(&ahead) = offsets.get(t + PF_POS) {
-                        prefetch_row(kp.add(ahead + head));
-                        prefetch_row(vp.add(ahead + head));
+                // The memory traffic spread over the passes: K rows ahead of the first head's
+                // pass, V rows (into L2, for the value pass) during the second.
+                if c0 == 0 {
+                    if j == 0 {
+                        if let Some(&ahead) = offsets.get(t + PF_POS) {
+                            prefetch_row(kp.wrapping_add(ahead + head), true);
+                        }
+                    }
+                    if j == rep.min(2) - 1 {
+                        prefetch_row(vp.wrapping_add(o + head), false);
                     }
                 }
                 let kr = kp.add(o + head + c0);
@@ -859,6 +876,12 @@ unsafe fn attend_avx2_64(
                     *a = _mm256_loadu_ps(o.add(8 * v));
                 }
                 for (t, &row) in offsets.iter().enumerate().take(t1).skip(t0) {
+                    // Meanwhile the next task's K rows come into L2.
+                    if j == 0 && c0 == 0 {
+                        if let Some(&o) = next.and_then(|(rows, _)| rows.get(t)) {
+                            prefetch_row(kp.wrapping_add(o + next.map_or(0, |n| n.1)), false);
+                        }
+                    }
                     let p = _mm256_broadcast_ss(&*sj.add(t));
                     let vr = vp.add(row + head + c0);
                     for (v, a) in acc.iter_mut().enumerate() {
@@ -1087,7 +1110,10 @@ mod tests {
                     let want = naive_attend(&q, rep, hd, &offsets, head, &kc, &vc, scale);
                     for simd in [false, has_avx2_fma()] {
                         let mut out = vec![f32::NAN; rep * hd];
-                        attend_with(&q, rep, hd, &offsets, head, &kc, &vc, scale, &mut out, simd);
+                        let next = Some((&offsets[..], 0));
+                        attend_with(
+                            &q, rep, hd, &offsets, head, &kc, &vc, scale, &mut out, next, simd,
+                        );
                         for (a, b) in out.iter().zip(&want) {
                             assert!(
                                 (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
