@@ -713,11 +713,11 @@ pub fn attend(
         scale,
         out,
         next,
-        has_avx2_fma(),
+        Simd::best(),
     )
 }
 
-/// [`attend`] with the AVX2 kernels (`simd`, only where the CPU has them) or the portable one.
+/// [`attend`] with the kernels of one instruction set (one the CPU has).
 #[allow(clippy::too_many_arguments)]
 fn attend_with(
     q: &[f32],
@@ -730,11 +730,11 @@ fn attend_with(
     scale: f32,
     out: &mut [f32],
     next: Option<(&[usize], usize)>,
-    simd: bool,
+    simd: Simd,
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        if simd {
+        if simd != Simd::Portable {
             let fits = |c: &[f32]| offsets.iter().all(|&o| o + head + hd <= c.len());
             if hd.is_multiple_of(64)
                 && q.len() >= rep * hd
@@ -742,11 +742,16 @@ fn attend_with(
                 && fits(kc)
                 && fits(vc)
             {
-                // SAFETY: the CPU has AVX2 and FMA (checked at run time); the checks above
-                // bound every K/V row, query and output access of the kernel.
+                // SAFETY: the CPU has AVX2 and FMA, and AVX-512 where `simd` says so (checked
+                // at run time); the checks above bound every K/V row, query and output access
+                // of the kernel.
                 #[allow(unsafe_code)]
                 unsafe {
-                    attend_avx2_64(q, rep, hd, offsets, head, kc, vc, scale, out, next)
+                    if simd == Simd::Avx512 {
+                        attend_avx512_64(q, rep, hd, offsets, head, kc, vc, scale, out, next)
+                    } else {
+                        attend_avx2_64(q, rep, hd, offsets, head, kc, vc, scale, out, next)
+                    }
                 };
                 return;
             }
@@ -789,6 +794,138 @@ unsafe fn attend_avx2_64(
     out: &mut [f32],
     next: Option<(&[usize], usize)>,
 ) {
+    attend_64::<Ymm>(q, rep, hd, offsets, head, kc, vc, scale, out, next)
+}
+
+/// [`attend_avx2_64`] with 16-lane registers: half the loads and multiply-adds per head slice.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code, clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn attend_avx512_64(
+    q: &[f32],
+    rep: usize,
+    hd: usize,
+    offsets: &[usize],
+    head: usize,
+    kc: &[f32],
+    vc: &[f32],
+    scale: f32,
+    out: &mut [f32],
+    next: Option<(&[usize], usize)>,
+) {
+    attend_64::<Zmm>(q, rep, hd, offsets, head, kc, vc, scale, out, next)
+}
+
+/// The register width of the attention kernel, for a 64-lane slice of a head: its query
+/// slice held in registers, the dot product with a K slice (as 8 partial sums), and an
+/// output slice accumulating V slices.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+trait Slice64 {
+    type Regs: Copy;
+    /// Loads 64 floats. (All four: raw pointers the caller keeps in bounds, and intrinsics
+    /// only inlined into a function with the width's target features.)
+    unsafe fn load(p: *const f32) -> Self::Regs;
+    /// The 8-lane partial sums of `q . k[..64]`.
+    unsafe fn dot(q: &Self::Regs, k: *const f32) -> std::arch::x86_64::__m256;
+    /// `acc += p * v[..64]`.
+    unsafe fn axpy(acc: &mut Self::Regs, p: f32, v: *const f32);
+    unsafe fn store(acc: &Self::Regs, p: *mut f32);
+}
+
+#[cfg(target_arch = "x86_64")]
+struct Ymm;
+#[cfg(target_arch = "x86_64")]
+struct Zmm;
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+impl Slice64 for Ymm {
+    type Regs = [std::arch::x86_64::__m256; 8];
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self::Regs {
+        std::array::from_fn(|u| std::arch::x86_64::_mm256_loadu_ps(p.add(8 * u)))
+    }
+    #[inline(always)]
+    unsafe fn dot(q: &Self::Regs, k: *const f32) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        let mut a0 = _mm256_mul_ps(q[0], _mm256_loadu_ps(k));
+        let mut a1 = _mm256_mul_ps(q[1], _mm256_loadu_ps(k.add(8)));
+        for u in (2..8).step_by(2) {
+            a0 = _mm256_fmadd_ps(q[u], _mm256_loadu_ps(k.add(8 * u)), a0);
+            a1 = _mm256_fmadd_ps(q[u + 1], _mm256_loadu_ps(k.add(8 * u + 8)), a1);
+        }
+        _mm256_add_ps(a0, a1)
+    }
+    #[inline(always)]
+    unsafe fn axpy(acc: &mut Self::Regs, p: f32, v: *const f32) {
+        use std::arch::x86_64::*;
+        let p = _mm256_set1_ps(p);
+        for (u, a) in acc.iter_mut().enumerate() {
+            *a = _mm256_fmadd_ps(p, _mm256_loadu_ps(v.add(8 * u)), *a);
+        }
+    }
+    #[inline(always)]
+    unsafe fn store(acc: &Self::Regs, p: *mut f32) {
+        for (u, a) in acc.iter().enumerate() {
+            std::arch::x86_64::_mm256_storeu_ps(p.add(8 * u), *a);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+impl Slice64 for Zmm {
+    type Regs = [std::arch::x86_64::__m512; 4];
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self::Regs {
+        std::array::from_fn(|u| std::arch::x86_64::_mm512_loadu_ps(p.add(16 * u)))
+    }
+    #[inline(always)]
+    unsafe fn dot(q: &Self::Regs, k: *const f32) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        let mut a0 = _mm512_mul_ps(q[0], _mm512_loadu_ps(k));
+        let mut a1 = _mm512_mul_ps(q[1], _mm512_loadu_ps(k.add(16)));
+        a0 = _mm512_fmadd_ps(q[2], _mm512_loadu_ps(k.add(32)), a0);
+        a1 = _mm512_fmadd_ps(q[3], _mm512_loadu_ps(k.add(48)), a1);
+        let s = _mm512_castps_pd(_mm512_add_ps(a0, a1));
+        _mm256_add_ps(
+            _mm256_castpd_ps(_mm512_castpd512_pd256(s)),
+            _mm256_castpd_ps(_mm512_extractf64x4_pd(s, 1)),
+        )
+    }
+    #[inline(always)]
+    unsafe fn axpy(acc: &mut Self::Regs, p: f32, v: *const f32) {
+        use std::arch::x86_64::*;
+        let p = _mm512_set1_ps(p);
+        for (u, a) in acc.iter_mut().enumerate() {
+            *a = _mm512_fmadd_ps(p, _mm512_loadu_ps(v.add(16 * u)), *a);
+        }
+    }
+    #[inline(always)]
+    unsafe fn store(acc: &Self::Regs, p: *mut f32) {
+        for (u, a) in acc.iter().enumerate() {
+            std::arch::x86_64::_mm512_storeu_ps(p.add(16 * u), *a);
+        }
+    }
+}
+
+/// The body of the 64-multiple attention kernels, over register width `L`.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code, clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn attend_64<L: Slice64>(
+    q: &[f32],
+    rep: usize,
+    hd: usize,
+    offsets: &[usize],
+    head: usize,
+    kc: &[f32],
+    vc: &[f32],
+    scale: f32,
+    out: &mut [f32],
+    next: Option<(&[usize], usize)>,
+) {
     use std::arch::x86_64::*;
     let span = offsets.len();
     let padded = span.div_ceil(8) * 8;
@@ -811,8 +948,7 @@ unsafe fn attend_avx2_64(
     let mut part = vec![_mm256_setzero_ps(); padded];
     for j in 0..rep {
         for c0 in (0..hd).step_by(64) {
-            let qj = qp.add(j * hd + c0);
-            let qv: [__m256; 8] = std::array::from_fn(|u| _mm256_loadu_ps(qj.add(8 * u)));
+            let qv = L::load(qp.add(j * hd + c0));
             for (t, &o) in offsets.iter().enumerate() {
                 // The memory traffic spread over the passes: K rows ahead of the first head's
                 // pass, V rows (into L2, for the value pass) during the second.
@@ -826,14 +962,7 @@ unsafe fn attend_avx2_64(
                         prefetch_row(vp.wrapping_add(o + head), false);
                     }
                 }
-                let kr = kp.add(o + head + c0);
-                let mut a0 = _mm256_mul_ps(qv[0], _mm256_loadu_ps(kr));
-                let mut a1 = _mm256_mul_ps(qv[1], _mm256_loadu_ps(kr.add(8)));
-                for u in (2..8).step_by(2) {
-                    a0 = _mm256_fmadd_ps(qv[u], _mm256_loadu_ps(kr.add(8 * u)), a0);
-                    a1 = _mm256_fmadd_ps(qv[u + 1], _mm256_loadu_ps(kr.add(8 * u + 8)), a1);
-                }
-                let sum = _mm256_add_ps(a0, a1);
+                let sum = L::dot(&qv, kp.add(o + head + c0));
                 part[t] = if c0 == 0 {
                     sum
                 } else {
@@ -871,10 +1000,7 @@ unsafe fn attend_avx2_64(
             let sj = scores.as_ptr().add(j * padded);
             for c0 in (0..hd).step_by(64) {
                 let o = op.add(j * hd + c0);
-                let mut acc = [_mm256_setzero_ps(); 8];
-                for (v, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_loadu_ps(o.add(8 * v));
-                }
+                let mut acc = L::load(o);
                 for (t, &row) in offsets.iter().enumerate().take(t1).skip(t0) {
                     // Meanwhile the next task's K rows come into L2.
                     if j == 0 && c0 == 0 {
@@ -882,15 +1008,9 @@ unsafe fn attend_avx2_64(
                             prefetch_row(kp.wrapping_add(o + next.map_or(0, |n| n.1)), false);
                         }
                     }
-                    let p = _mm256_broadcast_ss(&*sj.add(t));
-                    let vr = vp.add(row + head + c0);
-                    for (v, a) in acc.iter_mut().enumerate() {
-                        *a = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr.add(8 * v)), *a);
-                    }
+                    L::axpy(&mut acc, *sj.add(t), vp.add(row + head + c0));
                 }
-                for (v, a) in acc.iter().enumerate() {
-                    _mm256_storeu_ps(o.add(8 * v), *a);
-                }
+                L::store(&acc, o);
             }
         }
         t0 = t1;
@@ -1108,7 +1228,7 @@ mod tests {
                     let head = bs * hd;
                     let scale = 1.0 / (hd as f32).sqrt();
                     let want = naive_attend(&q, rep, hd, &offsets, head, &kc, &vc, scale);
-                    for simd in [false, has_avx2_fma()] {
+                    for simd in Simd::available() {
                         let mut out = vec![f32::NAN; rep * hd];
                         let next = Some((&offsets[..], 0));
                         attend_with(
@@ -1117,7 +1237,7 @@ mod tests {
                         for (a, b) in out.iter().zip(&want) {
                             assert!(
                                 (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
-                                "hd {hd} rep {rep} span {span} simd {simd}: {a} vs {b}"
+                                "hd {hd} rep {rep} span {span} {simd:?}: {a} vs {b}"
                             );
                         }
                     }
