@@ -205,12 +205,12 @@ fn main() {
             512.0 / floor,
             100.0 * floor / best
         );
-        // Decode at batch 1, 8, 32: each sequence 128 tokens in, 16 timed steps. The floor of
+        // Decode at batch 1, 8, 32: each sequence 128 tokens in, best of 3 x 16 steps. The floor of
         // a step is its roofline: the slower of reading every weight and the batch's K/V once
         // (at the read bandwidth) and its FLOPs (at the GEMM rate). At batch 1 that is the
         // weight stream; at batch 32 the FLOPs.
         let c = m.config();
-        let context = 128 + 1 + 8; // attended positions, averaged over the timed steps
+        let context = 128 + 1 + 24; // attended positions, averaged over the timed steps
         let kv_bytes_per_seq =
             (context * c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4) as f64;
         let mut batch1 = 0.0;
@@ -222,7 +222,8 @@ fn main() {
             } else {
                 (compute, "GEMM")
             };
-            let mut s = seqs(&m, batch, 128 + 32);
+            let (windows, steps) = (3, 16);
+            let mut s = seqs(&m, batch, 128 + 8 + windows * steps);
             let prompts: Vec<Vec<u32>> = (0..batch)
                 .map(|b| {
                     (0..128)
@@ -233,12 +234,16 @@ fn main() {
             step(&m, &mut s, &prompts);
             let next: Vec<Vec<u32>> = (0..batch).map(|b| vec![(b * 31 % 4000) as u32]).collect();
             step(&m, &mut s, &next); // warm-up
-            let steps = 16;
-            let t = Instant::now();
-            for _ in 0..steps {
-                step(&m, &mut s, &next);
+                                     // The best of three windows of 16 steps (this shared VM's neighbours come and go).
+            let mut best = f64::INFINITY;
+            for _ in 0..windows {
+                let t = Instant::now();
+                for _ in 0..steps {
+                    step(&m, &mut s, &next);
+                }
+                best = best.min(t.elapsed().as_secs_f64());
             }
-            let rate = (batch * steps) as f64 / t.elapsed().as_secs_f64();
+            let rate = (batch * steps) as f64 / best;
             if batch == 1 {
                 batch1 = rate;
             }
