@@ -2,17 +2,19 @@
 //! - [`Linear`]: `y = x W^T (+ b)`, every row count (a decode token, a decode batch, a prefill
 //!   chunk) through one kernel over weights repacked at load time into panels of 16 output
 //!   features (`[panel][in][16]`, f32 or bf16). A panel is one contiguous stream, so the
-//!   hardware prefetcher keeps up at any batch size, and the AVX2/FMA micro-kernel keeps a
-//!   16-feature x 6-row block of outputs in 12 registers: each weight vector loaded serves six
-//!   rows, each broadcast input two weight vectors. Panels are split across the cores; the
-//!   input dimension is walked in blocks whose panel slice stays in L1 while every row uses it.
+//!   hardware prefetcher (helped by a software prefetch) keeps up at any batch size. The
+//!   micro-kernel keeps a block of outputs in registers so that each weight vector loaded
+//!   serves several rows: 16 features x 6 rows with AVX2/FMA, 16 features x up to 16 rows with
+//!   AVX-512. Panels are split across the cores; the input dimension is walked in blocks whose
+//!   panel slice stays in L1 while every row uses it.
 //! - Attention of the query heads sharing a kv head, over a block table's cache rows.
 //! - RMSNorm, RoPE, SiLU-gating and the numerically stable softmax the model needs.
 //!
-//! The hot loops are compiled for baseline x86-64 and with AVX2 and FMA enabled
-//! (`#[target_feature]`), chosen at run time with `is_x86_feature_detected!`. The only
-//! `unsafe` is that dispatch and the matmul kernel (intrinsics and its writes into disjoint
-//! column strips of the output, bounds asserted before).
+//! The hot loops are compiled for baseline x86-64 and again with AVX2/FMA and AVX-512
+//! enabled (`#[target_feature]`), and [`Simd`] picks the best level the CPU has at run time
+//! (`is_x86_feature_detected!`). The only `unsafe` is that dispatch and the SIMD kernels:
+//! intrinsics over raw pointers whose bounds are checked before, and the matmul's writes into
+//! disjoint column strips of one output.
 //!
 //! Why these and not a tensor library: the forward pass needs six operations, and paged
 //! attention reads K/V through block tables no dense tensor type expresses; a decode step is
@@ -23,7 +25,7 @@
 use half::bf16;
 use rayon::prelude::*;
 
-/// Output features per weight panel (two AVX2 vectors).
+/// Output features per weight panel (two AVX2 vectors, one AVX-512 vector).
 const PANEL: usize = 16;
 /// Input positions per block of the walk: a panel's slice (16 KiB in f32) stays in L1 while
 /// every row group uses it.
@@ -687,8 +689,8 @@ fn silu_mul_generic(gate_up: &[f32], i: usize, out: &mut [f32]) {
 
 /// Attention of `rep` query heads (`q`, `rep x hd`) sharing one kv head over the cached
 /// positions whose rows start at `offsets` (into `kc`/`vc`; the head at `+ head`), into `out`
-/// (`rep x hd`). Compiled twice: with
-/// AVX2 and FMA when the CPU has them (checked at run time), and for baseline x86-64.
+/// (`rep x hd`). `next` optionally names the rows (and head offset) of the call likely to
+/// follow on this thread, only to prefetch them. Runs the best kernel the CPU has.
 #[allow(clippy::too_many_arguments)]
 pub fn attend(
     q: &[f32],
@@ -774,11 +776,14 @@ const V_TILE: usize = 64;
 const PF_POS: usize = 32;
 
 /// [`attend`] for head dims that are multiples of 64, with intrinsics:
-/// - scores: the partial sums of 8 positions are reduced together (7 horizontal adds for 8
-///   scores instead of a reduction each), and the next 8 positions' K rows are prefetched
-///   (a block holds 16 positions; without it each block's rows arrive one miss at a time);
+/// - scores: per query head and 64-lane slice, the query slice stays in registers while each
+///   position's K slice streams past; the partial sums of 8 positions are reduced together
+///   (7 horizontal adds for 8 scores instead of a reduction each);
 /// - values: per tile of positions, each query head accumulates a 64-lane slice of its output
-///   in 8 registers over the tile's V rows, and the next tile's rows are prefetched.
+///   in registers over the tile's V rows;
+/// - memory: K rows are prefetched ahead of the first head's pass, V rows (into L2) during
+///   the second, and `next`'s K rows (the pair this thread likely takes next) during the
+///   value pass, so the memory stays busy through the whole call.
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code, clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
