@@ -101,31 +101,14 @@ pub struct Settings {
     pub max_body_bytes: Option<usize>,
 }
 
-const SETTING_KEYS: &[&str] = &[
+/// Settings every role takes.
+const COMMON_KEYS: &[&str] = &[
     "model_path",
     "model_name",
     "block_size",
     "metrics_port",
     "log",
-    "engine",
-    "endpoint",
-    "num_gpu_blocks",
-    "max_num_seqs",
-    "max_num_batched_tokens",
-    "speedup_ratio",
-    "echo_delay_ms",
-    "kv_cache_memory",
-    "dtype",
-    "router_mode",
-    "kv_overlap_score_weight",
-    "router_temperature",
-    "busy_threshold",
-    "http_port",
-    "http_host",
-    "max_inflight",
-    "max_body_bytes",
 ];
-
 const WORKER_KEYS: &[&str] = &[
     "engine",
     "endpoint",
@@ -137,7 +120,21 @@ const WORKER_KEYS: &[&str] = &[
     "kv_cache_memory",
     "dtype",
 ];
+const ROUTER_KEYS: &[&str] = &[
+    "router_mode",
+    "kv_overlap_score_weight",
+    "router_temperature",
+    "busy_threshold",
+];
 const FRONTEND_KEYS: &[&str] = &["http_port", "http_host", "max_inflight", "max_body_bytes"];
+
+/// Every settings key, in the order of [`Settings`]' fields.
+fn setting_keys() -> impl Iterator<Item = &'static str> {
+    [COMMON_KEYS, WORKER_KEYS, ROUTER_KEYS, FRONTEND_KEYS]
+        .into_iter()
+        .flatten()
+        .copied()
+}
 
 /// One component of a graph, settings resolved.
 #[derive(Debug, Clone)]
@@ -378,10 +375,11 @@ fn check_settings(loc: &Locator<'_>, path: &[&str], m: &Mapping) -> Result<()> {
         let name = k.as_str().unwrap_or("?");
         let mut p = path.to_vec();
         p.push(name);
-        if !SETTING_KEYS.contains(&name) {
+        if !setting_keys().any(|key| key == name) {
+            let keys: Vec<&str> = setting_keys().collect();
             return Err(loc.error(
                 &p,
-                format!("unknown key; settings are: {}", SETTING_KEYS.join(", ")),
+                format!("unknown key; settings are: {}", keys.join(", ")),
             ));
         }
         let mut one = Mapping::new();

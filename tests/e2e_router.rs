@@ -90,6 +90,33 @@ fn held(router: &KvRouter, hashes: &[SequenceHash], w: WorkerId) -> Option<u32> 
         .map(|o| o.blocks())
 }
 
+/// Sends `prefix` once, waits until `router` indexes the serving worker's 10 blocks of it,
+/// then checks that six more requests with that prefix land on the same worker (round-robin
+/// would alternate). Returns that worker and the prefix's block hashes.
+async fn prefix_sticks(
+    serving: &Serving,
+    router: &KvRouter,
+    prefix: &[u32],
+) -> (InstanceId, Vec<SequenceHash>) {
+    let hashes: Vec<SequenceHash> = block_hashes(prefix, BS).into_iter().map(|h| h.1).collect();
+    let holder = ask(serving, prefix, 1000).await;
+    let wid = WorkerId(holder.as_u64());
+    eventually(
+        "the holder's blocks are indexed",
+        Duration::from_secs(5),
+        || held(router, &hashes, wid) == Some(10),
+    )
+    .await;
+    for i in 0..6 {
+        assert_eq!(
+            ask(serving, prefix, 2000 + i * 10).await,
+            holder,
+            "request {i} with the same prefix"
+        );
+    }
+    (holder, hashes)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kv_routing_follows_the_prefix_resyncs_and_purges() {
     let server = NatsServer::start().unwrap();
@@ -115,23 +142,9 @@ async fn kv_routing_follows_the_prefix_resyncs_and_purges() {
     let router = serving.router().unwrap().clone();
 
     let prefix: Vec<u32> = (300..460).collect();
-    let ask = |suffix: u32| ask(&serving, &prefix, suffix);
-    let hashes: Vec<SequenceHash> = block_hashes(&prefix, BS).into_iter().map(|h| h.1).collect();
-    let holder = ask(1000).await;
+    let (holder, hashes) = prefix_sticks(&serving, &router, &prefix).await;
     let wid = WorkerId(holder.as_u64());
-    eventually(
-        "the holder's blocks are indexed",
-        Duration::from_secs(5),
-        || held(&router, &hashes, wid) == Some(10),
-    )
-    .await;
-    for i in 0..6 {
-        assert_eq!(
-            ask(2000 + i * 10).await,
-            holder,
-            "request {i} with the same prefix"
-        );
-    }
+    let ask = |suffix: u32| ask(&serving, &prefix, suffix);
 
     // A router that starts late (a second frontend) rebuilds the index from the workers'
     // dumps, without new traffic.
@@ -240,25 +253,8 @@ async fn a_router_component_routes_and_replicas_share_its_decisions() {
     let serving = a.serving().clone();
     let b_router = b.serving().router().unwrap().clone();
     let prefix: Vec<u32> = (500..660).collect();
-    let hashes: Vec<SequenceHash> = block_hashes(&prefix, BS).into_iter().map(|h| h.1).collect();
-    let ask = |suffix: u32| ask(&serving, &prefix, suffix);
-    let holder = ask(1000).await;
-    let wid = WorkerId(holder.as_u64());
-    eventually(
-        "the holder's blocks are indexed",
-        Duration::from_secs(5),
-        || held(&b_router, &hashes, wid) == Some(10),
-    )
-    .await;
-    // Round-robin would alternate between the two workers; the router component follows the
-    // prefix.
-    for i in 0..6 {
-        assert_eq!(
-            ask(2000 + i * 10).await,
-            holder,
-            "request {i} with the same prefix"
-        );
-    }
+    // Routed by the router component; B's index sees the holder's blocks.
+    prefix_sticks(&serving, &b_router, &prefix).await;
 
     // A long request routed by the component shows in B's accounting while it runs...
     let mut long = start(&serving, &prefix, 3000, 1500).await;

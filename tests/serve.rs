@@ -32,6 +32,24 @@ struct Serve {
 }
 
 impl Serve {
+    /// `config/mocker-cluster.yaml` over `nats`, with `backends` backend replicas and the
+    /// frontend on a free port.
+    fn cluster_over(nats: &NatsServer, backends: usize) -> Serve {
+        let model = format!("defaults.model_path={}", model_dir());
+        let replicas = format!("backend.replicas={backends}");
+        Serve::start(&[
+            &graph("mocker-cluster.yaml"),
+            "--bus",
+            &nats.url(),
+            "--set",
+            &model,
+            "--set",
+            &replicas,
+            "--set",
+            "frontend.http_port=0",
+        ])
+    }
+
     fn start(args: &[&str]) -> Serve {
         let mut child = dynamo_run()
             .arg("serve")
@@ -288,18 +306,7 @@ fn mocker_cluster_on_the_embedded_bus_serves_a_bench_run() {
 #[test]
 fn over_nats_replicas_are_supervised_processes() {
     let nats = NatsServer::start().unwrap();
-    let model = format!("defaults.model_path={}", model_dir());
-    let mut serve = Serve::start(&[
-        &graph("mocker-cluster.yaml"),
-        "--bus",
-        &nats.url(),
-        "--set",
-        &model,
-        "--set",
-        "backend.replicas=2",
-        "--set",
-        "frontend.http_port=0",
-    ]);
+    let mut serve = Serve::cluster_over(&nats, 2);
     let frontend = serve.wait_out(
         "[frontend.0] ready: model tiny at http://",
         0,
@@ -415,18 +422,7 @@ fn over_nats_replicas_are_supervised_processes() {
 #[test]
 fn children_do_not_outlive_a_killed_supervisor() {
     let nats = NatsServer::start().unwrap();
-    let model = format!("defaults.model_path={}", model_dir());
-    let mut serve = Serve::start(&[
-        &graph("mocker-cluster.yaml"),
-        "--bus",
-        &nats.url(),
-        "--set",
-        &model,
-        "--set",
-        "backend.replicas=1",
-        "--set",
-        "frontend.http_port=0",
-    ]);
+    let mut serve = Serve::cluster_over(&nats, 1);
     serve.wait_out("ready: graph", 0, Duration::from_secs(60));
     let children = || {
         processes()

@@ -257,21 +257,30 @@ impl Model {
             // Tasks of several (row, kv head) pairs, but at least two per thread so that a
             // decode step's few pairs still spread over the cores.
             let min_len = (n * nkv / (4 * rayon::current_num_threads())).clamp(1, 4);
+            // Pair i's cached rows: its row's positions, at its kv head.
+            let kv_rows = |i: usize| {
+                let (s, pos) = rows[i / nkv];
+                ops::KvRows {
+                    k: kc,
+                    v: vc,
+                    offsets: &cache_rows[s][..=pos],
+                    head: (i % nkv) * bs * hd,
+                }
+            };
             att.par_chunks_mut(rep * hd)
                 .enumerate()
                 .with_min_len(min_len)
                 .for_each(|(i, out)| {
                     let (row, g) = (i / nkv, i % nkv);
-                    let (s, pos) = rows[row];
-                    let q = &qkv[row * width + g * rep * hd..row * width + (g + 1) * rep * hd];
-                    let positions = &cache_rows[s][..=pos];
+                    let group = ops::GroupQuery {
+                        q: &qkv[row * width + g * rep * hd..row * width + (g + 1) * rep * hd],
+                        rep,
+                        hd,
+                        scale,
+                    };
                     // The pair this thread most likely takes next, for prefetching.
-                    let next = (i + 1 < n * nkv).then(|| {
-                        let (row, g) = ((i + 1) / nkv, (i + 1) % nkv);
-                        let (s, pos) = rows[row];
-                        (&cache_rows[s][..=pos], g * bs * hd)
-                    });
-                    ops::attend(q, rep, hd, positions, g * bs * hd, kc, vc, scale, out, next);
+                    let next = (i + 1 < n * nkv).then(|| kv_rows(i + 1));
+                    ops::attend(group, kv_rows(i), out, next);
                 });
             layer.o.forward(&att, n, &mut proj);
             for (a, b) in x.iter_mut().zip(&proj) {

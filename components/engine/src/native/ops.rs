@@ -51,6 +51,23 @@ pub enum WeightData {
     Bf16(Vec<bf16>),
 }
 
+impl WeightData {
+    fn len(&self) -> usize {
+        match self {
+            Self::F32(w) => w.len(),
+            Self::Bf16(w) => w.len(),
+        }
+    }
+
+    /// Bytes per weight.
+    fn elem(&self) -> usize {
+        match self {
+            Self::F32(_) => 4,
+            Self::Bf16(_) => 2,
+        }
+    }
+}
+
 /// A linear layer's weight and optional bias.
 pub struct Linear {
     pub out_dim: usize,
@@ -93,10 +110,7 @@ impl Linear {
 
     /// Bytes of weight data (including the last panel's padding).
     pub fn bytes(&self) -> usize {
-        match &self.w {
-            WeightData::F32(w) => w.len() * 4,
-            WeightData::Bf16(w) => w.len() * 2,
-        }
+        self.w.len() * self.w.elem()
     }
 
     /// `y[rows, out] = x[rows, in] W^T + b`.
@@ -113,11 +127,17 @@ impl Linear {
         );
         let panels = n.div_ceil(PANEL);
         let out = OutPtr(y.as_mut_ptr());
-        let run = |lo: usize, hi: usize| match &self.w {
-            WeightData::F32(w) => panels_dispatch(x, rows, k, n, Panels::F32(w), lo, hi, out, simd),
-            WeightData::Bf16(w) => {
-                panels_dispatch(x, rows, k, n, Panels::Bf16(w), lo, hi, out, simd)
-            }
+        let run = |lo: usize, hi: usize| {
+            let strip = Strip {
+                x,
+                rows,
+                k,
+                n,
+                lo,
+                hi,
+                y: out,
+            };
+            panels_dispatch(strip, &self.w, simd)
         };
         if rows * n * k < PARALLEL_MIN || rayon::current_num_threads() == 1 {
             run(0, panels);
@@ -139,13 +159,6 @@ impl Linear {
     }
 }
 
-/// Packed weights of either type.
-#[derive(Clone, Copy)]
-enum Panels<'a> {
-    F32(&'a [f32]),
-    Bf16(&'a [bf16]),
-}
-
 /// The output matrix, shared by the tasks of one matmul: each writes only the columns of its
 /// own panels.
 #[derive(Clone, Copy)]
@@ -157,26 +170,31 @@ unsafe impl Send for OutPtr {}
 #[allow(unsafe_code)]
 unsafe impl Sync for OutPtr {}
 
-/// Output panels `lo..hi` of `y = x W^T`: the AVX2 kernel where the CPU has it, else portable
-/// Rust.
-#[allow(clippy::too_many_arguments)]
-fn panels_dispatch(
-    x: &[f32],
+/// One task's share of a matmul: output panels `lo..hi` of `y[rows, n] = x[rows, k] W^T`.
+#[derive(Clone, Copy)]
+struct Strip<'a> {
+    x: &'a [f32],
     rows: usize,
     k: usize,
     n: usize,
-    w: Panels<'_>,
     lo: usize,
     hi: usize,
     y: OutPtr,
-    simd: Simd,
-) {
-    let len = match w {
-        Panels::F32(w) => w.len(),
-        Panels::Bf16(w) => w.len(),
-    };
+}
+
+/// A strip with the kernels of `simd`, else portable Rust.
+fn panels_dispatch(s: Strip<'_>, w: &WeightData, simd: Simd) {
+    let Strip {
+        x,
+        rows,
+        k,
+        n,
+        lo,
+        hi,
+        y,
+    } = s;
     assert!(
-        hi * PANEL <= n.div_ceil(PANEL) * PANEL && len >= hi * k * PANEL && x.len() >= rows * k
+        hi * PANEL <= n.div_ceil(PANEL) * PANEL && w.len() >= hi * k * PANEL && x.len() >= rows * k
     );
     #[cfg(target_arch = "x86_64")]
     {
@@ -186,24 +204,16 @@ fn panels_dispatch(
         // panels `lo..hi` below `n`).
         #[allow(unsafe_code)]
         unsafe {
-            let (f32s, bf16s) = match w {
-                Panels::F32(w) => (Some(w.as_ptr().cast::<u8>()), None),
-                Panels::Bf16(w) => (None, Some(w.as_ptr().cast::<u8>())),
+            let (wp, bf) = match w {
+                WeightData::F32(w) => (w.as_ptr().cast::<u8>(), false),
+                WeightData::Bf16(w) => (w.as_ptr().cast::<u8>(), true),
             };
-            match (simd, f32s, bf16s) {
-                (Simd::Avx512, Some(w), _) => {
-                    return panels_avx512::<false>(x, rows, k, n, w, lo, hi, y.0)
-                }
-                (Simd::Avx512, _, Some(w)) => {
-                    return panels_avx512::<true>(x, rows, k, n, w, lo, hi, y.0)
-                }
-                (Simd::Avx2, Some(w), _) => {
-                    return panels_avx2::<false>(x, rows, k, n, w, lo, hi, y.0)
-                }
-                (Simd::Avx2, _, Some(w)) => {
-                    return panels_avx2::<true>(x, rows, k, n, w, lo, hi, y.0)
-                }
-                _ => {}
+            match (simd, bf) {
+                (Simd::Avx512, false) => return panels_avx512::<false>(s, wp),
+                (Simd::Avx512, true) => return panels_avx512::<true>(s, wp),
+                (Simd::Avx2, false) => return panels_avx2::<false>(s, wp),
+                (Simd::Avx2, true) => return panels_avx2::<true>(s, wp),
+                (Simd::Portable, _) => {}
             }
         }
     }
@@ -216,8 +226,8 @@ fn panels_dispatch(
                 let at = (p * k + c) * PANEL;
                 for (l, a) in acc.iter_mut().enumerate() {
                     let wv = match w {
-                        Panels::F32(w) => w[at + l],
-                        Panels::Bf16(w) => widen(w[at + l]),
+                        WeightData::F32(w) => w[at + l],
+                        WeightData::Bf16(w) => widen(w[at + l]),
                     };
                     *a += xv * wv;
                 }
@@ -232,133 +242,11 @@ fn panels_dispatch(
     }
 }
 
-/// The walk over output panels `lo..hi` shared by the SIMD bodies: per panel, input blocks of
-/// [`K_BLOCK`] (the first block stores, later ones add) and, inside each, row groups of at most
-/// `G` rows through `micro(g, x, w, c0, c1, first, y, ldy)`. The zero-padded last panel goes
-/// through a scratch tile in one block so that only its valid columns are written.
+/// One micro-kernel call: rows of `x` (`k` apart) times a panel's inputs `c0..c1` (`w` at the
+/// panel's start), stored into (`first`) or added to rows of `y` (`ldy` apart).
 #[cfg(target_arch = "x86_64")]
-#[allow(unsafe_code, clippy::too_many_arguments)]
-#[inline(always)]
-unsafe fn panel_walk<const G: usize>(
-    x: &[f32],
-    rows: usize,
-    k: usize,
-    n: usize,
-    w: *const u8,
-    elem: usize,
-    lo: usize,
-    hi: usize,
-    y: *mut f32,
-    micro: impl Fn(usize, *const f32, *const u8, usize, usize, bool, *mut f32, usize),
-) {
-    let mut tmp = [[0f32; PANEL]; 16];
-    assert!(G <= tmp.len());
-    for p in lo..hi {
-        let wp = w.add(p * k * PANEL * elem);
-        let cols = (n - p * PANEL).min(PANEL);
-        if cols < PANEL {
-            for (r, g) in row_groups(rows, G) {
-                let xr = x.as_ptr().add(r * k);
-                micro(g, xr, wp, 0, k, true, tmp.as_mut_ptr().cast(), PANEL);
-                for (i, t) in tmp.iter().enumerate().take(g) {
-                    std::ptr::copy_nonoverlapping(t.as_ptr(), y.add((r + i) * n + p * PANEL), cols);
-                }
-            }
-            continue;
-        }
-        let mut c0 = 0;
-        while c0 < k {
-            let c1 = (c0 + K_BLOCK).min(k);
-            for (r, g) in row_groups(rows, G) {
-                let xr = x.as_ptr().add(r * k);
-                micro(g, xr, wp, c0, c1, c0 == 0, y.add(r * n + p * PANEL), n);
-            }
-            c0 = c1;
-        }
-    }
-}
-
-/// AVX2/FMA body of [`panels_dispatch`] (`w` points at f32 or, with `BF`, bf16 panels).
-#[cfg(target_arch = "x86_64")]
-#[allow(unsafe_code, clippy::too_many_arguments)]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn panels_avx2<const BF: bool>(
-    x: &[f32],
-    rows: usize,
-    k: usize,
-    n: usize,
-    w: *const u8,
-    lo: usize,
-    hi: usize,
-    y: *mut f32,
-) {
-    let elem = if BF { 2 } else { 4 };
-    panel_walk::<ROW_GROUP>(
-        x,
-        rows,
-        k,
-        n,
-        w,
-        elem,
-        lo,
-        hi,
-        y,
-        |g, xr, wp, c0, c1, first, yo, ldy| micro_any::<BF>(g, xr, k, wp, c0, c1, first, yo, ldy),
-    );
-}
-
-/// AVX-512 body of [`panels_dispatch`]: a panel is one 16-lane register, and up to 16 rows
-/// share each weight vector (16 accumulators of the 32 registers; the input is broadcast
-/// straight from memory into each multiply-add), so a row group loads about one operand per
-/// multiply-add instead of two-thirds of one per 8-lane AVX2 multiply-add.
-#[cfg(target_arch = "x86_64")]
-#[allow(unsafe_code, clippy::too_many_arguments)]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn panels_avx512<const BF: bool>(
-    x: &[f32],
-    rows: usize,
-    k: usize,
-    n: usize,
-    w: *const u8,
-    lo: usize,
-    hi: usize,
-    y: *mut f32,
-) {
-    let elem = if BF { 2 } else { 4 };
-    panel_walk::<ROW_GROUP_512>(
-        x,
-        rows,
-        k,
-        n,
-        w,
-        elem,
-        lo,
-        hi,
-        y,
-        |g, xr, wp, c0, c1, first, yo, ldy| {
-            match g {
-                16 => micro512::<16, BF>(xr, k, wp, c0, c1, first, yo, ldy),
-                15 => micro512::<15, BF>(xr, k, wp, c0, c1, first, yo, ldy),
-                14 => micro512::<14, BF>(xr, k, wp, c0, c1, first, yo, ldy),
-                13 => micro512::<13, BF>(xr, k, wp, c0, c1, first, yo, ldy),
-                12 => micro512::<12, BF>(xr, k, wp, c0, c1, first, yo, ldy),
-                11 => micro512::<11, BF>(xr, k, wp, c0, c1, first, yo, ldy),
-                10 => micro512::<10, BF>(xr, k, wp, c0, c1, first, yo, ldy),
-                9 => micro512::<9, BF>(xr, k, wp, c0, c1, first, yo, ldy),
-                8 => micro512::<8, BF>(xr, k, wp, c0, c1, first, yo, ldy),
-                7 => micro512::<7, BF>(xr, k, wp, c0, c1, first, yo, ldy),
-                // Fewer rows: the AVX2 kernels (the one-row one is tuned for streaming).
-                _ => micro_any::<BF>(g, xr, k, wp, c0, c1, first, yo, ldy),
-            }
-        },
-    );
-}
-
-/// [`micro`] in 16-lane registers: `R` accumulators, one weight load per input position.
-#[cfg(target_arch = "x86_64")]
-#[allow(unsafe_code, clippy::too_many_arguments)]
-#[inline(always)]
-unsafe fn micro512<const R: usize, const BF: bool>(
+#[derive(Clone, Copy)]
+struct Tile {
     x: *const f32,
     k: usize,
     w: *const u8,
@@ -367,11 +255,112 @@ unsafe fn micro512<const R: usize, const BF: bool>(
     first: bool,
     y: *mut f32,
     ldy: usize,
+}
+
+/// The walk over a strip's panels shared by the SIMD bodies: per panel, input blocks of
+/// [`K_BLOCK`] (the first block stores, later ones add) and, inside each, row groups of at most
+/// `G` rows through `micro(rows in the group, tile)`. The zero-padded last panel goes through
+/// a scratch tile in one block so that only its valid columns are written.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+#[inline(always)]
+unsafe fn panel_walk<const G: usize>(
+    s: Strip<'_>,
+    w: *const u8,
+    elem: usize,
+    micro: impl Fn(usize, Tile),
 ) {
+    let Strip {
+        x,
+        rows,
+        k,
+        n,
+        lo,
+        hi,
+        y,
+    } = s;
+    let mut tmp = [[0f32; PANEL]; 16];
+    assert!(G <= tmp.len());
+    for p in lo..hi {
+        let tile = |r: usize, c0: usize, c1: usize, y: *mut f32, ldy: usize| Tile {
+            x: x.as_ptr().add(r * k),
+            k,
+            w: w.add(p * k * PANEL * elem),
+            c0,
+            c1,
+            first: c0 == 0,
+            y,
+            ldy,
+        };
+        let cols = (n - p * PANEL).min(PANEL);
+        if cols < PANEL {
+            for (r, g) in row_groups(rows, G) {
+                micro(g, tile(r, 0, k, tmp.as_mut_ptr().cast(), PANEL));
+                for (i, t) in tmp.iter().enumerate().take(g) {
+                    std::ptr::copy_nonoverlapping(
+                        t.as_ptr(),
+                        y.0.add((r + i) * n + p * PANEL),
+                        cols,
+                    );
+                }
+            }
+            continue;
+        }
+        let mut c0 = 0;
+        while c0 < k {
+            let c1 = (c0 + K_BLOCK).min(k);
+            for (r, g) in row_groups(rows, G) {
+                micro(g, tile(r, c0, c1, y.0.add(r * n + p * PANEL), n));
+            }
+            c0 = c1;
+        }
+    }
+}
+
+/// AVX2/FMA body of [`panels_dispatch`] (`w` points at f32 or, with `BF`, bf16 panels).
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn panels_avx2<const BF: bool>(s: Strip<'_>, w: *const u8) {
+    panel_walk::<ROW_GROUP>(s, w, if BF { 2 } else { 4 }, |g, t| micro_any::<BF>(g, t));
+}
+
+/// AVX-512 body of [`panels_dispatch`]: a panel is one 16-lane register, and up to 16 rows
+/// share each weight vector (16 accumulators of the 32 registers; the input is broadcast
+/// straight from memory into each multiply-add), so a row group loads about one operand per
+/// multiply-add instead of two-thirds of one per 8-lane AVX2 multiply-add.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn panels_avx512<const BF: bool>(s: Strip<'_>, w: *const u8) {
+    panel_walk::<ROW_GROUP_512>(s, w, if BF { 2 } else { 4 }, |g, t| match g {
+        16 => micro512::<16, BF>(t),
+        15 => micro512::<15, BF>(t),
+        14 => micro512::<14, BF>(t),
+        13 => micro512::<13, BF>(t),
+        12 => micro512::<12, BF>(t),
+        11 => micro512::<11, BF>(t),
+        10 => micro512::<10, BF>(t),
+        9 => micro512::<9, BF>(t),
+        8 => micro512::<8, BF>(t),
+        7 => micro512::<7, BF>(t),
+        // Fewer rows: the AVX2 kernels (the one-row one is tuned for streaming).
+        _ => micro_any::<BF>(g, t),
+    });
+}
+
+/// [`micro`] in 16-lane registers: `R` accumulators, one weight load per input position.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+#[inline(always)]
+unsafe fn micro512<const R: usize, const BF: bool>(t: Tile) {
     use std::arch::x86_64::*;
+    let Tile {
+        x, k, w, y, ldy, ..
+    } = t;
     let mut acc = [_mm512_setzero_ps(); R];
     let line = if BF { PANEL * 2 } else { PANEL * 4 };
-    for c in c0..c1 {
+    for c in t.c0..t.c1 {
         _mm_prefetch::<_MM_HINT_T0>(w.add(c * line + PREFETCH_AHEAD).cast());
         let wv = if BF {
             let h = _mm256_loadu_si256(w.add(c * line).cast());
@@ -385,7 +374,7 @@ unsafe fn micro512<const R: usize, const BF: bool>(
     }
     for (i, a) in acc.iter().enumerate() {
         let o = y.add(i * ldy);
-        let v = if first {
+        let v = if t.first {
             *a
         } else {
             _mm512_add_ps(*a, _mm512_loadu_ps(o))
@@ -407,26 +396,16 @@ fn row_groups(rows: usize, max: usize) -> impl Iterator<Item = (usize, usize)> {
 
 /// [`micro`] for `g` (1..=6) rows.
 #[cfg(target_arch = "x86_64")]
-#[allow(unsafe_code, clippy::too_many_arguments)]
+#[allow(unsafe_code)]
 #[inline(always)]
-unsafe fn micro_any<const BF: bool>(
-    g: usize,
-    x: *const f32,
-    k: usize,
-    w: *const u8,
-    c0: usize,
-    c1: usize,
-    first: bool,
-    y: *mut f32,
-    ldy: usize,
-) {
+unsafe fn micro_any<const BF: bool>(g: usize, t: Tile) {
     match g {
-        6 => micro::<6, BF>(x, k, w, c0, c1, first, y, ldy),
-        5 => micro::<5, BF>(x, k, w, c0, c1, first, y, ldy),
-        4 => micro::<4, BF>(x, k, w, c0, c1, first, y, ldy),
-        3 => micro::<3, BF>(x, k, w, c0, c1, first, y, ldy),
-        2 => micro::<2, BF>(x, k, w, c0, c1, first, y, ldy),
-        _ => micro1::<BF>(x, w, c0, c1, first, y),
+        6 => micro::<6, BF>(t),
+        5 => micro::<5, BF>(t),
+        4 => micro::<4, BF>(t),
+        3 => micro::<3, BF>(t),
+        2 => micro::<2, BF>(t),
+        _ => micro1::<BF>(t),
     }
 }
 
@@ -453,25 +432,38 @@ unsafe fn load_panel<const BF: bool>(
     }
 }
 
+/// Stores 16 outputs (`first`) or adds them to what is there.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+#[inline(always)]
+unsafe fn store16(
+    o: *mut f32,
+    v: (std::arch::x86_64::__m256, std::arch::x86_64::__m256),
+    first: bool,
+) {
+    use std::arch::x86_64::*;
+    let (mut v0, mut v1) = v;
+    if !first {
+        v0 = _mm256_add_ps(v0, _mm256_loadu_ps(o));
+        v1 = _mm256_add_ps(v1, _mm256_loadu_ps(o.add(8)));
+    }
+    _mm256_storeu_ps(o, v0);
+    _mm256_storeu_ps(o.add(8), v1);
+}
+
 /// `y[i][0..16] (+)= sum over c in c0..c1 of x[i * k + c] * panel[c][0..16]` for `R` rows:
 /// 2R accumulators, each weight vector reused by every row.
 #[cfg(target_arch = "x86_64")]
-#[allow(unsafe_code, clippy::too_many_arguments)]
+#[allow(unsafe_code)]
 #[inline(always)]
-unsafe fn micro<const R: usize, const BF: bool>(
-    x: *const f32,
-    k: usize,
-    w: *const u8,
-    c0: usize,
-    c1: usize,
-    first: bool,
-    y: *mut f32,
-    ldy: usize,
-) {
+unsafe fn micro<const R: usize, const BF: bool>(t: Tile) {
     use std::arch::x86_64::*;
+    let Tile {
+        x, k, w, y, ldy, ..
+    } = t;
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
     let line = if BF { PANEL * 2 } else { PANEL * 4 };
-    for c in c0..c1 {
+    for c in t.c0..t.c1 {
         _mm_prefetch::<_MM_HINT_T0>(w.add(c * line + PREFETCH_AHEAD).cast());
         let (w0, w1) = load_panel::<BF>(w, c);
         for (i, a) in acc.iter_mut().enumerate() {
@@ -481,14 +473,7 @@ unsafe fn micro<const R: usize, const BF: bool>(
         }
     }
     for (i, a) in acc.iter().enumerate() {
-        let o = y.add(i * ldy);
-        let (mut v0, mut v1) = (a[0], a[1]);
-        if !first {
-            v0 = _mm256_add_ps(v0, _mm256_loadu_ps(o));
-            v1 = _mm256_add_ps(v1, _mm256_loadu_ps(o.add(8)));
-        }
-        _mm256_storeu_ps(o, v0);
-        _mm256_storeu_ps(o.add(8), v1);
+        store16(y.add(i * ldy), (a[0], a[1]), t.first);
     }
 }
 
@@ -497,15 +482,17 @@ unsafe fn micro<const R: usize, const BF: bool>(
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 #[inline(always)]
-unsafe fn micro1<const BF: bool>(
-    x: *const f32,
-    w: *const u8,
-    c0: usize,
-    c1: usize,
-    first: bool,
-    y: *mut f32,
-) {
+unsafe fn micro1<const BF: bool>(t: Tile) {
     use std::arch::x86_64::*;
+    let Tile {
+        x,
+        w,
+        c0,
+        c1,
+        first,
+        y,
+        ..
+    } = t;
     let mut acc = [_mm256_setzero_ps(); 8];
     let mut c = c0;
     while c + 4 <= c1 {
@@ -524,14 +511,9 @@ unsafe fn micro1<const BF: bool>(
         acc[1] = _mm256_fmadd_ps(w1, b, acc[1]);
         c += 1;
     }
-    let mut v0 = _mm256_add_ps(_mm256_add_ps(acc[0], acc[2]), _mm256_add_ps(acc[4], acc[6]));
-    let mut v1 = _mm256_add_ps(_mm256_add_ps(acc[1], acc[3]), _mm256_add_ps(acc[5], acc[7]));
-    if !first {
-        v0 = _mm256_add_ps(v0, _mm256_loadu_ps(y));
-        v1 = _mm256_add_ps(v1, _mm256_loadu_ps(y.add(8)));
-    }
-    _mm256_storeu_ps(y, v0);
-    _mm256_storeu_ps(y.add(8), v1);
+    let v0 = _mm256_add_ps(_mm256_add_ps(acc[0], acc[2]), _mm256_add_ps(acc[4], acc[6]));
+    let v1 = _mm256_add_ps(_mm256_add_ps(acc[1], acc[3]), _mm256_add_ps(acc[5], acc[7]));
+    store16(y, (v0, v1), first);
 }
 
 /// A bf16 is the top half of an f32: widening is a shift (vectorizes, unlike a call).
@@ -540,26 +522,26 @@ fn widen(v: bf16) -> f32 {
     f32::from_bits((v.to_bits() as u32) << 16)
 }
 
-/// The one dot-product kernel: sixteen independent accumulators over fixed-size chunks, so
-/// the compiler vectorizes it without bounds checks; `b`'s elements go through `wide` (f32 or
-/// bf16). With `FMA` (only inside a `#[target_feature(enable = "fma")]` caller) it fuses the
-/// multiply-add; without, `mul_add` would be a libm call, so it multiplies and adds.
+/// The portable attention's dot product: sixteen independent accumulators over fixed-size
+/// chunks, so the compiler vectorizes it without bounds checks. With `FMA` (only inside a
+/// `#[target_feature(enable = "fma")]` caller) it fuses the multiply-add; without, `mul_add`
+/// would be a libm call, so it multiplies and adds.
 #[inline(always)]
-fn dot_with<const FMA: bool, T: Copy>(a: &[f32], b: &[T], wide: impl Fn(T) -> f32) -> f32 {
+fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
     let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
     let mut s = 0f32;
     for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
-        s += x * wide(*y);
+        s += x * y;
     }
     for (x, y) in ca.zip(cb) {
         let x: &[f32; 16] = x.try_into().expect("chunks of 16");
-        let y: &[T; 16] = y.try_into().expect("chunks of 16");
+        let y: &[f32; 16] = y.try_into().expect("chunks of 16");
         for l in 0..16 {
             acc[l] = if FMA {
-                x[l].mul_add(wide(y[l]), acc[l])
+                x[l].mul_add(y[l], acc[l])
             } else {
-                acc[l] + x[l] * wide(y[l])
+                acc[l] + x[l] * y[l]
             };
         }
     }
@@ -687,62 +669,50 @@ fn silu_mul_generic(gate_up: &[f32], i: usize, out: &mut [f32]) {
     }
 }
 
-/// Attention of `rep` query heads (`q`, `rep x hd`) sharing one kv head over the cached
-/// positions whose rows start at `offsets` (into `kc`/`vc`; the head at `+ head`), into `out`
-/// (`rep x hd`). `next` optionally names the rows (and head offset) of the call likely to
-/// follow on this thread, only to prefetch them. Runs the best kernel the CPU has.
-#[allow(clippy::too_many_arguments)]
-pub fn attend(
-    q: &[f32],
-    rep: usize,
-    hd: usize,
-    offsets: &[usize],
-    head: usize,
-    kc: &[f32],
-    vc: &[f32],
-    scale: f32,
-    out: &mut [f32],
-    next: Option<(&[usize], usize)>,
-) {
-    attend_with(
-        q,
-        rep,
-        hd,
-        offsets,
-        head,
-        kc,
-        vc,
-        scale,
-        out,
-        next,
-        Simd::best(),
-    )
+/// The query heads that share one kv head: `rep` heads of `hd` in `q`; scores are scaled by
+/// `scale`.
+#[derive(Clone, Copy)]
+pub struct GroupQuery<'a> {
+    pub q: &'a [f32],
+    pub rep: usize,
+    pub hd: usize,
+    pub scale: f32,
+}
+
+/// One kv head's cached positions in a layer: position `t`'s K and V start at
+/// `offsets[t] + head` in `k` and `v`.
+#[derive(Clone, Copy)]
+pub struct KvRows<'a> {
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub offsets: &'a [usize],
+    pub head: usize,
+}
+
+/// Attention of a group of query heads over one kv head's cached positions, into `out`
+/// (`rep x hd`). `next` optionally names the rows of the call likely to follow on this thread,
+/// only to prefetch them. Runs the best kernel the CPU has.
+pub fn attend(g: GroupQuery<'_>, kv: KvRows<'_>, out: &mut [f32], next: Option<KvRows<'_>>) {
+    attend_with(g, kv, out, next, Simd::best())
 }
 
 /// [`attend`] with the kernels of one instruction set (one the CPU has).
-#[allow(clippy::too_many_arguments)]
 fn attend_with(
-    q: &[f32],
-    rep: usize,
-    hd: usize,
-    offsets: &[usize],
-    head: usize,
-    kc: &[f32],
-    vc: &[f32],
-    scale: f32,
+    g: GroupQuery<'_>,
+    kv: KvRows<'_>,
     out: &mut [f32],
-    next: Option<(&[usize], usize)>,
+    next: Option<KvRows<'_>>,
     simd: Simd,
 ) {
     #[cfg(target_arch = "x86_64")]
     {
         if simd != Simd::Portable {
-            let fits = |c: &[f32]| offsets.iter().all(|&o| o + head + hd <= c.len());
-            if hd.is_multiple_of(64)
-                && q.len() >= rep * hd
-                && out.len() >= rep * hd
-                && fits(kc)
-                && fits(vc)
+            let fits = |c: &[f32]| kv.offsets.iter().all(|&o| o + kv.head + g.hd <= c.len());
+            if g.hd.is_multiple_of(64)
+                && g.q.len() >= g.rep * g.hd
+                && out.len() >= g.rep * g.hd
+                && fits(kv.k)
+                && fits(kv.v)
             {
                 // SAFETY: the CPU has AVX2 and FMA, and AVX-512 where `simd` says so (checked
                 // at run time); the checks above bound every K/V row, query and output access
@@ -750,9 +720,9 @@ fn attend_with(
                 #[allow(unsafe_code)]
                 unsafe {
                     if simd == Simd::Avx512 {
-                        attend_avx512_64(q, rep, hd, offsets, head, kc, vc, scale, out, next)
+                        attend_avx512_64(g, kv, out, next)
                     } else {
-                        attend_avx2_64(q, rep, hd, offsets, head, kc, vc, scale, out, next)
+                        attend_avx2_64(g, kv, out, next)
                     }
                 };
                 return;
@@ -761,12 +731,12 @@ fn attend_with(
             // Rust compiled with those features enabled.
             #[allow(unsafe_code)]
             unsafe {
-                attend_avx2(q, rep, hd, offsets, head, kc, vc, scale, out)
+                attend_avx2(g, kv, out)
             };
             return;
         }
     }
-    attend_generic::<false>(q, rep, hd, offsets, head, kc, vc, scale, out)
+    attend_generic::<false>(g, kv, out)
 }
 
 /// Positions per tile of the value pass: their V rows (16 KiB at head_dim 64) stay in L1
@@ -785,40 +755,28 @@ const PF_POS: usize = 32;
 ///   the second, and `next`'s K rows (the pair this thread likely takes next) during the
 ///   value pass, so the memory stays busy through the whole call.
 #[cfg(target_arch = "x86_64")]
-#[allow(unsafe_code, clippy::too_many_arguments)]
+#[allow(unsafe_code)]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn attend_avx2_64(
-    q: &[f32],
-    rep: usize,
-    hd: usize,
-    offsets: &[usize],
-    head: usize,
-    kc: &[f32],
-    vc: &[f32],
-    scale: f32,
+    g: GroupQuery<'_>,
+    kv: KvRows<'_>,
     out: &mut [f32],
-    next: Option<(&[usize], usize)>,
+    next: Option<KvRows<'_>>,
 ) {
-    attend_64::<Ymm>(q, rep, hd, offsets, head, kc, vc, scale, out, next)
+    attend_64::<Ymm>(g, kv, out, next)
 }
 
 /// [`attend_avx2_64`] with 16-lane registers: half the loads and multiply-adds per head slice.
 #[cfg(target_arch = "x86_64")]
-#[allow(unsafe_code, clippy::too_many_arguments)]
+#[allow(unsafe_code)]
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn attend_avx512_64(
-    q: &[f32],
-    rep: usize,
-    hd: usize,
-    offsets: &[usize],
-    head: usize,
-    kc: &[f32],
-    vc: &[f32],
-    scale: f32,
+    g: GroupQuery<'_>,
+    kv: KvRows<'_>,
     out: &mut [f32],
-    next: Option<(&[usize], usize)>,
+    next: Option<KvRows<'_>>,
 ) {
-    attend_64::<Zmm>(q, rep, hd, offsets, head, kc, vc, scale, out, next)
+    attend_64::<Zmm>(g, kv, out, next)
 }
 
 /// The register width of the attention kernel, for a 64-lane slice of a head: its query
@@ -917,21 +875,22 @@ impl Slice64 for Zmm {
 
 /// The body of the 64-multiple attention kernels, over register width `L`.
 #[cfg(target_arch = "x86_64")]
-#[allow(unsafe_code, clippy::too_many_arguments)]
+#[allow(unsafe_code)]
 #[inline(always)]
 unsafe fn attend_64<L: Slice64>(
-    q: &[f32],
-    rep: usize,
-    hd: usize,
-    offsets: &[usize],
-    head: usize,
-    kc: &[f32],
-    vc: &[f32],
-    scale: f32,
+    g: GroupQuery<'_>,
+    kv: KvRows<'_>,
     out: &mut [f32],
-    next: Option<(&[usize], usize)>,
+    next: Option<KvRows<'_>>,
 ) {
     use std::arch::x86_64::*;
+    let GroupQuery { q, rep, hd, scale } = g;
+    let KvRows {
+        k: kc,
+        v: vc,
+        offsets,
+        head,
+    } = kv;
     let span = offsets.len();
     let padded = span.div_ceil(8) * 8;
     let mut scores = vec![0f32; rep * padded];
@@ -1008,9 +967,9 @@ unsafe fn attend_64<L: Slice64>(
                 let mut acc = L::load(o);
                 for (t, &row) in offsets.iter().enumerate().take(t1).skip(t0) {
                     // Meanwhile the next task's K rows come into L2.
-                    if j == 0 && c0 == 0 {
-                        if let Some(&o) = next.and_then(|(rows, _)| rows.get(t)) {
-                            prefetch_row(kp.wrapping_add(o + next.map_or(0, |n| n.1)), false);
+                    if let (0, 0, Some(n)) = (j, c0, next) {
+                        if let Some(&o) = n.offsets.get(t) {
+                            prefetch_row(n.k.as_ptr().wrapping_add(o + n.head), false);
                         }
                     }
                     L::axpy(&mut acc, *sj.add(t), vp.add(row + head + c0));
@@ -1023,35 +982,20 @@ unsafe fn attend_64<L: Slice64>(
 }
 
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
-fn attend_avx2(
-    q: &[f32],
-    rep: usize,
-    hd: usize,
-    offsets: &[usize],
-    head: usize,
-    kc: &[f32],
-    vc: &[f32],
-    scale: f32,
-    out: &mut [f32],
-) {
-    attend_generic::<true>(q, rep, hd, offsets, head, kc, vc, scale, out)
+fn attend_avx2(g: GroupQuery<'_>, kv: KvRows<'_>, out: &mut [f32]) {
+    attend_generic::<true>(g, kv, out)
 }
 
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn attend_generic<const FMA: bool>(
-    q: &[f32],
-    rep: usize,
-    hd: usize,
-    offsets: &[usize],
-    head: usize,
-    kc: &[f32],
-    vc: &[f32],
-    scale: f32,
-    out: &mut [f32],
-) {
+fn attend_generic<const FMA: bool>(g: GroupQuery<'_>, kv: KvRows<'_>, out: &mut [f32]) {
+    let GroupQuery { q, rep, hd, scale } = g;
+    let KvRows {
+        k: kc,
+        v: vc,
+        offsets,
+        head,
+    } = kv;
     let span = offsets.len();
     let mut scores = vec![0f32; rep * span];
     let madd = |a: f32, b: f32, c: f32| if FMA { a.mul_add(b, c) } else { c + a * b };
@@ -1059,7 +1003,7 @@ fn attend_generic<const FMA: bool>(
         let off = row + head;
         let k = &kc[off..off + hd];
         for j in 0..rep {
-            let sum = dot_with::<FMA, _>(&q[j * hd..(j + 1) * hd], k, |v| v);
+            let sum = dot::<FMA>(&q[j * hd..(j + 1) * hd], k);
             scores[j * span + t] = sum * scale;
         }
     }
@@ -1174,36 +1118,29 @@ mod tests {
     }
 
     /// Attention in f64 over the same cache rows.
-    #[allow(clippy::too_many_arguments)]
-    fn naive_attend(
-        q: &[f32],
-        rep: usize,
-        hd: usize,
-        offsets: &[usize],
-        head: usize,
-        kc: &[f32],
-        vc: &[f32],
-        scale: f32,
-    ) -> Vec<f32> {
-        let mut out = vec![0f32; rep * hd];
-        for j in 0..rep {
-            let s: Vec<f64> = offsets
+    fn naive_attend(g: GroupQuery<'_>, kv: KvRows<'_>) -> Vec<f32> {
+        let (hd, head) = (g.hd, kv.head);
+        let mut out = vec![0f32; g.rep * hd];
+        for j in 0..g.rep {
+            let s: Vec<f64> = kv
+                .offsets
                 .iter()
                 .map(|&o| {
                     (0..hd)
-                        .map(|d| q[j * hd + d] as f64 * kc[o + head + d] as f64)
+                        .map(|d| g.q[j * hd + d] as f64 * kv.k[o + head + d] as f64)
                         .sum::<f64>()
-                        * scale as f64
+                        * g.scale as f64
                 })
                 .collect();
             let max = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
             let e: Vec<f64> = s.iter().map(|v| (v - max).exp()).collect();
             let sum: f64 = e.iter().sum();
             for d in 0..hd {
-                let v: f64 = offsets
+                let v: f64 = kv
+                    .offsets
                     .iter()
                     .zip(&e)
-                    .map(|(&o, p)| p / sum * vc[o + head + d] as f64)
+                    .map(|(&o, p)| p / sum * kv.v[o + head + d] as f64)
                     .sum();
                 out[j * hd + d] = v as f32;
             }
@@ -1230,15 +1167,23 @@ mod tests {
                     let offsets: Vec<usize> = (0..span)
                         .map(|t| ((blocks - 1 - t / bs) * kv_heads * bs + t % bs) * hd)
                         .collect();
-                    let head = bs * hd;
-                    let scale = 1.0 / (hd as f32).sqrt();
-                    let want = naive_attend(&q, rep, hd, &offsets, head, &kc, &vc, scale);
+                    let group = GroupQuery {
+                        q: &q,
+                        rep,
+                        hd,
+                        scale: 1.0 / (hd as f32).sqrt(),
+                    };
+                    let kv = KvRows {
+                        k: &kc,
+                        v: &vc,
+                        offsets: &offsets,
+                        head: bs * hd,
+                    };
+                    let want = naive_attend(group, kv);
                     for simd in Simd::available() {
                         let mut out = vec![f32::NAN; rep * hd];
-                        let next = Some((&offsets[..], 0));
-                        attend_with(
-                            &q, rep, hd, &offsets, head, &kc, &vc, scale, &mut out, next, simd,
-                        );
+                        let next = Some(KvRows { head: 0, ..kv });
+                        attend_with(group, kv, &mut out, next, simd);
                         for (a, b) in out.iter().zip(&want) {
                             assert!(
                                 (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
