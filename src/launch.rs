@@ -10,6 +10,7 @@
 
 use std::io::{BufRead, Write};
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,11 +18,12 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use dynamo_actors::frontend::{Endpoint, Frontend, FrontendSettings, RouterMode, Serving};
 use dynamo_actors::router::KvRouterSettings;
-use dynamo_actors::worker::WorkerRole;
+use dynamo_actors::worker::{WorkerHandle, WorkerSettings};
 use dynamo_engine::{
     EchoEngine, EchoSettings, Engine, MockerEngine, MockerSettings, NativeEngine, NativeSettings,
 };
 use dynamo_preprocessor::{ModelFolder, Preprocessor};
+use dynamo_protocols::llm::TokenId;
 use dynamo_runtime::subject::{ComponentId, EndpointId, Namespace};
 use dynamo_runtime::Runtime;
 use futures::StreamExt;
@@ -121,16 +123,17 @@ fn model(s: &LaunchSettings) -> Result<(ModelFolder, String, Preprocessor)> {
     Ok((folder, name, pre))
 }
 
-/// The engine of worker number `index`, and its KV cache (block size, blocks) for the card.
+/// The engine of worker number `index`, and its KV cache (block size, blocks) for the card;
+/// `vocab` is the model's ordinary tokens (the mocker samples from them).
 async fn engine(
     s: &LaunchSettings,
-    pre: &Preprocessor,
+    vocab: Range<TokenId>,
     index: usize,
 ) -> Result<(Arc<dyn Engine>, u32, u64)> {
     Ok(match s.output {
         Output::Mocker => {
             let mut m = s.mocker.clone();
-            m.vocab = pre.ordinary_tokens();
+            m.vocab = vocab;
             m.seed = index as u64;
             let (bs, blocks) = (m.block_size as u32, m.num_gpu_blocks as u64);
             let e = MockerEngine::start(m).map_err(|e| anyhow!("mocker settings: {e}"))?;
@@ -143,10 +146,7 @@ async fn engine(
             let started = Instant::now();
             let e = tokio::task::spawn_blocking(move || {
                 NativeEngine::start(n, &mut |done, total| {
-                    eprint!("\rloading weights: layer {done}/{total}");
-                    if done == total {
-                        eprintln!();
-                    }
+                    progress("loading weights: layer", done, total)
                 })
             })
             .await
@@ -177,30 +177,51 @@ async fn engine(
     })
 }
 
-/// Starts `n` workers on `endpoint`, each its own instance.
+/// Prints `what done/total` on one line that updates in a terminal, or once at the end (one
+/// line, no carriage returns) when stderr is a file or a pipe.
+pub(crate) fn progress(what: &str, done: usize, total: usize) {
+    use std::io::IsTerminal;
+    if std::io::stderr().is_terminal() {
+        eprint!("\r{what} {done}/{total}");
+        if done == total {
+            eprintln!();
+        }
+    } else if done == total {
+        eprintln!("{what} {done}/{total}");
+    }
+}
+
+/// Starts `n` workers on `endpoint`, each its own instance. Each restarts its engine with the
+/// same settings should the engine fail.
 pub(crate) async fn start_workers(
     runtime: &Runtime,
     s: &LaunchSettings,
     endpoint: &EndpointId,
     n: usize,
-) -> Result<(Vec<WorkerRole>, String)> {
+) -> Result<(Vec<WorkerHandle>, String)> {
     let (folder, name, pre) = model(s)?;
+    let shared = Arc::new(s.clone());
     let mut workers = Vec::new();
     for index in 0..n {
-        let (engine, block_size, blocks) = engine(s, &pre, index).await?;
+        let vocab = pre.ordinary_tokens();
+        let (first, block_size, blocks) = engine(s, vocab.clone(), index).await?;
         let card = folder.files().card(&name, block_size, blocks)?;
         let instance = runtime
             .component(endpoint.component.clone(), json!({ "model": name }))
             .await?;
-        let w = WorkerRole::start(
-            &instance,
-            endpoint.endpoint.clone(),
-            engine,
-            card,
-            folder.files().clone(),
-        )
-        .await?;
-        workers.push(w);
+        let mut ws = WorkerSettings::new(card, folder.files().clone());
+        ws.endpoint = endpoint.endpoint.clone();
+        let s = shared.clone();
+        ws.factory = Some(Arc::new(move || {
+            let (s, vocab) = (s.clone(), vocab.clone());
+            Box::pin(async move {
+                engine(&s, vocab, index)
+                    .await
+                    .map(|(e, _, _)| e)
+                    .map_err(|e| format!("{e:#}"))
+            })
+        }));
+        workers.push(WorkerHandle::start(&instance, ws, first).await?);
     }
     Ok((workers, name))
 }
@@ -213,9 +234,9 @@ pub(crate) async fn wait_for_stop(runtime: &Runtime) -> &'static str {
     }
 }
 
-pub(crate) async fn stop_workers(workers: Vec<WorkerRole>, grace: Duration) {
+pub(crate) async fn stop_workers(workers: Vec<WorkerHandle>, grace: Duration) {
     for w in workers {
-        let r = w.shutdown(grace).await;
+        let r = w.drain(grace).await;
         if r.open_at_start > 0 {
             eprintln!(
                 "worker drained: {} open at shutdown, {} cancelled",
@@ -271,7 +292,7 @@ pub async fn run(runtime: &Runtime, s: LaunchSettings) -> Result<()> {
         let (workers, name) = start_workers(runtime, &s, ep, s.num_workers.max(1)).await?;
         println!(
             "ready endpoint={ep} model={name} instance={}",
-            workers[0].served().instance()
+            workers[0].instance()
         );
         std::io::stdout().flush()?;
         dynamo_runtime::telemetry::mark_ready();

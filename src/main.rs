@@ -31,7 +31,7 @@ use dynamo_actors::router::KvRouterSettings;
 use dynamo_engine::native::random::RandomModel;
 use dynamo_engine::native::weights::Dtype;
 use dynamo_engine::native::Compute;
-use dynamo_engine::{MockerSettings, NativeSettings};
+use dynamo_engine::{MockerFaults, MockerSettings, NativeSettings};
 use dynamo_preprocessor::make_model::{make_model, MakeModelSettings};
 use dynamo_protocols::echo::EchoRequest;
 use dynamo_runtime::subject::ComponentId;
@@ -127,6 +127,18 @@ struct LaunchArgs {
     /// Mocker: simulated time is divided by this.
     #[arg(long, default_value_t = 1.0)]
     speedup_ratio: f64,
+    /// Mocker fault injection (tests, chaos runs): the engine panics at this step (counted
+    /// from 1 at each engine start); the worker fails its open requests and restarts it.
+    #[arg(long, value_name = "STEP")]
+    mocker_panic_at_step: Option<u64>,
+    /// Mocker fault injection: the engine panics when it computes a prompt holding this token id.
+    #[arg(long, value_name = "TOKEN_ID")]
+    mocker_panic_on_token: Option<u32>,
+    /// Mocker fault injection: this step stalls for --mocker-stall-ms (a hung engine).
+    #[arg(long, value_name = "STEP", requires = "mocker_stall_ms")]
+    mocker_stall_at_step: Option<u64>,
+    #[arg(long, value_name = "MS", requires = "mocker_stall_at_step")]
+    mocker_stall_ms: Option<u64>,
     /// Requests in flight beyond this get 429.
     #[arg(long, default_value_t = 1024)]
     max_inflight: usize,
@@ -297,6 +309,12 @@ fn launch_settings(cli: &Cli) -> Result<LaunchSettings> {
         max_num_seqs: a.max_num_seqs,
         max_num_batched_tokens: a.max_num_batched_tokens,
         speedup_ratio: a.speedup_ratio,
+        faults: MockerFaults {
+            panic_at_step: a.mocker_panic_at_step,
+            panic_on_token: a.mocker_panic_on_token,
+            stall_at_step: a.mocker_stall_at_step,
+            stall_for: Duration::from_millis(a.mocker_stall_ms.unwrap_or(0)),
+        },
         ..Default::default()
     };
     if output == Output::Mocker {
@@ -389,11 +407,10 @@ async fn run(cli: Cli) -> Result<()> {
         weights
             .write(out, &mut |done, total| {
                 if done == total || done % 50 == 0 {
-                    eprint!("\rtensors {done}/{total}");
+                    launch::progress("tensors", done, total);
                 }
             })
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        eprintln!();
         println!(
             "wrote {} (vocabulary {vocab}, context {context_length})",
             out.display()

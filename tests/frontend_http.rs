@@ -9,12 +9,12 @@ use std::time::Duration;
 use common::eventually;
 use dynamo_actors::frontend::{Frontend, FrontendSettings, RouterMode, WORKER_HEADER};
 use dynamo_actors::router::KvRouterSettings;
-use dynamo_actors::worker::{WorkerRole, GENERATE};
+use dynamo_actors::worker::{WorkerHandle, WorkerSettings, GENERATE};
 use dynamo_engine::{EchoEngine, EchoSettings};
 use dynamo_preprocessor::make_model::{make_model, MakeModelSettings};
 use dynamo_preprocessor::{ModelFolder, Preprocessor};
 use dynamo_runtime::discovery::InstanceInfo;
-use dynamo_runtime::subject::{EndpointId, EndpointName, Namespace};
+use dynamo_runtime::subject::{EndpointId, Namespace};
 use dynamo_runtime::{InstanceId, Runtime, RuntimeSettings};
 use futures::StreamExt;
 use serde_json::{json, Value};
@@ -41,7 +41,7 @@ fn endpoint() -> EndpointId {
 struct Stack {
     runtime: Runtime,
     frontend: Option<Frontend>,
-    workers: Vec<WorkerRole>,
+    workers: Vec<WorkerHandle>,
     base: String,
     http: reqwest::Client,
 }
@@ -68,7 +68,7 @@ impl Default for Opts {
     }
 }
 
-async fn add_worker(runtime: &Runtime, delay: Duration) -> WorkerRole {
+async fn add_worker(runtime: &Runtime, delay: Duration) -> WorkerHandle {
     let f = folder();
     let card = f.files().card(MODEL, 64, 0).unwrap();
     let instance = runtime
@@ -78,12 +78,10 @@ async fn add_worker(runtime: &Runtime, delay: Duration) -> WorkerRole {
     let engine = EchoEngine::new(EchoSettings {
         delay_per_token: delay,
     });
-    WorkerRole::start(
+    WorkerHandle::start(
         &instance,
-        EndpointName::new(GENERATE).unwrap(),
+        WorkerSettings::new(card, f.files().clone()),
         std::sync::Arc::new(engine),
-        card,
-        f.files().clone(),
     )
     .await
     .unwrap()
@@ -153,7 +151,7 @@ impl Stack {
     async fn finish(mut self) {
         self.frontend.take().unwrap().shutdown().await;
         for w in self.workers.drain(..) {
-            w.shutdown(Duration::from_secs(1)).await;
+            w.drain(Duration::from_secs(1)).await;
         }
         self.runtime.close().await;
     }
@@ -416,7 +414,7 @@ async fn no_live_worker_is_503_and_the_inflight_limit_is_429() {
         .await
         .unwrap();
     for w in s.workers.drain(..) {
-        w.shutdown(Duration::from_secs(1)).await;
+        w.drain(Duration::from_secs(1)).await;
     }
     let mut changes = table.changes();
     while table.get(MODEL).map(|m| m.instances.len()) != Some(1) {
@@ -470,13 +468,13 @@ async fn client_disconnect_cancels_the_request_on_the_worker() {
     let mut body = r.bytes_stream();
     let first = body.next().await.unwrap().unwrap();
     assert!(!first.is_empty());
-    assert_eq!(s.workers[0].served().open_requests(), 1);
+    assert_eq!(s.workers[0].open_requests(), 1);
     drop(body);
     // 300 tokens at 20 ms would take 6 s; the worker must let go well before.
     eventually(
         "the worker lets go of the gone client's request",
         Duration::from_secs(3),
-        || s.workers[0].served().open_requests() == 0,
+        || s.workers[0].open_requests() == 0,
     )
     .await;
     assert_eq!(s.inflight().await, 0);
@@ -493,7 +491,7 @@ async fn client_disconnect_cancels_the_request_on_the_worker() {
     eventually(
         "the worker lets go of the gone client's request",
         Duration::from_secs(3),
-        || s.workers[0].served().open_requests() == 0,
+        || s.workers[0].open_requests() == 0,
     )
     .await;
     assert_eq!(s.inflight().await, 0);
@@ -507,11 +505,7 @@ async fn routing_modes_spread_or_pin_requests() {
         ..Default::default()
     })
     .await;
-    let ids: Vec<String> = s
-        .workers
-        .iter()
-        .map(|w| w.served().instance().to_string())
-        .collect();
+    let ids: Vec<String> = s.workers.iter().map(|w| w.instance().to_string()).collect();
     let mut seen = Vec::new();
     for _ in 0..4 {
         let (st, _, h) = s.post("/v1/chat/completions", &chat("rr")).await;
@@ -564,7 +558,7 @@ async fn direct_mode_requires_an_instance_and_random_uses_all() {
     .await;
     let (st, b, _) = s.post("/v1/chat/completions", &chat("where?")).await;
     assert_error(st, &b, 400, "direct mode");
-    let id = s.workers[1].served().instance().to_string();
+    let id = s.workers[1].instance().to_string();
     let mut body = chat("here");
     body["nvext"] = json!({"backend_instance_id": id});
     let (st, _, h) = s.post("/v1/chat/completions", &body).await;

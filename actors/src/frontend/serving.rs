@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use dynamo_preprocessor::{OutputProcessor, Piece, Prepared, RequestError};
-use dynamo_protocols::llm::{EngineOutput, FinishReason};
+use dynamo_protocols::llm::EngineOutput;
 use dynamo_protocols::openai::{ErrorDetail, ErrorResponse, PromptTokensDetails, Usage};
 use dynamo_runtime::rpc::{RemoteErrorKind, ResponseStream};
 use dynamo_runtime::{CallOptions, InstanceId, RpcError, Runtime, Target};
@@ -121,6 +121,14 @@ fn rpc_error(e: &RpcError, model: &str) -> ApiError {
             }
             RemoteErrorKind::DeadlineExceeded => {
                 ApiError::new(504, "timeout", "the request took longer than its deadline")
+            }
+            RemoteErrorKind::WorkerFailed => {
+                tracing::warn!(error = %r.message, "a worker failed with a request in flight");
+                let mut e = ApiError::unavailable(format!(
+                    "the worker serving model {model} failed while generating; retry the request"
+                ));
+                e.code = Some("worker_failed");
+                e
             }
             RemoteErrorKind::ResponseTooLarge | RemoteErrorKind::Internal => {
                 tracing::warn!(error = %r.message, "worker failed a request");
@@ -527,11 +535,19 @@ impl Generation {
                 self.metrics.set_status(e.status_label());
                 return Some(Err(e));
             }
-            // The worker ended without a finish reason: treat as a stop.
-            None => Piece {
-                text: String::new(),
-                finish: Some(FinishReason::Stop),
-            },
+            // Every engine ends a stream with a finish reason: an end without one is a worker
+            // that failed, never a normal stop.
+            None => {
+                self.done = true;
+                tracing::warn!(worker = %self.worker, "the worker ended a stream without a finish reason");
+                let mut e = ApiError::unavailable(format!(
+                    "the worker serving model {} ended the stream early; retry the request",
+                    self.model
+                ));
+                e.code = Some("worker_failed");
+                self.metrics.set_status(e.status_label());
+                return Some(Err(e));
+            }
         };
         if self.output.completion_tokens() > 0 {
             if let Some(l) = &mut self.lease {

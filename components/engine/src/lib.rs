@@ -23,7 +23,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 pub use echo::{EchoEngine, EchoSettings};
-pub use mocker::{MockerEngine, MockerSettings};
+pub use mocker::{MockerEngine, MockerFaults, MockerSettings};
 pub use native::{NativeEngine, NativeError, NativeSettings};
 
 /// Why an engine refused or failed a request; each variant is a decision for the caller.
@@ -35,9 +35,32 @@ pub enum EngineError {
     /// The engine is full; retry later or elsewhere.
     #[error("engine overloaded: {0}")]
     Overloaded(String),
-    /// A fault in the engine.
+    /// A fault in the engine while serving this request.
     #[error("engine failure: {0}")]
     Internal(String),
+    /// The engine itself stopped (its scheduler panicked or exited) with this request in
+    /// flight: the worker restarts the engine; the caller may retry or migrate elsewhere.
+    #[error("the engine stopped: {0}")]
+    Stopped(String),
+}
+
+/// Whether an engine is serving. A failed engine never recovers: its worker starts a new one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EngineState {
+    Running,
+    /// The scheduler panicked or exited on its own; why, for logs.
+    Failed(String),
+}
+
+/// The text of a panic payload (`panic!` with a message or a format string).
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic without a message".to_string()
+    }
 }
 
 /// The outputs of one request. The last item carries a finish reason; the stream ends after it.
@@ -53,6 +76,13 @@ pub trait Engine: Send + Sync + 'static {
 
     /// The engine's KV cache, for engines that have one (echo has none).
     fn kv(&self) -> Option<KvHandle> {
+        None
+    }
+
+    /// The engine's state, for engines that run a scheduler of their own (echo has none):
+    /// it turns [`EngineState::Failed`] when that scheduler panics or exits, which is when
+    /// the worker deregisters and restarts the engine.
+    fn health(&self) -> Option<watch::Receiver<EngineState>> {
         None
     }
 }

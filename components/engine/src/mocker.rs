@@ -11,6 +11,16 @@
 //! The scheduler runs in its own task, fed through a bounded command channel (a full channel is
 //! `Overloaded`). Each step's KV events go out on a broadcast channel (a subscriber that falls
 //! behind sees a gap in event ids, which is what triggers a router's resync), load on a watch.
+//! Should that task panic, [`Engine::health`] turns `Failed` and every open stream ends
+//! without a finish reason (the worker reports both as a typed worker failure).
+//!
+//! Fault injection ([`MockerFaults`], off by default), for tests and chaos runs; step numbers
+//! count from 1 for each engine start (a restarted engine counts anew):
+//! - `panic_at_step`: the scheduler panics while computing that step;
+//! - `panic_on_token`: the scheduler panics at the first step that computes a prompt holding
+//!   this token id (a "marked" request), failing every request in flight on the engine;
+//! - `stall_at_step` + `stall_for`: that step takes `stall_for` longer (a hung engine: no
+//!   tokens, no events; the worker's heartbeats go on).
 
 use std::ops::Range;
 use std::time::Duration;
@@ -24,7 +34,7 @@ use crate::scheduler::{
     forward_dumps, submit, Executor, OutputSender, Scheduler, SchedulerSettings, StepBatch,
     StepResult, COMMAND_QUEUE,
 };
-use crate::{Engine, EngineError, EngineStream, KvHandle};
+use crate::{panic_message, Engine, EngineError, EngineState, EngineStream, KvHandle};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct MockerSettings {
@@ -37,6 +47,16 @@ pub struct MockerSettings {
     /// Token ids to sample from (the vocabulary without special tokens).
     pub vocab: Range<TokenId>,
     pub seed: u64,
+    pub faults: MockerFaults,
+}
+
+/// Faults to inject (see the module header); all off by default.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MockerFaults {
+    pub panic_at_step: Option<u64>,
+    pub panic_on_token: Option<TokenId>,
+    pub stall_at_step: Option<u64>,
+    pub stall_for: Duration,
 }
 
 impl Default for MockerSettings {
@@ -49,6 +69,7 @@ impl Default for MockerSettings {
             speedup_ratio: 1.0,
             vocab: 0..32000,
             seed: 0,
+            faults: MockerFaults::default(),
         }
     }
 }
@@ -70,6 +91,14 @@ impl MockerSettings {
         if self.vocab.is_empty() {
             return Err("the vocabulary range is empty".into());
         }
+        if matches!(self.faults.panic_at_step, Some(0))
+            || matches!(self.faults.stall_at_step, Some(0))
+        {
+            return Err("fault steps count from 1".into());
+        }
+        if self.faults.stall_at_step.is_some() && self.faults.stall_for.is_zero() {
+            return Err("a stall fault needs a duration (stall_for)".into());
+        }
         Ok(())
     }
 }
@@ -88,6 +117,8 @@ struct Simulated {
     speedup: f64,
     vocab: Range<TokenId>,
     state: u64,
+    faults: MockerFaults,
+    steps: u64,
 }
 
 impl Simulated {
@@ -102,6 +133,19 @@ impl Simulated {
 
 impl Executor for Simulated {
     fn execute(&mut self, batch: &StepBatch<'_>) -> StepResult {
+        self.steps += 1;
+        if self.faults.panic_at_step == Some(self.steps) {
+            panic!("injected fault: panic at step {}", self.steps);
+        }
+        if let Some(t) = self.faults.panic_on_token {
+            if batch
+                .items
+                .iter()
+                .any(|i| i.start < i.prompt_len && i.tokens[..i.prompt_len].contains(&t))
+            {
+                panic!("injected fault: a prompt holds the marked token {t}");
+            }
+        }
         let mut prefill_tokens = 0usize;
         let mut decodes = 0usize;
         let mut sampled = Vec::new();
@@ -123,10 +167,11 @@ impl Executor for Simulated {
         if decodes > 0 {
             ms += decode_ms(batch.kv_usage);
         }
-        StepResult {
-            sampled,
-            duration: Duration::from_secs_f64(ms / 1e3 / self.speedup),
+        let mut duration = Duration::from_secs_f64(ms / 1e3 / self.speedup);
+        if self.faults.stall_at_step == Some(self.steps) {
+            duration += self.faults.stall_for;
         }
+        StepResult { sampled, duration }
     }
 }
 
@@ -143,6 +188,7 @@ enum Command {
 pub struct MockerEngine {
     commands: mpsc::Sender<Command>,
     kv: KvHandle,
+    health: watch::Receiver<EngineState>,
     stop: CancellationToken,
 }
 
@@ -161,6 +207,8 @@ impl MockerEngine {
                 speedup: settings.speedup_ratio,
                 vocab: settings.vocab.clone(),
                 state: settings.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1,
+                faults: settings.faults.clone(),
+                steps: 0,
             },
         );
         let (commands, rx) = mpsc::channel(COMMAND_QUEUE);
@@ -169,10 +217,28 @@ impl MockerEngine {
         let (dumps, dump_rx) = mpsc::channel::<oneshot::Sender<KvDump>>(16);
         let stop = CancellationToken::new();
         forward_dumps(dump_rx, commands.clone(), Command::Dump, stop.clone());
-        tokio::spawn(run(scheduler, rx, events.clone(), load_tx, stop.clone()));
+        let task = tokio::spawn(run(scheduler, rx, events.clone(), load_tx, stop.clone()));
+        let (health_tx, health) = watch::channel(EngineState::Running);
+        // Watches the scheduler task: a panic (or an exit nobody asked for) fails the engine.
+        let watched = stop.clone();
+        tokio::spawn(async move {
+            let why = match task.await {
+                Err(e) if e.is_panic() => {
+                    format!(
+                        "the mocker scheduler panicked: {}",
+                        panic_message(&*e.into_panic())
+                    )
+                }
+                _ if watched.is_cancelled() => return,
+                Ok(()) => return,
+                Err(_) => "the mocker scheduler task was cancelled".to_string(),
+            };
+            health_tx.send_replace(EngineState::Failed(why));
+        });
         Ok(Self {
             commands,
             kv: KvHandle::new(events, load, dumps, settings.block_size as u32),
+            health,
             stop,
         })
     }
@@ -250,6 +316,10 @@ impl Engine for MockerEngine {
 
     fn kv(&self) -> Option<KvHandle> {
         Some(self.kv.clone())
+    }
+
+    fn health(&self) -> Option<watch::Receiver<EngineState>> {
+        Some(self.health.clone())
     }
 }
 

@@ -119,6 +119,9 @@ pub enum RemoteErrorKind {
     DeadlineExceeded,
     /// The handler failed.
     Internal,
+    /// The worker's engine died with the request in flight (a panic, a crash): the worker
+    /// deregisters and restarts it; the request is safe to migrate to another worker.
+    WorkerFailed,
 }
 
 impl RemoteErrorKind {
@@ -130,6 +133,7 @@ impl RemoteErrorKind {
             RemoteErrorKind::ResponseTooLarge => "response_too_large",
             RemoteErrorKind::DeadlineExceeded => "remote_deadline_exceeded",
             RemoteErrorKind::Internal => "internal",
+            RemoteErrorKind::WorkerFailed => "worker_failed",
         }
     }
 }

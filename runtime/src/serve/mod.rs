@@ -481,6 +481,16 @@ pub struct ServedEndpoint {
     service: Arc<ServiceResponder>,
 }
 
+/// Counts a served endpoint's open requests (see [`ServedEndpoint::probe`]).
+#[derive(Clone)]
+pub struct EndpointProbe(Arc<EndpointShared>);
+
+impl EndpointProbe {
+    pub fn open_requests(&self) -> usize {
+        self.0.open.len()
+    }
+}
+
 /// What a graceful shutdown achieved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DrainReport {
@@ -502,6 +512,11 @@ impl ServedEndpoint {
     /// Requests open right now.
     pub fn open_requests(&self) -> usize {
         self.shared.open.len()
+    }
+
+    /// A cheap view of this endpoint's open requests that outlives a move of the endpoint.
+    pub fn probe(&self) -> EndpointProbe {
+        EndpointProbe(self.shared.clone())
     }
 
     /// Deregisters, stops taking requests, waits up to `grace` for open ones, cancels the rest.

@@ -34,7 +34,7 @@ use crate::scheduler::{
     forward_dumps, submit, Executor, OutputSender, Scheduler, SchedulerSettings, StepBatch,
     StepResult, COMMAND_QUEUE,
 };
-use crate::{Engine, EngineError, EngineStream, KvHandle};
+use crate::{panic_message, Engine, EngineError, EngineState, EngineStream, KvHandle};
 pub use kv::{KvBlock, KvBlocks, KvLayout};
 pub use model::{Compute, Model};
 
@@ -170,6 +170,7 @@ pub struct NativeEngine {
     layout: KvLayout,
     num_blocks: usize,
     preemptions: Arc<std::sync::atomic::AtomicU64>,
+    health: watch::Receiver<EngineState>,
     stop: CancellationToken,
 }
 
@@ -233,9 +234,20 @@ impl NativeEngine {
         let (ev, st) = (events.clone(), stop.clone());
         let preemptions = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let counter = preemptions.clone();
+        let (health_tx, health) = watch::channel(EngineState::Running);
         std::thread::Builder::new()
             .name("native-engine".into())
-            .spawn(move || run(scheduler, rx, ev, load_tx, counter, st))
+            .spawn(move || {
+                // A panic in a step fails the engine: the scheduler (and every open stream's
+                // sender) is dropped while unwinding, and the health watch says why.
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    run(scheduler, rx, ev, load_tx, counter, st)
+                }));
+                if let Err(p) = ran {
+                    let why = format!("the native engine thread panicked: {}", panic_message(&*p));
+                    health_tx.send_replace(EngineState::Failed(why));
+                }
+            })
             .map_err(|e| NativeError::Settings(format!("cannot start the engine thread: {e}")))?;
         Ok(Self {
             commands,
@@ -244,6 +256,7 @@ impl NativeEngine {
             layout,
             num_blocks,
             preemptions,
+            health,
             stop,
         })
     }
@@ -408,6 +421,10 @@ impl Engine for NativeEngine {
 
     fn kv(&self) -> Option<KvHandle> {
         Some(self.kv.clone())
+    }
+
+    fn health(&self) -> Option<watch::Receiver<EngineState>> {
+        Some(self.health.clone())
     }
 }
 

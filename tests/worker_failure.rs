@@ -1,0 +1,197 @@
+//! An engine that fails under a worker, over both buses: the worker's open streams end with a
+//! typed `worker_failed` error (never a normal stop), the worker leaves discovery at once, its
+//! engine restarts under supervision, it registers again and serves, and the restart is
+//! counted in `/metrics`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dynamo_actors::frontend::{Endpoint, Frontend, FrontendSettings, ModelTable};
+use dynamo_actors::worker::{EngineFactory, WorkerHandle, WorkerSettings, WorkerStatus};
+use dynamo_engine::{Engine, MockerEngine, MockerFaults, MockerSettings};
+use dynamo_preprocessor::make_model::{make_model, MakeModelSettings};
+use dynamo_preprocessor::{ModelFolder, Preprocessor};
+use dynamo_protocols::llm::FinishReason;
+use dynamo_runtime::subject::{ComponentId, Namespace};
+use dynamo_runtime::testing::NatsServer;
+use dynamo_runtime::{Runtime, RuntimeSettings};
+use serde_json::json;
+
+const MODEL: &str = "tiny";
+
+/// Waits (on the table's change events) until `cond` holds for the model's instance count.
+async fn until_instances(table: &ModelTable, cond: impl Fn(usize) -> bool, what: &str) {
+    let mut changes = table.changes();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let n = table.get(MODEL).map_or(0, |e| e.instances.len());
+            if cond(n) {
+                return;
+            }
+            changes.changed().await.expect("the table lives");
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting until {what}"));
+}
+
+async fn engine_failure_is_typed_and_the_worker_restarts(bus: Option<String>) {
+    let dir = tempfile::tempdir().unwrap();
+    make_model(dir.path(), &MakeModelSettings::default()).unwrap();
+    let folder = ModelFolder::load(dir.path()).unwrap();
+    let pre = Preprocessor::new(MODEL, folder.files()).unwrap();
+    let vocab = pre.ordinary_tokens();
+    let marked = vocab.start + 7;
+
+    let runtime = Runtime::start(RuntimeSettings {
+        bus,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let ns = Namespace::new("failtest").unwrap();
+    let mut fs = FrontendSettings::new(ns.clone());
+    fs.http_addr = Some("127.0.0.1:0".parse().unwrap());
+    let frontend = Frontend::start(&runtime, fs).await.unwrap();
+
+    let mocker = MockerSettings {
+        num_gpu_blocks: 256,
+        block_size: 16,
+        vocab: vocab.clone(),
+        faults: MockerFaults {
+            panic_on_token: Some(marked),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let make = {
+        let mocker = mocker.clone();
+        move || -> Result<Arc<dyn Engine>, String> {
+            Ok(Arc::new(
+                MockerEngine::start(mocker.clone()).map_err(|e| e.to_string())?,
+            ))
+        }
+    };
+    let factory: EngineFactory = {
+        let make = make.clone();
+        Arc::new(move || {
+            let make = make.clone();
+            Box::pin(async move { make() })
+        })
+    };
+    let card = folder.files().card(MODEL, 16, 256).unwrap();
+    let instance = runtime
+        .component(ComponentId::new("failtest", "backend").unwrap(), json!({}))
+        .await
+        .unwrap();
+    let mut ws = WorkerSettings::new(card, folder.files().clone());
+    ws.factory = Some(factory);
+    // Long enough to see the worker out of discovery before it comes back.
+    ws.restart_initial = Duration::from_millis(500);
+    let worker = WorkerHandle::start(&instance, ws, make().unwrap())
+        .await
+        .unwrap();
+    let table = frontend.models().clone();
+    until_instances(&table, |n| n == 1, "the worker is listed").await;
+
+    // Three ordinary requests, each streaming (first token seen), then the marked one.
+    let serving = frontend.serving().clone();
+    let body = |prompt: Vec<u32>, max_tokens: u32| json!({"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "stream": true});
+    let mut open = Vec::new();
+    for i in 0..3u32 {
+        let prompt: Vec<u32> = (0..20).map(|j| vocab.start + 20 + i * 20 + j).collect();
+        let mut g = serving
+            .start(Endpoint::Completions, &body(prompt, 2000))
+            .await
+            .unwrap();
+        let first = g
+            .next()
+            .await
+            .expect("a first piece")
+            .expect("no error yet");
+        assert!(first.finish.is_none());
+        open.push(g);
+    }
+    let mut marked_prompt: Vec<u32> = (0..20).map(|j| vocab.start + 200 + j).collect();
+    marked_prompt[5] = marked;
+    // The marked request fails before its first token: at start, with the same typed error.
+    match serving
+        .start(Endpoint::Completions, &body(marked_prompt, 10))
+        .await
+    {
+        Ok(g) => open.push(g),
+        Err(e) => assert_eq!(e.code, Some("worker_failed"), "the marked request: {e:?}"),
+    }
+
+    for (i, mut g) in open.into_iter().enumerate() {
+        let mut finish = None;
+        let error = loop {
+            match g.next().await {
+                Some(Ok(p)) => finish = finish.or(p.finish),
+                Some(Err(e)) => break Some(e),
+                None => break None,
+            }
+        };
+        assert_ne!(finish, Some(FinishReason::Stop), "stream {i} reported stop");
+        assert_eq!(finish, None, "stream {i} finished instead of failing");
+        let e = error.unwrap_or_else(|| panic!("stream {i} ended without an error"));
+        assert_eq!(e.code, Some("worker_failed"), "stream {i}: {e:?}");
+        assert_eq!(e.status, 503);
+    }
+
+    // The worker left discovery at once, and comes back once its new engine is up.
+    until_instances(&table, |n| n == 0, "the failed worker is deregistered").await;
+    let mut restarts = worker.restarts();
+    tokio::time::timeout(Duration::from_secs(10), restarts.wait_for(|n| *n == 1))
+        .await
+        .expect("one restart")
+        .unwrap();
+    let mut status = worker.status();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        status.wait_for(|s| *s == WorkerStatus::Serving),
+    )
+    .await
+    .expect("serving again")
+    .unwrap();
+    until_instances(&table, |n| n == 1, "the restarted worker is listed again").await;
+
+    let prompt: Vec<u32> = (0..20).map(|j| vocab.start + 300 + j).collect();
+    let mut g = serving
+        .start(Endpoint::Completions, &body(prompt, 5))
+        .await
+        .unwrap();
+    let mut finish = None;
+    while let Some(p) = g.next().await {
+        finish = finish.or(p.expect("the restarted worker serves").finish);
+    }
+    assert_eq!(finish, Some(FinishReason::Length));
+
+    let addr = frontend.local_addr().unwrap();
+    let metrics = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let line = format!(
+        "dynamo_worker_engine_restarts_total{{instance=\"{}\"}} 1",
+        worker.instance()
+    );
+    assert!(metrics.lines().any(|l| l == line), "{line} not in /metrics");
+
+    frontend.shutdown().await;
+    worker.drain(Duration::from_secs(1)).await;
+    runtime.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_failure_embedded_bus() {
+    engine_failure_is_typed_and_the_worker_restarts(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_failure_nats_bus() {
+    let server = NatsServer::start().unwrap();
+    engine_failure_is_typed_and_the_worker_restarts(Some(server.url())).await;
+}
