@@ -16,16 +16,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use dynamo_actors::frontend::{Endpoint, Frontend, FrontendSettings, RouterMode, Serving};
+use dynamo_actors::frontend::{Endpoint, FrontendSettings, ModelTable, RouterMode, Serving};
 use dynamo_actors::router::KvRouterSettings;
-use dynamo_actors::worker::{WorkerHandle, WorkerSettings};
+use dynamo_actors::supervisor::{RoleSpec, Started, SupervisorHandle, WorkerSpec};
+use dynamo_actors::worker::{EngineFactory, WorkerSettings};
 use dynamo_engine::{
     EchoEngine, EchoSettings, Engine, MockerEngine, MockerSettings, NativeEngine, NativeSettings,
 };
 use dynamo_preprocessor::{ModelFolder, Preprocessor};
 use dynamo_protocols::llm::TokenId;
 use dynamo_runtime::subject::{ComponentId, EndpointId, Namespace};
-use dynamo_runtime::Runtime;
+use dynamo_runtime::{InstanceId, Runtime};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
@@ -191,28 +192,28 @@ pub(crate) fn progress(what: &str, done: usize, total: usize) {
     }
 }
 
-/// Starts `n` workers on `endpoint`, each its own instance. Each restarts its engine with the
-/// same settings should the engine fail.
+/// Starts `n` worker roles `{name}-{i}` on `endpoint` under `sup`, each its own instance.
+/// Each restarts its engine with the same settings should the engine fail. Returns their
+/// instances and the model's name.
 pub(crate) async fn start_workers(
-    runtime: &Runtime,
+    sup: &SupervisorHandle,
     s: &LaunchSettings,
     endpoint: &EndpointId,
     n: usize,
-) -> Result<(Vec<WorkerHandle>, String)> {
-    let (folder, name, pre) = model(s)?;
+    name: &str,
+) -> Result<(Vec<InstanceId>, String)> {
+    let (folder, model, pre) = model(s)?;
     let shared = Arc::new(s.clone());
-    let mut workers = Vec::new();
+    let mut instances = Vec::new();
     for index in 0..n {
         let vocab = pre.ordinary_tokens();
+        // The first engine sizes the card (a native engine's blocks depend on its layout).
         let (first, block_size, blocks) = engine(s, vocab.clone(), index).await?;
-        let card = folder.files().card(&name, block_size, blocks)?;
-        let instance = runtime
-            .component(endpoint.component.clone(), json!({ "model": name }))
-            .await?;
+        let card = folder.files().card(&model, block_size, blocks)?;
         let mut ws = WorkerSettings::new(card, folder.files().clone());
         ws.endpoint = endpoint.endpoint.clone();
         let s = shared.clone();
-        ws.factory = Some(Arc::new(move || {
+        let factory: EngineFactory = Arc::new(move || {
             let (s, vocab) = (s.clone(), vocab.clone());
             Box::pin(async move {
                 engine(&s, vocab, index)
@@ -220,10 +221,23 @@ pub(crate) async fn start_workers(
                     .map(|(e, _, _)| e)
                     .map_err(|e| format!("{e:#}"))
             })
-        }));
-        workers.push(WorkerHandle::start(&instance, ws, first).await?);
+        });
+        let spec =
+            WorkerSpec::new(endpoint.component.clone(), ws, factory).with_first_engine(first);
+        let role = if n == 1 {
+            name.to_string()
+        } else {
+            format!("{name}-{index}")
+        };
+        match sup
+            .start_role(&role, RoleSpec::Worker(Box::new(spec)))
+            .await?
+        {
+            Started::Worker { instance } => instances.push(instance),
+            _ => unreachable!("a worker spec starts a worker"),
+        }
     }
-    Ok((workers, name))
+    Ok((instances, model))
 }
 
 pub(crate) async fn wait_for_stop(runtime: &Runtime) -> &'static str {
@@ -231,18 +245,6 @@ pub(crate) async fn wait_for_stop(runtime: &Runtime) -> &'static str {
     tokio::select! {
         s = dynamo_runtime::shutdown_signal() => s,
         _ = stop.cancelled() => "runtime shutdown",
-    }
-}
-
-pub(crate) async fn stop_workers(workers: Vec<WorkerHandle>, grace: Duration) {
-    for w in workers {
-        let r = w.drain(grace).await;
-        if r.open_at_start > 0 {
-            eprintln!(
-                "worker drained: {} open at shutdown, {} cancelled",
-                r.open_at_start, r.cancelled
-            );
-        }
     }
 }
 
@@ -254,19 +256,21 @@ pub async fn run_router(
 ) -> Result<()> {
     let namespace =
         Namespace::new(namespace).with_context(|| format!("--namespace {namespace:?}"))?;
-    let router =
-        dynamo_actors::router::RouterComponent::start(runtime, namespace.clone(), settings)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot start the router: {e}"))?;
-    println!(
-        "ready endpoint={namespace}.router.route instance={}",
-        router.instance().id()
-    );
+    let sup = SupervisorHandle::start(runtime).await?;
+    let spec = RoleSpec::Router {
+        namespace: namespace.clone(),
+        settings,
+    };
+    let instance = match sup.start_role("router", spec).await? {
+        Started::Router { instance } => instance,
+        _ => unreachable!("a router spec starts a router"),
+    };
+    println!("ready endpoint={namespace}.router.route instance={instance}");
     std::io::stdout().flush()?;
     dynamo_runtime::telemetry::mark_ready();
     let signal = wait_for_stop(runtime).await;
     eprintln!("{signal}: stopping the router");
-    router.shutdown().await;
+    sup.shutdown(runtime.settings().shutdown_grace).await;
     Ok(())
 }
 
@@ -285,48 +289,78 @@ pub async fn run(runtime: &Runtime, s: LaunchSettings) -> Result<()> {
     let namespace =
         Namespace::new(&s.namespace).with_context(|| format!("--namespace {:?}", s.namespace))?;
     let grace = runtime.settings().shutdown_grace;
+    let sup = SupervisorHandle::start(runtime).await?;
     if let Input::Endpoint(ep) = &s.input {
         if s.output == Output::Dyn {
             bail!("in=dyn://... makes this process a worker: give it an engine (out=echo or out=mocker)");
         }
-        let (workers, name) = start_workers(runtime, &s, ep, s.num_workers.max(1)).await?;
-        println!(
-            "ready endpoint={ep} model={name} instance={}",
-            workers[0].instance()
-        );
+        let n = s.num_workers.max(1);
+        let role = ep.component.component.to_string();
+        let started = start_workers(&sup, &s, ep, n, &role).await;
+        let (instances, name) = match started {
+            Ok(w) => w,
+            Err(e) => {
+                sup.shutdown(grace).await;
+                return Err(e);
+            }
+        };
+        println!("ready endpoint={ep} model={name} instance={}", instances[0]);
         std::io::stdout().flush()?;
         dynamo_runtime::telemetry::mark_ready();
         let signal = wait_for_stop(runtime).await;
         eprintln!("{signal}: draining open requests (up to {grace:?})");
-        stop_workers(workers, grace).await;
+        sup.shutdown(grace).await;
         return Ok(());
     }
-    let mut fs = frontend_settings(&s, &namespace);
+    let result = serve_frontend(runtime, &sup, &s, &namespace).await;
+    // Reverse start order: the frontend stops taking requests, then the workers drain.
+    sup.shutdown(grace).await;
+    result
+}
+
+/// Starts the in-process workers (if any) and the frontend, then serves until stopped.
+async fn serve_frontend(
+    runtime: &Runtime,
+    sup: &SupervisorHandle,
+    s: &LaunchSettings,
+    namespace: &Namespace,
+) -> Result<()> {
+    let workers = match s.output {
+        Output::Echo | Output::Mocker | Output::Native => {
+            let ep = ComponentId::new(namespace.as_str(), "backend")?.endpoint("generate")?;
+            let n = s.num_workers.max(1);
+            let (_, name) = start_workers(sup, s, &ep, n, "backend").await?;
+            Some((name, n))
+        }
+        Output::Dyn => None,
+    };
+    let mut fs = frontend_settings(s, namespace);
     if s.input == Input::Http {
         fs.http_addr = Some(s.http_addr);
     }
-    let frontend = Frontend::start(runtime, fs).await?;
-    let (workers, model) = match s.output {
-        Output::Echo | Output::Mocker | Output::Native => {
-            let ep = ComponentId::new(namespace.as_str(), "backend")?.endpoint("generate")?;
-            let (w, name) = start_workers(runtime, &s, &ep, s.num_workers.max(1)).await?;
-            let n = w.len();
-            wait_model(&frontend, Some(&name), n).await?;
-            (w, Some(name))
+    let (addr, serving) = match sup.start_role("frontend", RoleSpec::Frontend(fs)).await? {
+        Started::Frontend { addr, serving } => (addr, serving),
+        _ => unreachable!("a frontend spec starts a frontend"),
+    };
+    let table = serving.table().clone();
+    let model = match &workers {
+        Some((name, n)) => {
+            wait_model(&table, Some(name), *n).await?;
+            Some(name.clone())
         }
-        Output::Dyn => {
+        None => {
             // A named model: "ready" once it can be served (workers may also come later).
             if let (Some(name), Input::Http) = (&s.model_name, &s.input) {
-                if let Err(e) = wait_model(&frontend, Some(name), 1).await {
+                if let Err(e) = wait_model(&table, Some(name), 1).await {
                     eprintln!("warning: {e}");
                 }
             }
-            (Vec::new(), s.model_name.clone())
+            s.model_name.clone()
         }
     };
-    let result = match &s.input {
+    match &s.input {
         Input::Http => {
-            let addr = frontend.local_addr().expect("http input binds");
+            let addr = addr.expect("http input binds");
             match &model {
                 Some(m) => println!(
                     "ready: model {m} at http://{addr}/v1 (on the {} bus)",
@@ -341,28 +375,24 @@ pub async fn run(runtime: &Runtime, s: LaunchSettings) -> Result<()> {
             Ok(())
         }
         Input::Text => {
-            let m = wait_model(&frontend, model.as_deref(), 1).await?;
-            chat_loop(frontend.serving(), &m).await
+            let m = wait_model(&table, model.as_deref(), 1).await?;
+            chat_loop(&serving, &m).await
         }
         Input::Batch(path) => {
-            let m = wait_model(&frontend, model.as_deref(), 1).await?;
-            batch(frontend.serving(), &m, path, s.batch_concurrency).await
+            let m = wait_model(&table, model.as_deref(), 1).await?;
+            batch(&serving, &m, path, s.batch_concurrency).await
         }
-        Input::Endpoint(_) => unreachable!("handled above"),
-    };
-    frontend.shutdown().await;
-    stop_workers(workers, grace).await;
-    result
+        Input::Endpoint(_) => unreachable!("handled by run"),
+    }
 }
 
 /// Waits until `name` (or, without a name, any model) is served by `instances` instances.
 pub(crate) async fn wait_model(
-    frontend: &Frontend,
+    table: &ModelTable,
     name: Option<&str>,
     instances: usize,
 ) -> Result<String> {
     const WAIT: Duration = Duration::from_secs(30);
-    let table = frontend.models();
     let found = tokio::time::timeout(WAIT, async {
         match name {
             Some(n) => {

@@ -18,8 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
-use dynamo_actors::frontend::Frontend;
-use dynamo_actors::router::RouterComponent;
+use dynamo_actors::supervisor::{RoleSpec, Started, SupervisorHandle};
 use dynamo_runtime::subject::Namespace;
 use dynamo_runtime::Runtime;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -37,63 +36,16 @@ fn parse(args: &[String]) -> Result<crate::Cli> {
     .map_err(|e| anyhow!("{e}"))
 }
 
-/// Runs the graph in this process.
+/// Runs the graph in this process: every component replica is a role of this process's
+/// supervisor, named `{component}` (or `{component}-{replica}` with several replicas).
 pub async fn embedded(runtime: &Runtime, g: &Graph) -> Result<()> {
-    let ns = Namespace::new(&g.namespace)?;
     let grace = runtime.settings().shutdown_grace;
-    let mut workers = Vec::new();
-    let mut routers = Vec::new();
-    let mut frontends = Vec::new();
-    // (model, instances) of the workers started so far: frontends are ready once they list them.
-    let mut models: Vec<(String, usize)> = Vec::new();
-    for c in &g.components {
-        let args = c.args(g, None, 0);
-        let cli = parse(&args).with_context(|| format!("component {}", c.name))?;
-        match c.role {
-            Role::Router => {
-                let Some(crate::Command::Router(r)) = &cli.command else {
-                    bail!("component {}: not a router command line", c.name);
-                };
-                for _ in 0..c.replicas {
-                    let r = RouterComponent::start(runtime, ns.clone(), r.settings()?)
-                        .await
-                        .map_err(|e| anyhow!("component {}: {e}", c.name))?;
-                    routers.push(r);
-                }
-                println!("[{}] {} router(s) ready", c.name, c.replicas);
-            }
-            Role::Frontend => {
-                let s = crate::launch_settings(&cli)?;
-                for _ in 0..c.replicas {
-                    let mut fs = launch::frontend_settings(&s, &ns);
-                    fs.http_addr = Some(s.http_addr);
-                    let f = Frontend::start(runtime, fs).await?;
-                    for (m, n) in &models {
-                        launch::wait_model(&f, Some(m), *n).await?;
-                    }
-                    println!(
-                        "[{}] ready: http://{}/v1",
-                        c.name,
-                        f.local_addr().expect("an HTTP frontend")
-                    );
-                    frontends.push(f);
-                }
-            }
-            _ => {
-                let s = crate::launch_settings(&cli)?;
-                let Input::Endpoint(ep) = &s.input else {
-                    bail!("component {}: not a worker command line", c.name);
-                };
-                let (w, model) = launch::start_workers(runtime, &s, ep, c.replicas).await?;
-                println!("[{}] {} worker(s) of model {model} ready", c.name, w.len());
-                match models.iter_mut().find(|(m, _)| *m == model) {
-                    Some((_, n)) => *n += w.len(),
-                    None => models.push((model, w.len())),
-                }
-                workers.push(w);
-            }
-        }
-        std::io::stdout().flush()?;
+    let sup = SupervisorHandle::start(runtime).await?;
+    let started = start_embedded(&sup, g).await;
+    if let Err(e) = started {
+        // Nothing half-started: what did start stops again.
+        sup.shutdown(grace).await;
+        return Err(e);
     }
     println!(
         "ready: graph {} ({} components) on the embedded bus",
@@ -104,14 +56,74 @@ pub async fn embedded(runtime: &Runtime, g: &Graph) -> Result<()> {
     dynamo_runtime::telemetry::mark_ready();
     let signal = launch::wait_for_stop(runtime).await;
     eprintln!("{signal}: stopping in reverse dependency order");
-    for f in frontends {
-        f.shutdown().await;
-    }
-    for r in routers {
-        r.shutdown().await;
-    }
-    for w in workers.into_iter().rev() {
-        launch::stop_workers(w, grace).await;
+    sup.shutdown(grace).await;
+    Ok(())
+}
+
+async fn start_embedded(sup: &SupervisorHandle, g: &Graph) -> Result<()> {
+    let ns = Namespace::new(&g.namespace)?;
+    // (model, instances) of the workers started so far: frontends are ready once they list them.
+    let mut models: Vec<(String, usize)> = Vec::new();
+    for c in &g.components {
+        let args = c.args(g, None, 0);
+        let cli = parse(&args).with_context(|| format!("component {}", c.name))?;
+        let role = |i: usize| {
+            if c.replicas == 1 {
+                c.name.clone()
+            } else {
+                format!("{}-{i}", c.name)
+            }
+        };
+        match c.role {
+            Role::Router => {
+                let Some(crate::Command::Router(r)) = &cli.command else {
+                    bail!("component {}: not a router command line", c.name);
+                };
+                for i in 0..c.replicas {
+                    let spec = RoleSpec::Router {
+                        namespace: ns.clone(),
+                        settings: r.settings()?,
+                    };
+                    sup.start_role(&role(i), spec)
+                        .await
+                        .map_err(|e| anyhow!("component {}: {e}", c.name))?;
+                }
+                println!("[{}] {} router(s) ready", c.name, c.replicas);
+            }
+            Role::Frontend => {
+                let s = crate::launch_settings(&cli)?;
+                for i in 0..c.replicas {
+                    let mut fs = launch::frontend_settings(&s, &ns);
+                    fs.http_addr = Some(s.http_addr);
+                    let Started::Frontend { addr, serving } =
+                        sup.start_role(&role(i), RoleSpec::Frontend(fs)).await?
+                    else {
+                        unreachable!("a frontend spec starts a frontend");
+                    };
+                    for (m, n) in &models {
+                        launch::wait_model(serving.table(), Some(m), *n).await?;
+                    }
+                    println!(
+                        "[{}] ready: http://{}/v1",
+                        c.name,
+                        addr.expect("an HTTP frontend")
+                    );
+                }
+            }
+            _ => {
+                let s = crate::launch_settings(&cli)?;
+                let Input::Endpoint(ep) = &s.input else {
+                    bail!("component {}: not a worker command line", c.name);
+                };
+                let (w, model) = launch::start_workers(sup, &s, ep, c.replicas, &c.name).await?;
+                println!("[{}] {} worker(s) of model {model} ready", c.name, w.len());
+                match models.iter_mut().find(|(m, _)| *m == model) {
+                    Some((_, n)) => *n += w.len(),
+                    None => models.push((model, w.len())),
+                }
+            }
+        }
+        std::io::stdout().flush()?;
     }
     Ok(())
 }

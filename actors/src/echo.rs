@@ -19,7 +19,7 @@ use tracing::Instrument;
 pub const ENDPOINT: &str = "generate";
 
 /// Messages of the echo actor (private to this module).
-pub enum EchoMsg {
+enum EchoMsg {
     Generate(Request<EchoRequest, EchoChunk>),
 }
 

@@ -285,6 +285,7 @@ pub type EngineFactory =
     Arc<dyn Fn() -> BoxFuture<'static, Result<Arc<dyn Engine>, String>> + Send + Sync>;
 
 /// What a worker does and how it supervises its engine.
+#[derive(Clone)]
 pub struct WorkerSettings {
     /// The endpoint that generates (usually [`GENERATE`]).
     pub endpoint: EndpointName,

@@ -28,9 +28,12 @@ pub fn init_tracing(filter: &str) -> Result<(), TelemetryError> {
             filter: filter.to_string(),
             reason: e.to_string(),
         })?;
+    // Colour codes only for a terminal: a log file or a pipe gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(env_filter)
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .try_init();
     Ok(())
 }

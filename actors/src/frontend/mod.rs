@@ -222,6 +222,13 @@ impl Frontend {
         })
     }
 
+    /// The actors a supervisor links to: the model watcher (and the embedded router's ingest).
+    pub(crate) fn cells(&self) -> Vec<ractor::ActorCell> {
+        let mut cells = vec![self.watcher.get_cell()];
+        cells.extend(self.ingest.as_ref().map(RouterIngest::cell));
+        cells
+    }
+
     /// The bound HTTP address.
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.addr

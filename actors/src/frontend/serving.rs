@@ -244,6 +244,7 @@ impl Serving {
             model: entry.card.name.clone(),
             token_ids: prepared.request.token_ids.clone(),
             exclude: skip.iter().map(|i| WorkerId(i.as_u64())).collect(),
+            load_only: self.mode == RouterMode::LeastLoaded,
         };
         let reply = match self
             .runtime

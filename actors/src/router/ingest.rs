@@ -10,10 +10,17 @@
 //! - events at or below the expected id (duplicates, reordering) are dropped and counted;
 //! - a worker leaving discovery is purged from the index and the loads.
 //!
+//! Bounded: at most [`MAX_QUEUED`] event and load messages wait in the mailbox. Under an event
+//! storm the forwarders drop what comes beyond that (counted in
+//! `dynamo_router_ingest_dropped_total`); a dropped event batch is a gap in that worker's event
+//! ids, so its next batch triggers the resync above, and a dropped load report is replaced by
+//! the next one.
+//!
 //! Malformed payloads and events for unknown workers are counted
 //! (`dynamo_router_bad_events_total{reason}`), logged once per worker, and never applied.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use dynamo_protocols::kv::{
@@ -28,7 +35,10 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use super::KvRouter;
 
-pub enum IngestMsg {
+/// Event and load messages that may wait in the ingest actor's mailbox.
+pub const MAX_QUEUED: usize = 8192;
+
+enum IngestMsg {
     Discovery(DiscoveryEvent),
     Events {
         worker: String,
@@ -64,6 +74,8 @@ struct Ingest {
     runtime: Runtime,
     namespace: Namespace,
     router: Arc<KvRouter>,
+    /// Event and load messages in the mailbox (see [`MAX_QUEUED`]).
+    queued: Arc<AtomicUsize>,
 }
 
 /// The running ingest actor.
@@ -73,6 +85,11 @@ pub struct RouterIngest {
 }
 
 impl RouterIngest {
+    /// The ingest actor, for a supervisor to link.
+    pub(crate) fn cell(&self) -> ractor::ActorCell {
+        self.actor.get_cell()
+    }
+
     pub fn stop(&self) {
         self.actor.stop(None);
         for t in &self.sync {
@@ -95,6 +112,7 @@ pub async fn start_ingest(
         runtime: runtime.clone(),
         namespace,
         router,
+        queued: Arc::default(),
     };
     let (actor, _) = match Actor::spawn(None, ingest, ()).await {
         Ok(a) => a,
@@ -133,6 +151,9 @@ impl Ingest {
         for (topic, is_events) in [(KV_EVENTS_TOPIC, true), (LOAD_TOPIC, false)] {
             let pattern = component.event_pattern(&Topic::new(topic).expect("valid topic"));
             let (bus, me) = (self.runtime.bus().clone(), myself.clone());
+            let queued = self.queued.clone();
+            let dropped = metrics::counter!("dynamo_router_ingest_dropped_total",
+                "what" => if is_events { "events" } else { "load" });
             state.tasks.push(tokio::spawn(async move {
                 let mut sub = match bus.subscribe(pattern, None).await {
                     Ok(s) => s,
@@ -142,6 +163,11 @@ impl Ingest {
                     }
                 };
                 while let Some(m) = sub.next().await {
+                    if queued.load(Ordering::Acquire) >= MAX_QUEUED {
+                        dropped.increment(1);
+                        continue;
+                    }
+                    queued.fetch_add(1, Ordering::AcqRel);
                     let worker = m.subject.last_token().to_string();
                     let msg = if is_events {
                         IngestMsg::Events {
@@ -292,6 +318,9 @@ impl Actor for Ingest {
         msg: IngestMsg,
         state: &mut IngestState,
     ) -> Result<(), ActorProcessingErr> {
+        if matches!(msg, IngestMsg::Events { .. } | IngestMsg::Load { .. }) {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+        }
         match msg {
             IngestMsg::Discovery(DiscoveryEvent::Joined(info)) => {
                 let Some(raw) = info.metadata.get(ModelCard::METADATA_KEY) else {

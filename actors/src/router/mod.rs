@@ -343,6 +343,17 @@ impl KvRouter {
         exclude: &[WorkerId],
         tokens: &[TokenId],
     ) -> Result<Decision, RouteError> {
+        self.route_model_as(model, exclude, tokens, self.settings.load_only)
+    }
+
+    /// [`KvRouter::route_model`], by load alone when `load_only` (whatever the settings say).
+    pub fn route_model_as(
+        self: &Arc<Self>,
+        model: &str,
+        exclude: &[WorkerId],
+        tokens: &[TokenId],
+        load_only: bool,
+    ) -> Result<Decision, RouteError> {
         let mut block_size = 0;
         let mut candidates: Vec<WorkerId> = Vec::new();
         for e in self.models.iter() {
@@ -352,7 +363,7 @@ impl KvRouter {
             }
         }
         candidates.sort_unstable();
-        self.route(&candidates, tokens, block_size)
+        self.route_as(&candidates, tokens, block_size, load_only)
     }
 
     /// Hands `lease` over to the shared accounting, under its id: for a router component,
@@ -478,13 +489,23 @@ impl KvRouter {
         tokens: &[TokenId],
         block_size: usize,
     ) -> Result<Decision, RouteError> {
+        self.route_as(candidates, tokens, block_size, self.settings.load_only)
+    }
+
+    fn route_as(
+        self: &Arc<Self>,
+        candidates: &[WorkerId],
+        tokens: &[TokenId],
+        block_size: usize,
+        load_only: bool,
+    ) -> Result<Decision, RouteError> {
         let started = Instant::now();
         if candidates.is_empty() {
             return Err(RouteError::NoWorkers);
         }
         let bs = block_size.max(1);
         let needed = tokens.len().div_ceil(bs) as f64;
-        let hashes: Vec<SequenceHash> = if self.settings.load_only {
+        let hashes: Vec<SequenceHash> = if load_only {
             Vec::new()
         } else {
             block_hashes(tokens, bs).into_iter().map(|h| h.1).collect()
@@ -740,6 +761,35 @@ mod tests {
             router.route(&workers, &prompt, 16).unwrap().worker,
             WorkerId(2)
         );
+    }
+
+    /// A frontend in `least-loaded` mode asks a router component (set up for kv routing) to
+    /// route by load: the cached prefix must not attract the request.
+    #[test]
+    fn a_load_only_request_ignores_cached_prefixes() {
+        let router = KvRouter::new(KvRouterSettings::default());
+        let prompt: Vec<u32> = (0..64).collect();
+        store(&router, 2, &prompt, 16);
+        router.add_worker(WorkerId(1), "m".into(), 16);
+        router.add_worker(WorkerId(2), "m".into(), 16);
+        router.record_load(
+            WorkerId(2),
+            LoadReport {
+                active_blocks: 2,
+                total_blocks: 1000,
+                ..Default::default()
+            },
+        );
+        let by_overlap = router.route_model("m", &[], &prompt).unwrap();
+        assert_eq!(by_overlap.worker, WorkerId(2), "kv mode follows the prefix");
+        drop(by_overlap);
+        let by_load = router.route_model_as("m", &[], &prompt, true).unwrap();
+        assert_eq!(
+            by_load.worker,
+            WorkerId(1),
+            "load-only picks the idle worker"
+        );
+        assert_eq!(by_load.overlap.device, 0);
     }
 
     /// Two routers wired as the bus would: B applies A's decision events.

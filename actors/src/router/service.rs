@@ -14,7 +14,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use super::{start_ingest, KvRouter, KvRouterSettings, RouteError, RouterIngest};
 
-pub struct RouteMsg(Request<RouteRequest, RouteResponse>);
+struct RouteMsg(Request<RouteRequest, RouteResponse>);
 
 impl From<Request<RouteRequest, RouteResponse>> for RouteMsg {
     fn from(r: Request<RouteRequest, RouteResponse>) -> Self {
@@ -47,9 +47,9 @@ impl Actor for RouteActor {
     ) -> Result<(), ActorProcessingErr> {
         let Request { body, reply, .. } = req;
         // Routing is a few microseconds of CPU: decided in the actor, replied from a task.
-        let decided = self
-            .router
-            .route_model(&body.model, &body.exclude, &body.token_ids);
+        let decided =
+            self.router
+                .route_model_as(&body.model, &body.exclude, &body.token_ids, body.load_only);
         let router = self.router.clone();
         tokio::spawn(async move {
             let _ = match decided {
@@ -163,6 +163,11 @@ impl RouterComponent {
 
     pub fn instance(&self) -> &ComponentInstance {
         &self.instance
+    }
+
+    /// The actors a supervisor links to: the route actor and the event ingest.
+    pub(crate) fn cells(&self) -> Vec<ractor::ActorCell> {
+        vec![self.actor.get_cell(), self.ingest.cell()]
     }
 
     /// Deregisters and stops.

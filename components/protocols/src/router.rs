@@ -26,6 +26,10 @@ pub struct RouteRequest {
     /// Workers not to pick (the caller already failed to reach them).
     #[serde(default)]
     pub exclude: Vec<WorkerId>,
+    /// Route by load alone, ignoring cached prefixes (a frontend in `least-loaded` mode),
+    /// whatever the router component's own setting.
+    #[serde(default)]
+    pub load_only: bool,
 }
 
 /// Which router's accounting entry a routed request holds.
