@@ -179,6 +179,20 @@ async fn engine_failure_is_typed_and_the_worker_restarts(bus: Option<String>) {
         worker.instance()
     );
     assert!(metrics.lines().any(|l| l == line), "{line} not in /metrics");
+    // Every series has HELP text (promtool's first complaint), before its TYPE line.
+    let mut helped = std::collections::HashSet::new();
+    for l in metrics.lines() {
+        if let Some(rest) = l.strip_prefix("# HELP ") {
+            let (name, help) = rest.split_once(' ').expect("HELP has text");
+            assert!(!help.trim().is_empty(), "empty HELP for {name}");
+            helped.insert(name.to_string());
+        } else if let Some(rest) = l.strip_prefix("# TYPE ") {
+            let name = rest.split(' ').next().unwrap();
+            assert!(helped.contains(name), "{name} has no HELP line in /metrics");
+        }
+    }
+    assert!(helped.contains("dynamo_worker_engine_restarts_total"));
+    assert!(helped.contains("dynamo_frontend_requests_total"));
 
     frontend.shutdown().await;
     worker.drain(Duration::from_secs(1)).await;

@@ -12,3 +12,42 @@ pub mod frontend;
 pub mod router;
 pub mod supervisor;
 pub mod worker;
+
+use dynamo_runtime::telemetry::{MetricHelp, MetricKind};
+
+/// HELP text of every series the roles record (the runtime describes its own).
+const METRICS: &[MetricHelp] = &[
+    (frontend::metrics::REQUESTS, MetricKind::Counter, "Requests the frontend finished, by model, API endpoint and status."),
+    (frontend::metrics::INFLIGHT, MetricKind::Gauge, "Requests in flight at the frontend, by model."),
+    (frontend::metrics::TTFT, MetricKind::Histogram, "Seconds from a request's arrival to its first generated token."),
+    (frontend::metrics::ITL, MetricKind::Histogram, "Seconds between consecutive generated tokens of a stream."),
+    (frontend::metrics::DURATION, MetricKind::Histogram, "Seconds from a request's arrival to its end."),
+    (frontend::metrics::INPUT_TOKENS, MetricKind::Histogram, "Prompt tokens per request."),
+    (frontend::metrics::OUTPUT_TOKENS, MetricKind::Histogram, "Generated tokens per request."),
+    ("dynamo_frontend_router_fallbacks_total", MetricKind::Counter, "Requests routed round-robin because no router component answered."),
+    ("dynamo_router_approximate", MetricKind::Gauge, "1 while the KV router predicts cached prefixes from its own decisions (no KV events seen), else 0."),
+    ("dynamo_router_bad_events_total", MetricKind::Counter, "KV events the router could not apply, by reason."),
+    ("dynamo_router_decision_publish_errors_total", MetricKind::Counter, "Routing decisions that could not be shared with the other routers."),
+    ("dynamo_router_event_lag_seconds", MetricKind::Histogram, "Seconds from a KV event batch's arrival to its application to the index."),
+    ("dynamo_router_expired_leases_total", MetricKind::Counter, "Requests routed by another router whose finish never arrived (accounting expired)."),
+    ("dynamo_router_hit_ratio", MetricKind::Histogram, "Fraction of a routed prompt's blocks cached on the chosen worker."),
+    ("dynamo_router_index_blocks", MetricKind::Gauge, "(worker, block) pairs in the router's prefix index."),
+    ("dynamo_router_ingest_dropped_total", MetricKind::Counter, "Event or load messages the router's ingest dropped because it fell behind (each dropped event batch leads to a resync)."),
+    ("dynamo_router_overlap_blocks", MetricKind::Histogram, "Cached prompt blocks on the chosen worker per routed request."),
+    ("dynamo_router_resyncs_total", MetricKind::Counter, "Times the router rebuilt a worker's entries from its KV dump."),
+    ("dynamo_router_routing_seconds", MetricKind::Histogram, "Seconds the router spent choosing a worker."),
+    ("dynamo_router_shared_leases", MetricKind::Gauge, "Requests routed by other routers that this router accounts for."),
+    ("dynamo_supervisor_role_restarts_total", MetricKind::Counter, "Roles the process supervisor restarted after a failure, by role kind."),
+    ("dynamo_worker_active_blocks", MetricKind::Gauge, "KV blocks in use on the worker's engine."),
+    ("dynamo_worker_engine_restarts_total", MetricKind::Counter, "Times the worker restarted its failed engine."),
+    ("dynamo_worker_kv_event_batches_total", MetricKind::Counter, "KV event batches the worker published."),
+    ("dynamo_worker_queued_prefill_tokens", MetricKind::Gauge, "Prompt tokens waiting to be prefilled on the worker's engine."),
+    ("dynamo_worker_running_requests", MetricKind::Gauge, "Requests running on the worker's engine."),
+    ("dynamo_worker_total_blocks", MetricKind::Gauge, "KV blocks of the worker's engine."),
+    ("dynamo_worker_waiting_requests", MetricKind::Gauge, "Requests waiting for admission on the worker's engine."),
+];
+
+/// Gives the roles' metrics their HELP text (idempotent; called where roles start).
+pub(crate) fn describe_metrics() {
+    dynamo_runtime::telemetry::describe(METRICS);
+}

@@ -479,6 +479,7 @@ pub struct SupervisorHandle {
 impl SupervisorHandle {
     /// Starts a supervisor with no roles.
     pub async fn start(runtime: &Runtime) -> Result<Self, SupervisorError> {
+        crate::describe_metrics();
         let pending = Arc::new(AtomicUsize::new(0));
         let (actor, _) = Actor::spawn(
             None,

@@ -712,6 +712,7 @@ impl WorkerHandle {
         settings: WorkerSettings,
         engine: Arc<dyn Engine>,
     ) -> Result<Self, WorkerError> {
+        crate::describe_metrics();
         let (status_tx, status) = watch::channel(WorkerStatus::Restarting);
         let (restarts_tx, restarts) = watch::channel(0);
         let probe = Arc::new(Mutex::new(None));

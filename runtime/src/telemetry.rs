@@ -99,6 +99,71 @@ fn builder() -> Result<PrometheusBuilder, String> {
         .map_err(|e| e.to_string())
 }
 
+/// The kind of a described metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricKind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// A metric's name, kind and HELP text.
+pub type MetricHelp = (&'static str, MetricKind, &'static str);
+
+/// The runtime's own series.
+const RUNTIME_METRICS: &[MetricHelp] = &[
+    (
+        "dynamo_bus_dropped_messages_total",
+        MetricKind::Counter,
+        "Messages the in-process bus dropped because a subscriber's queue was full.",
+    ),
+    (
+        "dynamo_rpc_client_errors_total",
+        MetricKind::Counter,
+        "Calls that ended in an error at the caller, by error class.",
+    ),
+    (
+        "dynamo_runtime_bad_requests_total",
+        MetricKind::Counter,
+        "Requests an endpoint refused as malformed, by reason.",
+    ),
+    (
+        "dynamo_runtime_overloaded_total",
+        MetricKind::Counter,
+        "Requests an endpoint refused because its in-flight limit was reached.",
+    ),
+    (
+        "dynamo_runtime_requests_total",
+        MetricKind::Counter,
+        "Requests an endpoint accepted.",
+    ),
+];
+
+static DESCRIBED: Mutex<Vec<&'static [MetricHelp]>> = Mutex::new(Vec::new());
+
+fn apply(catalog: &[MetricHelp]) {
+    for &(name, kind, help) in catalog {
+        match kind {
+            MetricKind::Counter => metrics::describe_counter!(name, help),
+            MetricKind::Gauge => metrics::describe_gauge!(name, help),
+            MetricKind::Histogram => metrics::describe_histogram!(name, help),
+        }
+    }
+}
+
+/// Gives `catalog`'s metrics their HELP text on `/metrics`, whether the recorder is installed
+/// already or later. Each crate describes its own series once, where its roles start.
+pub fn describe(catalog: &'static [MetricHelp]) {
+    let mut all = DESCRIBED.lock().unwrap_or_else(|p| p.into_inner());
+    if all.iter().any(|c| std::ptr::eq(*c, catalog)) {
+        return;
+    }
+    all.push(catalog);
+    if HANDLE.get().is_some() {
+        apply(catalog);
+    }
+}
+
 /// Installs the Prometheus recorder (once per process) and returns its handle, whose `render()`
 /// is the text of `/metrics`. With `listen`, also serves it over HTTP there; requires a tokio
 /// runtime.
@@ -139,5 +204,9 @@ pub fn install_metrics(listen: Option<SocketAddr>) -> Result<PrometheusHandle, T
         }
     };
     let _ = HANDLE.set(handle.clone());
+    apply(RUNTIME_METRICS);
+    for catalog in DESCRIBED.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        apply(catalog);
+    }
     Ok(handle)
 }

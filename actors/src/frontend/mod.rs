@@ -132,6 +132,7 @@ impl Frontend {
         runtime: &Runtime,
         settings: FrontendSettings,
     ) -> Result<Self, FrontendError> {
+        crate::describe_metrics();
         let table = Arc::new(ModelTable::default());
         let watcher = models::ModelWatcher {
             runtime: runtime.clone(),

@@ -108,6 +108,7 @@ impl RouterComponent {
         namespace: Namespace,
         settings: KvRouterSettings,
     ) -> Result<Self, String> {
+        crate::describe_metrics();
         let router = KvRouter::new(settings);
         let ingest = start_ingest(runtime, namespace.clone(), router.clone()).await?;
         let component =
