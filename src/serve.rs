@@ -41,18 +41,26 @@ fn parse(args: &[String]) -> Result<crate::Cli> {
 pub async fn embedded(runtime: &Runtime, g: &Graph) -> Result<()> {
     let grace = runtime.settings().shutdown_grace;
     let sup = SupervisorHandle::start(runtime).await?;
-    let started = start_embedded(&sup, g).await;
-    if let Err(e) = started {
-        // Nothing half-started: what did start stops again.
-        sup.shutdown(grace).await;
-        return Err(e);
-    }
+    let (frontends, models) = match start_embedded(&sup, g).await {
+        Ok(started) => started,
+        Err(e) => {
+            // Nothing half-started: what did start stops again.
+            sup.shutdown(grace).await;
+            return Err(e);
+        }
+    };
     println!(
         "ready: graph {} ({} components) on the embedded bus",
         g.file.display(),
         g.components.len()
     );
     std::io::stdout().flush()?;
+    if let (Some(addr), Some((model, n))) = (frontends.first(), models.first()) {
+        let base = format!("localhost:{}", addr.port());
+        eprintln!(
+            "try:\n  curl -s {base}/v1/chat/completions -H 'content-type: application/json' \\\n    -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}], \"max_tokens\": 20}}'\n  curl -s {base}/health     # the {n} worker instance(s) serving {model}\n  curl -s {base}/metrics    # Prometheus series of every role in this process\nCtrl-C stops the graph."
+        );
+    }
     dynamo_runtime::telemetry::mark_ready();
     let signal = launch::wait_for_stop(runtime).await;
     eprintln!("{signal}: stopping in reverse dependency order");
@@ -60,7 +68,13 @@ pub async fn embedded(runtime: &Runtime, g: &Graph) -> Result<()> {
     Ok(())
 }
 
-async fn start_embedded(sup: &SupervisorHandle, g: &Graph) -> Result<()> {
+/// Starts the graph's roles in dependency order; returns the frontends' addresses and the
+/// (model, worker instances) served.
+async fn start_embedded(
+    sup: &SupervisorHandle,
+    g: &Graph,
+) -> Result<(Vec<std::net::SocketAddr>, Vec<(String, usize)>)> {
+    let mut frontends = Vec::new();
     let ns = Namespace::new(&g.namespace)?;
     // (model, instances) of the workers started so far: frontends are ready once they list them.
     let mut models: Vec<(String, usize)> = Vec::new();
@@ -103,11 +117,9 @@ async fn start_embedded(sup: &SupervisorHandle, g: &Graph) -> Result<()> {
                     for (m, n) in &models {
                         launch::wait_model(serving.table(), Some(m), *n).await?;
                     }
-                    println!(
-                        "[{}] ready: http://{}/v1",
-                        c.name,
-                        addr.expect("an HTTP frontend")
-                    );
+                    let addr = addr.expect("an HTTP frontend");
+                    println!("[{}] ready: http://{addr}/v1", c.name);
+                    frontends.push(addr);
                 }
             }
             _ => {
@@ -125,7 +137,7 @@ async fn start_embedded(sup: &SupervisorHandle, g: &Graph) -> Result<()> {
         }
         std::io::stdout().flush()?;
     }
-    Ok(())
+    Ok((frontends, models))
 }
 
 fn signal(pid: u32, sig: nix::sys::signal::Signal) {
