@@ -47,7 +47,38 @@ const METRICS: &[MetricHelp] = &[
     ("dynamo_worker_waiting_requests", MetricKind::Gauge, "Requests waiting for admission on the worker's engine."),
 ];
 
+/// The delay before restart number `failures` (from 1) of something that keeps failing:
+/// `initial`, doubling with each failure, at most `max`.
+pub(crate) fn backoff(
+    initial: std::time::Duration,
+    max: std::time::Duration,
+    failures: u32,
+) -> std::time::Duration {
+    let factor = 1u32 << failures.saturating_sub(1).min(16);
+    initial.saturating_mul(factor).min(max)
+}
+
 /// Gives the roles' metrics their HELP text (idempotent; called where roles start).
 pub(crate) fn describe_metrics() {
     dynamo_runtime::telemetry::describe(METRICS);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn backoff_doubles_from_initial_up_to_max() {
+        let (i, m) = (Duration::from_millis(200), Duration::from_secs(1));
+        let delays: Vec<u128> = (1..=5)
+            .map(|f| super::backoff(i, m, f).as_millis())
+            .collect();
+        assert_eq!(delays, [200, 400, 800, 1000, 1000]);
+        assert_eq!(
+            super::backoff(i, m, 0),
+            i,
+            "no failure yet: the initial delay"
+        );
+        assert_eq!(super::backoff(i, m, u32::MAX), m);
+    }
 }

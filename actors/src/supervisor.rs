@@ -217,7 +217,7 @@ struct Entry {
 enum Msg {
     Start {
         name: String,
-        spec: RoleSpec,
+        spec: Box<RoleSpec>,
         reply: oneshot::Sender<Result<Started, SupervisorError>>,
     },
     Stop {
@@ -284,8 +284,7 @@ impl Supervisor {
     }
 
     fn backoff(failures: u32) -> Duration {
-        let factor = 1u32 << failures.saturating_sub(1).min(16);
-        (RESTART_INITIAL * factor).min(RESTART_MAX)
+        crate::backoff(RESTART_INITIAL, RESTART_MAX, failures)
     }
 
     fn schedule_restart(myself: &ActorRef<Msg>, name: String, generation: u64, delay: Duration) {
@@ -340,7 +339,7 @@ impl Actor for Supervisor {
                             tracing::info!(role = %name, kind = spec.kind().as_str(), "role started");
                             state.roles.push(Entry {
                                 name,
-                                spec,
+                                spec: *spec,
                                 running: Some(running),
                                 cells,
                                 generation: 0,
@@ -516,6 +515,7 @@ impl SupervisorHandle {
             return Err(SupervisorError::BadName(name.to_string()));
         }
         let name = name.to_string();
+        let spec = Box::new(spec);
         self.ask(|reply| Msg::Start { name, spec, reply }).await?
     }
 

@@ -501,8 +501,7 @@ impl WorkerActor {
     }
 
     fn backoff(&self, failures: u32) -> Duration {
-        let factor = 1u32 << failures.saturating_sub(1).min(16);
-        (self.restart_initial * factor).min(self.restart_max)
+        crate::backoff(self.restart_initial, self.restart_max, failures)
     }
 }
 
