@@ -7,7 +7,7 @@
 //!   model_path: models/tiny
 //! components:
 //!   backend:                   # the component's name on the bus
-//!     role: worker             # frontend | router | worker (prefill, decode, planner and
+//!     role: worker             # frontend | router | worker | prefill | decode (planner and
 //!     replicas: 4              #   offloader are reserved for later roles)
 //!     engine: mocker           # worker: echo | mocker | native
 //!     num_gpu_blocks: 1024
@@ -319,7 +319,7 @@ pub fn load(file: &Path, env: &[(String, String)], sets: &[String]) -> Result<Gr
         let mut own = spec.clone();
         let role: Role = match own.remove(key("role")) {
             Some(v) => serde_yaml::from_value(v).map_err(|_| {
-                loc.error(&["components", &name, "role"], "unknown role; expected frontend, router or worker (prefill, decode, planner, offloader come with later roles)")
+                loc.error(&["components", &name, "role"], "unknown role; expected frontend, router, worker, prefill or decode (planner and offloader come with later roles)")
             })?,
             None => return Err(loc.error(&path, "missing `role:`")),
         };
@@ -393,10 +393,7 @@ fn validate(loc: &Locator<'_>, comps: Vec<Component>) -> Result<Vec<Component>> 
     let names: HashSet<&str> = comps.iter().map(|c| c.name.as_str()).collect();
     for c in &comps {
         let at = |k: &'static str| vec!["components", c.name.as_str(), k];
-        if matches!(
-            c.role,
-            Role::Prefill | Role::Decode | Role::Planner | Role::Offloader
-        ) {
+        if matches!(c.role, Role::Planner | Role::Offloader) {
             return Err(loc.error(
                 &at("role"),
                 format!("role {:?} is not available yet", c.role),
@@ -423,7 +420,7 @@ fn validate(loc: &Locator<'_>, comps: Vec<Component>) -> Result<Vec<Component>> 
             Ok(())
         };
         match c.role {
-            Role::Worker => {
+            Role::Worker | Role::Prefill | Role::Decode => {
                 own(FRONTEND_KEYS, "frontend")?;
                 let Some(engine) = s.engine else {
                     return Err(loc.error(
@@ -598,13 +595,21 @@ impl Component {
                     Some(EngineKind::Native) => "native",
                     _ => "mocker",
                 };
+                let (kind, endpoint) = match self.role {
+                    Role::Prefill => ("prefill", "prefill"),
+                    Role::Decode => ("decode", "generate"),
+                    _ => ("aggregated", "generate"),
+                };
                 a.push(format!(
                     "in=dyn://{}.{}.{}",
                     g.namespace,
                     self.name,
-                    s.endpoint.as_deref().unwrap_or("generate")
+                    s.endpoint.as_deref().unwrap_or(endpoint)
                 ));
                 a.push(format!("out={engine}"));
+                if kind != "aggregated" {
+                    flag(&mut a, "worker-kind", Some(kind));
+                }
                 flag(
                     &mut a,
                     "model-path",
@@ -637,6 +642,34 @@ mod tests {
     }
 
     const GRAPH: &str = "defaults:\n  model_path: /d\n  block_size: 16\ncomponents:\n  backend:\n    role: worker\n    engine: mocker\n    block_size: 32\n    replicas: 2\n  frontend:\n    role: frontend\n    http_port: 9000\n";
+
+    #[test]
+    fn prefill_and_decode_roles_are_workers_of_their_kind() {
+        let (_d, p) = write("defaults:\n  model_path: /d\ncomponents:\n  pre:\n    role: prefill\n    engine: mocker\n  dec:\n    role: decode\n    engine: mocker\n");
+        let g = load(&p, &[], &[]).unwrap();
+        let pre = g.component("pre").unwrap().args(&g, None, 0);
+        assert!(
+            pre.contains(&"in=dyn://dynamo.pre.prefill".to_string()),
+            "{pre:?}"
+        );
+        assert!(
+            pre.windows(2).any(|w| w == ["--worker-kind", "prefill"]),
+            "{pre:?}"
+        );
+        let dec = g.component("dec").unwrap().args(&g, None, 0);
+        assert!(
+            dec.contains(&"in=dyn://dynamo.dec.generate".to_string()),
+            "{dec:?}"
+        );
+        assert!(
+            dec.windows(2).any(|w| w == ["--worker-kind", "decode"]),
+            "{dec:?}"
+        );
+        // A prefill worker without an engine is refused like any worker.
+        let (_d2, p2) =
+            write("defaults:\n  model_path: /d\ncomponents:\n  pre:\n    role: prefill\n");
+        assert!(load(&p2, &[], &[]).is_err());
+    }
 
     #[test]
     fn settings_resolve_defaults_component_env_then_set() {

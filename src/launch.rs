@@ -24,7 +24,7 @@ use dynamo_engine::{
     EchoEngine, EchoSettings, Engine, MockerEngine, MockerSettings, NativeEngine, NativeSettings,
 };
 use dynamo_preprocessor::{ModelFolder, Preprocessor};
-use dynamo_protocols::llm::TokenId;
+use dynamo_protocols::llm::{TokenId, WorkerKind};
 use dynamo_runtime::subject::{ComponentId, EndpointId, Namespace};
 use dynamo_runtime::{InstanceId, Runtime};
 use futures::StreamExt;
@@ -98,6 +98,7 @@ pub struct LaunchSettings {
     pub kv_router: KvRouterSettings,
     pub remote_router: bool,
     pub num_workers: usize,
+    pub worker_kind: WorkerKind,
     pub echo_delay: Duration,
     pub mocker: MockerSettings,
     /// out=native (model_path is filled in from `model_path`).
@@ -212,6 +213,7 @@ pub(crate) async fn start_workers(
         let card = folder.files().card(&model, block_size, blocks)?;
         let mut ws = WorkerSettings::new(card, folder.files().clone());
         ws.endpoint = endpoint.endpoint.clone();
+        ws.kind = s.worker_kind;
         let s = shared.clone();
         let factory: EngineFactory = Arc::new(move || {
             let (s, vocab) = (s.clone(), vocab.clone());

@@ -34,6 +34,7 @@ use dynamo_engine::native::Compute;
 use dynamo_engine::{MockerFaults, MockerSettings, NativeSettings};
 use dynamo_preprocessor::make_model::{make_model, MakeModelSettings};
 use dynamo_protocols::echo::EchoRequest;
+use dynamo_protocols::llm::WorkerKind;
 use dynamo_runtime::subject::ComponentId;
 use dynamo_runtime::{config, telemetry, Runtime, RuntimeSettings};
 use serde::Serialize;
@@ -99,6 +100,10 @@ struct LaunchArgs {
     /// for each request's worker instead of routing in this process.
     #[arg(long)]
     remote_router: bool,
+    /// What the workers of this process do: aggregated (prefill and decode), prefill (answers
+    /// `prefill` requests; only with in=dyn://...) or decode.
+    #[arg(long, default_value = "aggregated")]
+    worker_kind: WorkerKind,
     /// Workers to host in this process (out=echo, out=mocker).
     #[arg(long, default_value_t = 1)]
     num_workers: usize,
@@ -343,6 +348,9 @@ fn launch_settings(cli: &Cli) -> Result<LaunchSettings> {
     if a.remote_router && !a.router_mode.uses_kv_router() {
         bail!("--remote-router needs --router-mode kv or least-loaded");
     }
+    if a.worker_kind == WorkerKind::Prefill && !matches!(input, Input::Endpoint(_)) {
+        bail!("--worker-kind prefill serves prefill requests on the bus: run it as in=dyn://NAMESPACE.COMPONENT.prefill (a frontend never sends it whole requests)");
+    }
     if let Some(name) = &a.model_name {
         if name.trim().is_empty() {
             bail!("--model-name must not be empty");
@@ -359,6 +367,7 @@ fn launch_settings(cli: &Cli) -> Result<LaunchSettings> {
         kv_router,
         remote_router: a.remote_router,
         num_workers: a.num_workers,
+        worker_kind: a.worker_kind,
         echo_delay: Duration::from_millis(a.echo_delay_ms),
         mocker,
         native,

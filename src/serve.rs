@@ -129,6 +129,10 @@ async fn start_embedded(
                 };
                 let (w, model) = launch::start_workers(sup, &s, ep, c.replicas, &c.name).await?;
                 println!("[{}] {} worker(s) of model {model} ready", c.name, w.len());
+                if c.role == Role::Prefill {
+                    // Frontends never list prefill workers: nothing to wait for.
+                    continue;
+                }
                 match models.iter_mut().find(|(m, _)| *m == model) {
                     Some((_, n)) => *n += w.len(),
                     None => models.push((model, w.len())),

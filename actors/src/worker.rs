@@ -22,7 +22,9 @@ use dynamo_preprocessor::ModelFiles;
 use dynamo_protocols::kv::{
     KvDump, KvDumpRequest, KvEventBatch, KV_DUMP_ENDPOINT, KV_EVENTS_TOPIC, LOAD_TOPIC,
 };
-use dynamo_protocols::llm::{EngineOutput, FileChunk, FileRequest, ModelCard, PreprocessedRequest};
+use dynamo_protocols::llm::{
+    EngineOutput, FileChunk, FileRequest, ModelCard, PreprocessedRequest, WorkerKind,
+};
 use dynamo_runtime::bus::Outgoing;
 use dynamo_runtime::rpc::RemoteErrorKind;
 use dynamo_runtime::serve::{encode_event, DrainReport, EndpointProbe, ServeError};
@@ -56,12 +58,20 @@ fn remote_kind(e: &EngineError) -> RemoteErrorKind {
     }
 }
 
-async fn generate(engine: Arc<dyn Engine>, req: Request<PreprocessedRequest, EngineOutput>) {
+async fn generate(
+    engine: Arc<dyn Engine>,
+    kind: WorkerKind,
+    req: Request<PreprocessedRequest, EngineOutput>,
+) {
     let Request {
-        body,
+        mut body,
         ctx,
         mut reply,
     } = req;
+    if let Err(why) = admit(kind, &mut body) {
+        let _ = reply.fail(RemoteErrorKind::BadRequest, why).await;
+        return;
+    }
     if body.token_ids.is_empty() {
         let _ = reply
             .fail(
@@ -102,6 +112,26 @@ async fn generate(engine: Arc<dyn Engine>, req: Request<PreprocessedRequest, Eng
             "the engine stopped with this request in flight".to_string(),
         )
         .await;
+}
+
+/// What a worker of `kind` makes of a request: a prefill worker computes the prompt and its
+/// first token only (its KV stays cached for the decode worker); only a decode worker takes a
+/// request prefilled elsewhere. Until the KV transfer exists (issue 9), a decode worker
+/// computes such a prompt itself, as it will when a transfer fails.
+fn admit(kind: WorkerKind, body: &mut PreprocessedRequest) -> Result<(), String> {
+    match (kind, &body.remote_prefill) {
+        (WorkerKind::Decode, _) => Ok(()),
+        (_, Some(_)) => Err(format!(
+            "this is a {} worker: a request prefilled elsewhere goes to a decode worker",
+            kind.as_str()
+        )),
+        (WorkerKind::Prefill, None) => {
+            body.stop.max_tokens = 1;
+            body.stop.min_tokens = 0;
+            Ok(())
+        }
+        (WorkerKind::Aggregated, None) => Ok(()),
+    }
 }
 
 async fn send_file(files: Arc<ModelFiles>, req: Request<FileRequest, FileChunk>) {
@@ -257,10 +287,11 @@ fn spawn_kv_publishers(
     vec![events_task, load_task]
 }
 
-/// The `generate` endpoint's discovery metadata: its role and the model card.
-fn card_metadata(card: &ModelCard) -> serde_json::Value {
+/// The `generate` endpoint's discovery metadata: its role, its kind and the model card.
+fn card_metadata(card: &ModelCard, kind: WorkerKind) -> serde_json::Value {
     let mut meta = serde_json::Map::new();
     meta.insert("role".into(), "worker".into());
+    meta.insert(WorkerKind::METADATA_KEY.into(), kind.as_str().into());
     meta.insert(
         ModelCard::METADATA_KEY.into(),
         serde_json::to_value(card).unwrap_or_default(),
@@ -287,7 +318,9 @@ pub type EngineFactory =
 /// What a worker does and how it supervises its engine.
 #[derive(Clone)]
 pub struct WorkerSettings {
-    /// The endpoint that generates (usually [`GENERATE`]).
+    /// Aggregated (the default), prefill or decode: see [`WorkerKind`].
+    pub kind: WorkerKind,
+    /// The endpoint that generates (usually [`GENERATE`]; a prefill worker's is `prefill`).
     pub endpoint: EndpointName,
     pub card: ModelCard,
     pub files: ModelFiles,
@@ -303,6 +336,7 @@ pub struct WorkerSettings {
 impl WorkerSettings {
     pub fn new(card: ModelCard, files: ModelFiles) -> Self {
         Self {
+            kind: WorkerKind::Aggregated,
             endpoint: EndpointName::new(GENERATE).expect("the generate endpoint name is valid"),
             card,
             files,
@@ -371,6 +405,7 @@ impl From<Request<FileRequest, FileChunk>> for Msg {
 /// The worker actor: immutable settings here, the engine and its endpoints in [`State`].
 struct WorkerActor {
     instance: ComponentInstance,
+    kind: WorkerKind,
     endpoint: EndpointName,
     card: ModelCard,
     files: Arc<ModelFiles>,
@@ -431,7 +466,7 @@ impl WorkerActor {
             .serve::<PreprocessedRequest, EngineOutput, _>(
                 self.endpoint.clone(),
                 myself.clone(),
-                card_metadata(&self.card),
+                card_metadata(&self.card, self.kind),
             )
             .await
         {
@@ -555,7 +590,7 @@ impl Actor for WorkerActor {
             Msg::Generate(req) => match &state.running {
                 Some(r) => {
                     let span = req.ctx.span().clone();
-                    tokio::spawn(generate(r.engine.clone(), req).instrument(span));
+                    tokio::spawn(generate(r.engine.clone(), self.kind, req).instrument(span));
                 }
                 // Arrived while the engine restarts: another worker can take it.
                 None => {
@@ -717,6 +752,7 @@ impl WorkerHandle {
         let probe = Arc::new(Mutex::new(None));
         let actor = WorkerActor {
             instance: instance.clone(),
+            kind: settings.kind,
             endpoint: settings.endpoint,
             card: settings.card,
             files: Arc::new(settings.files),

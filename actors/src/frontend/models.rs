@@ -6,6 +6,9 @@
 //! on arrival) and builds a [`Preprocessor`]. A model is listed once its preprocessor is built
 //! and stays listed while at least one instance serves it; its last instance leaving drops it.
 //!
+//! Prefill workers (discovery metadata `worker_kind: prefill`) are not listed: they serve
+//! only the prefill step of a decode worker's requests.
+//!
 //! Instances of one model name may publish different cards (a rolling upgrade): the card with
 //! the most live instances (and a built preprocessor) wins, the others wait unlisted.
 //!
@@ -243,6 +246,10 @@ impl ModelWatcher {
                 let Some(raw) = info.metadata.get(ModelCard::METADATA_KEY) else {
                     return;
                 };
+                // A prefill worker only prefills for a decode worker: not a generate target.
+                if crate::router::is_prefill(&info.metadata) {
+                    return;
+                }
                 let card: ModelCard = match serde_json::from_value(raw.clone()) {
                     Ok(c) => c,
                     Err(e) => {

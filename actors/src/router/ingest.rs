@@ -27,7 +27,7 @@ use dynamo_protocols::kv::{
     KvDump, KvDumpRequest, KvEvent, KvEventBatch, KvEventData, LoadReport, StorageTier, WorkerId,
     KV_DUMP_ENDPOINT, KV_EVENTS_TOPIC, LOAD_TOPIC,
 };
-use dynamo_protocols::llm::ModelCard;
+use dynamo_protocols::llm::{ModelCard, WorkerKind};
 use dynamo_runtime::serve::decode_event;
 use dynamo_runtime::subject::{ComponentId, DiscoveryFilter, Namespace, Topic};
 use dynamo_runtime::{CallOptions, DiscoveryEvent, InstanceId, Runtime, Target};
@@ -126,6 +126,14 @@ pub async fn start_ingest(
         actor,
         sync: vec![subscriber, publisher],
     })
+}
+
+/// Whether discovery metadata is a prefill worker's.
+pub(crate) fn is_prefill(metadata: &serde_json::Value) -> bool {
+    metadata
+        .get(WorkerKind::METADATA_KEY)
+        .and_then(|k| k.as_str())
+        == Some(WorkerKind::Prefill.as_str())
 }
 
 fn bad(reason: &'static str) {
@@ -330,6 +338,9 @@ impl Actor for Ingest {
                 self.subscribe(&myself, state, &component);
                 let w = WorkerId(info.instance.as_u64());
                 match serde_json::from_value::<ModelCard>(raw.clone()) {
+                    // Prefill workers are indexed (a prefill router reads their events) but
+                    // never a candidate for a whole request.
+                    Ok(_) if is_prefill(&info.metadata) => {}
                     Ok(card) => {
                         self.router
                             .add_worker(w, card.name, card.kv_block_size.max(1) as usize)

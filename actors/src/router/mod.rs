@@ -38,6 +38,7 @@ use dynamo_protocols::kv::{LoadReport, SequenceHash, WorkerId};
 use dynamo_protocols::llm::TokenId;
 use dynamo_protocols::router::{LeaseId, RouterEvent, RouterEventKind};
 
+pub(crate) use ingest::is_prefill;
 pub use ingest::{start_ingest, RouterIngest};
 pub use service::RouterComponent;
 pub use sync::{spawn_publisher, DecisionSink};

@@ -104,6 +104,7 @@ mod tests {
                 min_tokens,
                 stop_token_ids: stop,
             },
+            remote_prefill: None,
         }
     }
 

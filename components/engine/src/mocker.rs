@@ -357,6 +357,7 @@ mod tests {
                 min_tokens: 0,
                 stop_token_ids: vec![],
             },
+            remote_prefill: None,
         };
         let outs: Vec<_> = engine
             .generate(req, CancellationToken::new())

@@ -55,6 +55,7 @@ fn request(prompt: Vec<u32>, max_tokens: u32) -> PreprocessedRequest {
             min_tokens: 0,
             stop_token_ids: vec![],
         },
+        remote_prefill: None,
     }
 }
 

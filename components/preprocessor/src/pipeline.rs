@@ -489,6 +489,7 @@ impl Preprocessor {
                     min_tokens,
                     stop_token_ids,
                 },
+                remote_prefill: None,
             },
             stream,
             include_usage: stream && p.stream_options.is_some_and(|o| o.include_usage),

@@ -44,6 +44,62 @@ pub struct PreprocessedRequest {
     pub token_ids: Vec<TokenId>,
     pub sampling: SamplingOptions,
     pub stop: StopConditions,
+    /// Set by a disaggregated router: the prompt's KV is computed on a prefill worker and
+    /// handed to this (decode) worker. Only decode workers take such requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_prefill: Option<RemotePrefill>,
+}
+
+/// Where a request's prompt is prefilled when not on the worker that decodes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemotePrefill {
+    /// The prefill worker's instance id.
+    pub prefill_worker: u64,
+}
+
+/// What a worker does with requests (one worker role, three configurations).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerKind {
+    /// Prefill and decode on the same worker.
+    #[default]
+    Aggregated,
+    /// Only prefills: answers `prefill` requests with the first token and keeps the prompt's
+    /// KV cached for a decode worker to fetch. Not listed by frontends as a generate target.
+    Prefill,
+    /// Decodes requests, including those whose prompt was prefilled elsewhere
+    /// ([`PreprocessedRequest::remote_prefill`]).
+    Decode,
+}
+
+impl WorkerKind {
+    /// The key of a worker's discovery metadata that says its kind.
+    pub const METADATA_KEY: &'static str = "worker_kind";
+    /// The endpoint a prefill worker serves.
+    pub const PREFILL_ENDPOINT: &'static str = "prefill";
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerKind::Aggregated => "aggregated",
+            WorkerKind::Prefill => "prefill",
+            WorkerKind::Decode => "decode",
+        }
+    }
+}
+
+impl std::str::FromStr for WorkerKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "aggregated" => Ok(WorkerKind::Aggregated),
+            "prefill" => Ok(WorkerKind::Prefill),
+            "decode" => Ok(WorkerKind::Decode),
+            other => Err(format!(
+                "unknown worker kind {other:?}; expected aggregated, prefill or decode"
+            )),
+        }
+    }
 }
 
 /// Why generation ended.

@@ -37,6 +37,7 @@ fn request(
             min_tokens: 0,
             stop_token_ids: vec![],
         },
+        remote_prefill: None,
     }
 }
 

@@ -1,0 +1,206 @@
+//! Worker kinds over both buses: a prefill worker registers (with its kind) but frontends do
+//! not list it, and it answers a prefill request with exactly the first token; a decode worker
+//! is listed and takes requests prefilled elsewhere; an aggregated worker refuses those.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dynamo_actors::frontend::{FrontendSettings, ModelTable};
+use dynamo_actors::supervisor::{RoleSpec, Started, SupervisorHandle, WorkerSpec};
+use dynamo_actors::worker::{EngineFactory, WorkerSettings};
+use dynamo_engine::{Engine, MockerEngine, MockerSettings};
+use dynamo_preprocessor::make_model::{make_model, MakeModelSettings};
+use dynamo_preprocessor::ModelFolder;
+use dynamo_protocols::llm::{
+    EngineOutput, FinishReason, PreprocessedRequest, RemotePrefill, SamplingOptions,
+    StopConditions, WorkerKind,
+};
+use dynamo_runtime::rpc::{RemoteErrorKind, RpcError};
+use dynamo_runtime::subject::{ComponentId, DiscoveryFilter, EndpointName, Namespace};
+use dynamo_runtime::testing::NatsServer;
+use dynamo_runtime::{CallOptions, Runtime, RuntimeSettings, Target};
+
+const MODEL: &str = "tiny";
+
+fn spec(folder: &ModelFolder, component: &str, kind: WorkerKind) -> RoleSpec {
+    let card = folder.files().card(MODEL, 16, 256).unwrap();
+    let factory: EngineFactory = Arc::new(|| {
+        Box::pin(async {
+            let e = MockerEngine::start(MockerSettings {
+                num_gpu_blocks: 256,
+                block_size: 16,
+                speedup_ratio: 100.0,
+                ..Default::default()
+            })
+            .map_err(|e| e.to_string())?;
+            Ok(Arc::new(e) as Arc<dyn Engine>)
+        })
+    });
+    let mut ws = WorkerSettings::new(card, folder.files().clone());
+    ws.kind = kind;
+    if kind == WorkerKind::Prefill {
+        ws.endpoint = EndpointName::new(WorkerKind::PREFILL_ENDPOINT).unwrap();
+    }
+    RoleSpec::Worker(Box::new(WorkerSpec::new(
+        ComponentId::new("kinds", component).unwrap(),
+        ws,
+        factory,
+    )))
+}
+
+fn request(remote: bool) -> PreprocessedRequest {
+    PreprocessedRequest {
+        token_ids: (100..140).collect(),
+        sampling: SamplingOptions::default(),
+        stop: StopConditions {
+            max_tokens: 8,
+            min_tokens: 0,
+            stop_token_ids: vec![],
+        },
+        remote_prefill: remote.then_some(RemotePrefill { prefill_worker: 7 }),
+    }
+}
+
+async fn listed(table: &ModelTable) -> Vec<u64> {
+    let mut changes = table.changes();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while table.get(MODEL).is_none() {
+            changes.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("the model is listed");
+    let mut ids: Vec<u64> = table
+        .get(MODEL)
+        .unwrap()
+        .instances
+        .iter()
+        .map(|a| a.instance.as_u64())
+        .collect();
+    ids.sort();
+    ids
+}
+
+async fn kinds(bus: Option<String>) {
+    let dir = tempfile::tempdir().unwrap();
+    make_model(dir.path(), &MakeModelSettings::default()).unwrap();
+    let folder = ModelFolder::load(dir.path()).unwrap();
+    let runtime = Runtime::start(RuntimeSettings {
+        bus,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let sup = SupervisorHandle::start(&runtime).await.unwrap();
+    let started = |s: Started| match s {
+        Started::Worker { instance } => instance,
+        _ => panic!("not a worker"),
+    };
+    let prefill = started(
+        sup.start_role("prefill", spec(&folder, "prefill", WorkerKind::Prefill))
+            .await
+            .unwrap(),
+    );
+    let decode = started(
+        sup.start_role("decode", spec(&folder, "decode", WorkerKind::Decode))
+            .await
+            .unwrap(),
+    );
+    let aggregated = started(
+        sup.start_role("agg", spec(&folder, "agg", WorkerKind::Aggregated))
+            .await
+            .unwrap(),
+    );
+    // The prefill worker is in discovery with its kind...
+    let infos = runtime
+        .discovery()
+        .list(&DiscoveryFilter::namespace(
+            &Namespace::new("kinds").unwrap(),
+        ))
+        .await
+        .unwrap();
+    let prefill_info = infos
+        .iter()
+        .find(|i| i.instance == prefill && i.endpoint.endpoint.as_str() == "prefill")
+        .expect("the prefill worker registered its prefill endpoint");
+    assert_eq!(prefill_info.metadata["worker_kind"], "prefill");
+
+    // ...but a frontend lists only the decode and aggregated workers.
+    let fs = FrontendSettings::new(Namespace::new("kinds").unwrap());
+    let Started::Frontend { serving, .. } = sup
+        .start_role("frontend", RoleSpec::Frontend(fs))
+        .await
+        .unwrap()
+    else {
+        panic!("not a frontend")
+    };
+    let table = serving.table().clone();
+    let mut changes = table.changes();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while table.get(MODEL).map_or(0, |e| e.instances.len()) < 2 {
+            changes.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("two workers listed");
+    let mut expected = vec![decode.as_u64(), aggregated.as_u64()];
+    expected.sort();
+    assert_eq!(listed(&table).await, expected);
+
+    let client = runtime.client().clone();
+    let call = |component: &str, endpoint: &str, instance, req: PreprocessedRequest| {
+        let target = Target::Instance(
+            ComponentId::new("kinds", component)
+                .unwrap()
+                .endpoint(endpoint)
+                .unwrap(),
+            instance,
+        );
+        let client = client.clone();
+        async move {
+            client
+                .call::<_, EngineOutput>(target, &req, CallOptions::default())
+                .await?
+                .collect()
+                .await
+        }
+    };
+    // A prefill request: the first token only, whatever max_tokens says.
+    let outs = call("prefill", "prefill", prefill, request(false))
+        .await
+        .unwrap();
+    let tokens: usize = outs.iter().map(|o| o.token_ids.len()).sum();
+    assert_eq!(tokens, 1);
+    assert_eq!(
+        outs.last().unwrap().finish_reason,
+        Some(FinishReason::Length)
+    );
+
+    // Prefilled elsewhere: the decode worker serves it, the aggregated one refuses it.
+    let outs = call("decode", "generate", decode, request(true))
+        .await
+        .unwrap();
+    assert_eq!(outs.iter().map(|o| o.token_ids.len()).sum::<usize>(), 8);
+    match call("agg", "generate", aggregated, request(true)).await {
+        Err(RpcError::Remote(e)) => assert_eq!(e.kind, RemoteErrorKind::BadRequest),
+        other => panic!("an aggregated worker took a remote-prefill request: {other:?}"),
+    }
+    match call("prefill", "prefill", prefill, request(true)).await {
+        Err(RpcError::Remote(e)) => assert_eq!(e.kind, RemoteErrorKind::BadRequest),
+        other => panic!("a prefill worker took a remote-prefill request: {other:?}"),
+    }
+
+    sup.shutdown(Duration::from_secs(1)).await;
+    runtime.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_kinds_embedded_bus() {
+    kinds(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_kinds_nats_bus() {
+    let server = NatsServer::start().unwrap();
+    kinds(Some(server.url())).await;
+}
