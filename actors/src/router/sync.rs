@@ -15,27 +15,9 @@ use dynamo_runtime::bus::Outgoing;
 use dynamo_runtime::serve::{decode_event, encode_event};
 use dynamo_runtime::subject::{ComponentId, Namespace, Topic};
 use dynamo_runtime::{InstanceId, Runtime};
-use tokio::sync::mpsc;
 
-use super::KvRouter;
+use super::{DecisionSink, KvRouter};
 use std::sync::Arc;
-
-/// Where decision events go (a channel to the publishing task); cheap to clone.
-#[derive(Clone)]
-pub struct DecisionSink(mpsc::UnboundedSender<RouterEvent>);
-
-impl DecisionSink {
-    /// A sink and the receiving end of its channel (tests, or a custom publisher).
-    pub fn channel() -> (Self, mpsc::UnboundedReceiver<RouterEvent>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        (Self(tx), rx)
-    }
-
-    pub fn send(&self, event: RouterEvent) {
-        // The task ends only at shutdown; events after that have no one to tell.
-        let _ = self.0.send(event);
-    }
-}
 
 fn component(namespace: &Namespace) -> ComponentId {
     ComponentId::new(namespace.as_str(), ROUTER_COMPONENT).expect("valid component name")

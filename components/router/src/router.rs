@@ -1,0 +1,602 @@
+//! [`KvRouter`]: the routing core (index, load accounting, predictions, shared decisions).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use dynamo_kv::index::IdBuild;
+use dynamo_kv::{block_hashes, IndexSettings, KvIndex, Overlap};
+use dynamo_protocols::kv::{LoadReport, SequenceHash, WorkerId};
+use dynamo_protocols::llm::TokenId;
+use dynamo_protocols::router::{LeaseId, RouterEvent, RouterEventKind};
+
+use crate::lease::{LeaseInner, RouteLease};
+use crate::sink::DecisionSink;
+
+#[derive(Debug, Clone)]
+pub struct KvRouterSettings {
+    /// Weight of prefill work against decode load.
+    pub overlap_weight: f64,
+    /// 0: lowest cost wins; above 0: softmax sampling over costs.
+    pub temperature: f64,
+    /// Workers whose KV usage fraction is above this are skipped; when all are, requests get
+    /// 503 (no queueing in the router: the engines queue). `None`: never skipped.
+    pub busy_threshold: Option<f64>,
+    /// Credit for a cached block in host memory / on disk (device blocks count 1).
+    pub host_credit: f64,
+    pub disk_credit: f64,
+    /// Ignore overlap: route by load alone (`least-loaded`).
+    pub load_only: bool,
+    /// How long a prefix the router sent to a worker counts as cached there before the
+    /// worker's own events confirm it, while events flow (0, the default: no prediction; on the
+    /// scarce-KV bench predictions lowered the hit rate).
+    pub prediction_ttl: Duration,
+    /// Fallback: once requests were routed this long ago and no KV event has arrived from any
+    /// worker, the router predicts cached prefixes from its own decisions (`fallback_ttl` each),
+    /// logs it once and sets `dynamo_router_approximate` to 1; the first event ends it.
+    pub fallback_after: Duration,
+    pub fallback_ttl: Duration,
+    /// A request another router (or a frontend with a remote router) routed counts here
+    /// until its finish event arrives, or for this long should that event be lost.
+    pub shared_lease_ttl: Duration,
+    pub index: IndexSettings,
+}
+
+impl Default for KvRouterSettings {
+    fn default() -> Self {
+        Self {
+            overlap_weight: 1.0,
+            temperature: 0.0,
+            busy_threshold: None,
+            host_credit: 0.5,
+            disk_credit: 0.25,
+            load_only: false,
+            prediction_ttl: Duration::ZERO,
+            fallback_after: Duration::from_secs(2),
+            fallback_ttl: Duration::from_secs(120),
+            shared_lease_ttl: Duration::from_secs(600),
+            index: IndexSettings::default(),
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Accounting {
+    report: LoadReport,
+    /// Prompt tokens routed here whose first token has not come back yet.
+    pub(crate) prefill_tokens: u64,
+    /// New (uncached) blocks of requests routed here and not finished: the load we add.
+    pub(crate) blocks: u64,
+    /// All blocks those requests occupy, shared prefix blocks included.
+    pub(crate) occupied: u64,
+    /// Our own counts when the report was taken: the rest of a report is other load.
+    occupied_at_report: u64,
+    prefill_at_report: u64,
+}
+
+impl Accounting {
+    /// Active blocks: ours now, plus what the last report showed beyond ours then (other
+    /// routers' requests), so a report taken before our requests finished does not linger.
+    fn decode_blocks(&self) -> u64 {
+        self.blocks
+            + self
+                .report
+                .active_blocks
+                .saturating_sub(self.occupied_at_report)
+    }
+
+    fn pending_prefill_tokens(&self) -> u64 {
+        self.prefill_tokens
+            + self
+                .report
+                .queued_prefill_tokens
+                .saturating_sub(self.prefill_at_report)
+    }
+}
+
+/// The cost of sending a request of `needed` blocks to a worker where `overlap` of them are
+/// cached, `pending_blocks` of prompt work wait, and `decode_blocks` are active:
+/// `overlap_weight x (uncached blocks + pending) + decode_blocks`, where device hits count 1
+/// and host and disk hits `host_credit` and `disk_credit`. Lower is better. Monotone: never
+/// lower with more load or fewer cached blocks.
+pub fn cost(
+    s: &KvRouterSettings,
+    needed: f64,
+    overlap: Overlap,
+    pending_blocks: f64,
+    decode_blocks: f64,
+) -> f64 {
+    let credited = overlap.device as f64
+        + s.host_credit * overlap.host as f64
+        + s.disk_credit * overlap.disk as f64;
+    s.overlap_weight * ((needed - credited).max(0.0) + pending_blocks) + decode_blocks
+}
+
+/// Why no worker was chosen.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    #[error("no worker to route to")]
+    NoWorkers,
+    #[error("all {0} workers are over the busy threshold")]
+    AllBusy(usize),
+}
+
+/// A request routed by another router, as this one accounts it.
+#[derive(Debug, Clone, Copy)]
+struct SharedLease {
+    worker: WorkerId,
+    prefill_tokens: u64,
+    blocks: u64,
+    occupied: u64,
+    at: Instant,
+}
+
+#[derive(Default)]
+struct Shared {
+    leases: HashMap<LeaseId, SharedLease>,
+    /// First tokens and finishes that arrived before their decision (bus order holds per
+    /// publisher only): (when, finished).
+    early: HashMap<LeaseId, (Instant, bool)>,
+    swept: Option<Instant>,
+}
+
+/// A routing decision.
+pub struct Decision {
+    pub worker: WorkerId,
+    pub overlap: Overlap,
+    pub lease: RouteLease,
+}
+
+pub struct KvRouter {
+    settings: KvRouterSettings,
+    index: KvIndex,
+    pub(crate) loads: DashMap<WorkerId, Accounting>,
+    /// Completed resyncs from worker dumps.
+    resyncs: std::sync::atomic::AtomicU64,
+    /// Whether any KV event has arrived; when the first request was routed.
+    events_seen: std::sync::atomic::AtomicBool,
+    first_route: std::sync::OnceLock<Instant>,
+    approximate_logged: std::sync::atomic::AtomicBool,
+    /// Prefixes predicted from routing decisions, oldest first, until their events arrive.
+    predictions: Mutex<VecDeque<(Instant, WorkerId, Vec<SequenceHash>)>>,
+    /// This router's id in shared decisions, and where its decisions are published.
+    id: u64,
+    sink: std::sync::OnceLock<DecisionSink>,
+    next_lease: AtomicU64,
+    shared: Mutex<Shared>,
+    /// Workers in discovery: the model each serves and its KV block size.
+    models: DashMap<WorkerId, (String, usize)>,
+}
+
+impl KvRouter {
+    pub fn new(settings: KvRouterSettings) -> Arc<Self> {
+        Arc::new(Self {
+            index: KvIndex::new(settings.index.clone()),
+            settings,
+            loads: DashMap::new(),
+            resyncs: Default::default(),
+            events_seen: Default::default(),
+            first_route: std::sync::OnceLock::new(),
+            approximate_logged: Default::default(),
+            predictions: Mutex::new(VecDeque::new()),
+            id: rand::random(),
+            sink: std::sync::OnceLock::new(),
+            next_lease: AtomicU64::new(1),
+            shared: Mutex::new(Shared::default()),
+            models: DashMap::new(),
+        })
+    }
+
+    /// This router's id in shared decisions.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Publishes this router's decisions from now on.
+    pub fn share_decisions(&self, sink: DecisionSink) {
+        let _ = self.sink.set(sink);
+    }
+
+    pub(crate) fn publish(&self, lease: u64, kind: RouterEventKind) {
+        if let Some(sink) = self.sink.get() {
+            sink.send(RouterEvent {
+                lease: LeaseId {
+                    router: self.id,
+                    id: lease,
+                },
+                kind,
+            });
+        }
+    }
+
+    /// What this router accounts to `worker` from the requests it and the other routers
+    /// routed there (prompt tokens before their first token, new blocks until they end); load
+    /// reports are not included.
+    pub fn accounted(&self, worker: WorkerId) -> (u64, u64) {
+        self.loads
+            .get(&worker)
+            .map(|a| (a.prefill_tokens, a.blocks))
+            .unwrap_or_default()
+    }
+
+    /// Requests routed by other routers that this one accounts for.
+    pub fn shared_leases(&self) -> usize {
+        self.shared.lock().map(|s| s.leases.len()).unwrap_or(0)
+    }
+
+    /// Applies another router's decision event (or a remote-router frontend's) to the load
+    /// accounting. Unknown leases, duplicates and late events are harmless.
+    pub fn apply_decision(&self, event: RouterEvent) {
+        let Ok(mut shared) = self.shared.lock() else {
+            return;
+        };
+        let now = Instant::now();
+        match event.kind {
+            RouterEventKind::Routed {
+                worker,
+                prefill_tokens,
+                blocks,
+                occupied,
+            } => {
+                if shared.leases.contains_key(&event.lease) {
+                    return;
+                }
+                let mut lease = SharedLease {
+                    worker,
+                    prefill_tokens,
+                    blocks,
+                    occupied,
+                    at: now,
+                };
+                // Kept until it ages out: a duplicate of the decision is dropped too.
+                match shared.early.get(&event.lease) {
+                    Some((_, true)) => return,
+                    Some((_, false)) => lease.prefill_tokens = 0,
+                    None => {}
+                }
+                let mut acc = self.loads.entry(worker).or_default();
+                acc.prefill_tokens += lease.prefill_tokens;
+                acc.blocks += lease.blocks;
+                acc.occupied += lease.occupied;
+                drop(acc);
+                shared.leases.insert(event.lease, lease);
+            }
+            RouterEventKind::PrefillDone => match shared.leases.get_mut(&event.lease) {
+                Some(lease) => {
+                    let tokens = std::mem::take(&mut lease.prefill_tokens);
+                    if let Some(mut acc) = self.loads.get_mut(&lease.worker) {
+                        acc.prefill_tokens = acc.prefill_tokens.saturating_sub(tokens);
+                    }
+                }
+                None => {
+                    shared.early.entry(event.lease).or_insert((now, false));
+                }
+            },
+            RouterEventKind::Finished => match shared.leases.remove(&event.lease) {
+                Some(lease) => self.release(&lease),
+                None => {
+                    shared.early.insert(event.lease, (now, true));
+                }
+            },
+        }
+        metrics::gauge!("dynamo_router_shared_leases").set(shared.leases.len() as f64);
+    }
+
+    fn release(&self, lease: &SharedLease) {
+        if let Some(mut acc) = self.loads.get_mut(&lease.worker) {
+            acc.prefill_tokens = acc.prefill_tokens.saturating_sub(lease.prefill_tokens);
+            acc.blocks = acc.blocks.saturating_sub(lease.blocks);
+            acc.occupied = acc.occupied.saturating_sub(lease.occupied);
+        }
+    }
+
+    /// Releases shared leases whose finish never came, and forgets old early events.
+    fn sweep_shared(&self) {
+        let Ok(mut shared) = self.shared.lock() else {
+            return;
+        };
+        if shared
+            .swept
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            return;
+        }
+        shared.swept = Some(Instant::now());
+        let ttl = self.settings.shared_lease_ttl;
+        let expired: Vec<LeaseId> = shared
+            .leases
+            .iter()
+            .filter(|(_, l)| l.at.elapsed() > ttl)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            if let Some(lease) = shared.leases.remove(&id) {
+                self.release(&lease);
+                metrics::counter!("dynamo_router_expired_leases_total").increment(1);
+            }
+        }
+        let keep = ttl.min(Duration::from_secs(60));
+        shared.early.retain(|_, (at, _)| at.elapsed() <= keep);
+    }
+
+    /// Records that `worker` (in discovery) serves `model` with blocks of `block_size`.
+    pub fn add_worker(&self, worker: WorkerId, model: String, block_size: usize) {
+        self.models.insert(worker, (model, block_size));
+    }
+
+    /// Picks a worker among those serving `model` (as discovery shows them), but not in
+    /// `exclude`, for `tokens`.
+    pub fn route_model(
+        self: &Arc<Self>,
+        model: &str,
+        exclude: &[WorkerId],
+        tokens: &[TokenId],
+    ) -> Result<Decision, RouteError> {
+        self.route_model_as(model, exclude, tokens, self.settings.load_only)
+    }
+
+    /// [`KvRouter::route_model`], by load alone when `load_only` (whatever the settings say).
+    pub fn route_model_as(
+        self: &Arc<Self>,
+        model: &str,
+        exclude: &[WorkerId],
+        tokens: &[TokenId],
+        load_only: bool,
+    ) -> Result<Decision, RouteError> {
+        let mut block_size = 0;
+        let mut candidates: Vec<WorkerId> = Vec::new();
+        for e in self.models.iter() {
+            if e.value().0 == model && !exclude.contains(e.key()) {
+                candidates.push(*e.key());
+                block_size = e.value().1;
+            }
+        }
+        candidates.sort_unstable();
+        self.route_as(&candidates, tokens, block_size, load_only)
+    }
+
+    /// Hands `lease` over to the shared accounting, under its id: for a router component,
+    /// whose caller reports the request's first token and end as decision events.
+    pub fn detach(&self, mut lease: RouteLease) -> LeaseId {
+        let LeaseInner::Local {
+            id,
+            worker,
+            prefill_tokens,
+            blocks,
+            occupied,
+            ..
+        } = std::mem::replace(&mut lease.inner, LeaseInner::Detached)
+        else {
+            unreachable!("detach takes a lease this router made")
+        };
+        let lease_id = LeaseId {
+            router: self.id,
+            id,
+        };
+        if let Ok(mut shared) = self.shared.lock() {
+            shared.leases.insert(
+                lease_id,
+                SharedLease {
+                    worker,
+                    prefill_tokens,
+                    blocks,
+                    occupied,
+                    at: Instant::now(),
+                },
+            );
+        }
+        lease_id
+    }
+
+    pub fn index(&self) -> &KvIndex {
+        &self.index
+    }
+
+    /// Workers rebuilt from their dumps so far (after a gap in events, or a late start).
+    pub fn resyncs(&self) -> u64 {
+        self.resyncs.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// A KV event arrived: the index is fed by events, not predictions.
+    pub fn note_events(&self) {
+        if !self
+            .events_seen
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+            && self
+                .approximate_logged
+                .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::info!("KV events are arriving: routing on the event-fed index again");
+            metrics::gauge!("dynamo_router_approximate").set(0.0);
+        }
+    }
+
+    /// Whether routing runs on predictions because no worker publishes KV events.
+    pub fn approximate(&self) -> bool {
+        !self.events_seen.load(std::sync::atomic::Ordering::Relaxed)
+            && self
+                .first_route
+                .get()
+                .is_some_and(|t| t.elapsed() >= self.settings.fallback_after)
+    }
+
+    fn prediction_ttl(&self) -> Duration {
+        if self.approximate() {
+            if !self
+                .approximate_logged
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+            {
+                tracing::warn!(
+                    after = ?self.settings.fallback_after,
+                    "no KV events from any worker: routing on prefixes predicted from routing decisions"
+                );
+            }
+            metrics::gauge!("dynamo_router_approximate").set(1.0);
+            self.settings.fallback_ttl
+        } else {
+            self.settings.prediction_ttl
+        }
+    }
+
+    pub fn count_resync(&self) {
+        self.resyncs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn expire_predictions(&self) {
+        let ttl = self.settings.prediction_ttl.max(self.settings.fallback_ttl);
+        let Ok(mut p) = self.predictions.lock() else {
+            return;
+        };
+        while p.front().is_some_and(|(at, _, _)| at.elapsed() > ttl) {
+            if let Some((_, w, hashes)) = p.pop_front() {
+                self.index.unpredict(w, &hashes);
+            }
+        }
+    }
+
+    pub fn record_load(&self, w: WorkerId, report: LoadReport) {
+        let mut acc = self.loads.entry(w).or_default();
+        acc.report = report;
+        acc.occupied_at_report = acc.occupied;
+        acc.prefill_at_report = acc.prefill_tokens;
+    }
+
+    pub fn forget(&self, w: WorkerId) {
+        self.index.remove_worker(w);
+        self.loads.remove(&w);
+        self.models.remove(&w);
+        if let Ok(mut shared) = self.shared.lock() {
+            shared.leases.retain(|_, l| l.worker != w);
+        }
+    }
+
+    /// Picks a worker among `candidates` for `tokens`.
+    pub fn route(
+        self: &Arc<Self>,
+        candidates: &[WorkerId],
+        tokens: &[TokenId],
+        block_size: usize,
+    ) -> Result<Decision, RouteError> {
+        self.route_as(candidates, tokens, block_size, self.settings.load_only)
+    }
+
+    fn route_as(
+        self: &Arc<Self>,
+        candidates: &[WorkerId],
+        tokens: &[TokenId],
+        block_size: usize,
+        load_only: bool,
+    ) -> Result<Decision, RouteError> {
+        let started = Instant::now();
+        if candidates.is_empty() {
+            return Err(RouteError::NoWorkers);
+        }
+        let bs = block_size.max(1);
+        let needed = tokens.len().div_ceil(bs) as f64;
+        let hashes: Vec<SequenceHash> = if load_only {
+            Vec::new()
+        } else {
+            block_hashes(tokens, bs).into_iter().map(|h| h.1).collect()
+        };
+        self.expire_predictions();
+        self.sweep_shared();
+        let overlaps: std::collections::HashMap<WorkerId, Overlap, IdBuild> =
+            self.index.find_matches(&hashes).into_iter().collect();
+        let s = &self.settings;
+        let mut scored: Vec<(WorkerId, f64, Overlap)> = Vec::with_capacity(candidates.len());
+        for &w in candidates {
+            let acc = self.loads.get(&w).map(|a| *a).unwrap_or_default();
+            let decode = acc.decode_blocks() as f64;
+            let busy = s.busy_threshold.is_some_and(|t| {
+                acc.report.total_blocks > 0 && decode / acc.report.total_blocks as f64 > t
+            });
+            if busy {
+                continue;
+            }
+            let o = overlaps.get(&w).copied().unwrap_or_default();
+            let pending = acc.pending_prefill_tokens() as f64 / bs as f64;
+            scored.push((w, cost(s, needed, o, pending, decode), o));
+        }
+        if scored.is_empty() {
+            return Err(RouteError::AllBusy(candidates.len()));
+        }
+        let pick = if s.temperature > 0.0 {
+            let min = scored.iter().map(|x| x.1).fold(f64::INFINITY, f64::min);
+            let weights: Vec<f64> = scored
+                .iter()
+                .map(|x| (-(x.1 - min) / s.temperature).exp())
+                .collect();
+            let total: f64 = weights.iter().sum();
+            let mut r = rand::random::<f64>() * total;
+            let mut chosen = scored.len() - 1;
+            for (i, wgt) in weights.iter().enumerate() {
+                if r < *wgt {
+                    chosen = i;
+                    break;
+                }
+                r -= wgt;
+            }
+            chosen
+        } else {
+            let min = scored.iter().map(|x| x.1).fold(f64::INFINITY, f64::min);
+            let ties: Vec<usize> = (0..scored.len())
+                .filter(|&i| scored[i].1 <= min + 1e-9)
+                .collect();
+            ties[rand::random_range(0..ties.len())]
+        };
+        let (worker, _, overlap) = scored[pick];
+        self.first_route.get_or_init(Instant::now);
+        if !self.prediction_ttl().is_zero() && !hashes.is_empty() {
+            self.index.predict(worker, &hashes);
+            if let Ok(mut p) = self.predictions.lock() {
+                p.push_back((Instant::now(), worker, hashes));
+            }
+        }
+        // The request adds the blocks it does not find cached (shared prefix blocks are
+        // already counted in the worker's active blocks while in use).
+        let id = self.next_lease.fetch_add(1, Ordering::Relaxed);
+        let prefill_tokens = tokens.len().saturating_sub(overlap.blocks() as usize * bs) as u64;
+        let blocks = (needed as u64).saturating_sub(overlap.blocks() as u64);
+        let occupied = needed as u64;
+        {
+            let mut acc = self.loads.entry(worker).or_default();
+            acc.prefill_tokens += prefill_tokens;
+            acc.blocks += blocks;
+            acc.occupied += occupied;
+        }
+        self.publish(
+            id,
+            RouterEventKind::Routed {
+                worker,
+                prefill_tokens,
+                blocks,
+                occupied,
+            },
+        );
+        let lease = RouteLease {
+            inner: LeaseInner::Local {
+                router: self.clone(),
+                id,
+                worker,
+                prefill_tokens,
+                blocks,
+                occupied,
+            },
+        };
+        metrics::histogram!("dynamo_router_overlap_blocks").record(overlap.blocks() as f64);
+        if needed > 0.0 {
+            metrics::histogram!("dynamo_router_hit_ratio").record(overlap.blocks() as f64 / needed);
+        }
+        metrics::histogram!("dynamo_router_routing_seconds")
+            .record(started.elapsed().as_secs_f64());
+        metrics::gauge!("dynamo_router_index_blocks").set(self.index.pairs() as f64);
+        Ok(Decision {
+            worker,
+            overlap,
+            lease,
+        })
+    }
+}

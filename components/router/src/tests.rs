@@ -1,0 +1,300 @@
+//! Unit tests of the routing core.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dynamo_kv::block_hashes;
+use dynamo_protocols::kv::{LoadReport, WorkerId};
+use dynamo_protocols::router::RouterEvent;
+
+use crate::*;
+use dynamo_protocols::kv::{KvEvent, KvEventData, LocalBlockHash, StorageTier, StoredBlock};
+
+fn store(router: &KvRouter, w: u64, tokens: &[u32], bs: usize) {
+    let blocks = block_hashes(tokens, bs)
+        .into_iter()
+        .map(|(l, s)| StoredBlock {
+            block_hash: s,
+            tokens_hash: LocalBlockHash(l.0),
+        })
+        .collect();
+    router.index().apply(
+        WorkerId(w),
+        &[KvEvent {
+            event_id: 0,
+            tier: StorageTier::Device,
+            data: KvEventData::Stored {
+                parent_hash: None,
+                blocks,
+            },
+        }],
+    );
+}
+
+#[test]
+fn the_worker_holding_the_prefix_wins_until_load_outweighs_it() {
+    let router = KvRouter::new(KvRouterSettings::default());
+    let prompt: Vec<u32> = (0..64).collect();
+    store(&router, 2, &prompt[..48], 16);
+    let workers = [WorkerId(1), WorkerId(2), WorkerId(3)];
+    let d = router.route(&workers, &prompt, 16).unwrap();
+    assert_eq!(d.worker, WorkerId(2));
+    assert_eq!(d.overlap.device, 3);
+    drop(d);
+    // Heavy decode load on worker 2 outweighs its 3 cached blocks.
+    router.record_load(
+        WorkerId(2),
+        LoadReport {
+            active_blocks: 50,
+            total_blocks: 1000,
+            ..Default::default()
+        },
+    );
+    assert_ne!(
+        router.route(&workers, &prompt, 16).unwrap().worker,
+        WorkerId(2)
+    );
+}
+
+/// A frontend in `least-loaded` mode asks a router component (set up for kv routing) to
+/// route by load: the cached prefix must not attract the request.
+#[test]
+fn a_load_only_request_ignores_cached_prefixes() {
+    let router = KvRouter::new(KvRouterSettings::default());
+    let prompt: Vec<u32> = (0..64).collect();
+    store(&router, 2, &prompt, 16);
+    router.add_worker(WorkerId(1), "m".into(), 16);
+    router.add_worker(WorkerId(2), "m".into(), 16);
+    router.record_load(
+        WorkerId(2),
+        LoadReport {
+            active_blocks: 2,
+            total_blocks: 1000,
+            ..Default::default()
+        },
+    );
+    let by_overlap = router.route_model("m", &[], &prompt).unwrap();
+    assert_eq!(by_overlap.worker, WorkerId(2), "kv mode follows the prefix");
+    drop(by_overlap);
+    let by_load = router.route_model_as("m", &[], &prompt, true).unwrap();
+    assert_eq!(
+        by_load.worker,
+        WorkerId(1),
+        "load-only picks the idle worker"
+    );
+    assert_eq!(by_load.overlap.device, 0);
+}
+
+/// Two routers wired as the bus would: B applies A's decision events.
+fn replicas() -> (
+    Arc<KvRouter>,
+    Arc<KvRouter>,
+    tokio::sync::mpsc::UnboundedReceiver<RouterEvent>,
+) {
+    let a = KvRouter::new(KvRouterSettings::default());
+    let b = KvRouter::new(KvRouterSettings::default());
+    let (sink, rx) = DecisionSink::channel();
+    a.share_decisions(sink);
+    (a, b, rx)
+}
+
+fn forward(rx: &mut tokio::sync::mpsc::UnboundedReceiver<RouterEvent>, to: &KvRouter) {
+    while let Ok(e) = rx.try_recv() {
+        to.apply_decision(e);
+    }
+}
+
+#[test]
+fn replicas_agree_on_load_and_release_it_together() {
+    let (a, b, mut rx) = replicas();
+    let workers = [WorkerId(1), WorkerId(2)];
+    let prompt: Vec<u32> = (0..160).collect();
+    let mut d = a.route(&workers, &prompt, 16).unwrap();
+    forward(&mut rx, &b);
+    assert_eq!(a.accounted(d.worker), (160, 10));
+    assert_eq!(b.accounted(d.worker), a.accounted(d.worker));
+    assert_eq!(b.shared_leases(), 1);
+    // B sees A's request, so it sends the next one to the other worker.
+    let other = b.route(&workers, &prompt, 16).unwrap();
+    assert_ne!(other.worker, d.worker);
+    d.lease.prefill_done();
+    forward(&mut rx, &b);
+    assert_eq!(b.accounted(d.worker), (0, 10));
+    let w = d.worker;
+    drop(d);
+    forward(&mut rx, &b);
+    assert_eq!(b.accounted(w), (0, 0));
+    assert_eq!(b.shared_leases(), 0);
+}
+
+#[test]
+fn out_of_order_duplicate_and_lost_decision_events_cannot_leak() {
+    let (a, b, mut rx) = replicas();
+    let prompt: Vec<u32> = (0..64).collect();
+    let d = a.route(&[WorkerId(1)], &prompt, 16).unwrap();
+    let mut events = Vec::new();
+    while let Ok(e) = rx.try_recv() {
+        events.push(e);
+    }
+    drop(d);
+    while let Ok(e) = rx.try_recv() {
+        events.push(e);
+    }
+    // The end arrives first (another publisher's path), then the decision, twice.
+    let finished = events.pop().unwrap();
+    b.apply_decision(finished.clone());
+    b.apply_decision(events[0].clone());
+    b.apply_decision(events[0].clone());
+    assert_eq!(b.accounted(WorkerId(1)), (0, 0));
+    assert_eq!(b.shared_leases(), 0);
+    // A finish that never comes: the lease expires after its TTL.
+    let c = KvRouter::new(KvRouterSettings {
+        shared_lease_ttl: Duration::ZERO,
+        ..Default::default()
+    });
+    c.apply_decision(events[0].clone());
+    assert_eq!(c.accounted(WorkerId(1)), (64, 4));
+    std::thread::sleep(Duration::from_millis(5));
+    let _ = c.route(&[WorkerId(2)], &prompt, 16).unwrap();
+    assert_eq!(c.accounted(WorkerId(1)), (0, 0));
+    assert_eq!(c.shared_leases(), 0);
+}
+
+#[test]
+fn leases_account_until_dropped_and_busy_workers_are_skipped() {
+    let router = KvRouter::new(KvRouterSettings {
+        busy_threshold: Some(0.98),
+        ..Default::default()
+    });
+    let workers = [WorkerId(1), WorkerId(2)];
+    let prompt: Vec<u32> = (0..160).collect();
+    let a = router.route(&workers, &prompt, 16).unwrap();
+    // The first request's 10 blocks make its worker costlier: the next goes elsewhere.
+    let b = router.route(&workers, &prompt, 16).unwrap();
+    assert_ne!(a.worker, b.worker);
+    drop((a, b));
+    for w in workers {
+        let acc = *router.loads.get(&w).unwrap();
+        assert_eq!(
+            (acc.blocks, acc.prefill_tokens),
+            (0, 0),
+            "leases released everything"
+        );
+    }
+    router.record_load(
+        WorkerId(1),
+        LoadReport {
+            active_blocks: 99,
+            total_blocks: 100,
+            ..Default::default()
+        },
+    );
+    router.record_load(
+        WorkerId(2),
+        LoadReport {
+            active_blocks: 99,
+            total_blocks: 100,
+            ..Default::default()
+        },
+    );
+    assert_eq!(
+        router.route(&workers, &prompt, 16).err(),
+        Some(RouteError::AllBusy(2))
+    );
+}
+
+mod properties {
+    use super::*;
+    use crate::cost;
+    use dynamo_kv::Overlap;
+    use proptest::prelude::*;
+
+    fn settings() -> impl Strategy<Value = KvRouterSettings> {
+        (0.0f64..4.0, 0.0f64..1.0, 0.0f64..1.0).prop_map(|(w, h, d)| KvRouterSettings {
+            overlap_weight: w,
+            host_credit: h,
+            disk_credit: d.min(h),
+            ..Default::default()
+        })
+    }
+
+    proptest! {
+        /// More decode load never lowers a worker's cost; more prompt work waiting neither.
+        #[test]
+        fn cost_is_monotone_in_load(
+            s in settings(),
+            needed in 0u32..512,
+            device in 0u32..512,
+            pending in 0.0f64..1e4,
+            decode in 0.0f64..1e5,
+            more in 0.0f64..1e4,
+        ) {
+            let o = Overlap { device: device.min(needed), host: 0, disk: 0 };
+            let base = cost(&s, needed as f64, o, pending, decode);
+            prop_assert!(cost(&s, needed as f64, o, pending, decode + more) >= base);
+            prop_assert!(cost(&s, needed as f64, o, pending + more, decode) >= base);
+        }
+
+        /// Fewer cached blocks never lower the cost, on any tier; a device hit is worth at
+        /// least a host hit, which is worth at least a disk hit.
+        #[test]
+        fn cost_is_monotone_in_uncached_blocks(
+            s in settings(),
+            needed in 1u32..512,
+            cached in 0u32..512,
+            fewer in 0u32..512,
+            pending in 0.0f64..1e3,
+            decode in 0.0f64..1e3,
+        ) {
+            let cached = cached.min(needed);
+            let less = cached.saturating_sub(fewer);
+            let at = |device, host, disk| cost(&s, needed as f64, Overlap { device, host, disk }, pending, decode);
+            prop_assert!(at(less, 0, 0) >= at(cached, 0, 0));
+            prop_assert!(at(0, less, 0) >= at(0, cached, 0));
+            prop_assert!(at(0, 0, cached) >= at(0, cached, 0));
+            prop_assert!(at(0, cached, 0) >= at(cached, 0, 0));
+        }
+
+        /// Any interleaving of routing, first tokens and drops: once every lease is gone,
+        /// nothing is accounted to any worker (a lease released once, never twice, never
+        /// leaked), and a replica applying the shared events (duplicated) agrees.
+        #[test]
+        fn leases_release_exactly_once(
+            ops in proptest::collection::vec((0usize..3, 1usize..200, any::<bool>(), any::<bool>()), 1..40),
+        ) {
+            let a = KvRouter::new(KvRouterSettings::default());
+            let b = KvRouter::new(KvRouterSettings::default());
+            let (sink, mut rx) = DecisionSink::channel();
+            a.share_decisions(sink);
+            let workers = [WorkerId(1), WorkerId(2), WorkerId(3)];
+            let mut open: Vec<RouteLease> = Vec::new();
+            for (drop_at, len, first, dup) in ops {
+                let prompt: Vec<u32> = (0..len as u32).collect();
+                let mut d = a.route(&workers, &prompt, 16).unwrap();
+                if first {
+                    d.lease.prefill_done();
+                    d.lease.prefill_done();
+                }
+                open.push(d.lease);
+                if drop_at < open.len() && dup {
+                    drop(open.remove(drop_at));
+                }
+                while let Ok(e) = rx.try_recv() {
+                    b.apply_decision(e.clone());
+                    if dup {
+                        b.apply_decision(e);
+                    }
+                }
+            }
+            drop(open);
+            while let Ok(e) = rx.try_recv() {
+                b.apply_decision(e);
+            }
+            for w in workers {
+                prop_assert_eq!(a.accounted(w), (0, 0));
+                prop_assert_eq!(b.accounted(w), (0, 0));
+            }
+            prop_assert_eq!(b.shared_leases(), 0);
+        }
+    }
+}
