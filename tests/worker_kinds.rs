@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dynamo_actors::frontend::{FrontendSettings, ModelTable};
+use dynamo_actors::membership::MembershipHandle;
 use dynamo_actors::supervisor::{RoleSpec, Started, SupervisorHandle, WorkerSpec};
 use dynamo_actors::worker::{EngineFactory, WorkerSettings};
 use dynamo_engine::{Engine, MockerEngine, MockerSettings};
@@ -146,6 +147,28 @@ async fn kinds(bus: Option<String>) {
     let mut expected = vec![decode.as_u64(), aggregated.as_u64()];
     expected.sort();
     assert_eq!(listed(&table).await, expected);
+
+    // One membership per namespace in the process: the frontend and anyone else share it, and
+    // it knows every worker with its kind (the frontend lists the two that generate).
+    let ns = Namespace::new("kinds").unwrap();
+    let m1 = MembershipHandle::shared(&runtime, &ns).await.unwrap();
+    let m2 = MembershipHandle::shared(&runtime, &ns).await.unwrap();
+    assert!(m1.same(&m2));
+    let mut kinds: Vec<(u64, WorkerKind)> = m1
+        .members()
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| (m.instance.as_u64(), m.kind))
+        .collect();
+    kinds.sort_by_key(|k| k.0);
+    let mut want = vec![
+        (prefill.as_u64(), WorkerKind::Prefill),
+        (decode.as_u64(), WorkerKind::Decode),
+        (aggregated.as_u64(), WorkerKind::Aggregated),
+    ];
+    want.sort_by_key(|k| k.0);
+    assert_eq!(kinds, want);
 
     let client = runtime.client().clone();
     let call = |component: &str, endpoint: &str, instance, req: PreprocessedRequest| {

@@ -1,6 +1,8 @@
 //! The serving roles as `ractor` actors bound to the bus.
 //!
 //! - [`frontend`]: the OpenAI HTTP API, model discovery, simple routing;
+//! - [`membership`]: the one view of discovery (live workers, their cards and kinds) that
+//!   the frontend and the router read;
 //! - [`router`]: the KV-aware router (prefix index, load, accounting) and its event ingest;
 //! - [`worker`]: hosts an engine on `generate` and publishes its model card;
 //! - [`echo`]: the runtime's smoke-test role;
@@ -9,6 +11,7 @@
 
 pub mod echo;
 pub mod frontend;
+pub mod membership;
 pub mod router;
 pub mod supervisor;
 pub mod worker;

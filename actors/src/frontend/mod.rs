@@ -26,6 +26,7 @@ use ractor::{Actor, ActorRef};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+use crate::membership::MembershipHandle;
 use crate::router::{spawn_publisher, start_ingest, KvRouter, KvRouterSettings, RouterIngest};
 use dynamo_protocols::router::{ROUTER_COMPONENT, ROUTE_ENDPOINT};
 use dynamo_runtime::subject::ComponentId;
@@ -118,6 +119,7 @@ pub enum FrontendError {
 
 /// A running frontend.
 pub struct Frontend {
+    membership: MembershipHandle,
     watcher: ActorRef<models::WatcherMsg>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     ingest: Option<RouterIngest>,
@@ -134,9 +136,12 @@ impl Frontend {
     ) -> Result<Self, FrontendError> {
         crate::describe_metrics();
         let table = Arc::new(ModelTable::default());
+        let membership = MembershipHandle::shared(runtime, &settings.namespace)
+            .await
+            .map_err(|e| FrontendError::Watcher(e.to_string()))?;
         let watcher = models::ModelWatcher {
             runtime: runtime.clone(),
-            namespace: settings.namespace.clone(),
+            membership: membership.clone(),
             table: table.clone(),
         };
         let (watcher, _) = Actor::spawn(None, watcher, ())
@@ -213,6 +218,7 @@ impl Frontend {
             }
         };
         Ok(Self {
+            membership,
             watcher,
             tasks,
             ingest,
@@ -225,7 +231,7 @@ impl Frontend {
 
     /// The actors a supervisor links to: the model watcher (and the embedded router's ingest).
     pub(crate) fn cells(&self) -> Vec<ractor::ActorCell> {
-        let mut cells = vec![self.watcher.get_cell()];
+        let mut cells = vec![self.watcher.get_cell(), self.membership.cell()];
         cells.extend(self.ingest.as_ref().map(RouterIngest::cell));
         cells
     }

@@ -1,13 +1,13 @@
 //! Which models this frontend serves: the model watcher actor and the table it maintains.
 //!
-//! The watcher follows discovery for the namespace. A `generate` instance whose metadata holds
-//! a [`ModelCard`] adds itself to its model; the first time a card's content is seen, the
+//! The watcher follows the process's membership of the namespace ([`crate::membership`]): a
+//! member (a worker with a [`ModelCard`]) adds itself to its model; the first time a card's content is seen, the
 //! watcher fetches the card's files from that instance (over the bus, by content hash, checked
 //! on arrival) and builds a [`Preprocessor`]. A model is listed once its preprocessor is built
 //! and stays listed while at least one instance serves it; its last instance leaving drops it.
 //!
-//! Prefill workers (discovery metadata `worker_kind: prefill`) are not listed: they serve
-//! only the prefill step of a decode worker's requests.
+//! Prefill workers are not listed: they serve only the prefill step of a decode worker's
+//! requests.
 //!
 //! Instances of one model name may publish different cards (a rolling upgrade): the card with
 //! the most live instances (and a built preprocessor) wins, the others wait unlisted.
@@ -21,9 +21,10 @@ use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use dynamo_preprocessor::{ModelFiles, Preprocessor};
-use dynamo_protocols::llm::{FileChunk, FileRequest, ModelCard};
-use dynamo_runtime::subject::{DiscoveryFilter, Namespace};
-use dynamo_runtime::{CallOptions, DiscoveryEvent, EndpointId, InstanceId, Runtime, Target};
+use dynamo_protocols::llm::{FileChunk, FileRequest, ModelCard, WorkerKind};
+use dynamo_runtime::{CallOptions, EndpointId, InstanceId, Runtime, Target};
+
+use crate::membership::{MemberEvent, MembershipHandle};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::watch;
 
@@ -110,7 +111,7 @@ impl ModelTable {
 const MAX_BUILD_ATTEMPTS: u32 = 5;
 
 pub(crate) enum WatcherMsg {
-    Discovery(DiscoveryEvent),
+    Member(MemberEvent),
     Built {
         key: String,
         result: Result<Arc<Preprocessor>, String>,
@@ -119,7 +120,7 @@ pub(crate) enum WatcherMsg {
 
 pub(crate) struct ModelWatcher {
     pub runtime: Runtime,
-    pub namespace: Namespace,
+    pub membership: MembershipHandle,
     pub table: Arc<ModelTable>,
 }
 
@@ -235,31 +236,17 @@ impl ModelWatcher {
         state.pipelines.retain(|k, _| live.contains(k));
     }
 
-    fn on_event(
-        &self,
-        myself: &ActorRef<WatcherMsg>,
-        state: &mut WatcherState,
-        ev: DiscoveryEvent,
-    ) {
+    fn on_event(&self, myself: &ActorRef<WatcherMsg>, state: &mut WatcherState, ev: MemberEvent) {
         match ev {
-            DiscoveryEvent::Joined(info) => {
-                let Some(raw) = info.metadata.get(ModelCard::METADATA_KEY) else {
-                    return;
-                };
+            MemberEvent::Joined(m) => {
                 // A prefill worker only prefills for a decode worker: not a generate target.
-                if crate::router::is_prefill(&info.metadata) {
+                if m.kind == WorkerKind::Prefill {
                     return;
                 }
-                let card: ModelCard = match serde_json::from_value(raw.clone()) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::warn!(endpoint = %info.endpoint, instance = %info.instance, error = %e, "ignoring an instance with a malformed model card");
-                        return;
-                    }
-                };
+                let card = m.card.clone();
                 let addr = WorkerAddr {
-                    endpoint: info.endpoint,
-                    instance: info.instance,
+                    endpoint: m.endpoint.clone(),
+                    instance: m.instance,
                 };
                 let key = card.content_key();
                 let name = card.name.clone();
@@ -279,7 +266,7 @@ impl ModelWatcher {
                 }
                 self.refresh(state, &name);
             }
-            DiscoveryEvent::Left { endpoint, instance } => {
+            MemberEvent::Left { endpoint, instance } => {
                 if let Some(card) = state.cards.remove(&WorkerAddr { endpoint, instance }) {
                     self.refresh(state, &card.name);
                 }
@@ -298,14 +285,10 @@ impl Actor for ModelWatcher {
         myself: ActorRef<WatcherMsg>,
         _: (),
     ) -> Result<WatcherState, ActorProcessingErr> {
-        let mut watch = self
-            .runtime
-            .discovery()
-            .watch(DiscoveryFilter::namespace(&self.namespace))
-            .await?;
+        let mut watch = self.membership.subscribe().await?;
         let forward = tokio::spawn(async move {
             while let Some(ev) = watch.next().await {
-                if myself.cast(WatcherMsg::Discovery(ev)).is_err() {
+                if myself.cast(WatcherMsg::Member(ev)).is_err() {
                     break;
                 }
             }
@@ -334,7 +317,7 @@ impl Actor for ModelWatcher {
         state: &mut WatcherState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            WatcherMsg::Discovery(ev) => self.on_event(&myself, state, ev),
+            WatcherMsg::Member(ev) => self.on_event(&myself, state, ev),
             WatcherMsg::Built { key, result } => {
                 state.fetching.remove(&key);
                 match result {

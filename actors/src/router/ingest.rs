@@ -1,6 +1,7 @@
 //! The router's ingest actor: keeps the [`KvRouter`]'s index and loads current from the bus.
 //!
-//! It follows discovery for the namespace; each component with model workers gets two
+//! It follows the process's membership of the namespace ([`crate::membership`]); each
+//! component with model workers gets two
 //! wildcard subscriptions (`kv_events.*`, `load.*`), forwarded into the mailbox. Per worker it
 //! tracks the next expected event id:
 //! - a worker that joins is resynced from its dump at once (a router that starts late rebuilds
@@ -27,19 +28,20 @@ use dynamo_protocols::kv::{
     KvDump, KvDumpRequest, KvEvent, KvEventBatch, KvEventData, LoadReport, StorageTier, WorkerId,
     KV_DUMP_ENDPOINT, KV_EVENTS_TOPIC, LOAD_TOPIC,
 };
-use dynamo_protocols::llm::{ModelCard, WorkerKind};
+use dynamo_protocols::llm::WorkerKind;
 use dynamo_runtime::serve::decode_event;
-use dynamo_runtime::subject::{ComponentId, DiscoveryFilter, Namespace, Topic};
-use dynamo_runtime::{CallOptions, DiscoveryEvent, InstanceId, Runtime, Target};
+use dynamo_runtime::subject::{ComponentId, Namespace, Topic};
+use dynamo_runtime::{CallOptions, InstanceId, Runtime, Target};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use super::KvRouter;
+use crate::membership::{MemberEvent, MembershipHandle};
 
 /// Event and load messages that may wait in the ingest actor's mailbox.
 pub const MAX_QUEUED: usize = 8192;
 
 enum IngestMsg {
-    Discovery(DiscoveryEvent),
+    Member(MemberEvent),
     Events {
         worker: String,
         payload: bytes::Bytes,
@@ -72,7 +74,7 @@ pub struct IngestState {
 
 struct Ingest {
     runtime: Runtime,
-    namespace: Namespace,
+    membership: MembershipHandle,
     router: Arc<KvRouter>,
     /// Event and load messages in the mailbox (see [`MAX_QUEUED`]).
     queued: Arc<AtomicUsize>,
@@ -108,11 +110,14 @@ pub async fn start_ingest(
     let subscriber = super::sync::spawn_subscriber(runtime, &namespace, router.clone()).await?;
     let (sink, publisher) = super::sync::spawn_publisher(runtime, &namespace, router.id());
     router.share_decisions(sink);
+    let membership = MembershipHandle::shared(runtime, &namespace)
+        .await
+        .map_err(|e| e.to_string())?;
     let ingest = Ingest {
         runtime: runtime.clone(),
-        namespace,
         router,
         queued: Arc::default(),
+        membership: membership.clone(),
     };
     let (actor, _) = match Actor::spawn(None, ingest, ()).await {
         Ok(a) => a,
@@ -126,14 +131,6 @@ pub async fn start_ingest(
         actor,
         sync: vec![subscriber, publisher],
     })
-}
-
-/// Whether discovery metadata is a prefill worker's.
-pub(crate) fn is_prefill(metadata: &serde_json::Value) -> bool {
-    metadata
-        .get(WorkerKind::METADATA_KEY)
-        .and_then(|k| k.as_str())
-        == Some(WorkerKind::Prefill.as_str())
 }
 
 fn bad(reason: &'static str) {
@@ -289,15 +286,11 @@ impl Actor for Ingest {
         myself: ActorRef<IngestMsg>,
         _: (),
     ) -> Result<IngestState, ActorProcessingErr> {
-        let mut watch = self
-            .runtime
-            .discovery()
-            .watch(DiscoveryFilter::namespace(&self.namespace))
-            .await?;
+        let mut watch = self.membership.subscribe().await?;
         let me = myself.clone();
         let forward = tokio::spawn(async move {
             while let Some(ev) = watch.next().await {
-                if me.cast(IngestMsg::Discovery(ev)).is_err() {
+                if me.cast(IngestMsg::Member(ev)).is_err() {
                     return;
                 }
             }
@@ -330,24 +323,18 @@ impl Actor for Ingest {
             self.queued.fetch_sub(1, Ordering::AcqRel);
         }
         match msg {
-            IngestMsg::Discovery(DiscoveryEvent::Joined(info)) => {
-                let Some(raw) = info.metadata.get(ModelCard::METADATA_KEY) else {
-                    return Ok(());
-                };
-                let component = info.endpoint.component.clone();
+            IngestMsg::Member(MemberEvent::Joined(m)) => {
+                let component = m.endpoint.component.clone();
                 self.subscribe(&myself, state, &component);
-                let w = WorkerId(info.instance.as_u64());
-                match serde_json::from_value::<ModelCard>(raw.clone()) {
-                    // Prefill workers are indexed (a prefill router reads their events) but
-                    // never a candidate for a whole request.
-                    Ok(_) if is_prefill(&info.metadata) => {}
-                    Ok(card) => {
-                        self.router
-                            .add_worker(w, card.name, card.kv_block_size.max(1) as usize)
-                    }
-                    Err(e) => {
-                        tracing::warn!(instance = %info.instance, error = %e, "worker with a malformed model card: not routed to by model")
-                    }
+                let w = WorkerId(m.instance.as_u64());
+                // Prefill workers are indexed (a prefill router reads their events) but never
+                // a candidate for a whole request.
+                if m.kind != WorkerKind::Prefill {
+                    self.router.add_worker(
+                        w,
+                        m.card.name.clone(),
+                        m.card.kv_block_size.max(1) as usize,
+                    );
                 }
                 let track = state.workers.entry(w).or_default();
                 track.component = Some(component);
@@ -357,7 +344,7 @@ impl Actor for Ingest {
                     self.resync(&myself, w, track);
                 }
             }
-            IngestMsg::Discovery(DiscoveryEvent::Left { endpoint, instance }) => {
+            IngestMsg::Member(MemberEvent::Left { endpoint, instance }) => {
                 let w = WorkerId(instance.as_u64());
                 if state
                     .workers

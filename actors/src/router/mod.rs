@@ -12,7 +12,6 @@ mod sync;
 pub use dynamo_router::{
     Decision, DecisionSink, KvRouter, KvRouterSettings, RouteError, RouteLease,
 };
-pub(crate) use ingest::is_prefill;
 pub use ingest::{start_ingest, RouterIngest};
 pub use service::RouterComponent;
 pub use sync::spawn_publisher;
