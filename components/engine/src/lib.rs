@@ -16,8 +16,11 @@ pub mod scheduler;
 
 use std::pin::Pin;
 
-use dynamo_protocols::kv::{KvDump, KvEvent, LoadReport};
+use std::sync::Arc;
+
+use dynamo_protocols::kv::{KvDump, KvEvent, LoadReport, LocalBlockHash, SequenceHash};
 use dynamo_protocols::llm::{EngineOutput, PreprocessedRequest};
+use futures::future::BoxFuture;
 use futures::Stream;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -79,12 +82,110 @@ pub trait Engine: Send + Sync + 'static {
         None
     }
 
+    /// The engine's block pool as a KV capability (export, reserve, import, eviction hook),
+    /// for engines with one: what disaggregation and the KV offloader build on.
+    fn kv_capability(&self) -> Option<Arc<dyn KvCapability>> {
+        None
+    }
+
     /// The engine's state, for engines that run a scheduler of their own (echo has none):
     /// it turns [`EngineState::Failed`] when that scheduler panics or exits, which is when
     /// the worker deregisters and restarts the engine.
     fn health(&self) -> Option<watch::Receiver<EngineState>> {
         None
     }
+}
+
+/// One cached block's identity and contents, as it leaves or enters an engine's pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvBlockData {
+    pub hash: SequenceHash,
+    pub parent: Option<SequenceHash>,
+    pub local: LocalBlockHash,
+    /// The block's index in its sequence.
+    pub position: u32,
+    /// [`KvCapability::block_bytes`] bytes (none for a simulated engine).
+    pub data: Vec<u8>,
+}
+
+/// Called with each cached block the pool evicts, before the block is reused (on the
+/// engine's scheduler: it must not block; hand the block to a bounded queue).
+pub type EvictionHook = Arc<dyn Fn(KvBlockData) + Send + Sync>;
+
+/// Blocks held empty for an import (see [`KvCapability::reserve`]); dropping it unused gives
+/// them back.
+pub struct Reservation {
+    id: u64,
+    blocks: usize,
+    release: Option<Box<dyn FnOnce(u64) + Send + Sync>>,
+}
+
+impl Reservation {
+    pub fn blocks(&self) -> usize {
+        self.blocks
+    }
+
+    pub(crate) fn new(id: u64, blocks: usize, release: Box<dyn FnOnce(u64) + Send + Sync>) -> Self {
+        Self {
+            id,
+            blocks,
+            release: Some(release),
+        }
+    }
+
+    /// The id, without giving the blocks back (an import takes them over).
+    pub(crate) fn take(mut self) -> u64 {
+        self.release = None;
+        self.id
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if let Some(release) = self.release.take() {
+            release(self.id);
+        }
+    }
+}
+
+impl std::fmt::Debug for Reservation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reservation")
+            .field("id", &self.id)
+            .field("blocks", &self.blocks)
+            .finish()
+    }
+}
+
+/// An engine's block pool, as the transfer library and the offloader use it.
+///
+/// - `export`: the cached blocks of the leading `hashes` (in order, while cached), with
+///   their contents;
+/// - `reserve`: takes `blocks` empty blocks now (an error if the pool cannot spare them), so a
+///   transfer can land without racing the scheduler;
+/// - `import`: writes `blocks` (a chain: each block's parent is the one before it, the first's
+///   is cached here or none) into a reservation and caches them; checked whole before
+///   anything is written, so a bad or partial transfer is never registered as cached;
+///   returns how many were newly cached;
+/// - `set_eviction_hook`: the hook the pool calls before it evicts a cached block.
+pub trait KvCapability: Send + Sync {
+    fn block_size(&self) -> usize;
+    /// Bytes of one block's contents (0: a simulation that keeps none).
+    fn block_bytes(&self) -> usize;
+    fn export(
+        &self,
+        hashes: Vec<SequenceHash>,
+    ) -> BoxFuture<'static, Result<Vec<KvBlockData>, EngineError>>;
+    fn reserve(&self, blocks: usize) -> BoxFuture<'static, Result<Reservation, EngineError>>;
+    fn import(
+        &self,
+        reservation: Reservation,
+        blocks: Vec<KvBlockData>,
+    ) -> BoxFuture<'static, Result<usize, EngineError>>;
+    fn set_eviction_hook(
+        &self,
+        hook: Option<EvictionHook>,
+    ) -> BoxFuture<'static, Result<(), EngineError>>;
 }
 
 /// An engine's KV cache as the worker publishes it: event batches (consecutive event ids; a

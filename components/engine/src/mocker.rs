@@ -23,6 +23,7 @@
 //!   tokens, no events; the worker's heartbeats go on).
 
 use std::ops::Range;
+use std::sync::Arc;
 use std::time::Duration;
 
 use dynamo_protocols::kv::{KvDump, LoadReport};
@@ -31,10 +32,12 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::scheduler::{
-    forward_dumps, submit, Executor, OutputSender, Scheduler, SchedulerSettings, StepBatch,
-    StepResult, COMMAND_QUEUE,
+    forward_dumps, submit, Executor, KvCommand, OutputSender, Scheduler, SchedulerKv,
+    SchedulerSettings, StepBatch, StepResult, COMMAND_QUEUE,
 };
-use crate::{panic_message, Engine, EngineError, EngineState, EngineStream, KvHandle};
+use crate::{
+    panic_message, Engine, EngineError, EngineState, EngineStream, KvCapability, KvHandle,
+};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct MockerSettings {
@@ -182,12 +185,14 @@ enum Command {
         cancel: CancellationToken,
     },
     Dump(oneshot::Sender<KvDump>),
+    Kv(KvCommand),
 }
 
 /// A running mocker: its scheduler task and the channels to it.
 pub struct MockerEngine {
     commands: mpsc::Sender<Command>,
     kv: KvHandle,
+    capability: Arc<SchedulerKv>,
     health: watch::Receiver<EngineState>,
     stop: CancellationToken,
 }
@@ -236,6 +241,12 @@ impl MockerEngine {
             health_tx.send_replace(EngineState::Failed(why));
         });
         Ok(Self {
+            capability: Arc::new(SchedulerKv::new(
+                commands.clone(),
+                Command::Kv,
+                settings.block_size,
+                0,
+            )),
             commands,
             kv: KvHandle::new(events, load, dumps, settings.block_size as u32),
             health,
@@ -266,6 +277,7 @@ async fn run(
         Command::Dump(reply) => {
             let _ = reply.send(sched.dump());
         }
+        Command::Kv(cmd) => sched.kv(cmd),
     };
     loop {
         while let Ok(cmd) = rx.try_recv() {
@@ -320,6 +332,10 @@ impl Engine for MockerEngine {
 
     fn health(&self) -> Option<watch::Receiver<EngineState>> {
         Some(self.health.clone())
+    }
+
+    fn kv_capability(&self) -> Option<Arc<dyn KvCapability>> {
+        Some(self.capability.clone())
     }
 }
 
@@ -379,5 +395,46 @@ mod tests {
         );
         let load = *engine.kv().unwrap().load().borrow();
         assert_eq!(load.total_blocks, 64);
+    }
+
+    /// Simulated bytes: a mocker's blocks move to another mocker through the KV capability
+    /// (no contents, real hashes), and a request there finds its prefix cached.
+    #[tokio::test(start_paused = true)]
+    async fn blocks_move_between_mockers_through_the_kv_capability() {
+        let settings = MockerSettings {
+            num_gpu_blocks: 64,
+            block_size: 16,
+            ..Default::default()
+        };
+        let (a, b) = (
+            MockerEngine::start(settings.clone()).unwrap(),
+            MockerEngine::start(settings).unwrap(),
+        );
+        let req = || PreprocessedRequest {
+            token_ids: (0..70).collect(),
+            sampling: SamplingOptions::default(),
+            stop: StopConditions {
+                max_tokens: 2,
+                min_tokens: 0,
+                stop_token_ids: vec![],
+            },
+            remote_prefill: None,
+        };
+        let run = |e: &MockerEngine| {
+            let s = e.generate(req(), CancellationToken::new()).unwrap();
+            async move {
+                let outs: Vec<_> = s.map(|o| o.unwrap()).collect().await;
+                outs[0].cached_tokens.unwrap_or(0)
+            }
+        };
+        assert_eq!(run(&a).await, 0);
+        let (ka, kb) = (a.kv_capability().unwrap(), b.kv_capability().unwrap());
+        assert_eq!(kb.block_bytes(), 0);
+        let hashes = crate::scheduler::prompt_hashes(&(0..70).collect::<Vec<_>>(), 16);
+        let blocks = ka.export(hashes).await.unwrap();
+        assert_eq!(blocks.len(), 4);
+        let r = kb.reserve(blocks.len()).await.unwrap();
+        assert_eq!(kb.import(r, blocks).await.unwrap(), 4);
+        assert_eq!(run(&b).await, 64, "the imported prefix is cached on b");
     }
 }

@@ -15,7 +15,8 @@
 //! never fit in the pool is refused instead of waiting forever. A cancelled request (token
 //! fired or receiver dropped) is dropped at the start of the next step.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use dynamo_kv::{block_hashes, hash_block, sequence_hash, BlockId, BlockPool, PoolError};
@@ -28,7 +29,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::{EngineError, EngineStream};
+use crate::{EngineError, EngineStream, EvictionHook, KvBlockData, KvCapability, Reservation};
+use futures::future::BoxFuture;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SchedulerSettings {
@@ -75,6 +77,153 @@ pub struct StepResult {
 /// Computes steps: the model (or its simulation).
 pub trait Executor: Send + 'static {
     fn execute(&mut self, batch: &StepBatch<'_>) -> StepResult;
+
+    /// Bytes of one block's KV contents (0: the executor keeps none, e.g. a simulation).
+    fn block_bytes(&self) -> usize {
+        0
+    }
+
+    /// A block's contents ([`Executor::block_bytes`] bytes).
+    fn read_block(&self, _block: BlockId) -> Vec<u8> {
+        Vec::new()
+    }
+
+    /// Overwrites a block's contents (`data` is [`Executor::block_bytes`] bytes, checked).
+    fn write_block(&mut self, _block: BlockId, _data: &[u8]) {}
+}
+
+/// The KV capability's requests, handled on the scheduler ([`Scheduler::kv`]).
+pub enum KvCommand {
+    Export {
+        hashes: Vec<SequenceHash>,
+        reply: oneshot::Sender<Vec<KvBlockData>>,
+    },
+    Reserve {
+        blocks: usize,
+        reply: oneshot::Sender<Result<u64, EngineError>>,
+    },
+    Import {
+        reservation: u64,
+        blocks: Vec<KvBlockData>,
+        reply: oneshot::Sender<Result<usize, EngineError>>,
+    },
+    Release(u64),
+    Hook(Option<EvictionHook>, oneshot::Sender<()>),
+}
+
+/// Sends a [`KvCommand`] to an engine's scheduler.
+type KvSend = Arc<dyn Fn(KvCommand) -> Result<(), EngineError> + Send + Sync>;
+
+/// [`KvCapability`] of a scheduler-driven engine: each call is a [`KvCommand`] on the
+/// engine's bounded command channel (`wrap` makes it the engine's command). A full channel is
+/// `Overloaded`, except for a reservation's release, which waits for room in a task.
+pub(crate) struct SchedulerKv {
+    send: KvSend,
+    block_size: usize,
+    block_bytes: usize,
+}
+
+impl SchedulerKv {
+    pub fn new<C: Send + 'static>(
+        commands: mpsc::Sender<C>,
+        wrap: fn(KvCommand) -> C,
+        block_size: usize,
+        block_bytes: usize,
+    ) -> Self {
+        let send: KvSend = Arc::new(move |cmd| match commands.try_send(wrap(cmd)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(cmd)) => {
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    let commands = commands.clone();
+                    rt.spawn(async move {
+                        let _ = commands.send(cmd).await;
+                    });
+                    Ok(())
+                } else {
+                    Err(EngineError::Overloaded(format!(
+                        "{COMMAND_QUEUE} commands are queued"
+                    )))
+                }
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(stopped()),
+        });
+        Self {
+            send,
+            block_size,
+            block_bytes,
+        }
+    }
+}
+
+fn stopped() -> EngineError {
+    EngineError::Stopped("the engine has stopped".into())
+}
+
+impl SchedulerKv {
+    fn ask<T: Send + 'static>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> KvCommand,
+    ) -> BoxFuture<'static, Result<T, EngineError>> {
+        let (tx, rx) = oneshot::channel();
+        let sent = (self.send)(make(tx));
+        Box::pin(async move {
+            sent?;
+            rx.await.map_err(|_| stopped())
+        })
+    }
+}
+
+impl KvCapability for SchedulerKv {
+    fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    fn block_bytes(&self) -> usize {
+        self.block_bytes
+    }
+
+    fn export(
+        &self,
+        hashes: Vec<SequenceHash>,
+    ) -> BoxFuture<'static, Result<Vec<KvBlockData>, EngineError>> {
+        self.ask(|reply| KvCommand::Export { hashes, reply })
+    }
+
+    fn reserve(&self, blocks: usize) -> BoxFuture<'static, Result<Reservation, EngineError>> {
+        let asked = self.ask(|reply| KvCommand::Reserve { blocks, reply });
+        let send = self.send.clone();
+        Box::pin(async move {
+            let id = asked.await??;
+            Ok(Reservation::new(
+                id,
+                blocks,
+                Box::new(move |id| {
+                    let _ = send(KvCommand::Release(id));
+                }),
+            ))
+        })
+    }
+
+    fn import(
+        &self,
+        reservation: Reservation,
+        blocks: Vec<KvBlockData>,
+    ) -> BoxFuture<'static, Result<usize, EngineError>> {
+        let reservation = reservation.take();
+        let asked = self.ask(|reply| KvCommand::Import {
+            reservation,
+            blocks,
+            reply,
+        });
+        Box::pin(async move { asked.await? })
+    }
+
+    fn set_eviction_hook(
+        &self,
+        hook: Option<EvictionHook>,
+    ) -> BoxFuture<'static, Result<(), EngineError>> {
+        self.ask(|reply| KvCommand::Hook(hook, reply))
+    }
 }
 
 /// Where a sequence's outputs go. Unbounded: one output per step, at most `max_tokens` per
@@ -165,6 +314,10 @@ impl Seq {
 pub struct Scheduler<E> {
     settings: SchedulerSettings,
     pool: BlockPool,
+    /// Blocks held for imports, by reservation id.
+    reservations: HashMap<u64, Vec<BlockId>>,
+    next_reservation: u64,
+    eviction_hook: Option<EvictionHook>,
     waiting: VecDeque<Seq>,
     running: Vec<Seq>,
     executor: E,
@@ -177,6 +330,9 @@ impl<E: Executor> Scheduler<E> {
     pub fn new(settings: SchedulerSettings, executor: E) -> Self {
         Self {
             pool: BlockPool::new(settings.num_blocks, settings.block_size),
+            reservations: HashMap::new(),
+            next_reservation: 1,
+            eviction_hook: None,
             settings,
             waiting: VecDeque::new(),
             running: Vec::new(),
@@ -297,6 +453,136 @@ impl<E: Executor> Scheduler<E> {
         }
     }
 
+    /// Hands the blocks evicted since the last call to the eviction hook, with contents.
+    fn offer_evicted(&mut self) {
+        let Some(hook) = &self.eviction_hook else {
+            return;
+        };
+        for e in self.pool.take_evicted() {
+            hook(KvBlockData {
+                hash: e.hash,
+                parent: e.parent,
+                local: e.local,
+                position: e.position,
+                data: self.executor.read_block(e.block),
+            });
+        }
+    }
+
+    /// Handles a KV capability request (see [`KvCapability`]).
+    pub fn kv(&mut self, cmd: KvCommand) {
+        match cmd {
+            KvCommand::Export { hashes, reply } => {
+                let mut out = Vec::new();
+                let blocks = self.pool.acquire_prefix(&hashes);
+                for (i, &b) in blocks.iter().enumerate() {
+                    out.push(KvBlockData {
+                        hash: hashes[i],
+                        parent: i.checked_sub(1).map(|p| hashes[p]),
+                        local: self
+                            .pool
+                            .cached_local(b)
+                            .expect("acquired blocks are cached"),
+                        position: i as u32,
+                        data: self.executor.read_block(b),
+                    });
+                }
+                self.pool.release(&blocks);
+                let _ = reply.send(out);
+            }
+            KvCommand::Reserve { blocks, reply } => {
+                let result = self
+                    .pool
+                    .allocate(blocks)
+                    .map(|got| {
+                        let id = self.next_reservation;
+                        self.next_reservation += 1;
+                        self.reservations.insert(id, got);
+                        id
+                    })
+                    .map_err(|e| {
+                        EngineError::Overloaded(format!("cannot reserve {blocks} blocks: {e}"))
+                    });
+                self.offer_evicted();
+                let _ = reply.send(result);
+            }
+            KvCommand::Import {
+                reservation,
+                blocks,
+                reply,
+            } => {
+                let result = self.import_reserved(reservation, blocks);
+                let _ = reply.send(result);
+            }
+            KvCommand::Release(id) => {
+                if let Some(blocks) = self.reservations.remove(&id) {
+                    self.pool.release(&blocks);
+                }
+            }
+            KvCommand::Hook(hook, reply) => {
+                self.pool.track_evictions(hook.is_some());
+                self.eviction_hook = hook;
+                let _ = reply.send(());
+            }
+        }
+    }
+
+    /// Writes a chain into a reservation's blocks and caches it; checked whole first (an
+    /// invalid import writes and caches nothing). The reservation is used up either way.
+    fn import_reserved(
+        &mut self,
+        reservation: u64,
+        chain: Vec<KvBlockData>,
+    ) -> Result<usize, EngineError> {
+        let Some(reserved) = self.reservations.remove(&reservation) else {
+            return Err(EngineError::BadRequest(format!(
+                "no reservation {reservation} (released, used, or from another engine)"
+            )));
+        };
+        let bytes = self.executor.block_bytes();
+        let check = || -> Result<(), String> {
+            if chain.len() > reserved.len() {
+                return Err(format!(
+                    "{} blocks for a reservation of {}",
+                    chain.len(),
+                    reserved.len()
+                ));
+            }
+            for (i, b) in chain.iter().enumerate() {
+                if b.data.len() != bytes {
+                    return Err(format!(
+                        "block {i} has {} bytes; this engine's blocks have {bytes}",
+                        b.data.len()
+                    ));
+                }
+                let linked = match i {
+                    0 => b.parent.is_none_or(|p| self.pool.match_prefix(&[p]) == 1),
+                    _ => b.parent == Some(chain[i - 1].hash),
+                };
+                if !linked {
+                    return Err(format!(
+                        "block {i} does not continue the chain (its parent is neither the block before it nor cached here)"
+                    ));
+                }
+            }
+            Ok(())
+        };
+        if let Err(why) = check() {
+            self.pool.release(&reserved);
+            return Err(EngineError::BadRequest(format!("cannot import: {why}")));
+        }
+        let before = self.pool.cached_blocks();
+        for (b, block) in chain.iter().zip(&reserved) {
+            self.executor.write_block(*block, &b.data);
+        }
+        for (b, block) in chain.iter().zip(&reserved) {
+            self.pool
+                .register(*block, b.parent, b.local, b.hash, b.position);
+        }
+        self.pool.release(&reserved);
+        Ok(self.pool.cached_blocks() - before)
+    }
+
     /// Runs one step (outputs wait in an outbox for [`Scheduler::deliver`]). Returns the
     /// executor's duration, or `None` when there was nothing to do.
     pub fn step(&mut self) -> Option<Duration> {
@@ -367,6 +653,8 @@ impl<E: Executor> Scheduler<E> {
             self.running.push(seq);
             plan.push((self.running.len() - 1, take));
         }
+        // Blocks just evicted still hold their contents until this step computes.
+        self.offer_evicted();
         if plan.is_empty() {
             return None;
         }
@@ -462,49 +750,6 @@ impl<E> Scheduler<E> {
 
     pub fn block_size(&self) -> usize {
         self.settings.block_size
-    }
-
-    /// Calls `read` on the cached blocks of the leading `hashes` (in order, while cached),
-    /// with each block's local hash; returns how many there were. The blocks are held
-    /// meanwhile.
-    pub fn export_blocks(
-        &mut self,
-        hashes: &[SequenceHash],
-        mut read: impl FnMut(&mut E, BlockId, LocalBlockHash),
-    ) -> usize {
-        let blocks = self.pool.acquire_prefix(hashes);
-        for &b in &blocks {
-            let local = self
-                .pool
-                .cached_local(b)
-                .expect("acquired blocks are cached");
-            read(&mut self.executor, b, local);
-        }
-        self.pool.release(&blocks);
-        blocks.len()
-    }
-
-    /// Caches a prefix from elsewhere: `chain` is a prefix's leading blocks in order (local
-    /// and sequence hash each). Blocks already cached are skipped; the others get new blocks,
-    /// filled by `write` (with the chain index) and registered, so requests with this prefix
-    /// find them. Returns how many were written.
-    pub fn import_blocks(
-        &mut self,
-        chain: &[(LocalBlockHash, SequenceHash)],
-        mut write: impl FnMut(&mut E, usize, BlockId),
-    ) -> Result<usize, PoolError> {
-        let hashes: Vec<SequenceHash> = chain.iter().map(|c| c.1).collect();
-        let have = self.pool.match_prefix(&hashes);
-        let new = self.pool.allocate(chain.len() - have)?;
-        for (j, &b) in new.iter().enumerate() {
-            let i = have + j;
-            write(&mut self.executor, i, b);
-            let parent = i.checked_sub(1).map(|p| chain[p].1);
-            self.pool
-                .register(b, parent, chain[i].0, chain[i].1, i as u32);
-        }
-        self.pool.release(&new);
-        Ok(new.len())
     }
 }
 

@@ -12,4 +12,4 @@ pub mod pool;
 
 pub use hash::{block_hashes, hash_block, sequence_hash, SEED};
 pub use index::{ApplyStats, IndexSettings, KvIndex, Overlap, OverlapMap};
-pub use pool::{BlockId, BlockPool, PoolError};
+pub use pool::{BlockId, BlockPool, Evicted, PoolError};

@@ -17,6 +17,12 @@
 //! [`BlockPool::take_events`] hands them out; [`BlockPool::dump`] describes the cached set as of
 //! the last event id. Replaying the events yields exactly the cached set (property-tested).
 //!
+//! Eviction hook: with [`BlockPool::track_evictions`] on, every cached block that an
+//! allocation evicts is recorded ([`Evicted`]: its block, hashes and position) before the
+//! block is handed out; [`BlockPool::take_evicted`] hands the records out while the blocks
+//! still hold the evicted contents (nothing writes a block between its allocation and the
+//! next compute step), so an offloader can copy them first.
+//!
 //! Costs: allocate and release are O(log n) per block (the LRU is a B-tree on a use stamp);
 //! prefix matching is O(matched) hash lookups.
 
@@ -68,6 +74,18 @@ struct Meta {
     stamp: u64,
 }
 
+/// A cached block an allocation evicted (see the module header).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Evicted {
+    /// The block, now handed to a new owner, still holding the evicted contents.
+    pub block: BlockId,
+    pub hash: SequenceHash,
+    pub parent: Option<SequenceHash>,
+    pub local: LocalBlockHash,
+    /// The block's index in its sequence.
+    pub position: u32,
+}
+
 #[derive(Debug)]
 pub struct BlockPool {
     block_size: usize,
@@ -79,6 +97,8 @@ pub struct BlockPool {
     clock: u64,
     next_event: u64,
     pending: Vec<KvEvent>,
+    /// `Some` while evictions are tracked.
+    evicted: Option<Vec<Evicted>>,
 }
 
 impl BlockPool {
@@ -93,7 +113,21 @@ impl BlockPool {
             clock: 0,
             next_event: 0,
             pending: Vec::new(),
+            evicted: None,
         }
+    }
+
+    /// Records evicted cached blocks from now on (`true`), or stops (and forgets the records).
+    pub fn track_evictions(&mut self, on: bool) {
+        self.evicted = on.then(Vec::new);
+    }
+
+    /// The cached blocks evicted since the last call (in eviction order).
+    pub fn take_evicted(&mut self) -> Vec<Evicted> {
+        self.evicted
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 
     pub fn block_size(&self) -> usize {
@@ -162,6 +196,17 @@ impl BlockPool {
                 Some(id) => id,
                 None => {
                     let (_, id) = self.lru.pop_first().expect("available() counted it");
+                    if let (Some(out), Some(c)) =
+                        (self.evicted.as_mut(), self.blocks[id.index()].cached)
+                    {
+                        out.push(Evicted {
+                            block: id,
+                            hash: c.hash,
+                            parent: c.parent,
+                            local: c.local,
+                            position: c.position,
+                        });
+                    }
                     self.uncache(id);
                     id
                 }

@@ -31,10 +31,13 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::scheduler::{
-    forward_dumps, submit, Executor, OutputSender, Scheduler, SchedulerSettings, StepBatch,
-    StepResult, COMMAND_QUEUE,
+    forward_dumps, submit, Executor, KvCommand, OutputSender, Scheduler, SchedulerKv,
+    SchedulerSettings, StepBatch, StepResult, COMMAND_QUEUE,
 };
-use crate::{panic_message, Engine, EngineError, EngineState, EngineStream, KvHandle};
+use crate::{
+    panic_message, Engine, EngineError, EngineState, EngineStream, KvBlockData, KvCapability,
+    KvHandle,
+};
 pub use kv::{KvBlock, KvBlocks, KvLayout};
 pub use model::{Compute, Model};
 
@@ -99,6 +102,18 @@ struct NativeExecutor {
 }
 
 impl Executor for NativeExecutor {
+    fn block_bytes(&self) -> usize {
+        self.cache.layout().block_bytes()
+    }
+
+    fn read_block(&self, block: dynamo_kv::BlockId) -> Vec<u8> {
+        self.cache.read_block(block)
+    }
+
+    fn write_block(&mut self, block: dynamo_kv::BlockId, data: &[u8]) {
+        self.cache.write_block(block, data)
+    }
+
     fn execute(&mut self, batch: &StepBatch<'_>) -> StepResult {
         let started = Instant::now();
         let steps: Vec<model::SeqStep<'_>> = batch
@@ -152,20 +167,14 @@ enum Command {
         cancel: CancellationToken,
     },
     Dump(oneshot::Sender<KvDump>),
-    Export {
-        hashes: Vec<SequenceHash>,
-        reply: oneshot::Sender<KvBlocks>,
-    },
-    Import {
-        blocks: KvBlocks,
-        reply: oneshot::Sender<Result<usize, NativeError>>,
-    },
+    Kv(KvCommand),
 }
 
 /// A loaded model served by its scheduler thread.
 pub struct NativeEngine {
     commands: mpsc::Sender<Command>,
     kv: KvHandle,
+    capability: Arc<SchedulerKv>,
     model: Arc<Model>,
     layout: KvLayout,
     num_blocks: usize,
@@ -250,6 +259,12 @@ impl NativeEngine {
             })
             .map_err(|e| NativeError::Settings(format!("cannot start the engine thread: {e}")))?;
         Ok(Self {
+            capability: Arc::new(SchedulerKv::new(
+                commands.clone(),
+                Command::Kv,
+                settings.block_size,
+                layout.block_bytes(),
+            )),
             commands,
             kv: KvHandle::new(events, load, dumps, settings.block_size as u32),
             model,
@@ -280,24 +295,56 @@ impl NativeEngine {
 
     /// Copies out the cached blocks of the leading `hashes` (as many as are cached, in order).
     pub async fn export(&self, hashes: Vec<SequenceHash>) -> Result<KvBlocks, NativeError> {
-        let (reply, rx) = oneshot::channel();
-        self.commands
-            .send(Command::Export { hashes, reply })
+        let blocks = self
+            .capability
+            .export(hashes)
             .await
             .map_err(|_| NativeError::Stopped)?;
-        rx.await.map_err(|_| NativeError::Stopped)
+        Ok(KvBlocks {
+            layout: self.layout,
+            blocks: blocks
+                .into_iter()
+                .map(|b| KvBlock {
+                    local: b.local,
+                    hash: b.hash,
+                    data: b.data,
+                })
+                .collect(),
+        })
     }
 
     /// Caches `blocks` (a prefix's leading blocks, as [`NativeEngine::export`] gives them) in
     /// this engine's pool, so requests with that prefix reuse them; returns how many were
-    /// written (blocks already cached are skipped).
+    /// newly cached (blocks already cached are skipped). Goes through the KV capability:
+    /// reserve, then import checked whole.
     pub async fn import(&self, blocks: KvBlocks) -> Result<usize, NativeError> {
-        let (reply, rx) = oneshot::channel();
-        self.commands
-            .send(Command::Import { blocks, reply })
+        if blocks.layout != self.layout {
+            return Err(NativeError::Import(format!(
+                "layout {:?} does not match this engine's {:?}",
+                blocks.layout, self.layout
+            )));
+        }
+        let reservation = self
+            .capability
+            .reserve(blocks.blocks.len())
             .await
-            .map_err(|_| NativeError::Stopped)?;
-        rx.await.map_err(|_| NativeError::Stopped)?
+            .map_err(|e| NativeError::Import(e.to_string()))?;
+        let chain: Vec<KvBlockData> = blocks
+            .blocks
+            .iter()
+            .enumerate()
+            .map(|(i, b)| KvBlockData {
+                hash: b.hash,
+                parent: i.checked_sub(1).map(|p| blocks.blocks[p].hash),
+                local: b.local,
+                position: i as u32,
+                data: b.data.clone(),
+            })
+            .collect();
+        self.capability
+            .import(reservation, chain)
+            .await
+            .map_err(|e| NativeError::Import(e.to_string()))
     }
 }
 
@@ -317,48 +364,7 @@ fn handle(sched: &mut Scheduler<NativeExecutor>, cmd: Command) {
         Command::Dump(reply) => {
             let _ = reply.send(sched.dump());
         }
-        Command::Export { hashes, reply } => {
-            let layout = sched.executor().cache.layout();
-            let mut blocks = Vec::new();
-            let mut i = 0;
-            sched.export_blocks(&hashes, |exec, b, local| {
-                blocks.push(KvBlock {
-                    local,
-                    hash: hashes[i],
-                    data: exec.cache.read_block(b),
-                });
-                i += 1;
-            });
-            let _ = reply.send(KvBlocks { layout, blocks });
-        }
-        Command::Import { blocks, reply } => {
-            let layout = sched.executor().cache.layout();
-            let result = if blocks.layout != layout {
-                Err(NativeError::Import(format!(
-                    "layout {:?} does not match this engine's {layout:?}",
-                    blocks.layout
-                )))
-            } else if let Some(b) = blocks
-                .blocks
-                .iter()
-                .find(|b| b.data.len() != layout.block_bytes())
-            {
-                Err(NativeError::Import(format!(
-                    "block {:?} has {} bytes, the layout needs {}",
-                    b.hash,
-                    b.data.len(),
-                    layout.block_bytes()
-                )))
-            } else {
-                let chain: Vec<_> = blocks.blocks.iter().map(|b| (b.local, b.hash)).collect();
-                sched
-                    .import_blocks(&chain, |exec, i, b| {
-                        exec.cache.write_block(b, &blocks.blocks[i].data)
-                    })
-                    .map_err(|e| NativeError::Import(e.to_string()))
-            };
-            let _ = reply.send(result);
-        }
+        Command::Kv(cmd) => sched.kv(cmd),
     }
 }
 
@@ -425,6 +431,10 @@ impl Engine for NativeEngine {
 
     fn health(&self) -> Option<watch::Receiver<EngineState>> {
         Some(self.health.clone())
+    }
+
+    fn kv_capability(&self) -> Option<Arc<dyn KvCapability>> {
+        Some(self.capability.clone())
     }
 }
 

@@ -303,3 +303,86 @@ async fn bad_models_and_requests_get_clear_errors() {
         assert!(s.next().await.is_none());
     }
 }
+
+/// The KV capability on the native engine: a bad transfer (wrong size, broken chain) caches
+/// nothing; an unused reservation gives its blocks back; the eviction hook sees each evicted
+/// block's real contents (the bytes an export would have given) before the block is reused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_capability_checks_imports_releases_reservations_and_hooks_evictions() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny(dir.path());
+    let a = engine(dir.path(), |_| {});
+    let b = engine(dir.path(), |s| s.num_gpu_blocks = Some(8));
+    let (ka, kb) = (a.kv_capability().unwrap(), b.kv_capability().unwrap());
+    assert_eq!(ka.block_bytes(), a.kv_layout().block_bytes());
+    let p = prompt(9, 70);
+    run(&a, request(p.clone(), 4, greedy())).await;
+    let hashes = crate::scheduler::prompt_hashes(&p, 16);
+    let blocks = ka.export(hashes.clone()).await.unwrap();
+    assert_eq!(blocks.len(), 4);
+    assert_eq!(blocks[1].parent, Some(blocks[0].hash));
+
+    let load = || *b.kv().unwrap().load().borrow();
+    // A truncated block: refused, nothing cached, the reservation's blocks back.
+    let mut short = blocks.clone();
+    short[2].data.pop();
+    let r = kb.reserve(4).await.unwrap();
+    let err = kb.import(r, short).await.unwrap_err();
+    assert!(matches!(err, EngineError::BadRequest(_)), "{err:?}");
+    // A chain with a hole (block 1 missing): refused.
+    let holed = vec![blocks[0].clone(), blocks[2].clone()];
+    let r = kb.reserve(2).await.unwrap();
+    assert!(matches!(
+        kb.import(r, holed).await,
+        Err(EngineError::BadRequest(_))
+    ));
+    assert_eq!(
+        kb.export(hashes.clone()).await.unwrap().len(),
+        0,
+        "nothing cached"
+    );
+    // More blocks than the pool holds cannot be reserved; a dropped reservation returns its
+    // blocks (the worker's load shows them held, then free).
+    assert!(matches!(
+        kb.reserve(9).await,
+        Err(EngineError::Overloaded(_))
+    ));
+    let r = kb.reserve(8).await.unwrap();
+    assert_eq!(r.blocks(), 8);
+    drop(r);
+    let mut rx = b.kv().unwrap().load();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        rx.wait_for(|l| l.active_blocks == 0),
+    )
+    .await
+    .expect("the reservation's blocks come back")
+    .unwrap();
+    assert_eq!(load().total_blocks, 8);
+
+    // A good import: B continues from A's blocks.
+    let r = kb.reserve(4).await.unwrap();
+    assert_eq!(kb.import(r, blocks.clone()).await.unwrap(), 4);
+    assert_eq!(run(&b, request(p.clone(), 4, greedy())).await.1, 64);
+
+    // Eviction hook: a new prompt that needs the whole pool evicts A's four blocks, which the
+    // hook receives with the contents export gave.
+    let (tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let hook: crate::EvictionHook = std::sync::Arc::new(move |blk| {
+        let _ = tx.send(blk);
+    });
+    kb.set_eviction_hook(Some(hook)).await.unwrap();
+    run(&b, request(prompt(3, 120), 4, greedy())).await;
+    let mut evicted = Vec::new();
+    while let Ok(blk) = seen.try_recv() {
+        evicted.push(blk);
+    }
+    let mut want = blocks.clone();
+    want.sort_by_key(|b| b.hash.0);
+    evicted.sort_by_key(|b| b.hash.0);
+    evicted.retain(|e| want.iter().any(|w| w.hash == e.hash));
+    assert_eq!(
+        evicted, want,
+        "each evicted block, with its contents, before reuse"
+    );
+}

@@ -82,6 +82,7 @@ proptest! {
     #[test]
     fn pool_matches_a_naive_model(ops in proptest::collection::vec(op(), 1..80)) {
         let mut pool = BlockPool::new(16, BS);
+        pool.track_evictions(true);
         let mut running: Vec<Vec<BlockId>> = Vec::new();
         let mut replayed = HashSet::new();
         let mut next_id = 0;
@@ -110,7 +111,22 @@ proptest! {
             for b in &held {
                 prop_assert!(pool.blocks[b.index()].refs > 0);
             }
-            replay(&mut replayed, &pool.take_events(), &mut next_id);
+            // The eviction hook sees exactly the blocks whose removal the events announce,
+            // each handed to its new owner.
+            let events = pool.take_events();
+            let removed: Vec<SequenceHash> = events
+                .iter()
+                .flat_map(|e| match &e.data {
+                    KvEventData::Removed { block_hashes } => block_hashes.clone(),
+                    _ => Vec::new(),
+                })
+                .collect();
+            let evicted = pool.take_evicted();
+            prop_assert_eq!(evicted.iter().map(|e| e.hash).collect::<Vec<_>>(), removed);
+            for e in &evicted {
+                prop_assert!(held.contains(&e.block), "an evicted block goes to a new owner");
+            }
+            replay(&mut replayed, &events, &mut next_id);
             let cached: HashSet<SequenceHash> = pool.cached_hashes().collect();
             prop_assert_eq!(&replayed, &cached);
             // A dump describes the same set, parents first.
