@@ -643,6 +643,15 @@ mod tests {
 
     const GRAPH: &str = "defaults:\n  model_path: /d\n  block_size: 16\ncomponents:\n  backend:\n    role: worker\n    engine: mocker\n    block_size: 32\n    replicas: 2\n  frontend:\n    role: frontend\n    http_port: 9000\n";
 
+    /// A graph that names a component twice is refused before anything starts, with the line.
+    #[test]
+    fn a_component_named_twice_is_refused() {
+        let (_d, p) = write("defaults:\n  model_path: /d\ncomponents:\n  backend:\n    role: worker\n    engine: echo\n  backend:\n    role: worker\n    engine: mocker\n");
+        let e = load(&p, &[], &[]).unwrap_err().to_string();
+        assert!(e.contains("duplicate") && e.contains("backend"), "{e}");
+        assert!(e.contains("g.yaml:"), "names the file and line: {e}");
+    }
+
     #[test]
     fn prefill_and_decode_roles_are_workers_of_their_kind() {
         let (_d, p) = write("defaults:\n  model_path: /d\ncomponents:\n  pre:\n    role: prefill\n    engine: mocker\n  dec:\n    role: decode\n    engine: mocker\n");

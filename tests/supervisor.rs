@@ -142,3 +142,123 @@ async fn supervisor_nats_bus() {
     let server = NatsServer::start().unwrap();
     roles_start_and_stop_at_run_time(Some(server.url())).await;
 }
+
+/// A worker whose engine fails and then cannot be started again gives up (escalates); the
+/// supervisor restarts the whole role with backoff, as a new instance that the frontend lists.
+async fn a_failed_role_restarts(bus: Option<String>) {
+    use dynamo_engine::{MockerEngine, MockerFaults, MockerSettings};
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    let dir = tempfile::tempdir().unwrap();
+    make_model(dir.path(), &MakeModelSettings::default()).unwrap();
+    let folder = ModelFolder::load(dir.path()).unwrap();
+    let runtime = Runtime::start(RuntimeSettings {
+        bus,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let sup = SupervisorHandle::start(&runtime).await.unwrap();
+    let fs = FrontendSettings::new(Namespace::new("restart").unwrap());
+    let Started::Frontend { serving, .. } = sup
+        .start_role("frontend", RoleSpec::Frontend(fs))
+        .await
+        .unwrap()
+    else {
+        panic!("not a frontend")
+    };
+    // Engine starts: the first panics on its first step; the next five fail; then they work.
+    let calls = Arc::new(AtomicU32::new(0));
+    let counted = calls.clone();
+    let factory: EngineFactory = Arc::new(move || {
+        let n = counted.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async move {
+            if (1..=5).contains(&n) {
+                return Err(format!("injected start failure {n}"));
+            }
+            let faults = MockerFaults {
+                panic_at_step: (n == 0).then_some(1),
+                ..Default::default()
+            };
+            let e = MockerEngine::start(MockerSettings {
+                num_gpu_blocks: 64,
+                block_size: 16,
+                faults,
+                ..Default::default()
+            })
+            .map_err(|e| e.to_string())?;
+            Ok(Arc::new(e) as Arc<dyn Engine>)
+        })
+    });
+    let mut ws = WorkerSettings::new(
+        folder.files().card(MODEL, 16, 64).unwrap(),
+        folder.files().clone(),
+    );
+    ws.restart_initial = Duration::from_millis(10);
+    let spec = WorkerSpec::new(ComponentId::new("restart", "backend").unwrap(), ws, factory);
+    let Started::Worker { instance: first } = sup
+        .start_role("backend", RoleSpec::Worker(Box::new(spec)))
+        .await
+        .unwrap()
+    else {
+        panic!("not a worker")
+    };
+    let table = serving.table().clone();
+    until_instances(&table, 1, "the first instance is listed").await;
+    let body = json!({"model": MODEL, "prompt": "one two", "max_tokens": 2});
+    let failed = match serving.start(Endpoint::Completions, &body).await {
+        Err(e) => e,
+        Ok(mut g) => loop {
+            match g.next().await {
+                Some(Err(e)) => break e,
+                Some(Ok(_)) => {}
+                None => panic!("the request on a panicking engine ended normally"),
+            }
+        },
+    };
+    assert_eq!(failed.code, Some("worker_failed"));
+
+    // The role comes back as a new instance (the supervisor's backoff is 500 ms).
+    let mut changes = table.changes();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let listed: Vec<_> = table
+                .get(MODEL)
+                .map(|e| e.instances.iter().map(|a| a.instance).collect())
+                .unwrap_or_default();
+            if listed.len() == 1 && listed[0] != first {
+                return;
+            }
+            changes.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("the restarted role's new instance is listed");
+    let roles = sup.roles().await.unwrap();
+    let backend = roles.iter().find(|r| r.name == "backend").unwrap();
+    assert!(backend.running);
+    assert_eq!(backend.restarts, 1);
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        7,
+        "1 + 5 failed + the new role's engine"
+    );
+    let mut g = serving.start(Endpoint::Completions, &body).await.unwrap();
+    while let Some(p) = g.next().await {
+        p.expect("the restarted role serves");
+    }
+
+    sup.shutdown(Duration::from_secs(1)).await;
+    runtime.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn role_restart_embedded_bus() {
+    a_failed_role_restarts(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn role_restart_nats_bus() {
+    let server = NatsServer::start().unwrap();
+    a_failed_role_restarts(Some(server.url())).await;
+}

@@ -15,7 +15,7 @@
 //! | role     | failure                          | policy                                                |
 //! |----------|----------------------------------|-------------------------------------------------------|
 //! | worker   | its engine fails                 | the worker restarts the engine itself (backoff), see [`crate::worker`] |
-//! | worker   | the worker actor fails           | restart the role with backoff (a new instance)        |
+//! | worker   | the worker actor fails (also: its engine failed to start 5 times in a row) | restart the role with backoff (a new instance) |
 //! | router   | route or ingest actor fails      | restart the role with backoff                         |
 //! | frontend | model watcher or ingest fails    | stop the process (its clients must reconnect anyway; an orchestrator restarts it) |
 //!

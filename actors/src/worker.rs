@@ -331,6 +331,9 @@ pub struct WorkerSettings {
     /// follows within [`STABLE_AFTER`] of a restart, up to `restart_max`.
     pub restart_initial: Duration,
     pub restart_max: Duration,
+    /// Engine starts that may fail in a row before the worker gives up and fails itself
+    /// (escalating to its supervisor, which restarts the whole role).
+    pub max_failed_starts: u32,
 }
 
 impl WorkerSettings {
@@ -343,6 +346,7 @@ impl WorkerSettings {
             factory: None,
             restart_initial: Duration::from_millis(200),
             restart_max: Duration::from_secs(10),
+            max_failed_starts: 5,
         }
     }
 }
@@ -412,6 +416,7 @@ struct WorkerActor {
     factory: Option<EngineFactory>,
     restart_initial: Duration,
     restart_max: Duration,
+    max_failed_starts: u32,
     restarts_total: metrics::Counter,
 }
 
@@ -431,6 +436,8 @@ struct State {
     epoch: u64,
     /// Failures in a row (each within STABLE_AFTER of its start): sets the backoff.
     failures: u32,
+    /// Engine starts that failed since the last one that worked.
+    failed_starts: u32,
     restarts: u64,
     draining: bool,
     status: watch::Sender<WorkerStatus>,
@@ -572,6 +579,7 @@ impl Actor for WorkerActor {
             running: None,
             epoch: 0,
             failures: 0,
+            failed_starts: 0,
             restarts: 0,
             draining: false,
             status,
@@ -624,6 +632,15 @@ impl Actor for WorkerActor {
                     Ok(e) => e,
                     Err(why) => {
                         state.failures += 1;
+                        state.failed_starts += 1;
+                        if state.failed_starts >= self.max_failed_starts {
+                            state.status.send_replace(WorkerStatus::Stopped);
+                            return Err(format!(
+                                "the engine failed to start {} times in a row (last: {why}); escalating",
+                                state.failed_starts
+                            )
+                            .into());
+                        }
                         let delay = self.backoff(state.failures);
                         tracing::error!(instance = %self.instance.id(), error = %why, retry_in = ?delay, "cannot restart the engine");
                         self.schedule_restart(&myself, epoch, delay);
@@ -634,6 +651,7 @@ impl Actor for WorkerActor {
                     Ok(r) => {
                         *lock(&state.probe) = Some(r.generate.probe());
                         state.running = Some(r);
+                        state.failed_starts = 0;
                         if epoch > 0 {
                             tracing::info!(instance = %self.instance.id(), restarts = state.restarts, "engine restarted; serving again");
                         }
@@ -759,6 +777,7 @@ impl WorkerHandle {
             factory: settings.factory,
             restart_initial: settings.restart_initial,
             restart_max: settings.restart_max,
+            max_failed_starts: settings.max_failed_starts,
             restarts_total: metrics::counter!(
                 "dynamo_worker_engine_restarts_total",
                 "instance" => instance.id().to_string()
