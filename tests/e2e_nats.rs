@@ -307,3 +307,38 @@ fn bad_configuration_fails_with_a_clear_message() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("nats-server"));
 }
+
+/// A worker process's `/health` (on `--metrics-port`) is its supervisor's view: 200 with each
+/// role and its state once the worker serves.
+#[test]
+fn a_worker_process_health_lists_its_roles() {
+    let server = NatsServer::start().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let _worker = Proc::start(dynamo_run().args([
+        "--bus",
+        &server.url(),
+        "--metrics-port",
+        &port.to_string(),
+        "in=dyn://e2e.backend.generate",
+        "out=mocker",
+        "--model-path",
+        common::model_dir(),
+    ]));
+    let mut conn = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    conn.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut body = String::new();
+    conn.read_to_string(&mut body).unwrap();
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    let json = body.split("\r\n\r\n").nth(1).unwrap();
+    let v: serde_json::Value = serde_json::from_str(json).unwrap();
+    assert_eq!(v["status"], "ready", "{v}");
+    let roles = &v["checks"][0]["roles"];
+    assert_eq!(roles[0]["role"], "backend", "{v}");
+    assert_eq!(roles[0]["kind"], "worker", "{v}");
+    assert_eq!(roles[0]["state"], "serving", "{v}");
+}

@@ -143,6 +143,28 @@ async fn supervisor_nats_bus() {
     roles_start_and_stop_at_run_time(Some(server.url())).await;
 }
 
+/// Polls the supervisor's health (a state with no event of its own) until it is unhealthy
+/// because of the backend role.
+async fn eventually_unhealthy(sup: &SupervisorHandle) {
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (healthy, shown) = sup.health();
+        let backend_down = shown["roles"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["role"] == "backend" && r["state"] != "serving");
+        if !healthy && backend_down {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "never unhealthy: {shown}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// A worker whose engine fails and then cannot be started again gives up (escalates); the
 /// supervisor restarts the whole role with backoff, as a new instance that the frontend lists.
 async fn a_failed_role_restarts(bus: Option<String>) {
@@ -217,6 +239,8 @@ async fn a_failed_role_restarts(bus: Option<String>) {
         },
     };
     assert_eq!(failed.code, Some("worker_failed"));
+    // While the role is down the process is not healthy, and says which role.
+    eventually_unhealthy(&sup).await;
 
     // The role comes back as a new instance (the supervisor's backoff is 500 ms).
     let mut changes = table.changes();
@@ -237,6 +261,8 @@ async fn a_failed_role_restarts(bus: Option<String>) {
     let roles = sup.roles().await.unwrap();
     let backend = roles.iter().find(|r| r.name == "backend").unwrap();
     assert!(backend.running);
+    let (healthy, shown) = sup.health();
+    assert!(healthy, "healthy again: {shown}");
     assert_eq!(backend.restarts, 1);
     assert_eq!(
         calls.load(Ordering::SeqCst),

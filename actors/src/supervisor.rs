@@ -22,6 +22,11 @@
 //! Backoff: [`RESTART_INITIAL`] doubling to [`RESTART_MAX`], reset once a role has run for
 //! [`STABLE_AFTER`]. Restarts are counted in `dynamo_supervisor_role_restarts_total{kind}`.
 //!
+//! Health: the supervisor registers a check with the runtime's telemetry, so the process's
+//! `/health` (on `--metrics-port`, and a frontend's HTTP port) answers 200 only while every
+//! role is healthy: workers serving (registered, engine up), routers running, frontends
+//! listing at least one model ([`SupervisorHandle::health`]).
+//!
 //! Commands are handled one at a time, in order (a role starts fully before the next command);
 //! at most [`MAX_PENDING`] may wait, and one more is refused with [`SupervisorError::Busy`].
 //! Bad input gets a typed error and changes nothing: a name already running
@@ -240,11 +245,83 @@ enum Msg {
 struct Supervisor {
     runtime: Runtime,
     pending: Arc<AtomicUsize>,
+    health: Arc<Mutex<Vec<RoleHealth>>>,
 }
 
 struct State {
     /// In start order; stopped in reverse.
     roles: Vec<Entry>,
+    /// What the process's `/health` reads (see [`SupervisorHandle::health`]).
+    health: Arc<Mutex<Vec<RoleHealth>>>,
+    health_check: u64,
+}
+
+/// How one role's health is read.
+enum HealthSource {
+    /// Failed, waiting for its restart.
+    Down,
+    Up,
+    Worker(tokio::sync::watch::Receiver<crate::worker::WorkerStatus>),
+    Frontend(Arc<crate::frontend::ModelTable>),
+}
+
+struct RoleHealth {
+    name: String,
+    kind: RoleKind,
+    source: HealthSource,
+}
+
+impl RoleHealth {
+    fn read(&self) -> (bool, &'static str) {
+        use crate::worker::WorkerStatus;
+        match &self.source {
+            HealthSource::Down => (false, "restarting"),
+            HealthSource::Up => (true, "running"),
+            HealthSource::Worker(s) => match *s.borrow() {
+                WorkerStatus::Serving => (true, "serving"),
+                WorkerStatus::Restarting => (false, "restarting its engine"),
+                WorkerStatus::Stopped => (false, "stopped"),
+            },
+            HealthSource::Frontend(t) if t.list().is_empty() => (false, "no model served yet"),
+            HealthSource::Frontend(_) => (true, "serving"),
+        }
+    }
+}
+
+/// Healthy when every role is: workers serving (registered, engine up), routers running,
+/// frontends listing at least one model.
+fn health_of(roles: &Mutex<Vec<RoleHealth>>) -> (bool, serde_json::Value) {
+    let roles = roles.lock().unwrap_or_else(|p| p.into_inner());
+    let mut ok = true;
+    let shown: Vec<serde_json::Value> = roles
+        .iter()
+        .map(|r| {
+            let (healthy, state) = r.read();
+            ok &= healthy;
+            serde_json::json!({ "role": r.name, "kind": r.kind.as_str(), "state": state })
+        })
+        .collect();
+    (ok, serde_json::json!({ "roles": shown }))
+}
+
+impl State {
+    fn refresh_health(&self) {
+        let now = self
+            .roles
+            .iter()
+            .map(|e| RoleHealth {
+                name: e.name.clone(),
+                kind: e.spec.kind(),
+                source: match &e.running {
+                    None => HealthSource::Down,
+                    Some(Running::Worker(w)) => HealthSource::Worker(w.status()),
+                    Some(Running::Frontend(f)) => HealthSource::Frontend(f.models().clone()),
+                    Some(Running::Router(_)) => HealthSource::Up,
+                },
+            })
+            .collect();
+        *self.health.lock().unwrap_or_else(|p| p.into_inner()) = now;
+    }
 }
 
 impl Supervisor {
@@ -314,7 +391,23 @@ impl Actor for Supervisor {
     type Arguments = ();
 
     async fn pre_start(&self, _: ActorRef<Msg>, _: ()) -> Result<State, ActorProcessingErr> {
-        Ok(State { roles: Vec::new() })
+        let health = self.health.clone();
+        let check =
+            dynamo_runtime::telemetry::add_health_check(Arc::new(move || health_of(&health)));
+        Ok(State {
+            roles: Vec::new(),
+            health: self.health.clone(),
+            health_check: check,
+        })
+    }
+
+    async fn post_stop(
+        &self,
+        _: ActorRef<Msg>,
+        state: &mut State,
+    ) -> Result<(), ActorProcessingErr> {
+        dynamo_runtime::telemetry::remove_health_check(state.health_check);
+        Ok(())
     }
 
     async fn handle(
@@ -388,6 +481,7 @@ impl Actor for Supervisor {
                         r.stop(grace).await;
                     }
                 }
+                state.refresh_health();
                 let _ = reply.send(());
                 myself.stop(Some("shut down".into()));
             }
@@ -419,6 +513,7 @@ impl Actor for Supervisor {
                 }
             }
         }
+        state.refresh_health();
         Ok(())
     }
 
@@ -464,6 +559,7 @@ impl Actor for Supervisor {
                 Self::schedule_restart(&myself, entry.name.clone(), entry.generation, delay);
             }
         }
+        state.refresh_health();
         Ok(())
     }
 }
@@ -473,6 +569,7 @@ impl Actor for Supervisor {
 pub struct SupervisorHandle {
     actor: ActorRef<Msg>,
     pending: Arc<AtomicUsize>,
+    health: Arc<Mutex<Vec<RoleHealth>>>,
 }
 
 impl SupervisorHandle {
@@ -480,17 +577,23 @@ impl SupervisorHandle {
     pub async fn start(runtime: &Runtime) -> Result<Self, SupervisorError> {
         crate::describe_metrics();
         let pending = Arc::new(AtomicUsize::new(0));
+        let health = Arc::new(Mutex::new(Vec::new()));
         let (actor, _) = Actor::spawn(
             None,
             Supervisor {
                 runtime: runtime.clone(),
                 pending: pending.clone(),
+                health: health.clone(),
             },
             (),
         )
         .await
         .map_err(|_| SupervisorError::Stopped)?;
-        Ok(Self { actor, pending })
+        Ok(Self {
+            actor,
+            pending,
+            health,
+        })
     }
 
     async fn ask<T>(
@@ -507,6 +610,12 @@ impl SupervisorHandle {
             return Err(SupervisorError::Stopped);
         }
         rx.await.map_err(|_| SupervisorError::Stopped)
+    }
+
+    /// Whether every role is healthy (workers serving, routers running, frontends listing a
+    /// model), with each role's state: what the process's `/health` answers.
+    pub fn health(&self) -> (bool, serde_json::Value) {
+        health_of(&self.health)
     }
 
     /// Starts a role named `name` (unique in this process) and waits until it is up.

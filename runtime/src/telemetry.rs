@@ -8,7 +8,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
@@ -41,7 +41,50 @@ pub fn init_tracing(filter: &str) -> Result<(), TelemetryError> {
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 static READY: AtomicBool = AtomicBool::new(false);
 
-/// The process serves what it is for (its roles started): `/health` answers 200 from now on.
+/// A health check of something this process runs (a supervisor's roles): whether it is
+/// healthy, and what to show of it.
+pub type HealthCheck = Arc<dyn Fn() -> (bool, serde_json::Value) + Send + Sync>;
+
+static CHECKS: Mutex<Vec<(u64, HealthCheck)>> = Mutex::new(Vec::new());
+static NEXT_CHECK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// Registers a check that `/health` requires; returns its id for [`remove_health_check`].
+pub fn add_health_check(check: HealthCheck) -> u64 {
+    let id = NEXT_CHECK.fetch_add(1, Ordering::Relaxed);
+    CHECKS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push((id, check));
+    id
+}
+
+pub fn remove_health_check(id: u64) {
+    CHECKS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .retain(|(i, _)| *i != id);
+}
+
+/// The registered checks together: healthy when all are, and what each shows.
+pub fn health_checks() -> (bool, Vec<serde_json::Value>) {
+    let checks: Vec<HealthCheck> = CHECKS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .map(|(_, c)| c.clone())
+        .collect();
+    let mut ok = true;
+    let mut shown = Vec::new();
+    for c in checks {
+        let (healthy, v) = c();
+        ok &= healthy;
+        shown.push(v);
+    }
+    (ok, shown)
+}
+
+/// The process serves what it is for (its roles started): `/health` answers 200 from now on,
+/// as long as every registered [`HealthCheck`] passes.
 pub fn mark_ready() {
     READY.store(true, Ordering::Relaxed);
 }
@@ -68,11 +111,14 @@ async fn serve_http(listener: tokio::net::TcpListener, handle: PrometheusHandle)
         .route(
             "/health",
             get(|| async {
-                if is_ready() {
-                    (StatusCode::OK, "{\"status\":\"ready\"}")
-                } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "{\"status\":\"starting\"}")
-                }
+                let (healthy, checks) = health_checks();
+                let (code, status) = match (is_ready(), healthy) {
+                    (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "starting"),
+                    (true, false) => (StatusCode::SERVICE_UNAVAILABLE, "degraded"),
+                    (true, true) => (StatusCode::OK, "ready"),
+                };
+                let body = serde_json::json!({ "status": status, "checks": checks });
+                (code, body.to_string())
             }),
         );
     if let Err(e) = axum::serve(listener, app).await {

@@ -347,7 +347,8 @@ async fn models(State(state): State<Arc<HttpState>>) -> Response {
     )
 }
 
-/// Ready when at least one model is served; lists every instance.
+/// Ready when at least one model is served and every role of the process is healthy (see
+/// `crate::supervisor`); lists every instance and each role's state.
 async fn health(State(state): State<Arc<HttpState>>) -> Response {
     let models = state.serving.table().list();
     let instances: Vec<Value> = models
@@ -362,14 +363,18 @@ async fn health(State(state): State<Arc<HttpState>>) -> Response {
             })
         })
         .collect();
+    // The process's own checks (its supervisor's roles) count too: one meaning per process.
+    let (process_ok, checks) = dynamo_runtime::telemetry::health_checks();
     let (status, code) = if models.is_empty() {
         ("no models served yet", StatusCode::SERVICE_UNAVAILABLE)
+    } else if !process_ok {
+        ("degraded", StatusCode::SERVICE_UNAVAILABLE)
     } else {
         ("healthy", StatusCode::OK)
     };
     json_response(
         code,
-        &json!({ "status": status, "instances": instances, "inflight": state.serving.inflight() }),
+        &json!({ "status": status, "instances": instances, "inflight": state.serving.inflight(), "checks": checks }),
     )
 }
 
