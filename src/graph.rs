@@ -34,8 +34,13 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
+use dynamo_protocols::llm::WorkerKind;
+use dynamo_runtime::subject::EndpointId;
 use serde::Deserialize;
 use serde_yaml::{Mapping, Value};
+
+use crate::launch::{Input, Output};
+use crate::settings::{to_flags, EngineKind, Settings};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -60,47 +65,6 @@ impl Role {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum EngineKind {
-    Echo,
-    Mocker,
-    Native,
-}
-
-/// Every setting a component can have (those of other roles are rejected).
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Settings {
-    // Shared.
-    pub model_path: Option<PathBuf>,
-    pub model_name: Option<String>,
-    pub block_size: Option<usize>,
-    /// Prometheus `/metrics` port of the first replica (replica i: + i).
-    pub metrics_port: Option<u16>,
-    pub log: Option<String>,
-    // Workers.
-    pub engine: Option<EngineKind>,
-    pub endpoint: Option<String>,
-    pub num_gpu_blocks: Option<usize>,
-    pub max_num_seqs: Option<usize>,
-    pub max_num_batched_tokens: Option<usize>,
-    pub speedup_ratio: Option<f64>,
-    pub echo_delay_ms: Option<u64>,
-    pub kv_cache_memory: Option<String>,
-    pub dtype: Option<String>,
-    // Routers, and frontends routing in-process.
-    pub router_mode: Option<String>,
-    pub kv_overlap_score_weight: Option<f64>,
-    pub router_temperature: Option<f64>,
-    pub busy_threshold: Option<f64>,
-    // Frontends.
-    pub http_port: Option<u16>,
-    pub http_host: Option<String>,
-    pub max_inflight: Option<usize>,
-    pub max_body_bytes: Option<usize>,
-}
-
 /// Settings every role takes.
 const COMMON_KEYS: &[&str] = &[
     "model_path",
@@ -112,6 +76,10 @@ const COMMON_KEYS: &[&str] = &[
 const WORKER_KEYS: &[&str] = &[
     "engine",
     "endpoint",
+    "mocker_panic_at_step",
+    "mocker_panic_on_token",
+    "mocker_stall_at_step",
+    "mocker_stall_ms",
     "num_gpu_blocks",
     "max_num_seqs",
     "max_num_batched_tokens",
@@ -128,7 +96,7 @@ const ROUTER_KEYS: &[&str] = &[
 ];
 const FRONTEND_KEYS: &[&str] = &["http_port", "http_host", "max_inflight", "max_body_bytes"];
 
-/// Every settings key, in the order of [`Settings`]' fields.
+/// Every key a graph may set.
 fn setting_keys() -> impl Iterator<Item = &'static str> {
     [COMMON_KEYS, WORKER_KEYS, ROUTER_KEYS, FRONTEND_KEYS]
         .into_iter()
@@ -452,6 +420,7 @@ fn validate(loc: &Locator<'_>, comps: Vec<Component>) -> Result<Vec<Component>> 
             Role::Router => {
                 own(WORKER_KEYS, "worker")?;
                 own(FRONTEND_KEYS, "frontend")?;
+                own(&["router_mode"], "frontend")?;
             }
             _ => {}
         }
@@ -535,9 +504,93 @@ fn flag(a: &mut Vec<String>, name: &str, v: Option<impl std::fmt::Display>) {
     }
 }
 
+/// `s` with only the keys of `groups` set.
+fn only(s: &Settings, groups: &[&[&str]]) -> Settings {
+    let mut v = serde_json::to_value(s).expect("settings serialize");
+    if let Some(m) = v.as_object_mut() {
+        m.retain(|k, _| groups.iter().any(|g| g.contains(&k.as_str())));
+    }
+    serde_json::from_value(v).expect("a subset of settings deserializes")
+}
+
+/// What one component runs, in the launcher's terms.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Launch {
+    /// A router component.
+    Router(Settings),
+    /// A frontend or a worker: its input, its output, its settings.
+    Process {
+        input: Input,
+        output: Output,
+        settings: Settings,
+    },
+}
+
 impl Component {
+    /// The component's settings for its role, with what the graph implies (a frontend routes
+    /// through the graph's router component; a prefill worker serves `prefill`): the one
+    /// place a graph becomes launcher settings, whether started in this process or as a child.
+    pub fn launch(&self, g: &Graph) -> Launch {
+        let s = &self.settings;
+        match self.role {
+            Role::Router => {
+                let mut r = only(s, &[ROUTER_KEYS]);
+                // A router component routes by KV; the mode is its frontends' setting.
+                r.router_mode = None;
+                Launch::Router(r)
+            }
+            Role::Frontend => {
+                let mut f = only(s, &[COMMON_KEYS, ROUTER_KEYS, FRONTEND_KEYS]);
+                // A frontend serves whatever the workers on the bus register.
+                f.model_path = None;
+                f.block_size = None;
+                let mode = f.router_mode.clone().unwrap_or_else(|| {
+                    if g.has_router() {
+                        "kv".into()
+                    } else {
+                        "round-robin".into()
+                    }
+                });
+                if g.has_router() && (mode == "kv" || mode == "least-loaded") {
+                    f.remote_router = Some(true);
+                }
+                f.router_mode = Some(mode);
+                f.http_port = Some(f.http_port.unwrap_or(8080));
+                Launch::Process {
+                    input: Input::Http,
+                    output: Output::Dyn,
+                    settings: f,
+                }
+            }
+            _ => {
+                let mut w = only(s, &[COMMON_KEYS, WORKER_KEYS]);
+                let output = match s.engine {
+                    Some(EngineKind::Echo) => Output::Echo,
+                    Some(EngineKind::Native) => Output::Native,
+                    _ => Output::Mocker,
+                };
+                let (kind, endpoint) = match self.role {
+                    Role::Prefill => (WorkerKind::Prefill, WorkerKind::PREFILL_ENDPOINT),
+                    Role::Decode => (WorkerKind::Decode, "generate"),
+                    _ => (WorkerKind::Aggregated, "generate"),
+                };
+                if kind != WorkerKind::Aggregated {
+                    w.worker_kind = Some(kind);
+                }
+                let endpoint = s.endpoint.as_deref().unwrap_or(endpoint);
+                let id = EndpointId::new(&g.namespace, &self.name, endpoint)
+                    .expect("graph names are validated");
+                Launch::Process {
+                    input: Input::Endpoint(id),
+                    output,
+                    settings: w,
+                }
+            }
+        }
+    }
+
     /// The `dynamo-run` arguments of replica `replica` (after the binary name), `bus` given
-    /// or not.
+    /// or not: [`Component::launch`] rendered as flags.
     pub fn args(&self, g: &Graph, bus: Option<&str>, replica: usize) -> Vec<String> {
         let s = &self.settings;
         let mut a: Vec<String> = Vec::new();
@@ -553,77 +606,19 @@ impl Component {
             "metrics-port",
             s.metrics_port.map(|p| p as usize + replica),
         );
-        let router = |a: &mut Vec<String>| {
-            let mut f = |n: &str, v: Option<f64>| {
-                if let Some(v) = v {
-                    a.push(format!("--{n}={v}"));
-                }
-            };
-            f("kv-overlap-score-weight", s.kv_overlap_score_weight);
-            f("router-temperature", s.router_temperature);
-            f("busy-threshold", s.busy_threshold);
-        };
-        match self.role {
-            Role::Router => {
+        match self.launch(g) {
+            Launch::Router(r) => {
                 a.push("router".into());
-                router(&mut a);
+                a.extend(to_flags(&r));
             }
-            Role::Frontend => {
-                a.push("in=http".into());
-                a.push("out=dyn".into());
-                flag(&mut a, "http-port", Some(s.http_port.unwrap_or(8080)));
-                flag(&mut a, "http-host", s.http_host.as_deref());
-                flag(&mut a, "model-name", s.model_name.as_deref());
-                let mode = s.router_mode.clone().unwrap_or_else(|| {
-                    if g.has_router() {
-                        "kv".into()
-                    } else {
-                        "round-robin".into()
-                    }
-                });
-                if g.has_router() && (mode == "kv" || mode == "least-loaded") {
-                    a.push("--remote-router".into());
-                }
-                flag(&mut a, "router-mode", Some(mode));
-                router(&mut a);
-                flag(&mut a, "max-inflight", s.max_inflight);
-                flag(&mut a, "max-body-bytes", s.max_body_bytes);
-            }
-            _ => {
-                let engine = match s.engine {
-                    Some(EngineKind::Echo) => "echo",
-                    Some(EngineKind::Native) => "native",
-                    _ => "mocker",
-                };
-                let (kind, endpoint) = match self.role {
-                    Role::Prefill => ("prefill", "prefill"),
-                    Role::Decode => ("decode", "generate"),
-                    _ => ("aggregated", "generate"),
-                };
-                a.push(format!(
-                    "in=dyn://{}.{}.{}",
-                    g.namespace,
-                    self.name,
-                    s.endpoint.as_deref().unwrap_or(endpoint)
-                ));
-                a.push(format!("out={engine}"));
-                if kind != "aggregated" {
-                    flag(&mut a, "worker-kind", Some(kind));
-                }
-                flag(
-                    &mut a,
-                    "model-path",
-                    s.model_path.as_ref().map(|p| p.display()),
-                );
-                flag(&mut a, "model-name", s.model_name.as_deref());
-                flag(&mut a, "block-size", s.block_size);
-                flag(&mut a, "num-gpu-blocks", s.num_gpu_blocks);
-                flag(&mut a, "max-num-seqs", s.max_num_seqs);
-                flag(&mut a, "max-num-batched-tokens", s.max_num_batched_tokens);
-                flag(&mut a, "speedup-ratio", s.speedup_ratio);
-                flag(&mut a, "echo-delay-ms", s.echo_delay_ms);
-                flag(&mut a, "kv-cache-memory", s.kv_cache_memory.as_deref());
-                flag(&mut a, "dtype", s.dtype.as_deref());
+            Launch::Process {
+                input,
+                output,
+                settings,
+            } => {
+                a.push(format!("in={input}"));
+                a.push(format!("out={output}"));
+                a.extend(to_flags(&settings));
             }
         }
         a

@@ -69,6 +69,28 @@ impl std::str::FromStr for Input {
     }
 }
 
+impl std::fmt::Display for Input {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Input::Http => f.write_str("http"),
+            Input::Text => f.write_str("text"),
+            Input::Batch(p) => write!(f, "batch:{}", p.display()),
+            Input::Endpoint(ep) => write!(f, "dyn://{ep}"),
+        }
+    }
+}
+
+impl std::fmt::Display for Output {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Output::Echo => "echo",
+            Output::Mocker => "mocker",
+            Output::Native => "native",
+            Output::Dyn => "dyn",
+        })
+    }
+}
+
 impl std::str::FromStr for Output {
     type Err = anyhow::Error;
 
@@ -85,8 +107,8 @@ impl std::str::FromStr for Output {
     }
 }
 
-/// Everything `in=/out=` runs need, parsed from the command line.
-#[derive(Debug, Clone)]
+/// Everything `in=/out=` runs need, resolved from flags or a graph (`settings.rs`).
+#[derive(Debug, Clone, PartialEq)]
 pub struct LaunchSettings {
     pub input: Input,
     pub output: Output,

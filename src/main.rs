@@ -19,19 +19,16 @@ mod diag;
 mod graph;
 mod launch;
 mod serve;
+mod settings;
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use dynamo_actors::frontend::RouterMode;
-use dynamo_actors::router::KvRouterSettings;
 use dynamo_engine::native::random::RandomModel;
 use dynamo_engine::native::weights::Dtype;
-use dynamo_engine::native::Compute;
-use dynamo_engine::{MockerFaults, MockerSettings, NativeSettings};
 use dynamo_preprocessor::make_model::{make_model, MakeModelSettings};
 use dynamo_protocols::echo::EchoRequest;
 use dynamo_protocols::llm::WorkerKind;
@@ -40,6 +37,7 @@ use dynamo_runtime::{config, telemetry, Runtime, RuntimeSettings};
 use serde::Serialize;
 
 use launch::{Input, LaunchSettings, Output};
+use settings::Settings;
 
 #[derive(Parser)]
 #[command(
@@ -74,119 +72,149 @@ struct Cli {
     command: Option<Command>,
 }
 
+/// Launcher settings (see `settings.rs`): each flag can also come from `DYN_{FLAG}` in the
+/// environment (flags win); unset ones take the documented default.
 #[derive(Args)]
 struct LaunchArgs {
-    /// `in=http|text|batch:FILE.jsonl|dyn://NS.COMPONENT.ENDPOINT` and `out=echo|mocker|dyn`
+    /// `in=http|text|batch:FILE.jsonl|dyn://NS.COMPONENT.ENDPOINT` and `out=echo|mocker|native|dyn`
     /// (defaults: in=http out=echo).
     #[arg(value_name = "in=... out=...")]
     io: Vec<String>,
     /// A Hugging Face model folder (tokenizer.json, tokenizer_config.json, config.json).
-    #[arg(long)]
+    #[arg(long, env = "DYN_MODEL_PATH")]
     model_path: Option<PathBuf>,
     /// The name clients use; default: the folder's name.
-    #[arg(long)]
+    #[arg(long, env = "DYN_MODEL_NAME")]
     model_name: Option<String>,
-    #[arg(long, default_value_t = 8080)]
-    http_port: u16,
-    #[arg(long, default_value = "0.0.0.0")]
-    http_host: IpAddr,
+    /// [default: 8080]
+    #[arg(long, env = "DYN_HTTP_PORT")]
+    http_port: Option<u16>,
+    /// [default: 0.0.0.0]
+    #[arg(long, env = "DYN_HTTP_HOST")]
+    http_host: Option<String>,
     /// kv, round-robin, random, least-loaded, or direct (requests name the worker in
-    /// nvext.backend_instance_id).
-    #[arg(long, default_value = "round-robin")]
-    router_mode: RouterMode,
+    /// nvext.backend_instance_id). [default: round-robin]
+    #[arg(long, env = "DYN_ROUTER_MODE")]
+    router_mode: Option<String>,
     #[command(flatten)]
     router: RouterArgs,
     /// Modes kv and least-loaded: ask the router component (`dynamo-run router`) on the bus
     /// for each request's worker instead of routing in this process.
-    #[arg(long)]
+    #[arg(long, env = "DYN_REMOTE_ROUTER")]
     remote_router: bool,
     /// What the workers of this process do: aggregated (prefill and decode), prefill (answers
-    /// `prefill` requests; only with in=dyn://...) or decode.
-    #[arg(long, default_value = "aggregated")]
-    worker_kind: WorkerKind,
-    /// Workers to host in this process (out=echo, out=mocker).
-    #[arg(long, default_value_t = 1)]
-    num_workers: usize,
-    /// Echo engine: time per generated token.
-    #[arg(long, default_value_t = 10)]
-    echo_delay_ms: u64,
-    /// KV cache block size in tokens (mocker; published in the model card).
-    #[arg(long, alias = "kv-block-size", default_value_t = 64)]
-    block_size: usize,
+    /// `prefill` requests; only with in=dyn://...) or decode. [default: aggregated]
+    #[arg(long, env = "DYN_WORKER_KIND")]
+    worker_kind: Option<WorkerKind>,
+    /// Workers to host in this process (out=echo, mocker, native). [default: 1]
+    #[arg(long, env = "DYN_NUM_WORKERS")]
+    num_workers: Option<usize>,
+    /// Echo engine: time per generated token. [default: 10]
+    #[arg(long, env = "DYN_ECHO_DELAY_MS")]
+    echo_delay_ms: Option<u64>,
+    /// KV cache block size in tokens (mocker, native; published in the model card). [default: 64]
+    #[arg(long, alias = "kv-block-size", env = "DYN_BLOCK_SIZE")]
+    block_size: Option<usize>,
     /// KV cache blocks per worker (mocker default 16384; native default: what
     /// --kv-cache-memory holds).
-    #[arg(long)]
+    #[arg(long, env = "DYN_NUM_GPU_BLOCKS")]
     num_gpu_blocks: Option<usize>,
     /// Native: KV cache size per worker when --num-gpu-blocks is unset (e.g. 512MiB, 2GiB).
-    #[arg(long, default_value = "1GiB")]
-    kv_cache_memory: String,
+    /// [default: 1GiB]
+    #[arg(long, env = "DYN_KV_CACHE_MEMORY")]
+    kv_cache_memory: Option<String>,
     /// Native: arithmetic type of the weights, f32 or bf16 (activations and KV stay f32).
-    #[arg(long, default_value = "f32")]
-    dtype: String,
-    /// Sequences per batch at most (mocker, native).
-    #[arg(long, default_value_t = 256)]
-    max_num_seqs: usize,
-    /// Tokens per step at most, prefill chunks plus decodes (mocker, native).
-    #[arg(long, default_value_t = 8192)]
-    max_num_batched_tokens: usize,
-    /// Mocker: simulated time is divided by this.
-    #[arg(long, default_value_t = 1.0)]
-    speedup_ratio: f64,
+    /// [default: f32]
+    #[arg(long, env = "DYN_DTYPE")]
+    dtype: Option<String>,
+    /// Sequences per batch at most (mocker, native). [default: 256]
+    #[arg(long, env = "DYN_MAX_NUM_SEQS")]
+    max_num_seqs: Option<usize>,
+    /// Tokens per step at most, prefill chunks plus decodes (mocker, native). [default: 8192]
+    #[arg(long, env = "DYN_MAX_NUM_BATCHED_TOKENS")]
+    max_num_batched_tokens: Option<usize>,
+    /// Mocker: simulated time is divided by this. [default: 1]
+    #[arg(long, env = "DYN_SPEEDUP_RATIO")]
+    speedup_ratio: Option<f64>,
     /// Mocker fault injection (tests, chaos runs): the engine panics at this step (counted
     /// from 1 at each engine start); the worker fails its open requests and restarts it.
-    #[arg(long, value_name = "STEP")]
+    #[arg(long, value_name = "STEP", env = "DYN_MOCKER_PANIC_AT_STEP")]
     mocker_panic_at_step: Option<u64>,
     /// Mocker fault injection: the engine panics when it computes a prompt holding this token id.
-    #[arg(long, value_name = "TOKEN_ID")]
+    #[arg(long, value_name = "TOKEN_ID", env = "DYN_MOCKER_PANIC_ON_TOKEN")]
     mocker_panic_on_token: Option<u32>,
     /// Mocker fault injection: this step stalls for --mocker-stall-ms (a hung engine).
-    #[arg(long, value_name = "STEP", requires = "mocker_stall_ms")]
+    #[arg(long, value_name = "STEP", env = "DYN_MOCKER_STALL_AT_STEP")]
     mocker_stall_at_step: Option<u64>,
-    #[arg(long, value_name = "MS", requires = "mocker_stall_at_step")]
+    #[arg(long, value_name = "MS", env = "DYN_MOCKER_STALL_MS")]
     mocker_stall_ms: Option<u64>,
-    /// Requests in flight beyond this get 429.
-    #[arg(long, default_value_t = 1024)]
-    max_inflight: usize,
-    /// Request bodies over this many bytes get 413.
-    #[arg(long, default_value_t = 16 * 1024 * 1024)]
-    max_body_bytes: usize,
-    /// in=batch: requests in flight at once.
-    #[arg(long, default_value_t = 16)]
-    batch_concurrency: usize,
+    /// Requests in flight beyond this get 429. [default: 1024]
+    #[arg(long, env = "DYN_MAX_INFLIGHT")]
+    max_inflight: Option<usize>,
+    /// Request bodies over this many bytes get 413. [default: 16777216]
+    #[arg(long, env = "DYN_MAX_BODY_BYTES")]
+    max_body_bytes: Option<usize>,
+    /// in=batch: requests in flight at once. [default: 16]
+    #[arg(long, env = "DYN_BATCH_CONCURRENCY")]
+    batch_concurrency: Option<usize>,
+}
+
+impl LaunchArgs {
+    /// These flags as the launcher's one settings layer.
+    fn settings(&self) -> Settings {
+        Settings {
+            model_path: self.model_path.clone(),
+            model_name: self.model_name.clone(),
+            block_size: self.block_size,
+            worker_kind: self.worker_kind,
+            num_gpu_blocks: self.num_gpu_blocks,
+            max_num_seqs: self.max_num_seqs,
+            max_num_batched_tokens: self.max_num_batched_tokens,
+            speedup_ratio: self.speedup_ratio,
+            echo_delay_ms: self.echo_delay_ms,
+            kv_cache_memory: self.kv_cache_memory.clone(),
+            dtype: self.dtype.clone(),
+            mocker_panic_at_step: self.mocker_panic_at_step,
+            mocker_panic_on_token: self.mocker_panic_on_token,
+            mocker_stall_at_step: self.mocker_stall_at_step,
+            mocker_stall_ms: self.mocker_stall_ms,
+            router_mode: self.router_mode.clone(),
+            remote_router: self.remote_router.then_some(true),
+            http_port: self.http_port,
+            http_host: self.http_host.clone(),
+            max_inflight: self.max_inflight,
+            max_body_bytes: self.max_body_bytes,
+            num_workers: self.num_workers,
+            batch_concurrency: self.batch_concurrency,
+            ..self.router.settings()
+        }
+    }
 }
 
 /// The KV router's settings (frontends with --router-mode kv, and `dynamo-run router`).
 #[derive(Args, Clone)]
 struct RouterArgs {
-    /// KV router: weight of prefill work (blocks not cached) against decode load.
-    #[arg(long, default_value_t = 1.0)]
-    kv_overlap_score_weight: f64,
-    /// KV router: 0 picks the lowest cost; above 0 samples with a softmax at this temperature.
-    #[arg(long, default_value_t = 0.0)]
-    router_temperature: f64,
+    /// KV router: weight of prefill work (blocks not cached) against decode load. [default: 1]
+    #[arg(long, env = "DYN_KV_OVERLAP_SCORE_WEIGHT")]
+    kv_overlap_score_weight: Option<f64>,
+    /// KV router: 0 picks the lowest cost; above 0 samples with a softmax at this
+    /// temperature. [default: 0]
+    #[arg(long, env = "DYN_ROUTER_TEMPERATURE")]
+    router_temperature: Option<f64>,
     /// KV router: skip workers whose KV usage fraction is above this (all busy: 503).
     /// Unset: never skip (the engines queue).
-    #[arg(long)]
+    #[arg(long, env = "DYN_BUSY_THRESHOLD")]
     busy_threshold: Option<f64>,
 }
 
 impl RouterArgs {
-    fn settings(&self) -> Result<KvRouterSettings> {
-        if !(self.kv_overlap_score_weight.is_finite() && self.kv_overlap_score_weight >= 0.0) {
-            bail!("--kv-overlap-score-weight must be a number >= 0");
-        }
-        if !(self.router_temperature.is_finite() && self.router_temperature >= 0.0) {
-            bail!("--router-temperature must be a number >= 0");
-        }
-        if self.busy_threshold.is_some_and(|t| !(t > 0.0 && t <= 1.0)) {
-            bail!("--busy-threshold must be in (0, 1]");
-        }
-        Ok(KvRouterSettings {
-            overlap_weight: self.kv_overlap_score_weight,
-            temperature: self.router_temperature,
+    fn settings(&self) -> Settings {
+        Settings {
+            kv_overlap_score_weight: self.kv_overlap_score_weight,
+            router_temperature: self.router_temperature,
             busy_threshold: self.busy_threshold,
             ..Default::default()
-        })
+        }
     }
 }
 
@@ -271,110 +299,23 @@ async fn main() {
     }
 }
 
-/// `1GiB`, `512MiB`, `64KiB`, `1000000` (bytes), `2GB`.
-fn parse_bytes(s: &str) -> Result<usize> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| anyhow::anyhow!("expected a size like 512MiB or 2GiB"))?;
-    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "k" | "kb" => 1e3,
-        "kib" => 1024.0,
-        "m" | "mb" => 1e6,
-        "mib" => (1u64 << 20) as f64,
-        "g" | "gb" => 1e9,
-        "gib" => (1u64 << 30) as f64,
-        other => bail!("unknown unit {other:?}; use B, KiB, MiB or GiB"),
-    };
-    let bytes = n * mult;
-    if !(bytes.is_finite() && bytes >= 1.0) {
-        bail!("expected a positive size");
-    }
-    Ok(bytes as usize)
-}
-
-fn launch_settings(cli: &Cli) -> Result<LaunchSettings> {
-    let a = &cli.launch;
+/// The in=/out= of a command line.
+fn io(io: &[String]) -> Result<(Input, Output)> {
     let (mut input, mut output) = (Input::Http, Output::Echo);
-    for arg in &a.io {
+    for arg in io {
         match arg.split_once('=') {
             Some(("in", v)) => input = v.parse()?,
             Some(("out", v)) => output = v.parse()?,
             _ => bail!("unexpected argument {arg:?}; expected in=... or out=... (see --help)"),
         }
     }
-    let mocker = MockerSettings {
-        num_gpu_blocks: a.num_gpu_blocks.unwrap_or(16384),
-        block_size: a.block_size,
-        max_num_seqs: a.max_num_seqs,
-        max_num_batched_tokens: a.max_num_batched_tokens,
-        speedup_ratio: a.speedup_ratio,
-        faults: MockerFaults {
-            panic_at_step: a.mocker_panic_at_step,
-            panic_on_token: a.mocker_panic_on_token,
-            stall_at_step: a.mocker_stall_at_step,
-            stall_for: Duration::from_millis(a.mocker_stall_ms.unwrap_or(0)),
-        },
-        ..Default::default()
-    };
-    if output == Output::Mocker {
-        mocker
-            .validate()
-            .map_err(|e| anyhow::anyhow!("mocker settings: {e}"))?;
-    }
-    let native = NativeSettings {
-        compute: match a.dtype.as_str() {
-            "f32" => Compute::F32,
-            "bf16" => Compute::Bf16,
-            other => bail!("--dtype {other:?}: use f32 or bf16"),
-        },
-        block_size: a.block_size,
-        num_gpu_blocks: a.num_gpu_blocks,
-        kv_cache_memory: parse_bytes(&a.kv_cache_memory)
-            .with_context(|| format!("--kv-cache-memory {:?}", a.kv_cache_memory))?,
-        max_num_seqs: a.max_num_seqs,
-        max_num_batched_tokens: a.max_num_batched_tokens,
-        ..Default::default()
-    };
-    if a.block_size == 0 {
-        bail!("--block-size must be positive");
-    }
-    let kv_router = a.router.settings()?;
-    if a.remote_router && !a.router_mode.uses_kv_router() {
-        bail!("--remote-router needs --router-mode kv or least-loaded");
-    }
-    if a.worker_kind == WorkerKind::Prefill && !matches!(input, Input::Endpoint(_)) {
-        bail!("--worker-kind prefill serves prefill requests on the bus: run it as in=dyn://NAMESPACE.COMPONENT.prefill (a frontend never sends it whole requests)");
-    }
-    if let Some(name) = &a.model_name {
-        if name.trim().is_empty() {
-            bail!("--model-name must not be empty");
-        }
-    }
-    Ok(LaunchSettings {
-        input,
-        output,
-        namespace: cli.namespace.clone(),
-        model_path: a.model_path.clone(),
-        model_name: a.model_name.clone(),
-        http_addr: SocketAddr::new(a.http_host, a.http_port),
-        router_mode: a.router_mode,
-        kv_router,
-        remote_router: a.remote_router,
-        num_workers: a.num_workers,
-        worker_kind: a.worker_kind,
-        echo_delay: Duration::from_millis(a.echo_delay_ms),
-        mocker,
-        native,
-        max_inflight: a.max_inflight,
-        max_body_bytes: a.max_body_bytes,
-        batch_concurrency: a.batch_concurrency,
-    })
+    Ok((input, output))
+}
+
+/// The command line's launch settings, resolved and validated (see `settings.rs`).
+fn launch_settings(cli: &Cli) -> Result<LaunchSettings> {
+    let (input, output) = io(&cli.launch.io)?;
+    settings::resolve(input, output, &cli.namespace, &cli.launch.settings())
 }
 
 async fn run(cli: Cli) -> Result<()> {
@@ -434,7 +375,7 @@ async fn run(cli: Cli) -> Result<()> {
         Some(_) => None,
     };
     let router = match &cli.command {
-        Some(Command::Router(args)) => Some(args.settings()?),
+        Some(Command::Router(args)) => Some(settings::router_settings(&args.settings())?),
         _ => None,
     };
     // A graph is validated before anything starts.

@@ -17,7 +17,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use clap::Parser;
 use dynamo_actors::supervisor::{RoleSpec, Started, SupervisorHandle};
 use dynamo_runtime::subject::Namespace;
 use dynamo_runtime::Runtime;
@@ -25,16 +24,9 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::graph::{Component, Graph, Role};
+use crate::graph::{Component, Graph, Launch, Role};
 use crate::launch::{self, Input};
-
-/// Parses a component's arguments as the command line would.
-fn parse(args: &[String]) -> Result<crate::Cli> {
-    crate::Cli::try_parse_from(
-        std::iter::once("dynamo-run".to_string()).chain(args.iter().cloned()),
-    )
-    .map_err(|e| anyhow!("{e}"))
-}
+use crate::settings;
 
 /// Runs the graph in this process: every component replica is a role of this process's
 /// supervisor, named `{component}` (or `{component}-{replica}` with several replicas).
@@ -79,8 +71,6 @@ async fn start_embedded(
     // (model, instances) of the workers started so far: frontends are ready once they list them.
     let mut models: Vec<(String, usize)> = Vec::new();
     for c in &g.components {
-        let args = c.args(g, None, 0);
-        let cli = parse(&args).with_context(|| format!("component {}", c.name))?;
         let role = |i: usize| {
             if c.replicas == 1 {
                 c.name.clone()
@@ -88,15 +78,15 @@ async fn start_embedded(
                 format!("{}-{i}", c.name)
             }
         };
-        match c.role {
-            Role::Router => {
-                let Some(crate::Command::Router(r)) = &cli.command else {
-                    bail!("component {}: not a router command line", c.name);
-                };
+        // The component's settings, resolved directly: no command line in between.
+        match c.launch(g) {
+            Launch::Router(r) => {
+                let settings = settings::router_settings(&r)
+                    .with_context(|| format!("component {}", c.name))?;
                 for i in 0..c.replicas {
                     let spec = RoleSpec::Router {
                         namespace: ns.clone(),
-                        settings: r.settings()?,
+                        settings: settings.clone(),
                     };
                     sup.start_role(&role(i), spec)
                         .await
@@ -104,38 +94,45 @@ async fn start_embedded(
                 }
                 println!("[{}] {} router(s) ready", c.name, c.replicas);
             }
-            Role::Frontend => {
-                let s = crate::launch_settings(&cli)?;
-                for i in 0..c.replicas {
-                    let mut fs = launch::frontend_settings(&s, &ns);
-                    fs.http_addr = Some(s.http_addr);
-                    let Started::Frontend { addr, serving } =
-                        sup.start_role(&role(i), RoleSpec::Frontend(fs)).await?
-                    else {
-                        unreachable!("a frontend spec starts a frontend");
-                    };
-                    for (m, n) in &models {
-                        launch::wait_model(serving.table(), Some(m), *n).await?;
+            Launch::Process {
+                input,
+                output,
+                settings,
+            } => {
+                let s = settings::resolve(input, output, &g.namespace, &settings)
+                    .with_context(|| format!("component {}", c.name))?;
+                match &s.input {
+                    Input::Http => {
+                        for i in 0..c.replicas {
+                            let mut fs = launch::frontend_settings(&s, &ns);
+                            fs.http_addr = Some(s.http_addr);
+                            let Started::Frontend { addr, serving } =
+                                sup.start_role(&role(i), RoleSpec::Frontend(fs)).await?
+                            else {
+                                unreachable!("a frontend spec starts a frontend");
+                            };
+                            for (m, n) in &models {
+                                launch::wait_model(serving.table(), Some(m), *n).await?;
+                            }
+                            let addr = addr.expect("an HTTP frontend");
+                            println!("[{}] ready: http://{addr}/v1", c.name);
+                            frontends.push(addr);
+                        }
                     }
-                    let addr = addr.expect("an HTTP frontend");
-                    println!("[{}] ready: http://{addr}/v1", c.name);
-                    frontends.push(addr);
-                }
-            }
-            _ => {
-                let s = crate::launch_settings(&cli)?;
-                let Input::Endpoint(ep) = &s.input else {
-                    bail!("component {}: not a worker command line", c.name);
-                };
-                let (w, model) = launch::start_workers(sup, &s, ep, c.replicas, &c.name).await?;
-                println!("[{}] {} worker(s) of model {model} ready", c.name, w.len());
-                if c.role == Role::Prefill {
-                    // Frontends never list prefill workers: nothing to wait for.
-                    continue;
-                }
-                match models.iter_mut().find(|(m, _)| *m == model) {
-                    Some((_, n)) => *n += w.len(),
-                    None => models.push((model, w.len())),
+                    Input::Endpoint(ep) => {
+                        let (w, model) =
+                            launch::start_workers(sup, &s, ep, c.replicas, &c.name).await?;
+                        println!("[{}] {} worker(s) of model {model} ready", c.name, w.len());
+                        if c.role == Role::Prefill {
+                            // Frontends never list prefill workers: nothing to wait for.
+                            continue;
+                        }
+                        match models.iter_mut().find(|(m, _)| *m == model) {
+                            Some((_, n)) => *n += w.len(),
+                            None => models.push((model, w.len())),
+                        }
+                    }
+                    other => bail!("component {}: unexpected input {other}", c.name),
                 }
             }
         }

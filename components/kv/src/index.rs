@@ -115,7 +115,7 @@ impl std::ops::Index<&WorkerId> for OverlapMap {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct IndexSettings {
     /// Most (worker, block) pairs indexed before least-recently-used blocks are pruned.
     pub max_blocks: usize,

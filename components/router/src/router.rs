@@ -15,7 +15,7 @@ use dynamo_protocols::router::{LeaseId, RouterEvent, RouterEventKind};
 use crate::lease::{LeaseInner, RouteLease};
 use crate::sink::DecisionSink;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct KvRouterSettings {
     /// Weight of prefill work against decode load.
     pub overlap_weight: f64,

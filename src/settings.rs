@@ -1,0 +1,400 @@
+//! The launcher's one configuration path: every launcher setting, from flags or from a graph,
+//! is a [`Settings`] value (each key optional), resolved and validated once by [`resolve`] into
+//! the per-role structs the roles take ([`LaunchSettings`], [`KvRouterSettings`], engine and
+//! frontend settings).
+//!
+//! - A single process: flags (clap, with `DYN_{KEY}` environment variables beneath them) give
+//!   a [`Settings`], then [`resolve`]; runtime settings (bus, discovery, RPC, log) come from
+//!   `--config FILE` < `DYN_*` < flags (`dynamo_runtime::config`).
+//! - A graph: `defaults` < the component's keys < `DYN_GRAPH__*` < `--set` give each
+//!   component's [`Settings`] ([`crate::graph`]); an embedded start calls [`resolve`] on it
+//!   directly. A graph run as processes renders the same values as each child's flags
+//!   ([`to_flags`]), which the child parses back into the same [`Settings`] (tested).
+//!
+//! Defaults live here only (`resolve`), never in the flag definitions.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use dynamo_actors::frontend::RouterMode;
+use dynamo_actors::router::KvRouterSettings;
+use dynamo_engine::native::Compute;
+use dynamo_engine::{MockerFaults, MockerSettings, NativeSettings};
+use dynamo_protocols::llm::WorkerKind;
+use serde::{Deserialize, Serialize};
+
+use crate::launch::{Input, LaunchSettings, Output};
+
+/// Every launcher setting; `None` is "not set here" (a lower layer or the default applies).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    // Shared.
+    pub model_path: Option<PathBuf>,
+    pub model_name: Option<String>,
+    pub block_size: Option<usize>,
+    /// Prometheus `/metrics` port (a graph's replica i: + i).
+    pub metrics_port: Option<u16>,
+    pub log: Option<String>,
+    // Workers.
+    pub engine: Option<EngineKind>,
+    pub endpoint: Option<String>,
+    pub worker_kind: Option<WorkerKind>,
+    pub num_gpu_blocks: Option<usize>,
+    pub max_num_seqs: Option<usize>,
+    pub max_num_batched_tokens: Option<usize>,
+    pub speedup_ratio: Option<f64>,
+    pub echo_delay_ms: Option<u64>,
+    pub kv_cache_memory: Option<String>,
+    pub dtype: Option<String>,
+    pub mocker_panic_at_step: Option<u64>,
+    pub mocker_panic_on_token: Option<u32>,
+    pub mocker_stall_at_step: Option<u64>,
+    pub mocker_stall_ms: Option<u64>,
+    // Routers, and frontends routing in-process.
+    pub router_mode: Option<String>,
+    pub kv_overlap_score_weight: Option<f64>,
+    pub router_temperature: Option<f64>,
+    pub busy_threshold: Option<f64>,
+    pub remote_router: Option<bool>,
+    // Frontends.
+    pub http_port: Option<u16>,
+    pub http_host: Option<String>,
+    pub max_inflight: Option<usize>,
+    pub max_body_bytes: Option<usize>,
+    // A single process only.
+    pub num_workers: Option<usize>,
+    pub batch_concurrency: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EngineKind {
+    Echo,
+    Mocker,
+    Native,
+}
+
+/// `1GiB`, `512MiB`, `64KiB`, `1000000` (bytes), `2GB`.
+pub fn parse_bytes(s: &str) -> Result<usize> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| anyhow::anyhow!("expected a size like 512MiB or 2GiB"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "kib" => 1024.0,
+        "m" | "mb" => 1e6,
+        "mib" => (1u64 << 20) as f64,
+        "g" | "gb" => 1e9,
+        "gib" => (1u64 << 30) as f64,
+        other => bail!("unknown unit {other:?}; use B, KiB, MiB or GiB"),
+    };
+    let bytes = n * mult;
+    if !(bytes.is_finite() && bytes >= 1.0) {
+        bail!("expected a positive size");
+    }
+    Ok(bytes as usize)
+}
+
+/// The KV router's settings (routers, and frontends routing by KV or load).
+pub fn router_settings(s: &Settings) -> Result<KvRouterSettings> {
+    let d = KvRouterSettings::default();
+    let weight = s.kv_overlap_score_weight.unwrap_or(d.overlap_weight);
+    if !(weight.is_finite() && weight >= 0.0) {
+        bail!("--kv-overlap-score-weight must be a number >= 0");
+    }
+    let temperature = s.router_temperature.unwrap_or(d.temperature);
+    if !(temperature.is_finite() && temperature >= 0.0) {
+        bail!("--router-temperature must be a number >= 0");
+    }
+    if s.busy_threshold.is_some_and(|t| !(t > 0.0 && t <= 1.0)) {
+        bail!("--busy-threshold must be in (0, 1]");
+    }
+    Ok(KvRouterSettings {
+        overlap_weight: weight,
+        temperature,
+        busy_threshold: s.busy_threshold,
+        ..d
+    })
+}
+
+/// Resolves and validates `s` for a process (or role) taking requests from `input` and
+/// answering with `output`.
+pub fn resolve(
+    input: Input,
+    output: Output,
+    namespace: &str,
+    s: &Settings,
+) -> Result<LaunchSettings> {
+    let block_size = s.block_size.unwrap_or(64);
+    if block_size == 0 {
+        bail!("--block-size must be positive");
+    }
+    let max_num_seqs = s.max_num_seqs.unwrap_or(256);
+    let max_num_batched_tokens = s.max_num_batched_tokens.unwrap_or(8192);
+    let mocker = MockerSettings {
+        num_gpu_blocks: s.num_gpu_blocks.unwrap_or(16384),
+        block_size,
+        max_num_seqs,
+        max_num_batched_tokens,
+        speedup_ratio: s.speedup_ratio.unwrap_or(1.0),
+        faults: MockerFaults {
+            panic_at_step: s.mocker_panic_at_step,
+            panic_on_token: s.mocker_panic_on_token,
+            stall_at_step: s.mocker_stall_at_step,
+            stall_for: Duration::from_millis(s.mocker_stall_ms.unwrap_or(0)),
+        },
+        ..Default::default()
+    };
+    if s.mocker_stall_at_step.is_some() != s.mocker_stall_ms.is_some() {
+        bail!("--mocker-stall-at-step and --mocker-stall-ms go together");
+    }
+    if output == Output::Mocker {
+        mocker
+            .validate()
+            .map_err(|e| anyhow::anyhow!("mocker settings: {e}"))?;
+    }
+    let kv_cache_memory = s.kv_cache_memory.as_deref().unwrap_or("1GiB");
+    let native = NativeSettings {
+        compute: match s.dtype.as_deref().unwrap_or("f32") {
+            "f32" => Compute::F32,
+            "bf16" => Compute::Bf16,
+            other => bail!("--dtype {other:?}: use f32 or bf16"),
+        },
+        block_size,
+        num_gpu_blocks: s.num_gpu_blocks,
+        kv_cache_memory: parse_bytes(kv_cache_memory)
+            .with_context(|| format!("--kv-cache-memory {kv_cache_memory:?}"))?,
+        max_num_seqs,
+        max_num_batched_tokens,
+        ..Default::default()
+    };
+    let router_mode: RouterMode = match &s.router_mode {
+        Some(m) => m
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("--router-mode: {e}"))?,
+        None => RouterMode::default(),
+    };
+    let remote_router = s.remote_router.unwrap_or(false);
+    if remote_router && !router_mode.uses_kv_router() {
+        bail!("--remote-router needs --router-mode kv or least-loaded");
+    }
+    let worker_kind = s.worker_kind.unwrap_or_default();
+    if worker_kind == WorkerKind::Prefill && !matches!(input, Input::Endpoint(_)) {
+        bail!("--worker-kind prefill serves prefill requests on the bus: run it as in=dyn://NAMESPACE.COMPONENT.prefill (a frontend never sends it whole requests)");
+    }
+    if let Some(name) = &s.model_name {
+        if name.trim().is_empty() {
+            bail!("--model-name must not be empty");
+        }
+    }
+    let host: IpAddr = match &s.http_host {
+        Some(h) => h
+            .parse()
+            .map_err(|_| anyhow::anyhow!("--http-host {h:?} is not an IP address"))?,
+        None => IpAddr::from([0, 0, 0, 0]),
+    };
+    Ok(LaunchSettings {
+        input,
+        output,
+        namespace: namespace.to_string(),
+        model_path: s.model_path.clone(),
+        model_name: s.model_name.clone(),
+        http_addr: SocketAddr::new(host, s.http_port.unwrap_or(8080)),
+        router_mode,
+        kv_router: router_settings(s)?,
+        remote_router,
+        num_workers: s.num_workers.unwrap_or(1),
+        worker_kind,
+        echo_delay: Duration::from_millis(s.echo_delay_ms.unwrap_or(10)),
+        mocker,
+        native,
+        max_inflight: s.max_inflight.unwrap_or(1024),
+        max_body_bytes: s.max_body_bytes.unwrap_or(16 * 1024 * 1024),
+        batch_concurrency: s.batch_concurrency.unwrap_or(16),
+    })
+}
+
+/// Renders `s` as `dynamo-run` flags (each set key as `--key value`; `engine`, `endpoint`,
+/// `metrics_port` and `log` are the caller's: `out=`, `in=`, a per-replica port, a global flag).
+pub fn to_flags(s: &Settings) -> Vec<String> {
+    let mut out = Vec::new();
+    let value = serde_json::to_value(s).expect("settings serialize");
+    for (k, v) in value.as_object().expect("a struct").iter() {
+        if matches!(k.as_str(), "engine" | "endpoint" | "metrics_port" | "log") {
+            continue;
+        }
+        let flag = format!("--{}", k.replace('_', "-"));
+        match v {
+            serde_json::Value::Null => {}
+            serde_json::Value::Bool(true) => out.push(flag),
+            serde_json::Value::Bool(false) => {}
+            serde_json::Value::String(t) => {
+                out.push(flag);
+                out.push(t.clone());
+            }
+            other => {
+                out.push(flag);
+                out.push(other.to_string());
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    use crate::graph::{self, Launch};
+
+    /// What a child process of the graph resolves from its command line.
+    fn from_args(args: &[String]) -> (Option<KvRouterSettings>, Option<LaunchSettings>) {
+        let cli = crate::Cli::try_parse_from(
+            std::iter::once("dynamo-run".to_string()).chain(args.iter().cloned()),
+        )
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        match &cli.command {
+            Some(crate::Command::Router(r)) => {
+                (Some(router_settings(&r.settings()).unwrap()), None)
+            }
+            _ => (None, Some(crate::launch_settings(&cli).unwrap())),
+        }
+    }
+
+    /// Every component of every shipped graph resolves to the same settings in this process
+    /// (directly) and as a child process (through its command line): one configuration path.
+    #[test]
+    fn a_graph_resolves_the_same_embedded_and_as_processes() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().and_then(|e| e.to_str()) != Some("yaml")
+                || path.ends_with("runtime.yaml")
+            {
+                continue;
+            }
+            let sets = ["defaults.model_path=/m".to_string()];
+            let g = graph::load(&path, &[], &sets)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            for c in &g.components {
+                let args = c.args(&g, Some("nats://127.0.0.1:4222"), 0);
+                let direct = match c.launch(&g) {
+                    Launch::Router(r) => (Some(router_settings(&r).unwrap()), None),
+                    Launch::Process {
+                        input,
+                        output,
+                        settings,
+                    } => (
+                        None,
+                        Some(resolve(input, output, &g.namespace, &settings).unwrap()),
+                    ),
+                };
+                assert_eq!(
+                    from_args(&args),
+                    direct,
+                    "{}: {} {args:?}",
+                    path.display(),
+                    c.name
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked >= 6, "checked {checked} components");
+    }
+
+    /// Every key a graph may set renders as a flag the launcher takes back.
+    #[test]
+    fn every_settings_key_round_trips_through_flags() {
+        let s = Settings {
+            model_path: Some("/m".into()),
+            model_name: Some("tiny".into()),
+            block_size: Some(32),
+            worker_kind: Some(WorkerKind::Decode),
+            num_gpu_blocks: Some(100),
+            max_num_seqs: Some(8),
+            max_num_batched_tokens: Some(512),
+            speedup_ratio: Some(2.5),
+            echo_delay_ms: Some(3),
+            kv_cache_memory: Some("64MiB".into()),
+            dtype: Some("bf16".into()),
+            mocker_panic_at_step: Some(4),
+            mocker_panic_on_token: Some(77),
+            mocker_stall_at_step: Some(5),
+            mocker_stall_ms: Some(250),
+            router_mode: Some("least-loaded".into()),
+            kv_overlap_score_weight: Some(0.5),
+            router_temperature: Some(0.25),
+            busy_threshold: Some(0.9),
+            remote_router: Some(true),
+            http_port: Some(9000),
+            http_host: Some("127.0.0.1".into()),
+            max_inflight: Some(7),
+            max_body_bytes: Some(4096),
+            num_workers: Some(3),
+            batch_concurrency: Some(2),
+            ..Default::default()
+        };
+        let mut args = vec!["in=http".to_string(), "out=mocker".to_string()];
+        args.extend(to_flags(&s));
+        let cli = crate::Cli::try_parse_from(
+            std::iter::once("dynamo-run".to_string()).chain(args.clone()),
+        )
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        assert_eq!(cli.launch.settings(), s);
+    }
+
+    #[test]
+    fn bad_values_name_the_setting() {
+        let bad = |s: Settings| {
+            resolve(Input::Http, Output::Mocker, "dynamo", &s)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(bad(Settings {
+            block_size: Some(0),
+            ..Default::default()
+        })
+        .contains("--block-size"));
+        assert!(bad(Settings {
+            dtype: Some("f8".into()),
+            ..Default::default()
+        })
+        .contains("--dtype"));
+        assert!(bad(Settings {
+            router_mode: Some("fastest".into()),
+            ..Default::default()
+        })
+        .contains("--router-mode"));
+        assert!(bad(Settings {
+            remote_router: Some(true),
+            ..Default::default()
+        })
+        .contains("--remote-router"));
+        assert!(bad(Settings {
+            mocker_stall_ms: Some(5),
+            ..Default::default()
+        })
+        .contains("--mocker-stall"));
+        assert!(bad(Settings {
+            http_host: Some("example".into()),
+            ..Default::default()
+        })
+        .contains("--http-host"));
+        assert!(bad(Settings {
+            worker_kind: Some(WorkerKind::Prefill),
+            ..Default::default()
+        })
+        .contains("prefill"));
+    }
+}
