@@ -312,10 +312,21 @@ fn io(io: &[String]) -> Result<(Input, Output)> {
     Ok((input, output))
 }
 
-/// The command line's launch settings, resolved and validated (see `settings.rs`).
+/// The `--config` file's launcher settings (none without a file).
+fn file_settings(cli: &Cli) -> Result<Settings> {
+    cli.config
+        .as_deref()
+        .map(settings::from_file)
+        .transpose()
+        .map(Option::unwrap_or_default)
+}
+
+/// The command line's launch settings over the config file's, resolved and validated (see
+/// `settings.rs`).
 fn launch_settings(cli: &Cli) -> Result<LaunchSettings> {
     let (input, output) = io(&cli.launch.io)?;
-    settings::resolve(input, output, &cli.namespace, &cli.launch.settings())
+    let s = settings::overlay(file_settings(cli)?, cli.launch.settings());
+    settings::resolve(input, output, &cli.namespace, &s)
 }
 
 async fn run(cli: Cli) -> Result<()> {
@@ -375,7 +386,10 @@ async fn run(cli: Cli) -> Result<()> {
         Some(_) => None,
     };
     let router = match &cli.command {
-        Some(Command::Router(args)) => Some(settings::router_settings(&args.settings())?),
+        Some(Command::Router(args)) => Some(settings::router_settings(&settings::overlay(
+            file_settings(&cli)?,
+            args.settings(),
+        ))?),
         _ => None,
     };
     // A graph is validated before anything starts.

@@ -3,9 +3,10 @@
 //! the per-role structs the roles take ([`LaunchSettings`], [`KvRouterSettings`], engine and
 //! frontend settings).
 //!
-//! - A single process: flags (clap, with `DYN_{KEY}` environment variables beneath them) give
-//!   a [`Settings`], then [`resolve`]; runtime settings (bus, discovery, RPC, log) come from
-//!   `--config FILE` < `DYN_*` < flags (`dynamo_runtime::config`).
+//! - A single process: defaults < the launcher keys of `--config FILE` ([`from_file`]) <
+//!   `DYN_{KEY}` environment variables < flags, layered by [`overlay`], then [`resolve`]. The
+//!   same file holds the runtime settings (bus, discovery, RPC, log), which come from
+//!   `--config FILE` < `DYN_*` < flags too (`dynamo_runtime::config`).
 //! - A graph: `defaults` < the component's keys < `DYN_GRAPH__*` < `--set` give each
 //!   component's [`Settings`] ([`crate::graph`]); an embedded start calls [`resolve`] on it
 //!   directly. A graph run as processes renders the same values as each child's flags
@@ -75,6 +76,44 @@ pub enum EngineKind {
     Echo,
     Mocker,
     Native,
+}
+
+/// Keys of a `--config` file that are the runtime's (`dynamo_runtime::config`), not the
+/// launcher's.
+const RUNTIME_KEYS: &[&str] = &["bus", "discovery", "rpc", "shutdown_grace"];
+
+/// The launcher settings of a `--config` YAML file (its runtime keys are the runtime's); an
+/// unknown key is an error naming it.
+pub fn from_file(path: &std::path::Path) -> Result<Settings> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("config file {}", path.display()))?;
+    let mut doc: serde_yaml::Mapping = match serde_yaml::from_str(&text)
+        .with_context(|| format!("config file {}", path.display()))?
+    {
+        serde_yaml::Value::Mapping(m) => m,
+        serde_yaml::Value::Null => return Ok(Settings::default()),
+        _ => bail!(
+            "config file {}: expected a mapping of settings",
+            path.display()
+        ),
+    };
+    doc.retain(|k, _| !k.as_str().is_some_and(|k| RUNTIME_KEYS.contains(&k)));
+    serde_yaml::from_value(serde_yaml::Value::Mapping(doc))
+        .with_context(|| format!("config file {}", path.display()))
+}
+
+/// `top` over `base`: each key `top` sets wins.
+pub fn overlay(base: Settings, top: Settings) -> Settings {
+    let mut b = serde_json::to_value(base).expect("settings serialize");
+    let t = serde_json::to_value(top).expect("settings serialize");
+    if let (Some(b), Some(t)) = (b.as_object_mut(), t.as_object()) {
+        for (k, v) in t {
+            if !v.is_null() {
+                b.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    serde_json::from_value(b).expect("merged settings deserialize")
 }
 
 /// `1GiB`, `512MiB`, `64KiB`, `1000000` (bytes), `2GB`.
@@ -352,6 +391,29 @@ mod tests {
         )
         .unwrap_or_else(|e| panic!("{args:?}: {e}"));
         assert_eq!(cli.launch.settings(), s);
+    }
+
+    /// `--config FILE` < flags, key by key; runtime keys in the same file are left to the
+    /// runtime; a typo is refused with its name.
+    #[test]
+    fn a_config_file_is_a_layer_below_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        std::fs::write(&path, "bus: nats://127.0.0.1:4222\nrpc:\n  max_inflight: 9\nlog: warn\nhttp_port: 9001\nblock_size: 32\nrouter_mode: kv\n").unwrap();
+        let file = from_file(&path).unwrap();
+        assert_eq!(file.http_port, Some(9001));
+        let flags = Settings {
+            block_size: Some(16),
+            ..Default::default()
+        };
+        let s = overlay(file, flags);
+        assert_eq!((s.http_port, s.block_size), (Some(9001), Some(16)));
+        assert_eq!(s.router_mode.as_deref(), Some("kv"));
+        let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/runtime.yaml");
+        from_file(&shipped).unwrap();
+        std::fs::write(&path, "http_prot: 9001\n").unwrap();
+        let e = format!("{:#}", from_file(&path).unwrap_err());
+        assert!(e.contains("http_prot"), "{e}");
     }
 
     #[test]
