@@ -121,7 +121,8 @@ pub enum FrontendError {
 pub struct Frontend {
     membership: MembershipHandle,
     watcher: ActorRef<models::WatcherMsg>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// With a remote router: the publisher of this frontend's requests' first tokens and ends.
+    publisher: Option<crate::router::Publisher>,
     ingest: Option<RouterIngest>,
     serving: Arc<Serving>,
     addr: Option<SocketAddr>,
@@ -148,13 +149,13 @@ impl Frontend {
             .await
             .map_err(|e| FrontendError::Watcher(e.to_string()))?;
         let mut remote = None;
-        let mut tasks = Vec::new();
+        let mut publisher = None;
         let (router, ingest) = if settings.router_mode.uses_kv_router() && settings.remote_router {
             let endpoint = ComponentId::new(settings.namespace.as_str(), ROUTER_COMPONENT)
                 .and_then(|c| c.endpoint(ROUTE_ENDPOINT))
                 .map_err(|e| FrontendError::Watcher(e.to_string()))?;
-            let (sink, task) = spawn_publisher(runtime, &settings.namespace, rand::random());
-            tasks.push(task);
+            let (sink, p) = spawn_publisher(runtime, &settings.namespace, rand::random());
+            publisher = Some(p);
             remote = Some(RemoteRouter { endpoint, sink });
             (None, None)
         } else if settings.router_mode.uses_kv_router() {
@@ -220,7 +221,7 @@ impl Frontend {
         Ok(Self {
             membership,
             watcher,
-            tasks,
+            publisher,
             ingest,
             serving,
             addr,
@@ -249,18 +250,19 @@ impl Frontend {
         self.serving.table()
     }
 
-    /// Stops accepting connections, lets open responses finish, stops the watcher.
+    /// Stops accepting connections, lets open responses finish, stops the watcher, then
+    /// publishes the routing decisions still queued (the last requests' ends) and stops.
     pub async fn shutdown(mut self) {
         self.stop.cancel();
         if let Some(s) = self.server.take() {
             let _ = s.await;
         }
         self.watcher.stop(None);
-        if let Some(i) = &self.ingest {
-            i.stop();
+        if let Some(i) = self.ingest.take() {
+            i.shutdown().await;
         }
-        for t in &self.tasks {
-            t.abort();
+        if let Some(p) = self.publisher.take() {
+            p.close().await;
         }
     }
 }

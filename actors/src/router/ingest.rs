@@ -83,7 +83,9 @@ struct Ingest {
 /// The running ingest actor.
 pub struct RouterIngest {
     actor: ActorRef<IngestMsg>,
-    sync: Vec<tokio::task::JoinHandle<()>>,
+    /// Applies the other routers' decisions (holds no request: stopped outright).
+    subscriber: tokio::task::JoinHandle<()>,
+    publisher: super::sync::Publisher,
 }
 
 impl RouterIngest {
@@ -92,11 +94,11 @@ impl RouterIngest {
         self.actor.get_cell()
     }
 
-    pub fn stop(&self) {
+    /// Stops the ingest, then publishes this router's queued decisions and stops.
+    pub async fn shutdown(self) {
         self.actor.stop(None);
-        for t in &self.sync {
-            t.abort();
-        }
+        self.subscriber.abort();
+        self.publisher.close().await;
     }
 }
 
@@ -123,13 +125,14 @@ pub async fn start_ingest(
         Ok(a) => a,
         Err(e) => {
             subscriber.abort();
-            publisher.abort();
+            publisher.close().await;
             return Err(e.to_string());
         }
     };
     Ok(RouterIngest {
         actor,
-        sync: vec![subscriber, publisher],
+        subscriber,
+        publisher,
     })
 }
 

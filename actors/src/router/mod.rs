@@ -14,4 +14,4 @@ pub use dynamo_router::{
 };
 pub use ingest::{start_ingest, RouterIngest};
 pub use service::RouterComponent;
-pub use sync::spawn_publisher;
+pub use sync::{spawn_publisher, Publisher};

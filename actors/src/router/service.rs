@@ -152,7 +152,7 @@ impl RouterComponent {
                 actor,
             }),
             Err(e) => {
-                ingest.stop();
+                ingest.shutdown().await;
                 Err(e)
             }
         }
@@ -175,6 +175,6 @@ impl RouterComponent {
     pub async fn shutdown(self) {
         self.served.shutdown(Duration::from_secs(1)).await;
         self.actor.stop(None);
-        self.ingest.stop();
+        self.ingest.shutdown().await;
     }
 }

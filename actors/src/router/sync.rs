@@ -15,6 +15,8 @@ use dynamo_runtime::bus::Outgoing;
 use dynamo_runtime::serve::{decode_event, encode_event};
 use dynamo_runtime::subject::{ComponentId, Namespace, Topic};
 use dynamo_runtime::{InstanceId, Runtime};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 use super::{DecisionSink, KvRouter};
 use std::sync::Arc;
@@ -27,18 +29,50 @@ fn topic() -> Topic {
     Topic::new(DECISIONS_TOPIC).expect("valid topic")
 }
 
+/// The task publishing one router's decision events.
+pub struct Publisher {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// How long closing a publisher may take to send what is queued.
+const CLOSE_WITHIN: Duration = Duration::from_secs(2);
+
+impl Publisher {
+    /// Publishes what is queued (the last requests' ends, so replicas release their load),
+    /// then stops; never longer than [`CLOSE_WITHIN`].
+    pub async fn close(self) {
+        self.stop.cancel();
+        if tokio::time::timeout(CLOSE_WITHIN, self.task).await.is_err() {
+            tracing::warn!("routing decisions still queued at shutdown were dropped");
+        }
+    }
+}
+
 /// Starts the task publishing decision events as `publisher`.
 pub fn spawn_publisher(
     runtime: &Runtime,
     namespace: &Namespace,
     publisher: u64,
-) -> (DecisionSink, tokio::task::JoinHandle<()>) {
+) -> (DecisionSink, Publisher) {
     let (sink, mut rx) = DecisionSink::channel();
     let subject = component(namespace).event_subject(&topic(), InstanceId::new(publisher));
     let bus = runtime.bus().clone();
+    let stop = CancellationToken::new();
+    let stopping = stop.clone();
     let task = tokio::spawn(async move {
         let mut warned = false;
-        while let Some(event) = rx.recv().await {
+        loop {
+            let event = tokio::select! {
+                e = rx.recv() => match e {
+                    Some(e) => e,
+                    None => return,
+                },
+                _ = stopping.cancelled() => match rx.try_recv() {
+                    Ok(e) => e,
+                    Err(_) => return,
+                },
+            };
             let sent = match encode_event(&event) {
                 Ok(payload) => bus
                     .publish(Outgoing::new(subject.clone(), payload))
@@ -54,7 +88,7 @@ pub fn spawn_publisher(
             }
         }
     });
-    (sink, task)
+    (sink, Publisher { stop, task })
 }
 
 /// Subscribes `router` to every other publisher's decision events.
