@@ -126,8 +126,13 @@ async fn roles_start_and_stop_at_run_time(bus: Option<String>) {
         }
     }
 
-    sup.shutdown(Duration::from_secs(1)).await;
+    // The runtime's shutdown token is the root of the tree: cancelling it (as SIGTERM does)
+    // stops every role, workers drained and deregistered.
+    runtime.shutdown_token().cancel();
     until_instances(&table, 0, "every worker left at shutdown").await;
+    tokio::time::timeout(Duration::from_secs(10), sup.stopped())
+        .await
+        .expect("the supervisor stops");
     assert_eq!(sup.roles().await, Err(SupervisorError::Stopped));
     runtime.close().await;
 }

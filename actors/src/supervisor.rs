@@ -573,7 +573,10 @@ pub struct SupervisorHandle {
 }
 
 impl SupervisorHandle {
-    /// Starts a supervisor with no roles.
+    /// Starts a supervisor with no roles. Its shutdown hangs off the runtime's shutdown token
+    /// (a child token): cancelling that token (SIGTERM in `dynamo-run`, a dead parent with
+    /// `--exit-with-parent`) stops every role in reverse start order, draining workers for
+    /// the runtime's `shutdown_grace`.
     pub async fn start(runtime: &Runtime) -> Result<Self, SupervisorError> {
         crate::describe_metrics();
         let pending = Arc::new(AtomicUsize::new(0));
@@ -589,11 +592,21 @@ impl SupervisorHandle {
         )
         .await
         .map_err(|_| SupervisorError::Stopped)?;
-        Ok(Self {
+        let handle = Self {
             actor,
             pending,
             health,
-        })
+        };
+        let token = runtime.shutdown_token().child_token();
+        let (me, grace) = (handle.clone(), runtime.settings().shutdown_grace);
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = token.cancelled() => me.shutdown(grace).await,
+                // The supervisor stopped by itself (an explicit shutdown): nothing to do.
+                _ = me.stopped() => {}
+            }
+        });
+        Ok(handle)
     }
 
     async fn ask<T>(
@@ -642,5 +655,10 @@ impl SupervisorHandle {
     /// Stops every role in reverse start order, then the supervisor.
     pub async fn shutdown(&self, grace: Duration) {
         let _ = self.ask(|reply| Msg::Shutdown { grace, reply }).await;
+    }
+
+    /// Resolves once the supervisor has stopped (its roles stopped before it).
+    pub async fn stopped(&self) {
+        let _ = self.actor.get_cell().wait(None).await;
     }
 }
