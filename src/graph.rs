@@ -80,6 +80,7 @@ const WORKER_KEYS: &[&str] = &[
     "mocker_panic_on_token",
     "mocker_stall_at_step",
     "mocker_stall_ms",
+    "mocker_drop_bus_after_ms",
     "num_gpu_blocks",
     "max_num_seqs",
     "max_num_batched_tokens",

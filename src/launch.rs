@@ -123,6 +123,8 @@ pub struct LaunchSettings {
     pub worker_kind: WorkerKind,
     pub echo_delay: Duration,
     pub mocker: MockerSettings,
+    /// Fault injection: drop the bus connection this long after the worker is ready.
+    pub drop_bus_after: Option<Duration>,
     /// out=native (model_path is filled in from `model_path`).
     pub native: NativeSettings,
     pub max_inflight: usize,
@@ -331,6 +333,16 @@ pub async fn run(runtime: &Runtime, s: LaunchSettings) -> Result<()> {
         println!("ready endpoint={ep} model={name} instance={}", instances[0]);
         std::io::stdout().flush()?;
         dynamo_runtime::telemetry::mark_ready();
+        if let Some(after) = s.drop_bus_after {
+            let bus = runtime.bus().clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                match bus.sever().await {
+                    Ok(()) => eprintln!("fault injection: dropped the bus connection"),
+                    Err(e) => eprintln!("fault injection: cannot drop the bus connection: {e}"),
+                }
+            });
+        }
         let signal = wait_for_stop(runtime).await;
         eprintln!("{signal}: draining open requests (up to {grace:?})");
         sup.shutdown(grace).await;

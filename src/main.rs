@@ -148,6 +148,11 @@ struct LaunchArgs {
     mocker_stall_at_step: Option<u64>,
     #[arg(long, value_name = "MS", env = "DYN_MOCKER_STALL_MS")]
     mocker_stall_ms: Option<u64>,
+    /// Mocker fault injection: this long after it is ready, the worker process drops its bus
+    /// connection without deregistering (its subscriptions vanish, its leases run out); the
+    /// process keeps running. Needs --bus.
+    #[arg(long, value_name = "MS", env = "DYN_MOCKER_DROP_BUS_AFTER_MS")]
+    mocker_drop_bus_after_ms: Option<u64>,
     /// Requests in flight beyond this get 429. [default: 1024]
     #[arg(long, env = "DYN_MAX_INFLIGHT")]
     max_inflight: Option<usize>,
@@ -178,6 +183,7 @@ impl LaunchArgs {
             mocker_panic_on_token: self.mocker_panic_on_token,
             mocker_stall_at_step: self.mocker_stall_at_step,
             mocker_stall_ms: self.mocker_stall_ms,
+            mocker_drop_bus_after_ms: self.mocker_drop_bus_after_ms,
             router_mode: self.router_mode.clone(),
             remote_router: self.remote_router.then_some(true),
             http_port: self.http_port,

@@ -101,6 +101,9 @@ async fn start_embedded(
             } => {
                 let s = settings::resolve(input, output, &g.namespace, &settings)
                     .with_context(|| format!("component {}", c.name))?;
+                if s.drop_bus_after.is_some() {
+                    bail!("component {}: mocker_drop_bus_after_ms needs a bus (serve --bus nats://...): there is no connection to drop in one process", c.name);
+                }
                 match &s.input {
                     Input::Http => {
                         for i in 0..c.replicas {

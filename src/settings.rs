@@ -54,6 +54,7 @@ pub struct Settings {
     pub mocker_panic_on_token: Option<u32>,
     pub mocker_stall_at_step: Option<u64>,
     pub mocker_stall_ms: Option<u64>,
+    pub mocker_drop_bus_after_ms: Option<u64>,
     // Routers, and frontends routing in-process.
     pub router_mode: Option<String>,
     pub kv_overlap_score_weight: Option<f64>,
@@ -196,6 +197,11 @@ pub fn resolve(
     if s.mocker_stall_at_step.is_some() != s.mocker_stall_ms.is_some() {
         bail!("--mocker-stall-at-step and --mocker-stall-ms go together");
     }
+    if s.mocker_drop_bus_after_ms.is_some()
+        && (output != Output::Mocker || !matches!(input, Input::Endpoint(_)))
+    {
+        bail!("--mocker-drop-bus-after-ms drops a mocker worker process's bus connection: use it with in=dyn://... out=mocker --bus nats://...");
+    }
     if output == Output::Mocker {
         mocker
             .validate()
@@ -256,6 +262,7 @@ pub fn resolve(
         echo_delay: Duration::from_millis(s.echo_delay_ms.unwrap_or(10)),
         mocker,
         native,
+        drop_bus_after: s.mocker_drop_bus_after_ms.map(Duration::from_millis),
         max_inflight: s.max_inflight.unwrap_or(1024),
         max_body_bytes: s.max_body_bytes.unwrap_or(16 * 1024 * 1024),
         batch_concurrency: s.batch_concurrency.unwrap_or(16),
@@ -371,6 +378,7 @@ mod tests {
             mocker_panic_on_token: Some(77),
             mocker_stall_at_step: Some(5),
             mocker_stall_ms: Some(250),
+            mocker_drop_bus_after_ms: Some(1000),
             router_mode: Some("least-loaded".into()),
             kv_overlap_score_weight: Some(0.5),
             router_temperature: Some(0.25),

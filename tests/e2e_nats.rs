@@ -342,3 +342,109 @@ fn a_worker_process_health_lists_its_roles() {
     assert_eq!(roles[0]["kind"], "worker", "{v}");
     assert_eq!(roles[0]["state"], "serving", "{v}");
 }
+
+/// The mocker's bus-drop fault: the worker process loses its NATS connection without
+/// deregistering. Calls to its instance get "no responders" at once, its discovery entry runs
+/// out with its lease, and the process itself keeps running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_drops_its_bus_connection_vanishes_from_the_bus() {
+    use dynamo_actors::frontend::{Frontend, FrontendSettings};
+    use dynamo_protocols::llm::{
+        EngineOutput, PreprocessedRequest, SamplingOptions, StopConditions,
+    };
+    use dynamo_runtime::rpc::RpcError;
+    use dynamo_runtime::subject::Namespace;
+
+    let server = NatsServer::start().unwrap();
+    let mut worker = Proc::start(dynamo_run().env("DYN_DISCOVERY__LEASE", "2s").args([
+        "--bus",
+        &server.url(),
+        "--namespace",
+        "drop",
+        "in=dyn://drop.backend.generate",
+        "out=mocker",
+        "--model-path",
+        common::model_dir(),
+        "--model-name",
+        "tiny",
+        "--mocker-drop-bus-after-ms",
+        "1500",
+    ]));
+    let instance = worker.instance().to_string();
+    let runtime = Runtime::start(RuntimeSettings {
+        bus: Some(server.url()),
+        discovery: DiscoverySettings {
+            lease: Duration::from_secs(2),
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let frontend = Frontend::start(
+        &runtime,
+        FrontendSettings::new(Namespace::new("drop").unwrap()),
+    )
+    .await
+    .unwrap();
+    let table = frontend.models().clone();
+    if tokio::time::timeout(Duration::from_secs(10), table.wait_for("tiny", 1))
+        .await
+        .is_err()
+    {
+        let names: Vec<String> = table.list().iter().map(|e| e.card.name.clone()).collect();
+        panic!("the worker is not listed; listed: {names:?}");
+    }
+    let id = table.get("tiny").unwrap().instances[0].instance;
+    assert_eq!(id.to_string(), instance);
+
+    // Once the connection is gone, its instance subject has no responders...
+    let target = Target::Instance(
+        ComponentId::new("drop", "backend")
+            .unwrap()
+            .endpoint("generate")
+            .unwrap(),
+        id,
+    );
+    let req = PreprocessedRequest {
+        token_ids: vec![10, 11, 12],
+        sampling: SamplingOptions::default(),
+        stop: StopConditions {
+            max_tokens: 1,
+            min_tokens: 0,
+            stop_token_ids: vec![],
+        },
+        remote_prefill: None,
+    };
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = match runtime
+            .client()
+            .call::<_, EngineOutput>(target.clone(), &req, CallOptions::default())
+            .await
+        {
+            Ok(stream) => stream.collect().await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        if matches!(r, Err(RpcError::NoResponders { .. })) {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "the dropped worker still answers: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // ...and discovery forgets it when its lease runs out, though it never deregistered.
+    let mut changes = table.changes();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while table.get("tiny").is_some() {
+            changes.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("the lease of the dropped worker ran out");
+    assert!(worker.alive(), "the process keeps running without its bus");
+    frontend.shutdown().await;
+    runtime.close().await;
+}

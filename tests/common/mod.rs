@@ -97,6 +97,11 @@ impl Proc {
         }
     }
 
+    /// Whether the child is still running.
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

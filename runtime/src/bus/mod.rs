@@ -281,6 +281,16 @@ pub trait Bus: Send + Sync + fmt::Debug + 'static {
     /// this connection's subscriptions are visible to every other publisher.
     async fn flush(&self) -> Result<(), BusError>;
 
+    /// Drops this process's connection to the bus without a goodbye (fault injection, chaos
+    /// tests): its subscriptions vanish at once (callers of its instances get no responders),
+    /// nothing is deregistered (its discovery leases run out), and nothing more is sent or
+    /// received. The in-process bus has no connection to drop.
+    async fn sever(&self) -> Result<(), BusError> {
+        Err(BusError::Operation(
+            "the in-process bus has no connection to drop; run with --bus nats://...".into(),
+        ))
+    }
+
     /// Sends a request and returns the stream of every reply to it, once the first reply came
     /// within `first_reply`; if nobody listens on `subject` the call fails with
     /// [`BusError::NoResponders`], if nobody answers in time with [`BusError::Timeout`]. The

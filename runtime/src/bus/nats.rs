@@ -223,6 +223,14 @@ impl Bus for NatsBus {
     /// So this ends with a round trip through the server on this connection: a message to a
     /// fresh inbox this connection subscribes, which comes back only after everything before it
     /// was processed (whoever else listens, e.g. on `>`).
+    async fn sever(&self) -> Result<(), BusError> {
+        // Unsubscribes everything and closes the connection; no deregistration happens.
+        self.client
+            .drain()
+            .await
+            .map_err(|e| BusError::Connection(e.to_string()))
+    }
+
     async fn flush(&self) -> Result<(), BusError> {
         let err = |e: String| BusError::Connection(format!("flush failed: {e}"));
         let barrier = crate::subject::new_inbox().as_str().to_string();
