@@ -40,6 +40,37 @@ use crate::membership::{MemberEvent, MembershipHandle};
 /// Event and load messages that may wait in the ingest actor's mailbox.
 pub const MAX_QUEUED: usize = 8192;
 
+/// Counts messages in a mailbox and refuses one past the bound (the caller drops it).
+struct Admission {
+    queued: AtomicUsize,
+    max: usize,
+}
+
+impl Admission {
+    fn new(max: usize) -> Self {
+        Self {
+            queued: AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    /// Takes a place, or `false` when all are taken.
+    fn admit(&self) -> bool {
+        self.queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// Gives a place back (the message was handled).
+    fn done(&self) {
+        let _ = self
+            .queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+}
+
 enum IngestMsg {
     Member(MemberEvent),
     Events {
@@ -77,7 +108,7 @@ struct Ingest {
     membership: MembershipHandle,
     router: Arc<KvRouter>,
     /// Event and load messages in the mailbox (see [`MAX_QUEUED`]).
-    queued: Arc<AtomicUsize>,
+    queued: Arc<Admission>,
 }
 
 /// The running ingest actor.
@@ -118,7 +149,7 @@ pub async fn start_ingest(
     let ingest = Ingest {
         runtime: runtime.clone(),
         router,
-        queued: Arc::default(),
+        queued: Arc::new(Admission::new(MAX_QUEUED)),
         membership: membership.clone(),
     };
     let (actor, _) = match Actor::spawn(None, ingest, ()).await {
@@ -171,11 +202,10 @@ impl Ingest {
                     }
                 };
                 while let Some(m) = sub.next().await {
-                    if queued.load(Ordering::Acquire) >= MAX_QUEUED {
+                    if !queued.admit() {
                         dropped.increment(1);
                         continue;
                     }
-                    queued.fetch_add(1, Ordering::AcqRel);
                     let worker = m.subject.last_token().to_string();
                     let msg = if is_events {
                         IngestMsg::Events {
@@ -323,7 +353,7 @@ impl Actor for Ingest {
         state: &mut IngestState,
     ) -> Result<(), ActorProcessingErr> {
         if matches!(msg, IngestMsg::Events { .. } | IngestMsg::Load { .. }) {
-            self.queued.fetch_sub(1, Ordering::AcqRel);
+            self.queued.done();
         }
         match msg {
             IngestMsg::Member(MemberEvent::Joined(m)) => {
@@ -449,5 +479,25 @@ impl Actor for Ingest {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Admission;
+
+    #[test]
+    fn the_mailbox_bound_refuses_past_it_and_frees_places_as_messages_are_handled() {
+        let a = Admission::new(3);
+        assert!((0..3).all(|_| a.admit()));
+        assert!(!a.admit(), "the fourth waits nowhere: dropped");
+        a.done();
+        assert!(a.admit(), "a handled message frees its place");
+        assert!(!a.admit());
+        for _ in 0..10 {
+            a.done();
+        }
+        assert!((0..3).all(|_| a.admit()), "never below zero");
+        assert!(!a.admit());
     }
 }
