@@ -293,3 +293,68 @@ async fn role_restart_nats_bus() {
     let server = NatsServer::start().unwrap();
     a_failed_role_restarts(Some(server.url())).await;
 }
+
+/// The supervisor's mailbox is bounded: while it is busy starting a role, at most
+/// `MAX_PENDING` commands wait and the rest are refused at once with `Busy`; the waiting ones
+/// are answered once it is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_supervisor_mailbox_refuses_with_busy() {
+    use dynamo_actors::supervisor::MAX_PENDING;
+
+    let dir = tempfile::tempdir().unwrap();
+    make_model(dir.path(), &MakeModelSettings::default()).unwrap();
+    let folder = ModelFolder::load(dir.path()).unwrap();
+    let runtime = Runtime::start(RuntimeSettings::default()).await.unwrap();
+    let sup = SupervisorHandle::start(&runtime).await.unwrap();
+    // An engine that starts only when the test says so keeps the supervisor busy.
+    let (entered_tx, entered) = tokio::sync::oneshot::channel::<()>();
+    let (release, gate) = tokio::sync::oneshot::channel::<()>();
+    let once = Arc::new(std::sync::Mutex::new(Some((entered_tx, gate))));
+    let factory: EngineFactory = Arc::new(move || {
+        let once = once.lock().unwrap().take();
+        Box::pin(async move {
+            if let Some((entered, gate)) = once {
+                let _ = entered.send(());
+                let _ = gate.await;
+            }
+            Ok(Arc::new(EchoEngine::new(EchoSettings {
+                delay_per_token: Duration::ZERO,
+            })) as Arc<dyn Engine>)
+        })
+    });
+    let spec = RoleSpec::Worker(Box::new(WorkerSpec::new(
+        ComponentId::new("busy", "backend").unwrap(),
+        WorkerSettings::new(
+            folder.files().card(MODEL, 16, 0).unwrap(),
+            folder.files().clone(),
+        ),
+        factory,
+    )));
+    let starting = {
+        let sup = sup.clone();
+        tokio::spawn(async move { sup.start_role("slow", spec).await })
+    };
+    entered.await.unwrap();
+    // The supervisor is inside the start; now more commands than its mailbox takes. Each
+    // takes its place on its first poll; the gate opens after all have been polled.
+    let asks = futures::future::join_all((0..MAX_PENDING + 20).map(|_| sup.roles()));
+    let (results, _) = tokio::join!(asks, async {
+        tokio::task::yield_now().await;
+        let _ = release.send(());
+    });
+    starting.await.unwrap().expect("the slow role starts");
+    let mut busy = 0;
+    let mut answered = 0;
+    for r in results {
+        match r {
+            Err(SupervisorError::Busy) => busy += 1,
+            Ok(_) => answered += 1,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    // The start command left the mailbox when the supervisor took it up.
+    assert_eq!(answered, MAX_PENDING, "as many as may wait are answered");
+    assert_eq!(busy, 20, "the rest are refused at once");
+    sup.shutdown(Duration::from_secs(1)).await;
+    runtime.close().await;
+}
