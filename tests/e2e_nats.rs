@@ -206,11 +206,7 @@ async fn stop_gracefully_on(signal: Signal) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn call_echo_and_ls_work_across_processes_and_metrics_are_served() {
     let server = NatsServer::start().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let worker = worker(&server.url(), &["--metrics-port", &port.to_string()]);
     let out = Command::new(env!("CARGO_BIN_EXE_dynamo-run"))
         .args([
@@ -295,11 +291,7 @@ fn bad_configuration_fails_with_a_clear_message() {
         .to_lowercase()
         .contains("heartbeat_interval"));
     // Nothing listening: a connection error that says what to do.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let out = Command::new(env!("CARGO_BIN_EXE_dynamo-run"))
         .args(["--bus", &format!("nats://127.0.0.1:{port}"), "ls"])
         .output()
@@ -313,11 +305,7 @@ fn bad_configuration_fails_with_a_clear_message() {
 #[test]
 fn a_worker_process_health_lists_its_roles() {
     let server = NatsServer::start().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let _worker = Proc::start(dynamo_run().args([
         "--bus",
         &server.url(),

@@ -57,19 +57,11 @@ fn lint(what: &str, text: &str) {
     );
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_process_metrics_pass_promtool() {
     let server = NatsServer::start().unwrap();
     let bus = server.url();
-    let (router_port, worker_port) = (free_port(), free_port());
+    let (router_port, worker_port) = (common::free_port(), common::free_port());
     let _router = Proc::start(dynamo_run().args([
         "--bus",
         &bus,

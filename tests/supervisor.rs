@@ -1,6 +1,8 @@
 //! The root supervisor over both buses: roles start and stop while the process runs and the
 //! frontend sees workers join and leave; bad commands get typed errors and change nothing.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,11 +12,9 @@ use dynamo_actors::supervisor::{
 };
 use dynamo_actors::worker::{EngineFactory, WorkerSettings};
 use dynamo_engine::{EchoEngine, EchoSettings, Engine};
-use dynamo_preprocessor::make_model::{make_model, MakeModelSettings};
 use dynamo_preprocessor::ModelFolder;
 use dynamo_runtime::subject::{ComponentId, Namespace};
 use dynamo_runtime::testing::NatsServer;
-use dynamo_runtime::{Runtime, RuntimeSettings};
 use serde_json::json;
 
 const MODEL: &str = "tiny";
@@ -47,16 +47,8 @@ fn worker(folder: &ModelFolder) -> RoleSpec {
 }
 
 async fn roles_start_and_stop_at_run_time(bus: Option<String>) {
-    let dir = tempfile::tempdir().unwrap();
-    make_model(dir.path(), &MakeModelSettings::default()).unwrap();
-    let folder = ModelFolder::load(dir.path()).unwrap();
-    let runtime = Runtime::start(RuntimeSettings {
-        bus,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let sup = SupervisorHandle::start(&runtime).await.unwrap();
+    let (_dir, folder) = common::small_model();
+    let (runtime, sup) = common::supervised(bus).await;
     let mut fs = FrontendSettings::new(Namespace::new("suptest").unwrap());
     fs.http_addr = Some("127.0.0.1:0".parse().unwrap());
     let Started::Frontend { addr, serving } = sup
@@ -176,16 +168,8 @@ async fn a_failed_role_restarts(bus: Option<String>) {
     use dynamo_engine::{MockerEngine, MockerFaults, MockerSettings};
     use std::sync::atomic::{AtomicU32, Ordering};
 
-    let dir = tempfile::tempdir().unwrap();
-    make_model(dir.path(), &MakeModelSettings::default()).unwrap();
-    let folder = ModelFolder::load(dir.path()).unwrap();
-    let runtime = Runtime::start(RuntimeSettings {
-        bus,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let sup = SupervisorHandle::start(&runtime).await.unwrap();
+    let (_dir, folder) = common::small_model();
+    let (runtime, sup) = common::supervised(bus).await;
     let fs = FrontendSettings::new(Namespace::new("restart").unwrap());
     let Started::Frontend { serving, .. } = sup
         .start_role("frontend", RoleSpec::Frontend(fs))
@@ -301,11 +285,8 @@ async fn role_restart_nats_bus() {
 async fn a_full_supervisor_mailbox_refuses_with_busy() {
     use dynamo_actors::supervisor::MAX_PENDING;
 
-    let dir = tempfile::tempdir().unwrap();
-    make_model(dir.path(), &MakeModelSettings::default()).unwrap();
-    let folder = ModelFolder::load(dir.path()).unwrap();
-    let runtime = Runtime::start(RuntimeSettings::default()).await.unwrap();
-    let sup = SupervisorHandle::start(&runtime).await.unwrap();
+    let (_dir, folder) = common::small_model();
+    let (runtime, sup) = common::supervised(None).await;
     // An engine that starts only when the test says so keeps the supervisor busy.
     let (entered_tx, entered) = tokio::sync::oneshot::channel::<()>();
     let (release, gate) = tokio::sync::oneshot::channel::<()>();

@@ -3,18 +3,18 @@
 //! engine restarts under supervision, it registers again and serves, and the restart is
 //! counted in `/metrics`.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use dynamo_actors::frontend::{Endpoint, Frontend, FrontendSettings, ModelTable};
 use dynamo_actors::worker::{EngineFactory, WorkerHandle, WorkerSettings, WorkerStatus};
 use dynamo_engine::{Engine, MockerEngine, MockerFaults, MockerSettings};
-use dynamo_preprocessor::make_model::{make_model, MakeModelSettings};
-use dynamo_preprocessor::{ModelFolder, Preprocessor};
+use dynamo_preprocessor::Preprocessor;
 use dynamo_protocols::llm::FinishReason;
 use dynamo_runtime::subject::{ComponentId, Namespace};
 use dynamo_runtime::testing::NatsServer;
-use dynamo_runtime::{Runtime, RuntimeSettings};
 use serde_json::json;
 
 const MODEL: &str = "tiny";
@@ -36,19 +36,12 @@ async fn until_instances(table: &ModelTable, cond: impl Fn(usize) -> bool, what:
 }
 
 async fn engine_failure_is_typed_and_the_worker_restarts(bus: Option<String>) {
-    let dir = tempfile::tempdir().unwrap();
-    make_model(dir.path(), &MakeModelSettings::default()).unwrap();
-    let folder = ModelFolder::load(dir.path()).unwrap();
+    let (_dir, folder) = common::small_model();
     let pre = Preprocessor::new(MODEL, folder.files()).unwrap();
     let vocab = pre.ordinary_tokens();
     let marked = vocab.start + 7;
 
-    let runtime = Runtime::start(RuntimeSettings {
-        bus,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let runtime = common::runtime_on(bus).await;
     let ns = Namespace::new("failtest").unwrap();
     let mut fs = FrontendSettings::new(ns.clone());
     fs.http_addr = Some("127.0.0.1:0".parse().unwrap());

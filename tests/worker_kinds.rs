@@ -2,15 +2,16 @@
 //! not list it, and it answers a prefill request with exactly the first token; a decode worker
 //! is listed and takes requests prefilled elsewhere; an aggregated worker refuses those.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use dynamo_actors::frontend::{FrontendSettings, ModelTable};
 use dynamo_actors::membership::MembershipHandle;
-use dynamo_actors::supervisor::{RoleSpec, Started, SupervisorHandle, WorkerSpec};
+use dynamo_actors::supervisor::{RoleSpec, Started, WorkerSpec};
 use dynamo_actors::worker::{EngineFactory, WorkerSettings};
 use dynamo_engine::{Engine, MockerEngine, MockerSettings};
-use dynamo_preprocessor::make_model::{make_model, MakeModelSettings};
 use dynamo_preprocessor::ModelFolder;
 use dynamo_protocols::llm::{
     EngineOutput, FinishReason, PreprocessedRequest, RemotePrefill, SamplingOptions,
@@ -19,7 +20,7 @@ use dynamo_protocols::llm::{
 use dynamo_runtime::rpc::{RemoteErrorKind, RpcError};
 use dynamo_runtime::subject::{ComponentId, DiscoveryFilter, EndpointName, Namespace};
 use dynamo_runtime::testing::NatsServer;
-use dynamo_runtime::{CallOptions, Runtime, RuntimeSettings, Target};
+use dynamo_runtime::{CallOptions, Target};
 
 const MODEL: &str = "tiny";
 
@@ -83,16 +84,8 @@ async fn listed(table: &ModelTable) -> Vec<u64> {
 }
 
 async fn kinds(bus: Option<String>) {
-    let dir = tempfile::tempdir().unwrap();
-    make_model(dir.path(), &MakeModelSettings::default()).unwrap();
-    let folder = ModelFolder::load(dir.path()).unwrap();
-    let runtime = Runtime::start(RuntimeSettings {
-        bus,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let sup = SupervisorHandle::start(&runtime).await.unwrap();
+    let (_dir, folder) = common::small_model();
+    let (runtime, sup) = common::supervised(bus).await;
     let started = |s: Started| match s {
         Started::Worker { instance } => instance,
         _ => panic!("not a worker"),

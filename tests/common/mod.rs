@@ -140,3 +140,45 @@ pub async fn eventually(what: &str, within: Duration, mut cond: impl FnMut() -> 
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A free loopback port (bound, then released for the caller).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A model folder of the test's own (`make_model` in process), loaded.
+pub fn small_model() -> (tempfile::TempDir, dynamo_preprocessor::ModelFolder) {
+    use dynamo_preprocessor::make_model::{make_model, MakeModelSettings};
+    let dir = tempfile::tempdir().unwrap();
+    make_model(dir.path(), &MakeModelSettings::default()).unwrap();
+    let folder = dynamo_preprocessor::ModelFolder::load(dir.path()).unwrap();
+    (dir, folder)
+}
+
+/// A runtime on `bus` (the embedded bus when `None`).
+pub async fn runtime_on(bus: Option<String>) -> dynamo_runtime::Runtime {
+    dynamo_runtime::Runtime::start(dynamo_runtime::RuntimeSettings {
+        bus,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
+/// A runtime on `bus` and a process supervisor on it.
+pub async fn supervised(
+    bus: Option<String>,
+) -> (
+    dynamo_runtime::Runtime,
+    dynamo_actors::supervisor::SupervisorHandle,
+) {
+    let runtime = runtime_on(bus).await;
+    let sup = dynamo_actors::supervisor::SupervisorHandle::start(&runtime)
+        .await
+        .unwrap();
+    (runtime, sup)
+}
