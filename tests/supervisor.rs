@@ -1,6 +1,7 @@
 //! The root supervisor over both buses: roles start and stop while the process runs and the
 //! frontend sees workers join and leave; bad commands get typed errors and change nothing.
 
+#[macro_use]
 mod common;
 
 use std::sync::Arc;
@@ -14,7 +15,6 @@ use dynamo_actors::worker::{EngineFactory, WorkerSettings};
 use dynamo_engine::{EchoEngine, EchoSettings, Engine};
 use dynamo_preprocessor::ModelFolder;
 use dynamo_runtime::subject::{ComponentId, Namespace};
-use dynamo_runtime::testing::NatsServer;
 use serde_json::json;
 
 const MODEL: &str = "tiny";
@@ -129,16 +129,11 @@ async fn roles_start_and_stop_at_run_time(bus: Option<String>) {
     runtime.close().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn supervisor_embedded_bus() {
-    roles_start_and_stop_at_run_time(None).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn supervisor_nats_bus() {
-    let server = NatsServer::start().unwrap();
-    roles_start_and_stop_at_run_time(Some(server.url())).await;
-}
+on_both_buses!(
+    supervisor_embedded_bus,
+    supervisor_nats_bus,
+    roles_start_and_stop_at_run_time
+);
 
 /// Polls the supervisor's health (a state with no event of its own) until it is unhealthy
 /// because of the backend role.
@@ -267,16 +262,11 @@ async fn a_failed_role_restarts(bus: Option<String>) {
     runtime.close().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn role_restart_embedded_bus() {
-    a_failed_role_restarts(None).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn role_restart_nats_bus() {
-    let server = NatsServer::start().unwrap();
-    a_failed_role_restarts(Some(server.url())).await;
-}
+on_both_buses!(
+    role_restart_embedded_bus,
+    role_restart_nats_bus,
+    a_failed_role_restarts
+);
 
 /// The supervisor's mailbox is bounded: while it is busy starting a role, at most
 /// `MAX_PENDING` commands wait and the rest are refused at once with `Busy`; the waiting ones

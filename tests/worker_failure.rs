@@ -3,6 +3,7 @@
 //! engine restarts under supervision, it registers again and serves, and the restart is
 //! counted in `/metrics`.
 
+#[macro_use]
 mod common;
 
 use std::sync::Arc;
@@ -14,7 +15,6 @@ use dynamo_engine::{Engine, MockerEngine, MockerFaults, MockerSettings};
 use dynamo_preprocessor::Preprocessor;
 use dynamo_protocols::llm::FinishReason;
 use dynamo_runtime::subject::{ComponentId, Namespace};
-use dynamo_runtime::testing::NatsServer;
 use serde_json::json;
 
 const MODEL: &str = "tiny";
@@ -192,13 +192,8 @@ async fn engine_failure_is_typed_and_the_worker_restarts(bus: Option<String>) {
     runtime.close().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn engine_failure_embedded_bus() {
-    engine_failure_is_typed_and_the_worker_restarts(None).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn engine_failure_nats_bus() {
-    let server = NatsServer::start().unwrap();
-    engine_failure_is_typed_and_the_worker_restarts(Some(server.url())).await;
-}
+on_both_buses!(
+    engine_failure_embedded_bus,
+    engine_failure_nats_bus,
+    engine_failure_is_typed_and_the_worker_restarts
+);

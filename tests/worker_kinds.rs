@@ -2,6 +2,7 @@
 //! not list it, and it answers a prefill request with exactly the first token; a decode worker
 //! is listed and takes requests prefilled elsewhere; an aggregated worker refuses those.
 
+#[macro_use]
 mod common;
 
 use std::sync::Arc;
@@ -19,7 +20,6 @@ use dynamo_protocols::llm::{
 };
 use dynamo_runtime::rpc::{RemoteErrorKind, RpcError};
 use dynamo_runtime::subject::{ComponentId, DiscoveryFilter, EndpointName, Namespace};
-use dynamo_runtime::testing::NatsServer;
 use dynamo_runtime::{CallOptions, Target};
 
 const MODEL: &str = "tiny";
@@ -210,13 +210,4 @@ async fn kinds(bus: Option<String>) {
     runtime.close().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn worker_kinds_embedded_bus() {
-    kinds(None).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn worker_kinds_nats_bus() {
-    let server = NatsServer::start().unwrap();
-    kinds(Some(server.url())).await;
-}
+on_both_buses!(worker_kinds_embedded_bus, worker_kinds_nats_bus, kinds);

@@ -1,7 +1,7 @@
 //! Shared by the end-to-end tests: `dynamo-run` child processes, the generated model folder,
 //! the Python venv, and waiting for a condition.
 // Each test binary compiles this module and uses a part of it.
-#![allow(dead_code)]
+#![allow(dead_code, unused_macros)]
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -181,4 +181,21 @@ pub async fn supervised(
         .await
         .unwrap();
     (runtime, sup)
+}
+
+/// Two tests running `$body(bus: Option<String>)`: on the embedded bus, and on a real
+/// nats-server started for the test (`#[macro_use] mod common;`).
+macro_rules! on_both_buses {
+    ($embedded:ident, $nats:ident, $body:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $embedded() {
+            $body(None).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $nats() {
+            let server = dynamo_runtime::testing::NatsServer::start().unwrap();
+            $body(Some(server.url())).await;
+        }
+    };
 }
