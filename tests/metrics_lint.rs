@@ -5,7 +5,6 @@
 mod common;
 
 use std::io::Write;
-use std::path::Path;
 use std::process::{Command, Stdio};
 
 use common::{dynamo_run, model_dir, Proc};
@@ -14,23 +13,7 @@ use serde_json::json;
 
 /// promtool (`scripts/install-promtool.sh`, idempotent; `PROMTOOL_BIN` when set).
 fn promtool() -> String {
-    if let Ok(p) = std::env::var("PROMTOOL_BIN") {
-        return p;
-    }
-    let out = Command::new("bash")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/install-promtool.sh"))
-        .output()
-        .expect("run scripts/install-promtool.sh");
-    assert!(
-        out.status.success(),
-        "scripts/install-promtool.sh failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .last()
-        .expect("the script prints promtool's path")
-        .to_string()
+    std::env::var("PROMTOOL_BIN").unwrap_or_else(|_| common::installed("install-promtool.sh"))
 }
 
 /// Runs `promtool check metrics` on `text`; panics with its complaints.

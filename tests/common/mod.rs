@@ -114,22 +114,31 @@ impl Drop for Proc {
     }
 }
 
-/// The venv python with the test packages (`scripts/install-python.sh`, idempotent).
-pub fn python() -> String {
+/// Runs an idempotent install script of `scripts/` and returns the path it prints last.
+pub fn installed(script: &str) -> String {
     let out = Command::new("bash")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/install-python.sh"))
+        .arg(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("scripts")
+                .join(script),
+        )
         .output()
-        .expect("run scripts/install-python.sh");
+        .unwrap_or_else(|e| panic!("run scripts/{script}: {e}"));
     assert!(
         out.status.success(),
-        "scripts/install-python.sh failed: {}",
+        "scripts/{script} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .last()
-        .expect("the script prints the venv's python")
+        .unwrap_or_else(|| panic!("scripts/{script} prints the installed path"))
         .to_string()
+}
+
+/// The venv python with the test packages (`scripts/install-python.sh`, idempotent).
+pub fn python() -> String {
+    installed("install-python.sh")
 }
 
 /// Waits until `cond` holds (for state with no event to wait on), failing after `within`.
