@@ -40,7 +40,7 @@ const CLOSE_WITHIN: Duration = Duration::from_secs(2);
 
 impl Publisher {
     /// Publishes what is queued (the last requests' ends, so replicas release their load),
-    /// then stops; never longer than [`CLOSE_WITHIN`].
+    /// then stops; never longer than 2 s.
     pub async fn close(self) {
         self.stop.cancel();
         if tokio::time::timeout(CLOSE_WITHIN, self.task).await.is_err() {

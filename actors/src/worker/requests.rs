@@ -1,0 +1,270 @@
+//! What the worker does with each request, and what it publishes: one task per `generate`
+//! request (the engine's outputs streamed back, ending in a finish reason or a typed error),
+//! model files in chunks, KV dumps in pieces, KV event batches and load reports.
+
+use std::sync::Arc;
+
+use dynamo_engine::{Engine, EngineError, KvHandle};
+use dynamo_preprocessor::ModelFiles;
+use dynamo_protocols::kv::{KvDump, KvDumpRequest, KvEventBatch, KV_EVENTS_TOPIC, LOAD_TOPIC};
+use dynamo_protocols::llm::{
+    EngineOutput, FileChunk, FileRequest, ModelCard, PreprocessedRequest, WorkerKind,
+};
+use dynamo_runtime::bus::Outgoing;
+use dynamo_runtime::rpc::RemoteErrorKind;
+use dynamo_runtime::serve::encode_event;
+use dynamo_runtime::subject::Topic;
+use dynamo_runtime::{ComponentInstance, Request};
+use futures::StreamExt;
+
+use super::{DUMP_PIECE, FILE_CHUNK, LOAD_MAX_INTERVAL, LOAD_MIN_INTERVAL};
+
+fn remote_kind(e: &EngineError) -> RemoteErrorKind {
+    match e {
+        EngineError::BadRequest(_) => RemoteErrorKind::BadRequest,
+        EngineError::Overloaded(_) => RemoteErrorKind::Overloaded,
+        EngineError::Internal(_) => RemoteErrorKind::Internal,
+        EngineError::Stopped(_) => RemoteErrorKind::WorkerFailed,
+    }
+}
+
+pub(super) async fn generate(
+    engine: Arc<dyn Engine>,
+    kind: WorkerKind,
+    req: Request<PreprocessedRequest, EngineOutput>,
+) {
+    let Request {
+        mut body,
+        ctx,
+        mut reply,
+    } = req;
+    if let Err(why) = admit(kind, &mut body) {
+        let _ = reply.fail(RemoteErrorKind::BadRequest, why).await;
+        return;
+    }
+    if body.token_ids.is_empty() {
+        let _ = reply
+            .fail(
+                RemoteErrorKind::BadRequest,
+                "the prompt has no tokens".to_string(),
+            )
+            .await;
+        return;
+    }
+    let mut stream = match engine.generate(body, ctx.cancellation().clone()) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = reply.fail(remote_kind(&e), e.to_string()).await;
+            return;
+        }
+    };
+    while let Some(item) = stream.next().await {
+        let sent = match item {
+            Ok(out) if out.finish_reason.is_some() => return drop(reply.finish_with(&out).await),
+            Ok(out) => reply.send(&out).await,
+            Err(e) => return drop(reply.fail(remote_kind(&e), e.to_string()).await),
+        };
+        if sent.is_err() {
+            // The caller went away; dropping the stream stops the engine.
+            return;
+        }
+    }
+    if ctx.cancellation().is_cancelled() {
+        // Cancelled by the caller (or a drain past its grace): nobody waits for an answer.
+        let _ = reply.finish().await;
+        return;
+    }
+    // Every engine ends a request with a finish reason: a stream that just stops is an engine
+    // that died under it (its scheduler panicked or exited), never a normal end.
+    let _ = reply
+        .fail(
+            RemoteErrorKind::WorkerFailed,
+            "the engine stopped with this request in flight".to_string(),
+        )
+        .await;
+}
+
+/// What a worker of `kind` makes of a request: a prefill worker computes the prompt and its
+/// first token only (its KV stays cached for the decode worker); only a decode worker takes a
+/// request prefilled elsewhere. Until the KV transfer exists (issue 9), a decode worker
+/// computes such a prompt itself, as it will when a transfer fails.
+fn admit(kind: WorkerKind, body: &mut PreprocessedRequest) -> Result<(), String> {
+    match (kind, &body.remote_prefill) {
+        (WorkerKind::Decode, _) => Ok(()),
+        (_, Some(_)) => Err(format!(
+            "this is a {} worker: a request prefilled elsewhere goes to a decode worker",
+            kind.as_str()
+        )),
+        (WorkerKind::Prefill, None) => {
+            body.stop.max_tokens = 1;
+            body.stop.min_tokens = 0;
+            Ok(())
+        }
+        (WorkerKind::Aggregated, None) => Ok(()),
+    }
+}
+
+pub(super) async fn send_file(files: Arc<ModelFiles>, req: Request<FileRequest, FileChunk>) {
+    let Request {
+        body, mut reply, ..
+    } = req;
+    let Some(bytes) = files.by_hash(&body.hash) else {
+        let _ = reply
+            .fail(
+                RemoteErrorKind::BadRequest,
+                format!("no model file with hash {}", body.hash),
+            )
+            .await;
+        return;
+    };
+    let mut chunks = bytes.chunks(FILE_CHUNK).peekable();
+    while let Some(c) = chunks.next() {
+        let chunk = FileChunk { data: c.to_vec() };
+        let sent = if chunks.peek().is_none() {
+            return drop(reply.finish_with(&chunk).await);
+        } else {
+            reply.send(&chunk).await
+        };
+        if sent.is_err() {
+            return;
+        }
+    }
+    let _ = reply.finish().await;
+}
+
+pub(super) async fn send_dump(kv: Option<KvHandle>, req: Request<KvDumpRequest, KvDump>) {
+    let Request { mut reply, .. } = req;
+    let dump = match kv {
+        Some(kv) => kv.dump().await,
+        None => None,
+    };
+    let Some(dump) = dump else {
+        let _ = reply
+            .fail(
+                RemoteErrorKind::Unavailable,
+                "this engine has no KV cache to dump".to_string(),
+            )
+            .await;
+        return;
+    };
+    let pieces: Vec<KvDump> = if dump.blocks.is_empty() {
+        vec![dump]
+    } else {
+        dump.blocks
+            .chunks(DUMP_PIECE)
+            .map(|c| KvDump {
+                last_event_id: dump.last_event_id,
+                block_size: dump.block_size,
+                blocks: c.to_vec(),
+            })
+            .collect()
+    };
+    let mut pieces = pieces.into_iter().peekable();
+    while let Some(piece) = pieces.next() {
+        if pieces.peek().is_none() {
+            let _ = reply.finish_with(&piece).await;
+            return;
+        }
+        if reply.send(&piece).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Publishes KV event batches and load reports until aborted.
+pub(super) fn spawn_kv_publishers(
+    instance: &ComponentInstance,
+    kv: &KvHandle,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let topic = |t: &str| Topic::new(t).expect("topic names are valid constants");
+    let bus = instance.bus().clone();
+    let events_subject = instance
+        .component()
+        .event_subject(&topic(KV_EVENTS_TOPIC), instance.id());
+    let load_subject = instance
+        .component()
+        .event_subject(&topic(LOAD_TOPIC), instance.id());
+    let mut events = kv.subscribe();
+    let events_bus = bus.clone();
+    let published = metrics::counter!(
+        "dynamo_worker_kv_event_batches_total",
+        "instance" => instance.id().to_string()
+    );
+    let events_task = tokio::spawn(async move {
+        loop {
+            let batch = match events.recv().await {
+                Ok(b) => b,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    // Routers see the gap in event ids and resync from a dump.
+                    tracing::warn!(lost_batches = n, "KV event publisher fell behind");
+                    continue;
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            };
+            let payload = match encode_event(&KvEventBatch { events: batch }) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot encode KV events");
+                    continue;
+                }
+            };
+            let subject = events_subject.clone();
+            match events_bus.publish(Outgoing::new(subject, payload)).await {
+                Ok(()) => published.increment(1),
+                Err(e) => tracing::warn!(error = %e, "cannot publish KV events"),
+            }
+        }
+    });
+    let mut load = kv.load();
+    let id = instance.id().to_string();
+    let gauges = [
+        "dynamo_worker_active_blocks",
+        "dynamo_worker_total_blocks",
+        "dynamo_worker_waiting_requests",
+        "dynamo_worker_running_requests",
+        "dynamo_worker_queued_prefill_tokens",
+    ]
+    .map(|name| metrics::gauge!(name, "instance" => id.clone()));
+    drop(id);
+    let load_task = tokio::spawn(async move {
+        loop {
+            let report = *load.borrow_and_update();
+            for (g, v) in gauges.iter().zip([
+                report.active_blocks,
+                report.total_blocks,
+                report.waiting_requests,
+                report.running_requests,
+                report.queued_prefill_tokens,
+            ]) {
+                g.set(v as f64);
+            }
+            if let Ok(payload) = encode_event(&report) {
+                if let Err(e) = bus
+                    .publish(Outgoing::new(load_subject.clone(), payload))
+                    .await
+                {
+                    tracing::debug!(error = %e, "cannot publish load");
+                }
+            }
+            tokio::time::sleep(LOAD_MIN_INTERVAL).await;
+            // Publish again on the next change, or when the maximum interval is up.
+            let wait = LOAD_MAX_INTERVAL - LOAD_MIN_INTERVAL;
+            if let Ok(Err(_)) = tokio::time::timeout(wait, load.changed()).await {
+                return;
+            }
+        }
+    });
+    vec![events_task, load_task]
+}
+
+/// The `generate` endpoint's discovery metadata: its role, its kind and the model card.
+pub(super) fn card_metadata(card: &ModelCard, kind: WorkerKind) -> serde_json::Value {
+    let mut meta = serde_json::Map::new();
+    meta.insert("role".into(), "worker".into());
+    meta.insert(WorkerKind::METADATA_KEY.into(), kind.as_str().into());
+    meta.insert(
+        ModelCard::METADATA_KEY.into(),
+        serde_json::to_value(card).unwrap_or_default(),
+    );
+    meta.into()
+}
