@@ -16,12 +16,12 @@ use dynamo_actors::frontend::{
 use dynamo_actors::router::KvRouter;
 use dynamo_kv::block_hashes;
 use dynamo_protocols::kv::{
-    KvEvent, KvEventBatch, KvEventData, LocalBlockHash, SequenceHash, StorageTier, StoredBlock,
-    WorkerId, KV_EVENTS_TOPIC,
+    KvEvent, KvEventBatch, KvEventData, LoadReport, LocalBlockHash, SequenceHash, StorageTier,
+    StoredBlock, WorkerId, KV_EVENTS_TOPIC, LOAD_TOPIC,
 };
 use dynamo_runtime::bus::Outgoing;
 use dynamo_runtime::discovery::DiscoverySettings;
-use dynamo_runtime::serve::encode_event;
+use dynamo_runtime::serve::{decode_event, encode_event};
 use dynamo_runtime::subject::{ComponentId, Namespace, Topic};
 use dynamo_runtime::testing::NatsServer;
 use dynamo_runtime::{InstanceId, Runtime, RuntimeSettings};
@@ -90,14 +90,49 @@ fn held(router: &KvRouter, hashes: &[SequenceHash], w: WorkerId) -> Option<u32> 
         .map(|o| o.blocks())
 }
 
+/// Waits for a load report of `worker` taken after what it just did: reports already
+/// received are dropped, then the next one that shows it idle is awaited.
+async fn idle(loads: &mut dynamo_runtime::bus::Subscription, worker: &str) {
+    use futures::FutureExt;
+    while let Some(Some(_)) = loads.next().now_or_never() {}
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(m) = loads.next().await {
+            if m.subject.last_token() != worker {
+                continue;
+            }
+            let r: LoadReport = decode_event(&m.payload).unwrap();
+            if r.running_requests == 0 && r.waiting_requests == 0 {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the worker reports idle");
+}
+
 /// Sends `prefix` once, waits until `router` indexes the serving worker's 10 blocks of it,
 /// then checks that six more requests with that prefix land on the same worker (round-robin
 /// would alternate). Returns that worker and the prefix's block hashes.
+///
+/// Between requests it waits for the holder's next idle load report (`runtime` subscribes
+/// to the workers' load subject): a report taken while a request ran can reach a router after
+/// that request's end, and routers then count its blocks as other load for a moment; each
+/// request here starts on a settled view, as requests spaced apart would.
 async fn prefix_sticks(
+    runtime: &Runtime,
     serving: &Serving,
     router: &KvRouter,
     prefix: &[u32],
 ) -> (InstanceId, Vec<SequenceHash>) {
+    let component = ComponentId::new("e2e", "backend").unwrap();
+    let mut loads = runtime
+        .bus()
+        .subscribe(
+            component.event_pattern(&Topic::new(LOAD_TOPIC).unwrap()),
+            None,
+        )
+        .await
+        .unwrap();
     let hashes: Vec<SequenceHash> = block_hashes(prefix, BS).into_iter().map(|h| h.1).collect();
     let holder = ask(serving, prefix, 1000).await;
     let wid = WorkerId(holder.as_u64());
@@ -107,25 +142,15 @@ async fn prefix_sticks(
         || held(router, &hashes, wid) == Some(10),
     )
     .await;
-    // `router` is the index this test can see; a router component in another process indexes
-    // the same events on its own schedule. Nothing there to wait on: until it sends one request
-    // of the prefix to the holder (bounded), then every following one must go there too.
-    let until = std::time::Instant::now() + Duration::from_secs(5);
-    let mut suffix = 1500;
-    while ask(serving, prefix, suffix).await != holder {
-        assert!(
-            std::time::Instant::now() < until,
-            "the prefix never reached its holder"
-        );
-        suffix += 10;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let holder_token = holder.to_string();
+    idle(&mut loads, &holder_token).await;
     for i in 0..6 {
         assert_eq!(
             ask(serving, prefix, 2000 + i * 10).await,
             holder,
             "request {i} with the same prefix"
         );
+        idle(&mut loads, &holder_token).await;
     }
     (holder, hashes)
 }
@@ -155,7 +180,7 @@ async fn kv_routing_follows_the_prefix_resyncs_and_purges() {
     let router = serving.router().unwrap().clone();
 
     let prefix: Vec<u32> = (300..460).collect();
-    let (holder, hashes) = prefix_sticks(&serving, &router, &prefix).await;
+    let (holder, hashes) = prefix_sticks(&runtime, &serving, &router, &prefix).await;
     let wid = WorkerId(holder.as_u64());
     let ask = |suffix: u32| ask(&serving, &prefix, suffix);
 
@@ -267,7 +292,7 @@ async fn a_router_component_routes_and_replicas_share_its_decisions() {
     let b_router = b.serving().router().unwrap().clone();
     let prefix: Vec<u32> = (500..660).collect();
     // Routed by the router component; B's index sees the holder's blocks.
-    prefix_sticks(&serving, &b_router, &prefix).await;
+    prefix_sticks(&runtime, &serving, &b_router, &prefix).await;
 
     // A long request routed by the component shows in B's accounting while it runs...
     let mut long = start(&serving, &prefix, 3000, 1500).await;
