@@ -624,3 +624,74 @@ async fn kv_mode_without_events_falls_back_to_predicted_prefixes() {
     assert!(m.contains("dynamo_router_approximate 1"), "{m}");
     s.finish().await;
 }
+
+/// Nothing is silently ignored: every request field of the official openai SDK's chat and
+/// completions params has a decision here, and sent with a value this server cannot honour
+/// it gets a 400 naming it; only fields honoured with any value (or without effect, like
+/// `user`) may answer 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_openai_request_field_is_honoured_or_refused_by_name() {
+    use dynamo_preprocessor::fields::{always_taken, known, Api};
+
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_fields.py");
+    let out = std::process::Command::new(common::python())
+        .arg(&script)
+        .output()
+        .expect("run tests/openai_fields.py");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sdk: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let s = Stack::start(Opts::default()).await;
+    let mut walked = 0;
+    for (api, path, key) in [
+        (Api::Chat, "/v1/chat/completions", "chat"),
+        (Api::Completions, "/v1/completions", "completions"),
+    ] {
+        let fields = sdk[key].as_array().unwrap();
+        assert!(fields.len() > 10, "the SDK lists {key} fields: {fields:?}");
+        for f in fields {
+            let f = f.as_str().unwrap();
+            assert!(
+                known(api, f),
+                "{key}: the SDK's field {f:?} has no decision"
+            );
+            if ["model", "messages", "prompt"].contains(&f) {
+                continue;
+            }
+            let mut body = match api {
+                Api::Chat => {
+                    json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2})
+                }
+                Api::Completions => json!({"model": MODEL, "prompt": "x", "max_tokens": 2}),
+            };
+            body[f] = json!({"unexpected": 1});
+            let (status, answer, _) = s.post(path, &body).await;
+            match status {
+                400 => {
+                    let param = answer["error"]["param"].as_str().unwrap_or_default();
+                    assert!(
+                        param.starts_with(f),
+                        "{key}.{f}: 400 naming {param:?}: {answer}"
+                    );
+                }
+                200 => assert!(always_taken(api, f), "{key}.{f} was accepted: {answer}"),
+                other => panic!("{key}.{f}: status {other}: {answer}"),
+            }
+            walked += 1;
+        }
+    }
+    assert!(walked > 40, "walked {walked} fields");
+    // An unknown field is refused too, naming it.
+    let (status, answer, _) = s
+        .post(
+            "/v1/chat/completions",
+            &json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "guided_json": {}}),
+        )
+        .await;
+    assert_eq!(status, 400);
+    assert_eq!(answer["error"]["param"], "guided_json");
+    s.finish().await;
+}

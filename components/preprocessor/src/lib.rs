@@ -11,6 +11,7 @@
 
 pub mod detok;
 pub mod fast_bpe;
+pub mod fields;
 pub mod make_model;
 pub mod model;
 pub mod pipeline;

@@ -47,7 +47,7 @@ pub struct RequestError {
 }
 
 impl RequestError {
-    fn new(message: impl Into<String>, param: Option<&str>) -> Self {
+    pub(crate) fn new(message: impl Into<String>, param: Option<&str>) -> Self {
         Self {
             message: message.into(),
             param: param.map(str::to_string),
@@ -55,7 +55,7 @@ impl RequestError {
         }
     }
 
-    fn unsupported(param: &str, what: &str) -> Self {
+    pub(crate) fn unsupported(param: &str, what: &str) -> Self {
         Self::new(
             format!("{what} is not supported by this server"),
             Some(param),
@@ -309,6 +309,7 @@ impl Preprocessor {
     /// Validates and tokenizes a `/v1/chat/completions` body.
     pub fn chat(&self, body: &Value) -> Result<Prepared, RequestError> {
         require_object(body)?;
+        crate::fields::check(crate::fields::Api::Chat, body)?;
         let req: ChatCompletionRequest = parse(body)?;
         let params: GenerationParams = parse(body)?;
         let prompt = self.render_chat(&req)?;
@@ -319,6 +320,7 @@ impl Preprocessor {
     /// Validates and tokenizes a `/v1/completions` body.
     pub fn completion(&self, body: &Value) -> Result<Prepared, RequestError> {
         require_object(body)?;
+        crate::fields::check(crate::fields::Api::Completions, body)?;
         let req: CompletionRequest = parse(body)?;
         let params: GenerationParams = parse(body)?;
         if req.best_of.is_some_and(|b| b != 1) {

@@ -149,12 +149,16 @@ fn prompt_over_the_context_is_refused() {
     assert_eq!(e.param.as_deref(), Some("max_tokens"));
 }
 
+/// Nothing is silently ignored: an unknown field is refused naming it; an identifier such as
+/// `user` is accepted; defaults fill the context.
 #[test]
-fn unknown_fields_are_ignored_and_defaults_fill_the_context() {
+fn unknown_fields_are_refused_and_defaults_fill_the_context() {
+    let e = pre()
+        .completion(&json!({"model": "m", "prompt": "one two", "frobnicate": {"x": 1}}))
+        .unwrap_err();
+    assert_eq!(e.param.as_deref(), Some("frobnicate"));
     let p = pre()
-        .completion(
-            &json!({"model": "m", "prompt": "one two", "frobnicate": {"x": 1}, "user": "u1"}),
-        )
+        .completion(&json!({"model": "m", "prompt": "one two", "user": "u1"}))
         .unwrap();
     assert_eq!(
         p.request.stop.max_tokens as usize + p.request.token_ids.len(),

@@ -1,9 +1,11 @@
 //! The OpenAI HTTP API as clients speak it: `/v1/chat/completions`, `/v1/completions`,
 //! `/v1/models`, and the error body.
 //!
-//! Requests ignore unknown fields (clients send many we do not use). Values are kept as sent;
-//! range checks and "unsupported" answers are the preprocessor's job, so that every error names
-//! the offending parameter in one place.
+//! These types parse the fields this server uses; which fields a request may carry at all
+//! (nothing is silently ignored: unknown or unsupported fields get a 400 naming them) is the
+//! preprocessor's `fields` module. Values are kept as sent; range checks and "unsupported"
+//! answers are the preprocessor's job, so that every error names the offending parameter in
+//! one place.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
