@@ -695,3 +695,47 @@ async fn every_openai_request_field_is_honoured_or_refused_by_name() {
     assert_eq!(answer["error"]["param"], "guided_json");
     s.finish().await;
 }
+
+/// `GET /v1/models/{id}` answers one model or a 404 in the API's error shape; a client's
+/// `x-request-id` becomes the response's id and comes back as a header; a malformed one is
+/// refused naming the header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_retrieval_and_client_request_ids() {
+    let s = Stack::start(Opts::default()).await;
+    let (status, body) = s.get(&format!("/v1/models/{MODEL}")).await;
+    assert_eq!(status, 200);
+    let m: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (m["id"].as_str(), m["object"].as_str()),
+        (Some(MODEL), Some("model"))
+    );
+    let (status, body) = s.get("/v1/models/org/no-such-model").await;
+    assert_eq!(status, 404);
+    let e: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(e["error"]["code"], "model_not_found");
+
+    let r = s
+        .http
+        .post(format!("{}/v1/chat/completions", s.base))
+        .header("x-request-id", "client-42")
+        .json(&chat("hello"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-request-id"], "client-42");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["id"], "chatcmpl-client-42");
+    let r = s
+        .http
+        .post(format!("{}/v1/chat/completions", s.base))
+        .header("x-request-id", "has spaces")
+        .json(&chat("hello"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["param"], "x-request-id");
+    s.finish().await;
+}

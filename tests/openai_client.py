@@ -19,6 +19,12 @@ def check(name, cond, detail=""):
 
 models = [m.id for m in client.models.list()]
 check("models.list", model in models, models)
+check("models.retrieve", client.models.retrieve(model).id == model)
+try:
+    client.models.retrieve("no-such-model")
+    check("models.retrieve unknown is 404", False, "no error")
+except openai.NotFoundError as e:
+    check("models.retrieve unknown is 404", e.status_code == 404)
 
 # Chat, whole: the echo engine repeats the framed prompt up to the end-of-turn token.
 r = client.chat.completions.create(

@@ -29,6 +29,8 @@ use super::serving::{ApiError, Generation, Serving};
 
 /// Response header naming the worker instance that served the request.
 pub const WORKER_HEADER: &str = "x-dynamo-instance-id";
+/// Request header with the client's id for the request, echoed in the response.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
 pub(crate) struct HttpState {
     pub serving: Arc<Serving>,
@@ -41,6 +43,7 @@ pub(crate) fn router(state: Arc<HttpState>) -> Router {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
+        .route("/v1/models/{*id}", get(model))
         .route("/health", get(health))
         .route("/live", get(live))
         .route("/metrics", get(metrics))
@@ -125,11 +128,29 @@ async fn completions(State(state): State<Arc<HttpState>>, req: Request) -> Respo
 }
 
 async fn generate(state: Arc<HttpState>, req: Request, endpoint: Endpoint) -> Response {
+    let request_id = match req
+        .headers()
+        .get(REQUEST_ID_HEADER)
+        .map(HeaderValue::to_str)
+    {
+        None => None,
+        Some(Ok(id)) => Some(id.to_string()),
+        Some(Err(_)) => {
+            return error_response(&ApiError::bad_request(
+                "the x-request-id header must be printable ASCII",
+                Some(REQUEST_ID_HEADER),
+            ))
+        }
+    };
     let body = match read_json(&state, req).await {
         Ok(b) => b,
         Err(e) => return error_response(&e),
     };
-    let gen = match state.serving.start(endpoint, &body).await {
+    let gen = match state
+        .serving
+        .start_as(endpoint, &body, request_id.as_deref())
+        .await
+    {
         Ok(g) => g,
         Err(e) => return error_response(&e),
     };
@@ -144,6 +165,9 @@ async fn generate(state: Arc<HttpState>, req: Request, endpoint: Endpoint) -> Re
     };
     if let Some(w) = worker {
         response.headers_mut().insert(WORKER_HEADER, w);
+    }
+    if let Some(id) = request_id.and_then(|id| HeaderValue::from_str(&id).ok()) {
+        response.headers_mut().insert(REQUEST_ID_HEADER, id);
     }
     response
 }
@@ -323,6 +347,34 @@ async fn whole(mut gen: Generation, endpoint: Endpoint) -> Result<Response, ApiE
             json_response(StatusCode::OK, &c)
         }
     })
+}
+
+/// `GET /v1/models/{id}` (ids may hold slashes, as Hugging Face names do).
+async fn model(
+    State(state): State<Arc<HttpState>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    match state.serving.table().get(&id) {
+        Some(m) => json_response(
+            StatusCode::OK,
+            &ModelObject {
+                id: m.card.name.clone(),
+                object: "model".into(),
+                created: m.created,
+                owned_by: "dynamo".into(),
+            },
+        ),
+        None => {
+            let mut e = ApiError::new(
+                404,
+                "invalid_request_error",
+                format!("the model {id:?} does not exist or no worker serves it; GET /v1/models lists the served models"),
+            );
+            e.param = Some("model".into());
+            e.code = Some("model_not_found");
+            error_response(&e)
+        }
+    }
 }
 
 async fn models(State(state): State<Arc<HttpState>>) -> Response {

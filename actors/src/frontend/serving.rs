@@ -379,6 +379,26 @@ impl Serving {
 
     /// Preprocesses, routes and starts one request; the result streams its text.
     pub async fn start(&self, endpoint: Endpoint, body: &Value) -> Result<Generation, ApiError> {
+        self.start_as(endpoint, body, None).await
+    }
+
+    /// [`Serving::start`] under the client's request id (`x-request-id`): the response's id
+    /// and the request's log lines carry it. An id that is empty, longer than 128 bytes or not
+    /// printable ASCII without spaces is refused.
+    pub async fn start_as(
+        &self,
+        endpoint: Endpoint,
+        body: &Value,
+        request_id: Option<&str>,
+    ) -> Result<Generation, ApiError> {
+        if let Some(id) = request_id {
+            if id.is_empty() || id.len() > 128 || !id.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(ApiError::bad_request(
+                    "the x-request-id header must be 1 to 128 printable ASCII characters without spaces",
+                    Some("x-request-id"),
+                ));
+            }
+        }
         let started = Instant::now();
         let model = match body.get("model") {
             Some(Value::String(m)) => m.clone(),
@@ -427,7 +447,9 @@ impl Serving {
         };
         let metrics =
             RequestMetrics::start(metrics_model, endpoint, prepared.prompt_tokens(), started);
-        let id = uuid::Uuid::new_v4().simple().to_string();
+        let id =
+            request_id.map_or_else(|| uuid::Uuid::new_v4().simple().to_string(), str::to_string);
+        tracing::debug!(request_id = %id, model = %entry.card.name, prompt_tokens = prepared.prompt_tokens(), "request admitted");
         let mut tried = Vec::new();
         let mut last_err = None;
         for _ in 0..MAX_ATTEMPTS {
