@@ -275,12 +275,19 @@ impl Preprocessor {
                 Some("messages"),
             ));
         }
-        let messages = req
+        let mut messages = req
             .messages
             .iter()
             .enumerate()
             .map(|(i, m)| message_value(i, m))
             .collect::<Result<Vec<_>, _>>()?;
+        if !template.knows_developer() {
+            for m in &mut messages {
+                if m["role"] == "developer" {
+                    m["role"] = Value::from("system");
+                }
+            }
+        }
         let mut ctx = json!({
             "messages": messages,
             "add_generation_prompt": true,

@@ -25,6 +25,9 @@ pub enum TemplateError {
 #[derive(Debug)]
 pub struct ChatTemplate {
     env: Environment<'static>,
+    /// Whether the template names the `developer` role (newer OpenAI clients send it where
+    /// older templates only know `system`).
+    knows_developer: bool,
 }
 
 fn raise_exception(message: String) -> Result<Value, Error> {
@@ -70,7 +73,16 @@ impl ChatTemplate {
         env.add_function("strftime_now", strftime_now);
         env.add_template_owned(NAME, source.to_string())
             .map_err(|e| TemplateError::Compile(describe(&e)))?;
-        Ok(Self { env })
+        Ok(Self {
+            env,
+            knows_developer: source.contains("developer"),
+        })
+    }
+
+    /// Whether the template names the `developer` role; when it does not, developer
+    /// messages are rendered as system messages.
+    pub fn knows_developer(&self) -> bool {
+        self.knows_developer
     }
 
     /// Renders with `context` (messages, add_generation_prompt, bos_token, ... as the caller

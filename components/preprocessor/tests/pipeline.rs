@@ -149,6 +149,38 @@ fn prompt_over_the_context_is_refused() {
     assert_eq!(e.param.as_deref(), Some("max_tokens"));
 }
 
+/// A `developer` message is a system message for a template that does not know the role
+/// (one written before it existed), and keeps its name for one that does.
+#[test]
+fn developer_messages_render_as_system_for_templates_without_the_role() {
+    let dir = tempfile::tempdir().unwrap();
+    make_model(dir.path(), &MakeModelSettings::default()).unwrap();
+    let config = dir.path().join("tokenizer_config.json");
+    let mut c: Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    c["chat_template"] = json!(
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    );
+    std::fs::write(&config, c.to_string()).unwrap();
+    let old = Preprocessor::new("old", ModelFolder::load(dir.path()).unwrap().files()).unwrap();
+    let render = |pre: &Preprocessor, role: &str| {
+        pre.chat(&json!({"model": "m", "messages": [
+            {"role": role, "content": "be brief"},
+            {"role": "user", "content": "hi"}
+        ]}))
+        .unwrap()
+        .request
+        .token_ids
+    };
+    assert_eq!(render(&old, "developer"), render(&old, "system"));
+    assert_ne!(
+        render(&old, "user"),
+        render(&old, "system"),
+        "roles render differently"
+    );
+    // The generated template names `developer`: it renders the role itself.
+    assert_ne!(render(pre(), "developer"), render(pre(), "system"));
+}
+
 /// Nothing is silently ignored: an unknown field is refused naming it; an identifier such as
 /// `user` is accepted; defaults fill the context.
 #[test]
