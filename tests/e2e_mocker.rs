@@ -14,7 +14,7 @@ use dynamo_protocols::kv::{
 };
 use dynamo_protocols::llm::{EngineOutput, PreprocessedRequest, SamplingOptions, StopConditions};
 use dynamo_runtime::serve::decode_event;
-use dynamo_runtime::subject::{ComponentId, Topic};
+use dynamo_runtime::subject::ComponentId;
 use dynamo_runtime::testing::NatsServer;
 use dynamo_runtime::{CallOptions, InstanceId, Runtime, RuntimeSettings, Target};
 
@@ -36,22 +36,8 @@ async fn mocker_events_on_the_bus_replay_to_each_workers_cached_set() {
     .unwrap();
     let component = ComponentId::new("e2e", "backend").unwrap();
     // Subscribe before the workers exist: every event from the first one on.
-    let mut events = runtime
-        .bus()
-        .subscribe(
-            component.event_pattern(&Topic::new(KV_EVENTS_TOPIC).unwrap()),
-            None,
-        )
-        .await
-        .unwrap();
-    let mut loads = runtime
-        .bus()
-        .subscribe(
-            component.event_pattern(&Topic::new(LOAD_TOPIC).unwrap()),
-            None,
-        )
-        .await
-        .unwrap();
+    let mut events = common::subscribe_events(&runtime, "e2e", "backend", KV_EVENTS_TOPIC).await;
+    let mut loads = common::subscribe_events(&runtime, "e2e", "backend", LOAD_TOPIC).await;
     runtime.bus().flush().await.unwrap();
 
     let mut workers = Proc::start(dynamo_run().args([

@@ -124,15 +124,7 @@ async fn prefix_sticks(
     router: &KvRouter,
     prefix: &[u32],
 ) -> (InstanceId, Vec<SequenceHash>) {
-    let component = ComponentId::new("e2e", "backend").unwrap();
-    let mut loads = runtime
-        .bus()
-        .subscribe(
-            component.event_pattern(&Topic::new(LOAD_TOPIC).unwrap()),
-            None,
-        )
-        .await
-        .unwrap();
+    let mut loads = common::subscribe_events(runtime, "e2e", "backend", LOAD_TOPIC).await;
     let hashes: Vec<SequenceHash> = block_hashes(prefix, BS).into_iter().map(|h| h.1).collect();
     let holder = ask(serving, prefix, 1000).await;
     let wid = WorkerId(holder.as_u64());

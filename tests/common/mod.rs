@@ -208,3 +208,21 @@ macro_rules! on_both_buses {
         }
     };
 }
+
+/// A subscription to every instance's events of `topic` in `namespace.component`.
+pub async fn subscribe_events(
+    runtime: &dynamo_runtime::Runtime,
+    namespace: &str,
+    component: &str,
+    topic: &str,
+) -> dynamo_runtime::bus::Subscription {
+    let component = dynamo_runtime::subject::ComponentId::new(namespace, component).unwrap();
+    runtime
+        .bus()
+        .subscribe(
+            component.event_pattern(&dynamo_runtime::subject::Topic::new(topic).unwrap()),
+            None,
+        )
+        .await
+        .unwrap()
+}
