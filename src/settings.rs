@@ -174,18 +174,23 @@ pub fn resolve(
     namespace: &str,
     s: &Settings,
 ) -> Result<LaunchSettings> {
-    let block_size = s.block_size.unwrap_or(64);
+    // The launcher's engine defaults are the mocker's (the native engine takes the same
+    // scheduler settings from the command line).
+    let md = MockerSettings::default();
+    let block_size = s.block_size.unwrap_or(md.block_size);
     if block_size == 0 {
         bail!("--block-size must be positive");
     }
-    let max_num_seqs = s.max_num_seqs.unwrap_or(256);
-    let max_num_batched_tokens = s.max_num_batched_tokens.unwrap_or(8192);
+    let max_num_seqs = s.max_num_seqs.unwrap_or(md.max_num_seqs);
+    let max_num_batched_tokens = s
+        .max_num_batched_tokens
+        .unwrap_or(md.max_num_batched_tokens);
     let mocker = MockerSettings {
-        num_gpu_blocks: s.num_gpu_blocks.unwrap_or(16384),
+        num_gpu_blocks: s.num_gpu_blocks.unwrap_or(md.num_gpu_blocks),
         block_size,
         max_num_seqs,
         max_num_batched_tokens,
-        speedup_ratio: s.speedup_ratio.unwrap_or(1.0),
+        speedup_ratio: s.speedup_ratio.unwrap_or(md.speedup_ratio),
         faults: MockerFaults {
             panic_at_step: s.mocker_panic_at_step,
             panic_on_token: s.mocker_panic_on_token,
@@ -207,7 +212,10 @@ pub fn resolve(
             .validate()
             .map_err(|e| anyhow::anyhow!("mocker settings: {e}"))?;
     }
-    let kv_cache_memory = s.kv_cache_memory.as_deref().unwrap_or("1GiB");
+    let kv_cache_memory = match s.kv_cache_memory.as_deref() {
+        Some(size) => parse_bytes(size).with_context(|| format!("--kv-cache-memory {size:?}"))?,
+        None => NativeSettings::default().kv_cache_memory,
+    };
     let native = NativeSettings {
         compute: match s.dtype.as_deref().unwrap_or("f32") {
             "f32" => Compute::F32,
@@ -216,8 +224,7 @@ pub fn resolve(
         },
         block_size,
         num_gpu_blocks: s.num_gpu_blocks,
-        kv_cache_memory: parse_bytes(kv_cache_memory)
-            .with_context(|| format!("--kv-cache-memory {kv_cache_memory:?}"))?,
+        kv_cache_memory,
         max_num_seqs,
         max_num_batched_tokens,
         ..Default::default()

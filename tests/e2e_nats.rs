@@ -359,16 +359,7 @@ async fn a_worker_that_drops_its_bus_connection_vanishes_from_the_bus() {
         "1500",
     ]));
     let instance = worker.instance().to_string();
-    let runtime = Runtime::start(RuntimeSettings {
-        bus: Some(server.url()),
-        discovery: DiscoverySettings {
-            lease: Duration::from_secs(2),
-            ..Default::default()
-        },
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let runtime = common::runtime_with_lease(server.url(), Duration::from_secs(2)).await;
     let frontend = Frontend::start(
         &runtime,
         FrontendSettings::new(Namespace::new("drop").unwrap()),

@@ -20,7 +20,6 @@ use dynamo_protocols::kv::{
     StoredBlock, WorkerId, KV_EVENTS_TOPIC, LOAD_TOPIC,
 };
 use dynamo_runtime::bus::Outgoing;
-use dynamo_runtime::discovery::DiscoverySettings;
 use dynamo_runtime::serve::{decode_event, encode_event};
 use dynamo_runtime::subject::{ComponentId, Namespace, Topic};
 use dynamo_runtime::testing::NatsServer;
@@ -151,16 +150,7 @@ async fn prefix_sticks(
 async fn kv_routing_follows_the_prefix_resyncs_and_purges() {
     let server = NatsServer::start().unwrap();
     let dir = model_dir();
-    let runtime = Runtime::start(RuntimeSettings {
-        bus: Some(server.url()),
-        discovery: DiscoverySettings {
-            lease: Duration::from_secs(2),
-            ..Default::default()
-        },
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let runtime = common::runtime_with_lease(server.url(), Duration::from_secs(2)).await;
     let mut settings = FrontendSettings::new(Namespace::new("e2e").unwrap());
     settings.router_mode = RouterMode::Kv;
     let frontend = Frontend::start(&runtime, settings).await.unwrap();

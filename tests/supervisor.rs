@@ -165,14 +165,7 @@ async fn a_failed_role_restarts(bus: Option<String>) {
 
     let (_dir, folder) = common::small_model();
     let (runtime, sup) = common::supervised(bus).await;
-    let fs = FrontendSettings::new(Namespace::new("restart").unwrap());
-    let Started::Frontend { serving, .. } = sup
-        .start_role("frontend", RoleSpec::Frontend(fs))
-        .await
-        .unwrap()
-    else {
-        panic!("not a frontend")
-    };
+    let serving = common::frontend_role(&sup, "restart").await;
     // Engine starts: the first panics on its first step; the next five fail; then they work.
     let calls = Arc::new(AtomicU32::new(0));
     let counted = calls.clone();

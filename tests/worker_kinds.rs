@@ -8,7 +8,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dynamo_actors::frontend::{FrontendSettings, ModelTable};
+use dynamo_actors::frontend::ModelTable;
 use dynamo_actors::membership::MembershipHandle;
 use dynamo_actors::supervisor::{RoleSpec, Started, WorkerSpec};
 use dynamo_actors::worker::{EngineFactory, WorkerSettings};
@@ -120,14 +120,7 @@ async fn kinds(bus: Option<String>) {
     assert_eq!(prefill_info.metadata["worker_kind"], "prefill");
 
     // ...but a frontend lists only the decode and aggregated workers.
-    let fs = FrontendSettings::new(Namespace::new("kinds").unwrap());
-    let Started::Frontend { serving, .. } = sup
-        .start_role("frontend", RoleSpec::Frontend(fs))
-        .await
-        .unwrap()
-    else {
-        panic!("not a frontend")
-    };
+    let serving = common::frontend_role(&sup, "kinds").await;
     let table = serving.table().clone();
     let mut changes = table.changes();
     tokio::time::timeout(Duration::from_secs(10), async {

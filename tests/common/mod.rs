@@ -226,3 +226,32 @@ pub async fn subscribe_events(
         .await
         .unwrap()
 }
+
+/// Starts a frontend role (no HTTP) in `namespace` under `sup`; its request path.
+pub async fn frontend_role(
+    sup: &dynamo_actors::supervisor::SupervisorHandle,
+    namespace: &str,
+) -> std::sync::Arc<dynamo_actors::frontend::Serving> {
+    use dynamo_actors::frontend::FrontendSettings;
+    use dynamo_actors::supervisor::{RoleSpec, Started};
+    let fs = FrontendSettings::new(dynamo_runtime::subject::Namespace::new(namespace).unwrap());
+    match sup.start_role("frontend", RoleSpec::Frontend(fs)).await {
+        Ok(Started::Frontend { serving, .. }) => serving,
+        Ok(_) => panic!("a frontend spec started something else"),
+        Err(e) => panic!("the frontend role did not start: {e}"),
+    }
+}
+
+/// A runtime on the nats-server at `url` whose discovery leases last `lease`.
+pub async fn runtime_with_lease(url: String, lease: Duration) -> dynamo_runtime::Runtime {
+    dynamo_runtime::Runtime::start(dynamo_runtime::RuntimeSettings {
+        bus: Some(url),
+        discovery: dynamo_runtime::discovery::DiscoverySettings {
+            lease,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}

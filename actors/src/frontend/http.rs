@@ -355,25 +355,17 @@ async fn model(
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Response {
     match state.serving.table().get(&id) {
-        Some(m) => json_response(
-            StatusCode::OK,
-            &ModelObject {
-                id: m.card.name.clone(),
-                object: "model".into(),
-                created: m.created,
-                owned_by: "dynamo".into(),
-            },
-        ),
-        None => {
-            let mut e = ApiError::new(
-                404,
-                "invalid_request_error",
-                format!("the model {id:?} does not exist or no worker serves it; GET /v1/models lists the served models"),
-            );
-            e.param = Some("model".into());
-            e.code = Some("model_not_found");
-            error_response(&e)
-        }
+        Some(m) => json_response(StatusCode::OK, &model_object(&m)),
+        None => error_response(&ApiError::model_not_found(&id)),
+    }
+}
+
+fn model_object(m: &super::ModelEntry) -> ModelObject {
+    ModelObject {
+        id: m.card.name.clone(),
+        object: "model".into(),
+        created: m.created,
+        owned_by: "dynamo".into(),
     }
 }
 
@@ -383,12 +375,7 @@ async fn models(State(state): State<Arc<HttpState>>) -> Response {
         .table()
         .list()
         .iter()
-        .map(|m| ModelObject {
-            id: m.card.name.clone(),
-            object: "model".into(),
-            created: m.created,
-            owned_by: "dynamo".into(),
-        })
+        .map(|m| model_object(m))
         .collect();
     json_response(
         StatusCode::OK,

@@ -58,6 +58,18 @@ impl ApiError {
         e
     }
 
+    /// 404 `model_not_found`: no live worker serves `model`.
+    pub(crate) fn model_not_found(model: &str) -> Self {
+        let mut e = Self::new(
+            404,
+            "invalid_request_error",
+            format!("the model {model:?} does not exist or no worker serves it; GET /v1/models lists the served models"),
+        );
+        e.param = Some("model".into());
+        e.code = Some("model_not_found");
+        e
+    }
+
     fn unavailable(message: impl Into<String>) -> Self {
         let mut e = Self::new(503, "service_unavailable", message);
         e.retry_after = Some(1);
@@ -416,13 +428,7 @@ impl Serving {
             }
         };
         let Some(entry) = self.table.get(&model) else {
-            let mut e = ApiError::new(
-                404,
-                "invalid_request_error",
-                format!("the model {model:?} does not exist or no worker serves it; GET /v1/models lists the served models"),
-            );
-            e.param = Some("model".into());
-            e.code = Some("model_not_found");
+            let e = ApiError::model_not_found(&model);
             let m = RequestMetrics::start(None, endpoint, 0, started);
             m.finish(e.status_label());
             return Err(e);

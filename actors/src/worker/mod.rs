@@ -196,7 +196,6 @@ struct State {
     failures: u32,
     /// Engine starts that failed since the last one that worked.
     failed_starts: u32,
-    restarts: u64,
     draining: bool,
     status: watch::Sender<WorkerStatus>,
     restarts_seen: watch::Sender<u64>,
@@ -338,7 +337,6 @@ impl Actor for WorkerActor {
             epoch: 0,
             failures: 0,
             failed_starts: 0,
-            restarts: 0,
             draining: false,
             status,
             restarts_seen,
@@ -411,7 +409,7 @@ impl Actor for WorkerActor {
                         state.running = Some(r);
                         state.failed_starts = 0;
                         if epoch > 0 {
-                            tracing::info!(instance = %self.instance.id(), restarts = state.restarts, "engine restarted; serving again");
+                            tracing::info!(instance = %self.instance.id(), restarts = epoch, "engine restarted; serving again");
                         }
                         state.status.send_replace(WorkerStatus::Serving);
                         if let Some(reply) = reply {
@@ -452,20 +450,17 @@ impl Actor for WorkerActor {
                     .into());
                 }
                 state.failures = if stable { 1 } else { state.failures + 1 };
+                // Each engine after the first is a restart: the epoch counts them.
                 state.epoch += 1;
-                state.restarts += 1;
                 self.restarts_total.increment(1);
-                state.restarts_seen.send_replace(state.restarts);
+                state.restarts_seen.send_replace(state.epoch);
                 self.schedule_restart(&myself, state.epoch, self.backoff(state.failures));
             }
             Msg::Drain { grace, reply } => {
                 state.draining = true;
                 let report = match state.running.take() {
                     Some(r) => Self::down(r, grace).await,
-                    None => DrainReport {
-                        open_at_start: 0,
-                        cancelled: 0,
-                    },
+                    None => DrainReport::default(),
                 };
                 if let Some(f) = state.files.take() {
                     f.shutdown(Duration::from_secs(1)).await;
@@ -600,15 +595,9 @@ impl WorkerHandle {
     pub async fn drain(self, grace: Duration) -> DrainReport {
         let (reply, rx) = oneshot::channel();
         if self.actor.cast(Msg::Drain { grace, reply }).is_err() {
-            return DrainReport {
-                open_at_start: 0,
-                cancelled: 0,
-            };
+            return DrainReport::default();
         }
-        let report = rx.await.unwrap_or(DrainReport {
-            open_at_start: 0,
-            cancelled: 0,
-        });
+        let report = rx.await.unwrap_or_default();
         // The actor stops itself after the drain; wait for it so nothing outlives the call.
         let mut status = self.status.clone();
         let _ = status.wait_for(|s| *s == WorkerStatus::Stopped).await;

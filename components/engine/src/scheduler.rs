@@ -739,20 +739,6 @@ impl<E: Executor> Scheduler<E> {
     }
 }
 
-impl<E> Scheduler<E> {
-    pub fn executor(&self) -> &E {
-        &self.executor
-    }
-
-    pub fn executor_mut(&mut self) -> &mut E {
-        &mut self.executor
-    }
-
-    pub fn block_size(&self) -> usize {
-        self.settings.block_size
-    }
-}
-
 /// Block hashes of a token sequence as this scheduler computes them (for tests and routers).
 pub fn prompt_hashes(tokens: &[TokenId], block_size: usize) -> Vec<SequenceHash> {
     block_hashes(tokens, block_size)

@@ -492,7 +492,7 @@ impl EndpointProbe {
 }
 
 /// What a graceful shutdown achieved.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DrainReport {
     /// Requests still open when the shutdown began.
     pub open_at_start: usize,
