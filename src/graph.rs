@@ -88,12 +88,22 @@ const WORKER_KEYS: &[&str] = &[
     "echo_delay_ms",
     "kv_cache_memory",
     "dtype",
+    "mocker_transfer_gbps",
+    "mocker_transfer_latency_ms",
+    "mocker_kv_bytes_per_token",
+    "kv_transfer",
+    "kv_transfer_listen",
+    "kv_staging_blocks",
+    "prefill_fallback",
+    "prefill_timeout_ms",
 ];
 const ROUTER_KEYS: &[&str] = &[
     "router_mode",
     "kv_overlap_score_weight",
     "router_temperature",
     "busy_threshold",
+    "disagg_min_remote_tokens",
+    "disagg_max_prefill_queue",
 ];
 const FRONTEND_KEYS: &[&str] = &["http_port", "http_host", "max_inflight", "max_body_bytes"];
 

@@ -125,6 +125,8 @@ pub struct LaunchSettings {
     pub mocker: MockerSettings,
     /// Fault injection: drop the bus connection this long after the worker is ready.
     pub drop_bus_after: Option<Duration>,
+    /// KV transfers of prefill and decode workers.
+    pub disagg: dynamo_actors::worker::DisaggSettings,
     /// out=native (model_path is filled in from `model_path`).
     pub native: NativeSettings,
     pub max_inflight: usize,
@@ -238,6 +240,7 @@ pub(crate) async fn start_workers(
         let mut ws = WorkerSettings::new(card, folder.files().clone());
         ws.endpoint = endpoint.endpoint.clone();
         ws.kind = s.worker_kind;
+        ws.disagg = s.disagg.clone();
         let s = shared.clone();
         let factory: EngineFactory = Arc::new(move || {
             let (s, vocab) = (s.clone(), vocab.clone());

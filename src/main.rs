@@ -153,6 +153,33 @@ struct LaunchArgs {
     /// process keeps running. Needs --bus.
     #[arg(long, value_name = "MS", env = "DYN_MOCKER_DROP_BUS_AFTER_MS")]
     mocker_drop_bus_after_ms: Option<u64>,
+    /// Mocker, disaggregated: simulated KV link bandwidth in GB/s. [default: 25]
+    #[arg(long, value_name = "GBPS", env = "DYN_MOCKER_TRANSFER_GBPS")]
+    mocker_transfer_gbps: Option<f64>,
+    /// Mocker, disaggregated: simulated latency of one KV transfer. [default: 1]
+    #[arg(long, value_name = "MS", env = "DYN_MOCKER_TRANSFER_LATENCY_MS")]
+    mocker_transfer_latency_ms: Option<f64>,
+    /// Mocker, disaggregated: KV bytes per token of the simulated model. [default: 131072]
+    #[arg(long, value_name = "BYTES", env = "DYN_MOCKER_KV_BYTES_PER_TOKEN")]
+    mocker_kv_bytes_per_token: Option<u64>,
+    /// Prefill and decode workers: how KV moves between them: auto (same host: shared
+    /// memory, else TCP), shm, or tcp. [default: auto]
+    #[arg(long, env = "DYN_KV_TRANSFER")]
+    kv_transfer: Option<String>,
+    /// Decode workers: listen for TCP KV transfers here (port 0: any); use an address the
+    /// prefill workers' hosts can reach. [default: 127.0.0.1:0]
+    #[arg(long, value_name = "ADDR", env = "DYN_KV_TRANSFER_LISTEN")]
+    kv_transfer_listen: Option<String>,
+    /// Decode workers: blocks of KV that may be in transfer at once. [default: 512]
+    #[arg(long, env = "DYN_KV_STAGING_BLOCKS")]
+    kv_staging_blocks: Option<usize>,
+    /// Decode workers: when a remote prefill fails, prefill locally (local) or fail the
+    /// request (fail). [default: local]
+    #[arg(long, env = "DYN_PREFILL_FALLBACK")]
+    prefill_fallback: Option<String>,
+    /// Decode workers: how long to wait for a prefill worker. [default: 30000]
+    #[arg(long, value_name = "MS", env = "DYN_PREFILL_TIMEOUT_MS")]
+    prefill_timeout_ms: Option<u64>,
     /// Requests in flight beyond this get 429. [default: 1024]
     #[arg(long, env = "DYN_MAX_INFLIGHT")]
     max_inflight: Option<usize>,
@@ -184,6 +211,14 @@ impl LaunchArgs {
             mocker_stall_at_step: self.mocker_stall_at_step,
             mocker_stall_ms: self.mocker_stall_ms,
             mocker_drop_bus_after_ms: self.mocker_drop_bus_after_ms,
+            mocker_transfer_gbps: self.mocker_transfer_gbps,
+            mocker_transfer_latency_ms: self.mocker_transfer_latency_ms,
+            mocker_kv_bytes_per_token: self.mocker_kv_bytes_per_token,
+            kv_transfer: self.kv_transfer.clone(),
+            kv_transfer_listen: self.kv_transfer_listen.clone(),
+            kv_staging_blocks: self.kv_staging_blocks,
+            prefill_fallback: self.prefill_fallback.clone(),
+            prefill_timeout_ms: self.prefill_timeout_ms,
             router_mode: self.router_mode.clone(),
             remote_router: self.remote_router.then_some(true),
             http_port: self.http_port,
@@ -211,6 +246,14 @@ struct RouterArgs {
     /// Unset: never skip (the engines queue).
     #[arg(long, env = "DYN_BUSY_THRESHOLD")]
     busy_threshold: Option<f64>,
+    /// Disaggregated serving: prefill on the decode worker when fewer prompt tokens than
+    /// this are uncached there. [default: 512]
+    #[arg(long, env = "DYN_DISAGG_MIN_REMOTE_TOKENS")]
+    disagg_min_remote_tokens: Option<usize>,
+    /// Disaggregated serving: prefill on the decode worker when every prefill worker has
+    /// more prompt tokens than this queued. [default: 32768]
+    #[arg(long, env = "DYN_DISAGG_MAX_PREFILL_QUEUE")]
+    disagg_max_prefill_queue: Option<u64>,
 }
 
 impl RouterArgs {
@@ -219,6 +262,8 @@ impl RouterArgs {
             kv_overlap_score_weight: self.kv_overlap_score_weight,
             router_temperature: self.router_temperature,
             busy_threshold: self.busy_threshold,
+            disagg_min_remote_tokens: self.disagg_min_remote_tokens,
+            disagg_max_prefill_queue: self.disagg_max_prefill_queue,
             ..Default::default()
         }
     }

@@ -21,9 +21,11 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use dynamo_actors::frontend::RouterMode;
 use dynamo_actors::router::KvRouterSettings;
+use dynamo_actors::worker::DisaggSettings;
 use dynamo_engine::native::Compute;
 use dynamo_engine::{MockerFaults, MockerSettings, NativeSettings};
 use dynamo_protocols::llm::WorkerKind;
+use dynamo_transfer::Route;
 use serde::{Deserialize, Serialize};
 
 use crate::launch::{Input, LaunchSettings, Output};
@@ -55,11 +57,21 @@ pub struct Settings {
     pub mocker_stall_at_step: Option<u64>,
     pub mocker_stall_ms: Option<u64>,
     pub mocker_drop_bus_after_ms: Option<u64>,
+    pub mocker_transfer_gbps: Option<f64>,
+    pub mocker_transfer_latency_ms: Option<f64>,
+    pub mocker_kv_bytes_per_token: Option<u64>,
+    pub kv_transfer: Option<String>,
+    pub kv_transfer_listen: Option<String>,
+    pub kv_staging_blocks: Option<usize>,
+    pub prefill_fallback: Option<String>,
+    pub prefill_timeout_ms: Option<u64>,
     // Routers, and frontends routing in-process.
     pub router_mode: Option<String>,
     pub kv_overlap_score_weight: Option<f64>,
     pub router_temperature: Option<f64>,
     pub busy_threshold: Option<f64>,
+    pub disagg_min_remote_tokens: Option<usize>,
+    pub disagg_max_prefill_queue: Option<u64>,
     pub remote_router: Option<bool>,
     // Frontends.
     pub http_port: Option<u16>,
@@ -162,6 +174,12 @@ pub fn router_settings(s: &Settings) -> Result<KvRouterSettings> {
         overlap_weight: weight,
         temperature,
         busy_threshold: s.busy_threshold,
+        disagg_min_remote_tokens: s
+            .disagg_min_remote_tokens
+            .unwrap_or(d.disagg_min_remote_tokens),
+        disagg_max_prefill_queue: s
+            .disagg_max_prefill_queue
+            .unwrap_or(d.disagg_max_prefill_queue),
         ..d
     })
 }
@@ -197,8 +215,56 @@ pub fn resolve(
             stall_at_step: s.mocker_stall_at_step,
             stall_for: Duration::from_millis(s.mocker_stall_ms.unwrap_or(0)),
         },
+        kv_bytes_per_token: s.mocker_kv_bytes_per_token.unwrap_or(md.kv_bytes_per_token),
+        transfer_bandwidth: s
+            .mocker_transfer_gbps
+            .map_or(md.transfer_bandwidth, |g| g * 1e9),
+        transfer_latency: s
+            .mocker_transfer_latency_ms
+            .map_or(md.transfer_latency, |ms| {
+                Duration::from_secs_f64(ms.max(0.0) / 1e3)
+            }),
         ..Default::default()
     };
+    if s.mocker_transfer_gbps
+        .is_some_and(|g| !(g.is_finite() && g > 0.0))
+    {
+        bail!("--mocker-transfer-gbps must be a positive number");
+    }
+    if s.mocker_transfer_latency_ms
+        .is_some_and(|l| !(l.is_finite() && l >= 0.0))
+    {
+        bail!("--mocker-transfer-latency-ms must be a number >= 0");
+    }
+    let dd = DisaggSettings::default();
+    let disagg = DisaggSettings {
+        route: match s.kv_transfer.as_deref() {
+            None | Some("auto") => Route::Auto,
+            Some("shm") => Route::Shm,
+            Some("tcp") => Route::Tcp,
+            Some(other) => bail!("--kv-transfer {other:?}: use auto, shm or tcp"),
+        },
+        listen: match &s.kv_transfer_listen {
+            Some(a) => a.parse().map_err(|_| {
+                anyhow::anyhow!("--kv-transfer-listen {a:?} is not an address like 10.0.0.5:0")
+            })?,
+            None => dd.listen,
+        },
+        staging_blocks: s.kv_staging_blocks.unwrap_or(dd.staging_blocks),
+        fallback: match &s.prefill_fallback {
+            Some(f) => f
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!("--prefill-fallback: {e}"))?,
+            None => dd.fallback,
+        },
+        prefill_timeout: s
+            .prefill_timeout_ms
+            .map_or(dd.prefill_timeout, Duration::from_millis),
+        ..dd
+    };
+    if disagg.prefill_timeout.is_zero() {
+        bail!("--prefill-timeout-ms must be positive");
+    }
     if s.mocker_stall_at_step.is_some() != s.mocker_stall_ms.is_some() {
         bail!("--mocker-stall-at-step and --mocker-stall-ms go together");
     }
@@ -270,6 +336,7 @@ pub fn resolve(
         mocker,
         native,
         drop_bus_after: s.mocker_drop_bus_after_ms.map(Duration::from_millis),
+        disagg,
         max_inflight: s.max_inflight.unwrap_or(1024),
         max_body_bytes: s.max_body_bytes.unwrap_or(16 * 1024 * 1024),
         batch_concurrency: s.batch_concurrency.unwrap_or(16),

@@ -15,8 +15,8 @@ use dynamo_actors::worker::{EngineFactory, WorkerSettings};
 use dynamo_engine::{Engine, MockerEngine, MockerSettings};
 use dynamo_preprocessor::ModelFolder;
 use dynamo_protocols::llm::{
-    EngineOutput, FinishReason, PreprocessedRequest, RemotePrefill, SamplingOptions,
-    StopConditions, WorkerKind,
+    EngineOutput, FinishReason, PrefillRequest, PreprocessedRequest, RemotePrefill,
+    SamplingOptions, StopConditions, WorkerKind,
 };
 use dynamo_runtime::rpc::{RemoteErrorKind, RpcError};
 use dynamo_runtime::subject::{ComponentId, DiscoveryFilter, EndpointName, Namespace};
@@ -50,7 +50,8 @@ fn spec(folder: &ModelFolder, component: &str, kind: WorkerKind) -> RoleSpec {
     )))
 }
 
-fn request(remote: bool) -> PreprocessedRequest {
+/// A request, prefilled on prefill worker `remote` when set.
+fn request(remote: Option<u64>) -> PreprocessedRequest {
     PreprocessedRequest {
         token_ids: (100..140).collect(),
         sampling: SamplingOptions::default(),
@@ -59,7 +60,10 @@ fn request(remote: bool) -> PreprocessedRequest {
             min_tokens: 0,
             stop_token_ids: vec![],
         },
-        remote_prefill: remote.then_some(RemotePrefill { prefill_worker: 7 }),
+        remote_prefill: remote.map(|instance| RemotePrefill {
+            prefill_worker: instance,
+            endpoint: "kinds.prefill.prefill".into(),
+        }),
     }
 }
 
@@ -157,7 +161,7 @@ async fn kinds(bus: Option<String>) {
     assert_eq!(kinds, want);
 
     let client = runtime.client().clone();
-    let call = |component: &str, endpoint: &str, instance, req: PreprocessedRequest| {
+    let call = |component: &str, endpoint: &str, instance, req: serde_json::Value| {
         let target = Target::Instance(
             ComponentId::new("kinds", component)
                 .unwrap()
@@ -174,8 +178,18 @@ async fn kinds(bus: Option<String>) {
                 .await
         }
     };
+    let prefill_request = |skip_blocks: u32| {
+        serde_json::to_value(PrefillRequest {
+            request: request(None),
+            skip_blocks,
+            target: None,
+            write_within_ms: 10_000,
+        })
+        .unwrap()
+    };
+    let plain = |r: PreprocessedRequest| serde_json::to_value(r).unwrap();
     // A prefill request: the first token only, whatever max_tokens says.
-    let outs = call("prefill", "prefill", prefill, request(false))
+    let outs = call("prefill", "prefill", prefill, prefill_request(0))
         .await
         .unwrap();
     let tokens: usize = outs.iter().map(|o| o.token_ids.len()).sum();
@@ -185,19 +199,50 @@ async fn kinds(bus: Option<String>) {
         Some(FinishReason::Length)
     );
 
-    // Prefilled elsewhere: the decode worker serves it, the aggregated one refuses it.
-    let outs = call("decode", "generate", decode, request(true))
-        .await
-        .unwrap();
+    // Prefilled elsewhere: the decode worker has the prefill worker compute the prompt
+    // (a simulated transfer between mockers), says so in its first output, and decodes the
+    // rest; the aggregated worker refuses such a request.
+    let outs = call(
+        "decode",
+        "generate",
+        decode,
+        plain(request(Some(prefill.as_u64()))),
+    )
+    .await
+    .unwrap();
     assert_eq!(outs.iter().map(|o| o.token_ids.len()).sum::<usize>(), 8);
-    match call("agg", "generate", aggregated, request(true)).await {
+    assert_eq!(outs[0].prefill_worker, Some(prefill.as_u64()));
+    assert_eq!(
+        outs.last().unwrap().finish_reason,
+        Some(FinishReason::Length)
+    );
+    match call(
+        "agg",
+        "generate",
+        aggregated,
+        plain(request(Some(prefill.as_u64()))),
+    )
+    .await
+    {
         Err(RpcError::Remote(e)) => assert_eq!(e.kind, RemoteErrorKind::BadRequest),
         other => panic!("an aggregated worker took a remote-prefill request: {other:?}"),
     }
-    match call("prefill", "prefill", prefill, request(true)).await {
+    // A prefill request past the prompt's blocks, and a whole request on the prefill
+    // endpoint: bad requests.
+    match call("prefill", "prefill", prefill, prefill_request(99)).await {
         Err(RpcError::Remote(e)) => assert_eq!(e.kind, RemoteErrorKind::BadRequest),
-        other => panic!("a prefill worker took a remote-prefill request: {other:?}"),
+        other => panic!("a prefill worker took skip_blocks past the prompt: {other:?}"),
     }
+    match call("prefill", "prefill", prefill, plain(request(None))).await {
+        Err(RpcError::Remote(e)) => assert_eq!(e.kind, RemoteErrorKind::BadRequest),
+        other => panic!("a prefill worker took a generate request: {other:?}"),
+    }
+    // A decode worker whose prefill worker is gone prefills locally (the default fallback).
+    let outs = call("decode", "generate", decode, plain(request(Some(12345))))
+        .await
+        .unwrap();
+    assert_eq!(outs.iter().map(|o| o.token_ids.len()).sum::<usize>(), 8);
+    assert_eq!(outs[0].prefill_worker, None);
 
     sup.shutdown(Duration::from_secs(1)).await;
     runtime.close().await;

@@ -29,6 +29,8 @@ use super::serving::{ApiError, Generation, Serving};
 
 /// Response header naming the worker instance that served the request.
 pub const WORKER_HEADER: &str = "x-dynamo-instance-id";
+/// The prefill worker of a request whose prompt was prefilled on another worker.
+pub const PREFILL_WORKER_HEADER: &str = "x-dynamo-prefill-instance-id";
 /// Request header with the client's id for the request, echoed in the response.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
@@ -155,6 +157,9 @@ async fn generate(state: Arc<HttpState>, req: Request, endpoint: Endpoint) -> Re
         Err(e) => return error_response(&e),
     };
     let worker = HeaderValue::from_str(&gen.worker.to_string()).ok();
+    let prefill = gen
+        .prefill_worker
+        .and_then(|p| HeaderValue::from_str(&p.to_string()).ok());
     let mut response = if gen.prepared.stream {
         sse(gen, endpoint).into_response()
     } else {
@@ -165,6 +170,9 @@ async fn generate(state: Arc<HttpState>, req: Request, endpoint: Endpoint) -> Re
     };
     if let Some(w) = worker {
         response.headers_mut().insert(WORKER_HEADER, w);
+    }
+    if let Some(p) = prefill {
+        response.headers_mut().insert(PREFILL_WORKER_HEADER, p);
     }
     if let Some(id) = request_id.and_then(|id| HeaderValue::from_str(&id).ok()) {
         response.headers_mut().insert(REQUEST_ID_HEADER, id);

@@ -10,7 +10,7 @@
 //! router is its own role.
 
 mod http;
-pub use http::WORKER_HEADER;
+pub use http::{PREFILL_WORKER_HEADER, WORKER_HEADER};
 pub mod metrics;
 pub mod models;
 pub mod serving;

@@ -22,7 +22,9 @@ use super::models::{ModelEntry, ModelTable, WorkerAddr};
 use super::RouterMode;
 use crate::router::{DecisionSink, KvRouter, RouteError, RouteLease};
 use dynamo_protocols::kv::WorkerId;
+use dynamo_protocols::llm::RemotePrefill;
 use dynamo_protocols::router::{RouteRequest, RouteResponse};
+use dynamo_router::PrefillPlan;
 use dynamo_runtime::EndpointId;
 
 /// Instances tried per request before giving up with 503.
@@ -192,6 +194,16 @@ fn now_secs() -> u64 {
         .unwrap_or_default()
 }
 
+/// A prompt's prefill worker and its accounting there (released at the first token).
+struct Prefill {
+    remote: RemotePrefill,
+    _lease: RouteLease,
+}
+
+/// Where a request goes: its (decode) worker, the router's accounting there, and the prefill
+/// worker when the prompt is prefilled elsewhere.
+type Routed = (WorkerAddr, Option<RouteLease>, Option<Prefill>);
+
 impl Serving {
     pub fn new(
         runtime: Runtime,
@@ -251,7 +263,7 @@ impl Serving {
         entry: &ModelEntry,
         prepared: &Prepared,
         skip: &[InstanceId],
-    ) -> Option<Result<(WorkerAddr, Option<RouteLease>), ApiError>> {
+    ) -> Option<Result<Routed, ApiError>> {
         let request = RouteRequest {
             model: entry.card.name.clone(),
             token_ids: prepared.request.token_ids.clone(),
@@ -290,13 +302,20 @@ impl Serving {
             None => return None,
         };
         let lease = RouteLease::remote(remote.sink.clone(), decided.lease);
+        let prefill = decided.prefill.map(|p| Prefill {
+            remote: RemotePrefill {
+                prefill_worker: p.worker.0,
+                endpoint: p.endpoint,
+            },
+            _lease: RouteLease::remote(remote.sink.clone(), p.lease),
+        });
         let addr = entry
             .instances
             .iter()
             .find(|a| a.instance.as_u64() == decided.worker.0 && !skip.contains(&a.instance))
             .cloned();
         // None: the router knows a worker this frontend does not (yet); any live one serves.
-        addr.map(|addr| Ok((addr, Some(lease))))
+        addr.map(|addr| Ok((addr, Some(lease), prefill)))
     }
 
     async fn route(
@@ -304,7 +323,7 @@ impl Serving {
         entry: &ModelEntry,
         prepared: &Prepared,
         skip: &[InstanceId],
-    ) -> Result<(WorkerAddr, Option<RouteLease>), ApiError> {
+    ) -> Result<Routed, ApiError> {
         if let (Some(remote), None) = (&self.remote, &prepared.instance) {
             if let Some(picked) = self.pick_remote(remote, entry, prepared, skip).await {
                 return picked;
@@ -320,7 +339,7 @@ impl Serving {
         entry: &ModelEntry,
         prepared: &Prepared,
         skip: &[InstanceId],
-    ) -> Result<(WorkerAddr, Option<RouteLease>), ApiError> {
+    ) -> Result<Routed, ApiError> {
         let pinned = prepared.instance.as_deref();
         if let Some(hex) = pinned {
             let param = Some("nvext.backend_instance_id");
@@ -334,7 +353,7 @@ impl Serving {
                 .instances
                 .iter()
                 .find(|a| a.instance == id)
-                .map(|a| (a.clone(), None))
+                .map(|a| (a.clone(), None, None))
                 .ok_or_else(|| {
                     ApiError::bad_request(
                         format!("instance {hex} does not serve model {}", entry.card.name),
@@ -363,7 +382,25 @@ impl Serving {
                         .find(|a| a.instance.as_u64() == d.worker.0)
                         .map(|a| (*a).clone())
                         .expect("the router picks among the candidates");
-                    Ok((addr, Some(d.lease)))
+                    let prefill = match router.plan_prefill(
+                        &entry.card.name,
+                        d.overlap,
+                        &prepared.request.token_ids,
+                    ) {
+                        PrefillPlan::Remote {
+                            worker,
+                            endpoint,
+                            lease,
+                        } => Some(Prefill {
+                            remote: RemotePrefill {
+                                prefill_worker: worker.0,
+                                endpoint,
+                            },
+                            _lease: lease,
+                        }),
+                        PrefillPlan::Local(_) => None,
+                    };
+                    Ok((addr, Some(d.lease), prefill))
                 }
                 Err(RouteError::AllBusy(n)) => Err(ApiError::unavailable(format!(
                     "all {n} workers serving model {} are busy (KV cache over the busy threshold); retry shortly",
@@ -386,7 +423,7 @@ impl Serving {
                 ))
             }
         };
-        Ok((live[i].clone(), None))
+        Ok((live[i].clone(), None, None))
     }
 
     /// Preprocesses, routes and starts one request; the result streams its text.
@@ -459,7 +496,7 @@ impl Serving {
         let mut tried = Vec::new();
         let mut last_err = None;
         for _ in 0..MAX_ATTEMPTS {
-            let (addr, lease) = match self.route(&entry, &prepared, &tried).await {
+            let (addr, lease, prefill) = match self.route(&entry, &prepared, &tried).await {
                 Ok(a) => a,
                 Err(e) => {
                     last_err = Some(last_err.unwrap_or(e));
@@ -475,7 +512,15 @@ impl Serving {
                 .client()
                 .call::<_, EngineOutput>(
                     Target::Instance(addr.endpoint.clone(), addr.instance),
-                    &prepared.request,
+                    &match &prefill {
+                        Some(p) => {
+                            std::borrow::Cow::Owned(dynamo_protocols::llm::PreprocessedRequest {
+                                remote_prefill: Some(p.remote.clone()),
+                                ..prepared.request.clone()
+                            })
+                        }
+                        None => std::borrow::Cow::Borrowed(&prepared.request),
+                    },
                     opts,
                 )
                 .await;
@@ -487,14 +532,21 @@ impl Serving {
                 },
                 Err(e) => Err(e),
             };
+            // The first token ends the prompt's prefill, wherever it ran.
+            drop(prefill);
             match first {
                 Ok((stream, first)) => {
                     let output = entry.pre.output(&prepared);
+                    let prefill_worker = first
+                        .as_ref()
+                        .and_then(|f| f.prefill_worker)
+                        .map(InstanceId::new);
                     return Ok(Generation {
                         id,
                         model,
                         created: now_secs(),
                         worker: addr.instance,
+                        prefill_worker,
                         prepared,
                         output,
                         stream,
@@ -534,6 +586,8 @@ pub struct Generation {
     pub created: u64,
     /// The instance serving it.
     pub worker: InstanceId,
+    /// The prefill worker that computed its prompt, when that was not `worker`.
+    pub prefill_worker: Option<InstanceId>,
     pub prepared: Prepared,
     output: OutputProcessor,
     stream: ResponseStream<EngineOutput>,

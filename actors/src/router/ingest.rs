@@ -360,13 +360,18 @@ impl Actor for Ingest {
                 let component = m.endpoint.component.clone();
                 self.subscribe(&myself, state, &component);
                 let w = WorkerId(m.instance.as_u64());
-                // Prefill workers are indexed (a prefill router reads their events) but never
-                // a candidate for a whole request.
+                // Prefill workers are indexed (their events say what they hold) but never a
+                // candidate for a whole request.
+                let bs = m.card.kv_block_size.max(1) as usize;
                 if m.kind != WorkerKind::Prefill {
-                    self.router.add_worker(
+                    self.router.add_worker(w, m.card.name.clone(), bs);
+                } else {
+                    // A candidate for the prefill of a decode worker's request.
+                    self.router.add_prefill_worker(
                         w,
                         m.card.name.clone(),
-                        m.card.kv_block_size.max(1) as usize,
+                        bs,
+                        m.endpoint.to_string(),
                     );
                 }
                 let track = state.workers.entry(w).or_default();

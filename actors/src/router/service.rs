@@ -6,7 +6,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use dynamo_protocols::router::{RouteRequest, RouteResponse, ROUTER_COMPONENT, ROUTE_ENDPOINT};
+use dynamo_protocols::router::{
+    RouteRequest, RouteResponse, RoutedPrefill, ROUTER_COMPONENT, ROUTE_ENDPOINT,
+};
+use dynamo_router::PrefillPlan;
 use dynamo_runtime::rpc::RemoteErrorKind;
 use dynamo_runtime::subject::{ComponentId, EndpointName, Namespace};
 use dynamo_runtime::{ComponentInstance, Request, Runtime, ServedEndpoint};
@@ -50,6 +53,27 @@ impl Actor for RouteActor {
         let decided =
             self.router
                 .route_model_as(&body.model, &body.exclude, &body.token_ids, body.load_only);
+        // Where the prompt is prefilled (a prefill worker, or the decode worker itself).
+        let prefill = match &decided {
+            Ok(d) if !body.load_only => {
+                match self
+                    .router
+                    .plan_prefill(&body.model, d.overlap, &body.token_ids)
+                {
+                    PrefillPlan::Remote {
+                        worker,
+                        endpoint,
+                        lease,
+                    } => Some(RoutedPrefill {
+                        worker,
+                        endpoint,
+                        lease: self.router.detach(lease),
+                    }),
+                    PrefillPlan::Local(_) => None,
+                }
+            }
+            _ => None,
+        };
         let router = self.router.clone();
         tokio::spawn(async move {
             let _ = match decided {
@@ -63,6 +87,7 @@ impl Actor for RouteActor {
                             overlap_host: overlap.host,
                             overlap_disk: overlap.disk,
                             lease,
+                            prefill,
                         })
                         .await
                 }

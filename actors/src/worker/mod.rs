@@ -29,7 +29,8 @@ use dynamo_engine::{Engine, EngineState};
 use dynamo_preprocessor::ModelFiles;
 use dynamo_protocols::kv::{KvDump, KvDumpRequest, KV_DUMP_ENDPOINT};
 use dynamo_protocols::llm::{
-    EngineOutput, FileChunk, FileRequest, ModelCard, PreprocessedRequest, WorkerKind,
+    EngineOutput, FileChunk, FileRequest, ModelCard, PrefillRequest, PreprocessedRequest,
+    WorkerKind,
 };
 use dynamo_runtime::rpc::RemoteErrorKind;
 use dynamo_runtime::serve::{DrainReport, EndpointProbe, ServeError};
@@ -53,7 +54,11 @@ pub const LOAD_MAX_INTERVAL: Duration = Duration::from_secs(1);
 /// Blocks per `kv_dump` piece (about 30 bytes each: well under the bus payload limit).
 pub const DUMP_PIECE: usize = 8192;
 
+mod disagg;
 mod requests;
+
+use disagg::Disagg;
+pub use disagg::{DisaggSettings, PrefillFallback};
 
 use requests::{card_metadata, generate, send_dump, send_file, spawn_kv_publishers};
 
@@ -92,6 +97,8 @@ pub struct WorkerSettings {
     /// Engine starts that may fail in a row before the worker gives up and fails itself
     /// (escalating to its supervisor, which restarts the whole role).
     pub max_failed_starts: u32,
+    /// KV transfers of a prefill or decode worker.
+    pub disagg: DisaggSettings,
 }
 
 impl WorkerSettings {
@@ -105,6 +112,7 @@ impl WorkerSettings {
             restart_initial: Duration::from_millis(200),
             restart_max: Duration::from_secs(10),
             max_failed_starts: 5,
+            disagg: DisaggSettings::default(),
         }
     }
 }
@@ -127,6 +135,7 @@ pub enum WorkerStatus {
 /// casts requests through the `From` impls).
 enum Msg {
     Generate(Request<PreprocessedRequest, EngineOutput>),
+    Prefill(Request<PrefillRequest, EngineOutput>),
     File(Request<FileRequest, FileChunk>),
     Dump(Request<KvDumpRequest, KvDump>),
     /// Serve with this engine (the first, or a restarted one of `epoch`).
@@ -158,6 +167,12 @@ impl From<Request<PreprocessedRequest, EngineOutput>> for Msg {
     }
 }
 
+impl From<Request<PrefillRequest, EngineOutput>> for Msg {
+    fn from(r: Request<PrefillRequest, EngineOutput>) -> Self {
+        Msg::Prefill(r)
+    }
+}
+
 impl From<Request<FileRequest, FileChunk>> for Msg {
     fn from(r: Request<FileRequest, FileChunk>) -> Self {
         Msg::File(r)
@@ -176,6 +191,8 @@ struct WorkerActor {
     restart_max: Duration,
     max_failed_starts: u32,
     restarts_total: metrics::Counter,
+    /// A prefill or decode worker's transfer agent (outlives engine restarts).
+    disagg: Option<Arc<Disagg>>,
 }
 
 /// One engine's life in the worker.
@@ -225,15 +242,30 @@ impl WorkerActor {
             ),
             None => None,
         };
-        let generate = match self
-            .instance
-            .serve::<PreprocessedRequest, EngineOutput, _>(
-                self.endpoint.clone(),
-                myself.clone(),
-                card_metadata(&self.card, self.kind),
-            )
-            .await
-        {
+        let metadata = card_metadata(&self.card, self.kind, self.disagg.as_deref());
+        let served = match self.kind {
+            // A prefill worker's endpoint takes prefill requests (prompt, blocks to skip,
+            // where to write the KV).
+            WorkerKind::Prefill => {
+                self.instance
+                    .serve::<PrefillRequest, EngineOutput, _>(
+                        self.endpoint.clone(),
+                        myself.clone(),
+                        metadata,
+                    )
+                    .await
+            }
+            _ => {
+                self.instance
+                    .serve::<PreprocessedRequest, EngineOutput, _>(
+                        self.endpoint.clone(),
+                        myself.clone(),
+                        metadata,
+                    )
+                    .await
+            }
+        };
+        let generate = match served {
             Ok(g) => g,
             Err(e) => {
                 if let Some(d) = dump {
@@ -354,7 +386,10 @@ impl Actor for WorkerActor {
             Msg::Generate(req) => match &state.running {
                 Some(r) => {
                     let span = req.ctx.span().clone();
-                    tokio::spawn(generate(r.engine.clone(), self.kind, req).instrument(span));
+                    let disagg = self.disagg.clone();
+                    tokio::spawn(
+                        generate(r.engine.clone(), self.kind, disagg, req).instrument(span),
+                    );
                 }
                 // Arrived while the engine restarts: another worker can take it.
                 None => {
@@ -369,6 +404,26 @@ impl Actor for WorkerActor {
                     });
                 }
             },
+            Msg::Prefill(req) => {
+                let span = req.ctx.span().clone();
+                match (&state.running, &self.disagg) {
+                    (Some(r), Some(d)) => {
+                        tokio::spawn(d.clone().prefill(r.engine.clone(), req).instrument(span));
+                    }
+                    (running, _) => {
+                        let why = match running {
+                            Some(_) => "this worker does not prefill for others",
+                            None => "this worker's engine is restarting",
+                        };
+                        let reply = req.reply;
+                        tokio::spawn(async move {
+                            let _ = reply
+                                .fail(RemoteErrorKind::Unavailable, why.to_string())
+                                .await;
+                        });
+                    }
+                }
+            }
             Msg::File(req) => {
                 tokio::spawn(send_file(self.files.clone(), req));
             }
@@ -521,7 +576,17 @@ impl WorkerHandle {
         let (status_tx, status) = watch::channel(WorkerStatus::Restarting);
         let (restarts_tx, restarts) = watch::channel(0);
         let probe = Arc::new(Mutex::new(None));
+        let disagg = Disagg::start(
+            settings.kind,
+            settings.disagg.clone(),
+            &engine,
+            instance.id(),
+            instance.bus().clone(),
+        )
+        .await
+        .map_err(WorkerError::Spawn)?;
         let actor = WorkerActor {
+            disagg,
             instance: instance.clone(),
             kind: settings.kind,
             endpoint: settings.endpoint,

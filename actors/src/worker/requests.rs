@@ -17,9 +17,10 @@ use dynamo_runtime::subject::Topic;
 use dynamo_runtime::{ComponentInstance, Request};
 use futures::StreamExt;
 
+use super::disagg::{Disagg, Prefilled};
 use super::{DUMP_PIECE, FILE_CHUNK, LOAD_MAX_INTERVAL, LOAD_MIN_INTERVAL};
 
-fn remote_kind(e: &EngineError) -> RemoteErrorKind {
+pub(super) fn remote_kind(e: &EngineError) -> RemoteErrorKind {
     match e {
         EngineError::BadRequest(_) => RemoteErrorKind::BadRequest,
         EngineError::Overloaded(_) => RemoteErrorKind::Overloaded,
@@ -31,6 +32,7 @@ fn remote_kind(e: &EngineError) -> RemoteErrorKind {
 pub(super) async fn generate(
     engine: Arc<dyn Engine>,
     kind: WorkerKind,
+    disagg: Option<Arc<Disagg>>,
     req: Request<PreprocessedRequest, EngineOutput>,
 ) {
     let Request {
@@ -38,9 +40,39 @@ pub(super) async fn generate(
         ctx,
         mut reply,
     } = req;
-    if let Err(why) = admit(kind, &mut body) {
+    if let Err(why) = admit(kind, &body) {
         let _ = reply.fail(RemoteErrorKind::BadRequest, why).await;
         return;
+    }
+    // A decode worker has the prompt prefilled remotely when the router said so; the engine
+    // then continues from prompt + first token, its prefix cached.
+    let mut continued = false;
+    if let Some(remote) = body.remote_prefill.take() {
+        if let (Some(d), false) = (&disagg, body.token_ids.is_empty()) {
+            match d
+                .remote_prefill(&engine, &body, &remote, ctx.cancellation())
+                .await
+            {
+                Prefilled::Done(first) => {
+                    if first.finish_reason.is_some() {
+                        let _ = reply.finish_with(&first).await;
+                        return;
+                    }
+                    if reply.send(&first).await.is_err() {
+                        return;
+                    }
+                    body.token_ids.extend_from_slice(&first.token_ids);
+                    body.stop.max_tokens -= 1;
+                    body.stop.min_tokens = body.stop.min_tokens.saturating_sub(1);
+                    continued = true;
+                }
+                Prefilled::Local => {}
+                Prefilled::Failed(why) => {
+                    let _ = reply.fail(RemoteErrorKind::Internal, why).await;
+                    return;
+                }
+            }
+        }
     }
     if body.token_ids.is_empty() {
         let _ = reply
@@ -58,7 +90,11 @@ pub(super) async fn generate(
             return;
         }
     };
-    while let Some(item) = stream.next().await {
+    while let Some(mut item) = stream.next().await {
+        if let (true, Ok(out)) = (continued, &mut item) {
+            // Reported with the first token already.
+            out.cached_tokens = None;
+        }
         let sent = match item {
             Ok(out) if out.finish_reason.is_some() => return drop(reply.finish_with(&out).await),
             Ok(out) => reply.send(&out).await,
@@ -84,23 +120,16 @@ pub(super) async fn generate(
         .await;
 }
 
-/// What a worker of `kind` makes of a request: a prefill worker computes the prompt and its
-/// first token only (its KV stays cached for the decode worker); only a decode worker takes a
-/// request prefilled elsewhere. Until the KV transfer exists (issue 9), a decode worker
-/// computes such a prompt itself, as it will when a transfer fails.
-fn admit(kind: WorkerKind, body: &mut PreprocessedRequest) -> Result<(), String> {
+/// Whether a worker of `kind` takes a request on its generate endpoint: only a decode
+/// worker takes one to be prefilled elsewhere (a prefill worker's endpoint is `prefill`, which
+/// takes [`dynamo_protocols::llm::PrefillRequest`]s).
+fn admit(kind: WorkerKind, body: &PreprocessedRequest) -> Result<(), String> {
     match (kind, &body.remote_prefill) {
-        (WorkerKind::Decode, _) => Ok(()),
+        (WorkerKind::Decode, _) | (_, None) => Ok(()),
         (_, Some(_)) => Err(format!(
             "this is a {} worker: a request prefilled elsewhere goes to a decode worker",
             kind.as_str()
         )),
-        (WorkerKind::Prefill, None) => {
-            body.stop.max_tokens = 1;
-            body.stop.min_tokens = 0;
-            Ok(())
-        }
-        (WorkerKind::Aggregated, None) => Ok(()),
     }
 }
 
@@ -258,10 +287,18 @@ pub(super) fn spawn_kv_publishers(
 }
 
 /// The `generate` endpoint's discovery metadata: its role, its kind and the model card.
-pub(super) fn card_metadata(card: &ModelCard, kind: WorkerKind) -> serde_json::Value {
+pub(super) fn card_metadata(
+    card: &ModelCard,
+    kind: WorkerKind,
+    disagg: Option<&Disagg>,
+) -> serde_json::Value {
     let mut meta = serde_json::Map::new();
     meta.insert("role".into(), "worker".into());
     meta.insert(WorkerKind::METADATA_KEY.into(), kind.as_str().into());
+    if let Some(d) = disagg {
+        // The transfer agent (regions, TCP address): how peers reach this worker's memory.
+        meta.insert("kv_transfer".into(), d.metadata());
+    }
     meta.insert(
         ModelCard::METADATA_KEY.into(),
         serde_json::to_value(card).unwrap_or_default(),

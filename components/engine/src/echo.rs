@@ -75,6 +75,7 @@ impl Engine for EchoEngine {
                     token_ids: vec![token],
                     finish_reason: finish,
                     cached_tokens: (i == 0).then_some(0),
+                    ..Default::default()
                 };
                 // After a finish the next state is past the end: the stream ends.
                 let next = if finish.is_some() { usize::MAX } else { i + 1 };

@@ -159,6 +159,8 @@ impl std::fmt::Debug for Reservation {
 
 /// An engine's block pool, as the transfer library and the offloader use it.
 ///
+/// - `lookup`: how many leading blocks of a prefix are cached (a hint: they may be evicted
+///   before an import that builds on them, which then fails whole);
 /// - `export`: the cached blocks of the leading `hashes` (in order, while cached), with
 ///   their contents;
 /// - `reserve`: takes `blocks` empty blocks now (an error if the pool cannot spare them), so a
@@ -172,6 +174,17 @@ pub trait KvCapability: Send + Sync {
     fn block_size(&self) -> usize;
     /// Bytes of one block's contents (0: a simulation that keeps none).
     fn block_bytes(&self) -> usize;
+    /// What one block's bytes are (none for a simulated engine).
+    fn layout(&self) -> Option<native::KvLayout> {
+        None
+    }
+    /// How long moving `blocks` blocks to another worker takes, for a simulated engine whose
+    /// transfers are simulated too (`None`: real bytes move, the transfer library times them).
+    fn simulated_transfer(&self, _blocks: usize) -> Option<std::time::Duration> {
+        None
+    }
+    /// How many of the leading `hashes` are cached here now.
+    fn lookup(&self, hashes: Vec<SequenceHash>) -> BoxFuture<'static, Result<usize, EngineError>>;
     fn export(
         &self,
         hashes: Vec<SequenceHash>,

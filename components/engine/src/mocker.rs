@@ -51,6 +51,14 @@ pub struct MockerSettings {
     pub vocab: Range<TokenId>,
     pub seed: u64,
     pub faults: MockerFaults,
+    /// Simulated KV transfers (disaggregation): bytes of KV per token of the simulated model
+    /// (Llama-3-8B in bf16: 32 layers x 8 kv heads x 128 x 2 x 2 bytes = 128 KiB), the link's
+    /// bandwidth in bytes per second, and its latency per transfer. A transfer of `b` blocks
+    /// takes `latency + b x block_size x kv_bytes_per_token / bandwidth`, divided by
+    /// `speedup_ratio` like every simulated time.
+    pub kv_bytes_per_token: u64,
+    pub transfer_bandwidth: f64,
+    pub transfer_latency: Duration,
 }
 
 /// Faults to inject (see the module header); all off by default.
@@ -73,11 +81,27 @@ impl Default for MockerSettings {
             vocab: 0..32000,
             seed: 0,
             faults: MockerFaults::default(),
+            kv_bytes_per_token: 128 << 10,
+            transfer_bandwidth: 25e9,
+            transfer_latency: Duration::from_millis(1),
         }
     }
 }
 
 impl MockerSettings {
+    /// The simulated time of moving `blocks` blocks (see the fields).
+    pub fn transfer_time(&self) -> impl Fn(usize) -> Duration + Send + Sync + 'static {
+        let per_block = (self.block_size as u64 * self.kv_bytes_per_token) as f64;
+        let (bw, latency, speedup) = (
+            self.transfer_bandwidth.max(1.0),
+            self.transfer_latency,
+            self.speedup_ratio.max(1e-9),
+        );
+        move |blocks| {
+            (latency + Duration::from_secs_f64(blocks as f64 * per_block / bw)).div_f64(speedup)
+        }
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         if self.num_gpu_blocks == 0 || self.block_size == 0 || self.max_num_seqs == 0 {
             return Err("num_gpu_blocks, block_size and max_num_seqs must be positive".into());
@@ -241,12 +265,10 @@ impl MockerEngine {
             health_tx.send_replace(EngineState::Failed(why));
         });
         Ok(Self {
-            capability: Arc::new(SchedulerKv::new(
-                commands.clone(),
-                Command::Kv,
-                settings.block_size,
-                0,
-            )),
+            capability: Arc::new(
+                SchedulerKv::new(commands.clone(), Command::Kv, settings.block_size, 0)
+                    .with_simulated_transfer(settings.transfer_time()),
+            ),
             commands,
             kv: KvHandle::new(events, load, dumps, settings.block_size as u32),
             health,

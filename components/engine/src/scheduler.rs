@@ -94,6 +94,10 @@ pub trait Executor: Send + 'static {
 
 /// The KV capability's requests, handled on the scheduler ([`Scheduler::kv`]).
 pub enum KvCommand {
+    Lookup {
+        hashes: Vec<SequenceHash>,
+        reply: oneshot::Sender<usize>,
+    },
     Export {
         hashes: Vec<SequenceHash>,
         reply: oneshot::Sender<Vec<KvBlockData>>,
@@ -121,6 +125,8 @@ pub(crate) struct SchedulerKv {
     send: KvSend,
     block_size: usize,
     block_bytes: usize,
+    layout: Option<crate::native::KvLayout>,
+    simulated: Option<Arc<dyn Fn(usize) -> Duration + Send + Sync>>,
 }
 
 impl SchedulerKv {
@@ -151,7 +157,23 @@ impl SchedulerKv {
             send,
             block_size,
             block_bytes,
+            layout: None,
+            simulated: None,
         }
+    }
+
+    pub fn with_layout(mut self, layout: crate::native::KvLayout) -> Self {
+        self.layout = Some(layout);
+        self
+    }
+
+    /// Transfers of this engine's blocks are simulated: `time(blocks)` long.
+    pub fn with_simulated_transfer(
+        mut self,
+        time: impl Fn(usize) -> Duration + Send + Sync + 'static,
+    ) -> Self {
+        self.simulated = Some(Arc::new(time));
+        self
     }
 }
 
@@ -180,6 +202,18 @@ impl KvCapability for SchedulerKv {
 
     fn block_bytes(&self) -> usize {
         self.block_bytes
+    }
+
+    fn layout(&self) -> Option<crate::native::KvLayout> {
+        self.layout
+    }
+
+    fn simulated_transfer(&self, blocks: usize) -> Option<Duration> {
+        self.simulated.as_ref().map(|f| f(blocks))
+    }
+
+    fn lookup(&self, hashes: Vec<SequenceHash>) -> BoxFuture<'static, Result<usize, EngineError>> {
+        self.ask(|reply| KvCommand::Lookup { hashes, reply })
     }
 
     fn export(
@@ -472,6 +506,9 @@ impl<E: Executor> Scheduler<E> {
     /// Handles a KV capability request (see [`KvCapability`]).
     pub fn kv(&mut self, cmd: KvCommand) {
         match cmd {
+            KvCommand::Lookup { hashes, reply } => {
+                let _ = reply.send(self.pool.match_prefix(&hashes));
+            }
             KvCommand::Export { hashes, reply } => {
                 let mut out = Vec::new();
                 let blocks = self.pool.acquire_prefix(&hashes);
@@ -725,6 +762,7 @@ impl<E: Executor> Scheduler<E> {
                 finish_reason: finish,
                 cached_tokens: (!std::mem::replace(&mut seq.cached_reported, true))
                     .then(|| seq.cached_tokens.unwrap_or(0)),
+                ..Default::default()
             };
             self.outbox.push((seq.out.clone(), Ok(out)));
             if finish.is_some() {

@@ -55,6 +55,43 @@ pub struct PreprocessedRequest {
 pub struct RemotePrefill {
     /// The prefill worker's instance id.
     pub prefill_worker: u64,
+    /// Its prefill endpoint (`namespace.component.prefill`).
+    pub endpoint: String,
+}
+
+/// What a prefill worker's `prefill` endpoint takes: compute `request`'s prompt and its first
+/// token, and write the prompt's full blocks after the first `skip_blocks` into `target`.
+/// The answer is one [`EngineOutput`] (the first token, with a finish reason).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PrefillRequest {
+    pub request: PreprocessedRequest,
+    /// Leading full blocks of the prompt the decode worker holds already (not sent).
+    #[serde(default)]
+    pub skip_blocks: u32,
+    /// Where the blocks' bytes go; `None` for a simulated engine (no bytes: the transfer's
+    /// time is simulated, the decode side imports the blocks' identities only).
+    #[serde(default)]
+    pub target: Option<KvTarget>,
+    /// Milliseconds from receipt within which the blocks must be written; a prefill worker
+    /// past it writes nothing (the decode worker reuses the target's memory after it).
+    pub write_within_ms: u64,
+}
+
+/// A decode worker's memory for one request's blocks: its transfer agent (the transfer
+/// library's metadata, msgpack) and one range per block, in block order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvTarget {
+    #[serde(with = "serde_bytes")]
+    pub agent: Vec<u8>,
+    pub blocks: Vec<KvRange>,
+}
+
+/// A byte range of a registered region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvRange {
+    pub region: u32,
+    pub offset: u64,
+    pub len: u64,
 }
 
 /// What a worker does with requests (one worker role, three configurations).
@@ -130,6 +167,10 @@ pub struct EngineOutput {
     /// Prompt tokens whose KV was already cached (first output only).
     #[serde(default)]
     pub cached_tokens: Option<u32>,
+    /// The prefill worker that computed the prompt, when it was not this one (first output
+    /// of a disaggregated request only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefill_worker: Option<u64>,
 }
 
 /// A file of a model folder, named by its content hash.

@@ -32,6 +32,15 @@ pub struct RouteRequest {
     pub load_only: bool,
 }
 
+/// A prompt's prefill worker, as a router component chose it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoutedPrefill {
+    pub worker: WorkerId,
+    /// Its prefill endpoint (`namespace.component.endpoint`).
+    pub endpoint: String,
+    pub lease: LeaseId,
+}
+
 /// Which router's accounting entry a routed request holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct LeaseId {
@@ -51,6 +60,10 @@ pub struct RouteResponse {
     #[serde(default)]
     pub overlap_disk: u32,
     pub lease: LeaseId,
+    /// Disaggregated serving: the prefill worker chosen for the prompt (none: the decode
+    /// worker prefills it). Its lease ends with the request's first token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefill: Option<RoutedPrefill>,
 }
 
 /// One step in the life of a routed request.

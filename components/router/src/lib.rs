@@ -23,14 +23,21 @@
 //! usage is over `busy_threshold` are skipped; the lowest cost wins (ties broken at random), or
 //! with `temperature > 0` a softmax over `-cost / temperature` picks.
 //!
+//! Conditional disaggregation (`disagg`): with prefill workers serving the model, after the
+//! decode worker is chosen, [`KvRouter::plan_prefill`] decides whether its prompt is
+//! prefilled there (little uncached, or every prefill worker's queue over the bound) or on a
+//! prefill worker, chosen by the same cost (prefill workers publish KV events too).
+//!
 //! No bus here: this crate is the pure core, tested on its own (`src/tests.rs`, including
 //! property tests of the lease accounting and the cost function).
 #![forbid(unsafe_code)]
 
+mod disagg;
 mod lease;
 mod router;
 mod sink;
 
+pub use disagg::{LocalReason, PrefillPlan};
 pub use lease::RouteLease;
 pub use router::{cost, Decision, KvRouter, KvRouterSettings, RouteError};
 pub use sink::DecisionSink;

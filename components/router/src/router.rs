@@ -42,6 +42,11 @@ pub struct KvRouterSettings {
     /// until its finish event arrives, or for this long should that event be lost.
     pub shared_lease_ttl: Duration,
     pub index: IndexSettings,
+    /// Conditional disaggregation (when prefill workers serve the model): prefill runs on
+    /// the decode worker when less than this many prompt tokens are uncached there...
+    pub disagg_min_remote_tokens: usize,
+    /// ...or when every prefill worker has more than this many prompt tokens queued.
+    pub disagg_max_prefill_queue: u64,
 }
 
 impl Default for KvRouterSettings {
@@ -58,6 +63,8 @@ impl Default for KvRouterSettings {
             fallback_ttl: Duration::from_secs(120),
             shared_lease_ttl: Duration::from_secs(600),
             index: IndexSettings::default(),
+            disagg_min_remote_tokens: 512,
+            disagg_max_prefill_queue: 32768,
         }
     }
 }
@@ -87,7 +94,7 @@ impl Accounting {
                 .saturating_sub(self.occupied_at_report)
     }
 
-    fn pending_prefill_tokens(&self) -> u64 {
+    pub(crate) fn pending_prefill_tokens(&self) -> u64 {
         self.prefill_tokens
             + self
                 .report
@@ -168,6 +175,8 @@ pub struct KvRouter {
     shared: Mutex<Shared>,
     /// Workers in discovery: the model each serves and its KV block size.
     models: DashMap<WorkerId, (String, usize)>,
+    /// Prefill workers in discovery: their model, block size and prefill endpoint.
+    pub(crate) prefill: DashMap<WorkerId, crate::disagg::PrefillWorker>,
 }
 
 impl KvRouter {
@@ -186,6 +195,7 @@ impl KvRouter {
             next_lease: AtomicU64::new(1),
             shared: Mutex::new(Shared::default()),
             models: DashMap::new(),
+            prefill: DashMap::new(),
         })
     }
 
@@ -468,6 +478,7 @@ impl KvRouter {
         self.index.remove_worker(w);
         self.loads.remove(&w);
         self.models.remove(&w);
+        self.prefill.remove(&w);
         if let Ok(mut shared) = self.shared.lock() {
             shared.leases.retain(|_, l| l.worker != w);
         }
@@ -483,7 +494,11 @@ impl KvRouter {
         self.route_as(candidates, tokens, block_size, self.settings.load_only)
     }
 
-    fn route_as(
+    pub(crate) fn settings(&self) -> &KvRouterSettings {
+        &self.settings
+    }
+
+    pub(crate) fn route_as(
         self: &Arc<Self>,
         candidates: &[WorkerId],
         tokens: &[TokenId],

@@ -298,3 +298,95 @@ mod properties {
         }
     }
 }
+
+/// Conditional disaggregation: short uncached prompts and saturated prefill pools stay on the
+/// decode worker; otherwise the prefill worker holding the prompt's prefix gets it, and its
+/// accounting holds the prompt until the lease goes.
+#[test]
+fn prefill_goes_remote_only_for_long_uncached_prompts_with_room_in_the_prefill_pool() {
+    let router = KvRouter::new(KvRouterSettings {
+        disagg_min_remote_tokens: 64,
+        disagg_max_prefill_queue: 1000,
+        ..Default::default()
+    });
+    let prompt: Vec<u32> = (0..256).collect();
+    let none = dynamo_kv::Overlap::default();
+    assert_eq!(
+        router.plan_prefill("m", none, &prompt).label(),
+        "local_no_prefill"
+    );
+    for w in [10, 11] {
+        router.add_prefill_worker(
+            WorkerId(w),
+            "m".into(),
+            16,
+            format!("ns.prefill{w}.prefill"),
+        );
+    }
+    router.add_prefill_worker(WorkerId(12), "other".into(), 16, "ns.p.prefill".into());
+    assert_eq!(router.prefill_workers("m"), 2);
+    // 208 of 256 tokens cached on the decode worker: 48 uncached, under 64.
+    let mostly_cached = dynamo_kv::Overlap {
+        device: 13,
+        ..Default::default()
+    };
+    assert_eq!(
+        router.plan_prefill("m", mostly_cached, &prompt).label(),
+        "local_short"
+    );
+    // Worker 11 holds most of the prompt: it gets the prefill.
+    store(&router, 11, &prompt[..192], 16);
+    let plan = router.plan_prefill("m", none, &prompt);
+    let PrefillPlan::Remote {
+        worker,
+        endpoint,
+        lease,
+    } = plan
+    else {
+        panic!("a long uncached prompt with an idle prefill pool goes remote");
+    };
+    assert_eq!(
+        (worker, endpoint.as_str()),
+        (WorkerId(11), "ns.prefill11.prefill")
+    );
+    assert_eq!(
+        router
+            .loads
+            .get(&WorkerId(11))
+            .unwrap()
+            .pending_prefill_tokens(),
+        64,
+        "the uncached part is the prefill worker's pending work while the lease lives"
+    );
+    drop(lease);
+    assert_eq!(
+        router
+            .loads
+            .get(&WorkerId(11))
+            .unwrap()
+            .pending_prefill_tokens(),
+        0
+    );
+    // Both prefill workers report deep queues: saturated, the decode worker prefills.
+    for w in [10, 11] {
+        router.record_load(
+            WorkerId(w),
+            LoadReport {
+                queued_prefill_tokens: 5000,
+                total_blocks: 100,
+                ..Default::default()
+            },
+        );
+    }
+    assert_eq!(
+        router.plan_prefill("m", none, &prompt).label(),
+        "local_saturated"
+    );
+    // A prefill worker that leaves is no longer planned for.
+    router.forget(WorkerId(10));
+    router.forget(WorkerId(11));
+    assert_eq!(
+        router.plan_prefill("m", none, &prompt).label(),
+        "local_no_prefill"
+    );
+}

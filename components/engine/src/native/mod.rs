@@ -259,12 +259,15 @@ impl NativeEngine {
             })
             .map_err(|e| NativeError::Settings(format!("cannot start the engine thread: {e}")))?;
         Ok(Self {
-            capability: Arc::new(SchedulerKv::new(
-                commands.clone(),
-                Command::Kv,
-                settings.block_size,
-                layout.block_bytes(),
-            )),
+            capability: Arc::new(
+                SchedulerKv::new(
+                    commands.clone(),
+                    Command::Kv,
+                    settings.block_size,
+                    layout.block_bytes(),
+                )
+                .with_layout(layout),
+            ),
             commands,
             kv: KvHandle::new(events, load, dumps, settings.block_size as u32),
             model,

@@ -1,0 +1,648 @@
+//! Disaggregated serving, worker side: a decode worker that has a request's prompt prefilled
+//! on a prefill worker, and the prefill worker that computes it and writes the KV over.
+//!
+//! Decode worker, for a request routed with [`RemotePrefill`]:
+//! 1. looks up how much of the prompt's full blocks it holds; reserves blocks for the rest
+//!    in its engine and the same number of slots in its staging region (registered with its
+//!    transfer agent);
+//! 2. asks the prefill worker (`prefill` endpoint, [`PrefillRequest`]) to compute the prompt
+//!    and write the missing blocks into those slots, within a deadline;
+//! 3. on its answer (the first token), imports the slots' bytes into the reserved blocks
+//!    (checked whole: a partial transfer is never cached) and streams the first token; the
+//!    engine then continues from prompt + first token, its prefix found cached.
+//!
+//! Any failure on the way (no blocks, no staging room, the prefill worker failing or silent,
+//! the transfer or the import failing) falls back to prefilling locally (or fails the
+//! request, by [`PrefillFallback`]), counted by reason. Staging slots handed to a prefill
+//! worker that did not answer stay out of use until its write deadline plus the transfer
+//! timeout has passed, so a late write never lands in memory lent to another request.
+//!
+//! Prefill worker: computes the prompt with `max_tokens = 1`, exports the prompt's full
+//! blocks after `skip_blocks` and writes them into the target through its agent (the
+//! transfer library picks shared memory or TCP per peer), or, for a simulated engine, waits
+//! the simulated transfer time; then answers with the first token.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dynamo_engine::{Engine, EngineError, KvBlockData, KvCapability};
+use dynamo_protocols::kv::SequenceHash;
+use dynamo_protocols::llm::{
+    EngineOutput, FinishReason, KvRange, KvTarget, PrefillRequest, PreprocessedRequest,
+    RemotePrefill, WorkerKind,
+};
+use dynamo_runtime::rpc::{RemoteErrorKind, RpcClient, RpcError};
+use dynamo_runtime::{CallOptions, EndpointId, InstanceId, Request, Target};
+use dynamo_transfer::{
+    Agent, AgentMetadata, AgentSettings, Descriptor, Dtype, Layout, Region, RegionId, Route,
+    Source, TransferError, WriteOp,
+};
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+/// What a decode worker does when a remote prefill fails.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrefillFallback {
+    /// Prefill locally (the client sees a slower first token, nothing else).
+    #[default]
+    Local,
+    /// Fail the request (`internal`), e.g. to find a broken transfer path in a test.
+    Fail,
+}
+
+impl std::str::FromStr for PrefillFallback {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "local" => Ok(Self::Local),
+            "fail" => Ok(Self::Fail),
+            other => Err(format!(
+                "unknown prefill fallback {other:?}; expected local or fail"
+            )),
+        }
+    }
+}
+
+/// A prefill or decode worker's transfer settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DisaggSettings {
+    /// Backend per peer: `auto` (same host: shared memory, else TCP), `shm`, `tcp`.
+    pub route: Route,
+    /// Where a decode worker listens for TCP transfers (port 0: any). Give an address other
+    /// hosts can reach when prefill workers run elsewhere.
+    pub listen: SocketAddr,
+    /// Blocks of a decode worker's staging region (transfers in flight at once).
+    pub staging_blocks: usize,
+    pub fallback: PrefillFallback,
+    /// Longest a decode worker waits for a prefill worker's answer.
+    pub prefill_timeout: Duration,
+    /// Longest one transfer may take.
+    pub transfer_timeout: Duration,
+}
+
+impl Default for DisaggSettings {
+    fn default() -> Self {
+        Self {
+            route: Route::Auto,
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            staging_blocks: 512,
+            fallback: PrefillFallback::Local,
+            prefill_timeout: Duration::from_secs(30),
+            transfer_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The engine's block layout as the transfer library sees it.
+fn layout_of(cap: &dyn KvCapability) -> Option<Layout> {
+    let l = cap.layout()?;
+    let dtype = match l.dtype {
+        "f32" => Dtype::F32,
+        "f16" => Dtype::F16,
+        "bf16" => Dtype::Bf16,
+        _ => return None,
+    };
+    Some(Layout {
+        layers: l.layers as u32,
+        kv_heads: l.kv_heads as u32,
+        head_dim: l.head_dim as u32,
+        block_size: l.block_size as u32,
+        dtype,
+    })
+}
+
+/// Free slots of a decode worker's staging region.
+struct Staging {
+    region: Arc<Region>,
+    free: Mutex<Vec<usize>>,
+}
+
+/// Slots lent to one remote prefill; given back on drop, at once or after `hold_until`.
+struct Slots {
+    staging: Arc<Staging>,
+    slots: Vec<usize>,
+    hold_until: Option<Instant>,
+}
+
+impl Slots {
+    fn descriptors(&self) -> Vec<Descriptor> {
+        self.slots
+            .iter()
+            .map(|&s| self.staging.region.block(s))
+            .collect()
+    }
+}
+
+impl Drop for Slots {
+    fn drop(&mut self) {
+        let slots = std::mem::take(&mut self.slots);
+        let staging = self.staging.clone();
+        let give_back = move || {
+            staging
+                .free
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(slots)
+        };
+        match self.hold_until {
+            Some(t) if t > Instant::now() => match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    rt.spawn(async move {
+                        tokio::time::sleep_until(t.into()).await;
+                        give_back();
+                    });
+                }
+                // No runtime: the process is ending; nobody will lend these again.
+                Err(_) => {}
+            },
+            _ => give_back(),
+        }
+    }
+}
+
+/// A worker's part in disaggregation: its transfer agent, a decode worker's staging region
+/// and bus client.
+pub(crate) struct Disagg {
+    agent: Agent,
+    staging: Option<Arc<Staging>>,
+    /// This agent's metadata, msgpack (what a [`KvTarget`] carries).
+    agent_meta: Vec<u8>,
+    client: Option<RpcClient>,
+    instance: InstanceId,
+    settings: DisaggSettings,
+}
+
+/// Why a remote prefill did not happen; a closed set (metric labels).
+#[derive(Debug, thiserror::Error)]
+enum Why {
+    #[error("the engine has no KV cache to import into")]
+    NoKv,
+    #[error("the prompt's full blocks are cached here already")]
+    Cached,
+    #[error("no free KV blocks to reserve: {0}")]
+    NoBlocks(EngineError),
+    #[error("the staging region is full ({0} blocks in flight)")]
+    StagingFull(usize),
+    #[error("the prefill worker's endpoint is malformed: {0}")]
+    Endpoint(String),
+    #[error("the prefill worker failed: {0}")]
+    Prefill(String),
+    #[error("the prefill worker did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the import of the transferred blocks failed: {0}")]
+    Import(EngineError),
+    #[error("{0}")]
+    Engine(EngineError),
+    #[error("the request was cancelled")]
+    Cancelled,
+}
+
+impl Why {
+    fn label(&self) -> &'static str {
+        match self {
+            Why::NoKv => "no_kv",
+            Why::Cached => "cached",
+            Why::NoBlocks(_) => "no_blocks",
+            Why::StagingFull(_) => "staging_full",
+            Why::Endpoint(_) => "endpoint",
+            Why::Prefill(_) => "prefill_failed",
+            Why::Timeout(_) => "timeout",
+            Why::Import(_) => "import",
+            Why::Engine(_) => "engine",
+            Why::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// What became of a decode worker's remote prefill.
+pub(crate) enum Prefilled {
+    /// The first token (its output, to send), the prompt's KV now cached here.
+    Done(EngineOutput),
+    /// Prefill locally.
+    Local,
+    /// Fail the request with this message.
+    Failed(String),
+}
+
+impl Disagg {
+    /// The disaggregation part of a prefill or decode worker (`None` for aggregated ones).
+    pub(crate) async fn start(
+        kind: WorkerKind,
+        settings: DisaggSettings,
+        engine: &Arc<dyn Engine>,
+        instance: InstanceId,
+        bus: Arc<dyn dynamo_runtime::bus::Bus>,
+    ) -> Result<Option<Arc<Self>>, String> {
+        if kind == WorkerKind::Aggregated {
+            return Ok(None);
+        }
+        let decode = kind == WorkerKind::Decode;
+        let agent = Agent::start(AgentSettings {
+            name: format!("{}-{instance}", kind.as_str()),
+            tcp_listen: decode.then_some(settings.listen),
+            route: settings.route,
+            tcp_connections: 4,
+            timeout: settings.transfer_timeout,
+        })
+        .await
+        .map_err(|e| format!("cannot start the KV transfer agent: {e}"))?;
+        let layout = engine.kv_capability().as_deref().and_then(layout_of);
+        let staging = match (decode, layout) {
+            (true, Some(layout)) if settings.staging_blocks > 0 => {
+                let region = agent
+                    .register(layout, settings.staging_blocks)
+                    .map_err(|e| format!("cannot register the KV staging region: {e}"))?;
+                Some(Arc::new(Staging {
+                    region,
+                    free: Mutex::new((0..settings.staging_blocks).rev().collect()),
+                }))
+            }
+            _ => None,
+        };
+        let agent_meta = rmp_serde::to_vec_named(&agent.metadata())
+            .map_err(|e| format!("cannot encode the agent's metadata: {e}"))?;
+        let client = match decode {
+            true => Some(
+                RpcClient::new(bus, Default::default())
+                    .await
+                    .map_err(|e| format!("cannot start the prefill client: {e}"))?,
+            ),
+            false => None,
+        };
+        Ok(Some(Arc::new(Self {
+            agent,
+            staging,
+            agent_meta,
+            client,
+            instance,
+            settings,
+        })))
+    }
+
+    /// The agent's metadata for discovery (`kv_transfer` of the worker's metadata).
+    pub(crate) fn metadata(&self) -> serde_json::Value {
+        serde_json::to_value(self.agent.metadata()).unwrap_or_default()
+    }
+
+    fn take_slots(&self, n: usize) -> Result<Option<Slots>, Why> {
+        let Some(staging) = &self.staging else {
+            return Ok(None);
+        };
+        let mut free = staging.free.lock().unwrap_or_else(|p| p.into_inner());
+        if free.len() < n {
+            return Err(Why::StagingFull(self.settings.staging_blocks - free.len()));
+        }
+        let at = free.len() - n;
+        let slots = free.split_off(at);
+        Ok(Some(Slots {
+            staging: staging.clone(),
+            slots,
+            hold_until: None,
+        }))
+    }
+
+    /// Decode side: has `body`'s prompt prefilled on `remote`'s worker (see the module).
+    pub(crate) async fn remote_prefill(
+        &self,
+        engine: &Arc<dyn Engine>,
+        body: &PreprocessedRequest,
+        remote: &RemotePrefill,
+        cancel: &CancellationToken,
+    ) -> Prefilled {
+        let outcome = tokio::select! {
+            r = self.try_remote(engine, body, remote) => r,
+            _ = cancel.cancelled() => Err(Why::Cancelled),
+        };
+        match outcome {
+            Ok(first) => {
+                metrics::counter!("dynamo_disagg_remote_prefills_total", "outcome" => "ok")
+                    .increment(1);
+                Prefilled::Done(first)
+            }
+            Err(why) => {
+                metrics::counter!("dynamo_disagg_fallbacks_total", "reason" => why.label())
+                    .increment(1);
+                // Nothing to fall back from: the prompt is cached here or the engine cannot
+                // import (both ordinary, not failures).
+                let ordinary = matches!(why, Why::Cached | Why::NoKv | Why::Cancelled);
+                if !ordinary {
+                    tracing::warn!(instance = %self.instance, prefill_worker = remote.prefill_worker, reason = %why, "remote prefill failed");
+                }
+                match self.settings.fallback {
+                    PrefillFallback::Fail if !ordinary => {
+                        metrics::counter!("dynamo_disagg_remote_prefills_total", "outcome" => "failed")
+                            .increment(1);
+                        Prefilled::Failed(format!("remote prefill failed: {why}"))
+                    }
+                    _ => {
+                        metrics::counter!("dynamo_disagg_remote_prefills_total", "outcome" => "fallback")
+                            .increment(1);
+                        Prefilled::Local
+                    }
+                }
+            }
+        }
+    }
+
+    async fn try_remote(
+        &self,
+        engine: &Arc<dyn Engine>,
+        body: &PreprocessedRequest,
+        remote: &RemotePrefill,
+    ) -> Result<EngineOutput, Why> {
+        let cap = engine.kv_capability().ok_or(Why::NoKv)?;
+        let client = self.client.as_ref().ok_or(Why::NoKv)?;
+        let bs = cap.block_size();
+        let hashes = dynamo_kv::block_hashes(&body.token_ids, bs);
+        let seqs: Vec<SequenceHash> = hashes.iter().map(|h| h.1).collect();
+        let full = seqs.len();
+        let cached = cap.lookup(seqs.clone()).await.map_err(Why::Engine)?;
+        if cached >= full {
+            return Err(Why::Cached);
+        }
+        let need = full - cached;
+        let real = cap.block_bytes() > 0;
+        if real && self.staging.is_none() {
+            return Err(Why::NoKv);
+        }
+        let reservation = cap.reserve(need).await.map_err(Why::NoBlocks)?;
+        let mut slots = if real { self.take_slots(need)? } else { None };
+        let target = slots.as_ref().map(|s| KvTarget {
+            agent: self.agent_meta.clone(),
+            blocks: s
+                .descriptors()
+                .into_iter()
+                .map(|d| KvRange {
+                    region: d.region.0,
+                    offset: d.offset,
+                    len: d.len,
+                })
+                .collect(),
+        });
+        let endpoint =
+            EndpointId::parse(&remote.endpoint).map_err(|e| Why::Endpoint(e.to_string()))?;
+        let timeout = self.settings.prefill_timeout;
+        // Should the prefill worker not answer, it may still write until its deadline (plus
+        // the transfer's own timeout): the slots stay lent until then.
+        if let Some(s) = &mut slots {
+            s.hold_until = Some(Instant::now() + timeout + self.settings.transfer_timeout);
+        }
+        let request = PrefillRequest {
+            request: PreprocessedRequest {
+                remote_prefill: None,
+                ..body.clone()
+            },
+            skip_blocks: cached as u32,
+            target,
+            write_within_ms: timeout.as_millis() as u64,
+        };
+        let call = async {
+            let mut stream = client
+                .call::<_, EngineOutput>(
+                    Target::Instance(endpoint, InstanceId::new(remote.prefill_worker)),
+                    &request,
+                    CallOptions {
+                        timeout: Some(timeout),
+                        ..Default::default()
+                    },
+                )
+                .await?;
+            match stream.next().await {
+                Some(r) => r,
+                None => Err(RpcError::Remote(dynamo_runtime::rpc::RemoteError {
+                    kind: RemoteErrorKind::Internal,
+                    message: "the prefill worker answered nothing".into(),
+                })),
+            }
+        };
+        let first = match tokio::time::timeout(timeout, call).await {
+            Ok(Ok(out)) => out,
+            Ok(Err(e)) => return Err(Why::Prefill(e.to_string())),
+            Err(_) => return Err(Why::Timeout(timeout)),
+        };
+        let token = *first
+            .token_ids
+            .first()
+            .ok_or_else(|| Why::Prefill("the prefill worker sent no token".into()))?;
+        let mut blocks = Vec::with_capacity(need);
+        let descriptors = slots.as_ref().map(Slots::descriptors);
+        for i in cached..full {
+            let data = match (&descriptors, &self.staging) {
+                (Some(d), Some(st)) => st
+                    .region
+                    .read(&d[i - cached])
+                    .map_err(|e| Why::Import(EngineError::Internal(e.to_string())))?,
+                _ => Vec::new(),
+            };
+            blocks.push(KvBlockData {
+                hash: seqs[i],
+                parent: i.checked_sub(1).map(|p| seqs[p]),
+                local: hashes[i].0,
+                position: i as u32,
+                data,
+            });
+        }
+        // The prefill worker answered, so it wrote everything it will write: the slots are
+        // free again once read.
+        if let Some(s) = &mut slots {
+            s.hold_until = None;
+        }
+        drop(slots);
+        cap.import(reservation, blocks).await.map_err(Why::Import)?;
+        // The first token under this request's own stop conditions (the prefill worker ran
+        // with max_tokens 1 and no min_tokens).
+        let stop = &body.stop;
+        let finish = if stop.min_tokens == 0 && stop.stop_token_ids.contains(&token) {
+            Some(FinishReason::Stop)
+        } else if stop.max_tokens <= 1 {
+            Some(FinishReason::Length)
+        } else {
+            None
+        };
+        Ok(EngineOutput {
+            token_ids: vec![token],
+            finish_reason: finish,
+            cached_tokens: Some((cached * bs) as u32),
+            prefill_worker: Some(remote.prefill_worker),
+        })
+    }
+
+    /// Prefill side: computes the prompt's first token, then writes the blocks (see the
+    /// module). Failures are typed errors to the decode worker, which falls back.
+    pub(crate) async fn prefill(
+        self: Arc<Self>,
+        engine: Arc<dyn Engine>,
+        req: Request<PrefillRequest, EngineOutput>,
+    ) {
+        let Request { body, ctx, reply } = req;
+        match self
+            .prefill_and_send(&engine, body, ctx.cancellation())
+            .await
+        {
+            Ok(first) => drop(reply.finish_with(&first).await),
+            Err((kind, why)) => drop(reply.fail(kind, why).await),
+        }
+    }
+
+    async fn prefill_and_send(
+        &self,
+        engine: &Arc<dyn Engine>,
+        body: PrefillRequest,
+        cancel: &CancellationToken,
+    ) -> Result<EngineOutput, (RemoteErrorKind, String)> {
+        let received = Instant::now();
+        let PrefillRequest {
+            mut request,
+            skip_blocks,
+            target,
+            write_within_ms,
+        } = body;
+        request.stop.max_tokens = 1;
+        request.stop.min_tokens = 0;
+        request.remote_prefill = None;
+        let tokens = request.token_ids.clone();
+        if tokens.is_empty() {
+            return Err((
+                RemoteErrorKind::BadRequest,
+                "the prompt has no tokens".into(),
+            ));
+        }
+        let engine_err = |e: EngineError| (super::requests::remote_kind(&e), e.to_string());
+        let mut stream = engine
+            .generate(request, cancel.clone())
+            .map_err(engine_err)?;
+        let first = loop {
+            match stream.next().await {
+                Some(Ok(out)) if out.finish_reason.is_some() => break out,
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(engine_err(e)),
+                None => {
+                    return Err((
+                        RemoteErrorKind::WorkerFailed,
+                        "the engine stopped with this request in flight".into(),
+                    ))
+                }
+            }
+        };
+        drop(stream);
+        self.send_blocks(
+            engine,
+            &tokens,
+            skip_blocks as usize,
+            target,
+            received,
+            write_within_ms,
+        )
+        .await?;
+        Ok(first)
+    }
+
+    async fn send_blocks(
+        &self,
+        engine: &Arc<dyn Engine>,
+        tokens: &[u32],
+        skip: usize,
+        target: Option<KvTarget>,
+        received: Instant,
+        write_within_ms: u64,
+    ) -> Result<(), (RemoteErrorKind, String)> {
+        let internal = |m: String| (RemoteErrorKind::Internal, m);
+        let Some(cap) = engine.kv_capability() else {
+            return Err(internal(
+                "this prefill worker's engine has no KV cache".into(),
+            ));
+        };
+        let seqs: Vec<SequenceHash> = dynamo_kv::block_hashes(tokens, cap.block_size())
+            .into_iter()
+            .map(|h| h.1)
+            .collect();
+        let full = seqs.len();
+        if skip > full {
+            return Err((
+                RemoteErrorKind::BadRequest,
+                format!("skip_blocks {skip} is past the prompt's {full} full blocks"),
+            ));
+        }
+        let n = full - skip;
+        let Some(target) = target else {
+            // A simulated engine: no bytes, the transfer's time only.
+            if let Some(t) = cap.simulated_transfer(n) {
+                tokio::time::sleep(t).await;
+            }
+            return Ok(());
+        };
+        if target.blocks.len() != n {
+            return Err((
+                RemoteErrorKind::BadRequest,
+                format!(
+                    "the target has {} blocks for the prompt's {n} blocks to send",
+                    target.blocks.len()
+                ),
+            ));
+        }
+        let layout = layout_of(cap.as_ref())
+            .ok_or_else(|| internal("this engine's KV layout cannot be transferred".into()))?;
+        let peer: AgentMetadata = rmp_serde::from_slice(&target.agent).map_err(|e| {
+            (
+                RemoteErrorKind::BadRequest,
+                format!("the target's agent metadata does not decode: {e}"),
+            )
+        })?;
+        let blocks = cap
+            .export(seqs)
+            .await
+            .map_err(|e| internal(e.to_string()))?;
+        if blocks.len() < full {
+            return Err(internal(format!(
+                "only {} of the prompt's {full} blocks are still cached here (evicted under load)",
+                blocks.len()
+            )));
+        }
+        let ops: Vec<WriteOp> = blocks
+            .into_iter()
+            .skip(skip)
+            .zip(&target.blocks)
+            .map(|(b, r)| WriteOp {
+                src: Source::Bytes(Bytes::from(b.data)),
+                dst: Descriptor {
+                    region: RegionId(r.region),
+                    offset: r.offset,
+                    len: r.len,
+                },
+            })
+            .collect();
+        if received.elapsed() >= Duration::from_millis(write_within_ms) {
+            return Err((
+                RemoteErrorKind::DeadlineExceeded,
+                "the write deadline passed before the prompt was computed; nothing written".into(),
+            ));
+        }
+        match self.agent.write(&peer, layout, ops).await {
+            Ok(report) => {
+                let backend = report.backend.as_str();
+                metrics::counter!("dynamo_kv_transfer_bytes_total", "backend" => backend)
+                    .increment(report.bytes);
+                metrics::histogram!("dynamo_kv_transfer_seconds", "backend" => backend)
+                    .record(report.elapsed.as_secs_f64());
+                Ok(())
+            }
+            Err(e) => {
+                metrics::counter!("dynamo_kv_transfer_errors_total", "error" => e.label())
+                    .increment(1);
+                let kind = match e {
+                    TransferError::LayoutMismatch { .. }
+                    | TransferError::OutOfBounds { .. }
+                    | TransferError::LengthMismatch { .. }
+                    | TransferError::UnknownRegion(_)
+                    | TransferError::RegionSize { .. } => RemoteErrorKind::BadRequest,
+                    _ => RemoteErrorKind::Internal,
+                };
+                Err((kind, format!("KV transfer failed: {e}")))
+            }
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! Conditional disaggregation: where a request's prompt is prefilled once its decode worker
+//! is chosen.
+//!
+//! Remote prefill pays a transfer and a hop; it wins when the prompt's uncached part on the
+//! decode worker is long (that prefill would stall the worker's running decodes) and a
+//! prefill worker has room. So, in order:
+//! 1. no prefill worker serves the model: local;
+//! 2. fewer than `disagg_min_remote_tokens` prompt tokens are uncached on the decode worker
+//!    (device hits only: the decode worker computes from its device cache): local;
+//! 3. every prefill worker has more than `disagg_max_prefill_queue` prompt tokens pending
+//!    (its last report beyond the router's own accounting, plus that accounting): local;
+//! 4. otherwise the prefill worker of lowest cost among those under the bound (the same cost
+//!    as whole requests: uncached blocks there plus its pending prefill), whose lease counts
+//!    the prompt as its prefill work until the first token.
+
+use std::sync::Arc;
+
+use dynamo_kv::Overlap;
+use dynamo_protocols::kv::WorkerId;
+use dynamo_protocols::llm::TokenId;
+
+use crate::{KvRouter, RouteLease};
+
+/// A prefill worker as the router knows it.
+#[derive(Debug, Clone)]
+pub(crate) struct PrefillWorker {
+    model: String,
+    block_size: usize,
+    endpoint: String,
+}
+
+/// Why a prompt is prefilled on its decode worker; a closed set (metric labels).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LocalReason {
+    NoPrefillWorkers,
+    Short,
+    Saturated,
+}
+
+impl LocalReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LocalReason::NoPrefillWorkers => "local_no_prefill",
+            LocalReason::Short => "local_short",
+            LocalReason::Saturated => "local_saturated",
+        }
+    }
+}
+
+/// Where a prompt is prefilled.
+pub enum PrefillPlan {
+    Local(LocalReason),
+    Remote {
+        worker: WorkerId,
+        /// The prefill worker's prefill endpoint (`namespace.component.endpoint`).
+        endpoint: String,
+        /// The prefill worker's accounting for this prompt (drop it at the first token).
+        lease: RouteLease,
+    },
+}
+
+impl PrefillPlan {
+    /// The decision's metric label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            PrefillPlan::Local(r) => r.as_str(),
+            PrefillPlan::Remote { .. } => "remote",
+        }
+    }
+}
+
+impl KvRouter {
+    /// Records that prefill worker `worker` serves `model` on `endpoint`.
+    pub fn add_prefill_worker(
+        &self,
+        worker: WorkerId,
+        model: String,
+        block_size: usize,
+        endpoint: String,
+    ) {
+        self.prefill.insert(
+            worker,
+            PrefillWorker {
+                model,
+                block_size,
+                endpoint,
+            },
+        );
+    }
+
+    /// Prefill workers known for `model`.
+    pub fn prefill_workers(&self, model: &str) -> usize {
+        self.prefill.iter().filter(|p| p.model == model).count()
+    }
+
+    /// Where the prompt `tokens` of a request for `model`, routed to a decode worker holding
+    /// `decode_overlap` of it, is prefilled (see the module).
+    pub fn plan_prefill(
+        self: &Arc<Self>,
+        model: &str,
+        decode_overlap: Overlap,
+        tokens: &[TokenId],
+    ) -> PrefillPlan {
+        let plan = self.plan(model, decode_overlap, tokens);
+        // Counted where prefill workers exist (an aggregated deployment has no decision).
+        if !matches!(plan, PrefillPlan::Local(LocalReason::NoPrefillWorkers)) {
+            metrics::counter!("dynamo_disagg_decisions_total", "decision" => plan.label())
+                .increment(1);
+        }
+        plan
+    }
+
+    fn plan(
+        self: &Arc<Self>,
+        model: &str,
+        decode_overlap: Overlap,
+        tokens: &[TokenId],
+    ) -> PrefillPlan {
+        let mut candidates: Vec<(WorkerId, usize)> = self
+            .prefill
+            .iter()
+            .filter(|p| p.model == model)
+            .map(|p| (*p.key(), p.block_size.max(1)))
+            .collect();
+        if candidates.is_empty() {
+            return PrefillPlan::Local(LocalReason::NoPrefillWorkers);
+        }
+        candidates.sort_unstable();
+        let bs = candidates[0].1;
+        let s = self.settings();
+        let uncached = tokens
+            .len()
+            .saturating_sub(decode_overlap.device as usize * bs);
+        if uncached < s.disagg_min_remote_tokens {
+            return PrefillPlan::Local(LocalReason::Short);
+        }
+        let open: Vec<WorkerId> = candidates
+            .iter()
+            .map(|c| c.0)
+            .filter(|w| {
+                self.loads
+                    .get(w)
+                    .is_none_or(|a| a.pending_prefill_tokens() <= s.disagg_max_prefill_queue)
+            })
+            .collect();
+        if open.is_empty() {
+            return PrefillPlan::Local(LocalReason::Saturated);
+        }
+        match self.route_as(&open, tokens, bs, false) {
+            Ok(d) => match self.prefill.get(&d.worker) {
+                Some(p) => PrefillPlan::Remote {
+                    worker: d.worker,
+                    endpoint: p.endpoint.clone(),
+                    lease: d.lease,
+                },
+                // Left between the two reads: the decode worker prefills.
+                None => PrefillPlan::Local(LocalReason::NoPrefillWorkers),
+            },
+            Err(_) => PrefillPlan::Local(LocalReason::Saturated),
+        }
+    }
+}
