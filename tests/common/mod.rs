@@ -168,6 +168,19 @@ pub fn small_model() -> (tempfile::TempDir, dynamo_preprocessor::ModelFolder) {
     (dir, folder)
 }
 
+/// [`small_model`] with the `tiny` preset's random weights: a folder the native engine loads.
+pub fn native_model() -> (tempfile::TempDir, dynamo_preprocessor::ModelFolder) {
+    use dynamo_preprocessor::make_model::{make_model, MakeModelSettings};
+    let dir = tempfile::tempdir().unwrap();
+    let vocab = make_model(dir.path(), &MakeModelSettings::default()).unwrap();
+    dynamo_engine::native::random::RandomModel::preset("tiny", vocab)
+        .unwrap()
+        .write(dir.path(), &mut |_, _| {})
+        .unwrap();
+    let folder = dynamo_preprocessor::ModelFolder::load(dir.path()).unwrap();
+    (dir, folder)
+}
+
 /// A runtime on `bus` (the embedded bus when `None`).
 pub async fn runtime_on(bus: Option<String>) -> dynamo_runtime::Runtime {
     dynamo_runtime::Runtime::start(dynamo_runtime::RuntimeSettings {

@@ -384,6 +384,7 @@ impl Serving {
                         .expect("the router picks among the candidates");
                     let prefill = match router.plan_prefill(
                         &entry.card.name,
+                        d.worker,
                         d.overlap,
                         &prepared.request.token_ids,
                     ) {

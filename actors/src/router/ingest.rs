@@ -365,6 +365,9 @@ impl Actor for Ingest {
                 let bs = m.card.kv_block_size.max(1) as usize;
                 if m.kind != WorkerKind::Prefill {
                     self.router.add_worker(w, m.card.name.clone(), bs);
+                    if m.kind == WorkerKind::Decode {
+                        self.router.add_decode_worker(w);
+                    }
                 } else {
                     // A candidate for the prefill of a decode worker's request.
                     self.router.add_prefill_worker(

@@ -58,7 +58,7 @@ impl Actor for RouteActor {
             Ok(d) if !body.load_only => {
                 match self
                     .router
-                    .plan_prefill(&body.model, d.overlap, &body.token_ids)
+                    .plan_prefill(&body.model, d.worker, d.overlap, &body.token_ids)
                 {
                     PrefillPlan::Remote {
                         worker,

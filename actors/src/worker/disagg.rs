@@ -183,6 +183,10 @@ enum Why {
     NoKv,
     #[error("the prompt's full blocks are cached here already")]
     Cached,
+    /// Penalties count the tokens generated so far, and a continuation from prompt + first
+    /// token would count the first one as prompt: such requests prefill where they decode.
+    #[error("the request has presence or frequency penalties")]
+    Penalties,
     #[error("no free KV blocks to reserve: {0}")]
     NoBlocks(EngineError),
     #[error("the staging region is full ({0} blocks in flight)")]
@@ -206,6 +210,7 @@ impl Why {
         match self {
             Why::NoKv => "no_kv",
             Why::Cached => "cached",
+            Why::Penalties => "penalties",
             Why::NoBlocks(_) => "no_blocks",
             Why::StagingFull(_) => "staging_full",
             Why::Endpoint(_) => "endpoint",
@@ -328,7 +333,10 @@ impl Disagg {
                     .increment(1);
                 // Nothing to fall back from: the prompt is cached here or the engine cannot
                 // import (both ordinary, not failures).
-                let ordinary = matches!(why, Why::Cached | Why::NoKv | Why::Cancelled);
+                let ordinary = matches!(
+                    why,
+                    Why::Cached | Why::NoKv | Why::Cancelled | Why::Penalties
+                );
                 if !ordinary {
                     tracing::warn!(instance = %self.instance, prefill_worker = remote.prefill_worker, reason = %why, "remote prefill failed");
                 }
@@ -354,6 +362,10 @@ impl Disagg {
         body: &PreprocessedRequest,
         remote: &RemotePrefill,
     ) -> Result<EngineOutput, Why> {
+        let penalized = |p: Option<f32>| p.is_some_and(|p| p != 0.0);
+        if penalized(body.sampling.presence_penalty) || penalized(body.sampling.frequency_penalty) {
+            return Err(Why::Penalties);
+        }
         let cap = engine.kv_capability().ok_or(Why::NoKv)?;
         let client = self.client.as_ref().ok_or(Why::NoKv)?;
         let bs = cap.block_size();

@@ -4,7 +4,7 @@
 //! Remote prefill pays a transfer and a hop; it wins when the prompt's uncached part on the
 //! decode worker is long (that prefill would stall the worker's running decodes) and a
 //! prefill worker has room. So, in order:
-//! 1. no prefill worker serves the model: local;
+//! 1. the chosen worker is not a decode worker, or no prefill worker serves the model: local;
 //! 2. fewer than `disagg_min_remote_tokens` prompt tokens are uncached on the decode worker
 //!    (device hits only: the decode worker computes from its device cache): local;
 //! 3. every prefill worker has more than `disagg_max_prefill_queue` prompt tokens pending
@@ -32,6 +32,8 @@ pub(crate) struct PrefillWorker {
 /// Why a prompt is prefilled on its decode worker; a closed set (metric labels).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LocalReason {
+    /// The chosen worker is not a decode worker (an aggregated one prefills its own).
+    NotDecode,
     NoPrefillWorkers,
     Short,
     Saturated,
@@ -40,6 +42,7 @@ pub enum LocalReason {
 impl LocalReason {
     pub fn as_str(self) -> &'static str {
         match self {
+            LocalReason::NotDecode => "local_not_decode",
             LocalReason::NoPrefillWorkers => "local_no_prefill",
             LocalReason::Short => "local_short",
             LocalReason::Saturated => "local_saturated",
@@ -88,20 +91,29 @@ impl KvRouter {
         );
     }
 
+    /// Records that `worker` is a decode worker (takes requests prefilled elsewhere).
+    pub fn add_decode_worker(&self, worker: WorkerId) {
+        self.decode.insert(worker, ());
+    }
+
     /// Prefill workers known for `model`.
     pub fn prefill_workers(&self, model: &str) -> usize {
         self.prefill.iter().filter(|p| p.model == model).count()
     }
 
-    /// Where the prompt `tokens` of a request for `model`, routed to a decode worker holding
-    /// `decode_overlap` of it, is prefilled (see the module).
+    /// Where the prompt `tokens` of a request for `model`, routed to `worker` holding
+    /// `overlap` of it, is prefilled (see the module).
     pub fn plan_prefill(
         self: &Arc<Self>,
         model: &str,
-        decode_overlap: Overlap,
+        worker: WorkerId,
+        overlap: Overlap,
         tokens: &[TokenId],
     ) -> PrefillPlan {
-        let plan = self.plan(model, decode_overlap, tokens);
+        if !self.decode.contains_key(&worker) {
+            return PrefillPlan::Local(LocalReason::NotDecode);
+        }
+        let plan = self.plan(model, overlap, tokens);
         // Counted where prefill workers exist (an aggregated deployment has no decision).
         if !matches!(plan, PrefillPlan::Local(LocalReason::NoPrefillWorkers)) {
             metrics::counter!("dynamo_disagg_decisions_total", "decision" => plan.label())

@@ -177,6 +177,8 @@ pub struct KvRouter {
     models: DashMap<WorkerId, (String, usize)>,
     /// Prefill workers in discovery: their model, block size and prefill endpoint.
     pub(crate) prefill: DashMap<WorkerId, crate::disagg::PrefillWorker>,
+    /// Decode workers in discovery (the others prefill their own requests).
+    pub(crate) decode: DashMap<WorkerId, ()>,
 }
 
 impl KvRouter {
@@ -196,6 +198,7 @@ impl KvRouter {
             shared: Mutex::new(Shared::default()),
             models: DashMap::new(),
             prefill: DashMap::new(),
+            decode: DashMap::new(),
         })
     }
 
@@ -479,6 +482,7 @@ impl KvRouter {
         self.loads.remove(&w);
         self.models.remove(&w);
         self.prefill.remove(&w);
+        self.decode.remove(&w);
         if let Ok(mut shared) = self.shared.lock() {
             shared.leases.retain(|_, l| l.worker != w);
         }

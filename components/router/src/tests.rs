@@ -311,8 +311,10 @@ fn prefill_goes_remote_only_for_long_uncached_prompts_with_room_in_the_prefill_p
     });
     let prompt: Vec<u32> = (0..256).collect();
     let none = dynamo_kv::Overlap::default();
+    let decode = WorkerId(1);
+    router.add_decode_worker(decode);
     assert_eq!(
-        router.plan_prefill("m", none, &prompt).label(),
+        router.plan_prefill("m", decode, none, &prompt).label(),
         "local_no_prefill"
     );
     for w in [10, 11] {
@@ -331,12 +333,19 @@ fn prefill_goes_remote_only_for_long_uncached_prompts_with_room_in_the_prefill_p
         ..Default::default()
     };
     assert_eq!(
-        router.plan_prefill("m", mostly_cached, &prompt).label(),
+        router
+            .plan_prefill("m", decode, mostly_cached, &prompt)
+            .label(),
         "local_short"
+    );
+    // An aggregated worker prefills its own requests, prefill workers or not.
+    assert_eq!(
+        router.plan_prefill("m", WorkerId(2), none, &prompt).label(),
+        "local_not_decode"
     );
     // Worker 11 holds most of the prompt: it gets the prefill.
     store(&router, 11, &prompt[..192], 16);
-    let plan = router.plan_prefill("m", none, &prompt);
+    let plan = router.plan_prefill("m", decode, none, &prompt);
     let PrefillPlan::Remote {
         worker,
         endpoint,
@@ -379,14 +388,14 @@ fn prefill_goes_remote_only_for_long_uncached_prompts_with_room_in_the_prefill_p
         );
     }
     assert_eq!(
-        router.plan_prefill("m", none, &prompt).label(),
+        router.plan_prefill("m", decode, none, &prompt).label(),
         "local_saturated"
     );
     // A prefill worker that leaves is no longer planned for.
     router.forget(WorkerId(10));
     router.forget(WorkerId(11));
     assert_eq!(
-        router.plan_prefill("m", none, &prompt).label(),
+        router.plan_prefill("m", decode, none, &prompt).label(),
         "local_no_prefill"
     );
 }
