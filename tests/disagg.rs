@@ -176,11 +176,10 @@ async fn disaggregated_output_is_token_identical(bus: Option<String>) {
         .unwrap();
         assert_eq!(tokens(&got), tokens(&want), "{what}");
         assert_eq!(tokens(&got).len(), 10, "{what}");
-        let remote = prompt.len() >= 16;
         assert_eq!(
             got[0].prefill_worker,
-            remote.then_some(prefill.as_u64()),
-            "{what}: prefilled remotely exactly when the prompt has a full block"
+            Some(prefill.as_u64()),
+            "{what}: prefilled remotely (the last, partial block moves too)"
         );
         if *what == "continues a cached prefix" {
             assert_eq!(
@@ -190,6 +189,27 @@ async fn disaggregated_output_is_token_identical(bus: Option<String>) {
             );
         }
     }
+    // Seeded sampling with penalties: draws depend on (seed, position) and penalties on the
+    // generated tokens, the first one (sampled by the prefill worker) included.
+    let mut sampled = request(base[..40].to_vec(), None);
+    sampled.sampling = SamplingOptions {
+        temperature: Some(0.9),
+        seed: Some(7),
+        frequency_penalty: Some(0.7),
+        presence_penalty: Some(0.3),
+        ..Default::default()
+    };
+    let want = generate(&runtime, "agg", agg, sampled.clone())
+        .await
+        .unwrap();
+    sampled.remote_prefill = request(vec![], Some(prefill)).remote_prefill;
+    let got = generate(&runtime, "decode", decode, sampled).await.unwrap();
+    assert_eq!(
+        tokens(&got),
+        tokens(&want),
+        "seeded sampling with penalties"
+    );
+    assert_eq!(got[0].prefill_worker, Some(prefill.as_u64()));
     // Concurrent requests, each compared with the aggregated answer.
     let prompts: Vec<Vec<TokenId>> = [33usize, 47, 64, 90]
         .iter()

@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use dynamo_engine::{Engine, EngineError, KvBlockData, KvCapability};
+use dynamo_engine::{Engine, EngineError, EngineStream, KvCapability};
 use dynamo_protocols::kv::SequenceHash;
 use dynamo_protocols::llm::{
     EngineOutput, FinishReason, KvRange, KvTarget, PrefillRequest, PreprocessedRequest,
@@ -39,7 +39,6 @@ use dynamo_transfer::{
     Agent, AgentMetadata, AgentSettings, Descriptor, Dtype, Layout, Region, RegionId, Route,
     Source, TransferError, WriteOp,
 };
-use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 /// What a decode worker does when a remote prefill fails.
@@ -149,16 +148,15 @@ impl Drop for Slots {
                 .extend(slots)
         };
         match self.hold_until {
-            Some(t) if t > Instant::now() => match tokio::runtime::Handle::try_current() {
-                Ok(rt) => {
+            Some(t) if t > Instant::now() => {
+                // No runtime: the process is ending; nobody will lend these again.
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
                     rt.spawn(async move {
                         tokio::time::sleep_until(t.into()).await;
                         give_back();
                     });
                 }
-                // No runtime: the process is ending; nobody will lend these again.
-                Err(_) => {}
-            },
+            }
             _ => give_back(),
         }
     }
@@ -183,10 +181,6 @@ enum Why {
     NoKv,
     #[error("the prompt's full blocks are cached here already")]
     Cached,
-    /// Penalties count the tokens generated so far, and a continuation from prompt + first
-    /// token would count the first one as prompt: such requests prefill where they decode.
-    #[error("the request has presence or frequency penalties")]
-    Penalties,
     #[error("no free KV blocks to reserve: {0}")]
     NoBlocks(EngineError),
     #[error("the staging region is full ({0} blocks in flight)")]
@@ -199,8 +193,6 @@ enum Why {
     Timeout(Duration),
     #[error("the import of the transferred blocks failed: {0}")]
     Import(EngineError),
-    #[error("{0}")]
-    Engine(EngineError),
     #[error("the request was cancelled")]
     Cancelled,
 }
@@ -210,14 +202,12 @@ impl Why {
         match self {
             Why::NoKv => "no_kv",
             Why::Cached => "cached",
-            Why::Penalties => "penalties",
             Why::NoBlocks(_) => "no_blocks",
             Why::StagingFull(_) => "staging_full",
             Why::Endpoint(_) => "endpoint",
             Why::Prefill(_) => "prefill_failed",
             Why::Timeout(_) => "timeout",
             Why::Import(_) => "import",
-            Why::Engine(_) => "engine",
             Why::Cancelled => "cancelled",
         }
     }
@@ -225,8 +215,12 @@ impl Why {
 
 /// What became of a decode worker's remote prefill.
 pub(crate) enum Prefilled {
-    /// The first token (its output, to send), the prompt's KV now cached here.
-    Done(EngineOutput),
+    /// The first token (its output, to send) and, unless that ended the request, the
+    /// engine's stream of the tokens after it.
+    Done {
+        first: EngineOutput,
+        rest: Option<EngineStream>,
+    },
     /// Prefill locally.
     Local,
     /// Fail the request with this message.
@@ -319,24 +313,21 @@ impl Disagg {
         cancel: &CancellationToken,
     ) -> Prefilled {
         let outcome = tokio::select! {
-            r = self.try_remote(engine, body, remote) => r,
+            r = self.try_remote(engine, body, remote, cancel) => r,
             _ = cancel.cancelled() => Err(Why::Cancelled),
         };
         match outcome {
-            Ok(first) => {
+            Ok((first, rest)) => {
                 metrics::counter!("dynamo_disagg_remote_prefills_total", "outcome" => "ok")
                     .increment(1);
-                Prefilled::Done(first)
+                Prefilled::Done { first, rest }
             }
             Err(why) => {
                 metrics::counter!("dynamo_disagg_fallbacks_total", "reason" => why.label())
                     .increment(1);
                 // Nothing to fall back from: the prompt is cached here or the engine cannot
                 // import (both ordinary, not failures).
-                let ordinary = matches!(
-                    why,
-                    Why::Cached | Why::NoKv | Why::Cancelled | Why::Penalties
-                );
+                let ordinary = matches!(why, Why::Cached | Why::NoKv | Why::Cancelled);
                 if !ordinary {
                     tracing::warn!(instance = %self.instance, prefill_worker = remote.prefill_worker, reason = %why, "remote prefill failed");
                 }
@@ -361,27 +352,29 @@ impl Disagg {
         engine: &Arc<dyn Engine>,
         body: &PreprocessedRequest,
         remote: &RemotePrefill,
-    ) -> Result<EngineOutput, Why> {
-        let penalized = |p: Option<f32>| p.is_some_and(|p| p != 0.0);
-        if penalized(body.sampling.presence_penalty) || penalized(body.sampling.frequency_penalty) {
-            return Err(Why::Penalties);
-        }
+        cancel: &CancellationToken,
+    ) -> Result<(EngineOutput, Option<EngineStream>), Why> {
         let cap = engine.kv_capability().ok_or(Why::NoKv)?;
         let client = self.client.as_ref().ok_or(Why::NoKv)?;
         let bs = cap.block_size();
-        let hashes = dynamo_kv::block_hashes(&body.token_ids, bs);
-        let seqs: Vec<SequenceHash> = hashes.iter().map(|h| h.1).collect();
-        let full = seqs.len();
-        let cached = cap.lookup(seqs.clone()).await.map_err(Why::Engine)?;
-        if cached >= full {
-            return Err(Why::Cached);
-        }
-        let need = full - cached;
+        let seqs: Vec<SequenceHash> = dynamo_kv::block_hashes(&body.token_ids, bs)
+            .into_iter()
+            .map(|h| h.1)
+            .collect();
+        let total = body.token_ids.len().div_ceil(bs);
         let real = cap.block_bytes() > 0;
         if real && self.staging.is_none() {
             return Err(Why::NoKv);
         }
-        let reservation = cap.reserve(need).await.map_err(Why::NoBlocks)?;
+        // The cached leading blocks pinned and the rest allocated, in one step.
+        let (reservation, cached) = cap
+            .reserve_prompt(seqs, total)
+            .await
+            .map_err(Why::NoBlocks)?;
+        if cached >= total {
+            return Err(Why::Cached);
+        }
+        let need = total - cached;
         let mut slots = if real { self.take_slots(need)? } else { None };
         let target = slots.as_ref().map(|s| KvTarget {
             agent: self.agent_meta.clone(),
@@ -431,40 +424,30 @@ impl Disagg {
                 })),
             }
         };
-        let first = match tokio::time::timeout(timeout, call).await {
+        let answer = match tokio::time::timeout(timeout, call).await {
             Ok(Ok(out)) => out,
             Ok(Err(e)) => return Err(Why::Prefill(e.to_string())),
             Err(_) => return Err(Why::Timeout(timeout)),
         };
-        let token = *first
+        let token = *answer
             .token_ids
             .first()
             .ok_or_else(|| Why::Prefill("the prefill worker sent no token".into()))?;
-        let mut blocks = Vec::with_capacity(need);
-        let descriptors = slots.as_ref().map(Slots::descriptors);
-        for i in cached..full {
-            let data = match (&descriptors, &self.staging) {
-                (Some(d), Some(st)) => st
-                    .region
-                    .read(&d[i - cached])
-                    .map_err(|e| Why::Import(EngineError::Internal(e.to_string())))?,
-                _ => Vec::new(),
-            };
-            blocks.push(KvBlockData {
-                hash: seqs[i],
-                parent: i.checked_sub(1).map(|p| seqs[p]),
-                local: hashes[i].0,
-                position: i as u32,
-                data,
-            });
-        }
+        let data = match (slots.as_ref(), &self.staging) {
+            (Some(s), Some(st)) => s
+                .descriptors()
+                .iter()
+                .map(|d| st.region.read(d))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| Why::Import(EngineError::Internal(e.to_string())))?,
+            _ => vec![Vec::new(); need],
+        };
         // The prefill worker answered, so it wrote everything it will write: the slots are
         // free again once read.
         if let Some(s) = &mut slots {
             s.hold_until = None;
         }
         drop(slots);
-        cap.import(reservation, blocks).await.map_err(Why::Import)?;
         // The first token under this request's own stop conditions (the prefill worker ran
         // with max_tokens 1 and no min_tokens).
         let stop = &body.stop;
@@ -475,12 +458,30 @@ impl Disagg {
         } else {
             None
         };
-        Ok(EngineOutput {
+        let rest = match finish {
+            Some(_) => None,
+            None => Some(
+                cap.generate_prefilled(
+                    reservation,
+                    cached,
+                    PreprocessedRequest {
+                        remote_prefill: None,
+                        ..body.clone()
+                    },
+                    token,
+                    data,
+                    cancel.clone(),
+                )
+                .map_err(Why::Import)?,
+            ),
+        };
+        let first = EngineOutput {
             token_ids: vec![token],
             finish_reason: finish,
             cached_tokens: Some((cached * bs) as u32),
             prefill_worker: Some(remote.prefill_worker),
-        })
+        };
+        Ok((first, rest))
     }
 
     /// Prefill side: computes the prompt's first token, then writes the blocks (see the
@@ -513,73 +514,47 @@ impl Disagg {
             target,
             write_within_ms,
         } = body;
-        request.stop.max_tokens = 1;
-        request.stop.min_tokens = 0;
         request.remote_prefill = None;
-        let tokens = request.token_ids.clone();
-        if tokens.is_empty() {
+        if request.token_ids.is_empty() {
             return Err((
                 RemoteErrorKind::BadRequest,
                 "the prompt has no tokens".into(),
             ));
         }
-        let engine_err = |e: EngineError| (super::requests::remote_kind(&e), e.to_string());
-        let mut stream = engine
-            .generate(request, cancel.clone())
-            .map_err(engine_err)?;
-        let first = loop {
-            match stream.next().await {
-                Some(Ok(out)) if out.finish_reason.is_some() => break out,
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => return Err(engine_err(e)),
-                None => {
-                    return Err((
-                        RemoteErrorKind::WorkerFailed,
-                        "the engine stopped with this request in flight".into(),
-                    ))
-                }
-            }
+        let Some(cap) = engine.kv_capability() else {
+            return Err((
+                RemoteErrorKind::Internal,
+                "this prefill worker's engine has no KV cache".into(),
+            ));
         };
-        drop(stream);
-        self.send_blocks(
-            engine,
-            &tokens,
-            skip_blocks as usize,
-            target,
-            received,
-            write_within_ms,
-        )
-        .await?;
+        let total = request.token_ids.len().div_ceil(cap.block_size());
+        let skip = skip_blocks as usize;
+        if skip >= total {
+            return Err((
+                RemoteErrorKind::BadRequest,
+                format!("skip_blocks {skip} leaves none of the prompt's {total} blocks to send"),
+            ));
+        }
+        let (first, data) = cap
+            .prefill_export(request, cancel.clone())
+            .await
+            .map_err(|e| (super::requests::remote_kind(&e), e.to_string()))?;
+        self.send_blocks(cap.as_ref(), data, skip, target, received, write_within_ms)
+            .await?;
         Ok(first)
     }
 
     async fn send_blocks(
         &self,
-        engine: &Arc<dyn Engine>,
-        tokens: &[u32],
+        cap: &dyn KvCapability,
+        data: Vec<Vec<u8>>,
         skip: usize,
         target: Option<KvTarget>,
         received: Instant,
         write_within_ms: u64,
     ) -> Result<(), (RemoteErrorKind, String)> {
         let internal = |m: String| (RemoteErrorKind::Internal, m);
-        let Some(cap) = engine.kv_capability() else {
-            return Err(internal(
-                "this prefill worker's engine has no KV cache".into(),
-            ));
-        };
-        let seqs: Vec<SequenceHash> = dynamo_kv::block_hashes(tokens, cap.block_size())
-            .into_iter()
-            .map(|h| h.1)
-            .collect();
-        let full = seqs.len();
-        if skip > full {
-            return Err((
-                RemoteErrorKind::BadRequest,
-                format!("skip_blocks {skip} is past the prompt's {full} full blocks"),
-            ));
-        }
-        let n = full - skip;
+        let n = data.len().saturating_sub(skip);
         let Some(target) = target else {
             // A simulated engine: no bytes, the transfer's time only.
             if let Some(t) = cap.simulated_transfer(n) {
@@ -596,7 +571,7 @@ impl Disagg {
                 ),
             ));
         }
-        let layout = layout_of(cap.as_ref())
+        let layout = layout_of(cap)
             .ok_or_else(|| internal("this engine's KV layout cannot be transferred".into()))?;
         let peer: AgentMetadata = rmp_serde::from_slice(&target.agent).map_err(|e| {
             (
@@ -604,22 +579,12 @@ impl Disagg {
                 format!("the target's agent metadata does not decode: {e}"),
             )
         })?;
-        let blocks = cap
-            .export(seqs)
-            .await
-            .map_err(|e| internal(e.to_string()))?;
-        if blocks.len() < full {
-            return Err(internal(format!(
-                "only {} of the prompt's {full} blocks are still cached here (evicted under load)",
-                blocks.len()
-            )));
-        }
-        let ops: Vec<WriteOp> = blocks
+        let ops: Vec<WriteOp> = data
             .into_iter()
             .skip(skip)
             .zip(&target.blocks)
             .map(|(b, r)| WriteOp {
-                src: Source::Bytes(Bytes::from(b.data)),
+                src: Source::Bytes(Bytes::from(b)),
                 dst: Descriptor {
                     region: RegionId(r.region),
                     offset: r.offset,

@@ -44,27 +44,24 @@ pub(super) async fn generate(
         let _ = reply.fail(RemoteErrorKind::BadRequest, why).await;
         return;
     }
-    // A decode worker has the prompt prefilled remotely when the router said so; the engine
-    // then continues from prompt + first token, its prefix cached.
-    let mut continued = false;
+    // A decode worker has the prompt prefilled remotely when the router said so: the first
+    // token comes from the prefill worker, the engine continues from there.
+    let mut continued = None;
     if let Some(remote) = body.remote_prefill.take() {
         if let (Some(d), false) = (&disagg, body.token_ids.is_empty()) {
             match d
                 .remote_prefill(&engine, &body, &remote, ctx.cancellation())
                 .await
             {
-                Prefilled::Done(first) => {
-                    if first.finish_reason.is_some() {
+                Prefilled::Done { first, rest } => {
+                    let Some(rest) = rest else {
                         let _ = reply.finish_with(&first).await;
                         return;
-                    }
+                    };
                     if reply.send(&first).await.is_err() {
                         return;
                     }
-                    body.token_ids.extend_from_slice(&first.token_ids);
-                    body.stop.max_tokens -= 1;
-                    body.stop.min_tokens = body.stop.min_tokens.saturating_sub(1);
-                    continued = true;
+                    continued = Some(rest);
                 }
                 Prefilled::Local => {}
                 Prefilled::Failed(why) => {
@@ -83,18 +80,18 @@ pub(super) async fn generate(
             .await;
         return;
     }
-    let mut stream = match engine.generate(body, ctx.cancellation().clone()) {
+    let started = match continued {
+        Some(rest) => Ok(rest),
+        None => engine.generate(body, ctx.cancellation().clone()),
+    };
+    let mut stream = match started {
         Ok(s) => s,
         Err(e) => {
             let _ = reply.fail(remote_kind(&e), e.to_string()).await;
             return;
         }
     };
-    while let Some(mut item) = stream.next().await {
-        if let (true, Ok(out)) = (continued, &mut item) {
-            // Reported with the first token already.
-            out.cached_tokens = None;
-        }
+    while let Some(item) = stream.next().await {
         let sent = match item {
             Ok(out) if out.finish_reason.is_some() => return drop(reply.finish_with(&out).await),
             Ok(out) => reply.send(&out).await,

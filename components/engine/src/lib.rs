@@ -19,7 +19,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use dynamo_protocols::kv::{KvDump, KvEvent, LoadReport, LocalBlockHash, SequenceHash};
-use dynamo_protocols::llm::{EngineOutput, PreprocessedRequest};
+use dynamo_protocols::llm::{EngineOutput, PreprocessedRequest, TokenId};
 use futures::future::BoxFuture;
 use futures::Stream;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
@@ -157,6 +157,10 @@ impl std::fmt::Debug for Reservation {
     }
 }
 
+/// A prefill's result for another worker: the first token's output and the contents of the
+/// prompt's blocks, in order.
+pub type Exported = (EngineOutput, Vec<Vec<u8>>);
+
 /// An engine's block pool, as the transfer library and the offloader use it.
 ///
 /// - `lookup`: how many leading blocks of a prefix are cached (a hint: they may be evicted
@@ -199,6 +203,37 @@ pub trait KvCapability: Send + Sync {
         &self,
         hook: Option<EvictionHook>,
     ) -> BoxFuture<'static, Result<(), EngineError>>;
+
+    /// Prefill side of a hand-off: computes `request`'s prompt and first token and returns
+    /// them with the contents of the prompt's blocks (the last, partial one included), read
+    /// at the request's finish.
+    fn prefill_export(
+        &self,
+        request: PreprocessedRequest,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'static, Result<Exported, EngineError>>;
+
+    /// Decode side of a hand-off: for a prompt of `total` blocks whose full blocks are
+    /// `hashes`, pins the leading cached ones and allocates the rest; returns the reservation
+    /// and how many were cached.
+    fn reserve_prompt(
+        &self,
+        hashes: Vec<SequenceHash>,
+        total: usize,
+    ) -> BoxFuture<'static, Result<(Reservation, usize), EngineError>>;
+
+    /// Decode side: continues `request` (its prompt computed elsewhere, `first` its first
+    /// token) from the reservation, whose blocks after `cached` get `data`; the stream
+    /// carries the tokens after `first`.
+    fn generate_prefilled(
+        &self,
+        reservation: Reservation,
+        cached: usize,
+        request: PreprocessedRequest,
+        first: TokenId,
+        data: Vec<Vec<u8>>,
+        cancel: CancellationToken,
+    ) -> Result<EngineStream, EngineError>;
 }
 
 /// An engine's KV cache as the worker publishes it: event batches (consecutive event ids; a

@@ -459,4 +459,86 @@ mod tests {
         assert_eq!(kb.import(r, blocks).await.unwrap(), 4);
         assert_eq!(run(&b).await, 64, "the imported prefix is cached on b");
     }
+
+    /// The hand-off of a disaggregated request between two mockers: the prefill side returns
+    /// the first token and every prompt block (the partial last one too); the decode side
+    /// pins its cached prefix, takes the rest, and continues from the first token, with its
+    /// blocks cached afterwards. A hand-off with the wrong number of blocks fails on its
+    /// stream and gives its blocks back.
+    #[tokio::test(start_paused = true)]
+    async fn a_prompt_prefilled_on_one_mocker_decodes_on_another() {
+        let settings = MockerSettings {
+            num_gpu_blocks: 64,
+            block_size: 16,
+            ..Default::default()
+        };
+        let (p, d) = (
+            MockerEngine::start(settings.clone()).unwrap(),
+            MockerEngine::start(settings).unwrap(),
+        );
+        let prompt: Vec<TokenId> = (0..70).collect();
+        let req = PreprocessedRequest {
+            token_ids: prompt.clone(),
+            sampling: SamplingOptions::default(),
+            stop: StopConditions {
+                max_tokens: 5,
+                min_tokens: 0,
+                stop_token_ids: vec![],
+            },
+            remote_prefill: None,
+        };
+        let (kp, kd) = (p.kv_capability().unwrap(), d.kv_capability().unwrap());
+        let (first, data) = kp
+            .prefill_export(req.clone(), CancellationToken::new())
+            .await
+            .unwrap();
+        assert_eq!(first.token_ids.len(), 1);
+        assert_eq!(data.len(), 5, "4 full blocks and the partial fifth");
+        let hashes = crate::scheduler::prompt_hashes(&prompt, 16);
+        let load = d.kv().unwrap().load();
+        // Wrong: 3 blocks of data for 5 uncached blocks.
+        let (r, cached) = kd.reserve_prompt(hashes.clone(), 5).await.unwrap();
+        assert_eq!(cached, 0);
+        let bad = kd
+            .generate_prefilled(
+                r,
+                0,
+                req.clone(),
+                first.token_ids[0],
+                vec![Vec::new(); 3],
+                CancellationToken::new(),
+            )
+            .unwrap();
+        let outs: Vec<_> = bad.collect().await;
+        assert!(
+            matches!(outs[..], [Err(EngineError::BadRequest(_))]),
+            "{outs:?}"
+        );
+        // Right: the request decodes the 4 tokens after the first.
+        let (r, _) = kd.reserve_prompt(hashes.clone(), 5).await.unwrap();
+        let outs: Vec<_> = kd
+            .generate_prefilled(
+                r,
+                0,
+                req.clone(),
+                first.token_ids[0],
+                data,
+                CancellationToken::new(),
+            )
+            .unwrap()
+            .map(|o| o.unwrap())
+            .collect()
+            .await;
+        assert_eq!(outs.iter().map(|o| o.token_ids.len()).sum::<usize>(), 4);
+        assert_eq!(
+            outs.last().unwrap().finish_reason,
+            Some(dynamo_protocols::llm::FinishReason::Length)
+        );
+        // The prompt's full blocks are cached here now, and nothing is held.
+        let (r, cached) = kd.reserve_prompt(hashes, 5).await.unwrap();
+        assert_eq!(cached, 4);
+        drop(r);
+        let mut load = load;
+        load.wait_for(|l| l.active_blocks == 0).await.unwrap();
+    }
 }

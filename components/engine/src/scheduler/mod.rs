@@ -30,6 +30,8 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::{EngineError, EngineStream, EvictionHook, KvBlockData, KvCapability, Reservation};
+
+mod handoff;
 use futures::future::BoxFuture;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,6 +115,21 @@ pub enum KvCommand {
     },
     Release(u64),
     Hook(Option<EvictionHook>, oneshot::Sender<()>),
+    /// See [`KvCapability::prefill_export`].
+    PrefillExport {
+        request: PreprocessedRequest,
+        out: OutputSender,
+        cancel: CancellationToken,
+        blocks: oneshot::Sender<Vec<Vec<u8>>>,
+    },
+    /// See [`KvCapability::reserve_prompt`].
+    ReservePrompt {
+        hashes: Vec<SequenceHash>,
+        total: usize,
+        reply: oneshot::Sender<Result<(u64, usize), EngineError>>,
+    },
+    /// See [`KvCapability::generate_prefilled`].
+    GeneratePrefilled(Box<handoff::Prefilled>),
 }
 
 /// Sends a [`KvCommand`] to an engine's scheduler.
@@ -258,6 +275,76 @@ impl KvCapability for SchedulerKv {
     ) -> BoxFuture<'static, Result<(), EngineError>> {
         self.ask(|reply| KvCommand::Hook(hook, reply))
     }
+
+    fn prefill_export(
+        &self,
+        request: PreprocessedRequest,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'static, Result<crate::Exported, EngineError>> {
+        let (out, mut rx) = mpsc::unbounded_channel();
+        let (blocks, data) = oneshot::channel();
+        let sent = (self.send)(KvCommand::PrefillExport {
+            request,
+            out,
+            cancel,
+            blocks,
+        });
+        Box::pin(async move {
+            sent?;
+            let first = loop {
+                match rx.recv().await {
+                    Some(Ok(o)) if o.finish_reason.is_some() => break o,
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => return Err(e),
+                    None => return Err(stopped()),
+                }
+            };
+            let data = data.await.map_err(|_| stopped())?;
+            Ok((first, data))
+        })
+    }
+
+    fn reserve_prompt(
+        &self,
+        hashes: Vec<SequenceHash>,
+        total: usize,
+    ) -> BoxFuture<'static, Result<(Reservation, usize), EngineError>> {
+        let asked = self.ask(|reply| KvCommand::ReservePrompt {
+            hashes,
+            total,
+            reply,
+        });
+        let send = self.send.clone();
+        Box::pin(async move {
+            let (id, cached) = asked.await??;
+            let release: Box<dyn FnOnce(u64) + Send + Sync> = Box::new(move |id| {
+                let _ = send(KvCommand::Release(id));
+            });
+            Ok((Reservation::new(id, total, release), cached))
+        })
+    }
+
+    fn generate_prefilled(
+        &self,
+        reservation: Reservation,
+        cached: usize,
+        request: PreprocessedRequest,
+        first: TokenId,
+        data: Vec<Vec<u8>>,
+        cancel: CancellationToken,
+    ) -> Result<EngineStream, EngineError> {
+        let (out, rx) = mpsc::unbounded_channel();
+        (self.send)(KvCommand::GeneratePrefilled(Box::new(handoff::Prefilled {
+            reservation: reservation.take(),
+            cached,
+            request,
+            first,
+            data,
+            out,
+            cancel,
+        })))?;
+        Ok(UnboundedReceiverStream::new(rx).boxed())
+    }
 }
 
 /// Where a sequence's outputs go. Unbounded: one output per step, at most `max_tokens` per
@@ -327,6 +414,9 @@ struct Seq {
     cached_reported: bool,
     out: OutputSender,
     cancel: CancellationToken,
+    /// A prefill for another worker: at its finish, the prompt's blocks' contents go here
+    /// (see [`KvCommand::PrefillExport`]).
+    export: Option<oneshot::Sender<Vec<Vec<u8>>>>,
 }
 
 impl Seq {
@@ -353,6 +443,8 @@ pub struct Scheduler<E> {
     next_reservation: u64,
     eviction_hook: Option<EvictionHook>,
     waiting: VecDeque<Seq>,
+    /// Prompts computed elsewhere, their KV in their blocks: admitted to `running` first.
+    prefilled: VecDeque<Seq>,
     running: Vec<Seq>,
     executor: E,
     preemptions: u64,
@@ -369,6 +461,7 @@ impl<E: Executor> Scheduler<E> {
             eviction_hook: None,
             settings,
             waiting: VecDeque::new(),
+            prefilled: VecDeque::new(),
             running: Vec::new(),
             executor,
             preemptions: 0,
@@ -411,12 +504,13 @@ impl<E: Executor> Scheduler<E> {
             cached_reported: false,
             out,
             cancel,
+            export: None,
         });
         Ok(())
     }
 
     pub fn has_work(&self) -> bool {
-        !self.waiting.is_empty() || !self.running.is_empty()
+        !self.waiting.is_empty() || !self.running.is_empty() || !self.prefilled.is_empty()
     }
 
     pub fn load(&self) -> LoadReport {
@@ -424,7 +518,7 @@ impl<E: Executor> Scheduler<E> {
         LoadReport {
             active_blocks: self.pool.active_blocks() as u64,
             total_blocks: self.pool.num_blocks() as u64,
-            waiting_requests: self.waiting.len() as u64,
+            waiting_requests: (self.waiting.len() + self.prefilled.len()) as u64,
             queued_prefill_tokens: self.waiting.iter().chain(&self.running).map(pending).sum(),
             running_requests: self.running.len() as u64,
         }
@@ -451,6 +545,12 @@ impl<E: Executor> Scheduler<E> {
             !s.gone()
         });
         self.waiting.retain(|s| {
+            if s.gone() {
+                pool.release(&s.blocks);
+            }
+            !s.gone()
+        });
+        self.prefilled.retain(|s| {
             if s.gone() {
                 pool.release(&s.blocks);
             }
@@ -556,6 +656,20 @@ impl<E: Executor> Scheduler<E> {
                     self.pool.release(&blocks);
                 }
             }
+            KvCommand::PrefillExport {
+                request,
+                out,
+                cancel,
+                blocks,
+            } => self.add_export(request, out, cancel, blocks),
+            KvCommand::ReservePrompt {
+                hashes,
+                total,
+                reply,
+            } => {
+                let _ = reply.send(self.reserve_prompt(&hashes, total));
+            }
+            KvCommand::GeneratePrefilled(p) => self.add_prefilled(*p),
             KvCommand::Hook(hook, reply) => {
                 self.pool.track_evictions(hook.is_some());
                 self.eviction_hook = hook;
@@ -624,6 +738,13 @@ impl<E: Executor> Scheduler<E> {
     /// executor's duration, or `None` when there was nothing to do.
     pub fn step(&mut self) -> Option<Duration> {
         self.drop_gone();
+        // Prompts computed elsewhere hold their blocks already: they only decode.
+        while self.running.len() < self.settings.max_num_seqs {
+            match self.prefilled.pop_front() {
+                Some(seq) => self.running.push(seq),
+                None => break,
+            }
+        }
         let bs = self.settings.block_size;
         let mut budget = self.settings.max_num_batched_tokens;
         // (index into running, tokens this step)
@@ -770,7 +891,17 @@ impl<E: Executor> Scheduler<E> {
             }
         }
         for &i in finished.iter().rev() {
-            let seq = self.running.remove(i);
+            let mut seq = self.running.remove(i);
+            if let Some(export) = seq.export.take() {
+                // A prefill for another worker: the prompt's blocks, the last partial one
+                // included, while they are still this sequence's.
+                let blocks = seq.prompt_len.div_ceil(bs);
+                let data = seq.blocks[..blocks]
+                    .iter()
+                    .map(|&b| self.executor.read_block(b))
+                    .collect();
+                let _ = export.send(data);
+            }
             self.pool.release(&seq.blocks);
         }
         Some(result.duration)
