@@ -292,8 +292,8 @@ on_both_buses!(
     disaggregated_output_is_token_identical
 );
 
-/// A prefill worker that is gone: the decode worker prefills locally by default (same
-/// tokens), or fails the request when configured to.
+/// A prefill worker that is gone, or one whose KV layout differs: the decode worker prefills
+/// locally by default (same tokens), or fails the request when configured to.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_prefill_worker_means_local_prefill_or_a_failed_request() {
     let (dir, folder) = common::native_model();
@@ -316,6 +316,20 @@ async fn a_missing_prefill_worker_means_local_prefill_or_a_failed_request() {
         PrefillFallback::Fail,
     )
     .await;
+    // A prefill worker whose model has another KV layout (3 layers, not 2).
+    let (other, other_folder) = common::native_model();
+    let mut three = dynamo_engine::native::random::RandomModel::preset("tiny", 4096).unwrap();
+    three.num_layers = 3;
+    three.write(other.path(), &mut |_, _| {}).unwrap();
+    let mismatched = worker(
+        &sup,
+        &other_folder,
+        other.path(),
+        "prefill",
+        WorkerKind::Prefill,
+        PrefillFallback::Local,
+    )
+    .await;
     let prompt: Vec<TokenId> = (1..40).collect();
     let gone = InstanceId::new(0xdead);
     let want = generate(&runtime, "decode", decode, request(prompt.clone(), None))
@@ -330,6 +344,21 @@ async fn a_missing_prefill_worker_means_local_prefill_or_a_failed_request() {
     .await
     .unwrap();
     assert_eq!(tokens(&got), tokens(&want));
+    assert_eq!(got[0].prefill_worker, None);
+    // Mismatched layouts: the transfer is refused whole, the decode worker prefills locally.
+    let got = generate(
+        &runtime,
+        "decode",
+        decode,
+        request(prompt.clone(), Some(mismatched)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        tokens(&got),
+        tokens(&want),
+        "nothing of the refused transfer is used"
+    );
     assert_eq!(got[0].prefill_worker, None);
     match generate(&runtime, "strict", strict, request(prompt, Some(gone))).await {
         Err(RpcError::Remote(e)) => assert!(e.message.contains("remote prefill failed"), "{e:?}"),

@@ -426,7 +426,13 @@ impl Disagg {
         };
         let answer = match tokio::time::timeout(timeout, call).await {
             Ok(Ok(out)) => out,
-            Ok(Err(e)) => return Err(Why::Prefill(e.to_string())),
+            Ok(Err(e)) => {
+                if let (RpcError::Remote(_), Some(s)) = (&e, &mut slots) {
+                    // It answered: it writes nothing more.
+                    s.hold_until = None;
+                }
+                return Err(Why::Prefill(e.to_string()));
+            }
             Err(_) => return Err(Why::Timeout(timeout)),
         };
         let token = *answer

@@ -6,7 +6,9 @@
 //! prefill worker has room. So, in order:
 //! 1. the chosen worker is not a decode worker, or no prefill worker serves the model: local;
 //! 2. fewer than `disagg_min_remote_tokens` prompt tokens are uncached on the decode worker
-//!    (device hits only: the decode worker computes from its device cache): local;
+//!    (device hits only: the decode worker computes from its device cache) and no prefill
+//!    worker is idle: local (an idle prefill worker takes even a short prompt: the decode
+//!    worker's running requests are spared the prefill, at no cost to anyone);
 //! 3. every prefill worker has more than `disagg_max_prefill_queue` prompt tokens pending
 //!    (its last report beyond the router's own accounting, plus that accounting): local;
 //! 4. otherwise the prefill worker of lowest cost among those under the bound (the same cost
@@ -143,18 +145,17 @@ impl KvRouter {
         let uncached = tokens
             .len()
             .saturating_sub(decode_overlap.device as usize * bs);
-        if uncached < s.disagg_min_remote_tokens {
-            return PrefillPlan::Local(LocalReason::Short);
-        }
+        let pending = |w: &WorkerId| self.loads.get(w).map_or(0, |a| a.pending_prefill_tokens());
         let open: Vec<WorkerId> = candidates
             .iter()
             .map(|c| c.0)
-            .filter(|w| {
-                self.loads
-                    .get(w)
-                    .is_none_or(|a| a.pending_prefill_tokens() <= s.disagg_max_prefill_queue)
-            })
+            .filter(|w| pending(w) <= s.disagg_max_prefill_queue)
             .collect();
+        // A short prompt stays where it decodes, unless a prefill worker is idle (then moving
+        // it costs the decode worker nothing and the prefill worker nothing it had to do).
+        if uncached < s.disagg_min_remote_tokens && open.iter().all(|w| pending(w) > 0) {
+            return PrefillPlan::Local(LocalReason::Short);
+        }
         if open.is_empty() {
             return PrefillPlan::Local(LocalReason::Saturated);
         }

@@ -327,11 +327,28 @@ fn prefill_goes_remote_only_for_long_uncached_prompts_with_room_in_the_prefill_p
     }
     router.add_prefill_worker(WorkerId(12), "other".into(), 16, "ns.p.prefill".into());
     assert_eq!(router.prefill_workers("m"), 2);
-    // 208 of 256 tokens cached on the decode worker: 48 uncached, under 64.
+    // 208 of 256 tokens cached on the decode worker: 48 uncached, under 64: with idle
+    // prefill workers it still goes remote; once both have work queued, it stays local.
     let mostly_cached = dynamo_kv::Overlap {
         device: 13,
         ..Default::default()
     };
+    assert_eq!(
+        router
+            .plan_prefill("m", decode, mostly_cached, &prompt)
+            .label(),
+        "remote"
+    );
+    for w in [10, 11] {
+        router.record_load(
+            WorkerId(w),
+            LoadReport {
+                queued_prefill_tokens: 100,
+                total_blocks: 100,
+                ..Default::default()
+            },
+        );
+    }
     assert_eq!(
         router
             .plan_prefill("m", decode, mostly_cached, &prompt)
@@ -364,8 +381,8 @@ fn prefill_goes_remote_only_for_long_uncached_prompts_with_room_in_the_prefill_p
             .get(&WorkerId(11))
             .unwrap()
             .pending_prefill_tokens(),
-        64,
-        "the uncached part is the prefill worker's pending work while the lease lives"
+        100 + 64,
+        "the uncached part is the prefill worker's pending work (beside the 100 it reported) while the lease lives"
     );
     drop(lease);
     assert_eq!(
@@ -374,7 +391,7 @@ fn prefill_goes_remote_only_for_long_uncached_prompts_with_room_in_the_prefill_p
             .get(&WorkerId(11))
             .unwrap()
             .pending_prefill_tokens(),
-        0
+        100
     );
     // Both prefill workers report deep queues: saturated, the decode worker prefills.
     for w in [10, 11] {
