@@ -162,7 +162,8 @@ pub(crate) struct AgentInner {
     next_region: AtomicU32,
     tcp_addr: Option<SocketAddr>,
     peers: Mutex<HashMap<AgentId, Arc<Peer>>>,
-    server: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The TCP listener's thread (stopped when the agent goes).
+    listener: Mutex<Option<tcp::Listener>>,
 }
 
 impl AgentInner {
@@ -173,14 +174,6 @@ impl AgentInner {
             .get(&id)
             .cloned()
             .ok_or(TransferError::UnknownRegion(id))
-    }
-}
-
-impl Drop for AgentInner {
-    fn drop(&mut self) {
-        if let Some(server) = self.server.lock().expect("server lock").take() {
-            server.abort();
-        }
     }
 }
 
@@ -209,9 +202,10 @@ pub struct Agent {
 impl Agent {
     /// Starts an agent (and its TCP listener, if asked for).
     pub async fn start(settings: AgentSettings) -> Result<Self, TransferError> {
+        // (async for callers; binding and the listener thread are synchronous)
         let id = AgentId(rand::random());
         let listener = match settings.tcp_listen {
-            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            Some(addr) => Some(std::net::TcpListener::bind(addr).map_err(|e| {
                 TransferError::Io(format!("cannot listen for KV transfers on {addr}: {e}"))
             })?),
             None => None,
@@ -231,11 +225,13 @@ impl Agent {
             next_region: AtomicU32::new(1),
             tcp_addr,
             peers: Mutex::default(),
-            server: Mutex::new(None),
+            listener: Mutex::new(None),
         });
         if let Some(listener) = listener {
-            let task = tokio::spawn(tcp::serve(listener, Arc::downgrade(&inner)));
-            *inner.server.lock().expect("server lock") = Some(task);
+            let serving = tcp::Listener::start(listener, Arc::downgrade(&inner)).map_err(|e| {
+                TransferError::Io(format!("cannot start the KV transfer listener: {e}"))
+            })?;
+            *inner.listener.lock().expect("listener lock") = Some(serving);
         }
         registry()
             .lock()
@@ -333,7 +329,11 @@ impl Agent {
                 )))
             }
             Route::Auto | Route::Tcp => match meta.tcp {
-                Some(addr) => Conn::Tcp(TcpPeer::new(addr, self.inner.settings.tcp_connections)),
+                Some(addr) => Conn::Tcp(TcpPeer::new(
+                    addr,
+                    self.inner.settings.tcp_connections,
+                    self.inner.settings.timeout,
+                )),
                 None => {
                     return Err(TransferError::NoRoute(format!(
                         "agent {} ({}) has no TCP listener",

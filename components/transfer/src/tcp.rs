@@ -13,6 +13,10 @@
 //! c u64, message length u32, message`. A frame the server refuses is drained (up to
 //! [`DRAIN_MAX`]) so the connection stays in step; past that the server closes it.
 //!
+//! Sockets are plain blocking ones on their own threads (the listener and one thread per
+//! accepted connection; a transfer's connections each in a blocking task), like the raw
+//! socket the benchmark compares against: no readiness polling between a frame's reads.
+//!
 //! A transfer's writes are cut into pieces (its bytes over the connections, between
 //! [`MIN_PIECE`] and [`PIECE`] each) and spread over the
 //! peer's connections, biggest first to the least loaded. A connection is taken out of its
@@ -22,35 +26,27 @@
 // block says why the range is exclusively this transfer's.
 #![allow(unsafe_code)]
 
-use std::net::SocketAddr;
-use std::sync::{Arc, Weak};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Mutex;
+use bytes::Bytes;
 
 use crate::agent::AgentInner;
-use crate::{Descriptor, Dtype, Layout, RegionId, Source, TransferError, WriteOp};
-
+use crate::{Descriptor, Dtype, Layout, Region, RegionId, Source, TransferError, WriteOp};
 const OP_WRITE: u8 = 1;
 const OP_FENCE: u8 = 2;
 const OP_READ: u8 = 3;
 /// Largest piece one frame carries.
 const PIECE: u64 = 4 << 20;
 /// Smallest piece a write is cut into to spread it over connections.
-const MIN_PIECE: u64 = 64 << 10;
+const MIN_PIECE: u64 = 256 << 10;
 /// Largest refused frame the server reads and discards to keep the connection.
 const DRAIN_MAX: u64 = 64 << 20;
-
-fn io(e: std::io::Error) -> TransferError {
-    match e.kind() {
-        std::io::ErrorKind::ConnectionRefused
-        | std::io::ErrorKind::ConnectionReset
-        | std::io::ErrorKind::BrokenPipe
-        | std::io::ErrorKind::UnexpectedEof => TransferError::PeerGone(e.to_string()),
-        _ => TransferError::Io(e.to_string()),
-    }
-}
+/// Connections a listener serves at once; more are closed on arrival.
+const MAX_CONNECTIONS: usize = 256;
 
 /// A refusal, as the server sends it.
 struct Refusal {
@@ -121,7 +117,7 @@ impl Refusal {
         }
     }
 
-    async fn send(&self, s: &mut TcpStream) -> std::io::Result<()> {
+    fn send(&self, s: &mut TcpStream) -> std::io::Result<()> {
         let mut buf = Vec::with_capacity(29 + self.message.len());
         buf.push(self.code);
         for x in [self.a, self.b, self.c] {
@@ -129,17 +125,17 @@ impl Refusal {
         }
         buf.extend_from_slice(&(self.message.len() as u32).to_le_bytes());
         buf.extend_from_slice(self.message.as_bytes());
-        s.write_all(&buf).await
+        s.write_all(&buf)
     }
 
     /// Reads the rest of a refusal whose code byte was read.
-    async fn recv(code: u8, s: &mut TcpStream) -> std::io::Result<Self> {
+    fn recv(code: u8, s: &mut TcpStream) -> std::io::Result<Self> {
         let mut h = [0u8; 28];
-        s.read_exact(&mut h).await?;
+        s.read_exact(&mut h)?;
         let word = |i: usize| u64::from_le_bytes(h[i..i + 8].try_into().expect("8 bytes"));
         let n = u32::from_le_bytes(h[24..28].try_into().expect("4 bytes")) as usize;
         let mut msg = vec![0u8; n.min(4096)];
-        s.read_exact(&mut msg).await?;
+        s.read_exact(&mut msg)?;
         Ok(Self {
             code,
             a: word(0),
@@ -160,14 +156,55 @@ fn header(op: u8, d: &Descriptor, fp: u64) -> [u8; 29] {
     h
 }
 
-/// Accepts connections until the agent is dropped (which aborts this task).
-pub(crate) async fn serve(listener: TcpListener, agent: Weak<AgentInner>) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        tokio::spawn(connection(stream, agent.clone()));
+/// A listener's thread: accepts connections until `stop` is set (the agent's drop sets it
+/// and connects once to wake the accept).
+pub(crate) struct Listener {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+}
+
+impl Listener {
+    /// Serves `listener` (bound by the caller, which knows its address first).
+    pub(crate) fn start(listener: TcpListener, agent: Weak<AgentInner>) -> std::io::Result<Self> {
+        let addr = listener.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let open = Arc::new(AtomicUsize::new(0));
+        std::thread::Builder::new()
+            .name("kv-transfer-listen".into())
+            .spawn(move || {
+                for stream in listener.incoming() {
+                    if flag.load(Ordering::Acquire) {
+                        break;
+                    }
+                    let Ok(stream) = stream else { continue };
+                    if open.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
+                        open.fetch_sub(1, Ordering::AcqRel);
+                        continue;
+                    }
+                    let _ = stream.set_nodelay(true);
+                    let (agent, open) = (agent.clone(), open.clone());
+                    let spawned = std::thread::Builder::new()
+                        .name("kv-transfer-conn".into())
+                        .spawn(move || {
+                            let _ = connection(stream, agent);
+                            open.fetch_sub(1, Ordering::AcqRel);
+                        });
+                    if spawned.is_err() {
+                        // Out of threads: this connection is dropped (its peer sees it closed).
+                        continue;
+                    }
+                }
+            })?;
+        Ok(Self { addr, stop })
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        // Wake the accept so the thread sees the flag and closes the listener.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
     }
 }
 
@@ -200,17 +237,17 @@ fn admit(
     Ok(region)
 }
 
-async fn connection(mut s: TcpStream, agent: Weak<AgentInner>) -> std::io::Result<()> {
+fn connection(mut s: TcpStream, agent: Weak<AgentInner>) -> std::io::Result<()> {
     let mut refused: Option<TransferError> = None;
     loop {
         let mut op = [0u8; 1];
-        if s.read_exact(&mut op).await.is_err() {
+        if s.read_exact(&mut op).is_err() {
             return Ok(());
         }
         match op[0] {
             OP_WRITE | OP_READ => {
                 let mut h = [0u8; 28];
-                s.read_exact(&mut h).await?;
+                s.read_exact(&mut h)?;
                 let d = Descriptor {
                     region: RegionId(u32::from_le_bytes(h[0..4].try_into().expect("4"))),
                     offset: u64::from_le_bytes(h[4..12].try_into().expect("8")),
@@ -226,10 +263,10 @@ async fn connection(mut s: TcpStream, agent: Weak<AgentInner>) -> std::io::Resul
                             let bytes =
                                 unsafe { region.mapping.view(d.offset as usize, d.len as usize) }
                                     .expect("bounds were checked");
-                            s.write_all(&[0]).await?;
-                            s.write_all(bytes).await?;
+                            s.write_all(&[0])?;
+                            s.write_all(bytes)?;
                         }
-                        Err(e) => Refusal::of(&e).send(&mut s).await?,
+                        Err(e) => Refusal::of(&e).send(&mut s)?,
                     }
                     continue;
                 }
@@ -240,33 +277,27 @@ async fn connection(mut s: TcpStream, agent: Weak<AgentInner>) -> std::io::Resul
                         let dst =
                             unsafe { region.mapping.view_mut(d.offset as usize, d.len as usize) }
                                 .expect("bounds were checked");
-                        s.read_exact(dst).await?;
+                        s.read_exact(dst)?;
                     }
                     Err(e) => {
                         if d.len > DRAIN_MAX {
                             return Ok(());
                         }
-                        let mut left = d.len;
-                        let mut sink = vec![0u8; 64 << 10];
-                        while left > 0 {
-                            let n = left.min(sink.len() as u64) as usize;
-                            s.read_exact(&mut sink[..n]).await?;
-                            left -= n as u64;
-                        }
+                        std::io::copy(&mut (&mut s).take(d.len), &mut std::io::sink())?;
                         refused.get_or_insert(e);
                     }
                 }
             }
             OP_FENCE => {
                 let mut seq = [0u8; 8];
-                s.read_exact(&mut seq).await?;
+                s.read_exact(&mut seq)?;
                 match refused.take() {
                     None => {
                         let mut ack = [0u8; 9];
                         ack[1..].copy_from_slice(&seq);
-                        s.write_all(&ack).await?;
+                        s.write_all(&ack)?;
                     }
-                    Some(e) => Refusal::of(&e).send(&mut s).await?,
+                    Some(e) => Refusal::of(&e).send(&mut s)?,
                 }
             }
             _ => return Ok(()),
@@ -274,42 +305,80 @@ async fn connection(mut s: TcpStream, agent: Weak<AgentInner>) -> std::io::Resul
     }
 }
 
-/// A piece of a write: its bytes' source and destination.
-struct Piece<'a> {
-    src: PieceSrc<'a>,
+/// A piece of a write: its bytes' source (owned handles, for a blocking task) and
+/// destination.
+struct Piece {
+    src: PieceSrc,
     dst: Descriptor,
 }
 
-enum PieceSrc<'a> {
-    Bytes(&'a [u8]),
-    Region(Descriptor),
+enum PieceSrc {
+    Bytes(Bytes),
+    Region(Arc<Region>, Descriptor),
 }
 
-/// Connections to one peer.
+fn io(e: std::io::Error) -> TransferError {
+    match e.kind() {
+        std::io::ErrorKind::ConnectionRefused
+        | std::io::ErrorKind::ConnectionReset
+        | std::io::ErrorKind::ConnectionAborted
+        | std::io::ErrorKind::BrokenPipe
+        | std::io::ErrorKind::UnexpectedEof => TransferError::PeerGone(e.to_string()),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            TransferError::PeerGone(format!("the peer stopped answering: {e}"))
+        }
+        _ => TransferError::Io(e.to_string()),
+    }
+}
+
+/// Connections to one peer (blocking sockets, used from blocking tasks).
 pub(crate) struct TcpPeer {
     addr: SocketAddr,
-    conns: Vec<Mutex<Option<TcpStream>>>,
+    timeout: Duration,
+    conns: Arc<Vec<Mutex<Option<TcpStream>>>>,
 }
 
 impl TcpPeer {
-    pub(crate) fn new(addr: SocketAddr, connections: usize) -> Self {
+    pub(crate) fn new(addr: SocketAddr, connections: usize, timeout: Duration) -> Self {
         Self {
             addr,
-            conns: (0..connections.max(1)).map(|_| Mutex::new(None)).collect(),
+            timeout,
+            conns: Arc::new((0..connections.max(1)).map(|_| Mutex::new(None)).collect()),
         }
     }
 
-    async fn take(&self, slot: usize) -> Result<TcpStream, TransferError> {
-        if let Some(s) = self.conns[slot].lock().await.take() {
-            return Ok(s);
-        }
-        let s = TcpStream::connect(self.addr).await.map_err(io)?;
-        let _ = s.set_nodelay(true);
-        Ok(s)
-    }
-
-    async fn put(&self, slot: usize, s: TcpStream) {
-        *self.conns[slot].lock().await = Some(s);
+    /// Runs `f` on connection `slot` in a blocking task; the connection goes back to its
+    /// slot only if `f` succeeded (one cut mid-frame is never reused).
+    async fn on_conn<T: Send + 'static>(
+        &self,
+        slot: usize,
+        f: impl FnOnce(&mut TcpStream) -> Result<T, TransferError> + Send + 'static,
+    ) -> Result<T, TransferError> {
+        // Sockets give up a little after the transfer's deadline, which the caller enforces:
+        // a blocked thread ends soon after its transfer was abandoned.
+        let (conns, addr, timeout) = (
+            self.conns.clone(),
+            self.addr,
+            self.timeout + Duration::from_secs(1),
+        );
+        tokio::task::spawn_blocking(move || {
+            let taken = conns[slot].lock().unwrap_or_else(|p| p.into_inner()).take();
+            let mut s = match taken {
+                Some(s) => s,
+                None => {
+                    let s = TcpStream::connect_timeout(&addr, timeout).map_err(io)?;
+                    let _ = s.set_nodelay(true);
+                    s.set_read_timeout(Some(timeout)).map_err(io)?;
+                    s.set_write_timeout(Some(timeout)).map_err(io)?;
+                    s
+                }
+            };
+            let out = f(&mut s)?;
+            *conns[slot].lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
+            Ok(out)
+        })
+        .await
+        .map_err(|e| TransferError::Io(format!("a transfer task failed: {e}")))?
     }
 
     pub(crate) async fn write(
@@ -324,6 +393,10 @@ impl TcpPeer {
         let piece = (total / self.conns.len() as u64).clamp(MIN_PIECE, PIECE);
         let mut pieces = Vec::new();
         for op in ops {
+            let region = match &op.src {
+                Source::Region(d) => Some(me.region(d.region)?),
+                Source::Bytes(_) => None,
+            };
             let mut done = 0;
             while done < op.dst.len {
                 let n = (op.dst.len - done).min(piece);
@@ -332,13 +405,21 @@ impl TcpPeer {
                     offset: op.dst.offset + done,
                     len: n,
                 };
-                let src = match &op.src {
-                    Source::Bytes(b) => PieceSrc::Bytes(&b[done as usize..(done + n) as usize]),
-                    Source::Region(s) => PieceSrc::Region(Descriptor {
-                        region: s.region,
-                        offset: s.offset + done,
-                        len: n,
-                    }),
+                let src = match (&op.src, &region) {
+                    (Source::Region(s), Some(r)) => PieceSrc::Region(
+                        r.clone(),
+                        Descriptor {
+                            region: s.region,
+                            offset: s.offset + done,
+                            len: n,
+                        },
+                    ),
+                    (Source::Bytes(b), _) => {
+                        PieceSrc::Bytes(b.slice(done as usize..(done + n) as usize))
+                    }
+                    (Source::Region(s), None) => {
+                        return Err(TransferError::UnknownRegion(s.region))
+                    }
                 };
                 pieces.push(Piece { src, dst });
                 done += n;
@@ -356,64 +437,12 @@ impl TcpPeer {
             g.1.push(p);
         }
         let fp = layout.fingerprint();
-        let sends = groups
-            .into_iter()
-            .enumerate()
-            .map(|(slot, (_, pieces))| self.send_group(me, slot, fp, layout, pieces));
+        let sends = groups.into_iter().enumerate().map(|(slot, (_, pieces))| {
+            self.on_conn(slot, move |s| send_group(s, slot, fp, layout, &pieces))
+        });
         for r in futures::future::join_all(sends).await {
             r?;
         }
-        Ok(())
-    }
-
-    async fn send_group(
-        &self,
-        me: &AgentInner,
-        slot: usize,
-        fp: u64,
-        layout: Layout,
-        pieces: Vec<Piece<'_>>,
-    ) -> Result<(), TransferError> {
-        let mut s = self.take(slot).await?;
-        let mut small = Vec::new();
-        for p in &pieces {
-            let region;
-            let bytes: &[u8] = match &p.src {
-                PieceSrc::Bytes(b) => b,
-                PieceSrc::Region(d) => {
-                    region = me.region(d.region)?;
-                    // SAFETY: the caller lent this source range to the transfer (nobody
-                    // writes it until `write` returns).
-                    unsafe { region.mapping.view(d.offset as usize, d.len as usize) }?
-                }
-            };
-            // Coalesce small frames into one send; large ones go straight from the source.
-            small.extend_from_slice(&header(OP_WRITE, &p.dst, fp));
-            if bytes.len() <= 64 << 10 {
-                small.extend_from_slice(bytes);
-                if small.len() >= 256 << 10 {
-                    s.write_all(&small).await.map_err(io)?;
-                    small.clear();
-                }
-            } else {
-                s.write_all(&small).await.map_err(io)?;
-                small.clear();
-                s.write_all(bytes).await.map_err(io)?;
-            }
-        }
-        small.push(OP_FENCE);
-        small.extend_from_slice(&(slot as u64).to_le_bytes());
-        s.write_all(&small).await.map_err(io)?;
-        let mut status = [0u8; 1];
-        s.read_exact(&mut status).await.map_err(io)?;
-        if status[0] != 0 {
-            let refusal = Refusal::recv(status[0], &mut s).await.map_err(io)?;
-            self.put(slot, s).await;
-            return Err(refusal.into_error(layout));
-        }
-        let mut seq = [0u8; 8];
-        s.read_exact(&mut seq).await.map_err(io)?;
-        self.put(slot, s).await;
         Ok(())
     }
 
@@ -425,37 +454,91 @@ impl TcpPeer {
     ) -> Result<(), TransferError> {
         let k = self.conns.len().min(ops.len().max(1));
         let fp = layout.fingerprint();
-        let reads = (0..k).map(|slot| {
-            let mine: Vec<&(Descriptor, Descriptor)> = ops.iter().skip(slot).step_by(k).collect();
-            async move {
-                let mut s = self.take(slot).await?;
-                let mut frames = Vec::new();
-                for (r, _) in &mine {
-                    frames.extend_from_slice(&header(OP_READ, r, fp));
-                }
-                s.write_all(&frames).await.map_err(io)?;
-                for (_, l) in &mine {
-                    let mut status = [0u8; 1];
-                    s.read_exact(&mut status).await.map_err(io)?;
-                    if status[0] != 0 {
-                        // The rest of this connection's replies are not read: drop it.
-                        let refusal = Refusal::recv(status[0], &mut s).await.map_err(io)?;
-                        return Err(refusal.into_error(layout));
-                    }
-                    let region = me.region(l.region)?;
-                    // SAFETY: the caller lent this local range to the read (nobody reads or
-                    // writes it until `read` returns).
-                    let dst =
-                        unsafe { region.mapping.view_mut(l.offset as usize, l.len as usize) }?;
-                    s.read_exact(dst).await.map_err(io)?;
-                }
-                self.put(slot, s).await;
-                Ok::<(), TransferError>(())
-            }
-        });
+        let mut groups: Vec<Vec<(Descriptor, Arc<Region>, Descriptor)>> = vec![Vec::new(); k];
+        for (i, (r, l)) in ops.iter().enumerate() {
+            groups[i % k].push((*r, me.region(l.region)?, *l));
+        }
+        let reads = groups
+            .into_iter()
+            .enumerate()
+            .map(|(slot, mine)| self.on_conn(slot, move |s| read_group(s, fp, layout, &mine)));
         for r in futures::future::join_all(reads).await {
             r?;
         }
         Ok(())
     }
+}
+
+/// One connection's share of a write: frames, then a fence and its acknowledgement.
+fn send_group(
+    s: &mut TcpStream,
+    slot: usize,
+    fp: u64,
+    layout: Layout,
+    pieces: &[Piece],
+) -> Result<(), TransferError> {
+    let mut small = Vec::new();
+    for p in pieces {
+        let bytes: &[u8] = match &p.src {
+            PieceSrc::Bytes(b) => b,
+            PieceSrc::Region(region, d) => {
+                // SAFETY: the caller lent this source range to the transfer (nobody writes
+                // it until `write` returns).
+                unsafe { region.mapping.view(d.offset as usize, d.len as usize) }?
+            }
+        };
+        // Coalesce small frames into one send; large ones go straight from the source.
+        small.extend_from_slice(&header(OP_WRITE, &p.dst, fp));
+        if bytes.len() <= 64 << 10 {
+            small.extend_from_slice(bytes);
+            if small.len() >= 256 << 10 {
+                s.write_all(&small).map_err(io)?;
+                small.clear();
+            }
+        } else {
+            s.write_all(&small).map_err(io)?;
+            small.clear();
+            s.write_all(bytes).map_err(io)?;
+        }
+    }
+    small.push(OP_FENCE);
+    small.extend_from_slice(&(slot as u64).to_le_bytes());
+    s.write_all(&small).map_err(io)?;
+    let mut status = [0u8; 1];
+    s.read_exact(&mut status).map_err(io)?;
+    if status[0] != 0 {
+        let refusal = Refusal::recv(status[0], s).map_err(io)?;
+        return Err(refusal.into_error(layout));
+    }
+    let mut seq = [0u8; 8];
+    s.read_exact(&mut seq).map_err(io)?;
+    Ok(())
+}
+
+/// One connection's share of a read: the requests, then each answer into its local range.
+fn read_group(
+    s: &mut TcpStream,
+    fp: u64,
+    layout: Layout,
+    mine: &[(Descriptor, Arc<Region>, Descriptor)],
+) -> Result<(), TransferError> {
+    let mut frames = Vec::new();
+    for (r, _, _) in mine {
+        frames.extend_from_slice(&header(OP_READ, r, fp));
+    }
+    s.write_all(&frames).map_err(io)?;
+    for (_, region, l) in mine {
+        let mut status = [0u8; 1];
+        s.read_exact(&mut status).map_err(io)?;
+        if status[0] != 0 {
+            // The rest of this connection's replies are not read: it is dropped.
+            let refusal = Refusal::recv(status[0], s).map_err(io)?;
+            return Err(refusal.into_error(layout));
+        }
+        // SAFETY: the caller lent this local range to the read (nobody reads or writes it
+        // until `read` returns).
+        let dst = unsafe { region.mapping.view_mut(l.offset as usize, l.len as usize) }?;
+        s.read_exact(dst).map_err(io)?;
+    }
+    Ok(())
 }
