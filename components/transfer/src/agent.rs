@@ -374,14 +374,7 @@ impl Agent {
         let started = Instant::now();
         let mut bytes = 0;
         for op in &ops {
-            let remote = peer.region(op.dst.region)?;
-            if remote.layout != layout {
-                return Err(TransferError::LayoutMismatch {
-                    local: layout,
-                    remote: remote.layout,
-                });
-            }
-            bounds(&op.dst, remote.len)?;
+            check_remote(peer, &layout, &op.dst)?;
             if op.src.len() != op.dst.len {
                 return Err(TransferError::LengthMismatch {
                     src: op.src.len(),
@@ -394,7 +387,6 @@ impl Agent {
             bytes += op.dst.len;
         }
         let p = self.peer(peer)?;
-        let timeout = self.inner.settings.timeout;
         let backend = p.conn.backend();
         let run = async {
             match &p.conn {
@@ -417,6 +409,20 @@ impl Agent {
                 Conn::Tcp(t) => t.write(&self.inner, layout, &ops).await,
             }
         };
+        self.finish(peer, run, bytes, backend, started).await
+    }
+
+    /// Runs a checked transfer to its deadline; a peer whose path failed is forgotten (its
+    /// mappings and connections are made afresh next time).
+    async fn finish(
+        &self,
+        peer: &AgentMetadata,
+        run: impl std::future::Future<Output = Result<(), TransferError>>,
+        bytes: u64,
+        backend: Backend,
+        started: Instant,
+    ) -> Result<TransferReport, TransferError> {
+        let timeout = self.inner.settings.timeout;
         match tokio::time::timeout(timeout, run).await {
             Ok(Ok(())) => Ok(TransferReport {
                 bytes,
@@ -430,7 +436,6 @@ impl Agent {
                 Err(e)
             }
             Err(_) => {
-                // A TCP connection cut mid-frame is dropped with the future; start afresh.
                 self.forget(peer.agent);
                 Err(TransferError::Timeout(timeout))
             }
@@ -447,14 +452,7 @@ impl Agent {
         let started = Instant::now();
         let mut bytes = 0;
         for (remote_d, local_d) in &ops {
-            let remote = peer.region(remote_d.region)?;
-            if remote.layout != layout {
-                return Err(TransferError::LayoutMismatch {
-                    local: layout,
-                    remote: remote.layout,
-                });
-            }
-            bounds(remote_d, remote.len)?;
+            check_remote(peer, &layout, remote_d)?;
             self.check_local(&layout, local_d)?;
             if remote_d.len != local_d.len {
                 return Err(TransferError::LengthMismatch {
@@ -465,7 +463,6 @@ impl Agent {
             bytes += local_d.len;
         }
         let p = self.peer(peer)?;
-        let timeout = self.inner.settings.timeout;
         let backend = p.conn.backend();
         let run = async {
             match &p.conn {
@@ -500,18 +497,7 @@ impl Agent {
                 Conn::Tcp(t) => t.read(&self.inner, layout, &ops).await,
             }
         };
-        match tokio::time::timeout(timeout, run).await {
-            Ok(Ok(())) => Ok(TransferReport {
-                bytes,
-                backend,
-                elapsed: started.elapsed(),
-            }),
-            Ok(Err(e)) => Err(e),
-            Err(_) => {
-                self.forget(peer.agent);
-                Err(TransferError::Timeout(timeout))
-            }
-        }
+        self.finish(peer, run, bytes, backend, started).await
     }
 }
 
@@ -531,6 +517,22 @@ impl std::fmt::Debug for Agent {
             .field("name", &self.inner.settings.name)
             .finish()
     }
+}
+
+/// A descriptor of the peer's: its region known, of `layout`, the range inside it.
+fn check_remote(
+    peer: &AgentMetadata,
+    layout: &Layout,
+    d: &Descriptor,
+) -> Result<(), TransferError> {
+    let remote = peer.region(d.region)?;
+    if remote.layout != *layout {
+        return Err(TransferError::LayoutMismatch {
+            local: *layout,
+            remote: remote.layout,
+        });
+    }
+    bounds(d, remote.len)
 }
 
 fn bounds(d: &Descriptor, region_len: u64) -> Result<(), TransferError> {

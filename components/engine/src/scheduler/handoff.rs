@@ -80,9 +80,7 @@ impl<E: Executor> Scheduler<E> {
                 )));
             }
         }
-        let id = self.next_reservation;
-        self.next_reservation += 1;
-        self.reservations.insert(id, blocks);
+        let id = self.hold(blocks);
         // Blocks just evicted for this still hold their contents.
         self.offer_evicted();
         Ok((id, cached))

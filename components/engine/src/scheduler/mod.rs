@@ -603,6 +603,14 @@ impl<E: Executor> Scheduler<E> {
         }
     }
 
+    /// Holds `blocks` under a new reservation id.
+    fn hold(&mut self, blocks: Vec<BlockId>) -> u64 {
+        let id = self.next_reservation;
+        self.next_reservation += 1;
+        self.reservations.insert(id, blocks);
+        id
+    }
+
     /// Handles a KV capability request (see [`KvCapability`]).
     pub fn kv(&mut self, cmd: KvCommand) {
         match cmd {
@@ -631,12 +639,7 @@ impl<E: Executor> Scheduler<E> {
                 let result = self
                     .pool
                     .allocate(blocks)
-                    .map(|got| {
-                        let id = self.next_reservation;
-                        self.next_reservation += 1;
-                        self.reservations.insert(id, got);
-                        id
-                    })
+                    .map(|got| self.hold(got))
                     .map_err(|e| {
                         EngineError::Overloaded(format!("cannot reserve {blocks} blocks: {e}"))
                     });
