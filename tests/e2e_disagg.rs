@@ -2,7 +2,9 @@
 //! and a decode worker process (native engine, the generated tiny model) behind a frontend
 //! process routing by KV. The KV moves over shared memory, then (another pair) over TCP; every
 //! greedy completion is identical to an aggregated server's, each response names the prefill
-//! worker, and the prefill worker's `/metrics` shows the bytes moved by that backend.
+//! worker, and the prefill worker's `/metrics` shows the bytes moved by that backend. And the
+//! shipped graph, `config/disagg.yaml`, served over NATS as supervised processes (its router
+//! component plans the prefill).
 
 mod common;
 
@@ -128,22 +130,7 @@ async fn prefill_and_decode_processes_match_aggregated_serving_over_shm_and_tcp(
             "0",
         ]));
         let base = frontend.http_base();
-        // The frontend lists the model and its router learns of the prefill worker from
-        // discovery: until then a request gets a 404 or prefills on the decode worker (each
-        // warm-up prompt is new, so none is cached there).
-        let mut remote = false;
-        for i in 0..100 {
-            let warm = format!("warm-up {i}: a prompt of a block or more");
-            if let Ok((_, Some(_))) = try_complete(&base, &warm).await {
-                remote = true;
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
-        assert!(
-            remote,
-            "{route}: the frontend never planned a remote prefill"
-        );
+        until_remote(&base, route).await;
         // In order (the second prompt continues the first: the decode worker holds its
         // prefix, only the rest moves), then all at once.
         for (p, w) in PROMPTS.iter().zip(&want) {
@@ -179,4 +166,67 @@ async fn prefill_and_decode_processes_match_aggregated_serving_over_shm_and_tcp(
         assert!(moved > 0.0, "{route}: no KV bytes moved by {route}:\n{m}");
         drop((frontend, prefill, decode));
     }
+}
+
+/// Waits until a remote prefill happens on the frontend at `base` (the model listed, and the
+/// router aware of the prefill worker: discovery state no event reports across processes), with
+/// a new prompt each time so that nothing is cached on the decode worker.
+async fn until_remote(base: &str, what: &str) {
+    for i in 0..100 {
+        let warm = format!(
+            "warm-up {i}: a prompt long enough to pass the graph's threshold of sixty-four uncached \
+             tokens on the decode worker, so that the router plans its prefill on the prefill \
+             worker rather than on the decode worker itself, which it does once it knows of it"
+        );
+        if let Ok((_, Some(_))) = try_complete(base, &warm).await {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("{what}: the frontend never planned a remote prefill");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_disagg_graph_serves_over_nats_as_processes() {
+    let server = NatsServer::start().unwrap();
+    let port = common::free_port();
+    let mut child = dynamo_run()
+        .args([
+            "serve",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config/disagg.yaml"),
+        ])
+        .args(["--bus", &server.url()])
+        .args(["--set", &format!("defaults.model_path={}", model_dir())])
+        .args(["--set", "defaults.model_name=tiny"])
+        .args(["--set", &format!("frontend.http_port={port}")])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
+    let ready = lines.find(|l| l.as_ref().is_ok_and(|l| l.starts_with("ready: graph")));
+    assert!(ready.is_some(), "the graph did not get ready");
+    let base = format!("http://127.0.0.1:{port}");
+    until_remote(&base, "disagg.yaml").await;
+    let agg = Proc::start(dynamo_run().args([
+        "in=http",
+        "out=native",
+        "--model-path",
+        model_dir(),
+        "--model-name",
+        "tiny",
+        "--block-size",
+        "16",
+        "--http-host",
+        "127.0.0.1",
+        "--http-port",
+        "0",
+    ]));
+    let prompt = "A longer story: once upon a time in a land far away there lived a dragon who \
+                  guarded a mountain of gold, and every morning the villagers brought it bread, \
+                  milk and songs, hoping that one day it would share a single coin with them";
+    let (text, prefill) = complete(&base, prompt).await;
+    assert_eq!(text, complete(&agg.http_base(), prompt).await.0);
+    assert!(prefill.is_some(), "prefilled on the prefill worker");
+    let _ = child.kill();
+    let _ = child.wait();
 }
