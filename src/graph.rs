@@ -88,6 +88,8 @@ const WORKER_KEYS: &[&str] = &[
     "echo_delay_ms",
     "kv_cache_memory",
     "dtype",
+    "host_kv_cache",
+    "mocker_host_gbps",
     "mocker_transfer_gbps",
     "mocker_transfer_latency_ms",
     "mocker_kv_bytes_per_token",

@@ -153,6 +153,13 @@ struct LaunchArgs {
     /// process keeps running. Needs --bus.
     #[arg(long, value_name = "MS", env = "DYN_MOCKER_DROP_BUS_AFTER_MS")]
     mocker_drop_bus_after_ms: Option<u64>,
+    /// Host RAM tier below each worker's KV cache (mocker, native), e.g. 4GiB: evicted blocks
+    /// go there and come back on a prefix hit instead of being recomputed. [default: none]
+    #[arg(long, value_name = "SIZE", env = "DYN_HOST_KV_CACHE")]
+    host_kv_cache: Option<String>,
+    /// Mocker: simulated host-to-device bandwidth for onboarding, in GB/s. [default: 25]
+    #[arg(long, value_name = "GBPS", env = "DYN_MOCKER_HOST_GBPS")]
+    mocker_host_gbps: Option<f64>,
     /// Mocker, disaggregated: simulated KV link bandwidth in GB/s. [default: 25]
     #[arg(long, value_name = "GBPS", env = "DYN_MOCKER_TRANSFER_GBPS")]
     mocker_transfer_gbps: Option<f64>,
@@ -211,6 +218,8 @@ impl LaunchArgs {
             mocker_stall_at_step: self.mocker_stall_at_step,
             mocker_stall_ms: self.mocker_stall_ms,
             mocker_drop_bus_after_ms: self.mocker_drop_bus_after_ms,
+            host_kv_cache: self.host_kv_cache.clone(),
+            mocker_host_gbps: self.mocker_host_gbps,
             mocker_transfer_gbps: self.mocker_transfer_gbps,
             mocker_transfer_latency_ms: self.mocker_transfer_latency_ms,
             mocker_kv_bytes_per_token: self.mocker_kv_bytes_per_token,

@@ -60,6 +60,8 @@ pub struct Settings {
     pub mocker_transfer_gbps: Option<f64>,
     pub mocker_transfer_latency_ms: Option<f64>,
     pub mocker_kv_bytes_per_token: Option<u64>,
+    pub host_kv_cache: Option<String>,
+    pub mocker_host_gbps: Option<f64>,
     pub kv_transfer: Option<String>,
     pub kv_transfer_listen: Option<String>,
     pub kv_staging_blocks: Option<usize>,
@@ -203,6 +205,10 @@ pub fn resolve(
     let max_num_batched_tokens = s
         .max_num_batched_tokens
         .unwrap_or(md.max_num_batched_tokens);
+    let host_kv_cache = match s.host_kv_cache.as_deref() {
+        Some(size) => parse_bytes(size).with_context(|| format!("--host-kv-cache {size:?}"))?,
+        None => 0,
+    };
     let mocker = MockerSettings {
         num_gpu_blocks: s.num_gpu_blocks.unwrap_or(md.num_gpu_blocks),
         block_size,
@@ -224,8 +230,15 @@ pub fn resolve(
             .map_or(md.transfer_latency, |ms| {
                 Duration::from_secs_f64(ms.max(0.0) / 1e3)
             }),
+        host_kv_cache,
+        host_bandwidth: s.mocker_host_gbps.map_or(md.host_bandwidth, |g| g * 1e9),
         ..Default::default()
     };
+    if s.mocker_host_gbps
+        .is_some_and(|g| !(g.is_finite() && g > 0.0))
+    {
+        bail!("--mocker-host-gbps must be a positive number");
+    }
     if s.mocker_transfer_gbps
         .is_some_and(|g| !(g.is_finite() && g > 0.0))
     {
@@ -293,6 +306,7 @@ pub fn resolve(
         kv_cache_memory,
         max_num_seqs,
         max_num_batched_tokens,
+        host_kv_cache,
         ..Default::default()
     };
     let router_mode: RouterMode = match &s.router_mode {

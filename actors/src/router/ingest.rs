@@ -259,6 +259,7 @@ impl Ingest {
                     all.last_event_id = p.last_event_id;
                     all.block_size = p.block_size;
                     all.blocks.extend(p.blocks);
+                    all.lower.extend(p.lower);
                 }
                 Ok::<_, String>(all)
             }
@@ -448,17 +449,24 @@ impl Actor for Ingest {
                     Ok(dump) => {
                         self.router.index().remove_worker(w);
                         let blocks = dump.blocks.iter().map(|(_, b)| *b).collect();
-                        self.router.index().apply(
-                            w,
-                            &[KvEvent {
-                                event_id: 0,
-                                tier: StorageTier::Device,
-                                data: KvEventData::Stored {
-                                    parent_hash: None,
-                                    blocks,
-                                },
-                            }],
-                        );
+                        let mut events = vec![KvEvent {
+                            event_id: 0,
+                            tier: StorageTier::Device,
+                            data: KvEventData::Stored {
+                                parent_hash: None,
+                                blocks,
+                            },
+                        }];
+                        // The lower tiers' blocks, each under its tier.
+                        events.extend(dump.lower.iter().map(|(tier, parent, b)| KvEvent {
+                            event_id: 0,
+                            tier: *tier,
+                            data: KvEventData::Stored {
+                                parent_hash: *parent,
+                                blocks: vec![*b],
+                            },
+                        }));
+                        self.router.index().apply(w, &events);
                         let next = dump.last_event_id.map_or(0, |l| l + 1);
                         track.next_id = Some(next);
                         // Events the dump already reflects are dropped; those continuing

@@ -240,16 +240,17 @@ impl Disagg {
             return Ok(None);
         }
         let decode = kind == WorkerKind::Decode;
+        let layout = engine.kv_capability().as_deref().and_then(layout_of);
         let agent = Agent::start(AgentSettings {
             name: format!("{}-{instance}", kind.as_str()),
-            tcp_listen: decode.then_some(settings.listen),
+            // Only a decode worker whose engine has bytes to receive listens.
+            tcp_listen: (decode && layout.is_some()).then_some(settings.listen),
             route: settings.route,
             tcp_connections: 4,
             timeout: settings.transfer_timeout,
         })
         .await
         .map_err(|e| format!("cannot start the KV transfer agent: {e}"))?;
-        let layout = engine.kv_capability().as_deref().and_then(layout_of);
         let staging = match (decode, layout) {
             (true, Some(layout)) if settings.staging_blocks > 0 => {
                 let region = agent

@@ -173,18 +173,22 @@ pub(super) async fn send_dump(kv: Option<KvHandle>, req: Request<KvDumpRequest, 
             .await;
         return;
     };
-    let pieces: Vec<KvDump> = if dump.blocks.is_empty() {
-        vec![dump]
-    } else {
-        dump.blocks
-            .chunks(DUMP_PIECE)
-            .map(|c| KvDump {
-                last_event_id: dump.last_event_id,
-                block_size: dump.block_size,
-                blocks: c.to_vec(),
-            })
-            .collect()
+    // Device blocks, then the lower tiers' blocks, in pieces under the bus payload limit.
+    let piece = |blocks: &[_], lower: &[_]| KvDump {
+        last_event_id: dump.last_event_id,
+        block_size: dump.block_size,
+        blocks: blocks.to_vec(),
+        lower: lower.to_vec(),
     };
+    let mut pieces: Vec<KvDump> = dump
+        .blocks
+        .chunks(DUMP_PIECE)
+        .map(|c| piece(c, &[]))
+        .chain(dump.lower.chunks(DUMP_PIECE).map(|c| piece(&[], c)))
+        .collect();
+    if pieces.is_empty() {
+        pieces.push(piece(&[], &[]));
+    }
     let mut pieces = pieces.into_iter().peekable();
     while let Some(piece) = pieces.next() {
         if pieces.peek().is_none() {
@@ -251,6 +255,7 @@ pub(super) fn spawn_kv_publishers(
         "dynamo_worker_queued_prefill_tokens",
     ]
     .map(|name| metrics::gauge!(name, "instance" => id.clone()));
+    let tiers = TierMetrics::new(&id);
     drop(id);
     let load_task = tokio::spawn(async move {
         loop {
@@ -263,6 +268,9 @@ pub(super) fn spawn_kv_publishers(
                 report.queued_prefill_tokens,
             ]) {
                 g.set(v as f64);
+            }
+            if let Some(t) = report.tiers {
+                tiers.record(&t);
             }
             if let Ok(payload) = encode_event(&report) {
                 if let Err(e) = bus
@@ -301,4 +309,54 @@ pub(super) fn card_metadata(
         serde_json::to_value(card).unwrap_or_default(),
     );
     meta.into()
+}
+
+/// A worker's lower-tier series, from its engine's [`TierReport`] (counts since the engine
+/// started: a restarted engine resets them, which Prometheus reads as a counter reset).
+struct TierMetrics {
+    host_blocks: metrics::Gauge,
+    host_bytes: metrics::Gauge,
+    offloaded_blocks: metrics::Counter,
+    offloaded_bytes: metrics::Counter,
+    dropped: metrics::Counter,
+    host_evicted: metrics::Counter,
+    onboarded: metrics::Counter,
+    declined: metrics::Counter,
+}
+
+impl TierMetrics {
+    fn new(id: &str) -> Self {
+        let i = || ("instance", id.to_string());
+        let host = || ("tier", "host".to_string());
+        Self {
+            host_blocks: metrics::gauge!("dynamo_worker_kv_tier_blocks", &[i(), host()]),
+            host_bytes: metrics::gauge!("dynamo_worker_kv_tier_bytes", &[i(), host()]),
+            offloaded_blocks: metrics::counter!(
+                "dynamo_worker_kv_offloaded_blocks_total",
+                &[i(), host()]
+            ),
+            offloaded_bytes: metrics::counter!(
+                "dynamo_worker_kv_offloaded_bytes_total",
+                &[i(), host()]
+            ),
+            dropped: metrics::counter!(
+                "dynamo_worker_kv_offload_dropped_total",
+                &[i(), ("reason", "queue_full".to_string())]
+            ),
+            host_evicted: metrics::counter!("dynamo_worker_kv_tier_evicted_total", &[i(), host()]),
+            onboarded: metrics::counter!("dynamo_worker_kv_onboarded_blocks_total", &[i(), host()]),
+            declined: metrics::counter!("dynamo_worker_kv_onboard_declined_total", &[i(), host()]),
+        }
+    }
+
+    fn record(&self, t: &dynamo_protocols::kv::TierReport) {
+        self.host_blocks.set(t.host_blocks as f64);
+        self.host_bytes.set(t.host_bytes as f64);
+        self.offloaded_blocks.absolute(t.offloaded_blocks);
+        self.offloaded_bytes.absolute(t.offloaded_bytes);
+        self.dropped.absolute(t.offload_dropped);
+        self.host_evicted.absolute(t.host_evicted);
+        self.onboarded.absolute(t.onboarded_blocks);
+        self.declined.absolute(t.onboard_declined);
+    }
 }

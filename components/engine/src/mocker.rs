@@ -59,6 +59,12 @@ pub struct MockerSettings {
     pub kv_bytes_per_token: u64,
     pub transfer_bandwidth: f64,
     pub transfer_latency: Duration,
+    /// Host KV tier below the simulated device pool, in bytes (0: none); blocks count
+    /// `block_size x kv_bytes_per_token` bytes each. Onboarding moves them at
+    /// `host_bandwidth` bytes per second (PCIe-like), charged to the next step, when that
+    /// beats the perf model's prefill time for the same tokens.
+    pub host_kv_cache: usize,
+    pub host_bandwidth: f64,
 }
 
 /// Faults to inject (see the module header); all off by default.
@@ -84,6 +90,8 @@ impl Default for MockerSettings {
             kv_bytes_per_token: 128 << 10,
             transfer_bandwidth: 25e9,
             transfer_latency: Duration::from_millis(1),
+            host_kv_cache: 0,
+            host_bandwidth: 25e9,
         }
     }
 }
@@ -146,6 +154,11 @@ struct Simulated {
     state: u64,
     faults: MockerFaults,
     steps: u64,
+    /// Simulated bytes of one block, and the host tier's bandwidth (onboarding).
+    block_bytes: usize,
+    host_bandwidth: f64,
+    /// Onboarding time charged to the next step.
+    charge: Duration,
 }
 
 impl Simulated {
@@ -159,6 +172,22 @@ impl Simulated {
 }
 
 impl Executor for Simulated {
+    fn nominal_block_bytes(&self) -> usize {
+        self.block_bytes
+    }
+
+    /// Onboard when moving the blocks over the host link is faster than the perf model's
+    /// prefill of the same tokens; the copy's time is charged to the next step.
+    fn onboard(&mut self, blocks: usize, tokens: usize) -> bool {
+        let copy = (blocks * self.block_bytes) as f64 / self.host_bandwidth.max(1.0);
+        let compute = prefill_ms(tokens as f64) / 1e3;
+        if copy >= compute {
+            return false;
+        }
+        self.charge += Duration::from_secs_f64(copy / self.speedup);
+        true
+    }
+
     fn execute(&mut self, batch: &StepBatch<'_>) -> StepResult {
         self.steps += 1;
         if self.faults.panic_at_step == Some(self.steps) {
@@ -194,7 +223,8 @@ impl Executor for Simulated {
         if decodes > 0 {
             ms += decode_ms(batch.kv_usage);
         }
-        let mut duration = Duration::from_secs_f64(ms / 1e3 / self.speedup);
+        let mut duration =
+            Duration::from_secs_f64(ms / 1e3 / self.speedup) + std::mem::take(&mut self.charge);
         if self.faults.stall_at_step == Some(self.steps) {
             duration += self.faults.stall_for;
         }
@@ -227,10 +257,13 @@ impl MockerEngine {
         settings.validate().map_err(EngineError::BadRequest)?;
         let scheduler = Scheduler::new(
             SchedulerSettings {
-                num_blocks: settings.num_gpu_blocks,
-                block_size: settings.block_size,
-                max_num_seqs: settings.max_num_seqs,
-                max_num_batched_tokens: settings.max_num_batched_tokens,
+                host_tier_bytes: settings.host_kv_cache,
+                ..SchedulerSettings::new(
+                    settings.num_gpu_blocks,
+                    settings.block_size,
+                    settings.max_num_seqs,
+                    settings.max_num_batched_tokens,
+                )
             },
             Simulated {
                 speedup: settings.speedup_ratio,
@@ -238,6 +271,9 @@ impl MockerEngine {
                 state: settings.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1,
                 faults: settings.faults.clone(),
                 steps: 0,
+                block_bytes: settings.block_size * settings.kv_bytes_per_token as usize,
+                host_bandwidth: settings.host_bandwidth,
+                charge: Duration::ZERO,
             },
         );
         let (commands, rx) = mpsc::channel(COMMAND_QUEUE);
@@ -540,5 +576,64 @@ mod tests {
         drop(r);
         let mut load = load;
         load.wait_for(|l| l.active_blocks == 0).await.unwrap();
+    }
+
+    /// A host tier on the mocker: evictions become host `stored` events and an onboard a
+    /// device `stored` event, all in one consecutive event-id sequence; the onboarded prefix
+    /// counts as cached.
+    #[tokio::test(start_paused = true)]
+    async fn host_tier_changes_are_events_in_the_one_sequence() {
+        use dynamo_protocols::kv::{KvEventData, StorageTier};
+        let e = MockerEngine::start(MockerSettings {
+            num_gpu_blocks: 6,
+            block_size: 16,
+            kv_bytes_per_token: 1024,
+            host_kv_cache: 64 * 16 * 1024,
+            ..Default::default()
+        })
+        .unwrap();
+        let mut events = e.kv().unwrap().subscribe();
+        let req = |seed: u32| PreprocessedRequest {
+            token_ids: (0..64).map(|i| i + seed * 1000).collect(),
+            sampling: SamplingOptions::default(),
+            stop: StopConditions {
+                max_tokens: 2,
+                min_tokens: 0,
+                stop_token_ids: vec![],
+            },
+            remote_prefill: None,
+        };
+        let run = |r: PreprocessedRequest| {
+            let s = e.generate(r, CancellationToken::new()).unwrap();
+            async move {
+                let outs: Vec<_> = s.map(|o| o.unwrap()).collect().await;
+                outs[0].cached_tokens.unwrap_or(0)
+            }
+        };
+        assert_eq!(run(req(1)).await, 0);
+        assert_eq!(run(req(2)).await, 0); // evicts req(1)'s blocks to the host tier
+        assert_eq!(
+            run(req(1)).await,
+            48,
+            "three full blocks back from the host tier"
+        );
+        let mut all = Vec::new();
+        while let Ok(batch) = events.try_recv() {
+            all.extend(batch);
+        }
+        for (i, ev) in all.iter().enumerate() {
+            assert_eq!(
+                ev.event_id,
+                all[0].event_id + i as u64,
+                "one sequence: {all:?}"
+            );
+        }
+        let host_stored = all
+            .iter()
+            .filter(|ev| {
+                ev.tier == StorageTier::Host && matches!(ev.data, KvEventData::Stored { .. })
+            })
+            .count();
+        assert!(host_stored >= 3, "{all:?}");
     }
 }

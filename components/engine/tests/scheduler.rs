@@ -36,12 +36,7 @@ impl Executor for Counting {
 }
 
 fn settings(num_blocks: usize, budget: usize) -> SchedulerSettings {
-    SchedulerSettings {
-        num_blocks,
-        block_size: 4,
-        max_num_seqs: 8,
-        max_num_batched_tokens: budget,
-    }
+    SchedulerSettings::new(num_blocks, 4, 8, budget)
 }
 
 type Rx = mpsc::UnboundedReceiver<Result<EngineOutput, EngineError>>;

@@ -3,13 +3,16 @@
 //! - [`hash`]: block and sequence hashes (XXH3-64, seed 1337, as `ARCHITECTURE.md` fixes them);
 //! - [`pool`]: the paged block pool with reference counts, prefix caching, LRU eviction of
 //!   unreferenced cached blocks, and the KV events every change of cached content emits;
-//! - [`index`]: the global prefix index a router keeps from every worker's events.
+//! - [`index`]: the global prefix index a router keeps from every worker's events;
+//! - [`tier`]: a lower tier (host RAM) below the device pool, LRU within a byte capacity.
 #![forbid(unsafe_code)]
 
 pub mod hash;
 pub mod index;
 pub mod pool;
+pub mod tier;
 
 pub use hash::{block_hashes, hash_block, sequence_hash, SEED};
 pub use index::{ApplyStats, IndexSettings, KvIndex, Overlap, OverlapMap};
 pub use pool::{BlockId, BlockPool, Evicted, PoolError};
+pub use tier::{HostTier, TierBlock, TierChange};

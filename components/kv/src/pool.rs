@@ -220,10 +220,11 @@ impl BlockPool {
     fn uncache(&mut self, id: BlockId) {
         if let Some(c) = self.blocks[id.index()].cached.take() {
             self.by_hash.remove(&c.hash);
+            let own_tier = self.tier;
             if let Some(KvEvent {
                 data: KvEventData::Removed { block_hashes },
                 ..
-            }) = self.pending.last_mut()
+            }) = self.pending.last_mut().filter(|e| e.tier == own_tier)
             {
                 block_hashes.push(c.hash);
             } else {
@@ -235,9 +236,15 @@ impl BlockPool {
     }
 
     fn emit(&mut self, data: KvEventData) {
+        self.emit_tier(self.tier, data);
+    }
+
+    /// Appends an event of another tier (a lower tier's change) in this pool's event-id
+    /// sequence: one sequence per worker, whatever the tier.
+    pub fn emit_tier(&mut self, tier: StorageTier, data: KvEventData) {
         self.pending.push(KvEvent {
             event_id: self.next_event,
-            tier: self.tier,
+            tier,
             data,
         });
         self.next_event += 1;
@@ -270,10 +277,14 @@ impl BlockPool {
         // Extend the last event if it stored this block's parent.
         if let Some(KvEvent {
             data: KvEventData::Stored { blocks, .. },
+            tier,
             ..
         }) = self.pending.last_mut()
         {
-            if parent.is_some() && blocks.last().map(|b| b.block_hash) == parent {
+            if *tier == self.tier
+                && parent.is_some()
+                && blocks.last().map(|b| b.block_hash) == parent
+            {
                 blocks.push(stored);
                 return;
             }
@@ -333,6 +344,7 @@ impl BlockPool {
             .collect();
         blocks.sort_by_key(|c| c.position);
         KvDump {
+            lower: Vec::new(),
             last_event_id: self.next_event.checked_sub(1),
             block_size: self.block_size as u32,
             blocks: blocks

@@ -75,6 +75,9 @@ pub struct KvDump {
     pub block_size: u32,
     /// Cached blocks with their parents (`None` for a first block), parents before children.
     pub blocks: Vec<(Option<SequenceHash>, StoredBlock)>,
+    /// Blocks of the lower tiers (host, disk), with their tier and parent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lower: Vec<(StorageTier, Option<SequenceHash>, StoredBlock)>,
 }
 
 /// Ask a worker for its [`KvDump`].
@@ -89,6 +92,27 @@ pub struct LoadReport {
     pub waiting_requests: u64,
     pub queued_prefill_tokens: u64,
     pub running_requests: u64,
+    /// The worker's lower KV tiers, when it has any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tiers: Option<TierReport>,
+}
+
+/// What a worker's lower KV tiers hold and have moved (counts since the engine started).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TierReport {
+    pub host_blocks: u64,
+    pub host_bytes: u64,
+    /// Evicted device blocks copied into the host tier, and their bytes.
+    pub offloaded_blocks: u64,
+    pub offloaded_bytes: u64,
+    /// Evicted device blocks not offloaded: the step's offload queue was full.
+    pub offload_dropped: u64,
+    /// Blocks the host tier pushed out (least recently used) to make room.
+    pub host_evicted: u64,
+    /// Host blocks brought back into the device pool instead of being recomputed.
+    pub onboarded_blocks: u64,
+    /// Prefixes found in the host tier but computed, the cost model preferring it.
+    pub onboard_declined: u64,
 }
 
 /// A worker as the router knows it (the raw value of its instance id).

@@ -416,3 +416,45 @@ fn prefill_goes_remote_only_for_long_uncached_prompts_with_room_in_the_prefill_p
         "local_no_prefill"
     );
 }
+
+/// A prefix the worker evicted from its device pool but holds in its host tier (the events
+/// say so) still attracts the request, credited as host hits.
+#[test]
+fn a_prefix_held_on_the_host_tier_still_attracts_the_request() {
+    let router = KvRouter::new(KvRouterSettings::default());
+    let prompt: Vec<u32> = (0..64).collect();
+    store(&router, 1, &prompt, 16);
+    let hashes: Vec<_> = block_hashes(&prompt, 16).into_iter().map(|h| h.1).collect();
+    // Device eviction, then the same blocks stored on the host tier.
+    router.index().apply(
+        WorkerId(1),
+        &[
+            KvEvent {
+                event_id: 1,
+                tier: StorageTier::Device,
+                data: KvEventData::Removed {
+                    block_hashes: hashes.clone(),
+                },
+            },
+            KvEvent {
+                event_id: 2,
+                tier: StorageTier::Host,
+                data: KvEventData::Stored {
+                    parent_hash: None,
+                    blocks: block_hashes(&prompt, 16)
+                        .into_iter()
+                        .map(|(l, s)| StoredBlock {
+                            block_hash: s,
+                            tokens_hash: LocalBlockHash(l.0),
+                        })
+                        .collect(),
+                },
+            },
+        ],
+    );
+    let d = router
+        .route(&[WorkerId(1), WorkerId(2), WorkerId(3)], &prompt, 16)
+        .unwrap();
+    assert_eq!(d.worker, WorkerId(1));
+    assert_eq!((d.overlap.device, d.overlap.host), (0, 4));
+}

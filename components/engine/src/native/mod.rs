@@ -76,6 +76,9 @@ pub struct NativeSettings {
     pub threads: Option<usize>,
     /// Seed of the draws of requests without a seed.
     pub seed: u64,
+    /// Host KV tier below the KV cache, in bytes (0: none): evicted blocks are kept there
+    /// and copied back on a prefix hit instead of being recomputed.
+    pub host_kv_cache: usize,
 }
 
 impl Default for NativeSettings {
@@ -90,6 +93,7 @@ impl Default for NativeSettings {
             max_num_batched_tokens: 2048,
             threads: None,
             seed: 0,
+            host_kv_cache: 0,
         }
     }
 }
@@ -227,10 +231,13 @@ impl NativeEngine {
         };
         let scheduler = Scheduler::new(
             SchedulerSettings {
-                num_blocks,
-                block_size: settings.block_size,
-                max_num_seqs: settings.max_num_seqs,
-                max_num_batched_tokens: settings.max_num_batched_tokens,
+                host_tier_bytes: settings.host_kv_cache,
+                ..SchedulerSettings::new(
+                    num_blocks,
+                    settings.block_size,
+                    settings.max_num_seqs,
+                    settings.max_num_batched_tokens,
+                )
             },
             executor,
         );

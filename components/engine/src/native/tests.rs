@@ -386,3 +386,43 @@ async fn kv_capability_checks_imports_releases_reservations_and_hooks_evictions(
         "each evicted block, with its contents, before reuse"
     );
 }
+
+/// With a host tier, a prefix the device pool evicted comes back from host RAM instead of
+/// being recomputed: counted as cached, and the greedy output is the same as the first run's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefix_evicted_to_the_host_tier_is_onboarded_with_identical_output() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny(dir.path());
+    // 12 device blocks of 16 tokens: one 96-token prompt (6 blocks) and its output fit, a
+    // second such prompt evicts the first's blocks.
+    let e = engine(dir.path(), |s| {
+        s.num_gpu_blocks = Some(12);
+        s.block_size = 16;
+        s.host_kv_cache = 1 << 20;
+    });
+    let a = prompt(1, 96);
+    let (first, cached) = run(&e, request(a.clone(), 8, greedy())).await;
+    assert_eq!(cached, 0);
+    let (_, _) = run(&e, request(prompt(2, 96), 8, greedy())).await;
+    let (_, _) = run(&e, request(prompt(3, 96), 8, greedy())).await;
+    let load = *e.kv().unwrap().load().borrow();
+    let tiers = load.tiers.expect("a host tier reports");
+    assert!(tiers.offloaded_blocks >= 5, "{tiers:?}");
+    let (again, cached) = run(&e, request(a, 8, greedy())).await;
+    assert_eq!(again, first, "onboarded KV gives the same tokens");
+    assert_eq!(
+        cached, 80,
+        "five full blocks back from the host tier (the sixth holds the last token)"
+    );
+    let mut load = e.kv().unwrap().load();
+    load.wait_for(|l| l.tiers.is_some_and(|t| t.onboarded_blocks >= 5))
+        .await
+        .unwrap();
+    // The dump lists the host tier's blocks under their tier.
+    let dump = e.kv().unwrap().dump().await.unwrap();
+    assert!(dump
+        .lower
+        .iter()
+        .all(|(t, _, _)| *t == dynamo_protocols::kv::StorageTier::Host));
+    assert!(!dump.lower.is_empty());
+}

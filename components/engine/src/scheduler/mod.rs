@@ -32,6 +32,10 @@ use tokio_util::sync::CancellationToken;
 use crate::{EngineError, EngineStream, EvictionHook, KvBlockData, KvCapability, Reservation};
 
 mod handoff;
+mod tiers;
+
+use dynamo_kv::tier as kv_tiers;
+use dynamo_protocols::kv::{StorageTier, TierReport};
 use futures::future::BoxFuture;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +44,30 @@ pub struct SchedulerSettings {
     pub block_size: usize,
     pub max_num_seqs: usize,
     pub max_num_batched_tokens: usize,
+    /// Host tier below the pool (bytes; 0: none), see [`tiers`].
+    pub host_tier_bytes: usize,
+    /// Evicted blocks copied to the host tier per step at most (the offload queue's bound:
+    /// the rest are dropped, counted).
+    pub offload_per_step: usize,
+}
+
+impl SchedulerSettings {
+    /// `num_blocks` of `block_size`, no lower tier.
+    pub fn new(
+        num_blocks: usize,
+        block_size: usize,
+        max_num_seqs: usize,
+        max_num_batched_tokens: usize,
+    ) -> Self {
+        Self {
+            num_blocks,
+            block_size,
+            max_num_seqs,
+            max_num_batched_tokens,
+            host_tier_bytes: 0,
+            offload_per_step: 256,
+        }
+    }
 }
 
 /// One sequence's share of a step.
@@ -92,6 +120,19 @@ pub trait Executor: Send + 'static {
 
     /// Overwrites a block's contents (`data` is [`Executor::block_bytes`] bytes, checked).
     fn write_block(&mut self, _block: BlockId, _data: &[u8]) {}
+
+    /// Bytes a block without contents counts in a lower tier (a simulation's model size).
+    fn nominal_block_bytes(&self) -> usize {
+        self.block_bytes()
+    }
+
+    /// The onboarding cost model: whether bringing `blocks` blocks (`tokens` tokens) up from
+    /// the host tier beats computing them; a simulation that says yes charges the copy's
+    /// time to its next step. A real engine's copy is a memcpy, far cheaper than a forward
+    /// pass: yes.
+    fn onboard(&mut self, _blocks: usize, _tokens: usize) -> bool {
+        true
+    }
 }
 
 /// The KV capability's requests, handled on the scheduler ([`Scheduler::kv`]).
@@ -442,6 +483,11 @@ pub struct Scheduler<E> {
     reservations: HashMap<u64, Vec<BlockId>>,
     next_reservation: u64,
     eviction_hook: Option<EvictionHook>,
+    /// The host tier below the pool, and what went through it.
+    host: Option<kv_tiers::HostTier>,
+    tiers: TierReport,
+    /// Evicted blocks copied to the host tier in the current step.
+    offloaded_this_step: usize,
     waiting: VecDeque<Seq>,
     /// Prompts computed elsewhere, their KV in their blocks: admitted to `running` first.
     prefilled: VecDeque<Seq>,
@@ -454,8 +500,16 @@ pub struct Scheduler<E> {
 
 impl<E: Executor> Scheduler<E> {
     pub fn new(settings: SchedulerSettings, executor: E) -> Self {
+        let host = (settings.host_tier_bytes > 0).then(|| {
+            kv_tiers::HostTier::new(settings.host_tier_bytes, executor.nominal_block_bytes())
+        });
+        let mut pool = BlockPool::new(settings.num_blocks, settings.block_size);
+        pool.track_evictions(host.is_some());
         Self {
-            pool: BlockPool::new(settings.num_blocks, settings.block_size),
+            pool,
+            host,
+            tiers: TierReport::default(),
+            offloaded_this_step: 0,
             reservations: HashMap::new(),
             next_reservation: 1,
             eviction_hook: None,
@@ -521,6 +575,11 @@ impl<E: Executor> Scheduler<E> {
             waiting_requests: (self.waiting.len() + self.prefilled.len()) as u64,
             queued_prefill_tokens: self.waiting.iter().chain(&self.running).map(pending).sum(),
             running_requests: self.running.len() as u64,
+            tiers: self.host.as_ref().map(|h| TierReport {
+                host_blocks: h.len() as u64,
+                host_bytes: h.used() as u64,
+                ..self.tiers
+            }),
         }
     }
 
@@ -533,7 +592,24 @@ impl<E: Executor> Scheduler<E> {
     }
 
     pub fn dump(&self) -> KvDump {
-        self.pool.dump()
+        let mut dump = self.pool.dump();
+        if let Some(h) = &self.host {
+            dump.lower = h
+                .identities()
+                .into_iter()
+                .map(|(parent, hash, local)| {
+                    (
+                        StorageTier::Host,
+                        parent,
+                        dynamo_protocols::kv::StoredBlock {
+                            block_hash: hash,
+                            tokens_hash: local,
+                        },
+                    )
+                })
+                .collect();
+        }
+        dump
     }
 
     fn drop_gone(&mut self) {
@@ -587,19 +663,31 @@ impl<E: Executor> Scheduler<E> {
         }
     }
 
-    /// Hands the blocks evicted since the last call to the eviction hook, with contents.
+    /// Hands the blocks evicted since the last call, with contents, to the eviction hook and
+    /// the host tier (at most `offload_per_step` a step; the rest are dropped, counted).
     fn offer_evicted(&mut self) {
-        let Some(hook) = &self.eviction_hook else {
+        if self.eviction_hook.is_none() && self.host.is_none() {
             return;
-        };
+        }
         for e in self.pool.take_evicted() {
-            hook(KvBlockData {
-                hash: e.hash,
-                parent: e.parent,
-                local: e.local,
-                position: e.position,
-                data: self.executor.read_block(e.block),
-            });
+            let data = self.executor.read_block(e.block);
+            if self.host.is_some() {
+                if self.offloaded_this_step < self.settings.offload_per_step {
+                    self.offloaded_this_step += 1;
+                    self.offload(e, data.clone());
+                } else {
+                    self.tiers.offload_dropped += 1;
+                }
+            }
+            if let Some(hook) = &self.eviction_hook {
+                hook(KvBlockData {
+                    hash: e.hash,
+                    parent: e.parent,
+                    local: e.local,
+                    position: e.position,
+                    data,
+                });
+            }
         }
     }
 
@@ -674,7 +762,8 @@ impl<E: Executor> Scheduler<E> {
             }
             KvCommand::GeneratePrefilled(p) => self.add_prefilled(*p),
             KvCommand::Hook(hook, reply) => {
-                self.pool.track_evictions(hook.is_some());
+                self.pool
+                    .track_evictions(hook.is_some() || self.host.is_some());
                 self.eviction_hook = hook;
                 let _ = reply.send(());
             }
@@ -741,6 +830,7 @@ impl<E: Executor> Scheduler<E> {
     /// executor's duration, or `None` when there was nothing to do.
     pub fn step(&mut self) -> Option<Duration> {
         self.drop_gone();
+        self.offloaded_this_step = 0;
         // Prompts computed elsewhere hold their blocks already: they only decode.
         while self.running.len() < self.settings.max_num_seqs {
             match self.prefilled.pop_front() {
@@ -792,7 +882,10 @@ impl<E: Executor> Scheduler<E> {
                 .iter()
                 .map(|h| h.1)
                 .collect();
-            let acquired = self.pool.acquire_prefix(&hashes);
+            let mut acquired = self.pool.acquire_prefix(&hashes);
+            // The prefix may continue in the host tier: bring those blocks up (when the cost
+            // model says it beats recomputing) instead of computing them.
+            self.onboard(&hashes, &mut acquired);
             let matched = acquired.len();
             seq.blocks = acquired;
             seq.registered = matched;

@@ -1,0 +1,197 @@
+//! A lower KV tier (host RAM): cached blocks the device pool evicted, kept by sequence hash
+//! within a byte capacity, least recently used out first.
+//!
+//! The tier holds each block's identity (hash, parent, local hash, position), its contents (an
+//! engine's bytes, or none for a simulation, which then counts `nominal` bytes per block
+//! against the capacity) and how often it was used: inserted counts 1, each onboard adds 1
+//! (the disk tier below takes only blocks used at least twice).
+//!
+//! Every change returns what it did ([`TierChange`]) so the caller (the scheduler) emits the
+//! tier's KV events in the worker's one event-id sequence.
+//!
+//! Costs: insert, get and eviction are O(log n) (the LRU is a B-tree on a use stamp).
+
+use std::collections::{BTreeMap, HashMap};
+
+use dynamo_protocols::kv::{LocalBlockHash, SequenceHash};
+
+/// One block held in a tier.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TierBlock {
+    pub hash: SequenceHash,
+    pub parent: Option<SequenceHash>,
+    pub local: LocalBlockHash,
+    pub position: u32,
+    pub data: Vec<u8>,
+    /// Times used: 1 when stored, +1 per onboard.
+    pub uses: u32,
+}
+
+/// What an insert did to the tier.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct TierChange {
+    /// Newly held (`false`: it was held already and only refreshed).
+    pub stored: bool,
+    /// Blocks pushed out to make room, least recently used first.
+    pub evicted: Vec<TierBlock>,
+}
+
+#[derive(Debug)]
+pub struct HostTier {
+    capacity: usize,
+    /// Bytes a block counts when it carries none (a simulated engine).
+    nominal: usize,
+    used: usize,
+    blocks: HashMap<SequenceHash, (TierBlock, u64)>,
+    lru: BTreeMap<u64, SequenceHash>,
+    clock: u64,
+}
+
+impl HostTier {
+    /// A tier of `capacity` bytes; blocks without contents count `nominal` bytes.
+    pub fn new(capacity: usize, nominal: usize) -> Self {
+        Self {
+            capacity,
+            nominal,
+            used: 0,
+            blocks: HashMap::new(),
+            lru: BTreeMap::new(),
+            clock: 0,
+        }
+    }
+
+    fn size(&self, b: &TierBlock) -> usize {
+        if b.data.is_empty() {
+            self.nominal
+        } else {
+            b.data.len()
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.blocks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.blocks.is_empty()
+    }
+
+    /// Bytes held.
+    pub fn used(&self) -> usize {
+        self.used
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn contains(&self, hash: &SequenceHash) -> bool {
+        self.blocks.contains_key(hash)
+    }
+
+    /// How many of the leading `hashes` are held.
+    pub fn match_prefix(&self, hashes: &[SequenceHash]) -> usize {
+        hashes.iter().take_while(|h| self.contains(h)).count()
+    }
+
+    fn touch(&mut self, hash: SequenceHash) {
+        if let Some((_, stamp)) = self.blocks.get_mut(&hash) {
+            self.lru.remove(stamp);
+            self.clock += 1;
+            *stamp = self.clock;
+            self.lru.insert(self.clock, hash);
+        }
+    }
+
+    /// Holds `block` (or refreshes it when held already), evicting least recently used blocks
+    /// while over capacity. A block larger than the whole tier is not held.
+    pub fn insert(&mut self, block: TierBlock) -> TierChange {
+        let mut change = TierChange::default();
+        if self.blocks.contains_key(&block.hash) {
+            self.touch(block.hash);
+            return change;
+        }
+        let size = self.size(&block);
+        if size > self.capacity {
+            return change;
+        }
+        while self.used + size > self.capacity {
+            let Some((_, victim)) = self.lru.pop_first() else {
+                break;
+            };
+            if let Some((b, _)) = self.blocks.remove(&victim) {
+                self.used -= self.size(&b);
+                change.evicted.push(b);
+            }
+        }
+        self.clock += 1;
+        self.lru.insert(self.clock, block.hash);
+        self.used += size;
+        self.blocks.insert(block.hash, (block, self.clock));
+        change.stored = true;
+        change
+    }
+
+    /// The block of `hash`, counted as used once more and made most recent.
+    pub fn get(&mut self, hash: &SequenceHash) -> Option<&TierBlock> {
+        self.touch(*hash);
+        let (b, _) = self.blocks.get_mut(hash)?;
+        b.uses = b.uses.saturating_add(1);
+        Some(b)
+    }
+
+    /// The held blocks' identities, parents before children (for dumps).
+    pub fn identities(&self) -> Vec<(Option<SequenceHash>, SequenceHash, LocalBlockHash)> {
+        let mut v: Vec<&TierBlock> = self.blocks.values().map(|(b, _)| b).collect();
+        v.sort_by_key(|b| b.position);
+        v.into_iter().map(|b| (b.parent, b.hash, b.local)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block(h: u64, bytes: usize) -> TierBlock {
+        TierBlock {
+            hash: SequenceHash(h),
+            parent: h.checked_sub(1).map(SequenceHash),
+            local: LocalBlockHash(h),
+            position: h as u32,
+            data: vec![h as u8; bytes],
+            uses: 1,
+        }
+    }
+
+    #[test]
+    fn the_least_recently_used_block_leaves_first_within_the_capacity() {
+        let mut t = HostTier::new(300, 0);
+        for h in 0..3 {
+            assert!(t.insert(block(h, 100)).stored);
+        }
+        assert_eq!(t.used(), 300);
+        // Using block 0 makes block 1 the oldest.
+        assert_eq!(t.get(&SequenceHash(0)).unwrap().uses, 2);
+        let change = t.insert(block(3, 100));
+        assert_eq!(
+            change.evicted.iter().map(|b| b.hash.0).collect::<Vec<_>>(),
+            [1]
+        );
+        assert_eq!(t.match_prefix(&[SequenceHash(0), SequenceHash(1)]), 1);
+        // Held already: refreshed, nothing stored or evicted.
+        assert_eq!(t.insert(block(2, 100)), TierChange::default());
+        // Too big for the tier: not held, nothing evicted.
+        assert_eq!(t.insert(block(9, 400)), TierChange::default());
+        assert_eq!(t.len(), 3);
+    }
+
+    #[test]
+    fn blocks_without_contents_count_their_nominal_size() {
+        let mut t = HostTier::new(1000, 400);
+        t.insert(block(0, 0));
+        t.insert(block(1, 0));
+        assert_eq!(t.used(), 800);
+        assert_eq!(t.insert(block(2, 0)).evicted.len(), 1);
+        assert_eq!(t.identities().len(), 2);
+    }
+}
