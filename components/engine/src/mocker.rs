@@ -400,6 +400,20 @@ impl Engine for MockerEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A request for `token_ids`, generating `max_tokens` with no stop tokens.
+    fn request(token_ids: Vec<TokenId>, max_tokens: u32) -> PreprocessedRequest {
+        PreprocessedRequest {
+            token_ids,
+            sampling: SamplingOptions::default(),
+            stop: StopConditions {
+                max_tokens,
+                min_tokens: 0,
+                stop_token_ids: vec![],
+            },
+            remote_prefill: None,
+        }
+    }
     use dynamo_protocols::llm::{SamplingOptions, StopConditions};
     use futures::StreamExt;
 
@@ -423,16 +437,7 @@ mod tests {
         })
         .unwrap();
         let started = tokio::time::Instant::now();
-        let req = PreprocessedRequest {
-            token_ids: (0..100).collect(),
-            sampling: SamplingOptions::default(),
-            stop: StopConditions {
-                max_tokens: 3,
-                min_tokens: 0,
-                stop_token_ids: vec![],
-            },
-            remote_prefill: None,
-        };
+        let req = request((0..100).collect(), 3);
         let outs: Vec<_> = engine
             .generate(req, CancellationToken::new())
             .unwrap()
@@ -468,16 +473,7 @@ mod tests {
             MockerEngine::start(settings.clone()).unwrap(),
             MockerEngine::start(settings).unwrap(),
         );
-        let req = || PreprocessedRequest {
-            token_ids: (0..70).collect(),
-            sampling: SamplingOptions::default(),
-            stop: StopConditions {
-                max_tokens: 2,
-                min_tokens: 0,
-                stop_token_ids: vec![],
-            },
-            remote_prefill: None,
-        };
+        let req = || request((0..70).collect(), 2);
         let run = |e: &MockerEngine| {
             let s = e.generate(req(), CancellationToken::new()).unwrap();
             async move {
@@ -513,16 +509,7 @@ mod tests {
             MockerEngine::start(settings).unwrap(),
         );
         let prompt: Vec<TokenId> = (0..70).collect();
-        let req = PreprocessedRequest {
-            token_ids: prompt.clone(),
-            sampling: SamplingOptions::default(),
-            stop: StopConditions {
-                max_tokens: 5,
-                min_tokens: 0,
-                stop_token_ids: vec![],
-            },
-            remote_prefill: None,
-        };
+        let req = request(prompt.clone(), 5);
         let (kp, kd) = (p.kv_capability().unwrap(), d.kv_capability().unwrap());
         let (first, data) = kp
             .prefill_export(req.clone(), CancellationToken::new())
@@ -593,16 +580,7 @@ mod tests {
         })
         .unwrap();
         let mut events = e.kv().unwrap().subscribe();
-        let req = |seed: u32| PreprocessedRequest {
-            token_ids: (0..64).map(|i| i + seed * 1000).collect(),
-            sampling: SamplingOptions::default(),
-            stop: StopConditions {
-                max_tokens: 2,
-                min_tokens: 0,
-                stop_token_ids: vec![],
-            },
-            remote_prefill: None,
-        };
+        let req = |seed: u32| request((0..64).map(|i| i + seed * 1000).collect(), 2);
         let run = |r: PreprocessedRequest| {
             let s = e.generate(r, CancellationToken::new()).unwrap();
             async move {
