@@ -574,11 +574,13 @@ impl KvRouter {
                 p.push_back((Instant::now(), worker, hashes));
             }
         }
-        // The request adds the blocks it does not find cached (shared prefix blocks are
-        // already counted in the worker's active blocks while in use).
+        // The request adds the blocks it does not find in the device pool (shared prefix
+        // blocks are already counted in the worker's active blocks while in use; a prefix
+        // held in a lower tier is onboarded into new device blocks). Its prefill is what no
+        // tier holds: onboarding is a copy, not compute.
         let id = self.next_lease.fetch_add(1, Ordering::Relaxed);
         let prefill_tokens = tokens.len().saturating_sub(overlap.blocks() as usize * bs) as u64;
-        let blocks = (needed as u64).saturating_sub(overlap.blocks() as u64);
+        let blocks = (needed as u64).saturating_sub(overlap.device as u64);
         let occupied = needed as u64;
         {
             let mut acc = self.loads.entry(worker).or_default();

@@ -457,4 +457,7 @@ fn a_prefix_held_on_the_host_tier_still_attracts_the_request() {
         .unwrap();
     assert_eq!(d.worker, WorkerId(1));
     assert_eq!((d.overlap.device, d.overlap.host), (0, 4));
+    // Nothing to compute (the prefix is onboarded, not prefilled), but four new device
+    // blocks while the request runs.
+    assert_eq!(router.accounted(WorkerId(1)), (0, 4));
 }
