@@ -537,7 +537,18 @@ impl KvRouter {
             }
             let o = overlaps.get(&w).copied().unwrap_or_default();
             let pending = acc.pending_prefill_tokens() as f64 / bs as f64;
-            scored.push((w, cost(s, needed, o, pending, decode), o));
+            // A prefix held in a lower tier needs device blocks to come back into: those that
+            // would not fit beside the running requests are preempted and recomputed later, so
+            // they cost like prefill and their credit does not draw requests to a full worker.
+            let total = acc.report.total_blocks as f64;
+            let lower = (o.host + o.disk) as f64;
+            let overflow = if total > 0.0 && lower > 0.0 {
+                (decode + needed - o.device as f64 - total).clamp(0.0, lower)
+            } else {
+                0.0
+            };
+            let c = cost(s, needed, o, pending, decode) + s.overlap_weight * overflow;
+            scored.push((w, c, o));
         }
         if scored.is_empty() {
             return Err(RouteError::AllBusy(candidates.len()));

@@ -460,4 +460,30 @@ fn a_prefix_held_on_the_host_tier_still_attracts_the_request() {
     // Nothing to compute (the prefix is onboarded, not prefilled), but four new device
     // blocks while the request runs.
     assert_eq!(router.accounted(WorkerId(1)), (0, 4));
+    drop(d);
+    // Worker 1's device pool has room for 2 of the 4 blocks: bringing its host copy back
+    // would preempt running requests. Without that overflow counted, its credit would still
+    // win (cost 4 - 2 + 8 = 10 against 4 + 7 = 11); with it (+2), the others win.
+    router.record_load(
+        WorkerId(1),
+        LoadReport {
+            active_blocks: 8,
+            total_blocks: 10,
+            ..Default::default()
+        },
+    );
+    for w in [2, 3] {
+        router.record_load(
+            WorkerId(w),
+            LoadReport {
+                active_blocks: 7,
+                total_blocks: 100,
+                ..Default::default()
+            },
+        );
+    }
+    let d = router
+        .route(&[WorkerId(1), WorkerId(2), WorkerId(3)], &prompt, 16)
+        .unwrap();
+    assert_ne!(d.worker, WorkerId(1));
 }
