@@ -332,7 +332,7 @@ fn over_nats_replicas_are_supervised_processes() {
     let mut watch = dynamo_run()
         .args(["--bus", &nats.url(), "watch", "events"])
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let lines = Arc::new(Mutex::new(Vec::<String>::new()));
@@ -344,8 +344,20 @@ fn over_nats_replicas_are_supervised_processes() {
             }
         });
     }
+    // `watch` says on stderr once it is subscribed: events before that are not its to show.
+    let (subscribed, rx) = std::sync::mpsc::channel();
+    let stderr = watch.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if l.starts_with("watching ") {
+                let _ = subscribed.send(());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(30))
+        .expect("watch did not subscribe");
     let until = Instant::now() + Duration::from_secs(10);
-    let prompt: String = (0..120).map(|i| format!("word{i} ")).collect();
+    let mut round = 0;
     while !lines
         .lock()
         .unwrap()
@@ -357,6 +369,9 @@ fn over_nats_replicas_are_supervised_processes() {
             "watch showed no stored event: {:?}",
             lines.lock().unwrap()
         );
+        // A new prompt each round: a repeated one is cached and stores nothing new.
+        round += 1;
+        let prompt: String = (0..120).map(|i| format!("word{i}r{round} ")).collect();
         let body =
             serde_json::json!({"model": "tiny", "prompt": prompt, "max_tokens": 2}).to_string();
         Command::new("curl")
