@@ -73,18 +73,9 @@ fn native_worker(url: &str, ns: &str, kind: &str, route: &str, extra: &[&str]) -
     )
 }
 
-const PROMPTS: [&str; 4] = [
-    "Once upon a time in a land far away there lived a",
-    "Once upon a time in a land far away there lived a dragon who guarded a mountain of gold and never slept",
-    "a short one",
-    "Numbers: one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen",
-];
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn prefill_and_decode_processes_match_aggregated_serving_over_shm_and_tcp() {
-    let server = NatsServer::start().unwrap();
-    let url = server.url();
-    let agg = Proc::start(dynamo_run().args([
+/// The reference: the same model served aggregated, in one process.
+fn aggregated() -> Proc {
+    Proc::start(dynamo_run().args([
         "in=http",
         "out=native",
         "--model-path",
@@ -97,7 +88,21 @@ async fn prefill_and_decode_processes_match_aggregated_serving_over_shm_and_tcp(
         "127.0.0.1",
         "--http-port",
         "0",
-    ]));
+    ]))
+}
+
+const PROMPTS: [&str; 4] = [
+    "Once upon a time in a land far away there lived a",
+    "Once upon a time in a land far away there lived a dragon who guarded a mountain of gold and never slept",
+    "a short one",
+    "Numbers: one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefill_and_decode_processes_match_aggregated_serving_over_shm_and_tcp() {
+    let server = NatsServer::start().unwrap();
+    let url = server.url();
+    let agg = aggregated();
     let mut want = Vec::new();
     for p in PROMPTS {
         want.push(complete(&agg.http_base(), p).await.0);
@@ -207,20 +212,7 @@ async fn the_disagg_graph_serves_over_nats_as_processes() {
     assert!(ready.is_some(), "the graph did not get ready");
     let base = format!("http://127.0.0.1:{port}");
     until_remote(&base, "disagg.yaml").await;
-    let agg = Proc::start(dynamo_run().args([
-        "in=http",
-        "out=native",
-        "--model-path",
-        model_dir(),
-        "--model-name",
-        "tiny",
-        "--block-size",
-        "16",
-        "--http-host",
-        "127.0.0.1",
-        "--http-port",
-        "0",
-    ]));
+    let agg = aggregated();
     let prompt = "A longer story: once upon a time in a land far away there lived a dragon who \
                   guarded a mountain of gold, and every morning the villagers brought it bread, \
                   milk and songs, hoping that one day it would share a single coin with them";
