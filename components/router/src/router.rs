@@ -104,20 +104,30 @@ impl Accounting {
 }
 
 /// The cost of sending a request of `needed` blocks to a worker where `overlap` of them are
-/// cached, `pending_blocks` of prompt work wait, and `decode_blocks` are active:
-/// `overlap_weight x (uncached blocks + pending) + decode_blocks`, where device hits count 1
-/// and host and disk hits `host_credit` and `disk_credit`. Lower is better. Monotone: never
-/// lower with more load or fewer cached blocks.
+/// cached, `pending_blocks` of prompt work wait, `decode_blocks` are active and the pool has
+/// `total_blocks` (0: unknown): `overlap_weight x (uncached blocks + pending) + decode_blocks`,
+/// where device hits count 1 and host and disk hits `host_credit` and `disk_credit`. A hit in
+/// a lower tier needs a device block to come back into: those that would not fit beside the
+/// active blocks (`decode_blocks + needed - device hits - total_blocks`) would preempt running
+/// requests, so they get no credit (disk hits lose theirs first). Lower is better. Monotone:
+/// never lower with more load or fewer cached blocks.
 pub fn cost(
     s: &KvRouterSettings,
     needed: f64,
     overlap: Overlap,
     pending_blocks: f64,
     decode_blocks: f64,
+    total_blocks: f64,
 ) -> f64 {
-    let credited = overlap.device as f64
-        + s.host_credit * overlap.host as f64
-        + s.disk_credit * overlap.disk as f64;
+    let (host, disk) = (overlap.host as f64, overlap.disk as f64);
+    let overflow = if total_blocks > 0.0 {
+        (decode_blocks + needed - overlap.device as f64 - total_blocks).clamp(0.0, host + disk)
+    } else {
+        0.0
+    };
+    let disk_fits = disk - overflow.min(disk);
+    let host_fits = host - (overflow - disk).max(0.0);
+    let credited = overlap.device as f64 + s.host_credit * host_fits + s.disk_credit * disk_fits;
     s.overlap_weight * ((needed - credited).max(0.0) + pending_blocks) + decode_blocks
 }
 
@@ -537,18 +547,8 @@ impl KvRouter {
             }
             let o = overlaps.get(&w).copied().unwrap_or_default();
             let pending = acc.pending_prefill_tokens() as f64 / bs as f64;
-            // A prefix held in a lower tier needs device blocks to come back into: those that
-            // would not fit beside the running requests are preempted and recomputed later, so
-            // they cost like prefill and their credit does not draw requests to a full worker.
             let total = acc.report.total_blocks as f64;
-            let lower = (o.host + o.disk) as f64;
-            let overflow = if total > 0.0 && lower > 0.0 {
-                (decode + needed - o.device as f64 - total).clamp(0.0, lower)
-            } else {
-                0.0
-            };
-            let c = cost(s, needed, o, pending, decode) + s.overlap_weight * overflow;
-            scored.push((w, c, o));
+            scored.push((w, cost(s, needed, o, pending, decode, total), o));
         }
         if scored.is_empty() {
             return Err(RouteError::AllBusy(candidates.len()));

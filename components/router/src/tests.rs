@@ -228,11 +228,15 @@ mod properties {
             pending in 0.0f64..1e4,
             decode in 0.0f64..1e5,
             more in 0.0f64..1e4,
+            host in 0u32..512,
+            total in 0.0f64..2e3,
         ) {
-            let o = Overlap { device: device.min(needed), host: 0, disk: 0 };
-            let base = cost(&s, needed as f64, o, pending, decode);
-            prop_assert!(cost(&s, needed as f64, o, pending, decode + more) >= base);
-            prop_assert!(cost(&s, needed as f64, o, pending + more, decode) >= base);
+            let device = device.min(needed);
+            let o = Overlap { device, host: host.min(needed - device), disk: 0 };
+            let at = |pending, decode| cost(&s, needed as f64, o, pending, decode, total);
+            let base = at(pending, decode);
+            prop_assert!(at(pending, decode + more) >= base);
+            prop_assert!(at(pending + more, decode) >= base);
         }
 
         /// Fewer cached blocks never lower the cost, on any tier; a device hit is worth at
@@ -245,10 +249,11 @@ mod properties {
             fewer in 0u32..512,
             pending in 0.0f64..1e3,
             decode in 0.0f64..1e3,
+            total in 0.0f64..2e3,
         ) {
             let cached = cached.min(needed);
             let less = cached.saturating_sub(fewer);
-            let at = |device, host, disk| cost(&s, needed as f64, Overlap { device, host, disk }, pending, decode);
+            let at = |device, host, disk| cost(&s, needed as f64, Overlap { device, host, disk }, pending, decode, total);
             prop_assert!(at(less, 0, 0) >= at(cached, 0, 0));
             prop_assert!(at(0, less, 0) >= at(0, cached, 0));
             prop_assert!(at(0, 0, cached) >= at(0, cached, 0));
@@ -461,13 +466,13 @@ fn a_prefix_held_on_the_host_tier_still_attracts_the_request() {
     // blocks while the request runs.
     assert_eq!(router.accounted(WorkerId(1)), (0, 4));
     drop(d);
-    // Worker 1's device pool has room for 2 of the 4 blocks: bringing its host copy back
-    // would preempt running requests. Without that overflow counted, its credit would still
-    // win (cost 4 - 2 + 8 = 10 against 4 + 7 = 11); with it (+2), the others win.
+    // Worker 1's device pool is full: bringing its host copy back would preempt running
+    // requests. With the credit, it would still win (cost 4 - 2 + 10 = 12 against 4 + 9 =
+    // 13); without credit for blocks that do not fit (4 + 10 = 14), the others win.
     router.record_load(
         WorkerId(1),
         LoadReport {
-            active_blocks: 8,
+            active_blocks: 10,
             total_blocks: 10,
             ..Default::default()
         },
@@ -476,7 +481,7 @@ fn a_prefix_held_on_the_host_tier_still_attracts_the_request() {
         router.record_load(
             WorkerId(w),
             LoadReport {
-                active_blocks: 7,
+                active_blocks: 9,
                 total_blocks: 100,
                 ..Default::default()
             },
