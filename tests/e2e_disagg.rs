@@ -8,20 +8,8 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-
 use common::{dynamo_run, model_dir, Proc};
 use dynamo_runtime::testing::NatsServer;
-
-fn metrics(port: u16) -> String {
-    let mut conn = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut body = String::new();
-    conn.read_to_string(&mut body).unwrap();
-    body
-}
 
 /// A greedy completion: its text and the prefill worker header, if any.
 async fn complete(base: &str, prompt: &str) -> (String, Option<String>) {
@@ -73,24 +61,6 @@ fn native_worker(url: &str, ns: &str, kind: &str, route: &str, extra: &[&str]) -
     )
 }
 
-/// The reference: the same model served aggregated, in one process.
-fn aggregated() -> Proc {
-    Proc::start(dynamo_run().args([
-        "in=http",
-        "out=native",
-        "--model-path",
-        model_dir(),
-        "--model-name",
-        "tiny",
-        "--block-size",
-        "16",
-        "--http-host",
-        "127.0.0.1",
-        "--http-port",
-        "0",
-    ]))
-}
-
 const PROMPTS: [&str; 4] = [
     "Once upon a time in a land far away there lived a",
     "Once upon a time in a land far away there lived a dragon who guarded a mountain of gold and never slept",
@@ -102,7 +72,7 @@ const PROMPTS: [&str; 4] = [
 async fn prefill_and_decode_processes_match_aggregated_serving_over_shm_and_tcp() {
     let server = NatsServer::start().unwrap();
     let url = server.url();
-    let agg = aggregated();
+    let agg = common::native_server();
     let mut want = Vec::new();
     for p in PROMPTS {
         want.push(complete(&agg.http_base(), p).await.0);
@@ -157,7 +127,7 @@ async fn prefill_and_decode_processes_match_aggregated_serving_over_shm_and_tcp(
         for ((text, _), w) in concurrent.iter().zip(&reference) {
             assert_eq!(text, w, "{route}: concurrent");
         }
-        let m = metrics(port);
+        let m = common::http_get(port, "/metrics");
         let moved = m
             .lines()
             .find(|l| {
@@ -212,7 +182,7 @@ async fn the_disagg_graph_serves_over_nats_as_processes() {
     assert!(ready.is_some(), "the graph did not get ready");
     let base = format!("http://127.0.0.1:{port}");
     until_remote(&base, "disagg.yaml").await;
-    let agg = aggregated();
+    let agg = common::native_server();
     let prompt = "A longer story: once upon a time in a land far away there lived a dragon who \
                   guarded a mountain of gold, and every morning the villagers brought it bread, \
                   milk and songs, hoping that one day it would share a single coin with them";

@@ -2,8 +2,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -239,11 +237,7 @@ async fn call_echo_and_ls_work_across_processes_and_metrics_are_served() {
     assert!(stdout.contains("instances in discovery: 1"), "{stdout}");
     assert!(stdout.contains("e2e-echo"), "{stdout}");
 
-    let mut conn = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut body = String::new();
-    conn.read_to_string(&mut body).unwrap();
+    let body = common::http_get(port, "/metrics");
     assert!(body.starts_with("HTTP/1.1 200"), "{body}");
     let series = format!(
         "dynamo_runtime_requests_total{{endpoint=\"e2e.echo.generate\",instance=\"{}\"}} 1",
@@ -316,11 +310,7 @@ fn a_worker_process_health_lists_its_roles() {
         "--model-path",
         common::model_dir(),
     ]));
-    let mut conn = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    conn.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut body = String::new();
-    conn.read_to_string(&mut body).unwrap();
+    let body = common::http_get(port, "/health");
     assert!(body.starts_with("HTTP/1.1 200"), "{body}");
     let json = body.split("\r\n\r\n").nth(1).unwrap();
     let v: serde_json::Value = serde_json::from_str(json).unwrap();

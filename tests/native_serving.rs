@@ -8,25 +8,12 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{dynamo_run, model_dir, python, Proc};
+use common::{native_server, python};
 
 #[test]
 fn openai_sdk_against_the_native_engine() {
     let py = python();
-    let server = Proc::start(dynamo_run().args([
-        "in=http",
-        "out=native",
-        "--model-path",
-        model_dir(),
-        "--model-name",
-        "tiny",
-        "--block-size",
-        "16",
-        "--http-host",
-        "127.0.0.1",
-        "--http-port",
-        "0",
-    ]));
+    let server = native_server();
     let out = Command::new(py)
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/native_client.py"))
         .arg(format!("{}/v1", server.http_base()))

@@ -150,6 +150,39 @@ pub async fn eventually(what: &str, within: Duration, mut cond: impl FnMut() -> 
     }
 }
 
+/// `GET path` on a loopback port: the whole HTTP response (status line, headers, body).
+pub fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        conn,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    conn.read_to_string(&mut response).unwrap();
+    response
+}
+
+/// `dynamo-run in=http out=native` on [`model_dir`] (model `tiny`, 16-token blocks) on a free
+/// loopback port.
+pub fn native_server() -> Proc {
+    Proc::start(dynamo_run().args([
+        "in=http",
+        "out=native",
+        "--model-path",
+        model_dir(),
+        "--model-name",
+        "tiny",
+        "--block-size",
+        "16",
+        "--http-host",
+        "127.0.0.1",
+        "--http-port",
+        "0",
+    ]))
+}
+
 /// A free loopback port (bound, then released for the caller).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
