@@ -158,6 +158,15 @@ pub fn parse_bytes(s: &str) -> Result<usize> {
     Ok(bytes as usize)
 }
 
+/// A bandwidth flag in GB/s as bytes per second (`default` when unset); it must be positive.
+fn gbps(flag: &str, value: Option<f64>, default: f64) -> Result<f64> {
+    match value {
+        None => Ok(default),
+        Some(g) if g.is_finite() && g > 0.0 => Ok(g * 1e9),
+        Some(_) => bail!("{flag} must be a positive number"),
+    }
+}
+
 /// The KV router's settings (routers, and frontends routing by KV or load).
 pub fn router_settings(s: &Settings) -> Result<KvRouterSettings> {
     let d = KvRouterSettings::default();
@@ -222,27 +231,22 @@ pub fn resolve(
             stall_for: Duration::from_millis(s.mocker_stall_ms.unwrap_or(0)),
         },
         kv_bytes_per_token: s.mocker_kv_bytes_per_token.unwrap_or(md.kv_bytes_per_token),
-        transfer_bandwidth: s
-            .mocker_transfer_gbps
-            .map_or(md.transfer_bandwidth, |g| g * 1e9),
+        transfer_bandwidth: gbps(
+            "--mocker-transfer-gbps",
+            s.mocker_transfer_gbps,
+            md.transfer_bandwidth,
+        )?,
         transfer_latency: s
             .mocker_transfer_latency_ms
             .map_or(md.transfer_latency, |ms| {
                 Duration::from_secs_f64(ms.max(0.0) / 1e3)
             }),
         host_kv_cache,
-        host_bandwidth: s.mocker_host_gbps.map_or(md.host_bandwidth, |g| g * 1e9),
+        host_bandwidth: gbps("--mocker-host-gbps", s.mocker_host_gbps, md.host_bandwidth)?,
         ..Default::default()
     };
-    if s.mocker_host_gbps
-        .is_some_and(|g| !(g.is_finite() && g > 0.0))
-    {
-        bail!("--mocker-host-gbps must be a positive number");
-    }
-    if s.mocker_transfer_gbps
-        .is_some_and(|g| !(g.is_finite() && g > 0.0))
-    {
-        bail!("--mocker-transfer-gbps must be a positive number");
+    if s.mocker_kv_bytes_per_token == Some(0) {
+        bail!("--mocker-kv-bytes-per-token must be positive");
     }
     if s.mocker_transfer_latency_ms
         .is_some_and(|l| !(l.is_finite() && l >= 0.0))
@@ -549,6 +553,31 @@ mod tests {
             ..Default::default()
         })
         .contains("--http-host"));
+        assert!(bad(Settings {
+            kv_transfer: Some("udp".into()),
+            ..Default::default()
+        })
+        .contains("--kv-transfer"));
+        assert!(bad(Settings {
+            prefill_fallback: Some("retry".into()),
+            ..Default::default()
+        })
+        .contains("--prefill-fallback"));
+        assert!(bad(Settings {
+            mocker_host_gbps: Some(0.0),
+            ..Default::default()
+        })
+        .contains("--mocker-host-gbps"));
+        assert!(bad(Settings {
+            host_kv_cache: Some("lots".into()),
+            ..Default::default()
+        })
+        .contains("--host-kv-cache"));
+        assert!(bad(Settings {
+            mocker_kv_bytes_per_token: Some(0),
+            ..Default::default()
+        })
+        .contains("--mocker-kv-bytes-per-token"));
         assert!(bad(Settings {
             worker_kind: Some(WorkerKind::Prefill),
             ..Default::default()

@@ -163,8 +163,6 @@ pub type Exported = (EngineOutput, Vec<Vec<u8>>);
 
 /// An engine's block pool, as the transfer library and the offloader use it.
 ///
-/// - `lookup`: how many leading blocks of a prefix are cached (a hint: they may be evicted
-///   before an import that builds on them, which then fails whole);
 /// - `export`: the cached blocks of the leading `hashes` (in order, while cached), with
 ///   their contents;
 /// - `reserve`: takes `blocks` empty blocks now (an error if the pool cannot spare them), so a
@@ -187,8 +185,6 @@ pub trait KvCapability: Send + Sync {
     fn simulated_transfer(&self, _blocks: usize) -> Option<std::time::Duration> {
         None
     }
-    /// How many of the leading `hashes` are cached here now.
-    fn lookup(&self, hashes: Vec<SequenceHash>) -> BoxFuture<'static, Result<usize, EngineError>>;
     fn export(
         &self,
         hashes: Vec<SequenceHash>,

@@ -126,6 +126,10 @@ impl MockerSettings {
         if self.vocab.is_empty() {
             return Err("the vocabulary range is empty".into());
         }
+        if self.kv_bytes_per_token == 0 {
+            // A block's simulated size: host-tier capacity and transfer times count it.
+            return Err("kv_bytes_per_token must be positive".into());
+        }
         if matches!(self.faults.panic_at_step, Some(0))
             || matches!(self.faults.stall_at_step, Some(0))
         {

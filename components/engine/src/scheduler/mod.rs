@@ -137,10 +137,6 @@ pub trait Executor: Send + 'static {
 
 /// The KV capability's requests, handled on the scheduler ([`Scheduler::kv`]).
 pub enum KvCommand {
-    Lookup {
-        hashes: Vec<SequenceHash>,
-        reply: oneshot::Sender<usize>,
-    },
     Export {
         hashes: Vec<SequenceHash>,
         reply: oneshot::Sender<Vec<KvBlockData>>,
@@ -240,6 +236,14 @@ fn stopped() -> EngineError {
 }
 
 impl SchedulerKv {
+    /// What gives a reservation's blocks back when it is dropped unused.
+    fn releaser(&self) -> Box<dyn FnOnce(u64) + Send + Sync> {
+        let send = self.send.clone();
+        Box::new(move |id| {
+            let _ = send(KvCommand::Release(id));
+        })
+    }
+
     fn ask<T: Send + 'static>(
         &self,
         make: impl FnOnce(oneshot::Sender<T>) -> KvCommand,
@@ -270,10 +274,6 @@ impl KvCapability for SchedulerKv {
         self.simulated.as_ref().map(|f| f(blocks))
     }
 
-    fn lookup(&self, hashes: Vec<SequenceHash>) -> BoxFuture<'static, Result<usize, EngineError>> {
-        self.ask(|reply| KvCommand::Lookup { hashes, reply })
-    }
-
     fn export(
         &self,
         hashes: Vec<SequenceHash>,
@@ -283,16 +283,10 @@ impl KvCapability for SchedulerKv {
 
     fn reserve(&self, blocks: usize) -> BoxFuture<'static, Result<Reservation, EngineError>> {
         let asked = self.ask(|reply| KvCommand::Reserve { blocks, reply });
-        let send = self.send.clone();
+        let release = self.releaser();
         Box::pin(async move {
             let id = asked.await??;
-            Ok(Reservation::new(
-                id,
-                blocks,
-                Box::new(move |id| {
-                    let _ = send(KvCommand::Release(id));
-                }),
-            ))
+            Ok(Reservation::new(id, blocks, release))
         })
     }
 
@@ -355,12 +349,9 @@ impl KvCapability for SchedulerKv {
             total,
             reply,
         });
-        let send = self.send.clone();
+        let release = self.releaser();
         Box::pin(async move {
             let (id, cached) = asked.await??;
-            let release: Box<dyn FnOnce(u64) + Send + Sync> = Box::new(move |id| {
-                let _ = send(KvCommand::Release(id));
-            });
             Ok((Reservation::new(id, total, release), cached))
         })
     }
@@ -702,9 +693,6 @@ impl<E: Executor> Scheduler<E> {
     /// Handles a KV capability request (see [`KvCapability`]).
     pub fn kv(&mut self, cmd: KvCommand) {
         match cmd {
-            KvCommand::Lookup { hashes, reply } => {
-                let _ = reply.send(self.pool.match_prefix(&hashes));
-            }
             KvCommand::Export { hashes, reply } => {
                 let mut out = Vec::new();
                 let blocks = self.pool.acquire_prefix(&hashes);
