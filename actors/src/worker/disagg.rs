@@ -249,7 +249,6 @@ impl Disagg {
             tcp_connections: 4,
             timeout: settings.transfer_timeout,
         })
-        .await
         .map_err(|e| format!("cannot start the KV transfer agent: {e}"))?;
         let staging = match (decode, layout) {
             (true, Some(layout)) if settings.staging_blocks > 0 => {

@@ -106,7 +106,7 @@ impl Drop for Blast {
     }
 }
 
-async fn agents(route: Route) -> (Agent, Agent) {
+fn agents(route: Route) -> (Agent, Agent) {
     let settings = || AgentSettings {
         name: "bench".into(),
         tcp_listen: Some("127.0.0.1:0".parse().unwrap()),
@@ -115,8 +115,8 @@ async fn agents(route: Route) -> (Agent, Agent) {
         timeout: Duration::from_secs(60),
     };
     (
-        Agent::start(settings()).await.unwrap(),
-        Agent::start(settings()).await.unwrap(),
+        Agent::start(settings()).unwrap(),
+        Agent::start(settings()).unwrap(),
     )
 }
 
@@ -134,7 +134,7 @@ struct Transfer {
 
 impl Transfer {
     async fn new(route: Route, blocks: usize) -> Self {
-        let (a, b) = agents(route).await;
+        let (a, b) = agents(route);
         let src = a.register(LAYOUT, blocks).unwrap();
         let dst = b.register(LAYOUT, blocks).unwrap();
         src.write(0, &vec![5u8; src.len()]).unwrap();
@@ -167,7 +167,7 @@ impl Transfer {
 }
 
 async fn latency(route: Route) -> (Duration, Duration) {
-    let (a, b) = agents(route).await;
+    let (a, b) = agents(route);
     let src = a.register(LAYOUT, 1).unwrap();
     let dst = b.register(LAYOUT, 1).unwrap();
     let meta = b.metadata();

@@ -200,9 +200,8 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts an agent (and its TCP listener, if asked for).
-    pub async fn start(settings: AgentSettings) -> Result<Self, TransferError> {
-        // (async for callers; binding and the listener thread are synchronous)
+    /// Starts an agent (and its TCP listener thread, if asked for).
+    pub fn start(settings: AgentSettings) -> Result<Self, TransferError> {
         let id = AgentId(rand::random());
         let listener = match settings.tcp_listen {
             Some(addr) => Some(std::net::TcpListener::bind(addr).map_err(|e| {

@@ -17,7 +17,7 @@ const LAYOUT: Layout = Layout {
     dtype: Dtype::F32,
 };
 
-async fn agent(route: Route) -> Agent {
+fn agent(route: Route) -> Agent {
     Agent::start(AgentSettings {
         name: "test".into(),
         tcp_listen: Some("127.0.0.1:0".parse().unwrap()),
@@ -25,7 +25,6 @@ async fn agent(route: Route) -> Agent {
         tcp_connections: 3,
         timeout: Duration::from_secs(5),
     })
-    .await
     .unwrap()
 }
 
@@ -34,7 +33,7 @@ fn pattern(seed: u8, n: usize) -> Vec<u8> {
 }
 
 async fn round_trip(route: Route, expect: Backend) {
-    let (a, b) = (agent(route).await, agent(route).await);
+    let (a, b) = (agent(route), agent(route));
     let bb = LAYOUT.block_bytes();
     let src = a.register(LAYOUT, 8).unwrap();
     let dst = b.register(LAYOUT, 8).unwrap();
@@ -98,7 +97,7 @@ async fn a_large_write_is_cut_into_pieces_over_several_connections() {
         block_size: 1024,
         dtype: Dtype::F32,
     }; // 8 MiB blocks: two pieces each
-    let (a, b) = (agent(Route::Tcp).await, agent(Route::Tcp).await);
+    let (a, b) = (agent(Route::Tcp), agent(Route::Tcp));
     let src = a.register(big, 3).unwrap();
     let dst = b.register(big, 3).unwrap();
     let data = pattern(7, 3 * big.block_bytes());
@@ -126,7 +125,7 @@ async fn a_large_write_is_cut_into_pieces_over_several_connections() {
 }
 
 async fn refused(route: Route) {
-    let (a, b) = (agent(route).await, agent(route).await);
+    let (a, b) = (agent(route), agent(route));
     let bb = LAYOUT.block_bytes();
     let dst = b.register(LAYOUT, 2).unwrap();
     let meta = b.metadata();
@@ -236,9 +235,8 @@ async fn a_dropped_agent_is_peer_gone_and_a_silent_one_times_out() {
         timeout: Duration::from_millis(300),
         ..Default::default()
     })
-    .await
     .unwrap();
-    let b = agent(Route::Tcp).await;
+    let b = agent(Route::Tcp);
     let dst = b.register(LAYOUT, 1).unwrap();
     let mut meta = b.metadata();
     let op = || {
@@ -268,7 +266,7 @@ async fn a_dropped_agent_is_peer_gone_and_a_silent_one_times_out() {
     assert_eq!(r, Err(TransferError::Timeout(Duration::from_millis(300))));
     hold.abort();
     // In process: a dropped agent is gone at once.
-    let (c, d) = (agent(Route::Auto).await, agent(Route::Auto).await);
+    let (c, d) = (agent(Route::Auto), agent(Route::Auto));
     let r2 = d.register(LAYOUT, 1).unwrap();
     let meta = d.metadata();
     drop(d);
