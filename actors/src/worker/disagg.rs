@@ -629,3 +629,52 @@ impl Disagg {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Slots lent to a prefill worker that did not answer stay out of use until its write
+    /// deadline: a late write must never land in memory lent to another request. Slots of an
+    /// answered prefill come back at once.
+    #[tokio::test]
+    async fn unanswered_slots_stay_lent_until_the_write_deadline() {
+        let agent = Agent::start(AgentSettings::default()).unwrap();
+        let layout = Layout {
+            layers: 1,
+            kv_heads: 1,
+            head_dim: 4,
+            block_size: 2,
+            dtype: Dtype::F32,
+        };
+        let staging = Arc::new(Staging {
+            region: agent.register(layout, 4).unwrap(),
+            free: Mutex::new((0..4).collect()),
+        });
+        let free = || staging.free.lock().unwrap().len();
+        let take = |n: usize, hold: Option<Duration>| {
+            let mut f = staging.free.lock().unwrap();
+            let at = f.len() - n;
+            Slots {
+                staging: staging.clone(),
+                slots: f.split_off(at),
+                hold_until: hold.map(|h| Instant::now() + h),
+            }
+        };
+        drop(take(2, None));
+        assert_eq!(free(), 4, "an answered prefill's slots are free at once");
+        let hold = Duration::from_millis(100);
+        let dropped = Instant::now();
+        drop(take(3, Some(hold)));
+        assert_eq!(free(), 1, "held past the drop");
+        // The deadline is the event: poll the free list until it is back, then check when.
+        while free() < 4 {
+            assert!(
+                dropped.elapsed() < Duration::from_secs(10),
+                "never given back"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(dropped.elapsed() >= hold, "given back before the deadline");
+    }
+}
