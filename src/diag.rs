@@ -16,9 +16,9 @@ pub async fn serve_echo(runtime: &Runtime, component: ComponentId) -> Result<()>
     let instance = runtime.component(component, serde_json::json!({})).await?;
     let role = EchoRole::start(&instance).await?;
     let ep = role.served().endpoint().clone();
+    dynamo_runtime::telemetry::mark_ready();
     println!("ready endpoint={ep} instance={}", instance.id());
     std::io::stdout().flush()?;
-    dynamo_runtime::telemetry::mark_ready();
     let stop = runtime.shutdown_token();
     let signal = tokio::select! {
         s = dynamo_runtime::shutdown_signal() => s,

@@ -294,9 +294,9 @@ pub async fn run_router(
         Started::Router { instance } => instance,
         _ => unreachable!("a router spec starts a router"),
     };
+    dynamo_runtime::telemetry::mark_ready();
     println!("ready endpoint={namespace}.router.route instance={instance}");
     std::io::stdout().flush()?;
-    dynamo_runtime::telemetry::mark_ready();
     let signal = wait_for_stop(runtime).await;
     eprintln!("{signal}: stopping the router");
     sup.shutdown(runtime.settings().shutdown_grace).await;
@@ -333,9 +333,9 @@ pub async fn run(runtime: &Runtime, s: LaunchSettings) -> Result<()> {
                 return Err(e);
             }
         };
+        dynamo_runtime::telemetry::mark_ready();
         println!("ready endpoint={ep} model={name} instance={}", instances[0]);
         std::io::stdout().flush()?;
-        dynamo_runtime::telemetry::mark_ready();
         if let Some(after) = s.drop_bus_after {
             let bus = runtime.bus().clone();
             tokio::spawn(async move {
@@ -400,6 +400,7 @@ async fn serve_frontend(
     match &s.input {
         Input::Http => {
             let addr = addr.expect("http input binds");
+            dynamo_runtime::telemetry::mark_ready();
             match &model {
                 Some(m) => println!(
                     "ready: model {m} at http://{addr}/v1 (on the {} bus)",
@@ -408,7 +409,6 @@ async fn serve_frontend(
                 None => println!("ready: http://{addr}/v1, models from workers on the bus"),
             }
             std::io::stdout().flush()?;
-            dynamo_runtime::telemetry::mark_ready();
             let signal = wait_for_stop(runtime).await;
             eprintln!("{signal}: shutting down");
             Ok(())

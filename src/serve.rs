@@ -41,6 +41,7 @@ pub async fn embedded(runtime: &Runtime, g: &Graph) -> Result<()> {
             return Err(e);
         }
     };
+    dynamo_runtime::telemetry::mark_ready();
     println!(
         "ready: graph {} ({} components) on the embedded bus",
         g.file.display(),
@@ -53,7 +54,6 @@ pub async fn embedded(runtime: &Runtime, g: &Graph) -> Result<()> {
             "try:\n  curl -s {base}/v1/chat/completions -H 'content-type: application/json' \\\n    -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}], \"max_tokens\": 20}}'\n  curl -s {base}/health     # the {n} worker instance(s) serving {model}\n  curl -s {base}/metrics    # Prometheus series of every role in this process\nCtrl-C stops the graph."
         );
     }
-    dynamo_runtime::telemetry::mark_ready();
     let signal = launch::wait_for_stop(runtime).await;
     eprintln!("{signal}: stopping in reverse dependency order");
     sup.shutdown(grace).await;
@@ -299,12 +299,12 @@ pub async fn supervised(runtime: &Runtime, g: &Graph, bus: &str, only: Option<&s
     }
     .await;
     if result.is_ok() {
+        dynamo_runtime::telemetry::mark_ready();
         println!(
             "ready: graph {} ({processes} processes) on {bus}",
             g.file.display()
         );
         std::io::stdout().flush()?;
-        dynamo_runtime::telemetry::mark_ready();
         let signal = launch::wait_for_stop(runtime).await;
         eprintln!("{signal}: stopping in reverse dependency order");
     }

@@ -84,7 +84,8 @@ pub fn health_checks() -> (bool, Vec<serde_json::Value>) {
 }
 
 /// The process serves what it is for (its roles started): `/health` answers 200 from now on,
-/// as long as every registered [`HealthCheck`] passes.
+/// as long as every registered [`HealthCheck`] passes. Call it before announcing readiness
+/// (a `ready` line): a probe that follows the announcement must not see `starting`.
 pub fn mark_ready() {
     READY.store(true, Ordering::Relaxed);
 }
