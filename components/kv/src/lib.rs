@@ -4,14 +4,17 @@
 //! - [`pool`]: the paged block pool with reference counts, prefix caching, LRU eviction of
 //!   unreferenced cached blocks, and the KV events every change of cached content emits;
 //! - [`index`]: the global prefix index a router keeps from every worker's events;
-//! - [`tier`]: a lower tier (host RAM) below the device pool, LRU within a byte capacity.
+//! - [`tier`]: a lower tier (host RAM) below the device pool, LRU within a byte capacity;
+//! - [`disk`]: the tier below it, one checksummed file per block, surviving restarts.
 #![forbid(unsafe_code)]
 
+pub mod disk;
 pub mod hash;
 pub mod index;
 pub mod pool;
 pub mod tier;
 
+pub use disk::{DiskChange, DiskCounts, DiskError, DiskSettings, DiskTier};
 pub use hash::{block_hashes, hash_block, sequence_hash, SEED};
 pub use index::{ApplyStats, IndexSettings, KvIndex, Overlap, OverlapMap};
 pub use pool::{BlockId, BlockPool, Evicted, PoolError};
