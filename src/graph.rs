@@ -90,6 +90,10 @@ const WORKER_KEYS: &[&str] = &[
     "dtype",
     "host_kv_cache",
     "mocker_host_gbps",
+    "disk_kv_cache",
+    "disk_kv_dir",
+    "mocker_disk_gbps",
+    "mocker_disk_latency_ms",
     "mocker_transfer_gbps",
     "mocker_transfer_latency_ms",
     "mocker_kv_bytes_per_token",
@@ -627,8 +631,14 @@ impl Component {
             Launch::Process {
                 input,
                 output,
-                settings,
+                mut settings,
             } => {
+                if self.replicas > 1 {
+                    // Each replica its own disk tier (see `launch::own_disk_dir`).
+                    if let Some(d) = settings.disk_kv_dir.as_mut() {
+                        d.push(format!("worker-{replica}"));
+                    }
+                }
                 a.push(format!("in={input}"));
                 a.push(format!("out={output}"));
                 a.extend(to_flags(&settings));

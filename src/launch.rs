@@ -219,6 +219,22 @@ pub(crate) fn progress(what: &str, done: usize, total: usize) {
     }
 }
 
+/// Worker `index` of `n` sharing one disk KV directory gets its own subdirectory
+/// `worker-{index}` (a tier's directory is locked by its worker; the same index finds it
+/// again after a restart).
+pub(crate) fn own_disk_dir(s: &LaunchSettings, index: usize, n: usize) -> LaunchSettings {
+    let mut s = s.clone();
+    if n > 1 {
+        let sub = format!("worker-{index}");
+        for dir in [&mut s.mocker.disk_kv_dir, &mut s.native.disk_kv_dir] {
+            if let Some(d) = dir.as_mut() {
+                d.push(&sub);
+            }
+        }
+    }
+    s
+}
+
 /// Starts `n` worker roles `{name}-{i}` on `endpoint` under `sup`, each its own instance.
 /// Each restarts its engine with the same settings should the engine fail. Returns their
 /// instances and the model's name.
@@ -230,9 +246,11 @@ pub(crate) async fn start_workers(
     name: &str,
 ) -> Result<(Vec<InstanceId>, String)> {
     let (folder, model, pre) = model(s)?;
-    let shared = Arc::new(s.clone());
     let mut instances = Vec::new();
     for index in 0..n {
+        let own = own_disk_dir(s, index, n);
+        let s = &own;
+        let shared = Arc::new(own.clone());
         let vocab = pre.ordinary_tokens();
         // The first engine sizes the card (a native engine's blocks depend on its layout).
         let (first, block_size, blocks) = engine(s, vocab.clone(), index).await?;

@@ -160,6 +160,21 @@ struct LaunchArgs {
     /// Mocker: simulated host-to-device bandwidth for onboarding, in GB/s. [default: 25]
     #[arg(long, value_name = "GBPS", env = "DYN_MOCKER_HOST_GBPS")]
     mocker_host_gbps: Option<f64>,
+    /// Disk tier below the host tier (mocker, native), e.g. 100GiB, in --disk-kv-dir: blocks
+    /// leaving the host tier that three requests used are written there (one checksummed
+    /// file each) and survive a restart. [default: none]
+    #[arg(long, value_name = "SIZE", env = "DYN_DISK_KV_CACHE")]
+    disk_kv_cache: Option<String>,
+    /// The disk tier's directory (created if missing; one per worker, locked while in use;
+    /// several workers of one process or graph component each get a subdirectory worker-N).
+    #[arg(long, value_name = "DIR", env = "DYN_DISK_KV_DIR")]
+    disk_kv_dir: Option<PathBuf>,
+    /// Mocker: simulated disk read bandwidth for onboarding, in GB/s. [default: 3]
+    #[arg(long, value_name = "GBPS", env = "DYN_MOCKER_DISK_GBPS")]
+    mocker_disk_gbps: Option<f64>,
+    /// Mocker: simulated latency of one disk read for onboarding. [default: 0.2]
+    #[arg(long, value_name = "MS", env = "DYN_MOCKER_DISK_LATENCY_MS")]
+    mocker_disk_latency_ms: Option<f64>,
     /// Mocker, disaggregated: simulated KV link bandwidth in GB/s. [default: 25]
     #[arg(long, value_name = "GBPS", env = "DYN_MOCKER_TRANSFER_GBPS")]
     mocker_transfer_gbps: Option<f64>,
@@ -220,6 +235,10 @@ impl LaunchArgs {
             mocker_drop_bus_after_ms: self.mocker_drop_bus_after_ms,
             host_kv_cache: self.host_kv_cache.clone(),
             mocker_host_gbps: self.mocker_host_gbps,
+            disk_kv_cache: self.disk_kv_cache.clone(),
+            disk_kv_dir: self.disk_kv_dir.clone(),
+            mocker_disk_gbps: self.mocker_disk_gbps,
+            mocker_disk_latency_ms: self.mocker_disk_latency_ms,
             mocker_transfer_gbps: self.mocker_transfer_gbps,
             mocker_transfer_latency_ms: self.mocker_transfer_latency_ms,
             mocker_kv_bytes_per_token: self.mocker_kv_bytes_per_token,

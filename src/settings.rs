@@ -62,6 +62,10 @@ pub struct Settings {
     pub mocker_kv_bytes_per_token: Option<u64>,
     pub host_kv_cache: Option<String>,
     pub mocker_host_gbps: Option<f64>,
+    pub disk_kv_cache: Option<String>,
+    pub disk_kv_dir: Option<PathBuf>,
+    pub mocker_disk_gbps: Option<f64>,
+    pub mocker_disk_latency_ms: Option<f64>,
     pub kv_transfer: Option<String>,
     pub kv_transfer_listen: Option<String>,
     pub kv_staging_blocks: Option<usize>,
@@ -218,6 +222,17 @@ pub fn resolve(
         Some(size) => parse_bytes(size).with_context(|| format!("--host-kv-cache {size:?}"))?,
         None => 0,
     };
+    let disk_kv_cache = match s.disk_kv_cache.as_deref() {
+        Some(size) => parse_bytes(size).with_context(|| format!("--disk-kv-cache {size:?}"))?,
+        None => 0,
+    };
+    dynamo_engine::scheduler::check_disk(disk_kv_cache, s.disk_kv_dir.as_deref())
+        .map_err(|e| anyhow::anyhow!(e))?;
+    if s.mocker_disk_latency_ms
+        .is_some_and(|l| !(l.is_finite() && l >= 0.0))
+    {
+        bail!("--mocker-disk-latency-ms must be a number >= 0");
+    }
     let mocker = MockerSettings {
         num_gpu_blocks: s.num_gpu_blocks.unwrap_or(md.num_gpu_blocks),
         block_size,
@@ -243,6 +258,12 @@ pub fn resolve(
             }),
         host_kv_cache,
         host_bandwidth: gbps("--mocker-host-gbps", s.mocker_host_gbps, md.host_bandwidth)?,
+        disk_kv_cache,
+        disk_kv_dir: s.disk_kv_dir.clone(),
+        disk_bandwidth: gbps("--mocker-disk-gbps", s.mocker_disk_gbps, md.disk_bandwidth)?,
+        disk_latency: s.mocker_disk_latency_ms.map_or(md.disk_latency, |ms| {
+            Duration::from_secs_f64(ms.max(0.0) / 1e3)
+        }),
         ..Default::default()
     };
     if s.mocker_kv_bytes_per_token == Some(0) {
@@ -311,6 +332,8 @@ pub fn resolve(
         max_num_seqs,
         max_num_batched_tokens,
         host_kv_cache,
+        disk_kv_cache,
+        disk_kv_dir: s.disk_kv_dir.clone(),
         ..Default::default()
     };
     let router_mode: RouterMode = match &s.router_mode {
@@ -573,6 +596,21 @@ mod tests {
             ..Default::default()
         })
         .contains("--host-kv-cache"));
+        assert!(bad(Settings {
+            disk_kv_cache: Some("1GiB".into()),
+            ..Default::default()
+        })
+        .contains("--disk-kv-dir"));
+        assert!(bad(Settings {
+            disk_kv_dir: Some("/tmp/kv".into()),
+            ..Default::default()
+        })
+        .contains("--disk-kv-cache"));
+        assert!(bad(Settings {
+            mocker_disk_gbps: Some(-1.0),
+            ..Default::default()
+        })
+        .contains("--mocker-disk-gbps"));
         assert!(bad(Settings {
             mocker_kv_bytes_per_token: Some(0),
             ..Default::default()

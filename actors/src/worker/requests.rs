@@ -314,49 +314,135 @@ pub(super) fn card_metadata(
 /// A worker's lower-tier series, from its engine's [`TierReport`] (counts since the engine
 /// started: a restarted engine resets them, which Prometheus reads as a counter reset).
 struct TierMetrics {
-    host_blocks: metrics::Gauge,
-    host_bytes: metrics::Gauge,
-    offloaded_blocks: metrics::Counter,
-    offloaded_bytes: metrics::Counter,
-    dropped: metrics::Counter,
-    host_evicted: metrics::Counter,
-    onboarded: metrics::Counter,
-    declined: metrics::Counter,
+    gauges: Vec<(metrics::Gauge, fn(&TierReport) -> u64)>,
+    counters: Vec<(metrics::Counter, fn(&TierReport) -> u64)>,
+    /// Counters are whole numbers: the onboards' time in microseconds.
+    onboard_micros: metrics::Counter,
 }
+
+use dynamo_protocols::kv::TierReport;
 
 impl TierMetrics {
     fn new(id: &str) -> Self {
-        let i = || ("instance", id.to_string());
-        let host = || ("tier", "host".to_string());
+        let labels = |pairs: &[(&'static str, &'static str)]| {
+            let mut v = vec![("instance", id.to_string())];
+            v.extend(pairs.iter().map(|(k, val)| (*k, val.to_string())));
+            v
+        };
+        let host = [("tier", "host")];
+        let disk = [("tier", "disk")];
+        let gauge = |name: &'static str, l: &[(&'static str, &'static str)]| {
+            metrics::gauge!(name, &labels(l))
+        };
+        let counter = |name: &'static str, l: &[(&'static str, &'static str)]| {
+            metrics::counter!(name, &labels(l))
+        };
+        let gauges: Vec<(metrics::Gauge, fn(&TierReport) -> u64)> = vec![
+            (gauge("dynamo_worker_kv_tier_blocks", &host), |t| {
+                t.host_blocks
+            }),
+            (gauge("dynamo_worker_kv_tier_bytes", &host), |t| {
+                t.host_bytes
+            }),
+            (gauge("dynamo_worker_kv_tier_blocks", &disk), |t| {
+                t.disk_blocks
+            }),
+            (gauge("dynamo_worker_kv_tier_bytes", &disk), |t| {
+                t.disk_bytes
+            }),
+            (gauge("dynamo_worker_kv_tier_unusable", &disk), |t| {
+                t.disk_unusable
+            }),
+        ];
+        let dropped = "dynamo_worker_kv_offload_dropped_total";
+        let refused = "dynamo_worker_kv_refused_blocks_total";
+        let hits = "dynamo_worker_kv_hit_tokens_total";
+        let counters: Vec<(metrics::Counter, fn(&TierReport) -> u64)> = vec![
+            (
+                counter("dynamo_worker_kv_offloaded_blocks_total", &host),
+                |t| t.offloaded_blocks,
+            ),
+            (
+                counter("dynamo_worker_kv_offloaded_bytes_total", &host),
+                |t| t.offloaded_bytes,
+            ),
+            (
+                counter("dynamo_worker_kv_offloaded_blocks_total", &disk),
+                |t| t.disk_offloaded_blocks,
+            ),
+            (
+                counter("dynamo_worker_kv_offloaded_bytes_total", &disk),
+                |t| t.disk_offloaded_bytes,
+            ),
+            (
+                counter(dropped, &[host[0], ("reason", "queue_full")]),
+                |t| t.offload_dropped,
+            ),
+            (
+                counter(dropped, &[disk[0], ("reason", "queue_full")]),
+                |t| t.disk_dropped,
+            ),
+            (counter(dropped, &[disk[0], ("reason", "filtered")]), |t| {
+                t.disk_filtered
+            }),
+            (
+                counter(dropped, &[disk[0], ("reason", "write_error")]),
+                |t| t.disk_write_errors,
+            ),
+            (counter("dynamo_worker_kv_tier_evicted_total", &host), |t| {
+                t.host_evicted
+            }),
+            (counter("dynamo_worker_kv_tier_evicted_total", &disk), |t| {
+                t.disk_evicted
+            }),
+            (
+                counter("dynamo_worker_kv_onboarded_blocks_total", &host),
+                |t| t.onboarded_blocks,
+            ),
+            (
+                counter("dynamo_worker_kv_onboarded_blocks_total", &disk),
+                |t| t.disk_onboarded_blocks,
+            ),
+            (
+                counter("dynamo_worker_kv_onboard_declined_total", &[]),
+                |t| t.onboard_declined,
+            ),
+            (counter("dynamo_worker_kv_onboards_total", &[]), |t| {
+                t.onboards
+            }),
+            (counter(refused, &[disk[0], ("reason", "corrupt")]), |t| {
+                t.disk_corrupt
+            }),
+            (counter(refused, &[disk[0], ("reason", "foreign")]), |t| {
+                t.disk_foreign
+            }),
+            (
+                counter("dynamo_worker_kv_recovered_blocks_total", &disk),
+                |t| t.disk_recovered,
+            ),
+            (counter("dynamo_worker_kv_prompt_tokens_total", &[]), |t| {
+                t.prompt_tokens
+            }),
+            (counter(hits, &[("tier", "device")]), |t| {
+                t.device_hit_tokens
+            }),
+            (counter(hits, &host), |t| t.host_hit_tokens),
+            (counter(hits, &disk), |t| t.disk_hit_tokens),
+        ];
         Self {
-            host_blocks: metrics::gauge!("dynamo_worker_kv_tier_blocks", &[i(), host()]),
-            host_bytes: metrics::gauge!("dynamo_worker_kv_tier_bytes", &[i(), host()]),
-            offloaded_blocks: metrics::counter!(
-                "dynamo_worker_kv_offloaded_blocks_total",
-                &[i(), host()]
-            ),
-            offloaded_bytes: metrics::counter!(
-                "dynamo_worker_kv_offloaded_bytes_total",
-                &[i(), host()]
-            ),
-            dropped: metrics::counter!(
-                "dynamo_worker_kv_offload_dropped_total",
-                &[i(), ("reason", "queue_full".to_string())]
-            ),
-            host_evicted: metrics::counter!("dynamo_worker_kv_tier_evicted_total", &[i(), host()]),
-            onboarded: metrics::counter!("dynamo_worker_kv_onboarded_blocks_total", &[i(), host()]),
-            declined: metrics::counter!("dynamo_worker_kv_onboard_declined_total", &[i(), host()]),
+            gauges,
+            counters,
+            onboard_micros: counter("dynamo_worker_kv_onboard_microseconds_total", &[]),
         }
     }
 
-    fn record(&self, t: &dynamo_protocols::kv::TierReport) {
-        self.host_blocks.set(t.host_blocks as f64);
-        self.host_bytes.set(t.host_bytes as f64);
-        self.offloaded_blocks.absolute(t.offloaded_blocks);
-        self.offloaded_bytes.absolute(t.offloaded_bytes);
-        self.dropped.absolute(t.offload_dropped);
-        self.host_evicted.absolute(t.host_evicted);
-        self.onboarded.absolute(t.onboarded_blocks);
-        self.declined.absolute(t.onboard_declined);
+    fn record(&self, t: &TierReport) {
+        for (g, get) in &self.gauges {
+            g.set(get(t) as f64);
+        }
+        for (c, get) in &self.counters {
+            c.absolute(get(t));
+        }
+        self.onboard_micros.absolute(t.onboard_micros);
     }
 }

@@ -32,8 +32,8 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::scheduler::{
-    forward_dumps, submit, Executor, KvCommand, OutputSender, Scheduler, SchedulerKv,
-    SchedulerSettings, StepBatch, StepResult, COMMAND_QUEUE,
+    check_disk, copy_time, fingerprint, forward_dumps, submit, Executor, KvCommand, OutputSender,
+    Scheduler, SchedulerKv, SchedulerSettings, StepBatch, StepResult, COMMAND_QUEUE,
 };
 use crate::{
     panic_message, Engine, EngineError, EngineState, EngineStream, KvCapability, KvHandle,
@@ -65,6 +65,13 @@ pub struct MockerSettings {
     /// beats the perf model's prefill time for the same tokens.
     pub host_kv_cache: usize,
     pub host_bandwidth: f64,
+    /// Disk KV tier below the host tier: capacity in bytes (0: none) and directory (real
+    /// files, header only: a simulated block has no contents). Onboarding from it costs
+    /// `disk_latency` plus the bytes over `disk_bandwidth` (NVMe-like).
+    pub disk_kv_cache: usize,
+    pub disk_kv_dir: Option<std::path::PathBuf>,
+    pub disk_bandwidth: f64,
+    pub disk_latency: Duration,
 }
 
 /// Faults to inject (see the module header); all off by default.
@@ -92,6 +99,10 @@ impl Default for MockerSettings {
             transfer_latency: Duration::from_millis(1),
             host_kv_cache: 0,
             host_bandwidth: 25e9,
+            disk_kv_cache: 0,
+            disk_kv_dir: None,
+            disk_bandwidth: 3e9,
+            disk_latency: Duration::from_micros(200),
         }
     }
 }
@@ -108,6 +119,23 @@ impl MockerSettings {
         move |blocks| {
             (latency + Duration::from_secs_f64(blocks as f64 * per_block / bw)).div_f64(speedup)
         }
+    }
+
+    /// The disk tier's settings, when one is configured. Files are marked with the simulated
+    /// layout (block size, bytes per token), so a directory is reused only by a mocker of the
+    /// same shape.
+    fn disk_tier(&self) -> Option<dynamo_kv::DiskSettings> {
+        let dir = self.disk_kv_dir.clone()?;
+        (self.disk_kv_cache > 0).then(|| dynamo_kv::DiskSettings {
+            dir,
+            capacity: self.disk_kv_cache,
+            fingerprint: fingerprint(&[
+                b"mocker",
+                &(self.block_size as u64).to_le_bytes(),
+                &self.kv_bytes_per_token.to_le_bytes(),
+            ]),
+            nominal: self.block_size * self.kv_bytes_per_token as usize,
+        })
     }
 
     pub fn validate(&self) -> Result<(), String> {
@@ -129,6 +157,13 @@ impl MockerSettings {
         if self.kv_bytes_per_token == 0 {
             // A block's simulated size: host-tier capacity and transfer times count it.
             return Err("kv_bytes_per_token must be positive".into());
+        }
+        check_disk(self.disk_kv_cache, self.disk_kv_dir.as_deref())?;
+        if !(self.disk_bandwidth.is_finite() && self.disk_bandwidth > 0.0) {
+            return Err(format!(
+                "disk_bandwidth {} must be a positive number",
+                self.disk_bandwidth
+            ));
         }
         if matches!(self.faults.panic_at_step, Some(0))
             || matches!(self.faults.stall_at_step, Some(0))
@@ -158,9 +193,11 @@ struct Simulated {
     state: u64,
     faults: MockerFaults,
     steps: u64,
-    /// Simulated bytes of one block, and the host tier's bandwidth (onboarding).
+    /// Simulated bytes of one block, and the lower tiers' links (onboarding).
     block_bytes: usize,
     host_bandwidth: f64,
+    disk_bandwidth: f64,
+    disk_latency: Duration,
     /// Onboarding time charged to the next step.
     charge: Duration,
 }
@@ -180,16 +217,21 @@ impl Executor for Simulated {
         self.block_bytes
     }
 
-    /// Onboard when moving the blocks over the host link is faster than the perf model's
-    /// prefill of the same tokens; the copy's time is charged to the next step.
-    fn onboard(&mut self, blocks: usize, tokens: usize) -> bool {
-        let copy = (blocks * self.block_bytes) as f64 / self.host_bandwidth.max(1.0);
-        let compute = prefill_ms(tokens as f64) / 1e3;
-        if copy >= compute {
-            return false;
+    /// Onboard when moving the blocks over the host link (and the disk's) is faster than
+    /// the perf model's prefill of the same tokens; the copy's time is charged to the next
+    /// step.
+    fn onboard(&mut self, host: usize, disk: usize, tokens: usize) -> Option<Duration> {
+        let mut copy = copy_time(host * self.block_bytes, self.host_bandwidth);
+        if disk > 0 {
+            copy += self.disk_latency + copy_time(disk * self.block_bytes, self.disk_bandwidth);
         }
-        self.charge += Duration::from_secs_f64(copy / self.speedup);
-        true
+        let compute = Duration::from_secs_f64(prefill_ms(tokens as f64) / 1e3);
+        if copy >= compute {
+            return None;
+        }
+        let copy = copy.div_f64(self.speedup);
+        self.charge += copy;
+        Some(copy)
     }
 
     fn execute(&mut self, batch: &StepBatch<'_>) -> StepResult {
@@ -244,6 +286,8 @@ enum Command {
     },
     Dump(oneshot::Sender<KvDump>),
     Kv(KvCommand),
+    /// The disk offloader has events to publish.
+    Wake,
 }
 
 /// A running mocker: its scheduler task and the channels to it.
@@ -262,6 +306,7 @@ impl MockerEngine {
         let scheduler = Scheduler::new(
             SchedulerSettings {
                 host_tier_bytes: settings.host_kv_cache,
+                disk: settings.disk_tier(),
                 ..SchedulerSettings::new(
                     settings.num_gpu_blocks,
                     settings.block_size,
@@ -277,10 +322,18 @@ impl MockerEngine {
                 steps: 0,
                 block_bytes: settings.block_size * settings.kv_bytes_per_token as usize,
                 host_bandwidth: settings.host_bandwidth,
+                disk_bandwidth: settings.disk_bandwidth,
+                disk_latency: settings.disk_latency,
                 charge: Duration::ZERO,
             },
         );
         let (commands, rx) = mpsc::channel(COMMAND_QUEUE);
+        let weak = commands.downgrade();
+        scheduler.set_waker(Arc::new(move || {
+            if let Some(tx) = weak.upgrade() {
+                let _ = tx.try_send(Command::Wake);
+            }
+        }));
         let (events, _) = broadcast::channel(1024);
         let (load_tx, load) = watch::channel(scheduler.load());
         let (dumps, dump_rx) = mpsc::channel::<oneshot::Sender<KvDump>>(16);
@@ -340,6 +393,7 @@ async fn run(
             let _ = reply.send(sched.dump());
         }
         Command::Kv(cmd) => sched.kv(cmd),
+        Command::Wake => {}
     };
     loop {
         while let Ok(cmd) = rx.try_recv() {

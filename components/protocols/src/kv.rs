@@ -99,6 +99,7 @@ pub struct LoadReport {
 
 /// What a worker's lower KV tiers hold and have moved (counts since the engine started).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct TierReport {
     pub host_blocks: u64,
     pub host_bytes: u64,
@@ -111,8 +112,41 @@ pub struct TierReport {
     pub host_evicted: u64,
     /// Host blocks brought back into the device pool instead of being recomputed.
     pub onboarded_blocks: u64,
-    /// Prefixes found in the host tier but computed, the cost model preferring it.
+    /// Prefixes found in a lower tier but computed, the cost model preferring it.
     pub onboard_declined: u64,
+    /// The disk tier: blocks and bytes held.
+    pub disk_blocks: u64,
+    pub disk_bytes: u64,
+    /// Blocks leaving the host tier written to disk, and their bytes.
+    pub disk_offloaded_blocks: u64,
+    pub disk_offloaded_bytes: u64,
+    /// Blocks leaving the host tier not written: used by too few requests (the filter).
+    pub disk_filtered: u64,
+    /// Blocks leaving the host tier not written: the offloader's queue was full.
+    pub disk_dropped: u64,
+    /// Blocks not written: the write failed (a full disk, a vanished directory).
+    pub disk_write_errors: u64,
+    /// Files the disk tier deleted (least recently used) to make room.
+    pub disk_evicted: u64,
+    /// Disk blocks brought back into the device pool instead of being recomputed.
+    pub disk_onboarded_blocks: u64,
+    /// Disk files refused: truncated, unreadable or failing the checksum (never served).
+    pub disk_corrupt: u64,
+    /// Disk files refused: written for another model or KV layout.
+    pub disk_foreign: u64,
+    /// Disk files found valid when the engine started (a warm restart).
+    pub disk_recovered: u64,
+    /// 1 when a disk tier was configured but its directory could not be used.
+    pub disk_unusable: u64,
+    /// Prompt tokens admitted, and how many of them came from each tier instead of being
+    /// computed (the hit ratio per tier is their quotient).
+    pub prompt_tokens: u64,
+    pub device_hit_tokens: u64,
+    pub host_hit_tokens: u64,
+    pub disk_hit_tokens: u64,
+    /// Onboarding operations and their total time (µs; a simulation's copy time).
+    pub onboards: u64,
+    pub onboard_micros: u64,
 }
 
 /// A worker as the router knows it (the raw value of its instance id).

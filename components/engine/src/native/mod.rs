@@ -79,6 +79,11 @@ pub struct NativeSettings {
     /// Host KV tier below the KV cache, in bytes (0: none): evicted blocks are kept there
     /// and copied back on a prefix hit instead of being recomputed.
     pub host_kv_cache: usize,
+    /// Disk KV tier below the host tier: capacity in bytes (0: none) and directory. Files
+    /// are marked with the model's fingerprint (configuration, KV layout, and the logits of
+    /// a probe prompt, so other weights never read them).
+    pub disk_kv_cache: usize,
+    pub disk_kv_dir: Option<PathBuf>,
 }
 
 impl Default for NativeSettings {
@@ -94,6 +99,8 @@ impl Default for NativeSettings {
             threads: None,
             seed: 0,
             host_kv_cache: 0,
+            disk_kv_cache: 0,
+            disk_kv_dir: None,
         }
     }
 }
@@ -172,6 +179,8 @@ enum Command {
     },
     Dump(oneshot::Sender<KvDump>),
     Kv(KvCommand),
+    /// The disk offloader has events to publish.
+    Wake,
 }
 
 /// A loaded model served by its scheduler thread.
@@ -207,6 +216,8 @@ impl NativeEngine {
             settings.compute,
             progress,
         )?);
+        crate::scheduler::check_disk(settings.disk_kv_cache, settings.disk_kv_dir.as_deref())
+            .map_err(NativeError::Settings)?;
         let layout = model.kv_layout(settings.block_size);
         let num_blocks = match settings.num_gpu_blocks {
             Some(n) => n,
@@ -232,6 +243,7 @@ impl NativeEngine {
         let scheduler = Scheduler::new(
             SchedulerSettings {
                 host_tier_bytes: settings.host_kv_cache,
+                disk: disk_tier(&settings, &model, layout),
                 ..SchedulerSettings::new(
                     num_blocks,
                     settings.block_size,
@@ -242,6 +254,12 @@ impl NativeEngine {
             executor,
         );
         let (commands, rx) = mpsc::channel(COMMAND_QUEUE);
+        let weak = commands.downgrade();
+        scheduler.set_waker(Arc::new(move || {
+            if let Some(tx) = weak.upgrade() {
+                let _ = tx.try_send(Command::Wake);
+            }
+        }));
         let (events, _) = broadcast::channel(1024);
         let (load_tx, load) = watch::channel(scheduler.load());
         let (dumps, dump_rx) = mpsc::channel::<oneshot::Sender<KvDump>>(16);
@@ -375,7 +393,33 @@ fn handle(sched: &mut Scheduler<NativeExecutor>, cmd: Command) {
             let _ = reply.send(sched.dump());
         }
         Command::Kv(cmd) => sched.kv(cmd),
+        Command::Wake => {}
     }
+}
+
+/// The disk tier's settings, when one is configured (see [`NativeSettings::disk_kv_dir`]).
+fn disk_tier(
+    settings: &NativeSettings,
+    model: &Model,
+    layout: KvLayout,
+) -> Option<dynamo_kv::DiskSettings> {
+    let dir = settings.disk_kv_dir.clone()?;
+    if settings.disk_kv_cache == 0 {
+        return None;
+    }
+    let probe: Vec<u8> = model
+        .last_logits(&[1, 2, 3])
+        .iter()
+        .take(64)
+        .flat_map(|x| x.to_le_bytes())
+        .collect();
+    let shape = format!("{:?} {layout:?} {:?}", model.config(), settings.compute);
+    Some(dynamo_kv::DiskSettings {
+        dir,
+        capacity: settings.disk_kv_cache,
+        fingerprint: crate::scheduler::fingerprint(&[b"native", shape.as_bytes(), &probe]),
+        nominal: layout.block_bytes(),
+    })
 }
 
 fn run(

@@ -426,3 +426,122 @@ async fn a_prefix_evicted_to_the_host_tier_is_onboarded_with_identical_output() 
         .all(|(t, _, _)| *t == dynamo_protocols::kv::StorageTier::Host));
     assert!(!dump.lower.is_empty());
 }
+
+/// Drops `e` and waits for its thread to end (its disk tier's files written, its lock
+/// released): the health watch's sender goes with the thread.
+async fn stopped(e: NativeEngine) {
+    let mut health = e.health().unwrap();
+    drop(e);
+    while health.changed().await.is_ok() {}
+}
+
+/// With a disk tier, a prefix three requests used goes host -> disk when the host tier is
+/// full, survives a restart of the engine (rescanned, announced, onboarded with the same
+/// greedy output); a corrupted block file is refused and its tokens recomputed, the output
+/// still the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefix_on_disk_survives_a_restart_and_a_corrupted_block_is_recomputed() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = tempfile::tempdir().unwrap();
+    tiny(dir.path());
+    let settings = |s: &mut NativeSettings| {
+        s.num_gpu_blocks = Some(12);
+        s.block_size = 16;
+        s.disk_kv_cache = 1 << 20;
+        s.disk_kv_dir = Some(disk.path().to_path_buf());
+    };
+    let probe = engine(dir.path(), settings);
+    let block_bytes = probe.kv_layout().block_bytes();
+    stopped(probe).await;
+    let with_host = |s: &mut NativeSettings| {
+        settings(s);
+        // Two blocks of host RAM: an evicted prefix moves on to disk quickly.
+        s.host_kv_cache = 2 * block_bytes;
+    };
+    let e = engine(dir.path(), with_host);
+    let a = prompt(1, 96);
+    let (first, _) = run(&e, request(a.clone(), 8, greedy())).await;
+    for _ in 0..2 {
+        let (again, cached) = run(&e, request(a.clone(), 8, greedy())).await;
+        assert_eq!((again, cached), (first.clone(), 80));
+    }
+    // A one-off prompt's blocks are filtered out of the disk; A's (used three times) go in.
+    for seed in 2..5 {
+        run(&e, request(prompt(seed, 96), 8, greedy())).await;
+    }
+    let mut load = e.kv().unwrap().load();
+    let t = load
+        .wait_for(|l| l.tiers.is_some_and(|t| t.disk_offloaded_blocks >= 5))
+        .await
+        .unwrap()
+        .tiers
+        .unwrap();
+    assert!(
+        t.disk_filtered > 0,
+        "one-off blocks stay off the disk: {t:?}"
+    );
+    assert_eq!(t.disk_blocks, t.disk_offloaded_blocks);
+    stopped(e).await;
+
+    // A restart: the disk tier is found again and A comes back from it.
+    let e = engine(dir.path(), with_host);
+    let dump = e.kv().unwrap().dump().await.unwrap();
+    let hashes: Vec<_> = dynamo_kv::block_hashes(&a, 16)
+        .into_iter()
+        .map(|h| h.1)
+        .collect();
+    let on_disk = |dump: &dynamo_protocols::kv::KvDump, h| {
+        dump.lower
+            .iter()
+            .any(|(t, _, b)| *t == dynamo_protocols::kv::StorageTier::Disk && b.block_hash == h)
+    };
+    assert!(
+        hashes[..5].iter().all(|h| on_disk(&dump, *h)),
+        "announced after the restart"
+    );
+    let (again, cached) = run(&e, request(a.clone(), 8, greedy())).await;
+    assert_eq!(again, first, "KV read back from disk gives the same tokens");
+    assert_eq!(cached, 80);
+    let t = e.kv().unwrap().load().borrow().tiers.unwrap();
+    assert!(
+        t.disk_recovered >= 5 && t.disk_onboarded_blocks == 5,
+        "{t:?}"
+    );
+    assert_eq!(t.disk_hit_tokens, 80);
+    stopped(e).await;
+
+    // One content byte of A's third block flipped: refused, and the rest recomputed.
+    let file = disk.path().join(format!("{:016x}.kvb", hashes[2].0));
+    let mut bytes = std::fs::read(&file).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    std::fs::write(&file, bytes).unwrap();
+    let e = engine(dir.path(), with_host);
+    let (again, cached) = run(&e, request(a.clone(), 8, greedy())).await;
+    assert_eq!(again, first, "a refused block is recomputed, never served");
+    assert_eq!(
+        cached, 32,
+        "the two blocks before the corrupted one come from disk"
+    );
+    let t = e.kv().unwrap().load().borrow().tiers.unwrap();
+    assert_eq!(t.disk_corrupt, 1, "{t:?}");
+    assert!(!file.exists(), "the corrupted file is deleted");
+    stopped(e).await;
+}
+
+/// A disk tier whose directory cannot be used: the engine serves without it, says so in
+/// its report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unusable_disk_directory_leaves_the_engine_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny(dir.path());
+    let file = dir.path().join("config.json");
+    let e = engine(dir.path(), |s| {
+        s.disk_kv_cache = 1 << 20;
+        s.disk_kv_dir = Some(file.join("kv"));
+    });
+    let (out, _) = run(&e, request(prompt(1, 20), 4, greedy())).await;
+    assert_eq!(out.len(), 4);
+    let t = e.kv().unwrap().load().borrow().tiers.unwrap();
+    assert_eq!(t.disk_unusable, 1);
+}

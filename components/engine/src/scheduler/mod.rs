@@ -19,7 +19,9 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use dynamo_kv::{block_hashes, hash_block, sequence_hash, BlockId, BlockPool, PoolError};
+use dynamo_kv::{
+    block_hashes, hash_block, sequence_hash, BlockId, BlockPool, PoolError, TierBlock,
+};
 use dynamo_protocols::kv::{KvDump, KvEvent, LoadReport, LocalBlockHash, SequenceHash};
 use dynamo_protocols::llm::{
     EngineOutput, FinishReason, PreprocessedRequest, SamplingOptions, StopConditions, TokenId,
@@ -32,7 +34,11 @@ use tokio_util::sync::CancellationToken;
 use crate::{EngineError, EngineStream, EvictionHook, KvBlockData, KvCapability, Reservation};
 
 mod handoff;
+mod offloader;
 mod tiers;
+
+pub use offloader::Waker;
+pub use tiers::{check_disk, copy_time, fingerprint, DISK_MIN_USES};
 
 use dynamo_kv::tier as kv_tiers;
 use dynamo_protocols::kv::{StorageTier, TierReport};
@@ -49,6 +55,10 @@ pub struct SchedulerSettings {
     /// Evicted blocks copied to the host tier per step at most (the offload queue's bound:
     /// the rest are dropped, counted).
     pub offload_per_step: usize,
+    /// Disk tier below the host tier (none: no disk), see [`tiers`].
+    pub disk: Option<dynamo_kv::DiskSettings>,
+    /// Blocks waiting for the offloader thread at most (more are dropped, counted).
+    pub disk_queue: usize,
 }
 
 impl SchedulerSettings {
@@ -66,6 +76,8 @@ impl SchedulerSettings {
             max_num_batched_tokens,
             host_tier_bytes: 0,
             offload_per_step: 256,
+            disk: None,
+            disk_queue: 1024,
         }
     }
 }
@@ -126,12 +138,13 @@ pub trait Executor: Send + 'static {
         self.block_bytes()
     }
 
-    /// The onboarding cost model: whether bringing `blocks` blocks (`tokens` tokens) up from
-    /// the host tier beats computing them; a simulation that says yes charges the copy's
-    /// time to its next step. A real engine's copy is a memcpy, far cheaper than a forward
-    /// pass: yes.
-    fn onboard(&mut self, _blocks: usize, _tokens: usize) -> bool {
-        true
+    /// The onboarding cost model: whether bringing `host` blocks up from the host tier and
+    /// then `disk` blocks from disk (`tokens` tokens in all) beats computing them. `None`:
+    /// compute them. A simulation that says yes returns the copy's simulated time and charges
+    /// it to its next step. A real engine's copy (a memcpy, a file read of a few hundred KiB
+    /// a block) is far cheaper than a forward pass over the same tokens: yes, measured.
+    fn onboard(&mut self, _host: usize, _disk: usize, _tokens: usize) -> Option<Duration> {
+        Some(Duration::ZERO)
     }
 }
 
@@ -474,8 +487,9 @@ pub struct Scheduler<E> {
     reservations: HashMap<u64, Vec<BlockId>>,
     next_reservation: u64,
     eviction_hook: Option<EvictionHook>,
-    /// The host tier below the pool, and what went through it.
+    /// The host tier below the pool, the disk tier below it, and what went through them.
     host: Option<kv_tiers::HostTier>,
+    disk: Option<tiers::Disk>,
     tiers: TierReport,
     /// Evicted blocks copied to the host tier in the current step.
     offloaded_this_step: usize,
@@ -495,10 +509,11 @@ impl<E: Executor> Scheduler<E> {
             kv_tiers::HostTier::new(settings.host_tier_bytes, executor.nominal_block_bytes())
         });
         let mut pool = BlockPool::new(settings.num_blocks, settings.block_size);
-        pool.track_evictions(host.is_some());
-        Self {
+        pool.track_evictions(host.is_some() || settings.disk.is_some());
+        let mut s = Self {
             pool,
             host,
+            disk: None,
             tiers: TierReport::default(),
             offloaded_this_step: 0,
             reservations: HashMap::new(),
@@ -511,6 +526,15 @@ impl<E: Executor> Scheduler<E> {
             executor,
             preemptions: 0,
             outbox: Vec::new(),
+        };
+        s.open_disk();
+        s
+    }
+
+    /// Lets the offloader wake the engine loop when it has disk events to publish.
+    pub fn set_waker(&self, waker: Waker) {
+        if let Some(d) = &self.disk {
+            d.offloader.set_waker(waker);
         }
     }
 
@@ -566,11 +590,7 @@ impl<E: Executor> Scheduler<E> {
             waiting_requests: (self.waiting.len() + self.prefilled.len()) as u64,
             queued_prefill_tokens: self.waiting.iter().chain(&self.running).map(pending).sum(),
             running_requests: self.running.len() as u64,
-            tiers: self.host.as_ref().map(|h| TierReport {
-                host_blocks: h.len() as u64,
-                host_bytes: h.used() as u64,
-                ..self.tiers
-            }),
+            tiers: self.tier_report(),
         }
     }
 
@@ -584,22 +604,28 @@ impl<E: Executor> Scheduler<E> {
 
     pub fn dump(&self) -> KvDump {
         let mut dump = self.pool.dump();
-        if let Some(h) = &self.host {
-            dump.lower = h
-                .identities()
+        let host = self
+            .host
+            .as_ref()
+            .map(|h| h.identities())
+            .unwrap_or_default();
+        let lower = host.into_iter().map(|b| (StorageTier::Host, b)).chain(
+            self.disk_identities()
                 .into_iter()
-                .map(|(parent, hash, local)| {
-                    (
-                        StorageTier::Host,
-                        parent,
-                        dynamo_protocols::kv::StoredBlock {
-                            block_hash: hash,
-                            tokens_hash: local,
-                        },
-                    )
-                })
-                .collect();
-        }
+                .map(|b| (StorageTier::Disk, b)),
+        );
+        dump.lower = lower
+            .map(|(tier, (parent, hash, local))| {
+                (
+                    tier,
+                    parent,
+                    dynamo_protocols::kv::StoredBlock {
+                        block_hash: hash,
+                        tokens_hash: local,
+                    },
+                )
+            })
+            .collect();
         dump
     }
 
@@ -657,15 +683,27 @@ impl<E: Executor> Scheduler<E> {
     /// Hands the blocks evicted since the last call, with contents, to the eviction hook and
     /// the host tier (at most `offload_per_step` a step; the rest are dropped, counted).
     fn offer_evicted(&mut self) {
-        if self.eviction_hook.is_none() && self.host.is_none() {
+        if self.eviction_hook.is_none() && self.host.is_none() && self.disk.is_none() {
             return;
         }
         for e in self.pool.take_evicted() {
             let data = self.executor.read_block(e.block);
-            if self.host.is_some() {
+            if self.host.is_some() || self.disk.is_some() {
                 if self.offloaded_this_step < self.settings.offload_per_step {
                     self.offloaded_this_step += 1;
-                    self.offload(e, data.clone());
+                    if self.host.is_some() {
+                        self.offload(e, data.clone());
+                    } else {
+                        // No host tier: the block goes straight on to the disk's filter.
+                        self.to_disk(TierBlock {
+                            hash: e.hash,
+                            parent: e.parent,
+                            local: e.local,
+                            position: e.position,
+                            data: data.clone(),
+                            uses: e.uses,
+                        });
+                    }
                 } else {
                     self.tiers.offload_dropped += 1;
                 }
@@ -818,6 +856,7 @@ impl<E: Executor> Scheduler<E> {
     /// executor's duration, or `None` when there was nothing to do.
     pub fn step(&mut self) -> Option<Duration> {
         self.drop_gone();
+        self.poll_disk();
         self.offloaded_this_step = 0;
         // Prompts computed elsewhere hold their blocks already: they only decode.
         while self.running.len() < self.settings.max_num_seqs {
@@ -871,9 +910,10 @@ impl<E: Executor> Scheduler<E> {
                 .map(|h| h.1)
                 .collect();
             let mut acquired = self.pool.acquire_prefix(&hashes);
-            // The prefix may continue in the host tier: bring those blocks up (when the cost
+            let on_device = acquired.len();
+            // The prefix may continue in the lower tiers: bring those blocks up (when the cost
             // model says it beats recomputing) instead of computing them.
-            self.onboard(&hashes, &mut acquired);
+            let (from_host, from_disk) = self.onboard(&hashes, &mut acquired);
             let matched = acquired.len();
             seq.blocks = acquired;
             seq.registered = matched;
@@ -890,6 +930,10 @@ impl<E: Executor> Scheduler<E> {
             }
             if seq.cached_tokens.is_none() {
                 seq.cached_tokens = Some(seq.computed as u32);
+                self.tiers.prompt_tokens += seq.prompt_len as u64;
+                self.tiers.device_hit_tokens += (on_device * bs) as u64;
+                self.tiers.host_hit_tokens += from_host as u64;
+                self.tiers.disk_hit_tokens += from_disk as u64;
             }
             budget -= take;
             self.running.push(seq);
