@@ -695,7 +695,7 @@ impl<E: Executor> Scheduler<E> {
                         self.offload(e, data.clone());
                     } else {
                         // No host tier: the block goes straight on to the disk's filter.
-                        self.to_disk(TierBlock {
+                        self.spill_to_disk(TierBlock {
                             hash: e.hash,
                             parent: e.parent,
                             local: e.local,

@@ -200,7 +200,7 @@ impl<E: Executor> Scheduler<E> {
                 },
             );
             for b in change.evicted {
-                self.to_disk(b);
+                self.spill_to_disk(b);
             }
         }
         if change.stored {
@@ -220,7 +220,7 @@ impl<E: Executor> Scheduler<E> {
     }
 
     /// Offers a block leaving the host tier to the disk (see the module header).
-    pub(super) fn to_disk(&mut self, b: TierBlock) {
+    pub(super) fn spill_to_disk(&mut self, b: TierBlock) {
         let Some(disk) = self.disk.as_mut() else {
             return;
         };
