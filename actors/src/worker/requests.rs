@@ -314,13 +314,16 @@ pub(super) fn card_metadata(
 /// A worker's lower-tier series, from its engine's [`TierReport`] (counts since the engine
 /// started: a restarted engine resets them, which Prometheus reads as a counter reset).
 struct TierMetrics {
-    gauges: Vec<(metrics::Gauge, fn(&TierReport) -> u64)>,
-    counters: Vec<(metrics::Counter, fn(&TierReport) -> u64)>,
+    gauges: Vec<(metrics::Gauge, Field)>,
+    counters: Vec<(metrics::Counter, Field)>,
     /// Counters are whole numbers: the onboards' time in microseconds.
     onboard_micros: metrics::Counter,
 }
 
 use dynamo_protocols::kv::TierReport;
+
+/// Reads one figure of a [`TierReport`].
+type Field = fn(&TierReport) -> u64;
 
 impl TierMetrics {
     fn new(id: &str) -> Self {
@@ -337,7 +340,7 @@ impl TierMetrics {
         let counter = |name: &'static str, l: &[(&'static str, &'static str)]| {
             metrics::counter!(name, &labels(l))
         };
-        let gauges: Vec<(metrics::Gauge, fn(&TierReport) -> u64)> = vec![
+        let gauges: Vec<(metrics::Gauge, Field)> = vec![
             (gauge("dynamo_worker_kv_tier_blocks", &host), |t| {
                 t.host_blocks
             }),
@@ -357,7 +360,7 @@ impl TierMetrics {
         let dropped = "dynamo_worker_kv_offload_dropped_total";
         let refused = "dynamo_worker_kv_refused_blocks_total";
         let hits = "dynamo_worker_kv_hit_tokens_total";
-        let counters: Vec<(metrics::Counter, fn(&TierReport) -> u64)> = vec![
+        let counters: Vec<(metrics::Counter, Field)> = vec![
             (
                 counter("dynamo_worker_kv_offloaded_blocks_total", &host),
                 |t| t.offloaded_blocks,
