@@ -1,0 +1,223 @@
+//! The KV offloader end to end over a real nats-server: a native worker process with a small
+//! device pool, a host tier and a disk tier, behind a frontend process. A prompt is served,
+//! evicted from the device by other prompts, and served again from the host tier; evicted
+//! further (host to disk); the worker is restarted and the prompt comes back from disk; then
+//! a block file is corrupted, the worker restarted again, and the corrupted block is refused
+//! and recomputed. Every answer is the first run's greedy text, and the worker's `/metrics`
+//! say which tier the cached tokens came from.
+
+mod common;
+
+use common::{dynamo_run, model_dir, Proc};
+use dynamo_runtime::testing::NatsServer;
+use nix::sys::signal::Signal;
+use std::time::Duration;
+
+/// A greedy completion: its text and `cached_tokens`.
+async fn complete(base: &str, prompt: &str) -> (String, u64) {
+    let resp = reqwest::Client::new()
+        .post(format!("{base}/v1/completions"))
+        .json(&serde_json::json!({
+            "model": "tiny",
+            "prompt": prompt,
+            "max_tokens": 8,
+            "min_tokens": 8,
+            "temperature": 0,
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{prompt:?}");
+    let body: serde_json::Value = resp.json().await.unwrap();
+    (
+        body["choices"][0]["text"].as_str().unwrap().to_string(),
+        body["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap_or(0),
+    )
+}
+
+/// The sum of a metric's series whose labels contain every one of `labels`.
+fn metric(port: u16, name: &str, labels: &[&str]) -> f64 {
+    common::http_get(port, "/metrics")
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Bytes of one 16-token KV block of the generated model (f32 keys and values).
+fn block_bytes() -> usize {
+    let c: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{}/config.json", model_dir())).unwrap(),
+    )
+    .unwrap();
+    let n = |k: &str| c[k].as_u64().unwrap() as usize;
+    let head_dim = n("hidden_size") / n("num_attention_heads");
+    n("num_hidden_layers") * 2 * n("num_key_value_heads") * head_dim * 16 * 4
+}
+
+/// Whether the frontend at `base` lists the model (a worker serves it).
+fn listed(base: &str) -> bool {
+    let port: u16 = base.rsplit(':').next().unwrap().parse().unwrap();
+    common::http_get(port, "/v1/models").contains("\"tiny\"")
+}
+
+/// Stops the worker (SIGTERM: it deregisters) and waits until the frontend has let it go.
+async fn stop(mut w: Proc, base: &str) {
+    w.signal(Signal::SIGTERM);
+    w.wait_exit(Duration::from_secs(20));
+    common::eventually("the model is unlisted", Duration::from_secs(20), || {
+        !listed(base)
+    })
+    .await;
+}
+
+async fn until_listed(base: &str) {
+    common::eventually("the model is listed", Duration::from_secs(20), || {
+        listed(base)
+    })
+    .await;
+}
+
+fn worker(url: &str, disk: &std::path::Path, port: u16) -> Proc {
+    Proc::start(
+        dynamo_run()
+            .args(["--bus", url, "--namespace", "offload"])
+            .args(["in=dyn://offload.backend.generate", "out=native"])
+            .args(["--model-path", model_dir(), "--model-name", "tiny"])
+            .args(["--block-size", "16", "--num-gpu-blocks", "24"])
+            // 32 blocks of host RAM, 4 MiB of disk.
+            .args(["--host-kv-cache", &(32 * block_bytes()).to_string()])
+            .args(["--disk-kv-cache", "4MiB"])
+            .args(["--disk-kv-dir", disk.to_str().unwrap()])
+            .args(["--metrics-port", &port.to_string()]),
+    )
+}
+
+/// A prompt of about 150 tokens, different for each `i`.
+fn filler(i: usize) -> String {
+    (0..40)
+        .map(|w| format!("w{}x{}", i * 97 + w, w % 7))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefix_comes_back_from_host_then_from_disk_after_a_restart() {
+    let server = NatsServer::start().unwrap();
+    let url = server.url();
+    let disk = tempfile::tempdir().unwrap();
+    let port = common::free_port();
+    let w = worker(&url, disk.path(), port);
+    let frontend = Proc::start(dynamo_run().args([
+        "--bus",
+        &url,
+        "--namespace",
+        "offload",
+        "in=http",
+        "out=dyn",
+        "--router-mode",
+        "kv",
+        "--http-host",
+        "127.0.0.1",
+        "--http-port",
+        "0",
+    ]));
+    let base = frontend.http_base();
+    until_listed(&base).await;
+    let prompt = "The history of the lighthouse keepers of the northern coast, told in \
+        twelve parts, begins with a storm that lasted nine days and a ship that never \
+        arrived, and the keeper who waited for it every night with a lamp and a logbook \
+        full of numbers: 17, 23, 42, 108, 256, 1024, 4096.";
+    let (want, cached) = complete(&base, prompt).await;
+    assert_eq!(cached, 0);
+    // Three requests use the prefix: the disk tier's filter lets it in later.
+    for _ in 0..2 {
+        let (text, cached) = complete(&base, prompt).await;
+        assert_eq!(text, want);
+        assert!(cached > 0, "a device hit");
+    }
+
+    // Other prompts evict it from the 24-block device pool into host RAM.
+    for i in 0..3 {
+        complete(&base, &filler(i)).await;
+    }
+    let (text, cached) = complete(&base, prompt).await;
+    assert_eq!(text, want, "onboarded from host");
+    assert!(cached > 0);
+    assert!(
+        metric(
+            port,
+            "dynamo_worker_kv_hit_tokens_total",
+            &["tier=\"host\""]
+        ) > 0.0
+    );
+
+    // Many more push it out of host RAM onto the disk.
+    for i in 10..22 {
+        complete(&base, &filler(i)).await;
+    }
+    common::eventually("blocks are on disk", Duration::from_secs(20), || {
+        metric(port, "dynamo_worker_kv_tier_blocks", &["tier=\"disk\""]) >= 4.0
+    })
+    .await;
+    assert!(
+        metric(
+            port,
+            "dynamo_worker_kv_offload_dropped_total",
+            &["reason=\"filtered\""]
+        ) > 0.0,
+        "one-off prompts stay off the disk"
+    );
+
+    // A restart: the disk tier is rescanned and the prefix comes back from it.
+    stop(w, &base).await;
+    let w = worker(&url, disk.path(), port);
+    until_listed(&base).await;
+    assert!(metric(port, "dynamo_worker_kv_recovered_blocks_total", &[]) >= 4.0);
+    let (text, cached) = complete(&base, prompt).await;
+    assert_eq!(text, want, "onboarded from disk after a restart");
+    assert!(cached > 0);
+    assert!(
+        metric(
+            port,
+            "dynamo_worker_kv_hit_tokens_total",
+            &["tier=\"disk\""]
+        ) > 0.0
+    );
+    stop(w, &base).await;
+
+    // Every block file damaged: the first one read is refused, everything is recomputed.
+    for f in std::fs::read_dir(disk.path()).unwrap() {
+        let path = f.unwrap().path();
+        if path.extension().is_some_and(|e| e == "kvb") {
+            let mut bytes = std::fs::read(&path).unwrap();
+            let last = bytes.len() - 1;
+            bytes[last] ^= 0x5a;
+            std::fs::write(&path, bytes).unwrap();
+        }
+    }
+    let _w = worker(&url, disk.path(), port);
+    until_listed(&base).await;
+    let (text, cached) = complete(&base, prompt).await;
+    assert_eq!(text, want, "a corrupted block is recomputed, never served");
+    assert_eq!(cached, 0);
+    assert_eq!(
+        metric(
+            port,
+            "dynamo_worker_kv_refused_blocks_total",
+            &["reason=\"corrupt\""]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            port,
+            "dynamo_worker_kv_hit_tokens_total",
+            &["tier=\"disk\""]
+        ),
+        0.0
+    );
+}
