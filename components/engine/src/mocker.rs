@@ -672,4 +672,92 @@ mod tests {
             .count();
         assert!(host_stored >= 3, "{all:?}");
     }
+
+    /// A disk tier on the mocker: a prefix three requests used goes device -> host -> disk
+    /// (real files, header only), with disk events in the one sequence; a new engine on the
+    /// same directory announces it and onboards it; with a disk too slow to beat the perf
+    /// model's prefill, the cost model computes the prefix instead.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_disk_tier_survives_a_restart_and_the_cost_model_can_decline_it() {
+        use dynamo_protocols::kv::{KvEventData, StorageTier};
+        let dir = tempfile::tempdir().unwrap();
+        let settings = MockerSettings {
+            num_gpu_blocks: 6,
+            block_size: 16,
+            kv_bytes_per_token: 1024,
+            host_kv_cache: 3 * 16 * 1024,
+            disk_kv_cache: 1 << 20,
+            disk_kv_dir: Some(dir.path().to_path_buf()),
+            speedup_ratio: 100.0,
+            ..Default::default()
+        };
+        let req = |seed: u32| request((0..64).map(|i| i + seed * 1000).collect(), 2);
+        async fn run(e: &MockerEngine, r: PreprocessedRequest) -> u32 {
+            let s = e.generate(r, CancellationToken::new()).unwrap();
+            let outs: Vec<_> = s.map(|o| o.unwrap()).collect().await;
+            outs[0].cached_tokens.unwrap_or(0)
+        }
+        async fn stopped(e: MockerEngine) {
+            let mut health = e.health().unwrap();
+            drop(e);
+            while health.changed().await.is_ok() {}
+        }
+        let e = MockerEngine::start(settings.clone()).unwrap();
+        let mut events = e.kv().unwrap().subscribe();
+        for _ in 0..3 {
+            run(&e, req(1)).await;
+        }
+        for seed in 2..6 {
+            run(&e, req(seed)).await;
+        }
+        let mut load = e.kv().unwrap().load();
+        load.wait_for(|l| l.tiers.is_some_and(|t| t.disk_offloaded_blocks >= 3))
+            .await
+            .unwrap();
+        let mut all = Vec::new();
+        while let Ok(batch) = events.try_recv() {
+            all.extend(batch);
+        }
+        for (i, ev) in all.iter().enumerate() {
+            assert_eq!(ev.event_id, all[0].event_id + i as u64, "one sequence");
+        }
+        let disk_stored = all
+            .iter()
+            .filter(|ev| {
+                ev.tier == StorageTier::Disk && matches!(ev.data, KvEventData::Stored { .. })
+            })
+            .count();
+        assert!(disk_stored >= 3, "{all:?}");
+        stopped(e).await;
+
+        let e = MockerEngine::start(settings.clone()).unwrap();
+        let dump = e.kv().unwrap().dump().await.unwrap();
+        assert!(
+            dump.lower
+                .iter()
+                .filter(|(t, _, _)| *t == StorageTier::Disk)
+                .count()
+                >= 3,
+            "{dump:?}"
+        );
+        assert_eq!(
+            run(&e, req(1)).await,
+            48,
+            "three full blocks back from disk"
+        );
+        let t = e.kv().unwrap().load().borrow().tiers.unwrap();
+        assert_eq!((t.disk_onboarded_blocks, t.disk_hit_tokens), (3, 48));
+        assert!(t.disk_recovered >= 3);
+        stopped(e).await;
+
+        // One byte per second: reading the blocks back would take longer than computing them.
+        let e = MockerEngine::start(MockerSettings {
+            disk_bandwidth: 1.0,
+            ..settings
+        })
+        .unwrap();
+        assert_eq!(run(&e, req(1)).await, 0);
+        let t = e.kv().unwrap().load().borrow().tiers.unwrap();
+        assert_eq!((t.disk_onboarded_blocks, t.onboard_declined), (0, 1));
+    }
 }

@@ -492,3 +492,36 @@ fn a_prefix_held_on_the_host_tier_still_attracts_the_request() {
         .unwrap();
     assert_ne!(d.worker, WorkerId(1));
 }
+
+/// A prefix a worker holds only on its disk tier (announced after a warm restart) attracts the
+/// request too, credited as disk hits.
+#[test]
+fn a_prefix_held_on_the_disk_tier_attracts_the_request() {
+    let router = KvRouter::new(KvRouterSettings::default());
+    let prompt: Vec<u32> = (0..64).collect();
+    router.index().apply(
+        WorkerId(2),
+        &[KvEvent {
+            event_id: 0,
+            tier: StorageTier::Disk,
+            data: KvEventData::Stored {
+                parent_hash: None,
+                blocks: block_hashes(&prompt, 16)
+                    .into_iter()
+                    .map(|(l, s)| StoredBlock {
+                        block_hash: s,
+                        tokens_hash: LocalBlockHash(l.0),
+                    })
+                    .collect(),
+            },
+        }],
+    );
+    let d = router
+        .route(&[WorkerId(1), WorkerId(2), WorkerId(3)], &prompt, 16)
+        .unwrap();
+    assert_eq!(d.worker, WorkerId(2));
+    assert_eq!(
+        (d.overlap.device, d.overlap.host, d.overlap.disk),
+        (0, 0, 4)
+    );
+}
