@@ -18,4 +18,4 @@ pub use disk::{DiskChange, DiskCounts, DiskError, DiskSettings, DiskTier};
 pub use hash::{block_hashes, hash_block, sequence_hash, SEED};
 pub use index::{ApplyStats, IndexSettings, KvIndex, Overlap, OverlapMap};
 pub use pool::{BlockId, BlockPool, Evicted, PoolError};
-pub use tier::{HostTier, TierBlock, TierChange};
+pub use tier::{Frequency, HostTier, TierBlock, TierChange};

@@ -64,9 +64,6 @@ struct Cached {
     local: LocalBlockHash,
     /// The block's index in its sequence (orders dumps parents-first).
     position: u32,
-    /// Requests that used the prefix: 1 when registered, +1 per prefix hit (carried to the
-    /// lower tiers, whose frequency filter reads it).
-    uses: u32,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -87,8 +84,6 @@ pub struct Evicted {
     pub local: LocalBlockHash,
     /// The block's index in its sequence.
     pub position: u32,
-    /// Requests that used it (see [`BlockPool::set_uses`]).
-    pub uses: u32,
 }
 
 #[derive(Debug)]
@@ -182,9 +177,6 @@ impl BlockPool {
                 self.lru.remove(&meta.stamp);
             }
             meta.refs += 1;
-            if let Some(c) = meta.cached.as_mut() {
-                c.uses = c.uses.saturating_add(1);
-            }
             out.push(id);
         }
         out
@@ -213,7 +205,6 @@ impl BlockPool {
                             parent: c.parent,
                             local: c.local,
                             position: c.position,
-                            uses: c.uses,
                         });
                     }
                     self.uncache(id);
@@ -277,7 +268,6 @@ impl BlockPool {
             parent,
             local,
             position,
-            uses: 1,
         });
         self.by_hash.insert(hash, block);
         let stored = StoredBlock {
@@ -303,14 +293,6 @@ impl BlockPool {
             parent_hash: parent,
             blocks: vec![stored],
         });
-    }
-
-    /// Sets how many requests used the cached `block` (a block brought back from a lower tier
-    /// keeps its count there); no effect on an uncached block.
-    pub fn set_uses(&mut self, block: BlockId, uses: u32) {
-        if let Some(c) = self.blocks[block.index()].cached.as_mut() {
-            c.uses = uses;
-        }
     }
 
     /// Drops one reference on each block; unreferenced cached blocks become idle (evictable,

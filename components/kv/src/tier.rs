@@ -3,8 +3,7 @@
 //!
 //! The tier holds each block's identity (hash, parent, local hash, position), its contents (an
 //! engine's bytes, or none for a simulation, which then counts `nominal` bytes per block
-//! against the capacity) and how often it was used: inserted counts 1, each onboard adds 1
-//! (the disk tier below takes only blocks used at least twice).
+//! against the capacity) and how many requests used it ([`Frequency`]).
 //!
 //! Every change returns what it did ([`TierChange`]) so the caller (the scheduler) emits the
 //! tier's KV events in the worker's one event-id sequence.
@@ -23,7 +22,7 @@ pub struct TierBlock {
     pub local: LocalBlockHash,
     pub position: u32,
     pub data: Vec<u8>,
-    /// Times used: 1 when stored, +1 per onboard.
+    /// Requests that used it (from [`Frequency`] when it was offloaded).
     pub uses: u32,
 }
 
@@ -132,12 +131,10 @@ impl HostTier {
         change
     }
 
-    /// The block of `hash`, counted as used once more and made most recent.
+    /// The block of `hash`, made most recent.
     pub fn get(&mut self, hash: &SequenceHash) -> Option<&TierBlock> {
         self.touch(*hash);
-        let (b, _) = self.blocks.get_mut(hash)?;
-        b.uses = b.uses.saturating_add(1);
-        Some(b)
+        self.blocks.get(hash).map(|(b, _)| b)
     }
 
     /// The held blocks' identities, parents before children (for dumps).
@@ -145,6 +142,51 @@ impl HostTier {
         let mut v: Vec<&TierBlock> = self.blocks.values().map(|(b, _)| b).collect();
         v.sort_by_key(|b| b.position);
         v.into_iter().map(|b| (b.parent, b.hash, b.local)).collect()
+    }
+}
+
+/// How many requests used each recent block (by sequence hash), kept past the block's stay in
+/// any tier: the disk's frequency filter reads it, so a block recomputed after it left every
+/// tier still counts its earlier uses. Bounded: past `capacity` entries every count is halved
+/// and the zeros are forgotten (the TinyLFU reset: old popularity fades, recent stays).
+#[derive(Debug)]
+pub struct Frequency {
+    counts: HashMap<SequenceHash, u32>,
+    capacity: usize,
+}
+
+impl Frequency {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            counts: HashMap::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// One more request used each of `hashes`.
+    pub fn add(&mut self, hashes: impl IntoIterator<Item = SequenceHash>) {
+        for h in hashes {
+            let c = self.counts.entry(h).or_insert(0);
+            *c = c.saturating_add(1);
+        }
+        if self.counts.len() > self.capacity {
+            self.counts.retain(|_, c| {
+                *c /= 2;
+                *c > 0
+            });
+        }
+    }
+
+    pub fn get(&self, hash: &SequenceHash) -> u32 {
+        self.counts.get(hash).copied().unwrap_or(0)
+    }
+
+    pub fn len(&self) -> usize {
+        self.counts.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.counts.is_empty()
     }
 }
 
@@ -171,7 +213,7 @@ mod tests {
         }
         assert_eq!(t.used(), 300);
         // Using block 0 makes block 1 the oldest.
-        assert_eq!(t.get(&SequenceHash(0)).unwrap().uses, 2);
+        assert!(t.get(&SequenceHash(0)).is_some());
         let change = t.insert(block(3, 100));
         assert_eq!(
             change.evicted.iter().map(|b| b.hash.0).collect::<Vec<_>>(),
@@ -183,6 +225,20 @@ mod tests {
         // Too big for the tier: not held, nothing evicted.
         assert_eq!(t.insert(block(9, 400)), TierChange::default());
         assert_eq!(t.len(), 3);
+    }
+
+    #[test]
+    fn frequencies_outlive_the_blocks_and_fade_when_the_table_is_full() {
+        let mut f = Frequency::new(3);
+        for _ in 0..3 {
+            f.add([SequenceHash(1)]);
+        }
+        f.add([SequenceHash(2), SequenceHash(3)]);
+        assert_eq!((f.get(&SequenceHash(1)), f.get(&SequenceHash(2))), (3, 1));
+        // A fourth entry: every count halves, the ones seen once are forgotten.
+        f.add([SequenceHash(4)]);
+        assert_eq!(f.len(), 1);
+        assert_eq!(f.get(&SequenceHash(1)), 1);
     }
 
     #[test]

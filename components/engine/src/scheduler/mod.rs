@@ -490,6 +490,8 @@ pub struct Scheduler<E> {
     /// The host tier below the pool, the disk tier below it, and what went through them.
     host: Option<kv_tiers::HostTier>,
     disk: Option<tiers::Disk>,
+    /// Requests per recent block, for the disk's frequency filter.
+    freq: kv_tiers::Frequency,
     tiers: TierReport,
     /// Evicted blocks copied to the host tier in the current step.
     offloaded_this_step: usize,
@@ -514,6 +516,7 @@ impl<E: Executor> Scheduler<E> {
             pool,
             host,
             disk: None,
+            freq: kv_tiers::Frequency::new(1 << 18),
             tiers: TierReport::default(),
             offloaded_this_step: 0,
             reservations: HashMap::new(),
@@ -701,7 +704,7 @@ impl<E: Executor> Scheduler<E> {
                             local: e.local,
                             position: e.position,
                             data: data.clone(),
-                            uses: e.uses,
+                            uses: self.freq.get(&e.hash),
                         });
                     }
                 } else {
@@ -930,6 +933,9 @@ impl<E: Executor> Scheduler<E> {
             }
             if seq.cached_tokens.is_none() {
                 seq.cached_tokens = Some(seq.computed as u32);
+                if self.disk.is_some() {
+                    self.freq.add(seq.hashes.iter().map(|h| h.1));
+                }
                 self.tiers.prompt_tokens += seq.prompt_len as u64;
                 self.tiers.device_hit_tokens += (on_device * bs) as u64;
                 self.tiers.host_hit_tokens += from_host as u64;

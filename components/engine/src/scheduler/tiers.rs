@@ -7,7 +7,10 @@
 //!   whose LRU may push older blocks out.
 //! - **Host to disk.** A block the host tier pushes out goes to the disk tier only when at
 //!   least [`DISK_MIN_USES`] requests used it (the frequency filter: computed once and reused
-//!   twice), so one-off prompts do not churn the disk. It is handed to the offloader thread
+//!   twice), so one-off prompts do not churn the disk. Uses are counted per prompt block at
+//!   admission in a bounded table ([`dynamo_kv::Frequency`]) that outlives the block's stay
+//!   in the tiers: a conversation whose history left host RAM before its next turn (and was
+//!   recomputed) still earns its place on disk by the third turn. It is handed to the offloader thread
 //!   ([`super::offloader`]) through a bounded queue; a full queue drops it, counted. The
 //!   thread writes the file; its changes come back as events the scheduler publishes.
 //! - **Onboard.** At admission, after the device prefix, the blocks that continue it in the
@@ -189,7 +192,7 @@ impl<E: Executor> Scheduler<E> {
             local: e.local,
             position: e.position,
             data,
-            uses: e.uses,
+            uses: self.freq.get(&e.hash),
         });
         if !change.evicted.is_empty() {
             self.tiers.host_evicted += change.evicted.len() as u64;
@@ -227,7 +230,7 @@ impl<E: Executor> Scheduler<E> {
         if disk.known.contains_key(&b.hash) {
             return;
         }
-        if b.uses < DISK_MIN_USES {
+        if b.uses.max(self.freq.get(&b.hash)) < DISK_MIN_USES {
             self.tiers.disk_filtered += 1;
             return;
         }
@@ -290,8 +293,7 @@ impl<E: Executor> Scheduler<E> {
             let mut refused = Vec::new();
             for h in &hashes[from + on_host..from + on_host + on_disk] {
                 match tier.get(h) {
-                    Ok(Some(mut b)) => {
-                        b.uses = b.uses.saturating_add(1);
+                    Ok(Some(b)) => {
                         up.push(b);
                         from_disk += 1;
                     }
@@ -333,7 +335,6 @@ impl<E: Executor> Scheduler<E> {
             let at = from + i;
             self.pool
                 .register(block, b.parent, b.local, hashes[at], at as u32);
-            self.pool.set_uses(block, b.uses);
         }
         self.tiers.onboarded_blocks += from_host as u64;
         self.tiers.disk_onboarded_blocks += from_disk as u64;
