@@ -92,6 +92,7 @@ const WORKER_KEYS: &[&str] = &[
     "mocker_host_gbps",
     "disk_kv_cache",
     "disk_kv_dir",
+    "disk_min_uses",
     "mocker_disk_gbps",
     "mocker_disk_latency_ms",
     "mocker_transfer_gbps",
@@ -106,6 +107,8 @@ const WORKER_KEYS: &[&str] = &[
 const ROUTER_KEYS: &[&str] = &[
     "router_mode",
     "kv_overlap_score_weight",
+    "kv_host_credit",
+    "kv_disk_credit",
     "router_temperature",
     "busy_threshold",
     "disagg_min_remote_tokens",

@@ -161,14 +161,19 @@ struct LaunchArgs {
     #[arg(long, value_name = "GBPS", env = "DYN_MOCKER_HOST_GBPS")]
     mocker_host_gbps: Option<f64>,
     /// Disk tier below the host tier (mocker, native), e.g. 100GiB, in --disk-kv-dir: blocks
-    /// leaving the host tier that three requests used are written there (one checksummed
-    /// file each) and survive a restart. [default: none]
+    /// leaving the host tier that enough requests used (--disk-min-uses) are written there
+    /// (one checksummed file each) and survive a restart. [default: none]
     #[arg(long, value_name = "SIZE", env = "DYN_DISK_KV_CACHE")]
     disk_kv_cache: Option<String>,
     /// The disk tier's directory (created if missing; one per worker, locked while in use;
     /// several workers of one process or graph component each get a subdirectory worker-N).
     #[arg(long, value_name = "DIR", env = "DYN_DISK_KV_DIR")]
     disk_kv_dir: Option<PathBuf>,
+    /// The disk tier's frequency filter: a block leaving host RAM is written to disk only if
+    /// this many requests used it (3: computed once and reused twice; 1: every block).
+    /// [default: 3]
+    #[arg(long, value_name = "N", env = "DYN_DISK_MIN_USES")]
+    disk_min_uses: Option<u32>,
     /// Mocker: simulated disk read bandwidth for onboarding, in GB/s. [default: 3]
     #[arg(long, value_name = "GBPS", env = "DYN_MOCKER_DISK_GBPS")]
     mocker_disk_gbps: Option<f64>,
@@ -237,6 +242,7 @@ impl LaunchArgs {
             mocker_host_gbps: self.mocker_host_gbps,
             disk_kv_cache: self.disk_kv_cache.clone(),
             disk_kv_dir: self.disk_kv_dir.clone(),
+            disk_min_uses: self.disk_min_uses,
             mocker_disk_gbps: self.mocker_disk_gbps,
             mocker_disk_latency_ms: self.mocker_disk_latency_ms,
             mocker_transfer_gbps: self.mocker_transfer_gbps,
@@ -266,6 +272,13 @@ struct RouterArgs {
     /// KV router: weight of prefill work (blocks not cached) against decode load. [default: 1]
     #[arg(long, env = "DYN_KV_OVERLAP_SCORE_WEIGHT")]
     kv_overlap_score_weight: Option<f64>,
+    /// KV router: a prefix block held on a worker's host tier counts this much of a device
+    /// hit (it still costs a copy). [default: 0.5]
+    #[arg(long, env = "DYN_KV_HOST_CREDIT")]
+    kv_host_credit: Option<f64>,
+    /// KV router: the same for a block on a worker's disk tier. [default: 0.25]
+    #[arg(long, env = "DYN_KV_DISK_CREDIT")]
+    kv_disk_credit: Option<f64>,
     /// KV router: 0 picks the lowest cost; above 0 samples with a softmax at this
     /// temperature. [default: 0]
     #[arg(long, env = "DYN_ROUTER_TEMPERATURE")]
@@ -288,6 +301,8 @@ impl RouterArgs {
     fn settings(&self) -> Settings {
         Settings {
             kv_overlap_score_weight: self.kv_overlap_score_weight,
+            kv_host_credit: self.kv_host_credit,
+            kv_disk_credit: self.kv_disk_credit,
             router_temperature: self.router_temperature,
             busy_threshold: self.busy_threshold,
             disagg_min_remote_tokens: self.disagg_min_remote_tokens,

@@ -64,6 +64,7 @@ pub struct Settings {
     pub mocker_host_gbps: Option<f64>,
     pub disk_kv_cache: Option<String>,
     pub disk_kv_dir: Option<PathBuf>,
+    pub disk_min_uses: Option<u32>,
     pub mocker_disk_gbps: Option<f64>,
     pub mocker_disk_latency_ms: Option<f64>,
     pub kv_transfer: Option<String>,
@@ -74,6 +75,8 @@ pub struct Settings {
     // Routers, and frontends routing in-process.
     pub router_mode: Option<String>,
     pub kv_overlap_score_weight: Option<f64>,
+    pub kv_host_credit: Option<f64>,
+    pub kv_disk_credit: Option<f64>,
     pub router_temperature: Option<f64>,
     pub busy_threshold: Option<f64>,
     pub disagg_min_remote_tokens: Option<usize>,
@@ -178,6 +181,15 @@ pub fn router_settings(s: &Settings) -> Result<KvRouterSettings> {
     if !(weight.is_finite() && weight >= 0.0) {
         bail!("--kv-overlap-score-weight must be a number >= 0");
     }
+    let credit = |flag: &str, v: Option<f64>, default: f64| -> Result<f64> {
+        match v {
+            None => Ok(default),
+            Some(c) if (0.0..=1.0).contains(&c) => Ok(c),
+            Some(c) => bail!("{flag} {c}: a lower-tier hit counts between 0 and 1 of a device hit"),
+        }
+    };
+    let host_credit = credit("--kv-host-credit", s.kv_host_credit, d.host_credit)?;
+    let disk_credit = credit("--kv-disk-credit", s.kv_disk_credit, d.disk_credit)?;
     let temperature = s.router_temperature.unwrap_or(d.temperature);
     if !(temperature.is_finite() && temperature >= 0.0) {
         bail!("--router-temperature must be a number >= 0");
@@ -187,6 +199,8 @@ pub fn router_settings(s: &Settings) -> Result<KvRouterSettings> {
     }
     Ok(KvRouterSettings {
         overlap_weight: weight,
+        host_credit,
+        disk_credit,
         temperature,
         busy_threshold: s.busy_threshold,
         disagg_min_remote_tokens: s
@@ -233,6 +247,12 @@ pub fn resolve(
     {
         bail!("--mocker-disk-latency-ms must be a number >= 0");
     }
+    let disk_min_uses = s
+        .disk_min_uses
+        .unwrap_or(dynamo_engine::scheduler::DISK_MIN_USES);
+    if disk_min_uses == 0 {
+        bail!("--disk-min-uses must be at least 1 (1: every block leaving host RAM goes to disk)");
+    }
     let mocker = MockerSettings {
         num_gpu_blocks: s.num_gpu_blocks.unwrap_or(md.num_gpu_blocks),
         block_size,
@@ -260,6 +280,7 @@ pub fn resolve(
         host_bandwidth: gbps("--mocker-host-gbps", s.mocker_host_gbps, md.host_bandwidth)?,
         disk_kv_cache,
         disk_kv_dir: s.disk_kv_dir.clone(),
+        disk_min_uses,
         disk_bandwidth: gbps("--mocker-disk-gbps", s.mocker_disk_gbps, md.disk_bandwidth)?,
         disk_latency: s.mocker_disk_latency_ms.map_or(md.disk_latency, |ms| {
             Duration::from_secs_f64(ms.max(0.0) / 1e3)
@@ -334,6 +355,7 @@ pub fn resolve(
         host_kv_cache,
         disk_kv_cache,
         disk_kv_dir: s.disk_kv_dir.clone(),
+        disk_min_uses,
         ..Default::default()
     };
     let router_mode: RouterMode = match &s.router_mode {
@@ -606,6 +628,16 @@ mod tests {
             ..Default::default()
         })
         .contains("--disk-kv-cache"));
+        assert!(bad(Settings {
+            kv_host_credit: Some(1.5),
+            ..Default::default()
+        })
+        .contains("--kv-host-credit"));
+        assert!(bad(Settings {
+            disk_min_uses: Some(0),
+            ..Default::default()
+        })
+        .contains("--disk-min-uses"));
         assert!(bad(Settings {
             mocker_disk_gbps: Some(-1.0),
             ..Default::default()

@@ -72,6 +72,8 @@ pub struct MockerSettings {
     pub disk_kv_dir: Option<std::path::PathBuf>,
     pub disk_bandwidth: f64,
     pub disk_latency: Duration,
+    /// Requests that must have used a block for it to go to disk (the frequency filter).
+    pub disk_min_uses: u32,
 }
 
 /// Faults to inject (see the module header); all off by default.
@@ -103,6 +105,7 @@ impl Default for MockerSettings {
             disk_kv_dir: None,
             disk_bandwidth: 3e9,
             disk_latency: Duration::from_micros(200),
+            disk_min_uses: crate::scheduler::DISK_MIN_USES,
         }
     }
 }
@@ -307,6 +310,7 @@ impl MockerEngine {
             SchedulerSettings {
                 host_tier_bytes: settings.host_kv_cache,
                 disk: settings.disk_tier(),
+                disk_min_uses: settings.disk_min_uses,
                 ..SchedulerSettings::new(
                     settings.num_gpu_blocks,
                     settings.block_size,

@@ -105,12 +105,15 @@ impl Accounting {
 
 /// The cost of sending a request of `needed` blocks to a worker where `overlap` of them are
 /// cached, `pending_blocks` of prompt work wait, `decode_blocks` are active and the pool has
-/// `total_blocks` (0: unknown): `overlap_weight x (uncached blocks + pending) + decode_blocks`,
-/// where device hits count 1 and host and disk hits `host_credit` and `disk_credit`. A hit in
-/// a lower tier needs a device block to come back into: those that would not fit beside the
-/// active blocks (`decode_blocks + needed - device hits - total_blocks`) would preempt running
-/// requests, so they get no credit (disk hits lose theirs first). Lower is better. Monotone:
-/// never lower with more load or fewer cached blocks.
+/// `total_blocks` (0: unknown): `overlap_weight x (uncached blocks + pending + wait) +
+/// decode_blocks + overflow`, where device hits count 1 and host and disk hits `host_credit`
+/// and `disk_credit` (they still cost a copy), and `overflow` is the request's blocks that would
+/// not fit beside the active ones (`decode_blocks + needed - device hits - total_blocks`): the
+/// request waits for memory there (for a running request to finish, far longer than a
+/// prefill), whether its prefix is onboarded or computed, so it also costs `wait = needed`. A
+/// worker holding the prefix on host keeps its credit against an equally full worker, and loses
+/// to one with room.
+/// Lower is better. Monotone: never lower with more load or fewer cached blocks.
 pub fn cost(
     s: &KvRouterSettings,
     needed: f64,
@@ -119,16 +122,20 @@ pub fn cost(
     decode_blocks: f64,
     total_blocks: f64,
 ) -> f64 {
-    let (host, disk) = (overlap.host as f64, overlap.disk as f64);
     let overflow = if total_blocks > 0.0 {
-        (decode_blocks + needed - overlap.device as f64 - total_blocks).clamp(0.0, host + disk)
+        (decode_blocks + needed - overlap.device as f64 - total_blocks).max(0.0)
     } else {
         0.0
     };
-    let disk_fits = disk - overflow.min(disk);
-    let host_fits = host - (overflow - disk).max(0.0);
-    let credited = overlap.device as f64 + s.host_credit * host_fits + s.disk_credit * disk_fits;
-    s.overlap_weight * ((needed - credited).max(0.0) + pending_blocks) + decode_blocks
+    let credited = overlap.device as f64
+        + s.host_credit * overlap.host as f64
+        + s.disk_credit * overlap.disk as f64;
+    // A request that does not fit waits for a running one to finish: far longer than its
+    // prefill, so it costs as much again.
+    let wait = if overflow > 0.0 { needed } else { 0.0 };
+    s.overlap_weight * ((needed - credited).max(0.0) + pending_blocks + wait)
+        + decode_blocks
+        + overflow
 }
 
 /// Why no worker was chosen.

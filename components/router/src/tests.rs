@@ -466,9 +466,9 @@ fn a_prefix_held_on_the_host_tier_still_attracts_the_request() {
     // blocks while the request runs.
     assert_eq!(router.accounted(WorkerId(1)), (0, 4));
     drop(d);
-    // Worker 1's device pool is full: bringing its host copy back would preempt running
-    // requests. With the credit, it would still win (cost 4 - 2 + 10 = 12 against 4 + 9 =
-    // 13); without credit for blocks that do not fit (4 + 10 = 14), the others win.
+    // Worker 1's device pool is full: the request's 4 blocks would wait for memory there.
+    // Without that wait it would still win (cost 4 - 2 + 10 = 12 against 4 + 9 = 13); with
+    // it (12 + 4 = 16), the others, which have room, win.
     router.record_load(
         WorkerId(1),
         LoadReport {

@@ -84,6 +84,8 @@ pub struct NativeSettings {
     /// a probe prompt, so other weights never read them).
     pub disk_kv_cache: usize,
     pub disk_kv_dir: Option<PathBuf>,
+    /// Requests that must have used a block for it to go to disk (the frequency filter).
+    pub disk_min_uses: u32,
 }
 
 impl Default for NativeSettings {
@@ -101,6 +103,7 @@ impl Default for NativeSettings {
             host_kv_cache: 0,
             disk_kv_cache: 0,
             disk_kv_dir: None,
+            disk_min_uses: crate::scheduler::DISK_MIN_USES,
         }
     }
 }
@@ -244,6 +247,7 @@ impl NativeEngine {
             SchedulerSettings {
                 host_tier_bytes: settings.host_kv_cache,
                 disk: disk_tier(&settings, &model, layout),
+                disk_min_uses: settings.disk_min_uses,
                 ..SchedulerSettings::new(
                     num_blocks,
                     settings.block_size,

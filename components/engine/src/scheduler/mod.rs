@@ -59,6 +59,8 @@ pub struct SchedulerSettings {
     pub disk: Option<dynamo_kv::DiskSettings>,
     /// Blocks waiting for the offloader thread at most (more are dropped, counted).
     pub disk_queue: usize,
+    /// Requests that must have used a block for it to go to disk (the frequency filter).
+    pub disk_min_uses: u32,
 }
 
 impl SchedulerSettings {
@@ -78,6 +80,7 @@ impl SchedulerSettings {
             offload_per_step: 256,
             disk: None,
             disk_queue: 1024,
+            disk_min_uses: DISK_MIN_USES,
         }
     }
 }

@@ -6,8 +6,8 @@
 //!   queue's bound; the rest are dropped and counted) and the block goes into the host tier,
 //!   whose LRU may push older blocks out.
 //! - **Host to disk.** A block the host tier pushes out goes to the disk tier only when at
-//!   least [`DISK_MIN_USES`] requests used it (the frequency filter: computed once and reused
-//!   twice), so one-off prompts do not churn the disk. Uses are counted per prompt block at
+//!   least `disk_min_uses` requests used it ([`DISK_MIN_USES`] by default the frequency filter: computed once and
+//!   reused twice), so one-off prompts do not churn the disk. Uses are counted per prompt block at
 //!   admission in a bounded table ([`dynamo_kv::Frequency`]) that outlives the block's stay
 //!   in the tiers: a conversation whose history left host RAM before its next turn (and was
 //!   recomputed) still earns its place on disk by the third turn. It is handed to the offloader thread
@@ -35,7 +35,8 @@ use dynamo_protocols::kv::{
 use super::offloader::{DiskEvent, NotQueued, Offloader};
 use super::{Executor, Scheduler};
 
-/// Requests that must have used a block for it to be written to disk.
+/// Requests that must have used a block for it to be written to disk, by default (computed
+/// once, reused twice); `--disk-min-uses` sets it.
 pub const DISK_MIN_USES: u32 = 3;
 
 /// The disk tier as the scheduler sees it: the offloader, and the blocks announced so far.
@@ -230,7 +231,7 @@ impl<E: Executor> Scheduler<E> {
         if disk.known.contains_key(&b.hash) {
             return;
         }
-        if b.uses.max(self.freq.get(&b.hash)) < DISK_MIN_USES {
+        if b.uses.max(self.freq.get(&b.hash)) < self.settings.disk_min_uses {
             self.tiers.disk_filtered += 1;
             return;
         }
@@ -267,12 +268,25 @@ impl<E: Executor> Scheduler<E> {
             return (0, 0);
         }
         let bs = self.settings.block_size;
-        let Some(simulated) = self
+        // The whole run if it beats computing it; else the host part alone (a slow disk must
+        // not cost the host hits).
+        let mut on_disk = on_disk;
+        let simulated = match self
             .executor
             .onboard(on_host, on_disk, (on_host + on_disk) * bs)
-        else {
-            self.tiers.onboard_declined += 1;
-            return (0, 0);
+        {
+            Some(t) => t,
+            None => {
+                self.tiers.onboard_declined += 1;
+                on_disk = 0;
+                match (on_host > 0)
+                    .then(|| self.executor.onboard(on_host, 0, on_host * bs))
+                    .flatten()
+                {
+                    Some(t) => t,
+                    None => return (0, 0),
+                }
+            }
         };
         let started = Instant::now();
         // Contents first: the allocation below may offload other blocks into the host tier
