@@ -12,7 +12,6 @@
 //!
 //! Usage: bench_engine [MODEL_DIR] (default target/bench-engine/small; written if missing).
 
-use std::path::PathBuf;
 use std::time::Instant;
 
 use dynamo_engine::native::kv::KvCache;
@@ -144,17 +143,7 @@ fn step(m: &Model, s: &mut Seqs, tokens: &[Vec<u32>]) {
 }
 
 fn main() {
-    let dir = std::env::args()
-        .nth(1)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("target/bench-engine/small"));
-    if !dir.join("model.safetensors").is_file() {
-        eprintln!("writing the small preset to {} ...", dir.display());
-        RandomModel::preset("small", 4096)
-            .unwrap()
-            .write(&dir, &mut |_, _| {})
-            .unwrap();
-    }
+    let dir = RandomModel::bench_small();
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
         .lines()

@@ -13,7 +13,7 @@
 //!
 //! Usage: bench_onboard [MODEL_DIR] (default target/bench-engine/small; written if missing).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use dynamo_engine::native::random::RandomModel;
@@ -89,17 +89,7 @@ async fn stopped(e: NativeEngine) {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let dir = std::env::args()
-        .nth(1)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("target/bench-engine/small"));
-    if !dir.join("model.safetensors").is_file() {
-        eprintln!("writing the small preset to {} ...", dir.display());
-        RandomModel::preset("small", 4096)
-            .unwrap()
-            .write(&dir, &mut |_, _| {})
-            .unwrap();
-    }
+    let dir = RandomModel::bench_small();
     let a = prompt(1);
     let mut rows: Vec<(String, f64, f64, TokenId, u32)> = Vec::new();
 

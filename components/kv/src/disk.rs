@@ -33,14 +33,13 @@
 //! Costs: lookups are in memory (an index of the files, rebuilt by the scan); `put` writes one
 //! file and deletes one per evicted block; `get` reads one file.
 
-use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use dynamo_protocols::kv::{LocalBlockHash, SequenceHash};
 
-use crate::tier::TierBlock;
+use crate::tier::{block_size, ByteLru, TierBlock};
 
 const MAGIC: &[u8; 8] = b"DYNKVBLK";
 const VERSION: u32 = 1;
@@ -105,7 +104,6 @@ struct Entry {
     position: u32,
     /// Bytes counted against the capacity.
     size: usize,
-    stamp: u64,
 }
 
 /// What a [`DiskTier::put`] did.
@@ -120,10 +118,7 @@ pub struct DiskChange {
 #[derive(Debug)]
 pub struct DiskTier {
     settings: DiskSettings,
-    used: usize,
-    blocks: HashMap<SequenceHash, Entry>,
-    lru: BTreeMap<u64, SequenceHash>,
-    clock: u64,
+    blocks: ByteLru<Entry>,
     counts: DiskCounts,
     /// Holds the directory's lock while open.
     _lock: File,
@@ -215,11 +210,8 @@ impl DiskTier {
             Err(fs::TryLockError::Error(e)) => return Err(open_err(e)),
         }
         let mut tier = Self {
+            blocks: ByteLru::new(settings.capacity),
             settings,
-            used: 0,
-            blocks: HashMap::new(),
-            lru: BTreeMap::new(),
-            clock: 0,
             counts: DiskCounts::default(),
             _lock: lock,
         };
@@ -270,12 +262,9 @@ impl DiskTier {
             bytes += e.size;
             kept.push((hash, e));
         }
-        for (hash, mut e) in kept.into_iter().rev() {
-            self.clock += 1;
-            e.stamp = self.clock;
-            self.lru.insert(self.clock, hash);
-            self.used += e.size;
-            self.blocks.insert(hash, e);
+        for (hash, e) in kept.into_iter().rev() {
+            let size = e.size;
+            self.blocks.insert(hash, e, size);
             self.counts.recovered += 1;
         }
         Ok(())
@@ -314,7 +303,6 @@ impl DiskTier {
                 local: LocalBlockHash(h.local),
                 position: h.position,
                 size,
-                stamp: 0,
             },
         )))
     }
@@ -323,29 +311,21 @@ impl DiskTier {
         self.settings.dir.join(file_name(hash))
     }
 
-    fn size(&self, b: &TierBlock) -> usize {
-        if b.data.is_empty() {
-            self.settings.nominal
-        } else {
-            b.data.len()
-        }
-    }
-
     pub fn len(&self) -> usize {
         self.blocks.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.blocks.is_empty()
+        self.blocks.len() == 0
     }
 
     /// Bytes held.
     pub fn used(&self) -> usize {
-        self.used
+        self.blocks.used()
     }
 
     pub fn capacity(&self) -> usize {
-        self.settings.capacity
+        self.blocks.capacity()
     }
 
     pub fn dir(&self) -> &Path {
@@ -357,31 +337,19 @@ impl DiskTier {
     }
 
     pub fn contains(&self, hash: &SequenceHash) -> bool {
-        self.blocks.contains_key(hash)
+        self.blocks.contains(hash)
     }
 
     /// How many of the leading `hashes` are held.
     pub fn match_prefix(&self, hashes: &[SequenceHash]) -> usize {
-        hashes.iter().take_while(|h| self.contains(h)).count()
+        self.blocks.match_prefix(hashes)
     }
 
-    fn touch(&mut self, hash: SequenceHash) {
-        if let Some(e) = self.blocks.get_mut(&hash) {
-            self.lru.remove(&e.stamp);
-            self.clock += 1;
-            e.stamp = self.clock;
-            self.lru.insert(self.clock, hash);
-        }
-    }
-
+    /// Forgets `hash` and deletes its file.
     fn forget(&mut self, hash: SequenceHash) -> bool {
-        let Some(e) = self.blocks.remove(&hash) else {
-            return false;
-        };
-        self.lru.remove(&e.stamp);
-        self.used -= e.size;
+        let held = self.blocks.remove(&hash).is_some();
         let _ = fs::remove_file(self.path(hash));
-        true
+        held
     }
 
     /// Writes `block` (or refreshes it when held already), deleting least recently used
@@ -389,23 +357,17 @@ impl DiskTier {
     /// write is counted and returned; the tier stays consistent (the file is not held).
     pub fn put(&mut self, block: &TierBlock) -> Result<DiskChange, DiskError> {
         let mut change = DiskChange::default();
-        if self.blocks.contains_key(&block.hash) {
-            self.touch(block.hash);
+        if self.blocks.contains(&block.hash) {
+            self.blocks.touch(block.hash);
             return Ok(change);
         }
-        let size = self.size(block);
+        let size = block_size(block, self.settings.nominal);
         if size > self.settings.capacity {
             return Ok(change);
         }
-        while self.used + size > self.settings.capacity {
-            let Some((_, victim)) = self.lru.pop_first() else {
-                break;
-            };
-            if let Some(e) = self.blocks.remove(&victim) {
-                self.used -= e.size;
-                let _ = fs::remove_file(self.path(victim));
-                change.evicted.push(victim);
-            }
+        for (victim, _) in self.blocks.make_room(size) {
+            let _ = fs::remove_file(self.path(victim));
+            change.evicted.push(victim);
         }
         if let Err(e) = self.write(block) {
             self.counts.write_errors += 1;
@@ -416,9 +378,6 @@ impl DiskTier {
                 Ok(change)
             };
         }
-        self.clock += 1;
-        self.lru.insert(self.clock, block.hash);
-        self.used += size;
         self.blocks.insert(
             block.hash,
             Entry {
@@ -426,8 +385,8 @@ impl DiskTier {
                 local: block.local,
                 position: block.position,
                 size,
-                stamp: self.clock,
             },
+            size,
         );
         change.stored = true;
         Ok(change)
@@ -467,13 +426,13 @@ impl DiskTier {
     /// The block of `hash`, read and verified, made most recent. A file that fails the
     /// check is deleted, forgotten and counted, and the error returned: never served.
     pub fn get(&mut self, hash: &SequenceHash) -> Result<Option<TierBlock>, DiskError> {
-        if !self.blocks.contains_key(hash) {
+        if !self.blocks.contains(hash) {
             return Ok(None);
         }
         let path = self.path(*hash);
         match self.read(&path, *hash) {
             Ok(b) => {
-                self.touch(*hash);
+                self.blocks.touch(*hash);
                 Ok(Some(b))
             }
             Err(e) => {

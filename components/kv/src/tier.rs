@@ -35,35 +35,114 @@ pub struct TierChange {
     pub evicted: Vec<TierBlock>,
 }
 
+/// Entries by sequence hash, each counting some bytes against a capacity, least recently used
+/// first out: the bookkeeping both lower tiers share (the host tier's blocks, the disk tier's
+/// file index). Insert, touch, remove and eviction are O(log n) (the order is a B-tree on a use
+/// stamp).
 #[derive(Debug)]
-pub struct HostTier {
+pub(crate) struct ByteLru<V> {
     capacity: usize,
-    /// Bytes a block counts when it carries none (a simulated engine).
-    nominal: usize,
     used: usize,
-    blocks: HashMap<SequenceHash, (TierBlock, u64)>,
+    entries: HashMap<SequenceHash, (V, usize, u64)>,
     lru: BTreeMap<u64, SequenceHash>,
     clock: u64,
+}
+
+impl<V> ByteLru<V> {
+    pub(crate) fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            used: 0,
+            entries: HashMap::new(),
+            lru: BTreeMap::new(),
+            clock: 0,
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub(crate) fn used(&self) -> usize {
+        self.used
+    }
+
+    pub(crate) fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub(crate) fn contains(&self, hash: &SequenceHash) -> bool {
+        self.entries.contains_key(hash)
+    }
+
+    pub(crate) fn get(&self, hash: &SequenceHash) -> Option<&V> {
+        self.entries.get(hash).map(|(v, _, _)| v)
+    }
+
+    /// How many of the leading `hashes` are held.
+    pub(crate) fn match_prefix(&self, hashes: &[SequenceHash]) -> usize {
+        hashes.iter().take_while(|h| self.contains(h)).count()
+    }
+
+    /// Makes `hash` the most recently used.
+    pub(crate) fn touch(&mut self, hash: SequenceHash) {
+        if let Some((_, _, stamp)) = self.entries.get_mut(&hash) {
+            self.lru.remove(stamp);
+            self.clock += 1;
+            *stamp = self.clock;
+            self.lru.insert(self.clock, hash);
+        }
+    }
+
+    /// Removes least recently used entries until `size` more bytes fit; returns them, oldest
+    /// first.
+    pub(crate) fn make_room(&mut self, size: usize) -> Vec<(SequenceHash, V)> {
+        let mut out = Vec::new();
+        while self.used + size > self.capacity {
+            let Some((_, victim)) = self.lru.pop_first() else {
+                break;
+            };
+            if let Some((v, n, _)) = self.entries.remove(&victim) {
+                self.used -= n;
+                out.push((victim, v));
+            }
+        }
+        out
+    }
+
+    /// Holds `v` under `hash` (not held yet) as the most recent, counting `size` bytes.
+    pub(crate) fn insert(&mut self, hash: SequenceHash, v: V, size: usize) {
+        self.clock += 1;
+        self.lru.insert(self.clock, hash);
+        self.used += size;
+        self.entries.insert(hash, (v, size, self.clock));
+    }
+
+    pub(crate) fn remove(&mut self, hash: &SequenceHash) -> Option<V> {
+        let (v, n, stamp) = self.entries.remove(hash)?;
+        self.lru.remove(&stamp);
+        self.used -= n;
+        Some(v)
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&SequenceHash, &V)> {
+        self.entries.iter().map(|(h, (v, _, _))| (h, v))
+    }
+}
+
+#[derive(Debug)]
+pub struct HostTier {
+    /// Bytes a block counts when it carries none (a simulated engine).
+    nominal: usize,
+    blocks: ByteLru<TierBlock>,
 }
 
 impl HostTier {
     /// A tier of `capacity` bytes; blocks without contents count `nominal` bytes.
     pub fn new(capacity: usize, nominal: usize) -> Self {
         Self {
-            capacity,
             nominal,
-            used: 0,
-            blocks: HashMap::new(),
-            lru: BTreeMap::new(),
-            clock: 0,
-        }
-    }
-
-    fn size(&self, b: &TierBlock) -> usize {
-        if b.data.is_empty() {
-            self.nominal
-        } else {
-            b.data.len()
+            blocks: ByteLru::new(capacity),
         }
     }
 
@@ -72,76 +151,70 @@ impl HostTier {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.blocks.is_empty()
+        self.blocks.len() == 0
     }
 
     /// Bytes held.
     pub fn used(&self) -> usize {
-        self.used
+        self.blocks.used()
     }
 
     pub fn capacity(&self) -> usize {
-        self.capacity
+        self.blocks.capacity()
     }
 
     pub fn contains(&self, hash: &SequenceHash) -> bool {
-        self.blocks.contains_key(hash)
+        self.blocks.contains(hash)
     }
 
     /// How many of the leading `hashes` are held.
     pub fn match_prefix(&self, hashes: &[SequenceHash]) -> usize {
-        hashes.iter().take_while(|h| self.contains(h)).count()
-    }
-
-    fn touch(&mut self, hash: SequenceHash) {
-        if let Some((_, stamp)) = self.blocks.get_mut(&hash) {
-            self.lru.remove(stamp);
-            self.clock += 1;
-            *stamp = self.clock;
-            self.lru.insert(self.clock, hash);
-        }
+        self.blocks.match_prefix(hashes)
     }
 
     /// Holds `block` (or refreshes it when held already), evicting least recently used blocks
     /// while over capacity. A block larger than the whole tier is not held.
     pub fn insert(&mut self, block: TierBlock) -> TierChange {
         let mut change = TierChange::default();
-        if self.blocks.contains_key(&block.hash) {
-            self.touch(block.hash);
+        if self.blocks.contains(&block.hash) {
+            self.blocks.touch(block.hash);
             return change;
         }
-        let size = self.size(&block);
-        if size > self.capacity {
+        let size = block_size(&block, self.nominal);
+        if size > self.blocks.capacity() {
             return change;
         }
-        while self.used + size > self.capacity {
-            let Some((_, victim)) = self.lru.pop_first() else {
-                break;
-            };
-            if let Some((b, _)) = self.blocks.remove(&victim) {
-                self.used -= self.size(&b);
-                change.evicted.push(b);
-            }
-        }
-        self.clock += 1;
-        self.lru.insert(self.clock, block.hash);
-        self.used += size;
-        self.blocks.insert(block.hash, (block, self.clock));
+        change.evicted = self
+            .blocks
+            .make_room(size)
+            .into_iter()
+            .map(|(_, b)| b)
+            .collect();
+        self.blocks.insert(block.hash, block, size);
         change.stored = true;
         change
     }
 
     /// The block of `hash`, made most recent.
     pub fn get(&mut self, hash: &SequenceHash) -> Option<&TierBlock> {
-        self.touch(*hash);
-        self.blocks.get(hash).map(|(b, _)| b)
+        self.blocks.touch(*hash);
+        self.blocks.get(hash)
     }
 
     /// The held blocks' identities, parents before children (for dumps).
     pub fn identities(&self) -> Vec<(Option<SequenceHash>, SequenceHash, LocalBlockHash)> {
-        let mut v: Vec<&TierBlock> = self.blocks.values().map(|(b, _)| b).collect();
+        let mut v: Vec<&TierBlock> = self.blocks.iter().map(|(_, b)| b).collect();
         v.sort_by_key(|b| b.position);
         v.into_iter().map(|b| (b.parent, b.hash, b.local)).collect()
+    }
+}
+
+/// Bytes `b` counts in a tier: its contents, or `nominal` without any (a simulation).
+pub(crate) fn block_size(b: &TierBlock, nominal: usize) -> usize {
+    if b.data.is_empty() {
+        nominal
+    } else {
+        b.data.len()
     }
 }
 

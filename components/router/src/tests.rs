@@ -11,6 +11,13 @@ use crate::*;
 use dynamo_protocols::kv::{KvEvent, KvEventData, LocalBlockHash, StorageTier, StoredBlock};
 
 fn store(router: &KvRouter, w: u64, tokens: &[u32], bs: usize) {
+    router
+        .index()
+        .apply(WorkerId(w), &[stored(0, StorageTier::Device, tokens, bs)]);
+}
+
+/// Event `id`: `tokens`' full blocks stored on `tier`.
+fn stored(id: u64, tier: StorageTier, tokens: &[u32], bs: usize) -> KvEvent {
     let blocks = block_hashes(tokens, bs)
         .into_iter()
         .map(|(l, s)| StoredBlock {
@@ -18,17 +25,14 @@ fn store(router: &KvRouter, w: u64, tokens: &[u32], bs: usize) {
             tokens_hash: LocalBlockHash(l.0),
         })
         .collect();
-    router.index().apply(
-        WorkerId(w),
-        &[KvEvent {
-            event_id: 0,
-            tier: StorageTier::Device,
-            data: KvEventData::Stored {
-                parent_hash: None,
-                blocks,
-            },
-        }],
-    );
+    KvEvent {
+        event_id: id,
+        tier,
+        data: KvEventData::Stored {
+            parent_hash: None,
+            blocks,
+        },
+    }
 }
 
 #[test]
@@ -441,20 +445,7 @@ fn a_prefix_held_on_the_host_tier_still_attracts_the_request() {
                     block_hashes: hashes.clone(),
                 },
             },
-            KvEvent {
-                event_id: 2,
-                tier: StorageTier::Host,
-                data: KvEventData::Stored {
-                    parent_hash: None,
-                    blocks: block_hashes(&prompt, 16)
-                        .into_iter()
-                        .map(|(l, s)| StoredBlock {
-                            block_hash: s,
-                            tokens_hash: LocalBlockHash(l.0),
-                        })
-                        .collect(),
-                },
-            },
+            stored(2, StorageTier::Host, &prompt, 16),
         ],
     );
     let d = router
@@ -499,23 +490,9 @@ fn a_prefix_held_on_the_host_tier_still_attracts_the_request() {
 fn a_prefix_held_on_the_disk_tier_attracts_the_request() {
     let router = KvRouter::new(KvRouterSettings::default());
     let prompt: Vec<u32> = (0..64).collect();
-    router.index().apply(
-        WorkerId(2),
-        &[KvEvent {
-            event_id: 0,
-            tier: StorageTier::Disk,
-            data: KvEventData::Stored {
-                parent_hash: None,
-                blocks: block_hashes(&prompt, 16)
-                    .into_iter()
-                    .map(|(l, s)| StoredBlock {
-                        block_hash: s,
-                        tokens_hash: LocalBlockHash(l.0),
-                    })
-                    .collect(),
-            },
-        }],
-    );
+    router
+        .index()
+        .apply(WorkerId(2), &[stored(0, StorageTier::Disk, &prompt, 16)]);
     let d = router
         .route(&[WorkerId(1), WorkerId(2), WorkerId(3)], &prompt, 16)
         .unwrap();

@@ -158,6 +158,22 @@ impl RandomModel {
         out
     }
 
+    /// The benchmarks' model folder: the `small` preset with a 4096-token vocabulary, written
+    /// to `std::env::args().nth(1)` or `target/bench-engine/small` unless it is there already.
+    pub fn bench_small() -> std::path::PathBuf {
+        let dir = std::env::args()
+            .nth(1)
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| std::path::PathBuf::from("target/bench-engine/small"));
+        if !dir.join("model.safetensors").is_file() {
+            eprintln!("writing the small preset to {} ...", dir.display());
+            Self::preset("small", 4096)
+                .and_then(|m| m.write(&dir, &mut |_, _| {}))
+                .unwrap_or_else(|e| panic!("cannot write the small preset: {e}"));
+        }
+        dir
+    }
+
     /// Writes `config.json` (merged into an existing one, keeping its other keys) and the
     /// weights into `dir`; `progress(tensors written, tensors)`.
     pub fn write(

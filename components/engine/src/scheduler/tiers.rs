@@ -46,6 +46,21 @@ pub(super) struct Disk {
     pub known: HashMap<SequenceHash, (Option<SequenceHash>, LocalBlockHash, u32)>,
 }
 
+impl Disk {
+    /// Publishes that `hashes` left the disk tier.
+    fn forget(&mut self, pool: &mut dynamo_kv::BlockPool, hashes: Vec<SequenceHash>) {
+        for h in &hashes {
+            self.known.remove(h);
+        }
+        pool.emit_tier(
+            StorageTier::Disk,
+            KvEventData::Removed {
+                block_hashes: hashes,
+            },
+        );
+    }
+}
+
 /// Emits `blocks` (parents before children) as stored events of `tier`, a chain per event.
 fn announce(
     pool: &mut dynamo_kv::BlockPool,
@@ -154,15 +169,7 @@ impl<E: Executor> Scheduler<E> {
                 }
                 DiskEvent::Removed(hashes) => {
                     self.tiers.disk_evicted += hashes.len() as u64;
-                    for h in &hashes {
-                        disk.known.remove(h);
-                    }
-                    self.pool.emit_tier(
-                        StorageTier::Disk,
-                        KvEventData::Removed {
-                            block_hashes: hashes,
-                        },
-                    );
+                    disk.forget(&mut self.pool, hashes);
                 }
             }
         }
@@ -321,15 +328,7 @@ impl<E: Executor> Scheduler<E> {
             }
             drop(tier);
             if !refused.is_empty() {
-                for h in &refused {
-                    disk.known.remove(h);
-                }
-                self.pool.emit_tier(
-                    StorageTier::Disk,
-                    KvEventData::Removed {
-                        block_hashes: refused,
-                    },
-                );
+                disk.forget(&mut self.pool, refused);
                 self.poll_disk();
             }
         }
