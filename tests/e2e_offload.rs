@@ -47,6 +47,17 @@ fn metric(port: u16, name: &str, labels: &[&str]) -> f64 {
         .sum()
 }
 
+/// Waits until `metric(port, name, labels)` satisfies `ok` (the worker's series follow its
+/// engine's load reports, a moment after the request that changed them).
+async fn until_metric(port: u16, name: &str, labels: &[&str], ok: impl Fn(f64) -> bool) {
+    common::eventually(
+        &format!("{name}{labels:?} is as expected"),
+        Duration::from_secs(20),
+        || ok(metric(port, name, labels)),
+    )
+    .await;
+}
+
 /// Bytes of one 16-token KV block of the generated model (f32 keys and values).
 fn block_bytes() -> usize {
     let c: serde_json::Value = serde_json::from_str(
@@ -147,46 +158,52 @@ async fn a_prefix_comes_back_from_host_then_from_disk_after_a_restart() {
     let (text, cached) = complete(&base, prompt).await;
     assert_eq!(text, want, "onboarded from host");
     assert!(cached > 0);
-    assert!(
-        metric(
-            port,
-            "dynamo_worker_kv_hit_tokens_total",
-            &["tier=\"host\""]
-        ) > 0.0
-    );
+    until_metric(
+        port,
+        "dynamo_worker_kv_hit_tokens_total",
+        &["tier=\"host\""],
+        |v| v > 0.0,
+    )
+    .await;
 
     // Many more push it out of host RAM onto the disk.
     for i in 10..22 {
         complete(&base, &filler(i)).await;
     }
-    common::eventually("blocks are on disk", Duration::from_secs(20), || {
-        metric(port, "dynamo_worker_kv_tier_blocks", &["tier=\"disk\""]) >= 4.0
-    })
+    until_metric(
+        port,
+        "dynamo_worker_kv_tier_blocks",
+        &["tier=\"disk\""],
+        |v| v >= 4.0,
+    )
     .await;
-    assert!(
-        metric(
-            port,
-            "dynamo_worker_kv_offload_dropped_total",
-            &["reason=\"filtered\""]
-        ) > 0.0,
-        "one-off prompts stay off the disk"
-    );
+    // One-off prompts stay off the disk.
+    until_metric(
+        port,
+        "dynamo_worker_kv_offload_dropped_total",
+        &["reason=\"filtered\""],
+        |v| v > 0.0,
+    )
+    .await;
 
     // A restart: the disk tier is rescanned and the prefix comes back from it.
     stop(w, &base).await;
     let w = worker(&url, disk.path(), port);
     until_listed(&base).await;
-    assert!(metric(port, "dynamo_worker_kv_recovered_blocks_total", &[]) >= 4.0);
+    until_metric(port, "dynamo_worker_kv_recovered_blocks_total", &[], |v| {
+        v >= 4.0
+    })
+    .await;
     let (text, cached) = complete(&base, prompt).await;
     assert_eq!(text, want, "onboarded from disk after a restart");
     assert!(cached > 0);
-    assert!(
-        metric(
-            port,
-            "dynamo_worker_kv_hit_tokens_total",
-            &["tier=\"disk\""]
-        ) > 0.0
-    );
+    until_metric(
+        port,
+        "dynamo_worker_kv_hit_tokens_total",
+        &["tier=\"disk\""],
+        |v| v > 0.0,
+    )
+    .await;
     stop(w, &base).await;
 
     // Every block file damaged: the first one read is refused, everything is recomputed.
@@ -204,14 +221,13 @@ async fn a_prefix_comes_back_from_host_then_from_disk_after_a_restart() {
     let (text, cached) = complete(&base, prompt).await;
     assert_eq!(text, want, "a corrupted block is recomputed, never served");
     assert_eq!(cached, 0);
-    assert_eq!(
-        metric(
-            port,
-            "dynamo_worker_kv_refused_blocks_total",
-            &["reason=\"corrupt\""]
-        ),
-        1.0
-    );
+    until_metric(
+        port,
+        "dynamo_worker_kv_refused_blocks_total",
+        &["reason=\"corrupt\""],
+        |v| v == 1.0,
+    )
+    .await;
     assert_eq!(
         metric(
             port,
