@@ -255,7 +255,7 @@ pub(super) fn spawn_kv_publishers(
         "dynamo_worker_queued_prefill_tokens",
     ]
     .map(|name| metrics::gauge!(name, "instance" => id.clone()));
-    let tiers = TierMetrics::new(&id);
+    let mut tiers = TierMetrics::new(&id);
     drop(id);
     let load_task = tokio::spawn(async move {
         loop {
@@ -316,8 +316,10 @@ pub(super) fn card_metadata(
 struct TierMetrics {
     gauges: Vec<(metrics::Gauge, Field)>,
     counters: Vec<(metrics::Counter, Field)>,
-    /// Counters are whole numbers: the onboards' time in microseconds.
-    onboard_micros: metrics::Counter,
+    /// Onboard latency: the report carries the count and total time of onboards so far; each
+    /// report's new ones are recorded at their mean.
+    onboard_seconds: metrics::Histogram,
+    onboards_seen: (u64, u64),
 }
 
 use dynamo_protocols::kv::TierReport;
@@ -410,9 +412,6 @@ impl TierMetrics {
                 counter("dynamo_worker_kv_onboard_declined_total", &[]),
                 |t| t.onboard_declined,
             ),
-            (counter("dynamo_worker_kv_onboards_total", &[]), |t| {
-                t.onboards
-            }),
             (counter(refused, &[disk[0], ("reason", "corrupt")]), |t| {
                 t.disk_corrupt
             }),
@@ -435,17 +434,27 @@ impl TierMetrics {
         Self {
             gauges,
             counters,
-            onboard_micros: counter("dynamo_worker_kv_onboard_microseconds_total", &[]),
+            onboard_seconds: metrics::histogram!("dynamo_worker_kv_onboard_seconds", &labels(&[])),
+            onboards_seen: (0, 0),
         }
     }
 
-    fn record(&self, t: &TierReport) {
+    fn record(&mut self, t: &TierReport) {
         for (g, get) in &self.gauges {
             g.set(get(t) as f64);
         }
         for (c, get) in &self.counters {
             c.absolute(get(t));
         }
-        self.onboard_micros.absolute(t.onboard_micros);
+        let (n, us) = self.onboards_seen;
+        // A restarted engine counts from zero again.
+        let (n, us) = if t.onboards < n { (0, 0) } else { (n, us) };
+        if t.onboards > n {
+            let mean = t.onboard_micros.saturating_sub(us) as f64 / (t.onboards - n) as f64;
+            for _ in n..t.onboards {
+                self.onboard_seconds.record(mean / 1e6);
+            }
+        }
+        self.onboards_seen = (t.onboards, t.onboard_micros);
     }
 }
