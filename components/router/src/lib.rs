@@ -16,10 +16,11 @@
 //!   first token and end as decision events.
 //!
 //! Cost of worker `w` for a request of `n` blocks: `overlap_weight x (n - credited(w) +
-//! pending_prefill(w) / block_size) + decode_blocks(w)`, where `credited` counts cached
-//! leading blocks (device 1, host `host_credit`, disk `disk_credit`; a lower-tier hit that
-//! would not fit back into the device pool beside the active blocks gets none), and
-//! `decode_blocks` is the
+//! pending_prefill(w) / block_size + wait(w)) + decode_blocks(w) + overflow(w)`, where
+//! `credited` counts cached leading blocks (device 1, host `host_credit`, disk `disk_credit`),
+//! `overflow` is the request's blocks that would not fit beside the active ones and `wait` is
+//! `n` when there is any overflow (the request waits there for a running one to finish;
+//! [`cost`]), and `decode_blocks` is the
 //! router's own count plus whatever the worker's last report showed beyond the router's count
 //! at that time (load from elsewhere), so a stale report does not outlive the requests in it. Workers whose KV
 //! usage is over `busy_threshold` are skipped; the lowest cost wins (ties broken at random), or
