@@ -328,10 +328,6 @@ impl DiskTier {
         self.blocks.capacity()
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.settings.dir
-    }
-
     pub fn counts(&self) -> DiskCounts {
         self.counts
     }
@@ -346,10 +342,9 @@ impl DiskTier {
     }
 
     /// Forgets `hash` and deletes its file.
-    fn forget(&mut self, hash: SequenceHash) -> bool {
-        let held = self.blocks.remove(&hash).is_some();
+    fn forget(&mut self, hash: SequenceHash) {
+        self.blocks.remove(&hash);
         let _ = fs::remove_file(self.path(hash));
-        held
     }
 
     /// Writes `block` (or refreshes it when held already), deleting least recently used

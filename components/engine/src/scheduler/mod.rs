@@ -689,32 +689,35 @@ impl<E: Executor> Scheduler<E> {
     /// Hands the blocks evicted since the last call, with contents, to the eviction hook and
     /// the host tier (at most `offload_per_step` a step; the rest are dropped, counted).
     fn offer_evicted(&mut self) {
-        if self.eviction_hook.is_none() && self.host.is_none() && self.disk.is_none() {
+        let lower = self.host.is_some() || self.disk.is_some();
+        if self.eviction_hook.is_none() && !lower {
             return;
         }
         for e in self.pool.take_evicted() {
-            let data = self.executor.read_block(e.block);
-            if self.host.is_some() || self.disk.is_some() {
-                if self.offloaded_this_step < self.settings.offload_per_step {
-                    self.offloaded_this_step += 1;
-                    if self.host.is_some() {
-                        self.offload(e, data.clone());
-                    } else {
-                        // No host tier: the block goes straight on to the disk's filter.
-                        self.spill_to_disk(TierBlock {
-                            hash: e.hash,
-                            parent: e.parent,
-                            local: e.local,
-                            position: e.position,
-                            data: data.clone(),
-                            uses: self.freq.get(&e.hash),
-                        });
-                    }
-                } else {
-                    self.tiers.offload_dropped += 1;
-                }
+            let to_tier = lower && self.offloaded_this_step < self.settings.offload_per_step;
+            if to_tier {
+                self.offloaded_this_step += 1;
+            } else if lower {
+                self.tiers.offload_dropped += 1;
             }
+            if !to_tier && self.eviction_hook.is_none() {
+                continue;
+            }
+            let mut block = TierBlock {
+                hash: e.hash,
+                parent: e.parent,
+                local: e.local,
+                position: e.position,
+                data: self.executor.read_block(e.block),
+                uses: self.freq.get(&e.hash),
+            };
             if let Some(hook) = &self.eviction_hook {
+                // The contents are copied only when the tiers keep them too.
+                let data = if to_tier {
+                    block.data.clone()
+                } else {
+                    std::mem::take(&mut block.data)
+                };
                 hook(KvBlockData {
                     hash: e.hash,
                     parent: e.parent,
@@ -722,6 +725,14 @@ impl<E: Executor> Scheduler<E> {
                     position: e.position,
                     data,
                 });
+            }
+            if to_tier {
+                if self.host.is_some() {
+                    self.offload(block);
+                } else {
+                    // No host tier: the block goes straight on to the disk's filter.
+                    self.spill_to_disk(block);
+                }
             }
         }
     }

@@ -49,9 +49,9 @@ pub(super) struct Offloader {
     thread: Option<JoinHandle<()>>,
 }
 
-fn lock(tier: &Mutex<DiskTier>) -> MutexGuard<'_, DiskTier> {
-    // The tier's state is consistent between calls; a panic elsewhere does not spoil it.
-    tier.lock().unwrap_or_else(|p| p.into_inner())
+/// Locks `m`; its state is consistent between calls, so a panic elsewhere does not spoil it.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Offloader {
@@ -94,7 +94,7 @@ impl Offloader {
                         }
                     }
                     drop(tier);
-                    if let Some(wake) = lock_waker(&w).as_ref() {
+                    if let Some(wake) = lock(&w).as_ref() {
                         wake();
                     }
                 }
@@ -110,7 +110,7 @@ impl Offloader {
     }
 
     pub fn set_waker(&self, waker: Waker) {
-        *lock_waker(&self.waker) = Some(waker);
+        *lock(&self.waker) = Some(waker);
     }
 
     /// Queues `block` for the disk, or says why not.
@@ -137,10 +137,6 @@ impl Offloader {
         let events = self.done.try_iter().collect();
         (tier, events)
     }
-}
-
-fn lock_waker(w: &Mutex<Option<Waker>>) -> MutexGuard<'_, Option<Waker>> {
-    w.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Drop for Offloader {

@@ -27,7 +27,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use dynamo_kv::{BlockId, Evicted, TierBlock};
+use dynamo_kv::{BlockId, TierBlock};
 use dynamo_protocols::kv::{
     KvEventData, LocalBlockHash, SequenceHash, StorageTier, StoredBlock, TierReport,
 };
@@ -189,19 +189,17 @@ impl<E: Executor> Scheduler<E> {
 
     /// Puts an evicted block (with its contents) into the host tier; what the host tier
     /// pushes out goes on to the disk through the filter.
-    pub(super) fn offload(&mut self, e: Evicted, data: Vec<u8>) {
+    pub(super) fn offload(&mut self, block: TierBlock) {
         let Some(host) = self.host.as_mut() else {
             return;
         };
-        let bytes = data.len() as u64;
-        let change = host.insert(TierBlock {
-            hash: e.hash,
-            parent: e.parent,
-            local: e.local,
-            position: e.position,
-            data,
-            uses: self.freq.get(&e.hash),
-        });
+        let (bytes, parent, hash, local) = (
+            block.data.len() as u64,
+            block.parent,
+            block.hash,
+            block.local,
+        );
+        let change = host.insert(block);
         if !change.evicted.is_empty() {
             self.tiers.host_evicted += change.evicted.len() as u64;
             self.pool.emit_tier(
@@ -220,10 +218,10 @@ impl<E: Executor> Scheduler<E> {
             self.pool.emit_tier(
                 StorageTier::Host,
                 KvEventData::Stored {
-                    parent_hash: e.parent,
+                    parent_hash: parent,
                     blocks: vec![StoredBlock {
-                        block_hash: e.hash,
-                        tokens_hash: e.local,
+                        block_hash: hash,
+                        tokens_hash: local,
                     }],
                 },
             );
