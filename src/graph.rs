@@ -101,6 +101,7 @@ const WORKER_KEYS: &[&str] = &[
     "kv_transfer",
     "kv_transfer_listen",
     "kv_staging_blocks",
+    "kv_share",
     "prefill_fallback",
     "prefill_timeout_ms",
 ];
@@ -109,6 +110,7 @@ const ROUTER_KEYS: &[&str] = &[
     "kv_overlap_score_weight",
     "kv_host_credit",
     "kv_disk_credit",
+    "kv_peer_credit",
     "router_temperature",
     "busy_threshold",
     "disagg_min_remote_tokens",

@@ -200,6 +200,11 @@ struct LaunchArgs {
     /// Decode workers: blocks of KV that may be in transfer at once. [default: 512]
     #[arg(long, env = "DYN_KV_STAGING_BLOCKS")]
     kv_staging_blocks: Option<usize>,
+    /// Cluster-wide KV sharing: workers serve their cached blocks (device and host tier) to
+    /// peers and fetch a prefix a peer holds when the router says so and the copy beats the
+    /// prefill (the KV router's --kv-peer-credit defaults to 0.4 with it in one process).
+    #[arg(long, env = "DYN_KV_SHARE")]
+    kv_share: bool,
     /// Decode workers: when a remote prefill fails, prefill locally (local) or fail the
     /// request (fail). [default: local]
     #[arg(long, env = "DYN_PREFILL_FALLBACK")]
@@ -251,6 +256,7 @@ impl LaunchArgs {
             kv_transfer: self.kv_transfer.clone(),
             kv_transfer_listen: self.kv_transfer_listen.clone(),
             kv_staging_blocks: self.kv_staging_blocks,
+            kv_share: self.kv_share.then_some(true),
             prefill_fallback: self.prefill_fallback.clone(),
             prefill_timeout_ms: self.prefill_timeout_ms,
             router_mode: self.router_mode.clone(),
@@ -279,6 +285,11 @@ struct RouterArgs {
     /// KV router: the same for a block on a worker's disk tier. [default: 0.25]
     #[arg(long, env = "DYN_KV_DISK_CREDIT")]
     kv_disk_credit: Option<f64>,
+    /// KV router: a prefix block a peer worker holds (device or host) that the chosen worker
+    /// would fetch counts this much of a device hit; above 0 the router suggests such
+    /// fetches (workers need --kv-share). [default: 0; 0.4 with --kv-share]
+    #[arg(long, env = "DYN_KV_PEER_CREDIT")]
+    kv_peer_credit: Option<f64>,
     /// KV router: 0 picks the lowest cost; above 0 samples with a softmax at this
     /// temperature. [default: 0]
     #[arg(long, env = "DYN_ROUTER_TEMPERATURE")]
@@ -303,6 +314,7 @@ impl RouterArgs {
             kv_overlap_score_weight: self.kv_overlap_score_weight,
             kv_host_credit: self.kv_host_credit,
             kv_disk_credit: self.kv_disk_credit,
+            kv_peer_credit: self.kv_peer_credit,
             router_temperature: self.router_temperature,
             busy_threshold: self.busy_threshold,
             disagg_min_remote_tokens: self.disagg_min_remote_tokens,

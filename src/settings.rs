@@ -70,6 +70,7 @@ pub struct Settings {
     pub kv_transfer: Option<String>,
     pub kv_transfer_listen: Option<String>,
     pub kv_staging_blocks: Option<usize>,
+    pub kv_share: Option<bool>,
     pub prefill_fallback: Option<String>,
     pub prefill_timeout_ms: Option<u64>,
     // Routers, and frontends routing in-process.
@@ -77,6 +78,7 @@ pub struct Settings {
     pub kv_overlap_score_weight: Option<f64>,
     pub kv_host_credit: Option<f64>,
     pub kv_disk_credit: Option<f64>,
+    pub kv_peer_credit: Option<f64>,
     pub router_temperature: Option<f64>,
     pub busy_threshold: Option<f64>,
     pub disagg_min_remote_tokens: Option<usize>,
@@ -175,6 +177,10 @@ fn gbps(flag: &str, value: Option<f64>, default: f64) -> Result<f64> {
 }
 
 /// The KV router's settings (routers, and frontends routing by KV or load).
+/// A peer's block counts this much of a device hit when workers share KV (`--kv-share`):
+/// below a local host hit (0.5), as the copy crosses the network.
+pub const PEER_CREDIT: f64 = 0.4;
+
 pub fn router_settings(s: &Settings) -> Result<KvRouterSettings> {
     let d = KvRouterSettings::default();
     let weight = s.kv_overlap_score_weight.unwrap_or(d.overlap_weight);
@@ -190,6 +196,11 @@ pub fn router_settings(s: &Settings) -> Result<KvRouterSettings> {
     };
     let host_credit = credit("--kv-host-credit", s.kv_host_credit, d.host_credit)?;
     let disk_credit = credit("--kv-disk-credit", s.kv_disk_credit, d.disk_credit)?;
+    let peer_default = match s.kv_share {
+        Some(true) => PEER_CREDIT,
+        _ => d.peer_credit,
+    };
+    let peer_credit = credit("--kv-peer-credit", s.kv_peer_credit, peer_default)?;
     let temperature = s.router_temperature.unwrap_or(d.temperature);
     if !(temperature.is_finite() && temperature >= 0.0) {
         bail!("--router-temperature must be a number >= 0");
@@ -201,6 +212,7 @@ pub fn router_settings(s: &Settings) -> Result<KvRouterSettings> {
         overlap_weight: weight,
         host_credit,
         disk_credit,
+        peer_credit,
         temperature,
         busy_threshold: s.busy_threshold,
         disagg_min_remote_tokens: s
@@ -310,6 +322,7 @@ pub fn resolve(
             None => dd.listen,
         },
         staging_blocks: s.kv_staging_blocks.unwrap_or(dd.staging_blocks),
+        share: s.kv_share.unwrap_or(dd.share),
         fallback: match &s.prefill_fallback {
             Some(f) => f
                 .parse()

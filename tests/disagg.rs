@@ -18,8 +18,8 @@ use dynamo_actors::worker::{EngineFactory, PrefillFallback, WorkerSettings};
 use dynamo_engine::{Engine, NativeEngine, NativeSettings};
 use dynamo_preprocessor::ModelFolder;
 use dynamo_protocols::llm::{
-    EngineOutput, PreprocessedRequest, RemotePrefill, SamplingOptions, StopConditions, TokenId,
-    WorkerKind,
+    EngineOutput, PeerPrefix, PreprocessedRequest, RemotePrefill, SamplingOptions, StopConditions,
+    TokenId, WorkerKind,
 };
 use dynamo_runtime::rpc::RpcError;
 use dynamo_runtime::subject::{ComponentId, EndpointName, Namespace};
@@ -28,6 +28,11 @@ use dynamo_runtime::{CallOptions, InstanceId, Runtime, Target};
 const NS: &str = "disagg";
 
 fn native(dir: std::path::PathBuf) -> EngineFactory {
+    native_with(dir, 0)
+}
+
+/// A native engine with a host KV tier of `host_kv_cache` bytes (0: none).
+fn native_with(dir: std::path::PathBuf, host_kv_cache: usize) -> EngineFactory {
     Arc::new(move || {
         let dir = dir.clone();
         Box::pin(async move {
@@ -38,6 +43,7 @@ fn native(dir: std::path::PathBuf) -> EngineFactory {
                         block_size: 16,
                         num_gpu_blocks: Some(64),
                         threads: Some(1),
+                        host_kv_cache,
                         ..Default::default()
                     },
                     &mut |_, _| {},
@@ -95,6 +101,7 @@ fn request(tokens: Vec<TokenId>, prefill: Option<InstanceId>) -> PreprocessedReq
             prefill_worker: p.as_u64(),
             endpoint: format!("{NS}.prefill.prefill"),
         }),
+        peer_prefix: None,
     }
 }
 
@@ -290,6 +297,155 @@ on_both_buses!(
     disaggregated_output_is_token_identical_embedded_bus,
     disaggregated_output_is_token_identical_nats_bus,
     disaggregated_output_is_token_identical
+);
+
+/// An aggregated worker that shares KV with its peers (`--kv-share`), with a host tier.
+async fn sharing_worker(
+    sup: &SupervisorHandle,
+    folder: &ModelFolder,
+    dir: &std::path::Path,
+    name: &str,
+    share: bool,
+) -> InstanceId {
+    let card = folder.files().card("tiny", 16, 4096).unwrap();
+    let mut ws = WorkerSettings::new(card, folder.files().clone());
+    ws.disagg.share = share;
+    let spec = dynamo_actors::supervisor::WorkerSpec::new(
+        ComponentId::new(NS, name).unwrap(),
+        ws,
+        native_with(dir.to_path_buf(), 64 << 20),
+    );
+    match sup
+        .start_role(name, RoleSpec::Worker(Box::new(spec)))
+        .await
+        .unwrap()
+    {
+        Started::Worker { instance } => instance,
+        _ => panic!("not a worker"),
+    }
+}
+
+/// `tokens` to `worker`, told that `peer` (a component of the same name) holds `blocks` of
+/// its blocks.
+fn fetching(tokens: Vec<TokenId>, peer: (&str, InstanceId), blocks: u32) -> PreprocessedRequest {
+    PreprocessedRequest {
+        peer_prefix: Some(PeerPrefix {
+            worker: peer.1.as_u64(),
+            endpoint: format!("{NS}.{}.{}", peer.0, WorkerKind::KV_FETCH_ENDPOINT),
+            blocks,
+        }),
+        ..request(tokens, None)
+    }
+}
+
+/// Cluster-wide KV sharing on the native engine (real bytes through the transfer library): a
+/// worker told that a peer holds its prompt's prefix fetches it, from the peer's device pool
+/// or, once evicted there, its host tier, and answers token for token what the peer
+/// answered, the fetched blocks counted as cached. A peer that is gone, does not share, or
+/// holds nothing only means computing the prompt: same tokens, nothing cached.
+async fn a_worker_fetches_a_prefix_a_peer_holds(bus: Option<String>) {
+    let (dir, folder) = common::native_model();
+    let (runtime, sup) = common::supervised(bus).await;
+    let a = sharing_worker(&sup, &folder, dir.path(), "a", true).await;
+    let b = sharing_worker(&sup, &folder, dir.path(), "b", true).await;
+    let c = sharing_worker(&sup, &folder, dir.path(), "c", true).await;
+    let plain = sharing_worker(&sup, &folder, dir.path(), "plain", false).await;
+    let prompt: Vec<TokenId> = (0..70).map(|i| 100 + (i * 37) % 3000).collect();
+    let want = generate(&runtime, "a", a, request(prompt.clone(), None))
+        .await
+        .unwrap();
+    assert_eq!(want[0].cached_tokens, Some(0));
+    // From a's device pool: its four full blocks move, the partial one is computed.
+    let got = generate(&runtime, "b", b, fetching(prompt.clone(), ("a", a), 4))
+        .await
+        .unwrap();
+    assert_eq!(
+        tokens(&got),
+        tokens(&want),
+        "fetched from the peer's device"
+    );
+    assert_eq!(got[0].cached_tokens, Some(64));
+    // Other prompts push a's blocks out of its 64-block pool into its host tier.
+    for k in 0..5u32 {
+        let other: Vec<TokenId> = (0..200).map(|i| 4000 + k * 300 + (i * 7) % 290).collect();
+        generate(&runtime, "a", a, request(other, None))
+            .await
+            .unwrap();
+    }
+    let got = generate(&runtime, "c", c, fetching(prompt.clone(), ("a", a), 4))
+        .await
+        .unwrap();
+    assert_eq!(
+        tokens(&got),
+        tokens(&want),
+        "fetched from the peer's host tier"
+    );
+    assert_eq!(got[0].cached_tokens, Some(64));
+    // Nothing to fetch: a peer that does not share, one that is gone, one that holds none of
+    // the blocks; a worker that does not share itself. Computed, with the same answer (each
+    // prompt new to the worker asked).
+    let gone = InstanceId::new(a.as_u64() ^ 1);
+    for (k, (what, peer, to)) in [
+        ("a peer that does not share", ("plain", plain), ("c", c)),
+        ("a peer that is gone", ("a", gone), ("c", c)),
+        ("a peer that holds none", ("b", b), ("c", c)),
+        ("a worker that does not share", ("a", a), ("plain", plain)),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let unseen: Vec<TokenId> = prompt.iter().map(|t| t + 1 + k as u32).collect();
+        let want = generate(&runtime, "a", a, request(unseen.clone(), None))
+            .await
+            .unwrap();
+        let got = generate(&runtime, to.0, to.1, fetching(unseen, peer, 4))
+            .await
+            .unwrap();
+        assert_eq!(tokens(&got), tokens(&want), "{what}");
+        assert_eq!(got[0].cached_tokens, Some(0), "{what}: computed");
+    }
+    // A fetch request that asks for nothing is refused with a typed error.
+    let bad = dynamo_protocols::llm::KvFetchRequest {
+        hashes: vec![],
+        from: 0,
+        target: None,
+        write_within_ms: 1000,
+    };
+    let err = runtime
+        .client()
+        .call::<_, dynamo_protocols::llm::KvFetchReply>(
+            Target::Instance(
+                ComponentId::new(NS, "a")
+                    .unwrap()
+                    .endpoint(WorkerKind::KV_FETCH_ENDPOINT)
+                    .unwrap(),
+                a,
+            ),
+            &bad,
+            CallOptions::default(),
+        )
+        .await
+        .unwrap()
+        .collect()
+        .await;
+    match err {
+        Err(RpcError::Remote(e)) => {
+            assert_eq!(
+                e.kind,
+                dynamo_runtime::rpc::RemoteErrorKind::BadRequest,
+                "{e:?}"
+            )
+        }
+        other => panic!("an empty fetch is a bad request, got {other:?}"),
+    }
+    sup.shutdown(Duration::from_secs(2)).await;
+    runtime.close().await;
+}
+
+on_both_buses!(
+    a_worker_fetches_a_prefix_a_peer_holds_embedded_bus,
+    a_worker_fetches_a_prefix_a_peer_holds_nats_bus,
+    a_worker_fetches_a_prefix_a_peer_holds
 );
 
 /// A prefill worker that is gone, or one whose KV layout differs: the decode worker prefills

@@ -93,6 +93,7 @@ async fn mocker_events_on_the_bus_replay_to_each_workers_cached_set() {
                     stop_token_ids: vec![],
                 },
                 remote_prefill: None,
+                peer_prefix: None,
             };
             let client = runtime.client().clone();
             let target = Target::Instance(generate.clone(), instance);

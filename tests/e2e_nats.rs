@@ -384,6 +384,7 @@ async fn a_worker_that_drops_its_bus_connection_vanishes_from_the_bus() {
             stop_token_ids: vec![],
         },
         remote_prefill: None,
+        peer_prefix: None,
     };
     let until = Instant::now() + Duration::from_secs(10);
     loop {

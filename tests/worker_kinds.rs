@@ -64,6 +64,7 @@ fn request(remote: Option<u64>) -> PreprocessedRequest {
             prefill_worker: instance,
             endpoint: "kinds.prefill.prefill".into(),
         }),
+        peer_prefix: None,
     }
 }
 

@@ -22,7 +22,7 @@ use super::models::{ModelEntry, ModelTable, WorkerAddr};
 use super::RouterMode;
 use crate::router::{DecisionSink, KvRouter, RouteError, RouteLease};
 use dynamo_protocols::kv::WorkerId;
-use dynamo_protocols::llm::RemotePrefill;
+use dynamo_protocols::llm::{PeerPrefix, RemotePrefill, WorkerKind};
 use dynamo_protocols::router::{RouteRequest, RouteResponse};
 use dynamo_router::PrefillPlan;
 use dynamo_runtime::EndpointId;
@@ -201,8 +201,49 @@ struct Prefill {
 }
 
 /// Where a request goes: its (decode) worker, the router's accounting there, and the prefill
-/// worker when the prompt is prefilled elsewhere.
-type Routed = (WorkerAddr, Option<RouteLease>, Option<Prefill>);
+/// worker when the prompt is prefilled elsewhere, or the peer to fetch its prefix from.
+struct Routed {
+    addr: WorkerAddr,
+    lease: Option<RouteLease>,
+    prefill: Option<Prefill>,
+    peer: Option<PeerPrefix>,
+}
+
+impl Routed {
+    fn to(addr: WorkerAddr) -> Self {
+        Self {
+            addr,
+            lease: None,
+            prefill: None,
+            peer: None,
+        }
+    }
+}
+
+/// The router's suggested peer as the worker's request carries it: its `kv_fetch` endpoint,
+/// from the peer's own address (`None` when this frontend does not know it, or it failed).
+fn peer_prefix(
+    entry: &ModelEntry,
+    skip: &[InstanceId],
+    peer: Option<(WorkerId, u32)>,
+) -> Option<PeerPrefix> {
+    let (worker, blocks) = peer?;
+    let addr = entry
+        .instances
+        .iter()
+        .find(|a| a.instance.as_u64() == worker.0 && !skip.contains(&a.instance))?;
+    let c = &addr.endpoint.component;
+    Some(PeerPrefix {
+        worker: worker.0,
+        endpoint: format!(
+            "{}.{}.{}",
+            c.namespace,
+            c.component,
+            WorkerKind::KV_FETCH_ENDPOINT
+        ),
+        blocks,
+    })
+}
 
 impl Serving {
     pub fn new(
@@ -314,8 +355,16 @@ impl Serving {
             .iter()
             .find(|a| a.instance.as_u64() == decided.worker.0 && !skip.contains(&a.instance))
             .cloned();
+        let peer = peer_prefix(entry, skip, decided.peer.map(|p| (p.worker, p.blocks)));
         // None: the router knows a worker this frontend does not (yet); any live one serves.
-        addr.map(|addr| Ok((addr, Some(lease), prefill)))
+        addr.map(|addr| {
+            Ok(Routed {
+                addr,
+                lease: Some(lease),
+                prefill,
+                peer,
+            })
+        })
     }
 
     async fn route(
@@ -353,7 +402,7 @@ impl Serving {
                 .instances
                 .iter()
                 .find(|a| a.instance == id)
-                .map(|a| (a.clone(), None, None))
+                .map(|a| Routed::to(a.clone()))
                 .ok_or_else(|| {
                     ApiError::bad_request(
                         format!("instance {hex} does not serve model {}", entry.card.name),
@@ -401,7 +450,16 @@ impl Serving {
                         }),
                         PrefillPlan::Local(_) => None,
                     };
-                    Ok((addr, Some(d.lease), prefill))
+                    let peer = match prefill {
+                        Some(_) => None,
+                        None => peer_prefix(entry, skip, d.peer),
+                    };
+                    Ok(Routed {
+                        addr,
+                        lease: Some(d.lease),
+                        prefill,
+                        peer,
+                    })
                 }
                 Err(RouteError::AllBusy(n)) => Err(ApiError::unavailable(format!(
                     "all {n} workers serving model {} are busy (KV cache over the busy threshold); retry shortly",
@@ -424,7 +482,7 @@ impl Serving {
                 ))
             }
         };
-        Ok((live[i].clone(), None, None))
+        Ok(Routed::to(live[i].clone()))
     }
 
     /// Preprocesses, routes and starts one request; the result streams its text.
@@ -497,7 +555,12 @@ impl Serving {
         let mut tried = Vec::new();
         let mut last_err = None;
         for _ in 0..MAX_ATTEMPTS {
-            let (addr, lease, prefill) = match self.route(&entry, &prepared, &tried).await {
+            let Routed {
+                addr,
+                lease,
+                prefill,
+                peer,
+            } = match self.route(&entry, &prepared, &tried).await {
                 Ok(a) => a,
                 Err(e) => {
                     last_err = Some(last_err.unwrap_or(e));
@@ -513,14 +576,20 @@ impl Serving {
                 .client()
                 .call::<_, EngineOutput>(
                     Target::Instance(addr.endpoint.clone(), addr.instance),
-                    &match &prefill {
-                        Some(p) => {
+                    &match (&prefill, peer) {
+                        (Some(p), _) => {
                             std::borrow::Cow::Owned(dynamo_protocols::llm::PreprocessedRequest {
                                 remote_prefill: Some(p.remote.clone()),
                                 ..prepared.request.clone()
                             })
                         }
-                        None => std::borrow::Cow::Borrowed(&prepared.request),
+                        (None, Some(peer)) => {
+                            std::borrow::Cow::Owned(dynamo_protocols::llm::PreprocessedRequest {
+                                peer_prefix: Some(peer),
+                                ..prepared.request.clone()
+                            })
+                        }
+                        (None, None) => std::borrow::Cow::Borrowed(&prepared.request),
                     },
                     opts,
                 )

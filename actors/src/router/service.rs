@@ -79,6 +79,12 @@ impl Actor for RouteActor {
             let _ = match decided {
                 Ok(d) => {
                     let (worker, overlap) = (d.worker, d.overlap);
+                    let peer =
+                        d.peer
+                            .map(|(worker, blocks)| dynamo_protocols::router::RoutedPeer {
+                                worker,
+                                blocks,
+                            });
                     let lease = router.detach(d.lease);
                     reply
                         .finish_with(&RouteResponse {
@@ -88,6 +94,7 @@ impl Actor for RouteActor {
                             overlap_disk: overlap.disk,
                             lease,
                             prefill,
+                            peer,
                         })
                         .await
                 }

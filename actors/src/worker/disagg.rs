@@ -81,6 +81,9 @@ pub struct DisaggSettings {
     pub prefill_timeout: Duration,
     /// Longest one transfer may take.
     pub transfer_timeout: Duration,
+    /// Share KV with peer workers (any kind): serve `kv_fetch`, and fetch a prefix a peer
+    /// holds when the router says so (see [`super::share`]).
+    pub share: bool,
 }
 
 impl Default for DisaggSettings {
@@ -92,6 +95,7 @@ impl Default for DisaggSettings {
             fallback: PrefillFallback::Local,
             prefill_timeout: Duration::from_secs(30),
             transfer_timeout: Duration::from_secs(10),
+            share: false,
         }
     }
 }
@@ -120,18 +124,38 @@ struct Staging {
     free: Mutex<Vec<usize>>,
 }
 
-/// Slots lent to one remote prefill; given back on drop, at once or after `hold_until`.
-struct Slots {
+/// Slots lent to one remote prefill or peer fetch; given back on drop, at once or after
+/// `hold_until`.
+pub(super) struct Slots {
     staging: Arc<Staging>,
     slots: Vec<usize>,
     hold_until: Option<Instant>,
 }
 
 impl Slots {
-    fn descriptors(&self) -> Vec<Descriptor> {
+    pub(super) fn descriptors(&self) -> Vec<Descriptor> {
         self.slots
             .iter()
             .map(|&s| self.staging.region.block(s))
+            .collect()
+    }
+
+    /// Kept out of use for `d` after the drop (a writer may still be at them until then).
+    pub(super) fn hold_for(&mut self, d: Duration) {
+        self.hold_until = Some(Instant::now() + d);
+    }
+
+    /// The writer is done: given back at the drop.
+    pub(super) fn release_now(&mut self) {
+        self.hold_until = None;
+    }
+
+    /// The first `n` slots' bytes.
+    pub(super) fn read(&self, n: usize) -> Result<Vec<Vec<u8>>, TransferError> {
+        self.descriptors()
+            .iter()
+            .take(n)
+            .map(|d| self.staging.region.read(d))
             .collect()
     }
 }
@@ -176,7 +200,7 @@ pub(crate) struct Disagg {
 
 /// Why a remote prefill did not happen; a closed set (metric labels).
 #[derive(Debug, thiserror::Error)]
-enum Why {
+pub(super) enum Why {
     #[error("the engine has no KV cache to import into")]
     NoKv,
     #[error("the prompt's full blocks are cached here already")]
@@ -236,14 +260,15 @@ impl Disagg {
         instance: InstanceId,
         bus: Arc<dyn dynamo_runtime::bus::Bus>,
     ) -> Result<Option<Arc<Self>>, String> {
-        if kind == WorkerKind::Aggregated {
+        if kind == WorkerKind::Aggregated && !settings.share {
             return Ok(None);
         }
-        let decode = kind == WorkerKind::Decode;
+        // A decode worker receives a prefill worker's blocks; a sharing worker a peer's.
+        let decode = kind == WorkerKind::Decode || settings.share;
         let layout = engine.kv_capability().as_deref().and_then(layout_of);
         let agent = Agent::start(AgentSettings {
             name: format!("{}-{instance}", kind.as_str()),
-            // Only a decode worker whose engine has bytes to receive listens.
+            // Only a worker whose engine has bytes to receive listens.
             tcp_listen: (decode && layout.is_some()).then_some(settings.listen),
             route: settings.route,
             tcp_connections: 4,
@@ -287,7 +312,29 @@ impl Disagg {
         serde_json::to_value(self.agent.metadata()).unwrap_or_default()
     }
 
-    fn take_slots(&self, n: usize) -> Result<Option<Slots>, Why> {
+    /// Whether it shares KV with peers (serves `kv_fetch`, fetches on a router's hint).
+    pub(crate) fn shares(&self) -> bool {
+        self.settings.share
+    }
+
+    pub(super) fn client(&self) -> Option<&RpcClient> {
+        self.client.as_ref()
+    }
+
+    pub(super) fn instance(&self) -> InstanceId {
+        self.instance
+    }
+
+    pub(super) fn settings(&self) -> &DisaggSettings {
+        &self.settings
+    }
+
+    /// This agent's metadata, msgpack (what a [`KvTarget`] carries).
+    pub(super) fn agent_meta(&self) -> &[u8] {
+        &self.agent_meta
+    }
+
+    pub(super) fn take_slots(&self, n: usize) -> Result<Option<Slots>, Why> {
         let Some(staging) = &self.staging else {
             return Ok(None);
         };
@@ -399,6 +446,7 @@ impl Disagg {
         let request = PrefillRequest {
             request: PreprocessedRequest {
                 remote_prefill: None,
+                peer_prefix: None,
                 ..body.clone()
             },
             skip_blocks: cached as u32,
@@ -472,6 +520,7 @@ impl Disagg {
                     cached,
                     PreprocessedRequest {
                         remote_prefill: None,
+                        peer_prefix: None,
                         ..body.clone()
                     },
                     token,
@@ -550,7 +599,7 @@ impl Disagg {
         Ok(first)
     }
 
-    async fn send_blocks(
+    pub(super) async fn send_blocks(
         &self,
         cap: &dyn KvCapability,
         data: Vec<Vec<u8>>,

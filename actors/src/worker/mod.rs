@@ -29,8 +29,8 @@ use dynamo_engine::{Engine, EngineState};
 use dynamo_preprocessor::ModelFiles;
 use dynamo_protocols::kv::{KvDump, KvDumpRequest, KV_DUMP_ENDPOINT};
 use dynamo_protocols::llm::{
-    EngineOutput, FileChunk, FileRequest, ModelCard, PrefillRequest, PreprocessedRequest,
-    WorkerKind,
+    EngineOutput, FileChunk, FileRequest, KvFetchReply, KvFetchRequest, ModelCard, PrefillRequest,
+    PreprocessedRequest, WorkerKind,
 };
 use dynamo_runtime::rpc::RemoteErrorKind;
 use dynamo_runtime::serve::{DrainReport, EndpointProbe, ServeError};
@@ -56,6 +56,7 @@ pub const DUMP_PIECE: usize = 8192;
 
 mod disagg;
 mod requests;
+mod share;
 
 use disagg::Disagg;
 pub use disagg::{DisaggSettings, PrefillFallback};
@@ -136,6 +137,7 @@ pub enum WorkerStatus {
 enum Msg {
     Generate(Request<PreprocessedRequest, EngineOutput>),
     Prefill(Request<PrefillRequest, EngineOutput>),
+    Fetch(Request<KvFetchRequest, KvFetchReply>),
     File(Request<FileRequest, FileChunk>),
     Dump(Request<KvDumpRequest, KvDump>),
     /// Serve with this engine (the first, or a restarted one of `epoch`).
@@ -173,6 +175,12 @@ impl From<Request<PrefillRequest, EngineOutput>> for Msg {
     }
 }
 
+impl From<Request<KvFetchRequest, KvFetchReply>> for Msg {
+    fn from(r: Request<KvFetchRequest, KvFetchReply>) -> Self {
+        Msg::Fetch(r)
+    }
+}
+
 impl From<Request<FileRequest, FileChunk>> for Msg {
     fn from(r: Request<FileRequest, FileChunk>) -> Self {
         Msg::File(r)
@@ -200,6 +208,8 @@ struct Running {
     engine: Arc<dyn Engine>,
     generate: ServedEndpoint,
     dump: Option<ServedEndpoint>,
+    /// `kv_fetch`, when the worker shares its KV with peers.
+    fetch: Option<ServedEndpoint>,
     /// KV event and load publishers and the health watch: none of them holds a request.
     tasks: Vec<tokio::task::JoinHandle<()>>,
     started: tokio::time::Instant,
@@ -274,6 +284,27 @@ impl WorkerActor {
                 return Err(e);
             }
         };
+        let fetch = match (&self.disagg, &kv) {
+            (Some(d), Some(_)) if d.shares() => match self
+                .instance
+                .serve::<KvFetchRequest, KvFetchReply, _>(
+                    name(WorkerKind::KV_FETCH_ENDPOINT),
+                    myself.clone(),
+                    serde_json::json!({ "role": "kv_fetch" }),
+                )
+                .await
+            {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    generate.shutdown(Duration::ZERO).await;
+                    if let Some(d) = dump {
+                        d.shutdown(Duration::ZERO).await;
+                    }
+                    return Err(e);
+                }
+            },
+            _ => None,
+        };
         let mut tasks = kv
             .as_ref()
             .map(|kv| spawn_kv_publishers(&self.instance, kv))
@@ -296,6 +327,7 @@ impl WorkerActor {
             engine,
             generate,
             dump,
+            fetch,
             tasks,
             started: tokio::time::Instant::now(),
         })
@@ -307,6 +339,9 @@ impl WorkerActor {
         let report = running.generate.shutdown(grace).await;
         if let Some(d) = running.dump {
             d.shutdown(Duration::from_millis(200)).await;
+        }
+        if let Some(f) = running.fetch {
+            f.shutdown(Duration::from_millis(200)).await;
         }
         for t in running.tasks {
             t.abort();
@@ -419,6 +454,29 @@ impl Actor for WorkerActor {
                         tokio::spawn(async move {
                             let _ = reply
                                 .fail(RemoteErrorKind::Unavailable, why.to_string())
+                                .await;
+                        });
+                    }
+                }
+            }
+            Msg::Fetch(req) => {
+                let span = req.ctx.span().clone();
+                match (&state.running, &self.disagg) {
+                    (Some(r), Some(d)) => {
+                        tokio::spawn(
+                            d.clone()
+                                .serve_fetch(r.engine.clone(), req)
+                                .instrument(span),
+                        );
+                    }
+                    _ => {
+                        let reply = req.reply;
+                        tokio::spawn(async move {
+                            let _ = reply
+                                .fail(
+                                    RemoteErrorKind::Unavailable,
+                                    "this worker's engine is restarting".to_string(),
+                                )
                                 .await;
                         });
                     }

@@ -71,6 +71,19 @@ pub(super) async fn generate(
             }
         }
     }
+    // A peer holds more of the prompt than this worker: fetch it when worth it.
+    if let Some(peer) = body.peer_prefix.take() {
+        if continued.is_none() && !body.token_ids.is_empty() {
+            super::share::fetch_prefix(
+                disagg.as_deref(),
+                &engine,
+                &body,
+                &peer,
+                ctx.cancellation(),
+            )
+            .await;
+        }
+    }
     if body.token_ids.is_empty() {
         let _ = reply
             .fail(
@@ -303,6 +316,9 @@ pub(super) fn card_metadata(
     if let Some(d) = disagg {
         // The transfer agent (regions, TCP address): how peers reach this worker's memory.
         meta.insert("kv_transfer".into(), d.metadata());
+        if d.shares() {
+            meta.insert("kv_share".into(), true.into());
+        }
     }
     meta.insert(
         ModelCard::METADATA_KEY.into(),

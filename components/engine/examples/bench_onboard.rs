@@ -44,6 +44,7 @@ async fn run(e: &NativeEngine, p: Vec<TokenId>) -> (TokenId, u32, f64) {
             stop_token_ids: vec![],
         },
         remote_prefill: None,
+        peer_prefix: None,
     };
     let t = Instant::now();
     let outs: Vec<_> = e

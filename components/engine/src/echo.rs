@@ -106,6 +106,7 @@ mod tests {
                 stop_token_ids: stop,
             },
             remote_prefill: None,
+            peer_prefix: None,
         }
     }
 

@@ -189,6 +189,35 @@ pub trait KvCapability: Send + Sync {
         &self,
         hashes: Vec<SequenceHash>,
     ) -> BoxFuture<'static, Result<Vec<KvBlockData>, EngineError>>;
+    /// For a peer: the blocks of the chain `hashes` this engine holds from index `from` on (a
+    /// leading run), each from its device pool or else its host tier. Empty when it has none.
+    fn share(
+        &self,
+        _hashes: Vec<SequenceHash>,
+        _from: usize,
+    ) -> BoxFuture<'static, Result<Vec<KvBlockData>, EngineError>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+    /// Whether fetching `blocks` blocks from a peer beats computing them here (the engine's
+    /// cost model; an engine without one says yes: a copy is cheaper than a prefill).
+    fn worth_fetching(&self, _blocks: usize) -> bool {
+        true
+    }
+    /// Writes `blocks` (a chain continuing the reservation's first `cached` blocks, which
+    /// [`KvCapability::reserve_prompt`] pinned) into the reservation's next blocks and caches
+    /// them; the rest of the reservation is given back. Returns the blocks newly cached.
+    fn import_continuation(
+        &self,
+        _reservation: Reservation,
+        _cached: usize,
+        _blocks: Vec<KvBlockData>,
+    ) -> BoxFuture<'static, Result<usize, EngineError>> {
+        Box::pin(async {
+            Err(EngineError::BadRequest(
+                "this engine cannot import KV blocks".into(),
+            ))
+        })
+    }
     fn reserve(&self, blocks: usize) -> BoxFuture<'static, Result<Reservation, EngineError>>;
     fn import(
         &self,

@@ -124,6 +124,17 @@ impl MockerSettings {
         }
     }
 
+    /// Fetching blocks from a peer is worth it when the simulated transfer beats the perf
+    /// model's prefill of the same tokens.
+    fn fetch_cost(&self) -> impl Fn(usize) -> bool + Send + Sync + 'static {
+        let transfer = self.transfer_time();
+        let (bs, speedup) = (self.block_size as f64, self.speedup_ratio.max(1e-9));
+        move |blocks| {
+            let compute = Duration::from_secs_f64(prefill_ms(blocks as f64 * bs) / 1e3 / speedup);
+            transfer(blocks) < compute
+        }
+    }
+
     /// The disk tier's settings, when one is configured. Files are marked with the simulated
     /// layout (block size, bytes per token), so a directory is reused only by a mocker of the
     /// same shape.
@@ -364,7 +375,8 @@ impl MockerEngine {
         Ok(Self {
             capability: Arc::new(
                 SchedulerKv::new(commands.clone(), Command::Kv, settings.block_size, 0)
-                    .with_simulated_transfer(settings.transfer_time()),
+                    .with_simulated_transfer(settings.transfer_time())
+                    .with_fetch_cost(settings.fetch_cost()),
             ),
             commands,
             kv: KvHandle::new(events, load, dumps, settings.block_size as u32),
@@ -474,6 +486,7 @@ mod tests {
                 stop_token_ids: vec![],
             },
             remote_prefill: None,
+            peer_prefix: None,
         }
     }
     use dynamo_protocols::llm::{SamplingOptions, StopConditions};

@@ -51,6 +51,7 @@ fn request(prompt: Vec<u32>, max_tokens: u32) -> PreprocessedRequest {
             stop_token_ids: vec![],
         },
         remote_prefill: None,
+        peer_prefix: None,
     }
 }
 

@@ -499,6 +499,7 @@ impl Preprocessor {
                     stop_token_ids,
                 },
                 remote_prefill: None,
+                peer_prefix: None,
             },
             stream,
             include_usage: stream && p.stream_options.is_some_and(|o| o.include_usage),

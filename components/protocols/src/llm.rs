@@ -48,6 +48,45 @@ pub struct PreprocessedRequest {
     /// handed to this (decode) worker. Only decode workers take such requests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remote_prefill: Option<RemotePrefill>,
+    /// Set by a router that shares KV across workers: a peer holds a longer leading run of
+    /// the prompt's blocks (on its device or host tier) than this worker; fetch them from it
+    /// when that beats computing them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_prefix: Option<PeerPrefix>,
+}
+
+/// A peer worker that holds the leading `blocks` full blocks of a request's prompt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerPrefix {
+    /// The peer's instance id.
+    pub worker: u64,
+    /// Its KV fetch endpoint (`namespace.component.kv_fetch`).
+    pub endpoint: String,
+    pub blocks: u32,
+}
+
+/// What a worker's `kv_fetch` endpoint takes: write the blocks of the chain `hashes` it holds
+/// (device or host tier) from index `from` on, a leading run, into `target`'s first ranges.
+/// The answer is one [`KvFetchReply`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KvFetchRequest {
+    /// Sequence hashes of the prompt's leading full blocks, from the first.
+    pub hashes: Vec<crate::kv::SequenceHash>,
+    /// The first block wanted (the ones before it the asking worker holds).
+    pub from: u32,
+    /// Where the bytes go, one range per wanted block; `None` for a simulated engine (the
+    /// transfer's time only).
+    #[serde(default)]
+    pub target: Option<KvTarget>,
+    /// Milliseconds from receipt within which the blocks must be written; past it nothing is
+    /// (the asking worker reuses the target's memory after it).
+    pub write_within_ms: u64,
+}
+
+/// How many blocks a `kv_fetch` wrote: the leading run from `from` that the peer held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvFetchReply {
+    pub blocks: u32,
 }
 
 /// Where a request's prompt is prefilled when not on the worker that decodes it.
@@ -114,6 +153,8 @@ impl WorkerKind {
     pub const METADATA_KEY: &'static str = "worker_kind";
     /// The endpoint a prefill worker serves.
     pub const PREFILL_ENDPOINT: &'static str = "prefill";
+    /// The endpoint a worker that shares its KV with peers serves ([`KvFetchRequest`]).
+    pub const KV_FETCH_ENDPOINT: &'static str = "kv_fetch";
 
     pub fn as_str(self) -> &'static str {
         match self {

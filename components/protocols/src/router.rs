@@ -64,6 +64,17 @@ pub struct RouteResponse {
     /// worker prefills it). Its lease ends with the request's first token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefill: Option<RoutedPrefill>,
+    /// Cluster-wide KV sharing: a peer holding a longer leading run of the prompt than the
+    /// worker; the caller tells the worker to fetch it (the peer's `kv_fetch` endpoint).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<RoutedPeer>,
+}
+
+/// A peer that holds the leading `blocks` blocks of a routed prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoutedPeer {
+    pub worker: WorkerId,
+    pub blocks: u32,
 }
 
 /// One step in the life of a routed request.

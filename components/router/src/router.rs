@@ -27,6 +27,10 @@ pub struct KvRouterSettings {
     /// Credit for a cached block in host memory / on disk (device blocks count 1).
     pub host_credit: f64,
     pub disk_credit: f64,
+    /// Credit for a block a peer holds (device or host) that the chosen worker would fetch
+    /// from it (cluster-wide KV sharing); 0, the default: never suggested (the workers must
+    /// share: `--kv-share`).
+    pub peer_credit: f64,
     /// Ignore overlap: route by load alone (`least-loaded`).
     pub load_only: bool,
     /// How long a prefix the router sent to a worker counts as cached there before the
@@ -57,6 +61,7 @@ impl Default for KvRouterSettings {
             busy_threshold: None,
             host_credit: 0.5,
             disk_credit: 0.25,
+            peer_credit: 0.0,
             load_only: false,
             prediction_ttl: Duration::ZERO,
             fallback_after: Duration::from_secs(2),
@@ -112,12 +117,16 @@ impl Accounting {
 /// request waits for memory there (for a running request to finish, far longer than a
 /// prefill), whether its prefix is onboarded or computed, so it also costs `wait = needed`. A
 /// worker holding the prefix on host keeps its credit against an equally full worker, and loses
-/// to one with room.
+/// to one with room. With `peer_credit` on, a worker may instead be credited `peer_credit` for
+/// each block after its own device hits of the longest run another worker (`peer` blocks, in
+/// its device pool or host tier) could send it, when that is worth more than its own tiers: a
+/// worker with room then wins the request and fetches the prefix, instead of computing it.
 /// Lower is better. Monotone: never lower with more load or fewer cached blocks.
 pub fn cost(
     s: &KvRouterSettings,
     needed: f64,
     overlap: Overlap,
+    peer: u32,
     pending_blocks: f64,
     decode_blocks: f64,
     total_blocks: f64,
@@ -127,15 +136,24 @@ pub fn cost(
     } else {
         0.0
     };
-    let credited = overlap.device as f64
-        + s.host_credit * overlap.host as f64
-        + s.disk_credit * overlap.disk as f64;
+    let credited = credited(s, overlap, peer).0;
     // A request that does not fit waits for a running one to finish: far longer than its
     // prefill, so it costs as much again.
     let wait = if overflow > 0.0 { needed } else { 0.0 };
     s.overlap_weight * ((needed - credited).max(0.0) + pending_blocks + wait)
         + decode_blocks
         + overflow
+}
+
+/// The cached blocks a worker is credited with, and whether fetching the run a peer holds
+/// (`peer` leading blocks, after the worker's own device blocks) beats its own lower tiers.
+fn credited(s: &KvRouterSettings, o: Overlap, peer: u32) -> (f64, bool) {
+    let own = o.device as f64 + s.host_credit * o.host as f64 + s.disk_credit * o.disk as f64;
+    let fetched = o.device as f64 + s.peer_credit * peer.saturating_sub(o.device) as f64;
+    match s.peer_credit > 0.0 && fetched > own {
+        true => (fetched, true),
+        false => (own, false),
+    }
 }
 
 /// Why no worker was chosen.
@@ -171,6 +189,9 @@ pub struct Decision {
     pub worker: WorkerId,
     pub overlap: Overlap,
     pub lease: RouteLease,
+    /// A peer holding a longer leading run of the prompt (device or host) than the worker,
+    /// and how many blocks: the worker fetches them (with `peer_credit` on).
+    pub peer: Option<(WorkerId, u32)>,
 }
 
 pub struct KvRouter {
@@ -542,6 +563,24 @@ impl KvRouter {
         let overlaps: std::collections::HashMap<WorkerId, Overlap, IdBuild> =
             self.index.find_matches(&hashes).into_iter().collect();
         let s = &self.settings;
+        // The two candidates holding the longest runs a peer can send (device and host),
+        // so each worker's best peer is one of them.
+        let mut peers: [(u32, Option<WorkerId>); 2] = [(0, None); 2];
+        if s.peer_credit > 0.0 {
+            for &w in candidates {
+                let o = overlaps.get(&w).copied().unwrap_or_default();
+                let run = o.device + o.host;
+                if run > peers[0].0 {
+                    peers = [(run, Some(w)), peers[0]];
+                } else if run > peers[1].0 {
+                    peers[1] = (run, Some(w));
+                }
+            }
+        }
+        let best_peer = |w: WorkerId| match peers {
+            [(n, Some(p)), _] if p != w => (n, Some(p)),
+            [_, (n, p)] => (n, p),
+        };
         let mut scored: Vec<(WorkerId, f64, Overlap)> = Vec::with_capacity(candidates.len());
         for &w in candidates {
             let acc = self.loads.get(&w).map(|a| *a).unwrap_or_default();
@@ -555,7 +594,8 @@ impl KvRouter {
             let o = overlaps.get(&w).copied().unwrap_or_default();
             let pending = acc.pending_prefill_tokens() as f64 / bs as f64;
             let total = acc.report.total_blocks as f64;
-            scored.push((w, cost(s, needed, o, pending, decode, total), o));
+            let peer = best_peer(w).0;
+            scored.push((w, cost(s, needed, o, peer, pending, decode, total), o));
         }
         if scored.is_empty() {
             return Err(RouteError::AllBusy(candidates.len()));
@@ -585,6 +625,10 @@ impl KvRouter {
             ties[rand::random_range(0..ties.len())]
         };
         let (worker, _, overlap) = scored[pick];
+        let peer = match best_peer(worker) {
+            (n, Some(p)) if credited(s, overlap, n).1 => Some((p, n)),
+            _ => None,
+        };
         self.first_route.get_or_init(Instant::now);
         if !self.prediction_ttl().is_zero() && !hashes.is_empty() {
             self.index.predict(worker, &hashes);
@@ -597,7 +641,8 @@ impl KvRouter {
         // held in a lower tier is onboarded into new device blocks). Its prefill is what no
         // tier holds: onboarding is a copy, not compute.
         let id = self.next_lease.fetch_add(1, Ordering::Relaxed);
-        let prefill_tokens = tokens.len().saturating_sub(overlap.blocks() as usize * bs) as u64;
+        let cached = peer.map_or(overlap.blocks(), |(_, n)| n.max(overlap.blocks()));
+        let prefill_tokens = tokens.len().saturating_sub(cached as usize * bs) as u64;
         let blocks = (needed as u64).saturating_sub(overlap.device as u64);
         let occupied = needed as u64;
         {
@@ -632,10 +677,14 @@ impl KvRouter {
         metrics::histogram!("dynamo_router_routing_seconds")
             .record(started.elapsed().as_secs_f64());
         metrics::gauge!("dynamo_router_index_blocks").set(self.index.pairs() as f64);
+        if peer.is_some() {
+            metrics::counter!("dynamo_router_peer_fetches_total").increment(1);
+        }
         Ok(Decision {
             worker,
             overlap,
             lease,
+            peer,
         })
     }
 }

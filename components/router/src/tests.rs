@@ -214,11 +214,14 @@ mod properties {
     use proptest::prelude::*;
 
     fn settings() -> impl Strategy<Value = KvRouterSettings> {
-        (0.0f64..4.0, 0.0f64..1.0, 0.0f64..1.0).prop_map(|(w, h, d)| KvRouterSettings {
-            overlap_weight: w,
-            host_credit: h,
-            disk_credit: d.min(h),
-            ..Default::default()
+        (0.0f64..4.0, 0.0f64..1.0, 0.0f64..1.0, 0.0f64..1.0).prop_map(|(w, h, d, p)| {
+            KvRouterSettings {
+                overlap_weight: w,
+                host_credit: h,
+                disk_credit: d.min(h),
+                peer_credit: p,
+                ..Default::default()
+            }
         })
     }
 
@@ -237,7 +240,7 @@ mod properties {
         ) {
             let device = device.min(needed);
             let o = Overlap { device, host: host.min(needed - device), disk: 0 };
-            let at = |pending, decode| cost(&s, needed as f64, o, pending, decode, total);
+            let at = |pending, decode| cost(&s, needed as f64, o, 0, pending, decode, total);
             let base = at(pending, decode);
             prop_assert!(at(pending, decode + more) >= base);
             prop_assert!(at(pending + more, decode) >= base);
@@ -257,11 +260,37 @@ mod properties {
         ) {
             let cached = cached.min(needed);
             let less = cached.saturating_sub(fewer);
-            let at = |device, host, disk| cost(&s, needed as f64, Overlap { device, host, disk }, pending, decode, total);
+            let at = |device, host, disk| cost(&s, needed as f64, Overlap { device, host, disk }, 0, pending, decode, total);
             prop_assert!(at(less, 0, 0) >= at(cached, 0, 0));
             prop_assert!(at(0, less, 0) >= at(0, cached, 0));
             prop_assert!(at(0, 0, cached) >= at(0, cached, 0));
             prop_assert!(at(0, cached, 0) >= at(cached, 0, 0));
+        }
+
+        /// A peer that holds more of the prompt never raises a worker's cost, a longer run
+        /// never more than a shorter, and it never beats holding the blocks on the device.
+        #[test]
+        fn a_peer_run_only_lowers_the_cost(
+            s in settings(),
+            needed in 1u32..512,
+            device in 0u32..512,
+            host in 0u32..512,
+            run in 0u32..512,
+            more in 0u32..512,
+            pending in 0.0f64..1e3,
+            decode in 0.0f64..1e3,
+            total in 0.0f64..2e3,
+        ) {
+            let device = device.min(needed);
+            let o = Overlap { device, host: host.min(needed - device), disk: 0 };
+            let run = run.min(needed);
+            let longer = (run + more).min(needed);
+            let at = |o: Overlap, peer| cost(&s, needed as f64, o, peer, pending, decode, total);
+            prop_assert!(at(o, run) <= at(o, 0));
+            prop_assert!(at(o, longer) <= at(o, run));
+            let all = Overlap { device: longer, host: 0, disk: 0 };
+            let none = Overlap::default();
+            prop_assert!(at(all, 0) <= at(none, longer));
         }
 
         /// Any interleaving of routing, first tokens and drops: once every lease is gone,
@@ -501,4 +530,64 @@ fn a_prefix_held_on_the_disk_tier_attracts_the_request() {
         (d.overlap.device, d.overlap.host, d.overlap.disk),
         (0, 0, 4)
     );
+}
+
+/// Cluster-wide sharing: a worker whose pool is full holds the prefix on its host tier; with
+/// a peer credit, a worker with room wins the request and is told to fetch the prefix from
+/// it (the whole run, the blocks it names); without one, nothing is suggested. A worker
+/// holding the prefix itself is never sent to a peer.
+#[test]
+fn a_full_worker_holding_the_prefix_lends_it_to_one_with_room() {
+    let prompt: Vec<u32> = (0..64).collect();
+    let workers = [WorkerId(1), WorkerId(2), WorkerId(3)];
+    let setup = |peer_credit: f64| {
+        let router = KvRouter::new(KvRouterSettings {
+            peer_credit,
+            ..Default::default()
+        });
+        router
+            .index()
+            .apply(WorkerId(1), &[stored(0, StorageTier::Host, &prompt, 16)]);
+        router.record_load(
+            WorkerId(1),
+            LoadReport {
+                active_blocks: 10,
+                total_blocks: 10,
+                ..Default::default()
+            },
+        );
+        router.record_load(
+            WorkerId(2),
+            LoadReport {
+                active_blocks: 9,
+                total_blocks: 100,
+                ..Default::default()
+            },
+        );
+        router.record_load(
+            WorkerId(3),
+            LoadReport {
+                active_blocks: 5,
+                total_blocks: 100,
+                ..Default::default()
+            },
+        );
+        router
+    };
+    let router = setup(0.4);
+    let d = router.route(&workers, &prompt, 16).unwrap();
+    assert_eq!(d.worker, WorkerId(3), "the least loaded worker with room");
+    assert_eq!(d.peer, Some((WorkerId(1), 4)));
+    // Its prefill is what the peer does not hold: nothing.
+    assert_eq!(router.accounted(WorkerId(3)), (0, 4));
+    drop(d);
+    let router = setup(0.0);
+    let d = router.route(&workers, &prompt, 16).unwrap();
+    assert_eq!(d.peer, None);
+    drop(d);
+    // The holder with room keeps its own (host) hit: no peer.
+    let router = setup(0.4);
+    router.record_load(WorkerId(1), LoadReport::default());
+    let d = router.route(&workers, &prompt, 16).unwrap();
+    assert_eq!((d.worker, d.peer), (WorkerId(1), None));
 }

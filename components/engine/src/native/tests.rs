@@ -38,6 +38,7 @@ fn request(
             stop_token_ids: vec![],
         },
         remote_prefill: None,
+        peer_prefix: None,
     }
 }
 

@@ -183,6 +183,19 @@ pub enum KvCommand {
     },
     /// See [`KvCapability::generate_prefilled`].
     GeneratePrefilled(Box<handoff::Prefilled>),
+    /// See [`KvCapability::share`].
+    Share {
+        hashes: Vec<SequenceHash>,
+        from: usize,
+        reply: oneshot::Sender<Vec<KvBlockData>>,
+    },
+    /// See [`KvCapability::import_continuation`].
+    ImportAfter {
+        reservation: u64,
+        cached: usize,
+        blocks: Vec<KvBlockData>,
+        reply: oneshot::Sender<Result<usize, EngineError>>,
+    },
 }
 
 /// Sends a [`KvCommand`] to an engine's scheduler.
@@ -197,6 +210,7 @@ pub(crate) struct SchedulerKv {
     block_bytes: usize,
     layout: Option<crate::native::KvLayout>,
     simulated: Option<Arc<dyn Fn(usize) -> Duration + Send + Sync>>,
+    worth_fetching: Option<Arc<dyn Fn(usize) -> bool + Send + Sync>>,
 }
 
 impl SchedulerKv {
@@ -229,6 +243,7 @@ impl SchedulerKv {
             block_bytes,
             layout: None,
             simulated: None,
+            worth_fetching: None,
         }
     }
 
@@ -243,6 +258,16 @@ impl SchedulerKv {
         time: impl Fn(usize) -> Duration + Send + Sync + 'static,
     ) -> Self {
         self.simulated = Some(Arc::new(time));
+        self
+    }
+
+    /// The engine's cost model for fetching blocks from a peer (see
+    /// [`KvCapability::worth_fetching`]).
+    pub fn with_fetch_cost(
+        mut self,
+        worth: impl Fn(usize) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.worth_fetching = Some(Arc::new(worth));
         self
     }
 }
@@ -295,6 +320,38 @@ impl KvCapability for SchedulerKv {
         hashes: Vec<SequenceHash>,
     ) -> BoxFuture<'static, Result<Vec<KvBlockData>, EngineError>> {
         self.ask(|reply| KvCommand::Export { hashes, reply })
+    }
+
+    fn share(
+        &self,
+        hashes: Vec<SequenceHash>,
+        from: usize,
+    ) -> BoxFuture<'static, Result<Vec<KvBlockData>, EngineError>> {
+        self.ask(|reply| KvCommand::Share {
+            hashes,
+            from,
+            reply,
+        })
+    }
+
+    fn worth_fetching(&self, blocks: usize) -> bool {
+        self.worth_fetching.as_ref().is_none_or(|f| f(blocks))
+    }
+
+    fn import_continuation(
+        &self,
+        reservation: Reservation,
+        cached: usize,
+        blocks: Vec<KvBlockData>,
+    ) -> BoxFuture<'static, Result<usize, EngineError>> {
+        let reservation = reservation.take();
+        let asked = self.ask(|reply| KvCommand::ImportAfter {
+            reservation,
+            cached,
+            blocks,
+            reply,
+        });
+        Box::pin(async move { asked.await? })
     }
 
     fn reserve(&self, blocks: usize) -> BoxFuture<'static, Result<Reservation, EngineError>> {
@@ -782,8 +839,24 @@ impl<E: Executor> Scheduler<E> {
                 blocks,
                 reply,
             } => {
-                let result = self.import_reserved(reservation, blocks);
+                let result = self.import_reserved(reservation, 0, blocks);
                 let _ = reply.send(result);
+            }
+            KvCommand::ImportAfter {
+                reservation,
+                cached,
+                blocks,
+                reply,
+            } => {
+                let result = self.import_reserved(reservation, cached, blocks);
+                let _ = reply.send(result);
+            }
+            KvCommand::Share {
+                hashes,
+                from,
+                reply,
+            } => {
+                let _ = reply.send(self.share(&hashes, from));
             }
             KvCommand::Release(id) => {
                 if let Some(blocks) = self.reservations.remove(&id) {
@@ -813,11 +886,13 @@ impl<E: Executor> Scheduler<E> {
         }
     }
 
-    /// Writes a chain into a reservation's blocks and caches it; checked whole first (an
+    /// Writes a chain into a reservation's blocks after its first `skip` (cached blocks it
+    /// pins: see [`Scheduler::reserve_prompt`]) and caches it; checked whole first (an
     /// invalid import writes and caches nothing). The reservation is used up either way.
     fn import_reserved(
         &mut self,
         reservation: u64,
+        skip: usize,
         chain: Vec<KvBlockData>,
     ) -> Result<usize, EngineError> {
         let Some(reserved) = self.reservations.remove(&reservation) else {
@@ -827,9 +902,9 @@ impl<E: Executor> Scheduler<E> {
         };
         let bytes = self.executor.block_bytes();
         let check = || -> Result<(), String> {
-            if chain.len() > reserved.len() {
+            if skip + chain.len() > reserved.len() {
                 return Err(format!(
-                    "{} blocks for a reservation of {}",
+                    "{} blocks after {skip} for a reservation of {}",
                     chain.len(),
                     reserved.len()
                 ));
@@ -858,10 +933,10 @@ impl<E: Executor> Scheduler<E> {
             return Err(EngineError::BadRequest(format!("cannot import: {why}")));
         }
         let before = self.pool.cached_blocks();
-        for (b, block) in chain.iter().zip(&reserved) {
+        for (b, block) in chain.iter().zip(&reserved[skip..]) {
             self.executor.write_block(*block, &b.data);
         }
-        for (b, block) in chain.iter().zip(&reserved) {
+        for (b, block) in chain.iter().zip(&reserved[skip..]) {
             self.pool
                 .register(*block, b.parent, b.local, b.hash, b.position);
         }

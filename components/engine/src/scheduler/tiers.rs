@@ -356,6 +356,42 @@ impl<E: Executor> Scheduler<E> {
         (from_host * bs, from_disk * bs)
     }
 
+    /// A peer's fetch: the blocks of the chain `hashes` held here from index `from` on, a
+    /// leading run, each from the device pool or else the host tier (the disk's are read
+    /// synchronously: not served to peers). Serving refreshes them in both.
+    pub(super) fn share(
+        &mut self,
+        hashes: &[SequenceHash],
+        from: usize,
+    ) -> Vec<crate::KvBlockData> {
+        let mut out = Vec::new();
+        let mut pinned = Vec::new();
+        for (i, &hash) in hashes.iter().enumerate().skip(from) {
+            let parent = i.checked_sub(1).map(|p| hashes[p]);
+            let block = if let Some(&b) = self.pool.acquire_prefix(&[hash]).first() {
+                pinned.push(b);
+                let local = self
+                    .pool
+                    .cached_local(b)
+                    .expect("acquired blocks are cached");
+                (local, self.executor.read_block(b))
+            } else if let Some(b) = self.host.as_mut().and_then(|h| h.get(&hash)) {
+                (b.local, b.data.clone())
+            } else {
+                break;
+            };
+            out.push(crate::KvBlockData {
+                hash,
+                parent,
+                local: block.0,
+                position: i as u32,
+                data: block.1,
+            });
+        }
+        self.pool.release(&pinned);
+        out
+    }
+
     /// The tiers' figures for a load report.
     pub(super) fn tier_report(&self) -> Option<TierReport> {
         if self.host.is_none() && self.settings.disk.is_none() {
