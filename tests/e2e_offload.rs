@@ -4,7 +4,8 @@
 //! further (host to disk); the worker is restarted and the prompt comes back from disk; then
 //! a block file is corrupted, the worker restarted again, and the corrupted block is refused
 //! and recomputed. Every answer is the first run's greedy text, and the worker's `/metrics`
-//! say which tier the cached tokens came from.
+//! say which tier the cached tokens came from. Then cluster-wide sharing: two mocker worker
+//! processes, and an idle one fetches the prefix its busy peer holds.
 
 mod common;
 
@@ -236,4 +237,133 @@ async fn a_prefix_comes_back_from_host_then_from_disk_after_a_restart() {
         ),
         0.0
     );
+}
+
+fn sharing_mocker(url: &str, port: u16) -> Proc {
+    Proc::start(
+        dynamo_run()
+            .args(["--bus", url, "--namespace", "share"])
+            .args(["in=dyn://share.backend.generate", "out=mocker"])
+            .args(["--model-path", model_dir(), "--model-name", "tiny"])
+            .args(["--block-size", "16", "--num-gpu-blocks", "32"])
+            .args(["--speedup-ratio", "1", "--kv-share"])
+            .args(["--metrics-port", &port.to_string()]),
+    )
+}
+
+/// Cluster-wide KV sharing over a real nats-server, two mocker worker processes behind a
+/// frontend routing by KV with a peer credit: a prompt served by one worker, then a long
+/// request continuing it (routed to the same worker, which it keeps busy), then the prompt
+/// again: the idle worker takes it and fetches its blocks from the busy one instead of
+/// computing them (`cached_tokens` covers the prompt's full blocks), the fetch counted on both
+/// sides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_worker_fetches_the_prefix_a_busy_peer_holds() {
+    let server = NatsServer::start().unwrap();
+    let url = server.url();
+    let ports = [common::free_port(), common::free_port()];
+    let workers = [
+        sharing_mocker(&url, ports[0]),
+        sharing_mocker(&url, ports[1]),
+    ];
+    let frontend = Proc::start(dynamo_run().args([
+        "--bus",
+        &url,
+        "--namespace",
+        "share",
+        "in=http",
+        "out=dyn",
+        "--router-mode",
+        "kv",
+        "--kv-peer-credit",
+        "0.4",
+        "--http-host",
+        "127.0.0.1",
+        "--http-port",
+        "0",
+    ]));
+    let base = frontend.http_base();
+    let client = reqwest::Client::new();
+    // Both workers listed: a request pinned to each is served (polled, as `eventually`).
+    for w in &workers {
+        let body = serde_json::json!({"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 1,
+            "nvext": {"backend_instance_id": w.instance()}});
+        let until = std::time::Instant::now() + Duration::from_secs(20);
+        while !client
+            .post(format!("{base}/v1/completions"))
+            .json(&body)
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
+            assert!(
+                std::time::Instant::now() < until,
+                "the frontend never listed worker {}",
+                w.instance()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let send = |prompt: Vec<u32>, max_tokens: u32, stream: bool| {
+        client
+            .post(format!("{base}/v1/completions"))
+            .json(&serde_json::json!({
+                "model": "tiny",
+                "prompt": prompt,
+                "max_tokens": max_tokens,
+                "min_tokens": max_tokens,
+                "stream": stream,
+                "stream_options": {"include_usage": true},
+            }))
+            .send()
+    };
+    let served_by = |r: &reqwest::Response| {
+        r.headers()["x-dynamo-instance-id"]
+            .to_str()
+            .unwrap()
+            .to_string()
+    };
+    // Ten full blocks and a partial one.
+    let prompt: Vec<u32> = (0..165).map(|i| 200 + (i * 31) % 2500).collect();
+    let first = send(prompt.clone(), 4, false).await.unwrap();
+    let holder = served_by(&first);
+    first.bytes().await.unwrap();
+    // A long request continuing it goes to the same worker (its prefix is cached there) and
+    // keeps it busy: 28 blocks of its 32 while it decodes for a second or more.
+    let long: Vec<u32> = prompt
+        .iter()
+        .copied()
+        .chain((0..283).map(|i| 3000 + i))
+        .collect();
+    let mut busy = send(long, 60, true).await.unwrap();
+    assert_eq!(served_by(&busy), holder);
+    busy.chunk()
+        .await
+        .unwrap()
+        .expect("the long request started");
+    // The prompt again: the idle worker wins and fetches the ten blocks from the busy one.
+    let again = send(prompt, 4, false).await.unwrap();
+    let fetcher = served_by(&again);
+    assert_ne!(fetcher, holder, "the idle worker takes it");
+    let body: serde_json::Value = again.json().await.unwrap();
+    assert_eq!(
+        body["usage"]["prompt_tokens_details"]["cached_tokens"], 160,
+        "the prompt's full blocks came from the peer"
+    );
+    let port_of = |id: &str| ports[workers.iter().position(|w| w.instance() == id).unwrap()];
+    until_metric(
+        port_of(&fetcher),
+        "dynamo_worker_kv_peer_fetched_blocks_total",
+        &[],
+        |v| v == 10.0,
+    )
+    .await;
+    until_metric(
+        port_of(&holder),
+        "dynamo_worker_kv_peer_served_blocks_total",
+        &[],
+        |v| v == 10.0,
+    )
+    .await;
+    while busy.chunk().await.unwrap().is_some() {}
 }
