@@ -84,6 +84,9 @@ pub struct DisaggSettings {
     /// Share KV with peer workers (any kind): serve `kv_fetch`, and fetch a prefix a peer
     /// holds when the router says so (see [`super::share`]).
     pub share: bool,
+    /// Longest a worker waits for a peer's blocks before computing the prompt itself (a fetch
+    /// takes milliseconds; one that takes longer has lost to the prefill).
+    pub fetch_timeout: Duration,
 }
 
 impl Default for DisaggSettings {
@@ -96,6 +99,7 @@ impl Default for DisaggSettings {
             prefill_timeout: Duration::from_secs(30),
             transfer_timeout: Duration::from_secs(10),
             share: false,
+            fetch_timeout: Duration::from_secs(1),
         }
     }
 }

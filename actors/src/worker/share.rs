@@ -19,7 +19,8 @@
 //! than announced, a bad import) only means computing the prompt as usual, counted by
 //! outcome in `dynamo_worker_kv_peer_fetches_total`. A peer writes only within the deadline
 //! the request carries, and slots lent to a peer that did not answer stay out of use until
-//! then (as for a remote prefill).
+//! then (as for a remote prefill). A fetch gets `fetch_timeout` (1 s), far above the
+//! milliseconds it takes: past it, the prefill is the faster way.
 
 use std::time::{Duration, Instant};
 
@@ -140,6 +141,11 @@ impl Disagg {
         if want == 0 {
             return Err(Skip::Cached);
         }
+        // Checked again for the blocks actually missing; first for the whole run, so that a
+        // fetch the cost model refuses reserves (and evicts) nothing.
+        if !cap.worth_fetching(want) {
+            return Err(Skip::NotWorth(want));
+        }
         let hashes: Vec<SequenceHash> = pairs[..want].iter().map(|p| p.1).collect();
         // What this device holds stays pinned while the rest arrives.
         let (reservation, held) = cap
@@ -164,9 +170,11 @@ impl Disagg {
         };
         let endpoint =
             EndpointId::parse(&peer.endpoint).map_err(|e| Skip::Endpoint(e.to_string()))?;
-        let timeout = self.settings().transfer_timeout;
+        let timeout = self.settings().fetch_timeout;
         if let Some(s) = &mut slots {
-            s.hold_for(timeout * 2);
+            // A peer that does not answer may still write until the deadline, and its write
+            // may take the transfer's own timeout.
+            s.hold_for(timeout + self.settings().transfer_timeout);
         }
         let request = KvFetchRequest {
             hashes,
