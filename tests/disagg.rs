@@ -78,6 +78,14 @@ async fn worker(
         ws,
         native(dir.to_path_buf()),
     );
+    start(sup, name, spec).await
+}
+
+async fn start(
+    sup: &SupervisorHandle,
+    name: &str,
+    spec: dynamo_actors::supervisor::WorkerSpec,
+) -> InstanceId {
     match sup
         .start_role(name, RoleSpec::Worker(Box::new(spec)))
         .await
@@ -315,14 +323,7 @@ async fn sharing_worker(
         ws,
         native_with(dir.to_path_buf(), 64 << 20),
     );
-    match sup
-        .start_role(name, RoleSpec::Worker(Box::new(spec)))
-        .await
-        .unwrap()
-    {
-        Started::Worker { instance } => instance,
-        _ => panic!("not a worker"),
-    }
+    start(sup, name, spec).await
 }
 
 /// `tokens` to `worker`, told that `peer` (a component of the same name) holds `blocks` of

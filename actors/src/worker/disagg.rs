@@ -190,6 +190,52 @@ impl Drop for Slots {
     }
 }
 
+/// How a call for one answer failed.
+pub(super) enum CallFailed {
+    /// An error: the callee's (it answered), or the bus's (e.g. no responders).
+    Error(RpcError),
+    /// No answer within the timeout.
+    Timeout,
+}
+
+/// Calls `target` for one answer within `timeout`; `who` names the callee in errors.
+pub(super) async fn call_one<Req, Resp>(
+    client: &RpcClient,
+    target: Target,
+    request: &Req,
+    timeout: Duration,
+    who: &str,
+) -> Result<Resp, CallFailed>
+where
+    Req: serde::Serialize,
+    Resp: serde::de::DeserializeOwned,
+{
+    let call = async {
+        let mut stream = client
+            .call::<_, Resp>(
+                target,
+                request,
+                CallOptions {
+                    timeout: Some(timeout),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        match stream.next().await {
+            Some(r) => r,
+            None => Err(RpcError::Remote(dynamo_runtime::rpc::RemoteError {
+                kind: RemoteErrorKind::Internal,
+                message: format!("{who} answered nothing"),
+            })),
+        }
+    };
+    match tokio::time::timeout(timeout, call).await {
+        Ok(Ok(answer)) => Ok(answer),
+        Ok(Err(e)) => Err(CallFailed::Error(e)),
+        Err(_) => Err(CallFailed::Timeout),
+    }
+}
+
 /// A worker's part in disaggregation: its transfer agent, a decode worker's staging region
 /// and bus client.
 pub(crate) struct Disagg {
@@ -333,9 +379,20 @@ impl Disagg {
         &self.settings
     }
 
-    /// This agent's metadata, msgpack (what a [`KvTarget`] carries).
-    pub(super) fn agent_meta(&self) -> &[u8] {
-        &self.agent_meta
+    /// Where a peer writes into `slots`: this agent and one range per slot.
+    pub(super) fn target(&self, slots: &Slots) -> KvTarget {
+        KvTarget {
+            agent: self.agent_meta.clone(),
+            blocks: slots
+                .descriptors()
+                .into_iter()
+                .map(|d| KvRange {
+                    region: d.region.0,
+                    offset: d.offset,
+                    len: d.len,
+                })
+                .collect(),
+        }
     }
 
     pub(super) fn take_slots(&self, n: usize) -> Result<Option<Slots>, Why> {
@@ -427,18 +484,7 @@ impl Disagg {
         }
         let need = total - cached;
         let mut slots = if real { self.take_slots(need)? } else { None };
-        let target = slots.as_ref().map(|s| KvTarget {
-            agent: self.agent_meta.clone(),
-            blocks: s
-                .descriptors()
-                .into_iter()
-                .map(|d| KvRange {
-                    region: d.region.0,
-                    offset: d.offset,
-                    len: d.len,
-                })
-                .collect(),
-        });
+        let target = slots.as_ref().map(|s| self.target(s));
         let endpoint =
             EndpointId::parse(&remote.endpoint).map_err(|e| Why::Endpoint(e.to_string()))?;
         let timeout = self.settings.prefill_timeout;
@@ -457,36 +503,19 @@ impl Disagg {
             target,
             write_within_ms: timeout.as_millis() as u64,
         };
-        let call = async {
-            let mut stream = client
-                .call::<_, EngineOutput>(
-                    Target::Instance(endpoint, InstanceId::new(remote.prefill_worker)),
-                    &request,
-                    CallOptions {
-                        timeout: Some(timeout),
-                        ..Default::default()
-                    },
-                )
-                .await?;
-            match stream.next().await {
-                Some(r) => r,
-                None => Err(RpcError::Remote(dynamo_runtime::rpc::RemoteError {
-                    kind: RemoteErrorKind::Internal,
-                    message: "the prefill worker answered nothing".into(),
-                })),
-            }
-        };
-        let answer = match tokio::time::timeout(timeout, call).await {
-            Ok(Ok(out)) => out,
-            Ok(Err(e)) => {
-                if let (RpcError::Remote(_), Some(s)) = (&e, &mut slots) {
-                    // It answered: it writes nothing more.
-                    s.hold_until = None;
+        let target = Target::Instance(endpoint, InstanceId::new(remote.prefill_worker));
+        let answer: EngineOutput =
+            match call_one(client, target, &request, timeout, "the prefill worker").await {
+                Ok(out) => out,
+                Err(CallFailed::Error(e)) => {
+                    if let (RpcError::Remote(_), Some(s)) = (&e, &mut slots) {
+                        // It answered: it writes nothing more.
+                        s.release_now();
+                    }
+                    return Err(Why::Prefill(e.to_string()));
                 }
-                return Err(Why::Prefill(e.to_string()));
-            }
-            Err(_) => return Err(Why::Timeout(timeout)),
-        };
+                Err(CallFailed::Timeout) => return Err(Why::Timeout(timeout)),
+            };
         let token = *answer
             .token_ids
             .first()

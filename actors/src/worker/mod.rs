@@ -371,6 +371,16 @@ impl WorkerActor {
     }
 }
 
+/// Refuses a request this worker cannot serve now (`Unavailable`: the caller tries another).
+fn unavailable<T: serde::Serialize + Send + 'static>(
+    reply: dynamo_runtime::serve::ReplySender<T>,
+    why: &'static str,
+) {
+    tokio::spawn(async move {
+        let _ = reply.fail(RemoteErrorKind::Unavailable, why).await;
+    });
+}
+
 fn name(s: &str) -> EndpointName {
     EndpointName::new(s).expect("endpoint names are valid constants")
 }
@@ -427,17 +437,7 @@ impl Actor for WorkerActor {
                     );
                 }
                 // Arrived while the engine restarts: another worker can take it.
-                None => {
-                    let reply = req.reply;
-                    tokio::spawn(async move {
-                        let _ = reply
-                            .fail(
-                                RemoteErrorKind::Unavailable,
-                                "this worker's engine is restarting".to_string(),
-                            )
-                            .await;
-                    });
-                }
+                None => unavailable(req.reply, "this worker's engine is restarting"),
             },
             Msg::Prefill(req) => {
                 let span = req.ctx.span().clone();
@@ -450,12 +450,7 @@ impl Actor for WorkerActor {
                             Some(_) => "this worker does not prefill for others",
                             None => "this worker's engine is restarting",
                         };
-                        let reply = req.reply;
-                        tokio::spawn(async move {
-                            let _ = reply
-                                .fail(RemoteErrorKind::Unavailable, why.to_string())
-                                .await;
-                        });
+                        unavailable(req.reply, why);
                     }
                 }
             }
@@ -469,17 +464,7 @@ impl Actor for WorkerActor {
                                 .instrument(span),
                         );
                     }
-                    _ => {
-                        let reply = req.reply;
-                        tokio::spawn(async move {
-                            let _ = reply
-                                .fail(
-                                    RemoteErrorKind::Unavailable,
-                                    "this worker's engine is restarting".to_string(),
-                                )
-                                .await;
-                        });
-                    }
+                    _ => unavailable(req.reply, "this worker's engine is restarting"),
                 }
             }
             Msg::File(req) => {

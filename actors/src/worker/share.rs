@@ -26,15 +26,13 @@ use std::time::{Duration, Instant};
 
 use dynamo_engine::{Engine, KvBlockData};
 use dynamo_protocols::kv::SequenceHash;
-use dynamo_protocols::llm::{
-    KvFetchReply, KvFetchRequest, KvRange, KvTarget, PeerPrefix, PreprocessedRequest,
-};
+use dynamo_protocols::llm::{KvFetchReply, KvFetchRequest, PeerPrefix, PreprocessedRequest};
 use dynamo_runtime::rpc::{RemoteErrorKind, RpcError};
-use dynamo_runtime::{CallOptions, EndpointId, InstanceId, Request, Target};
+use dynamo_runtime::{EndpointId, InstanceId, Request, Target};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
-use super::disagg::Disagg;
+use super::disagg::{call_one, CallFailed, Disagg};
 
 /// Why a peer fetch brought nothing; a closed set (metric labels).
 #[derive(Debug, thiserror::Error)]
@@ -179,50 +177,22 @@ impl Disagg {
         let request = KvFetchRequest {
             hashes,
             from: held as u32,
-            target: slots.as_ref().map(|s| KvTarget {
-                agent: self.agent_meta().to_vec(),
-                blocks: s
-                    .descriptors()
-                    .into_iter()
-                    .map(|d| KvRange {
-                        region: d.region.0,
-                        offset: d.offset,
-                        len: d.len,
-                    })
-                    .collect(),
-            }),
+            target: slots.as_ref().map(|s| self.target(s)),
             write_within_ms: timeout.as_millis() as u64,
         };
-        let call = async {
-            let mut stream = client
-                .call::<_, KvFetchReply>(
-                    Target::Instance(endpoint, InstanceId::new(peer.worker)),
-                    &request,
-                    CallOptions {
-                        timeout: Some(timeout),
-                        ..Default::default()
-                    },
-                )
-                .await?;
-            match stream.next().await {
-                Some(r) => r,
-                None => Err(RpcError::Remote(dynamo_runtime::rpc::RemoteError {
-                    kind: RemoteErrorKind::Internal,
-                    message: "the peer answered nothing".into(),
-                })),
-            }
-        };
-        let answer = match tokio::time::timeout(timeout, call).await {
-            Ok(Ok(a)) => a,
-            Ok(Err(e)) => {
-                if let (RpcError::Remote(_), Some(s)) = (&e, &mut slots) {
-                    // It answered: it writes nothing more.
-                    s.release_now();
+        let target = Target::Instance(endpoint, InstanceId::new(peer.worker));
+        let answer: KvFetchReply =
+            match call_one(client, target, &request, timeout, "the peer").await {
+                Ok(a) => a,
+                Err(CallFailed::Error(e)) => {
+                    if let (RpcError::Remote(_), Some(s)) = (&e, &mut slots) {
+                        // It answered: it writes nothing more.
+                        s.release_now();
+                    }
+                    return Err(Skip::Peer(e.to_string()));
                 }
-                return Err(Skip::Peer(e.to_string()));
-            }
-            Err(_) => return Err(Skip::Timeout(timeout)),
-        };
+                Err(CallFailed::Timeout) => return Err(Skip::Timeout(timeout)),
+            };
         let got = (answer.blocks as usize).min(need);
         if got == 0 {
             if let Some(s) = &mut slots {
