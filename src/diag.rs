@@ -182,17 +182,48 @@ fn short(h: u64) -> String {
 
 /// `dynamo-run watch events|load`: tails KV events (or load reports) of every component in the
 /// namespace, one readable line each, until SIGINT/SIGTERM.
+/// The steps between two of a worker's load reports: count, mean batch and step time, tokens.
+fn step_line(
+    now: &dynamo_protocols::kv::StepCounters,
+    was: &dynamo_protocols::kv::StepCounters,
+) -> String {
+    // A restarted engine counts from zero again.
+    let was = if now.steps < was.steps {
+        Default::default()
+    } else {
+        *was
+    };
+    let steps = now.steps - was.steps;
+    if steps == 0 {
+        return String::new();
+    }
+    format!(
+        "; {steps} steps, batch {:.1}, step {:.2} ms, {} prefill + {} decode tokens",
+        (now.batched - was.batched) as f64 / steps as f64,
+        (now.busy_micros - was.busy_micros) as f64 / steps as f64 / 1e3,
+        now.prefill_tokens - was.prefill_tokens,
+        now.decode_tokens - was.decode_tokens
+    )
+}
+
 pub async fn watch(runtime: &Runtime, namespace: &str, what: &str) -> Result<()> {
     use dynamo_protocols::kv::{
         KvEventBatch, KvEventData, LoadReport, KV_EVENTS_TOPIC, LOAD_TOPIC,
     };
+    use dynamo_protocols::stats::{FrontendStats, STATS_TOPIC};
     use dynamo_runtime::serve::decode_event;
     use dynamo_runtime::subject::{Namespace, Topic};
     let topic = match what {
         "events" => KV_EVENTS_TOPIC,
         "load" => LOAD_TOPIC,
-        other => bail!("watch {other:?}: use `watch events` (KV events) or `watch load`"),
+        "stats" => STATS_TOPIC,
+        other => bail!(
+            "watch {other:?}: use `watch events` (KV events), `watch load` (workers' load and steps) or `watch stats` (frontends' request statistics)"
+        ),
     };
+    // Each worker's last step counters: a load line shows the steps since its last report.
+    let mut last_steps: std::collections::HashMap<String, dynamo_protocols::kv::StepCounters> =
+        Default::default();
     let ns = Namespace::new(namespace)?;
     let pattern = ComponentId::namespace_event_pattern(&ns, &Topic::new(topic)?);
     let mut sub = runtime.bus().subscribe(pattern.clone(), None).await?;
@@ -216,12 +247,58 @@ pub async fn watch(runtime: &Runtime, namespace: &str, what: &str) -> Result<()>
         let mut out = std::io::stdout().lock();
         if topic == LOAD_TOPIC {
             match decode_event::<LoadReport>(&m.payload) {
-                Ok(l) => writeln!(
+                Ok(l) => {
+                    let steps = l
+                        .steps
+                        .map(|c| {
+                            let was = last_steps
+                                .insert(instance.to_string(), c)
+                                .unwrap_or_default();
+                            step_line(&c, &was)
+                        })
+                        .unwrap_or_default();
+                    writeln!(
+                        out,
+                        "{now} {component} {instance} load: kv {}/{} blocks, {} running, {} waiting, {} prefill tokens queued{steps}",
+                        l.active_blocks, l.total_blocks, l.running_requests, l.waiting_requests, l.queued_prefill_tokens
+                    )?
+                }
+                Err(e) => writeln!(
                     out,
-                    "{now} {component} {instance} load: kv {}/{} blocks, {} running, {} waiting, {} prefill tokens queued",
-                    l.active_blocks, l.total_blocks, l.running_requests, l.waiting_requests, l.queued_prefill_tokens
+                    "{now} {component} {instance} malformed load report: {e}"
                 )?,
-                Err(e) => writeln!(out, "{now} {component} {instance} malformed load report: {e}")?,
+            }
+            continue;
+        }
+        if topic == STATS_TOPIC {
+            match decode_event::<FrontendStats>(&m.payload) {
+                Ok(st) => {
+                    write!(
+                        out,
+                        "{now} {component} {instance} stats over {} ms: {} in flight",
+                        st.interval_ms, st.inflight
+                    )?;
+                    for (model, ms) in &st.models {
+                        write!(
+                            out,
+                            "; {model}: {} requests ({} failed), {} in / {} out tokens, {:.0}% cached, TTFT p50 {:.1} p99 {:.1} ms, ITL p50 {:.1} p99 {:.1} ms",
+                            ms.requests,
+                            ms.errors,
+                            ms.input_tokens,
+                            ms.output_tokens,
+                            100.0 * ms.cached_ratio(),
+                            ms.ttft_ms.p50,
+                            ms.ttft_ms.p99,
+                            ms.itl_ms.p50,
+                            ms.itl_ms.p99
+                        )?;
+                    }
+                    writeln!(out)?;
+                }
+                Err(e) => writeln!(
+                    out,
+                    "{now} {component} {instance} malformed statistics: {e}"
+                )?,
             }
             continue;
         }

@@ -8,7 +8,8 @@
 //! - `dynamo-run make-model --out DIR`: a small Hugging Face-style model folder;
 //! - `dynamo-run bench --url URL --model NAME --workload ...`: an OpenAI-HTTP load generator;
 //! - `dynamo-run ls`: instances in discovery (models, load) and services answering the NATS
-//!   service protocol; `dynamo-run watch events|load`: the namespace's KV events or load, tailed;
+//!   service protocol; `dynamo-run watch events|load|stats`: the namespace's KV events,
+//!   workers' load and steps, or frontends' request statistics, tailed;
 //! - `demo`, `serve-echo`, `call-echo`: the runtime's echo diagnostics.
 //!
 //! Without `--bus` everything runs in this process on the embedded bus.
@@ -363,9 +364,10 @@ enum Command {
     /// List instances in discovery (with their models and load) and services answering the
     /// NATS service protocol.
     Ls,
-    /// Tail the namespace's KV events (`events`) or load reports (`load`) as readable lines.
+    /// Tail the namespace's KV events (`events`), workers' load reports with their engine
+    /// steps (`load`) or frontends' request statistics per interval (`stats`) as readable lines.
     Watch {
-        /// events or load.
+        /// events, load or stats.
         what: String,
     },
     /// Runtime diagnostics: serve the echo role on the embedded bus, call it, shut down.

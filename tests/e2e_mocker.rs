@@ -1,6 +1,7 @@
 //! Eight mocker workers (one `dynamo-run` process) over a real nats-server: the KV events they
 //! publish on the bus, replayed per worker, equal each worker's actual cached set (its
-//! `kv_dump`), with consecutive event ids; and the load reports arrive.
+//! `kv_dump`), with consecutive event ids; and the load reports arrive. And the planner's
+//! signals as `dynamo-run watch stats|load` shows them.
 
 mod common;
 
@@ -177,4 +178,150 @@ async fn mocker_events_on_the_bus_replay_to_each_workers_cached_set() {
 
     workers.kill9();
     runtime.close().await;
+}
+
+/// A `dynamo-run watch WHAT` process over `url`, its lines collected.
+struct Watch {
+    child: std::process::Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Watch {
+    /// Starts it and waits until it has subscribed (it says so on stderr).
+    fn start(url: &str, what: &str) -> Watch {
+        use std::io::{BufRead, BufReader};
+        let mut child = dynamo_run()
+            .args(["--bus", url, "watch", what])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (stdout, sink) = (child.stdout.take().unwrap(), lines.clone());
+        std::thread::spawn(move || {
+            for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(l);
+            }
+        });
+        let (subscribed, rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if l.starts_with("watching ") {
+                    let _ = subscribed.send(());
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(30))
+            .expect("watch did not subscribe");
+        Watch { child, lines }
+    }
+
+    /// Waits until `ok` holds for the lines so far.
+    async fn until(&self, what: &str, ok: impl Fn(&[String]) -> bool) {
+        common::eventually(what, Duration::from_secs(20), || {
+            ok(&self.lines.lock().unwrap())
+        })
+        .await;
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The number just before `suffix` in `line`, after `after`.
+fn number_before(line: &str, after: &str, suffix: &str) -> Option<f64> {
+    let rest = &line[line.find(after)? + after.len()..];
+    rest[..rest.find(suffix)?].rsplit(' ').next()?.parse().ok()
+}
+
+/// The planner's signals as `dynamo-run watch` shows them over a real nats-server: each
+/// interval a frontend's request statistics per model (requests, tokens, TTFT and ITL
+/// percentiles), and the workers' load reports with their engine steps since the last one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_shows_frontend_statistics_and_worker_steps() {
+    let server = NatsServer::start().unwrap();
+    let url = server.url();
+    let stats = Watch::start(&url, "stats");
+    let load = Watch::start(&url, "load");
+    let frontend = Proc::start(dynamo_run().args([
+        "--bus",
+        &url,
+        "in=http",
+        "out=mocker",
+        "--model-path",
+        model_dir(),
+        "--model-name",
+        "tiny",
+        "--num-workers",
+        "2",
+        "--speedup-ratio",
+        "10",
+        "--http-host",
+        "127.0.0.1",
+        "--http-port",
+        "0",
+    ]));
+    let base = frontend.http_base();
+    let client = reqwest::Client::new();
+    for i in 0..3 {
+        let r = client
+            .post(format!("{base}/v1/completions"))
+            .json(&serde_json::json!({
+                "model": "tiny", "prompt": format!("question number {i}"),
+                "max_tokens": 8, "min_tokens": 8,
+            }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    // The three requests and their 24 tokens, over however many intervals they spanned.
+    stats
+        .until("watch stats shows the three requests", |lines| {
+            let sum = |after: &str, suffix: &str| -> f64 {
+                lines
+                    .iter()
+                    .filter_map(|l| number_before(l, after, suffix))
+                    .sum()
+            };
+            sum("tiny: ", " requests") == 3.0 && sum("failed), ", " out tokens") == 24.0
+        })
+        .await;
+    {
+        let lines = stats.lines.lock().unwrap();
+        let busy = lines
+            .iter()
+            .find(|l| l.contains("tiny: ") && !l.contains("tiny: 0 requests"))
+            .unwrap();
+        for (after, what) in [("TTFT p50 ", "TTFT"), ("ITL p50 ", "ITL")] {
+            assert!(
+                number_before(busy, after, " p99").is_some_and(|ms| ms > 0.0),
+                "{what} in {busy}"
+            );
+        }
+    }
+    // Each request's first token ends its prefill step; the other seven are decoded.
+    load.until("watch load shows engine steps", |lines| {
+        lines
+            .iter()
+            .filter_map(|l| number_before(l, "prefill + ", " decode tokens"))
+            .sum::<f64>()
+            == 21.0
+    })
+    .await;
+    let lines = load.lines.lock().unwrap();
+    // Prompts shorter than a block: nothing cached, all 18 prompt tokens computed.
+    let prompt: f64 = lines
+        .iter()
+        .filter_map(|l| number_before(l, " ms, ", " prefill + "))
+        .sum();
+    assert_eq!(
+        prompt, 18.0,
+        "the prompts' 18 tokens were computed: {lines:?}"
+    );
 }

@@ -3,9 +3,12 @@
 //! Labels come from closed sets: `endpoint` and `status` are enums here; `model` is a name a
 //! worker published (requests for unknown models count under `unknown`), never request text.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use metrics::{counter, gauge, histogram};
+
+use super::stats::StatsWindow;
 
 pub const REQUESTS: &str = "dynamo_frontend_requests_total";
 pub const INFLIGHT: &str = "dynamo_frontend_inflight_requests";
@@ -85,6 +88,9 @@ pub struct RequestMetrics {
     seen_tokens: u32,
     last_token: Option<Instant>,
     status: Option<Status>,
+    cached_tokens: u32,
+    /// The frontend's statistics for the planner, when it publishes them.
+    stats: Option<Arc<StatsWindow>>,
 }
 
 impl RequestMetrics {
@@ -93,6 +99,7 @@ impl RequestMetrics {
         endpoint: Endpoint,
         prompt_tokens: u32,
         started: Instant,
+        stats: Option<Arc<StatsWindow>>,
     ) -> Self {
         let model = model.unwrap_or("unknown").to_string();
         gauge!(INFLIGHT, "model" => model.clone()).increment(1.0);
@@ -105,7 +112,13 @@ impl RequestMetrics {
             seen_tokens: 0,
             last_token: None,
             status: None,
+            cached_tokens: 0,
+            stats,
         }
+    }
+
+    pub fn set_cached(&mut self, tokens: u32) {
+        self.cached_tokens = tokens;
     }
 
     /// Ends now with `status`.
@@ -128,12 +141,20 @@ impl RequestMetrics {
         }
         let now = Instant::now();
         match self.last_token {
-            None => histogram!(TTFT, "model" => self.model.clone())
-                .record(now.duration_since(self.started).as_secs_f64()),
+            None => {
+                let ttft = now.duration_since(self.started);
+                histogram!(TTFT, "model" => self.model.clone()).record(ttft.as_secs_f64());
+                if let Some(s) = &self.stats {
+                    s.first_token(&self.model, ttft);
+                }
+            }
             Some(last) => {
-                let per =
-                    now.duration_since(last).as_secs_f64() / (total - self.seen_tokens) as f64;
-                histogram!(ITL, "model" => self.model.clone()).record(per);
+                let n = total - self.seen_tokens;
+                let per = now.duration_since(last) / n;
+                histogram!(ITL, "model" => self.model.clone()).record(per.as_secs_f64());
+                if let Some(s) = &self.stats {
+                    s.later_tokens(&self.model, per, n);
+                }
             }
         }
         self.last_token = Some(now);
@@ -149,6 +170,15 @@ impl Drop for RequestMetrics {
             .increment(1);
         histogram!(DURATION, "model" => self.model.clone(), "endpoint" => self.endpoint.as_str())
             .record(self.started.elapsed().as_secs_f64());
+        if let Some(s) = &self.stats {
+            s.ended(
+                &self.model,
+                status == Status::Ok,
+                self.prompt_tokens,
+                self.output_tokens,
+                self.cached_tokens,
+            );
+        }
         if status == Status::Ok {
             histogram!(INPUT_TOKENS, "model" => self.model.clone())
                 .record(self.prompt_tokens as f64);

@@ -14,6 +14,7 @@ pub use http::{PREFILL_WORKER_HEADER, WORKER_HEADER};
 pub mod metrics;
 pub mod models;
 pub mod serving;
+pub mod stats;
 
 use std::net::SocketAddr;
 use std::str::FromStr;
@@ -91,6 +92,8 @@ pub struct FrontendSettings {
     /// request's worker instead of routing in this process (requests are routed round-robin,
     /// with a warning and `dynamo_frontend_router_fallbacks_total`, while none answers).
     pub remote_router: bool,
+    /// Publish request statistics for the planner this often (`None`: never).
+    pub stats_interval: Option<std::time::Duration>,
 }
 
 impl FrontendSettings {
@@ -103,6 +106,7 @@ impl FrontendSettings {
             max_inflight: 1024,
             kv_router: KvRouterSettings::default(),
             remote_router: false,
+            stats_interval: Some(std::time::Duration::from_secs(1)),
         }
     }
 }
@@ -178,6 +182,18 @@ impl Frontend {
             remote,
         ));
         let stop = CancellationToken::new();
+        if let Some(every) = settings.stats_interval.filter(|d| !d.is_zero()) {
+            let s = Arc::downgrade(&serving);
+            stats::spawn_publisher(
+                runtime,
+                &settings.namespace,
+                serving.stats().clone(),
+                move || s.upgrade().map(|s| s.inflight()),
+                every,
+                stop.clone(),
+            )
+            .map_err(FrontendError::Watcher)?;
+        }
         let (addr, server) = match settings.http_addr {
             None => (None, None),
             Some(addr) => {

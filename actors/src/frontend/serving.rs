@@ -176,6 +176,8 @@ pub struct Serving {
     mode: RouterMode,
     max_inflight: usize,
     inflight: Arc<AtomicUsize>,
+    /// This interval's request statistics (published for the planner).
+    stats: Arc<super::stats::StatsWindow>,
 }
 
 /// Holds one in-flight slot; frees it on drop.
@@ -262,7 +264,13 @@ impl Serving {
             mode,
             max_inflight,
             inflight: Arc::default(),
+            stats: Arc::default(),
         }
+    }
+
+    /// This interval's request statistics.
+    pub fn stats(&self) -> &Arc<super::stats::StatsWindow> {
+        &self.stats
     }
 
     /// The KV router (modes `kv` and `least-loaded`).
@@ -525,14 +533,20 @@ impl Serving {
         };
         let Some(entry) = self.table.get(&model) else {
             let e = ApiError::model_not_found(&model);
-            let m = RequestMetrics::start(None, endpoint, 0, started);
+            let m = RequestMetrics::start(None, endpoint, 0, started, Some(self.stats.clone()));
             m.finish(e.status_label());
             return Err(e);
         };
         let metrics_model = Some(entry.card.name.as_str());
         let fail = |e: ApiError, prompt: u32| {
-            RequestMetrics::start(metrics_model, endpoint, prompt, started)
-                .finish(e.status_label());
+            RequestMetrics::start(
+                metrics_model,
+                endpoint,
+                prompt,
+                started,
+                Some(self.stats.clone()),
+            )
+            .finish(e.status_label());
             Err(e)
         };
         let permit = match self.admit() {
@@ -547,8 +561,13 @@ impl Serving {
             Ok(p) => p,
             Err(e) => return fail(e.into(), 0),
         };
-        let metrics =
-            RequestMetrics::start(metrics_model, endpoint, prepared.prompt_tokens(), started);
+        let metrics = RequestMetrics::start(
+            metrics_model,
+            endpoint,
+            prepared.prompt_tokens(),
+            started,
+            Some(self.stats.clone()),
+        );
         let id =
             request_id.map_or_else(|| uuid::Uuid::new_v4().simple().to_string(), str::to_string);
         tracing::debug!(request_id = %id, model = %entry.card.name, prompt_tokens = prepared.prompt_tokens(), "request admitted");
@@ -711,6 +730,7 @@ impl Generation {
         if piece.finish.is_some() {
             self.done = true;
             self.metrics.set_output(self.output.completion_tokens());
+            self.metrics.set_cached(self.output.cached_tokens());
             self.metrics.set_status(Status::Ok);
         }
         Some(Ok(piece))

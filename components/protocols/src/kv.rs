@@ -95,6 +95,25 @@ pub struct LoadReport {
     /// The worker's lower KV tiers, when it has any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tiers: Option<TierReport>,
+    /// The engine's steps so far (engines with a scheduler).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<StepCounters>,
+}
+
+/// What an engine's steps did since it started: counters (a restarted engine starts again
+/// from zero); the difference of two reports is an interval's figures (steps per second, mean
+/// batch, mean step time, prefill and decode tokens per second).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StepCounters {
+    pub steps: u64,
+    /// Sum of the steps' durations (simulated time for a simulated engine).
+    pub busy_micros: u64,
+    /// Sum over steps of the sequences in the batch.
+    pub batched: u64,
+    /// Prompt tokens computed (recomputations included) and tokens generated.
+    pub prefill_tokens: u64,
+    pub decode_tokens: u64,
 }
 
 /// What a worker's lower KV tiers hold and have moved (counts since the engine started).

@@ -16,3 +16,4 @@ pub mod kv;
 pub mod llm;
 pub mod openai;
 pub mod router;
+pub mod stats;

@@ -542,6 +542,8 @@ impl Seq {
 
 pub struct Scheduler<E> {
     settings: SchedulerSettings,
+    /// What the steps did so far (load reports carry them).
+    counters: dynamo_protocols::kv::StepCounters,
     pool: BlockPool,
     /// Blocks held for imports, by reservation id.
     reservations: HashMap<u64, Vec<BlockId>>,
@@ -573,6 +575,7 @@ impl<E: Executor> Scheduler<E> {
         let mut pool = BlockPool::new(settings.num_blocks, settings.block_size);
         pool.track_evictions(host.is_some() || settings.disk.is_some());
         let mut s = Self {
+            counters: Default::default(),
             pool,
             host,
             disk: None,
@@ -654,6 +657,7 @@ impl<E: Executor> Scheduler<E> {
             queued_prefill_tokens: self.waiting.iter().chain(&self.running).map(pending).sum(),
             running_requests: self.running.len() as u64,
             tiers: self.tier_report(),
+            steps: Some(self.counters),
         }
     }
 
@@ -1060,6 +1064,16 @@ impl<E: Executor> Scheduler<E> {
             block_size: bs,
         };
         let result = self.executor.execute(&batch);
+        let c = &mut self.counters;
+        c.steps += 1;
+        c.busy_micros += result.duration.as_micros() as u64;
+        c.batched += batch.items.len() as u64;
+        for item in &batch.items {
+            match item.start + item.len <= item.prompt_len || item.len > 1 {
+                true => c.prefill_tokens += item.len as u64,
+                false => c.decode_tokens += 1,
+            }
+        }
         drop(batch);
         let mut sampled = result.sampled.into_iter();
         let mut finished = Vec::new();
