@@ -135,6 +135,17 @@ pub struct LaunchSettings {
 }
 
 /// The model folder, name and preprocessor for engines hosted here.
+/// `dynamo-run profile`'s engine: the one a worker of `s` would run (its vocabulary, the
+/// model's name, block size and KV blocks with it).
+pub async fn profile_engine(
+    s: &LaunchSettings,
+) -> Result<(Arc<dyn Engine>, Range<TokenId>, String, u32, u64)> {
+    let (_, name, pre) = model(s)?;
+    let vocab = pre.ordinary_tokens();
+    let (engine, block_size, blocks) = engine(s, vocab.clone(), 0).await?;
+    Ok((engine, vocab, name, block_size, blocks))
+}
+
 fn model(s: &LaunchSettings) -> Result<(ModelFolder, String, Preprocessor)> {
     let path = s.model_path.as_deref().ok_or_else(|| {
         anyhow!("--model-path DIR is required to host an engine (`dynamo-run make-model --out DIR` writes a small model)")

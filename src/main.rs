@@ -19,6 +19,7 @@ mod bench;
 mod diag;
 mod graph;
 mod launch;
+mod profile;
 mod serve;
 mod settings;
 
@@ -71,6 +72,15 @@ struct Cli {
     launch: LaunchArgs,
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+/// `dynamo-run profile`: the measurement's flags and the engine's (those workers take).
+#[derive(Args)]
+struct ProfileCommand {
+    #[command(flatten)]
+    profile: profile::ProfileArgs,
+    #[command(flatten)]
+    launch: LaunchArgs,
 }
 
 /// Launcher settings (see `settings.rs`): each flag can also come from `DYN_{FLAG}` in the
@@ -361,6 +371,9 @@ enum Command {
     },
     /// Load-test an OpenAI frontend and report throughput and latency.
     Bench(Box<bench::BenchArgs>),
+    /// Measure what one worker sustains (TTFT against input length, ITL against batch and
+    /// context) and write a capacity profile for the planner.
+    Profile(Box<ProfileCommand>),
     /// List instances in discovery (with their models and load) and services answering the
     /// NATS service protocol.
     Ls,
@@ -489,6 +502,15 @@ async fn run(cli: Cli) -> Result<()> {
     if let Some(Command::Bench(args)) = &cli.command {
         return bench::run((**args).clone()).await;
     }
+    if let Some(Command::Profile(p)) = &cli.command {
+        let s = settings::overlay(file_settings(&cli)?, p.launch.settings());
+        let engine = match p.profile.engine.as_str() {
+            "native" => launch::Output::Native,
+            _ => launch::Output::Mocker,
+        };
+        let ls = settings::resolve(launch::Input::Http, engine, &cli.namespace, &s)?;
+        return profile::run(&p.profile, ls).await;
+    }
     let launch = match &cli.command {
         None => Some(launch_settings(&cli)?),
         Some(_) => None,
@@ -546,7 +568,9 @@ async fn run(cli: Cli) -> Result<()> {
     }
     let result = match cli.command {
         None => launch::run(&runtime, launch.expect("parsed above")).await,
-        Some(Command::MakeModel { .. }) | Some(Command::Bench(_)) => unreachable!("handled above"),
+        Some(Command::MakeModel { .. }) | Some(Command::Bench(_)) | Some(Command::Profile(_)) => {
+            unreachable!("handled above")
+        }
         Some(Command::Demo { requests }) => diag::demo(&runtime, component, requests).await,
         Some(Command::ServeEcho) => diag::serve_echo(&runtime, component).await,
         Some(Command::CallEcho {

@@ -148,3 +148,71 @@ fn bad_launch_arguments_say_what_to_do() {
     );
     assert!(String::from_utf8_lossy(&missing.stderr).contains("not a directory"));
 }
+
+/// `dynamo-run profile` measures a mocker worker and writes a profile the planner loads (a
+/// prefill point per input length, a decode point per batch and context); a grid the KV
+/// cache cannot hold and an unknown engine are refused with what to do.
+#[test]
+fn profile_writes_a_planner_profile_and_refuses_what_cannot_be_measured() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("profile.json");
+    let profile = |extra: &[&str]| {
+        dynamo_run()
+            .args([
+                "profile",
+                "--model-path",
+                model_dir(),
+                "--model-name",
+                "tiny",
+            ])
+            .args(["--speedup-ratio", "20", "--block-size", "16", "--out"])
+            .arg(&out)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let ok = profile(&[
+        "--engine",
+        "mocker",
+        "--num-gpu-blocks",
+        "256",
+        "--isl",
+        "32,256",
+        "--batches",
+        "1,4",
+        "--contexts",
+        "64,256",
+        "--decode-tokens",
+        "4",
+        "--repeats",
+        "1",
+    ]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stderr).contains("profile: decode of 4 sequences"));
+    let p = dynamo_planner::Profile::load(&out, Some("tiny")).unwrap();
+    assert_eq!(
+        (p.engine.as_str(), p.prefill.len(), p.decode.len()),
+        ("mocker", 2, 4)
+    );
+    assert!(p.prefill.iter().all(|x| x.ttft_ms > 0.0) && p.decode.iter().all(|x| x.itl_ms > 0.0));
+    assert_eq!(p.settings["block_size"], 16);
+
+    let too_big = profile(&[
+        "--engine",
+        "mocker",
+        "--num-gpu-blocks",
+        "16",
+        "--batches",
+        "64",
+    ]);
+    assert!(!too_big.status.success());
+    let err = String::from_utf8_lossy(&too_big.stderr);
+    assert!(err.contains("lower --batches or --contexts"), "{err}");
+    let unknown = profile(&["--engine", "vllm"]);
+    assert!(!unknown.status.success());
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("profile mocker or native"));
+}
