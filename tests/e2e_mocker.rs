@@ -8,7 +8,7 @@ mod common;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use common::{dynamo_run, model_dir, Proc};
+use common::{dynamo_run, model_dir, Proc, Watch};
 use dynamo_protocols::kv::{
     KvDump, KvDumpRequest, KvEventBatch, KvEventData, LoadReport, SequenceHash, KV_DUMP_ENDPOINT,
     KV_EVENTS_TOPIC, LOAD_TOPIC,
@@ -178,59 +178,6 @@ async fn mocker_events_on_the_bus_replay_to_each_workers_cached_set() {
 
     workers.kill9();
     runtime.close().await;
-}
-
-/// A `dynamo-run watch WHAT` process over `url`, its lines collected.
-struct Watch {
-    child: std::process::Child,
-    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-}
-
-impl Watch {
-    /// Starts it and waits until it has subscribed (it says so on stderr).
-    fn start(url: &str, what: &str) -> Watch {
-        use std::io::{BufRead, BufReader};
-        let mut child = dynamo_run()
-            .args(["--bus", url, "watch", what])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (stdout, sink) = (child.stdout.take().unwrap(), lines.clone());
-        std::thread::spawn(move || {
-            for l in BufReader::new(stdout).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(l);
-            }
-        });
-        let (subscribed, rx) = std::sync::mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for l in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if l.starts_with("watching ") {
-                    let _ = subscribed.send(());
-                }
-            }
-        });
-        rx.recv_timeout(Duration::from_secs(30))
-            .expect("watch did not subscribe");
-        Watch { child, lines }
-    }
-
-    /// Waits until `ok` holds for the lines so far.
-    async fn until(&self, what: &str, ok: impl Fn(&[String]) -> bool) {
-        common::eventually(what, Duration::from_secs(20), || {
-            ok(&self.lines.lock().unwrap())
-        })
-        .await;
-    }
-}
-
-impl Drop for Watch {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// The number just before `suffix` in `line`, after `after`.

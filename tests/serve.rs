@@ -329,33 +329,9 @@ fn over_nats_replicas_are_supervised_processes() {
     };
     ask();
     // `watch events` shows the KV blocks a request stores; `ls` shows models and load.
-    let mut watch = dynamo_run()
-        .args(["--bus", &nats.url(), "watch", "events"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
-    {
-        let (stdout, lines) = (watch.stdout.take().unwrap(), lines.clone());
-        std::thread::spawn(move || {
-            for l in BufReader::new(stdout).lines().map_while(Result::ok) {
-                lines.lock().unwrap().push(l);
-            }
-        });
-    }
     // `watch` says on stderr once it is subscribed: events before that are not its to show.
-    let (subscribed, rx) = std::sync::mpsc::channel();
-    let stderr = watch.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for l in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if l.starts_with("watching ") {
-                let _ = subscribed.send(());
-            }
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(30))
-        .expect("watch did not subscribe");
+    let watch = common::Watch::start(&nats.url(), "events");
+    let lines = watch.lines.clone();
     let until = Instant::now() + Duration::from_secs(10);
     let mut round = 0;
     while !lines
@@ -387,8 +363,7 @@ fn over_nats_replicas_are_supervised_processes() {
             .unwrap();
         std::thread::sleep(Duration::from_millis(300));
     }
-    let _ = watch.kill();
-    let _ = watch.wait();
+    drop(watch);
     let ls = dynamo_run()
         .args(["--bus", &nats.url(), "ls"])
         .output()

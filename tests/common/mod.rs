@@ -301,3 +301,55 @@ pub async fn runtime_with_lease(url: String, lease: Duration) -> dynamo_runtime:
     .await
     .unwrap()
 }
+
+/// A `dynamo-run watch WHAT` process over `url`, its lines collected.
+pub struct Watch {
+    child: std::process::Child,
+    pub lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Watch {
+    /// Starts it and waits until it has subscribed (it says so on stderr).
+    pub fn start(url: &str, what: &str) -> Watch {
+        let mut child = dynamo_run()
+            .args(["--bus", url, "watch", what])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (stdout, sink) = (child.stdout.take().unwrap(), lines.clone());
+        std::thread::spawn(move || {
+            for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(l);
+            }
+        });
+        let (subscribed, rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if l.starts_with("watching ") {
+                    let _ = subscribed.send(());
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(30))
+            .expect("watch did not subscribe");
+        Watch { child, lines }
+    }
+
+    /// Waits until `ok` holds for the lines so far.
+    pub async fn until(&self, what: &str, ok: impl Fn(&[String]) -> bool) {
+        eventually(what, Duration::from_secs(20), || {
+            ok(&self.lines.lock().unwrap())
+        })
+        .await;
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
