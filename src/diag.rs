@@ -180,8 +180,6 @@ fn short(h: u64) -> String {
     format!("{:08x}", h >> 32)
 }
 
-/// `dynamo-run watch events|load`: tails KV events (or load reports) of every component in the
-/// namespace, one readable line each, until SIGINT/SIGTERM.
 /// The steps between two of a worker's load reports: count, mean batch and step time, tokens.
 fn step_line(
     now: &dynamo_protocols::kv::StepCounters,
@@ -206,6 +204,8 @@ fn step_line(
     )
 }
 
+/// `dynamo-run watch events|load|stats`: tails KV events, load reports or frontend statistics
+/// of every component in the namespace, one readable line each, until SIGINT/SIGTERM.
 pub async fn watch(runtime: &Runtime, namespace: &str, what: &str) -> Result<()> {
     use dynamo_protocols::kv::{
         KvEventBatch, KvEventData, LoadReport, KV_EVENTS_TOPIC, LOAD_TOPIC,

@@ -134,7 +134,6 @@ pub struct LaunchSettings {
     pub batch_concurrency: usize,
 }
 
-/// The model folder, name and preprocessor for engines hosted here.
 /// `dynamo-run profile`'s engine: the one a worker of `s` would run (its vocabulary, the
 /// model's name, block size and KV blocks with it).
 pub async fn profile_engine(
@@ -146,6 +145,7 @@ pub async fn profile_engine(
     Ok((engine, vocab, name, block_size, blocks))
 }
 
+/// The model folder, name and preprocessor for engines hosted here.
 fn model(s: &LaunchSettings) -> Result<(ModelFolder, String, Preprocessor)> {
     let path = s.model_path.as_deref().ok_or_else(|| {
         anyhow!("--model-path DIR is required to host an engine (`dynamo-run make-model --out DIR` writes a small model)")

@@ -504,10 +504,7 @@ async fn run(cli: Cli) -> Result<()> {
     }
     if let Some(Command::Profile(p)) = &cli.command {
         let s = settings::overlay(file_settings(&cli)?, p.launch.settings());
-        let engine = match p.profile.engine.as_str() {
-            "native" => launch::Output::Native,
-            _ => launch::Output::Mocker,
-        };
+        let engine = p.profile.output()?;
         let ls = settings::resolve(launch::Input::Http, engine, &cli.namespace, &s)?;
         return profile::run(&p.profile, ls).await;
     }

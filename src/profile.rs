@@ -122,22 +122,25 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+impl ProfileArgs {
+    /// The engine to profile, as the launcher's output.
+    pub fn output(&self) -> Result<Output> {
+        match self.engine.as_str() {
+            "mocker" => Ok(Output::Mocker),
+            "native" => Ok(Output::Native),
+            other => bail!("--engine {other:?}: profile mocker or native"),
+        }
+    }
+}
+
+/// Profiles the engine `s` describes (its output: see [`ProfileArgs::output`]).
 pub async fn run(args: &ProfileArgs, s: LaunchSettings) -> Result<()> {
-    let engine_kind = match args.engine.as_str() {
-        "mocker" => Output::Mocker,
-        "native" => Output::Native,
-        other => bail!("--engine {other:?}: profile mocker or native"),
-    };
     if args.isl.is_empty() || args.batches.is_empty() || args.contexts.is_empty() {
         bail!("--isl, --batches and --contexts each need at least one value");
     }
     if args.isl.contains(&0) || args.batches.contains(&0) || args.decode_tokens < 2 {
         bail!("input lengths and batches must be positive, --decode-tokens at least 2");
     }
-    let s = LaunchSettings {
-        output: engine_kind,
-        ..s
-    };
     let (engine, vocab, model, block_size, blocks) = crate::launch::profile_engine(&s).await?;
     let capacity = block_size as u64 * blocks;
     for &c in &args.contexts {
@@ -149,9 +152,6 @@ pub async fn run(args: &ProfileArgs, s: LaunchSettings) -> Result<()> {
                     "the engine's KV cache holds {capacity} tokens; {b} requests at context {c} need about {need}: lower --batches or --contexts, or give the engine more blocks (--num-gpu-blocks)"
                 );
             }
-        }
-        if c as u64 + args.decode_tokens as u64 > capacity {
-            bail!("context {c} does not fit the engine's KV cache of {capacity} tokens");
         }
     }
     let mut prompts = Prompts { vocab, next: 0 };

@@ -176,11 +176,11 @@ fn gbps(flag: &str, value: Option<f64>, default: f64) -> Result<f64> {
     }
 }
 
-/// The KV router's settings (routers, and frontends routing by KV or load).
 /// A peer's block counts this much of a device hit when workers share KV (`--kv-share`):
 /// below a local host hit (0.5), as the copy crosses the network.
 pub const PEER_CREDIT: f64 = 0.4;
 
+/// The KV router's settings (routers, and frontends routing by KV or load).
 pub fn router_settings(s: &Settings) -> Result<KvRouterSettings> {
     let d = KvRouterSettings::default();
     let weight = s.kv_overlap_score_weight.unwrap_or(d.overlap_weight);

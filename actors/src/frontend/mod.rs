@@ -173,6 +173,9 @@ impl Frontend {
         } else {
             (None, None)
         };
+        // Requests record statistics only when they are published.
+        let every = settings.stats_interval.filter(|d| !d.is_zero());
+        let window = every.map(|_| Arc::new(stats::StatsWindow::default()));
         let serving = Arc::new(Serving::new(
             runtime.clone(),
             table,
@@ -180,14 +183,15 @@ impl Frontend {
             settings.max_inflight,
             router,
             remote,
+            window.clone(),
         ));
         let stop = CancellationToken::new();
-        if let Some(every) = settings.stats_interval.filter(|d| !d.is_zero()) {
+        if let (Some(every), Some(window)) = (every, window) {
             let s = Arc::downgrade(&serving);
             stats::spawn_publisher(
                 runtime,
                 &settings.namespace,
-                serving.stats().clone(),
+                window,
                 move || s.upgrade().map(|s| s.inflight()),
                 every,
                 stop.clone(),

@@ -176,8 +176,8 @@ pub struct Serving {
     mode: RouterMode,
     max_inflight: usize,
     inflight: Arc<AtomicUsize>,
-    /// This interval's request statistics (published for the planner).
-    stats: Arc<super::stats::StatsWindow>,
+    /// This interval's request statistics, when the frontend publishes them for the planner.
+    stats: Option<Arc<super::stats::StatsWindow>>,
 }
 
 /// Holds one in-flight slot; frees it on drop.
@@ -234,15 +234,14 @@ fn peer_prefix(
         .instances
         .iter()
         .find(|a| a.instance.as_u64() == worker.0 && !skip.contains(&a.instance))?;
-    let c = &addr.endpoint.component;
+    let endpoint = addr
+        .endpoint
+        .component
+        .endpoint(WorkerKind::KV_FETCH_ENDPOINT)
+        .ok()?;
     Some(PeerPrefix {
         worker: worker.0,
-        endpoint: format!(
-            "{}.{}.{}",
-            c.namespace,
-            c.component,
-            WorkerKind::KV_FETCH_ENDPOINT
-        ),
+        endpoint: endpoint.to_string(),
         blocks,
     })
 }
@@ -255,6 +254,7 @@ impl Serving {
         max_inflight: usize,
         router: Option<Arc<KvRouter>>,
         remote: Option<RemoteRouter>,
+        stats: Option<Arc<super::stats::StatsWindow>>,
     ) -> Self {
         Self {
             runtime,
@@ -264,13 +264,8 @@ impl Serving {
             mode,
             max_inflight,
             inflight: Arc::default(),
-            stats: Arc::default(),
+            stats,
         }
-    }
-
-    /// This interval's request statistics.
-    pub fn stats(&self) -> &Arc<super::stats::StatsWindow> {
-        &self.stats
     }
 
     /// The KV router (modes `kv` and `least-loaded`).
@@ -533,20 +528,14 @@ impl Serving {
         };
         let Some(entry) = self.table.get(&model) else {
             let e = ApiError::model_not_found(&model);
-            let m = RequestMetrics::start(None, endpoint, 0, started, Some(self.stats.clone()));
+            let m = RequestMetrics::start(None, endpoint, 0, started, self.stats.clone());
             m.finish(e.status_label());
             return Err(e);
         };
         let metrics_model = Some(entry.card.name.as_str());
         let fail = |e: ApiError, prompt: u32| {
-            RequestMetrics::start(
-                metrics_model,
-                endpoint,
-                prompt,
-                started,
-                Some(self.stats.clone()),
-            )
-            .finish(e.status_label());
+            RequestMetrics::start(metrics_model, endpoint, prompt, started, self.stats.clone())
+                .finish(e.status_label());
             Err(e)
         };
         let permit = match self.admit() {
@@ -566,7 +555,7 @@ impl Serving {
             endpoint,
             prepared.prompt_tokens(),
             started,
-            Some(self.stats.clone()),
+            self.stats.clone(),
         );
         let id =
             request_id.map_or_else(|| uuid::Uuid::new_v4().simple().to_string(), str::to_string);

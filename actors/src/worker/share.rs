@@ -80,15 +80,15 @@ impl Skip {
 }
 
 /// Fetches `peer`'s blocks of `body`'s prompt into this worker's device pool when worth it
-/// (see the module); returns the blocks now cached here that were not. Never fails the
-/// request: a fetch that does not happen means computing the prompt.
+/// (see the module). Never fails the request: a fetch that does not happen means computing
+/// the prompt.
 pub(crate) async fn fetch_prefix(
     disagg: Option<&Disagg>,
     engine: &Arc<dyn Engine>,
     body: &PreprocessedRequest,
     peer: &PeerPrefix,
     cancel: &CancellationToken,
-) -> usize {
+) {
     let started = Instant::now();
     let outcome = match disagg {
         Some(d) if d.shares() => tokio::select! {
@@ -105,7 +105,6 @@ pub(crate) async fn fetch_prefix(
                 .increment(blocks as u64);
             metrics::histogram!("dynamo_worker_kv_peer_fetch_seconds")
                 .record(started.elapsed().as_secs_f64());
-            blocks
         }
         Err(why) => {
             metrics::counter!("dynamo_worker_kv_peer_fetches_total", "outcome" => why.label())
@@ -116,7 +115,6 @@ pub(crate) async fn fetch_prefix(
             ) {
                 tracing::debug!(peer = peer.worker, reason = %why, "no KV fetched from the peer; computing the prompt");
             }
-            0
         }
     }
 }

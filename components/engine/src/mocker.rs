@@ -266,8 +266,7 @@ impl Executor for Simulated {
         let mut decodes = 0usize;
         let mut sampled = Vec::new();
         for item in &batch.items {
-            // Tokens of the prompt (or of a recomputation) are prefill; one generated token is decode.
-            if item.start + item.len <= item.prompt_len || item.len > 1 {
+            if item.is_prefill() {
                 prefill_tokens += item.len;
             } else {
                 decodes += 1;

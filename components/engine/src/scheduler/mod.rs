@@ -101,6 +101,13 @@ pub struct Scheduled<'a> {
     pub samples: bool,
 }
 
+impl Scheduled<'_> {
+    /// Prompt tokens (or a recomputation's) are prefill; one generated token is decode.
+    pub fn is_prefill(&self) -> bool {
+        self.start + self.len <= self.prompt_len || self.len > 1
+    }
+}
+
 /// What one step computes.
 #[derive(Debug)]
 pub struct StepBatch<'a> {
@@ -1069,7 +1076,7 @@ impl<E: Executor> Scheduler<E> {
         c.busy_micros += result.duration.as_micros() as u64;
         c.batched += batch.items.len() as u64;
         for item in &batch.items {
-            match item.start + item.len <= item.prompt_len || item.len > 1 {
+            match item.is_prefill() {
                 true => c.prefill_tokens += item.len as u64,
                 false => c.decode_tokens += 1,
             }
