@@ -48,6 +48,8 @@ pub fn nats_server_binary() -> io::Result<PathBuf> {
 
 impl NatsServer {
     /// Starts a server and waits until it accepts connections.
+    /// A port found free may be taken by another test before the server binds it: a server
+    /// that exits at start is tried again on fresh ports, a few times.
     pub fn start() -> io::Result<Self> {
         let mut server = Self {
             child: None,
@@ -56,8 +58,17 @@ impl NatsServer {
             store: tempfile::tempdir()?,
             bin: nats_server_binary()?,
         };
-        server.spawn()?;
-        Ok(server)
+        let mut tries = 0;
+        loop {
+            match server.spawn() {
+                Err(e) if e.kind() == io::ErrorKind::AddrInUse && tries < 4 => {
+                    tries += 1;
+                    server.port = free_port()?;
+                    server.monitor_port = free_port()?;
+                }
+                other => return other.map(|()| server),
+            }
+        }
     }
 
     fn spawn(&mut self) -> io::Result<()> {
@@ -77,10 +88,13 @@ impl NatsServer {
                 return Ok(());
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
-                return Err(io::Error::other(format!(
-                    "nats-server exited at start ({status}); port {} taken?",
-                    self.port
-                )));
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!(
+                        "nats-server exited at start ({status}); port {} or {} taken?",
+                        self.port, self.monitor_port
+                    ),
+                ));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
