@@ -47,7 +47,7 @@ pub struct BenchArgs {
     /// Open loop: Poisson arrivals at this many requests per second.
     #[arg(long)]
     request_rate: Option<f64>,
-    /// Stop after this many seconds even if requests remain.
+    /// Send no request after this many seconds even if some remain (those in flight finish).
     #[arg(long, default_value_t = 600.0)]
     duration: f64,
     /// Requests sent first and not measured.
@@ -425,8 +425,13 @@ pub async fn run(a: BenchArgs) -> Result<()> {
         let (client, url, model) = (client.clone(), url.clone(), a.model.clone());
         let (samples, done, errors) = (samples.clone(), done.clone(), errors.clone());
         tasks.push(tokio::spawn(async move {
-            let s = tokio::time::timeout_at(deadline.into(), send(&client, &url, &model, &job, t0))
-                .await;
+            // Requests in flight when --duration ends finish (within a minute): cutting them
+            // would count the benchmark's own stop as server errors.
+            let s = tokio::time::timeout_at(
+                (deadline + Duration::from_secs(60)).into(),
+                send(&client, &url, &model, &job, t0),
+            )
+            .await;
             drop(permit);
             let s = s.unwrap_or(Sample {
                 status: Some(0),

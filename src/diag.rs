@@ -217,8 +217,9 @@ pub async fn watch(runtime: &Runtime, namespace: &str, what: &str) -> Result<()>
         "events" => KV_EVENTS_TOPIC,
         "load" => LOAD_TOPIC,
         "stats" => STATS_TOPIC,
+        "planner" => dynamo_protocols::planner::DECISIONS_TOPIC,
         other => bail!(
-            "watch {other:?}: use `watch events` (KV events), `watch load` (workers' load and steps) or `watch stats` (frontends' request statistics)"
+            "watch {other:?}: use `watch events` (KV events), `watch load` (workers' load and steps), `watch stats` (frontends' request statistics) or `watch planner` (the planners' decisions)"
         ),
     };
     // Each worker's last step counters: a load line shows the steps since its last report.
@@ -267,6 +268,13 @@ pub async fn watch(runtime: &Runtime, namespace: &str, what: &str) -> Result<()>
                     out,
                     "{now} {component} {instance} malformed load report: {e}"
                 )?,
+            }
+            continue;
+        }
+        if topic == dynamo_protocols::planner::DECISIONS_TOPIC {
+            match decode_event::<dynamo_protocols::planner::PlannerDecision>(&m.payload) {
+                Ok(d) => writeln!(out, "{now} {component} {instance} {d}")?,
+                Err(e) => writeln!(out, "{now} {component} {instance} malformed decision: {e}")?,
             }
             continue;
         }

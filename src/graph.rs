@@ -117,13 +117,35 @@ const ROUTER_KEYS: &[&str] = &[
     "disagg_max_prefill_queue",
 ];
 const FRONTEND_KEYS: &[&str] = &["http_port", "http_host", "max_inflight", "max_body_bytes"];
+const PLANNER_KEYS: &[&str] = &[
+    "pool",
+    "prefill_pool",
+    "profile",
+    "ttft_target_ms",
+    "itl_target_ms",
+    "planner_interval_ms",
+    "predictor",
+    "min_replicas",
+    "max_replicas",
+    "min_prefill_replicas",
+    "max_prefill_replicas",
+    "max_workers",
+    "scale_down_after",
+    "connector",
+];
 
 /// Every key a graph may set.
 fn setting_keys() -> impl Iterator<Item = &'static str> {
-    [COMMON_KEYS, WORKER_KEYS, ROUTER_KEYS, FRONTEND_KEYS]
-        .into_iter()
-        .flatten()
-        .copied()
+    [
+        COMMON_KEYS,
+        WORKER_KEYS,
+        ROUTER_KEYS,
+        FRONTEND_KEYS,
+        PLANNER_KEYS,
+    ]
+    .into_iter()
+    .flatten()
+    .copied()
 }
 
 /// One component of a graph, settings resolved.
@@ -309,7 +331,7 @@ pub fn load(file: &Path, env: &[(String, String)], sets: &[String]) -> Result<Gr
         let mut own = spec.clone();
         let role: Role = match own.remove(key("role")) {
             Some(v) => serde_yaml::from_value(v).map_err(|_| {
-                loc.error(&["components", &name, "role"], "unknown role; expected frontend, router, worker, prefill or decode (planner and offloader come with later roles)")
+                loc.error(&["components", &name, "role"], "unknown role; expected frontend, router, worker, prefill, decode or planner (offloader comes with a later role)")
             })?,
             None => return Err(loc.error(&path, "missing `role:`")),
         };
@@ -350,6 +372,18 @@ pub fn load(file: &Path, env: &[(String, String)], sets: &[String]) -> Result<Gr
             settings,
         });
     }
+    // A planner starts after the pools it scales.
+    let names: HashSet<String> = components.iter().map(|c| c.name.clone()).collect();
+    for c in components.iter_mut().filter(|c| c.role == Role::Planner) {
+        for p in [c.settings.pool.clone(), c.settings.prefill_pool.clone()]
+            .into_iter()
+            .flatten()
+        {
+            if names.contains(&p) && !c.depends_on.contains(&p) && p != c.name {
+                c.depends_on.push(p);
+            }
+        }
+    }
     let components = validate(&loc, components)?;
     Ok(Graph {
         file: file.to_path_buf(),
@@ -383,7 +417,7 @@ fn validate(loc: &Locator<'_>, comps: Vec<Component>) -> Result<Vec<Component>> 
     let names: HashSet<&str> = comps.iter().map(|c| c.name.as_str()).collect();
     for c in &comps {
         let at = |k: &'static str| vec!["components", c.name.as_str(), k];
-        if matches!(c.role, Role::Planner | Role::Offloader) {
+        if c.role == Role::Offloader {
             return Err(loc.error(
                 &at("role"),
                 format!("role {:?} is not available yet", c.role),
@@ -412,6 +446,7 @@ fn validate(loc: &Locator<'_>, comps: Vec<Component>) -> Result<Vec<Component>> 
         match c.role {
             Role::Worker | Role::Prefill | Role::Decode => {
                 own(FRONTEND_KEYS, "frontend")?;
+                own(PLANNER_KEYS, "planner")?;
                 let Some(engine) = s.engine else {
                     return Err(loc.error(
                         &at("engine"),
@@ -428,6 +463,7 @@ fn validate(loc: &Locator<'_>, comps: Vec<Component>) -> Result<Vec<Component>> 
             }
             Role::Frontend => {
                 own(WORKER_KEYS, "worker")?;
+                own(PLANNER_KEYS, "planner")?;
                 if c.replicas > 1 && s.http_port.is_some_and(|p| p != 0) {
                     return Err(loc.error(
                         &at("replicas"),
@@ -443,8 +479,88 @@ fn validate(loc: &Locator<'_>, comps: Vec<Component>) -> Result<Vec<Component>> 
                 own(WORKER_KEYS, "worker")?;
                 own(FRONTEND_KEYS, "frontend")?;
                 own(&["router_mode"], "frontend")?;
+                own(PLANNER_KEYS, "planner")?;
             }
-            _ => {}
+            Role::Planner => {
+                own(WORKER_KEYS, "worker")?;
+                own(FRONTEND_KEYS, "frontend")?;
+                own(ROUTER_KEYS, "router or frontend")?;
+                if c.replicas > 1 {
+                    return Err(loc.error(
+                        &at("replicas"),
+                        "one planner per pool: several would undo each other's decisions",
+                    ));
+                }
+                let pool = |key: &'static str,
+                            v: Option<&str>,
+                            roles: &[Role],
+                            what: &str|
+                 -> Result<()> {
+                    let Some(v) = v else { return Ok(()) };
+                    match comps.iter().find(|o| o.name == v) {
+                        Some(o) if roles.contains(&o.role) => Ok(()),
+                        Some(o) => Err(loc.error(
+                            &at(key),
+                            format!(
+                                "{v:?} is a {:?} component; a planner's {key} is {what}",
+                                o.role
+                            ),
+                        )),
+                        None => Err(loc.error(&at(key), format!("no component named {v:?}"))),
+                    }
+                };
+                let Some(main) = s.pool.as_deref() else {
+                    return Err(loc.error(
+                        &at("pool"),
+                        "a planner needs `pool:` (the worker or decode component it scales)",
+                    ));
+                };
+                let decode = s.prefill_pool.is_some();
+                pool(
+                    "pool",
+                    Some(main),
+                    if decode {
+                        &[Role::Decode]
+                    } else {
+                        &[Role::Worker, Role::Decode]
+                    },
+                    if decode {
+                        "a decode component (with prefill_pool)"
+                    } else {
+                        "a worker or decode component"
+                    },
+                )?;
+                pool(
+                    "prefill_pool",
+                    s.prefill_pool.as_deref(),
+                    &[Role::Prefill],
+                    "a prefill component",
+                )?;
+                if s.profile.is_none() {
+                    return Err(loc.error(
+                        &at("profile"),
+                        "a planner needs `profile:` (a file from `dynamo-run profile --out FILE`)",
+                    ));
+                }
+                for k in ["ttft_target_ms", "itl_target_ms"] {
+                    if loc.line(&["components", c.name.as_str(), k]).is_none()
+                        && loc.line(&["defaults", k]).is_none()
+                    {
+                        return Err(loc.error(&at(k), "a planner needs both latency targets"));
+                    }
+                }
+                if comps
+                    .iter()
+                    .filter(|o| o.role == Role::Planner && o.settings.pool.as_deref() == Some(main))
+                    .count()
+                    > 1
+                {
+                    return Err(
+                        loc.error(&at("pool"), format!("another planner also scales {main:?}"))
+                    );
+                }
+            }
+            Role::Offloader => {}
         }
     }
     // Port clashes: HTTP ports and metrics port ranges.
@@ -512,6 +628,16 @@ impl Graph {
         self.components.iter().find(|c| c.name == name)
     }
 
+    /// The components some planner scales (the `serve` process answers their scale requests).
+    pub fn scaled(&self) -> Vec<String> {
+        self.components
+            .iter()
+            .filter(|c| c.role == Role::Planner)
+            .flat_map(|c| [c.settings.pool.clone(), c.settings.prefill_pool.clone()])
+            .flatten()
+            .collect()
+    }
+
     /// Whether some component is a router (frontends in kv mode then ask it).
     pub fn has_router(&self) -> bool {
         self.components.iter().any(|c| c.role == Role::Router)
@@ -540,6 +666,8 @@ fn only(s: &Settings, groups: &[&[&str]]) -> Settings {
 pub enum Launch {
     /// A router component.
     Router(Settings),
+    /// A planner.
+    Planner(Settings),
     /// A frontend or a worker: its input, its output, its settings.
     Process {
         input: Input,
@@ -560,6 +688,9 @@ impl Component {
                 // A router component routes by KV; the mode is its frontends' setting.
                 r.router_mode = None;
                 Launch::Router(r)
+            }
+            Role::Planner => {
+                Launch::Planner(only(s, &[PLANNER_KEYS, &["model_path", "model_name"]]))
             }
             Role::Frontend => {
                 let mut f = only(s, &[COMMON_KEYS, ROUTER_KEYS, FRONTEND_KEYS]);
@@ -632,6 +763,10 @@ impl Component {
             Launch::Router(r) => {
                 a.push("router".into());
                 a.extend(to_flags(&r));
+            }
+            Launch::Planner(p) => {
+                a.push("planner".into());
+                a.extend(to_flags(&p));
             }
             Launch::Process {
                 input,

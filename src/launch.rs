@@ -256,46 +256,72 @@ pub(crate) async fn start_workers(
     n: usize,
     name: &str,
 ) -> Result<(Vec<InstanceId>, String)> {
-    let (folder, model, pre) = model(s)?;
+    let m = WorkerModel::load(s)?;
     let mut instances = Vec::new();
     for index in 0..n {
-        let own = own_disk_dir(s, index, n);
-        let s = &own;
-        let shared = Arc::new(own.clone());
-        let vocab = pre.ordinary_tokens();
-        // The first engine sizes the card (a native engine's blocks depend on its layout).
-        let (first, block_size, blocks) = engine(s, vocab.clone(), index).await?;
-        let card = folder.files().card(&model, block_size, blocks)?;
-        let mut ws = WorkerSettings::new(card, folder.files().clone());
-        ws.endpoint = endpoint.endpoint.clone();
-        ws.kind = s.worker_kind;
-        ws.disagg = s.disagg.clone();
-        let s = shared.clone();
-        let factory: EngineFactory = Arc::new(move || {
-            let (s, vocab) = (s.clone(), vocab.clone());
-            Box::pin(async move {
-                engine(&s, vocab, index)
-                    .await
-                    .map(|(e, _, _)| e)
-                    .map_err(|e| format!("{e:#}"))
-            })
-        });
-        let spec =
-            WorkerSpec::new(endpoint.component.clone(), ws, factory).with_first_engine(first);
         let role = if n == 1 {
             name.to_string()
         } else {
             format!("{name}-{index}")
         };
-        match sup
-            .start_role(&role, RoleSpec::Worker(Box::new(spec)))
-            .await?
-        {
-            Started::Worker { instance } => instances.push(instance),
-            _ => unreachable!("a worker spec starts a worker"),
-        }
+        instances.push(start_worker(sup, s, endpoint, &m, index, n > 1, &role).await?);
     }
-    Ok((instances, model))
+    Ok((instances, m.name))
+}
+
+/// A worker's model folder, served name and preprocessor, loaded once for its replicas.
+pub(crate) struct WorkerModel {
+    folder: ModelFolder,
+    pub name: String,
+    pre: Preprocessor,
+}
+
+impl WorkerModel {
+    pub(crate) fn load(s: &LaunchSettings) -> Result<Self> {
+        let (folder, name, pre) = model(s)?;
+        Ok(Self { folder, name, pre })
+    }
+}
+
+/// Starts worker replica `index` as role `role` (`own_dir`: its own disk-tier folder).
+pub(crate) async fn start_worker(
+    sup: &SupervisorHandle,
+    s: &LaunchSettings,
+    endpoint: &EndpointId,
+    m: &WorkerModel,
+    index: usize,
+    own_dir: bool,
+    role: &str,
+) -> Result<InstanceId> {
+    let own = own_disk_dir(s, index, if own_dir { 2 } else { 1 });
+    let s = &own;
+    let shared = Arc::new(own.clone());
+    let vocab = m.pre.ordinary_tokens();
+    // The first engine sizes the card (a native engine's blocks depend on its layout).
+    let (first, block_size, blocks) = engine(s, vocab.clone(), index).await?;
+    let card = m.folder.files().card(&m.name, block_size, blocks)?;
+    let mut ws = WorkerSettings::new(card, m.folder.files().clone());
+    ws.endpoint = endpoint.endpoint.clone();
+    ws.kind = s.worker_kind;
+    ws.disagg = s.disagg.clone();
+    let s = shared.clone();
+    let factory: EngineFactory = Arc::new(move || {
+        let (s, vocab) = (s.clone(), vocab.clone());
+        Box::pin(async move {
+            engine(&s, vocab, index)
+                .await
+                .map(|(e, _, _)| e)
+                .map_err(|e| format!("{e:#}"))
+        })
+    });
+    let spec = WorkerSpec::new(endpoint.component.clone(), ws, factory).with_first_engine(first);
+    match sup
+        .start_role(role, RoleSpec::Worker(Box::new(spec)))
+        .await?
+    {
+        Started::Worker { instance } => Ok(instance),
+        _ => unreachable!("a worker spec starts a worker"),
+    }
 }
 
 pub(crate) async fn wait_for_stop(runtime: &Runtime) -> &'static str {
@@ -328,6 +354,24 @@ pub async fn run_router(
     std::io::stdout().flush()?;
     let signal = wait_for_stop(runtime).await;
     eprintln!("{signal}: stopping the router");
+    sup.shutdown(runtime.settings().shutdown_grace).await;
+    Ok(())
+}
+
+/// `dynamo-run planner`: a planner until SIGTERM.
+pub async fn run_planner(
+    runtime: &Runtime,
+    settings: dynamo_actors::planner::PlannerSettings,
+) -> Result<()> {
+    let sup = SupervisorHandle::start(runtime).await?;
+    let pool = settings.pool.clone();
+    sup.start_role("planner", RoleSpec::Planner(Box::new(settings)))
+        .await?;
+    dynamo_runtime::telemetry::mark_ready();
+    println!("ready: planner of pool {pool}");
+    std::io::stdout().flush()?;
+    let signal = wait_for_stop(runtime).await;
+    eprintln!("{signal}: stopping the planner");
     sup.shutdown(runtime.settings().shutdown_grace).await;
     Ok(())
 }

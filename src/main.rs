@@ -4,6 +4,7 @@
 //!   terminal chat, or a JSONL batch) with engines in this process or on the bus;
 //! - `dynamo-run in=dyn://NAMESPACE.COMPONENT.ENDPOINT out=echo --model-path DIR`: a worker;
 //! - `dynamo-run router`: the KV router as its own component (`{ns}.router.route`);
+//! - `dynamo-run planner`: scales worker pools to hold latency targets;
 //! - `dynamo-run serve GRAPH.yaml`: a component graph, in this process or as child processes;
 //! - `dynamo-run make-model --out DIR`: a small Hugging Face-style model folder;
 //! - `dynamo-run bench --url URL --model NAME --workload ...`: an OpenAI-HTTP load generator;
@@ -20,6 +21,7 @@ mod diag;
 mod graph;
 mod launch;
 mod profile;
+mod scale;
 mod serve;
 mod settings;
 
@@ -335,6 +337,80 @@ impl RouterArgs {
     }
 }
 
+/// A planner's settings (`dynamo-run planner`, graph role `planner`).
+#[derive(Args, Clone)]
+struct PlannerArgs {
+    /// The component of the workers to scale (aggregated, or the decode pool).
+    #[arg(long)]
+    pool: Option<String>,
+    /// The component of the prefill pool (disaggregated serving).
+    #[arg(long)]
+    prefill_pool: Option<String>,
+    /// The workers' capacity profile (`dynamo-run profile --out FILE`).
+    #[arg(long)]
+    profile: Option<PathBuf>,
+    /// Time to first token to hold, milliseconds.
+    #[arg(long)]
+    ttft_target_ms: Option<f64>,
+    /// Inter-token latency to hold, milliseconds.
+    #[arg(long)]
+    itl_target_ms: Option<f64>,
+    /// Milliseconds between decisions. [default: 5000]
+    #[arg(long)]
+    planner_interval_ms: Option<u64>,
+    /// constant, moving-average[:WINDOW] or holt[:ALPHA,BETA]. [default: holt]
+    #[arg(long)]
+    predictor: Option<String>,
+    /// Bounds of the pool. [default: 1 and 8]
+    #[arg(long)]
+    min_replicas: Option<u32>,
+    #[arg(long)]
+    max_replicas: Option<u32>,
+    /// Bounds of the prefill pool. [default: 1 and 8]
+    #[arg(long)]
+    min_prefill_replicas: Option<u32>,
+    #[arg(long)]
+    max_prefill_replicas: Option<u32>,
+    /// Most workers in all pools together. [default: the pools' maxima]
+    #[arg(long)]
+    max_workers: Option<u32>,
+    /// Intervals in a row that must want fewer workers before a pool shrinks. [default: 3]
+    #[arg(long)]
+    scale_down_after: Option<u32>,
+    /// Who carries decisions out: local (the `dynamo-run serve` running the pool). [default: local]
+    #[arg(long)]
+    connector: Option<String>,
+    /// The model the pools serve (default: the model folder's name, else the profile's).
+    #[arg(long)]
+    model_name: Option<String>,
+    #[arg(long)]
+    model_path: Option<PathBuf>,
+}
+
+impl PlannerArgs {
+    fn settings(&self) -> Settings {
+        Settings {
+            pool: self.pool.clone(),
+            prefill_pool: self.prefill_pool.clone(),
+            profile: self.profile.clone(),
+            ttft_target_ms: self.ttft_target_ms,
+            itl_target_ms: self.itl_target_ms,
+            planner_interval_ms: self.planner_interval_ms,
+            predictor: self.predictor.clone(),
+            min_replicas: self.min_replicas,
+            max_replicas: self.max_replicas,
+            min_prefill_replicas: self.min_prefill_replicas,
+            max_prefill_replicas: self.max_prefill_replicas,
+            max_workers: self.max_workers,
+            scale_down_after: self.scale_down_after,
+            connector: self.connector.clone(),
+            model_name: self.model_name.clone(),
+            model_path: self.model_path.clone(),
+            ..Default::default()
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Start a component graph (config/*.yaml): in this process on the embedded bus, or with
@@ -352,6 +428,9 @@ enum Command {
     /// Run the KV router as its own component (`{namespace}.router.route`) until SIGTERM;
     /// frontends use it with --router-mode kv --remote-router.
     Router(RouterArgs),
+    /// Run a planner until SIGTERM: every interval it sizes --pool (and --prefill-pool) from
+    /// the frontends' statistics and the capacity profile, and has its connector apply it.
+    Planner(Box<PlannerArgs>),
     /// Write a small Hugging Face-style model folder (tokenizer, chat template, config).
     /// With deterministic random safetensors weights: `tiny` (2 layers, hidden 64; for tests)
     /// or `small` (SmolLM2-135M's layer shapes; for benchmarks).
@@ -378,9 +457,10 @@ enum Command {
     /// NATS service protocol.
     Ls,
     /// Tail the namespace's KV events (`events`), workers' load reports with their engine
-    /// steps (`load`) or frontends' request statistics per interval (`stats`) as readable lines.
+    /// steps (`load`), frontends' request statistics per interval (`stats`) or the planners'
+    /// decisions (`planner`) as readable lines.
     Watch {
-        /// events, load or stats.
+        /// events, load, stats or planner.
         what: String,
     },
     /// Runtime diagnostics: serve the echo role on the embedded bus, call it, shut down.
@@ -519,6 +599,13 @@ async fn run(cli: Cli) -> Result<()> {
         ))?),
         _ => None,
     };
+    let planner = match &cli.command {
+        Some(Command::Planner(args)) => Some(settings::planner_settings(
+            &cli.namespace,
+            &settings::overlay(file_settings(&cli)?, args.settings()),
+        )?),
+        _ => None,
+    };
     // A graph is validated before anything starts.
     let graph = match &cli.command {
         Some(Command::Serve { file, set, .. }) => {
@@ -529,7 +616,11 @@ async fn run(cli: Cli) -> Result<()> {
         _ => None,
     };
     let overrides = Overrides {
-        bus: cli.bus.clone(),
+        // A graph's `bus:` is this process's bus too (its scaler answers planners there).
+        bus: cli
+            .bus
+            .clone()
+            .or_else(|| graph.as_ref().and_then(|g| g.bus.clone())),
         log: cli.log.clone(),
         metrics_port: cli.metrics_port,
     };
@@ -598,6 +689,9 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Some(Command::Router(_)) => {
             launch::run_router(&runtime, &cli.namespace, router.expect("parsed above")).await
+        }
+        Some(Command::Planner(_)) => {
+            launch::run_planner(&runtime, planner.expect("parsed above")).await
         }
     };
     runtime.close().await;

@@ -11,6 +11,7 @@
 //! SIGTERM or SIGINT stops everything in reverse dependency order: each component's processes
 //! get SIGTERM and up to the runtime's shutdown grace to drain, then SIGKILL.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -26,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::graph::{Component, Graph, Launch, Role};
 use crate::launch::{self, Input};
+use crate::scale::{EmbeddedPool, Pool, ProcessPool, Scaler};
 use crate::settings;
 
 /// Runs the graph in this process: every component replica is a role of this process's
@@ -33,10 +35,14 @@ use crate::settings;
 pub async fn embedded(runtime: &Runtime, g: &Graph) -> Result<()> {
     let grace = runtime.settings().shutdown_grace;
     let sup = SupervisorHandle::start(runtime).await?;
-    let (frontends, models) = match start_embedded(&sup, g).await {
+    let mut scaler = None;
+    let (frontends, models) = match start_embedded(runtime, &sup, g, &mut scaler).await {
         Ok(started) => started,
         Err(e) => {
             // Nothing half-started: what did start stops again.
+            if let Some(s) = scaler {
+                s.stop().await;
+            }
             sup.shutdown(grace).await;
             return Err(e);
         }
@@ -56,17 +62,33 @@ pub async fn embedded(runtime: &Runtime, g: &Graph) -> Result<()> {
     }
     let signal = launch::wait_for_stop(runtime).await;
     eprintln!("{signal}: stopping in reverse dependency order");
-    sup.shutdown(grace).await;
+    stop_embedded(&sup, g, scaler, grace).await;
     Ok(())
+}
+
+/// Stops the planners first (nothing scales while the graph stops), then the scaled pools
+/// (draining), then the rest in reverse start order.
+async fn stop_embedded(sup: &SupervisorHandle, g: &Graph, scaler: Option<Scaler>, grace: Duration) {
+    for c in g.components.iter().filter(|c| c.role == Role::Planner) {
+        let _ = sup.stop_role(&c.name, grace).await;
+    }
+    if let Some(s) = scaler {
+        s.stop().await;
+    }
+    sup.shutdown(grace).await;
 }
 
 /// Starts the graph's roles in dependency order; returns the frontends' addresses and the
 /// (model, worker instances) served.
 async fn start_embedded(
+    runtime: &Runtime,
     sup: &SupervisorHandle,
     g: &Graph,
+    scaler: &mut Option<Scaler>,
 ) -> Result<(Vec<std::net::SocketAddr>, Vec<(String, usize)>)> {
     let mut frontends = Vec::new();
+    let scaled = g.scaled();
+    let mut pools = BTreeMap::new();
     let ns = Namespace::new(&g.namespace)?;
     // (model, instances) of the workers started so far: frontends are ready once they list them.
     let mut models: Vec<(String, usize)> = Vec::new();
@@ -80,6 +102,20 @@ async fn start_embedded(
         };
         // The component's settings, resolved directly: no command line in between.
         match c.launch(g) {
+            Launch::Planner(p) => {
+                // Its pools started before it (it depends on them): serve their scaling now.
+                if scaler.is_none() {
+                    *scaler = Some(
+                        Scaler::start(runtime, &g.namespace, std::mem::take(&mut pools)).await?,
+                    );
+                }
+                let settings = settings::planner_settings(&g.namespace, &p)
+                    .with_context(|| format!("component {}", c.name))?;
+                sup.start_role(&c.name, RoleSpec::Planner(Box::new(settings)))
+                    .await
+                    .map_err(|e| anyhow!("component {}: {e}", c.name))?;
+                println!("[{}] planner started", c.name);
+            }
             Launch::Router(r) => {
                 let settings = settings::router_settings(&r)
                     .with_context(|| format!("component {}", c.name))?;
@@ -122,6 +158,31 @@ async fn start_embedded(
                             frontends.push(addr);
                         }
                     }
+                    Input::Endpoint(ep) if scaled.contains(&c.name) => {
+                        let model = Arc::new(launch::WorkerModel::load(&s)?);
+                        let mut pool = Pool::embedded(
+                            &c.name,
+                            EmbeddedPool {
+                                sup: sup.clone(),
+                                settings: s.clone(),
+                                endpoint: ep.clone(),
+                                model: model.clone(),
+                                grace: runtime.settings().shutdown_grace,
+                            },
+                        );
+                        pool.scale_to(c.replicas).await?;
+                        pools.insert(c.name.clone(), pool);
+                        println!(
+                            "[{}] {} worker(s) of model {} ready (scaled by a planner)",
+                            c.name, c.replicas, model.name
+                        );
+                        if c.role != Role::Prefill {
+                            match models.iter_mut().find(|(m, _)| *m == model.name) {
+                                Some((_, n)) => *n += c.replicas,
+                                None => models.push((model.name.clone(), c.replicas)),
+                            }
+                        }
+                    }
                     Input::Endpoint(ep) => {
                         let (w, model) =
                             launch::start_workers(sup, &s, ep, c.replicas, &c.name).await?;
@@ -149,7 +210,7 @@ fn signal(pid: u32, sig: nix::sys::signal::Signal) {
 }
 
 /// One replica's supervision loop: run, forward output, restart with backoff until `stop`.
-async fn supervise(
+pub(crate) async fn supervise(
     label: String,
     args: Vec<String>,
     ready: mpsc::UnboundedSender<(String, String)>,
@@ -251,22 +312,48 @@ pub async fn supervised(runtime: &Runtime, g: &Graph, bus: &str, only: Option<&s
     let mut running: Vec<Running> = Vec::new();
     let shutting_down = CancellationToken::new();
     let processes: usize = comps.iter().map(|c| c.replicas).sum();
+    let scaled = g.scaled();
+    let shared = Arc::new(g.clone());
+    let mut pools = BTreeMap::new();
+    let mut scaler: Option<Scaler> = None;
     let result = async {
         for c in &comps {
             let (tx, mut rx) = mpsc::unbounded_channel();
             let stop = CancellationToken::new();
-            let tasks = (0..c.replicas)
-                .map(|r| {
-                    tokio::spawn(supervise(
-                        format!("{}.{r}", c.name),
-                        c.args(g, Some(bus), r),
-                        tx.clone(),
-                        stop.clone(),
-                        shutting_down.clone(),
+            if c.role == Role::Planner && scaler.is_none() {
+                scaler =
+                    Some(Scaler::start(runtime, &g.namespace, std::mem::take(&mut pools)).await?);
+            }
+            let tasks = if scaled.contains(&c.name) {
+                // A planner's pool: its replicas are the scaler's.
+                let mut pool = Pool::processes(
+                    &c.name,
+                    ProcessPool {
+                        component: (*c).clone(),
+                        graph: shared.clone(),
+                        bus: bus.to_string(),
                         grace,
-                    ))
-                })
-                .collect();
+                        shutting_down: shutting_down.clone(),
+                        ready: tx.clone(),
+                    },
+                );
+                pool.scale_to(c.replicas).await?;
+                pools.insert(c.name.clone(), pool);
+                Vec::new()
+            } else {
+                (0..c.replicas)
+                    .map(|r| {
+                        tokio::spawn(supervise(
+                            format!("{}.{r}", c.name),
+                            c.args(g, Some(bus), r),
+                            tx.clone(),
+                            stop.clone(),
+                            shutting_down.clone(),
+                            grace,
+                        ))
+                    })
+                    .collect()
+            };
             running.push(Running { stop, tasks });
             // Dependents start once every replica of this component is ready.
             let seen = Arc::new(Mutex::new(std::collections::HashSet::new()));
@@ -295,6 +382,10 @@ pub async fn supervised(runtime: &Runtime, g: &Graph, bus: &str, only: Option<&s
                 );
             }
         }
+        // Pools whose planner runs elsewhere (`--only`): scaled from there.
+        if scaler.is_none() && !pools.is_empty() {
+            scaler = Some(Scaler::start(runtime, &g.namespace, std::mem::take(&mut pools)).await?);
+        }
         Ok(())
     }
     .await;
@@ -314,6 +405,13 @@ pub async fn supervised(runtime: &Runtime, g: &Graph, bus: &str, only: Option<&s
         for t in r.tasks {
             let _ = t.await;
         }
+    }
+    // The pools last (workers), draining.
+    if let Some(s) = scaler {
+        s.stop().await;
+    }
+    for (_, p) in pools {
+        p.stop().await;
     }
     result
 }

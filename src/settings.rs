@@ -20,11 +20,16 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use dynamo_actors::frontend::RouterMode;
+use dynamo_actors::planner::{ConnectorChoice, PlannerSettings};
 use dynamo_actors::router::KvRouterSettings;
 use dynamo_actors::worker::DisaggSettings;
 use dynamo_engine::native::Compute;
 use dynamo_engine::{MockerFaults, MockerSettings, NativeSettings};
+use dynamo_planner::{
+    Limits, PlannerConfig, PolicySettings, Pools, PredictorKind, Profile, Targets,
+};
 use dynamo_protocols::llm::WorkerKind;
+use dynamo_runtime::subject::Namespace;
 use dynamo_transfer::Route;
 use serde::{Deserialize, Serialize};
 
@@ -89,6 +94,21 @@ pub struct Settings {
     pub http_host: Option<String>,
     pub max_inflight: Option<usize>,
     pub max_body_bytes: Option<usize>,
+    // Planners.
+    pub pool: Option<String>,
+    pub prefill_pool: Option<String>,
+    pub profile: Option<PathBuf>,
+    pub ttft_target_ms: Option<f64>,
+    pub itl_target_ms: Option<f64>,
+    pub planner_interval_ms: Option<u64>,
+    pub predictor: Option<String>,
+    pub min_replicas: Option<u32>,
+    pub max_replicas: Option<u32>,
+    pub min_prefill_replicas: Option<u32>,
+    pub max_prefill_replicas: Option<u32>,
+    pub max_workers: Option<u32>,
+    pub scale_down_after: Option<u32>,
+    pub connector: Option<String>,
     // A single process only.
     pub num_workers: Option<usize>,
     pub batch_concurrency: Option<usize>,
@@ -222,6 +242,128 @@ pub fn router_settings(s: &Settings) -> Result<KvRouterSettings> {
             .disagg_max_prefill_queue
             .unwrap_or(d.disagg_max_prefill_queue),
         ..d
+    })
+}
+
+/// A planner's settings from `s`: its pools, profile, targets and policy, checked (the
+/// profile must load and be of the model the pools serve).
+pub fn planner_settings(namespace: &str, s: &Settings) -> Result<PlannerSettings> {
+    let namespace =
+        Namespace::new(namespace).with_context(|| format!("namespace {namespace:?}"))?;
+    let pool = s.pool.clone().ok_or_else(|| {
+        anyhow::anyhow!(
+            "a planner needs --pool COMPONENT (graph key `pool`): the workers it scales"
+        )
+    })?;
+    let profile_path = s.profile.as_deref().ok_or_else(|| {
+        anyhow::anyhow!("a planner needs --profile FILE (graph key `profile`): measure one with `dynamo-run profile --engine mocker|native --out FILE`")
+    })?;
+    // The model the pools serve: named, or the model folder's name, or the profile's.
+    let model = match (&s.model_name, &s.model_path) {
+        (Some(m), _) => Some(m.clone()),
+        (None, Some(p)) => Some(
+            dynamo_preprocessor::ModelFolder::load(p)
+                .with_context(|| format!("model folder {}", p.display()))?
+                .default_name(),
+        ),
+        (None, None) => None,
+    };
+    let profile = Profile::load(profile_path, model.as_deref())
+        .map_err(|e| anyhow::anyhow!("{e}; measure one with `dynamo-run profile`"))?;
+    let target = |flag: &str, v: Option<f64>| -> Result<f64> {
+        match v {
+            Some(t) if t.is_finite() && t > 0.0 => Ok(t),
+            Some(t) => bail!("{flag} {t}: a latency target is a positive number of milliseconds"),
+            None => bail!("a planner needs {flag} (what it scales to hold)"),
+        }
+    };
+    let targets = Targets {
+        ttft_ms: target("--ttft-target-ms", s.ttft_target_ms)?,
+        itl_ms: target("--itl-target-ms", s.itl_target_ms)?,
+    };
+    let interval_ms = s.planner_interval_ms.unwrap_or(5000);
+    if !(100..=3_600_000).contains(&interval_ms) {
+        bail!("--planner-interval-ms {interval_ms}: between 100 and 3600000");
+    }
+    let predictor: PredictorKind = s
+        .predictor
+        .as_deref()
+        .unwrap_or("holt")
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("--{e}"))?;
+    let limits = |what: &str,
+                  min: Option<u32>,
+                  max: Option<u32>,
+                  default_min: u32|
+     -> Result<Limits> {
+        let (min, max) = (min.unwrap_or(default_min), max.unwrap_or(8));
+        if max == 0 || min > max {
+            bail!(
+                "{what}: min {min} and max {max} replicas must satisfy 0 <= min <= max, max >= 1"
+            );
+        }
+        Ok(Limits { min, max })
+    };
+    let main = limits(
+        "--min-replicas/--max-replicas",
+        s.min_replicas,
+        s.max_replicas,
+        1,
+    )?;
+    let (pools, prefill) = match &s.prefill_pool {
+        Some(_) => (
+            Pools::Disaggregated,
+            limits(
+                "--min-prefill-replicas/--max-prefill-replicas",
+                s.min_prefill_replicas,
+                s.max_prefill_replicas,
+                1,
+            )?,
+        ),
+        None => {
+            if s.min_prefill_replicas.is_some() || s.max_prefill_replicas.is_some() {
+                bail!("--min/max-prefill-replicas need --prefill-pool");
+            }
+            (Pools::Aggregated, Limits { min: 0, max: 0 })
+        }
+    };
+    let budget = s.max_workers.unwrap_or(main.max + prefill.max);
+    if budget < main.min + prefill.min || budget == 0 {
+        bail!(
+            "--max-workers {budget}: below the pools' minimums ({})",
+            main.min + prefill.min
+        );
+    }
+    let down_after = s.scale_down_after.unwrap_or(3);
+    if down_after == 0 {
+        bail!("--scale-down-after: at least 1 interval");
+    }
+    let connector = match s.connector.as_deref().unwrap_or("local") {
+        "local" => ConnectorChoice::Local,
+        "kubernetes" => bail!("--connector kubernetes is not built yet (issue 16); use local"),
+        "virtual" => bail!("--connector virtual is the simulator's (`dynamo-run simulate`)"),
+        other => bail!("--connector {other:?}: expected local"),
+    };
+    Ok(PlannerSettings {
+        namespace,
+        config: PlannerConfig {
+            model: model.unwrap_or_else(|| profile.model.clone()),
+            targets,
+            interval_s: interval_ms as f64 / 1e3,
+            predictor,
+            policy: PolicySettings {
+                pools,
+                main,
+                prefill,
+                budget,
+                down_after,
+            },
+            stale_after: 3,
+        },
+        profile,
+        pool,
+        prefill_pool: s.prefill_pool.clone(),
+        connector,
     })
 }
 
@@ -485,8 +627,22 @@ mod tests {
                 .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             for c in &g.components {
                 let args = c.args(&g, Some("nats://127.0.0.1:4222"), 0);
+                if let Launch::Planner(p) = c.launch(&g) {
+                    // Resolving loads the profile and the model folder: the settings match.
+                    let cli = crate::Cli::try_parse_from(
+                        std::iter::once("dynamo-run".to_string()).chain(args.iter().cloned()),
+                    )
+                    .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+                    let Some(crate::Command::Planner(a)) = &cli.command else {
+                        panic!("{args:?} is not a planner");
+                    };
+                    assert_eq!(a.settings(), p, "{}: {args:?}", c.name);
+                    checked += 1;
+                    continue;
+                }
                 let direct = match c.launch(&g) {
                     Launch::Router(r) => (Some(router_settings(&r).unwrap()), None),
+                    Launch::Planner(_) => unreachable!("checked above"),
                     Launch::Process {
                         input,
                         output,
@@ -549,6 +705,36 @@ mod tests {
         )
         .unwrap_or_else(|e| panic!("{args:?}: {e}"));
         assert_eq!(cli.launch.settings(), s);
+        // A planner's keys, through `dynamo-run planner`.
+        let p = Settings {
+            model_path: Some("/m".into()),
+            model_name: Some("tiny".into()),
+            pool: Some("backend".into()),
+            prefill_pool: Some("prefill".into()),
+            profile: Some("/p.json".into()),
+            ttft_target_ms: Some(200.0),
+            itl_target_ms: Some(25.5),
+            planner_interval_ms: Some(3000),
+            predictor: Some("moving-average:4".into()),
+            min_replicas: Some(2),
+            max_replicas: Some(9),
+            min_prefill_replicas: Some(1),
+            max_prefill_replicas: Some(3),
+            max_workers: Some(10),
+            scale_down_after: Some(4),
+            connector: Some("local".into()),
+            ..Default::default()
+        };
+        let mut args = vec!["planner".to_string()];
+        args.extend(to_flags(&p));
+        let cli = crate::Cli::try_parse_from(
+            std::iter::once("dynamo-run".to_string()).chain(args.clone()),
+        )
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        let Some(crate::Command::Planner(a)) = &cli.command else {
+            panic!("{args:?} is not a planner");
+        };
+        assert_eq!(a.settings(), p);
     }
 
     /// `--config FILE` < flags, key by key; runtime keys in the same file are left to the

@@ -6,139 +6,30 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{dynamo_run, model_dir};
+use common::{base, dynamo_run, graph, model_dir, signal, Serve};
 use dynamo_runtime::testing::NatsServer;
 use nix::sys::signal::Signal;
 
-fn graph(name: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("config")
-        .join(name)
-        .display()
-        .to_string()
-}
-
-/// A `dynamo-run serve` child whose output lines are collected.
-struct Serve {
-    child: Child,
-    out: Arc<Mutex<Vec<String>>>,
-    err: Arc<Mutex<Vec<String>>>,
-}
-
-impl Serve {
-    /// `config/mocker-cluster.yaml` over `nats`, with `backends` backend replicas and the
-    /// frontend on a free port.
-    fn cluster_over(nats: &NatsServer, backends: usize) -> Serve {
-        let model = format!("defaults.model_path={}", model_dir());
-        let replicas = format!("backend.replicas={backends}");
-        Serve::start(&[
-            &graph("mocker-cluster.yaml"),
-            "--bus",
-            &nats.url(),
-            "--set",
-            &model,
-            "--set",
-            &replicas,
-            "--set",
-            "frontend.http_port=0",
-        ])
-    }
-
-    fn start(args: &[&str]) -> Serve {
-        let mut child = dynamo_run()
-            .arg("serve")
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let collect = |r: Box<dyn std::io::Read + Send>| {
-            let lines = Arc::new(Mutex::new(Vec::new()));
-            let l = lines.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(r).lines().map_while(Result::ok) {
-                    l.lock().unwrap().push(line);
-                }
-            });
-            lines
-        };
-        let out = collect(Box::new(child.stdout.take().unwrap()));
-        let err = collect(Box::new(child.stderr.take().unwrap()));
-        Serve { child, out, err }
-    }
-
-    /// Waits for a stdout line containing `needle` (the n-th such line); returns it.
-    fn wait_out(&mut self, needle: &str, nth: usize, within: Duration) -> String {
-        let until = Instant::now() + within;
-        loop {
-            if let Some(l) = self
-                .out
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|l| l.contains(needle))
-                .nth(nth)
-            {
-                return l.clone();
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "serve exited ({status}) before {needle:?}: {}",
-                    self.err.lock().unwrap().join("\n")
-                );
-            }
-            assert!(
-                Instant::now() < until,
-                "no {needle:?} in {:?}",
-                self.out.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn wait_err(&self, needle: &str, within: Duration) {
-        let until = Instant::now() + within;
-        while !self.err.lock().unwrap().iter().any(|l| l.contains(needle)) {
-            assert!(Instant::now() < until, "no {needle:?} on stderr");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// SIGTERM; the exit status if it comes within `within`.
-    fn stop(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
-        signal(self.child.id() as i32, Signal::SIGTERM);
-        let until = Instant::now() + within;
-        while Instant::now() < until {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return Some(s);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        None
-    }
-
-    /// SIGTERM, then the exit status within `within`.
-    fn terminate(mut self, within: Duration) -> std::process::ExitStatus {
-        self.stop(within).expect("serve did not stop after SIGTERM")
-    }
-}
-
-impl Drop for Serve {
-    /// A failed test still stops the graph: SIGTERM (serve stops its children), then SIGKILL.
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            if self.stop(Duration::from_secs(20)).is_none() {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-            }
-        }
-    }
+/// `config/mocker-cluster.yaml` over `nats`, with `backends` backend replicas and the
+/// frontend on a free port.
+fn cluster_over(nats: &NatsServer, backends: usize) -> Serve {
+    let model = format!("defaults.model_path={}", model_dir());
+    let replicas = format!("backend.replicas={backends}");
+    Serve::start(&[
+        &graph("mocker-cluster.yaml"),
+        "--bus",
+        &nats.url(),
+        "--set",
+        &model,
+        "--set",
+        &replicas,
+        "--set",
+        "frontend.http_port=0",
+    ])
 }
 
 /// Processes running now: (pid, parent pid, command line, arguments separated by spaces).
@@ -161,23 +52,6 @@ fn processes() -> Vec<(i32, i32, String)> {
             Some((pid, ppid, cmd))
         })
         .collect()
-}
-
-fn signal(pid: i32, sig: Signal) {
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
-}
-
-/// `http://127.0.0.1:PORT` from a line holding `http://HOST:PORT/v1`.
-fn base(line: &str) -> String {
-    let addr = line
-        .split("http://")
-        .nth(1)
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap();
-    let port = addr.rsplit(':').next().unwrap();
-    format!("http://127.0.0.1:{port}")
 }
 
 #[test]
@@ -306,7 +180,7 @@ fn mocker_cluster_on_the_embedded_bus_serves_a_bench_run() {
 #[test]
 fn over_nats_replicas_are_supervised_processes() {
     let nats = NatsServer::start().unwrap();
-    let mut serve = Serve::cluster_over(&nats, 2);
+    let mut serve = cluster_over(&nats, 2);
     let frontend = serve.wait_out(
         "[frontend.0] ready: model tiny at http://",
         0,
@@ -412,7 +286,7 @@ fn over_nats_replicas_are_supervised_processes() {
 #[test]
 fn children_do_not_outlive_a_killed_supervisor() {
     let nats = NatsServer::start().unwrap();
-    let mut serve = Serve::cluster_over(&nats, 1);
+    let mut serve = cluster_over(&nats, 1);
     serve.wait_out("ready: graph", 0, Duration::from_secs(60));
     let children = || {
         processes()

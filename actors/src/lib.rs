@@ -3,6 +3,7 @@
 //! - [`frontend`]: the OpenAI HTTP API, model discovery, simple routing;
 //! - [`membership`]: the one view of discovery (live workers, their cards and kinds) that
 //!   the frontend and the router read;
+//! - [`planner`]: scales worker pools to hold latency targets (connectors carry it out);
 //! - [`router`]: the KV-aware router (prefix index, load, accounting) and its event ingest;
 //! - [`worker`]: hosts an engine on `generate` and publishes its model card;
 //! - [`echo`]: the runtime's smoke-test role;
@@ -12,6 +13,7 @@
 pub mod echo;
 pub mod frontend;
 pub mod membership;
+pub mod planner;
 pub mod router;
 pub mod supervisor;
 pub mod worker;
@@ -47,6 +49,13 @@ const METRICS: &[MetricHelp] = &[
     ("dynamo_router_resyncs_total", MetricKind::Counter, "Times the router rebuilt a worker's entries from its KV dump."),
     ("dynamo_router_routing_seconds", MetricKind::Histogram, "Seconds the router spent choosing a worker."),
     ("dynamo_router_shared_leases", MetricKind::Gauge, "Requests routed by other routers that this router accounts for."),
+    ("dynamo_planner_desired_replicas", MetricKind::Gauge, "Replicas the planner runs per pool from its last decision."),
+    ("dynamo_planner_ready_replicas", MetricKind::Gauge, "Workers of the pool registered on the bus (serving) at the planner's last decision."),
+    ("dynamo_planner_unmeetable", MetricKind::Gauge, "1 while no replica count meets the planner's latency targets (the pools run at max), else 0."),
+    ("dynamo_planner_stale_intervals", MetricKind::Gauge, "Planner intervals in a row without frontend statistics (from 2 the last decision holds)."),
+    ("dynamo_planner_predicted_rate", MetricKind::Gauge, "Requests a second the planner predicts for the next interval."),
+    ("dynamo_planner_connector_errors_total", MetricKind::Counter, "Times the planner's connector failed to carry a decision out (retried with backoff)."),
+    ("dynamo_planner_decisions_total", MetricKind::Counter, "Planner decisions, by direction: up, down, hold."),
     ("dynamo_supervisor_role_restarts_total", MetricKind::Counter, "Roles the process supervisor restarted after a failure, by role kind."),
     ("dynamo_worker_active_blocks", MetricKind::Gauge, "KV blocks in use on the worker's engine."),
     ("dynamo_worker_engine_restarts_total", MetricKind::Counter, "Times the worker restarted its failed engine."),

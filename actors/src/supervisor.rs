@@ -6,7 +6,8 @@
 //! supervisor (one per process)
 //! ├── frontend  ── model watcher actor, HTTP server task, [embedded router: event ingest actor]
 //! ├── router    ── route actor (`{ns}.router.route`), event ingest actor
-//! └── worker    ── worker actor ── engine (scheduler task or thread), one task per request
+//! ├── worker    ── worker actor ── engine (scheduler task or thread), one task per request
+//! └── planner   ── planner actor (signals in, decisions out through its connector)
 //! ```
 //!
 //! What a child failure does (a role's actors are linked to the supervisor, so a panic or an
@@ -18,6 +19,7 @@
 //! | worker   | the worker actor fails (also: its engine failed to start 5 times in a row) | restart the role with backoff (a new instance) |
 //! | router   | route or ingest actor fails      | restart the role with backoff                         |
 //! | frontend | model watcher or ingest fails    | stop the process (its clients must reconnect anyway; an orchestrator restarts it) |
+//! | planner  | its actor fails                  | restart the role with backoff (it asks its connector what runs, then decides again) |
 //!
 //! Backoff: [`RESTART_INITIAL`] doubling to [`RESTART_MAX`], reset once a role has run for
 //! [`STABLE_AFTER`]. Restarts are counted in `dynamo_supervisor_role_restarts_total{kind}`.
@@ -27,7 +29,8 @@
 //! role is healthy: workers serving (registered, engine up), routers running, frontends
 //! listing at least one model ([`SupervisorHandle::health`]).
 //!
-//! Commands are handled one at a time, in order (a role starts fully before the next command);
+//! Commands are handled one at a time, in order (a role starts fully before the next command;
+//! a stopped role drains in the background, so a start need not wait for it);
 //! at most [`MAX_PENDING`] may wait, and one more is refused with [`SupervisorError::Busy`].
 //! Bad input gets a typed error and changes nothing: a name already running
 //! ([`SupervisorError::Duplicate`]), a stop for an unknown name, a role that cannot start
@@ -46,6 +49,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::frontend::{Frontend, FrontendSettings, Serving};
+use crate::planner::{PlannerHandle, PlannerSettings};
 use crate::router::{KvRouterSettings, RouterComponent};
 use crate::worker::{EngineFactory, WorkerHandle, WorkerSettings};
 
@@ -64,6 +68,7 @@ pub enum RoleKind {
     Frontend,
     Router,
     Worker,
+    Planner,
 }
 
 impl RoleKind {
@@ -72,6 +77,7 @@ impl RoleKind {
             RoleKind::Frontend => "frontend",
             RoleKind::Router => "router",
             RoleKind::Worker => "worker",
+            RoleKind::Planner => "planner",
         }
     }
 }
@@ -113,6 +119,7 @@ pub enum RoleSpec {
         settings: KvRouterSettings,
     },
     Worker(Box<WorkerSpec>),
+    Planner(Box<PlannerSettings>),
 }
 
 impl RoleSpec {
@@ -121,6 +128,7 @@ impl RoleSpec {
             RoleSpec::Frontend(_) => RoleKind::Frontend,
             RoleSpec::Router { .. } => RoleKind::Router,
             RoleSpec::Worker(_) => RoleKind::Worker,
+            RoleSpec::Planner(_) => RoleKind::Planner,
         }
     }
 }
@@ -137,6 +145,10 @@ pub enum Started {
     },
     Worker {
         instance: InstanceId,
+    },
+    Planner {
+        /// The planner's last decision (none before its first interval ends).
+        decisions: tokio::sync::watch::Receiver<Option<dynamo_protocols::planner::PlannerDecision>>,
     },
 }
 
@@ -171,6 +183,7 @@ enum Running {
     Frontend(Frontend),
     Router(RouterComponent),
     Worker(WorkerHandle),
+    Planner(PlannerHandle),
 }
 
 impl Running {
@@ -179,6 +192,7 @@ impl Running {
             Running::Frontend(f) => f.cells(),
             Running::Router(r) => r.cells(),
             Running::Worker(w) => vec![w.cell()],
+            Running::Planner(p) => vec![p.cell()],
         }
     }
 
@@ -194,6 +208,9 @@ impl Running {
             Running::Worker(w) => Started::Worker {
                 instance: w.instance(),
             },
+            Running::Planner(p) => Started::Planner {
+                decisions: p.last(),
+            },
         }
     }
 
@@ -204,6 +221,7 @@ impl Running {
             Running::Worker(w) => {
                 w.drain(grace).await;
             }
+            Running::Planner(p) => p.shutdown().await,
         }
     }
 }
@@ -251,6 +269,8 @@ struct Supervisor {
 struct State {
     /// In start order; stopped in reverse.
     roles: Vec<Entry>,
+    /// Roles stopped on request that are still draining.
+    draining: Vec<tokio::task::JoinHandle<()>>,
     /// What the process's `/health` reads (see [`SupervisorHandle::health`]).
     health: Arc<Mutex<Vec<RoleHealth>>>,
     health_check: u64,
@@ -316,7 +336,7 @@ impl State {
                     None => HealthSource::Down,
                     Some(Running::Worker(w)) => HealthSource::Worker(w.status()),
                     Some(Running::Frontend(f)) => HealthSource::Frontend(f.models().clone()),
-                    Some(Running::Router(_)) => HealthSource::Up,
+                    Some(Running::Router(_) | Running::Planner(_)) => HealthSource::Up,
                 },
             })
             .collect();
@@ -338,6 +358,9 @@ impl Supervisor {
             } => Running::Router(
                 RouterComponent::start(&self.runtime, namespace.clone(), settings.clone()).await?,
             ),
+            RoleSpec::Planner(p) => {
+                Running::Planner(PlannerHandle::start(&self.runtime, (**p).clone()).await?)
+            }
             RoleSpec::Worker(w) => {
                 let first = w.first.lock().unwrap_or_else(|p| p.into_inner()).take();
                 let engine = match first {
@@ -396,6 +419,7 @@ impl Actor for Supervisor {
             dynamo_runtime::telemetry::add_health_check(Arc::new(move || health_of(&health)));
         Ok(State {
             roles: Vec::new(),
+            draining: Vec::new(),
             health: self.health.clone(),
             health_check: check,
         })
@@ -454,11 +478,16 @@ impl Actor for Supervisor {
                 };
                 let entry = state.roles.remove(i);
                 unlink(&entry.cells, &myself);
-                if let Some(r) = entry.running {
-                    r.stop(grace).await;
-                }
-                tracing::info!(role = %name, "role stopped");
-                let _ = reply.send(Ok(()));
+                // The role drains on its own: the supervisor keeps taking commands (a planner
+                // scaling up while another worker drains), and its shutdown waits for it.
+                state.draining.retain(|t| !t.is_finished());
+                state.draining.push(tokio::spawn(async move {
+                    if let Some(r) = entry.running {
+                        r.stop(grace).await;
+                    }
+                    tracing::info!(role = %name, "role stopped");
+                    let _ = reply.send(Ok(()));
+                }));
             }
             Msg::List(reply) => {
                 let _ = reply.send(
@@ -480,6 +509,9 @@ impl Actor for Supervisor {
                     if let Some(r) = entry.running {
                         r.stop(grace).await;
                     }
+                }
+                for t in state.draining.drain(..) {
+                    let _ = t.await;
                 }
                 state.refresh_health();
                 let _ = reply.send(());
@@ -548,7 +580,7 @@ impl Actor for Supervisor {
                 tracing::error!(role = %entry.name, "a frontend failed: stopping the process");
                 self.runtime.shutdown_token().cancel();
             }
-            RoleKind::Router | RoleKind::Worker => {
+            RoleKind::Router | RoleKind::Worker | RoleKind::Planner => {
                 entry.failures = if entry.started.elapsed() >= STABLE_AFTER {
                     1
                 } else {

@@ -6,7 +6,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// `dynamo-run`, logging at `warn`.
@@ -352,4 +352,128 @@ impl Drop for Watch {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+pub fn graph(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("config")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+/// A `dynamo-run serve` child whose output lines are collected.
+pub struct Serve {
+    pub child: Child,
+    pub out: Arc<Mutex<Vec<String>>>,
+    pub err: Arc<Mutex<Vec<String>>>,
+}
+
+impl Serve {
+    pub fn start(args: &[&str]) -> Serve {
+        let mut child = dynamo_run()
+            .arg("serve")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let collect = |r: Box<dyn std::io::Read + Send>| {
+            let lines = Arc::new(Mutex::new(Vec::new()));
+            let l = lines.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(r).lines().map_while(Result::ok) {
+                    l.lock().unwrap().push(line);
+                }
+            });
+            lines
+        };
+        let out = collect(Box::new(child.stdout.take().unwrap()));
+        let err = collect(Box::new(child.stderr.take().unwrap()));
+        Serve { child, out, err }
+    }
+
+    /// Waits for a stdout line containing `needle` (the n-th such line); returns it.
+    pub fn wait_out(&mut self, needle: &str, nth: usize, within: Duration) -> String {
+        let until = Instant::now() + within;
+        loop {
+            if let Some(l) = self
+                .out
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|l| l.contains(needle))
+                .nth(nth)
+            {
+                return l.clone();
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "serve exited ({status}) before {needle:?}: {}",
+                    self.err.lock().unwrap().join("\n")
+                );
+            }
+            assert!(
+                Instant::now() < until,
+                "no {needle:?} in {:?}",
+                self.out.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn wait_err(&self, needle: &str, within: Duration) {
+        let until = Instant::now() + within;
+        while !self.err.lock().unwrap().iter().any(|l| l.contains(needle)) {
+            assert!(Instant::now() < until, "no {needle:?} on stderr");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM; the exit status if it comes within `within`.
+    pub fn stop(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        signal(self.child.id() as i32, nix::sys::signal::Signal::SIGTERM);
+        let until = Instant::now() + within;
+        while Instant::now() < until {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// SIGTERM, then the exit status within `within`.
+    pub fn terminate(mut self, within: Duration) -> std::process::ExitStatus {
+        self.stop(within).expect("serve did not stop after SIGTERM")
+    }
+}
+
+impl Drop for Serve {
+    /// A failed test still stops the graph: SIGTERM (serve stops its children), then SIGKILL.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            if self.stop(Duration::from_secs(20)).is_none() {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+        }
+    }
+}
+
+pub fn signal(pid: i32, sig: nix::sys::signal::Signal) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+}
+
+/// `http://127.0.0.1:PORT` from a line holding `http://HOST:PORT/v1`.
+pub fn base(line: &str) -> String {
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap();
+    let port = addr.rsplit(':').next().unwrap();
+    format!("http://127.0.0.1:{port}")
 }

@@ -4,11 +4,13 @@
 //! it.
 
 pub mod decide;
+pub mod plan;
 pub mod predict;
 pub mod profile;
 
 pub use decide::{
     need, Decided, Limits, Load, Need, Policy, PolicySettings, Pools, Replicas, Targets, Unmeetable,
 };
+pub use plan::{figures, Planner, PlannerConfig, PoolRole, Step};
 pub use predict::{Predictor, PredictorKind};
 pub use profile::{DecodePoint, PrefillPoint, Profile, ProfileError, PROFILE_VERSION};

@@ -105,6 +105,53 @@ impl Predictor {
     }
 }
 
+impl std::str::FromStr for PredictorKind {
+    type Err = String;
+
+    /// `constant`, `moving-average[:WINDOW]` (default 5) or `holt[:ALPHA,BETA]` (default
+    /// 0.5,0.3).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (name, args) = s.split_once(':').unwrap_or((s, ""));
+        let nums = |n: usize| -> Result<Vec<f64>, String> {
+            let v: Vec<f64> = args
+                .split(',')
+                .map(|a| a.trim().parse::<f64>())
+                .collect::<Result<_, _>>()
+                .map_err(|_| format!("predictor {s:?}: {args:?} is not {n} number(s)"))?;
+            if v.len() != n {
+                return Err(format!("predictor {s:?}: expected {n} number(s) after ':'"));
+            }
+            Ok(v)
+        };
+        let k = match (name, args.is_empty()) {
+            ("constant", true) => PredictorKind::Constant,
+            ("moving-average", true) => PredictorKind::MovingAverage { window: 5 },
+            ("moving-average", false) => {
+                let w = nums(1)?[0];
+                if w.fract() != 0.0 || w < 1.0 {
+                    return Err(format!(
+                        "predictor {s:?}: the window is a whole number >= 1"
+                    ));
+                }
+                PredictorKind::MovingAverage { window: w as usize }
+            }
+            ("holt", true) => PredictorKind::default(),
+            ("holt", false) => {
+                let v = nums(2)?;
+                PredictorKind::Holt {
+                    alpha: v[0],
+                    beta: v[1],
+                }
+            }
+            _ => return Err(format!(
+                "predictor {s:?}: expected constant, moving-average[:WINDOW] or holt[:ALPHA,BETA]"
+            )),
+        };
+        k.check().map_err(|e| format!("predictor {s:?}: {e}"))?;
+        Ok(k)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,6 +178,27 @@ mod tests {
         let down: Vec<f64> = (0..10).map(|i| 9.0 - i as f64).collect();
         assert!(feed(PredictorKind::default(), &down) >= 0.0);
         assert_eq!(feed(PredictorKind::Constant, &[]), 0.0);
+        assert_eq!("holt".parse(), Ok(PredictorKind::default()));
+        assert_eq!(
+            "moving-average:3".parse(),
+            Ok(PredictorKind::MovingAverage { window: 3 })
+        );
+        assert_eq!(
+            "holt:0.2,0.1".parse(),
+            Ok(PredictorKind::Holt {
+                alpha: 0.2,
+                beta: 0.1
+            })
+        );
+        for bad in [
+            "",
+            "arima",
+            "holt:2,0.1",
+            "moving-average:0",
+            "moving-average:x",
+        ] {
+            assert!(bad.parse::<PredictorKind>().is_err(), "{bad}");
+        }
         assert!(PredictorKind::MovingAverage { window: 0 }.check().is_err());
         assert!(PredictorKind::Holt {
             alpha: 0.0,
