@@ -291,19 +291,16 @@ pub fn planner_settings(namespace: &str, s: &Settings) -> Result<PlannerSettings
         .unwrap_or("holt")
         .parse()
         .map_err(|e: String| anyhow::anyhow!("--{e}"))?;
-    let limits = |what: &str,
-                  min: Option<u32>,
-                  max: Option<u32>,
-                  default_min: u32|
-     -> Result<Limits> {
-        let (min, max) = (min.unwrap_or(default_min), max.unwrap_or(8));
-        if max == 0 || min > max {
-            bail!(
+    let limits =
+        |what: &str, min: Option<u32>, max: Option<u32>, default_min: u32| -> Result<Limits> {
+            let (min, max) = (min.unwrap_or(default_min), max.unwrap_or(8));
+            if max == 0 || min > max {
+                bail!(
                 "{what}: min {min} and max {max} replicas must satisfy 0 <= min <= max, max >= 1"
             );
-        }
-        Ok(Limits { min, max })
-    };
+            }
+            Ok(Limits { min, max })
+        };
     let main = limits(
         "--min-replicas/--max-replicas",
         s.min_replicas,

@@ -212,3 +212,193 @@ fn bad_planner_settings_fail_before_anything_starts() {
     let e = run(&["planner.predictor=arima"]);
     assert!(e.contains("arima"), "{e}");
 }
+
+mod role {
+    //! The planner role against connectors that fail or record, over the embedded bus.
+
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use dynamo_actors::planner::connector::{Connector, ConnectorError};
+    use dynamo_actors::planner::{ConnectorChoice, PlannerHandle, PlannerSettings};
+    use dynamo_planner::{
+        Limits, PlannerConfig, PolicySettings, Pools, PredictorKind, Profile, Targets,
+    };
+    use dynamo_protocols::planner::PlannerDecision;
+    use dynamo_protocols::stats::{FrontendStats, ModelStats};
+    use dynamo_runtime::bus::Outgoing;
+    use dynamo_runtime::serve::encode_event;
+    use dynamo_runtime::subject::{ComponentId, Namespace, Topic};
+    use dynamo_runtime::InstanceId;
+
+    use super::common::runtime_on;
+
+    /// Fails every call, counting them; or records the replicas asked for.
+    #[derive(Default)]
+    struct Fake {
+        fail: bool,
+        calls: AtomicU32,
+        scaled: Mutex<Vec<u32>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Connector for Fake {
+        fn name(&self) -> &'static str {
+            "fake"
+        }
+        async fn replicas(&self, pool: &str) -> Result<u32, ConnectorError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            if self.fail {
+                return Err(ConnectorError::Failed {
+                    pool: pool.into(),
+                    reason: "the API server is down".into(),
+                });
+            }
+            Ok(self.scaled.lock().unwrap().last().copied().unwrap_or(1))
+        }
+        async fn scale(&self, pool: &str, n: u32) -> Result<u32, ConnectorError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            if self.fail {
+                return Err(ConnectorError::Failed {
+                    pool: pool.into(),
+                    reason: "the API server is down".into(),
+                });
+            }
+            self.scaled.lock().unwrap().push(n);
+            Ok(n)
+        }
+    }
+
+    fn settings(ns: &str, ttft_ms: f64, connector: Arc<Fake>) -> PlannerSettings {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/profiles/mocker.json");
+        PlannerSettings {
+            namespace: Namespace::new(ns).unwrap(),
+            config: PlannerConfig {
+                model: "tiny".into(),
+                targets: Targets {
+                    ttft_ms,
+                    itl_ms: 20.0,
+                },
+                interval_s: 0.05,
+                predictor: PredictorKind::Constant,
+                policy: PolicySettings {
+                    pools: Pools::Aggregated,
+                    main: Limits { min: 1, max: 6 },
+                    prefill: Limits { min: 0, max: 0 },
+                    budget: 6,
+                    down_after: 2,
+                },
+                stale_after: 3,
+            },
+            profile: Profile::load(&path, Some("tiny")).unwrap(),
+            pool: "backend".into(),
+            prefill_pool: None,
+            connector: ConnectorChoice::Custom(connector),
+        }
+    }
+
+    /// Waits for decision number `n` and returns it.
+    async fn decision(
+        rx: &mut tokio::sync::watch::Receiver<Option<PlannerDecision>>,
+        n: u64,
+    ) -> PlannerDecision {
+        loop {
+            if let Some(d) = rx.borrow().clone() {
+                if d.interval >= n {
+                    return d;
+                }
+            }
+            tokio::time::timeout(std::time::Duration::from_secs(10), rx.changed())
+                .await
+                .expect("the planner decides every interval")
+                .unwrap();
+        }
+    }
+
+    /// A connector that keeps failing is retried with backoff, not every interval, and the
+    /// decisions say so.
+    #[tokio::test]
+    async fn a_failing_connector_is_retried_with_backoff() {
+        let rt = runtime_on(None).await;
+        let fake = Arc::new(Fake {
+            fail: true,
+            ..Default::default()
+        });
+        let p = PlannerHandle::start(&rt, settings("fail", 100.0, fake.clone()))
+            .await
+            .unwrap();
+        let mut rx = p.last();
+        let mut applied = Vec::new();
+        for n in 1..=40 {
+            applied.push(decision(&mut rx, n).await.applied);
+        }
+        let calls = fake.calls.load(Ordering::SeqCst);
+        // Backoff from one interval, doubling: about log2(40) attempts, not 40.
+        assert!((2..=8).contains(&calls), "{calls} calls over 40 intervals");
+        assert!(
+            applied
+                .iter()
+                .any(|a| a.starts_with("deferred: retrying in")
+                    && a.contains("the API server is down")),
+            "{applied:?}"
+        );
+        p.shutdown().await;
+    }
+
+    /// Statistics for a TTFT target below a prompt's time on an idle worker: the planner says
+    /// no count meets it and runs at max; when the statistics stop it holds and says so.
+    #[tokio::test]
+    async fn unmeetable_targets_run_at_max_and_silence_holds() {
+        let rt = runtime_on(None).await;
+        let fake = Arc::new(Fake::default());
+        let p = PlannerHandle::start(&rt, settings("unmeet", 5.0, fake.clone()))
+            .await
+            .unwrap();
+        let mut rx = p.last();
+        let subject = ComponentId::new("unmeet", "frontend")
+            .unwrap()
+            .event_subject(&Topic::new("stats").unwrap(), InstanceId::random());
+        let mut stats = FrontendStats {
+            interval_ms: 50,
+            ..Default::default()
+        };
+        stats.models.insert(
+            "tiny".into(),
+            ModelStats {
+                requests: 2,
+                input_tokens: 1024,
+                output_tokens: 64,
+                ..Default::default()
+            },
+        );
+        let mut seen = decision(&mut rx, 1).await;
+        while seen.unmeetable.is_none() {
+            rt.bus()
+                .publish(Outgoing::new(
+                    subject.clone(),
+                    encode_event(&stats).unwrap(),
+                ))
+                .await
+                .unwrap();
+            seen = decision(&mut rx, seen.interval + 1).await;
+        }
+        assert!(
+            seen.unmeetable
+                .as_deref()
+                .unwrap()
+                .contains("TTFT target 5 ms"),
+            "{seen:?}"
+        );
+        assert_eq!(seen.pools[0].desired, 6, "max: {seen:?}");
+        assert_eq!(fake.scaled.lock().unwrap().last(), Some(&6));
+        // No more statistics: after stale_after intervals the decision holds and says why.
+        let mut d = decision(&mut rx, seen.interval + 1).await;
+        while d.stale_intervals < 3 {
+            d = decision(&mut rx, d.interval + 1).await;
+        }
+        assert!(d.reason.contains("no frontend statistics"), "{d:?}");
+        assert_eq!(d.pools[0].desired, 6, "held: {d:?}");
+        p.shutdown().await;
+    }
+}

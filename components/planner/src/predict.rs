@@ -143,9 +143,11 @@ impl std::str::FromStr for PredictorKind {
                     beta: v[1],
                 }
             }
-            _ => return Err(format!(
+            _ => {
+                return Err(format!(
                 "predictor {s:?}: expected constant, moving-average[:WINDOW] or holt[:ALPHA,BETA]"
-            )),
+            ))
+            }
         };
         k.check().map_err(|e| format!("predictor {s:?}: {e}"))?;
         Ok(k)
