@@ -410,17 +410,29 @@ async fn run(
         Command::Kv(cmd) => sched.kv(cmd),
         Command::Wake => {}
     };
+    // When the running step ends, on an absolute schedule: tokio's timer wakes up to a
+    // millisecond late, and timing each step from its late wake-up would add that to every
+    // step (a 6 ms decode step took 7). A step that starts more than `SLACK` behind the
+    // schedule (the engine was idle, or the machine is overloaded) starts a new one.
+    const SLACK: Duration = Duration::from_millis(2);
+    let mut schedule: Option<tokio::time::Instant> = None;
     loop {
         while let Ok(cmd) = rx.try_recv() {
             handle(&mut sched, cmd);
         }
         let duration = sched.step();
         if let Some(d) = duration {
+            let now = tokio::time::Instant::now();
+            let start = schedule.filter(|s| *s + SLACK >= now).unwrap_or(now);
+            let end = start + d;
+            schedule = Some(end);
             // The step's outputs and events appear when its simulated time has passed.
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(d) => {}
+                _ = tokio::time::sleep_until(end) => {}
             }
+        } else {
+            schedule = None;
         }
         sched.deliver();
         let batch = sched.take_events();
