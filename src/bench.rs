@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use dynamo_simulator::trace::{self, Rng};
 use futures::StreamExt;
 use serde_json::{json, Value};
 use tokio::sync::{Mutex, Semaphore};
@@ -93,26 +94,6 @@ struct Job {
     at: Option<Duration>,
 }
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn tokens(&mut self, n: usize) -> Vec<u32> {
-        (0..n).map(|_| 260 + (self.next() % 3640) as u32).collect()
-    }
-
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
 fn shared_prefix(a: &BenchArgs, n: usize) -> Vec<Job> {
     let mut rng = Rng(a.seed);
     let groups = a.groups.max(1);
@@ -128,7 +109,7 @@ fn shared_prefix(a: &BenchArgs, n: usize) -> Vec<Job> {
     let mut next = vec![0usize; groups];
     (0..n)
         .map(|_| {
-            let g = (rng.next() % groups as u64) as usize;
+            let g = (rng.next_u64() % groups as u64) as usize;
             let k = next[g] % per_group;
             next[g] += 1;
             let mut prompt = systems[g].clone();
@@ -166,69 +147,37 @@ fn multi_turn(a: &BenchArgs, n: usize) -> Vec<Job> {
     jobs
 }
 
-/// Parses a Mooncake trace; bad lines are skipped (and reported) or abort, as asked.
+/// Parses a Mooncake trace ([`dynamo_simulator::trace`], as the simulator reads it); bad
+/// lines are skipped (and reported) or abort, as asked.
 fn trace(a: &BenchArgs, path: &Path) -> Result<Vec<Job>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading trace {}", path.display()))?;
-    let bs = a.trace_block_size.max(1);
-    let mut jobs = Vec::new();
     let mut skipped = 0;
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let parsed = (|| -> Result<Job, String> {
-            let v: Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
-            let num = |k: &str| {
-                v.get(k)
-                    .and_then(Value::as_u64)
-                    .ok_or_else(|| format!("missing or non-integer {k:?}"))
-            };
-            let input = num("input_length")? as usize;
-            let output = num("output_length")?.max(1) as u32;
-            let ts = v.get("timestamp").and_then(Value::as_f64).unwrap_or(0.0);
-            let ids: Vec<u64> = v
-                .get("hash_ids")
-                .and_then(Value::as_array)
-                .ok_or("missing \"hash_ids\"")?
-                .iter()
-                .map(|h| h.as_u64().ok_or("hash ids must be integers"))
-                .collect::<Result<_, _>>()?;
-            let mut prompt = Vec::with_capacity(input);
-            for h in &ids {
-                prompt.extend(Rng(*h ^ 0x5eed).tokens(bs));
-            }
-            let mut filler = Rng(i as u64 ^ a.seed);
-            while prompt.len() < input {
-                prompt.extend(filler.tokens(bs));
-            }
-            prompt.truncate(input.max(1));
-            Ok(Job {
-                prompt,
-                max_tokens: output,
-                at: Some(Duration::from_secs_f64(ts.max(0.0) / 1e3)),
-            })
-        })();
-        match parsed {
-            Ok(j) => jobs.push(j),
-            Err(e) if a.on_bad_line == "skip" => {
-                eprintln!("trace {} line {}: {e}; skipped", path.display(), i + 1);
-                skipped += 1;
-            }
-            Err(e) => bail!(
-                "trace {} line {}: {e} (use --on-bad-line skip to skip such lines)",
-                path.display(),
-                i + 1
-            ),
-        }
-    }
+    let reqs = trace::parse_mooncake(&text, a.on_bad_line == "skip", |e| {
+        eprintln!("trace {} {e}; skipped", path.display());
+        skipped += 1;
+    })
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "trace {} {e} (use --on-bad-line skip to skip such lines)",
+            path.display()
+        )
+    })?;
     if skipped > 0 {
         eprintln!(
             "trace: {skipped} bad lines skipped, {} requests",
-            jobs.len()
+            reqs.len()
         );
     }
-    Ok(jobs)
+    Ok(reqs
+        .iter()
+        .enumerate()
+        .map(|(i, r)| Job {
+            prompt: trace::prompt(r, i, a.trace_block_size, a.seed),
+            max_tokens: r.output_length,
+            at: Some(Duration::from_secs_f64(r.timestamp / 1e3)),
+        })
+        .collect())
 }
 
 #[derive(Debug, Default, Clone)]

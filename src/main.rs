@@ -24,6 +24,7 @@ mod profile;
 mod scale;
 mod serve;
 mod settings;
+mod simulate;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -338,8 +339,8 @@ impl RouterArgs {
 }
 
 /// A planner's settings (`dynamo-run planner`, graph role `planner`).
-#[derive(Args, Clone)]
-struct PlannerArgs {
+#[derive(Args, Clone, Debug)]
+pub(crate) struct PlannerArgs {
     /// The component of the workers to scale (aggregated, or the decode pool).
     #[arg(long)]
     pool: Option<String>,
@@ -388,7 +389,7 @@ struct PlannerArgs {
 }
 
 impl PlannerArgs {
-    fn settings(&self) -> Settings {
+    pub(crate) fn settings(&self) -> Settings {
         Settings {
             pool: self.pool.clone(),
             prefill_pool: self.prefill_pool.clone(),
@@ -431,6 +432,10 @@ enum Command {
     /// Run a planner until SIGTERM: every interval it sizes --pool (and --prefill-pool) from
     /// the frontends' statistics and the capacity profile, and has its connector apply it.
     Planner(Box<PlannerArgs>),
+    /// Run the cluster in virtual time: the KV router, mocker workers and (with --profile)
+    /// the planner, driven by a trace or a load curve; report latency, SLA attainment and
+    /// worker-seconds.
+    Simulate(Box<simulate::SimulateArgs>),
     /// Write a small Hugging Face-style model folder (tokenizer, chat template, config).
     /// With deterministic random safetensors weights: `tiny` (2 layers, hidden 64; for tests)
     /// or `small` (SmolLM2-135M's layer shapes; for benchmarks).
@@ -579,6 +584,9 @@ async fn run(cli: Cli) -> Result<()> {
         );
         return Ok(());
     }
+    if let Some(Command::Simulate(args)) = &cli.command {
+        return simulate::run(args);
+    }
     if let Some(Command::Bench(args)) = &cli.command {
         return bench::run((**args).clone()).await;
     }
@@ -656,7 +664,10 @@ async fn run(cli: Cli) -> Result<()> {
     }
     let result = match cli.command {
         None => launch::run(&runtime, launch.expect("parsed above")).await,
-        Some(Command::MakeModel { .. }) | Some(Command::Bench(_)) | Some(Command::Profile(_)) => {
+        Some(Command::MakeModel { .. })
+        | Some(Command::Bench(_))
+        | Some(Command::Profile(_))
+        | Some(Command::Simulate(_)) => {
             unreachable!("handled above")
         }
         Some(Command::Demo { requests }) => diag::demo(&runtime, component, requests).await,

@@ -255,6 +255,26 @@ pub fn planner_settings(namespace: &str, s: &Settings) -> Result<PlannerSettings
             "a planner needs --pool COMPONENT (graph key `pool`): the workers it scales"
         )
     })?;
+    let (config, profile) = planner_core(s)?;
+    let connector = match s.connector.as_deref().unwrap_or("local") {
+        "local" => ConnectorChoice::Local,
+        "kubernetes" => bail!("--connector kubernetes is not built yet (issue 16); use local"),
+        "virtual" => bail!("--connector virtual is the simulator's (`dynamo-run simulate`)"),
+        other => bail!("--connector {other:?}: expected local"),
+    };
+    Ok(PlannerSettings {
+        namespace,
+        config,
+        profile,
+        pool,
+        prefill_pool: s.prefill_pool.clone(),
+        connector,
+    })
+}
+
+/// A planner's decision settings and profile from `s` (the planner role's and the
+/// simulator's): the profile must load and be of the model the pools serve.
+pub fn planner_core(s: &Settings) -> Result<(PlannerConfig, Profile)> {
     let profile_path = s.profile.as_deref().ok_or_else(|| {
         anyhow::anyhow!("a planner needs --profile FILE (graph key `profile`): measure one with `dynamo-run profile --engine mocker|native --out FILE`")
     })?;
@@ -335,15 +355,8 @@ pub fn planner_settings(namespace: &str, s: &Settings) -> Result<PlannerSettings
     if down_after == 0 {
         bail!("--scale-down-after: at least 1 interval");
     }
-    let connector = match s.connector.as_deref().unwrap_or("local") {
-        "local" => ConnectorChoice::Local,
-        "kubernetes" => bail!("--connector kubernetes is not built yet (issue 16); use local"),
-        "virtual" => bail!("--connector virtual is the simulator's (`dynamo-run simulate`)"),
-        other => bail!("--connector {other:?}: expected local"),
-    };
-    Ok(PlannerSettings {
-        namespace,
-        config: PlannerConfig {
+    Ok((
+        PlannerConfig {
             model: model.unwrap_or_else(|| profile.model.clone()),
             targets,
             interval_s: interval_ms as f64 / 1e3,
@@ -358,10 +371,7 @@ pub fn planner_settings(namespace: &str, s: &Settings) -> Result<PlannerSettings
             stale_after: 3,
         },
         profile,
-        pool,
-        prefill_pool: s.prefill_pool.clone(),
-        connector,
-    })
+    ))
 }
 
 /// Resolves and validates `s` for a process (or role) taking requests from `input` and

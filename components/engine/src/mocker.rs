@@ -201,7 +201,9 @@ pub fn decode_ms(p: f64) -> f64 {
     (-25.74 * p * p + 54.01 * p + 5.74).max(1.0)
 }
 
-struct Simulated {
+/// The mocker's model of execution: step times from the perf model, tokens from the
+/// vocabulary (see the module).
+pub struct Simulated {
     speedup: f64,
     vocab: Range<TokenId>,
     state: u64,
@@ -315,32 +317,7 @@ pub struct MockerEngine {
 impl MockerEngine {
     /// Starts the scheduler task (needs a tokio runtime).
     pub fn start(settings: MockerSettings) -> Result<Self, EngineError> {
-        settings.validate().map_err(EngineError::BadRequest)?;
-        let scheduler = Scheduler::new(
-            SchedulerSettings {
-                host_tier_bytes: settings.host_kv_cache,
-                disk: settings.disk_tier(),
-                disk_min_uses: settings.disk_min_uses,
-                ..SchedulerSettings::new(
-                    settings.num_gpu_blocks,
-                    settings.block_size,
-                    settings.max_num_seqs,
-                    settings.max_num_batched_tokens,
-                )
-            },
-            Simulated {
-                speedup: settings.speedup_ratio,
-                vocab: settings.vocab.clone(),
-                state: settings.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1,
-                faults: settings.faults.clone(),
-                steps: 0,
-                block_bytes: settings.block_size * settings.kv_bytes_per_token as usize,
-                host_bandwidth: settings.host_bandwidth,
-                disk_bandwidth: settings.disk_bandwidth,
-                disk_latency: settings.disk_latency,
-                charge: Duration::ZERO,
-            },
-        );
+        let scheduler = simulated_scheduler(&settings)?;
         let (commands, rx) = mpsc::channel(COMMAND_QUEUE);
         let weak = commands.downgrade();
         scheduler.set_waker(Arc::new(move || {
@@ -383,6 +360,39 @@ impl MockerEngine {
             stop,
         })
     }
+}
+
+/// The mocker's scheduler and block pool with its timing model, without a task or channels:
+/// for a discrete-event simulator, which calls [`Scheduler::step`] for each step's simulated
+/// time and [`Scheduler::deliver`] once that time has passed (what [`MockerEngine`] does in
+/// real time).
+pub fn simulated_scheduler(settings: &MockerSettings) -> Result<Scheduler<Simulated>, EngineError> {
+    settings.validate().map_err(EngineError::BadRequest)?;
+    Ok(Scheduler::new(
+        SchedulerSettings {
+            host_tier_bytes: settings.host_kv_cache,
+            disk: settings.disk_tier(),
+            disk_min_uses: settings.disk_min_uses,
+            ..SchedulerSettings::new(
+                settings.num_gpu_blocks,
+                settings.block_size,
+                settings.max_num_seqs,
+                settings.max_num_batched_tokens,
+            )
+        },
+        Simulated {
+            speedup: settings.speedup_ratio,
+            vocab: settings.vocab.clone(),
+            state: settings.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1,
+            faults: settings.faults.clone(),
+            steps: 0,
+            block_bytes: settings.block_size * settings.kv_bytes_per_token as usize,
+            host_bandwidth: settings.host_bandwidth,
+            disk_bandwidth: settings.disk_bandwidth,
+            disk_latency: settings.disk_latency,
+            charge: Duration::ZERO,
+        },
+    ))
 }
 
 impl Drop for MockerEngine {

@@ -52,8 +52,12 @@ pub struct Load {
 /// Fractional workers each kind of work needs (before rounding and policy).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Need {
+    /// Prefill workers and decode workers, each pool on its own (disaggregated).
     pub prefill: f64,
     pub decode: f64,
+    /// Workers that do both (aggregated): more than the sum, because a prefill step also
+    /// delays every decoding sequence's next token.
+    pub aggregated: f64,
     /// Clearing the backlog within one interval.
     pub backlog: f64,
 }
@@ -98,12 +102,76 @@ pub fn need(
         })?;
     let per_token = profile.itl_ms(b, context) / 1e3 / b;
     let work = t_p + load.osl * per_token;
+    let prefill = load.rate * t_p / rho;
+    let decode = load.rate * load.osl * per_token;
     Ok(Need {
-        prefill: load.rate * t_p / rho,
-        decode: load.rate * load.osl * per_token,
+        prefill,
+        decode,
+        aggregated: aggregated(
+            profile,
+            targets,
+            load,
+            t_p,
+            rho,
+            context,
+            prefill.max(decode),
+        ),
         backlog: load.waiting * work / interval_s.max(1e-3),
     })
 }
+
+/// The fewest aggregated workers (fractional) that hold both targets. With `n` workers each
+/// spends `rho = rate x t_p / n` of its time in prefill (kept within the TTFT bound `rho_max`)
+/// and decodes `b = rate x osl x itl_target / n` sequences at once (Little's law at the
+/// target ITL); a prefill step delays the decoding sequences too, so their ITL is
+/// `itl(b) / (1 - rho)`, which must stay within the target. Both fall as `n` grows.
+fn aggregated(
+    profile: &Profile,
+    targets: Targets,
+    load: Load,
+    t_p: f64,
+    rho_max: f64,
+    context: f64,
+    at_least: f64,
+) -> f64 {
+    if load.rate <= 0.0 {
+        return 0.0;
+    }
+    let itl_target = targets.itl_ms / 1e3;
+    let holds = |n: f64| {
+        let rho = load.rate * t_p / n;
+        let b = (load.rate * load.osl * itl_target / n).max(1.0);
+        rho <= rho_max && rho < 1.0 && profile.itl_ms(b, context) / 1e3 / (1.0 - rho) <= itl_target
+    };
+    let mut hi = at_least.max(1e-6);
+    let mut grown = 0;
+    while !holds(hi) {
+        hi *= 2.0;
+        grown += 1;
+        if grown > 60 {
+            return hi;
+        }
+    }
+    let mut lo = hi / 2.0;
+    if grown == 0 {
+        lo = at_least.max(1e-9) * 0.999;
+        if holds(lo) {
+            return lo;
+        }
+    }
+    for _ in 0..50 {
+        let mid = (lo + hi) / 2.0;
+        if holds(mid) {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    hi
+}
+
+/// A pool shrinks only to a count that holds the predicted load with this share to spare.
+pub const DOWN_MARGIN: f64 = 0.1;
 
 /// A pool's bounds.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -165,35 +233,39 @@ impl Policy {
         need: Result<Need, Unmeetable>,
         current: Replicas,
     ) -> Decided {
-        let (wanted, unmeetable) = match need {
-            Ok(n) => (
-                match s.pools {
-                    Pools::Aggregated => Replicas {
-                        main: (n.prefill + n.decode + n.backlog).ceil() as u32,
-                        prefill: 0,
-                    },
+        // What the load asks for, and the same with the scale-down margin: a pool shrinks only
+        // to a count that holds the load with DOWN_MARGIN to spare, so a load near a boundary
+        // does not flip it back and forth.
+        let (wanted, relaxed, unmeetable) = match need {
+            Ok(n) => {
+                let (main, prefill) = match s.pools {
+                    Pools::Aggregated => (n.aggregated + n.backlog, 0.0),
                     Pools::Disaggregated => {
                         // The backlog is split by the share of each kind of work.
                         let total = (n.prefill + n.decode).max(1e-9);
-                        Replicas {
-                            main: (n.decode + n.backlog * n.decode / total).ceil() as u32,
-                            prefill: (n.prefill + n.backlog * n.prefill / total).ceil() as u32,
-                        }
+                        (
+                            n.decode + n.backlog * n.decode / total,
+                            n.prefill + n.backlog * n.prefill / total,
+                        )
                     }
-                },
-                None,
-            ),
-            Err(u) => (
-                Replicas {
+                };
+                let at = |f: f64| Replicas {
+                    main: (main * f - 1e-9).ceil().max(0.0) as u32,
+                    prefill: (prefill * f - 1e-9).ceil().max(0.0) as u32,
+                };
+                (at(1.0), at(1.0 + DOWN_MARGIN), None)
+            }
+            Err(u) => {
+                let max = Replicas {
                     main: s.main.max,
                     prefill: if s.pools == Pools::Disaggregated {
                         s.prefill.max
                     } else {
                         0
                     },
-                },
-                Some(u),
-            ),
+                };
+                (max, max, Some(u))
+            }
         };
         let clamp = |r: Replicas| {
             let main = r.main.clamp(s.main.min, s.main.max.max(s.main.min));
@@ -206,11 +278,12 @@ impl Policy {
             budget(s.budget, Replicas { main, prefill })
         };
         let target = clamp(wanted);
+        let lower = clamp(relaxed);
         let mut reason;
         let mut next = current;
         // Each pool: up at once; down after `down_after` intervals that all wanted fewer.
         let up = target.main > current.main || target.prefill > current.prefill;
-        let down = target.main < current.main || target.prefill < current.prefill;
+        let down = lower.main < current.main || lower.prefill < current.prefill;
         if up {
             self.lower.clear();
             next.main = next.main.max(target.main);
@@ -225,7 +298,7 @@ impl Policy {
                 }
             );
         } else if down {
-            self.lower.push(target);
+            self.lower.push(lower);
             if self.lower.len() as u32 >= s.down_after.max(1) {
                 let most = self
                     .lower
@@ -360,6 +433,33 @@ mod tests {
         )
         .unwrap();
         assert!(queued.backlog > 0.0 && n.backlog == 0.0);
+        // Aggregated workers: at least what either kind of work needs alone, and the least
+        // count whose decoding ITL (slowed by the prefill steps) holds the target.
+        let busy = Load {
+            rate: 200.0,
+            ..load
+        };
+        let nb = need(&p, T, busy, 1.0).unwrap();
+        assert!(nb.aggregated >= nb.prefill.max(nb.decode), "{nb:?}");
+        let t_p = p.ttft_ms(1024.0) / 1e3;
+        let context = 1024.0 + 50.0;
+        let itl = |n: f64| {
+            let rho = 200.0 * t_p / n;
+            let b = (200.0 * 100.0 * 0.020 / n).max(1.0);
+            p.itl_ms(b, context) / (1.0 - rho)
+        };
+        assert!(itl(nb.aggregated) <= 20.0 + 1e-6, "{}", itl(nb.aggregated));
+        assert!(
+            itl(nb.aggregated * 0.98) > 20.0
+                || 200.0 * t_p / (nb.aggregated * 0.98) > 1.0 - t_p / 0.2,
+            "the least such count"
+        );
+        assert_eq!(
+            need(&p, T, Load { rate: 0.0, ..load }, 1.0)
+                .unwrap()
+                .aggregated,
+            0.0
+        );
         // Targets below the idle worker's figures cannot be met.
         let tight = Targets { ttft_ms: 5.0, ..T };
         assert!(matches!(
@@ -377,6 +477,7 @@ mod tests {
         Ok(Need {
             prefill: workers / 2.0,
             decode: workers / 2.0,
+            aggregated: workers,
             backlog: 0.0,
         })
     }
@@ -396,16 +497,27 @@ mod tests {
         assert_eq!(d.replicas.main, 5, "{}", d.reason);
         assert!(d.reason.starts_with("scale up"));
         let mut cur = d.replicas;
-        // Load drops: two intervals hold, the third scales down to the most any wanted.
+        // Load drops: two intervals hold, the third scales down to the most any wanted with
+        // the margin (3 x 1.1 needs 4).
         for (i, w) in [2.0, 3.0, 1.0].into_iter().enumerate() {
             let d = p.decide(&s, need_of(w), cur);
             if i < 2 {
                 assert_eq!(d.replicas, cur, "{}", d.reason);
                 assert!(d.reason.starts_with("hold"));
             } else {
-                assert_eq!(d.replicas.main, 3, "{}", d.reason);
+                assert_eq!(d.replicas.main, 4, "{}", d.reason);
             }
             cur = d.replicas;
+        }
+        // Within the margin of the count running: no scale-down however long it lasts.
+        let mut p = Policy::default();
+        let five = Replicas {
+            main: 5,
+            prefill: 0,
+        };
+        for _ in 0..10 {
+            let d = p.decide(&s, need_of(4.6), five);
+            assert_eq!(d.replicas, five, "{}", d.reason);
         }
         // A blip up in the middle of a quiet spell resets the count.
         let mut p = Policy::default();
@@ -464,6 +576,7 @@ mod tests {
         let n = Ok(Need {
             prefill: 3.5,
             decode: 1.5,
+            aggregated: 5.0,
             backlog: 0.0,
         });
         let d = p.decide(
@@ -485,6 +598,7 @@ mod tests {
         let n = Ok(Need {
             prefill: 15.0,
             decode: 5.0,
+            aggregated: 20.0,
             backlog: 0.0,
         });
         let d = p.decide(&s, n, d.replicas);

@@ -364,7 +364,7 @@ mod tests {
         assert_eq!(s.latency.ttft_p50, 30.0);
         assert_eq!(s.latency.ttft_p99, 90.0);
         let n = s.need.clone().unwrap();
-        let wanted = (n.prefill + n.decode).ceil() as u32;
+        let wanted = n.aggregated.ceil() as u32;
         assert!(wanted > 1, "{n:?}");
         assert_eq!(s.decided.replicas, one(wanted), "{}", s.decided.reason);
         // Same load plus a queue: more workers.

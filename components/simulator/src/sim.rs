@@ -1,0 +1,712 @@
+//! The discrete-event simulation: requests of a trace arrive in virtual time, the real
+//! [`KvRouter`] (prefix index fed by the workers' KV events, load accounting, leases) picks a
+//! worker, each worker is the mocker's real [`Scheduler`] and block pool with its timing model
+//! (`step()` gives a step's time; its outputs are delivered when that time has passed, as the
+//! real-time mocker does), and the planner ([`Planner`], the same core the planner role runs)
+//! decides every interval from the frontends' statistics it would have seen, its decisions
+//! carried out by a virtual connector: new workers serve after `startup_s`, removed ones
+//! drain (no new requests, finish what they hold).
+//!
+//! Time is integer nanoseconds; events at the same time run in the order they were
+//! scheduled, so a run is deterministic.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use dynamo_engine::mocker::{simulated_scheduler, Simulated};
+use dynamo_engine::scheduler::Scheduler;
+use dynamo_engine::{EngineError, MockerSettings};
+use dynamo_planner::{Planner, PlannerConfig, PoolRole, Profile, Replicas, Targets};
+use dynamo_protocols::kv::WorkerId;
+use dynamo_protocols::llm::{EngineOutput, PreprocessedRequest, SamplingOptions, StopConditions};
+use dynamo_protocols::stats::{FrontendStats, ModelStats, Percentiles};
+use dynamo_router::{KvRouter, KvRouterSettings, RouteLease};
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::trace::{prompt, TraceRequest};
+
+const NS: f64 = 1e9;
+
+fn ns(s: f64) -> u64 {
+    (s.max(0.0) * NS).round() as u64
+}
+
+/// The planner in a simulation.
+#[derive(Debug, Clone)]
+pub struct PlannerSim {
+    pub config: PlannerConfig,
+    pub profile: Profile,
+    /// Seconds from a scale-up decision to the new worker serving (a real worker loads its
+    /// model, a pod is scheduled...).
+    pub startup_s: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub model: String,
+    pub mocker: MockerSettings,
+    pub router: KvRouterSettings,
+    /// Workers serving at the start (all the run without a planner).
+    pub workers: u32,
+    pub planner: Option<PlannerSim>,
+    /// What a request must meet to count towards SLA attainment: its TTFT, and its mean ITL.
+    pub targets: Targets,
+    /// Seconds per point of the timeline.
+    pub window_s: f64,
+    /// Latency the real system adds to each request outside the engine (HTTP, tokenization,
+    /// the bus), added to its TTFT.
+    pub overhead_ms: f64,
+    /// Seed of the prompts' filler tokens (as `dynamo-run bench --seed`).
+    pub seed: u64,
+}
+
+/// A distribution's summary, milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    pub count: u64,
+    pub mean: f64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+/// Microsecond histograms up to an hour, 3 significant digits.
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
+}
+
+fn summary(h: &Histogram<u64>) -> Summary {
+    if h.is_empty() {
+        return Summary::default();
+    }
+    let ms = |us: u64| us as f64 / 1e3;
+    Summary {
+        count: h.len(),
+        mean: h.mean() / 1e3,
+        p50: ms(h.value_at_quantile(0.50)),
+        p90: ms(h.value_at_quantile(0.90)),
+        p99: ms(h.value_at_quantile(0.99)),
+        max: ms(h.max()),
+    }
+}
+
+fn percentiles(h: &Histogram<u64>) -> Percentiles {
+    let s = summary(h);
+    Percentiles {
+        count: s.count,
+        mean: s.mean,
+        p50: s.p50,
+        p90: s.p90,
+        p99: s.p99,
+        max: s.max,
+    }
+}
+
+/// One point of the timeline (the window ending at `t_s`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Point {
+    pub t_s: f64,
+    /// Requests that arrived in the window, a second.
+    pub rate: f64,
+    pub serving: u32,
+    pub starting: u32,
+    pub draining: u32,
+    pub ttft_p50_ms: f64,
+    pub ttft_p99_ms: f64,
+    pub itl_p50_ms: f64,
+    pub itl_p99_ms: f64,
+    /// Share of the requests that ended in the window meeting both targets.
+    pub attainment: f64,
+}
+
+/// One planner decision.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DecisionPoint {
+    pub t_s: f64,
+    pub from: u32,
+    pub to: u32,
+    pub predicted_rate: f64,
+    pub reason: String,
+}
+
+/// What a run gives.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SimReport {
+    pub requests: u64,
+    pub completed: u64,
+    pub failed: u64,
+    /// Simulated seconds from the first arrival to the last request's end.
+    pub simulated_s: f64,
+    pub wall_s: f64,
+    /// Simulated seconds per wall-clock second.
+    pub speed: f64,
+    pub ttft_ms: Summary,
+    pub itl_ms: Summary,
+    pub e2e_ms: Summary,
+    pub cached_ratio: f64,
+    pub ttft_target_ms: f64,
+    pub itl_target_ms: f64,
+    /// Share of the requests that completed within both targets (TTFT, mean ITL).
+    pub attainment: f64,
+    /// Sum over workers of the seconds each was up (starting, serving or draining).
+    pub worker_seconds: f64,
+    pub peak_workers: u32,
+    pub steps: u64,
+    pub timeline: Vec<Point>,
+    pub decisions: Vec<DecisionPoint>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Starting,
+    Serving,
+    Draining,
+    Stopped,
+}
+
+struct Worker {
+    sched: Scheduler<Simulated>,
+    state: State,
+    busy: bool,
+    up_at: u64,
+    down_at: Option<u64>,
+    /// Requests on it (indices into `live`).
+    reqs: Vec<usize>,
+}
+
+struct Live {
+    arrival: u64,
+    rx: mpsc::UnboundedReceiver<Result<EngineOutput, EngineError>>,
+    lease: Option<RouteLease>,
+    first: Option<u64>,
+    last: u64,
+    tokens: u32,
+    cached: u32,
+    input: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Ev {
+    Arrive(usize),
+    StepDone(usize),
+    Ready(usize),
+    Tick,
+    Window,
+}
+
+/// Figures over a span (a window of the timeline, or a planner interval).
+struct Span {
+    arrivals: u64,
+    ended: u64,
+    errors: u64,
+    met: u64,
+    input: u64,
+    output: u64,
+    cached: u64,
+    ttft: Histogram<u64>,
+    itl: Histogram<u64>,
+}
+
+impl Span {
+    fn new() -> Self {
+        Self {
+            arrivals: 0,
+            ended: 0,
+            errors: 0,
+            met: 0,
+            input: 0,
+            output: 0,
+            cached: 0,
+            ttft: histogram(),
+            itl: histogram(),
+        }
+    }
+
+    fn reset(&mut self) {
+        self.arrivals = 0;
+        self.ended = 0;
+        self.errors = 0;
+        self.met = 0;
+        self.input = 0;
+        self.output = 0;
+        self.cached = 0;
+        self.ttft.reset();
+        self.itl.reset();
+    }
+}
+
+struct Sim<'a> {
+    cfg: &'a SimConfig,
+    trace: &'a [TraceRequest],
+    router: Arc<KvRouter>,
+    workers: Vec<Worker>,
+    live: Vec<Option<Live>>,
+    queue: BinaryHeap<Reverse<(u64, u64, Ev)>>,
+    seq: u64,
+    now: u64,
+    planner: Option<Planner>,
+    /// Replicas the virtual connector runs (starting or serving).
+    target: u32,
+    total: Span,
+    window: Span,
+    interval: Span,
+    e2e: Histogram<u64>,
+    report: SimReport,
+    open: usize,
+    arrived: usize,
+}
+
+impl<'a> Sim<'a> {
+    fn at(&mut self, t: u64, ev: Ev) {
+        self.seq += 1;
+        self.queue.push(Reverse((t, self.seq, ev)));
+    }
+
+    fn wid(slot: usize) -> WorkerId {
+        WorkerId(slot as u64 + 1)
+    }
+
+    fn add_worker(&mut self, serving: bool) -> usize {
+        let mut m = self.cfg.mocker.clone();
+        m.seed = self.workers.len() as u64;
+        let sched = simulated_scheduler(&m).expect("settings validated before the run");
+        self.workers.push(Worker {
+            sched,
+            state: if serving {
+                State::Serving
+            } else {
+                State::Starting
+            },
+            busy: false,
+            up_at: self.now,
+            down_at: None,
+            reqs: Vec::new(),
+        });
+        let slot = self.workers.len() - 1;
+        if serving {
+            self.router
+                .add_worker(Self::wid(slot), self.cfg.model.clone(), m.block_size);
+        }
+        slot
+    }
+
+    fn count(&self, s: State) -> u32 {
+        self.workers.iter().filter(|w| w.state == s).count() as u32
+    }
+
+    fn kick(&mut self, slot: usize) {
+        let w = &mut self.workers[slot];
+        if w.busy {
+            return;
+        }
+        match w.sched.step() {
+            Some(d) => {
+                w.busy = true;
+                self.report.steps += 1;
+                let t = self.now + d.as_nanos() as u64;
+                self.at(t, Ev::StepDone(slot));
+            }
+            None => self.maybe_stop(slot),
+        }
+    }
+
+    fn maybe_stop(&mut self, slot: usize) {
+        let w = &mut self.workers[slot];
+        if w.state == State::Draining && !w.busy && w.reqs.is_empty() && !w.sched.has_work() {
+            w.state = State::Stopped;
+            w.down_at = Some(self.now);
+        }
+    }
+
+    fn arrive(&mut self, i: usize) {
+        self.arrived += 1;
+        let r = &self.trace[i];
+        let tokens = prompt(r, i, self.cfg.mocker.block_size, self.cfg.seed);
+        self.total.arrivals += 1;
+        self.window.arrivals += 1;
+        self.interval.arrivals += 1;
+        let decision = match self.router.route_model(&self.cfg.model, &[], &tokens) {
+            Ok(d) => d,
+            Err(_) => {
+                // No worker serving (a 503 at a real frontend).
+                self.fail(r.input_length);
+                return;
+            }
+        };
+        let slot = (decision.worker.0 - 1) as usize;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let input = tokens.len() as u32;
+        let req = PreprocessedRequest {
+            token_ids: tokens,
+            sampling: SamplingOptions::default(),
+            stop: StopConditions {
+                max_tokens: r.output_length,
+                min_tokens: 0,
+                stop_token_ids: vec![],
+            },
+            remote_prefill: None,
+            peer_prefix: None,
+        };
+        if self.workers[slot]
+            .sched
+            .add(req, tx, CancellationToken::new())
+            .is_err()
+        {
+            self.fail(input);
+            return;
+        }
+        self.live[i] = Some(Live {
+            arrival: self.now,
+            rx,
+            lease: Some(decision.lease),
+            first: None,
+            last: self.now,
+            tokens: 0,
+            cached: 0,
+            input,
+        });
+        self.open += 1;
+        self.workers[slot].reqs.push(i);
+        self.kick(slot);
+    }
+
+    fn fail(&mut self, _input: u32) {
+        self.report.failed += 1;
+        for s in [&mut self.total, &mut self.window, &mut self.interval] {
+            s.ended += 1;
+            s.errors += 1;
+        }
+    }
+
+    fn step_done(&mut self, slot: usize) {
+        let now = self.now;
+        let overhead = ns(self.cfg.overhead_ms / 1e3);
+        self.workers[slot].busy = false;
+        self.workers[slot].sched.deliver();
+        let mut k = 0;
+        while k < self.workers[slot].reqs.len() {
+            let i = self.workers[slot].reqs[k];
+            let mut ended = None;
+            if let Some(l) = self.live[i].as_mut() {
+                while let Ok(o) = l.rx.try_recv() {
+                    match o {
+                        Ok(o) => {
+                            let n = o.token_ids.len() as u32;
+                            if l.first.is_none() {
+                                l.first = Some(now);
+                                l.cached = o.cached_tokens.unwrap_or(0);
+                                if let Some(lease) = l.lease.as_mut() {
+                                    lease.prefill_done();
+                                }
+                                let ttft = (now - l.arrival + overhead) / 1000;
+                                for s in [&mut self.total, &mut self.window, &mut self.interval] {
+                                    let _ = s.ttft.record(ttft.max(1));
+                                }
+                            } else if n > 0 {
+                                let itl = ((now - l.last) / 1000 / n as u64).max(1);
+                                for s in [&mut self.total, &mut self.window, &mut self.interval] {
+                                    let _ = s.itl.record_n(itl, n as u64);
+                                }
+                            }
+                            l.tokens += n;
+                            l.last = now;
+                            if o.finish_reason.is_some() {
+                                ended = Some(true);
+                            }
+                        }
+                        Err(_) => ended = Some(false),
+                    }
+                }
+            }
+            match ended {
+                Some(ok) => {
+                    self.workers[slot].reqs.swap_remove(k);
+                    if let Some(l) = self.live[i].take() {
+                        self.end(l, ok);
+                    }
+                }
+                None => k += 1,
+            }
+        }
+        let events = self.workers[slot].sched.take_events();
+        if !events.is_empty() {
+            self.router.note_events();
+            self.router.index().apply(Self::wid(slot), &events);
+        }
+        if self.workers[slot].state != State::Draining {
+            let load = self.workers[slot].sched.load();
+            self.router.record_load(Self::wid(slot), load);
+        }
+        self.kick(slot);
+    }
+
+    fn end(&mut self, l: Live, ok: bool) {
+        self.open -= 1;
+        if !ok {
+            self.fail(l.input);
+            return;
+        }
+        self.report.completed += 1;
+        let overhead = ns(self.cfg.overhead_ms / 1e3);
+        let first = l.first.unwrap_or(l.last);
+        let ttft_ms = (first - l.arrival + overhead) as f64 / 1e6;
+        let itl_ms = if l.tokens > 1 {
+            (l.last - first) as f64 / 1e6 / (l.tokens - 1) as f64
+        } else {
+            0.0
+        };
+        let met = ttft_ms <= self.cfg.targets.ttft_ms && itl_ms <= self.cfg.targets.itl_ms;
+        let _ = self
+            .e2e
+            .record(((l.last - l.arrival + overhead) / 1000).max(1));
+        for s in [&mut self.total, &mut self.window, &mut self.interval] {
+            s.ended += 1;
+            s.met += met as u64;
+            s.input += l.input as u64;
+            s.output += l.tokens as u64;
+            s.cached += l.cached as u64;
+        }
+        drop(l.lease);
+    }
+
+    fn window(&mut self) {
+        let w = &self.window;
+        self.report.timeline.push(Point {
+            t_s: self.now as f64 / NS,
+            rate: w.arrivals as f64 / self.cfg.window_s,
+            serving: self.count(State::Serving),
+            starting: self.count(State::Starting),
+            draining: self.count(State::Draining),
+            ttft_p50_ms: summary(&w.ttft).p50,
+            ttft_p99_ms: summary(&w.ttft).p99,
+            itl_p50_ms: summary(&w.itl).p50,
+            itl_p99_ms: summary(&w.itl).p99,
+            attainment: if w.ended > 0 {
+                w.met as f64 / w.ended as f64
+            } else {
+                1.0
+            },
+        });
+        self.window.reset();
+        if !self.finished() {
+            let t = self.now + ns(self.cfg.window_s);
+            self.at(t, Ev::Window);
+        }
+    }
+
+    fn finished(&self) -> bool {
+        self.arrived == self.trace.len() && self.open == 0
+    }
+
+    fn tick(&mut self) {
+        let Some(planner) = self.planner.as_mut() else {
+            return;
+        };
+        let interval_s = planner.config().interval_s;
+        let span = &self.interval;
+        let mut stats = FrontendStats {
+            interval_ms: (interval_s * 1e3) as u64,
+            ..Default::default()
+        };
+        stats.models.insert(
+            self.cfg.model.clone(),
+            ModelStats {
+                requests: span.ended,
+                errors: span.errors,
+                input_tokens: span.input,
+                output_tokens: span.output,
+                cached_tokens: span.cached,
+                ttft_ms: percentiles(&span.ttft),
+                itl_ms: percentiles(&span.itl),
+            },
+        );
+        planner.observe_frontend(&stats);
+        for (slot, w) in self.workers.iter().enumerate() {
+            if w.state == State::Serving {
+                planner.observe_load(PoolRole::Main, slot as u64 + 1, &w.sched.load());
+            }
+        }
+        let current = Replicas {
+            main: self.target,
+            prefill: 0,
+        };
+        let step = planner.tick(interval_s, current);
+        self.interval.reset();
+        let desired = step.decided.replicas.main;
+        if desired != self.target {
+            self.report.decisions.push(DecisionPoint {
+                t_s: self.now as f64 / NS,
+                from: self.target,
+                to: desired,
+                predicted_rate: step.predicted.rate,
+                reason: step.decided.reason.clone(),
+            });
+            self.scale(desired);
+        }
+        if !self.finished() {
+            let t = self.now + ns(interval_s);
+            self.at(t, Ev::Tick);
+        }
+    }
+
+    /// The virtual connector: up by starting workers (serving after `startup_s`), down by
+    /// cancelling starting ones, then draining the newest serving ones.
+    fn scale(&mut self, to: u32) {
+        let startup = self
+            .cfg
+            .planner
+            .as_ref()
+            .map(|p| p.startup_s)
+            .unwrap_or(0.0);
+        while self.target < to {
+            let slot = self.add_worker(false);
+            let t = self.now + ns(startup);
+            self.at(t, Ev::Ready(slot));
+            self.target += 1;
+        }
+        while self.target > to {
+            let pick = self
+                .workers
+                .iter()
+                .rposition(|w| w.state == State::Starting)
+                .or_else(|| self.workers.iter().rposition(|w| w.state == State::Serving));
+            let Some(slot) = pick else { break };
+            let now = self.now;
+            let w = &mut self.workers[slot];
+            if w.state == State::Starting {
+                w.state = State::Stopped;
+                w.down_at = Some(now);
+            } else {
+                w.state = State::Draining;
+                self.router.forget(Self::wid(slot));
+                self.maybe_stop(slot);
+            }
+            self.target -= 1;
+        }
+        let up = self
+            .workers
+            .iter()
+            .filter(|w| w.state != State::Stopped)
+            .count() as u32;
+        self.report.peak_workers = self.report.peak_workers.max(up);
+    }
+
+    fn ready(&mut self, slot: usize) {
+        if self.workers[slot].state == State::Starting {
+            self.workers[slot].state = State::Serving;
+            self.router.add_worker(
+                Self::wid(slot),
+                self.cfg.model.clone(),
+                self.cfg.mocker.block_size,
+            );
+        }
+    }
+}
+
+/// Runs `trace` through the simulated cluster; `progress(simulated_s, trace_end_s)` is called
+/// about once per simulated second of progress.
+pub fn simulate(
+    cfg: &SimConfig,
+    trace: &[TraceRequest],
+    mut progress: impl FnMut(f64, f64),
+) -> Result<SimReport, String> {
+    cfg.mocker.validate()?;
+    if trace.is_empty() {
+        return Err("the trace has no requests".into());
+    }
+    if !cfg.window_s.is_finite() || cfg.window_s <= 0.0 {
+        return Err("the timeline window must be positive".into());
+    }
+    let started = Instant::now();
+    let mut sim = Sim {
+        cfg,
+        trace,
+        router: KvRouter::new(cfg.router.clone()),
+        workers: Vec::new(),
+        live: (0..trace.len()).map(|_| None).collect(),
+        queue: BinaryHeap::new(),
+        seq: 0,
+        now: 0,
+        planner: cfg
+            .planner
+            .as_ref()
+            .map(|p| Planner::new(p.config.clone(), p.profile.clone())),
+        target: 0,
+        total: Span::new(),
+        window: Span::new(),
+        interval: Span::new(),
+        e2e: histogram(),
+        report: SimReport {
+            requests: trace.len() as u64,
+            ttft_target_ms: cfg.targets.ttft_ms,
+            itl_target_ms: cfg.targets.itl_ms,
+            ..Default::default()
+        },
+        open: 0,
+        arrived: 0,
+    };
+    let first = ns(trace[0].timestamp / 1e3);
+    let end = trace.iter().map(|r| r.timestamp).fold(0.0, f64::max) / 1e3;
+    sim.now = first;
+    for _ in 0..cfg.workers {
+        sim.add_worker(true);
+    }
+    sim.target = cfg.workers;
+    sim.report.peak_workers = cfg.workers;
+    for (i, r) in trace.iter().enumerate() {
+        sim.at(ns(r.timestamp / 1e3), Ev::Arrive(i));
+    }
+    if let Some(p) = &sim.planner {
+        let t = first + ns(p.config().interval_s);
+        sim.at(t, Ev::Tick);
+    }
+    sim.at(first + ns(cfg.window_s), Ev::Window);
+    let mut reported = 0u64;
+    while let Some(Reverse((t, _, ev))) = sim.queue.pop() {
+        sim.now = t;
+        match ev {
+            Ev::Arrive(i) => sim.arrive(i),
+            Ev::StepDone(w) => sim.step_done(w),
+            Ev::Ready(w) => sim.ready(w),
+            Ev::Tick => sim.tick(),
+            Ev::Window => sim.window(),
+        }
+        if t / 1_000_000_000 > reported {
+            reported = t / 1_000_000_000;
+            progress(t as f64 / NS, end);
+        }
+        if sim.finished() {
+            break;
+        }
+    }
+    let end_at = sim.now;
+    let mut report = std::mem::take(&mut sim.report);
+    report.simulated_s = (end_at - first) as f64 / NS;
+    report.wall_s = started.elapsed().as_secs_f64();
+    report.speed = report.simulated_s / report.wall_s.max(1e-9);
+    report.ttft_ms = summary(&sim.total.ttft);
+    report.itl_ms = summary(&sim.total.itl);
+    report.e2e_ms = summary(&sim.e2e);
+    report.cached_ratio = if sim.total.input > 0 {
+        sim.total.cached as f64 / sim.total.input as f64
+    } else {
+        0.0
+    };
+    report.attainment = if report.requests > 0 {
+        sim.total.met as f64 / report.requests as f64
+    } else {
+        0.0
+    };
+    report.worker_seconds = sim
+        .workers
+        .iter()
+        .map(|w| (w.down_at.unwrap_or(end_at).max(w.up_at) - w.up_at) as f64 / NS)
+        .sum();
+    Ok(report)
+}

@@ -1,0 +1,244 @@
+//! `dynamo-run simulate`: the cluster in virtual time ([`dynamo_simulator`]): the KV router,
+//! mocker workers (the real scheduler, block pool and timing model) and, with `--profile`,
+//! the planner, driven by a Mooncake trace or a generated load curve. Prints a summary, and
+//! writes the report as JSON (`--output-json`) and its timeline as SVG (`--plot`).
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use dynamo_actors::router::KvRouterSettings;
+use dynamo_engine::MockerSettings;
+use dynamo_planner::Targets;
+use dynamo_simulator::{trace, LoadCurve, PlannerSim, Shape, SimConfig};
+
+use crate::settings::{self, Settings};
+
+#[derive(Args, Debug, Clone)]
+pub struct SimulateArgs {
+    /// A Mooncake JSONL trace (as `dynamo-run bench --workload trace:FILE` sends it).
+    #[arg(long)]
+    trace: Option<PathBuf>,
+    /// Or a generated load: steady:RATE, diurnal:MEAN,AMPLITUDE,PERIOD_S,
+    /// step:BASE,FACTOR,AT_S,UNTIL_S, spikes:BASE,FACTOR,EVERY_S,WIDTH_S or
+    /// bursty:BASE,FACTOR,TROUGH (base, then x FACTOR, then x TROUGH, then base: quarters).
+    #[arg(long)]
+    load: Option<String>,
+    /// Seconds of generated load.
+    #[arg(long, default_value_t = 600.0)]
+    duration: f64,
+    /// Generated requests: prompt and output tokens, shared prefixes (groups, blocks each).
+    #[arg(long, default_value_t = 512)]
+    isl: u32,
+    #[arg(long, default_value_t = 64)]
+    osl: u32,
+    #[arg(long, default_value_t = 16)]
+    groups: u32,
+    #[arg(long, default_value_t = 4)]
+    prefix_blocks: u32,
+    /// Write the generated trace here (Mooncake JSONL), to replay it against a real cluster.
+    #[arg(long)]
+    write_trace: Option<PathBuf>,
+    /// Workers at the start (without --profile: all the run, static provisioning).
+    #[arg(long, default_value_t = 1)]
+    workers: u32,
+    /// Seconds from a scale-up decision to the new worker serving.
+    #[arg(long, default_value_t = 10.0)]
+    startup_s: f64,
+    /// Latency outside the engine added to each request's TTFT (HTTP, tokenization, bus).
+    #[arg(long, default_value_t = 0.0)]
+    overhead_ms: f64,
+    /// Seconds per point of the timeline.
+    #[arg(long, default_value_t = 10.0)]
+    window_s: f64,
+    /// The mocker workers' KV cache and scheduler (as `dynamo-run out=mocker` takes them).
+    #[arg(long)]
+    num_gpu_blocks: Option<usize>,
+    #[arg(long)]
+    block_size: Option<usize>,
+    #[arg(long)]
+    max_num_seqs: Option<usize>,
+    #[arg(long)]
+    max_num_batched_tokens: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    output_json: Option<PathBuf>,
+    /// An SVG of the timeline (load, workers, TTFT against its target).
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// The planner (with --profile; targets are also what SLA attainment counts).
+    #[command(flatten)]
+    planner: crate::PlannerArgs,
+}
+
+pub fn run(a: &SimulateArgs) -> Result<()> {
+    let d = MockerSettings::default();
+    let mocker = MockerSettings {
+        num_gpu_blocks: a.num_gpu_blocks.unwrap_or(d.num_gpu_blocks),
+        block_size: a.block_size.unwrap_or(d.block_size),
+        max_num_seqs: a.max_num_seqs.unwrap_or(d.max_num_seqs),
+        max_num_batched_tokens: a.max_num_batched_tokens.unwrap_or(d.max_num_batched_tokens),
+        ..d
+    };
+    mocker
+        .validate()
+        .map_err(|e| anyhow::anyhow!("mocker settings: {e}"))?;
+    let trace = match (&a.trace, &a.load) {
+        (Some(path), None) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading trace {}", path.display()))?;
+            trace::parse_mooncake(&text, false, |_| {})
+                .map_err(|e| anyhow::anyhow!("trace {}: {e}", path.display()))?
+        }
+        (None, Some(curve)) => {
+            if !a.duration.is_finite() || a.duration <= 0.0 {
+                bail!("--duration must be positive");
+            }
+            let curve = LoadCurve::parse(curve, a.duration).map_err(|e| anyhow::anyhow!("--load: {e}"))?;
+            let shape = Shape {
+                isl: a.isl.max(1),
+                osl: a.osl.max(1),
+                groups: a.groups.max(1),
+                prefix_blocks: a.prefix_blocks,
+                block_size: mocker.block_size as u32,
+            };
+            trace::generate(&curve, a.duration, &shape, a.seed)
+        }
+        _ => bail!("give a trace (--trace FILE.jsonl) or a load curve (--load steady:RATE ...), one of them"),
+    };
+    if trace.is_empty() {
+        bail!("the trace has no requests");
+    }
+    if let Some(path) = &a.write_trace {
+        std::fs::write(path, trace::to_jsonl(&trace))
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!(
+            "trace of {} requests written to {}",
+            trace.len(),
+            path.display()
+        );
+    }
+    let s: Settings = a.planner.settings();
+    if s.prefill_pool.is_some() {
+        bail!("--prefill-pool: the simulator runs aggregated workers");
+    }
+    let target = |flag: &str, v: Option<f64>| -> Result<f64> {
+        match v {
+            Some(t) if t.is_finite() && t > 0.0 => Ok(t),
+            _ => bail!("{flag}: a positive number of milliseconds (SLA attainment counts it)"),
+        }
+    };
+    let targets = Targets {
+        ttft_ms: target("--ttft-target-ms", s.ttft_target_ms)?,
+        itl_ms: target("--itl-target-ms", s.itl_target_ms)?,
+    };
+    let planner = match &s.profile {
+        Some(_) => {
+            let (config, profile) = settings::planner_core(&s)?;
+            if !a.startup_s.is_finite() || a.startup_s < 0.0 {
+                bail!("--startup-s must be >= 0");
+            }
+            Some(PlannerSim {
+                config,
+                profile,
+                startup_s: a.startup_s,
+            })
+        }
+        None => None,
+    };
+    let model = planner
+        .as_ref()
+        .map(|p| p.config.model.clone())
+        .or(s.model_name.clone())
+        .unwrap_or_else(|| "tiny".into());
+    let workers = match &planner {
+        Some(p) => a.workers.max(p.config.policy.main.min),
+        None => a.workers,
+    };
+    if workers == 0 {
+        bail!("--workers: at least 1 without a planner");
+    }
+    let cfg = SimConfig {
+        model,
+        mocker,
+        router: KvRouterSettings::default(),
+        workers,
+        planner,
+        targets,
+        window_s: a.window_s,
+        overhead_ms: a.overhead_ms.max(0.0),
+        seed: a.seed,
+    };
+    let span = trace.last().map(|r| r.timestamp / 1e3).unwrap_or(0.0);
+    eprintln!(
+        "simulating {} requests over {span:.0} s on {} worker(s){}",
+        trace.len(),
+        workers,
+        if cfg.planner.is_some() {
+            " with the planner"
+        } else {
+            " (static)"
+        }
+    );
+    let mut shown = 0.0;
+    let report = dynamo_simulator::simulate(&cfg, &trace, |t, end| {
+        // About every tenth of the trace.
+        if t >= shown {
+            shown = t + end / 10.0;
+            eprint!("\r  simulated {t:.0} / {end:.0} s");
+            let _ = std::io::stderr().flush();
+        }
+    })
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    eprintln!();
+    println!(
+        "{} requests ({} failed) over {:.0} simulated s in {:.1} s ({:.0}x real time), {} steps",
+        report.requests,
+        report.failed,
+        report.simulated_s,
+        report.wall_s,
+        report.speed,
+        report.steps
+    );
+    println!(
+        " TTFT ms: p50 {:.1} p90 {:.1} p99 {:.1}; ITL ms: p50 {:.1} p90 {:.1} p99 {:.1}; cached {:.1}%",
+        report.ttft_ms.p50,
+        report.ttft_ms.p90,
+        report.ttft_ms.p99,
+        report.itl_ms.p50,
+        report.itl_ms.p90,
+        report.itl_ms.p99,
+        report.cached_ratio * 100.0
+    );
+    println!(
+        " SLA (TTFT <= {} ms, mean ITL <= {} ms): {:.1}% of requests; {:.0} worker-seconds, peak {} workers, {} scaling decisions",
+        report.ttft_target_ms,
+        report.itl_target_ms,
+        report.attainment * 100.0,
+        report.worker_seconds,
+        report.peak_workers,
+        report.decisions.len()
+    );
+    if let Some(path) = &a.output_json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &a.plot {
+        let title = format!(
+            "{} requests, {}: {:.1}% within targets, {:.0} worker-seconds",
+            report.requests,
+            if cfg.planner.is_some() {
+                "planner"
+            } else {
+                "static"
+            },
+            report.attainment * 100.0,
+            report.worker_seconds
+        );
+        std::fs::write(path, dynamo_simulator::plot::svg(&report, &title))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
