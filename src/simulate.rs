@@ -49,6 +49,10 @@ pub struct SimulateArgs {
     /// Latency outside the engine added to each request's TTFT (HTTP, tokenization, bus).
     #[arg(long, default_value_t = 0.0)]
     overhead_ms: f64,
+    /// Model the real-time mocker's timer tick (tokio: 1 ms) to compare with a real-time
+    /// mocker cluster; 0, the default, models exact step times (an engine on a GPU).
+    #[arg(long, default_value_t = 0.0)]
+    timer_ms: f64,
     /// Seconds per point of the timeline.
     #[arg(long, default_value_t = 10.0)]
     window_s: f64,
@@ -170,6 +174,7 @@ pub fn run(a: &SimulateArgs) -> Result<()> {
         window_s: a.window_s,
         overhead_ms: a.overhead_ms.max(0.0),
         seed: a.seed,
+        timer_ms: a.timer_ms.max(0.0),
     };
     let span = trace.last().map(|r| r.timestamp / 1e3).unwrap_or(0.0);
     eprintln!(

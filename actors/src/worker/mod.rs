@@ -47,10 +47,7 @@ pub const GENERATE: &str = "generate";
 
 /// Size of one model-file chunk on the bus (well under the 1 MiB NATS default).
 pub(crate) const FILE_CHUNK: usize = 256 * 1024;
-/// Load is published on change at most this often...
-pub const LOAD_MIN_INTERVAL: Duration = Duration::from_millis(100);
-/// ...and at least this often.
-pub const LOAD_MAX_INTERVAL: Duration = Duration::from_secs(1);
+pub use dynamo_protocols::kv::{LOAD_MAX_INTERVAL, LOAD_MIN_INTERVAL};
 /// Blocks per `kv_dump` piece (about 30 bytes each: well under the bus payload limit).
 pub const DUMP_PIECE: usize = 8192;
 

@@ -10,6 +10,10 @@ use serde::{Deserialize, Serialize};
 pub const KV_EVENTS_TOPIC: &str = "kv_events";
 /// Event topic of a worker's [`LoadReport`]s.
 pub const LOAD_TOPIC: &str = "load";
+/// A worker publishes its load on change at most this often...
+pub const LOAD_MIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+/// ...and at least this often.
+pub const LOAD_MAX_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 /// Endpoint (on the worker's component) answering a [`KvDumpRequest`] with a stream of
 /// [`KvDump`] pieces (each with the same `last_event_id`).
 pub const KV_DUMP_ENDPOINT: &str = "kv_dump";

@@ -19,7 +19,7 @@ use dynamo_engine::mocker::{simulated_scheduler, Simulated};
 use dynamo_engine::scheduler::Scheduler;
 use dynamo_engine::{EngineError, MockerSettings};
 use dynamo_planner::{Planner, PlannerConfig, PoolRole, Profile, Replicas, Targets};
-use dynamo_protocols::kv::WorkerId;
+use dynamo_protocols::kv::{WorkerId, LOAD_MIN_INTERVAL};
 use dynamo_protocols::llm::{EngineOutput, PreprocessedRequest, SamplingOptions, StopConditions};
 use dynamo_protocols::stats::{FrontendStats, ModelStats, Percentiles};
 use dynamo_router::{KvRouter, KvRouterSettings, RouteLease};
@@ -31,6 +31,8 @@ use tokio_util::sync::CancellationToken;
 use crate::trace::{prompt, TraceRequest};
 
 const NS: f64 = 1e9;
+/// How far behind its schedule the real-time mocker may start a step and still keep it.
+const SLACK: u64 = 2_000_000;
 
 fn ns(s: f64) -> u64 {
     (s.max(0.0) * NS).round() as u64
@@ -63,6 +65,11 @@ pub struct SimConfig {
     pub overhead_ms: f64,
     /// Seed of the prompts' filler tokens (as `dynamo-run bench --seed`).
     pub seed: u64,
+    /// Granularity of the real-time mocker's timer, milliseconds (0: exact). The mocker in
+    /// real time (tokio) sees a step end at the next tick of its timer, and keeps its steps
+    /// on an absolute schedule (a step starts when the last one should have ended, unless
+    /// that is over 2 ms ago); 1 reproduces it. Engines on GPUs have no such tick.
+    pub timer_ms: f64,
 }
 
 /// A distribution's summary, milliseconds.
@@ -174,6 +181,10 @@ struct Worker {
     sched: Scheduler<Simulated>,
     state: State,
     busy: bool,
+    /// When its last step should have ended (the real-time mocker's schedule).
+    schedule: Option<u64>,
+    /// When the router last got its load (workers publish at most every LOAD_MIN_INTERVAL).
+    load_at: Option<u64>,
     up_at: u64,
     down_at: Option<u64>,
     /// Requests on it (indices into `live`).
@@ -284,6 +295,8 @@ impl<'a> Sim<'a> {
                 State::Starting
             },
             busy: false,
+            schedule: None,
+            load_at: None,
             up_at: self.now,
             down_at: None,
             reqs: Vec::new(),
@@ -309,10 +322,22 @@ impl<'a> Sim<'a> {
             Some(d) => {
                 w.busy = true;
                 self.report.steps += 1;
-                let t = self.now + d.as_nanos() as u64;
-                self.at(t, Ev::StepDone(slot));
+                let now = self.now;
+                let start = w.schedule.filter(|s| s + SLACK >= now).unwrap_or(now);
+                let end = start + d.as_nanos() as u64;
+                w.schedule = Some(end);
+                let tick = ns(self.cfg.timer_ms / 1e3);
+                let t = if tick > 0 {
+                    end.div_ceil(tick) * tick
+                } else {
+                    end
+                };
+                self.at(t.max(now), Ev::StepDone(slot));
             }
-            None => self.maybe_stop(slot),
+            None => {
+                w.schedule = None;
+                self.maybe_stop(slot)
+            }
         }
     }
 
@@ -439,8 +464,13 @@ impl<'a> Sim<'a> {
             self.router.note_events();
             self.router.index().apply(Self::wid(slot), &events);
         }
-        if self.workers[slot].state != State::Draining {
-            let load = self.workers[slot].sched.load();
+        let w = &mut self.workers[slot];
+        let due = w
+            .load_at
+            .is_none_or(|t| now >= t + LOAD_MIN_INTERVAL.as_nanos() as u64);
+        if w.state != State::Draining && due {
+            w.load_at = Some(now);
+            let load = w.sched.load();
             self.router.record_load(Self::wid(slot), load);
         }
         self.kick(slot);
