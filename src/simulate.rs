@@ -167,7 +167,10 @@ pub fn run(a: &SimulateArgs) -> Result<()> {
     let cfg = SimConfig {
         model,
         mocker,
-        router: KvRouterSettings::default(),
+        router: KvRouterSettings {
+            seed: Some(a.seed),
+            ..Default::default()
+        },
         workers,
         planner,
         targets,

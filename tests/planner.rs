@@ -402,3 +402,100 @@ mod role {
         p.shutdown().await;
     }
 }
+
+/// `dynamo-run simulate` writes its report and plot, replays a trace it wrote, and refuses
+/// bad input with what to change.
+#[test]
+fn simulate_reports_and_refuses_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let profile = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/profiles/mocker.json");
+    let (json, svg, trace) = (
+        dir.path().join("r.json"),
+        dir.path().join("r.svg"),
+        dir.path().join("t.jsonl"),
+    );
+    let out = dynamo_run()
+        .args(["simulate", "--load", "step:10,5,20,40", "--duration", "60"])
+        .args(["--ttft-target-ms", "100", "--itl-target-ms", "20"])
+        .args([
+            "--planner-interval-ms",
+            "5000",
+            "--startup-s",
+            "2",
+            "--max-replicas",
+            "6",
+        ])
+        .arg("--profile")
+        .arg(&profile)
+        .arg("--output-json")
+        .arg(&json)
+        .arg("--plot")
+        .arg(&svg)
+        .arg("--write-trace")
+        .arg(&trace)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let lines = std::fs::read_to_string(&trace).unwrap().lines().count() as u64;
+    assert_eq!(r["requests"], lines, "{r}");
+    assert_eq!(r["completed"], lines, "{r}");
+    assert!(
+        r["peak_workers"].as_u64().unwrap() >= 2,
+        "the step needed more: {r}"
+    );
+    assert!(!r["decisions"].as_array().unwrap().is_empty());
+    assert!(r["timeline"].as_array().unwrap().len() >= 5);
+    let plot = std::fs::read_to_string(&svg).unwrap();
+    assert!(
+        plot.starts_with("<svg") && plot.contains("<polyline"),
+        "{plot}"
+    );
+    assert!(!plot.contains("href"), "self-contained: {plot}");
+    // The trace it wrote replays (static workers: no planner).
+    let out = dynamo_run()
+        .args([
+            "simulate",
+            "--workers",
+            "2",
+            "--ttft-target-ms",
+            "100",
+            "--itl-target-ms",
+            "20",
+        ])
+        .arg("--trace")
+        .arg(&trace)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("{lines} requests (0 failed)")),
+        "{text}"
+    );
+    // Bad input.
+    let bad = |args: &[&str]| {
+        let out = dynamo_run().arg("simulate").args(args).output().unwrap();
+        assert!(!out.status.success(), "{args:?} ran");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let targets = ["--ttft-target-ms", "100", "--itl-target-ms", "20"];
+    let e = bad(&[&["--load", "wave:3"][..], &targets].concat());
+    assert!(e.contains("wave") && e.contains("steady"), "{e}");
+    let e = bad(&["--load", "steady:5"]);
+    assert!(e.contains("--ttft-target-ms"), "{e}");
+    let e = bad(&targets);
+    assert!(e.contains("--trace") && e.contains("--load"), "{e}");
+    let broken = dir.path().join("broken.jsonl");
+    std::fs::write(&broken, "{\"timestamp\": 1, \"input_length\": 10}\n").unwrap();
+    let e = bad(&[&["--trace", broken.to_str().unwrap()][..], &targets].concat());
+    assert!(e.contains("line 1") && e.contains("output_length"), "{e}");
+}

@@ -51,6 +51,9 @@ pub struct KvRouterSettings {
     pub disagg_min_remote_tokens: usize,
     /// ...or when every prefill worker has more than this many prompt tokens queued.
     pub disagg_max_prefill_queue: u64,
+    /// Seeds the random choices (ties, softmax sampling) for a reproducible run (the
+    /// simulator); `None`, the default: the thread's generator.
+    pub seed: Option<u64>,
 }
 
 impl Default for KvRouterSettings {
@@ -70,6 +73,7 @@ impl Default for KvRouterSettings {
             index: IndexSettings::default(),
             disagg_min_remote_tokens: 512,
             disagg_max_prefill_queue: 32768,
+            seed: None,
         }
     }
 }
@@ -196,6 +200,8 @@ pub struct Decision {
 
 pub struct KvRouter {
     settings: KvRouterSettings,
+    /// The seeded generator, when the settings give a seed.
+    rng: Option<Mutex<rand::rngs::StdRng>>,
     index: KvIndex,
     pub(crate) loads: DashMap<WorkerId, Accounting>,
     /// Completed resyncs from worker dumps.
@@ -221,7 +227,11 @@ pub struct KvRouter {
 
 impl KvRouter {
     pub fn new(settings: KvRouterSettings) -> Arc<Self> {
+        let rng = settings
+            .seed
+            .map(|s| Mutex::new(<rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(s)));
         Arc::new(Self {
+            rng,
             index: KvIndex::new(settings.index.clone()),
             settings,
             loads: DashMap::new(),
@@ -238,6 +248,14 @@ impl KvRouter {
             prefill: DashMap::new(),
             decode: DashMap::new(),
         })
+    }
+
+    /// `f` of the seeded generator, or of the thread's.
+    fn random<T>(&self, f: impl FnOnce(&mut dyn rand::RngCore) -> T) -> T {
+        match &self.rng {
+            Some(m) => f(&mut *m.lock().unwrap_or_else(|p| p.into_inner())),
+            None => f(&mut rand::rng()),
+        }
     }
 
     /// This router's id in shared decisions.
@@ -607,7 +625,7 @@ impl KvRouter {
                 .map(|x| (-(x.1 - min) / s.temperature).exp())
                 .collect();
             let total: f64 = weights.iter().sum();
-            let mut r = rand::random::<f64>() * total;
+            let mut r = self.random(|r| rand::Rng::random::<f64>(r)) * total;
             let mut chosen = scored.len() - 1;
             for (i, wgt) in weights.iter().enumerate() {
                 if r < *wgt {
@@ -622,7 +640,7 @@ impl KvRouter {
             let ties: Vec<usize> = (0..scored.len())
                 .filter(|&i| scored[i].1 <= min + 1e-9)
                 .collect();
-            ties[rand::random_range(0..ties.len())]
+            ties[self.random(|r| rand::Rng::random_range(r, 0..ties.len()))]
         };
         let (worker, _, overlap) = scored[pick];
         let peer = match best_peer(worker) {

@@ -50,21 +50,21 @@ fn panel(
         let f = i as f64 / 4.0;
         let _ = write!(
             svg,
-            r##"<text x="{:.1}" y="{:.1}" font-size="10" text-anchor="middle">{:.0}s</text><text x="{:.1}" y="{:.1}" font-size="10" text-anchor="end">{:.3}</text>"##,
+            r##"<text x="{:.1}" y="{:.1}" font-size="10" text-anchor="middle">{:.0}s</text><text x="{:.1}" y="{:.1}" font-size="10" text-anchor="end">{}</text>"##,
             x(t_max * f),
             y0 + 14.0,
             t_max * f,
             x0 - 4.0,
             y(lmax / 1.1 * f, false) + 3.0,
-            lmax / 1.1 * f
+            Num(lmax / 1.1 * f)
         );
         if series.iter().any(|s| s.right) {
             let _ = write!(
                 svg,
-                r##"<text x="{:.1}" y="{:.1}" font-size="10">{:.0}</text>"##,
+                r##"<text x="{:.1}" y="{:.1}" font-size="10">{}</text>"##,
                 x1 + 4.0,
                 y(rmax / 1.1 * f, true) + 3.0,
-                rmax / 1.1 * f
+                Num(rmax / 1.1 * f)
             );
         }
     }
@@ -97,6 +97,19 @@ fn panel(
     }
 }
 
+/// An axis label: whole numbers from 10 up, one decimal below.
+struct Num(f64);
+
+impl std::fmt::Display for Num {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.abs() >= 10.0 {
+            write!(f, "{:.0}", self.0)
+        } else {
+            write!(f, "{:.1}", self.0)
+        }
+    }
+}
+
 /// The report's timeline as an SVG document.
 pub fn svg(r: &SimReport, title: &str) -> String {
     let t0 = r.timeline.first().map(|p| p.t_s).unwrap_or(0.0);
@@ -105,7 +118,7 @@ pub fn svg(r: &SimReport, title: &str) -> String {
         r.timeline.iter().map(|p| (p.t_s - t0, f(p))).collect()
     };
     let mut svg = String::new();
-    let h = 2.0 * PANEL + 40.0;
+    let h = 3.0 * PANEL + 40.0;
     let _ = write!(
         svg,
         r##"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{h}" font-family="sans-serif"><rect width="100%" height="100%" fill="white"/><text x="{LEFT}" y="22" font-size="15">{}</text>"##,
@@ -152,6 +165,19 @@ pub fn svg(r: &SimReport, title: &str) -> String {
             },
         ],
         Some((r.ttft_target_ms, "TTFT target")),
+    );
+    panel(
+        &mut svg,
+        30.0 + 2.0 * PANEL,
+        "Requests within both targets, % per window",
+        t_max,
+        &[Series {
+            name: "SLA attainment %",
+            color: "#9467bd",
+            right: false,
+            points: pts(&|p| p.attainment * 100.0),
+        }],
+        Some((95.0, "95%")),
     );
     svg.push_str("</svg>\n");
     svg
