@@ -84,6 +84,12 @@ pub struct BenchArgs {
     /// KV block size of the workers, for the oracle hit rate.
     #[arg(long, default_value_t = 64)]
     block_size: usize,
+    /// With both targets: SLA attainment, the share of requests (failed ones included) whose
+    /// TTFT and mean ITL are within them (as `dynamo-run simulate` counts it).
+    #[arg(long, requires = "itl_target_ms")]
+    ttft_target_ms: Option<f64>,
+    #[arg(long, requires = "ttft_target_ms")]
+    itl_target_ms: Option<f64>,
 }
 
 /// One request to send: prompt token ids, output length, and (traces) when to send it.
@@ -475,6 +481,22 @@ fn report(a: &BenchArgs, samples: &[Sample], oracle: f64) -> Result<()> {
         "itl_ms": stats(&mut itl),
         "e2e_ms": stats(&mut e2e),
     });
+    let mut result = result;
+    if let (Some(t), Some(i)) = (a.ttft_target_ms, a.itl_target_ms) {
+        let met = ok
+            .iter()
+            .filter(|s| {
+                let mean_itl = if s.itl.is_empty() {
+                    0.0
+                } else {
+                    s.itl.iter().sum::<f64>() / s.itl.len() as f64
+                };
+                s.ttft.is_some_and(|f| f <= t) && mean_itl <= i
+            })
+            .count();
+        let attainment = met as f64 / samples.len().max(1) as f64;
+        result["attainment"] = json!(attainment);
+    }
     std::fs::write(&a.output_json, serde_json::to_string_pretty(&result)?)
         .with_context(|| format!("writing {}", a.output_json.display()))?;
     let f = |v: &Value| v.as_f64().map_or("-".into(), |x| format!("{x:.1}"));
@@ -496,6 +518,16 @@ fn report(a: &BenchArgs, samples: &[Sample], oracle: f64) -> Result<()> {
             f(&s["p90"]),
             f(&s["p99"]),
             f(&s["mean"])
+        );
+    }
+    if let (Some(t), Some(i), Some(at)) = (
+        a.ttft_target_ms,
+        a.itl_target_ms,
+        result["attainment"].as_f64(),
+    ) {
+        println!(
+            "  SLA (TTFT <= {t} ms, mean ITL <= {i} ms): {:.1}% of requests",
+            at * 100.0
         );
     }
     if let Some(path) = &a.plot {

@@ -72,6 +72,15 @@ fn bench(url: &str, concurrency: usize, seconds: u32) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap()
 }
 
+/// `GET /status.json` on the frontend.
+fn status_json(port: u16) -> serde_json::Value {
+    let r = common::http_get(port, "/status.json");
+    let body = r.split("\r\n\r\n").nth(1).unwrap_or_default();
+    // The response may be chunked: the JSON object is between the outer braces.
+    let (from, to) = (body.find('{').unwrap(), body.rfind('}').unwrap());
+    serde_json::from_str(&body[from..=to]).unwrap_or_else(|e| panic!("{e}: {r}"))
+}
+
 fn wait(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
     let until = Instant::now() + within;
     while !ok() {
@@ -119,6 +128,38 @@ fn scales_with_load(nats: Option<&NatsServer>) {
     );
     let peak = up.iter().map(|&(_, to)| to).max().unwrap();
     assert!(peak <= 4, "max_replicas holds: {up:?}");
+    // The status page shows the pool grown, its workers and the decisions with reasons.
+    let port: u16 = url.rsplit(':').next().unwrap().parse().unwrap();
+    let status = status_json(port);
+    let pool = &status["pools"][0];
+    assert_eq!(pool["component"], "backend", "{status}");
+    assert!(pool["desired"].as_u64().unwrap() >= 2, "{status}");
+    let workers = status["workers"].as_array().unwrap();
+    assert!(workers.len() >= 2, "{status}");
+    assert!(
+        workers.iter().all(|w| w["total_blocks"].as_u64().is_some()),
+        "{status}"
+    );
+    assert!(
+        status["decisions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["reason"].as_str().unwrap().starts_with("scale up")),
+        "{status}"
+    );
+    assert_eq!(status["targets"]["ttft_ms"], 100.0, "{status}");
+    let page = common::http_get(port, "/status");
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    assert!(
+        page.to_ascii_lowercase()
+            .contains("content-type: text/html"),
+        "{page}"
+    );
+    assert!(
+        page.contains("status.json") && !page.contains("src=\"http"),
+        "self-contained"
+    );
     // Two requests in flight fit one worker: the pool drains back down while they run, and
     // none of them fails.
     let light = bench(&url, 2, 8);

@@ -1,5 +1,5 @@
 //! The OpenAI HTTP API (axum): `/v1/chat/completions` and `/v1/completions` (JSON or SSE),
-//! `/v1/models`, `/health`, `/live`, `/metrics`.
+//! `/v1/models`, `/health`, `/live`, `/metrics`, and the status page (`/status`, `/status.json`).
 //!
 //! Every error is an OpenAI error body with a 4xx/5xx status. Bodies over the configured limit
 //! get 413 without being read whole. A client that disconnects drops its response stream,
@@ -38,6 +38,8 @@ pub(crate) struct HttpState {
     pub serving: Arc<Serving>,
     pub max_body_bytes: usize,
     pub render_metrics: Box<dyn Fn() -> String + Send + Sync>,
+    pub status: Arc<super::status::Board>,
+    pub membership: crate::membership::MembershipHandle,
 }
 
 pub(crate) fn router(state: Arc<HttpState>) -> Router {
@@ -49,6 +51,8 @@ pub(crate) fn router(state: Arc<HttpState>) -> Router {
         .route("/health", get(health))
         .route("/live", get(live))
         .route("/metrics", get(metrics))
+        .route("/status", get(status_page))
+        .route("/status.json", get(status_json))
         .fallback(not_found)
         .method_not_allowed_fallback(wrong_method)
         .with_state(state)
@@ -396,6 +400,19 @@ async fn models(State(state): State<Arc<HttpState>>) -> Response {
 
 /// Ready when at least one model is served and every role of the process is healthy (see
 /// `crate::supervisor`); lists every instance and each role's state.
+async fn status_page() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        super::status::PAGE,
+    )
+        .into_response()
+}
+
+async fn status_json(State(state): State<Arc<HttpState>>) -> Response {
+    let members = state.membership.members().await.unwrap_or_default();
+    json_response(StatusCode::OK, &state.status.snapshot(&members))
+}
+
 async fn health(State(state): State<Arc<HttpState>>) -> Response {
     let models = state.serving.table().list();
     let instances: Vec<Value> = models

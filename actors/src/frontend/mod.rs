@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod models;
 pub mod serving;
 pub mod stats;
+pub mod status;
 
 use std::net::SocketAddr;
 use std::str::FromStr;
@@ -186,6 +187,14 @@ impl Frontend {
             window.clone(),
         ));
         let stop = CancellationToken::new();
+        // The status page follows the bus only when there is a page to serve.
+        let board = match settings.http_addr {
+            Some(_) => Some(
+                status::Board::start(runtime, &settings.namespace, stop.clone())
+                    .map_err(FrontendError::Watcher)?,
+            ),
+            None => None,
+        };
         if let (Some(every), Some(window)) = (every, window) {
             let s = Arc::downgrade(&serving);
             stats::spawn_publisher(
@@ -195,6 +204,7 @@ impl Frontend {
                 move || s.upgrade().map(|s| s.inflight()),
                 every,
                 stop.clone(),
+                board.clone(),
             )
             .map_err(FrontendError::Watcher)?;
         }
@@ -207,6 +217,8 @@ impl Frontend {
                     serving: serving.clone(),
                     max_body_bytes: settings.max_body_bytes,
                     render_metrics: Box::new(move || handle.render()),
+                    status: board.clone().unwrap_or_default(),
+                    membership: membership.clone(),
                 });
                 let listener = match tokio::net::TcpListener::bind(addr).await {
                     Ok(l) => l,

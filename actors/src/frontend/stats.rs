@@ -111,7 +111,8 @@ impl StatsWindow {
 }
 
 /// Publishes `window` every `interval` as a frontend of `namespace` (a random instance id),
-/// until `stop` or until `inflight` (the requests in flight) says the frontend is gone.
+/// and shows it on the status `board`, until `stop` or until `inflight` (the requests in
+/// flight) says the frontend is gone.
 pub(crate) fn spawn_publisher(
     runtime: &Runtime,
     namespace: &Namespace,
@@ -119,6 +120,7 @@ pub(crate) fn spawn_publisher(
     inflight: impl Fn() -> Option<usize> + Send + 'static,
     interval: Duration,
     stop: CancellationToken,
+    board: Option<Arc<super::status::Board>>,
 ) -> Result<tokio::task::JoinHandle<()>, String> {
     let subject = ComponentId::new(namespace.as_str(), FRONTEND_COMPONENT)
         .map_err(|e| e.to_string())?
@@ -151,6 +153,9 @@ pub(crate) fn spawn_publisher(
                 models: window.take(),
             };
             last = now;
+            if let Some(b) = &board {
+                b.frontend(&stats);
+            }
             let payload = match encode_event(&stats) {
                 Ok(p) => p,
                 Err(e) => {

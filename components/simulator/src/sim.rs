@@ -187,8 +187,8 @@ struct Worker {
     load_at: Option<u64>,
     up_at: u64,
     down_at: Option<u64>,
-    /// Requests on it (indices into `live`).
-    reqs: Vec<usize>,
+    /// Requests on it not yet ended.
+    open: usize,
 }
 
 struct Live {
@@ -271,6 +271,8 @@ struct Sim<'a> {
     report: SimReport,
     open: usize,
     arrived: usize,
+    /// Requests that got an output in the step being handled (reused).
+    touched: Vec<usize>,
 }
 
 impl<'a> Sim<'a> {
@@ -299,7 +301,7 @@ impl<'a> Sim<'a> {
             load_at: None,
             up_at: self.now,
             down_at: None,
-            reqs: Vec::new(),
+            open: 0,
         });
         let slot = self.workers.len() - 1;
         if serving {
@@ -343,7 +345,7 @@ impl<'a> Sim<'a> {
 
     fn maybe_stop(&mut self, slot: usize) {
         let w = &mut self.workers[slot];
-        if w.state == State::Draining && !w.busy && w.reqs.is_empty() && !w.sched.has_work() {
+        if w.state == State::Draining && !w.busy && w.open == 0 && !w.sched.has_work() {
             w.state = State::Stopped;
             w.down_at = Some(self.now);
         }
@@ -380,7 +382,7 @@ impl<'a> Sim<'a> {
         };
         if self.workers[slot]
             .sched
-            .add(req, tx, CancellationToken::new())
+            .add_tagged(req, tx, CancellationToken::new(), i as u64)
             .is_err()
         {
             self.fail(input);
@@ -397,7 +399,7 @@ impl<'a> Sim<'a> {
             input,
         });
         self.open += 1;
-        self.workers[slot].reqs.push(i);
+        self.workers[slot].open += 1;
         self.kick(slot);
     }
 
@@ -413,10 +415,13 @@ impl<'a> Sim<'a> {
         let now = self.now;
         let overhead = ns(self.cfg.overhead_ms / 1e3);
         self.workers[slot].busy = false;
-        self.workers[slot].sched.deliver();
-        let mut k = 0;
-        while k < self.workers[slot].reqs.len() {
-            let i = self.workers[slot].reqs[k];
+        // Only the requests that got an output in this step are read.
+        let mut touched = std::mem::take(&mut self.touched);
+        touched.clear();
+        self.workers[slot]
+            .sched
+            .deliver_tagged(|tag| touched.push(tag as usize));
+        for &i in &touched {
             let mut ended = None;
             if let Some(l) = self.live[i].as_mut() {
                 while let Ok(o) = l.rx.try_recv() {
@@ -449,16 +454,14 @@ impl<'a> Sim<'a> {
                     }
                 }
             }
-            match ended {
-                Some(ok) => {
-                    self.workers[slot].reqs.swap_remove(k);
-                    if let Some(l) = self.live[i].take() {
-                        self.end(l, ok);
-                    }
+            if let Some(ok) = ended {
+                if let Some(l) = self.live[i].take() {
+                    self.workers[slot].open -= 1;
+                    self.end(l, ok);
                 }
-                None => k += 1,
             }
         }
+        self.touched = touched;
         let events = self.workers[slot].sched.take_events();
         if !events.is_empty() {
             self.router.note_events();
@@ -680,6 +683,7 @@ pub fn simulate(
         },
         open: 0,
         arrived: 0,
+        touched: Vec::new(),
     };
     let first = ns(trace[0].timestamp / 1e3);
     let end = trace.iter().map(|r| r.timestamp).fold(0.0, f64::max) / 1e3;

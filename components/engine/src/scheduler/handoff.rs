@@ -162,6 +162,7 @@ impl<E: Executor> Scheduler<E> {
             out,
             cancel,
             export: None,
+            tag: 0,
         };
         seq.extend_hashes(bs);
         let full = prompt_len / bs;

@@ -529,6 +529,8 @@ struct Seq {
     /// A prefill for another worker: at its finish, the prompt's blocks' contents go here
     /// (see [`KvCommand::PrefillExport`]).
     export: Option<oneshot::Sender<Vec<Vec<u8>>>>,
+    /// The caller's name for the request ([`Scheduler::add_tagged`]).
+    tag: u64,
 }
 
 impl Seq {
@@ -546,6 +548,9 @@ impl Seq {
         }
     }
 }
+
+/// Steps between sweeps of the waiting queue for requests whose client is gone.
+pub const SWEEP_WAITING_EVERY: u64 = 64;
 
 pub struct Scheduler<E> {
     settings: SchedulerSettings,
@@ -565,13 +570,15 @@ pub struct Scheduler<E> {
     /// Evicted blocks copied to the host tier in the current step.
     offloaded_this_step: usize,
     waiting: VecDeque<Seq>,
+    /// Prompt tokens of the waiting requests (none of them computed).
+    waiting_tokens: u64,
     /// Prompts computed elsewhere, their KV in their blocks: admitted to `running` first.
     prefilled: VecDeque<Seq>,
     running: Vec<Seq>,
     executor: E,
     preemptions: u64,
     /// Outputs of the last step, sent by [`Scheduler::deliver`].
-    outbox: Vec<(OutputSender, Result<EngineOutput, EngineError>)>,
+    outbox: Vec<(OutputSender, Result<EngineOutput, EngineError>, u64)>,
 }
 
 impl<E: Executor> Scheduler<E> {
@@ -594,6 +601,7 @@ impl<E: Executor> Scheduler<E> {
             eviction_hook: None,
             settings,
             waiting: VecDeque::new(),
+            waiting_tokens: 0,
             prefilled: VecDeque::new(),
             running: Vec::new(),
             executor,
@@ -618,6 +626,17 @@ impl<E: Executor> Scheduler<E> {
         out: OutputSender,
         cancel: CancellationToken,
     ) -> Result<(), EngineError> {
+        self.add_tagged(req, out, cancel, 0)
+    }
+
+    /// [`Scheduler::add`], naming the request `tag` for [`Scheduler::deliver_tagged`].
+    pub fn add_tagged(
+        &mut self,
+        req: PreprocessedRequest,
+        out: OutputSender,
+        cancel: CancellationToken,
+        tag: u64,
+    ) -> Result<(), EngineError> {
         let bs = self.settings.block_size;
         let need = req.token_ids.len() + req.stop.max_tokens as usize;
         let capacity = self.settings.num_blocks * bs;
@@ -632,6 +651,7 @@ impl<E: Executor> Scheduler<E> {
         if req.token_ids.is_empty() {
             return Err(EngineError::BadRequest("the prompt has no tokens".into()));
         }
+        self.waiting_tokens += req.token_ids.len() as u64;
         self.waiting.push_back(Seq {
             prompt_len: req.token_ids.len(),
             tokens: req.token_ids,
@@ -647,6 +667,7 @@ impl<E: Executor> Scheduler<E> {
             out,
             cancel,
             export: None,
+            tag,
         });
         Ok(())
     }
@@ -661,7 +682,8 @@ impl<E: Executor> Scheduler<E> {
             active_blocks: self.pool.active_blocks() as u64,
             total_blocks: self.pool.num_blocks() as u64,
             waiting_requests: (self.waiting.len() + self.prefilled.len()) as u64,
-            queued_prefill_tokens: self.waiting.iter().chain(&self.running).map(pending).sum(),
+            queued_prefill_tokens: self.waiting_tokens
+                + self.running.iter().map(pending).sum::<u64>(),
             running_requests: self.running.len() as u64,
             tiers: self.tier_report(),
             steps: Some(self.counters),
@@ -703,6 +725,9 @@ impl<E: Executor> Scheduler<E> {
         dump
     }
 
+    /// Drops requests whose client is gone. The waiting queue, which may be deep under
+    /// overload, is swept only every [`SWEEP_WAITING_EVERY`] steps (a gone request reaching
+    /// its front is dropped there anyway), so a step stays cheap however long the queue.
     fn drop_gone(&mut self) {
         let pool = &mut self.pool;
         self.running.retain(|s| {
@@ -711,12 +736,19 @@ impl<E: Executor> Scheduler<E> {
             }
             !s.gone()
         });
-        self.waiting.retain(|s| {
-            if s.gone() {
-                pool.release(&s.blocks);
-            }
-            !s.gone()
-        });
+        if self.waiting.len() <= SWEEP_WAITING_EVERY as usize
+            || self.counters.steps.is_multiple_of(SWEEP_WAITING_EVERY)
+        {
+            let mut dropped = 0u64;
+            self.waiting.retain(|s| {
+                if s.gone() {
+                    pool.release(&s.blocks);
+                    dropped += s.prompt_len as u64;
+                }
+                !s.gone()
+            });
+            self.waiting_tokens -= dropped;
+        }
         self.prefilled.retain(|s| {
             if s.gone() {
                 pool.release(&s.blocks);
@@ -742,6 +774,7 @@ impl<E: Executor> Scheduler<E> {
         seq.registered = 0;
         seq.computed = 0;
         self.preemptions += 1;
+        self.waiting_tokens += seq.prompt_len as u64;
         self.waiting.push_front(seq);
     }
 
@@ -749,8 +782,15 @@ impl<E: Executor> Scheduler<E> {
     /// a simulation once the step's simulated time has passed. A receiver that is gone is
     /// dropped at the next step.
     pub fn deliver(&mut self) {
-        for (out, item) in self.outbox.drain(..) {
+        self.deliver_tagged(|_| {});
+    }
+
+    /// [`Scheduler::deliver`], telling `sent` the tag of each request that got an output (a
+    /// simulator then reads only those requests' streams).
+    pub fn deliver_tagged(&mut self, mut sent: impl FnMut(u64)) {
+        for (out, item, tag) in self.outbox.drain(..) {
             let _ = out.send(item);
+            sent(tag);
         }
     }
 
@@ -1005,6 +1045,11 @@ impl<E: Executor> Scheduler<E> {
             let Some(mut seq) = self.waiting.pop_front() else {
                 break;
             };
+            self.waiting_tokens -= seq.prompt_len as u64;
+            if seq.gone() {
+                self.pool.release(&seq.blocks);
+                continue;
+            }
             seq.extend_hashes(bs);
             // Always compute at least the last known token, so never reuse its block whole.
             let reusable = (seq.tokens.len() - 1) / bs;
@@ -1028,6 +1073,7 @@ impl<E: Executor> Scheduler<E> {
                 seq.blocks.clear();
                 seq.registered = 0;
                 seq.computed = 0;
+                self.waiting_tokens += seq.prompt_len as u64;
                 self.waiting.push_front(seq);
                 break;
             }
@@ -1106,7 +1152,7 @@ impl<E: Executor> Scheduler<E> {
                         Some(Err(e)) => e,
                         _ => EngineError::Internal("the executor sampled no token".into()),
                     };
-                    self.outbox.push((seq.out.clone(), Err(e)));
+                    self.outbox.push((seq.out.clone(), Err(e), seq.tag));
                     finished.push(i);
                     continue;
                 }
@@ -1129,7 +1175,7 @@ impl<E: Executor> Scheduler<E> {
                     .then(|| seq.cached_tokens.unwrap_or(0)),
                 ..Default::default()
             };
-            self.outbox.push((seq.out.clone(), Ok(out)));
+            self.outbox.push((seq.out.clone(), Ok(out), seq.tag));
             if finish.is_some() {
                 finished.push(i);
             }
