@@ -4,7 +4,8 @@
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked --bin dynamo-run
+# With the planner's kubernetes connector (config/k8s/planner.yaml).
+RUN cargo build --release --locked --bin dynamo-run --features kubernetes
 
 FROM debian:bookworm-slim
 COPY --from=build /src/target/release/dynamo-run /usr/local/bin/dynamo-run

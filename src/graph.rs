@@ -132,6 +132,8 @@ const PLANNER_KEYS: &[&str] = &[
     "max_workers",
     "scale_down_after",
     "connector",
+    "k8s_namespace",
+    "k8s_deployment_prefix",
 ];
 
 /// Every key a graph may set.

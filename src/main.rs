@@ -378,9 +378,16 @@ pub(crate) struct PlannerArgs {
     /// Intervals in a row that must want fewer workers before a pool shrinks. [default: 3]
     #[arg(long)]
     scale_down_after: Option<u32>,
-    /// Who carries decisions out: local (the `dynamo-run serve` running the pool). [default: local]
+    /// Who carries decisions out: local (the `dynamo-run serve` running the pool) or
+    /// kubernetes (each pool a Deployment; build with --features kubernetes). [default: local]
     #[arg(long)]
     connector: Option<String>,
+    /// kubernetes: the Deployments' namespace. [default: the pod's own]
+    #[arg(long)]
+    k8s_namespace: Option<String>,
+    /// kubernetes: pool P is the Deployment PREFIX + P. [default: dynamo-]
+    #[arg(long)]
+    k8s_deployment_prefix: Option<String>,
     /// The model the pools serve (default: the model folder's name, else the profile's).
     #[arg(long)]
     model_name: Option<String>,
@@ -405,6 +412,8 @@ impl PlannerArgs {
             max_workers: self.max_workers,
             scale_down_after: self.scale_down_after,
             connector: self.connector.clone(),
+            k8s_namespace: self.k8s_namespace.clone(),
+            k8s_deployment_prefix: self.k8s_deployment_prefix.clone(),
             model_name: self.model_name.clone(),
             model_path: self.model_path.clone(),
             ..Default::default()

@@ -61,8 +61,8 @@ enum Replica {
 }
 
 enum Kind {
-    Embedded(EmbeddedPool),
-    Processes(ProcessPool),
+    Embedded(Box<EmbeddedPool>),
+    Processes(Box<ProcessPool>),
 }
 
 /// One scaled component: its replicas, newest last.
@@ -77,11 +77,11 @@ pub(crate) struct Pool {
 
 impl Pool {
     pub fn embedded(name: &str, p: EmbeddedPool) -> Self {
-        Self::new(name, Kind::Embedded(p))
+        Self::new(name, Kind::Embedded(Box::new(p)))
     }
 
     pub fn processes(name: &str, p: ProcessPool) -> Self {
-        Self::new(name, Kind::Processes(p))
+        Self::new(name, Kind::Processes(Box::new(p)))
     }
 
     fn new(name: &str, kind: Kind) -> Self {

@@ -109,6 +109,8 @@ pub struct Settings {
     pub max_workers: Option<u32>,
     pub scale_down_after: Option<u32>,
     pub connector: Option<String>,
+    pub k8s_namespace: Option<String>,
+    pub k8s_deployment_prefix: Option<String>,
     // A single process only.
     pub num_workers: Option<usize>,
     pub batch_concurrency: Option<usize>,
@@ -258,9 +260,9 @@ pub fn planner_settings(namespace: &str, s: &Settings) -> Result<PlannerSettings
     let (config, profile) = planner_core(s)?;
     let connector = match s.connector.as_deref().unwrap_or("local") {
         "local" => ConnectorChoice::Local,
-        "kubernetes" => bail!("--connector kubernetes is not built yet (issue 16); use local"),
+        "kubernetes" => kubernetes(s)?,
         "virtual" => bail!("--connector virtual is the simulator's (`dynamo-run simulate`)"),
-        other => bail!("--connector {other:?}: expected local"),
+        other => bail!("--connector {other:?}: expected local or kubernetes"),
     };
     Ok(PlannerSettings {
         namespace,
@@ -270,6 +272,33 @@ pub fn planner_settings(namespace: &str, s: &Settings) -> Result<PlannerSettings
         prefill_pool: s.prefill_pool.clone(),
         connector,
     })
+}
+
+/// The kubernetes connector: each pool a Deployment `{k8s_deployment_prefix}{pool}` (default
+/// prefix `dynamo-`, as in config/k8s) in `k8s_namespace` (default: the pod's own).
+#[cfg(feature = "kubernetes")]
+fn kubernetes(s: &Settings) -> Result<ConnectorChoice> {
+    let namespace = s.k8s_namespace.clone();
+    let prefix = s
+        .k8s_deployment_prefix
+        .clone()
+        .unwrap_or_else(|| "dynamo-".into());
+    Ok(ConnectorChoice::Deferred(std::sync::Arc::new(move || {
+        let (namespace, prefix) = (namespace.clone(), prefix.clone());
+        Box::pin(async move {
+            let k =
+                dynamo_k8s::KubernetesConnector::from_env(namespace.as_deref(), &prefix).await?;
+            Ok(std::sync::Arc::new(k)
+                as std::sync::Arc<
+                    dyn dynamo_actors::planner::connector::Connector,
+                >)
+        })
+    })))
+}
+
+#[cfg(not(feature = "kubernetes"))]
+fn kubernetes(_: &Settings) -> Result<ConnectorChoice> {
+    bail!("--connector kubernetes: this build has no kubernetes connector; build with `cargo build --release --features kubernetes` (the image in config/k8s does)")
 }
 
 /// A planner's decision settings and profile from `s` (the planner role's and the
@@ -730,6 +759,8 @@ mod tests {
             max_workers: Some(10),
             scale_down_after: Some(4),
             connector: Some("local".into()),
+            k8s_namespace: Some("serving".into()),
+            k8s_deployment_prefix: Some("llm-".into()),
             ..Default::default()
         };
         let mut args = vec!["planner".to_string()];

@@ -32,6 +32,8 @@ fn kubernetes_manifests_are_valid_and_their_commands_parse() {
     }
     let mut deployments: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
     let mut services = Vec::new();
+    let (mut accounts, mut roles, mut bindings) = (Vec::new(), BTreeMap::new(), Vec::new());
+    let mut planner_account = None;
     for (file, d) in &docs {
         let kind = d["kind"]
             .as_str()
@@ -122,18 +124,65 @@ fn kubernetes_manifests_are_valid_and_their_commands_parse() {
                         "{file}: {cname}: probe port {port:?} is not a container port {ports:?}"
                     );
                 }
+                if name == "dynamo-planner" {
+                    planner_account = spec["serviceAccountName"].as_str().map(str::to_string);
+                }
                 deployments.insert(name, labels);
             }
             "Service" => {
                 assert_eq!(d["apiVersion"].as_str(), Some("v1"), "{file}: {name}");
                 services.push((file.clone(), name, d.clone()));
             }
+            "ServiceAccount" => {
+                accounts.push(name);
+            }
+            "Role" => {
+                roles.insert(name, d["rules"].clone());
+            }
+            "RoleBinding" => {
+                bindings.push((
+                    s(d, &["roleRef", "name"])
+                        .and_then(Value::as_str)
+                        .unwrap()
+                        .to_string(),
+                    s(d, &["subjects"]).cloned().unwrap(),
+                ));
+            }
             other => panic!("{file}: unexpected kind {other}"),
         }
     }
-    for name in ["nats", "dynamo-frontend", "dynamo-router", "dynamo-backend"] {
+    for name in [
+        "nats",
+        "dynamo-frontend",
+        "dynamo-router",
+        "dynamo-backend",
+        "dynamo-planner",
+    ] {
         assert!(deployments.contains_key(name), "no Deployment {name}");
     }
+    // The planner's service account may get and patch Deployments' scale, through a binding.
+    let account = planner_account.expect("the planner runs under its own service account");
+    assert!(accounts.contains(&account), "no ServiceAccount {account}");
+    let granted = bindings.iter().any(|(role, subjects)| {
+        subjects
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|s| s["kind"] == "ServiceAccount" && s["name"].as_str() == Some(&account))
+            && roles.get(role).is_some_and(|rules| {
+                rules.as_sequence().unwrap().iter().any(|r| {
+                    let has = |k: &str, v: &str| {
+                        r[k].as_sequence()
+                            .is_some_and(|l| l.iter().any(|x| x.as_str() == Some(v)))
+                    };
+                    has("resources", "deployments/scale")
+                        && has("verbs", "get")
+                        && has("verbs", "patch")
+                        && has("apiGroups", "apps")
+                })
+            })
+    });
+    assert!(granted, "{account} cannot get and patch deployments/scale");
     for (file, name, d) in services {
         let selector: BTreeMap<String, String> =
             serde_yaml::from_value(s(&d, &["spec", "selector"]).cloned().unwrap()).unwrap();

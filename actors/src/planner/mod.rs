@@ -41,9 +41,19 @@ use connector::{Connector, LocalConnector};
 pub enum ConnectorChoice {
     /// The `dynamo-run serve` process running the pool ([`LocalConnector`]).
     Local,
-    /// Any other (the simulator's, a test's, Kubernetes).
+    /// Any other (a test's).
     Custom(Arc<dyn Connector>),
+    /// One built when the planner starts (Kubernetes: it reaches the API server then; a
+    /// failure fails the start, and the supervisor retries with backoff).
+    Deferred(ConnectorFactory),
 }
+
+/// Builds a connector when a planner starts.
+pub type ConnectorFactory = Arc<
+    dyn Fn() -> futures::future::BoxFuture<'static, Result<Arc<dyn Connector>, String>>
+        + Send
+        + Sync,
+>;
 
 /// A planner role's settings.
 #[derive(Clone)]
@@ -438,6 +448,7 @@ impl PlannerHandle {
                 settings.namespace.clone(),
             )),
             ConnectorChoice::Custom(c) => c.clone(),
+            ConnectorChoice::Deferred(make) => make().await?,
         };
         let membership = MembershipHandle::shared(runtime, &settings.namespace)
             .await
