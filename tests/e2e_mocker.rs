@@ -245,12 +245,16 @@ async fn watch_shows_frontend_statistics_and_worker_steps() {
             .iter()
             .find(|l| l.contains("tiny: ") && !l.contains("tiny: 0 requests"))
             .unwrap();
-        for (after, what) in [("TTFT p50 ", "TTFT"), ("ITL p50 ", "ITL")] {
-            assert!(
-                number_before(busy, after, " p99").is_some_and(|ms| ms > 0.0),
-                "{what} in {busy}"
-            );
-        }
+        assert!(
+            number_before(busy, "TTFT p50 ", " p99").is_some_and(|ms| ms > 0.0),
+            "TTFT in {busy}"
+        );
+        // At this speedup a step takes microseconds and the median gap between tokens can
+        // print as 0.0 ms: the p99 (the number before " ms") shows ITL was measured.
+        assert!(
+            number_before(busy, "ITL p50 ", " ms").is_some_and(|ms| ms > 0.0),
+            "ITL in {busy}"
+        );
     }
     // Each request's first token ends its prefill step; the other seven are decoded.
     load.until("watch load shows engine steps", |lines| {
