@@ -42,32 +42,27 @@ fn drained(serve: &Serve) -> usize {
 fn bench(url: &str, concurrency: usize, seconds: u32) -> serde_json::Value {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("bench.json");
-    let out = dynamo_run()
-        .args(["bench", "--url", url, "--model", "tiny"])
-        .args(["--workload", "shared-prefix", "--groups", "16"])
-        .args(["--system-prompt-tokens", "384", "--question-tokens", "128"])
-        .args([
-            "--output-tokens",
-            "32",
-            "--warmup",
-            "0",
-            "--requests",
-            "100000",
-        ])
-        .args(["--concurrency", &concurrency.to_string()])
-        .args(["--duration", &seconds.to_string()])
-        .args([
-            "--block-size",
-            "64",
-            "--output-json",
-            json.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    common::succeed(
+        dynamo_run()
+            .args(["bench", "--url", url, "--model", "tiny"])
+            .args(["--workload", "shared-prefix", "--groups", "16"])
+            .args(["--system-prompt-tokens", "384", "--question-tokens", "128"])
+            .args([
+                "--output-tokens",
+                "32",
+                "--warmup",
+                "0",
+                "--requests",
+                "100000",
+            ])
+            .args(["--concurrency", &concurrency.to_string()])
+            .args(["--duration", &seconds.to_string()])
+            .args([
+                "--block-size",
+                "64",
+                "--output-json",
+                json.to_str().unwrap(),
+            ]),
     );
     serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap()
 }
@@ -455,31 +450,26 @@ fn simulate_reports_and_refuses_bad_input() {
         dir.path().join("r.svg"),
         dir.path().join("t.jsonl"),
     );
-    let out = dynamo_run()
-        .args(["simulate", "--load", "step:10,5,20,40", "--duration", "60"])
-        .args(["--ttft-target-ms", "100", "--itl-target-ms", "20"])
-        .args([
-            "--planner-interval-ms",
-            "5000",
-            "--startup-s",
-            "2",
-            "--max-replicas",
-            "6",
-        ])
-        .arg("--profile")
-        .arg(&profile)
-        .arg("--output-json")
-        .arg(&json)
-        .arg("--plot")
-        .arg(&svg)
-        .arg("--write-trace")
-        .arg(&trace)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    common::succeed(
+        dynamo_run()
+            .args(["simulate", "--load", "step:10,5,20,40", "--duration", "60"])
+            .args(["--ttft-target-ms", "100", "--itl-target-ms", "20"])
+            .args([
+                "--planner-interval-ms",
+                "5000",
+                "--startup-s",
+                "2",
+                "--max-replicas",
+                "6",
+            ])
+            .arg("--profile")
+            .arg(&profile)
+            .arg("--output-json")
+            .arg(&json)
+            .arg("--plot")
+            .arg(&svg)
+            .arg("--write-trace")
+            .arg(&trace),
     );
     let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let lines = std::fs::read_to_string(&trace).unwrap().lines().count() as u64;
@@ -498,24 +488,19 @@ fn simulate_reports_and_refuses_bad_input() {
     );
     assert!(!plot.contains("href"), "self-contained: {plot}");
     // The trace it wrote replays (static workers: no planner).
-    let out = dynamo_run()
-        .args([
-            "simulate",
-            "--workers",
-            "2",
-            "--ttft-target-ms",
-            "100",
-            "--itl-target-ms",
-            "20",
-        ])
-        .arg("--trace")
-        .arg(&trace)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = common::succeed(
+        dynamo_run()
+            .args([
+                "simulate",
+                "--workers",
+                "2",
+                "--ttft-target-ms",
+                "100",
+                "--itl-target-ms",
+                "20",
+            ])
+            .arg("--trace")
+            .arg(&trace),
     );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(

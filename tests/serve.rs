@@ -128,46 +128,41 @@ fn mocker_cluster_on_the_embedded_bus_serves_a_bench_run() {
         .any(|l| l.contains("32 worker(s)")));
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("bench.json");
-    let out = dynamo_run()
-        .args([
-            "bench",
-            "--url",
-            &base(&frontend),
-            "--model",
-            "tiny",
-            "--workload",
-            "shared-prefix",
-        ])
-        .args([
-            "--requests",
-            "48",
-            "--concurrency",
-            "8",
-            "--warmup",
-            "0",
-            "--output-tokens",
-            "8",
-        ])
-        .args([
-            "--groups",
-            "4",
-            "--system-prompt-tokens",
-            "256",
-            "--question-tokens",
-            "32",
-        ])
-        .args([
-            "--block-size",
-            "64",
-            "--output-json",
-            json.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    common::succeed(
+        dynamo_run()
+            .args([
+                "bench",
+                "--url",
+                &base(&frontend),
+                "--model",
+                "tiny",
+                "--workload",
+                "shared-prefix",
+            ])
+            .args([
+                "--requests",
+                "48",
+                "--concurrency",
+                "8",
+                "--warmup",
+                "0",
+                "--output-tokens",
+                "8",
+            ])
+            .args([
+                "--groups",
+                "4",
+                "--system-prompt-tokens",
+                "256",
+                "--question-tokens",
+                "32",
+            ])
+            .args([
+                "--block-size",
+                "64",
+                "--output-json",
+                json.to_str().unwrap(),
+            ]),
     );
     let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     assert_eq!(r["completed"], 48, "{r}");

@@ -16,6 +16,17 @@ pub fn dynamo_run() -> Command {
     c
 }
 
+/// Runs `cmd` to its end and fails the test with its stderr unless it succeeded.
+pub fn succeed(cmd: &mut Command) -> std::process::Output {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// A model folder written once per test binary by `dynamo-run make-model`.
 pub fn model_dir() -> &'static str {
     static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
