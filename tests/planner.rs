@@ -274,7 +274,8 @@ mod role {
     struct Fake {
         fail: bool,
         calls: AtomicU32,
-        scaled: Mutex<Vec<u32>>,
+        /// (pool, replicas) asked for, in order.
+        scaled: Mutex<Vec<(String, u32)>>,
     }
 
     #[async_trait::async_trait]
@@ -290,7 +291,12 @@ mod role {
                     reason: "the API server is down".into(),
                 });
             }
-            Ok(self.scaled.lock().unwrap().last().copied().unwrap_or(1))
+            let scaled = self.scaled.lock().unwrap();
+            Ok(scaled
+                .iter()
+                .rev()
+                .find(|(p, _)| p == pool)
+                .map_or(1, |(_, n)| *n))
         }
         async fn scale(&self, pool: &str, n: u32) -> Result<u32, ConnectorError> {
             self.calls.fetch_add(1, Ordering::SeqCst);
@@ -300,7 +306,7 @@ mod role {
                     reason: "the API server is down".into(),
                 });
             }
-            self.scaled.lock().unwrap().push(n);
+            self.scaled.lock().unwrap().push((pool.to_string(), n));
             Ok(n)
         }
     }
@@ -427,7 +433,10 @@ mod role {
             "{seen:?}"
         );
         assert_eq!(seen.pools[0].desired, 6, "max: {seen:?}");
-        assert_eq!(fake.scaled.lock().unwrap().last(), Some(&6));
+        assert_eq!(
+            fake.scaled.lock().unwrap().last(),
+            Some(&("backend".to_string(), 6))
+        );
         // No more statistics: after stale_after intervals the decision holds and says why.
         let mut d = decision(&mut rx, seen.interval + 1).await;
         while d.stale_intervals < 3 {
@@ -435,6 +444,73 @@ mod role {
         }
         assert!(d.reason.contains("no frontend statistics"), "{d:?}");
         assert_eq!(d.pools[0].desired, 6, "held: {d:?}");
+        p.shutdown().await;
+    }
+
+    /// Prefill and decode pools: each is sized for its own work and carried out on its own
+    /// component; a prompt-heavy load needs more prefill workers than decode ones.
+    #[tokio::test]
+    async fn disaggregated_pools_are_sized_and_scaled_each() {
+        let rt = runtime_on(None).await;
+        let fake = Arc::new(Fake::default());
+        let mut s = settings("disagg", 100.0, fake.clone());
+        s.config.policy = PolicySettings {
+            pools: Pools::Disaggregated,
+            main: Limits { min: 1, max: 6 },
+            prefill: Limits { min: 1, max: 6 },
+            budget: 12,
+            down_after: 2,
+        };
+        s.pool = "decode".into();
+        s.prefill_pool = Some("prefill".into());
+        let p = PlannerHandle::start(&rt, s).await.unwrap();
+        let mut rx = p.last();
+        let subject = ComponentId::new("disagg", "frontend")
+            .unwrap()
+            .event_subject(&Topic::new("stats").unwrap(), InstanceId::random());
+        let mut stats = FrontendStats {
+            interval_ms: 50,
+            ..Default::default()
+        };
+        // About 400 requests a second of 1024 prompt and 64 output tokens.
+        stats.models.insert(
+            "tiny".into(),
+            ModelStats {
+                requests: 20,
+                input_tokens: 20 * 1024,
+                output_tokens: 20 * 64,
+                ..Default::default()
+            },
+        );
+        let mut d = decision(&mut rx, 1).await;
+        while d.pools.iter().all(|p| p.desired <= 1) {
+            rt.bus()
+                .publish(Outgoing::new(
+                    subject.clone(),
+                    encode_event(&stats).unwrap(),
+                ))
+                .await
+                .unwrap();
+            d = decision(&mut rx, d.interval + 1).await;
+        }
+        let (decode, prefill) = (&d.pools[0], &d.pools[1]);
+        assert_eq!(
+            (decode.component.as_str(), decode.kind.as_str()),
+            ("decode", "decode")
+        );
+        assert_eq!(
+            (prefill.component.as_str(), prefill.kind.as_str()),
+            ("prefill", "prefill")
+        );
+        assert!(prefill.desired > decode.desired, "{d:?}");
+        assert!(prefill.desired <= 6 && decode.desired >= 1, "{d:?}");
+        let scaled = fake.scaled.lock().unwrap().clone();
+        assert!(
+            scaled
+                .iter()
+                .any(|(p, n)| p == "prefill" && *n == prefill.desired),
+            "{scaled:?}"
+        );
         p.shutdown().await;
     }
 }
