@@ -46,7 +46,8 @@ pub struct SimulateArgs {
     /// Seconds from a scale-up decision to the new worker serving.
     #[arg(long, default_value_t = 10.0)]
     startup_s: f64,
-    /// Latency outside the engine added to each request's TTFT (HTTP, tokenization, bus).
+    /// Time from a request's arrival to its engine (HTTP, the frontend, the bus): it joins an
+    /// engine step only after that.
     #[arg(long, default_value_t = 0.0)]
     overhead_ms: f64,
     /// Model the real-time mocker's timer tick (tokio: 1 ms) to compare with a real-time

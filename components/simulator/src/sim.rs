@@ -60,8 +60,8 @@ pub struct SimConfig {
     pub targets: Targets,
     /// Seconds per point of the timeline.
     pub window_s: f64,
-    /// Latency the real system adds to each request outside the engine (HTTP, tokenization,
-    /// the bus), added to its TTFT.
+    /// Time from a request's arrival to its engine (HTTP, the frontend, the bus): it can join
+    /// an engine step only after that, so it may wait a whole step more.
     pub overhead_ms: f64,
     /// Seed of the prompts' filler tokens (as `dynamo-run bench --seed`).
     pub seed: u64,
@@ -191,6 +191,13 @@ struct Worker {
     open: usize,
 }
 
+/// A request on its way to its engine: the worker, the request, its output stream.
+type Inbound = (
+    usize,
+    PreprocessedRequest,
+    mpsc::UnboundedSender<Result<EngineOutput, EngineError>>,
+);
+
 struct Live {
     arrival: u64,
     rx: mpsc::UnboundedReceiver<Result<EngineOutput, EngineError>>,
@@ -205,6 +212,7 @@ struct Live {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Ev {
     Arrive(usize),
+    Reach(usize),
     StepDone(usize),
     Ready(usize),
     Tick,
@@ -273,6 +281,8 @@ struct Sim<'a> {
     arrived: usize,
     /// Requests that got an output in the step being handled (reused).
     touched: Vec<usize>,
+    /// Requests on their way to their engine (`overhead_ms`).
+    inbound: std::collections::HashMap<usize, Inbound>,
 }
 
 impl<'a> Sim<'a> {
@@ -380,7 +390,13 @@ impl<'a> Sim<'a> {
             remote_prefill: None,
             peer_prefix: None,
         };
-        if self.workers[slot]
+        let delay = ns(self.cfg.overhead_ms / 1e3);
+        if delay > 0 {
+            // On its way to the engine: it can join a step only once there.
+            self.inbound.insert(i, (slot, req, tx));
+            let t = self.now + delay;
+            self.at(t, Ev::Reach(i));
+        } else if self.workers[slot]
             .sched
             .add_tagged(req, tx, CancellationToken::new(), i as u64)
             .is_err()
@@ -400,6 +416,27 @@ impl<'a> Sim<'a> {
         });
         self.open += 1;
         self.workers[slot].open += 1;
+        if delay == 0 {
+            self.kick(slot);
+        }
+    }
+
+    /// A request reaches its engine (after the overhead on the way).
+    fn reach(&mut self, i: usize) {
+        let Some((slot, req, tx)) = self.inbound.remove(&i) else {
+            return;
+        };
+        if self.workers[slot]
+            .sched
+            .add_tagged(req, tx, CancellationToken::new(), i as u64)
+            .is_err()
+        {
+            if let Some(l) = self.live[i].take() {
+                self.workers[slot].open -= 1;
+                self.end(l, false);
+            }
+            return;
+        }
         self.kick(slot);
     }
 
@@ -413,7 +450,6 @@ impl<'a> Sim<'a> {
 
     fn step_done(&mut self, slot: usize) {
         let now = self.now;
-        let overhead = ns(self.cfg.overhead_ms / 1e3);
         self.workers[slot].busy = false;
         // Only the requests that got an output in this step are read.
         let mut touched = std::mem::take(&mut self.touched);
@@ -434,7 +470,7 @@ impl<'a> Sim<'a> {
                                 if let Some(lease) = l.lease.as_mut() {
                                     lease.prefill_done();
                                 }
-                                let ttft = (now - l.arrival + overhead) / 1000;
+                                let ttft = (now - l.arrival) / 1000;
                                 for s in [&mut self.total, &mut self.window, &mut self.interval] {
                                     let _ = s.ttft.record(ttft.max(1));
                                 }
@@ -486,18 +522,15 @@ impl<'a> Sim<'a> {
             return;
         }
         self.report.completed += 1;
-        let overhead = ns(self.cfg.overhead_ms / 1e3);
         let first = l.first.unwrap_or(l.last);
-        let ttft_ms = (first - l.arrival + overhead) as f64 / 1e6;
+        let ttft_ms = (first - l.arrival) as f64 / 1e6;
         let itl_ms = if l.tokens > 1 {
             (l.last - first) as f64 / 1e6 / (l.tokens - 1) as f64
         } else {
             0.0
         };
         let met = ttft_ms <= self.cfg.targets.ttft_ms && itl_ms <= self.cfg.targets.itl_ms;
-        let _ = self
-            .e2e
-            .record(((l.last - l.arrival + overhead) / 1000).max(1));
+        let _ = self.e2e.record(((l.last - l.arrival) / 1000).max(1));
         for s in [&mut self.total, &mut self.window, &mut self.interval] {
             s.ended += 1;
             s.met += met as u64;
@@ -684,6 +717,7 @@ pub fn simulate(
         open: 0,
         arrived: 0,
         touched: Vec::new(),
+        inbound: Default::default(),
     };
     let first = ns(trace[0].timestamp / 1e3);
     let end = trace.iter().map(|r| r.timestamp).fold(0.0, f64::max) / 1e3;
@@ -706,6 +740,7 @@ pub fn simulate(
         sim.now = t;
         match ev {
             Ev::Arrive(i) => sim.arrive(i),
+            Ev::Reach(i) => sim.reach(i),
             Ev::StepDone(w) => sim.step_done(w),
             Ev::Ready(w) => sim.ready(w),
             Ev::Tick => sim.tick(),
