@@ -89,6 +89,59 @@ fn a_load_only_request_ignores_cached_prefixes() {
     assert_eq!(by_load.overlap.device, 0);
 }
 
+/// The workers a model's requests go to follow joins and leaves at once (the candidate list
+/// is kept between requests), other models' workers never count, and an excluded worker is
+/// skipped.
+#[test]
+fn candidates_follow_joins_and_leaves() {
+    let router = KvRouter::new(KvRouterSettings {
+        seed: Some(7),
+        ..Default::default()
+    });
+    let prompt: Vec<u32> = (0..64).collect();
+    assert!(matches!(
+        router.route_model("m", &[], &prompt),
+        Err(RouteError::NoWorkers)
+    ));
+    router.add_worker(WorkerId(1), "m".into(), 16);
+    router.add_worker(WorkerId(9), "other".into(), 16);
+    assert_eq!(
+        router.route_model("m", &[], &prompt).unwrap().worker,
+        WorkerId(1)
+    );
+    // Worker 2 holds the prompt: once it joins, it wins.
+    store(&router, 2, &prompt, 16);
+    router.add_worker(WorkerId(2), "m".into(), 16);
+    assert_eq!(
+        router.route_model("m", &[], &prompt).unwrap().worker,
+        WorkerId(2)
+    );
+    assert_eq!(
+        router
+            .route_model("m", &[WorkerId(2)], &prompt)
+            .unwrap()
+            .worker,
+        WorkerId(1),
+        "excluded"
+    );
+    router.forget(WorkerId(2));
+    for _ in 0..10 {
+        assert_eq!(
+            router.route_model("m", &[], &prompt).unwrap().worker,
+            WorkerId(1)
+        );
+    }
+    router.forget(WorkerId(1));
+    assert!(matches!(
+        router.route_model("m", &[], &prompt),
+        Err(RouteError::NoWorkers)
+    ));
+    assert_eq!(
+        router.route_model("other", &[], &prompt).unwrap().worker,
+        WorkerId(9)
+    );
+}
+
 /// Two routers wired as the bus would: B applies A's decision events.
 fn replicas() -> (
     Arc<KvRouter>,
