@@ -340,6 +340,33 @@ mod role {
         }
     }
 
+    /// Where a frontend of `ns` publishes, and a 50 ms interval of `requests` requests of
+    /// `isl` prompt and `osl` output tokens for model `tiny`.
+    fn frontend_stats(
+        ns: &str,
+        requests: u64,
+        isl: u64,
+        osl: u64,
+    ) -> (dynamo_runtime::subject::Subject, FrontendStats) {
+        let subject = ComponentId::new(ns, "frontend")
+            .unwrap()
+            .event_subject(&Topic::new("stats").unwrap(), InstanceId::random());
+        let mut stats = FrontendStats {
+            interval_ms: 50,
+            ..Default::default()
+        };
+        stats.models.insert(
+            "tiny".into(),
+            ModelStats {
+                requests,
+                input_tokens: requests * isl,
+                output_tokens: requests * osl,
+                ..Default::default()
+            },
+        );
+        (subject, stats)
+    }
+
     /// Waits for decision number `n` and returns it.
     async fn decision(
         rx: &mut tokio::sync::watch::Receiver<Option<PlannerDecision>>,
@@ -398,22 +425,7 @@ mod role {
             .await
             .unwrap();
         let mut rx = p.last();
-        let subject = ComponentId::new("unmeet", "frontend")
-            .unwrap()
-            .event_subject(&Topic::new("stats").unwrap(), InstanceId::random());
-        let mut stats = FrontendStats {
-            interval_ms: 50,
-            ..Default::default()
-        };
-        stats.models.insert(
-            "tiny".into(),
-            ModelStats {
-                requests: 2,
-                input_tokens: 1024,
-                output_tokens: 64,
-                ..Default::default()
-            },
-        );
+        let (subject, stats) = frontend_stats("unmeet", 2, 512, 32);
         let mut seen = decision(&mut rx, 1).await;
         while seen.unmeetable.is_none() {
             rt.bus()
@@ -465,23 +477,8 @@ mod role {
         s.prefill_pool = Some("prefill".into());
         let p = PlannerHandle::start(&rt, s).await.unwrap();
         let mut rx = p.last();
-        let subject = ComponentId::new("disagg", "frontend")
-            .unwrap()
-            .event_subject(&Topic::new("stats").unwrap(), InstanceId::random());
-        let mut stats = FrontendStats {
-            interval_ms: 50,
-            ..Default::default()
-        };
         // About 400 requests a second of 1024 prompt and 64 output tokens.
-        stats.models.insert(
-            "tiny".into(),
-            ModelStats {
-                requests: 20,
-                input_tokens: 20 * 1024,
-                output_tokens: 20 * 64,
-                ..Default::default()
-            },
-        );
+        let (subject, stats) = frontend_stats("disagg", 20, 1024, 64);
         let mut d = decision(&mut rx, 1).await;
         while d.pools.iter().all(|p| p.desired <= 1) {
             rt.bus()

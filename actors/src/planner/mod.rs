@@ -19,7 +19,7 @@ pub mod connector;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use dynamo_planner::{figures, Planner, PlannerConfig, PoolRole, Pools, Profile, Replicas};
+use dynamo_planner::{Planner, PlannerConfig, PoolRole, Pools, Profile, Replicas};
 use dynamo_protocols::kv::{LoadReport, LOAD_TOPIC};
 use dynamo_protocols::planner::{
     PlannerDecision, PoolDecision, DECISIONS_TOPIC, PLANNER_COMPONENT,
@@ -253,8 +253,8 @@ impl PlannerActor {
                 .unwrap_or_default(),
             interval: step.interval,
             model: state.planner.config().model.clone(),
-            observed: figures(step.observed),
-            predicted: figures(step.predicted),
+            observed: step.observed,
+            predicted: step.predicted,
             latency: step.latency,
             ttft_target_ms: state.planner.config().targets.ttft_ms,
             itl_target_ms: state.planner.config().targets.itl_ms,

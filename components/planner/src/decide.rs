@@ -35,19 +35,8 @@ pub struct Targets {
     pub itl_ms: f64,
 }
 
-/// One interval's load, observed or predicted.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
-pub struct Load {
-    /// Requests a second.
-    pub rate: f64,
-    /// Mean input and output tokens of a request.
-    pub isl: f64,
-    pub osl: f64,
-    /// Cached share of the input tokens.
-    pub cached: f64,
-    /// Requests waiting in the engines' queues now.
-    pub waiting: f64,
-}
+/// One interval's load, observed or predicted (the figures a decision publishes).
+pub use dynamo_protocols::planner::LoadFigures as Load;
 
 /// Fractional workers each kind of work needs (before rounding and policy).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]

@@ -11,6 +11,6 @@ pub mod profile;
 pub use decide::{
     need, Decided, Limits, Load, Need, Policy, PolicySettings, Pools, Replicas, Targets, Unmeetable,
 };
-pub use plan::{figures, Planner, PlannerConfig, PoolRole, Step};
+pub use plan::{Planner, PlannerConfig, PoolRole, Step};
 pub use predict::{Predictor, PredictorKind};
 pub use profile::{DecodePoint, PrefillPoint, Profile, ProfileError, PROFILE_VERSION};

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 use dynamo_protocols::kv::LoadReport;
-use dynamo_protocols::planner::{Latencies, LoadFigures};
+use dynamo_protocols::planner::Latencies;
 use dynamo_protocols::stats::FrontendStats;
 use serde::{Deserialize, Serialize};
 
@@ -275,17 +275,6 @@ impl Planner {
             decided,
             stale: self.silent,
         }
-    }
-}
-
-/// The wire form of a [`Load`].
-pub fn figures(l: Load) -> LoadFigures {
-    LoadFigures {
-        rate: l.rate,
-        isl: l.isl,
-        osl: l.osl,
-        cached: l.cached,
-        waiting: l.waiting,
     }
 }
 

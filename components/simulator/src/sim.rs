@@ -72,46 +72,24 @@ pub struct SimConfig {
     pub timer_ms: f64,
 }
 
-/// A distribution's summary, milliseconds.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
-pub struct Summary {
-    pub count: u64,
-    pub mean: f64,
-    pub p50: f64,
-    pub p90: f64,
-    pub p99: f64,
-    pub max: f64,
-}
-
 /// Microsecond histograms up to an hour, 3 significant digits.
 fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
 }
 
-fn summary(h: &Histogram<u64>) -> Summary {
+/// A histogram's summary, milliseconds.
+fn percentiles(h: &Histogram<u64>) -> Percentiles {
     if h.is_empty() {
-        return Summary::default();
+        return Percentiles::default();
     }
     let ms = |us: u64| us as f64 / 1e3;
-    Summary {
+    Percentiles {
         count: h.len(),
         mean: h.mean() / 1e3,
         p50: ms(h.value_at_quantile(0.50)),
         p90: ms(h.value_at_quantile(0.90)),
         p99: ms(h.value_at_quantile(0.99)),
         max: ms(h.max()),
-    }
-}
-
-fn percentiles(h: &Histogram<u64>) -> Percentiles {
-    let s = summary(h);
-    Percentiles {
-        count: s.count,
-        mean: s.mean,
-        p50: s.p50,
-        p90: s.p90,
-        p99: s.p99,
-        max: s.max,
     }
 }
 
@@ -153,9 +131,9 @@ pub struct SimReport {
     pub wall_s: f64,
     /// Simulated seconds per wall-clock second.
     pub speed: f64,
-    pub ttft_ms: Summary,
-    pub itl_ms: Summary,
-    pub e2e_ms: Summary,
+    pub ttft_ms: Percentiles,
+    pub itl_ms: Percentiles,
+    pub e2e_ms: Percentiles,
     pub cached_ratio: f64,
     pub ttft_target_ms: f64,
     pub itl_target_ms: f64,
@@ -549,10 +527,10 @@ impl<'a> Sim<'a> {
             serving: self.count(State::Serving),
             starting: self.count(State::Starting),
             draining: self.count(State::Draining),
-            ttft_p50_ms: summary(&w.ttft).p50,
-            ttft_p99_ms: summary(&w.ttft).p99,
-            itl_p50_ms: summary(&w.itl).p50,
-            itl_p99_ms: summary(&w.itl).p99,
+            ttft_p50_ms: percentiles(&w.ttft).p50,
+            ttft_p99_ms: percentiles(&w.ttft).p99,
+            itl_p50_ms: percentiles(&w.itl).p50,
+            itl_p99_ms: percentiles(&w.itl).p99,
             attainment: if w.ended > 0 {
                 w.met as f64 / w.ended as f64
             } else {
@@ -759,9 +737,9 @@ pub fn simulate(
     report.simulated_s = (end_at - first) as f64 / NS;
     report.wall_s = started.elapsed().as_secs_f64();
     report.speed = report.simulated_s / report.wall_s.max(1e-9);
-    report.ttft_ms = summary(&sim.total.ttft);
-    report.itl_ms = summary(&sim.total.itl);
-    report.e2e_ms = summary(&sim.e2e);
+    report.ttft_ms = percentiles(&sim.total.ttft);
+    report.itl_ms = percentiles(&sim.total.itl);
+    report.e2e_ms = percentiles(&sim.e2e);
     report.cached_ratio = if sim.total.input > 0 {
         sim.total.cached as f64 / sim.total.input as f64
     } else {
