@@ -14,13 +14,19 @@ use dynamo_runtime::testing::NatsServer;
 
 /// `(from, to)` of every `[backend] scale A -> B` line so far.
 fn scalings(serve: &Serve) -> Vec<(u32, u32)> {
+    scalings_of(serve, "backend")
+}
+
+/// `(from, to)` of every `[{pool}] scale A -> B` line so far.
+fn scalings_of(serve: &Serve, pool: &str) -> Vec<(u32, u32)> {
+    let prefix = format!("[{pool}] scale ");
     serve
         .out
         .lock()
         .unwrap()
         .iter()
         .filter_map(|l| {
-            let rest = l.strip_prefix("[backend] scale ")?;
+            let rest = l.strip_prefix(&prefix)?;
             let (a, b) = rest.split_once(" -> ")?;
             Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
         })
@@ -28,33 +34,46 @@ fn scalings(serve: &Serve) -> Vec<(u32, u32)> {
 }
 
 fn drained(serve: &Serve) -> usize {
+    drained_of(serve, "backend")
+}
+
+fn drained_of(serve: &Serve, pool: &str) -> usize {
+    let prefix = format!("[{pool}]");
     serve
         .out
         .lock()
         .unwrap()
         .iter()
-        .filter(|l| l.starts_with("[backend]") && l.ends_with("drained and stopped"))
+        .filter(|l| l.starts_with(&prefix) && l.ends_with("drained and stopped"))
         .count()
 }
 
 /// A closed-loop bench of `concurrency` shared-prefix requests (512 prompt tokens, 32 out)
 /// for `seconds`; returns its JSON report.
 fn bench(url: &str, concurrency: usize, seconds: u32) -> serde_json::Value {
+    bench_shaped(url, concurrency, seconds, 384, 128, 32)
+}
+
+/// [`bench`] with prompts of a `system`-token shared prefix and a `question`, and `out`
+/// output tokens.
+fn bench_shaped(
+    url: &str,
+    concurrency: usize,
+    seconds: u32,
+    system: u32,
+    question: u32,
+    out: u32,
+) -> serde_json::Value {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("bench.json");
     common::succeed(
         dynamo_run()
             .args(["bench", "--url", url, "--model", "tiny"])
             .args(["--workload", "shared-prefix", "--groups", "16"])
-            .args(["--system-prompt-tokens", "384", "--question-tokens", "128"])
-            .args([
-                "--output-tokens",
-                "32",
-                "--warmup",
-                "0",
-                "--requests",
-                "100000",
-            ])
+            .args(["--system-prompt-tokens", &system.to_string()])
+            .args(["--question-tokens", &question.to_string()])
+            .args(["--output-tokens", &out.to_string()])
+            .args(["--warmup", "0", "--requests", "100000"])
             .args(["--concurrency", &concurrency.to_string()])
             .args(["--duration", &seconds.to_string()])
             .args([
@@ -199,6 +218,56 @@ fn planner_scales_a_pool_of_processes_over_nats() {
             .any(|l| l.contains("scale down:") && l.contains("applied: ok")),
         "{lines:?}"
     );
+}
+
+/// Disaggregated serving: a prompt-heavy load grows the prefill pool (real mocker prefill
+/// workers, their KV written into the decode worker's memory), not the decode pool, and the
+/// prefill pool drains back to one after it; no request fails.
+#[test]
+fn planner_scales_a_prefill_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let profile = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/profiles/mocker.json");
+    let graph = dir.path().join("disagg-planner.yaml");
+    std::fs::write(
+        &graph,
+        format!(
+            "defaults:\n  model_path: {}\n  model_name: tiny\n  block_size: 64\ncomponents:\n  prefill:\n    role: prefill\n    engine: mocker\n  decode:\n    role: decode\n    engine: mocker\n  router:\n    role: router\n    disagg_min_remote_tokens: 0\n  frontend:\n    role: frontend\n    http_port: 0\n  planner:\n    role: planner\n    pool: decode\n    prefill_pool: prefill\n    profile: {}\n    ttft_target_ms: 100\n    itl_target_ms: 20\n    planner_interval_ms: 1000\n    scale_down_after: 2\n    max_replicas: 4\n    max_prefill_replicas: 4\n",
+            model_dir(),
+            profile.display()
+        ),
+    )
+    .unwrap();
+    let mut serve = Serve::start(&[graph.to_str().unwrap()]);
+    let frontend = serve.wait_out("/v1", 0, Duration::from_secs(60));
+    serve.wait_out("ready: graph", 0, Duration::from_secs(60));
+    // 2048-token prompts, a quarter of them new, 16 tokens out: prefill work.
+    let r = bench_shaped(&base(&frontend), 24, 8, 1536, 512, 16);
+    assert_eq!(r["errors"], serde_json::json!({}), "{r}");
+    let up = scalings_of(&serve, "prefill");
+    assert!(
+        up.first().is_some_and(|&(from, to)| from == 1 && to >= 2),
+        "the prefill pool grew: {:?}",
+        serve.out.lock().unwrap()
+    );
+    assert!(
+        scalings_of(&serve, "decode")
+            .iter()
+            .all(|&(_, to)| to < up.iter().map(|u| u.1).max().unwrap()),
+        "the decode pool stayed below the prefill pool: {:?}",
+        serve.out.lock().unwrap()
+    );
+    let peak = up.iter().map(|&(_, to)| to).max().unwrap();
+    wait(
+        "the prefill pool back at one worker",
+        Duration::from_secs(30),
+        || {
+            scalings_of(&serve, "prefill")
+                .last()
+                .is_some_and(|&(_, to)| to == 1)
+                && drained_of(&serve, "prefill") == peak as usize - 1
+        },
+    );
+    assert!(serve.terminate(Duration::from_secs(30)).success());
 }
 
 #[test]
