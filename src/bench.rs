@@ -463,7 +463,7 @@ fn report(a: &BenchArgs, samples: &[Sample], oracle: f64) -> Result<()> {
     let mut ttft: Vec<f64> = ok.iter().filter_map(|s| s.ttft).collect();
     let mut itl: Vec<f64> = ok.iter().flat_map(|s| s.itl.clone()).collect();
     let mut e2e: Vec<f64> = ok.iter().map(|s| s.e2e).collect();
-    let result = json!({
+    let mut result = json!({
         "workload": a.workload,
         "model": a.model,
         "concurrency": a.concurrency,
@@ -481,7 +481,6 @@ fn report(a: &BenchArgs, samples: &[Sample], oracle: f64) -> Result<()> {
         "itl_ms": stats(&mut itl),
         "e2e_ms": stats(&mut e2e),
     });
-    let mut result = result;
     if let (Some(t), Some(i)) = (a.ttft_target_ms, a.itl_target_ms) {
         let met = ok
             .iter()

@@ -544,10 +544,11 @@ fn validate(loc: &Locator<'_>, comps: Vec<Component>) -> Result<Vec<Component>> 
                         "a planner needs `profile:` (a file from `dynamo-run profile --out FILE`)",
                     ));
                 }
-                for k in ["ttft_target_ms", "itl_target_ms"] {
-                    if loc.line(&["components", c.name.as_str(), k]).is_none()
-                        && loc.line(&["defaults", k]).is_none()
-                    {
+                for (k, v) in [
+                    ("ttft_target_ms", s.ttft_target_ms),
+                    ("itl_target_ms", s.itl_target_ms),
+                ] {
+                    if v.is_none() {
                         return Err(loc.error(&at(k), "a planner needs both latency targets"));
                     }
                 }
@@ -775,8 +776,9 @@ impl Component {
                 output,
                 mut settings,
             } => {
-                if self.replicas > 1 {
-                    // Each replica its own disk tier (see `launch::own_disk_dir`).
+                if self.replicas > 1 || g.scaled().contains(&self.name) {
+                    // Each replica its own disk tier (see `launch::own_disk_dir`); a pool a
+                    // planner scales has several replicas sooner or later.
                     if let Some(d) = settings.disk_kv_dir.as_mut() {
                         d.push(format!("worker-{replica}"));
                     }
@@ -838,6 +840,29 @@ mod tests {
         let (_d2, p2) =
             write("defaults:\n  model_path: /d\ncomponents:\n  pre:\n    role: prefill\n");
         assert!(load(&p2, &[], &[]).is_err());
+    }
+
+    /// A planner's targets may come from anywhere settings come from (here `--set`), and a
+    /// pool it scales gives each replica its own disk-tier folder even at one replica.
+    #[test]
+    fn planner_settings_resolve_like_any_other() {
+        let (_d, p) = write("defaults:\n  model_path: /d\ncomponents:\n  backend:\n    role: worker\n    engine: mocker\n    disk_kv_dir: /kv\n  planner:\n    role: planner\n    pool: backend\n    profile: /p.json\n");
+        let e = load(&p, &[], &[]).unwrap_err().to_string();
+        assert!(e.contains("latency targets"), "{e}");
+        let sets = [
+            "planner.ttft_target_ms=100".to_string(),
+            "planner.itl_target_ms=20".to_string(),
+        ];
+        let g = load(&p, &[], &sets).unwrap();
+        assert_eq!(g.scaled(), vec!["backend".to_string()]);
+        let b = g
+            .component("backend")
+            .unwrap()
+            .args(&g, Some("nats://h:4222"), 2);
+        assert!(
+            b.windows(2).any(|w| w == ["--disk-kv-dir", "/kv/worker-2"]),
+            "{b:?}"
+        );
     }
 
     #[test]

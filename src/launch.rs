@@ -230,12 +230,12 @@ pub(crate) fn progress(what: &str, done: usize, total: usize) {
     }
 }
 
-/// Worker `index` of `n` sharing one disk KV directory gets its own subdirectory
-/// `worker-{index}` (a tier's directory is locked by its worker; the same index finds it
-/// again after a restart).
-pub(crate) fn own_disk_dir(s: &LaunchSettings, index: usize, n: usize) -> LaunchSettings {
+/// Worker `index` of several sharing one disk KV directory (`shared`) gets its own
+/// subdirectory `worker-{index}` (a tier's directory is locked by its worker; the same index
+/// finds it again after a restart).
+pub(crate) fn own_disk_dir(s: &LaunchSettings, index: usize, shared: bool) -> LaunchSettings {
     let mut s = s.clone();
-    if n > 1 {
+    if shared {
         let sub = format!("worker-{index}");
         for dir in [&mut s.mocker.disk_kv_dir, &mut s.native.disk_kv_dir] {
             if let Some(d) = dir.as_mut() {
@@ -293,7 +293,7 @@ pub(crate) async fn start_worker(
     own_dir: bool,
     role: &str,
 ) -> Result<InstanceId> {
-    let own = own_disk_dir(s, index, if own_dir { 2 } else { 1 });
+    let own = own_disk_dir(s, index, own_dir);
     let s = &own;
     let shared = Arc::new(own.clone());
     let vocab = m.pre.ordinary_tokens();

@@ -436,6 +436,25 @@ mod role {
         (subject, stats)
     }
 
+    /// Publishes `stats` once an interval until a decision satisfies `done`; returns it.
+    async fn publish_until(
+        rt: &dynamo_runtime::Runtime,
+        subject: &dynamo_runtime::subject::Subject,
+        stats: &FrontendStats,
+        rx: &mut tokio::sync::watch::Receiver<Option<PlannerDecision>>,
+        done: impl Fn(&PlannerDecision) -> bool,
+    ) -> PlannerDecision {
+        let mut d = decision(rx, 1).await;
+        while !done(&d) {
+            rt.bus()
+                .publish(Outgoing::new(subject.clone(), encode_event(stats).unwrap()))
+                .await
+                .unwrap();
+            d = decision(rx, d.interval + 1).await;
+        }
+        d
+    }
+
     /// Waits for decision number `n` and returns it.
     async fn decision(
         rx: &mut tokio::sync::watch::Receiver<Option<PlannerDecision>>,
@@ -495,17 +514,7 @@ mod role {
             .unwrap();
         let mut rx = p.last();
         let (subject, stats) = frontend_stats("unmeet", 2, 512, 32);
-        let mut seen = decision(&mut rx, 1).await;
-        while seen.unmeetable.is_none() {
-            rt.bus()
-                .publish(Outgoing::new(
-                    subject.clone(),
-                    encode_event(&stats).unwrap(),
-                ))
-                .await
-                .unwrap();
-            seen = decision(&mut rx, seen.interval + 1).await;
-        }
+        let seen = publish_until(&rt, &subject, &stats, &mut rx, |d| d.unmeetable.is_some()).await;
         assert!(
             seen.unmeetable
                 .as_deref()
@@ -548,17 +557,10 @@ mod role {
         let mut rx = p.last();
         // About 400 requests a second of 1024 prompt and 64 output tokens.
         let (subject, stats) = frontend_stats("disagg", 20, 1024, 64);
-        let mut d = decision(&mut rx, 1).await;
-        while d.pools.iter().all(|p| p.desired <= 1) {
-            rt.bus()
-                .publish(Outgoing::new(
-                    subject.clone(),
-                    encode_event(&stats).unwrap(),
-                ))
-                .await
-                .unwrap();
-            d = decision(&mut rx, d.interval + 1).await;
-        }
+        let d = publish_until(&rt, &subject, &stats, &mut rx, |d| {
+            d.pools.iter().any(|p| p.desired > 1)
+        })
+        .await;
         let (decode, prefill) = (&d.pools[0], &d.pools[1]);
         assert_eq!(
             (decode.component.as_str(), decode.kind.as_str()),

@@ -95,6 +95,32 @@ pub(crate) fn backoff(
     initial.saturating_mul(factor).min(max)
 }
 
+/// Calls `f(last subject token, payload)` for each message on `pattern` (`who` names the
+/// follower in a log line should the subscription fail) until `f` returns false or the
+/// subscription ends; abort the task to stop it sooner.
+pub(crate) fn follow(
+    runtime: &dynamo_runtime::Runtime,
+    pattern: dynamo_runtime::subject::SubjectPattern,
+    who: &'static str,
+    mut f: impl FnMut(&str, bytes::Bytes) -> bool + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    let bus = runtime.bus().clone();
+    tokio::spawn(async move {
+        let mut sub = match bus.subscribe(pattern, None).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "{who} cannot subscribe to the bus");
+                return;
+            }
+        };
+        while let Some(m) = sub.next().await {
+            if !f(m.subject.last_token(), m.payload) {
+                return;
+            }
+        }
+    })
+}
+
 /// Gives the roles' metrics their HELP text (idempotent; called where roles start).
 pub(crate) fn describe_metrics() {
     dynamo_runtime::telemetry::describe(METRICS);

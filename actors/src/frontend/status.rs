@@ -15,7 +15,7 @@ use dynamo_protocols::kv::{LoadReport, LOAD_TOPIC};
 use dynamo_protocols::planner::{PlannerDecision, DECISIONS_TOPIC, PLANNER_COMPONENT};
 use dynamo_protocols::stats::FrontendStats;
 use dynamo_runtime::serve::decode_event;
-use dynamo_runtime::subject::{ComponentId, Namespace, SubjectPattern, Topic};
+use dynamo_runtime::subject::{ComponentId, Namespace, Topic};
 use dynamo_runtime::Runtime;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
@@ -31,7 +31,8 @@ pub const PAGE: &str = include_str!("status.html");
 #[derive(Default)]
 struct State {
     decisions: VecDeque<PlannerDecision>,
-    loads: HashMap<u64, (LoadReport, Instant)>,
+    /// Each worker's last load report, still encoded, and when it came.
+    loads: HashMap<u64, (bytes::Bytes, Instant)>,
     frontend: Option<FrontendStats>,
 }
 
@@ -63,22 +64,28 @@ impl Board {
             .event_pattern(&topic(DECISIONS_TOPIC)?);
         let loads = ComponentId::namespace_event_pattern(namespace, &topic(LOAD_TOPIC)?);
         let b = board.clone();
-        follow(runtime, decisions, stop.clone(), move |_, payload| {
-            if let Ok(d) = decode_event::<PlannerDecision>(payload) {
+        let decisions = crate::follow(runtime, decisions, "the status page", move |_, payload| {
+            if let Ok(d) = decode_event::<PlannerDecision>(&payload) {
                 b.with(|s| {
                     s.decisions.push_front(d);
                     s.decisions.truncate(DECISIONS);
                 });
             }
+            true
         });
+        // Reports are kept as they came and decoded only when the page is read: a frontend
+        // follows every worker's load whether or not anyone looks.
         let b = board.clone();
-        follow(runtime, loads, stop, move |worker, payload| {
-            if let (Ok(w), Ok(r)) = (
-                dynamo_runtime::InstanceId::parse_hex(worker),
-                decode_event::<LoadReport>(payload),
-            ) {
-                b.with(|s| s.loads.insert(w.as_u64(), (r, Instant::now())));
+        let loads = crate::follow(runtime, loads, "the status page", move |worker, payload| {
+            if let Ok(w) = dynamo_runtime::InstanceId::parse_hex(worker) {
+                b.with(|s| s.loads.insert(w.as_u64(), (payload, Instant::now())));
             }
+            true
+        });
+        tokio::spawn(async move {
+            stop.cancelled().await;
+            decisions.abort();
+            loads.abort();
         });
         Ok(board)
     }
@@ -97,9 +104,12 @@ impl Board {
             let mut workers: Vec<Value> = members
                 .iter()
                 .map(|m| {
-                    let load = s.loads.get(&m.instance.as_u64());
-                    let (r, age) = match load {
-                        Some((r, at)) => (Some(r), Some(at.elapsed().as_millis() as u64)),
+                    let load = s.loads.get(&m.instance.as_u64()).and_then(|(p, at)| {
+                        let r = decode_event::<LoadReport>(p).ok()?;
+                        Some((r, at.elapsed().as_millis() as u64))
+                    });
+                    let (r, age) = match &load {
+                        Some((r, age)) => (Some(r), Some(*age)),
                         None => (None, None),
                     };
                     json!({
@@ -159,32 +169,4 @@ impl Board {
             })
         })
     }
-}
-
-/// Calls `f(last subject token, payload)` for every message on `pattern` until `stop`.
-fn follow(
-    runtime: &Runtime,
-    pattern: SubjectPattern,
-    stop: CancellationToken,
-    f: impl Fn(&str, &[u8]) + Send + 'static,
-) {
-    let bus = runtime.bus().clone();
-    tokio::spawn(async move {
-        let mut sub = match bus.subscribe(pattern, None).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "the status page cannot follow the bus");
-                return;
-            }
-        };
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                m = sub.next() => match m {
-                    Some(m) => f(m.subject.last_token(), &m.payload),
-                    None => return,
-                },
-            }
-        }
-    });
 }

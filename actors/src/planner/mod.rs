@@ -131,33 +131,6 @@ struct State {
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-/// Forwards every message on `pattern` into the actor as `make(last subject token, payload)`.
-fn forward(
-    runtime: &Runtime,
-    pattern: dynamo_runtime::subject::SubjectPattern,
-    me: ActorRef<Msg>,
-    make: impl Fn(String, bytes::Bytes) -> Msg + Send + 'static,
-) -> tokio::task::JoinHandle<()> {
-    let bus = runtime.bus().clone();
-    tokio::spawn(async move {
-        let mut sub = match bus.subscribe(pattern, None).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "the planner cannot subscribe to its signals");
-                return;
-            }
-        };
-        while let Some(m) = sub.next().await {
-            if me
-                .cast(make(m.subject.last_token().to_string(), m.payload))
-                .is_err()
-            {
-                return;
-            }
-        }
-    })
-}
-
 impl PlannerActor {
     /// The workers of each pool registered on the bus now.
     async fn ready(&self) -> Replicas {
@@ -339,19 +312,27 @@ impl Actor for PlannerActor {
         let mut tasks = Vec::new();
         let stats =
             ComponentId::new(ns, FRONTEND_COMPONENT)?.event_pattern(&Topic::new(STATS_TOPIC)?);
-        tasks.push(forward(&self.runtime, stats, myself.clone(), |_, p| {
-            Msg::Frontend(p)
-        }));
+        let me = myself.clone();
+        tasks.push(crate::follow(
+            &self.runtime,
+            stats,
+            "the planner",
+            move |_, p| me.cast(Msg::Frontend(p)).is_ok(),
+        ));
         for (role, pool) in self.settings.pools() {
             let load = ComponentId::new(ns, pool)?.event_pattern(&Topic::new(LOAD_TOPIC)?);
-            tasks.push(forward(
+            let me = myself.clone();
+            tasks.push(crate::follow(
                 &self.runtime,
                 load,
-                myself.clone(),
-                move |worker, payload| Msg::Load {
-                    role,
-                    worker,
-                    payload,
+                "the planner",
+                move |worker, payload| {
+                    me.cast(Msg::Load {
+                        role,
+                        worker: worker.to_string(),
+                        payload,
+                    })
+                    .is_ok()
                 },
             ));
         }

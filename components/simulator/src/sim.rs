@@ -350,7 +350,7 @@ impl<'a> Sim<'a> {
             Ok(d) => d,
             Err(_) => {
                 // No worker serving (a 503 at a real frontend).
-                self.fail(r.input_length);
+                self.fail();
                 return;
             }
         };
@@ -379,7 +379,7 @@ impl<'a> Sim<'a> {
             .add_tagged(req, tx, CancellationToken::new(), i as u64)
             .is_err()
         {
-            self.fail(input);
+            self.fail();
             return;
         }
         self.live[i] = Some(Live {
@@ -418,7 +418,7 @@ impl<'a> Sim<'a> {
         self.kick(slot);
     }
 
-    fn fail(&mut self, _input: u32) {
+    fn fail(&mut self) {
         self.report.failed += 1;
         for s in [&mut self.total, &mut self.window, &mut self.interval] {
             s.ended += 1;
@@ -496,7 +496,7 @@ impl<'a> Sim<'a> {
     fn end(&mut self, l: Live, ok: bool) {
         self.open -= 1;
         if !ok {
-            self.fail(l.input);
+            self.fail();
             return;
         }
         self.report.completed += 1;
@@ -521,16 +521,17 @@ impl<'a> Sim<'a> {
 
     fn window(&mut self) {
         let w = &self.window;
+        let (ttft, itl) = (percentiles(&w.ttft), percentiles(&w.itl));
         self.report.timeline.push(Point {
             t_s: self.now as f64 / NS,
             rate: w.arrivals as f64 / self.cfg.window_s,
             serving: self.count(State::Serving),
             starting: self.count(State::Starting),
             draining: self.count(State::Draining),
-            ttft_p50_ms: percentiles(&w.ttft).p50,
-            ttft_p99_ms: percentiles(&w.ttft).p99,
-            itl_p50_ms: percentiles(&w.itl).p50,
-            itl_p99_ms: percentiles(&w.itl).p99,
+            ttft_p50_ms: ttft.p50,
+            ttft_p99_ms: ttft.p99,
+            itl_p50_ms: itl.p50,
+            itl_p99_ms: itl.p99,
             attainment: if w.ended > 0 {
                 w.met as f64 / w.ended as f64
             } else {

@@ -222,22 +222,23 @@ impl LoadCurve {
         }
     }
 
-    /// The highest rate over `[0, duration_s)` (for thinning).
-    fn peak(&self, duration_s: f64) -> f64 {
+    /// The highest rate the curve reaches (for thinning).
+    fn peak(&self) -> f64 {
         match *self {
             LoadCurve::Steady { rate } => rate,
             LoadCurve::Diurnal {
                 mean, amplitude, ..
             } => mean + amplitude.abs(),
-            LoadCurve::Step { base, factor, .. }
-            | LoadCurve::Spikes { base, factor, .. }
-            | LoadCurve::Bursty { base, factor, .. } => base * factor.max(1.0),
+            LoadCurve::Step { base, factor, .. } | LoadCurve::Spikes { base, factor, .. } => {
+                base * factor.max(1.0)
+            }
+            LoadCurve::Bursty {
+                base,
+                factor,
+                trough,
+                ..
+            } => base * factor.max(trough).max(1.0),
         }
-        .max(
-            (0..=100)
-                .map(|i| self.rate(duration_s * i as f64 / 100.0))
-                .fold(0.0, f64::max),
-        )
     }
 
     /// Parses `steady:RATE`, `diurnal:MEAN,AMPLITUDE,PERIOD_S`, `step:BASE,FACTOR,AT_S,UNTIL_S`,
@@ -324,7 +325,7 @@ pub struct Shape {
 /// Poisson arrivals at `curve`'s rate over `duration_s` (thinning), shaped by `shape`.
 pub fn generate(curve: &LoadCurve, duration_s: f64, shape: &Shape, seed: u64) -> Vec<TraceRequest> {
     let mut rng = Rng(seed ^ 0x7ace);
-    let peak = curve.peak(duration_s);
+    let peak = curve.peak();
     let mut out = Vec::new();
     if peak <= 0.0 {
         return out;
