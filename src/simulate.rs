@@ -11,7 +11,7 @@ use clap::Args;
 use dynamo_actors::router::KvRouterSettings;
 use dynamo_engine::MockerSettings;
 use dynamo_planner::Targets;
-use dynamo_simulator::{trace, LoadCurve, PlannerSim, Shape, SimConfig};
+use dynamo_simulator::{trace, LoadCurve, PlannerSim, Shape, SimConfig, Stepping};
 
 use crate::settings::{self, Settings};
 
@@ -54,6 +54,11 @@ pub struct SimulateArgs {
     /// mocker cluster; 0, the default, models exact step times (an engine on a GPU).
     #[arg(long, default_value_t = 0.0)]
     timer_ms: f64,
+    /// How engine steps become events: `each` (every step one event: the reference),
+    /// `report` (a decode-only stretch one event, cut where a load report is due) or `batch`
+    /// (a stretch one event until the batch changes: the fastest).
+    #[arg(long, value_enum, default_value_t = Stepping::Batch)]
+    stepping: Stepping,
     /// Seconds per point of the timeline.
     #[arg(long, default_value_t = 10.0)]
     window_s: f64,
@@ -179,6 +184,7 @@ pub fn run(a: &SimulateArgs) -> Result<()> {
         overhead_ms: a.overhead_ms.max(0.0),
         seed: a.seed,
         timer_ms: a.timer_ms.max(0.0),
+        stepping: a.stepping,
     };
     let span = trace.last().map(|r| r.timestamp / 1e3).unwrap_or(0.0);
     eprintln!(

@@ -32,8 +32,8 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::scheduler::{
-    check_disk, copy_time, fingerprint, forward_dumps, submit, Executor, KvCommand, OutputSender,
-    Scheduler, SchedulerKv, SchedulerSettings, StepBatch, StepResult, COMMAND_QUEUE,
+    check_disk, copy_time, fingerprint, forward_dumps, submit, BulkDecode, Executor, KvCommand,
+    OutputSender, Scheduler, SchedulerKv, SchedulerSettings, StepBatch, StepResult, COMMAND_QUEUE,
 };
 use crate::{
     panic_message, Engine, EngineError, EngineState, EngineStream, KvCapability, KvHandle,
@@ -228,9 +228,43 @@ impl Simulated {
     }
 }
 
+impl Simulated {
+    /// A step's simulated duration.
+    fn step_time(&self, prefill_tokens: usize, decodes: usize, kv_usage: f64) -> Duration {
+        let mut ms = 0.0;
+        if prefill_tokens > 0 {
+            ms += prefill_ms(prefill_tokens as f64);
+        }
+        if decodes > 0 {
+            ms += decode_ms(kv_usage);
+        }
+        Duration::from_secs_f64(ms / 1e3 / self.speedup)
+    }
+}
+
+impl BulkDecode for Simulated {
+    fn decode_time(&self, batch: usize, kv_usage: f64) -> Duration {
+        self.step_time(0, batch, kv_usage)
+    }
+
+    fn count_step(&mut self) {
+        self.steps += 1;
+    }
+
+    fn sample(&mut self) -> TokenId {
+        self.next_token()
+    }
+}
+
 impl Executor for Simulated {
     fn nominal_block_bytes(&self) -> usize {
         self.block_bytes
+    }
+
+    /// Predictable while no step fault is set and no copy is charged to the next step.
+    fn bulk_decode(&mut self) -> Option<&mut dyn BulkDecode> {
+        let faults = self.faults.panic_at_step.is_some() || self.faults.stall_at_step.is_some();
+        (!faults && self.charge.is_zero()).then_some(self as &mut dyn BulkDecode)
     }
 
     /// Onboard when moving the blocks over the host link (and the disk's) is faster than
@@ -277,15 +311,8 @@ impl Executor for Simulated {
                 sampled.push(Ok(self.next_token()));
             }
         }
-        let mut ms = 0.0;
-        if prefill_tokens > 0 {
-            ms += prefill_ms(prefill_tokens as f64);
-        }
-        if decodes > 0 {
-            ms += decode_ms(batch.kv_usage);
-        }
-        let mut duration =
-            Duration::from_secs_f64(ms / 1e3 / self.speedup) + std::mem::take(&mut self.charge);
+        let mut duration = self.step_time(prefill_tokens, decodes, batch.kv_usage)
+            + std::mem::take(&mut self.charge);
         if self.faults.stall_at_step == Some(self.steps) {
             duration += self.faults.stall_for;
         }
@@ -512,6 +539,92 @@ mod tests {
     }
     use dynamo_protocols::llm::{SamplingOptions, StopConditions};
     use futures::StreamExt;
+
+    /// A decode stretch planned and applied at once gives what the same steps one by one
+    /// give: the tokens, the KV events (stores, and evictions of cached blocks), the load
+    /// and counters, the time; and a plan never runs into a preemption or a finish.
+    #[test]
+    fn a_bulk_decode_stretch_equals_its_steps() {
+        let settings = MockerSettings {
+            num_gpu_blocks: 40,
+            block_size: 4,
+            ..Default::default()
+        };
+        let mut bulk = simulated_scheduler(&settings).unwrap();
+        let mut each = simulated_scheduler(&settings).unwrap();
+        type Rx = mpsc::UnboundedReceiver<Result<dynamo_protocols::llm::EngineOutput, EngineError>>;
+        let mut streams: Vec<(Rx, Rx)> = Vec::new();
+        let add = |bulk: &mut Scheduler<Simulated>,
+                   each: &mut Scheduler<Simulated>,
+                   streams: &mut Vec<(Rx, Rx)>,
+                   i: u32| {
+            // Requests share a prefix, so released blocks stay cached and later ones evict them.
+            let prompt: Vec<TokenId> = (0..6).chain(100 * i..100 * i + 3 + i).collect();
+            let max = 9 + 7 * i;
+            let (ta, ra) = mpsc::unbounded_channel();
+            let (tb, rb) = mpsc::unbounded_channel();
+            let t = CancellationToken::new();
+            bulk.add_tagged(request(prompt.clone(), max), ta, t.clone(), i as u64)
+                .unwrap();
+            each.add_tagged(request(prompt, max), tb, t, i as u64)
+                .unwrap();
+            streams.push((ra, rb));
+        };
+        let tokens = |rx: &mut Rx| {
+            let mut out = Vec::new();
+            while let Ok(o) = rx.try_recv() {
+                out.extend(o.unwrap().token_ids);
+            }
+            out
+        };
+        let (mut stretches, mut bulk_steps, mut evicted_in_stretches) = (0, 0, 0);
+        for round in 0..200u32 {
+            if round % 9 == 0 && round < 90 {
+                add(&mut bulk, &mut each, &mut streams, round / 9);
+            }
+            let evict = round % 2 == 0;
+            let planned = bulk.decode_plan(usize::MAX, evict).len();
+            let (a, b) = if planned >= 2 {
+                // Apply part of a long plan: the rest stays valid but is planned again.
+                let n = if planned > 5 { planned - 2 } else { planned };
+                stretches += 1;
+                bulk_steps += n;
+                let a = bulk.decode_apply(n);
+                let b: Duration = (0..n).map(|_| each.step().unwrap()).sum();
+                (Some(a), Some(b))
+            } else {
+                (bulk.step(), each.step())
+            };
+            assert_eq!(a, b, "round {round}");
+            bulk.deliver();
+            each.deliver();
+            let events = bulk.take_events();
+            if a.is_some() && planned >= 2 {
+                evicted_in_stretches += events
+                    .iter()
+                    .filter(|e| matches!(e.data, dynamo_protocols::kv::KvEventData::Removed { .. }))
+                    .count();
+            }
+            assert_eq!(events, each.take_events(), "round {round}");
+            assert_eq!(bulk.load(), each.load(), "round {round}");
+            for (i, (ra, rb)) in streams.iter_mut().enumerate() {
+                assert_eq!(tokens(ra), tokens(rb), "request {i}, round {round}");
+            }
+            if a.is_none() && round > 90 {
+                break;
+            }
+        }
+        assert!(!bulk.has_work() && !each.has_work());
+        assert!(
+            stretches >= 5 && bulk_steps >= 40,
+            "{stretches} stretches, {bulk_steps} steps"
+        );
+        assert!(evicted_in_stretches > 0, "stretches evicted cached blocks");
+        assert!(
+            each.load().steps.unwrap().decode_tokens > bulk_steps as u64,
+            "some steps were single"
+        );
+    }
 
     #[test]
     fn perf_model_is_the_published_polynomial() {

@@ -143,6 +143,11 @@ impl BlockPool {
         self.blocks.len() - self.free.len() - self.lru.len()
     }
 
+    /// Blocks never used or released uncached: allocating up to this many evicts nothing.
+    pub fn unused(&self) -> usize {
+        self.free.len()
+    }
+
     /// Blocks an allocation can get now (free plus evictable).
     pub fn available(&self) -> usize {
         self.free.len() + self.lru.len()

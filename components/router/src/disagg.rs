@@ -145,15 +145,20 @@ impl KvRouter {
         let uncached = tokens
             .len()
             .saturating_sub(decode_overlap.device as usize * bs);
-        let pending = |w: &WorkerId| self.loads.get(w).map_or(0, |a| a.pending_prefill_tokens());
-        let open: Vec<WorkerId> = candidates
-            .iter()
-            .map(|c| c.0)
-            .filter(|w| pending(w) <= s.disagg_max_prefill_queue)
-            .collect();
+        let (open, all_busy) = {
+            let loads = self.loads.read();
+            let pending = |w: &WorkerId| loads.get(w).map_or(0, |a| a.pending_prefill_tokens());
+            let open: Vec<WorkerId> = candidates
+                .iter()
+                .map(|c| c.0)
+                .filter(|w| pending(w) <= s.disagg_max_prefill_queue)
+                .collect();
+            let all_busy = open.iter().all(|w| pending(w) > 0);
+            (open, all_busy)
+        };
         // A short prompt stays where it decodes, unless a prefill worker is idle (then moving
         // it costs the decode worker nothing and the prefill worker nothing it had to do).
-        if uncached < s.disagg_min_remote_tokens && open.iter().all(|w| pending(w) > 0) {
+        if uncached < s.disagg_min_remote_tokens && all_busy {
             return PrefillPlan::Local(LocalReason::Short);
         }
         if open.is_empty() {

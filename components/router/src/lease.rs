@@ -58,9 +58,9 @@ impl RouteLease {
             } => {
                 let tokens = std::mem::take(prefill_tokens);
                 if tokens > 0 {
-                    if let Some(mut acc) = router.loads.get_mut(worker) {
+                    router.loads.update(worker, |acc| {
                         acc.prefill_tokens = acc.prefill_tokens.saturating_sub(tokens);
-                    }
+                    });
                     router.publish(*id, RouterEventKind::PrefillDone);
                 }
             }
@@ -92,11 +92,11 @@ impl Drop for RouteLease {
                 blocks,
                 occupied,
             } => {
-                if let Some(mut acc) = router.loads.get_mut(&worker) {
+                router.loads.update(&worker, |acc| {
                     acc.prefill_tokens = acc.prefill_tokens.saturating_sub(prefill_tokens);
                     acc.blocks = acc.blocks.saturating_sub(blocks);
                     acc.occupied = acc.occupied.saturating_sub(occupied);
-                }
+                });
                 router.publish(id, RouterEventKind::Finished);
             }
             LeaseInner::Remote { sink, lease, .. } => sink.send(RouterEvent {

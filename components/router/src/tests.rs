@@ -231,7 +231,7 @@ fn leases_account_until_dropped_and_busy_workers_are_skipped() {
     assert_ne!(a.worker, b.worker);
     drop((a, b));
     for w in workers {
-        let acc = *router.loads.get(&w).unwrap();
+        let acc = router.loads.get(&w).unwrap();
         assert_eq!(
             (acc.blocks, acc.prefill_tokens),
             (0, 0),

@@ -70,6 +70,25 @@ pub struct SimConfig {
     /// on an absolute schedule (a step starts when the last one should have ended, unless
     /// that is over 2 ms ago); 1 reproduces it. Engines on GPUs have no such tick.
     pub timer_ms: f64,
+    /// How engine steps become events.
+    pub stepping: Stepping,
+}
+
+/// How engine steps become events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Stepping {
+    /// Every step is an event: the reference (slowest).
+    Each,
+    /// A worker's decode-only stretch is one event (see [`Cruise`]), ending at the latest
+    /// where its next load report is due: the same results as `each` but for the KV events
+    /// of a stretch reaching the router at its end (evictions, up to one report period late).
+    Report,
+    /// Stretches end only where the batch changes (a request joins or finishes): the router
+    /// gets a busy worker's load report then, not every report period. The fastest, and the
+    /// default: its results are checked against `each` (see the tests).
+    #[default]
+    Batch,
 }
 
 /// Microsecond histograms up to an hour, 3 significant digits.
@@ -167,14 +186,37 @@ struct Worker {
     down_at: Option<u64>,
     /// Requests on it not yet ended.
     open: usize,
+    /// The decode-only stretch it is running, if any.
+    cruise: Option<Cruise>,
+    /// Bumped when a stretch is cut short: an event of an older stretch is stale.
+    generation: u64,
+    /// Requests that reached it during a stretch: they join the step after it (their
+    /// scheduler would take them then).
+    pending: Vec<(PreprocessedRequest, Sender, usize)>,
 }
 
+/// A decode-only stretch of steps ([`Scheduler::decode_plan`]): nothing joins or leaves
+/// until its last step, so the steps' times are known in advance and the stretch is one
+/// event, applied at its end ([`Scheduler::decode_apply`]). A request that reaches the
+/// worker meanwhile cuts it after the step in progress, where a step-by-step run would
+/// have taken it. A stretch ends at the latest where the worker's next load report is due,
+/// so the router sees the same reports; the KV events of its steps reach the router at its
+/// end (within that period), as a batch.
+struct Cruise {
+    /// When each step's outputs are seen (its end on the timer), and its exact end.
+    seen: Vec<u64>,
+    ends: Vec<u64>,
+    /// Steps it runs (a cut makes it shorter than planned).
+    len: usize,
+}
+
+/// Steps a stretch plans at most.
+const CRUISE_MAX: usize = 4096;
+
+type Sender = mpsc::UnboundedSender<Result<EngineOutput, EngineError>>;
+
 /// A request on its way to its engine: the worker, the request, its output stream.
-type Inbound = (
-    usize,
-    PreprocessedRequest,
-    mpsc::UnboundedSender<Result<EngineOutput, EngineError>>,
-);
+type Inbound = (usize, PreprocessedRequest, Sender);
 
 struct Live {
     arrival: u64,
@@ -192,6 +234,8 @@ enum Ev {
     Arrive(usize),
     Reach(usize),
     StepDone(usize),
+    /// A stretch's end: (worker, its generation).
+    CruiseDone(usize, u64),
     Ready(usize),
     Tick,
     Window,
@@ -290,6 +334,9 @@ impl<'a> Sim<'a> {
             up_at: self.now,
             down_at: None,
             open: 0,
+            cruise: None,
+            generation: 0,
+            pending: Vec::new(),
         });
         let slot = self.workers.len() - 1;
         if serving {
@@ -303,26 +350,155 @@ impl<'a> Sim<'a> {
         self.workers.iter().filter(|w| w.state == s).count() as u32
     }
 
+    /// When a step of `d` starting now ends (on the mocker's absolute schedule), and when
+    /// its outputs are seen (at the timer's next tick).
+    fn step_end(&self, schedule: Option<u64>, now: u64, d: std::time::Duration) -> (u64, u64) {
+        let start = schedule.filter(|s| s + SLACK >= now).unwrap_or(now);
+        let end = start + d.as_nanos() as u64;
+        let tick = ns(self.cfg.timer_ms / 1e3);
+        let seen = if tick > 0 {
+            end.div_ceil(tick) * tick
+        } else {
+            end
+        };
+        (end, seen.max(now))
+    }
+
+    /// Starts a decode-only stretch on an idle worker when its next steps make one (at
+    /// least two steps): true if it did.
+    fn cruise(&mut self, slot: usize) -> bool {
+        if self.cfg.stepping == Stepping::Each {
+            return false;
+        }
+        let w = &mut self.workers[slot];
+        let durations = w.sched.decode_plan(CRUISE_MAX, true);
+        if durations.len() < 2 {
+            return false;
+        }
+        let durations = durations.to_vec();
+        let report_due = (w.state != State::Draining && self.cfg.stepping == Stepping::Report)
+            .then(|| w.load_at.map(|t| t + LOAD_MIN_INTERVAL.as_nanos() as u64));
+        let mut schedule = w.schedule;
+        let mut now = self.now;
+        let (mut seen, mut ends) = (Vec::new(), Vec::new());
+        for d in durations {
+            let (end, at) = self.step_end(schedule, now, d);
+            seen.push(at);
+            ends.push(end);
+            (schedule, now) = (Some(end), at);
+            // The load report is due at this step's end: the stretch ends there.
+            if report_due.is_some_and(|due| due.is_none_or(|due| at >= due)) {
+                break;
+            }
+        }
+        if seen.len() < 2 {
+            return false;
+        }
+        let len = seen.len();
+        let w = &mut self.workers[slot];
+        w.busy = true;
+        let last = seen[len - 1];
+        let generation = w.generation;
+        w.cruise = Some(Cruise { seen, ends, len });
+        self.at(last, Ev::CruiseDone(slot, generation));
+        true
+    }
+
+    /// A request reached a worker in a stretch: the stretch ends with the step in progress
+    /// (the request joins the next one).
+    fn cut(&mut self, slot: usize) {
+        let now = self.now;
+        let w = &mut self.workers[slot];
+        let Some(c) = w.cruise.as_mut() else { return };
+        let m = c.seen[..c.len].partition_point(|&t| t < now);
+        if m + 1 < c.len {
+            c.len = m + 1;
+            w.generation += 1;
+            let (t, g) = (c.seen[m], w.generation);
+            self.at(t, Ev::CruiseDone(slot, g));
+        }
+    }
+
+    /// A stretch's end: its steps applied at once, each request's tokens delivered with
+    /// the inter-token latencies the steps gave them.
+    fn cruise_done(&mut self, slot: usize, generation: u64) {
+        let w = &mut self.workers[slot];
+        if w.generation != generation {
+            return;
+        }
+        let Some(c) = w.cruise.take() else { return };
+        let n = c.len;
+        w.sched.decode_apply(n);
+        w.schedule = Some(c.ends[n - 1]);
+        self.report.steps += n as u64;
+        let mut touched = std::mem::take(&mut self.touched);
+        touched.clear();
+        self.workers[slot]
+            .sched
+            .deliver_tagged(|tag| touched.push(tag as usize));
+        // Steps after the first: every sequence of the batch waited the same gap.
+        let batch = touched.len() as u64;
+        for j in 1..n {
+            let itl = ((c.seen[j] - c.seen[j - 1]) / 1000).max(1);
+            for s in [&mut self.total, &mut self.window, &mut self.interval] {
+                let _ = s.itl.record_n(itl, batch);
+            }
+        }
+        let last = c.seen[n - 1];
+        for &i in &touched {
+            let mut ended = None;
+            if let Some(l) = self.live[i].as_mut() {
+                while let Ok(o) = l.rx.try_recv() {
+                    match o {
+                        Ok(o) => {
+                            let itl = ((c.seen[0] - l.last) / 1000).max(1);
+                            for s in [&mut self.total, &mut self.window, &mut self.interval] {
+                                let _ = s.itl.record(itl);
+                            }
+                            l.tokens += o.token_ids.len() as u32;
+                            l.last = last;
+                            if o.finish_reason.is_some() {
+                                ended = Some(true);
+                            }
+                        }
+                        Err(_) => ended = Some(false),
+                    }
+                }
+            }
+            if let Some(ok) = ended {
+                if let Some(l) = self.live[i].take() {
+                    self.workers[slot].open -= 1;
+                    self.end(l, ok);
+                }
+            }
+        }
+        self.touched = touched;
+        // Requests that reached it meanwhile join its queue now (a step-by-step scheduler
+        // had them queued already: its load report counts them).
+        for (req, tx, i) in std::mem::take(&mut self.workers[slot].pending) {
+            self.admit(slot, i, req, tx);
+        }
+        self.after_step(slot);
+        self.kick(slot);
+    }
+
     fn kick(&mut self, slot: usize) {
         let w = &mut self.workers[slot];
         if w.busy {
             return;
         }
+        if self.cruise(slot) {
+            return;
+        }
+        let w = &mut self.workers[slot];
         match w.sched.step() {
             Some(d) => {
                 w.busy = true;
                 self.report.steps += 1;
-                let now = self.now;
-                let start = w.schedule.filter(|s| s + SLACK >= now).unwrap_or(now);
-                let end = start + d.as_nanos() as u64;
-                w.schedule = Some(end);
-                let tick = ns(self.cfg.timer_ms / 1e3);
-                let t = if tick > 0 {
-                    end.div_ceil(tick) * tick
-                } else {
-                    end
-                };
-                self.at(t.max(now), Ev::StepDone(slot));
+                let schedule = w.schedule;
+                let (end, at) = self.step_end(schedule, self.now, d);
+                self.workers[slot].schedule = Some(end);
+                self.at(at, Ev::StepDone(slot));
             }
             None => {
                 w.schedule = None;
@@ -368,20 +544,6 @@ impl<'a> Sim<'a> {
             remote_prefill: None,
             peer_prefix: None,
         };
-        let delay = ns(self.cfg.overhead_ms / 1e3);
-        if delay > 0 {
-            // On its way to the engine: it can join a step only once there.
-            self.inbound.insert(i, (slot, req, tx));
-            let t = self.now + delay;
-            self.at(t, Ev::Reach(i));
-        } else if self.workers[slot]
-            .sched
-            .add_tagged(req, tx, CancellationToken::new(), i as u64)
-            .is_err()
-        {
-            self.fail();
-            return;
-        }
         self.live[i] = Some(Live {
             arrival: self.now,
             rx,
@@ -394,16 +556,36 @@ impl<'a> Sim<'a> {
         });
         self.open += 1;
         self.workers[slot].open += 1;
-        if delay == 0 {
-            self.kick(slot);
+        let delay = ns(self.cfg.overhead_ms / 1e3);
+        if delay > 0 {
+            // On its way to the engine: it can join a step only once there.
+            self.inbound.insert(i, (slot, req, tx));
+            let t = self.now + delay;
+            self.at(t, Ev::Reach(i));
+        } else {
+            self.reached(slot, i, req, tx);
         }
     }
 
     /// A request reaches its engine (after the overhead on the way).
     fn reach(&mut self, i: usize) {
-        let Some((slot, req, tx)) = self.inbound.remove(&i) else {
+        if let Some((slot, req, tx)) = self.inbound.remove(&i) {
+            self.reached(slot, i, req, tx);
+        }
+    }
+
+    fn reached(&mut self, slot: usize, i: usize, req: PreprocessedRequest, tx: Sender) {
+        if self.workers[slot].cruise.is_some() {
+            self.cut(slot);
+            self.workers[slot].pending.push((req, tx, i));
             return;
-        };
+        }
+        self.admit(slot, i, req, tx);
+        self.kick(slot);
+    }
+
+    /// Queues request `i` on its worker's scheduler; one it refuses ends failed.
+    fn admit(&mut self, slot: usize, i: usize, req: PreprocessedRequest, tx: Sender) {
         if self.workers[slot]
             .sched
             .add_tagged(req, tx, CancellationToken::new(), i as u64)
@@ -413,9 +595,7 @@ impl<'a> Sim<'a> {
                 self.workers[slot].open -= 1;
                 self.end(l, false);
             }
-            return;
         }
-        self.kick(slot);
     }
 
     fn fail(&mut self) {
@@ -476,6 +656,15 @@ impl<'a> Sim<'a> {
             }
         }
         self.touched = touched;
+        self.after_step(slot);
+        self.kick(slot);
+    }
+
+    /// After a step (or a stretch): its KV events to the router's index, and the worker's
+    /// load when a report is due.
+    fn after_step(&mut self, slot: usize) {
+        let now = self.now;
+        self.workers[slot].busy = false;
         let events = self.workers[slot].sched.take_events();
         if !events.is_empty() {
             self.router.note_events();
@@ -490,7 +679,6 @@ impl<'a> Sim<'a> {
             let load = w.sched.load();
             self.router.record_load(Self::wid(slot), load);
         }
-        self.kick(slot);
     }
 
     fn end(&mut self, l: Live, ok: bool) {
@@ -574,7 +762,10 @@ impl<'a> Sim<'a> {
         planner.observe_frontend(&stats);
         for (slot, w) in self.workers.iter().enumerate() {
             if w.state == State::Serving {
-                planner.observe_load(PoolRole::Main, slot as u64 + 1, &w.sched.load());
+                // Requests that reached it during a stretch wait in its queue.
+                let mut load = w.sched.load();
+                load.waiting_requests += w.pending.len() as u64;
+                planner.observe_load(PoolRole::Main, slot as u64 + 1, &load);
             }
         }
         let current = Replicas {
@@ -721,6 +912,7 @@ pub fn simulate(
             Ev::Arrive(i) => sim.arrive(i),
             Ev::Reach(i) => sim.reach(i),
             Ev::StepDone(w) => sim.step_done(w),
+            Ev::CruiseDone(w, g) => sim.cruise_done(w, g),
             Ev::Ready(w) => sim.ready(w),
             Ev::Tick => sim.tick(),
             Ev::Window => sim.window(),
@@ -734,6 +926,7 @@ pub fn simulate(
         }
     }
     let end_at = sim.now;
+
     let mut report = std::mem::take(&mut sim.report);
     report.simulated_s = (end_at - first) as f64 / NS;
     report.wall_s = started.elapsed().as_secs_f64();
@@ -795,6 +988,7 @@ mod tests {
             overhead_ms: 0.0,
             seed: 0,
             timer_ms: 0.0,
+            stepping: Stepping::Batch,
         }
     }
 
@@ -834,6 +1028,41 @@ mod tests {
         );
         // Two static workers over the whole run.
         assert!((b.worker_seconds - 2.0 * b.simulated_s).abs() < 1e-6);
+    }
+
+    /// A worker's decode stretches as single events change nothing a user would see: cut
+    /// where load reports are due, the report equals the step-by-step run's (the pool
+    /// never evicts here, so even the KV events' timing cannot matter); cut only where the
+    /// batch changes, its figures stay within 2% of it.
+    #[test]
+    fn decode_stretches_give_the_step_by_step_results() {
+        for rate in [10.0, 60.0] {
+            let trace = generate(&LoadCurve::Steady { rate }, 30.0, &shape(), 3);
+            let with = |stepping| {
+                run(
+                    &SimConfig {
+                        stepping,
+                        ..cfg(2, None)
+                    },
+                    &trace,
+                )
+            };
+            let each = with(Stepping::Each);
+            assert_eq!(with(Stepping::Report), each, "at {rate} req/s");
+            let batch = with(Stepping::Batch);
+            assert_eq!(batch.completed, each.completed);
+            let close = |a: f64, b: f64| (a - b).abs() <= 0.02 * b.abs();
+            for (a, b) in [
+                (batch.ttft_ms.p50, each.ttft_ms.p50),
+                (batch.ttft_ms.p99, each.ttft_ms.p99),
+                (batch.itl_ms.p50, each.itl_ms.p50),
+                (batch.itl_ms.p99, each.itl_ms.p99),
+                (batch.cached_ratio, each.cached_ratio),
+                (batch.simulated_s, each.simulated_s),
+            ] {
+                assert!(close(a, b), "at {rate} req/s: {batch:?} against {each:?}");
+            }
+        }
     }
 
     /// A step up and back down: the planner adds workers for the step (after their startup)

@@ -156,6 +156,25 @@ pub trait Executor: Send + 'static {
     fn onboard(&mut self, _host: usize, _disk: usize, _tokens: usize) -> Option<Duration> {
         Some(Duration::ZERO)
     }
+
+    /// A simulation whose decode steps can be predicted and applied in bulk (see
+    /// [`Scheduler::decode_plan`]); `None` (the default) for an engine that computes, or
+    /// while something besides the timing model shapes the next steps (faults, a charged
+    /// copy).
+    fn bulk_decode(&mut self) -> Option<&mut dyn BulkDecode> {
+        None
+    }
+}
+
+/// Decode-only steps of a simulated executor, without building batches: what
+/// [`Executor::execute`] would give for them, in the same order.
+pub trait BulkDecode {
+    /// The duration of a decode-only step of `batch` sequences at `kv_usage`.
+    fn decode_time(&self, batch: usize, kv_usage: f64) -> Duration;
+    /// Counts one step (as `execute` does, e.g. for faults at a given step).
+    fn count_step(&mut self);
+    /// The next sampled token.
+    fn sample(&mut self) -> TokenId;
 }
 
 /// The KV capability's requests, handled on the scheduler ([`Scheduler::kv`]).
@@ -579,6 +598,8 @@ pub struct Scheduler<E> {
     preemptions: u64,
     /// Outputs of the last step, sent by [`Scheduler::deliver`].
     outbox: Vec<(OutputSender, Result<EngineOutput, EngineError>, u64)>,
+    /// The durations of the last [`Scheduler::decode_plan`].
+    planned: Vec<Duration>,
 }
 
 impl<E: Executor> Scheduler<E> {
@@ -607,6 +628,7 @@ impl<E: Executor> Scheduler<E> {
             executor,
             preemptions: 0,
             outbox: Vec::new(),
+            planned: Vec::new(),
         };
         s.open_disk();
         s
@@ -1195,6 +1217,152 @@ impl<E: Executor> Scheduler<E> {
             self.pool.release(&seq.blocks);
         }
         Some(result.duration)
+    }
+}
+
+impl<E: Executor> Scheduler<E> {
+    /// The next steps when they are all decode-only and predictable: every running sequence
+    /// decodes (nothing waits, nothing prefills, no lower tier, no stop tokens), and the
+    /// executor's timing is a model ([`Executor::bulk_decode`]). Returns the durations of up
+    /// to `max_steps` steps: they stop at the step where a sequence finishes, or before one
+    /// that could not get its blocks (a preemption) or would evict a cached block while
+    /// `evict` is false. Empty when the next step is not such a step. Nothing changes until
+    /// [`Scheduler::decode_apply`].
+    ///
+    /// A simulator runs a long decode stretch as one event this way instead of one a step.
+    pub fn decode_plan(&mut self, max_steps: usize, evict: bool) -> &[Duration] {
+        self.planned.clear();
+        let pure = !self.running.is_empty()
+            && self.waiting.is_empty()
+            && self.prefilled.is_empty()
+            && self.host.is_none()
+            && self.disk.is_none()
+            && self.eviction_hook.is_none()
+            && self.running.len() <= self.settings.max_num_batched_tokens
+            && self.running.iter().all(|s| {
+                s.computed + 1 == s.tokens.len()
+                    && s.generated > 0
+                    && s.stop.stop_token_ids.is_empty()
+                    && s.export.is_none()
+                    && !s.gone()
+            });
+        if !pure {
+            return &self.planned;
+        }
+        let Some(exec) = self.executor.bulk_decode() else {
+            return &self.planned;
+        };
+        let bs = self.settings.block_size;
+        let left = self
+            .running
+            .iter()
+            .map(|s| s.stop.max_tokens.saturating_sub(s.generated) as usize)
+            .min()
+            .unwrap_or(0);
+        let steps = max_steps.min(left);
+        let mut room = if evict {
+            self.pool.available()
+        } else {
+            self.pool.unused()
+        };
+        let total = self.pool.num_blocks().max(1) as f64;
+        let mut active = self.pool.active_blocks();
+        let batch = self.running.len();
+        // Per sequence: its next token's position, and the tokens its blocks hold.
+        let mut at: Vec<(usize, usize)> = self
+            .running
+            .iter()
+            .map(|s| (s.computed, s.blocks.len() * bs))
+            .collect();
+        for _ in 0..steps {
+            // The blocks this step's grows allocate.
+            let mut new = 0;
+            for (next, cap) in at.iter_mut() {
+                *next += 1;
+                if *next > *cap {
+                    *cap += bs;
+                    new += 1;
+                }
+            }
+            if new > room {
+                break;
+            }
+            room -= new;
+            active += new;
+            self.planned
+                .push(exec.decode_time(batch, active as f64 / total));
+        }
+        &self.planned
+    }
+
+    /// Runs the first `n` steps of the last [`Scheduler::decode_plan`] (`n` at most its
+    /// length): the same tokens, blocks, KV events and counters as `n` [`Scheduler::step`]s,
+    /// with one output per sequence carrying its `n` tokens (waiting for
+    /// [`Scheduler::deliver`]). Returns the steps' total duration.
+    pub fn decode_apply(&mut self, n: usize) -> Duration {
+        assert!(
+            n <= self.planned.len(),
+            "{n} steps of a plan of {}",
+            self.planned.len()
+        );
+        let bs = self.settings.block_size;
+        let mut tokens: Vec<Vec<TokenId>> = vec![Vec::with_capacity(n); self.running.len()];
+        let mut total = Duration::ZERO;
+        for j in 0..n {
+            for seq in self.running.iter_mut() {
+                if seq.computed + 1 > seq.blocks.len() * bs {
+                    let got = self.pool.allocate(1).expect("the plan counted the blocks");
+                    seq.blocks.extend(got);
+                }
+            }
+            let d = self.planned[j];
+            total += d;
+            let c = &mut self.counters;
+            c.steps += 1;
+            c.busy_micros += d.as_micros() as u64;
+            c.batched += self.running.len() as u64;
+            c.decode_tokens += self.running.len() as u64;
+            let exec = self
+                .executor
+                .bulk_decode()
+                .expect("a plan is made only with bulk decode");
+            exec.count_step();
+            for (seq, out) in self.running.iter_mut().zip(tokens.iter_mut()) {
+                seq.computed += 1;
+                seq.extend_hashes(bs);
+                let full = (seq.computed / bs).min(seq.hashes.len());
+                for b in seq.registered..full {
+                    let parent = b.checked_sub(1).map(|p| seq.hashes[p].1);
+                    let (local, hash) = seq.hashes[b];
+                    self.pool
+                        .register(seq.blocks[b], parent, local, hash, b as u32);
+                }
+                seq.registered = seq.registered.max(full);
+                let token = exec.sample();
+                seq.tokens.push(token);
+                seq.generated += 1;
+                out.push(token);
+            }
+        }
+        self.planned.drain(..n);
+        let mut finished = Vec::new();
+        for (i, (seq, token_ids)) in self.running.iter().zip(tokens).enumerate() {
+            let finish = (seq.generated >= seq.stop.max_tokens).then_some(FinishReason::Length);
+            if finish.is_some() {
+                finished.push(i);
+            }
+            let out = EngineOutput {
+                token_ids,
+                finish_reason: finish,
+                ..Default::default()
+            };
+            self.outbox.push((seq.out.clone(), Ok(out), seq.tag));
+        }
+        for &i in finished.iter().rev() {
+            let seq = self.running.remove(i);
+            self.pool.release(&seq.blocks);
+        }
+        total
     }
 }
 
