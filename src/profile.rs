@@ -86,6 +86,7 @@ fn request(tokens: Vec<TokenId>, out: u32) -> PreprocessedRequest {
         },
         remote_prefill: None,
         peer_prefix: None,
+        resumed_tokens: 0,
     }
 }
 

@@ -110,6 +110,7 @@ fn request(tokens: Vec<TokenId>, prefill: Option<InstanceId>) -> PreprocessedReq
             endpoint: format!("{NS}.prefill.prefill"),
         }),
         peer_prefix: None,
+        resumed_tokens: 0,
     }
 }
 

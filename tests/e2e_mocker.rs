@@ -95,6 +95,7 @@ async fn mocker_events_on_the_bus_replay_to_each_workers_cached_set() {
                 },
                 remote_prefill: None,
                 peer_prefix: None,
+                resumed_tokens: 0,
             };
             let client = runtime.client().clone();
             let target = Target::Instance(generate.clone(), instance);

@@ -385,6 +385,7 @@ async fn a_worker_that_drops_its_bus_connection_vanishes_from_the_bus() {
         },
         remote_prefill: None,
         peer_prefix: None,
+        resumed_tokens: 0,
     };
     let until = Instant::now() + Duration::from_secs(10);
     loop {

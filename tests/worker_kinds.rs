@@ -65,6 +65,7 @@ fn request(remote: Option<u64>) -> PreprocessedRequest {
             endpoint: "kinds.prefill.prefill".into(),
         }),
         peer_prefix: None,
+        resumed_tokens: 0,
     }
 }
 

@@ -497,6 +497,7 @@ impl Disagg {
             request: PreprocessedRequest {
                 remote_prefill: None,
                 peer_prefix: None,
+                resumed_tokens: 0,
                 ..body.clone()
             },
             skip_blocks: cached as u32,
@@ -554,6 +555,7 @@ impl Disagg {
                     PreprocessedRequest {
                         remote_prefill: None,
                         peer_prefix: None,
+                        resumed_tokens: 0,
                         ..body.clone()
                     },
                     token,

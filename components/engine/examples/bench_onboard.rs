@@ -45,6 +45,7 @@ async fn run(e: &NativeEngine, p: Vec<TokenId>) -> (TokenId, u32, f64) {
         },
         remote_prefill: None,
         peer_prefix: None,
+        resumed_tokens: 0,
     };
     let t = Instant::now();
     let outs: Vec<_> = e

@@ -43,7 +43,19 @@ impl Engine for EchoEngine {
         }
         let delay = self.settings.delay_per_token;
         let stop = request.stop;
-        let tokens = request.token_ids;
+        // A migrated request continues the echo where the failed worker left it: the prompt
+        // is the original one followed by what was echoed of it.
+        let mut tokens = request.token_ids;
+        let resumed = (request.resumed_tokens as usize).min(tokens.len() / 2);
+        tokens.truncate(tokens.len() - resumed);
+        tokens.drain(..resumed);
+        if tokens.is_empty() {
+            let done = EngineOutput {
+                finish_reason: Some(FinishReason::Stop),
+                ..Default::default()
+            };
+            return Ok(futures::stream::iter([Ok(done)]).boxed());
+        }
         let stream = futures::stream::unfold(0usize, move |i| {
             let cancel = cancel.clone();
             let stop = stop.clone();
@@ -74,7 +86,7 @@ impl Engine for EchoEngine {
                 let out = EngineOutput {
                     token_ids: vec![token],
                     finish_reason: finish,
-                    cached_tokens: (i == 0).then_some(0),
+                    cached_tokens: (i == 0 && resumed == 0).then_some(0),
                     ..Default::default()
                 };
                 // After a finish the next state is past the end: the stream ends.
@@ -107,6 +119,7 @@ mod tests {
             },
             remote_prefill: None,
             peer_prefix: None,
+            resumed_tokens: 0,
         }
     }
 

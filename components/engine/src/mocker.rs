@@ -535,6 +535,7 @@ mod tests {
             },
             remote_prefill: None,
             peer_prefix: None,
+            resumed_tokens: 0,
         }
     }
     use dynamo_protocols::llm::{SamplingOptions, StopConditions};

@@ -52,6 +52,7 @@ fn request(prompt: Vec<u32>, max_tokens: u32) -> PreprocessedRequest {
         },
         remote_prefill: None,
         peer_prefix: None,
+        resumed_tokens: 0,
     }
 }
 

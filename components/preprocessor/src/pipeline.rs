@@ -500,6 +500,7 @@ impl Preprocessor {
                 },
                 remote_prefill: None,
                 peer_prefix: None,
+                resumed_tokens: 0,
             },
             stream,
             include_usage: stream && p.stream_options.is_some_and(|o| o.include_usage),

@@ -53,6 +53,16 @@ pub struct PreprocessedRequest {
     /// when that beats computing them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_prefix: Option<PeerPrefix>,
+    /// A migrated request: the last `resumed_tokens` of `token_ids` are what it generated on
+    /// a worker that failed (the client has them already). The engine continues after them:
+    /// they count as output for penalties, and a seeded or greedy draw continues exactly
+    /// (draws depend on the seed and the position). `stop` holds what is left of the budget.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub resumed_tokens: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// A peer worker that holds the leading `blocks` full blocks of a request's prompt.

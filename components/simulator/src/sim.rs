@@ -543,6 +543,7 @@ impl<'a> Sim<'a> {
             },
             remote_prefill: None,
             peer_prefix: None,
+            resumed_tokens: 0,
         };
         self.live[i] = Some(Live {
             arrival: self.now,

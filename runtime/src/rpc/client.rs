@@ -196,7 +196,7 @@ impl RpcClient {
             .bus
             .publish(Outgoing {
                 subject: subject.clone(),
-                reply: Some(reply),
+                reply: Some(reply.clone()),
                 headers,
                 payload,
             })
@@ -212,6 +212,11 @@ impl RpcClient {
             deadline: started + timeout,
             last_heard: started,
             heartbeat_timeout: s.heartbeat_timeout,
+            reply,
+            probe_after: s.probe_after,
+            gap: None,
+            last_data: started,
+            probes: 0,
             next_seq: 0,
             window: s.stream_window,
             acked: 0,
@@ -244,6 +249,14 @@ pub struct RawResponseStream {
     deadline: Instant,
     last_heard: Instant,
     heartbeat_timeout: Duration,
+    /// This call's reply subject (probes carry it, so the bus's "no responders" comes here).
+    reply: Subject,
+    probe_after: Duration,
+    /// The stream's recent gap between data frames (a moving average).
+    gap: Option<Duration>,
+    /// When the last data frame (or the request) went, and probes sent since.
+    last_data: Instant,
+    probes: u32,
     next_seq: u64,
     window: u64,
     /// Data frames consumed as last acknowledged to the responder.
@@ -273,10 +286,61 @@ impl RawResponseStream {
         result
     }
 
+    /// The instance a probe asks, when known.
+    fn probe_target(&self) -> Option<InstanceId> {
+        match (self.responder, &self.target) {
+            (Some(i), _) | (None, &Target::Instance(_, i)) => Some(i),
+            (None, Target::Any(_)) => None,
+        }
+    }
+
+    /// When to probe next (see [`RpcSettings::probe_after`]).
+    fn probe_at(&self) -> Option<Instant> {
+        if self.probe_after.is_zero() {
+            return None;
+        }
+        self.probe_target()?;
+        let base = self
+            .probe_after
+            .max(self.gap.map_or(Duration::ZERO, |g| g * 4));
+        let cap = base.max(Duration::from_millis(250));
+        // Probe k waits base x (1 + 2 + ... + 2^k), each interval at most `cap`.
+        let mut wait = Duration::ZERO;
+        for k in 0..=self.probes.min(16) {
+            wait += (base * 2u32.pow(k)).min(cap);
+        }
+        Some(self.last_data + wait)
+    }
+
+    /// Asks the responder whether it still has the request (its answer, a heartbeat, or the
+    /// bus's "no responders", comes on this call's reply subject).
+    async fn probe(&mut self) {
+        self.probes += 1;
+        let Some(instance) = self.probe_target() else {
+            return;
+        };
+        let subject = self.target.endpoint().control_subject(instance);
+        let Ok(payload) = wire::encode(&Control::Ping { id: self.id }) else {
+            return;
+        };
+        let ping = Outgoing {
+            subject,
+            reply: Some(self.reply.clone()),
+            headers: Headers::new(),
+            payload,
+        };
+        if let Err(e) = self.bus.publish(ping).await {
+            tracing::debug!(error = %e, "could not probe the responder");
+        }
+    }
+
     async fn next_inner(&mut self) -> Option<Result<Bytes, RpcError>> {
         loop {
             let silent_until = self.last_heard + self.heartbeat_timeout;
-            let wake = silent_until.min(self.deadline);
+            let probe_at = self.probe_at();
+            let wake = silent_until
+                .min(self.deadline)
+                .min(probe_at.unwrap_or(silent_until));
             let msg = match tokio::time::timeout_at(wake, self.rx.recv()).await {
                 Ok(Some(m)) => m,
                 Ok(None) => {
@@ -284,6 +348,11 @@ impl RawResponseStream {
                 }
                 Err(_) => {
                     let now = Instant::now();
+                    if now < silent_until && now < self.deadline {
+                        // A probe is due, not the end.
+                        self.probe().await;
+                        continue;
+                    }
                     self.send_cancel();
                     return Some(Err(if now >= self.deadline {
                         RpcError::DeadlineExceeded {
@@ -296,12 +365,20 @@ impl RawResponseStream {
                     }));
                 }
             };
-            self.last_heard = Instant::now();
+            let now = Instant::now();
             if msg.status == Some(Status::NoResponders) {
+                if self.responder.is_some() || self.probes > 0 {
+                    // A probe found nobody: the responder's subscriptions are gone with it.
+                    self.send_cancel();
+                    return Some(Err(RpcError::Disconnected {
+                        silent_for: now - self.last_heard,
+                    }));
+                }
                 return Some(Err(RpcError::NoResponders {
                     subject: self.subject.to_string(),
                 }));
             }
+            self.last_heard = now;
             let frame: Frame = match wire::decode(&msg.payload) {
                 Ok(f) => f,
                 Err(e) => {
@@ -323,6 +400,16 @@ impl RawResponseStream {
             match frame.kind {
                 FrameKind::Heartbeat => continue,
                 FrameKind::Data(b) => {
+                    // The pace between frames (the first frame's wait is the prefill).
+                    if self.next_seq > 1 {
+                        let gap = now - self.last_data;
+                        self.gap = Some(match self.gap {
+                            Some(g) => (g * 3 + gap) / 4,
+                            None => gap,
+                        });
+                    }
+                    self.last_data = now;
+                    self.probes = 0;
                     if self.next_seq - self.acked >= self.window / 2 {
                         self.ack(frame.from).await;
                     }

@@ -9,7 +9,7 @@
 //! The caller ([`ResponseStream`]) turns every failure into one [`RpcError`] variant the caller
 //! can act on: `NoResponders` (nobody serves it: fail or wait), `DeadlineExceeded`,
 //! `PayloadTooLarge` (nothing was sent), `Disconnected` (the responder went silent past the
-//! heartbeat deadline: migrate or retry), `Remote` (the responder said no, with a kind), and
+//! heartbeat deadline, or a probe after a shorter silence found it gone: migrate or retry), `Remote` (the responder said no, with a kind), and
 //! `Protocol` (a malformed or lost frame). Dropping a stream before its end cancels the request:
 //! a control message reaches the responder, whose handler sees its cancellation token fire.
 //!
@@ -40,6 +40,14 @@ pub struct RpcSettings {
     /// How long a caller waits in silence before it declares the responder gone.
     #[serde(with = "humantime_serde")]
     pub heartbeat_timeout: Duration,
+    /// Silence after which a caller asks whether its responder still has the request
+    /// (`Control::Ping` on the responder's control subject): at least this, or 4x the stream's
+    /// own recent gap between frames, doubling while the silence lasts (at most 250 ms apart).
+    /// A responder whose process died has no subscription left, so the bus answers "no
+    /// responders" at once and the call ends `Disconnected` within a few gaps, not after the
+    /// heartbeat timeout. Zero: no probes.
+    #[serde(with = "humantime_serde")]
+    pub probe_after: Duration,
     /// The deadline of a request that sets none.
     #[serde(with = "humantime_serde")]
     pub default_timeout: Duration,
@@ -55,6 +63,7 @@ impl Default for RpcSettings {
         Self {
             heartbeat_interval: Duration::from_secs(1),
             heartbeat_timeout: Duration::from_secs(3),
+            probe_after: Duration::from_millis(50),
             default_timeout: Duration::from_secs(600),
             max_inflight: 4096,
             stream_window: 256,
@@ -95,9 +104,10 @@ pub enum RpcError {
     /// The request is larger than the bus accepts; nothing was sent.
     #[error("request of {size} bytes exceeds the bus limit of {max} bytes")]
     PayloadTooLarge { size: usize, max: usize },
-    /// The responder went silent past the heartbeat deadline (it died or lost the bus):
-    /// safe to migrate the request to another instance.
-    #[error("responder disconnected: silent for {silent_for:?} (heartbeat timeout)")]
+    /// The responder went silent past the heartbeat deadline, or a probe after a silence
+    /// found it gone from the bus (it died or lost the bus): safe to migrate the request to
+    /// another instance.
+    #[error("responder disconnected: silent for {silent_for:?}")]
     Disconnected { silent_for: Duration },
     /// The responder refused or failed the request.
     #[error("remote error ({}): {}", .0.kind, .0.message)]

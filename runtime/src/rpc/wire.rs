@@ -85,6 +85,12 @@ pub(crate) enum Control {
         id: RequestId,
         consumed: u64,
     },
+    /// Is request `id` still open there? Sent with the call's reply subject after a silence:
+    /// a responder that has it answers with a heartbeat; one whose process is gone has no
+    /// subscription left, so the bus answers "no responders" at once.
+    Ping {
+        id: RequestId,
+    },
 }
 
 /// An error a responder reports, classified by what the caller should do.

@@ -343,6 +343,22 @@ where
                     flow.credit.notify_waiters();
                 }
             }
+            Ok(Control::Ping { id }) => {
+                let (Some(reply), true) = (m.reply, self.shared.open.contains_key(&id)) else {
+                    return;
+                };
+                let frame = Frame {
+                    seq: 0,
+                    from: self.shared.instance,
+                    kind: FrameKind::Heartbeat,
+                };
+                if let Ok(payload) = wire::encode(&frame) {
+                    let bus = self.shared.bus.clone();
+                    tokio::spawn(async move {
+                        let _ = bus.publish(Outgoing::new(reply, payload)).await;
+                    });
+                }
+            }
             Err(e) => bad_input(
                 &self.shared,
                 "control",

@@ -45,6 +45,7 @@ pub fn settings() -> RuntimeSettings {
         rpc: RpcSettings {
             heartbeat_interval: Duration::from_millis(100),
             heartbeat_timeout: Duration::from_millis(500),
+            probe_after: Duration::from_millis(50),
             default_timeout: Duration::from_secs(20),
             max_inflight: 64,
             stream_window: 32,

@@ -27,6 +27,7 @@ transport_suite!(
     cancel_before_first_frame_reaches_the_handler,
     deadline_exceeded_is_typed_and_cancels_the_handler,
     dead_responder_is_detected_within_heartbeat_timeout,
+    a_probe_finds_a_vanished_responder_before_any_heartbeat_timeout,
     handler_dropping_its_stream_is_reported,
     slow_reader_slows_the_responder_without_losing_frames,
     oversize_request_and_response_are_typed_errors,
@@ -396,6 +397,54 @@ async fn dead_responder_is_detected_within_heartbeat_timeout(h: &Harness) {
         "detected in {:?}",
         died.elapsed()
     );
+}
+
+/// The caller waits in silence far longer than its stream's pace: it asks the responder,
+/// whose subscriptions are gone with it, and the bus's "no responders" ends the call as
+/// `Disconnected`. The caller's heartbeat timeout is a minute, past the test's own limit, so
+/// only the probe can end it; a live responder answers the probes and its stream goes on.
+async fn a_probe_finds_a_vanished_responder_before_any_heartbeat_timeout(h: &Harness) {
+    let (_rt, served, _observed, ep) = serve_one(h).await;
+    let mut settings = crate::common::settings();
+    settings.rpc.heartbeat_interval = Duration::from_secs(20);
+    settings.rpc.heartbeat_timeout = Duration::from_secs(60);
+    let caller = h.runtime_with(settings).await;
+    // Alive but slower than the probes: the probes get heartbeats back, nothing ends.
+    let slow = caller
+        .client()
+        .call::<_, TestResp>(
+            Target::Any(ep.clone()),
+            &echo("slow", 3, 400),
+            CallOptions::default(),
+        )
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    assert_eq!(slow.len(), 3);
+    let mut s = caller
+        .client()
+        .call::<_, TestResp>(
+            Target::Any(ep),
+            &echo("then gone", 1000, 20),
+            CallOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert!(s.next().await.unwrap().is_ok());
+    drop(served);
+    let err = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match s.next().await.expect("the stream ends with an error") {
+                Ok(_) => continue,
+                Err(e) => break e,
+            }
+        }
+    })
+    .await
+    .expect("a probe, not the one-minute heartbeat timeout, ends the call");
+    assert!(matches!(err, RpcError::Disconnected { .. }), "{err:?}");
 }
 
 async fn handler_dropping_its_stream_is_reported(h: &Harness) {

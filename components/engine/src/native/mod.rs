@@ -151,7 +151,7 @@ impl Executor for NativeExecutor {
                 )));
                 continue;
             };
-            sampling::penalize(&mut l, &it.tokens[it.prompt_len..], it.sampling);
+            sampling::penalize(&mut l, &it.tokens[it.output_start..], it.sampling);
             let position = it.tokens.len();
             let draw = match it.sampling.seed {
                 Some(seed) => sampling::uniform(seed, position),

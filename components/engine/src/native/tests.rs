@@ -39,6 +39,7 @@ fn request(
         },
         remote_prefill: None,
         peer_prefix: None,
+        resumed_tokens: 0,
     }
 }
 

@@ -144,11 +144,13 @@ impl<E: Executor> Scheduler<E> {
         for (block, d) in blocks[cached..].iter().zip(&data) {
             self.executor.write_block(*block, d);
         }
+        let output_start = prompt_len.saturating_sub(request.resumed_tokens as usize);
         let mut tokens = request.token_ids;
         tokens.push(first);
         let mut seq = Seq {
             tokens,
             prompt_len,
+            output_start,
             computed: prompt_len,
             blocks,
             hashes: Vec::new(),

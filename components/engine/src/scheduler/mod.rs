@@ -91,6 +91,9 @@ pub struct Scheduled<'a> {
     /// Every known token of the sequence (prompt, then generated).
     pub tokens: &'a [TokenId],
     pub prompt_len: usize,
+    /// Where the request's output starts in `tokens` (penalties count what follows): the
+    /// prompt's length, less the tokens a migrated request generated before it moved here.
+    pub output_start: usize,
     /// Tokens computed before this step (their KV is in `blocks`).
     pub start: usize,
     /// Tokens computed in this step: `tokens[start..start + len]`.
@@ -531,6 +534,8 @@ pub(crate) fn forward_dumps<C: Send + 'static>(
 struct Seq {
     tokens: Vec<TokenId>,
     prompt_len: usize,
+    /// See [`Scheduled::output_start`].
+    output_start: usize,
     computed: usize,
     blocks: Vec<BlockId>,
     /// Full blocks whose hashes are known: (local, sequence).
@@ -676,6 +681,10 @@ impl<E: Executor> Scheduler<E> {
         self.waiting_tokens += req.token_ids.len() as u64;
         self.waiting.push_back(Seq {
             prompt_len: req.token_ids.len(),
+            output_start: req
+                .token_ids
+                .len()
+                .saturating_sub(req.resumed_tokens as usize),
             tokens: req.token_ids,
             computed: 0,
             blocks: Vec::new(),
@@ -1127,6 +1136,7 @@ impl<E: Executor> Scheduler<E> {
                     Scheduled {
                         tokens: &s.tokens,
                         prompt_len: s.prompt_len,
+                        output_start: s.output_start,
                         start: s.computed,
                         len: take,
                         blocks: &s.blocks,
