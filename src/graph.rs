@@ -116,7 +116,13 @@ const ROUTER_KEYS: &[&str] = &[
     "disagg_min_remote_tokens",
     "disagg_max_prefill_queue",
 ];
-const FRONTEND_KEYS: &[&str] = &["http_port", "http_host", "max_inflight", "max_body_bytes"];
+const FRONTEND_KEYS: &[&str] = &[
+    "http_port",
+    "http_host",
+    "max_inflight",
+    "max_body_bytes",
+    "migration_limit",
+];
 const PLANNER_KEYS: &[&str] = &[
     "pool",
     "prefill_pool",

@@ -131,6 +131,7 @@ pub struct LaunchSettings {
     pub native: NativeSettings,
     pub max_inflight: usize,
     pub max_body_bytes: usize,
+    pub migration_limit: u32,
     pub batch_concurrency: usize,
 }
 
@@ -384,6 +385,7 @@ pub(crate) fn frontend_settings(s: &LaunchSettings, namespace: &Namespace) -> Fr
     fs.remote_router = s.remote_router;
     fs.max_inflight = s.max_inflight;
     fs.max_body_bytes = s.max_body_bytes;
+    fs.migration_limit = s.migration_limit;
     fs
 }
 
@@ -531,7 +533,7 @@ pub(crate) async fn wait_model(
 
 /// Streams one chat request's answer through `on_text`; returns (finish reason, usage json, ttft).
 async fn run_one(
-    serving: &Serving,
+    serving: &Arc<Serving>,
     endpoint: Endpoint,
     body: &Value,
     mut on_text: impl FnMut(&str),
@@ -557,7 +559,7 @@ async fn run_one(
     ))
 }
 
-async fn chat_loop(serving: &Serving, model: &str) -> Result<()> {
+async fn chat_loop(serving: &Arc<Serving>, model: &str) -> Result<()> {
     eprintln!("chatting with {model}; an empty line or end of input quits");
     let mut messages: Vec<Value> = Vec::new();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(1);
@@ -620,7 +622,7 @@ fn batch_request(model: &str, line: &str) -> Result<(Endpoint, Value), String> {
     Ok((endpoint, v))
 }
 
-async fn batch(serving: &Serving, model: &str, path: &Path, concurrency: usize) -> Result<()> {
+async fn batch(serving: &Arc<Serving>, model: &str, path: &Path, concurrency: usize) -> Result<()> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let lines: Vec<(usize, &str)> = text

@@ -232,6 +232,10 @@ struct LaunchArgs {
     /// Request bodies over this many bytes get 413. [default: 16777216]
     #[arg(long, env = "DYN_MAX_BODY_BYTES")]
     max_body_bytes: Option<usize>,
+    /// Times a streaming request may move to another worker when its worker dies or fails
+    /// (0: never). [default: 3]
+    #[arg(long, env = "DYN_MIGRATION_LIMIT")]
+    migration_limit: Option<u32>,
     /// in=batch: requests in flight at once. [default: 16]
     #[arg(long, env = "DYN_BATCH_CONCURRENCY")]
     batch_concurrency: Option<usize>,
@@ -279,6 +283,7 @@ impl LaunchArgs {
             http_host: self.http_host.clone(),
             max_inflight: self.max_inflight,
             max_body_bytes: self.max_body_bytes,
+            migration_limit: self.migration_limit,
             num_workers: self.num_workers,
             batch_concurrency: self.batch_concurrency,
             ..self.router.settings()

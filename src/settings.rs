@@ -94,6 +94,7 @@ pub struct Settings {
     pub http_host: Option<String>,
     pub max_inflight: Option<usize>,
     pub max_body_bytes: Option<usize>,
+    pub migration_limit: Option<u32>,
     // Planners.
     pub pool: Option<String>,
     pub prefill_pool: Option<String>,
@@ -593,6 +594,9 @@ pub fn resolve(
         disagg,
         max_inflight: s.max_inflight.unwrap_or(1024),
         max_body_bytes: s.max_body_bytes.unwrap_or(16 * 1024 * 1024),
+        migration_limit: s
+            .migration_limit
+            .unwrap_or(dynamo_actors::frontend::DEFAULT_MIGRATION_LIMIT),
         batch_concurrency: s.batch_concurrency.unwrap_or(16),
     })
 }

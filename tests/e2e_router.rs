@@ -64,7 +64,12 @@ fn worker(url: &str, dir: &str) -> Worker {
 }
 
 /// Starts a completion of `prefix` plus three tokens from `suffix` on.
-async fn start(serving: &Serving, prefix: &[u32], suffix: u32, max_tokens: u32) -> Generation {
+async fn start(
+    serving: &std::sync::Arc<Serving>,
+    prefix: &[u32],
+    suffix: u32,
+    max_tokens: u32,
+) -> Generation {
     let mut prompt = prefix.to_vec();
     prompt.extend([suffix, suffix + 1, suffix + 2]);
     let body = json!({"model": "m", "prompt": prompt, "max_tokens": max_tokens});
@@ -72,7 +77,7 @@ async fn start(serving: &Serving, prefix: &[u32], suffix: u32, max_tokens: u32) 
 }
 
 /// Runs a two-token completion of `prefix` + `suffix` to the end; the worker that served it.
-async fn ask(serving: &Serving, prefix: &[u32], suffix: u32) -> InstanceId {
+async fn ask(serving: &std::sync::Arc<Serving>, prefix: &[u32], suffix: u32) -> InstanceId {
     let mut g = start(serving, prefix, suffix, 2).await;
     while let Some(p) = g.next().await {
         p.unwrap();
@@ -119,7 +124,7 @@ async fn idle(loads: &mut dynamo_runtime::bus::Subscription, worker: &str) {
 /// request here starts on a settled view, as requests spaced apart would.
 async fn prefix_sticks(
     runtime: &Runtime,
-    serving: &Serving,
+    serving: &std::sync::Arc<Serving>,
     router: &KvRouter,
     prefix: &[u32],
 ) -> (InstanceId, Vec<SequenceHash>) {

@@ -30,6 +30,8 @@ const METRICS: &[MetricHelp] = &[
     (frontend::metrics::INPUT_TOKENS, MetricKind::Histogram, "Prompt tokens per request."),
     (frontend::metrics::OUTPUT_TOKENS, MetricKind::Histogram, "Generated tokens per request."),
     ("dynamo_frontend_router_fallbacks_total", MetricKind::Counter, "Requests routed round-robin because no router component answered."),
+    ("dynamo_frontend_migrations_total", MetricKind::Counter, "Streaming requests moved to another worker after their worker died or failed mid-stream, by cause."),
+    ("dynamo_frontend_retries_total", MetricKind::Counter, "Requests sent to another worker before their first token because one was gone, failed, overloaded or draining, by cause."),
     ("dynamo_disagg_decisions_total", MetricKind::Counter, "Where requests to decode workers were prefilled, by decision: remote, local_short (little uncached prompt on the decode worker), local_saturated (prefill workers' queues over the bound), local_no_prefill (no prefill worker)."),
     ("dynamo_disagg_remote_prefills_total", MetricKind::Counter, "Requests a decode worker sent to a prefill worker, by outcome: ok, fallback (prefilled locally instead), failed (failed by configuration)."),
     ("dynamo_disagg_fallbacks_total", MetricKind::Counter, "Remote prefills a decode worker gave up on, by reason."),

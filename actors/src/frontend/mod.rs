@@ -36,7 +36,7 @@ use serving::RemoteRouter;
 
 pub use metrics::Endpoint;
 pub use models::{ModelEntry, ModelTable, WorkerAddr};
-pub use serving::{ApiError, Generation, Serving};
+pub use serving::{ApiError, Generation, Serving, DEFAULT_MIGRATION_LIMIT};
 
 /// How the frontend picks a worker among a model's instances.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -87,6 +87,9 @@ pub struct FrontendSettings {
     pub max_body_bytes: usize,
     /// Requests in flight beyond this get 429 with `Retry-After`.
     pub max_inflight: usize,
+    /// Times a streaming request may move to another worker when its worker dies or fails
+    /// (see [`Generation`]); 0: never.
+    pub migration_limit: u32,
     /// Settings of the KV router (modes `kv` and `least-loaded`).
     pub kv_router: KvRouterSettings,
     /// Modes `kv` and `least-loaded`: ask the router component `{namespace}.router` for each
@@ -105,6 +108,7 @@ impl FrontendSettings {
             router_mode: RouterMode::default(),
             max_body_bytes: 16 * 1024 * 1024,
             max_inflight: 1024,
+            migration_limit: serving::DEFAULT_MIGRATION_LIMIT,
             kv_router: KvRouterSettings::default(),
             remote_router: false,
             stats_interval: Some(std::time::Duration::from_secs(1)),
@@ -177,15 +181,18 @@ impl Frontend {
         // Requests record statistics only when they are published.
         let every = settings.stats_interval.filter(|d| !d.is_zero());
         let window = every.map(|_| Arc::new(stats::StatsWindow::default()));
-        let serving = Arc::new(Serving::new(
-            runtime.clone(),
-            table,
-            settings.router_mode,
-            settings.max_inflight,
-            router,
-            remote,
-            window.clone(),
-        ));
+        let serving = Arc::new(
+            Serving::new(
+                runtime.clone(),
+                table,
+                settings.router_mode,
+                settings.max_inflight,
+                router,
+                remote,
+                window.clone(),
+            )
+            .with_migration_limit(settings.migration_limit),
+        );
         let stop = CancellationToken::new();
         // The status page follows the bus only when there is a page to serve.
         let board = match settings.http_addr {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use dynamo_preprocessor::{OutputProcessor, Piece, Prepared, RequestError};
-use dynamo_protocols::llm::EngineOutput;
+use dynamo_protocols::llm::{EngineOutput, FinishReason, PreprocessedRequest, TokenId};
 use dynamo_protocols::openai::{ErrorDetail, ErrorResponse, PromptTokensDetails, Usage};
 use dynamo_runtime::rpc::{RemoteErrorKind, ResponseStream};
 use dynamo_runtime::{CallOptions, InstanceId, RpcError, Runtime, Target};
@@ -29,6 +29,9 @@ use dynamo_runtime::EndpointId;
 
 /// Instances tried per request before giving up with 503.
 pub const MAX_ATTEMPTS: usize = 3;
+
+/// Times a streaming request may move to another worker, by default (`--migration-limit`).
+pub const DEFAULT_MIGRATION_LIMIT: u32 = 3;
 
 /// A refused or failed request, ready to become an OpenAI error body.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -176,6 +179,8 @@ pub struct Serving {
     mode: RouterMode,
     max_inflight: usize,
     inflight: Arc<AtomicUsize>,
+    /// Times a request may move to another worker after its first token.
+    migration_limit: u32,
     /// This interval's request statistics, when the frontend publishes them for the planner.
     stats: Option<Arc<super::stats::StatsWindow>>,
 }
@@ -264,8 +269,15 @@ impl Serving {
             mode,
             max_inflight,
             inflight: Arc::default(),
+            migration_limit: DEFAULT_MIGRATION_LIMIT,
             stats,
         }
+    }
+
+    /// Times a request may move to another worker once it streams (0: never).
+    pub fn with_migration_limit(mut self, limit: u32) -> Self {
+        self.migration_limit = limit;
+        self
     }
 
     /// The KV router (modes `kv` and `least-loaded`).
@@ -305,12 +317,12 @@ impl Serving {
         &self,
         remote: &RemoteRouter,
         entry: &ModelEntry,
-        prepared: &Prepared,
+        tokens: &[TokenId],
         skip: &[InstanceId],
     ) -> Option<Result<Routed, ApiError>> {
         let request = RouteRequest {
             model: entry.card.name.clone(),
-            token_ids: prepared.request.token_ids.clone(),
+            token_ids: tokens.to_vec(),
             exclude: skip.iter().map(|i| WorkerId(i.as_u64())).collect(),
             load_only: self.mode == RouterMode::LeastLoaded,
         };
@@ -373,26 +385,27 @@ impl Serving {
     async fn route(
         &self,
         entry: &ModelEntry,
-        prepared: &Prepared,
+        tokens: &[TokenId],
+        pinned: Option<&str>,
         skip: &[InstanceId],
     ) -> Result<Routed, ApiError> {
-        if let (Some(remote), None) = (&self.remote, &prepared.instance) {
-            if let Some(picked) = self.pick_remote(remote, entry, prepared, skip).await {
+        if let (Some(remote), None) = (&self.remote, pinned) {
+            if let Some(picked) = self.pick_remote(remote, entry, tokens, skip).await {
                 return picked;
             }
-            return self.pick_with(RouterMode::RoundRobin, entry, prepared, skip);
+            return self.pick_with(RouterMode::RoundRobin, entry, tokens, pinned, skip);
         }
-        self.pick_with(self.mode, entry, prepared, skip)
+        self.pick_with(self.mode, entry, tokens, pinned, skip)
     }
 
     fn pick_with(
         &self,
         mode: RouterMode,
         entry: &ModelEntry,
-        prepared: &Prepared,
+        tokens: &[TokenId],
+        pinned: Option<&str>,
         skip: &[InstanceId],
     ) -> Result<Routed, ApiError> {
-        let pinned = prepared.instance.as_deref();
         if let Some(hex) = pinned {
             let param = Some("nvext.backend_instance_id");
             let id = InstanceId::parse_hex(hex).map_err(|_| {
@@ -427,7 +440,7 @@ impl Serving {
         if let (true, Some(router)) = (mode.uses_kv_router(), &self.router) {
             let ids: Vec<WorkerId> = live.iter().map(|a| WorkerId(a.instance.as_u64())).collect();
             let bs = entry.card.kv_block_size.max(1) as usize;
-            return match router.route(&ids, &prepared.request.token_ids, bs) {
+            return match router.route(&ids, tokens, bs) {
                 Ok(d) => {
                     let addr = live
                         .iter()
@@ -438,7 +451,7 @@ impl Serving {
                         &entry.card.name,
                         d.worker,
                         d.overlap,
-                        &prepared.request.token_ids,
+                        tokens,
                     ) {
                         PrefillPlan::Remote {
                             worker,
@@ -489,7 +502,11 @@ impl Serving {
     }
 
     /// Preprocesses, routes and starts one request; the result streams its text.
-    pub async fn start(&self, endpoint: Endpoint, body: &Value) -> Result<Generation, ApiError> {
+    pub async fn start(
+        self: &Arc<Self>,
+        endpoint: Endpoint,
+        body: &Value,
+    ) -> Result<Generation, ApiError> {
         self.start_as(endpoint, body, None).await
     }
 
@@ -497,7 +514,7 @@ impl Serving {
     /// and the request's log lines carry it. An id that is empty, longer than 128 bytes or not
     /// printable ASCII without spaces is refused.
     pub async fn start_as(
-        &self,
+        self: &Arc<Self>,
         endpoint: Endpoint,
         body: &Value,
         request_id: Option<&str>,
@@ -561,6 +578,62 @@ impl Serving {
             request_id.map_or_else(|| uuid::Uuid::new_v4().simple().to_string(), str::to_string);
         tracing::debug!(request_id = %id, model = %entry.card.name, prompt_tokens = prepared.prompt_tokens(), "request admitted");
         let mut tried = Vec::new();
+        let started = match self
+            .dispatch(
+                &entry,
+                &prepared.request,
+                prepared.instance.as_deref(),
+                &id,
+                &mut tried,
+            )
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                metrics.finish(e.status_label());
+                return Err(e);
+            }
+        };
+        let output = entry.pre.output(&prepared);
+        let prefill_worker = started
+            .first
+            .as_ref()
+            .and_then(|f| f.prefill_worker)
+            .map(InstanceId::new);
+        Ok(Generation {
+            id,
+            model,
+            created: now_secs(),
+            worker: started.worker,
+            prefill_worker,
+            prepared,
+            output,
+            stream: started.stream,
+            pending: started.first,
+            done: false,
+            lease: started.lease,
+            metrics,
+            _permit: permit,
+            serving: self.clone(),
+            tried,
+            generated: Vec::new(),
+            migrations: 0,
+        })
+    }
+
+    /// Routes `request` (never to an instance in `tried`) and calls the worker until one
+    /// answers: with its first output, or a stream that ends at once. A worker that is gone
+    /// (no responders, silent), failed, overloaded or shutting down is added to `tried` and
+    /// another is asked, up to [`MAX_ATTEMPTS`] in all, unless the client pinned an instance.
+    async fn dispatch(
+        &self,
+        entry: &ModelEntry,
+        request: &PreprocessedRequest,
+        pinned: Option<&str>,
+        id: &str,
+        tried: &mut Vec<InstanceId>,
+    ) -> Result<Started, ApiError> {
+        let model = &entry.card.name;
         let mut last_err = None;
         for _ in 0..MAX_ATTEMPTS {
             let Routed {
@@ -568,7 +641,7 @@ impl Serving {
                 lease,
                 prefill,
                 peer,
-            } = match self.route(&entry, &prepared, &tried).await {
+            } = match self.route(entry, &request.token_ids, pinned, tried).await {
                 Ok(a) => a,
                 Err(e) => {
                     last_err = Some(last_err.unwrap_or(e));
@@ -576,7 +649,7 @@ impl Serving {
                 }
             };
             let opts = CallOptions {
-                trace_id: Some(id.clone()),
+                trace_id: Some(id.to_string()),
                 ..Default::default()
             };
             let call = self
@@ -585,19 +658,15 @@ impl Serving {
                 .call::<_, EngineOutput>(
                     Target::Instance(addr.endpoint.clone(), addr.instance),
                     &match (&prefill, peer) {
-                        (Some(p), _) => {
-                            std::borrow::Cow::Owned(dynamo_protocols::llm::PreprocessedRequest {
-                                remote_prefill: Some(p.remote.clone()),
-                                ..prepared.request.clone()
-                            })
-                        }
-                        (None, Some(peer)) => {
-                            std::borrow::Cow::Owned(dynamo_protocols::llm::PreprocessedRequest {
-                                peer_prefix: Some(peer),
-                                ..prepared.request.clone()
-                            })
-                        }
-                        (None, None) => std::borrow::Cow::Borrowed(&prepared.request),
+                        (Some(p), _) => std::borrow::Cow::Owned(PreprocessedRequest {
+                            remote_prefill: Some(p.remote.clone()),
+                            ..request.clone()
+                        }),
+                        (None, Some(peer)) => std::borrow::Cow::Owned(PreprocessedRequest {
+                            peer_prefix: Some(peer),
+                            ..request.clone()
+                        }),
+                        (None, None) => std::borrow::Cow::Borrowed(request),
                     },
                     opts,
                 )
@@ -614,55 +683,97 @@ impl Serving {
             drop(prefill);
             match first {
                 Ok((stream, first)) => {
-                    let output = entry.pre.output(&prepared);
-                    let prefill_worker = first
-                        .as_ref()
-                        .and_then(|f| f.prefill_worker)
-                        .map(InstanceId::new);
-                    return Ok(Generation {
-                        id,
-                        model,
-                        created: now_secs(),
+                    return Ok(Started {
                         worker: addr.instance,
-                        prefill_worker,
-                        prepared,
-                        output,
                         stream,
-                        pending: first,
-                        done: false,
+                        first,
                         lease,
-                        metrics,
-                        _permit: permit,
-                    });
+                    })
                 }
-                Err(e @ (RpcError::NoResponders { .. } | RpcError::Disconnected { .. }))
-                    if prepared.instance.is_none() =>
-                {
-                    tracing::debug!(instance = %addr.instance, error = %e, "worker unavailable; trying another");
+                Err(e) if pinned.is_none() && Cause::of(&e).is_some() => {
+                    let cause = Cause::of(&e).expect("checked");
+                    tracing::debug!(request_id = %id, instance = %addr.instance, error = %e, "worker unavailable; trying another");
+                    metrics::counter!("dynamo_frontend_retries_total", "cause" => cause.as_str())
+                        .increment(1);
                     tried.push(addr.instance);
-                    last_err = Some(rpc_error(&e, &model));
+                    last_err = Some(rpc_error(&e, model));
                 }
-                Err(e) => {
-                    let e = rpc_error(&e, &model);
-                    metrics.finish(e.status_label());
-                    return Err(e);
-                }
+                Err(e) => return Err(rpc_error(&e, model)),
             }
         }
-        let e = last_err.unwrap_or_else(|| {
+        Err(last_err.unwrap_or_else(|| {
             ApiError::unavailable(format!("no live worker serves model {model}"))
-        });
-        metrics.finish(e.status_label());
-        Err(e)
+        }))
+    }
+}
+
+/// A call that answered: its worker, the stream, its first output, the router's lease.
+struct Started {
+    worker: InstanceId,
+    stream: ResponseStream<EngineOutput>,
+    first: Option<EngineOutput>,
+    lease: Option<RouteLease>,
+}
+
+/// Why a request moves to another worker (a label of `dynamo_frontend_migrations_total` and
+/// `dynamo_frontend_retries_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cause {
+    /// Nobody answers on its subject: the worker is gone.
+    NoResponders,
+    /// It went silent (heartbeats stopped, or a probe found it gone).
+    Disconnected,
+    /// Its engine failed with the request in flight.
+    WorkerFailed,
+    /// It is shutting down (draining) or its handler is gone.
+    Unavailable,
+    /// It has too much in flight.
+    Overloaded,
+    /// Its stream ended without a finish reason.
+    EndedEarly,
+}
+
+impl Cause {
+    /// The cause when `e` is one a request survives on another worker.
+    fn of(e: &RpcError) -> Option<Self> {
+        Some(match e {
+            RpcError::NoResponders { .. } => Cause::NoResponders,
+            RpcError::Disconnected { .. } => Cause::Disconnected,
+            RpcError::Remote(r) => match r.kind {
+                RemoteErrorKind::WorkerFailed => Cause::WorkerFailed,
+                RemoteErrorKind::Unavailable => Cause::Unavailable,
+                RemoteErrorKind::Overloaded => Cause::Overloaded,
+                _ => return None,
+            },
+            _ => return None,
+        })
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Cause::NoResponders => "no_responders",
+            Cause::Disconnected => "disconnected",
+            Cause::WorkerFailed => "worker_failed",
+            Cause::Unavailable => "unavailable",
+            Cause::Overloaded => "overloaded",
+            Cause::EndedEarly => "ended_early",
+        }
     }
 }
 
 /// One request in progress: pieces of text until a finish reason.
+///
+/// Migration: it keeps the token ids its worker produced. When that worker dies or fails
+/// mid-stream (see [`Cause`]), the request goes to another worker (never one that failed it)
+/// as the prompt followed by those tokens (`resumed_tokens`), with what is left of its token
+/// budget and the same sampling options: the client's stream goes on where it stopped, with
+/// no text repeated or lost, and usage counts the original prompt and every completion token
+/// once. At most `--migration-limit` times; a request pinned to an instance never moves.
 pub struct Generation {
     pub id: String,
     pub model: String,
     pub created: u64,
-    /// The instance serving it.
+    /// The instance serving it (the last one, after a migration).
     pub worker: InstanceId,
     /// The prefill worker that computed its prompt, when that was not `worker`.
     pub prefill_worker: Option<InstanceId>,
@@ -675,6 +786,12 @@ pub struct Generation {
     lease: Option<RouteLease>,
     metrics: RequestMetrics,
     _permit: Permit,
+    serving: Arc<Serving>,
+    /// Instances that failed it.
+    tried: Vec<InstanceId>,
+    /// Every token id its workers produced.
+    generated: Vec<TokenId>,
+    migrations: u32,
 }
 
 impl Generation {
@@ -684,32 +801,49 @@ impl Generation {
         if self.done {
             return None;
         }
-        let out = match self.pending.take() {
-            Some(o) => Some(Ok(o)),
-            None => self.stream.next().await,
-        };
-        let piece = match out {
-            Some(Ok(out)) => self.output.process(&out),
-            Some(Err(e)) => {
-                self.done = true;
-                let e = rpc_error(&e, &self.model);
-                self.metrics.set_status(e.status_label());
-                return Some(Err(e));
+        loop {
+            let out = match self.pending.take() {
+                Some(o) => Some(Ok(o)),
+                None => self.stream.next().await,
+            };
+            let (cause, error) = match out {
+                Some(Ok(out)) => return Some(Ok(self.piece(out))),
+                Some(Err(e)) => match Cause::of(&e) {
+                    Some(cause) => (cause, rpc_error(&e, &self.model)),
+                    None => return Some(Err(self.fail(rpc_error(&e, &self.model)))),
+                },
+                // Every engine ends a stream with a finish reason: an end without one is a
+                // worker that failed, never a normal stop.
+                None => {
+                    tracing::warn!(request_id = %self.id, worker = %self.worker, "the worker ended a stream without a finish reason");
+                    let mut e = ApiError::unavailable(format!(
+                        "the worker serving model {} ended the stream early; retry the request",
+                        self.model
+                    ));
+                    e.code = Some("worker_failed");
+                    (Cause::EndedEarly, e)
+                }
+            };
+            if let Err(e) = self.migrate(cause, error).await {
+                return Some(Err(self.fail(e)));
             }
-            // Every engine ends a stream with a finish reason: an end without one is a worker
-            // that failed, never a normal stop.
-            None => {
-                self.done = true;
-                tracing::warn!(worker = %self.worker, "the worker ended a stream without a finish reason");
-                let mut e = ApiError::unavailable(format!(
-                    "the worker serving model {} ended the stream early; retry the request",
-                    self.model
-                ));
-                e.code = Some("worker_failed");
-                self.metrics.set_status(e.status_label());
-                return Some(Err(e));
-            }
-        };
+        }
+    }
+
+    fn fail(&mut self, e: ApiError) -> ApiError {
+        self.done = true;
+        self.metrics.set_status(e.status_label());
+        e
+    }
+
+    fn piece(&mut self, mut out: EngineOutput) -> Piece {
+        if self.migrations > 0 {
+            // The prompt's cached share is the first worker's; a later one would count the
+            // resumed tokens as cached prompt.
+            out.cached_tokens = None;
+        }
+        self.generated.extend_from_slice(&out.token_ids);
+        let piece = self.output.process(&out);
         if self.output.completion_tokens() > 0 {
             if let Some(l) = &mut self.lease {
                 l.prefill_done();
@@ -722,7 +856,78 @@ impl Generation {
             self.metrics.set_cached(self.output.cached_tokens());
             self.metrics.set_status(Status::Ok);
         }
-        Some(Ok(piece))
+        piece
+    }
+
+    /// Moves the request to another worker after `cause` ended its stream; `error` is what
+    /// the client gets when it cannot move.
+    async fn migrate(&mut self, cause: Cause, error: ApiError) -> Result<(), ApiError> {
+        let pinned = self.prepared.instance.is_some();
+        if pinned || self.migrations >= self.serving.migration_limit {
+            return Err(error);
+        }
+        let original = &self.prepared.request;
+        let done = self.generated.len() as u32;
+        let left = original.stop.max_tokens.saturating_sub(done);
+        if left == 0 {
+            // Everything was generated; only the finish was lost with the worker.
+            self.pending = Some(EngineOutput {
+                finish_reason: Some(FinishReason::Length),
+                ..Default::default()
+            });
+            return Ok(());
+        }
+        let mut token_ids = original.token_ids.clone();
+        token_ids.extend_from_slice(&self.generated);
+        let request = PreprocessedRequest {
+            token_ids,
+            sampling: original.sampling.clone(),
+            stop: dynamo_protocols::llm::StopConditions {
+                max_tokens: left,
+                min_tokens: original.stop.min_tokens.saturating_sub(done),
+                stop_token_ids: original.stop.stop_token_ids.clone(),
+            },
+            remote_prefill: None,
+            peer_prefix: None,
+            resumed_tokens: original.resumed_tokens + done,
+        };
+        let Some(entry) = self.serving.table.get(&self.model) else {
+            return Err(error);
+        };
+        self.tried.push(self.worker);
+        self.migrations += 1;
+        metrics::counter!("dynamo_frontend_migrations_total", "cause" => cause.as_str())
+            .increment(1);
+        tracing::info!(request_id = %self.id, from = %self.worker, cause = cause.as_str(), generated = done, "migrating the request to another worker");
+        // The failed worker's accounting ends now; the new route takes its own.
+        self.lease = None;
+        match self
+            .serving
+            .dispatch(&entry, &request, None, &self.id, &mut self.tried)
+            .await
+        {
+            Ok(started) => {
+                self.worker = started.worker;
+                self.stream = started.stream;
+                self.pending = started.first;
+                self.lease = started.lease;
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(request_id = %self.id, error = %e.message, "no worker could take the request over");
+                let mut error = error;
+                error.message = format!(
+                    "{} (no other worker could take it over: {})",
+                    error.message, e.message
+                );
+                Err(error)
+            }
+        }
+    }
+
+    /// Times the request moved to another worker.
+    pub fn migrations(&self) -> u32 {
+        self.migrations
     }
 
     pub fn usage(&self) -> Usage {
