@@ -150,3 +150,60 @@ async fn a_migrated_greedy_request_gives_the_text_it_gives_without_faults() {
     assert_eq!(migrations, 0);
     assert_eq!(text, reference, "the migrated text is the fault-free text");
 }
+
+/// SIGTERM: the worker stops taking requests, and what it cannot finish within its grace it
+/// hands off (its callers hear `Unavailable` and move the requests), then exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_worker_hands_off_what_it_cannot_finish() {
+    let server = NatsServer::start().unwrap();
+    let url = server.url();
+    let mut workers: HashMap<InstanceId, Proc> = (0..2)
+        .map(|_| {
+            let endpoint = format!("in=dyn://{NS}.backend.generate");
+            let proc = Proc::start(
+                dynamo_run()
+                    .args(["--bus", &url, &endpoint, "out=mocker", "--model-path", model_dir()])
+                    .args(["--model-name", "m", "--block-size", "16"])
+                    .env("DYN_DISCOVERY__LEASE", "2s")
+                    .env("DYN_SHUTDOWN_GRACE", "300ms"),
+            );
+            (InstanceId::parse_hex(proc.instance()).unwrap(), proc)
+        })
+        .collect();
+    let frontend = frontend(&url, RouterMode::RoundRobin).await;
+    tokio::time::timeout(Duration::from_secs(10), frontend.models().wait_for("m", 2))
+        .await
+        .expect("two workers listed");
+    let serving = frontend.serving().clone();
+    let mut open = Vec::new();
+    for i in 0..6u32 {
+        let prompt: Vec<u32> = (0..30).map(|j| 100 + i * 40 + j).collect();
+        // About 2.4 s of decoding: far past the 300 ms grace.
+        let body = json!({"model": "m", "prompt": prompt, "max_tokens": 400, "stream": true});
+        let mut g = serving.start(Endpoint::Completions, &body).await.unwrap();
+        g.next().await.unwrap().unwrap();
+        open.push(g);
+    }
+    let victim = open[0].worker;
+    workers
+        .get(&victim)
+        .unwrap()
+        .signal(nix::sys::signal::Signal::SIGTERM);
+    let results = futures::future::join_all(open.into_iter().map(|g| async move {
+        let worker = g.worker;
+        (worker, finish(g).await)
+    }))
+    .await;
+    for (i, (worker, result)) in results.into_iter().enumerate() {
+        let (_, finish, tokens, migrations) =
+            result.unwrap_or_else(|e| panic!("stream {i} failed: {e}"));
+        assert_eq!(finish, Some(FinishReason::Length), "stream {i}");
+        assert_eq!(tokens, 400, "stream {i}");
+        assert_eq!(migrations, (worker == victim) as u32, "stream {i}");
+    }
+    let status = workers
+        .get_mut(&victim)
+        .unwrap()
+        .wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "the drained worker exits cleanly: {status:?}");
+}

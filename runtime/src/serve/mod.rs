@@ -75,6 +75,9 @@ pub(crate) struct Flow {
     /// Data frames the caller has consumed (acknowledged).
     pub consumed: AtomicU64,
     pub credit: Notify,
+    /// Cancelled by a shutdown whose grace ran out: the caller is told `Unavailable` (it
+    /// moves the request to another instance) instead of nothing.
+    pub handoff: AtomicBool,
 }
 
 /// State one served endpoint shares with its open requests.
@@ -288,6 +291,10 @@ struct Server<Req, Resp, M: ractor::Message> {
     _types: std::marker::PhantomData<fn(Req, Resp)>,
 }
 
+/// How long a shutdown whose grace ran out waits for its cancelled handlers to tell their
+/// callers to go elsewhere.
+const HANDOFF_WAIT: Duration = Duration::from_secs(1);
+
 /// How often a server checks that its actor is still alive.
 const ACTOR_CHECK: Duration = Duration::from_millis(500);
 
@@ -436,6 +443,7 @@ where
             cancel: CancellationToken::new(),
             consumed: AtomicU64::new(0),
             credit: Notify::new(),
+            handoff: AtomicBool::new(false),
         });
         self.shared.open.insert(env.id, flow.clone());
         let open = Arc::new(reply::Open {
@@ -559,7 +567,22 @@ impl ServedEndpoint {
             Err(_) => {
                 let n = self.shared.open.len();
                 for entry in self.shared.open.iter() {
+                    entry.value().handoff.store(true, Ordering::Relaxed);
                     entry.value().cancel.cancel();
+                }
+                // Each handler stops and its caller is told to go elsewhere: wait (briefly)
+                // until those frames are out.
+                let told = async {
+                    loop {
+                        let notified = self.shared.drained.notified();
+                        if self.shared.open.is_empty() {
+                            break;
+                        }
+                        notified.await;
+                    }
+                };
+                if tokio::time::timeout(HANDOFF_WAIT, told).await.is_err() {
+                    tracing::warn!(endpoint = %ep, left = self.shared.open.len(), "some handlers did not stop after their cancellation");
                 }
                 n
             }

@@ -182,8 +182,12 @@ impl<Resp: Serialize> ReplySender<Resp> {
         Ok(())
     }
 
-    /// Ends the stream successfully.
+    /// Ends the stream successfully (or, when a shutdown cancelled it past its grace, tells
+    /// the caller to go elsewhere: see [`super::Flow::handoff`]).
     pub async fn finish(mut self) -> Result<(), ReplyError> {
+        if self.open.cancel.is_cancelled() && self.open.flow.handoff.load(Ordering::Relaxed) {
+            return self.end_with(FrameKind::Error(handoff_error())).await;
+        }
         self.end_with(FrameKind::End).await
     }
 
@@ -259,6 +263,19 @@ impl<Resp> Drop for ReplySender<Resp> {
         let open = self.open.clone();
         let seq = self.seq;
         let cancelled = open.cancel.is_cancelled();
+        if cancelled && open.flow.handoff.load(Ordering::Relaxed) {
+            // The instance shuts down with the request open: the caller moves it elsewhere.
+            // The request counts as open until the frame is out (the shutdown waits for it).
+            let error = handoff_error();
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(async move {
+                    let _ = open.publish(seq, FrameKind::Error(error)).await;
+                    open.endpoint
+                        .finish(open.id, open.started.elapsed(), false);
+                });
+                return;
+            }
+        }
         open.endpoint
             .finish(open.id, open.started.elapsed(), !cancelled);
         if cancelled {
@@ -275,6 +292,14 @@ impl<Resp> Drop for ReplySender<Resp> {
             });
         }
     }
+}
+
+/// What the caller of a request cancelled by a shutdown past its grace gets.
+fn handoff_error() -> RemoteError {
+    RemoteError::new(
+        RemoteErrorKind::Unavailable,
+        "the instance is shutting down and handed the request off",
+    )
 }
 
 fn spawn_heartbeats(open: Arc<Open>, done: CancellationToken, deadline: Instant, every: Duration) {
