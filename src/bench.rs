@@ -195,6 +195,8 @@ struct Sample {
     output_tokens: u64,
     prompt_tokens: u64,
     cached_tokens: u64,
+    /// The completion tokens asked for (`ignore_eos`: what a complete answer has).
+    expected: u32,
     status: Option<u16>,
 }
 
@@ -202,6 +204,7 @@ async fn send(client: &reqwest::Client, url: &str, model: &str, job: &Job, t0: I
     let started = Instant::now();
     let mut s = Sample {
         start: started.duration_since(t0).as_secs_f64(),
+        expected: job.max_tokens,
         ..Default::default()
     };
     let body = json!({"model": model, "prompt": job.prompt, "max_tokens": job.max_tokens, "stream": true,
@@ -275,11 +278,11 @@ async fn send(client: &reqwest::Client, url: &str, model: &str, job: &Job, t0: I
 
 fn stats(v: &mut [f64]) -> Value {
     if v.is_empty() {
-        return json!({"p50": null, "p90": null, "p99": null, "mean": null});
+        return json!({"p50": null, "p90": null, "p99": null, "max": null, "mean": null});
     }
     v.sort_by(|a, b| a.total_cmp(b));
     let q = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
-    json!({"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "mean": v.iter().sum::<f64>() / v.len() as f64})
+    json!({"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "max": v[v.len() - 1], "mean": v.iter().sum::<f64>() / v.len() as f64})
 }
 
 fn progress(done: usize, total: usize, errors: usize, started: Instant) {
@@ -470,6 +473,9 @@ fn report(a: &BenchArgs, samples: &[Sample], oracle: f64) -> Result<()> {
         "request_rate": a.request_rate,
         "completed": ok.len(),
         "errors": errors,
+        // Answers that ended with another number of tokens than asked for (lost or repeated
+        // text: with ignore_eos a complete answer has exactly max_tokens).
+        "incomplete": ok.iter().filter(|s| s.output_tokens != s.expected as u64).count(),
         "duration_s": span,
         "requests_per_second": ok.len() as f64 / span,
         "output_tokens_per_second": out_tokens as f64 / span,
@@ -512,12 +518,17 @@ fn report(a: &BenchArgs, samples: &[Sample], oracle: f64) -> Result<()> {
     for (name, key) in [("TTFT", "ttft_ms"), ("ITL", "itl_ms"), ("E2E", "e2e_ms")] {
         let s = &result[key];
         println!(
-            "{name:>5} ms: p50 {} p90 {} p99 {} mean {}",
+            "{name:>5} ms: p50 {} p90 {} p99 {} max {} mean {}",
             f(&s["p50"]),
             f(&s["p90"]),
             f(&s["p99"]),
+            f(&s["max"]),
             f(&s["mean"])
         );
+    }
+    let incomplete = result["incomplete"].as_u64().unwrap_or(0);
+    if incomplete > 0 {
+        println!("{incomplete} answers ended with another number of tokens than max_tokens");
     }
     if let (Some(t), Some(i), Some(at)) = (
         a.ttft_target_ms,

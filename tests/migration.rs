@@ -162,7 +162,14 @@ async fn a_draining_worker_hands_off_what_it_cannot_finish() {
             let endpoint = format!("in=dyn://{NS}.backend.generate");
             let proc = Proc::start(
                 dynamo_run()
-                    .args(["--bus", &url, &endpoint, "out=mocker", "--model-path", model_dir()])
+                    .args([
+                        "--bus",
+                        &url,
+                        &endpoint,
+                        "out=mocker",
+                        "--model-path",
+                        model_dir(),
+                    ])
                     .args(["--model-name", "m", "--block-size", "16"])
                     .env("DYN_DISCOVERY__LEASE", "2s")
                     .env("DYN_SHUTDOWN_GRACE", "300ms"),
@@ -205,5 +212,8 @@ async fn a_draining_worker_hands_off_what_it_cannot_finish() {
         .get_mut(&victim)
         .unwrap()
         .wait_exit(Duration::from_secs(10));
-    assert!(status.success(), "the drained worker exits cleanly: {status:?}");
+    assert!(
+        status.success(),
+        "the drained worker exits cleanly: {status:?}"
+    );
 }

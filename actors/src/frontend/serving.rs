@@ -30,6 +30,14 @@ use dynamo_runtime::EndpointId;
 /// Instances tried per request before giving up with 503.
 pub const MAX_ATTEMPTS: usize = 3;
 
+/// How long a request waits for a worker to join when every worker it knows failed it or
+/// is gone.
+const WORKER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How long an instance found gone from the bus stays out of routing (longer than a
+/// discovery lease, so a dead one is dropped by then; a live one comes back after it).
+const SUSPECT_FOR: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// Times a streaming request may move to another worker, by default (`--migration-limit`).
 pub const DEFAULT_MIGRATION_LIMIT: u32 = 3;
 
@@ -181,6 +189,10 @@ pub struct Serving {
     inflight: Arc<AtomicUsize>,
     /// Times a request may move to another worker after its first token.
     migration_limit: u32,
+    /// Instances found gone from the bus (no responders on their subjects), kept out of
+    /// every request's routing until discovery drops them (their lease) or [`SUSPECT_FOR`]
+    /// passes: a killed worker stays listed until its lease expires.
+    suspects: std::sync::Mutex<std::collections::HashMap<InstanceId, Instant>>,
     /// This interval's request statistics, when the frontend publishes them for the planner.
     stats: Option<Arc<super::stats::StatsWindow>>,
 }
@@ -270,6 +282,7 @@ impl Serving {
             max_inflight,
             inflight: Arc::default(),
             migration_limit: DEFAULT_MIGRATION_LIMIT,
+            suspects: Default::default(),
             stats,
         }
     }
@@ -291,6 +304,31 @@ impl Serving {
 
     pub fn inflight(&self) -> usize {
         self.inflight.load(Ordering::Acquire)
+    }
+
+    /// Keeps `instance` out of routing for a while: the bus says nobody is there.
+    fn suspect(&self, instance: InstanceId) {
+        let mut s = self.suspects.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        s.retain(|_, at| now.duration_since(*at) < SUSPECT_FOR);
+        if s.insert(instance, now).is_none() {
+            tracing::info!(%instance, "no responders at the instance: routing around it until discovery drops it");
+        }
+    }
+
+    /// `tried` and the instances currently suspected of being gone.
+    fn avoid(&self, tried: &[InstanceId]) -> Vec<InstanceId> {
+        let s = self.suspects.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        tried
+            .iter()
+            .copied()
+            .chain(
+                s.iter()
+                    .filter(|(_, at)| now.duration_since(**at) < SUSPECT_FOR)
+                    .map(|(i, _)| *i),
+            )
+            .collect()
     }
 
     fn admit(&self) -> Result<Permit, ApiError> {
@@ -618,6 +656,7 @@ impl Serving {
             tried,
             generated: Vec::new(),
             migrations: 0,
+            last_output: Instant::now(),
         })
     }
 
@@ -635,13 +674,29 @@ impl Serving {
     ) -> Result<Started, ApiError> {
         let model = &entry.card.name;
         let mut last_err = None;
-        for _ in 0..MAX_ATTEMPTS {
+        let mut changes = self.table.changes();
+        let wait_until = tokio::time::Instant::now() + WORKER_WAIT;
+        let mut attempts = 0;
+        while attempts < MAX_ATTEMPTS {
+            // The latest list of the model's workers (a restarted one joins under a new id).
+            changes.borrow_and_update();
+            let current = self.table.get(model);
+            let entry = current.as_deref().unwrap_or(entry);
+            let avoid = self.avoid(tried);
+            if pinned.is_none() && entry.instances.iter().all(|a| avoid.contains(&a.instance)) {
+                // Every worker it knows failed this request or is gone: wait (briefly) for
+                // one to join rather than fail at once (a killed worker restarts in seconds).
+                if let Ok(Ok(())) = tokio::time::timeout_at(wait_until, changes.changed()).await {
+                    continue;
+                }
+            }
+            attempts += 1;
             let Routed {
                 addr,
                 lease,
                 prefill,
                 peer,
-            } = match self.route(entry, &request.token_ids, pinned, tried).await {
+            } = match self.route(entry, &request.token_ids, pinned, &avoid).await {
                 Ok(a) => a,
                 Err(e) => {
                     last_err = Some(last_err.unwrap_or(e));
@@ -692,6 +747,9 @@ impl Serving {
                 }
                 Err(e) if pinned.is_none() && Cause::of(&e).is_some() => {
                     let cause = Cause::of(&e).expect("checked");
+                    if cause.gone() {
+                        self.suspect(addr.instance);
+                    }
                     tracing::debug!(request_id = %id, instance = %addr.instance, error = %e, "worker unavailable; trying another");
                     metrics::counter!("dynamo_frontend_retries_total", "cause" => cause.as_str())
                         .increment(1);
@@ -731,6 +789,9 @@ enum Cause {
     Overloaded,
     /// Its stream ended without a finish reason.
     EndedEarly,
+    /// Frames were lost or garbled on the bus (a bus outage): the tokens received are known,
+    /// the rest is asked of another worker.
+    Protocol,
 }
 
 impl Cause {
@@ -739,6 +800,7 @@ impl Cause {
         Some(match e {
             RpcError::NoResponders { .. } => Cause::NoResponders,
             RpcError::Disconnected { .. } => Cause::Disconnected,
+            RpcError::Protocol(_) => Cause::Protocol,
             RpcError::Remote(r) => match r.kind {
                 RemoteErrorKind::WorkerFailed => Cause::WorkerFailed,
                 RemoteErrorKind::Unavailable => Cause::Unavailable,
@@ -749,6 +811,11 @@ impl Cause {
         })
     }
 
+    /// The worker is gone from the bus, not just failing this request.
+    fn gone(self) -> bool {
+        matches!(self, Cause::NoResponders | Cause::Disconnected)
+    }
+
     fn as_str(self) -> &'static str {
         match self {
             Cause::NoResponders => "no_responders",
@@ -757,6 +824,7 @@ impl Cause {
             Cause::Unavailable => "unavailable",
             Cause::Overloaded => "overloaded",
             Cause::EndedEarly => "ended_early",
+            Cause::Protocol => "protocol",
         }
     }
 }
@@ -792,6 +860,8 @@ pub struct Generation {
     /// Every token id its workers produced.
     generated: Vec<TokenId>,
     migrations: u32,
+    /// When the last output arrived (a migration's log says how long the stream was silent).
+    last_output: Instant,
 }
 
 impl Generation {
@@ -843,6 +913,7 @@ impl Generation {
             out.cached_tokens = None;
         }
         self.generated.extend_from_slice(&out.token_ids);
+        self.last_output = Instant::now();
         let piece = self.output.process(&out);
         if self.output.completion_tokens() > 0 {
             if let Some(l) = &mut self.lease {
@@ -895,10 +966,14 @@ impl Generation {
             return Err(error);
         };
         self.tried.push(self.worker);
+        if cause.gone() {
+            self.serving.suspect(self.worker);
+        }
         self.migrations += 1;
         metrics::counter!("dynamo_frontend_migrations_total", "cause" => cause.as_str())
             .increment(1);
-        tracing::info!(request_id = %self.id, from = %self.worker, cause = cause.as_str(), generated = done, "migrating the request to another worker");
+        let silent_ms = self.last_output.elapsed().as_millis() as u64;
+        let moving = Instant::now();
         // The failed worker's accounting ends now; the new route takes its own.
         self.lease = None;
         match self
@@ -907,6 +982,7 @@ impl Generation {
             .await
         {
             Ok(started) => {
+                tracing::info!(request_id = %self.id, from = %self.worker, to = %started.worker, cause = cause.as_str(), generated = done, silent_ms, resumed_ms = moving.elapsed().as_millis() as u64, "migrated the request to another worker");
                 self.worker = started.worker;
                 self.stream = started.stream;
                 self.pending = started.first;

@@ -41,7 +41,7 @@ pub struct RpcSettings {
     #[serde(with = "humantime_serde")]
     pub heartbeat_timeout: Duration,
     /// Silence after which a caller asks whether its responder still has the request
-    /// (`Control::Ping` on the responder's control subject): at least this, or 4x the stream's
+    /// (`Control::Ping` on the responder's control subject): at least this (20 ms), or 4x the stream's
     /// own recent gap between frames, doubling while the silence lasts (at most 250 ms apart).
     /// A responder whose process died has no subscription left, so the bus answers "no
     /// responders" at once and the call ends `Disconnected` within a few gaps, not after the
@@ -63,7 +63,7 @@ impl Default for RpcSettings {
         Self {
             heartbeat_interval: Duration::from_secs(1),
             heartbeat_timeout: Duration::from_secs(3),
-            probe_after: Duration::from_millis(50),
+            probe_after: Duration::from_millis(20),
             default_timeout: Duration::from_secs(600),
             max_inflight: 4096,
             stream_window: 256,

@@ -270,8 +270,7 @@ impl<Resp> Drop for ReplySender<Resp> {
             if let Ok(handle) = tokio::runtime::Handle::try_current() {
                 handle.spawn(async move {
                     let _ = open.publish(seq, FrameKind::Error(error)).await;
-                    open.endpoint
-                        .finish(open.id, open.started.elapsed(), false);
+                    open.endpoint.finish(open.id, open.started.elapsed(), false);
                 });
                 return;
             }
