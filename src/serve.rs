@@ -5,7 +5,8 @@
 //! - With `--bus nats://...` (or `bus:` in the graph), each component replica is its own
 //!   `dynamo-run` child process, started in dependency order (each component's replicas ready
 //!   before its dependents start), its output prefixed `[component.replica]`, restarted with
-//!   exponential backoff (1 s doubling to 30 s; reset after a minute up) if it exits.
+//!   exponential backoff (1 s doubling to 30 s) if it exits before it serves or soon after;
+//!   one that served 10 s, or was serving when it got SIGKILL, restarts after 1 s.
 //!   `--only NAME` starts just that component (a graph spread over machines).
 //!
 //! SIGTERM or SIGINT stops everything in reverse dependency order: each component's processes
@@ -209,6 +210,10 @@ fn signal(pid: u32, sig: nix::sys::signal::Signal) {
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
 }
 
+/// Serving this long after its ready line, a replica that exits is not crash-looping: it
+/// restarts after the first delay.
+const STABLE: Duration = Duration::from_secs(10);
+
 /// One replica's supervision loop: run, forward output, restart with backoff until `stop`.
 pub(crate) async fn supervise(
     label: String,
@@ -239,14 +244,18 @@ pub(crate) async fn supervise(
             }
         };
         let pid = child.id().unwrap_or(0);
+        let ready_at: Arc<std::sync::Mutex<Option<Instant>>> = Arc::default();
         let forward = |stream: Option<Box<dyn tokio::io::AsyncRead + Unpin + Send>>, out: bool| {
-            let (label, ready) = (label.clone(), ready.clone());
+            let (label, ready, ready_at) = (label.clone(), ready.clone(), ready_at.clone());
             tokio::spawn(async move {
                 let Some(s) = stream else { return };
                 let mut lines = BufReader::new(s).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
                     if out {
                         if line.starts_with("ready") {
+                            if let Ok(mut at) = ready_at.lock() {
+                                at.get_or_insert_with(Instant::now);
+                            }
                             let _ = ready.send((label.clone(), line.clone()));
                         }
                         println!("[{label}] {line}");
@@ -274,6 +283,9 @@ pub(crate) async fn supervise(
             }
             Some(status) => {
                 let _ = tokio::join!(o, e);
+                let killed = status
+                    .as_ref()
+                    .is_ok_and(|s| std::os::unix::process::ExitStatusExt::signal(s) == Some(9));
                 let status = status
                     .map(|s| s.to_string())
                     .unwrap_or_else(|e| e.to_string());
@@ -281,7 +293,13 @@ pub(crate) async fn supervise(
                     eprintln!("[{label}] exited ({status}) during shutdown");
                     return;
                 }
-                if started.elapsed() > Duration::from_secs(60) {
+                // A crash loop is a replica that dies before it serves, or soon after. One
+                // that was serving and got SIGKILL (an operator, the OOM killer), or that
+                // served a while, restarts at once (after the first delay).
+                let ready_for = ready_at.lock().ok().and_then(|at| at.map(|t| t.elapsed()));
+                if started.elapsed() > Duration::from_secs(60)
+                    || ready_for.is_some_and(|d| d >= STABLE || killed)
+                {
                     backoff = Duration::from_secs(1);
                 }
                 eprintln!("[{label}] exited ({status}); restarting in {backoff:?}");

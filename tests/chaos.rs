@@ -102,5 +102,8 @@ fn killed_worker_processes_lose_no_request() {
         .filter(|l| l.starts_with("dynamo_frontend_migrations_total{"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
-    assert!(migrated >= 1.0, "the kills hit streams in flight, which moved:\n{metrics}");
+    assert!(
+        migrated >= 1.0,
+        "the kills hit streams in flight, which moved:\n{metrics}"
+    );
 }
