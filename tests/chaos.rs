@@ -14,6 +14,11 @@ use dynamo_runtime::testing::NatsServer;
 /// The worker processes `serve` (pid `parent`) runs: its children whose command line runs
 /// the mocker.
 fn workers(parent: u32) -> Vec<i32> {
+    children(parent, "out=mocker")
+}
+
+/// The children of `parent` whose command line holds `needle`.
+fn children(parent: u32, needle: &str) -> Vec<i32> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
@@ -28,18 +33,16 @@ fn workers(parent: u32) -> Vec<i32> {
             .and_then(|(_, rest)| rest.split_whitespace().nth(1))
             .and_then(|p| p.parse::<u32>().ok());
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        if ppid == Some(parent) && String::from_utf8_lossy(&cmdline).contains("out=mocker") {
+        if ppid == Some(parent) && String::from_utf8_lossy(&cmdline).contains(needle) {
             out.push(pid);
         }
     }
     out
 }
 
-#[test]
-fn killed_worker_processes_lose_no_request() {
-    let nats = NatsServer::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let graph = dir.path().join("chaos.yaml");
+/// A graph over NATS: a frontend, a router component, three mocker workers.
+fn graph(dir: &std::path::Path) -> std::path::PathBuf {
+    let graph = dir.join("chaos.yaml");
     std::fs::write(
         &graph,
         format!(
@@ -53,6 +56,14 @@ fn killed_worker_processes_lose_no_request() {
         ),
     )
     .unwrap();
+    graph
+}
+
+#[test]
+fn killed_worker_processes_lose_no_request() {
+    let nats = NatsServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let graph = graph(dir.path());
     let mut serve = Serve::start(&[graph.to_str().unwrap(), "--bus", &nats.url()]);
     let frontend = serve.wait_out("/v1", 0, Duration::from_secs(60));
     serve.wait_out("ready: graph", 0, Duration::from_secs(60));
@@ -105,5 +116,41 @@ fn killed_worker_processes_lose_no_request() {
     assert!(
         migrated >= 1.0,
         "the kills hit streams in flight, which moved:\n{metrics}"
+    );
+}
+
+/// Shutdown does not depend on the bus: with nats-server gone, SIGTERM stops every process
+/// (deregistration gives up after a moment; the leases expire the entries anyway) and `serve`
+/// exits once its children are gone.
+#[test]
+fn everything_stops_without_the_bus() {
+    let mut nats = NatsServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let graph = graph(dir.path());
+    let mut serve = Serve::start_with_env(
+        &[graph.to_str().unwrap(), "--bus", &nats.url()],
+        &[("DYN_SHUTDOWN_GRACE", "3s")],
+    );
+    serve.wait_out("ready: graph", 0, Duration::from_secs(60));
+    let kids = children(serve.child.id(), "dynamo-run");
+    assert_eq!(
+        kids.len(),
+        5,
+        "three workers, a router and a frontend: {kids:?}"
+    );
+    nats.kill();
+    // Each process has 3 s of grace; serve kills what outlives it. Far less than this bound.
+    let status = serve
+        .stop(Duration::from_secs(30))
+        .expect("serve exits without the bus");
+    assert!(status.success(), "{status:?}");
+    for pid in kids {
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        assert!(state.is_empty(), "child {pid} is still there: {state}");
+    }
+    let err = serve.err.lock().unwrap().join("\n");
+    assert!(
+        !err.contains("killing"),
+        "every child stopped within its grace:\n{err}"
     );
 }

@@ -205,18 +205,18 @@ async fn a_failed_role_restarts(bus: Option<String>) {
     let table = serving.table().clone();
     until_instances(&table, 1, "the first instance is listed").await;
     let body = json!({"model": MODEL, "prompt": "one two", "max_tokens": 2});
-    let failed = match serving.start(Endpoint::Completions, &body).await {
-        Err(e) => e,
-        Ok(mut g) => loop {
-            match g.next().await {
-                Some(Err(e)) => break e,
-                Some(Ok(_)) => {}
-                None => panic!("the request on a panicking engine ended normally"),
+    // The request on the engine that fails waits for the role to come back and is answered
+    // by its new instance.
+    let request = {
+        let (serving, body) = (serving.clone(), body.clone());
+        tokio::spawn(async move {
+            let mut g = serving.start(Endpoint::Completions, &body).await?;
+            while let Some(p) = g.next().await {
+                p?;
             }
-        },
+            Ok::<_, dynamo_actors::frontend::ApiError>(g.worker)
+        })
     };
-    assert_eq!(failed.code, Some("worker_failed"));
-    // While the role is down the process is not healthy, and says which role.
     eventually_unhealthy(&sup).await;
 
     // The role comes back as a new instance (the supervisor's backoff is 500 ms).
@@ -246,6 +246,11 @@ async fn a_failed_role_restarts(bus: Option<String>) {
         7,
         "1 + 5 failed + the new role's engine"
     );
+    let served_by = request
+        .await
+        .unwrap()
+        .expect("the request survives the role's restart");
+    assert_ne!(served_by, first, "answered by the new instance");
     let mut g = serving.start(Endpoint::Completions, &body).await.unwrap();
     while let Some(p) = g.next().await {
         p.expect("the restarted role serves");

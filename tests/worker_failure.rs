@@ -107,32 +107,15 @@ async fn engine_failure_is_typed_and_the_worker_restarts(bus: Option<String>) {
     }
     let mut marked_prompt: Vec<u32> = (0..20).map(|j| vocab.start + 200 + j).collect();
     marked_prompt[5] = marked;
-    // The marked request fails before its first token: at start, with the same typed error.
-    match serving
-        .start(Endpoint::Completions, &body(marked_prompt, 10))
-        .await
-    {
-        Ok(g) => open.push(g),
-        Err(e) => assert_eq!(e.code, Some("worker_failed"), "the marked request: {e:?}"),
-    }
+    // The marked request kills the engine before its first token. It waits a moment for
+    // another worker (there is none: the restarted one is the worker that failed it).
+    let marked_request = {
+        let serving = serving.clone();
+        let b = body(marked_prompt, 10);
+        tokio::spawn(async move { serving.start(Endpoint::Completions, &b).await.err() })
+    };
 
-    for (i, mut g) in open.into_iter().enumerate() {
-        let mut finish = None;
-        let error = loop {
-            match g.next().await {
-                Some(Ok(p)) => finish = finish.or(p.finish),
-                Some(Err(e)) => break Some(e),
-                None => break None,
-            }
-        };
-        assert_ne!(finish, Some(FinishReason::Stop), "stream {i} reported stop");
-        assert_eq!(finish, None, "stream {i} finished instead of failing");
-        let e = error.unwrap_or_else(|| panic!("stream {i} ended without an error"));
-        assert_eq!(e.code, Some("worker_failed"), "stream {i}: {e:?}");
-        assert_eq!(e.status, 503);
-    }
-
-    // The worker left discovery at once, and comes back once its new engine is up.
+    // The worker leaves discovery at once, and comes back once its new engine is up.
     until_instances(&table, |n| n == 0, "the failed worker is deregistered").await;
     let mut restarts = worker.restarts();
     tokio::time::timeout(Duration::from_secs(10), restarts.wait_for(|n| *n == 1))
@@ -147,6 +130,33 @@ async fn engine_failure_is_typed_and_the_worker_restarts(bus: Option<String>) {
     .await
     .expect("serving again")
     .unwrap();
+
+    // Every open stream ends with the typed error, never a `stop`: no other worker could take
+    // it over (a request never goes back to the worker that failed it).
+    let ends = futures::future::join_all(open.into_iter().map(|mut g| async move {
+        let mut finish = None;
+        let error = loop {
+            match g.next().await {
+                Some(Ok(p)) => finish = finish.or(p.finish),
+                Some(Err(e)) => break Some(e),
+                None => break None,
+            }
+        };
+        (finish, error)
+    }))
+    .await;
+    for (i, (finish, error)) in ends.into_iter().enumerate() {
+        assert_ne!(finish, Some(FinishReason::Stop), "stream {i} reported stop");
+        assert_eq!(finish, None, "stream {i} finished instead of failing");
+        let e = error.unwrap_or_else(|| panic!("stream {i} ended without an error"));
+        assert_eq!(e.code, Some("worker_failed"), "stream {i}: {e:?}");
+        assert_eq!(e.status, 503);
+    }
+    let e = marked_request
+        .await
+        .unwrap()
+        .expect("the marked request fails");
+    assert_eq!(e.code, Some("worker_failed"), "the marked request: {e:?}");
     until_instances(&table, |n| n == 1, "the restarted worker is listed again").await;
 
     let prompt: Vec<u32> = (0..20).map(|j| vocab.start + 300 + j).collect();

@@ -131,8 +131,12 @@ impl Runtime {
     pub async fn close(&self) {
         self.inner.shutdown.cancel();
         self.inner.discovery.close().await;
-        if let Err(e) = self.inner.bus.flush().await {
-            tracing::debug!(error = %e, "flush on close failed");
+        // Bounded: without the bus a flush would wait for a server that is gone.
+        match tokio::time::timeout(std::time::Duration::from_secs(1), self.inner.bus.flush()).await
+        {
+            Ok(Err(e)) => tracing::debug!(error = %e, "flush on close failed"),
+            Err(_) => tracing::debug!("flush on close timed out (the bus is gone)"),
+            Ok(Ok(())) => {}
         }
     }
 }

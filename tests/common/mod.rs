@@ -382,9 +382,15 @@ pub struct Serve {
 
 impl Serve {
     pub fn start(args: &[&str]) -> Serve {
+        Self::start_with_env(args, &[])
+    }
+
+    /// [`Serve::start`] with environment variables set (its children inherit them).
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Serve {
         let mut child = dynamo_run()
             .arg("serve")
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

@@ -112,19 +112,11 @@ const MAX_BUILD_ATTEMPTS: u32 = 5;
 
 pub(crate) enum WatcherMsg {
     Member(MemberEvent),
-    /// A model kept listed after its last worker left ([`MODEL_LINGER`]): drop it if it
-    /// still has none.
-    Expire(String),
     Built {
         key: String,
         result: Result<Arc<Preprocessor>, String>,
     },
 }
-
-/// How long a model stays listed after its last worker left: its workers may be restarting
-/// (a killed worker under `serve` is back in about a second), and its requests meanwhile
-/// wait for one (then get 503) rather than a 404.
-pub const MODEL_LINGER: std::time::Duration = std::time::Duration::from_secs(30);
 
 pub(crate) struct ModelWatcher {
     pub runtime: Runtime,
@@ -199,7 +191,7 @@ async fn build(
 
 impl ModelWatcher {
     /// Recomputes the entry of model `name` from the live instances and built pipelines.
-    fn refresh(&self, myself: &ActorRef<WatcherMsg>, state: &mut WatcherState, name: &str) {
+    fn refresh(&self, state: &mut WatcherState, name: &str) {
         let mut by_key: BTreeMap<String, Vec<WorkerAddr>> = BTreeMap::new();
         for (addr, card) in &state.cards {
             if card.name == name {
@@ -228,44 +220,19 @@ impl ModelWatcher {
                     .or_insert_with(now_secs),
             })
         });
-        let entry = match (entry, self.table.get(name)) {
-            (Some(e), _) => {
-                tracing::info!(model = name, instances = e.instances.len(), "model listed");
-                Some(e)
-            }
-            // Its last worker left: keep it listed, without workers, for a while.
-            (None, Some(prev)) if !prev.instances.is_empty() => {
-                tracing::warn!(
-                    model = name,
-                    linger_s = MODEL_LINGER.as_secs(),
-                    "model has no live worker; kept listed while its workers restart"
-                );
-                let name = name.to_string();
-                myself.send_after(MODEL_LINGER, move || WatcherMsg::Expire(name));
-                Some(ModelEntry {
-                    card: prev.card.clone(),
-                    pre: prev.pre.clone(),
-                    instances: Vec::new(),
-                    cursor: prev.cursor.clone(),
-                    created: prev.created,
-                })
-            }
-            (None, Some(_)) => return,
-            (None, None) => None,
-        };
-        self.table.replace(name, entry);
-        self.drop_unused_pipelines(state);
-    }
-
-    /// Drops preprocessors no live instance uses (a lingering model keeps its own, so its
-    /// restarted workers are served at once).
-    fn drop_unused_pipelines(&self, state: &mut WatcherState) {
-        let mut live: HashSet<String> = state.cards.values().map(ModelCard::content_key).collect();
-        for e in self.table.list() {
-            if e.instances.is_empty() {
-                live.insert(e.card.content_key());
-            }
+        if entry.is_none() {
+            state.created.remove(name);
         }
+        match &entry {
+            Some(e) => tracing::info!(model = name, instances = e.instances.len(), "model listed"),
+            None if self.table.get(name).is_some() => {
+                tracing::info!(model = name, "model no longer served")
+            }
+            None => {}
+        }
+        self.table.replace(name, entry);
+        // Drop preprocessors no live instance uses.
+        let live: HashSet<String> = state.cards.values().map(ModelCard::content_key).collect();
         state.pipelines.retain(|k, _| live.contains(k));
     }
 
@@ -295,13 +262,13 @@ impl ModelWatcher {
                     });
                 }
                 if let Some(prev) = previous.filter(|p| p.name != name) {
-                    self.refresh(myself, state, &prev.name);
+                    self.refresh(state, &prev.name);
                 }
-                self.refresh(myself, state, &name);
+                self.refresh(state, &name);
             }
             MemberEvent::Left { endpoint, instance } => {
                 if let Some(card) = state.cards.remove(&WorkerAddr { endpoint, instance }) {
-                    self.refresh(myself, state, &card.name);
+                    self.refresh(state, &card.name);
                 }
             }
         }
@@ -351,18 +318,6 @@ impl Actor for ModelWatcher {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             WatcherMsg::Member(ev) => self.on_event(&myself, state, ev),
-            WatcherMsg::Expire(name) => {
-                if self
-                    .table
-                    .get(&name)
-                    .is_some_and(|e| e.instances.is_empty())
-                {
-                    tracing::info!(model = %name, "model no longer served");
-                    state.created.remove(&name);
-                    self.table.replace(&name, None);
-                    self.drop_unused_pipelines(state);
-                }
-            }
             WatcherMsg::Built { key, result } => {
                 state.fetching.remove(&key);
                 match result {
@@ -370,7 +325,7 @@ impl Actor for ModelWatcher {
                         state.failures.remove(&key);
                         let name = pre.name().to_string();
                         state.pipelines.insert(key, pre);
-                        self.refresh(&myself, state, &name);
+                        self.refresh(state, &name);
                     }
                     Err(e) => {
                         let failures = state.failures.entry(key.clone()).or_default();

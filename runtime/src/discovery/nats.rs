@@ -21,6 +21,17 @@ use super::{
 use crate::bus::NatsBus;
 use crate::subject::{DiscoveryFilter, EndpointId, InstanceId};
 
+/// How long deregistration waits for the store before it leaves the entries to their leases
+/// (a shutdown must not wait for a bus that is gone).
+const GIVE_UP: Duration = Duration::from_secs(1);
+
+impl Inner {
+    /// Whether the bus is connected now (without it, deregistration does not wait at all).
+    fn connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+}
+
 /// Discovery over NATS JetStream KV. Cheap to clone.
 #[derive(Clone)]
 pub struct NatsDiscovery {
@@ -28,6 +39,8 @@ pub struct NatsDiscovery {
 }
 
 struct Inner {
+    /// The bus's client: whether it is connected now.
+    client: async_nats::Client,
     js: jetstream::Context,
     settings: DiscoverySettings,
     store: RwLock<kv::Store>,
@@ -100,6 +113,7 @@ impl NatsDiscovery {
             );
         }
         let inner = Arc::new(Inner {
+            client: bus.client().clone(),
             js,
             settings,
             store: RwLock::new(store),
@@ -235,13 +249,18 @@ impl Discovery for NatsDiscovery {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&key);
-        self.inner
-            .store
-            .read()
-            .await
-            .delete(&key)
-            .await
-            .map_err(unavailable)
+        if !self.inner.connected() {
+            return Err(DiscoveryError::Unavailable(
+                "the bus is disconnected; the entry's lease expires it".into(),
+            ));
+        }
+        let store = self.inner.store.read().await.clone();
+        match tokio::time::timeout(GIVE_UP, store.delete(&key)).await {
+            Ok(r) => r.map_err(unavailable),
+            Err(_) => Err(DiscoveryError::Unavailable(format!(
+                "no answer from the store within {GIVE_UP:?}; the entry's lease expires it"
+            ))),
+        }
     }
 
     async fn list(&self, filter: &DiscoveryFilter) -> Result<Vec<InstanceInfo>, DiscoveryError> {
@@ -288,11 +307,25 @@ impl Discovery for NatsDiscovery {
         )
         .into_keys()
         .collect();
+        if !self.inner.connected() {
+            tracing::warn!(
+                "the bus is disconnected; leaving this process's discovery entries to their leases"
+            );
+            return;
+        }
         let store = self.inner.store.read().await.clone();
-        for key in keys {
-            if let Err(e) = store.delete(&key).await {
-                tracing::warn!(%key, error = %e, "could not deregister on close");
+        // Without the bus (nats-server gone) this must not hold the process: the leases
+        // expire the entries anyway.
+        let deleted = tokio::time::timeout(GIVE_UP, async {
+            for key in keys {
+                if let Err(e) = store.delete(&key).await {
+                    tracing::warn!(%key, error = %e, "could not deregister on close");
+                }
             }
+        })
+        .await;
+        if deleted.is_err() {
+            tracing::warn!("the discovery store did not answer within {GIVE_UP:?}; leaving the entries to their leases");
         }
     }
 }

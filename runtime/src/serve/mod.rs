@@ -546,6 +546,9 @@ impl ServedEndpoint {
     /// Deregisters, stops taking requests, waits up to `grace` for open ones, cancels the rest.
     pub async fn shutdown(mut self, grace: Duration) -> DrainReport {
         let ep = self.shared.endpoint.clone();
+        // The grace counts from here: a deregistration that waits for a store that is gone
+        // (it gives up after a moment) shortens the drain, never lengthens the shutdown.
+        let until = Instant::now() + grace;
         if let Err(e) = self.discovery.deregister(&ep, self.shared.instance).await {
             tracing::warn!(endpoint = %ep, error = %e, "could not deregister");
         }
@@ -562,7 +565,7 @@ impl ServedEndpoint {
                 notified.await;
             }
         };
-        let cancelled = match tokio::time::timeout(grace, drained).await {
+        let cancelled = match tokio::time::timeout_at(until, drained).await {
             Ok(()) => 0,
             Err(_) => {
                 let n = self.shared.open.len();
