@@ -399,6 +399,25 @@ async fn no_live_worker_is_503_and_the_inflight_limit_is_429() {
     let (st, body, headers) = s.post("/v1/chat/completions", &chat("third")).await;
     assert_error(st, &body, 429, "limit of 2");
     assert_eq!(headers["retry-after"], "1");
+    // The refusal comes before the body is read: a client that announces 2 MB and sends
+    // none of it gets its 429 at once (reading the body first would wait for it forever).
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = s.base.trim_start_matches("http://").to_string();
+        let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let head = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            2 << 20
+        );
+        conn.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = vec![0u8; 512];
+        let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut answer))
+            .await
+            .expect("an answer without the body")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer[..n]);
+        assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
+    }
     drop((sse_events(a).await, sse_events(b).await));
     assert_eq!(s.inflight().await, 0);
 

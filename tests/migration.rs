@@ -6,10 +6,14 @@
 mod common;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::{dynamo_run, model_dir, Proc};
-use dynamo_actors::frontend::{Endpoint, Frontend, FrontendSettings, Generation, RouterMode};
+
+use dynamo_actors::frontend::{
+    Endpoint, Frontend, FrontendSettings, Generation, RouterMode, Serving,
+};
 use dynamo_protocols::llm::FinishReason;
 use dynamo_runtime::subject::Namespace;
 use dynamo_runtime::testing::NatsServer;
@@ -19,13 +23,23 @@ use serde_json::{json, Value};
 const NS: &str = "mig";
 
 fn worker(url: &str, engine: &str, extra: &[&str]) -> (InstanceId, Proc) {
+    worker_with_env(url, engine, extra, &[])
+}
+
+fn worker_with_env(
+    url: &str,
+    engine: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (InstanceId, Proc) {
     let endpoint = format!("in=dyn://{NS}.backend.generate");
     let proc = Proc::start(
         dynamo_run()
             .args(["--bus", url, &endpoint, engine, "--model-path", model_dir()])
             .args(["--model-name", "m", "--block-size", "16"])
             .args(extra)
-            .env("DYN_DISCOVERY__LEASE", "2s"),
+            .env("DYN_DISCOVERY__LEASE", "2s")
+            .envs(env.iter().copied()),
     );
     let instance = InstanceId::parse_hex(proc.instance())
         .unwrap_or_else(|_| panic!("ready line {:?}", proc.ready));
@@ -37,6 +51,51 @@ async fn frontend(url: &str, mode: RouterMode) -> Frontend {
     let mut settings = FrontendSettings::new(Namespace::new(NS).unwrap());
     settings.router_mode = mode;
     Frontend::start(&runtime, settings).await.unwrap()
+}
+
+/// Starts `n` streaming completions of `max_tokens` (distinct prompts of `len` tokens), each
+/// with its first piece read: they are all open on their workers.
+async fn open_streams(
+    serving: &Arc<Serving>,
+    n: u32,
+    len: u32,
+    max_tokens: u32,
+) -> Vec<Generation> {
+    let mut open = Vec::new();
+    for i in 0..n {
+        let prompt: Vec<u32> = (0..len).map(|j| 100 + i * (len + 10) + j).collect();
+        let body =
+            json!({"model": "m", "prompt": prompt, "max_tokens": max_tokens, "stream": true});
+        let mut g = serving.start(Endpoint::Completions, &body).await.unwrap();
+        let first = g
+            .next()
+            .await
+            .expect("a first piece")
+            .expect("no error yet");
+        assert!(first.finish.is_none());
+        open.push(g);
+    }
+    open
+}
+
+/// Reads every stream to its end; each must finish with its whole budget, and only those of
+/// `victim` moved (once).
+async fn all_finish(open: Vec<Generation>, victim: InstanceId, max_tokens: u32) {
+    let results = futures::future::join_all(open.into_iter().map(|g| async move {
+        let worker = g.worker;
+        (worker, finish(g).await)
+    }))
+    .await;
+    for (i, (worker, result)) in results.into_iter().enumerate() {
+        let (_, finish, tokens, migrations) =
+            result.unwrap_or_else(|e| panic!("stream {i} failed: {e}"));
+        assert_eq!(finish, Some(FinishReason::Length), "stream {i}");
+        assert_eq!(
+            tokens, max_tokens,
+            "stream {i}: every token of the budget, once"
+        );
+        assert_eq!(migrations, (worker == victim) as u32, "stream {i}");
+    }
 }
 
 /// Reads a generation to its end: (text, finish, completion tokens), or the error.
@@ -64,19 +123,7 @@ async fn a_killed_workers_streams_finish_on_the_others() {
         .expect("three workers listed");
     let serving = frontend.serving().clone();
     // Twelve streams of 200 tokens (about 1.2 s each at the mocker's pace), spread round-robin.
-    let mut open = Vec::new();
-    for i in 0..12u32 {
-        let prompt: Vec<u32> = (0..40).map(|j| 100 + i * 50 + j).collect();
-        let body = json!({"model": "m", "prompt": prompt, "max_tokens": 200, "stream": true});
-        let mut g = serving.start(Endpoint::Completions, &body).await.unwrap();
-        let first = g
-            .next()
-            .await
-            .expect("a first piece")
-            .expect("no error yet");
-        assert!(first.finish.is_none());
-        open.push(g);
-    }
+    let open = open_streams(&serving, 12, 40, 200).await;
     let victim = open[0].worker;
     let on_victim = open.iter().filter(|g| g.worker == victim).count();
     assert!(
@@ -84,20 +131,7 @@ async fn a_killed_workers_streams_finish_on_the_others() {
         "round-robin gave the victim {on_victim} streams"
     );
     workers.get_mut(&victim).unwrap().kill9();
-
-    let results = futures::future::join_all(open.into_iter().map(|g| async move {
-        let worker = g.worker;
-        (worker, finish(g).await)
-    }))
-    .await;
-    for (i, (worker, result)) in results.into_iter().enumerate() {
-        let (_, finish, tokens, migrations) =
-            result.unwrap_or_else(|e| panic!("stream {i} failed: {e}"));
-        assert_eq!(finish, Some(FinishReason::Length), "stream {i}");
-        assert_eq!(tokens, 200, "stream {i}: every token of the budget, once");
-        // Only the killed worker's streams moved, once each.
-        assert_eq!(migrations, (worker == victim) as u32, "stream {i}");
-    }
+    all_finish(open, victim, 200).await;
     // A new request goes to a survivor at once.
     let body = json!({"model": "m", "prompt": [5, 6, 7], "max_tokens": 3});
     let g = serving.start(Endpoint::Completions, &body).await.unwrap();
@@ -158,56 +192,21 @@ async fn a_draining_worker_hands_off_what_it_cannot_finish() {
     let server = NatsServer::start().unwrap();
     let url = server.url();
     let mut workers: HashMap<InstanceId, Proc> = (0..2)
-        .map(|_| {
-            let endpoint = format!("in=dyn://{NS}.backend.generate");
-            let proc = Proc::start(
-                dynamo_run()
-                    .args([
-                        "--bus",
-                        &url,
-                        &endpoint,
-                        "out=mocker",
-                        "--model-path",
-                        model_dir(),
-                    ])
-                    .args(["--model-name", "m", "--block-size", "16"])
-                    .env("DYN_DISCOVERY__LEASE", "2s")
-                    .env("DYN_SHUTDOWN_GRACE", "300ms"),
-            );
-            (InstanceId::parse_hex(proc.instance()).unwrap(), proc)
-        })
+        .map(|_| worker_with_env(&url, "out=mocker", &[], &[("DYN_SHUTDOWN_GRACE", "300ms")]))
         .collect();
     let frontend = frontend(&url, RouterMode::RoundRobin).await;
     tokio::time::timeout(Duration::from_secs(10), frontend.models().wait_for("m", 2))
         .await
         .expect("two workers listed");
     let serving = frontend.serving().clone();
-    let mut open = Vec::new();
-    for i in 0..6u32 {
-        let prompt: Vec<u32> = (0..30).map(|j| 100 + i * 40 + j).collect();
-        // About 2.4 s of decoding: far past the 300 ms grace.
-        let body = json!({"model": "m", "prompt": prompt, "max_tokens": 400, "stream": true});
-        let mut g = serving.start(Endpoint::Completions, &body).await.unwrap();
-        g.next().await.unwrap().unwrap();
-        open.push(g);
-    }
+    // About 2.4 s of decoding each: far past the 300 ms grace.
+    let open = open_streams(&serving, 6, 30, 400).await;
     let victim = open[0].worker;
     workers
         .get(&victim)
         .unwrap()
         .signal(nix::sys::signal::Signal::SIGTERM);
-    let results = futures::future::join_all(open.into_iter().map(|g| async move {
-        let worker = g.worker;
-        (worker, finish(g).await)
-    }))
-    .await;
-    for (i, (worker, result)) in results.into_iter().enumerate() {
-        let (_, finish, tokens, migrations) =
-            result.unwrap_or_else(|e| panic!("stream {i} failed: {e}"));
-        assert_eq!(finish, Some(FinishReason::Length), "stream {i}");
-        assert_eq!(tokens, 400, "stream {i}");
-        assert_eq!(migrations, (worker == victim) as u32, "stream {i}");
-    }
+    all_finish(open, victim, 400).await;
     let status = workers
         .get_mut(&victim)
         .unwrap()

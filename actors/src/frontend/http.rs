@@ -93,6 +93,24 @@ async fn wrong_method(req: Request) -> Response {
 /// 413 rather than a reset connection; past this the connection is dropped.
 const DRAIN_FACTOR: usize = 8;
 
+/// How long a refused request's body is read (and dropped) at most.
+const DISCARD_FOR: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Reads a refused request's body without keeping it, up to `most` bytes (past that the
+/// connection is dropped).
+async fn discard_body(most: usize, req: Request) {
+    let mut body = req.into_body();
+    let mut seen = 0usize;
+    while let Some(Ok(frame)) = body.frame().await {
+        if let Some(data) = frame.data_ref() {
+            seen += data.len();
+            if seen > most {
+                break;
+            }
+        }
+    }
+}
+
 /// Reads and parses the body, refusing oversize bodies and invalid JSON.
 async fn read_json(state: &HttpState, req: Request) -> Result<Value, ApiError> {
     let limit = state.max_body_bytes;
@@ -148,13 +166,25 @@ async fn generate(state: Arc<HttpState>, req: Request, endpoint: Endpoint) -> Re
             ))
         }
     };
+    // Admitted (in-flight limit) before the body is read: a client over the limit costs a
+    // 429, not the memory and time of its body.
+    let permit = match state.serving.admit_unread(endpoint) {
+        Ok(p) => p,
+        Err(e) => {
+            // The 429 goes at once; meanwhile the body is read and dropped as it comes (never
+            // held), so a client still sending it reads the 429 instead of a reset.
+            let most = state.max_body_bytes.saturating_mul(DRAIN_FACTOR);
+            tokio::spawn(tokio::time::timeout(DISCARD_FOR, discard_body(most, req)));
+            return error_response(&e);
+        }
+    };
     let body = match read_json(&state, req).await {
         Ok(b) => b,
         Err(e) => return error_response(&e),
     };
     let gen = match state
         .serving
-        .start_as(endpoint, &body, request_id.as_deref())
+        .start_admitted(permit, endpoint, body, request_id.as_deref())
         .await
     {
         Ok(g) => g,

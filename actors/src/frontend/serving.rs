@@ -197,8 +197,32 @@ pub struct Serving {
     stats: Option<Arc<super::stats::StatsWindow>>,
 }
 
+/// Text in a request past which it is preprocessed on a blocking thread.
+const LARGE_BODY_CHARS: usize = 64 * 1024;
+
+/// Whether the strings in `v` hold more than [`LARGE_BODY_CHARS`] characters (stops counting
+/// there).
+fn body_is_large(v: &Value) -> bool {
+    fn walk(v: &Value, left: &mut usize) -> bool {
+        match v {
+            Value::String(s) => {
+                *left = left.saturating_sub(s.len());
+                *left == 0
+            }
+            Value::Array(a) => {
+                // Token ids count too: a long array of numbers is a long prompt.
+                *left = left.saturating_sub(a.len());
+                *left == 0 || a.iter().any(|x| walk(x, left))
+            }
+            Value::Object(o) => o.values().any(|x| walk(x, left)),
+            _ => false,
+        }
+    }
+    walk(v, &mut LARGE_BODY_CHARS.clone())
+}
+
 /// Holds one in-flight slot; frees it on drop.
-struct Permit(Arc<AtomicUsize>);
+pub struct Permit(Arc<AtomicUsize>);
 
 impl Drop for Permit {
     fn drop(&mut self) {
@@ -329,6 +353,15 @@ impl Serving {
                     .map(|(i, _)| *i),
             )
             .collect()
+    }
+
+    /// Takes an in-flight slot before anything of the request is read: over the limit, a
+    /// 429 (counted, with no model label: the body that names it was not read).
+    pub fn admit_unread(&self, endpoint: Endpoint) -> Result<Permit, ApiError> {
+        self.admit().inspect_err(|e| {
+            RequestMetrics::start(None, endpoint, 0, Instant::now(), self.stats.clone())
+                .finish(e.status_label());
+        })
     }
 
     fn admit(&self) -> Result<Permit, ApiError> {
@@ -557,6 +590,35 @@ impl Serving {
         body: &Value,
         request_id: Option<&str>,
     ) -> Result<Generation, ApiError> {
+        self.start_with(endpoint, std::borrow::Cow::Borrowed(body), request_id, None)
+            .await
+    }
+
+    /// [`Serving::start_as`] for a request admitted before its body was read
+    /// ([`Serving::admit_unread`]).
+    pub async fn start_admitted(
+        self: &Arc<Self>,
+        permit: Permit,
+        endpoint: Endpoint,
+        body: Value,
+        request_id: Option<&str>,
+    ) -> Result<Generation, ApiError> {
+        self.start_with(
+            endpoint,
+            std::borrow::Cow::Owned(body),
+            request_id,
+            Some(permit),
+        )
+        .await
+    }
+
+    async fn start_with(
+        self: &Arc<Self>,
+        endpoint: Endpoint,
+        body: std::borrow::Cow<'_, Value>,
+        request_id: Option<&str>,
+        permit: Option<Permit>,
+    ) -> Result<Generation, ApiError> {
         if let Some(id) = request_id {
             if id.is_empty() || id.len() > 128 || !id.bytes().all(|b| b.is_ascii_graphic()) {
                 return Err(ApiError::bad_request(
@@ -593,13 +655,27 @@ impl Serving {
                 .finish(e.status_label());
             Err(e)
         };
-        let permit = match self.admit() {
+        let permit = match permit.map_or_else(|| self.admit(), Ok) {
             Ok(p) => p,
             Err(e) => return fail(e, 0),
         };
-        let prepared = match endpoint {
-            Endpoint::Chat => entry.pre.chat(body),
-            Endpoint::Completions => entry.pre.completion(body),
+        // Templating and tokenizing a large prompt take milliseconds of CPU: off the async
+        // runtime's worker threads, so they keep serving other requests' streams meanwhile.
+        let prepared = if body_is_large(&body) {
+            let (pre, body) = (entry.pre.clone(), body.into_owned());
+            tokio::task::spawn_blocking(move || match endpoint {
+                Endpoint::Chat => pre.chat(&body),
+                Endpoint::Completions => pre.completion(&body),
+            })
+            .await
+            .map_err(|e| {
+                ApiError::new(500, "internal_error", format!("preprocessing failed: {e}"))
+            })?
+        } else {
+            match endpoint {
+                Endpoint::Chat => entry.pre.chat(&body),
+                Endpoint::Completions => entry.pre.completion(&body),
+            }
         };
         let prepared = match prepared {
             Ok(p) => p,

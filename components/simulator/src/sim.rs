@@ -466,10 +466,7 @@ impl<'a> Sim<'a> {
                 }
             }
             if let Some(ok) = ended {
-                if let Some(l) = self.live[i].take() {
-                    self.workers[slot].open -= 1;
-                    self.end(l, ok);
-                }
+                self.close(slot, i, ok);
             }
         }
         self.touched = touched;
@@ -592,10 +589,7 @@ impl<'a> Sim<'a> {
             .add_tagged(req, tx, CancellationToken::new(), i as u64)
             .is_err()
         {
-            if let Some(l) = self.live[i].take() {
-                self.workers[slot].open -= 1;
-                self.end(l, false);
-            }
+            self.close(slot, i, false);
         }
     }
 
@@ -650,10 +644,7 @@ impl<'a> Sim<'a> {
                 }
             }
             if let Some(ok) = ended {
-                if let Some(l) = self.live[i].take() {
-                    self.workers[slot].open -= 1;
-                    self.end(l, ok);
-                }
+                self.close(slot, i, ok);
             }
         }
         self.touched = touched;
@@ -679,6 +670,14 @@ impl<'a> Sim<'a> {
             w.load_at = Some(now);
             let load = w.sched.load();
             self.router.record_load(Self::wid(slot), load);
+        }
+    }
+
+    /// Request `i` on `slot` ended (`ok`: with its finish).
+    fn close(&mut self, slot: usize, i: usize, ok: bool) {
+        if let Some(l) = self.live[i].take() {
+            self.workers[slot].open -= 1;
+            self.end(l, ok);
         }
     }
 

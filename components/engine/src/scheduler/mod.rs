@@ -562,6 +562,19 @@ impl Seq {
         self.cancel.is_cancelled() || self.out.is_closed()
     }
 
+    /// Caches the blocks its computed tokens have filled since the last call (their KV
+    /// events follow).
+    fn register_computed(&mut self, pool: &mut BlockPool, block_size: usize) {
+        self.extend_hashes(block_size);
+        let full = (self.computed / block_size).min(self.hashes.len());
+        for b in self.registered..full {
+            let parent = b.checked_sub(1).map(|p| self.hashes[p].1);
+            let (local, hash) = self.hashes[b];
+            pool.register(self.blocks[b], parent, local, hash, b as u32);
+        }
+        self.registered = self.registered.max(full);
+    }
+
     fn extend_hashes(&mut self, block_size: usize) {
         let full = self.tokens.len() / block_size;
         while self.hashes.len() < full {
@@ -1165,15 +1178,7 @@ impl<E: Executor> Scheduler<E> {
         for &(i, take) in &plan {
             let seq = &mut self.running[i];
             seq.computed += take;
-            seq.extend_hashes(bs);
-            let full = (seq.computed / bs).min(seq.hashes.len());
-            for b in seq.registered..full {
-                let parent = b.checked_sub(1).map(|p| seq.hashes[p].1);
-                let (local, hash) = seq.hashes[b];
-                self.pool
-                    .register(seq.blocks[b], parent, local, hash, b as u32);
-            }
-            seq.registered = seq.registered.max(full);
+            seq.register_computed(&mut self.pool, bs);
             if seq.computed < seq.tokens.len() {
                 continue;
             }
@@ -1339,15 +1344,7 @@ impl<E: Executor> Scheduler<E> {
             exec.count_step();
             for (seq, out) in self.running.iter_mut().zip(tokens.iter_mut()) {
                 seq.computed += 1;
-                seq.extend_hashes(bs);
-                let full = (seq.computed / bs).min(seq.hashes.len());
-                for b in seq.registered..full {
-                    let parent = b.checked_sub(1).map(|p| seq.hashes[p].1);
-                    let (local, hash) = seq.hashes[b];
-                    self.pool
-                        .register(seq.blocks[b], parent, local, hash, b as u32);
-                }
-                seq.registered = seq.registered.max(full);
+                seq.register_computed(&mut self.pool, bs);
                 let token = exec.sample();
                 seq.tokens.push(token);
                 seq.generated += 1;
