@@ -78,6 +78,8 @@ pub struct FastBpe {
     split: regex::Regex,
     chars: [char; 256],
     cache: Mutex<WordCache>,
+    /// The most bytes of text one token stands for.
+    max_token_bytes: usize,
 }
 
 fn merge_pair(m: &Value) -> Option<(String, String)> {
@@ -162,6 +164,14 @@ impl FastBpe {
                 special.push(entry);
             }
         }
+        // Byte-level spellings: one character per byte of text.
+        let max_token_bytes = vocab
+            .keys()
+            .map(|k| k.chars().count())
+            .chain(special.iter().chain(&normal).map(|(c, _)| c.len()))
+            .max()
+            .unwrap_or(1)
+            .max(1);
         let ignore_merges = model
             .get("ignore_merges")
             .and_then(Value::as_bool)
@@ -175,7 +185,14 @@ impl FastBpe {
             split: regex::Regex::new(PATTERN).ok()?,
             chars,
             cache: Mutex::new(HashMap::new()),
+            max_token_bytes,
         })
+    }
+
+    /// The most bytes of text one token stands for: a text of `n` bytes is at least
+    /// `n / max_token_bytes` tokens (no normalizer changes its bytes on this path).
+    pub fn max_token_bytes(&self) -> usize {
+        self.max_token_bytes
     }
 
     /// Token ids of `text`, without the tokenizer's special-token framing

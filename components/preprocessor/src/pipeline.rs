@@ -247,8 +247,25 @@ impl Preprocessor {
         &self.tokenizer
     }
 
-    /// Tokenizes `text`; `special` adds the tokenizer's BOS/EOS framing.
+    /// Tokenizes `text`; `special` adds the tokenizer's BOS/EOS framing. A text too long for
+    /// the context by its bytes alone is refused before it is tokenized (where the tokenizer
+    /// bounds the bytes a token stands for).
     pub fn encode(&self, text: &str, special: bool) -> Result<Vec<TokenId>, RequestError> {
+        if let Some(fast) = &self.fast {
+            let at_least = text.len() / fast.max_token_bytes();
+            let context = self.context_length as usize;
+            if at_least >= context {
+                return Err(RequestError {
+                    message: format!(
+                        "this model's maximum context length is {context} tokens; the prompt is at least {at_least} tokens ({} bytes of text, at most {} bytes a token)",
+                        text.len(),
+                        fast.max_token_bytes()
+                    ),
+                    param: None,
+                    code: Some("context_length_exceeded"),
+                });
+            }
+        }
         if let (false, Some(fast)) = (special, &self.fast) {
             return Ok(fast.encode(text));
         }

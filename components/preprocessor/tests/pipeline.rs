@@ -142,6 +142,13 @@ fn prompt_over_the_context_is_refused() {
     let long = "word ".repeat(5000);
     let e = chat_err(json!({"model": "m", "messages": [{"role": "user", "content": long}]}));
     assert_eq!(e.code, Some("context_length_exceeded"));
+    // Counted after tokenizing: by its bytes alone it might fit.
+    assert!(!e.message.contains("at least"), "{}", e.message);
+    // A megabyte cannot fit whatever its tokens: refused before it is tokenized.
+    let huge = "abcdefghij ".repeat(100_000);
+    let e = chat_err(json!({"model": "m", "messages": [{"role": "user", "content": huge}]}));
+    assert_eq!(e.code, Some("context_length_exceeded"));
+    assert!(e.message.contains("at least"), "{}", e.message);
     let e = chat_err(
         json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4090}),
     );
