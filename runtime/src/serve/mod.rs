@@ -94,6 +94,17 @@ pub(crate) struct EndpointShared {
 }
 
 impl EndpointShared {
+    /// Returns once no request is open.
+    async fn all_closed(&self) {
+        loop {
+            let notified = self.drained.notified();
+            if self.open.is_empty() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     fn finish(&self, id: RequestId, took: Duration, failed: bool) {
         self.stats
             .processing_ns
@@ -556,16 +567,7 @@ impl ServedEndpoint {
         self.stop_requests.cancel();
         self.service.remove_endpoint(&ep);
         let open_at_start = self.shared.open.len();
-        let drained = async {
-            loop {
-                let notified = self.shared.drained.notified();
-                if self.shared.open.is_empty() {
-                    break;
-                }
-                notified.await;
-            }
-        };
-        let cancelled = match tokio::time::timeout_at(until, drained).await {
+        let cancelled = match tokio::time::timeout_at(until, self.shared.all_closed()).await {
             Ok(()) => 0,
             Err(_) => {
                 let n = self.shared.open.len();
@@ -575,16 +577,10 @@ impl ServedEndpoint {
                 }
                 // Each handler stops and its caller is told to go elsewhere: wait (briefly)
                 // until those frames are out.
-                let told = async {
-                    loop {
-                        let notified = self.shared.drained.notified();
-                        if self.shared.open.is_empty() {
-                            break;
-                        }
-                        notified.await;
-                    }
-                };
-                if tokio::time::timeout(HANDOFF_WAIT, told).await.is_err() {
+                if tokio::time::timeout(HANDOFF_WAIT, self.shared.all_closed())
+                    .await
+                    .is_err()
+                {
                     tracing::warn!(endpoint = %ep, left = self.shared.open.len(), "some handlers did not stop after their cancellation");
                 }
                 n
