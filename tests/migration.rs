@@ -53,6 +53,13 @@ async fn frontend(url: &str, mode: RouterMode) -> Frontend {
     Frontend::start(&runtime, settings).await.unwrap()
 }
 
+/// Waits until the frontend lists `n` workers of the model.
+async fn until_listed(frontend: &Frontend, n: usize) {
+    tokio::time::timeout(Duration::from_secs(10), frontend.models().wait_for("m", n))
+        .await
+        .unwrap_or_else(|_| panic!("{n} workers listed"));
+}
+
 /// Starts `n` streaming completions of `max_tokens` (distinct prompts of `len` tokens), each
 /// with its first piece read: they are all open on their workers.
 async fn open_streams(
@@ -118,9 +125,7 @@ async fn a_killed_workers_streams_finish_on_the_others() {
         .map(|_| worker(&url, "out=mocker", &["--num-gpu-blocks", "512"]))
         .collect();
     let frontend = frontend(&url, RouterMode::RoundRobin).await;
-    tokio::time::timeout(Duration::from_secs(10), frontend.models().wait_for("m", 3))
-        .await
-        .expect("three workers listed");
+    until_listed(&frontend, 3).await;
     let serving = frontend.serving().clone();
     // Twelve streams of 200 tokens (about 1.2 s each at the mocker's pace), spread round-robin.
     let open = open_streams(&serving, 12, 40, 200).await;
@@ -147,9 +152,7 @@ async fn a_migrated_greedy_request_gives_the_text_it_gives_without_faults() {
     let url = server.url();
     let (first_id, mut first) = worker(&url, "out=native", &[]);
     let frontend = frontend(&url, RouterMode::Kv).await;
-    tokio::time::timeout(Duration::from_secs(10), frontend.models().wait_for("m", 1))
-        .await
-        .expect("the worker is listed");
+    until_listed(&frontend, 1).await;
     let serving = frontend.serving().clone();
     let body: Value = json!({
         "model": "m",
@@ -167,9 +170,7 @@ async fn a_migrated_greedy_request_gives_the_text_it_gives_without_faults() {
     // The stream is still open on the first worker (flow control holds it a window ahead);
     // a second worker joins, and the first dies.
     let (second_id, _second) = worker(&url, "out=native", &[]);
-    tokio::time::timeout(Duration::from_secs(10), frontend.models().wait_for("m", 2))
-        .await
-        .expect("the second worker is listed");
+    until_listed(&frontend, 2).await;
     first.kill9();
     let (rest, finish_reason, tokens, migrations) = finish(g).await.unwrap();
     text.push_str(&rest);
@@ -195,9 +196,7 @@ async fn a_draining_worker_hands_off_what_it_cannot_finish() {
         .map(|_| worker_with_env(&url, "out=mocker", &[], &[("DYN_SHUTDOWN_GRACE", "300ms")]))
         .collect();
     let frontend = frontend(&url, RouterMode::RoundRobin).await;
-    tokio::time::timeout(Duration::from_secs(10), frontend.models().wait_for("m", 2))
-        .await
-        .expect("two workers listed");
+    until_listed(&frontend, 2).await;
     let serving = frontend.serving().clone();
     // About 2.4 s of decoding each: far past the 300 ms grace.
     let open = open_streams(&serving, 6, 30, 400).await;

@@ -197,11 +197,12 @@ pub struct Serving {
     stats: Option<Arc<super::stats::StatsWindow>>,
 }
 
-/// Text in a request past which it is preprocessed on a blocking thread.
-const LARGE_BODY_CHARS: usize = 64 * 1024;
+/// Text in a request (bytes of its strings, and token ids) past which it is preprocessed on a
+/// blocking thread.
+const LARGE_BODY: usize = 64 * 1024;
 
-/// Whether the strings in `v` hold more than [`LARGE_BODY_CHARS`] characters (stops counting
-/// there).
+/// Whether the strings and arrays in `v` hold more than [`LARGE_BODY`] bytes and elements
+/// (stops counting there).
 fn body_is_large(v: &Value) -> bool {
     fn walk(v: &Value, left: &mut usize) -> bool {
         match v {
@@ -218,7 +219,8 @@ fn body_is_large(v: &Value) -> bool {
             _ => false,
         }
     }
-    walk(v, &mut LARGE_BODY_CHARS.clone())
+    let mut left = LARGE_BODY;
+    walk(v, &mut left)
 }
 
 /// Holds one in-flight slot; frees it on drop.
@@ -729,6 +731,7 @@ impl Serving {
             metrics,
             _permit: permit,
             serving: self.clone(),
+            entry,
             tried,
             generated: Vec::new(),
             migrations: 0,
@@ -821,8 +824,10 @@ impl Serving {
                         lease,
                     })
                 }
-                Err(e) if pinned.is_none() && Cause::of(&e).is_some() => {
-                    let cause = Cause::of(&e).expect("checked");
+                Err(e) => {
+                    let Some(cause) = Cause::of(&e).filter(|_| pinned.is_none()) else {
+                        return Err(rpc_error(&e, model));
+                    };
                     if cause.gone() {
                         self.suspect(addr.instance);
                     }
@@ -832,7 +837,6 @@ impl Serving {
                     tried.push(addr.instance);
                     last_err = Some(rpc_error(&e, model));
                 }
-                Err(e) => return Err(rpc_error(&e, model)),
             }
         }
         Err(last_err.unwrap_or_else(|| {
@@ -931,6 +935,9 @@ pub struct Generation {
     metrics: RequestMetrics,
     _permit: Permit,
     serving: Arc<Serving>,
+    /// Its model's entry when it started (a migration reads the table's latest, and falls
+    /// back to this one while the model has no worker listed).
+    entry: Arc<ModelEntry>,
     /// Instances that failed it.
     tried: Vec<InstanceId>,
     /// Every token id its workers produced.
@@ -1038,9 +1045,6 @@ impl Generation {
             peer_prefix: None,
             resumed_tokens: original.resumed_tokens + done,
         };
-        let Some(entry) = self.serving.table.get(&self.model) else {
-            return Err(error);
-        };
         self.tried.push(self.worker);
         if cause.gone() {
             self.serving.suspect(self.worker);
@@ -1054,7 +1058,7 @@ impl Generation {
         self.lease = None;
         match self
             .serving
-            .dispatch(&entry, &request, None, &self.id, &mut self.tried)
+            .dispatch(&self.entry, &request, None, &self.id, &mut self.tried)
             .await
         {
             Ok(started) => {

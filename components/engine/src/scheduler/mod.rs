@@ -1321,7 +1321,9 @@ impl<E: Executor> Scheduler<E> {
             self.planned.len()
         );
         let bs = self.settings.block_size;
-        let mut tokens: Vec<Vec<TokenId>> = vec![Vec::with_capacity(n); self.running.len()];
+        let mut tokens: Vec<Vec<TokenId>> = (0..self.running.len())
+            .map(|_| Vec::with_capacity(n))
+            .collect();
         let mut total = Duration::ZERO;
         for j in 0..n {
             for seq in self.running.iter_mut() {
