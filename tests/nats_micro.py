@@ -11,6 +11,7 @@ import json
 import sys
 
 import nats
+import nats.js.errors
 
 
 def check(name, cond, detail=""):
@@ -54,14 +55,21 @@ async def main(url, wanted):
             stats,
         )
     # Discovery: one key per (endpoint, instance) in the JetStream key-value bucket.
+    # Each key is read on its own: nats-py's `keys()` can race its own watcher's
+    # start marker against the first delivered entry and report an empty bucket.
     kv = await nc.jetstream().key_value("dynamo-discovery")
-    keys = await kv.keys()
     for service, endpoints in wanted:
         ns, component = service.split("-", 1)
         ids = {i["id"] for i in infos if i["name"] == service}
         for ep in endpoints:
-            want = {f"{ns}.{component}.{ep}.{i}" for i in ids}
-            check(f"{service}.{ep} in the discovery bucket", want <= set(keys), sorted(keys))
+            want = [f"{ns}.{component}.{ep}.{i}" for i in ids]
+            found = []
+            for key in want:
+                try:
+                    found.append((await kv.get(key)).key)
+                except nats.js.errors.KeyNotFoundError:
+                    pass
+            check(f"{service}.{ep} in the discovery bucket", found == want, (want, found))
     await nc.close()
 
 
