@@ -50,6 +50,7 @@ pub(crate) struct ProcessPool {
     pub grace: Duration,
     pub shutting_down: CancellationToken,
     pub ready: mpsc::UnboundedSender<(String, String)>,
+    pub reaper: crate::serve::Reaper,
 }
 
 enum Replica {
@@ -137,6 +138,7 @@ impl Pool {
                         stop.clone(),
                         p.shutting_down.clone(),
                         p.grace,
+                        p.reaper.clone(),
                     ));
                     Replica::Process { stop, task }
                 }

@@ -20,8 +20,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use dynamo_actors::supervisor::{RoleSpec, Started, SupervisorHandle};
-use dynamo_runtime::subject::Namespace;
-use dynamo_runtime::Runtime;
+use dynamo_runtime::bus::Outgoing;
+use dynamo_runtime::discovery::ProcessId;
+use dynamo_runtime::subject::{gone_subject, DiscoveryFilter, Namespace};
+use dynamo_runtime::{DiscoveryEvent, InstanceInfo, Runtime};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -222,6 +224,7 @@ pub(crate) async fn supervise(
     stop: CancellationToken,
     shutting_down: CancellationToken,
     grace: Duration,
+    reaper: Reaper,
 ) {
     let exe = std::env::current_exe().unwrap_or_else(|_| "dynamo-run".into());
     let mut backoff = Duration::from_secs(1);
@@ -293,6 +296,7 @@ pub(crate) async fn supervise(
                     eprintln!("[{label}] exited ({status}) during shutdown");
                     return;
                 }
+                reaper.reap(&label, pid).await;
                 // A crash loop is a replica that dies before it serves, or soon after. One
                 // that was serving and got SIGKILL (an operator, the OOM killer), or that
                 // served a while, restarts at once (after the first delay).
@@ -318,6 +322,96 @@ struct Running {
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
+/// What `serve` does when a child dies unasked: it knows at once (it is the parent), while
+/// callers streaming from the child would need a probe after a silence. So it follows
+/// discovery for the instances its children registered (entries name their host and
+/// process), and on a death announces each of the child's instances gone
+/// (`dyn.gone.{instance}`): open calls to them end at once and move. Their discovery entries
+/// stay until their leases expire, as when no supervisor watches: the model stays listed while
+/// the child restarts (new requests wait for a worker instead of getting a 404), and callers
+/// route around the dead instance once a call to it fails.
+#[derive(Clone)]
+pub(crate) struct Reaper {
+    runtime: Runtime,
+    by_pid: Arc<Mutex<BTreeMap<u32, Vec<InstanceInfo>>>>,
+    _follow: Arc<AbortOnDrop>,
+}
+
+/// Stops a task when the last handle goes.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Reaper {
+    async fn start(runtime: &Runtime, namespace: &str) -> Result<Self> {
+        let ns = Namespace::new(namespace)?;
+        let mut watch = runtime
+            .discovery()
+            .watch(DiscoveryFilter::namespace(&ns))
+            .await
+            .context("following discovery for the children's instances")?;
+        let host = ProcessId::this().host;
+        let by_pid: Arc<Mutex<BTreeMap<u32, Vec<InstanceInfo>>>> = Arc::default();
+        let map = by_pid.clone();
+        let follow = tokio::spawn(async move {
+            while let Some(event) = watch.next().await {
+                let Ok(mut map) = map.lock() else { return };
+                match event {
+                    DiscoveryEvent::Joined(info) => {
+                        let Some(p) = info.process.clone().filter(|p| p.host == host) else {
+                            continue;
+                        };
+                        let mine = map.entry(p.pid).or_default();
+                        mine.retain(|i| i.key() != info.key());
+                        mine.push(info);
+                    }
+                    DiscoveryEvent::Left { endpoint, instance } => {
+                        let key = endpoint.discovery_key(instance);
+                        for infos in map.values_mut() {
+                            infos.retain(|i| i.key() != key);
+                        }
+                        map.retain(|_, infos| !infos.is_empty());
+                    }
+                }
+            }
+        });
+        Ok(Self {
+            runtime: runtime.clone(),
+            by_pid,
+            _follow: Arc::new(AbortOnDrop(follow)),
+        })
+    }
+
+    /// Child `pid` (`label`) died: its instances are gone.
+    async fn reap(&self, label: &str, pid: u32) {
+        let infos = match self.by_pid.lock() {
+            Ok(mut map) => map.remove(&pid).unwrap_or_default(),
+            Err(_) => return,
+        };
+        if infos.is_empty() {
+            return;
+        }
+        let instances: std::collections::BTreeSet<_> = infos.iter().map(|i| i.instance).collect();
+        let bus = self.runtime.bus();
+        for &i in &instances {
+            let notice = Outgoing::new(gone_subject(i), bytes::Bytes::new());
+            if let Err(e) = bus.publish(notice).await {
+                eprintln!("[{label}] could not announce instance {i} gone: {e}");
+            }
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), bus.flush()).await;
+        let shown: Vec<String> = instances.iter().map(|i| i.to_string()).collect();
+        eprintln!(
+            "[{label}] announced its instance(s) {} gone",
+            shown.join(", ")
+        );
+    }
+}
+
 /// Runs the graph's components (or only `only`) as supervised child processes on `bus`.
 pub async fn supervised(runtime: &Runtime, g: &Graph, bus: &str, only: Option<&str>) -> Result<()> {
     let grace = runtime.settings().shutdown_grace;
@@ -329,6 +423,7 @@ pub async fn supervised(runtime: &Runtime, g: &Graph, bus: &str, only: Option<&s
     };
     let mut running: Vec<Running> = Vec::new();
     let shutting_down = CancellationToken::new();
+    let reaper = Reaper::start(runtime, &g.namespace).await?;
     let processes: usize = comps.iter().map(|c| c.replicas).sum();
     let scaled = g.scaled();
     let shared = Arc::new(g.clone());
@@ -353,6 +448,7 @@ pub async fn supervised(runtime: &Runtime, g: &Graph, bus: &str, only: Option<&s
                         grace,
                         shutting_down: shutting_down.clone(),
                         ready: tx.clone(),
+                        reaper: reaper.clone(),
                     },
                 );
                 pool.scale_to(c.replicas).await?;
@@ -368,6 +464,7 @@ pub async fn supervised(runtime: &Runtime, g: &Graph, bus: &str, only: Option<&s
                             stop.clone(),
                             shutting_down.clone(),
                             grace,
+                            reaper.clone(),
                         ))
                     })
                     .collect()

@@ -117,6 +117,12 @@ fn killed_worker_processes_lose_no_request() {
         migrated >= 1.0,
         "the kills hit streams in flight, which moved:\n{metrics}"
     );
+    // serve saw each death first and announced the dead instances gone.
+    let err = serve.err.lock().unwrap().join("\n");
+    assert!(
+        err.matches("announced its instance(s)").count() >= kills.min(3),
+        "{err}"
+    );
 }
 
 /// Shutdown does not depend on the bus: with nats-server gone, SIGTERM stops every process

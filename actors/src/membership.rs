@@ -5,7 +5,7 @@
 //!
 //! A member is an instance whose discovery metadata holds a valid [`ModelCard`] (a worker's
 //! generate or prefill endpoint); other instances (routers, `kv_dump`, `model_files`) are not
-//! members. An instance with a malformed card is logged once and left out.
+//! members. An instance with a malformed card is counted, logged and left out.
 //!
 //! [`MembershipHandle::subscribe`] gives a [`MemberWatch`]: the current members as `Joined`
 //! events, then every change, in discovery's order. Each subscriber has its own unbounded
@@ -88,10 +88,19 @@ impl State {
 /// Parses a discovery announcement into a member (`None`: not a worker, or a bad card).
 fn member(info: &dynamo_runtime::InstanceInfo) -> Option<Member> {
     let raw = info.metadata.get(ModelCard::METADATA_KEY)?;
-    let card: ModelCard = match serde_json::from_value(raw.clone()) {
+    let card = serde_json::from_value::<ModelCard>(raw.clone())
+        .map_err(|e| e.to_string())
+        .and_then(|c| c.check().map(|()| c));
+    let card = match card {
         Ok(c) => c,
         Err(e) => {
-            tracing::warn!(endpoint = %info.endpoint, instance = %info.instance, error = %e, "ignoring an instance with a malformed model card");
+            dynamo_runtime::telemetry::malformed(
+                "model_card",
+                &format_args!(
+                    "instance {} of {} has an unusable model card: {e}",
+                    info.instance, info.endpoint
+                ),
+            );
             return None;
         }
     };

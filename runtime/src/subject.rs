@@ -11,6 +11,7 @@
 //! | control (cancel), broadcast  | `dyn.ctl.{ns}.{component}.{endpoint}`           |
 //! | events of a component        | `dyn.ev.{ns}.{component}.{topic}.{instance}`    |
 //! | discovery key                | `{ns}.{component}.{endpoint}.{instance}` (a key in the discovery bucket) |
+//! | an instance's process died   | `dyn.gone.{instance}` (published by its supervisor)   |
 //!
 //! Instance ids are printed as 16 lower-case hex digits. Name parts (namespace, component,
 //! endpoint, topic) are 1 to 64 characters of ASCII letters, digits, `-` and `_`, starting with a
@@ -341,6 +342,17 @@ impl DiscoveryFilter {
     pub fn matches(&self, key: &str) -> bool {
         pattern_matches(&self.0, key)
     }
+}
+
+/// Where a supervisor announces that `instance`'s process died (empty payload): callers
+/// streaming from it stop waiting at once.
+pub fn gone_subject(instance: InstanceId) -> Subject {
+    Subject(format!("dyn.gone.{instance}"))
+}
+
+/// Every [`gone_subject`].
+pub fn gone_pattern() -> SubjectPattern {
+    SubjectPattern("dyn.gone.*".into())
 }
 
 /// A concrete subject: no wildcards.

@@ -83,6 +83,48 @@ pub fn health_checks() -> (bool, Vec<serde_json::Value>) {
     (ok, shown)
 }
 
+/// What a bus subscriber does with a message it cannot use (an undecodable payload, a
+/// frame from an instance the call is not talking to): counts it in
+/// `dynamo_bus_malformed_messages_total{kind}` and drops it. `kind` names the subject family
+/// (`request`, `control`, `reply`, `kv_events`, `load`, `decision`, `statistics`, `discovery`,
+/// ...). Anyone who can publish on the bus can send these, so the log is bounded: the first of
+/// a kind is a warning, later ones a warning at most every ten seconds with how many came in
+/// between (each one is logged at debug level).
+pub fn malformed(kind: &'static str, detail: &dyn std::fmt::Display) {
+    use std::collections::HashMap;
+    use std::time::{Duration, Instant};
+    static SEEN: Mutex<Option<HashMap<&'static str, (Instant, u64)>>> = Mutex::new(None);
+    metrics::counter!("dynamo_bus_malformed_messages_total", "kind" => kind).increment(1);
+    let now = Instant::now();
+    let warn_now = {
+        let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
+        let seen = seen.get_or_insert_with(HashMap::new);
+        match seen.get_mut(kind) {
+            None => {
+                seen.insert(kind, (now, 0));
+                Some(0)
+            }
+            Some((last, since)) if now.duration_since(*last) >= Duration::from_secs(10) => {
+                let n = std::mem::take(since);
+                *last = now;
+                Some(n)
+            }
+            Some((_, since)) => {
+                *since += 1;
+                None
+            }
+        }
+    };
+    match warn_now {
+        Some(0) => tracing::warn!(kind, "dropped a malformed bus message: {detail}"),
+        Some(n) => tracing::warn!(
+            kind,
+            "dropped a malformed bus message: {detail} ({n} more of this kind since the last warning)"
+        ),
+        None => tracing::debug!(kind, "dropped a malformed bus message: {detail}"),
+    }
+}
+
 /// The process serves what it is for (its roles started): `/health` answers 200 from now on,
 /// as long as every registered [`HealthCheck`] passes. Call it before announcing readiness
 /// (a `ready` line): a probe that follows the announcement must not see `starting`.
@@ -159,6 +201,11 @@ pub type MetricHelp = (&'static str, MetricKind, &'static str);
 
 /// The runtime's own series.
 const RUNTIME_METRICS: &[MetricHelp] = &[
+    (
+        "dynamo_bus_malformed_messages_total",
+        MetricKind::Counter,
+        "Bus messages a subscriber dropped as unusable (undecodable, or from an instance it is not talking to), by subject kind.",
+    ),
     (
         "dynamo_bus_dropped_messages_total",
         MetricKind::Counter,

@@ -896,6 +896,13 @@ impl Cause {
         matches!(self, Cause::NoResponders | Cause::Disconnected)
     }
 
+    /// Whether the worker is to blame: frames lost on the bus (a nats-server restart) say
+    /// nothing about it, and the request may go back to it (the migration limit still bounds
+    /// a worker that keeps breaking its frames).
+    fn blames_worker(self) -> bool {
+        !matches!(self, Cause::Protocol)
+    }
+
     fn as_str(self) -> &'static str {
         match self {
             Cause::NoResponders => "no_responders",
@@ -1045,7 +1052,9 @@ impl Generation {
             peer_prefix: None,
             resumed_tokens: original.resumed_tokens + done,
         };
-        self.tried.push(self.worker);
+        if cause.blames_worker() {
+            self.tried.push(self.worker);
+        }
         if cause.gone() {
             self.serving.suspect(self.worker);
         }

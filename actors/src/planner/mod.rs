@@ -28,6 +28,7 @@ use dynamo_protocols::stats::{FrontendStats, FRONTEND_COMPONENT, STATS_TOPIC};
 use dynamo_runtime::bus::Outgoing;
 use dynamo_runtime::serve::{decode_event, encode_event};
 use dynamo_runtime::subject::{ComponentId, Namespace, Subject, Topic};
+use dynamo_runtime::telemetry::malformed;
 use dynamo_runtime::{InstanceId, Runtime};
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef};
 use tokio::sync::watch;
@@ -107,6 +108,7 @@ enum Msg {
         worker: String,
         payload: bytes::Bytes,
     },
+    Joined(InstanceId),
     Left(InstanceId),
     Tick,
 }
@@ -128,6 +130,8 @@ struct State {
     retry_at: Option<Instant>,
     last_error: Option<String>,
     last_tick: Instant,
+    /// The instances registered now (their load reports count).
+    members: std::collections::HashSet<InstanceId>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -340,10 +344,12 @@ impl Actor for PlannerActor {
         let me = myself.clone();
         tasks.push(tokio::spawn(async move {
             while let Some(e) = watch.next().await {
-                if let MemberEvent::Left { instance, .. } = e {
-                    if me.cast(Msg::Left(instance)).is_err() {
-                        return;
-                    }
+                let msg = match e {
+                    MemberEvent::Joined(m) => Msg::Joined(m.instance),
+                    MemberEvent::Left { instance, .. } => Msg::Left(instance),
+                };
+                if me.cast(msg).is_err() {
+                    return;
                 }
             }
         }));
@@ -366,6 +372,7 @@ impl Actor for PlannerActor {
             retry_at: None,
             last_error: None,
             last_tick: Instant::now(),
+            members: Default::default(),
             tasks,
         })
     }
@@ -388,25 +395,46 @@ impl Actor for PlannerActor {
         state: &mut State,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            Msg::Frontend(payload) => match decode_event::<FrontendStats>(&payload) {
-                Ok(s) => state.planner.observe_frontend(&s),
-                Err(e) => {
-                    tracing::debug!(error = %e, "the planner ignores a malformed statistics message")
+            Msg::Frontend(payload) => {
+                match decode_event::<FrontendStats>(&payload).and_then(|s| s.check().map(|()| s)) {
+                    Ok(s) => state.planner.observe_frontend(&s),
+                    Err(e) => malformed("statistics", &format_args!("frontend statistics: {e}")),
                 }
-            },
+            }
             Msg::Load {
                 role,
                 worker,
                 payload,
             } => {
-                if let (Ok(w), Ok(r)) = (
+                // Only registered workers count: a report naming anyone else is dropped, so
+                // forged or stale instance ids leave nothing behind.
+                match (
                     InstanceId::parse_hex(&worker),
                     decode_event::<LoadReport>(&payload),
                 ) {
-                    state.planner.observe_load(role, w.as_u64(), &r);
+                    (Ok(w), Ok(r)) if state.members.contains(&w) => {
+                        state.planner.observe_load(role, w.as_u64(), &r)
+                    }
+                    (Ok(_), Ok(_)) => {}
+                    (w, r) => malformed(
+                        "load",
+                        &format_args!(
+                            "load report on {worker:?}: {}",
+                            w.err()
+                                .map(|e| e.to_string())
+                                .or(r.err())
+                                .unwrap_or_default()
+                        ),
+                    ),
                 }
             }
-            Msg::Left(instance) => state.planner.forget_worker(instance.as_u64()),
+            Msg::Joined(instance) => {
+                state.members.insert(instance);
+            }
+            Msg::Left(instance) => {
+                state.members.remove(&instance);
+                state.planner.forget_worker(instance.as_u64());
+            }
             Msg::Tick => self.tick(state).await,
         }
         Ok(())

@@ -18,7 +18,8 @@
 //! the next one.
 //!
 //! Malformed payloads and events for unknown workers are counted
-//! (`dynamo_router_bad_events_total{reason}`), logged once per worker, and never applied.
+//! (`dynamo_router_bad_events_total{reason}`, and malformed ones also in
+//! `dynamo_bus_malformed_messages_total`), never applied, and leave no per-worker state behind.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -31,6 +32,7 @@ use dynamo_protocols::kv::{
 use dynamo_protocols::llm::WorkerKind;
 use dynamo_runtime::serve::decode_event;
 use dynamo_runtime::subject::{ComponentId, Namespace, Topic};
+use dynamo_runtime::telemetry::malformed;
 use dynamo_runtime::{CallOptions, InstanceId, Runtime, Target};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
@@ -94,7 +96,6 @@ struct WorkerTrack {
     next_id: Option<u64>,
     resyncing: bool,
     pending: Vec<KvEvent>,
-    warned: bool,
 }
 
 pub struct IngestState {
@@ -407,16 +408,20 @@ impl Actor for Ingest {
                     .record(received.elapsed().as_secs_f64());
                 let Some(w) = worker_of(&worker) else {
                     bad("bad_subject");
+                    malformed(
+                        "kv_events",
+                        &format_args!("{worker:?} is not an instance id"),
+                    );
                     return Ok(());
                 };
                 let batch: KvEventBatch = match decode_event(&payload) {
                     Ok(b) => b,
                     Err(e) => {
                         bad("malformed");
-                        let track = state.workers.entry(w).or_default();
-                        if !std::mem::replace(&mut track.warned, true) {
-                            tracing::warn!(worker = %worker, error = %e, "malformed KV event batch");
-                        }
+                        malformed(
+                            "kv_events",
+                            &format_args!("KV event batch of worker {worker}: {e}"),
+                        );
                         return Ok(());
                     }
                 };
@@ -434,6 +439,7 @@ impl Actor for Ingest {
                     (worker_of(&worker), decode_event::<LoadReport>(&payload))
                 else {
                     bad("malformed_load");
+                    malformed("load", &format_args!("load report on worker {worker:?}"));
                     return Ok(());
                 };
                 if state.workers.contains_key(&w) {

@@ -111,9 +111,13 @@ pub async fn spawn_subscriber(
             }
             match decode_event::<RouterEvent>(&m.payload) {
                 Ok(event) => router.apply_decision(event),
-                Err(_) => {
+                Err(e) => {
                     metrics::counter!("dynamo_router_bad_events_total", "reason" => "malformed_decision")
                         .increment(1);
+                    dynamo_runtime::telemetry::malformed(
+                        "decision",
+                        &format_args!("routing decision on {}: {e}", m.subject),
+                    );
                 }
             }
         }

@@ -541,6 +541,46 @@ mod tests {
     use dynamo_protocols::llm::{SamplingOptions, StopConditions};
     use futures::StreamExt;
 
+    /// A resumed request (moved from a failed worker, its client mid-answer) is admitted
+    /// before requests that waited longer but have not started.
+    #[test]
+    fn a_resumed_request_goes_ahead_of_waiting_ones() {
+        let settings = MockerSettings {
+            num_gpu_blocks: 64,
+            block_size: 4,
+            max_num_seqs: 1,
+            ..Default::default()
+        };
+        let mut s = simulated_scheduler(&settings).unwrap();
+        let mut rxs = Vec::new();
+        for (i, resumed) in [0u32, 0, 0, 3].into_iter().enumerate() {
+            let mut r = request((10 * i as u32..10 * i as u32 + 6).collect(), 2);
+            r.resumed_tokens = resumed;
+            let (tx, rx) = mpsc::unbounded_channel();
+            s.add_tagged(r, tx, CancellationToken::new(), i as u64)
+                .unwrap();
+            rxs.push(rx);
+            if i == 0 {
+                // The first one runs (the one sequence the batch holds); the others wait.
+                assert!(s.step().is_some());
+            }
+        }
+        let mut order = vec![0];
+        while s.step().is_some() {
+            s.deliver();
+            for (i, rx) in rxs.iter_mut().enumerate() {
+                if rx.try_recv().is_ok() && !order.contains(&i) {
+                    order.push(i);
+                }
+            }
+        }
+        assert_eq!(
+            order,
+            [0, 3, 1, 2],
+            "the resumed request (3) right after the running one"
+        );
+    }
+
     /// A decode stretch planned and applied at once gives what the same steps one by one
     /// give: the tokens, the KV events (stores, and evictions of cached blocks), the load
     /// and counters, the time; and a plan never runs into a preemption or a finish.

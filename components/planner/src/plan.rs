@@ -127,25 +127,26 @@ impl Planner {
     /// One frontend's statistics message (other models' figures are ignored).
     pub fn observe_frontend(&mut self, s: &FrontendStats) {
         let a = &mut self.acc;
-        a.messages += 1;
+        a.messages = a.messages.saturating_add(1);
         let Some(m) = s.models.get(&self.cfg.model) else {
             return;
         };
-        a.ended += m.requests;
-        a.ok += m.requests.saturating_sub(m.errors);
-        a.first_tokens += m.ttft_ms.count;
-        a.input += m.input_tokens;
-        a.output += m.output_tokens;
-        a.cached += m.cached_tokens;
+        // Saturating: many frontends' figures add up, and none may overflow the sum.
+        a.ended = a.ended.saturating_add(m.requests);
+        a.ok = a.ok.saturating_add(m.requests.saturating_sub(m.errors));
+        a.first_tokens = a.first_tokens.saturating_add(m.ttft_ms.count);
+        a.input = a.input.saturating_add(m.input_tokens);
+        a.output = a.output.saturating_add(m.output_tokens);
+        a.cached = a.cached.saturating_add(m.cached_tokens);
         // p50: the count-weighted mean of the frontends' medians; p99: the worst frontend's.
         if m.ttft_ms.count > 0 {
             a.ttft_p50 += m.ttft_ms.p50 * m.ttft_ms.count as f64;
-            a.ttft_n += m.ttft_ms.count;
+            a.ttft_n = a.ttft_n.saturating_add(m.ttft_ms.count);
             a.ttft_p99 = a.ttft_p99.max(m.ttft_ms.p99);
         }
         if m.itl_ms.count > 0 {
             a.itl_p50 += m.itl_ms.p50 * m.itl_ms.count as f64;
-            a.itl_n += m.itl_ms.count;
+            a.itl_n = a.itl_n.saturating_add(m.itl_ms.count);
             a.itl_p99 = a.itl_p99.max(m.itl_ms.p99);
         }
     }
@@ -174,7 +175,10 @@ impl Planner {
         let now = self.interval;
         self.workers
             .retain(|_, w| now.saturating_sub(w.seen) <= WORKER_STALE_INTERVALS);
-        let waiting: u64 = self.workers.values().map(|w| w.waiting).sum();
+        let waiting = self
+            .workers
+            .values()
+            .fold(0u64, |sum, w| sum.saturating_add(w.waiting));
         let observed = Load {
             // Requests that ended, or that started (first tokens) when more did: a burst
             // shows at once, not when its requests end.

@@ -258,6 +258,22 @@ impl ModelCard {
     /// The endpoint (on the worker's component) that serves model files by hash.
     pub const FILES_ENDPOINT: &'static str = "model_files";
 
+    /// Whether the card is one a worker could serve: a name, a context and a block size of
+    /// at least one token (a router divides by the block size). Readers of discovery leave out
+    /// an instance whose card is not.
+    pub fn check(&self) -> Result<(), String> {
+        if self.name.is_empty() || self.name.len() > 1024 {
+            return Err(format!("model name of {} bytes", self.name.len()));
+        }
+        if self.context_length == 0 || self.kv_block_size == 0 {
+            return Err(format!(
+                "context_length {} and kv_block_size {} must be at least 1",
+                self.context_length, self.kv_block_size
+            ));
+        }
+        Ok(())
+    }
+
     /// An identity for the card's content: equal cards build equal preprocessors.
     pub fn content_key(&self) -> String {
         let mut key = format!("{}|{}", self.name, self.context_length);

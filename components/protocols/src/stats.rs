@@ -42,7 +42,46 @@ pub struct ModelStats {
     pub itl_ms: Percentiles,
 }
 
+/// More requests or tokens than one frontend could end in one interval: a message that claims
+/// more is corrupt (or forged) and is not used.
+pub const MAX_PER_INTERVAL: u64 = 1 << 40;
+
+impl FrontendStats {
+    /// Whether every figure is one a frontend could have measured: counts in range (errors at
+    /// most the requests, cached at most the input), latencies finite and not negative. A
+    /// planner drops a message that is not.
+    pub fn check(&self) -> Result<(), String> {
+        for (model, m) in &self.models {
+            m.check().map_err(|e| format!("model {model:?}: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
 impl ModelStats {
+    fn check(&self) -> Result<(), String> {
+        let counts = [
+            ("requests", self.requests),
+            ("input_tokens", self.input_tokens),
+            ("output_tokens", self.output_tokens),
+            ("ttft_ms.count", self.ttft_ms.count),
+            ("itl_ms.count", self.itl_ms.count),
+        ];
+        if let Some((name, v)) = counts.iter().find(|(_, v)| *v > MAX_PER_INTERVAL) {
+            return Err(format!("{name} {v} is more than an interval can hold"));
+        }
+        if self.errors > self.requests || self.cached_tokens > self.input_tokens {
+            return Err("more errors than requests, or more cached than input tokens".into());
+        }
+        for (name, p) in [("ttft_ms", &self.ttft_ms), ("itl_ms", &self.itl_ms)] {
+            let figures = [p.mean, p.p50, p.p90, p.p99, p.max];
+            if figures.iter().any(|v| !v.is_finite() || *v < 0.0) {
+                return Err(format!("{name} holds a negative or non-finite latency"));
+            }
+        }
+        Ok(())
+    }
+
     /// Cached share of the prompt tokens of the requests that ended well (0 when none).
     pub fn cached_ratio(&self) -> f64 {
         match self.input_tokens {
@@ -97,5 +136,36 @@ mod tests {
         assert_eq!(Percentiles::of(&mut [], 0), Percentiles::default());
         let p = Percentiles::of(&mut [7.0], 40);
         assert_eq!((p.count, p.p50, p.p99), (40, 7.0, 7.0));
+    }
+
+    #[test]
+    fn implausible_statistics_are_refused() {
+        let mut v: Vec<f64> = vec![3.0, 5.0];
+        let good = ModelStats {
+            requests: 4,
+            errors: 1,
+            input_tokens: 100,
+            cached_tokens: 40,
+            output_tokens: 20,
+            ttft_ms: Percentiles::of(&mut v, 2),
+            itl_ms: Percentiles::default(),
+        };
+        let of = |m: ModelStats| FrontendStats {
+            models: [("tiny".to_string(), m)].into(),
+            ..Default::default()
+        };
+        assert_eq!(of(good.clone()).check(), Ok(()));
+        let mut bad = good.clone();
+        bad.ttft_ms.p99 = f64::NAN;
+        assert!(of(bad).check().unwrap_err().contains("ttft_ms"));
+        let mut bad = good.clone();
+        bad.requests = u64::MAX;
+        assert!(of(bad).check().unwrap_err().contains("requests"));
+        let mut bad = good.clone();
+        bad.errors = 5;
+        assert!(of(bad).check().is_err());
+        let mut bad = good;
+        bad.itl_ms.max = -1.0;
+        assert!(of(bad).check().unwrap_err().contains("itl_ms"));
     }
 }

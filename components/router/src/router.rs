@@ -134,19 +134,20 @@ impl Accounting {
     /// Active blocks: ours now, plus what the last report showed beyond ours then (other
     /// routers' requests), so a report taken before our requests finished does not linger.
     fn decode_blocks(&self) -> u64 {
-        self.blocks
-            + self
-                .report
+        // Saturating: a report is bus input, and no figure in it may overflow the sum.
+        self.blocks.saturating_add(
+            self.report
                 .active_blocks
-                .saturating_sub(self.occupied_at_report)
+                .saturating_sub(self.occupied_at_report),
+        )
     }
 
     pub(crate) fn pending_prefill_tokens(&self) -> u64 {
-        self.prefill_tokens
-            + self
-                .report
+        self.prefill_tokens.saturating_add(
+            self.report
                 .queued_prefill_tokens
-                .saturating_sub(self.prefill_at_report)
+                .saturating_sub(self.prefill_at_report),
+        )
     }
 }
 
@@ -216,6 +217,11 @@ struct SharedLease {
     occupied: u64,
     at: Instant,
 }
+
+/// Most peer decisions (and early first-token or finish events) a router keeps at once:
+/// far more requests than a fleet has in flight, so only a flood of forged decisions reaches
+/// it.
+const MAX_SHARED_LEASES: usize = 1 << 20;
 
 #[derive(Default)]
 struct Shared {
@@ -353,7 +359,13 @@ impl KvRouter {
                 blocks,
                 occupied,
             } => {
-                if shared.leases.contains_key(&event.lease) {
+                // A decision for a worker this router does not know (not, or no longer, in
+                // discovery), or beyond what a fleet could have in flight, is dropped: decisions
+                // are bus input and must not grow this router's state without bound.
+                if shared.leases.contains_key(&event.lease)
+                    || !self.models.contains_key(&worker)
+                    || shared.leases.len() >= MAX_SHARED_LEASES
+                {
                     return;
                 }
                 let mut lease = SharedLease {
@@ -370,28 +382,33 @@ impl KvRouter {
                     None => {}
                 }
                 self.loads.upsert(worker, |acc| {
-                    acc.prefill_tokens += lease.prefill_tokens;
-                    acc.blocks += lease.blocks;
-                    acc.occupied += lease.occupied;
+                    acc.prefill_tokens = acc.prefill_tokens.saturating_add(lease.prefill_tokens);
+                    acc.blocks = acc.blocks.saturating_add(lease.blocks);
+                    acc.occupied = acc.occupied.saturating_add(lease.occupied);
                 });
                 shared.leases.insert(event.lease, lease);
             }
-            RouterEventKind::PrefillDone => match shared.leases.get_mut(&event.lease) {
-                Some(lease) => {
-                    let tokens = std::mem::take(&mut lease.prefill_tokens);
-                    self.loads.update(&lease.worker, |acc| {
-                        acc.prefill_tokens = acc.prefill_tokens.saturating_sub(tokens);
-                    });
+            RouterEventKind::PrefillDone => {
+                let early = shared.early.len();
+                match shared.leases.get_mut(&event.lease) {
+                    Some(lease) => {
+                        let tokens = std::mem::take(&mut lease.prefill_tokens);
+                        self.loads.update(&lease.worker, |acc| {
+                            acc.prefill_tokens = acc.prefill_tokens.saturating_sub(tokens);
+                        });
+                    }
+                    None if early < MAX_SHARED_LEASES => {
+                        shared.early.entry(event.lease).or_insert((now, false));
+                    }
+                    None => {}
                 }
-                None => {
-                    shared.early.entry(event.lease).or_insert((now, false));
-                }
-            },
+            }
             RouterEventKind::Finished => match shared.leases.remove(&event.lease) {
                 Some(lease) => self.release(&lease),
-                None => {
+                None if shared.early.len() < MAX_SHARED_LEASES => {
                     shared.early.insert(event.lease, (now, true));
                 }
+                None => {}
             },
         }
         metrics::gauge!("dynamo_router_shared_leases").set(shared.leases.len() as f64);

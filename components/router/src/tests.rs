@@ -142,14 +142,23 @@ fn candidates_follow_joins_and_leaves() {
     );
 }
 
+/// A router that knows workers 1 and 2 (as discovery would tell it).
+fn knowing_workers(settings: KvRouterSettings) -> Arc<KvRouter> {
+    let r = KvRouter::new(settings);
+    for w in [1, 2] {
+        r.add_worker(WorkerId(w), "m".into(), 16);
+    }
+    r
+}
+
 /// Two routers wired as the bus would: B applies A's decision events.
 fn replicas() -> (
     Arc<KvRouter>,
     Arc<KvRouter>,
     tokio::sync::mpsc::UnboundedReceiver<RouterEvent>,
 ) {
-    let a = KvRouter::new(KvRouterSettings::default());
-    let b = KvRouter::new(KvRouterSettings::default());
+    let a = knowing_workers(KvRouterSettings::default());
+    let b = knowing_workers(KvRouterSettings::default());
     let (sink, rx) = DecisionSink::channel();
     a.share_decisions(sink);
     (a, b, rx)
@@ -184,6 +193,21 @@ fn replicas_agree_on_load_and_release_it_together() {
     assert_eq!(b.shared_leases(), 0);
 }
 
+/// Decisions are bus input: one for a worker this router does not know (a forged id, or a
+/// worker not in its discovery view) leaves no load and no lease behind.
+#[test]
+fn a_decision_for_an_unknown_worker_is_dropped() {
+    let (a, _, mut rx) = replicas();
+    let stranger = KvRouter::new(KvRouterSettings::default());
+    let d = a
+        .route(&[WorkerId(1)], &(0..64).collect::<Vec<u32>>(), 16)
+        .unwrap();
+    forward(&mut rx, &stranger);
+    assert_eq!(stranger.accounted(WorkerId(1)), (0, 0));
+    assert_eq!(stranger.shared_leases(), 0);
+    drop(d);
+}
+
 #[test]
 fn out_of_order_duplicate_and_lost_decision_events_cannot_leak() {
     let (a, b, mut rx) = replicas();
@@ -205,7 +229,7 @@ fn out_of_order_duplicate_and_lost_decision_events_cannot_leak() {
     assert_eq!(b.accounted(WorkerId(1)), (0, 0));
     assert_eq!(b.shared_leases(), 0);
     // A finish that never comes: the lease expires after its TTL.
-    let c = KvRouter::new(KvRouterSettings {
+    let c = knowing_workers(KvRouterSettings {
         shared_lease_ttl: Duration::ZERO,
         ..Default::default()
     });

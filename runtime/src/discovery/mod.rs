@@ -82,6 +82,41 @@ pub struct InstanceInfo {
     /// Free-form data the instance publishes about itself (a model card, capacity, ...).
     #[serde(default)]
     pub metadata: serde_json::Value,
+    /// The process serving it: a supervisor that sees the process die can say so at once
+    /// (absent in entries written by older builds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<ProcessId>,
+}
+
+/// A process: its host name and id.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ProcessId {
+    pub host: String,
+    pub pid: u32,
+}
+
+impl ProcessId {
+    /// This process.
+    pub fn this() -> Self {
+        Self {
+            host: host_name(),
+            pid: std::process::id(),
+        }
+    }
+
+    /// A process of this host.
+    pub fn local(pid: u32) -> Self {
+        Self {
+            host: host_name(),
+            pid,
+        }
+    }
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default()
 }
 
 impl InstanceInfo {

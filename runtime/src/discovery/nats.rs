@@ -183,6 +183,14 @@ impl Inner {
 
 impl Inner {
     async fn list(&self, filter: &DiscoveryFilter) -> Result<Vec<InstanceInfo>, DiscoveryError> {
+        Ok(self.list_keys(filter).await?.0)
+    }
+
+    /// The valid entries under `filter`, and every key there (those with unusable values too).
+    async fn list_keys(
+        &self,
+        filter: &DiscoveryFilter,
+    ) -> Result<(Vec<InstanceInfo>, std::collections::HashSet<String>), DiscoveryError> {
         let store = self.store.read().await.clone();
         let keys: Vec<String> = store
             .keys()
@@ -201,20 +209,22 @@ impl Inner {
             .collect::<Vec<_>>()
             .await;
         let mut out = Vec::with_capacity(values.len());
+        let mut present = std::collections::HashSet::with_capacity(values.len());
         for (key, value) in values {
             match value {
-                Ok(Some(bytes)) => match serde_json::from_slice::<InstanceInfo>(&bytes) {
-                    Ok(info) => out.push(info),
-                    Err(e) => {
-                        tracing::warn!(%key, error = %e, "skipping malformed discovery entry")
+                Ok(Some(bytes)) => {
+                    match entry_info(&key, &bytes) {
+                        Ok(info) => out.push(info),
+                        Err(e) => crate::telemetry::malformed("discovery", &e),
                     }
-                },
+                    present.insert(key);
+                }
                 Ok(None) => {} // expired or deleted between the two calls
                 Err(e) => return Err(unavailable(e)),
             }
         }
         out.sort_by_key(|i| i.key());
-        Ok(out)
+        Ok((out, present))
     }
 }
 
@@ -386,16 +396,17 @@ async fn run_watch(
                 let store = open_bucket(&i.js, &i.settings).await?;
                 *i.store.write().await = store.clone();
                 let w = store.watch(filter.as_str()).await.map_err(unavailable)?;
-                let now = i.list(&filter).await?;
+                let now = i.list_keys(&filter).await?;
                 Ok::<_, DiscoveryError>((w, now))
             }
             .await;
             drop(i);
             match reopened {
-                Ok((w, now)) => {
+                Ok((w, (now, present))) => {
                     watch = w;
-                    let present: std::collections::HashSet<String> =
-                        now.iter().map(InstanceInfo::key).collect();
+                    // A key whose value is junk (overwritten by someone on the bus) is still
+                    // there: what was known of it stands until its owner's next refresh
+                    // puts it back, as a watcher that saw the junk put keeps it too.
                     for key in dedup.keys() {
                         if !present.contains(&key) && !send(dedup.remove(&key)) {
                             return;
@@ -418,13 +429,28 @@ async fn run_watch(
     }
 }
 
+/// The instance a bucket entry announces. An entry must describe the key it is stored under:
+/// one that names another instance would never be removed (its key's lease marker or delete
+/// names the key), so it is refused like one that does not parse.
+fn entry_info(key: &str, value: &[u8]) -> Result<InstanceInfo, String> {
+    let info = serde_json::from_slice::<InstanceInfo>(value)
+        .map_err(|e| format!("discovery entry {key}: {e}"))?;
+    if info.key() != key {
+        return Err(format!(
+            "discovery entry {key} describes {} instead",
+            info.key()
+        ));
+    }
+    Ok(info)
+}
+
 /// Turns one bucket entry into the event it means, if any.
 fn apply(dedup: &mut WatchDedup, entry: kv::Entry) -> Option<DiscoveryEvent> {
     match entry.operation {
-        kv::Operation::Put => match serde_json::from_slice::<InstanceInfo>(&entry.value) {
+        kv::Operation::Put => match entry_info(&entry.key, &entry.value) {
             Ok(info) => dedup.put(info),
             Err(e) => {
-                tracing::warn!(key = %entry.key, error = %e, "skipping malformed discovery entry");
+                crate::telemetry::malformed("discovery", &e);
                 None
             }
         },

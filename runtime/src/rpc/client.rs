@@ -25,7 +25,7 @@ use tokio::time::Instant;
 use super::wire::{self, Control, Frame, FrameKind, RequestEnvelope, RequestId};
 use super::{RpcError, RpcSettings};
 use crate::bus::{Bus, HandlerSubscription, Headers, Message, MessageHandler, Outgoing, Status};
-use crate::subject::{EndpointId, InstanceId, MuxInbox, Subject};
+use crate::subject::{gone_pattern, EndpointId, InstanceId, MuxInbox, Subject};
 
 /// Frames buffered per call beyond the flow-control window (heartbeats, the final frame).
 const FRAME_SLACK: usize = 64;
@@ -59,6 +59,9 @@ impl Target {
     }
 }
 
+/// A probe follows a silence of this many of the stream's gaps between frames.
+const PROBE_GAPS: u32 = 3;
+
 /// Per-call options; unset fields take the client's [`RpcSettings`].
 #[derive(Debug, Clone, Default)]
 pub struct CallOptions {
@@ -84,7 +87,11 @@ struct SharedInbox {
     inbox: MuxInbox,
     pending: Arc<Pending>,
     next_token: AtomicU64,
+    /// Instances whose process a supervisor saw die ([`crate::subject::gone_subject`]): each open call
+    /// listens, and one whose responder died ends at once.
+    gone: tokio::sync::broadcast::Sender<InstanceId>,
     _subscription: HandlerSubscription,
+    _gone_subscription: HandlerSubscription,
 }
 
 impl SharedInbox {
@@ -93,20 +100,46 @@ impl SharedInbox {
         let pending: Arc<Pending> = Arc::new(DashMap::new());
         let routes = pending.clone();
         let route: MessageHandler = Arc::new(move |msg: Message| {
-            let Some(token) = MuxInbox::token(&msg.subject) else {
-                return;
-            };
-            if let Some(tx) = routes.get(&token) {
+            match MuxInbox::token(&msg.subject).and_then(|t| routes.get(&t)) {
                 // Full: the responder ignored the window; the gap is reported at the stream.
-                let _ = tx.try_send(msg);
+                Some(tx) => {
+                    let _ = tx.try_send(msg);
+                }
+                // A frame of a call that ended (a late heartbeat, an answer to a probe) is
+                // expected; what is no frame at all was never ours to get.
+                None => {
+                    if msg.status.is_none() && wire::decode::<Frame>(&msg.payload).is_err() {
+                        crate::telemetry::malformed(
+                            "reply",
+                            &format_args!("a message on {} that is no frame", msg.subject),
+                        );
+                    }
+                }
             }
         });
         let subscription = bus.subscribe_handler(inbox.pattern(), None, route).await?;
+        let (gone, _) = tokio::sync::broadcast::channel(64);
+        let tell = gone.clone();
+        let on_gone: MessageHandler =
+            Arc::new(
+                move |msg: Message| match InstanceId::parse_hex(msg.subject.last_token()) {
+                    Ok(instance) => {
+                        let _ = tell.send(instance);
+                    }
+                    Err(e) => crate::telemetry::malformed(
+                        "gone",
+                        &format_args!("{} names no instance: {e}", msg.subject),
+                    ),
+                },
+            );
+        let gone_subscription = bus.subscribe_handler(gone_pattern(), None, on_gone).await?;
         Ok(Self {
             inbox,
             pending,
             next_token: AtomicU64::new(1),
+            gone,
             _subscription: subscription,
+            _gone_subscription: gone_subscription,
         })
     }
 }
@@ -203,6 +236,7 @@ impl RpcClient {
             .await?;
         Ok(RawResponseStream {
             rx,
+            gone: Some(shared.gone.subscribe()),
             _guard: guard,
             bus: self.inner.bus.clone(),
             id,
@@ -226,6 +260,22 @@ impl RpcClient {
     }
 }
 
+/// The next instance announced gone. Missed notices (a lagging receiver) are skipped: probes
+/// still find a dead responder. Never resolves once the notices' sender is gone.
+async fn next_gone(gone: &mut Option<tokio::sync::broadcast::Receiver<InstanceId>>) -> InstanceId {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let Some(rx) = gone else {
+            return std::future::pending().await;
+        };
+        match rx.recv().await {
+            Ok(instance) => return instance,
+            Err(RecvError::Lagged(_)) => continue,
+            Err(RecvError::Closed) => *gone = None,
+        }
+    }
+}
+
 struct PendingGuard {
     pending: Arc<Pending>,
     token: u64,
@@ -240,6 +290,8 @@ impl Drop for PendingGuard {
 /// The responses of one call, as raw bytes. Dropping it before the end cancels the request.
 pub struct RawResponseStream {
     rx: mpsc::Receiver<Message>,
+    /// Gone notices; `None` once the client that sent them is dropped.
+    gone: Option<tokio::sync::broadcast::Receiver<InstanceId>>,
     _guard: PendingGuard,
     bus: Arc<dyn Bus>,
     id: RequestId,
@@ -302,7 +354,7 @@ impl RawResponseStream {
         self.probe_target()?;
         let base = self
             .probe_after
-            .max(self.gap.map_or(Duration::ZERO, |g| g * 4));
+            .max(self.gap.map_or(Duration::ZERO, |g| g * PROBE_GAPS));
         let cap = base.max(Duration::from_millis(250));
         // Probe k waits base x (1 + 2 + ... + 2^k), each interval at most `cap`.
         let mut wait = Duration::ZERO;
@@ -341,12 +393,27 @@ impl RawResponseStream {
             let wake = silent_until
                 .min(self.deadline)
                 .min(probe_at.unwrap_or(silent_until));
-            let msg = match tokio::time::timeout_at(wake, self.rx.recv()).await {
+            let received = tokio::select! {
+                biased;
+                m = self.rx.recv() => Ok(m),
+                instance = next_gone(&mut self.gone) => {
+                    if self.probe_target() == Some(instance) {
+                        let now = Instant::now();
+                        self.done = true;
+                        return Some(Err(RpcError::Disconnected {
+                            silent_for: now - self.last_heard,
+                        }));
+                    }
+                    continue;
+                }
+                _ = tokio::time::sleep_until(wake) => Err(()),
+            };
+            let msg = match received {
                 Ok(Some(m)) => m,
                 Ok(None) => {
                     return Some(Err(RpcError::Protocol("reply inbox closed".into())));
                 }
-                Err(_) => {
+                Err(()) => {
                     let now = Instant::now();
                     if now < silent_until && now < self.deadline {
                         // A probe is due, not the end.
@@ -378,15 +445,24 @@ impl RawResponseStream {
                     subject: self.subject.to_string(),
                 }));
             }
-            self.last_heard = now;
+            // Anyone on the bus can publish to this inbox: what does not decode, or comes from
+            // another instance than the one answering, is dropped (and counted), and does not
+            // count as hearing from the responder.
             let frame: Frame = match wire::decode(&msg.payload) {
                 Ok(f) => f,
                 Err(e) => {
-                    self.send_cancel();
-                    return Some(Err(RpcError::Protocol(format!("malformed frame: {e}"))));
+                    crate::telemetry::malformed("reply", &format_args!("undecodable frame: {e}"));
+                    continue;
                 }
             };
-            self.responder.get_or_insert(frame.from);
+            if *self.responder.get_or_insert(frame.from) != frame.from {
+                crate::telemetry::malformed(
+                    "reply",
+                    &format_args!("a frame from instance {}, not the responder", frame.from),
+                );
+                continue;
+            }
+            self.last_heard = now;
             if !matches!(frame.kind, FrameKind::Heartbeat) {
                 if frame.seq != self.next_seq {
                     self.send_cancel();
@@ -404,7 +480,10 @@ impl RawResponseStream {
                     if self.next_seq > 1 {
                         let gap = now - self.last_data;
                         self.gap = Some(match self.gap {
-                            Some(g) => (g * 3 + gap) / 4,
+                            // One long gap (a step that carried another request's
+                            // prefill) moves the pace by at most a quarter: the pace is
+                            // what a probe waits for, and a spike must not stretch it.
+                            Some(g) => (g * 3 + gap.min(g * 2)) / 4,
                             None => gap,
                         });
                     }

@@ -10,7 +10,10 @@
 //! can act on: `NoResponders` (nobody serves it: fail or wait), `DeadlineExceeded`,
 //! `PayloadTooLarge` (nothing was sent), `Disconnected` (the responder went silent past the
 //! heartbeat deadline, or a probe after a shorter silence found it gone: migrate or retry), `Remote` (the responder said no, with a kind), and
-//! `Protocol` (a malformed or lost frame). Dropping a stream before its end cancels the request:
+//! `Protocol` (a lost frame). Anyone on the bus can publish to a call's inbox, so a frame that
+//! does not decode, or that comes from another instance than the one answering, is dropped and
+//! counted (`dynamo_bus_malformed_messages_total{kind="reply"}`), not taken as the stream's end.
+//! Dropping a stream before its end cancels the request:
 //! a control message reaches the responder, whose handler sees its cancellation token fire.
 //!
 //! Flow control: a stream has a window of `rpc.stream_window` data frames. The caller
@@ -41,7 +44,7 @@ pub struct RpcSettings {
     #[serde(with = "humantime_serde")]
     pub heartbeat_timeout: Duration,
     /// Silence after which a caller asks whether its responder still has the request
-    /// (`Control::Ping` on the responder's control subject): at least this (20 ms), or 4x the stream's
+    /// (`Control::Ping` on the responder's control subject): at least this (20 ms), or 3x the stream's
     /// own recent gap between frames, doubling while the silence lasts (at most 250 ms apart).
     /// A responder whose process died has no subscription left, so the bus answers "no
     /// responders" at once and the call ends `Disconnected` within a few gaps, not after the
@@ -112,7 +115,7 @@ pub enum RpcError {
     /// The responder refused or failed the request.
     #[error("remote error ({}): {}", .0.kind, .0.message)]
     Remote(RemoteError),
-    /// A frame did not decode, or frames were lost.
+    /// Frames were lost (or the reply inbox closed).
     #[error("protocol error: {0}")]
     Protocol(String),
     /// The request could not be encoded.

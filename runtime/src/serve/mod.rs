@@ -262,6 +262,7 @@ impl ComponentInstance {
             endpoint: endpoint.clone(),
             instance: self.id,
             metadata,
+            process: Some(crate::discovery::ProcessId::this()),
         };
         if let Err(e) = self.discovery.register(info).await {
             self.service.remove_endpoint(&endpoint);
@@ -501,7 +502,12 @@ where
 
 fn bad_input(shared: &EndpointShared, reason: &'static str, detail: &str) {
     metrics::counter!("dynamo_runtime_bad_requests_total", "reason" => reason).increment(1);
-    tracing::warn!(endpoint = %shared.endpoint, reason, "{detail}");
+    let kind = if reason == "control" {
+        "control"
+    } else {
+        "request"
+    };
+    crate::telemetry::malformed(kind, &format_args!("{}: {detail}", shared.endpoint));
 }
 
 /// A served endpoint. Call [`ServedEndpoint::shutdown`] to stop it gracefully; dropping it

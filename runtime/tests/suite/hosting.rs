@@ -244,6 +244,49 @@ mod nats_only {
         h.finish().await;
     }
 
+    /// Anyone on the bus can write the discovery bucket. Junk under an instance's key, and an
+    /// entry stored under a key that names another instance, change nothing a watcher sees:
+    /// no `Left` for the instance whose value was overwritten, no ghost `Joined` that no
+    /// delete would ever remove.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn junk_and_foreign_discovery_entries_change_nothing() {
+        let h = Harness::nats().await;
+        let rt = h.runtime().await;
+        let (served, _obs) = crate::common::serve_test_actor(&rt, "real").await;
+        let caller = h.runtime().await;
+        let mut watch = watch_all(&caller).await;
+        let Some(DiscoveryEvent::Joined(info)) = watch.next().await else {
+            panic!("the served instance joins");
+        };
+        assert_eq!(info.instance, served.instance());
+        let client = async_nats::connect(h.nats.as_ref().unwrap().url())
+            .await
+            .unwrap();
+        let bucket = async_nats::jetstream::new(client)
+            .get_key_value("dynamo-discovery")
+            .await
+            .unwrap();
+        let value = serde_json::to_vec(&info).unwrap();
+        let ghost_key = info
+            .endpoint
+            .discovery_key(dynamo_runtime::InstanceId::new(0x5eed));
+        for (key, v) in [
+            (info.key(), b"junk".to_vec()),
+            (info.key(), b"{\"endpoint\": 7}".to_vec()),
+            (ghost_key, value.clone()),
+        ] {
+            bucket.put(key, v.into()).await.unwrap();
+        }
+        // The watch is ordered: the next event is the next real change.
+        let (other, _obs2) = crate::common::serve_test_actor(&rt, "other").await;
+        match tokio::time::timeout(Duration::from_secs(5), watch.next()).await {
+            Ok(Some(DiscoveryEvent::Joined(i))) => assert_eq!(i.instance, other.instance()),
+            e => panic!("junk changed what the watcher sees: {e:?}"),
+        }
+        drop((served, other));
+        h.finish().await;
+    }
+
     async fn survives_restart(empty_store: bool) {
         let mut h = Harness::nats().await;
         let rt = h.runtime().await;

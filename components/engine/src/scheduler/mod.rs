@@ -562,6 +562,11 @@ impl Seq {
         self.cancel.is_cancelled() || self.out.is_closed()
     }
 
+    /// Whether its client has seen output already: a resumed request, or a preempted one.
+    fn mid_stream(&self) -> bool {
+        self.output_start < self.tokens.len()
+    }
+
     /// Caches the blocks its computed tokens have filled since the last call (their KV
     /// events follow).
     fn register_computed(&mut self, pool: &mut BlockPool, block_size: usize) {
@@ -692,7 +697,7 @@ impl<E: Executor> Scheduler<E> {
             return Err(EngineError::BadRequest("the prompt has no tokens".into()));
         }
         self.waiting_tokens += req.token_ids.len() as u64;
-        self.waiting.push_back(Seq {
+        let seq = Seq {
             prompt_len: req.token_ids.len(),
             output_start: req
                 .token_ids
@@ -712,7 +717,18 @@ impl<E: Executor> Scheduler<E> {
             cancel,
             export: None,
             tag,
-        });
+        };
+        // A resumed stream (moved here from a failed worker) has a client waiting mid-answer:
+        // it goes ahead of the requests that have not started, after those that have.
+        let at = match seq.mid_stream() {
+            true => self
+                .waiting
+                .iter()
+                .position(|s| !s.mid_stream())
+                .unwrap_or(self.waiting.len()),
+            false => self.waiting.len(),
+        };
+        self.waiting.insert(at, seq);
         Ok(())
     }
 
