@@ -713,6 +713,16 @@ async fn every_openai_request_field_is_honoured_or_refused_by_name() {
         .await;
     assert_eq!(status, 400);
     assert_eq!(answer["error"]["param"], "guided_json");
+    // A valid logit_bias reaches the engine; the echo engine has no logits and says so.
+    let (status, answer, _) = s
+        .post(
+            "/v1/completions",
+            &json!({"model": MODEL, "prompt": "x", "max_tokens": 2, "logit_bias": {"5": 10}}),
+        )
+        .await;
+    assert_eq!(status, 400, "{answer}");
+    let message = answer["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("logit_bias"), "{answer}");
     s.finish().await;
 }
 

@@ -66,3 +66,17 @@ except openai.BadRequestError as e:
     check("context exceeded", e.status_code == 400, e)
 r = client.completions.create(model=model, prompt="Still there?", max_tokens=3, temperature=0)
 check("serves after a bad request", r.usage.completion_tokens == 3, r.usage)
+
+# logit_bias: +100 on one token makes greedy decoding repeat it; bad keys and values are a 400
+# naming the parameter.
+r = client.completions.create(
+    model=model, prompt="Once upon a time", max_tokens=4, temperature=0, logit_bias={"70": 100}
+)
+t = r.choices[0].text
+check("logit_bias forces a token", len(t) >= 4 and len(t) % 4 == 0 and t == t[: len(t) // 4] * 4, repr(t))
+for bad in ({"999999": 5}, {"70": 250}):
+    try:
+        client.completions.create(model=model, prompt="x", max_tokens=2, logit_bias=bad)
+        check(f"logit_bias {bad} refused", False, "no error")
+    except openai.BadRequestError as e:
+        check(f"logit_bias {bad} refused", e.status_code == 400 and e.param == "logit_bias", e)

@@ -1,7 +1,7 @@
 //! `dynamo-run in=http out=native` on the generated tiny model (random weights in the
 //! Hugging Face layout), checked with the official `openai` Python SDK: chat and completions,
-//! streaming, usage, prefix caching, greedy determinism, seeded sampling, and a too-long
-//! prompt answered with a 400 while the server keeps serving.
+//! streaming, usage, prefix caching, greedy determinism, seeded sampling, `logit_bias`, and a
+//! too-long prompt answered with a 400 while the server keeps serving.
 
 mod common;
 
@@ -28,7 +28,7 @@ fn openai_sdk_against_the_native_engine() {
     );
     assert_eq!(
         stdout.lines().filter(|l| l.starts_with("ok ")).count(),
-        12,
+        15,
         "{stdout}"
     );
 }

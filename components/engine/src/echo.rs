@@ -41,6 +41,7 @@ impl Engine for EchoEngine {
                 "max_tokens must be at least 1".into(),
             ));
         }
+        crate::refuse_without_logits(&request, "echo")?;
         let delay = self.settings.delay_per_token;
         let stop = request.stop;
         // A migrated request continues the echo where the failed worker left it: the prompt

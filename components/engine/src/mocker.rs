@@ -499,6 +499,7 @@ impl Engine for MockerEngine {
         request: PreprocessedRequest,
         cancel: CancellationToken,
     ) -> Result<EngineStream, EngineError> {
+        crate::refuse_without_logits(&request, "mocker")?;
         submit(&self.commands, |out| Command::Add {
             req: request,
             out,

@@ -25,6 +25,8 @@ use crate::template::{ChatTemplate, TemplateError};
 
 /// Most stop strings per request.
 pub const MAX_STOP_STRINGS: usize = 16;
+/// Most `logit_bias` entries a request may carry (as OpenAI).
+pub const MAX_LOGIT_BIAS: usize = 300;
 
 const ROLES: [&str; 6] = [
     "system",
@@ -430,6 +432,7 @@ impl Preprocessor {
                 ))
             }
         };
+        let logit_bias = self.logit_bias(p.logit_bias.as_ref())?;
         let prompt_len = token_ids.len() as u64;
         let context = self.context_length as u64;
         if prompt_len >= context {
@@ -509,6 +512,7 @@ impl Preprocessor {
                     seed: p.seed.map(|s| s as u64),
                     presence_penalty: p.presence_penalty,
                     frequency_penalty: p.frequency_penalty,
+                    logit_bias,
                 },
                 stop: StopConditions {
                     max_tokens,
@@ -525,6 +529,50 @@ impl Preprocessor {
             instance: p.nvext.and_then(|x| x.backend_instance_id),
             echo,
         })
+    }
+
+    /// `logit_bias` as (token, bias) pairs: keys are token ids of this model's vocabulary,
+    /// values in [-100, 100], at most [`MAX_LOGIT_BIAS`] entries (OpenAI's limits).
+    fn logit_bias(
+        &self,
+        bias: Option<&std::collections::BTreeMap<String, f64>>,
+    ) -> Result<Vec<(TokenId, f32)>, RequestError> {
+        let Some(bias) = bias else {
+            return Ok(Vec::new());
+        };
+        if bias.len() > MAX_LOGIT_BIAS {
+            return Err(RequestError::new(
+                format!(
+                    "logit_bias has {} entries; at most {MAX_LOGIT_BIAS} are allowed",
+                    bias.len()
+                ),
+                Some("logit_bias"),
+            ));
+        }
+        let mut out = Vec::with_capacity(bias.len());
+        for (key, &value) in bias {
+            let token = key
+                .parse::<TokenId>()
+                .ok()
+                .filter(|&t| t < self.vocab_size)
+                .ok_or_else(|| {
+                    RequestError::new(
+                        format!(
+                            "logit_bias key {key:?} is not a token id of this model (0 to {})",
+                            self.vocab_size.saturating_sub(1)
+                        ),
+                        Some("logit_bias"),
+                    )
+                })?;
+            if !(-100.0..=100.0).contains(&value) {
+                return Err(RequestError::new(
+                    format!("logit_bias value {value} for token {token} is outside [-100, 100]"),
+                    Some("logit_bias"),
+                ));
+            }
+            out.push((token, value as f32));
+        }
+        Ok(out)
     }
 
     /// The output side of one request.

@@ -104,6 +104,22 @@ fn bad_requests_name_the_parameter() {
             "at least 1",
         ),
         (
+            json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"abc": 1}}),
+            Some("logit_bias"),
+            "not a token id",
+        ),
+        (
+            json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"7": -101}}),
+            Some("logit_bias"),
+            "outside [-100, 100]",
+        ),
+        (
+            json!({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                   "logit_bias": (0..301).map(|i| (i.to_string(), json!(1))).collect::<serde_json::Map<_, _>>()}),
+            Some("logit_bias"),
+            "at most 300",
+        ),
+        (
             json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -3}),
             Some("max_completion_tokens"),
             "at least 1",

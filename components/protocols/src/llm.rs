@@ -23,6 +23,10 @@ pub struct SamplingOptions {
     pub presence_penalty: Option<f32>,
     #[serde(default)]
     pub frequency_penalty: Option<f32>,
+    /// Added to these tokens' logits before sampling (OpenAI's `logit_bias`: -100 bans a
+    /// token, 100 all but forces it). Engines that cannot apply it refuse the request.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub logit_bias: Vec<(TokenId, f32)>,
 }
 
 /// When an engine stops generating for a request.

@@ -68,6 +68,9 @@ pub struct GenerationParams {
     pub logprobs: Option<Value>,
     #[serde(default)]
     pub top_logprobs: Option<i64>,
+    /// Token id (as a string) to a bias in [-100, 100] added to its logit before sampling.
+    #[serde(default)]
+    pub logit_bias: Option<std::collections::BTreeMap<String, f64>>,
     #[serde(default)]
     pub user: Option<String>,
     #[serde(default)]

@@ -1,5 +1,5 @@
-//! Picking the next token from logits: OpenAI-style frequency and presence penalties over the
-//! tokens generated so far, then greedy (temperature 0 or unset) or temperature, top-k and
+//! Picking the next token from logits: the request's `logit_bias`, OpenAI-style frequency and
+//! presence penalties over the tokens generated so far, then greedy (temperature 0 or unset) or temperature, top-k and
 //! top-p sampling. A request's `seed` makes its draws a function of (seed, position) alone, so
 //! the same seed and request give the same output however requests are batched.
 
@@ -18,8 +18,14 @@ pub fn uniform(seed: u64, position: usize) -> f64 {
     (mix(seed ^ mix(position as u64)) >> 11) as f64 / (1u64 << 53) as f64
 }
 
-/// Applies penalties for `generated` tokens to `logits` in place.
+/// Applies the request's `logit_bias`, then penalties for `generated` tokens, to `logits` in
+/// place.
 pub fn penalize(logits: &mut [f32], generated: &[TokenId], opts: &SamplingOptions) {
+    for &(t, bias) in &opts.logit_bias {
+        if let Some(l) = logits.get_mut(t as usize) {
+            *l += bias;
+        }
+    }
     let freq = opts.frequency_penalty.unwrap_or(0.0);
     let pres = opts.presence_penalty.unwrap_or(0.0);
     if (freq == 0.0 && pres == 0.0) || generated.is_empty() {
@@ -144,6 +150,16 @@ mod tests {
         };
         penalize(&mut l, &[1, 1], &pen);
         assert_eq!(sample(&l, &pen, 0.0), Some(2));
+        // logit_bias: -100 bans the greedy token, +100 makes the least likely one win.
+        for (bias, want) in [((1, -100.0), 2), ((3, 100.0), 3)] {
+            let mut l = logits;
+            let b = SamplingOptions {
+                logit_bias: vec![bias],
+                ..Default::default()
+            };
+            penalize(&mut l, &[], &b);
+            assert_eq!(sample(&l, &b, 0.0), Some(want), "{bias:?}");
+        }
         assert_eq!(
             sample(&[f32::NAN, 1.0], &SamplingOptions::default(), 0.0),
             None
