@@ -27,6 +27,8 @@ c = r1.choices[0]
 check("chat finish length", c.finish_reason == "length", c.finish_reason)
 check("chat usage", r1.usage.completion_tokens == 12 and r1.usage.prompt_tokens > 32, r1.usage)
 check("chat text", isinstance(c.message.content, str) and len(c.message.content) > 0, repr(c.message.content))
+details = r1.usage.completion_tokens_details
+check("completion_tokens_details", details is not None and details.reasoning_tokens == 0, r1.usage)
 
 # The same prompt again: greedy gives the same text, and its full blocks come from the cache.
 r2 = client.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0)

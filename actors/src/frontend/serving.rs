@@ -12,7 +12,9 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use dynamo_preprocessor::{OutputProcessor, Piece, Prepared, RequestError};
 use dynamo_protocols::llm::{EngineOutput, FinishReason, PreprocessedRequest, TokenId};
-use dynamo_protocols::openai::{ErrorDetail, ErrorResponse, PromptTokensDetails, Usage};
+use dynamo_protocols::openai::{
+    CompletionTokensDetails, ErrorDetail, ErrorResponse, PromptTokensDetails, Usage,
+};
 use dynamo_runtime::rpc::{RemoteErrorKind, ResponseStream};
 use dynamo_runtime::{CallOptions, InstanceId, RpcError, Runtime, Target};
 use serde_json::Value;
@@ -1105,6 +1107,7 @@ impl Generation {
             prompt_tokens_details: Some(PromptTokensDetails {
                 cached_tokens: self.output.cached_tokens(),
             }),
+            completion_tokens_details: Some(CompletionTokensDetails::default()),
         }
     }
 }
