@@ -469,6 +469,9 @@ impl Actor for Supervisor {
                         Err(reason) => Err(SupervisorError::Start { name, reason }),
                     }
                 };
+                // Health shows the role before the caller hears it started: a caller that
+                // announces readiness next must not have `/health` list no roles.
+                state.refresh_health();
                 let _ = reply.send(result);
             }
             Msg::Stop { name, grace, reply } => {
