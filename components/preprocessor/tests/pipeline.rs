@@ -104,6 +104,14 @@ fn bad_requests_name_the_parameter() {
             "at least 1",
         ),
         (
+            json!({"model": "m", "messages": [{"role": "user", "content": [
+                {"type": "text", "text": "what is this?"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+            ]}]}),
+            Some("messages[0].content[1]"),
+            "only text content parts are supported (got type \"image_url\")",
+        ),
+        (
             json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"abc": 1}}),
             Some("logit_bias"),
             "not a token id",
