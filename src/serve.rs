@@ -20,10 +20,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use dynamo_actors::supervisor::{RoleSpec, Started, SupervisorHandle};
-use dynamo_runtime::bus::Outgoing;
+use dynamo_runtime::bus::{AbortOnDrop, Outgoing};
 use dynamo_runtime::discovery::ProcessId;
 use dynamo_runtime::subject::{gone_subject, DiscoveryFilter, Namespace};
-use dynamo_runtime::{DiscoveryEvent, InstanceInfo, Runtime};
+use dynamo_runtime::{DiscoveryEvent, InstanceId, Runtime};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -285,6 +285,10 @@ pub(crate) async fn supervise(
                 return;
             }
             Some(status) => {
+                // Callers streaming from the child hear of its death before anything else.
+                if !shutting_down.is_cancelled() {
+                    reaper.reap(&label, pid).await;
+                }
                 let _ = tokio::join!(o, e);
                 let killed = status
                     .as_ref()
@@ -296,7 +300,6 @@ pub(crate) async fn supervise(
                     eprintln!("[{label}] exited ({status}) during shutdown");
                     return;
                 }
-                reaper.reap(&label, pid).await;
                 // A crash loop is a replica that dies before it serves, or soon after. One
                 // that was serving and got SIGKILL (an operator, the OOM killer), or that
                 // served a while, restarts at once (after the first delay).
@@ -330,20 +333,14 @@ struct Running {
 /// stay until their leases expire, as when no supervisor watches: the model stays listed while
 /// the child restarts (new requests wait for a worker instead of getting a 404), and callers
 /// route around the dead instance once a call to it fails.
+/// Each child's registrations by pid: (discovery key, instance).
+type Registrations = BTreeMap<u32, Vec<(String, InstanceId)>>;
+
 #[derive(Clone)]
 pub(crate) struct Reaper {
     runtime: Runtime,
-    by_pid: Arc<Mutex<BTreeMap<u32, Vec<InstanceInfo>>>>,
+    by_pid: Arc<Mutex<Registrations>>,
     _follow: Arc<AbortOnDrop>,
-}
-
-/// Stops a task when the last handle goes.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 impl Reaper {
@@ -355,26 +352,27 @@ impl Reaper {
             .await
             .context("following discovery for the children's instances")?;
         let host = ProcessId::this().host;
-        let by_pid: Arc<Mutex<BTreeMap<u32, Vec<InstanceInfo>>>> = Arc::default();
+        let by_pid: Arc<Mutex<Registrations>> = Arc::default();
         let map = by_pid.clone();
         let follow = tokio::spawn(async move {
             while let Some(event) = watch.next().await {
                 let Ok(mut map) = map.lock() else { return };
                 match event {
                     DiscoveryEvent::Joined(info) => {
-                        let Some(p) = info.process.clone().filter(|p| p.host == host) else {
+                        let Some(p) = info.process.as_ref().filter(|p| p.host == host) else {
                             continue;
                         };
+                        let key = info.key();
                         let mine = map.entry(p.pid).or_default();
-                        mine.retain(|i| i.key() != info.key());
-                        mine.push(info);
+                        mine.retain(|(k, _)| *k != key);
+                        mine.push((key, info.instance));
                     }
                     DiscoveryEvent::Left { endpoint, instance } => {
                         let key = endpoint.discovery_key(instance);
-                        for infos in map.values_mut() {
-                            infos.retain(|i| i.key() != key);
+                        for mine in map.values_mut() {
+                            mine.retain(|(k, _)| *k != key);
                         }
-                        map.retain(|_, infos| !infos.is_empty());
+                        map.retain(|_, mine| !mine.is_empty());
                     }
                 }
             }
@@ -382,20 +380,24 @@ impl Reaper {
         Ok(Self {
             runtime: runtime.clone(),
             by_pid,
-            _follow: Arc::new(AbortOnDrop(follow)),
+            _follow: Arc::new(AbortOnDrop(follow.abort_handle())),
         })
     }
 
     /// Child `pid` (`label`) died: its instances are gone.
     async fn reap(&self, label: &str, pid: u32) {
-        let infos = match self.by_pid.lock() {
-            Ok(mut map) => map.remove(&pid).unwrap_or_default(),
+        let instances: std::collections::BTreeSet<InstanceId> = match self.by_pid.lock() {
+            Ok(mut map) => map
+                .remove(&pid)
+                .into_iter()
+                .flatten()
+                .map(|(_, i)| i)
+                .collect(),
             Err(_) => return,
         };
-        if infos.is_empty() {
+        if instances.is_empty() {
             return;
         }
-        let instances: std::collections::BTreeSet<_> = infos.iter().map(|i| i.instance).collect();
         let bus = self.runtime.bus();
         for &i in &instances {
             let notice = Outgoing::new(gone_subject(i), bytes::Bytes::new());

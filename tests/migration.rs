@@ -73,14 +73,7 @@ async fn open_streams(
         let prompt: Vec<u32> = (0..len).map(|j| 100 + i * (len + 10) + j).collect();
         let body =
             json!({"model": "m", "prompt": prompt, "max_tokens": max_tokens, "stream": true});
-        let mut g = serving.start(Endpoint::Completions, &body).await.unwrap();
-        let first = g
-            .next()
-            .await
-            .expect("a first piece")
-            .expect("no error yet");
-        assert!(first.finish.is_none());
-        open.push(g);
+        open.push(common::open_completion(serving, &body).await);
     }
     open
 }

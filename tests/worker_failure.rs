@@ -93,17 +93,7 @@ async fn engine_failure_is_typed_and_the_worker_restarts(bus: Option<String>) {
     let mut open = Vec::new();
     for i in 0..3u32 {
         let prompt: Vec<u32> = (0..20).map(|j| vocab.start + 20 + i * 20 + j).collect();
-        let mut g = serving
-            .start(Endpoint::Completions, &body(prompt, 2000))
-            .await
-            .unwrap();
-        let first = g
-            .next()
-            .await
-            .expect("a first piece")
-            .expect("no error yet");
-        assert!(first.finish.is_none());
-        open.push(g);
+        open.push(common::open_completion(&serving, &body(prompt, 2000)).await);
     }
     let mut marked_prompt: Vec<u32> = (0..20).map(|j| vocab.start + 200 + j).collect();
     marked_prompt[5] = marked;

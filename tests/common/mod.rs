@@ -494,3 +494,22 @@ pub fn base(line: &str) -> String {
     let port = addr.rsplit(':').next().unwrap();
     format!("http://127.0.0.1:{port}")
 }
+
+/// Starts a streaming completion (`body`) and reads its first piece: the request is open on
+/// its worker when this returns.
+pub async fn open_completion(
+    serving: &Arc<dynamo_actors::frontend::Serving>,
+    body: &serde_json::Value,
+) -> dynamo_actors::frontend::Generation {
+    let mut g = serving
+        .start(dynamo_actors::frontend::Endpoint::Completions, body)
+        .await
+        .unwrap();
+    let first = g
+        .next()
+        .await
+        .expect("a first piece")
+        .expect("no error yet");
+    assert!(first.finish.is_none());
+    g
+}

@@ -25,13 +25,6 @@ use crate::subject::{DiscoveryFilter, EndpointId, InstanceId};
 /// (a shutdown must not wait for a bus that is gone).
 const GIVE_UP: Duration = Duration::from_secs(1);
 
-impl Inner {
-    /// Whether the bus is connected now (without it, deregistration does not wait at all).
-    fn connected(&self) -> bool {
-        self.client.connection_state() == async_nats::connection::State::Connected
-    }
-}
-
 /// Discovery over NATS JetStream KV. Cheap to clone.
 #[derive(Clone)]
 pub struct NatsDiscovery {
@@ -138,6 +131,11 @@ impl NatsDiscovery {
 }
 
 impl Inner {
+    /// Whether the bus is connected now (without it, deregistration does not wait at all).
+    fn connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
     fn snapshot(&self) -> Vec<(String, Bytes)> {
         self.registered
             .lock()

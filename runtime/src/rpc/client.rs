@@ -455,12 +455,16 @@ impl RawResponseStream {
                     continue;
                 }
             };
-            if *self.responder.get_or_insert(frame.from) != frame.from {
-                crate::telemetry::malformed(
-                    "reply",
-                    &format_args!("a frame from instance {}, not the responder", frame.from),
-                );
-                continue;
+            // The responder is the instance addressed, or the first to answer.
+            match self.probe_target() {
+                Some(expected) if expected != frame.from => {
+                    crate::telemetry::malformed(
+                        "reply",
+                        &format_args!("a frame from instance {}, not the responder", frame.from),
+                    );
+                    continue;
+                }
+                _ => self.responder = Some(frame.from),
             }
             self.last_heard = now;
             if !matches!(frame.kind, FrameKind::Heartbeat) {
