@@ -723,6 +723,16 @@ async fn every_openai_request_field_is_honoured_or_refused_by_name() {
     assert_eq!(status, 400, "{answer}");
     let message = answer["error"]["message"].as_str().unwrap_or_default();
     assert!(message.contains("logit_bias"), "{answer}");
+    // So are logprobs: no made-up probabilities.
+    let (status, answer, _) = s
+        .post(
+            "/v1/chat/completions",
+            &json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "logprobs": true}),
+        )
+        .await;
+    assert_eq!(status, 400, "{answer}");
+    let message = answer["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("logprobs"), "{answer}");
     s.finish().await;
 }
 

@@ -82,3 +82,59 @@ for bad in ({"999999": 5}, {"70": 250}):
         check(f"logit_bias {bad} refused", False, "no error")
     except openai.BadRequestError as e:
         check(f"logit_bias {bad} refused", e.status_code == 400 and e.param == "logit_bias", e)
+
+# logprobs (chat): one entry per generated token; the alternatives ranked, the greedy choice
+# first; the tokens' bytes spell the text; streamed chunks carry the same entries.
+kw = dict(model=model, messages=messages, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3,
+          extra_body={"ignore_eos": True})
+r = client.chat.completions.create(**kw)
+content = r.choices[0].logprobs.content
+check("chat logprobs per token", len(content) == r.usage.completion_tokens == 8, (len(content), r.usage))
+check(
+    "greedy token is the top alternative",
+    all(len(e.top_logprobs) == 3 and e.top_logprobs[0].token == e.token
+        and abs(e.top_logprobs[0].logprob - e.logprob) < 1e-6 and e.logprob <= 0
+        and e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob >= e.top_logprobs[2].logprob
+        for e in content),
+    content,
+)
+spelled = b"".join(bytes(e.bytes) for e in content).decode("utf-8", "replace")
+check("logprob bytes spell the text", spelled == r.choices[0].message.content, (spelled, r.choices[0].message.content))
+streamed = []
+for chunk in client.chat.completions.create(**kw, stream=True):
+    if chunk.choices and chunk.choices[0].logprobs:
+        streamed.extend(chunk.choices[0].logprobs.content)
+check(
+    "streamed logprobs match",
+    [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in content],
+    (streamed, content),
+)
+
+# logprobs (completions): tokens, their logprobs, alternatives (the chosen one included) and
+# text offsets; a sampled token is never more likely than the top alternative.
+r = client.completions.create(
+    model=model, prompt="Once upon a time", max_tokens=6, temperature=1.0, seed=3, logprobs=2,
+    extra_body={"ignore_eos": True},
+)
+lp = r.choices[0].logprobs
+check(
+    "completion logprobs",
+    len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 6
+    and all(len(t) <= 3 and max(t.values()) >= l - 1e-6 for t, l in zip(lp.top_logprobs, lp.token_logprobs))
+    and lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0,
+    lp,
+)
+for bad, param in (
+    (dict(logprobs=True, top_logprobs=21), "top_logprobs"),
+    (dict(top_logprobs=2), "top_logprobs"),
+):
+    try:
+        client.chat.completions.create(model=model, messages=messages, max_tokens=2, **bad)
+        check(f"{bad} refused", False, "no error")
+    except openai.BadRequestError as e:
+        check(f"{bad} refused", e.status_code == 400 and e.param == param, e)
+try:
+    client.completions.create(model=model, prompt="x", max_tokens=2, logprobs=1, echo=True)
+    check("echo with logprobs refused", False, "no error")
+except openai.BadRequestError as e:
+    check("echo with logprobs refused", e.status_code == 400 and e.param == "echo", e)

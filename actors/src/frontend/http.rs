@@ -24,6 +24,8 @@ use http_body_util::BodyExt;
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use dynamo_preprocessor::LogprobEntry;
+
 use super::metrics::Endpoint;
 use super::serving::{ApiError, Generation, Serving};
 
@@ -214,7 +216,12 @@ async fn generate(state: Arc<HttpState>, req: Request, endpoint: Endpoint) -> Re
     response
 }
 
-fn chat_chunk(gen: &Generation, delta: Delta, finish: Option<&str>) -> ChatCompletionChunk {
+fn chat_chunk(
+    gen: &Generation,
+    delta: Delta,
+    finish: Option<&str>,
+    logprobs: Option<Value>,
+) -> ChatCompletionChunk {
     ChatCompletionChunk {
         id: format!("chatcmpl-{}", gen.id),
         object: "chat.completion.chunk".into(),
@@ -224,13 +231,18 @@ fn chat_chunk(gen: &Generation, delta: Delta, finish: Option<&str>) -> ChatCompl
             index: 0,
             delta,
             finish_reason: finish.map(str::to_string),
-            logprobs: None,
+            logprobs,
         }],
         usage: None,
     }
 }
 
-fn completion_chunk(gen: &Generation, text: String, finish: Option<&str>) -> Completion {
+fn completion_chunk(
+    gen: &Generation,
+    text: String,
+    finish: Option<&str>,
+    logprobs: Option<Value>,
+) -> Completion {
     Completion {
         id: format!("cmpl-{}", gen.id),
         object: "text_completion".into(),
@@ -240,10 +252,56 @@ fn completion_chunk(gen: &Generation, text: String, finish: Option<&str>) -> Com
             index: 0,
             text,
             finish_reason: finish.map(str::to_string),
-            logprobs: None,
+            logprobs,
         }],
         usage: None,
     }
+}
+
+/// A choice's `logprobs` in the endpoint's shape, when the request asked for them. Chat:
+/// `{"content": [{token, logprob, bytes, top_logprobs}], "refusal": null}`. Completions:
+/// `{tokens, token_logprobs, top_logprobs, text_offset}`, each alternative map holding the
+/// chosen token too (as OpenAI's); `offset` is the text offset of the first token (in
+/// characters), advanced past these.
+fn logprobs_value(
+    gen: &Generation,
+    endpoint: Endpoint,
+    entries: &[LogprobEntry],
+    offset: &mut usize,
+) -> Option<Value> {
+    gen.prepared.request.sampling.logprobs?;
+    Some(match endpoint {
+        Endpoint::Chat => {
+            let one = |t: &dynamo_preprocessor::TokenInfo| json!({"token": t.text(), "logprob": t.logprob, "bytes": t.bytes});
+            let content: Vec<Value> = entries
+                .iter()
+                .map(|e| {
+                    let mut v = one(&e.token);
+                    v["top_logprobs"] = e.top.iter().map(one).collect();
+                    v
+                })
+                .collect();
+            json!({"content": content, "refusal": null})
+        }
+        Endpoint::Completions => {
+            let (mut tokens, mut lps, mut tops, mut offsets) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for e in entries {
+                let text = e.token.text();
+                let mut top = serde_json::Map::new();
+                for t in &e.top {
+                    top.entry(t.text()).or_insert(json!(t.logprob));
+                }
+                top.entry(text.clone()).or_insert(json!(e.token.logprob));
+                offsets.push(*offset);
+                *offset += text.chars().count();
+                tokens.push(text);
+                lps.push(e.token.logprob);
+                tops.push(Value::Object(top));
+            }
+            json!({"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
+        }
+    })
 }
 
 fn event(v: &impl Serialize) -> Event {
@@ -261,15 +319,21 @@ enum Phase {
 
 type SseStep = Option<(Result<Event, Infallible>, (Generation, Phase))>;
 
-/// The next event with text or a finish reason (empty pieces are skipped).
+/// The next event with text or a finish reason (empty pieces are skipped; their logprobs
+/// go with the next event).
 async fn body_event(mut gen: Generation, endpoint: Endpoint) -> SseStep {
+    let mut entries = Vec::new();
     loop {
         match gen.next().await {
             Some(Ok(piece)) => {
                 let finish = piece.finish.map(|f| f.as_str());
+                entries.extend(piece.logprobs);
                 if piece.text.is_empty() && finish.is_none() {
                     continue;
                 }
+                let mut offset = gen.text_offset;
+                let logprobs = logprobs_value(&gen, endpoint, &entries, &mut offset);
+                gen.text_offset = offset;
                 let ev = match endpoint {
                     Endpoint::Chat => {
                         let content = (!piece.text.is_empty()).then_some(piece.text);
@@ -280,9 +344,12 @@ async fn body_event(mut gen: Generation, endpoint: Endpoint) -> SseStep {
                                 content,
                             },
                             finish,
+                            logprobs,
                         ))
                     }
-                    Endpoint::Completions => event(&completion_chunk(&gen, piece.text, finish)),
+                    Endpoint::Completions => {
+                        event(&completion_chunk(&gen, piece.text, finish, logprobs))
+                    }
                 };
                 let next = if finish.is_some() {
                     Phase::Usage
@@ -310,12 +377,13 @@ fn sse(gen: Generation, endpoint: Endpoint) -> Sse<impl Stream<Item = Result<Eve
                             content: Some(String::new()),
                         },
                         None,
+                        None,
                     ))),
                     Endpoint::Completions => gen
                         .prepared
                         .echo
                         .clone()
-                        .map(|t| event(&completion_chunk(&gen, t, None))),
+                        .map(|t| event(&completion_chunk(&gen, t, None, None))),
                 };
                 match first {
                     Some(ev) => Some((Ok(ev), (gen, Phase::Body))),
@@ -330,13 +398,13 @@ fn sse(gen: Generation, endpoint: Endpoint) -> Sse<impl Stream<Item = Result<Eve
                 let usage = Some(gen.usage());
                 let ev = match endpoint {
                     Endpoint::Chat => {
-                        let mut c = chat_chunk(&gen, Delta::default(), None);
+                        let mut c = chat_chunk(&gen, Delta::default(), None, None);
                         c.choices.clear();
                         c.usage = usage;
                         event(&c)
                     }
                     Endpoint::Completions => {
-                        let mut c = completion_chunk(&gen, String::new(), None);
+                        let mut c = completion_chunk(&gen, String::new(), None, None);
                         c.choices.clear();
                         c.usage = usage;
                         event(&c)
@@ -355,13 +423,16 @@ fn sse(gen: Generation, endpoint: Endpoint) -> Sse<impl Stream<Item = Result<Eve
 async fn whole(mut gen: Generation, endpoint: Endpoint) -> Result<Response, ApiError> {
     let mut text = gen.prepared.echo.clone().unwrap_or_default();
     let mut finish = None;
+    let mut entries = Vec::new();
     while let Some(piece) = gen.next().await {
         let piece = piece?;
         text.push_str(&piece.text);
+        entries.extend(piece.logprobs);
         if let Some(f) = piece.finish {
             finish = Some(f.as_str().to_string());
         }
     }
+    let logprobs = logprobs_value(&gen, endpoint, &entries, &mut 0);
     let usage = gen.usage();
     Ok(match endpoint {
         Endpoint::Chat => json_response(
@@ -378,13 +449,13 @@ async fn whole(mut gen: Generation, endpoint: Endpoint) -> Result<Response, ApiE
                         content: text,
                     },
                     finish_reason: finish,
-                    logprobs: None,
+                    logprobs,
                 }],
                 usage,
             },
         ),
         Endpoint::Completions => {
-            let mut c = completion_chunk(&gen, text, finish.as_deref());
+            let mut c = completion_chunk(&gen, text, finish.as_deref(), logprobs);
             c.usage = Some(usage);
             json_response(StatusCode::OK, &c)
         }

@@ -738,6 +738,7 @@ impl Serving {
             generated: Vec::new(),
             migrations: 0,
             last_output: Instant::now(),
+            text_offset: 0,
         })
     }
 
@@ -954,6 +955,9 @@ pub struct Generation {
     migrations: u32,
     /// When the last output arrived (a migration's log says how long the stream was silent).
     last_output: Instant,
+    /// Characters of completion text the streamed logprobs covered so far (their
+    /// `text_offset`).
+    pub text_offset: usize,
 }
 
 impl Generation {

@@ -570,6 +570,8 @@ impl Disagg {
             finish_reason: finish,
             cached_tokens: Some((cached * bs) as u32),
             prefill_worker: Some(remote.prefill_worker),
+            // The prefill worker sampled the first token: its logprobs, if asked for.
+            logprobs: answer.logprobs.into_iter().take(1).collect(),
         };
         Ok((first, rest))
     }

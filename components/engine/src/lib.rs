@@ -69,17 +69,22 @@ pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 /// The outputs of one request. The last item carries a finish reason; the stream ends after it.
 pub type EngineStream = Pin<Box<dyn Stream<Item = Result<EngineOutput, EngineError>> + Send>>;
 
-/// Refuses a request that asks for what only a model's logits can give (`logit_bias`), for
-/// engines that have none: a silently ignored bias would be worse than a 400.
+/// Refuses a request that asks for what only a model's logits can give (`logit_bias`,
+/// `logprobs`), for engines that have none: a silently ignored bias, or made-up
+/// probabilities, would be worse than a 400.
 pub fn refuse_without_logits(
     request: &PreprocessedRequest,
     engine: &str,
 ) -> Result<(), EngineError> {
-    if request.sampling.logit_bias.is_empty() {
+    let wants = if !request.sampling.logit_bias.is_empty() {
+        "logit_bias"
+    } else if request.sampling.logprobs.is_some() {
+        "logprobs"
+    } else {
         return Ok(());
-    }
+    };
     Err(EngineError::BadRequest(format!(
-        "logit_bias needs a model's logits; the {engine} engine has none (use the native engine)"
+        "{wants} needs a model's logits; the {engine} engine has none (use the native engine)"
     )))
 }
 

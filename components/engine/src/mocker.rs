@@ -316,7 +316,11 @@ impl Executor for Simulated {
         if self.faults.stall_at_step == Some(self.steps) {
             duration += self.faults.stall_for;
         }
-        StepResult { sampled, duration }
+        StepResult {
+            sampled,
+            duration,
+            ..Default::default()
+        }
     }
 }
 

@@ -30,7 +30,7 @@ impl Executor for Counting {
                 .filter(|i| i.samples)
                 .map(|_| Ok(1000 + self.steps.len() as u32))
                 .collect(),
-            duration: Default::default(),
+            ..Default::default()
         }
     }
 }

@@ -79,6 +79,57 @@ impl Decoder {
     }
 }
 
+/// Each token's own bytes, for logprobs (`bytes`, and `token` as their lossy UTF-8): a
+/// byte-level BPE token's exact bytes (which may be part of a character), a SentencePiece
+/// token's text with `▁` as a space and `<0xNN>` as its byte, an added token's content.
+pub struct TokenBytes {
+    tokenizer: Arc<tokenizers::Tokenizer>,
+    /// Byte-level decoding: character -> byte (GPT-2's table, inverted).
+    byte_level: Option<std::collections::HashMap<char, u8>>,
+}
+
+impl TokenBytes {
+    pub fn new(tokenizer: Arc<tokenizers::Tokenizer>) -> Self {
+        let byte_level = matches!(
+            tokenizer.get_decoder(),
+            Some(tokenizers::decoders::DecoderWrapper::ByteLevel(_))
+        )
+        .then(|| {
+            crate::fast_bpe::byte_chars()
+                .iter()
+                .enumerate()
+                .map(|(b, &c)| (c, b as u8))
+                .collect()
+        });
+        Self {
+            tokenizer,
+            byte_level,
+        }
+    }
+
+    pub fn bytes(&self, id: TokenId) -> Vec<u8> {
+        let Some(piece) = self.tokenizer.id_to_token(id) else {
+            return Vec::new();
+        };
+        if let Some(table) = &self.byte_level {
+            if let Some(bytes) = piece.chars().map(|c| table.get(&c).copied()).collect() {
+                return bytes;
+            }
+            return piece.into_bytes();
+        }
+        if let Some(hex) = piece
+            .strip_prefix("<0x")
+            .and_then(|h| h.strip_suffix('>'))
+            .filter(|h| h.len() == 2)
+        {
+            if let Ok(b) = u8::from_str_radix(hex, 16) {
+                return vec![b];
+            }
+        }
+        piece.replace('\u{2581}', " ").into_bytes()
+    }
+}
+
 fn common_prefix_len(a: &str, b: &str) -> usize {
     a.char_indices()
         .zip(b.chars())

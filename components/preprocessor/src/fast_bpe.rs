@@ -30,7 +30,7 @@ const CACHE_WORDS: usize = 65_536;
 const CACHE_WORD_BYTES: usize = 64;
 
 /// GPT-2's byte-to-character table: printable bytes map to themselves, the rest to U+0100...
-fn byte_chars() -> [char; 256] {
+pub(crate) fn byte_chars() -> [char; 256] {
     let mut table = ['\0'; 256];
     let mut n = 0u32;
     for b in 0..=255u8 {

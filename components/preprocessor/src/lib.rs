@@ -18,4 +18,6 @@ pub mod pipeline;
 pub mod template;
 
 pub use model::{ModelError, ModelFiles, ModelFolder};
-pub use pipeline::{OutputProcessor, Piece, Prepared, Preprocessor, RequestError};
+pub use pipeline::{
+    LogprobEntry, OutputProcessor, Piece, Prepared, Preprocessor, RequestError, TokenInfo,
+};

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use dynamo_protocols::llm::{
     EngineOutput, FinishReason, PreprocessedRequest, SamplingOptions, StopConditions, TokenId,
+    MAX_TOP_LOGPROBS,
 };
 use dynamo_protocols::openai::{
     ChatCompletionRequest, ChatMessage, CompletionRequest, GenerationParams, MessageContent, Prompt,
@@ -16,8 +17,9 @@ use dynamo_protocols::openai::{
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::detok::{Decoder, StopJail};
+use crate::detok::{Decoder, StopJail, TokenBytes};
 use crate::fast_bpe::FastBpe;
+use crate::fields::Api;
 use crate::model::{
     ModelError, ModelFiles, CHAT_TEMPLATE, CONFIG, GENERATION_CONFIG, TOKENIZER, TOKENIZER_CONFIG,
 };
@@ -118,6 +120,8 @@ fn token_ids(v: &Value) -> Vec<TokenId> {
 pub struct Preprocessor {
     name: String,
     tokenizer: Arc<tokenizers::Tokenizer>,
+    /// Each token's bytes, for logprobs.
+    token_bytes: Arc<TokenBytes>,
     /// Exact fast path for prompts, when the tokenizer's configuration allows one.
     fast: Option<FastBpe>,
     template: Option<ChatTemplate>,
@@ -193,6 +197,7 @@ impl Preprocessor {
         Ok(Self {
             name: name.to_string(),
             vocab_size: tokenizer.get_vocab_size(true) as u32,
+            token_bytes: Arc::new(TokenBytes::new(Arc::new(tokenizer.clone()))),
             tokenizer: Arc::new(tokenizer),
             fast,
             template,
@@ -340,7 +345,7 @@ impl Preprocessor {
         let params: GenerationParams = parse(body)?;
         let prompt = self.render_chat(&req)?;
         let tokens = self.encode(&prompt, false)?;
-        self.prepare(tokens, params, None)
+        self.prepare(Api::Chat, tokens, params, None)
     }
 
     /// Validates and tokenizes a `/v1/completions` body.
@@ -392,11 +397,12 @@ impl Preprocessor {
         } else {
             None
         };
-        self.prepare(tokens, params, echo)
+        self.prepare(Api::Completions, tokens, params, echo)
     }
 
     fn prepare(
         &self,
+        api: Api,
         token_ids: Vec<TokenId>,
         p: GenerationParams,
         echo: Option<String>,
@@ -410,14 +416,7 @@ impl Preprocessor {
                 Some("n"),
             ));
         }
-        let wants_logprobs = match &p.logprobs {
-            None | Some(Value::Null) | Some(Value::Bool(false)) => false,
-            Some(Value::Number(n)) => n.as_f64() != Some(0.0),
-            Some(_) => true,
-        };
-        if wants_logprobs || p.top_logprobs.is_some_and(|n| n > 0) {
-            return Err(RequestError::unsupported("logprobs", "logprobs"));
-        }
+        let logprobs = logprobs(api, &p, echo.is_some())?;
         check_range("temperature", p.temperature, 0.0, 2.0)?;
         check_range("top_p", p.top_p, f32::MIN_POSITIVE, 1.0)?;
         check_range("presence_penalty", p.presence_penalty, -2.0, 2.0)?;
@@ -513,6 +512,7 @@ impl Preprocessor {
                     presence_penalty: p.presence_penalty,
                     frequency_penalty: p.frequency_penalty,
                     logit_bias,
+                    logprobs,
                 },
                 stop: StopConditions {
                     max_tokens,
@@ -579,6 +579,12 @@ impl Preprocessor {
     pub fn output(&self, prepared: &Prepared) -> OutputProcessor {
         OutputProcessor {
             decoder: Decoder::new(self.tokenizer.clone(), &prepared.request.token_ids),
+            token_bytes: prepared
+                .request
+                .sampling
+                .logprobs
+                .is_some()
+                .then(|| self.token_bytes.clone()),
             jail: StopJail::new(prepared.stop_strings.clone()),
             stop: prepared.request.stop.clone(),
             generated: 0,
@@ -597,6 +603,74 @@ fn require_object(body: &Value) -> Result<(), RequestError> {
             None,
         ))
     }
+}
+
+/// How many alternatives per token a request wants with its logprobs (`None`: no logprobs).
+/// Chat: `logprobs: true` and `top_logprobs` (0 to 20, only with `logprobs`); completions:
+/// `logprobs: N` (0 to 20; OpenAI allows up to 5, vLLM 20), not with `echo` (the prompt's
+/// logprobs are not computed).
+fn logprobs(api: Api, p: &GenerationParams, echo: bool) -> Result<Option<u32>, RequestError> {
+    let top = |name: &str, n: i64| {
+        if (0..=MAX_TOP_LOGPROBS as i64).contains(&n) {
+            Ok(n as u32)
+        } else {
+            Err(RequestError::new(
+                format!("{name} is {n}; it must be between 0 and {MAX_TOP_LOGPROBS}"),
+                Some(name),
+            ))
+        }
+    };
+    let wanted = match api {
+        Api::Chat => {
+            let on = match &p.logprobs {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(b)) => *b,
+                Some(v) => {
+                    return Err(RequestError::new(
+                        format!("logprobs is {v}; in chat it must be true or false (top_logprobs says how many alternatives)"),
+                        Some("logprobs"),
+                    ))
+                }
+            };
+            match (on, p.top_logprobs) {
+                (_, Some(n)) if !on => {
+                    top("top_logprobs", n)?;
+                    return Err(RequestError::new(
+                        "top_logprobs needs logprobs set to true",
+                        Some("top_logprobs"),
+                    ));
+                }
+                (true, n) => Some(top("top_logprobs", n.unwrap_or(0))?),
+                (false, None) => None,
+                (false, Some(_)) => unreachable!("handled above"),
+            }
+        }
+        Api::Completions => match &p.logprobs {
+            None | Some(Value::Null) => None,
+            Some(Value::Number(n)) => match n.as_i64() {
+                Some(n) => Some(top("logprobs", n)?),
+                None => {
+                    return Err(RequestError::new(
+                        format!("logprobs is {n}; it must be an integer between 0 and {MAX_TOP_LOGPROBS}"),
+                        Some("logprobs"),
+                    ))
+                }
+            },
+            Some(v) => {
+                return Err(RequestError::new(
+                    format!("logprobs is {v}; in completions it must be an integer between 0 and {MAX_TOP_LOGPROBS}"),
+                    Some("logprobs"),
+                ))
+            }
+        },
+    };
+    if wanted.is_some() && echo {
+        return Err(RequestError::new(
+            "echo with logprobs is not supported (the prompt's logprobs are not computed): drop one of them",
+            Some("echo"),
+        ));
+    }
+    Ok(wanted)
 }
 
 fn check_range(name: &str, v: Option<f32>, lo: f32, hi: f32) -> Result<(), RequestError> {
@@ -658,17 +732,46 @@ fn message_value(i: usize, m: &ChatMessage) -> Result<Value, RequestError> {
 }
 
 /// Text released by one engine output.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default, PartialEq)]
 pub struct Piece {
     pub text: String,
     /// Set once: the sequence is over (later outputs are ignored).
     pub finish: Option<FinishReason>,
+    /// With logprobs asked for: one entry per token of this output that became text (a
+    /// stop token does not), in order. Text held back for a stop string or an incomplete
+    /// character may come in a later piece than its tokens' entries.
+    pub logprobs: Vec<LogprobEntry>,
+}
+
+/// A token with its bytes and log probability.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenInfo {
+    pub id: TokenId,
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+}
+
+impl TokenInfo {
+    /// The token as text (bytes that are part of a character show as U+FFFD).
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.bytes).into_owned()
+    }
+}
+
+/// A generated token's logprob and the most likely tokens at its position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogprobEntry {
+    pub token: TokenInfo,
+    /// Most likely first.
+    pub top: Vec<TokenInfo>,
 }
 
 /// Turns one request's engine outputs into text: incremental detokenization, stop tokens
 /// (after `min_tokens`), stop strings, `max_tokens`, and the token count for usage.
 pub struct OutputProcessor {
     decoder: Decoder,
+    /// Set when the request asked for logprobs.
+    token_bytes: Option<Arc<TokenBytes>>,
     jail: StopJail,
     stop: StopConditions,
     generated: u32,
@@ -685,10 +788,21 @@ impl OutputProcessor {
         if let Some(c) = out.cached_tokens {
             self.cached_tokens = c;
         }
-        for &t in &out.token_ids {
+        for (j, &t) in out.token_ids.iter().enumerate() {
             self.generated += 1;
             if self.generated > self.stop.min_tokens && self.stop.stop_token_ids.contains(&t) {
                 return self.finish(piece, FinishReason::Stop);
+            }
+            if let (Some(tb), Some(lp)) = (&self.token_bytes, out.logprobs.get(j)) {
+                let info = |id: TokenId, logprob: f32| TokenInfo {
+                    id,
+                    bytes: tb.bytes(id),
+                    logprob,
+                };
+                piece.logprobs.push(LogprobEntry {
+                    token: info(t, lp.logprob),
+                    top: lp.top.iter().map(|&(id, l)| info(id, l)).collect(),
+                });
             }
             let text = self.decoder.push(t);
             let released = self.jail.push(&text);

@@ -94,9 +94,19 @@ fn bad_requests_name_the_parameter() {
             "n other than 1",
         ),
         (
-            json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": true}),
+            json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": 2}),
             Some("logprobs"),
-            "not supported",
+            "true or false",
+        ),
+        (
+            json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}),
+            Some("top_logprobs"),
+            "needs logprobs",
+        ),
+        (
+            json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 21}),
+            Some("top_logprobs"),
+            "between 0 and 20",
         ),
         (
             json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}),

@@ -27,6 +27,27 @@ pub struct SamplingOptions {
     /// token, 100 all but forces it). Engines that cannot apply it refuse the request.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub logit_bias: Vec<(TokenId, f32)>,
+    /// Return each generated token's log probability and this many of the most likely
+    /// alternatives at its position (0: the token's own only); `None`: none. Engines without
+    /// a model's logits refuse the request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<u32>,
+}
+
+/// The most alternatives a request may ask for per token (OpenAI's `top_logprobs` limit).
+pub const MAX_TOP_LOGPROBS: u32 = 20;
+
+/// A generated token's log probability, and the most likely tokens at its position.
+///
+/// The distribution is the model's after `logit_bias` and the penalties, at temperature 1
+/// (before temperature, top-k and top-p reshape it for the draw): under greedy decoding the
+/// chosen token's logprob equals the first alternative's.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprob {
+    pub logprob: f32,
+    /// (token, logprob), most likely first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub top: Vec<(TokenId, f32)>,
 }
 
 /// When an engine stops generating for a request.
@@ -226,6 +247,9 @@ pub struct EngineOutput {
     /// of a disaggregated request only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefill_worker: Option<u64>,
+    /// With `SamplingOptions::logprobs`: one entry per token of `token_ids`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub logprobs: Vec<TokenLogprob>,
 }
 
 /// A file of a model folder, named by its content hash.

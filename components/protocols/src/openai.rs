@@ -63,7 +63,7 @@ pub struct GenerationParams {
     pub presence_penalty: Option<f32>,
     #[serde(default)]
     pub frequency_penalty: Option<f32>,
-    /// Chat: a bool; completions: a count. Either way, not supported yet (400 when asked for).
+    /// Chat: a bool (with `top_logprobs` alternatives); completions: how many alternatives.
     #[serde(default)]
     pub logprobs: Option<Value>,
     #[serde(default)]

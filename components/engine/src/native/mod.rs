@@ -143,7 +143,7 @@ impl Executor for NativeExecutor {
         let (model, cache) = (&self.model, &mut self.cache);
         let logits = self.threads.install(|| model.forward(cache, &steps));
         let mut logits = logits.into_iter();
-        let mut sampled = Vec::new();
+        let (mut sampled, mut logprobs) = (Vec::new(), Vec::new());
         for it in batch.items.iter().filter(|i| i.samples) {
             let Some(mut l) = logits.next() else {
                 sampled.push(Err(EngineError::Internal(
@@ -160,15 +160,21 @@ impl Executor for NativeExecutor {
                     sampling::uniform(self.rng, position)
                 }
             };
-            sampled.push(sampling::sample(&l, it.sampling, draw).ok_or_else(|| {
+            let token = sampling::sample(&l, it.sampling, draw).ok_or_else(|| {
                 EngineError::Internal(
                     "the model produced non-finite logits (NaN or infinity) for this request"
                         .into(),
                 )
-            }));
+            });
+            logprobs.push(match (&token, it.sampling.logprobs) {
+                (Ok(t), Some(top)) => Some(sampling::logprobs(&l, *t, top)),
+                _ => None,
+            });
+            sampled.push(token);
         }
         StepResult {
             sampled,
+            logprobs,
             duration: started.elapsed(),
         }
     }

@@ -3,7 +3,7 @@
 //! top-p sampling. A request's `seed` makes its draws a function of (seed, position) alone, so
 //! the same seed and request give the same output however requests are batched.
 
-use dynamo_protocols::llm::{SamplingOptions, TokenId};
+use dynamo_protocols::llm::{SamplingOptions, TokenId, TokenLogprob};
 
 /// SplitMix64 step.
 fn mix(mut z: u64) -> u64 {
@@ -110,6 +110,36 @@ pub fn sample(logits: &[f32], opts: &SamplingOptions, draw: f64) -> Option<Token
     Some(idx[keep - 1])
 }
 
+/// The log probability of `chosen` and of the `top` most likely tokens (most likely first,
+/// ties by lower id, as greedy picks), under `logits` (after bias and penalties) at
+/// temperature 1. Logits must be finite ([`sample`] checks them first).
+pub fn logprobs(logits: &[f32], chosen: TokenId, top: u32) -> TokenLogprob {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&x| ((x - max) as f64).exp()).sum();
+    let lse = max as f64 + sum.ln();
+    let lp = |t: TokenId| (logits[t as usize] as f64 - lse) as f32;
+    let k = (top as usize).min(logits.len());
+    let mut best = Vec::new();
+    if k > 0 {
+        let order = |a: &u32, b: &u32| {
+            logits[*b as usize]
+                .total_cmp(&logits[*a as usize])
+                .then(a.cmp(b))
+        };
+        let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+        if k < idx.len() {
+            idx.select_nth_unstable_by(k - 1, order);
+            idx.truncate(k);
+        }
+        idx.sort_unstable_by(order);
+        best = idx.into_iter().map(|t| (t, lp(t))).collect();
+    }
+    TokenLogprob {
+        logprob: lp(chosen),
+        top: best,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,5 +194,28 @@ mod tests {
             sample(&[f32::NAN, 1.0], &SamplingOptions::default(), 0.0),
             None
         );
+    }
+
+    #[test]
+    fn logprobs_are_a_log_softmax_with_ranked_alternatives() {
+        let logits = [1.0, 3.0, 2.0, 3.0];
+        let greedy = sample(&logits, &SamplingOptions::default(), 0.0).unwrap();
+        let lp = logprobs(&logits, greedy, 3);
+        // Greedy takes the first of the tied best; it heads the alternatives.
+        assert_eq!(greedy, 1);
+        assert_eq!(lp.top[0], (1, lp.logprob));
+        assert_eq!(
+            lp.top.iter().map(|t| t.0).collect::<Vec<_>>(),
+            vec![1, 3, 2]
+        );
+        let total: f64 = (0..4)
+            .map(|t| (logprobs(&logits, t, 0).logprob as f64).exp())
+            .sum();
+        assert!((total - 1.0).abs() < 1e-6, "{total}");
+        let want = 2.0 - (1f64.exp() + 2.0 * 3f64.exp() + 2f64.exp()).ln();
+        assert!((logprobs(&logits, 2, 0).logprob as f64 - want).abs() < 1e-6);
+        assert!(logprobs(&logits, 2, 0).top.is_empty());
+        // More alternatives than the vocabulary: all of it.
+        assert_eq!(logprobs(&logits, 0, 20).top.len(), 4);
     }
 }

@@ -25,6 +25,7 @@ use dynamo_kv::{
 use dynamo_protocols::kv::{KvDump, KvEvent, LoadReport, LocalBlockHash, SequenceHash};
 use dynamo_protocols::llm::{
     EngineOutput, FinishReason, PreprocessedRequest, SamplingOptions, StopConditions, TokenId,
+    TokenLogprob,
 };
 use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot};
@@ -126,6 +127,9 @@ pub struct StepBatch<'a> {
 pub struct StepResult {
     /// Per sampling item: its token, or why it failed (that request ends with the error).
     pub sampled: Vec<Result<TokenId, EngineError>>,
+    /// Per sampling item, with `sampled`: its token's logprobs when the request asked for
+    /// them (may be empty when none did).
+    pub logprobs: Vec<Option<TokenLogprob>>,
     pub duration: Duration,
 }
 
@@ -1190,6 +1194,7 @@ impl<E: Executor> Scheduler<E> {
         }
         drop(batch);
         let mut sampled = result.sampled.into_iter();
+        let mut logprobs = result.logprobs.into_iter();
         let mut finished = Vec::new();
         for &(i, take) in &plan {
             let seq = &mut self.running[i];
@@ -1198,6 +1203,7 @@ impl<E: Executor> Scheduler<E> {
             if seq.computed < seq.tokens.len() {
                 continue;
             }
+            let logprob = logprobs.next().flatten();
             let token = match sampled.next() {
                 Some(Ok(t)) => t,
                 failed => {
@@ -1226,6 +1232,7 @@ impl<E: Executor> Scheduler<E> {
                 finish_reason: finish,
                 cached_tokens: (!std::mem::replace(&mut seq.cached_reported, true))
                     .then(|| seq.cached_tokens.unwrap_or(0)),
+                logprobs: logprob.into_iter().collect(),
                 ..Default::default()
             };
             self.outbox.push((seq.out.clone(), Ok(out), seq.tag));
