@@ -53,6 +53,8 @@ struct Opts {
     max_inflight: usize,
     max_body: usize,
     kv: KvRouterSettings,
+    /// Mocker workers (a real block pool and prefix cache) instead of echo ones.
+    mocker: bool,
 }
 
 impl Default for Opts {
@@ -64,24 +66,42 @@ impl Default for Opts {
             max_inflight: 64,
             max_body: 1 << 20,
             kv: KvRouterSettings::default(),
+            mocker: false,
         }
     }
 }
 
-async fn add_worker(runtime: &Runtime, delay: Duration) -> WorkerHandle {
+async fn add_worker(runtime: &Runtime, delay: Duration, mocker: bool) -> WorkerHandle {
     let f = folder();
-    let card = f.files().card(MODEL, 64, 0).unwrap();
     let instance = runtime
         .component(endpoint().component, json!({}))
         .await
         .unwrap();
-    let engine = EchoEngine::new(EchoSettings {
-        delay_per_token: delay,
-    });
+    let (card, engine): (_, std::sync::Arc<dyn dynamo_engine::Engine>) = if mocker {
+        let engine = dynamo_engine::MockerEngine::start(dynamo_engine::MockerSettings {
+            num_gpu_blocks: 256,
+            block_size: 16,
+            speedup_ratio: 100.0,
+            ..Default::default()
+        })
+        .unwrap();
+        (
+            f.files().card(MODEL, 16, 256).unwrap(),
+            std::sync::Arc::new(engine),
+        )
+    } else {
+        let engine = EchoEngine::new(EchoSettings {
+            delay_per_token: delay,
+        });
+        (
+            f.files().card(MODEL, 64, 0).unwrap(),
+            std::sync::Arc::new(engine),
+        )
+    };
     WorkerHandle::start(
         &instance,
         WorkerSettings::new(card, f.files().clone()),
-        std::sync::Arc::new(engine),
+        engine,
     )
     .await
     .unwrap()
@@ -99,7 +119,7 @@ impl Stack {
         let frontend = Frontend::start(&runtime, s).await.unwrap();
         let mut workers = Vec::new();
         for _ in 0..o.workers {
-            workers.push(add_worker(&runtime, o.delay).await);
+            workers.push(add_worker(&runtime, o.delay, o.mocker).await);
         }
         tokio::time::timeout(
             Duration::from_secs(10),
@@ -354,10 +374,17 @@ async fn bad_input_gets_openai_errors_and_leaks_nothing() {
         {"role": "user", "content": "x"}, {"role": "system", "content": "late"}]});
     let (st, b, _) = s.post("/v1/chat/completions", &late_system).await;
     assert_error(st, &b, 400, "A system message must come first");
-    let mut n2 = chat("x");
-    n2["n"] = json!(2);
-    let (st, b, _) = s.post("/v1/chat/completions", &n2).await;
-    assert_error(st, &b, 400, "n other than 1");
+    for n in [0, 129] {
+        let mut bad_n = chat("x");
+        bad_n["n"] = json!(n);
+        let (st, b, _) = s.post("/v1/chat/completions", &bad_n).await;
+        assert_error(st, &b, 400, "between 1 and 128");
+    }
+    // More choices than the in-flight limit (64) leaves: a 429 before any starts.
+    let mut many = chat("x");
+    many["n"] = json!(100);
+    let (st, b, _) = s.post("/v1/chat/completions", &many).await;
+    assert_error(st, &b, 429, "requests in flight");
     let huge = "x".repeat(100 * 1024);
     let (st, b, _) = s.post("/v1/chat/completions", &chat(&huge)).await;
     assert_error(st, &b, 413, "over the limit");
@@ -777,5 +804,61 @@ async fn model_retrieval_and_client_request_ids() {
     assert_eq!(r.status(), 400);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["param"], "x-request-id");
+    s.finish().await;
+}
+
+/// `n` choices share their prompt's KV: the first choice prefills it, and the KV router sends
+/// the others to the worker that now holds it, where they find it cached. A batch of prompts
+/// gives one sequence per (prompt, choice), in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn choices_share_their_prompts_cached_blocks() {
+    let s = Stack::start(Opts {
+        workers: 3,
+        mode: RouterMode::Kv,
+        mocker: true,
+        ..Default::default()
+    })
+    .await;
+    let serving = s.frontend.as_ref().unwrap().serving().clone();
+    let prompt: Vec<u32> = (200..264).collect();
+    let body =
+        json!({"model": MODEL, "prompt": prompt, "max_tokens": 4, "n": 4, "ignore_eos": true});
+    let gens = serving
+        .start_choices(dynamo_actors::frontend::Endpoint::Completions, &body, None)
+        .await
+        .unwrap();
+    assert_eq!(gens.len(), 4);
+    let worker = gens[0].worker;
+    let mut cached = Vec::new();
+    for mut g in gens {
+        assert_eq!(
+            g.worker, worker,
+            "choice {} on another worker",
+            g.prepared.index
+        );
+        while let Some(p) = g.next().await {
+            p.unwrap();
+        }
+        cached.push(g.usage().prompt_tokens_details.unwrap().cached_tokens);
+    }
+    // 64 tokens are 4 blocks; the last is recomputed to sample from, so 3 come from cache.
+    assert_eq!(cached, vec![0, 48, 48, 48]);
+    // Over HTTP: a batch of two prompts, n = 2: four choices, prompts counted once each.
+    let (status, answer, _) = s
+        .post(
+            "/v1/completions",
+            &json!({"model": MODEL, "prompt": [[1, 2, 3], [4, 5, 6, 7]], "max_tokens": 3, "n": 2, "ignore_eos": true}),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let indexes: Vec<u64> = answer["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["index"].as_u64().unwrap())
+        .collect();
+    assert_eq!(indexes, vec![0, 1, 2, 3]);
+    assert_eq!(answer["usage"]["prompt_tokens"], 7, "{answer}");
+    assert_eq!(answer["usage"]["completion_tokens"], 12, "{answer}");
     s.finish().await;
 }

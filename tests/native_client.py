@@ -138,3 +138,60 @@ try:
     check("echo with logprobs refused", False, "no error")
 except openai.BadRequestError as e:
     check("echo with logprobs refused", e.status_code == 400 and e.param == "echo", e)
+
+# n > 1: each choice its own sequence; a seeded request's choice i draws as seed + i would
+# alone, so n choices are reproducible; the prompt counts once in usage.
+def chat_n(n, seed, **kw):
+    return client.chat.completions.create(
+        model=model, messages=messages, max_tokens=10, temperature=1.0, seed=seed, n=n,
+        extra_body={"ignore_eos": True}, **kw,
+    )
+
+three = chat_n(3, 5)
+singles = [chat_n(1, 5 + i) for i in range(3)]
+check(
+    "n choices are seeded sequences",
+    [c.index for c in three.choices] == [0, 1, 2]
+    and [c.message.content for c in three.choices] == [s.choices[0].message.content for s in singles]
+    and len({c.message.content for c in three.choices}) > 1,
+    (three.choices, [s.choices[0] for s in singles]),
+)
+check(
+    "n usage counts the prompt once",
+    three.usage.prompt_tokens == singles[0].usage.prompt_tokens and three.usage.completion_tokens == 30,
+    three.usage,
+)
+again = chat_n(3, 5)
+check("n choices reproducible", [c.message.content for c in again.choices] == [c.message.content for c in three.choices])
+texts, finishes, usage = {}, {}, None
+for chunk in chat_n(2, 5, stream=True, stream_options={"include_usage": True}):
+    for c in chunk.choices:
+        texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
+        if c.finish_reason:
+            finishes[c.index] = c.finish_reason
+    if chunk.usage:
+        usage = chunk.usage
+check(
+    "n streamed",
+    [texts.get(i) for i in range(2)] == [c.message.content for c in three.choices[:2]]
+    and finishes == {0: "length", 1: "length"} and usage is not None and usage.completion_tokens == 20,
+    (texts, finishes, usage),
+)
+
+# A batch of prompts in one completions request: what separate requests give, in order.
+prompts = ["The river ran", "Under the old bridge"]
+batch = client.completions.create(model=model, prompt=prompts, max_tokens=6, temperature=0, n=2)
+alone = [client.completions.create(model=model, prompt=p, max_tokens=6, temperature=0) for p in prompts]
+check(
+    "batch of prompts",
+    [c.index for c in batch.choices] == [0, 1, 2, 3]
+    and [c.text for c in batch.choices] == [alone[0].choices[0].text] * 2 + [alone[1].choices[0].text] * 2
+    and batch.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone),
+    (batch, alone),
+)
+for bad in (dict(n=129), dict(n=2, prompt=["x"] * 65)):
+    try:
+        client.completions.create(**{"model": model, "prompt": "x", "max_tokens": 2, **bad})
+        check(f"too many sequences refused {list(bad)}", False, "no error")
+    except openai.BadRequestError as e:
+        check(f"too many sequences refused {list(bad)}", e.status_code == 400 and e.param == "n", e)

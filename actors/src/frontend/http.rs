@@ -17,9 +17,9 @@ use axum::routing::{get, post};
 use axum::Router;
 use dynamo_protocols::openai::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, Completion,
-    CompletionChoice, Delta, ModelList, ModelObject,
+    CompletionChoice, Delta, ModelList, ModelObject, Usage,
 };
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use http_body_util::BodyExt;
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -184,7 +184,7 @@ async fn generate(state: Arc<HttpState>, req: Request, endpoint: Endpoint) -> Re
         Ok(b) => b,
         Err(e) => return error_response(&e),
     };
-    let gen = match state
+    let gens = match state
         .serving
         .start_admitted(permit, endpoint, body, request_id.as_deref())
         .await
@@ -192,14 +192,23 @@ async fn generate(state: Arc<HttpState>, req: Request, endpoint: Endpoint) -> Re
         Ok(g) => g,
         Err(e) => return error_response(&e),
     };
-    let worker = HeaderValue::from_str(&gen.worker.to_string()).ok();
-    let prefill = gen
+    // The first choice's workers name the response's (with n > 1 or a batch, the others'
+    // may differ).
+    let Some(first) = gens.first() else {
+        return error_response(&ApiError::new(
+            500,
+            "internal_error",
+            "the request started no sequence",
+        ));
+    };
+    let worker = HeaderValue::from_str(&first.worker.to_string()).ok();
+    let prefill = first
         .prefill_worker
         .and_then(|p| HeaderValue::from_str(&p.to_string()).ok());
-    let mut response = if gen.prepared.stream {
-        sse(gen, endpoint).into_response()
+    let mut response = if first.prepared.stream {
+        sse(gens, endpoint).into_response()
     } else {
-        match whole(gen, endpoint).await {
+        match whole(gens, endpoint).await {
             Ok(r) => r,
             Err(e) => return error_response(&e),
         }
@@ -216,45 +225,104 @@ async fn generate(state: Arc<HttpState>, req: Request, endpoint: Endpoint) -> Re
     response
 }
 
-fn chat_chunk(
-    gen: &Generation,
-    delta: Delta,
-    finish: Option<&str>,
-    logprobs: Option<Value>,
-) -> ChatCompletionChunk {
-    ChatCompletionChunk {
-        id: format!("chatcmpl-{}", gen.id),
-        object: "chat.completion.chunk".into(),
-        created: gen.created,
-        model: gen.model.clone(),
-        choices: vec![ChatChunkChoice {
-            index: 0,
-            delta,
-            finish_reason: finish.map(str::to_string),
-            logprobs,
-        }],
-        usage: None,
-    }
+/// What every chunk of a response shares.
+#[derive(Clone)]
+struct Head {
+    id: String,
+    created: u64,
+    model: String,
+    endpoint: Endpoint,
 }
 
-fn completion_chunk(
-    gen: &Generation,
-    text: String,
-    finish: Option<&str>,
-    logprobs: Option<Value>,
-) -> Completion {
-    Completion {
-        id: format!("cmpl-{}", gen.id),
-        object: "text_completion".into(),
-        created: gen.created,
-        model: gen.model.clone(),
-        choices: vec![CompletionChoice {
-            index: 0,
-            text,
-            finish_reason: finish.map(str::to_string),
-            logprobs,
-        }],
-        usage: None,
+impl Head {
+    fn of(gen: &Generation, endpoint: Endpoint) -> Self {
+        Self {
+            id: gen.id.clone(),
+            created: gen.created,
+            model: gen.model.clone(),
+            endpoint,
+        }
+    }
+
+    fn chat_chunk(
+        &self,
+        index: u32,
+        delta: Delta,
+        finish: Option<&str>,
+        logprobs: Option<Value>,
+    ) -> ChatCompletionChunk {
+        ChatCompletionChunk {
+            id: format!("chatcmpl-{}", self.id),
+            object: "chat.completion.chunk".into(),
+            created: self.created,
+            model: self.model.clone(),
+            choices: vec![ChatChunkChoice {
+                index,
+                delta,
+                finish_reason: finish.map(str::to_string),
+                logprobs,
+            }],
+            usage: None,
+        }
+    }
+
+    fn completion(&self, choices: Vec<CompletionChoice>) -> Completion {
+        Completion {
+            id: format!("cmpl-{}", self.id),
+            object: "text_completion".into(),
+            created: self.created,
+            model: self.model.clone(),
+            choices,
+            usage: None,
+        }
+    }
+
+    /// One streamed chunk of choice `index`: its new text (or, opening a chat choice, its
+    /// role), finish reason and logprobs.
+    fn chunk(
+        &self,
+        index: u32,
+        text: String,
+        finish: Option<&str>,
+        logprobs: Option<Value>,
+    ) -> Event {
+        match self.endpoint {
+            Endpoint::Chat => {
+                let content = (!text.is_empty()).then_some(text);
+                event(&self.chat_chunk(
+                    index,
+                    Delta {
+                        role: None,
+                        content,
+                    },
+                    finish,
+                    logprobs,
+                ))
+            }
+            Endpoint::Completions => event(&self.completion(vec![CompletionChoice {
+                index,
+                text,
+                finish_reason: finish.map(str::to_string),
+                logprobs,
+            }])),
+        }
+    }
+
+    /// The last chunk with `stream_options.include_usage`: usage and no choices.
+    fn usage_chunk(&self, usage: Usage) -> Event {
+        match self.endpoint {
+            Endpoint::Chat => {
+                let mut c = self.chat_chunk(0, Delta::default(), None, None);
+                c.choices.clear();
+                c.usage = Some(usage);
+                event(&c)
+            }
+            Endpoint::Completions => {
+                let mut c = self.completion(Vec::new());
+                c.usage = Some(usage);
+                event(&c)
+            }
+        }
     }
 }
 
@@ -304,123 +372,171 @@ fn logprobs_value(
     })
 }
 
+/// The usage of a whole response: every choice's completion tokens; each prompt's tokens
+/// (and cached share) once, from its first choice.
+fn total_usage(parts: &[(u32, u32, Usage)]) -> Usage {
+    let mut total = Usage {
+        prompt_tokens: 0,
+        completion_tokens: 0,
+        total_tokens: 0,
+        prompt_tokens_details: Some(Default::default()),
+        completion_tokens_details: Some(Default::default()),
+    };
+    let mut cached = 0;
+    for (index, n, u) in parts {
+        if index % n.max(&1) == 0 {
+            total.prompt_tokens += u.prompt_tokens;
+            cached += u
+                .prompt_tokens_details
+                .as_ref()
+                .map_or(0, |d| d.cached_tokens);
+        }
+        total.completion_tokens += u.completion_tokens;
+    }
+    total.total_tokens = total.prompt_tokens + total.completion_tokens;
+    if let Some(d) = &mut total.prompt_tokens_details {
+        d.cached_tokens = cached;
+    }
+    total
+}
+
 fn event(v: &impl Serialize) -> Event {
     Event::default().data(serde_json::to_string(v).unwrap_or_default())
 }
 
-/// The SSE answer: chunks as text arrives, a usage chunk if asked, then `[DONE]`.
-enum Phase {
-    Start,
-    Body,
-    Usage,
-    Done,
-    End,
+/// What one choice's stream gives the response's.
+enum ChoiceOut {
+    Chunk(Event),
+    /// The choice is over: (its index, n, its usage).
+    Finished(u32, u32, Usage),
+    /// The request failed (an error event; the response ends after it).
+    Failed(Event),
 }
 
-type SseStep = Option<(Result<Event, Infallible>, (Generation, Phase))>;
-
-/// The next event with text or a finish reason (empty pieces are skipped; their logprobs
-/// go with the next event).
-async fn body_event(mut gen: Generation, endpoint: Endpoint) -> SseStep {
-    let mut entries = Vec::new();
-    loop {
-        match gen.next().await {
-            Some(Ok(piece)) => {
-                let finish = piece.finish.map(|f| f.as_str());
-                entries.extend(piece.logprobs);
-                if piece.text.is_empty() && finish.is_none() {
-                    continue;
+/// One choice's SSE chunks: its opening chunk (chat: the role; completions: the echoed
+/// prompt, if asked), then a chunk per piece with text or a finish reason (empty pieces are
+/// skipped; their logprobs go with the next chunk), then its usage.
+fn choice_stream(gen: Generation, head: Head) -> impl Stream<Item = ChoiceOut> {
+    let opening = match head.endpoint {
+        Endpoint::Chat => Some(event(&head.chat_chunk(
+            gen.prepared.index,
+            Delta {
+                role: Some("assistant".into()),
+                content: Some(String::new()),
+            },
+            None,
+            None,
+        ))),
+        Endpoint::Completions => gen
+            .prepared
+            .echo
+            .clone()
+            .map(|t| head.chunk(gen.prepared.index, t, None, None)),
+    };
+    let opening = futures::stream::iter(opening.map(ChoiceOut::Chunk));
+    let body = futures::stream::unfold(Some(gen), move |gen| {
+        let head = head.clone();
+        async move {
+            let mut gen = gen?;
+            let index = gen.prepared.index;
+            let mut entries = Vec::new();
+            loop {
+                match gen.next().await {
+                    Some(Ok(piece)) => {
+                        let finish = piece.finish.map(|f| f.as_str());
+                        entries.extend(piece.logprobs);
+                        if piece.text.is_empty() && finish.is_none() {
+                            continue;
+                        }
+                        let mut offset = gen.text_offset;
+                        let logprobs = logprobs_value(&gen, head.endpoint, &entries, &mut offset);
+                        gen.text_offset = offset;
+                        let ev = head.chunk(index, piece.text, finish, logprobs);
+                        return Some((ChoiceOut::Chunk(ev), Some(gen)));
+                    }
+                    Some(Err(e)) => return Some((ChoiceOut::Failed(event(&e.body())), None)),
+                    None => {
+                        let out = ChoiceOut::Finished(index, gen.prepared.n, gen.usage());
+                        return Some((out, None));
+                    }
                 }
-                let mut offset = gen.text_offset;
-                let logprobs = logprobs_value(&gen, endpoint, &entries, &mut offset);
-                gen.text_offset = offset;
-                let ev = match endpoint {
-                    Endpoint::Chat => {
-                        let content = (!piece.text.is_empty()).then_some(piece.text);
-                        event(&chat_chunk(
-                            &gen,
-                            Delta {
-                                role: None,
-                                content,
-                            },
-                            finish,
-                            logprobs,
-                        ))
-                    }
-                    Endpoint::Completions => {
-                        event(&completion_chunk(&gen, piece.text, finish, logprobs))
-                    }
-                };
-                let next = if finish.is_some() {
-                    Phase::Usage
-                } else {
-                    Phase::Body
-                };
-                return Some((Ok(ev), (gen, next)));
             }
-            Some(Err(e)) => return Some((Ok(event(&e.body())), (gen, Phase::Done))),
-            None => return Some((Ok(Event::default().data("[DONE]")), (gen, Phase::End))),
         }
-    }
+    });
+    opening.chain(body)
 }
 
-fn sse(gen: Generation, endpoint: Endpoint) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    let stream = futures::stream::unfold((gen, Phase::Start), move |(gen, phase)| async move {
-        match phase {
-            Phase::Start => {
-                // Chat opens with the role; completions with the echoed prompt, if asked.
-                let first = match endpoint {
-                    Endpoint::Chat => Some(event(&chat_chunk(
-                        &gen,
-                        Delta {
-                            role: Some("assistant".into()),
-                            content: Some(String::new()),
-                        },
-                        None,
-                        None,
-                    ))),
-                    Endpoint::Completions => gen
-                        .prepared
-                        .echo
-                        .clone()
-                        .map(|t| event(&completion_chunk(&gen, t, None, None))),
-                };
-                match first {
-                    Some(ev) => Some((Ok(ev), (gen, Phase::Body))),
-                    None => body_event(gen, endpoint).await,
+/// The SSE answer: every choice's chunks as their text arrives (interleaved, each naming
+/// its index), a usage chunk if asked, then `[DONE]`. An error ends the answer (and, by
+/// dropping them, the other choices).
+fn sse(
+    gens: Vec<Generation>,
+    endpoint: Endpoint,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let head = gens.first().map(|g| Head::of(g, endpoint));
+    let include_usage = gens.first().is_some_and(|g| g.prepared.include_usage);
+    let choices = gens.len();
+    let merged = futures::stream::select_all(
+        gens.into_iter()
+            .map(|g| {
+                let head = Head::of(&g, endpoint);
+                Box::pin(choice_stream(g, head))
+            })
+            .collect::<Vec<_>>(),
+    );
+    struct State<S> {
+        merged: S,
+        usage: Vec<(u32, u32, Usage)>,
+        /// The last events, once every choice is over or one failed.
+        tail: Option<std::vec::IntoIter<Event>>,
+    }
+    let state = State {
+        merged,
+        usage: Vec::new(),
+        tail: None,
+    };
+    let stream = futures::stream::unfold(state, move |mut st| {
+        let head = head.clone();
+        async move {
+            let done = || Event::default().data("[DONE]");
+            loop {
+                if let Some(tail) = &mut st.tail {
+                    let next = tail.next();
+                    return next.map(|ev| (Ok(ev), st));
+                }
+                match st.merged.next().await {
+                    Some(ChoiceOut::Chunk(ev)) => return Some((Ok(ev), st)),
+                    Some(ChoiceOut::Failed(ev)) => st.tail = Some(vec![ev, done()].into_iter()),
+                    Some(ChoiceOut::Finished(index, n, usage)) => {
+                        st.usage.push((index, n, usage));
+                        if st.usage.len() == choices {
+                            let mut tail = Vec::new();
+                            if let (true, Some(h)) = (include_usage, &head) {
+                                tail.push(h.usage_chunk(total_usage(&st.usage)));
+                            }
+                            tail.push(done());
+                            st.tail = Some(tail.into_iter());
+                        }
+                    }
+                    None => st.tail = Some(vec![done()].into_iter()),
                 }
             }
-            Phase::Body => body_event(gen, endpoint).await,
-            Phase::Usage => {
-                if !gen.prepared.include_usage {
-                    return Some((Ok(Event::default().data("[DONE]")), (gen, Phase::End)));
-                }
-                let usage = Some(gen.usage());
-                let ev = match endpoint {
-                    Endpoint::Chat => {
-                        let mut c = chat_chunk(&gen, Delta::default(), None, None);
-                        c.choices.clear();
-                        c.usage = usage;
-                        event(&c)
-                    }
-                    Endpoint::Completions => {
-                        let mut c = completion_chunk(&gen, String::new(), None, None);
-                        c.choices.clear();
-                        c.usage = usage;
-                        event(&c)
-                    }
-                };
-                Some((Ok(ev), (gen, Phase::Done)))
-            }
-            Phase::Done => Some((Ok(Event::default().data("[DONE]")), (gen, Phase::End))),
-            Phase::End => None,
         }
     });
     Sse::new(stream)
 }
 
-/// The whole answer as one JSON body.
-async fn whole(mut gen: Generation, endpoint: Endpoint) -> Result<Response, ApiError> {
+/// One choice, whole: its text (after the echoed prompt, if asked), finish reason,
+/// logprobs and usage.
+type WholeChoice = (
+    u32,
+    String,
+    Option<String>,
+    Option<Value>,
+    (u32, u32, Usage),
+);
+
+async fn whole_choice(mut gen: Generation, endpoint: Endpoint) -> Result<WholeChoice, ApiError> {
     let mut text = gen.prepared.echo.clone().unwrap_or_default();
     let mut finish = None;
     let mut entries = Vec::new();
@@ -433,29 +549,61 @@ async fn whole(mut gen: Generation, endpoint: Endpoint) -> Result<Response, ApiE
         }
     }
     let logprobs = logprobs_value(&gen, endpoint, &entries, &mut 0);
-    let usage = gen.usage();
+    let index = gen.prepared.index;
+    Ok((
+        index,
+        text,
+        finish,
+        logprobs,
+        (index, gen.prepared.n, gen.usage()),
+    ))
+}
+
+/// The whole answer as one JSON body: every choice, in index order.
+async fn whole(gens: Vec<Generation>, endpoint: Endpoint) -> Result<Response, ApiError> {
+    let head = match gens.first() {
+        Some(g) => Head::of(g, endpoint),
+        None => return Err(ApiError::new(500, "internal_error", "no sequence started")),
+    };
+    let mut choices =
+        futures::future::try_join_all(gens.into_iter().map(|g| whole_choice(g, endpoint))).await?;
+    choices.sort_by_key(|c| c.0);
+    let usage = total_usage(&choices.iter().map(|c| c.4).collect::<Vec<_>>());
     Ok(match endpoint {
         Endpoint::Chat => json_response(
             StatusCode::OK,
             &ChatCompletion {
-                id: format!("chatcmpl-{}", gen.id),
+                id: format!("chatcmpl-{}", head.id),
                 object: "chat.completion".into(),
-                created: gen.created,
-                model: gen.model.clone(),
-                choices: vec![ChatChoice {
-                    index: 0,
-                    message: AssistantMessage {
-                        role: "assistant".into(),
-                        content: text,
-                    },
-                    finish_reason: finish,
-                    logprobs,
-                }],
+                created: head.created,
+                model: head.model.clone(),
+                choices: choices
+                    .into_iter()
+                    .map(|(index, text, finish, logprobs, _)| ChatChoice {
+                        index,
+                        message: AssistantMessage {
+                            role: "assistant".into(),
+                            content: text,
+                        },
+                        finish_reason: finish,
+                        logprobs,
+                    })
+                    .collect(),
                 usage,
             },
         ),
         Endpoint::Completions => {
-            let mut c = completion_chunk(&gen, text, finish.as_deref(), logprobs);
+            let mut c = head.completion(
+                choices
+                    .into_iter()
+                    .map(|(index, text, finish, logprobs, _)| CompletionChoice {
+                        index,
+                        text,
+                        finish_reason: finish,
+                        logprobs,
+                    })
+                    .collect(),
+            );
             c.usage = Some(usage);
             json_response(StatusCode::OK, &c)
         }

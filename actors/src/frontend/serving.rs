@@ -594,6 +594,24 @@ impl Serving {
         body: &Value,
         request_id: Option<&str>,
     ) -> Result<Generation, ApiError> {
+        let mut all = self.start_choices(endpoint, body, request_id).await?;
+        match all.len() {
+            1 => Ok(all.remove(0)),
+            k => Err(ApiError::bad_request(
+                format!("this entry point serves one sequence; the request asks for {k} (n or a batch of prompts)"),
+                Some("n"),
+            )),
+        }
+    }
+
+    /// Starts every sequence a request asks for (`n` choices of each prompt of a batch), in
+    /// choice order; each takes a place in the in-flight limit.
+    pub async fn start_choices(
+        self: &Arc<Self>,
+        endpoint: Endpoint,
+        body: &Value,
+        request_id: Option<&str>,
+    ) -> Result<Vec<Generation>, ApiError> {
         self.start_with(endpoint, std::borrow::Cow::Borrowed(body), request_id, None)
             .await
     }
@@ -606,7 +624,7 @@ impl Serving {
         endpoint: Endpoint,
         body: Value,
         request_id: Option<&str>,
-    ) -> Result<Generation, ApiError> {
+    ) -> Result<Vec<Generation>, ApiError> {
         self.start_with(
             endpoint,
             std::borrow::Cow::Owned(body),
@@ -622,7 +640,7 @@ impl Serving {
         body: std::borrow::Cow<'_, Value>,
         request_id: Option<&str>,
         permit: Option<Permit>,
-    ) -> Result<Generation, ApiError> {
+    ) -> Result<Vec<Generation>, ApiError> {
         if let Some(id) = request_id {
             if id.is_empty() || id.len() > 128 || !id.bytes().all(|b| b.is_ascii_graphic()) {
                 return Err(ApiError::bad_request(
@@ -685,23 +703,86 @@ impl Serving {
             Ok(p) => p,
             Err(e) => return fail(e.into(), 0),
         };
-        let metrics = RequestMetrics::start(
-            metrics_model,
-            endpoint,
-            prepared.prompt_tokens(),
-            started,
-            self.stats.clone(),
-        );
         let id =
             request_id.map_or_else(|| uuid::Uuid::new_v4().simple().to_string(), str::to_string);
-        tracing::debug!(request_id = %id, model = %entry.card.name, prompt_tokens = prepared.prompt_tokens(), "request admitted");
+        let created = now_secs();
+        let sequences = prepared.expand();
+        // Every sequence after the first takes its own place in the in-flight limit, before
+        // any starts: a request too big for what is left gets its 429 at once.
+        let mut permits = vec![permit];
+        for _ in 1..sequences.len() {
+            match self.admit() {
+                Ok(p) => permits.push(p),
+                Err(e) => return fail(e, 0),
+            }
+        }
+        let n = sequences[0].n.max(1) as usize;
+        let mut pairs: Vec<(Prepared, Permit)> = sequences.into_iter().zip(permits).collect();
+        let mut prompts = Vec::new();
+        while !pairs.is_empty() {
+            let rest = pairs.split_off(n.min(pairs.len()));
+            prompts.push(std::mem::replace(&mut pairs, rest));
+        }
+        // Per prompt, its first choice starts alone; once it answers, its prompt's KV is
+        // cached on its worker (and predicted there by the KV router), and the other choices
+        // start together, sharing it. Prompts of a batch start in parallel.
+        let (entry, model, id) = (&entry, model.as_str(), id.as_str());
+        let launches = prompts.into_iter().map(|choices| async move {
+            let mut choices = choices.into_iter();
+            let mut all = Vec::with_capacity(n);
+            let head = (id, model, created);
+            if let Some((p, permit)) = choices.next() {
+                all.push(
+                    self.launch(entry, endpoint, p, permit, head, started, None)
+                        .await?,
+                );
+            }
+            let holder = all.first().map(|g: &Generation| g.worker);
+            let rest =
+                futures::future::try_join_all(choices.map(|(p, permit)| {
+                    self.launch(entry, endpoint, p, permit, head, started, holder)
+                }))
+                .await?;
+            all.extend(rest);
+            Ok::<_, ApiError>(all)
+        });
+        Ok(futures::future::try_join_all(launches)
+            .await?
+            .into_iter()
+            .flatten()
+            .collect())
+    }
+
+    /// Routes and starts one sequence of a request (`head`: the response's id, model and
+    /// creation time; `arrived`: when the request came in; `prefer`: the worker to send it
+    /// to while that one serves, e.g. the one holding its prompt's KV).
+    #[allow(clippy::too_many_arguments)]
+    async fn launch(
+        self: &Arc<Self>,
+        entry: &Arc<ModelEntry>,
+        endpoint: Endpoint,
+        prepared: Prepared,
+        permit: Permit,
+        head: (&str, &str, u64),
+        arrived: Instant,
+        prefer: Option<InstanceId>,
+    ) -> Result<Generation, ApiError> {
+        let (id, model, created) = head;
+        let metrics = RequestMetrics::start(
+            Some(entry.card.name.as_str()),
+            endpoint,
+            prepared.prompt_tokens(),
+            arrived,
+            self.stats.clone(),
+        );
+        tracing::debug!(request_id = %id, model = %entry.card.name, prompt_tokens = prepared.prompt_tokens(), choice = prepared.index, "request admitted");
         let mut tried = Vec::new();
         let started = match self
             .dispatch(
-                &entry,
+                entry,
                 &prepared.request,
-                prepared.instance.as_deref(),
-                &id,
+                (prepared.instance.as_deref(), prefer),
+                id,
                 &mut tried,
             )
             .await
@@ -719,9 +800,9 @@ impl Serving {
             .and_then(|f| f.prefill_worker)
             .map(InstanceId::new);
         Ok(Generation {
-            id,
-            model,
-            created: now_secs(),
+            id: id.to_string(),
+            model: model.to_string(),
+            created,
             worker: started.worker,
             prefill_worker,
             prepared,
@@ -733,7 +814,7 @@ impl Serving {
             metrics,
             _permit: permit,
             serving: self.clone(),
-            entry,
+            entry: entry.clone(),
             tried,
             generated: Vec::new(),
             migrations: 0,
@@ -750,7 +831,7 @@ impl Serving {
         &self,
         entry: &ModelEntry,
         request: &PreprocessedRequest,
-        pinned: Option<&str>,
+        (pinned, prefer): (Option<&str>, Option<InstanceId>),
         id: &str,
         tried: &mut Vec<InstanceId>,
     ) -> Result<Started, ApiError> {
@@ -764,7 +845,20 @@ impl Serving {
             changes.borrow_and_update();
             let current = self.table.get(model);
             let entry = current.as_deref().unwrap_or(entry);
-            let avoid = self.avoid(tried);
+            let mut avoid = self.avoid(tried);
+            if let Some(p) = prefer
+                .filter(|p| !avoid.contains(p) && entry.instances.iter().any(|a| a.instance == *p))
+            {
+                // Only the preferred worker, through the same routing (its router accounts
+                // for the request); should it fail, the next attempt routes as usual.
+                avoid.extend(
+                    entry
+                        .instances
+                        .iter()
+                        .map(|a| a.instance)
+                        .filter(|&i| i != p),
+                );
+            }
             if pinned.is_none() && entry.instances.iter().all(|a| avoid.contains(&a.instance)) {
                 // Every worker it knows failed this request or is gone: wait (briefly) for
                 // one to join rather than fail at once (a killed worker restarts in seconds).
@@ -1073,7 +1167,13 @@ impl Generation {
         self.lease = None;
         match self
             .serving
-            .dispatch(&self.entry, &request, None, &self.id, &mut self.tried)
+            .dispatch(
+                &self.entry,
+                &request,
+                (None, None),
+                &self.id,
+                &mut self.tried,
+            )
             .await
         {
             Ok(started) => {

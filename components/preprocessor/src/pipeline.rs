@@ -27,6 +27,8 @@ use crate::template::{ChatTemplate, TemplateError};
 
 /// Most stop strings per request.
 pub const MAX_STOP_STRINGS: usize = 16;
+/// Most sequences (prompts × `n`) one request may ask for (OpenAI's limit on `n`).
+pub const MAX_SEQUENCES: usize = 128;
 /// Most `logit_bias` entries a request may carry (as OpenAI).
 pub const MAX_LOGIT_BIAS: usize = 300;
 
@@ -89,11 +91,48 @@ pub struct Prepared {
     pub instance: Option<String>,
     /// Completions with `echo`: the prompt text, sent before the completion.
     pub echo: Option<String>,
+    /// Choices per prompt (`n`).
+    pub n: u32,
+    /// The choice this sequence answers (`choices[].index`): prompt × `n` + its choice.
+    pub index: u32,
+    /// A completions batch: the prompts after the first, each validated on its own.
+    pub rest: Vec<Prepared>,
 }
 
 impl Prepared {
     pub fn prompt_tokens(&self) -> u32 {
         self.request.token_ids.len() as u32
+    }
+
+    /// The sequences this request asks for, in choice order: each prompt `n` times, each a
+    /// request of its own with `index` set. A seeded request's choice `i` draws with
+    /// `seed + i`, so a batch of prompts gives what separate requests would, and `n` choices
+    /// are reproducible.
+    pub fn expand(self) -> Vec<Prepared> {
+        let n = self.n.max(1);
+        let prompts: Vec<Prepared> = std::iter::once(Prepared {
+            rest: Vec::new(),
+            ..self.clone()
+        })
+        .chain(self.rest)
+        .collect();
+        let mut out = Vec::with_capacity(prompts.len() * n as usize);
+        for (p, prompt) in prompts.into_iter().enumerate() {
+            for i in 0..n {
+                let mut one = prompt.clone();
+                one.request.sampling.seed =
+                    one.request.sampling.seed.map(|s| s.wrapping_add(i as u64));
+                one.n = n;
+                one.index = p as u32 * n + i;
+                out.push(one);
+            }
+        }
+        out
+    }
+
+    /// Sequences [`Prepared::expand`] gives.
+    pub fn sequences(&self) -> usize {
+        (1 + self.rest.len()) * self.n.max(1) as usize
     }
 }
 
@@ -360,25 +399,46 @@ impl Preprocessor {
         if req.suffix.is_some() {
             return Err(RequestError::unsupported("suffix", "suffix"));
         }
-        fn one<T>(mut v: Vec<T>) -> Result<T, RequestError> {
-            if v.len() == 1 {
-                Ok(v.remove(0))
-            } else {
-                Err(RequestError::new(
-                    format!("prompt must be one prompt, not a batch of {}", v.len()),
-                    Some("prompt"),
-                ))
-            }
-        }
-        let (tokens, text) = match req.prompt {
-            Prompt::Text(t) => (self.encode(&t, true)?, t),
-            Prompt::Texts(v) => {
-                let t = one(v)?;
-                (self.encode(&t, true)?, t)
-            }
-            Prompt::Tokens(ids) => (ids, String::new()),
-            Prompt::TokenBatches(v) => (one(v)?, String::new()),
+        let prompts: Vec<(Vec<TokenId>, String)> = match req.prompt {
+            Prompt::Text(t) => vec![(self.encode(&t, true)?, t)],
+            Prompt::Texts(v) => v
+                .into_iter()
+                .map(|t| Ok((self.encode(&t, true)?, t)))
+                .collect::<Result<_, RequestError>>()?,
+            Prompt::Tokens(ids) => vec![(ids, String::new())],
+            Prompt::TokenBatches(v) => v.into_iter().map(|ids| (ids, String::new())).collect(),
         };
+        if prompts.is_empty() {
+            return Err(RequestError::new(
+                "prompt is an empty list: send at least one prompt",
+                Some("prompt"),
+            ));
+        }
+        let batch = prompts.len() > 1;
+        let mut all = Vec::with_capacity(prompts.len());
+        for (i, (tokens, text)) in prompts.into_iter().enumerate() {
+            let one = self.completion_prompt(tokens, text, req.echo == Some(true), params.clone());
+            all.push(one.map_err(|mut e| {
+                if batch {
+                    e.message = format!("prompt[{i}]: {}", e.message);
+                }
+                e
+            })?);
+        }
+        let mut first = all.remove(0);
+        first.rest = all;
+        check_sequences(&first)?;
+        Ok(first)
+    }
+
+    /// One prompt of a completions request.
+    fn completion_prompt(
+        &self,
+        tokens: Vec<TokenId>,
+        text: String,
+        echo: bool,
+        params: GenerationParams,
+    ) -> Result<Prepared, RequestError> {
         if let Some(bad) = tokens.iter().find(|&&t| t >= self.vocab_size) {
             return Err(RequestError::new(
                 format!(
@@ -388,7 +448,7 @@ impl Preprocessor {
                 Some("prompt"),
             ));
         }
-        let echo = if req.echo == Some(true) {
+        let echo = if echo {
             Some(if text.is_empty() {
                 self.tokenizer.decode(&tokens, true).unwrap_or_default()
             } else {
@@ -410,12 +470,16 @@ impl Preprocessor {
         if token_ids.is_empty() {
             return Err(RequestError::new("the prompt is empty", Some("prompt")));
         }
-        if p.n.is_some_and(|n| n != 1) {
-            return Err(RequestError::new(
-                "n other than 1 is not supported: send n=1, or several requests",
-                Some("n"),
-            ));
-        }
+        let n = match p.n {
+            None => 1,
+            Some(n) if (1..=MAX_SEQUENCES as i64).contains(&n) => n as u32,
+            Some(n) => {
+                return Err(RequestError::new(
+                    format!("n is {n}; it must be between 1 and {MAX_SEQUENCES}"),
+                    Some("n"),
+                ))
+            }
+        };
         let logprobs = logprobs(api, &p, echo.is_some())?;
         check_range("temperature", p.temperature, 0.0, 2.0)?;
         check_range("top_p", p.top_p, f32::MIN_POSITIVE, 1.0)?;
@@ -528,6 +592,9 @@ impl Preprocessor {
             stop_strings,
             instance: p.nvext.and_then(|x| x.backend_instance_id),
             echo,
+            n,
+            index: 0,
+            rest: Vec::new(),
         })
     }
 
@@ -603,6 +670,22 @@ fn require_object(body: &Value) -> Result<(), RequestError> {
             None,
         ))
     }
+}
+
+/// A request's sequences (prompts × `n`) within [`MAX_SEQUENCES`].
+fn check_sequences(p: &Prepared) -> Result<(), RequestError> {
+    let n = p.sequences();
+    if n > MAX_SEQUENCES {
+        return Err(RequestError::new(
+            format!(
+                "{} prompts × n = {} asks for {n} sequences; at most {MAX_SEQUENCES} per request",
+                1 + p.rest.len(),
+                p.n
+            ),
+            Some("n"),
+        ));
+    }
+    Ok(())
 }
 
 /// How many alternatives per token a request wants with its logprobs (`None`: no logprobs).
