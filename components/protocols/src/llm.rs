@@ -32,6 +32,25 @@ pub struct SamplingOptions {
     /// a model's logits refuse the request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logprobs: Option<u32>,
+    /// Guided decoding: the output must match this (structured output). Engines without a
+    /// model's logits refuse the request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guided: Option<Guided>,
+}
+
+/// What guided decoding holds a request's output to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Guided {
+    /// Any JSON object.
+    JsonObject,
+    /// JSON valid against this JSON Schema (the schema's JSON text). `strict`: objects
+    /// without `additionalProperties` allow no other properties (OpenAI's strict mode).
+    JsonSchema { schema: String, strict: bool },
+    /// Text matching this regular expression, whole.
+    Regex { pattern: String },
+    /// Exactly one of these strings.
+    Choice { choices: Vec<String> },
 }
 
 /// The most alternatives a request may ask for per token (OpenAI's `top_logprobs` limit).
