@@ -735,11 +735,26 @@ async fn every_openai_request_field_is_honoured_or_refused_by_name() {
     let (status, answer, _) = s
         .post(
             "/v1/chat/completions",
-            &json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "guided_json": {}}),
+            &json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "guided_grammar": "x"}),
         )
         .await;
     assert_eq!(status, 400);
-    assert_eq!(answer["error"]["param"], "guided_json");
+    assert_eq!(answer["error"]["param"], "guided_grammar");
+    // Structured output needs a model's logits too: the echo engine refuses it by name.
+    let (status, answer, _) = s
+        .post(
+            "/v1/chat/completions",
+            &json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}),
+        )
+        .await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("guided decoding"),
+        "{answer}"
+    );
     // A valid logit_bias reaches the engine; the echo engine has no logits and says so.
     let (status, answer, _) = s
         .post(

@@ -1,6 +1,6 @@
 """Checks `dynamo-run in=http out=native` with the official `openai` Python SDK.
 
-Usage: python native_client.py BASE_URL MODEL
+Usage: python native_client.py BASE_URL MODEL MODEL_DIR
 Exits non-zero with a message on the first check that fails; prints one line per check.
 """
 import sys
@@ -195,3 +195,72 @@ for bad in (dict(n=129), dict(n=2, prompt=["x"] * 65)):
         check(f"too many sequences refused {list(bad)}", False, "no error")
     except openai.BadRequestError as e:
         check(f"too many sequences refused {list(bad)}", e.status_code == 400 and e.param == "n", e)
+
+# Structured output by guided decoding: with random weights, the answer is still valid JSON of
+# the schema (parsed by the SDK into the pydantic model), for greedy and sampled requests.
+import json
+from typing import List, Literal
+
+import pydantic
+
+
+class Ticket(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+    title: str = pydantic.Field(max_length=12)
+    urgent: bool
+    size: Literal["S", "M", "L"]
+    votes: int = pydantic.Field(ge=0, le=99)
+    tags: List[Literal["ui", "api", "db"]] = pydantic.Field(max_length=2)
+
+
+parsed = []
+for seed in range(4):
+    r = client.chat.completions.parse(
+        model=model, messages=messages, response_format=Ticket, max_tokens=120,
+        temperature=0 if seed == 0 else 1.0, seed=seed,
+    )
+    parsed.append((r.choices[0].finish_reason, r.choices[0].message.parsed))
+check("json_schema parsed by the SDK", all(f == "stop" and isinstance(t, Ticket) for f, t in parsed), parsed)
+
+# Any JSON object: the grammar keeps the output one; a random model rarely closes a string
+# by itself, so a bias on '"' and '}' (tokens of the model's own vocabulary) lets it end.
+vocab = json.load(open(f"{sys.argv[3]}/tokenizer.json"))["model"]["vocab"]
+r = client.chat.completions.create(
+    model=model, messages=messages, max_tokens=200, response_format={"type": "json_object"},
+    logit_bias={str(vocab['"']): 6, str(vocab["}"]): 3},
+)
+c = r.choices[0]
+check(
+    "json_object",
+    c.finish_reason == "stop" and isinstance(json.loads(c.message.content), dict),
+    (c.finish_reason, c.message.content),
+)
+r = client.completions.create(
+    model=model, prompt="The code is", max_tokens=20, extra_body={"guided_regex": "[0-9]{4}-[A-Z]{2}"},
+)
+t = r.choices[0].text
+check("guided_regex", len(t) == 7 and t[:4].isdigit() and t[4] == "-" and t[5:].isupper(), repr(t))
+r = client.chat.completions.create(
+    model=model, messages=messages, max_tokens=20, temperature=1.0, seed=2,
+    extra_body={"guided_choice": ["sunny", "rainy", "foggy"]},
+)
+check("guided_choice", r.choices[0].message.content in ("sunny", "rainy", "foggy"), r.choices[0].message.content)
+streamed = "".join(
+    ch.choices[0].delta.content or ""
+    for ch in client.chat.completions.create(
+        model=model, messages=messages, max_tokens=120, stream=True,
+        response_format={"type": "json_schema", "json_schema": {"name": "t", "schema": Ticket.model_json_schema(), "strict": True}},
+    )
+    if ch.choices
+)
+check("json_schema streamed", Ticket.model_validate_json(streamed) is not None, streamed)
+for bad, param in (
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer", "minimum": 5, "maximum": 1}}}, "response_format"),
+    ({"type": "json_schema", "json_schema": {"name": "x"}}, "response_format"),
+    ({"type": "xml"}, "response_format"),
+):
+    try:
+        client.chat.completions.create(model=model, messages=messages, max_tokens=5, response_format=bad)
+        check(f"bad response_format {bad['type']} refused", False, "no error")
+    except openai.BadRequestError as e:
+        check(f"bad response_format {bad['type']} refused", e.status_code == 400 and e.param == param, e)

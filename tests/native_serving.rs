@@ -18,6 +18,7 @@ fn openai_sdk_against_the_native_engine() {
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/native_client.py"))
         .arg(format!("{}/v1", server.http_base()))
         .arg("tiny")
+        .arg(common::model_dir())
         .output()
         .expect("run the openai client");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -28,7 +29,7 @@ fn openai_sdk_against_the_native_engine() {
     );
     assert_eq!(
         stdout.lines().filter(|l| l.starts_with("ok ")).count(),
-        31,
+        39,
         "{stdout}"
     );
 }

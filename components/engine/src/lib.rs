@@ -70,7 +70,7 @@ pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 pub type EngineStream = Pin<Box<dyn Stream<Item = Result<EngineOutput, EngineError>> + Send>>;
 
 /// Refuses a request that asks for what only a model's logits can give (`logit_bias`,
-/// `logprobs`), for engines that have none: a silently ignored bias, or made-up
+/// `logprobs`, guided decoding), for engines that have none: a silently ignored bias, or made-up
 /// probabilities, would be worse than a 400.
 pub fn refuse_without_logits(
     request: &PreprocessedRequest,
@@ -80,6 +80,8 @@ pub fn refuse_without_logits(
         "logit_bias"
     } else if request.sampling.logprobs.is_some() {
         "logprobs"
+    } else if request.sampling.guided.is_some() {
+        "guided decoding (response_format)"
     } else {
         return Ok(());
     };

@@ -44,6 +44,7 @@ pub enum GuidedError {
 /// A model's vocabulary for guided decoding: compiles specs into [`Constraint`]s.
 pub struct Grammars {
     factory: ParserFactory,
+    eos: std::sync::Arc<[TokenId]>,
 }
 
 impl std::fmt::Debug for Grammars {
@@ -93,7 +94,10 @@ impl Grammars {
         )
         .map_err(|e| bad(e.to_string()))?;
         factory.quiet();
-        Ok(Self { factory })
+        Ok(Self {
+            factory,
+            eos: eos.into(),
+        })
     }
 
     /// Compiles `spec` (the client's error when it does not compile).
@@ -113,6 +117,7 @@ impl Grammars {
             matcher,
             consumed: 0,
             spent: Duration::ZERO,
+            eos: self.eos.clone(),
         })
     }
 }
@@ -218,6 +223,7 @@ pub struct Constraint {
     consumed: usize,
     /// Time spent computing masks and advancing.
     spent: Duration,
+    eos: std::sync::Arc<[TokenId]>,
 }
 
 impl std::fmt::Debug for Constraint {
@@ -259,6 +265,14 @@ impl Constraint {
         }
         self.spent += started.elapsed();
         Ok(())
+    }
+
+    /// Whether `token`, drawn under this constraint's last mask, ends the sequence: an
+    /// end-of-sequence token is allowed only where the grammar is complete. The sequence must
+    /// end there whatever its stop tokens (e.g. with `ignore_eos`): the grammar allows nothing
+    /// after it.
+    pub fn ends_with(&self, token: TokenId) -> bool {
+        self.eos.contains(&token)
     }
 
     /// Time spent on this sequence's grammar so far (masks and advancing).

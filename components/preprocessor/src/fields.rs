@@ -34,10 +34,6 @@ fn is_false(v: &Value) -> bool {
     v == &Value::Bool(false)
 }
 
-fn text_format(v: &Value) -> bool {
-    v.get("type").and_then(Value::as_str) == Some("text")
-}
-
 fn tool_choice_none_or_auto(v: &Value) -> bool {
     matches!(v.as_str(), Some("none" | "auto"))
 }
@@ -62,6 +58,8 @@ fn policy(api: Api, field: &str) -> Option<Policy> {
         (_, "prompt_cache_options" | "prompt_cache_retention") => Identifier,
         (_, "moderation") => Refused("moderation"),
         (_, "logit_bias") => Honoured,
+        // Structured output: OpenAI's response_format, and vLLM's guided_* extensions.
+        (_, "response_format" | "guided_json" | "guided_regex" | "guided_choice") => Honoured,
         (_, "store") => Only(is_false, "store: true (this server keeps no completions)"),
         (_, "service_tier") => Only(default_tier, "service tiers other than auto and default"),
         // Chat.
@@ -71,10 +69,6 @@ fn policy(api: Api, field: &str) -> Option<Policy> {
         (Api::Chat, "tool_choice") => Only(
             tool_choice_none_or_auto,
             "tool_choice other than \"none\" or \"auto\" (forced tool calls)",
-        ),
-        (Api::Chat, "response_format") => Only(
-            text_format,
-            "response_format other than {\"type\": \"text\"} (structured output)",
         ),
         (Api::Chat, "modalities") => Only(text_only, "output modalities other than text"),
         (Api::Chat, "audio") => Refused("audio output"),
@@ -145,10 +139,6 @@ mod tests {
         .is_ok());
         assert!(ok(Api::Chat, json!({"audio": null, "store": false})).is_ok());
         for (body, param) in [
-            (
-                json!({"response_format": {"type": "json_object"}}),
-                "response_format",
-            ),
             (json!({"tool_choice": "required"}), "tool_choice"),
             (
                 json!({"tool_choice": {"type": "function", "function": {"name": "f"}}}),
@@ -156,7 +146,7 @@ mod tests {
             ),
             (json!({"store": true}), "store"),
             (json!({"audio": {"voice": "x"}}), "audio"),
-            (json!({"guided_json": {}}), "guided_json"),
+            (json!({"guided_grammar": "x"}), "guided_grammar"),
         ] {
             let e = ok(Api::Chat, body.clone()).unwrap_err();
             assert_eq!(e.param.as_deref(), Some(param), "{body}: {e}");

@@ -8,8 +8,8 @@
 use std::sync::Arc;
 
 use dynamo_protocols::llm::{
-    EngineOutput, FinishReason, PreprocessedRequest, SamplingOptions, StopConditions, TokenId,
-    MAX_TOP_LOGPROBS,
+    EngineOutput, FinishReason, Guided, PreprocessedRequest, SamplingOptions, StopConditions,
+    TokenId, MAX_TOP_LOGPROBS,
 };
 use dynamo_protocols::openai::{
     ChatCompletionRequest, ChatMessage, CompletionRequest, GenerationParams, MessageContent, Prompt,
@@ -161,6 +161,8 @@ pub struct Preprocessor {
     tokenizer: Arc<tokenizers::Tokenizer>,
     /// Each token's bytes, for logprobs.
     token_bytes: Arc<TokenBytes>,
+    /// The vocabulary for checking guided-decoding specs, built on first use.
+    grammars: std::sync::OnceLock<Result<dynamo_guided::Grammars, String>>,
     /// Exact fast path for prompts, when the tokenizer's configuration allows one.
     fast: Option<FastBpe>,
     template: Option<ChatTemplate>,
@@ -237,6 +239,7 @@ impl Preprocessor {
             name: name.to_string(),
             vocab_size: tokenizer.get_vocab_size(true) as u32,
             token_bytes: Arc::new(TokenBytes::new(Arc::new(tokenizer.clone()))),
+            grammars: std::sync::OnceLock::new(),
             tokenizer: Arc::new(tokenizer),
             fast,
             template,
@@ -481,6 +484,13 @@ impl Preprocessor {
             }
         };
         let logprobs = logprobs(api, &p, echo.is_some())?;
+        let guided = self.guided(&p)?;
+        if guided.is_some() && p.min_tokens.is_some_and(|m| m > 0) {
+            return Err(RequestError::new(
+                "min_tokens cannot be combined with structured output: the grammar decides where the output ends",
+                Some("min_tokens"),
+            ));
+        }
         check_range("temperature", p.temperature, 0.0, 2.0)?;
         check_range("top_p", p.top_p, f32::MIN_POSITIVE, 1.0)?;
         check_range("presence_penalty", p.presence_penalty, -2.0, 2.0)?;
@@ -559,7 +569,8 @@ impl Preprocessor {
                 Some("stop"),
             ));
         }
-        let stop_token_ids = if p.ignore_eos == Some(true) {
+        // Under a grammar, EOS is allowed exactly where the output is complete.
+        let stop_token_ids = if p.ignore_eos == Some(true) && guided.is_none() {
             Vec::new()
         } else {
             self.eos_ids.clone()
@@ -577,6 +588,7 @@ impl Preprocessor {
                     frequency_penalty: p.frequency_penalty,
                     logit_bias,
                     logprobs,
+                    guided: guided.map(Box::new),
                 },
                 stop: StopConditions {
                     max_tokens,
@@ -596,6 +608,113 @@ impl Preprocessor {
             index: 0,
             rest: Vec::new(),
         })
+    }
+
+    /// The request's structured-output spec: `response_format` (`text`, `json_object`,
+    /// `json_schema`) or one of the `guided_json`, `guided_regex`, `guided_choice` extensions,
+    /// checked by compiling it against this model's vocabulary (a 400 naming the field and
+    /// the grammar library's message when it does not compile).
+    fn guided(&self, p: &GenerationParams) -> Result<Option<Guided>, RequestError> {
+        let mut specs: Vec<(&str, Guided)> = Vec::new();
+        let not_null = |v: &Option<Value>| v.as_ref().filter(|v| !v.is_null()).cloned();
+        if let Some(rf) = not_null(&p.response_format) {
+            let bad = |what: String| RequestError::new(what, Some("response_format"));
+            let kind = rf.get("type").and_then(Value::as_str).ok_or_else(|| {
+                bad("response_format must be an object with a string `type`".into())
+            })?;
+            match kind {
+                "text" => {}
+                "json_object" => specs.push(("response_format", Guided::JsonObject)),
+                "json_schema" => {
+                    let js = rf.get("json_schema").ok_or_else(|| {
+                        bad("response_format of type json_schema needs a `json_schema` object".into())
+                    })?;
+                    let schema = js.get("schema").ok_or_else(|| {
+                        bad("response_format.json_schema needs a `schema`".into())
+                    })?;
+                    let strict = match js.get("strict") {
+                        None | Some(Value::Null) => false,
+                        Some(Value::Bool(b)) => *b,
+                        Some(v) => return Err(bad(format!("response_format.json_schema.strict is {v}; it must be true or false"))),
+                    };
+                    specs.push((
+                        "response_format",
+                        Guided::JsonSchema {
+                            schema: schema.to_string(),
+                            strict,
+                        },
+                    ));
+                }
+                other => {
+                    return Err(bad(format!(
+                        "response_format type {other:?} is not supported: use text, json_object or json_schema"
+                    )))
+                }
+            }
+        }
+        if let Some(v) = not_null(&p.guided_json) {
+            let schema = match v {
+                Value::String(s) => s,
+                v => v.to_string(),
+            };
+            specs.push((
+                "guided_json",
+                Guided::JsonSchema {
+                    schema,
+                    strict: false,
+                },
+            ));
+        }
+        if let Some(v) = not_null(&p.guided_regex) {
+            let Value::String(pattern) = v else {
+                return Err(RequestError::new(
+                    "guided_regex must be a string",
+                    Some("guided_regex"),
+                ));
+            };
+            specs.push(("guided_regex", Guided::Regex { pattern }));
+        }
+        if let Some(v) = not_null(&p.guided_choice) {
+            let choices: Option<Vec<String>> = v
+                .as_array()
+                .and_then(|a| a.iter().map(|x| x.as_str().map(str::to_string)).collect());
+            let Some(choices) = choices else {
+                return Err(RequestError::new(
+                    "guided_choice must be a list of strings",
+                    Some("guided_choice"),
+                ));
+            };
+            specs.push(("guided_choice", Guided::Choice { choices }));
+        }
+        if specs.len() > 1 {
+            return Err(RequestError::new(
+                format!(
+                    "{} and {} both constrain the output: send one",
+                    specs[0].0, specs[1].0
+                ),
+                Some(specs[1].0),
+            ));
+        }
+        let Some((field, spec)) = specs.pop() else {
+            return Ok(None);
+        };
+        let grammars = self
+            .grammars
+            .get_or_init(|| {
+                let json = self.tokenizer.to_string(false).map_err(|e| e.to_string())?;
+                dynamo_guided::Grammars::new(
+                    json.as_bytes(),
+                    self.vocab_size as usize,
+                    &self.eos_ids,
+                )
+                .map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(|why| RequestError::new(why.clone(), Some(field)))?;
+        grammars
+            .compile(&spec)
+            .map_err(|e| RequestError::new(format!("{field}: {e}"), Some(field)))?;
+        Ok(Some(spec))
     }
 
     /// `logit_bias` as (token, bias) pairs: keys are token ids of this model's vocabulary,

@@ -89,9 +89,24 @@ fn bad_requests_name_the_parameter() {
             "robot",
         ),
         (
-            json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2}),
+            json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 0}),
             Some("n"),
-            "n other than 1",
+            "between 1 and 128",
+        ),
+        (
+            json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "(open"}}}}),
+            Some("response_format"),
+            "compile",
+        ),
+        (
+            json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "guided_regex": "a+", "guided_choice": ["a"]}),
+            Some("guided_choice"),
+            "send one",
+        ),
+        (
+            json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}, "min_tokens": 3}),
+            Some("min_tokens"),
+            "grammar decides",
         ),
         (
             json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": 2}),

@@ -35,7 +35,7 @@ pub struct SamplingOptions {
     /// Guided decoding: the output must match this (structured output). Engines without a
     /// model's logits refuse the request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub guided: Option<Guided>,
+    pub guided: Option<Box<Guided>>,
 }
 
 /// What guided decoding holds a request's output to.

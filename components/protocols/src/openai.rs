@@ -68,6 +68,18 @@ pub struct GenerationParams {
     pub logprobs: Option<Value>,
     #[serde(default)]
     pub top_logprobs: Option<i64>,
+    /// Structured output: `{"type": "text" | "json_object" | "json_schema", ...}`.
+    #[serde(default)]
+    pub response_format: Option<Value>,
+    /// Extension (vLLM's): output valid against this JSON Schema (an object, or its text).
+    #[serde(default)]
+    pub guided_json: Option<Value>,
+    /// Extension (vLLM's): output matching this regular expression.
+    #[serde(default)]
+    pub guided_regex: Option<Value>,
+    /// Extension (vLLM's): output that is one of these strings.
+    #[serde(default)]
+    pub guided_choice: Option<Value>,
     /// Token id (as a string) to a bias in [-100, 100] added to its logit before sampling.
     #[serde(default)]
     pub logit_bias: Option<std::collections::BTreeMap<String, f64>>,

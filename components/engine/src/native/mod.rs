@@ -26,12 +26,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use dynamo_protocols::kv::{KvDump, LoadReport, SequenceHash};
-use dynamo_protocols::llm::PreprocessedRequest;
+use dynamo_protocols::llm::{PreprocessedRequest, TokenId};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::scheduler::{
-    forward_dumps, submit, Executor, KvCommand, OutputSender, Scheduler, SchedulerKv,
+    forward_dumps, submit, Executor, KvCommand, OutputSender, Scheduled, Scheduler, SchedulerKv,
     SchedulerSettings, StepBatch, StepResult, COMMAND_QUEUE,
 };
 use crate::{
@@ -113,6 +113,62 @@ struct NativeExecutor {
     cache: kv::KvCache,
     threads: rayon::ThreadPool,
     rng: u64,
+    /// The model's vocabulary for guided decoding, or why there is none.
+    grammars: Arc<Result<dynamo_guided::Grammars, String>>,
+}
+
+impl NativeExecutor {
+    /// Holds `logits` to the sequence's grammar, when it has one: its state is created on
+    /// its first draw (a spec that does not compile is the client's error), catches up on
+    /// the tokens generated since (or before a migration), and bans what may not come next.
+    fn guide(&self, it: &Scheduled<'_>, logits: &mut [f32]) -> Result<(), EngineError> {
+        let Some(spec) = &it.sampling.guided else {
+            return Ok(());
+        };
+        let mut slot = it.guide.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            let grammars = self.grammars.as_ref().as_ref().map_err(|why| {
+                EngineError::BadRequest(format!("guided decoding is unavailable: {why}"))
+            })?;
+            *slot = Some(grammars.compile(spec).map_err(guided_error)?);
+        }
+        let c = slot.as_mut().expect("set above");
+        c.advance(&it.tokens[it.output_start..])
+            .map_err(guided_error)?;
+        c.apply(logits).map_err(guided_error)
+    }
+}
+
+fn guided_error(e: dynamo_guided::GuidedError) -> EngineError {
+    match e {
+        dynamo_guided::GuidedError::Grammar(m) => EngineError::BadRequest(m),
+        other => EngineError::Internal(other.to_string()),
+    }
+}
+
+/// The model folder's vocabulary for guided decoding: its `tokenizer.json`, and its
+/// end-of-sequence ids from `generation_config.json` or `config.json`.
+fn grammars(dir: &std::path::Path, vocab_size: usize) -> Result<dynamo_guided::Grammars, String> {
+    let tokenizer = std::fs::read(dir.join("tokenizer.json"))
+        .map_err(|e| format!("the model folder has no readable tokenizer.json ({e})"))?;
+    let mut eos = Vec::new();
+    for file in ["generation_config.json", "config.json"] {
+        let Ok(text) = std::fs::read_to_string(dir.join(file)) else {
+            continue;
+        };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+            continue;
+        };
+        match v.get("eos_token_id") {
+            Some(serde_json::Value::Number(n)) => eos.extend(n.as_u64()),
+            Some(serde_json::Value::Array(a)) => eos.extend(a.iter().filter_map(|x| x.as_u64())),
+            _ => {}
+        }
+    }
+    let mut eos: Vec<TokenId> = eos.into_iter().map(|t| t as TokenId).collect();
+    eos.sort_unstable();
+    eos.dedup();
+    dynamo_guided::Grammars::new(&tokenizer, vocab_size, &eos).map_err(|e| e.to_string())
 }
 
 impl Executor for NativeExecutor {
@@ -143,7 +199,7 @@ impl Executor for NativeExecutor {
         let (model, cache) = (&self.model, &mut self.cache);
         let logits = self.threads.install(|| model.forward(cache, &steps));
         let mut logits = logits.into_iter();
-        let (mut sampled, mut logprobs) = (Vec::new(), Vec::new());
+        let (mut sampled, mut logprobs, mut ends) = (Vec::new(), Vec::new(), Vec::new());
         for it in batch.items.iter().filter(|i| i.samples) {
             let Some(mut l) = logits.next() else {
                 sampled.push(Err(EngineError::Internal(
@@ -151,7 +207,22 @@ impl Executor for NativeExecutor {
                 )));
                 continue;
             };
+            if l.iter().any(|x| !x.is_finite()) {
+                sampled.push(Err(EngineError::Internal(
+                    "the model produced non-finite logits (NaN or infinity) for this request"
+                        .into(),
+                )));
+                logprobs.push(None);
+                ends.push(false);
+                continue;
+            }
             sampling::penalize(&mut l, &it.tokens[it.output_start..], it.sampling);
+            if let Err(e) = self.guide(it, &mut l) {
+                sampled.push(Err(e));
+                logprobs.push(None);
+                ends.push(false);
+                continue;
+            }
             let position = it.tokens.len();
             let draw = match it.sampling.seed {
                 Some(seed) => sampling::uniform(seed, position),
@@ -161,20 +232,27 @@ impl Executor for NativeExecutor {
                 }
             };
             let token = sampling::sample(&l, it.sampling, draw).ok_or_else(|| {
-                EngineError::Internal(
-                    "the model produced non-finite logits (NaN or infinity) for this request"
-                        .into(),
-                )
+                EngineError::Internal("guided decoding left no token to choose from".into())
             });
             logprobs.push(match (&token, it.sampling.logprobs) {
                 (Ok(t), Some(top)) => Some(sampling::logprobs(&l, *t, top)),
                 _ => None,
+            });
+            ends.push(match &token {
+                Ok(t) => it
+                    .guide
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .as_ref()
+                    .is_some_and(|c| c.ends_with(*t)),
+                Err(_) => false,
             });
             sampled.push(token);
         }
         StepResult {
             sampled,
             logprobs,
+            ends,
             duration: started.elapsed(),
         }
     }
@@ -243,11 +321,16 @@ impl NativeEngine {
             .thread_name(|i| format!("native-{i}"))
             .build()
             .map_err(|e| NativeError::Settings(format!("cannot start compute threads: {e}")))?;
+        let grammars = grammars(&settings.model_path, model.config().vocab_size);
+        if let Err(why) = &grammars {
+            tracing::warn!("guided decoding (response_format) will be refused: {why}");
+        }
         let executor = NativeExecutor {
             model: model.clone(),
             cache: kv::KvCache::new(layout, num_blocks),
             threads,
             rng: settings.seed,
+            grammars: Arc::new(grammars),
         };
         let scheduler = Scheduler::new(
             SchedulerSettings {

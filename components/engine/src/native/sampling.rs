@@ -42,10 +42,13 @@ pub fn penalize(logits: &mut [f32], generated: &[TokenId], opts: &SamplingOption
     }
 }
 
-/// The next token; `draw` is a uniform number in [0, 1) (unused when greedy). `None` when the
-/// logits are not finite (the model produced NaN or infinity).
+/// The next token; `draw` is a uniform number in [0, 1) (unused when greedy). A logit of
+/// minus infinity bans its token (guided decoding). `None` when a logit is NaN or plus
+/// infinity, or every token is banned.
 pub fn sample(logits: &[f32], opts: &SamplingOptions, draw: f64) -> Option<TokenId> {
-    if logits.iter().any(|x| !x.is_finite()) {
+    if logits.iter().any(|x| x.is_nan() || *x == f32::INFINITY)
+        || !logits.iter().any(|x| x.is_finite())
+    {
         return None;
     }
     let temperature = opts.temperature.unwrap_or(0.0);
@@ -112,7 +115,7 @@ pub fn sample(logits: &[f32], opts: &SamplingOptions, draw: f64) -> Option<Token
 
 /// The log probability of `chosen` and of the `top` most likely tokens (most likely first,
 /// ties by lower id, as greedy picks), under `logits` (after bias and penalties) at
-/// temperature 1. Logits must be finite ([`sample`] checks them first).
+/// temperature 1. Banned tokens (minus infinity) are never among the alternatives.
 pub fn logprobs(logits: &[f32], chosen: TokenId, top: u32) -> TokenLogprob {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let sum: f64 = logits.iter().map(|&x| ((x - max) as f64).exp()).sum();
@@ -132,7 +135,11 @@ pub fn logprobs(logits: &[f32], chosen: TokenId, top: u32) -> TokenLogprob {
             idx.truncate(k);
         }
         idx.sort_unstable_by(order);
-        best = idx.into_iter().map(|t| (t, lp(t))).collect();
+        best = idx
+            .into_iter()
+            .filter(|&t| logits[t as usize].is_finite())
+            .map(|t| (t, lp(t)))
+            .collect();
     }
     TokenLogprob {
         logprob: lp(chosen),

@@ -547,3 +547,95 @@ async fn an_unusable_disk_directory_leaves_the_engine_serving() {
     let t = e.kv().unwrap().load().borrow().tiers.unwrap();
     assert_eq!(t.disk_unusable, 1);
 }
+
+/// A model folder with a real tokenizer (512 tokens) for guided decoding.
+fn tiny_with_tokenizer(dir: &Path) {
+    let settings = dynamo_preprocessor::make_model::MakeModelSettings {
+        vocab_size: 512,
+        ..Default::default()
+    };
+    dynamo_preprocessor::make_model::make_model(dir, &settings).unwrap();
+    tiny(dir);
+}
+
+fn guided(spec: dynamo_protocols::llm::Guided) -> SamplingOptions {
+    SamplingOptions {
+        guided: Some(Box::new(spec)),
+        ..Default::default()
+    }
+}
+
+/// Guided decoding on random weights: the output is what the grammar allows and the sequence
+/// ends where the grammar is complete, even with no stop tokens; a request resumed mid-way
+/// (migration) continues exactly; a spec that does not compile is the client's error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guided_decoding_holds_output_to_the_grammar() {
+    use dynamo_protocols::llm::Guided;
+    let dir = tempfile::tempdir().unwrap();
+    tiny_with_tokenizer(dir.path());
+    let tokenizer = tokenizers::Tokenizer::from_file(dir.path().join("tokenizer.json")).unwrap();
+    let e = engine(dir.path(), |_| {});
+    let choices = vec!["alpha".to_string(), "beta gamma".to_string()];
+    let (tokens, _) = run(
+        &e,
+        request(
+            prompt(1, 20),
+            50,
+            guided(Guided::Choice {
+                choices: choices.clone(),
+            }),
+        ),
+    )
+    .await;
+    let text = tokenizer.decode(&tokens, true).unwrap();
+    assert!(choices.contains(&text), "{text:?} from {tokens:?}");
+    assert!(tokens.len() < 50, "ended at the grammar's end: {tokens:?}");
+    let schema = serde_json::json!({"type": "object", "properties": {
+        "n": {"type": "integer", "minimum": 0, "maximum": 999},
+        "word": {"type": "string", "maxLength": 8}}, "required": ["n", "word"]});
+    let spec = Guided::JsonSchema {
+        schema: schema.to_string(),
+        strict: true,
+    };
+    let (whole, _) = run(&e, request(prompt(2, 20), 80, guided(spec.clone()))).await;
+    let text = tokenizer.decode(&whole, true).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+    assert!(
+        v["n"].as_u64().unwrap() <= 999 && v["word"].is_string(),
+        "{text}"
+    );
+    assert_eq!(v.as_object().unwrap().len(), 2, "{text}");
+    // Resumed after 3 tokens: the grammar catches up on them and the rest is the same.
+    let mut p = prompt(2, 20);
+    p.extend(&whole[..3]);
+    let mut req = request(p, 80 - 3, guided(spec));
+    req.resumed_tokens = 3;
+    let (rest, _) = run(&e, req).await;
+    assert_eq!(rest, whole[3..].to_vec());
+    // A spec that does not compile: a BadRequest naming the problem.
+    let bad = guided(Guided::Regex {
+        pattern: "(open".into(),
+    });
+    let mut s = e
+        .generate(request(prompt(3, 10), 5, bad), CancellationToken::new())
+        .unwrap();
+    match s.next().await {
+        Some(Err(EngineError::BadRequest(m))) => assert!(m.contains("compile"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    // A folder without a tokenizer serves, and refuses guided requests clearly.
+    let bare = tempfile::tempdir().unwrap();
+    tiny(bare.path());
+    let e = engine(bare.path(), |_| {});
+    let mut s = e
+        .generate(
+            request(prompt(3, 10), 5, guided(Guided::JsonObject)),
+            CancellationToken::new(),
+        )
+        .unwrap();
+    match s.next().await {
+        Some(Err(EngineError::BadRequest(m))) => assert!(m.contains("tokenizer.json"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+}

@@ -165,6 +165,7 @@ impl<E: Executor> Scheduler<E> {
             cancel,
             export: None,
             tag: 0,
+            guide: Default::default(),
         };
         seq.extend_hashes(bs);
         let full = prompt_len / bs;

@@ -103,7 +103,13 @@ pub struct Scheduled<'a> {
     pub sampling: &'a SamplingOptions,
     /// This step reaches the end of the known tokens: sample the next one.
     pub samples: bool,
+    /// The sequence's guided-decoding state, for executors that sample under a grammar
+    /// (`sampling.guided`): they create it on the first draw and keep it here.
+    pub guide: &'a Guide,
 }
+
+/// A sequence's guided-decoding state ([`Scheduled::guide`]); dropped with the sequence.
+pub type Guide = std::sync::Mutex<Option<dynamo_guided::Constraint>>;
 
 impl Scheduled<'_> {
     /// Prompt tokens (or a recomputation's) are prefill; one generated token is decode.
@@ -130,6 +136,9 @@ pub struct StepResult {
     /// Per sampling item, with `sampled`: its token's logprobs when the request asked for
     /// them (may be empty when none did).
     pub logprobs: Vec<Option<TokenLogprob>>,
+    /// Per sampling item, with `sampled`: the token ends the sequence whatever its stop
+    /// conditions (a grammar that is complete; may be empty when none does).
+    pub ends: Vec<bool>,
     pub duration: Duration,
 }
 
@@ -203,7 +212,7 @@ pub enum KvCommand {
     Hook(Option<EvictionHook>, oneshot::Sender<()>),
     /// See [`KvCapability::prefill_export`].
     PrefillExport {
-        request: PreprocessedRequest,
+        request: Box<PreprocessedRequest>,
         out: OutputSender,
         cancel: CancellationToken,
         blocks: oneshot::Sender<Vec<Vec<u8>>>,
@@ -425,7 +434,7 @@ impl KvCapability for SchedulerKv {
         let (out, mut rx) = mpsc::unbounded_channel();
         let (blocks, data) = oneshot::channel();
         let sent = (self.send)(KvCommand::PrefillExport {
-            request,
+            request: Box::new(request),
             out,
             cancel,
             blocks,
@@ -559,6 +568,8 @@ struct Seq {
     export: Option<oneshot::Sender<Vec<Vec<u8>>>>,
     /// The caller's name for the request ([`Scheduler::add_tagged`]).
     tag: u64,
+    /// See [`Scheduled::guide`].
+    guide: Guide,
 }
 
 impl Seq {
@@ -721,6 +732,7 @@ impl<E: Executor> Scheduler<E> {
             cancel,
             export: None,
             tag,
+            guide: Guide::default(),
         };
         // A resumed stream (moved here from a failed worker) has a client waiting mid-answer:
         // it goes ahead of the requests that have not started, after those that have.
@@ -983,7 +995,7 @@ impl<E: Executor> Scheduler<E> {
                 out,
                 cancel,
                 blocks,
-            } => self.add_export(request, out, cancel, blocks),
+            } => self.add_export(*request, out, cancel, blocks),
             KvCommand::ReservePrompt {
                 hashes,
                 total,
@@ -1175,6 +1187,7 @@ impl<E: Executor> Scheduler<E> {
                         blocks: &s.blocks,
                         sampling: &s.sampling,
                         samples: s.computed + take == s.tokens.len(),
+                        guide: &s.guide,
                     }
                 })
                 .collect(),
@@ -1195,6 +1208,7 @@ impl<E: Executor> Scheduler<E> {
         drop(batch);
         let mut sampled = result.sampled.into_iter();
         let mut logprobs = result.logprobs.into_iter();
+        let mut ends = result.ends.into_iter();
         let mut finished = Vec::new();
         for &(i, take) in &plan {
             let seq = &mut self.running[i];
@@ -1204,6 +1218,7 @@ impl<E: Executor> Scheduler<E> {
                 continue;
             }
             let logprob = logprobs.next().flatten();
+            let ends_here = ends.next().unwrap_or(false);
             let token = match sampled.next() {
                 Some(Ok(t)) => t,
                 failed => {
@@ -1218,8 +1233,8 @@ impl<E: Executor> Scheduler<E> {
             };
             seq.tokens.push(token);
             seq.generated += 1;
-            let finish = if seq.generated > seq.stop.min_tokens
-                && seq.stop.stop_token_ids.contains(&token)
+            let finish = if ends_here
+                || (seq.generated > seq.stop.min_tokens && seq.stop.stop_token_ids.contains(&token))
             {
                 Some(FinishReason::Stop)
             } else if seq.generated >= seq.stop.max_tokens {
