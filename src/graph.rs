@@ -122,6 +122,8 @@ const FRONTEND_KEYS: &[&str] = &[
     "max_inflight",
     "max_body_bytes",
     "migration_limit",
+    "tool_call_parser",
+    "reasoning_parser",
 ];
 const PLANNER_KEYS: &[&str] = &[
     "pool",

@@ -132,6 +132,8 @@ pub struct LaunchSettings {
     pub max_inflight: usize,
     pub max_body_bytes: usize,
     pub migration_limit: u32,
+    /// How frontends read tool calls and reasoning out of model output.
+    pub parsers: dynamo_preprocessor::tools::OutputParsers,
     pub batch_concurrency: usize,
 }
 
@@ -386,6 +388,7 @@ pub(crate) fn frontend_settings(s: &LaunchSettings, namespace: &Namespace) -> Fr
     fs.max_inflight = s.max_inflight;
     fs.max_body_bytes = s.max_body_bytes;
     fs.migration_limit = s.migration_limit;
+    fs.parsers = s.parsers;
     fs
 }
 

@@ -236,6 +236,14 @@ struct LaunchArgs {
     /// (0: never). [default: 3]
     #[arg(long, env = "DYN_MIGRATION_LIMIT")]
     migration_limit: Option<u32>,
+    /// The tool-call format of the served models' output: hermes (Hermes, Qwen), llama3_json
+    /// or mistral. [default: recognised from each model's chat template]
+    #[arg(long, env = "DYN_TOOL_CALL_PARSER")]
+    tool_call_parser: Option<String>,
+    /// Split reasoning out of the answer into `reasoning_content`: `think` (`<think>...</think>`,
+    /// DeepSeek-R1, Qwen3 and others) or `none`. [default: none]
+    #[arg(long, env = "DYN_REASONING_PARSER")]
+    reasoning_parser: Option<String>,
     /// in=batch: requests in flight at once. [default: 16]
     #[arg(long, env = "DYN_BATCH_CONCURRENCY")]
     batch_concurrency: Option<usize>,
@@ -284,6 +292,8 @@ impl LaunchArgs {
             max_inflight: self.max_inflight,
             max_body_bytes: self.max_body_bytes,
             migration_limit: self.migration_limit,
+            tool_call_parser: self.tool_call_parser.clone(),
+            reasoning_parser: self.reasoning_parser.clone(),
             num_workers: self.num_workers,
             batch_concurrency: self.batch_concurrency,
             ..self.router.settings()

@@ -95,6 +95,8 @@ pub struct Settings {
     pub max_inflight: Option<usize>,
     pub max_body_bytes: Option<usize>,
     pub migration_limit: Option<u32>,
+    pub tool_call_parser: Option<String>,
+    pub reasoning_parser: Option<String>,
     // Planners.
     pub pool: Option<String>,
     pub prefill_pool: Option<String>,
@@ -597,6 +599,19 @@ pub fn resolve(
         migration_limit: s
             .migration_limit
             .unwrap_or(dynamo_actors::frontend::DEFAULT_MIGRATION_LIMIT),
+        parsers: dynamo_preprocessor::tools::OutputParsers {
+            tool_call_parser: match s.tool_call_parser.as_deref() {
+                None | Some("auto") => None,
+                Some(name) => Some(dynamo_preprocessor::tools::ToolFormat::parse(name).ok_or_else(
+                    || anyhow::anyhow!("tool_call_parser {name:?} is not one of hermes, llama3_json, mistral, auto"),
+                )?),
+            },
+            reasoning: match s.reasoning_parser.as_deref() {
+                None | Some("none") => false,
+                Some("think") => true,
+                Some(other) => anyhow::bail!("reasoning_parser {other:?} is not one of think, none"),
+            },
+        },
         batch_concurrency: s.batch_concurrency.unwrap_or(16),
     })
 }

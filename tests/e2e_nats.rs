@@ -17,19 +17,27 @@ const LEASE: Duration = Duration::from_secs(2);
 
 /// A `dynamo-run serve-echo` child (killed on drop) on `url`, with a 2 s discovery lease.
 fn worker(url: &str, extra: &[&str]) -> Proc {
+    worker_with_lease(url, extra, "2s")
+}
+
+fn worker_with_lease(url: &str, extra: &[&str], lease: &str) -> Proc {
     Proc::start(
         dynamo_run()
             .args(["--bus", url, "--namespace", "e2e"])
             .args(extra)
             .arg("serve-echo")
-            .env("DYN_DISCOVERY__LEASE", "2s"),
+            .env("DYN_DISCOVERY__LEASE", lease),
     )
 }
 
 async fn client(server: &NatsServer) -> Runtime {
+    client_with_lease(server, LEASE).await
+}
+
+async fn client_with_lease(server: &NatsServer, lease: Duration) -> Runtime {
     let settings = RuntimeSettings {
         discovery: DiscoverySettings {
-            lease: LEASE,
+            lease,
             ..Default::default()
         },
         ..Default::default()
@@ -163,13 +171,15 @@ async fn sigint_deregisters_drains_and_exits_zero() {
 
 async fn stop_gracefully_on(signal: Signal) {
     let server = NatsServer::start().unwrap();
-    let rt = client(&server).await;
+    // A lease far longer than the wait below (the bucket takes the first one): the worker
+    // leaving within it is its own deregistration, not the lease running out.
+    let rt = client_with_lease(&server, Duration::from_secs(120)).await;
     let mut watch = rt
         .discovery()
         .watch(dynamo_runtime::subject::DiscoveryFilter::all())
         .await
         .unwrap();
-    let mut worker = worker(&server.url(), &[]);
+    let mut worker = worker_with_lease(&server.url(), &[], "120s");
     assert!(matches!(
         next_event(&mut watch, 5).await,
         DiscoveryEvent::Joined(_)
@@ -181,15 +191,10 @@ async fn stop_gracefully_on(signal: Signal) {
     };
     let mut stream = start_stream(&rt, &req).await;
     worker.signal(signal);
-    let termed = Instant::now();
     assert!(matches!(
-        next_event(&mut watch, 5).await,
+        next_event(&mut watch, 10).await,
         DiscoveryEvent::Left { .. }
     ));
-    assert!(
-        termed.elapsed() < LEASE,
-        "deregistered at once, not by lease expiry"
-    );
     let mut rest = 0;
     while let Some(chunk) = stream.next().await {
         chunk.unwrap();

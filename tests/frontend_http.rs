@@ -55,6 +55,7 @@ struct Opts {
     kv: KvRouterSettings,
     /// Mocker workers (a real block pool and prefix cache) instead of echo ones.
     mocker: bool,
+    parsers: dynamo_preprocessor::tools::OutputParsers,
 }
 
 impl Default for Opts {
@@ -67,6 +68,7 @@ impl Default for Opts {
             max_body: 1 << 20,
             kv: KvRouterSettings::default(),
             mocker: false,
+            parsers: Default::default(),
         }
     }
 }
@@ -116,6 +118,7 @@ impl Stack {
         s.max_inflight = o.max_inflight;
         s.max_body_bytes = o.max_body;
         s.kv_router = o.kv;
+        s.parsers = o.parsers;
         let frontend = Frontend::start(&runtime, s).await.unwrap();
         let mut workers = Vec::new();
         for _ in 0..o.workers {
@@ -875,5 +878,55 @@ async fn choices_share_their_prompts_cached_blocks() {
     assert_eq!(indexes, vec![0, 1, 2, 3]);
     assert_eq!(answer["usage"]["prompt_tokens"], 7, "{answer}");
     assert_eq!(answer["usage"]["completion_tokens"], 12, "{answer}");
+    s.finish().await;
+}
+
+/// With `--reasoning-parser think`, a model's `<think>...</think>` comes out as
+/// `reasoning_content`, whole and streamed (the echo engine answers with the prompt, so the
+/// message's own think block comes back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reasoning_is_split_into_reasoning_content() {
+    let s = Stack::start(Opts {
+        parsers: dynamo_preprocessor::tools::OutputParsers {
+            reasoning: true,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    let body = chat("<think>plan the answer</think>The answer is four.");
+    let (status, answer, _) = s.post("/v1/chat/completions", &body).await;
+    assert_eq!(status, 200, "{answer}");
+    let m = &answer["choices"][0]["message"];
+    let reasoning = m["reasoning_content"].as_str().unwrap_or_default();
+    let content = m["content"].as_str().unwrap_or_default();
+    assert!(reasoning.ends_with("\nplan the answer"), "{answer}");
+    assert!(content.starts_with("The answer is four."), "{answer}");
+    assert!(
+        !content.contains("think>") && !reasoning.contains("think>"),
+        "{answer}"
+    );
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let text = s
+        .http
+        .post(format!("{}/v1/chat/completions", s.base))
+        .json(&streamed)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let (mut r, mut c) = (String::new(), String::new());
+    for line in text.lines().filter_map(|l| l.strip_prefix("data: ")) {
+        let Ok(v) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        let d = &v["choices"][0]["delta"];
+        r.push_str(d["reasoning_content"].as_str().unwrap_or_default());
+        c.push_str(d["content"].as_str().unwrap_or_default());
+    }
+    assert_eq!((r.as_str(), c.as_str()), (reasoning, content));
     s.finish().await;
 }

@@ -264,3 +264,81 @@ for bad, param in (
         check(f"bad response_format {bad['type']} refused", False, "no error")
     except openai.BadRequestError as e:
         check(f"bad response_format {bad['type']} refused", e.status_code == 400 and e.param == param, e)
+
+# Tool calls: the chat template renders the tools (Hermes style); tool_choice "required" or a
+# named function makes the model call one (guided decoding: arguments valid against the
+# function's parameters, even with random weights); the call is parsed back into tool_calls,
+# whole and streamed; then a tool loop: the client returns the result and the model answers.
+tools = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+     "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10},
+                                                      "unit": {"enum": ["c", "f"]}},
+                    "required": ["city", "unit"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "get_time", "parameters": {
+        "type": "object", "properties": {"zone": {"enum": ["utc", "cet"]}}, "required": ["zone"]}}},
+]
+ask = [{"role": "user", "content": "What is the weather in Oslo?"}]
+
+
+def valid_call(call):
+    args = json.loads(call.function.arguments)
+    if call.function.name == "get_weather":
+        return set(args) == {"city", "unit"} and len(args["city"]) <= 10 and args["unit"] in ("c", "f")
+    return call.function.name == "get_time" and args.get("zone") in ("utc", "cet")
+
+
+r = client.chat.completions.create(
+    model=model, messages=ask, tools=tools, tool_choice="required", parallel_tool_calls=False,
+    max_tokens=80, temperature=1.0, seed=4,
+)
+c = r.choices[0]
+check(
+    "tool_choice required gives a valid call",
+    c.finish_reason == "tool_calls" and len(c.message.tool_calls) == 1 and valid_call(c.message.tool_calls[0])
+    and c.message.tool_calls[0].id.startswith("call_"),
+    c,
+)
+r = client.chat.completions.create(
+    model=model, messages=ask, tools=tools, max_tokens=80,
+    tool_choice={"type": "function", "function": {"name": "get_time"}},
+)
+calls = r.choices[0].message.tool_calls
+check("named tool_choice", calls and all(t.function.name == "get_time" and valid_call(t) for t in calls), r.choices[0])
+deltas, finish = {}, None
+for chunk in client.chat.completions.create(
+    model=model, messages=ask, tools=tools, tool_choice="required", parallel_tool_calls=False,
+    max_tokens=80, temperature=1.0, seed=4, stream=True,
+):
+    for ch in chunk.choices:
+        for d in ch.delta.tool_calls or []:
+            e = deltas.setdefault(d.index, {"name": "", "arguments": ""})
+            e["name"] += d.function.name or ""
+            e["arguments"] += d.function.arguments or ""
+        finish = ch.finish_reason or finish
+check(
+    "tool calls streamed",
+    finish == "tool_calls" and list(deltas.values()) == [
+        {"name": c.message.tool_calls[0].function.name, "arguments": c.message.tool_calls[0].function.arguments}],
+    (deltas, finish),
+)
+loop = ask + [
+    {"role": "assistant", "content": None, "tool_calls": [tc.model_dump() for tc in c.message.tool_calls]},
+    {"role": "tool", "tool_call_id": c.message.tool_calls[0].id, "content": '{"temp": 7, "sky": "rain"}'},
+]
+r2 = client.chat.completions.create(model=model, messages=loop, tools=tools, tool_choice="none", max_tokens=8)
+check(
+    "tool loop answers",
+    r2.choices[0].message.content and not r2.choices[0].message.tool_calls
+    and r2.usage.prompt_tokens > r.usage.prompt_tokens,
+    r2,
+)
+for bad, param in (
+    (dict(tools=[{"type": "function", "function": {"name": "bad name"}}]), "tools[0]"),
+    (dict(tools=tools, tool_choice={"type": "function", "function": {"name": "nope"}}), "tool_choice"),
+    (dict(tool_choice="required"), "tool_choice"),
+):
+    try:
+        client.chat.completions.create(model=model, messages=ask, max_tokens=5, **bad)
+        check(f"bad tools refused ({param})", False, "no error")
+    except openai.BadRequestError as e:
+        check(f"bad tools refused ({param})", e.status_code == 400 and e.param == param, e)

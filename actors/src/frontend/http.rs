@@ -24,7 +24,7 @@ use http_body_util::BodyExt;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use dynamo_preprocessor::LogprobEntry;
+use dynamo_preprocessor::{LogprobEntry, Piece};
 
 use super::metrics::Endpoint;
 use super::serving::{ApiError, Generation, Serving};
@@ -277,23 +277,32 @@ impl Head {
         }
     }
 
-    /// One streamed chunk of choice `index`: its new text (or, opening a chat choice, its
-    /// role), finish reason and logprobs.
+    /// One streamed chunk of choice `index`: its new text, reasoning and tool calls (chat;
+    /// `first_call` is the index of the first of `calls` in the choice), finish reason and
+    /// logprobs.
     fn chunk(
         &self,
         index: u32,
-        text: String,
+        piece: Piece,
+        first_call: usize,
         finish: Option<&str>,
         logprobs: Option<Value>,
     ) -> Event {
         match self.endpoint {
             Endpoint::Chat => {
-                let content = (!text.is_empty()).then_some(text);
+                let calls: Vec<Value> = piece
+                    .tool_calls
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| c.to_openai(Some(first_call + i)))
+                    .collect();
                 event(&self.chat_chunk(
                     index,
                     Delta {
                         role: None,
-                        content,
+                        content: (!piece.text.is_empty()).then_some(piece.text),
+                        reasoning_content: (!piece.reasoning.is_empty()).then_some(piece.reasoning),
+                        tool_calls: (!calls.is_empty()).then_some(calls),
                     },
                     finish,
                     logprobs,
@@ -301,7 +310,7 @@ impl Head {
             }
             Endpoint::Completions => event(&self.completion(vec![CompletionChoice {
                 index,
-                text,
+                text: piece.text,
                 finish_reason: finish.map(str::to_string),
                 logprobs,
             }])),
@@ -423,15 +432,18 @@ fn choice_stream(gen: Generation, head: Head) -> impl Stream<Item = ChoiceOut> {
             Delta {
                 role: Some("assistant".into()),
                 content: Some(String::new()),
+                ..Default::default()
             },
             None,
             None,
         ))),
-        Endpoint::Completions => gen
-            .prepared
-            .echo
-            .clone()
-            .map(|t| head.chunk(gen.prepared.index, t, None, None)),
+        Endpoint::Completions => gen.prepared.echo.clone().map(|t| {
+            let piece = Piece {
+                text: t,
+                ..Default::default()
+            };
+            head.chunk(gen.prepared.index, piece, 0, None, None)
+        }),
     };
     let opening = futures::stream::iter(opening.map(ChoiceOut::Chunk));
     let body = futures::stream::unfold(Some(gen), move |gen| {
@@ -442,16 +454,22 @@ fn choice_stream(gen: Generation, head: Head) -> impl Stream<Item = ChoiceOut> {
             let mut entries = Vec::new();
             loop {
                 match gen.next().await {
-                    Some(Ok(piece)) => {
+                    Some(Ok(mut piece)) => {
                         let finish = piece.finish.map(|f| f.as_str());
-                        entries.extend(piece.logprobs);
-                        if piece.text.is_empty() && finish.is_none() {
+                        entries.append(&mut piece.logprobs);
+                        if piece.text.is_empty()
+                            && piece.reasoning.is_empty()
+                            && piece.tool_calls.is_empty()
+                            && finish.is_none()
+                        {
                             continue;
                         }
                         let mut offset = gen.text_offset;
                         let logprobs = logprobs_value(&gen, head.endpoint, &entries, &mut offset);
                         gen.text_offset = offset;
-                        let ev = head.chunk(index, piece.text, finish, logprobs);
+                        let first_call = gen.calls_sent;
+                        gen.calls_sent += piece.tool_calls.len();
+                        let ev = head.chunk(index, piece, first_call, finish, logprobs);
                         return Some((ChoiceOut::Chunk(ev), Some(gen)));
                     }
                     Some(Err(e)) => return Some((ChoiceOut::Failed(event(&e.body())), None)),
@@ -528,21 +546,26 @@ fn sse(
 
 /// One choice, whole: its text (after the echoed prompt, if asked), finish reason,
 /// logprobs and usage.
-type WholeChoice = (
-    u32,
-    String,
-    Option<String>,
-    Option<Value>,
-    (u32, u32, Usage),
-);
+struct WholeChoice {
+    index: u32,
+    text: String,
+    reasoning: String,
+    calls: Vec<Value>,
+    finish: Option<String>,
+    logprobs: Option<Value>,
+    usage: (u32, u32, Usage),
+}
 
 async fn whole_choice(mut gen: Generation, endpoint: Endpoint) -> Result<WholeChoice, ApiError> {
     let mut text = gen.prepared.echo.clone().unwrap_or_default();
+    let (mut reasoning, mut calls) = (String::new(), Vec::new());
     let mut finish = None;
     let mut entries = Vec::new();
     while let Some(piece) = gen.next().await {
         let piece = piece?;
         text.push_str(&piece.text);
+        reasoning.push_str(&piece.reasoning);
+        calls.extend(piece.tool_calls.iter().map(|c| c.to_openai(None)));
         entries.extend(piece.logprobs);
         if let Some(f) = piece.finish {
             finish = Some(f.as_str().to_string());
@@ -550,13 +573,15 @@ async fn whole_choice(mut gen: Generation, endpoint: Endpoint) -> Result<WholeCh
     }
     let logprobs = logprobs_value(&gen, endpoint, &entries, &mut 0);
     let index = gen.prepared.index;
-    Ok((
+    Ok(WholeChoice {
         index,
         text,
+        reasoning,
+        calls,
         finish,
         logprobs,
-        (index, gen.prepared.n, gen.usage()),
-    ))
+        usage: (index, gen.prepared.n, gen.usage()),
+    })
 }
 
 /// The whole answer as one JSON body: every choice, in index order.
@@ -567,8 +592,8 @@ async fn whole(gens: Vec<Generation>, endpoint: Endpoint) -> Result<Response, Ap
     };
     let mut choices =
         futures::future::try_join_all(gens.into_iter().map(|g| whole_choice(g, endpoint))).await?;
-    choices.sort_by_key(|c| c.0);
-    let usage = total_usage(&choices.iter().map(|c| c.4).collect::<Vec<_>>());
+    choices.sort_by_key(|c| c.index);
+    let usage = total_usage(&choices.iter().map(|c| c.usage).collect::<Vec<_>>());
     Ok(match endpoint {
         Endpoint::Chat => json_response(
             StatusCode::OK,
@@ -579,14 +604,17 @@ async fn whole(gens: Vec<Generation>, endpoint: Endpoint) -> Result<Response, Ap
                 model: head.model.clone(),
                 choices: choices
                     .into_iter()
-                    .map(|(index, text, finish, logprobs, _)| ChatChoice {
-                        index,
+                    .map(|c| ChatChoice {
+                        index: c.index,
                         message: AssistantMessage {
                             role: "assistant".into(),
-                            content: text,
+                            // Only calls: content is null, as OpenAI's.
+                            content: (!c.text.is_empty() || c.calls.is_empty()).then_some(c.text),
+                            reasoning_content: (!c.reasoning.is_empty()).then_some(c.reasoning),
+                            tool_calls: (!c.calls.is_empty()).then_some(c.calls),
                         },
-                        finish_reason: finish,
-                        logprobs,
+                        finish_reason: c.finish,
+                        logprobs: c.logprobs,
                     })
                     .collect(),
                 usage,
@@ -596,11 +624,11 @@ async fn whole(gens: Vec<Generation>, endpoint: Endpoint) -> Result<Response, Ap
             let mut c = head.completion(
                 choices
                     .into_iter()
-                    .map(|(index, text, finish, logprobs, _)| CompletionChoice {
-                        index,
-                        text,
-                        finish_reason: finish,
-                        logprobs,
+                    .map(|c| CompletionChoice {
+                        index: c.index,
+                        text: c.text,
+                        finish_reason: c.finish,
+                        logprobs: c.logprobs,
                     })
                     .collect(),
             );

@@ -98,6 +98,8 @@ pub struct FrontendSettings {
     pub remote_router: bool,
     /// Publish request statistics for the planner this often (`None`: never).
     pub stats_interval: Option<std::time::Duration>,
+    /// How tool calls and reasoning are read out of models' output.
+    pub parsers: dynamo_preprocessor::tools::OutputParsers,
 }
 
 impl FrontendSettings {
@@ -112,6 +114,7 @@ impl FrontendSettings {
             kv_router: KvRouterSettings::default(),
             remote_router: false,
             stats_interval: Some(std::time::Duration::from_secs(1)),
+            parsers: Default::default(),
         }
     }
 }
@@ -153,6 +156,7 @@ impl Frontend {
             runtime: runtime.clone(),
             membership: membership.clone(),
             table: table.clone(),
+            parsers: settings.parsers,
         };
         let (watcher, _) = Actor::spawn(None, watcher, ())
             .await

@@ -122,6 +122,7 @@ pub(crate) struct ModelWatcher {
     pub runtime: Runtime,
     pub membership: MembershipHandle,
     pub table: Arc<ModelTable>,
+    pub parsers: dynamo_preprocessor::tools::OutputParsers,
 }
 
 #[derive(Default)]
@@ -148,6 +149,7 @@ async fn build(
     runtime: Runtime,
     addr: WorkerAddr,
     card: ModelCard,
+    parsers: dynamo_preprocessor::tools::OutputParsers,
 ) -> Result<Arc<Preprocessor>, String> {
     let files_ep = addr
         .endpoint
@@ -182,11 +184,16 @@ async fn build(
         }
     }
     let name = card.name.clone();
-    tokio::task::spawn_blocking(move || Preprocessor::new(&name, &files))
-        .await
-        .map_err(|e| e.to_string())?
-        .map(Arc::new)
-        .map_err(|e| e.to_string())
+    tokio::task::spawn_blocking(move || {
+        Preprocessor::new(&name, &files).map(|mut p| {
+            p.set_parsers(parsers);
+            p
+        })
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map(Arc::new)
+    .map_err(|e| e.to_string())
 }
 
 impl ModelWatcher {
@@ -255,9 +262,10 @@ impl ModelWatcher {
                     state.failures.remove(&key);
                 }
                 if !state.pipelines.contains_key(&key) && state.fetching.insert(key.clone()) {
-                    let (runtime, me) = (self.runtime.clone(), myself.clone());
+                    let (runtime, me, parsers) =
+                        (self.runtime.clone(), myself.clone(), self.parsers);
                     tokio::spawn(async move {
-                        let result = build(runtime, addr, card).await;
+                        let result = build(runtime, addr, card, parsers).await;
                         let _ = me.cast(WatcherMsg::Built { key, result });
                     });
                 }
@@ -344,11 +352,12 @@ impl Actor for ModelWatcher {
                             .map(|(a, c)| (a.clone(), c.clone()))
                         {
                             state.fetching.insert(key.clone());
-                            let (runtime, me) = (self.runtime.clone(), myself.clone());
+                            let (runtime, me, parsers) =
+                                (self.runtime.clone(), myself.clone(), self.parsers);
                             tokio::spawn(async move {
                                 tokio::time::sleep(std::time::Duration::from_secs(attempt as u64))
                                     .await;
-                                let result = build(runtime, addr, card).await;
+                                let result = build(runtime, addr, card, parsers).await;
                                 let _ = me.cast(WatcherMsg::Built { key, result });
                             });
                         }

@@ -820,6 +820,7 @@ impl Serving {
             migrations: 0,
             last_output: Instant::now(),
             text_offset: 0,
+            calls_sent: 0,
         })
     }
 
@@ -1052,6 +1053,8 @@ pub struct Generation {
     /// Characters of completion text the streamed logprobs covered so far (their
     /// `text_offset`).
     pub text_offset: usize,
+    /// Tool calls streamed so far (the next one's `index`).
+    pub calls_sent: usize,
 }
 
 impl Generation {

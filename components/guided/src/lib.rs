@@ -129,6 +129,7 @@ fn grammar(spec: &Guided) -> Result<TopLevelGrammar, GuidedError> {
         Guided::JsonSchema { schema, .. } => schema.len(),
         Guided::Regex { pattern } => pattern.len(),
         Guided::Choice { choices } => choices.iter().map(String::len).sum(),
+        Guided::Lark { grammar } => grammar.len(),
     };
     if size > MAX_SPEC_BYTES {
         return Err(GuidedError::Grammar(format!(
@@ -165,6 +166,7 @@ fn grammar(spec: &Guided) -> Result<TopLevelGrammar, GuidedError> {
             let alternatives: Vec<String> = choices.iter().map(|c| escape_regex(c)).collect();
             TopLevelGrammar::from_regex(&format!("({})", alternatives.join("|")))
         }
+        Guided::Lark { grammar } => TopLevelGrammar::from_lark(grammar.clone()),
     })
 }
 

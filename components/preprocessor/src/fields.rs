@@ -34,10 +34,6 @@ fn is_false(v: &Value) -> bool {
     v == &Value::Bool(false)
 }
 
-fn tool_choice_none_or_auto(v: &Value) -> bool {
-    matches!(v.as_str(), Some("none" | "auto"))
-}
-
 fn text_only(v: &Value) -> bool {
     v.as_array()
         .is_some_and(|a| a.iter().all(|m| m.as_str() == Some("text")))
@@ -66,10 +62,7 @@ fn policy(api: Api, field: &str) -> Option<Policy> {
         (Api::Chat, "messages" | "tools" | "chat_template_kwargs") => Honoured,
         (Api::Chat, "max_completion_tokens" | "top_logprobs") => Honoured,
         (Api::Chat, "parallel_tool_calls") => Honoured,
-        (Api::Chat, "tool_choice") => Only(
-            tool_choice_none_or_auto,
-            "tool_choice other than \"none\" or \"auto\" (forced tool calls)",
-        ),
+        (Api::Chat, "tool_choice") => Honoured,
         (Api::Chat, "modalities") => Only(text_only, "output modalities other than text"),
         (Api::Chat, "audio") => Refused("audio output"),
         (Api::Chat, "prediction") => Refused("predicted outputs"),
@@ -139,11 +132,6 @@ mod tests {
         .is_ok());
         assert!(ok(Api::Chat, json!({"audio": null, "store": false})).is_ok());
         for (body, param) in [
-            (json!({"tool_choice": "required"}), "tool_choice"),
-            (
-                json!({"tool_choice": {"type": "function", "function": {"name": "f"}}}),
-                "tool_choice",
-            ),
             (json!({"store": true}), "store"),
             (json!({"audio": {"voice": "x"}}), "audio"),
             (json!({"guided_grammar": "x"}), "guided_grammar"),

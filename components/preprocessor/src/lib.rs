@@ -16,6 +16,7 @@ pub mod make_model;
 pub mod model;
 pub mod pipeline;
 pub mod template;
+pub mod tools;
 
 pub use model::{ModelError, ModelFiles, ModelFolder};
 pub use pipeline::{

@@ -23,15 +23,42 @@ pub const EOS: &str = "</s>";
 pub const IM_START: &str = "<|im_start|>";
 pub const IM_END: &str = "<|im_end|>";
 
-/// A ChatML template, in the style of Qwen2's: a system message is optional, roles are checked.
-pub const CHAT_TEMPLATE: &str = "{%- for message in messages %}\n\
+/// A ChatML template, in the style of Qwen2.5's: a system message is optional, roles are
+/// checked; with `tools`, a system turn lists them and asks for Hermes-style calls
+/// (`<tool_call>{"name", "arguments"}</tool_call>`), assistant turns show their calls and tool
+/// results come back as `<tool_response>` user turns.
+pub const CHAT_TEMPLATE: &str = "{%- if tools %}\n\
+{{- '<|im_start|>system\\n' }}\n\
+{%- if messages[0]['role'] in ['system', 'developer'] %}\n\
+{{- (messages[0]['content'] or '') | trim + '\\n\\n' }}\n\
+{%- endif %}\n\
+{{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}\n\
+{%- for tool in tools %}\n\
+{{- '\\n' + (tool | tojson) }}\n\
+{%- endfor %}\n\
+{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\\n</tool_call><|im_end|>\\n' }}\n\
+{%- endif %}\n\
+{%- for message in messages %}\n\
 {%- if message['role'] not in ['system', 'developer', 'user', 'assistant', 'tool'] %}\n\
 {{- raise_exception('Unsupported role: ' + message['role']) }}\n\
 {%- endif %}\n\
 {%- if message['role'] in ['system', 'developer'] and not loop.first %}\n\
 {{- raise_exception('A system message must come first') }}\n\
 {%- endif %}\n\
+{%- if message['role'] in ['system', 'developer'] and tools %}\n\
+{%- elif message['role'] == 'tool' %}\n\
+{{- '<|im_start|>user\\n<tool_response>\\n' + (message['content'] or '') | trim + '\\n</tool_response><|im_end|>\\n' }}\n\
+{%- elif message['role'] == 'assistant' and message['tool_calls'] %}\n\
+{{- '<|im_start|>assistant' }}\n\
+{%- if message['content'] %}{{- '\\n' + message['content'] | trim }}{%- endif %}\n\
+{%- for call in message['tool_calls'] %}\n\
+{%- set args = call['function']['arguments'] %}\n\
+{{- '\\n<tool_call>\\n{\"name\": \"' + call['function']['name'] + '\", \"arguments\": ' + (args if args is string else (args | tojson)) + '}\\n</tool_call>' }}\n\
+{%- endfor %}\n\
+{{- '<|im_end|>\\n' }}\n\
+{%- else %}\n\
 {{- '<|im_start|>' + message['role'] + '\\n' + (message['content'] or '') | trim + '<|im_end|>\\n' }}\n\
+{%- endif %}\n\
 {%- endfor %}\n\
 {%- if add_generation_prompt %}\n\
 {{- '<|im_start|>assistant\\n' }}\n\

@@ -24,6 +24,7 @@ use crate::model::{
     ModelError, ModelFiles, CHAT_TEMPLATE, CONFIG, GENERATION_CONFIG, TOKENIZER, TOKENIZER_CONFIG,
 };
 use crate::template::{ChatTemplate, TemplateError};
+use crate::tools::{OutputParsers, ReasoningParser, ToolCall, ToolFormat, ToolParser};
 
 /// Most stop strings per request.
 pub const MAX_STOP_STRINGS: usize = 16;
@@ -97,6 +98,10 @@ pub struct Prepared {
     pub index: u32,
     /// A completions batch: the prompts after the first, each validated on its own.
     pub rest: Vec<Prepared>,
+    /// Chat with tools: the format whose calls are parsed out of the output.
+    pub tool_format: Option<ToolFormat>,
+    /// Split `<think>` reasoning into `reasoning_content`.
+    pub reasoning: bool,
 }
 
 impl Prepared {
@@ -163,6 +168,8 @@ pub struct Preprocessor {
     token_bytes: Arc<TokenBytes>,
     /// The vocabulary for checking guided-decoding specs, built on first use.
     grammars: std::sync::OnceLock<Result<dynamo_guided::Grammars, String>>,
+    /// How tool calls and reasoning are read out of this model's output.
+    parsers: OutputParsers,
     /// Exact fast path for prompts, when the tokenizer's configuration allows one.
     fast: Option<FastBpe>,
     template: Option<ChatTemplate>,
@@ -240,6 +247,7 @@ impl Preprocessor {
             vocab_size: tokenizer.get_vocab_size(true) as u32,
             token_bytes: Arc::new(TokenBytes::new(Arc::new(tokenizer.clone()))),
             grammars: std::sync::OnceLock::new(),
+            parsers: OutputParsers::default(),
             tokenizer: Arc::new(tokenizer),
             fast,
             template,
@@ -385,9 +393,23 @@ impl Preprocessor {
         crate::fields::check(crate::fields::Api::Chat, body)?;
         let req: ChatCompletionRequest = parse(body)?;
         let params: GenerationParams = parse(body)?;
+        let (tool_format, forced) = self.tool_setup(&req)?;
         let prompt = self.render_chat(&req)?;
         let tokens = self.encode(&prompt, false)?;
-        self.prepare(Api::Chat, tokens, params, None)
+        let mut prepared = self.prepare(Api::Chat, tokens, params, None)?;
+        if let Some(forced) = forced {
+            if prepared.request.sampling.guided.is_some() {
+                return Err(RequestError::new(
+                    "tool_choice forces a tool call, which cannot be combined with response_format or guided_* (both constrain the output)",
+                    Some("tool_choice"),
+                ));
+            }
+            self.check_spec("tool_choice", &forced)?;
+            prepared.request.sampling.guided = Some(Box::new(forced));
+        }
+        prepared.tool_format = tool_format;
+        prepared.reasoning = self.parsers.reasoning;
+        Ok(prepared)
     }
 
     /// Validates and tokenizes a `/v1/completions` body.
@@ -607,6 +629,8 @@ impl Preprocessor {
             n,
             index: 0,
             rest: Vec::new(),
+            tool_format: None,
+            reasoning: false,
         })
     }
 
@@ -698,6 +722,13 @@ impl Preprocessor {
         let Some((field, spec)) = specs.pop() else {
             return Ok(None);
         };
+        self.check_spec(field, &spec)?;
+        Ok(Some(spec))
+    }
+
+    /// Compiles `spec` against this model's vocabulary: a 400 naming `field` with the
+    /// grammar library's message when it does not compile.
+    fn check_spec(&self, field: &str, spec: &Guided) -> Result<(), RequestError> {
         let grammars = self
             .grammars
             .get_or_init(|| {
@@ -712,9 +743,93 @@ impl Preprocessor {
             .as_ref()
             .map_err(|why| RequestError::new(why.clone(), Some(field)))?;
         grammars
-            .compile(&spec)
+            .compile(spec)
             .map_err(|e| RequestError::new(format!("{field}: {e}"), Some(field)))?;
-        Ok(Some(spec))
+        Ok(())
+    }
+
+    /// Sets how this model's output is parsed for tool calls and reasoning (the frontend's
+    /// settings; by default, the tool-call format is recognised from the chat template).
+    pub fn set_parsers(&mut self, parsers: OutputParsers) {
+        self.parsers = parsers;
+    }
+
+    /// The format this model writes tool calls in: the configured one, else the one its chat
+    /// template shows.
+    pub fn tool_format(&self) -> Option<ToolFormat> {
+        self.parsers
+            .tool_call_parser
+            .or_else(|| self.template.as_ref().and_then(|t| t.tool_format()))
+    }
+
+    /// A chat request's tools: checked, and (unless `tool_choice` is `none`) the format to
+    /// parse calls out of the output, and the grammar that forces a call for `required` or a
+    /// named function.
+    fn tool_setup(
+        &self,
+        req: &ChatCompletionRequest,
+    ) -> Result<(Option<ToolFormat>, Option<Guided>), RequestError> {
+        let tools = match &req.tools {
+            Some(t) if !t.is_empty() => crate::tools::check_tools(t)?,
+            _ => {
+                return match req.tool_choice.as_ref().filter(|c| !c.is_null()) {
+                    Some(c) if c.as_str() != Some("none") && c.as_str() != Some("auto") => Err(
+                        RequestError::new("tool_choice needs tools", Some("tool_choice")),
+                    ),
+                    _ => Ok((None, None)),
+                };
+            }
+        };
+        let choice = req.tool_choice.as_ref().filter(|c| !c.is_null());
+        let named = match choice {
+            None => None,
+            Some(Value::String(s)) if s == "none" => return Ok((None, None)),
+            Some(Value::String(s)) if s == "auto" || s == "required" => None,
+            Some(v) if v.get("type").and_then(Value::as_str) == Some("function") => {
+                let name = v
+                    .pointer("/function/name")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| {
+                        RequestError::new(
+                            "tool_choice {\"type\": \"function\"} needs function.name",
+                            Some("tool_choice"),
+                        )
+                    })?;
+                if !tools.iter().any(|(n, _)| n == name) {
+                    return Err(RequestError::new(
+                        format!("tool_choice names function {name:?}, which is not among the tools"),
+                        Some("tool_choice"),
+                    ));
+                }
+                Some(name.to_string())
+            }
+            Some(v) => {
+                return Err(RequestError::new(
+                    format!("tool_choice is {v}; it must be none, auto, required or {{\"type\": \"function\", \"function\": {{\"name\": ..}}}}"),
+                    Some("tool_choice"),
+                ))
+            }
+        };
+        let renders = self.template.as_ref().is_some_and(|t| t.renders_tools());
+        let format = self.tool_format().filter(|_| renders).ok_or_else(|| {
+            RequestError::new(
+                format!(
+                    "model {}'s chat template does not render tools (or its tool-call format is unknown: start the frontend with --tool-call-parser)",
+                    self.name
+                ),
+                Some("tools"),
+            )
+        })?;
+        let forced =
+            (choice.and_then(Value::as_str) == Some("required") || named.is_some()).then(|| {
+                crate::tools::forced_grammar(
+                    format,
+                    &tools,
+                    named.as_deref(),
+                    req.parallel_tool_calls != Some(false),
+                )
+            });
+        Ok((Some(format), forced))
     }
 
     /// `logit_bias` as (token, bias) pairs: keys are token ids of this model's vocabulary,
@@ -771,6 +886,9 @@ impl Preprocessor {
                 .logprobs
                 .is_some()
                 .then(|| self.token_bytes.clone()),
+            tools: prepared.tool_format.map(ToolParser::new),
+            reasoning: prepared.reasoning.then(ReasoningParser::default),
+            called: false,
             jail: StopJail::new(prepared.stop_strings.clone()),
             stop: prepared.request.stop.clone(),
             generated: 0,
@@ -943,6 +1061,10 @@ pub struct Piece {
     /// stop token does not), in order. Text held back for a stop string or an incomplete
     /// character may come in a later piece than its tokens' entries.
     pub logprobs: Vec<LogprobEntry>,
+    /// Reasoning text (`<think>`), with a reasoning parser configured.
+    pub reasoning: String,
+    /// Tool calls parsed out of the output (chat with tools).
+    pub tool_calls: Vec<ToolCall>,
 }
 
 /// A token with its bytes and log probability.
@@ -974,6 +1096,10 @@ pub struct OutputProcessor {
     decoder: Decoder,
     /// Set when the request asked for logprobs.
     token_bytes: Option<Arc<TokenBytes>>,
+    tools: Option<ToolParser>,
+    reasoning: Option<ReasoningParser>,
+    /// A tool call was released.
+    called: bool,
     jail: StopJail,
     stop: StopConditions,
     generated: u32,
@@ -983,6 +1109,47 @@ pub struct OutputProcessor {
 
 impl OutputProcessor {
     pub fn process(&mut self, out: &EngineOutput) -> Piece {
+        let mut piece = self.text(out);
+        self.parse(&mut piece);
+        piece
+    }
+
+    /// Splits the piece's text into reasoning, content and tool calls (what the parsers
+    /// hold back comes in a later piece; all of it by the last).
+    fn parse(&mut self, piece: &mut Piece) {
+        if self.tools.is_none() && self.reasoning.is_none() {
+            return;
+        }
+        let text = std::mem::take(&mut piece.text);
+        let (mut reasoning, mut content) = match &mut self.reasoning {
+            Some(r) => r.push(&text),
+            None => (String::new(), text),
+        };
+        if piece.finish.is_some() {
+            if let Some(r) = &mut self.reasoning {
+                reasoning.push_str(&r.finish());
+            }
+        }
+        if let Some(t) = &mut self.tools {
+            let mut parsed = t.push(&content);
+            if piece.finish.is_some() {
+                let rest = t.finish();
+                parsed.content.push_str(&rest.content);
+                parsed.calls.extend(rest.calls);
+            }
+            content = parsed.content;
+            self.called |= !parsed.calls.is_empty();
+            piece.tool_calls = parsed.calls;
+        }
+        piece.text = content;
+        piece.reasoning = reasoning;
+        if self.called && piece.finish == Some(FinishReason::Stop) {
+            piece.finish = Some(FinishReason::ToolCalls);
+            self.finished = piece.finish;
+        }
+    }
+
+    fn text(&mut self, out: &EngineOutput) -> Piece {
         let mut piece = Piece::default();
         if self.finished.is_some() {
             return piece;

@@ -28,6 +28,9 @@ pub struct ChatTemplate {
     /// Whether the template names the `developer` role (newer OpenAI clients send it where
     /// older templates only know `system`).
     knows_developer: bool,
+    /// Whether it renders a `tools` variable, and the call format its markers show.
+    renders_tools: bool,
+    tool_format: Option<crate::tools::ToolFormat>,
 }
 
 fn raise_exception(message: String) -> Result<Value, Error> {
@@ -60,6 +63,17 @@ fn describe(e: &Error) -> String {
 }
 
 impl ChatTemplate {
+    /// Whether the template renders the request's `tools`.
+    pub fn renders_tools(&self) -> bool {
+        self.renders_tools
+    }
+
+    /// The tool-call format the template's markers show (Hermes `<tool_call>`, Mistral
+    /// `[TOOL_CALLS]`, Llama 3 `<|python_tag|>`).
+    pub fn tool_format(&self) -> Option<crate::tools::ToolFormat> {
+        self.tool_format
+    }
+
     pub fn new(source: &str) -> Result<Self, TemplateError> {
         let mut env = Environment::new();
         let syntax = SyntaxConfig::builder()
@@ -76,6 +90,8 @@ impl ChatTemplate {
         Ok(Self {
             env,
             knows_developer: source.contains("developer"),
+            renders_tools: source.contains("tools"),
+            tool_format: crate::tools::ToolFormat::detect(source),
         })
     }
 

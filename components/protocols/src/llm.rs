@@ -51,6 +51,9 @@ pub enum Guided {
     Regex { pattern: String },
     /// Exactly one of these strings.
     Choice { choices: Vec<String> },
+    /// A grammar in llguidance's Lark dialect (`%json {..}` embeds a JSON Schema): e.g. a
+    /// tool call in the model's own call syntax.
+    Lark { grammar: String },
 }
 
 /// The most alternatives a request may ask for per token (OpenAI's `top_logprobs` limit).
@@ -242,6 +245,8 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` reached.
     Length,
+    /// The answer is tool calls (decided by the frontend's tool-call parser).
+    ToolCalls,
 }
 
 impl FinishReason {
@@ -249,6 +254,7 @@ impl FinishReason {
         match self {
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
+            FinishReason::ToolCalls => "tool_calls",
         }
     }
 }
