@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs the Python packages the tests use (the official `openai` SDK for real-client checks,
+# Installs the Python packages the tests use (the official `openai` and `anthropic` SDKs for
+# real-client checks,
 # `xxhash` as an independent reference for block hashes, `numpy` for the native engine's reference
 # forward pass, `nats-py` to check the NATS service protocol) into a project-local, git-ignored
 # venv. Idempotent. Prints the venv's python on its last line.
@@ -10,13 +11,13 @@ want_openai="${OPENAI_VERSION:-3.*}"
 py="$venv/bin/python"
 
 have() {
-  [ -x "$py" ] && "$py" -c "import openai, xxhash, numpy, nats, sys; sys.exit(0 if openai.__version__.startswith(\"${want_openai%%.*}.\") else 1)" 2>/dev/null
+  [ -x "$py" ] && "$py" -c "import openai, anthropic, xxhash, numpy, nats, sys; sys.exit(0 if openai.__version__.startswith(\"${want_openai%%.*}.\") else 1)" 2>/dev/null
 }
 
 if ! have; then
-  echo "installing openai $want_openai, xxhash, numpy and nats-py into $venv (PyPI)" >&2
+  echo "installing openai $want_openai, anthropic, xxhash, numpy and nats-py into $venv (PyPI)" >&2
   python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check "openai==$want_openai" "xxhash==4.*" "numpy==2.*" "nats-py==2.*" >&2 || {
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "openai==$want_openai" "anthropic==0.*" "xxhash==4.*" "numpy==2.*" "nats-py==2.*" >&2 || {
     echo "error: could not install the test packages from PyPI; check that PyPI is reachable" >&2
     exit 1
   }

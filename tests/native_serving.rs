@@ -33,3 +33,29 @@ fn openai_sdk_against_the_native_engine() {
         "{stdout}"
     );
 }
+
+/// The Messages API with the official `anthropic` SDK against the native engine: whole and
+/// streamed messages, stop sequences, forced tool use (whole and streamed), a tool loop, and
+/// bad input in the API's own error shape.
+#[test]
+fn anthropic_sdk_against_the_native_engine() {
+    let py = python();
+    let server = native_server();
+    let out = Command::new(py)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/anthropic_client.py"))
+        .arg(server.http_base())
+        .arg("tiny")
+        .output()
+        .expect("run the anthropic client");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout.lines().filter(|l| l.starts_with("ok ")).count(),
+        11,
+        "{stdout}"
+    );
+}

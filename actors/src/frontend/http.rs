@@ -28,6 +28,7 @@ use dynamo_preprocessor::{LogprobEntry, Piece};
 
 use super::metrics::Endpoint;
 use super::serving::{ApiError, Generation, Serving};
+use dynamo_runtime::InstanceId;
 
 /// Response header naming the worker instance that served the request.
 pub const WORKER_HEADER: &str = "x-dynamo-instance-id";
@@ -48,6 +49,7 @@ pub(crate) fn router(state: Arc<HttpState>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
+        .route("/v1/messages", post(super::anthropic::messages))
         .route("/v1/models", get(models))
         .route("/v1/models/{*id}", get(model))
         .route("/health", get(health))
@@ -60,7 +62,7 @@ pub(crate) fn router(state: Arc<HttpState>) -> Router {
         .with_state(state)
 }
 
-fn json_response(status: StatusCode, body: &impl Serialize) -> Response {
+pub(super) fn json_response(status: StatusCode, body: &impl Serialize) -> Response {
     let bytes = serde_json::to_vec(body).unwrap_or_default();
     (status, [(header::CONTENT_TYPE, "application/json")], bytes).into_response()
 }
@@ -153,7 +155,14 @@ async fn completions(State(state): State<Arc<HttpState>>, req: Request) -> Respo
     generate(state, req, Endpoint::Completions).await
 }
 
-async fn generate(state: Arc<HttpState>, req: Request, endpoint: Endpoint) -> Response {
+/// A request to a generating route, admitted and read: its in-flight permit, its JSON body
+/// and the client's request id. Admission (the in-flight limit) comes before the body is
+/// read: a client over the limit costs a 429, not the memory and time of its body.
+pub(super) async fn admit_and_read(
+    state: &Arc<HttpState>,
+    req: Request,
+    endpoint: Endpoint,
+) -> Result<(super::serving::Permit, Value, Option<String>), ApiError> {
     let request_id = match req
         .headers()
         .get(REQUEST_ID_HEADER)
@@ -162,14 +171,12 @@ async fn generate(state: Arc<HttpState>, req: Request, endpoint: Endpoint) -> Re
         None => None,
         Some(Ok(id)) => Some(id.to_string()),
         Some(Err(_)) => {
-            return error_response(&ApiError::bad_request(
+            return Err(ApiError::bad_request(
                 "the x-request-id header must be printable ASCII",
                 Some(REQUEST_ID_HEADER),
             ))
         }
     };
-    // Admitted (in-flight limit) before the body is read: a client over the limit costs a
-    // 429, not the memory and time of its body.
     let permit = match state.serving.admit_unread(endpoint) {
         Ok(p) => p,
         Err(e) => {
@@ -177,11 +184,36 @@ async fn generate(state: Arc<HttpState>, req: Request, endpoint: Endpoint) -> Re
             // held), so a client still sending it reads the 429 instead of a reset.
             let most = state.max_body_bytes.saturating_mul(DRAIN_FACTOR);
             tokio::spawn(tokio::time::timeout(DISCARD_FOR, discard_body(most, req)));
-            return error_response(&e);
+            return Err(e);
         }
     };
-    let body = match read_json(&state, req).await {
-        Ok(b) => b,
+    let body = read_json(state, req).await?;
+    Ok((permit, body, request_id))
+}
+
+/// Adds the serving workers' and the client's ids to a response's headers.
+pub(super) fn with_ids(
+    mut response: Response,
+    first: Option<(InstanceId, Option<InstanceId>)>,
+    request_id: Option<&str>,
+) -> Response {
+    if let Some((worker, prefill)) = first {
+        if let Ok(w) = HeaderValue::from_str(&worker.to_string()) {
+            response.headers_mut().insert(WORKER_HEADER, w);
+        }
+        if let Some(p) = prefill.and_then(|p| HeaderValue::from_str(&p.to_string()).ok()) {
+            response.headers_mut().insert(PREFILL_WORKER_HEADER, p);
+        }
+    }
+    if let Some(id) = request_id.and_then(|id| HeaderValue::from_str(id).ok()) {
+        response.headers_mut().insert(REQUEST_ID_HEADER, id);
+    }
+    response
+}
+
+async fn generate(state: Arc<HttpState>, req: Request, endpoint: Endpoint) -> Response {
+    let (permit, body, request_id) = match admit_and_read(&state, req, endpoint).await {
+        Ok(x) => x,
         Err(e) => return error_response(&e),
     };
     let gens = match state
@@ -201,11 +233,8 @@ async fn generate(state: Arc<HttpState>, req: Request, endpoint: Endpoint) -> Re
             "the request started no sequence",
         ));
     };
-    let worker = HeaderValue::from_str(&first.worker.to_string()).ok();
-    let prefill = first
-        .prefill_worker
-        .and_then(|p| HeaderValue::from_str(&p.to_string()).ok());
-    let mut response = if first.prepared.stream {
+    let ids = Some((first.worker, first.prefill_worker));
+    let response = if first.prepared.stream {
         sse(gens, endpoint).into_response()
     } else {
         match whole(gens, endpoint).await {
@@ -213,16 +242,7 @@ async fn generate(state: Arc<HttpState>, req: Request, endpoint: Endpoint) -> Re
             Err(e) => return error_response(&e),
         }
     };
-    if let Some(w) = worker {
-        response.headers_mut().insert(WORKER_HEADER, w);
-    }
-    if let Some(p) = prefill {
-        response.headers_mut().insert(PREFILL_WORKER_HEADER, p);
-    }
-    if let Some(id) = request_id.and_then(|id| HeaderValue::from_str(&id).ok()) {
-        response.headers_mut().insert(REQUEST_ID_HEADER, id);
-    }
-    response
+    with_ids(response, ids, request_id.as_deref())
 }
 
 /// What every chunk of a response shares.

@@ -9,6 +9,7 @@
 //! Routing in this role is the simple modes (round-robin, random, direct); the KV-aware
 //! router is its own role.
 
+mod anthropic;
 mod http;
 pub use http::{PREFILL_WORKER_HEADER, WORKER_HEADER};
 pub mod metrics;

@@ -143,6 +143,8 @@ fn common_prefix_len(a: &str, b: &str) -> usize {
 pub struct StopJail {
     stops: Vec<String>,
     held: String,
+    /// The stop string that ended the sequence.
+    matched: Option<String>,
 }
 
 /// What [`StopJail::push`] releases.
@@ -158,6 +160,7 @@ impl StopJail {
         Self {
             stops,
             held: String::new(),
+            matched: None,
         }
     }
 
@@ -171,13 +174,14 @@ impl StopJail {
         self.held.push_str(text);
         // Earliest complete match wins. Released text never holds a stop's start, so any
         // match begins inside `held`.
-        if let Some(pos) = self
+        if let Some((pos, stop)) = self
             .stops
             .iter()
-            .filter_map(|s| self.held.find(s.as_str()))
-            .min()
+            .filter_map(|s| self.held.find(s.as_str()).map(|p| (p, s)))
+            .min_by_key(|(p, _)| *p)
         {
             let text = self.held[..pos].to_string();
+            self.matched = Some(stop.clone());
             self.held.clear();
             return Released {
                 text,
@@ -200,6 +204,11 @@ impl StopJail {
             text,
             stopped: false,
         }
+    }
+
+    /// The stop string that ended the sequence, if one did.
+    pub fn matched(&self) -> Option<&str> {
+        self.matched.as_deref()
     }
 
     /// The held text, when the sequence ends for another reason.

@@ -1065,6 +1065,9 @@ pub struct Piece {
     pub reasoning: String,
     /// Tool calls parsed out of the output (chat with tools).
     pub tool_calls: Vec<ToolCall>,
+    /// With a `Stop` finish: the stop string that ended the sequence (none for a stop
+    /// token).
+    pub stop_sequence: Option<String>,
 }
 
 /// A token with its bytes and log probability.
@@ -1150,6 +1153,14 @@ impl OutputProcessor {
     }
 
     fn text(&mut self, out: &EngineOutput) -> Piece {
+        let mut piece = self.text_inner(out);
+        if piece.finish.is_some() {
+            piece.stop_sequence = self.jail.matched().map(str::to_string);
+        }
+        piece
+    }
+
+    fn text_inner(&mut self, out: &EngineOutput) -> Piece {
         let mut piece = Piece::default();
         if self.finished.is_some() {
             return piece;
