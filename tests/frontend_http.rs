@@ -930,3 +930,59 @@ async fn reasoning_is_split_into_reasoning_content() {
     assert_eq!((r.as_str(), c.as_str()), (reasoning, content));
     s.finish().await;
 }
+
+/// The Responses and Messages APIs refuse by name what they cannot honour: every request
+/// field of the official SDKs' responses and messages params, sent with a value of the wrong
+/// shape, gets a 400 naming it (in each API's error shape); a well-formed request answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_responses_and_messages_field_is_honoured_or_refused_by_name() {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_fields.py");
+    let out = std::process::Command::new(common::python())
+        .arg(&script)
+        .output()
+        .expect("run tests/openai_fields.py");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sdk: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let s = Stack::start(Opts::default()).await;
+    let base = |api: &str| match api {
+        "responses" => json!({"model": MODEL, "input": "x", "max_output_tokens": 2}),
+        _ => {
+            json!({"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "x"}]})
+        }
+    };
+    for (api, path) in [("responses", "/v1/responses"), ("messages", "/v1/messages")] {
+        let (status, answer, _) = s.post(path, &base(api)).await;
+        assert_eq!(status, 200, "{api}: {answer}");
+        let fields = sdk[api].as_array().unwrap();
+        assert!(fields.len() > 10, "the SDK lists {api} fields: {fields:?}");
+        for f in fields {
+            let f = f.as_str().unwrap();
+            if ["model", "input", "messages"].contains(&f) {
+                continue;
+            }
+            let mut body = base(api);
+            body[f] = json!({"unexpected": 1});
+            let (status, answer, _) = s.post(path, &body).await;
+            assert_eq!(status, 400, "{api}.{f} was accepted: {answer}");
+            if api == "responses" {
+                let param = answer["error"]["param"].as_str().unwrap_or_default();
+                assert!(
+                    param.starts_with(f),
+                    "{api}.{f}: 400 naming {param:?}: {answer}"
+                );
+            } else {
+                assert_eq!(answer["type"], "error", "{answer}");
+                let message = answer["error"]["message"].as_str().unwrap_or_default();
+                assert!(
+                    message.starts_with(f) || message.contains(&format!("{f:?}")),
+                    "{api}.{f}: {answer}"
+                );
+            }
+        }
+    }
+    s.finish().await;
+}

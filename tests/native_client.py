@@ -342,3 +342,59 @@ for bad, param in (
         check(f"bad tools refused ({param})", False, "no error")
     except openai.BadRequestError as e:
         check(f"bad tools refused ({param})", e.status_code == 400 and e.param == param, e)
+
+# The Responses API: instructions and input, max_output_tokens (incomplete), streaming events,
+# a continuation by previous_response_id, function tools with a call and its output fed back,
+# structured output, and bad input.
+r = client.responses.create(model=model, instructions="Be terse.", input="Tell me about the coast.",
+                            max_output_tokens=10, temperature=0)
+check(
+    "response",
+    r.object == "response" and r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    and r.output_text and r.usage.output_tokens == 10 and r.id.startswith("resp_"),
+    r,
+)
+events, text, completed = [], "", None
+for ev in client.responses.create(model=model, instructions="Be terse.", input="Tell me about the coast.",
+                                  max_output_tokens=10, temperature=0, stream=True):
+    events.append(ev.type)
+    if ev.type == "response.output_text.delta":
+        text += ev.delta
+    if ev.type in ("response.completed", "response.incomplete"):
+        completed = ev.response
+check(
+    "response streamed",
+    events[0] == "response.created" and text == r.output_text and completed is not None
+    and completed.output_text == text and "response.output_item.done" in events,
+    (events, text),
+)
+r2 = client.responses.create(model=model, previous_response_id=r.id, input="And in winter?", max_output_tokens=5)
+check("previous_response_id continues", r2.usage.input_tokens > r.usage.input_tokens + r.usage.output_tokens, r2.usage)
+rtools = [{"type": "function", "name": t["function"]["name"], "parameters": t["function"]["parameters"]}
+          for t in tools]
+r3 = client.responses.create(model=model, input="Weather in Oslo?", tools=rtools, tool_choice="required",
+                             parallel_tool_calls=False, max_output_tokens=80)
+fcs = [o for o in r3.output if o.type == "function_call"]
+check(
+    "response function call",
+    len(fcs) == 1 and fcs[0].name in ("get_weather", "get_time") and isinstance(json.loads(fcs[0].arguments), dict),
+    r3.output,
+)
+r4 = client.responses.create(
+    model=model, previous_response_id=r3.id, tools=rtools, max_output_tokens=6,
+    input=[{"type": "function_call_output", "call_id": fcs[0].call_id, "output": '{"temp": 7}'}],
+)
+check("function_call_output answered", r4.output_text and r4.status in ("completed", "incomplete"), r4)
+parsed = client.responses.parse(model=model, input="File a ticket.", text_format=Ticket, max_output_tokens=120)
+check("responses.parse", isinstance(parsed.output_parsed, Ticket), parsed.output_text)
+for bad, param in (
+    (dict(previous_response_id="resp_nope"), "previous_response_id"),
+    (dict(input=[{"type": "function_call_output", "call_id": "call_nope", "output": "x"}]), "input[0]"),
+    (dict(tools=[{"type": "web_search"}]), "tools[0]"),
+    (dict(background=True), "background"),
+):
+    try:
+        client.responses.create(**{"model": model, "input": "x", "max_output_tokens": 3, **bad})
+        check(f"responses {param} refused", False, "no error")
+    except openai.BadRequestError as e:
+        check(f"responses {param} refused", e.status_code == 400 and e.param == param, e)

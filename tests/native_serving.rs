@@ -29,7 +29,7 @@ fn openai_sdk_against_the_native_engine() {
     );
     assert_eq!(
         stdout.lines().filter(|l| l.starts_with("ok ")).count(),
-        46,
+        56,
         "{stdout}"
     );
 }

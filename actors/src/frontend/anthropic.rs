@@ -46,6 +46,8 @@ const FIELDS: &[&str] = &[
     "tool_choice",
     "thinking",
     "service_tier",
+    // A prompt-caching hint: the prefix cache works without it.
+    "cache_control",
 ];
 
 /// The API's error type for a status.
@@ -164,6 +166,29 @@ fn to_chat(body: &Value) -> Result<(Value, bool), ApiError> {
             unknown,
             format!("unknown parameter {unknown:?}: this server does not support it"),
         ));
+    }
+    for (k, v) in obj.iter().filter(|(_, v)| !v.is_null()) {
+        let ok = match k.as_str() {
+            "temperature" | "top_p" => v.is_number(),
+            "top_k" => v.as_i64().is_some_and(|n| n >= 1),
+            "stream" => v.is_boolean(),
+            "stop_sequences" => v
+                .as_array()
+                .is_some_and(|a| a.iter().all(|s| s.as_str().is_some_and(|s| !s.is_empty()))),
+            "metadata" => v
+                .as_object()
+                .is_some_and(|o| o.keys().all(|x| x == "user_id")),
+            "thinking" => v.get("type").is_some_and(Value::is_string),
+            "service_tier" => v.is_string(),
+            "cache_control" => v.get("type").is_some_and(Value::is_string),
+            _ => true,
+        };
+        if !ok {
+            return Err(bad(
+                k,
+                format!("{k} = {v} is not a value this server takes"),
+            ));
+        }
     }
     let mut chat = Map::new();
     match obj.get("model") {

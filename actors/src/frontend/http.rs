@@ -43,6 +43,8 @@ pub(crate) struct HttpState {
     pub render_metrics: Box<dyn Fn() -> String + Send + Sync>,
     pub status: Arc<super::status::Board>,
     pub membership: crate::membership::MembershipHandle,
+    /// Responses kept for the Responses API's `previous_response_id`.
+    pub responses: super::responses::ResponseStore,
 }
 
 pub(crate) fn router(state: Arc<HttpState>) -> Router {
@@ -50,6 +52,7 @@ pub(crate) fn router(state: Arc<HttpState>) -> Router {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .route("/v1/messages", post(super::anthropic::messages))
+        .route("/v1/responses", post(super::responses::responses))
         .route("/v1/models", get(models))
         .route("/v1/models/{*id}", get(model))
         .route("/health", get(health))
@@ -67,7 +70,7 @@ pub(super) fn json_response(status: StatusCode, body: &impl Serialize) -> Respon
     (status, [(header::CONTENT_TYPE, "application/json")], bytes).into_response()
 }
 
-fn error_response(e: &ApiError) -> Response {
+pub(super) fn error_response(e: &ApiError) -> Response {
     let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut r = json_response(status, &e.body());
     if let Some(s) = e.retry_after {

@@ -11,6 +11,7 @@
 
 mod anthropic;
 mod http;
+mod responses;
 pub use http::{PREFILL_WORKER_HEADER, WORKER_HEADER};
 pub mod metrics;
 pub mod models;
@@ -231,6 +232,7 @@ impl Frontend {
                     render_metrics: Box::new(move || handle.render()),
                     status: board.clone().unwrap_or_default(),
                     membership: membership.clone(),
+                    responses: Default::default(),
                 });
                 let listener = match tokio::net::TcpListener::bind(addr).await {
                     Ok(l) => l,
