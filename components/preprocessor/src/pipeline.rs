@@ -355,6 +355,7 @@ impl Preprocessor {
             .enumerate()
             .map(|(i, m)| message_value(i, m))
             .collect::<Result<Vec<_>, _>>()?;
+        check_tool_results(&messages)?;
         if !template.knows_developer() {
             for m in &mut messages {
                 if m["role"] == "developer" {
@@ -1001,6 +1002,41 @@ fn check_range(name: &str, v: Option<f32>, lo: f32, hi: f32) -> Result<(), Reque
         )),
         _ => Ok(()),
     }
+}
+
+/// Every `tool` message answers a call of an earlier assistant message (by
+/// `tool_call_id`): a result for a call that was never made is the client's error.
+fn check_tool_results(messages: &[Value]) -> Result<(), RequestError> {
+    let mut calls = std::collections::HashSet::new();
+    for (i, m) in messages.iter().enumerate() {
+        if let Some(list) = m.get("tool_calls").and_then(Value::as_array) {
+            calls.extend(
+                list.iter()
+                    .filter_map(|c| c.get("id").and_then(Value::as_str)),
+            );
+        }
+        if m["role"] == "tool" {
+            let p = format!("messages[{i}].tool_call_id");
+            match m.get("tool_call_id").and_then(Value::as_str) {
+                Some(id) if calls.contains(id) => {}
+                Some(id) => {
+                    return Err(RequestError::new(
+                        format!(
+                            "{p} is {id:?}, which no earlier assistant message's tool_calls has"
+                        ),
+                        Some(&p),
+                    ))
+                }
+                None => {
+                    return Err(RequestError::new(
+                        "a tool message needs the tool_call_id of the call it answers",
+                        Some(&p),
+                    ))
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn message_value(i: usize, m: &ChatMessage) -> Result<Value, RequestError> {

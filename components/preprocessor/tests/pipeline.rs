@@ -327,3 +327,46 @@ fn stop_strings_max_tokens_and_stop_tokens() {
     let (_, finish, n) = run_output("x", json!({"model": "m", "ignore_eos": true}), &with_eos);
     assert_eq!((finish, n), (None, with_eos.len() as u32));
 }
+
+/// The grammars that force a tool call compile for every format, against a real vocabulary;
+/// a tool result for a call never made is refused naming it.
+#[test]
+fn forced_tool_grammars_compile_and_tool_results_need_their_call() {
+    use dynamo_preprocessor::tools::{check_tools, forced_grammar, ToolFormat};
+    let dir = &model().0;
+    let folder = ModelFolder::load(dir.path()).unwrap();
+    let tokenizer = folder.files().get("tokenizer.json").unwrap();
+    let grammars = dynamo_guided::Grammars::new(tokenizer, 4096, &[1]).unwrap();
+    let tools = check_tools(&[
+        json!({"type": "function", "function": {"name": "f",
+        "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}}}}),
+        json!({"type": "function", "function": {"name": "g"}}),
+    ])
+    .unwrap();
+    for format in [
+        ToolFormat::Hermes,
+        ToolFormat::Llama3Json,
+        ToolFormat::Mistral,
+    ] {
+        for (named, parallel) in [(None, true), (Some("g"), false)] {
+            let spec = forced_grammar(format, &tools, named, parallel);
+            grammars
+                .compile(&spec)
+                .unwrap_or_else(|e| panic!("{format:?} {named:?}: {e}: {spec:?}"));
+        }
+    }
+    let e = chat_err(json!({"model": "m", "messages": [
+        {"role": "user", "content": "x"},
+        {"role": "tool", "tool_call_id": "call_nope", "content": "7"}]}));
+    assert_eq!(
+        e.param.as_deref(),
+        Some("messages[1].tool_call_id"),
+        "{e:?}"
+    );
+    let ok = pre().chat(&json!({"model": "m", "messages": [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+            "function": {"name": "f", "arguments": "{\"x\": 1}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "7"}]}));
+    assert!(ok.is_ok(), "{ok:?}");
+}
