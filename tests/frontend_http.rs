@@ -675,14 +675,8 @@ async fn kv_mode_without_events_falls_back_to_predicted_prefixes() {
     s.finish().await;
 }
 
-/// Nothing is silently ignored: every request field of the official openai SDK's chat and
-/// completions params has a decision here, and sent with a value this server cannot honour
-/// it gets a 400 naming it; only fields honoured with any value (or without effect, like
-/// `user`) may answer 200.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_openai_request_field_is_honoured_or_refused_by_name() {
-    use dynamo_preprocessor::fields::{always_taken, known, Api};
-
+/// The request fields of the official SDKs' create params, by API (`tests/openai_fields.py`).
+fn sdk_fields() -> Value {
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_fields.py");
     let out = std::process::Command::new(common::python())
         .arg(&script)
@@ -693,7 +687,18 @@ async fn every_openai_request_field_is_honoured_or_refused_by_name() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let sdk: Value = serde_json::from_slice(&out.stdout).unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Nothing is silently ignored: every request field of the official openai SDK's chat and
+/// completions params has a decision here, and sent with a value this server cannot honour
+/// it gets a 400 naming it; only fields honoured with any value (or without effect, like
+/// `user`) may answer 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_openai_request_field_is_honoured_or_refused_by_name() {
+    use dynamo_preprocessor::fields::{always_taken, known, Api};
+
+    let sdk = sdk_fields();
     let s = Stack::start(Opts::default()).await;
     let mut walked = 0;
     for (api, path, key) in [
@@ -936,17 +941,7 @@ async fn reasoning_is_split_into_reasoning_content() {
 /// shape, gets a 400 naming it (in each API's error shape); a well-formed request answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_responses_and_messages_field_is_honoured_or_refused_by_name() {
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_fields.py");
-    let out = std::process::Command::new(common::python())
-        .arg(&script)
-        .output()
-        .expect("run tests/openai_fields.py");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let sdk: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let sdk = sdk_fields();
     let s = Stack::start(Opts::default()).await;
     let base = |api: &str| match api {
         "responses" => json!({"model": MODEL, "input": "x", "max_output_tokens": 2}),

@@ -1,7 +1,9 @@
 //! `dynamo-run in=http out=native` on the generated tiny model (random weights in the
-//! Hugging Face layout), checked with the official `openai` Python SDK: chat and completions,
-//! streaming, usage, prefix caching, greedy determinism, seeded sampling, `logit_bias`, and a
-//! too-long prompt answered with a 400 while the server keeps serving.
+//! Hugging Face layout), checked with the official `openai` and `anthropic` Python SDKs: chat
+//! and completions, streaming, usage, prefix caching, greedy determinism, seeded sampling,
+//! `logit_bias`, logprobs, `n` and batches, structured output, tool calls and tool loops, the
+//! Responses and Messages APIs, and bad input answered with 400s while the server keeps
+//! serving.
 
 mod common;
 
@@ -10,17 +12,17 @@ use std::process::Command;
 
 use common::{native_server, python};
 
-#[test]
-fn openai_sdk_against_the_native_engine() {
-    let py = python();
+/// Runs an SDK check script against a fresh native server (`base`: the URL the SDK takes);
+/// it must pass `checks` checks.
+fn run_client(script: &str, base: impl Fn(&common::Proc) -> String, extra: &[&str], checks: usize) {
     let server = native_server();
-    let out = Command::new(py)
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/native_client.py"))
-        .arg(format!("{}/v1", server.http_base()))
+    let out = Command::new(python())
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join(script))
+        .arg(base(&server))
         .arg("tiny")
-        .arg(common::model_dir())
+        .args(extra)
         .output()
-        .expect("run the openai client");
+        .expect("run the client");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -29,8 +31,18 @@ fn openai_sdk_against_the_native_engine() {
     );
     assert_eq!(
         stdout.lines().filter(|l| l.starts_with("ok ")).count(),
-        56,
+        checks,
         "{stdout}"
+    );
+}
+
+#[test]
+fn openai_sdk_against_the_native_engine() {
+    run_client(
+        "tests/native_client.py",
+        |s| format!("{}/v1", s.http_base()),
+        &[common::model_dir()],
+        56,
     );
 }
 
@@ -39,23 +51,5 @@ fn openai_sdk_against_the_native_engine() {
 /// bad input in the API's own error shape.
 #[test]
 fn anthropic_sdk_against_the_native_engine() {
-    let py = python();
-    let server = native_server();
-    let out = Command::new(py)
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/anthropic_client.py"))
-        .arg(server.http_base())
-        .arg("tiny")
-        .output()
-        .expect("run the anthropic client");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        stdout.lines().filter(|l| l.starts_with("ok ")).count(),
-        11,
-        "{stdout}"
-    );
+    run_client("tests/anthropic_client.py", |s| s.http_base(), &[], 11);
 }

@@ -25,8 +25,7 @@ use axum::response::{IntoResponse, Response};
 use futures::Stream;
 use serde_json::{json, Map, Value};
 
-use super::http::{admit_and_read, json_response, with_ids, HttpState};
-use super::metrics::Endpoint;
+use super::http::{json_response, start_mapped, with_ids, HttpState};
 use super::serving::{ApiError, Generation};
 use dynamo_protocols::llm::FinishReason;
 
@@ -89,30 +88,10 @@ fn bad(param: &str, message: impl Into<String>) -> ApiError {
 
 /// `POST /v1/messages`.
 pub(super) async fn messages(State(state): State<Arc<HttpState>>, req: Request) -> Response {
-    let (permit, body, request_id) = match admit_and_read(&state, req, Endpoint::Chat).await {
+    let (gen, stream, request_id) = match start_mapped(&state, req, to_chat).await {
         Ok(x) => x,
         Err(e) => return error_response(&e),
     };
-    let (chat, stream) = match to_chat(&body) {
-        Ok(c) => c,
-        Err(e) => return error_response(&e),
-    };
-    let mut gens = match state
-        .serving
-        .start_admitted(permit, Endpoint::Chat, chat, request_id.as_deref())
-        .await
-    {
-        Ok(g) => g,
-        Err(e) => return error_response(&e),
-    };
-    if gens.len() != 1 {
-        return error_response(&ApiError::new(
-            500,
-            "internal_error",
-            "the request started other than one sequence",
-        ));
-    }
-    let gen = gens.remove(0);
     let ids = Some((gen.worker, gen.prefill_worker));
     let response = if stream {
         sse(gen).into_response()

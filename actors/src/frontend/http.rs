@@ -194,6 +194,31 @@ pub(super) async fn admit_and_read(
     Ok((permit, body, request_id))
 }
 
+/// A request of an API with one answer per request (Responses, Messages), started: it is
+/// admitted and read, mapped onto a chat request by `map` (which also returns what the
+/// caller keeps of it), and started. Returns the generation, what `map` kept, and the
+/// client's request id.
+pub(super) async fn start_mapped<T>(
+    state: &Arc<HttpState>,
+    req: Request,
+    map: impl FnOnce(&Value) -> Result<(Value, T), ApiError>,
+) -> Result<(Generation, T, Option<String>), ApiError> {
+    let (permit, body, request_id) = admit_and_read(state, req, Endpoint::Chat).await?;
+    let (chat, kept) = map(&body)?;
+    let mut gens = state
+        .serving
+        .start_admitted(permit, Endpoint::Chat, chat, request_id.as_deref())
+        .await?;
+    if gens.len() != 1 {
+        return Err(ApiError::new(
+            500,
+            "internal_error",
+            "the request started other than one sequence",
+        ));
+    }
+    Ok((gens.remove(0), kept, request_id))
+}
+
 /// Adds the serving workers' and the client's ids to a response's headers.
 pub(super) fn with_ids(
     mut response: Response,

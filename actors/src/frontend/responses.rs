@@ -33,8 +33,7 @@ use axum::response::{IntoResponse, Response};
 use futures::Stream;
 use serde_json::{json, Map, Value};
 
-use super::http::{admit_and_read, error_response, json_response, with_ids, HttpState};
-use super::metrics::Endpoint;
+use super::http::{error_response, json_response, start_mapped, with_ids, HttpState};
 use super::serving::{ApiError, Generation};
 use dynamo_protocols::llm::FinishReason;
 
@@ -427,36 +426,22 @@ fn to_chat(body: &Value, store: &ResponseStore) -> Result<Mapped, ApiError> {
 
 /// `POST /v1/responses`.
 pub(super) async fn responses(State(state): State<Arc<HttpState>>, req: Request) -> Response {
-    let (permit, body, request_id) = match admit_and_read(&state, req, Endpoint::Chat).await {
+    let started = start_mapped(&state, req, |body| {
+        let m = to_chat(body, &state.responses)?;
+        let chat = m.chat.clone();
+        Ok((chat, (m, echo_fields(body))))
+    })
+    .await;
+    let (gen, (mapped, echo), request_id) = match started {
         Ok(x) => x,
         Err(e) => return error_response(&e),
     };
-    let mapped = match to_chat(&body, &state.responses) {
-        Ok(m) => m,
-        Err(e) => return error_response(&e),
-    };
-    let mut gens = match state
-        .serving
-        .start_admitted(permit, Endpoint::Chat, mapped.chat, request_id.as_deref())
-        .await
-    {
-        Ok(g) => g,
-        Err(e) => return error_response(&e),
-    };
-    if gens.len() != 1 {
-        return error_response(&ApiError::new(
-            500,
-            "internal_error",
-            "the request started other than one sequence",
-        ));
-    }
-    let gen = gens.remove(0);
     let ids = Some((gen.worker, gen.prefill_worker));
     let head = Head {
         id: format!("resp_{}", gen.id),
         created: gen.created,
         model: gen.model.clone(),
-        echo: echo_fields(&body),
+        echo,
         history: mapped.history,
         store: mapped.store.then(|| state.clone()),
     };

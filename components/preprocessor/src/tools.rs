@@ -210,22 +210,15 @@ impl ToolParser {
                 }
                 continue;
             }
-            if let Some(start) = self.held.find(HERMES_OPEN) {
-                out.content.push_str(&self.held[..start]);
-                self.held.drain(..start + HERMES_OPEN.len());
-                self.in_call = true;
-                continue;
+            self.opening(HERMES_OPEN, out);
+            if !self.in_call {
+                return;
             }
-            let keep = partial_suffix(&self.held, HERMES_OPEN);
-            let release = self.held.len() - keep;
-            out.content.push_str(&self.held[..release]);
-            self.held.drain(..release);
-            return;
         }
     }
 
-    /// Mistral: content until the opening marker; everything after it is the call list,
-    /// parsed at the end.
+    /// Content until `marker`, which opens a call (Mistral: everything after it is the
+    /// call list, parsed at the end); text that could be the marker's start is held.
     fn opening(&mut self, marker: &str, out: &mut Parsed) {
         if self.in_call {
             return;
