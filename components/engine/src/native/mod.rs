@@ -130,7 +130,7 @@ impl NativeExecutor {
             let grammars = self.grammars.as_ref().as_ref().map_err(|why| {
                 EngineError::BadRequest(format!("guided decoding is unavailable: {why}"))
             })?;
-            *slot = Some(grammars.compile(spec).map_err(guided_error)?);
+            *slot = Some(Box::new(grammars.compile(spec).map_err(guided_error)?));
         }
         let c = slot.as_mut().expect("set above");
         c.advance(&it.tokens[it.output_start..])

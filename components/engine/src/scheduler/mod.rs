@@ -109,7 +109,9 @@ pub struct Scheduled<'a> {
 }
 
 /// A sequence's guided-decoding state ([`Scheduled::guide`]); dropped with the sequence.
-pub type Guide = std::sync::Mutex<Option<dynamo_guided::Constraint>>;
+/// Boxed: a grammar's state is large and most sequences have none (a sequence is moved
+/// between queues).
+pub type Guide = std::sync::Mutex<Option<Box<dynamo_guided::Constraint>>>;
 
 impl Scheduled<'_> {
     /// Prompt tokens (or a recomputation's) are prefill; one generated token is decode.
