@@ -124,6 +124,10 @@ const FRONTEND_KEYS: &[&str] = &[
     "migration_limit",
     "tool_call_parser",
     "reasoning_parser",
+    "api_keys_file",
+    "api_key_max_inflight",
+    "api_key_rpm",
+    "api_key_protect_ops",
 ];
 const PLANNER_KEYS: &[&str] = &[
     "pool",

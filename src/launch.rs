@@ -134,6 +134,8 @@ pub struct LaunchSettings {
     pub migration_limit: u32,
     /// How frontends read tool calls and reasoning out of model output.
     pub parsers: dynamo_preprocessor::tools::OutputParsers,
+    /// Frontends' API keys.
+    pub auth: dynamo_actors::frontend::auth::AuthSettings,
     pub batch_concurrency: usize,
 }
 
@@ -389,6 +391,7 @@ pub(crate) fn frontend_settings(s: &LaunchSettings, namespace: &Namespace) -> Fr
     fs.max_body_bytes = s.max_body_bytes;
     fs.migration_limit = s.migration_limit;
     fs.parsers = s.parsers;
+    fs.auth = s.auth.clone();
     fs
 }
 

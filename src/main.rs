@@ -244,6 +244,28 @@ struct LaunchArgs {
     /// DeepSeek-R1, Qwen3 and others) or `none`. [default: none]
     #[arg(long, env = "DYN_REASONING_PARSER")]
     reasoning_parser: Option<String>,
+    /// An API key clients must present (`Authorization: Bearer KEY`, or `x-api-key`);
+    /// repeatable. Keys are never logged. [env: DYN_API_KEYS, comma-separated]
+    #[arg(
+        long = "api-key",
+        env = "DYN_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    api_keys: Vec<String>,
+    /// A file of API keys, one a line: `KEY` or `NAME KEY`, optionally `inflight=N rpm=N`;
+    /// re-read on SIGHUP.
+    #[arg(long, env = "DYN_API_KEYS_FILE")]
+    api_keys_file: Option<String>,
+    /// Requests in flight per API key (keys without their own limit). [default: unlimited]
+    #[arg(long, env = "DYN_API_KEY_MAX_INFLIGHT")]
+    api_key_max_inflight: Option<usize>,
+    /// Requests a minute per API key (keys without their own limit). [default: unlimited]
+    #[arg(long, env = "DYN_API_KEY_RPM")]
+    api_key_rpm: Option<usize>,
+    /// Require a key on /health, /live, /metrics and the status page too.
+    #[arg(long, env = "DYN_API_KEY_PROTECT_OPS")]
+    api_key_protect_ops: bool,
     /// in=batch: requests in flight at once. [default: 16]
     #[arg(long, env = "DYN_BATCH_CONCURRENCY")]
     batch_concurrency: Option<usize>,
@@ -293,6 +315,12 @@ impl LaunchArgs {
             max_body_bytes: self.max_body_bytes,
             migration_limit: self.migration_limit,
             tool_call_parser: self.tool_call_parser.clone(),
+            api_keys: (!self.api_keys.is_empty())
+                .then(|| settings::Redacted(self.api_keys.clone())),
+            api_keys_file: self.api_keys_file.clone(),
+            api_key_max_inflight: self.api_key_max_inflight,
+            api_key_rpm: self.api_key_rpm,
+            api_key_protect_ops: self.api_key_protect_ops.then_some(true),
             reasoning_parser: self.reasoning_parser.clone(),
             num_workers: self.num_workers,
             batch_concurrency: self.batch_concurrency,

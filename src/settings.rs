@@ -36,6 +36,17 @@ use serde::{Deserialize, Serialize};
 use crate::launch::{Input, LaunchSettings, Output};
 
 /// Every launcher setting; `None` is "not set here" (a lower layer or the default applies).
+/// Secrets (API keys): serialized as they are, never shown by `Debug` (it says how many).
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Redacted(pub Vec<String>);
+
+impl std::fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "[{} redacted]", self.0.len())
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
@@ -97,6 +108,11 @@ pub struct Settings {
     pub migration_limit: Option<u32>,
     pub tool_call_parser: Option<String>,
     pub reasoning_parser: Option<String>,
+    pub api_keys: Option<Redacted>,
+    pub api_keys_file: Option<String>,
+    pub api_key_max_inflight: Option<usize>,
+    pub api_key_rpm: Option<usize>,
+    pub api_key_protect_ops: Option<bool>,
     // Planners.
     pub pool: Option<String>,
     pub prefill_pool: Option<String>,
@@ -599,6 +615,13 @@ pub fn resolve(
         migration_limit: s
             .migration_limit
             .unwrap_or(dynamo_actors::frontend::DEFAULT_MIGRATION_LIMIT),
+        auth: dynamo_actors::frontend::auth::AuthSettings {
+            keys: s.api_keys.clone().map(|k| k.0).unwrap_or_default(),
+            file: s.api_keys_file.as_ref().map(std::path::PathBuf::from),
+            max_inflight: s.api_key_max_inflight,
+            rpm: s.api_key_rpm,
+            protect_ops: s.api_key_protect_ops.unwrap_or(false),
+        },
         parsers: dynamo_preprocessor::tools::OutputParsers {
             tool_call_parser: match s.tool_call_parser.as_deref() {
                 None | Some("auto") => None,

@@ -56,6 +56,7 @@ struct Opts {
     /// Mocker workers (a real block pool and prefix cache) instead of echo ones.
     mocker: bool,
     parsers: dynamo_preprocessor::tools::OutputParsers,
+    auth: dynamo_actors::frontend::auth::AuthSettings,
 }
 
 impl Default for Opts {
@@ -69,6 +70,7 @@ impl Default for Opts {
             kv: KvRouterSettings::default(),
             mocker: false,
             parsers: Default::default(),
+            auth: Default::default(),
         }
     }
 }
@@ -119,6 +121,7 @@ impl Stack {
         s.max_body_bytes = o.max_body;
         s.kv_router = o.kv;
         s.parsers = o.parsers;
+        s.auth = o.auth;
         let frontend = Frontend::start(&runtime, s).await.unwrap();
         let mut workers = Vec::new();
         for _ in 0..o.workers {
@@ -979,5 +982,65 @@ async fn every_responses_and_messages_field_is_honoured_or_refused_by_name() {
             }
         }
     }
+    s.finish().await;
+}
+
+/// Per-key request rate: over `rpm` in a minute, a 429 with `Retry-After`; counted per key
+/// name (never the key) in metrics; with `protect_ops`, `/health` needs a key too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_limit_the_rate_and_can_protect_operations() {
+    let s = Stack::start(Opts {
+        auth: dynamo_actors::frontend::auth::AuthSettings {
+            keys: vec!["sk-rate".into()],
+            rpm: Some(2),
+            protect_ops: true,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    let call = || async {
+        s.http
+            .post(format!("{}/v1/chat/completions", s.base))
+            .bearer_auth("sk-rate")
+            .json(&chat("x"))
+            .send()
+            .await
+            .unwrap()
+    };
+    assert_eq!(call().await.status(), 200);
+    assert_eq!(call().await.status(), 200);
+    let third = call().await;
+    assert_eq!(third.status(), 429);
+    let wait: u64 = third.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&wait), "{wait}");
+    let body: Value = third.json().await.unwrap();
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("key-1"),
+        "{body}"
+    );
+    let (status, _) = s.get("/health").await;
+    assert_eq!(status, 401);
+    let metrics = s
+        .http
+        .get(format!("{}/metrics", s.base))
+        .bearer_auth("sk-rate")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(
+            "dynamo_frontend_api_key_requests_total{key=\"key-1\",outcome=\"rate_limited\"}"
+        ),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("sk-rate"));
     s.finish().await;
 }

@@ -91,6 +91,12 @@ impl Proc {
         self.ready.rsplit("instance=").next().unwrap_or_default()
     }
 
+    /// The child's stderr, when it was piped.
+    #[allow(dead_code)]
+    pub fn take_stderr(&mut self) -> Option<std::process::ChildStderr> {
+        self.child.stderr.take()
+    }
+
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig)
             .expect("signal the child");
@@ -156,6 +162,20 @@ pub fn python() -> String {
 pub async fn eventually(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
     let until = Instant::now() + within;
     while !cond() {
+        assert!(Instant::now() < until, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// [`eventually`] for a condition that must be awaited (e.g. an HTTP request).
+#[allow(dead_code)]
+pub async fn eventually_async<F, Fut>(what: &str, within: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let until = Instant::now() + within;
+    while !cond().await {
         assert!(Instant::now() < until, "timed out waiting until {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -10,6 +10,7 @@
 //! router is its own role.
 
 mod anthropic;
+pub mod auth;
 mod http;
 mod responses;
 pub use http::{PREFILL_WORKER_HEADER, WORKER_HEADER};
@@ -102,6 +103,8 @@ pub struct FrontendSettings {
     pub stats_interval: Option<std::time::Duration>,
     /// How tool calls and reasoning are read out of models' output.
     pub parsers: dynamo_preprocessor::tools::OutputParsers,
+    /// API keys (none: the API is open).
+    pub auth: auth::AuthSettings,
 }
 
 impl FrontendSettings {
@@ -117,6 +120,7 @@ impl FrontendSettings {
             remote_router: false,
             stats_interval: Some(std::time::Duration::from_secs(1)),
             parsers: Default::default(),
+            auth: Default::default(),
         }
     }
 }
@@ -129,6 +133,8 @@ pub enum FrontendError {
     Watcher(String),
     #[error("cannot install metrics: {0}")]
     Metrics(String),
+    #[error("API keys: {0}")]
+    Auth(String),
 }
 
 /// A running frontend.
@@ -250,7 +256,18 @@ impl Frontend {
                         tracing::debug!(error = %e, "cannot set TCP_NODELAY");
                     }
                 });
-                let app = http::router(state);
+                let mut app = http::router(state);
+                if settings.auth.enabled() {
+                    let keys = match auth::Auth::new(settings.auth.clone()) {
+                        Ok(k) => k,
+                        Err(e) => {
+                            watcher.stop(None);
+                            return Err(FrontendError::Auth(e));
+                        }
+                    };
+                    keys.reload_on_sighup(stop.clone());
+                    app = app.layer(axum::middleware::from_fn_with_state(keys, auth::check));
+                }
                 let stop = stop.clone();
                 let server = tokio::spawn(async move {
                     let served = axum::serve(listener, app)
