@@ -128,6 +128,8 @@ const FRONTEND_KEYS: &[&str] = &[
     "api_key_max_inflight",
     "api_key_rpm",
     "api_key_protect_ops",
+    "tls_cert",
+    "tls_key",
 ];
 const PLANNER_KEYS: &[&str] = &[
     "pool",

@@ -136,6 +136,8 @@ pub struct LaunchSettings {
     pub parsers: dynamo_preprocessor::tools::OutputParsers,
     /// Frontends' API keys.
     pub auth: dynamo_actors::frontend::auth::AuthSettings,
+    /// Frontends' HTTPS certificate chain and key (PEM files).
+    pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
     pub batch_concurrency: usize,
 }
 
@@ -381,6 +383,17 @@ pub async fn run_planner(
     Ok(())
 }
 
+impl LaunchSettings {
+    /// `https` with a TLS certificate, else `http`.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+}
+
 /// The frontend's settings from the command line (no HTTP address).
 pub(crate) fn frontend_settings(s: &LaunchSettings, namespace: &Namespace) -> FrontendSettings {
     let mut fs = FrontendSettings::new(namespace.clone());
@@ -392,6 +405,7 @@ pub(crate) fn frontend_settings(s: &LaunchSettings, namespace: &Namespace) -> Fr
     fs.migration_limit = s.migration_limit;
     fs.parsers = s.parsers;
     fs.auth = s.auth.clone();
+    fs.tls = s.tls.clone();
     fs
 }
 
@@ -458,7 +472,7 @@ async fn serve_frontend(
     if s.input == Input::Http {
         fs.http_addr = Some(s.http_addr);
     }
-    let (addr, serving) = match sup.start_role("frontend", RoleSpec::Frontend(fs)).await? {
+    let (addr, serving) = match sup.start_role("frontend", RoleSpec::Frontend(Box::new(fs))).await? {
         Started::Frontend { addr, serving } => (addr, serving),
         _ => unreachable!("a frontend spec starts a frontend"),
     };
@@ -481,13 +495,14 @@ async fn serve_frontend(
     match &s.input {
         Input::Http => {
             let addr = addr.expect("http input binds");
+            let scheme = s.scheme();
             dynamo_runtime::telemetry::mark_ready();
             match &model {
                 Some(m) => println!(
-                    "ready: model {m} at http://{addr}/v1 (on the {} bus)",
+                    "ready: model {m} at {scheme}://{addr}/v1 (on the {} bus)",
                     runtime.bus().transport()
                 ),
-                None => println!("ready: http://{addr}/v1, models from workers on the bus"),
+                None => println!("ready: {scheme}://{addr}/v1, models from workers on the bus"),
             }
             std::io::stdout().flush()?;
             let signal = wait_for_stop(runtime).await;

@@ -263,6 +263,12 @@ struct LaunchArgs {
     /// Requests a minute per API key (keys without their own limit). [default: unlimited]
     #[arg(long, env = "DYN_API_KEY_RPM")]
     api_key_rpm: Option<usize>,
+    /// Serve HTTPS with this certificate chain (PEM; with --tls-key).
+    #[arg(long, env = "DYN_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<String>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "DYN_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<String>,
     /// Require a key on /health, /live, /metrics and the status page too.
     #[arg(long, env = "DYN_API_KEY_PROTECT_OPS")]
     api_key_protect_ops: bool,
@@ -321,6 +327,8 @@ impl LaunchArgs {
             api_key_max_inflight: self.api_key_max_inflight,
             api_key_rpm: self.api_key_rpm,
             api_key_protect_ops: self.api_key_protect_ops.then_some(true),
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
             reasoning_parser: self.reasoning_parser.clone(),
             num_workers: self.num_workers,
             batch_concurrency: self.batch_concurrency,

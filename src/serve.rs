@@ -149,7 +149,7 @@ async fn start_embedded(
                             let mut fs = launch::frontend_settings(&s, &ns);
                             fs.http_addr = Some(s.http_addr);
                             let Started::Frontend { addr, serving } =
-                                sup.start_role(&role(i), RoleSpec::Frontend(fs)).await?
+                                sup.start_role(&role(i), RoleSpec::Frontend(Box::new(fs))).await?
                             else {
                                 unreachable!("a frontend spec starts a frontend");
                             };
@@ -157,7 +157,7 @@ async fn start_embedded(
                                 launch::wait_model(serving.table(), Some(m), *n).await?;
                             }
                             let addr = addr.expect("an HTTP frontend");
-                            println!("[{}] ready: http://{addr}/v1", c.name);
+                            println!("[{}] ready: {}://{addr}/v1", c.name, s.scheme());
                             frontends.push(addr);
                         }
                     }

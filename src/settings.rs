@@ -113,6 +113,8 @@ pub struct Settings {
     pub api_key_max_inflight: Option<usize>,
     pub api_key_rpm: Option<usize>,
     pub api_key_protect_ops: Option<bool>,
+    pub tls_cert: Option<String>,
+    pub tls_key: Option<String>,
     // Planners.
     pub pool: Option<String>,
     pub prefill_pool: Option<String>,
@@ -615,6 +617,11 @@ pub fn resolve(
         migration_limit: s
             .migration_limit
             .unwrap_or(dynamo_actors::frontend::DEFAULT_MIGRATION_LIMIT),
+        tls: match (&s.tls_cert, &s.tls_key) {
+            (Some(c), Some(k)) => Some((c.into(), k.into())),
+            (None, None) => None,
+            _ => anyhow::bail!("tls_cert and tls_key go together: set both or neither"),
+        },
         auth: dynamo_actors::frontend::auth::AuthSettings {
             keys: s.api_keys.clone().map(|k| k.0).unwrap_or_default(),
             file: s.api_keys_file.as_ref().map(std::path::PathBuf::from),

@@ -118,3 +118,100 @@ fn an_unreadable_keys_file_stops_startup_naming_it() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/nonexistent/keys"), "{err}");
 }
+
+/// A CA and a leaf certificate for 127.0.0.1 and localhost, as PEM files in `dir`: (ca, cert,
+/// key).
+fn certificates(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair};
+    let name = |cn: &str| {
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, cn);
+        dn
+    };
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name = name("dynamo test CA");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let mut leaf =
+        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    leaf.distinguished_name = name("localhost");
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf_cert = leaf.signed_by(&leaf_key, &ca_cert, &ca_key).unwrap();
+    let paths = (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    );
+    std::fs::write(&paths.0, ca_cert.pem()).unwrap();
+    std::fs::write(&paths.1, leaf_cert.pem()).unwrap();
+    std::fs::write(&paths.2, leaf_key.serialize_pem()).unwrap();
+    (paths.0, paths.1, paths.2)
+}
+
+/// HTTPS with `--tls-cert`/`--tls-key`: the openai SDK trusting the CA is served, one that
+/// does not and plain HTTP are refused; a certificate that does not match its key, or a
+/// missing file, stops startup with an error naming it.
+#[test]
+fn https_serves_with_the_given_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = certificates(dir.path());
+    let server = Proc::start(
+        dynamo_run()
+            .args(["in=http", "out=echo", "--model-path", model_dir()])
+            .args([
+                "--model-name",
+                "tiny",
+                "--http-host",
+                "127.0.0.1",
+                "--http-port",
+                "0",
+            ])
+            .arg("--tls-cert")
+            .arg(&cert)
+            .arg("--tls-key")
+            .arg(&key),
+    );
+    assert!(server.ready.contains("https://"), "{}", server.ready);
+    let base = server.http_base().replace("http://", "https://");
+    let out = Command::new(python())
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tls_client.py"))
+        .arg(&base)
+        .arg("tiny")
+        .arg(&ca)
+        .output()
+        .expect("run the client");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout.lines().filter(|l| l.starts_with("ok ")).count(),
+        3,
+        "{stdout}"
+    );
+    // Another key for the certificate, and a missing file: clear startup errors.
+    let other = dir.path().join("other.pem");
+    std::fs::write(&other, rcgen::KeyPair::generate().unwrap().serialize_pem()).unwrap();
+    for (k, needle) in [
+        (other.as_path(), "do not go together"),
+        (Path::new("/nonexistent/key.pem"), "/nonexistent/key.pem"),
+    ] {
+        let out = dynamo_run()
+            .args(["in=http", "out=echo", "--model-path", model_dir()])
+            .args(["--http-host", "127.0.0.1", "--http-port", "0"])
+            .arg("--tls-cert")
+            .arg(&cert)
+            .arg("--tls-key")
+            .arg(k)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(needle),
+            "{needle}: {err}"
+        );
+    }
+}

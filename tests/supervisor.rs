@@ -52,7 +52,7 @@ async fn roles_start_and_stop_at_run_time(bus: Option<String>) {
     let mut fs = FrontendSettings::new(Namespace::new("suptest").unwrap());
     fs.http_addr = Some("127.0.0.1:0".parse().unwrap());
     let Started::Frontend { addr, serving } = sup
-        .start_role("frontend", RoleSpec::Frontend(fs.clone()))
+        .start_role("frontend", RoleSpec::Frontend(Box::new(fs.clone())))
         .await
         .unwrap()
     else {
@@ -91,7 +91,7 @@ async fn roles_start_and_stop_at_run_time(bus: Option<String>) {
     let mut clash = fs.clone();
     clash.http_addr = addr;
     assert!(matches!(
-        sup.start_role("frontend2", RoleSpec::Frontend(clash)).await,
+        sup.start_role("frontend2", RoleSpec::Frontend(Box::new(clash))).await,
         Err(SupervisorError::Start { .. })
     ));
     let roles = sup.roles().await.unwrap();

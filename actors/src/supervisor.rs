@@ -113,7 +113,7 @@ impl WorkerSpec {
 /// What a role is started from (kept to restart it).
 #[derive(Clone)]
 pub enum RoleSpec {
-    Frontend(FrontendSettings),
+    Frontend(Box<FrontendSettings>),
     Router {
         namespace: Namespace,
         settings: KvRouterSettings,
@@ -348,7 +348,7 @@ impl Supervisor {
     async fn start_role(&self, spec: &RoleSpec) -> Result<Running, String> {
         Ok(match spec {
             RoleSpec::Frontend(s) => Running::Frontend(
-                Frontend::start(&self.runtime, s.clone())
+                Frontend::start(&self.runtime, (**s).clone())
                     .await
                     .map_err(|e| e.to_string())?,
             ),

@@ -79,7 +79,7 @@ impl Proc {
     pub fn http_base(&self) -> String {
         let addr = self
             .ready
-            .split("http://")
+            .split("://")
             .nth(1)
             .and_then(|s| s.split('/').next())
             .unwrap_or_else(|| panic!("no address in {:?}", self.ready));
@@ -312,7 +312,7 @@ pub async fn frontend_role(
     use dynamo_actors::frontend::FrontendSettings;
     use dynamo_actors::supervisor::{RoleSpec, Started};
     let fs = FrontendSettings::new(dynamo_runtime::subject::Namespace::new(namespace).unwrap());
-    match sup.start_role("frontend", RoleSpec::Frontend(fs)).await {
+    match sup.start_role("frontend", RoleSpec::Frontend(Box::new(fs))).await {
         Ok(Started::Frontend { serving, .. }) => serving,
         Ok(_) => panic!("a frontend spec started something else"),
         Err(e) => panic!("the frontend role did not start: {e}"),

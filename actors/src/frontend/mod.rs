@@ -13,6 +13,7 @@ mod anthropic;
 pub mod auth;
 mod http;
 mod responses;
+pub mod tls;
 pub use http::{PREFILL_WORKER_HEADER, WORKER_HEADER};
 pub mod metrics;
 pub mod models;
@@ -105,6 +106,8 @@ pub struct FrontendSettings {
     pub parsers: dynamo_preprocessor::tools::OutputParsers,
     /// API keys (none: the API is open).
     pub auth: auth::AuthSettings,
+    /// HTTPS: the certificate chain and private key (PEM files).
+    pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 impl FrontendSettings {
@@ -121,6 +124,7 @@ impl FrontendSettings {
             stats_interval: Some(std::time::Duration::from_secs(1)),
             parsers: Default::default(),
             auth: Default::default(),
+            tls: None,
         }
     }
 }
@@ -135,6 +139,8 @@ pub enum FrontendError {
     Metrics(String),
     #[error("API keys: {0}")]
     Auth(String),
+    #[error("HTTPS: {0}")]
+    Tls(String),
 }
 
 /// A running frontend.
@@ -148,6 +154,7 @@ pub struct Frontend {
     addr: Option<SocketAddr>,
     stop: CancellationToken,
     server: Option<tokio::task::JoinHandle<()>>,
+    tls: bool,
 }
 
 impl Frontend {
@@ -251,11 +258,16 @@ impl Frontend {
                     }
                 };
                 let local = listener.local_addr().unwrap_or(addr);
-                let listener = listener.tap_io(|tcp| {
-                    if let Err(e) = tcp.set_nodelay(true) {
-                        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-                    }
-                });
+                let tls = match &settings.tls {
+                    None => None,
+                    Some((cert, key)) => match tls::config(cert, key) {
+                        Ok(c) => Some(c),
+                        Err(e) => {
+                            watcher.stop(None);
+                            return Err(FrontendError::Tls(e));
+                        }
+                    },
+                };
                 let mut app = http::router(state);
                 if settings.auth.enabled() {
                     let keys = match auth::Auth::new(settings.auth.clone()) {
@@ -270,9 +282,23 @@ impl Frontend {
                 }
                 let stop = stop.clone();
                 let server = tokio::spawn(async move {
-                    let served = axum::serve(listener, app)
-                        .with_graceful_shutdown(stop.cancelled_owned())
-                        .await;
+                    let served = match tls {
+                        Some(config) => {
+                            axum::serve(tls::TlsListener::new(listener, config), app)
+                                .with_graceful_shutdown(stop.cancelled_owned())
+                                .await
+                        }
+                        None => {
+                            let listener = listener.tap_io(|tcp| {
+                                if let Err(e) = tcp.set_nodelay(true) {
+                                    tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+                                }
+                            });
+                            axum::serve(listener, app)
+                                .with_graceful_shutdown(stop.cancelled_owned())
+                                .await
+                        }
+                    };
                     if let Err(e) = served {
                         tracing::error!(error = %e, "HTTP server stopped");
                     }
@@ -290,6 +316,7 @@ impl Frontend {
             addr,
             stop,
             server,
+            tls: settings.tls.is_some(),
         })
     }
 
@@ -303,6 +330,15 @@ impl Frontend {
     /// The bound HTTP address.
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.addr
+    }
+
+    /// `https` when serving TLS, else `http`.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls {
+            "https"
+        } else {
+            "http"
+        }
     }
 
     pub fn serving(&self) -> &Arc<Serving> {
