@@ -472,7 +472,10 @@ async fn serve_frontend(
     if s.input == Input::Http {
         fs.http_addr = Some(s.http_addr);
     }
-    let (addr, serving) = match sup.start_role("frontend", RoleSpec::Frontend(Box::new(fs))).await? {
+    let (addr, serving) = match sup
+        .start_role("frontend", RoleSpec::Frontend(Box::new(fs)))
+        .await?
+    {
         Started::Frontend { addr, serving } => (addr, serving),
         _ => unreachable!("a frontend spec starts a frontend"),
     };

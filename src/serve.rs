@@ -148,8 +148,9 @@ async fn start_embedded(
                         for i in 0..c.replicas {
                             let mut fs = launch::frontend_settings(&s, &ns);
                             fs.http_addr = Some(s.http_addr);
-                            let Started::Frontend { addr, serving } =
-                                sup.start_role(&role(i), RoleSpec::Frontend(Box::new(fs))).await?
+                            let Started::Frontend { addr, serving } = sup
+                                .start_role(&role(i), RoleSpec::Frontend(Box::new(fs)))
+                                .await?
                             else {
                                 unreachable!("a frontend spec starts a frontend");
                             };

@@ -8,10 +8,10 @@ mod common;
 
 use std::io::Read;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
-use common::{dynamo_run, model_dir, python, Proc};
+use common::{dynamo_run, model_dir, Proc};
 
 fn frontend(keys: &Path) -> Proc {
     Proc::start(
@@ -57,21 +57,15 @@ async fn api_keys_guard_every_api() {
     .unwrap();
     let mut server = frontend(&keys);
     let base = server.http_base();
-    let out = Command::new(python())
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/auth_client.py"))
-        .args([&base, "tiny", "sk-team-good", "sk-team-limited"])
-        .output()
-        .expect("run the client");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        stdout.lines().filter(|l| l.starts_with("ok ")).count(),
+    let stdout = common::python_checks(
+        "auth_client.py",
+        &[
+            base.as_ref(),
+            "tiny".as_ref(),
+            "sk-team-good".as_ref(),
+            "sk-team-limited".as_ref(),
+        ],
         10,
-        "{stdout}"
     );
     // The flag's key works; a key added to the file works once the file is re-read.
     assert_eq!(status(&base, "sk-flag-key").await, 200);
@@ -174,23 +168,10 @@ fn https_serves_with_the_given_certificate() {
     );
     assert!(server.ready.contains("https://"), "{}", server.ready);
     let base = server.http_base().replace("http://", "https://");
-    let out = Command::new(python())
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tls_client.py"))
-        .arg(&base)
-        .arg("tiny")
-        .arg(&ca)
-        .output()
-        .expect("run the client");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        stdout.lines().filter(|l| l.starts_with("ok ")).count(),
+    common::python_checks(
+        "tls_client.py",
+        &[base.as_ref(), "tiny".as_ref(), ca.as_os_str()],
         3,
-        "{stdout}"
     );
     // Another key for the certificate, and a missing file: clear startup errors.
     let other = dir.path().join("other.pem");

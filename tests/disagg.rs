@@ -267,7 +267,10 @@ async fn disaggregated_output_is_token_identical(bus: Option<String>) {
     let mut fs = FrontendSettings::new(Namespace::new(NS).unwrap());
     fs.router_mode = RouterMode::Kv;
     fs.kv_router.disagg_min_remote_tokens = 1;
-    let serving = match sup.start_role("frontend", RoleSpec::Frontend(Box::new(fs))).await {
+    let serving = match sup
+        .start_role("frontend", RoleSpec::Frontend(Box::new(fs)))
+        .await
+    {
         Ok(Started::Frontend { serving, .. }) => serving,
         _ => panic!("no frontend"),
     };

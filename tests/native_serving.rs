@@ -7,41 +7,15 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
-
-use common::{native_server, python};
-
-/// Runs an SDK check script against a fresh native server (`base`: the URL the SDK takes);
-/// it must pass `checks` checks.
-fn run_client(script: &str, base: impl Fn(&common::Proc) -> String, extra: &[&str], checks: usize) {
-    let server = native_server();
-    let out = Command::new(python())
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join(script))
-        .arg(base(&server))
-        .arg("tiny")
-        .args(extra)
-        .output()
-        .expect("run the client");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        stdout.lines().filter(|l| l.starts_with("ok ")).count(),
-        checks,
-        "{stdout}"
-    );
-}
+use common::native_server;
 
 #[test]
 fn openai_sdk_against_the_native_engine() {
-    run_client(
-        "tests/native_client.py",
-        |s| format!("{}/v1", s.http_base()),
-        &[common::model_dir()],
+    let server = native_server();
+    let base = format!("{}/v1", server.http_base());
+    common::python_checks(
+        "native_client.py",
+        &[base.as_ref(), "tiny".as_ref(), common::model_dir().as_ref()],
         56,
     );
 }
@@ -51,5 +25,10 @@ fn openai_sdk_against_the_native_engine() {
 /// bad input in the API's own error shape.
 #[test]
 fn anthropic_sdk_against_the_native_engine() {
-    run_client("tests/anthropic_client.py", |s| s.http_base(), &[], 11);
+    let server = native_server();
+    common::python_checks(
+        "anthropic_client.py",
+        &[server.http_base().as_ref(), "tiny".as_ref()],
+        11,
+    );
 }

@@ -91,7 +91,8 @@ async fn roles_start_and_stop_at_run_time(bus: Option<String>) {
     let mut clash = fs.clone();
     clash.http_addr = addr;
     assert!(matches!(
-        sup.start_role("frontend2", RoleSpec::Frontend(Box::new(clash))).await,
+        sup.start_role("frontend2", RoleSpec::Frontend(Box::new(clash)))
+            .await,
         Err(SupervisorError::Start { .. })
     ));
     let roles = sup.roles().await.unwrap();

@@ -167,6 +167,34 @@ pub async fn eventually(what: &str, within: Duration, mut cond: impl FnMut() -> 
     }
 }
 
+/// Runs a Python check script of `tests/` with `args` (the official SDKs' checks print `ok
+/// NAME` per check and exit non-zero on the first that fails); it must pass `checks` checks.
+/// Returns its output.
+#[allow(dead_code)]
+pub fn python_checks(script: &str, args: &[&std::ffi::OsStr], checks: usize) -> String {
+    let out = std::process::Command::new(python())
+        .arg(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests")
+                .join(script),
+        )
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {script}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout.lines().filter(|l| l.starts_with("ok ")).count(),
+        checks,
+        "{stdout}"
+    );
+    stdout
+}
+
 /// [`eventually`] for a condition that must be awaited (e.g. an HTTP request).
 #[allow(dead_code)]
 pub async fn eventually_async<F, Fut>(what: &str, within: Duration, mut cond: F)
@@ -312,7 +340,10 @@ pub async fn frontend_role(
     use dynamo_actors::frontend::FrontendSettings;
     use dynamo_actors::supervisor::{RoleSpec, Started};
     let fs = FrontendSettings::new(dynamo_runtime::subject::Namespace::new(namespace).unwrap());
-    match sup.start_role("frontend", RoleSpec::Frontend(Box::new(fs))).await {
+    match sup
+        .start_role("frontend", RoleSpec::Frontend(Box::new(fs)))
+        .await
+    {
         Ok(Started::Frontend { serving, .. }) => serving,
         Ok(_) => panic!("a frontend spec started something else"),
         Err(e) => panic!("the frontend role did not start: {e}"),
