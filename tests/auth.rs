@@ -8,23 +8,29 @@ mod common;
 
 use std::io::Read;
 use std::path::Path;
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{dynamo_run, model_dir, Proc};
 
+/// `dynamo-run in=http out=echo` on a loopback port (more flags to add).
+fn echo_http() -> Command {
+    let mut cmd = dynamo_run();
+    cmd.args(["in=http", "out=echo", "--model-path", model_dir()])
+        .args([
+            "--model-name",
+            "tiny",
+            "--http-host",
+            "127.0.0.1",
+            "--http-port",
+            "0",
+        ]);
+    cmd
+}
+
 fn frontend(keys: &Path) -> Proc {
     Proc::start(
-        dynamo_run()
-            .args(["in=http", "out=echo", "--model-path", model_dir()])
-            .args([
-                "--model-name",
-                "tiny",
-                "--http-host",
-                "127.0.0.1",
-                "--http-port",
-                "0",
-            ])
+        echo_http()
             .args(["--echo-delay-ms", "20", "--api-key", "sk-flag-key"])
             .arg("--api-keys-file")
             .arg(keys)
@@ -102,9 +108,7 @@ async fn api_keys_guard_every_api() {
 
 #[test]
 fn an_unreadable_keys_file_stops_startup_naming_it() {
-    let out = dynamo_run()
-        .args(["in=http", "out=echo", "--model-path", model_dir()])
-        .args(["--http-host", "127.0.0.1", "--http-port", "0"])
+    let out = echo_http()
         .args(["--api-keys-file", "/nonexistent/keys"])
         .output()
         .unwrap();
@@ -151,16 +155,7 @@ fn https_serves_with_the_given_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let (ca, cert, key) = certificates(dir.path());
     let server = Proc::start(
-        dynamo_run()
-            .args(["in=http", "out=echo", "--model-path", model_dir()])
-            .args([
-                "--model-name",
-                "tiny",
-                "--http-host",
-                "127.0.0.1",
-                "--http-port",
-                "0",
-            ])
+        echo_http()
             .arg("--tls-cert")
             .arg(&cert)
             .arg("--tls-key")
@@ -180,9 +175,7 @@ fn https_serves_with_the_given_certificate() {
         (other.as_path(), "do not go together"),
         (Path::new("/nonexistent/key.pem"), "/nonexistent/key.pem"),
     ] {
-        let out = dynamo_run()
-            .args(["in=http", "out=echo", "--model-path", model_dir()])
-            .args(["--http-host", "127.0.0.1", "--http-port", "0"])
+        let out = echo_http()
             .arg("--tls-cert")
             .arg(&cert)
             .arg("--tls-key")

@@ -427,8 +427,8 @@ fn to_chat(body: &Value, store: &ResponseStore) -> Result<Mapped, ApiError> {
 /// `POST /v1/responses`.
 pub(super) async fn responses(State(state): State<Arc<HttpState>>, req: Request) -> Response {
     let started = start_mapped(&state, req, |body| {
-        let m = to_chat(body, &state.responses)?;
-        let chat = m.chat.clone();
+        let mut m = to_chat(body, &state.responses)?;
+        let chat = std::mem::take(&mut m.chat);
         Ok((chat, (m, echo_fields(body))))
     })
     .await;

@@ -242,13 +242,14 @@ impl Preprocessor {
         }
         eos_ids.sort_unstable();
         eos_ids.dedup();
+        let tokenizer = Arc::new(tokenizer);
         Ok(Self {
             name: name.to_string(),
             vocab_size: tokenizer.get_vocab_size(true) as u32,
-            token_bytes: Arc::new(TokenBytes::new(Arc::new(tokenizer.clone()))),
+            token_bytes: Arc::new(TokenBytes::new(tokenizer.clone())),
             grammars: std::sync::OnceLock::new(),
             parsers: OutputParsers::default(),
-            tokenizer: Arc::new(tokenizer),
+            tokenizer,
             fast,
             template,
             bos_token,

@@ -238,14 +238,15 @@ impl Executor for NativeExecutor {
                 (Ok(t), Some(top)) => Some(sampling::logprobs(&l, *t, top)),
                 _ => None,
             });
+            // Only a grammar ends a sequence here (no lock for unguided ones).
             ends.push(match &token {
-                Ok(t) => it
+                Ok(t) if it.sampling.guided.is_some() => it
                     .guide
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .as_ref()
                     .is_some_and(|c| c.ends_with(*t)),
-                Err(_) => false,
+                _ => false,
             });
             sampled.push(token);
         }

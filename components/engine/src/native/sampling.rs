@@ -46,9 +46,14 @@ pub fn penalize(logits: &mut [f32], generated: &[TokenId], opts: &SamplingOption
 /// minus infinity bans its token (guided decoding). `None` when a logit is NaN or plus
 /// infinity, or every token is banned.
 pub fn sample(logits: &[f32], opts: &SamplingOptions, draw: f64) -> Option<TokenId> {
-    if logits.iter().any(|x| x.is_nan() || *x == f32::INFINITY)
-        || !logits.iter().any(|x| x.is_finite())
-    {
+    let mut any_allowed = false;
+    for &x in logits {
+        if x.is_nan() || x == f32::INFINITY {
+            return None;
+        }
+        any_allowed |= x.is_finite();
+    }
+    if !any_allowed {
         return None;
     }
     let temperature = opts.temperature.unwrap_or(0.0);
