@@ -58,6 +58,20 @@ struct Cli {
     /// nats://HOST:PORT; without it everything runs in this process on the embedded bus.
     #[arg(long, global = true)]
     bus: Option<String>,
+    /// NATS credentials file (JWT and NKey seed, as `nsc generate creds` writes it). User and
+    /// password, token or NKey seed: DYN_NATS__USER/PASSWORD, DYN_NATS__TOKEN,
+    /// DYN_NATS__NKEY_SEED or `nats:` in --config, never flags (ps shows flags).
+    #[arg(long, global = true, value_name = "FILE")]
+    nats_creds: Option<PathBuf>,
+    /// PEM certificate authority that signed nats-server's certificate (implies TLS).
+    #[arg(long, global = true, value_name = "FILE")]
+    nats_ca: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS with nats-server (with --nats-key).
+    #[arg(long, global = true, value_name = "FILE", requires = "nats_key")]
+    nats_cert: Option<PathBuf>,
+    /// PEM private key of --nats-cert.
+    #[arg(long, global = true, value_name = "FILE", requires = "nats_cert")]
+    nats_key: Option<PathBuf>,
     /// Namespace of the components.
     #[arg(long, global = true, default_value = "dynamo")]
     namespace: String,
@@ -555,6 +569,39 @@ struct Overrides {
     log: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     metrics_port: Option<u16>,
+    #[serde(skip_serializing_if = "NatsFlags::is_empty")]
+    nats: NatsFlags,
+}
+
+/// The NATS flags, nested as the runtime settings' `nats:` section.
+#[derive(Serialize, Default)]
+struct NatsFlags {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    creds_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "NatsTlsFlags::is_empty")]
+    tls: NatsTlsFlags,
+}
+
+#[derive(Serialize, Default)]
+struct NatsTlsFlags {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ca_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cert_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key_file: Option<PathBuf>,
+}
+
+impl NatsFlags {
+    fn is_empty(&self) -> bool {
+        self.creds_file.is_none() && self.tls.is_empty()
+    }
+}
+
+impl NatsTlsFlags {
+    fn is_empty(&self) -> bool {
+        self.ca_file.is_none() && self.cert_file.is_none() && self.key_file.is_none()
+    }
 }
 
 #[tokio::main]
@@ -691,6 +738,14 @@ async fn run(cli: Cli) -> Result<()> {
             .or_else(|| graph.as_ref().and_then(|g| g.bus.clone())),
         log: cli.log.clone(),
         metrics_port: cli.metrics_port,
+        nats: NatsFlags {
+            creds_file: cli.nats_creds.clone(),
+            tls: NatsTlsFlags {
+                ca_file: cli.nats_ca.clone(),
+                cert_file: cli.nats_cert.clone(),
+                key_file: cli.nats_key.clone(),
+            },
+        },
     };
     let settings: RuntimeSettings = config::load(cli.config.as_deref(), &overrides)?;
     settings.validate()?;

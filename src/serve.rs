@@ -213,6 +213,11 @@ fn signal(pid: u32, sig: nix::sys::signal::Signal) {
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
 }
 
+/// What every child process gets in its environment besides this one's: the NATS
+/// credentials and TLS settings this supervisor connected with (from its `--config`, flags or
+/// environment), so its replicas connect as it does.
+static CHILD_ENV: std::sync::OnceLock<Vec<(String, String)>> = std::sync::OnceLock::new();
+
 /// Serving this long after its ready line, a replica that exits is not crash-looping: it
 /// restarts after the first delay.
 const STABLE: Duration = Duration::from_secs(10);
@@ -233,6 +238,7 @@ pub(crate) async fn supervise(
         let started = Instant::now();
         let child = tokio::process::Command::new(&exe)
             .args(&args)
+            .envs(CHILD_ENV.get().into_iter().flatten().cloned())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
@@ -418,6 +424,7 @@ impl Reaper {
 /// Runs the graph's components (or only `only`) as supervised child processes on `bus`.
 pub async fn supervised(runtime: &Runtime, g: &Graph, bus: &str, only: Option<&str>) -> Result<()> {
     let grace = runtime.settings().shutdown_grace;
+    let _ = CHILD_ENV.set(runtime.settings().nats.to_env());
     let comps: Vec<&Component> = match only {
         Some(name) => vec![g.component(name).ok_or_else(|| {
             anyhow!("--only {name:?}: no such component in {}", g.file.display())

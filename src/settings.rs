@@ -147,7 +147,7 @@ pub enum EngineKind {
 
 /// Keys of a `--config` file that are the runtime's (`dynamo_runtime::config`), not the
 /// launcher's.
-const RUNTIME_KEYS: &[&str] = &["bus", "discovery", "rpc", "shutdown_grace"];
+const RUNTIME_KEYS: &[&str] = &["bus", "nats", "discovery", "rpc", "shutdown_grace"];
 
 /// The launcher settings of a `--config` YAML file (its runtime keys are the runtime's); an
 /// unknown key is an error naming it.

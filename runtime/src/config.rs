@@ -13,6 +13,7 @@ use figment::Figment;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::bus::NatsSecurity;
 use crate::discovery::DiscoverySettings;
 use crate::rpc::RpcSettings;
 
@@ -29,8 +30,11 @@ pub enum ConfigError {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct RuntimeSettings {
-    /// `nats://HOST:PORT` to use a nats-server; absent for the embedded in-process bus.
+    /// `nats://HOST:PORT` (or `tls://HOST:PORT`) to use a nats-server; absent for the
+    /// embedded in-process bus.
     pub bus: Option<String>,
+    /// Credentials and TLS towards nats-server (secrets never shown by `Debug`).
+    pub nats: NatsSecurity,
     pub discovery: DiscoverySettings,
     pub rpc: RpcSettings,
     /// How long a graceful shutdown waits for open requests before cancelling them.
@@ -46,6 +50,7 @@ impl Default for RuntimeSettings {
     fn default() -> Self {
         Self {
             bus: None,
+            nats: NatsSecurity::default(),
             discovery: DiscoverySettings::default(),
             rpc: RpcSettings::default(),
             shutdown_grace: Duration::from_secs(30),
@@ -63,6 +68,9 @@ impl RuntimeSettings {
                     "bus {url:?} must be a nats:// URL (leave it unset for the embedded bus)"
                 )));
             }
+        }
+        if self.bus.is_some() {
+            self.nats.validate().map_err(ConfigError::Invalid)?;
         }
         self.discovery.validate().map_err(ConfigError::Invalid)?;
         self.rpc.validate().map_err(ConfigError::Invalid)?;
@@ -129,6 +137,70 @@ mod tests {
             assert_eq!(s.log, "error");
             Ok(())
         });
+    }
+
+    #[allow(clippy::result_large_err)]
+    #[test]
+    fn nats_credentials_come_from_env_and_never_show() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("ca.pem", "-----BEGIN CERTIFICATE-----\n")?;
+            jail.create_file("rt.yaml", "bus: tls://nats:4222\nnats:\n  tls:\n    ca_file: ca.pem\n")?;
+            jail.set_env("DYN_NATS__USER", "worker");
+            jail.set_env("DYN_NATS__PASSWORD", "hunter2-secret");
+            let s: RuntimeSettings = load(Some(Path::new("rt.yaml")), &Cli::default()).unwrap();
+            assert_eq!(s.nats.user.as_deref(), Some("worker"));
+            assert_eq!(s.nats.password.as_ref().unwrap().expose(), "hunter2-secret");
+            assert_eq!(s.nats.tls.ca_file.as_deref(), Some(Path::new("ca.pem")));
+            s.validate().unwrap();
+            let shown = format!("{s:?}");
+            assert!(!shown.contains("hunter2"), "{shown}");
+            assert!(shown.contains("[redacted]"), "{shown}");
+            // A child process gets the same settings back.
+            let env = s.nats.to_env();
+            assert!(env.contains(&("DYN_NATS__PASSWORD".into(), "hunter2-secret".into())));
+            assert!(env.contains(&("DYN_NATS__TLS__CA_FILE".into(), "ca.pem".into())));
+
+            // Contradictions and unreadable files are refused, naming the key.
+            jail.set_env("DYN_NATS__TOKEN", "t0ken");
+            let s: RuntimeSettings = load(Some(Path::new("rt.yaml")), &Cli::default()).unwrap();
+            let err = s.validate().unwrap_err().to_string();
+            assert!(err.contains("one of"), "{err}");
+            assert!(!err.contains("hunter2") && !err.contains("t0ken"), "{err}");
+            Ok(())
+        });
+        let bad = |nats: NatsSecurity| {
+            RuntimeSettings {
+                bus: Some("nats://127.0.0.1:4222".into()),
+                nats,
+                ..Default::default()
+            }
+            .validate()
+            .unwrap_err()
+            .to_string()
+        };
+        let e = bad(NatsSecurity {
+            user: Some("w".into()),
+            ..Default::default()
+        });
+        assert!(e.contains("user and password go together"), "{e}");
+        let e = bad(NatsSecurity {
+            creds_file: Some("/nonexistent/w.creds".into()),
+            ..Default::default()
+        });
+        assert!(e.contains("nats.creds_file") && e.contains("/nonexistent/w.creds"), "{e}");
+        let e = bad(NatsSecurity {
+            nkey_seed: Some(crate::bus::Secret::new("UABC")),
+            ..Default::default()
+        });
+        assert!(e.contains("nkey_seed"), "{e}");
+        let e = bad(NatsSecurity {
+            tls: crate::bus::NatsTls {
+                cert_file: Some("/etc/hostname".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        });
+        assert!(e.contains("cert_file and key_file"), "{e}");
     }
 
     #[test]

@@ -53,7 +53,10 @@ impl Runtime {
         settings.validate()?;
         match &settings.bus {
             Some(url) => {
-                let nats = NatsBus::connect(&NatsSettings::new(url.clone())).await?;
+                let nats = NatsBus::connect(
+                    &NatsSettings::new(url.clone()).with_security(settings.nats.clone()),
+                )
+                .await?;
                 let discovery = NatsDiscovery::connect(&nats, settings.discovery.clone()).await?;
                 Self::with(Arc::new(nats), Arc::new(discovery), settings).await
             }

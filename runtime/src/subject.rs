@@ -487,9 +487,19 @@ impl ServiceVerb {
     }
 }
 
-/// A fresh inbox prefix (`_INBOX.{nuid}`) for replies.
-pub(crate) fn new_inbox() -> Subject {
-    Subject(format!("_INBOX.{}", nuid::next()))
+/// The default root of reply inboxes.
+pub const DEFAULT_INBOX_PREFIX: &str = "_INBOX";
+
+/// A fresh inbox (`{prefix}.{nuid}`) for replies; `prefix` is the bus's
+/// ([`crate::bus::Bus::inbox_prefix`]), so a role's server permissions can let it subscribe to
+/// its own replies only.
+pub(crate) fn new_inbox(prefix: &str) -> Subject {
+    Subject(format!("{prefix}.{}", nuid::next()))
+}
+
+/// Checks an inbox prefix: one or more subject tokens, no wildcards.
+pub fn validate_inbox_prefix(prefix: &str) -> Result<(), SubjectError> {
+    validate_tokens(prefix, false)
 }
 
 /// A multiplexed reply inbox: `_INBOX.{nuid}.{token}` per call, one `_INBOX.{nuid}.*`
@@ -498,8 +508,8 @@ pub(crate) fn new_inbox() -> Subject {
 pub(crate) struct MuxInbox(Subject);
 
 impl MuxInbox {
-    pub fn new() -> Self {
-        Self(new_inbox())
+    pub fn new(prefix: &str) -> Self {
+        Self(new_inbox(prefix))
     }
 
     pub fn pattern(&self) -> SubjectPattern {

@@ -30,7 +30,7 @@ use bytes::Bytes;
 use futures::Stream;
 
 pub use local::LocalBus;
-pub use nats::{NatsBus, NatsSettings};
+pub use nats::{NatsBus, NatsSecurity, NatsSettings, NatsTls, Secret};
 
 use crate::subject::{QueueGroup, Subject, SubjectPattern};
 
@@ -248,6 +248,11 @@ pub trait Bus: Send + Sync + fmt::Debug + 'static {
     /// The largest payload plus headers one message may carry, in bytes.
     fn max_payload(&self) -> usize;
 
+    /// The root of this connection's reply inboxes (`_INBOX` unless configured).
+    fn inbox_prefix(&self) -> &str {
+        crate::subject::DEFAULT_INBOX_PREFIX
+    }
+
     /// Publishes one message. Fails with [`BusError::PayloadTooLarge`] before sending anything
     /// when the message is over [`Bus::max_payload`].
     async fn publish(&self, msg: Outgoing) -> Result<(), BusError>;
@@ -303,7 +308,7 @@ pub trait Bus: Send + Sync + fmt::Debug + 'static {
         payload: Bytes,
         first_reply: std::time::Duration,
     ) -> Result<ReplyStream, BusError> {
-        let inbox = crate::subject::new_inbox();
+        let inbox = crate::subject::new_inbox(self.inbox_prefix());
         let mut sub = self.subscribe(SubjectPattern::from(&inbox), None).await?;
         let target = subject.to_string();
         self.publish(Outgoing {

@@ -4,6 +4,7 @@
 //! nats-server restart costs in-flight messages but no subscription. Status messages from the
 //! server (503, no responders) become [`Status::NoResponders`].
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +24,7 @@ use crate::subject::{QueueGroup, Subject, SubjectPattern};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NatsSettings {
-    /// e.g. `nats://127.0.0.1:4222`
+    /// e.g. `nats://127.0.0.1:4222`, or `tls://HOST:PORT` to require TLS.
     pub url: String,
     /// The name this connection shows in the server's monitoring (`/connz`).
     #[serde(default = "default_client_name")]
@@ -31,6 +32,9 @@ pub struct NatsSettings {
     /// How long the first connection may take before startup fails.
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// Credentials and TLS.
+    #[serde(default)]
+    pub security: NatsSecurity,
 }
 
 fn default_client_name() -> String {
@@ -47,7 +51,220 @@ impl NatsSettings {
             url: url.into(),
             client_name: default_client_name(),
             connect_timeout: default_connect_timeout(),
+            security: NatsSecurity::default(),
         }
+    }
+
+    pub fn with_security(mut self, security: NatsSecurity) -> Self {
+        self.security = security;
+        self
+    }
+}
+
+/// A secret (password, token, seed): serialized as it is, since settings layers pass it on,
+/// but never shown by `Debug`, so no settings dump or log line carries it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// How a process proves who it is to nats-server, and how the connection is encrypted
+/// (`nats:` in the runtime settings, `DYN_NATS__*` in the environment). At most one way to
+/// authenticate: user and password, a token, an NKey seed or a `.creds` file (JWT and seed).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsSecurity {
+    pub user: Option<String>,
+    pub password: Option<Secret>,
+    pub token: Option<Secret>,
+    /// An NKey user seed (`SU...`).
+    pub nkey_seed: Option<Secret>,
+    /// A decentralized-auth credentials file (`nsc generate creds`).
+    pub creds_file: Option<PathBuf>,
+    /// Where this process's replies arrive (`_INBOX` when unset). Give each role its own
+    /// (`_INBOX.worker`) and the server can let it subscribe to its own replies only (see
+    /// config/nats/).
+    pub inbox_prefix: Option<String>,
+    pub tls: NatsTls,
+}
+
+/// TLS towards nats-server. A `tls://` URL, `required`, or any file here makes the client
+/// refuse a plain connection.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsTls {
+    pub required: bool,
+    /// PEM certificates of the authorities that signed the server's certificate (the system
+    /// roots are trusted too).
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate and key, for servers that verify clients (mutual TLS).
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+impl NatsTls {
+    fn wanted(&self) -> bool {
+        self.required || self.ca_file.is_some() || self.cert_file.is_some()
+    }
+}
+
+impl NatsSecurity {
+    /// Refuses contradictory or incomplete settings and files that cannot be read, naming the
+    /// key at fault.
+    pub fn validate(&self) -> Result<(), String> {
+        let ways = [
+            self.user.is_some() || self.password.is_some(),
+            self.token.is_some(),
+            self.nkey_seed.is_some(),
+            self.creds_file.is_some(),
+        ];
+        if ways.iter().filter(|w| **w).count() > 1 {
+            return Err("nats: set one of user/password, token, nkey_seed or creds_file, not several".into());
+        }
+        if self.user.is_some() != self.password.is_some() {
+            return Err("nats: user and password go together (DYN_NATS__USER and DYN_NATS__PASSWORD)".into());
+        }
+        if self.user.as_deref().is_some_and(|u| u.trim().is_empty() || u.trim() != u) {
+            return Err("nats.user: empty or surrounded by whitespace".into());
+        }
+        for (key, secret) in [
+            ("password", &self.password),
+            ("token", &self.token),
+            ("nkey_seed", &self.nkey_seed),
+        ] {
+            if let Some(s) = secret {
+                if s.0.is_empty() || s.0.trim() != s.0 {
+                    return Err(format!("nats.{key}: empty or surrounded by whitespace"));
+                }
+            }
+        }
+        if let Some(seed) = &self.nkey_seed {
+            if !seed.0.starts_with("SU") {
+                return Err("nats.nkey_seed: not a user seed (it starts with SU; `nk -gen user` makes one)".into());
+            }
+        }
+        if let Some(p) = &self.inbox_prefix {
+            crate::subject::validate_inbox_prefix(p)
+                .map_err(|e| format!("nats.inbox_prefix {p:?}: {e}"))?;
+        }
+        if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
+            return Err("nats.tls: cert_file and key_file go together (mutual TLS needs both)".into());
+        }
+        for (key, path) in [
+            ("creds_file", &self.creds_file),
+            ("tls.ca_file", &self.tls.ca_file),
+            ("tls.cert_file", &self.tls.cert_file),
+            ("tls.key_file", &self.tls.key_file),
+        ] {
+            if let Some(p) = path {
+                if let Err(e) = std::fs::File::open(p) {
+                    return Err(format!("nats.{key}: cannot read {}: {e}", p.display()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// These settings as the `DYN_NATS__*` variables that give them to a child process (a
+    /// supervisor's replicas connect as it does).
+    pub fn to_env(&self) -> Vec<(String, String)> {
+        let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
+        let secret = |s: &Option<Secret>| s.as_ref().map(|s| s.0.clone());
+        [
+            ("USER", self.user.clone()),
+            ("PASSWORD", secret(&self.password)),
+            ("TOKEN", secret(&self.token)),
+            ("NKEY_SEED", secret(&self.nkey_seed)),
+            ("CREDS_FILE", path(&self.creds_file)),
+            ("INBOX_PREFIX", self.inbox_prefix.clone()),
+            ("TLS__REQUIRED", self.tls.required.then(|| "true".to_string())),
+            ("TLS__CA_FILE", path(&self.tls.ca_file)),
+            ("TLS__CERT_FILE", path(&self.tls.cert_file)),
+            ("TLS__KEY_FILE", path(&self.tls.key_file)),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| (format!("DYN_NATS__{k}"), v)))
+        .collect()
+    }
+
+    /// The root of this connection's reply inboxes.
+    pub fn inbox_prefix(&self) -> &str {
+        self.inbox_prefix
+            .as_deref()
+            .unwrap_or(crate::subject::DEFAULT_INBOX_PREFIX)
+    }
+
+    /// Whether any credential is set.
+    pub fn authenticates(&self) -> bool {
+        self.user.is_some() || self.token.is_some() || self.nkey_seed.is_some() || self.creds_file.is_some()
+    }
+
+    async fn apply(
+        &self,
+        mut options: async_nats::ConnectOptions,
+    ) -> Result<async_nats::ConnectOptions, BusError> {
+        if let (Some(user), Some(password)) = (&self.user, &self.password) {
+            options = options.user_and_password(user.clone(), password.0.clone());
+        }
+        if let Some(token) = &self.token {
+            options = options.token(token.0.clone());
+        }
+        if let Some(seed) = &self.nkey_seed {
+            options = options.nkey(seed.0.clone());
+        }
+        if let Some(path) = &self.creds_file {
+            options = options.credentials_file(path).await.map_err(|e| {
+                BusError::Connection(format!(
+                    "nats.creds_file {}: {e}; expected a .creds file as `nsc generate creds` writes it",
+                    path.display()
+                ))
+            })?;
+        }
+        if let Some(prefix) = &self.inbox_prefix {
+            options = options.custom_inbox_prefix(prefix);
+        }
+        if let Some(ca) = &self.tls.ca_file {
+            options = options.add_root_certificates(ca.clone());
+        }
+        if let (Some(cert), Some(key)) = (&self.tls.cert_file, &self.tls.key_file) {
+            options = options.add_client_certificate(cert.clone(), key.clone());
+        }
+        if self.tls.wanted() {
+            options = options.require_tls(true);
+        }
+        Ok(options)
+    }
+}
+
+/// What to do about a failed first connection, by what failed.
+fn connect_advice(kind: async_nats::ConnectErrorKind, security: &NatsSecurity) -> &'static str {
+    use async_nats::ConnectErrorKind as K;
+    match kind {
+        K::Authentication | K::AuthorizationViolation if security.authenticates() => {
+            "the server refused these credentials; check nats.user/password, token, nkey_seed or creds_file (DYN_NATS__*) against the server's configuration"
+        }
+        K::Authentication | K::AuthorizationViolation => {
+            "the server requires credentials; set nats.user and nats.password, nats.token, nats.nkey_seed or nats.creds_file (or DYN_NATS__*, --nats-creds)"
+        }
+        K::Tls => {
+            "the TLS handshake failed; check nats.tls.ca_file (the authority that signed the server's certificate), that the certificate is valid now and names the host in the URL, and for mutual TLS nats.tls.cert_file/key_file (--nats-ca, --nats-cert, --nats-key)"
+        }
+        _ => "is nats-server running? (scripts/install-nats.sh installs it)",
     }
 }
 
@@ -58,6 +275,7 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone, Debug)]
 pub struct NatsBus {
     client: async_nats::Client,
+    inbox_prefix: Arc<str>,
     /// Counts (re)connections; watchers resynchronize state the server may have lost.
     connections: watch::Receiver<u64>,
 }
@@ -68,17 +286,20 @@ impl NatsBus {
     pub async fn connect(settings: &NatsSettings) -> Result<Self, BusError> {
         let (connected, connections) = watch::channel(0u64);
         let connected = Arc::new(connected);
+        settings.security.validate().map_err(BusError::Connection)?;
         let options = async_nats::ConnectOptions::new()
             .name(&settings.client_name)
             .connection_timeout(settings.connect_timeout)
             .event_callback(move |event| on_event(event, connected.clone()));
+        let options = settings.security.apply(options).await?;
         let connect = async_nats::connect_with_options(settings.url.as_str(), options);
         let client = match tokio::time::timeout(settings.connect_timeout, connect).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
                 return Err(BusError::Connection(format!(
-                    "cannot connect to {}: {e}; is nats-server running? (scripts/install-nats.sh installs it)",
-                    settings.url
+                    "cannot connect to {}: {e}; {}",
+                    settings.url,
+                    connect_advice(e.kind(), &settings.security)
                 )))
             }
             Err(_) => {
@@ -90,6 +311,7 @@ impl NatsBus {
         };
         Ok(Self {
             client,
+            inbox_prefix: settings.security.inbox_prefix().into(),
             connections,
         })
     }
@@ -117,6 +339,16 @@ async fn on_event(event: async_nats::Event, connected: Arc<watch::Sender<u64>>) 
                 .increment(1);
             tracing::warn!(sid, "nats: slow consumer, messages dropped")
         }
+        async_nats::Event::ServerError(async_nats::ServerError::Other(e))
+            if e.to_ascii_lowercase().contains("permissions violation") =>
+        {
+            // A role's credentials do not allow a subject it used: a misconfigured
+            // permissions file, or a process doing what its role must not.
+            metrics::counter!("dynamo_bus_permission_denied_total", "transport" => "nats")
+                .increment(1);
+            tracing::warn!(error = %e, "nats: the server denied a publish or subscription; check this role's permissions in the server configuration (config/nats/)")
+        }
+        async_nats::Event::ServerError(e) => tracing::warn!(error = %e, "nats: server error"),
         other => tracing::debug!(%other, "nats event"),
     }
 }
@@ -162,6 +394,10 @@ fn op_err(e: impl std::fmt::Display) -> BusError {
 impl Bus for NatsBus {
     fn transport(&self) -> Transport {
         Transport::Nats
+    }
+
+    fn inbox_prefix(&self) -> &str {
+        &self.inbox_prefix
     }
 
     fn max_payload(&self) -> usize {
@@ -233,7 +469,7 @@ impl Bus for NatsBus {
 
     async fn flush(&self) -> Result<(), BusError> {
         let err = |e: String| BusError::Connection(format!("flush failed: {e}"));
-        let barrier = crate::subject::new_inbox().as_str().to_string();
+        let barrier = crate::subject::new_inbox(self.inbox_prefix()).as_str().to_string();
         let mut echo = self
             .client
             .subscribe(barrier.clone())

@@ -96,7 +96,7 @@ struct SharedInbox {
 
 impl SharedInbox {
     async fn subscribe(bus: &Arc<dyn Bus>) -> Result<Self, RpcError> {
-        let inbox = MuxInbox::new();
+        let inbox = MuxInbox::new(bus.inbox_prefix());
         let pending: Arc<Pending> = Arc::new(DashMap::new());
         let routes = pending.clone();
         let route: MessageHandler = Arc::new(move |msg: Message| {
