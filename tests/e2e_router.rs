@@ -185,10 +185,43 @@ async fn kv_routing_follows_the_prefix_resyncs_and_purges() {
     .await;
     late.shutdown().await;
 
+    // Someone speaking for the holder: a batch on its subject stamped with another instance
+    // id is dropped and counted, neither indexed nor a gap that starts a resync.
+    let component = ComponentId::new("e2e", "backend").unwrap();
+    let subject = component.event_subject(&Topic::new(KV_EVENTS_TOPIC).unwrap(), holder);
+    let forged_block = SequenceHash(0xf0f0_f0f0);
+    let forged = KvEventBatch {
+        worker: WorkerId(holder.as_u64() ^ 1),
+        events: vec![KvEvent {
+            event_id: 2_000_000,
+            tier: StorageTier::Device,
+            data: KvEventData::Stored {
+                parent_hash: None,
+                blocks: vec![StoredBlock {
+                    block_hash: forged_block,
+                    tokens_hash: LocalBlockHash(2),
+                }],
+            },
+        }],
+    };
+    let (resyncs, refused) = (router.resyncs(), router.forged());
+    runtime
+        .bus()
+        .publish(Outgoing::new(subject.clone(), encode_event(&forged).unwrap()))
+        .await
+        .unwrap();
+    eventually("the forged batch is refused", Duration::from_secs(5), || {
+        router.forged() > refused
+    })
+    .await;
+    assert_eq!(router.resyncs(), resyncs, "a forged batch is no gap");
+    assert!(router.index().find_matches(&[forged_block]).is_empty());
+
     // A batch lost on the way: the next one the router sees skips ids. Forge one far ahead
     // with a block the worker never stored; the router must resync from the dump.
     let bogus = SequenceHash(0xdead_beef);
     let batch = KvEventBatch {
+        worker: wid,
         events: vec![KvEvent {
             event_id: 1_000_000,
             tier: StorageTier::Device,
@@ -201,8 +234,6 @@ async fn kv_routing_follows_the_prefix_resyncs_and_purges() {
             },
         }],
     };
-    let component = ComponentId::new("e2e", "backend").unwrap();
-    let subject = component.event_subject(&Topic::new(KV_EVENTS_TOPIC).unwrap(), holder);
     let resyncs = router.resyncs();
     runtime
         .bus()

@@ -105,7 +105,11 @@ impl Board {
                 .iter()
                 .map(|m| {
                     let load = s.loads.get(&m.instance.as_u64()).and_then(|(p, at)| {
-                        let r = decode_event::<LoadReport>(p).ok()?;
+                        // Only a report its own instance stamped (no worker speaks for
+                        // another).
+                        let r = decode_event::<LoadReport>(p)
+                            .ok()
+                            .filter(|r| r.worker.map(|w| w.0) == Some(m.instance.as_u64()))?;
                         Some((r, at.elapsed().as_millis() as u64))
                     });
                     let (r, age) = match &load {

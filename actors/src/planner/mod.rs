@@ -78,6 +78,14 @@ impl PlannerSettings {
         v
     }
 
+    /// The component name of `role`'s pool.
+    fn pool_of(&self, role: PoolRole) -> &str {
+        match role {
+            PoolRole::Prefill => self.prefill_pool.as_deref().unwrap_or(&self.pool),
+            PoolRole::Main => &self.pool,
+        }
+    }
+
     fn kind(&self, role: PoolRole) -> &'static str {
         match (role, self.config.policy.pools) {
             (PoolRole::Prefill, _) => "prefill",
@@ -108,7 +116,8 @@ enum Msg {
         worker: String,
         payload: bytes::Bytes,
     },
-    Joined(InstanceId),
+    /// An instance registered, in the component named.
+    Joined(InstanceId, String),
     Left(InstanceId),
     Tick,
 }
@@ -130,8 +139,9 @@ struct State {
     retry_at: Option<Instant>,
     last_error: Option<String>,
     last_tick: Instant,
-    /// The instances registered now (their load reports count).
-    members: std::collections::HashSet<InstanceId>,
+    /// The instances registered now, with their component's name (their load reports count,
+    /// on their own component's subject only).
+    members: std::collections::HashMap<InstanceId, String>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -345,7 +355,9 @@ impl Actor for PlannerActor {
         tasks.push(tokio::spawn(async move {
             while let Some(e) = watch.next().await {
                 let msg = match e {
-                    MemberEvent::Joined(m) => Msg::Joined(m.instance),
+                    MemberEvent::Joined(m) => {
+                        Msg::Joined(m.instance, m.endpoint.component.component.to_string())
+                    }
                     MemberEvent::Left { instance, .. } => Msg::Left(instance),
                 };
                 if me.cast(msg).is_err() {
@@ -412,10 +424,18 @@ impl Actor for PlannerActor {
                     InstanceId::parse_hex(&worker),
                     decode_event::<LoadReport>(&payload),
                 ) {
-                    (Ok(w), Ok(r)) if state.members.contains(&w) => {
+                    (Ok(w), Ok(r))
+                        if r.worker.map(|p| p.0) == Some(w.as_u64())
+                            && state.members.get(&w).map(String::as_str)
+                                == Some(self.settings.pool_of(role)) =>
+                    {
                         state.planner.observe_load(role, w.as_u64(), &r)
                     }
-                    (Ok(_), Ok(_)) => {}
+                    (Ok(_), Ok(_)) => {
+                        // Not registered in this pool, or stamped with another instance.
+                        metrics::counter!("dynamo_planner_rejected_load_reports_total")
+                            .increment(1);
+                    }
                     (w, r) => malformed(
                         "load",
                         &format_args!(
@@ -428,8 +448,8 @@ impl Actor for PlannerActor {
                     ),
                 }
             }
-            Msg::Joined(instance) => {
-                state.members.insert(instance);
+            Msg::Joined(instance, component) => {
+                state.members.insert(instance, component);
             }
             Msg::Left(instance) => {
                 state.members.remove(&instance);

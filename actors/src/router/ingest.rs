@@ -17,7 +17,11 @@
 //! ids, so its next batch triggers the resync above, and a dropped load report is replaced by
 //! the next one.
 //!
-//! Malformed payloads and events for unknown workers are counted
+//! No worker speaks for another: a batch or load report is applied only when the instance id
+//! in its payload is the one in its subject and that instance is registered in the subject's
+//! component.
+//!
+//! Malformed payloads, forged ones and events for unknown workers are counted
 //! (`dynamo_router_bad_events_total{reason}`, and malformed ones also in
 //! `dynamo_bus_malformed_messages_total`), never applied, and leave no per-worker state behind.
 
@@ -75,12 +79,15 @@ impl Admission {
 
 enum IngestMsg {
     Member(MemberEvent),
+    /// `component` is the subscription's: the subject's component.
     Events {
+        component: Arc<ComponentId>,
         worker: String,
         payload: bytes::Bytes,
         received: std::time::Instant,
     },
     Load {
+        component: Arc<ComponentId>,
         worker: String,
         payload: bytes::Bytes,
     },
@@ -179,6 +186,12 @@ fn worker_of(token: &str) -> Option<WorkerId> {
 }
 
 impl Ingest {
+    /// A batch or report one instance published for another: dropped and counted.
+    fn forged(&self, reason: &'static str) {
+        bad(reason);
+        self.router.count_forged();
+    }
+
     fn subscribe(
         &self,
         myself: &ActorRef<IngestMsg>,
@@ -192,6 +205,7 @@ impl Ingest {
             let pattern = component.event_pattern(&Topic::new(topic).expect("valid topic"));
             let (bus, me) = (self.runtime.bus().clone(), myself.clone());
             let queued = self.queued.clone();
+            let from = Arc::new(component.clone());
             let dropped = metrics::counter!("dynamo_router_ingest_dropped_total",
                 "what" => if is_events { "events" } else { "load" });
             state.tasks.push(tokio::spawn(async move {
@@ -210,12 +224,14 @@ impl Ingest {
                     let worker = m.subject.last_token().to_string();
                     let msg = if is_events {
                         IngestMsg::Events {
+                            component: from.clone(),
                             worker,
                             payload: m.payload,
                             received: std::time::Instant::now(),
                         }
                     } else {
                         IngestMsg::Load {
+                            component: from.clone(),
                             worker,
                             payload: m.payload,
                         }
@@ -399,6 +415,7 @@ impl Actor for Ingest {
                 }
             }
             IngestMsg::Events {
+                component,
                 worker,
                 payload,
                 received,
@@ -425,16 +442,30 @@ impl Actor for Ingest {
                         return Ok(());
                     }
                 };
+                if batch.worker != w {
+                    // Published for another instance than the one in its subject.
+                    self.forged("instance_mismatch");
+                    return Ok(());
+                }
                 let Some(track) = state.workers.get_mut(&w).filter(|t| t.component.is_some())
                 else {
                     // Not (yet) in discovery: nothing to resync from, so not indexed.
                     bad("unknown_worker");
                     return Ok(());
                 };
+                if track.component.as_ref() != Some(&*component) {
+                    // Registered in another component: someone speaking for it.
+                    self.forged("wrong_component");
+                    return Ok(());
+                }
                 self.router.note_events();
                 self.on_events(&myself, w, track, batch.events);
             }
-            IngestMsg::Load { worker, payload } => {
+            IngestMsg::Load {
+                component,
+                worker,
+                payload,
+            } => {
                 let (Some(w), Ok(report)) =
                     (worker_of(&worker), decode_event::<LoadReport>(&payload))
                 else {
@@ -442,8 +473,14 @@ impl Actor for Ingest {
                     malformed("load", &format_args!("load report on worker {worker:?}"));
                     return Ok(());
                 };
-                if state.workers.contains_key(&w) {
-                    self.router.record_load(w, report);
+                match state.workers.get(&w) {
+                    _ if report.worker != Some(w) => self.forged("load_instance_mismatch"),
+                    Some(t) if t.component.as_ref() == Some(&*component) => {
+                        self.router.record_load(w, report)
+                    }
+                    Some(_) => self.forged("load_wrong_component"),
+                    // Not (yet) in discovery.
+                    None => {}
                 }
             }
             IngestMsg::Resynced { worker: w, dump } => {

@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use dynamo_engine::{Engine, EngineError, KvHandle};
 use dynamo_preprocessor::ModelFiles;
-use dynamo_protocols::kv::{KvDump, KvDumpRequest, KvEventBatch, KV_EVENTS_TOPIC, LOAD_TOPIC};
+use dynamo_protocols::kv::{
+    KvDump, KvDumpRequest, KvEventBatch, LoadReport, WorkerId, KV_EVENTS_TOPIC, LOAD_TOPIC,
+};
 use dynamo_protocols::llm::{
     EngineOutput, FileChunk, FileRequest, ModelCard, PreprocessedRequest, WorkerKind,
 };
@@ -227,6 +229,8 @@ pub(super) fn spawn_kv_publishers(
     let load_subject = instance
         .component()
         .event_subject(&topic(LOAD_TOPIC), instance.id());
+    // Stamped on every batch and report: receivers check it against the subject.
+    let worker = WorkerId(instance.id().as_u64());
     let mut events = kv.subscribe();
     let events_bus = bus.clone();
     let published = metrics::counter!(
@@ -244,7 +248,7 @@ pub(super) fn spawn_kv_publishers(
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             };
-            let payload = match encode_event(&KvEventBatch { events: batch }) {
+            let payload = match encode_event(&KvEventBatch { worker, events: batch }) {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot encode KV events");
@@ -272,7 +276,10 @@ pub(super) fn spawn_kv_publishers(
     drop(id);
     let load_task = tokio::spawn(async move {
         loop {
-            let report = *load.borrow_and_update();
+            let report = LoadReport {
+                worker: Some(worker),
+                ..*load.borrow_and_update()
+            };
             for (g, v) in gauges.iter().zip([
                 report.active_blocks,
                 report.total_blocks,

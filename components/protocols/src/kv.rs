@@ -66,9 +66,12 @@ pub struct KvEvent {
     pub data: KvEventData,
 }
 
-/// What a worker publishes on its KV-event subject.
+/// What a worker publishes on its KV-event subject. `worker` is the publisher's instance id:
+/// a receiver accepts the batch only when it is the subject's and registered in the subject's
+/// component (no worker speaks for another).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KvEventBatch {
+    pub worker: WorkerId,
     pub events: Vec<KvEvent>,
 }
 
@@ -91,6 +94,10 @@ pub struct KvDumpRequest {}
 /// A worker's load, published at an interval and on change.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LoadReport {
+    /// The publisher's instance id, set when it goes on the bus (checked against the subject,
+    /// as for [`KvEventBatch`]); `None` inside a process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<WorkerId>,
     pub active_blocks: u64,
     pub total_blocks: u64,
     pub waiting_requests: u64,

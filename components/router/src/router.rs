@@ -255,6 +255,8 @@ pub struct KvRouter {
     pub(crate) loads: Loads,
     /// Completed resyncs from worker dumps.
     resyncs: std::sync::atomic::AtomicU64,
+    /// Event batches and load reports refused as forged (one instance speaking for another).
+    forged: std::sync::atomic::AtomicU64,
     /// Whether any KV event has arrived; when the first request was routed.
     events_seen: std::sync::atomic::AtomicBool,
     first_route: std::sync::OnceLock<Instant>,
@@ -286,6 +288,7 @@ impl KvRouter {
             settings,
             loads: Loads::default(),
             resyncs: Default::default(),
+            forged: Default::default(),
             events_seen: Default::default(),
             first_route: std::sync::OnceLock::new(),
             approximate_logged: Default::default(),
@@ -557,6 +560,17 @@ impl KvRouter {
     /// Workers rebuilt from their dumps so far (after a gap in events, or a late start).
     pub fn resyncs(&self) -> u64 {
         self.resyncs.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Event batches and load reports refused because their instance id was not the
+    /// subject's, or the instance is registered in another component.
+    pub fn forged(&self) -> u64 {
+        self.forged.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn count_forged(&self) {
+        self.forged
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// A KV event arrived: the index is fed by events, not predictions.

@@ -757,6 +757,7 @@ impl<E: Executor> Scheduler<E> {
     pub fn load(&self) -> LoadReport {
         let pending = |s: &Seq| s.prompt_len.saturating_sub(s.computed) as u64;
         LoadReport {
+            worker: None,
             active_blocks: self.pool.active_blocks() as u64,
             total_blocks: self.pool.num_blocks() as u64,
             waiting_requests: (self.waiting.len() + self.prefilled.len()) as u64,
