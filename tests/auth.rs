@@ -117,43 +117,14 @@ fn an_unreadable_keys_file_stops_startup_naming_it() {
     assert!(err.contains("/nonexistent/keys"), "{err}");
 }
 
-/// A CA and a leaf certificate for 127.0.0.1 and localhost, as PEM files in `dir`: (ca, cert,
-/// key).
-fn certificates(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
-    use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair};
-    let name = |cn: &str| {
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, cn);
-        dn
-    };
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name = name("dynamo test CA");
-    let ca_key = KeyPair::generate().unwrap();
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let mut leaf =
-        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-    leaf.distinguished_name = name("localhost");
-    let leaf_key = KeyPair::generate().unwrap();
-    let leaf_cert = leaf.signed_by(&leaf_key, &ca_cert, &ca_key).unwrap();
-    let paths = (
-        dir.join("ca.pem"),
-        dir.join("cert.pem"),
-        dir.join("key.pem"),
-    );
-    std::fs::write(&paths.0, ca_cert.pem()).unwrap();
-    std::fs::write(&paths.1, leaf_cert.pem()).unwrap();
-    std::fs::write(&paths.2, leaf_key.serialize_pem()).unwrap();
-    (paths.0, paths.1, paths.2)
-}
-
 /// HTTPS with `--tls-cert`/`--tls-key`: the openai SDK trusting the CA is served, one that
 /// does not and plain HTTP are refused; a certificate that does not match its key, or a
 /// missing file, stops startup with an error naming it.
 #[test]
 fn https_serves_with_the_given_certificate() {
     let dir = tempfile::tempdir().unwrap();
-    let (ca, cert, key) = certificates(dir.path());
+    let pki = common::Pki::write(dir.path());
+    let (ca, cert, key) = (pki.ca, pki.server_cert, pki.server_key);
     let server = Proc::start(
         echo_http()
             .arg("--tls-cert")

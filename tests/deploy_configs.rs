@@ -34,6 +34,7 @@ fn kubernetes_manifests_are_valid_and_their_commands_parse() {
     let mut services = Vec::new();
     let (mut accounts, mut roles, mut bindings) = (Vec::new(), BTreeMap::new(), Vec::new());
     let mut planner_account = None;
+    let (mut bus_clients, mut nats_server) = (Vec::new(), None);
     for (file, d) in &docs {
         let kind = d["kind"]
             .as_str()
@@ -93,7 +94,8 @@ fn kubernetes_manifests_are_valid_and_their_commands_parse() {
                             String::from_utf8_lossy(&out.stderr)
                         );
                         if let Some(i) = args.iter().position(|a| a == "--bus") {
-                            assert_eq!(args[i + 1], "nats://nats:4222", "{file}: {cname}");
+                            assert_eq!(args[i + 1], "tls://nats:4222", "{file}: {cname}");
+                            bus_clients.push((file.clone(), c.clone(), spec.clone()));
                         }
                     }
                     if init.iter().any(|i| i == c) {
@@ -123,6 +125,9 @@ fn kubernetes_manifests_are_valid_and_their_commands_parse() {
                             || (n.is_some() && port.as_str() == n.as_deref())),
                         "{file}: {cname}: probe port {port:?} is not a container port {ports:?}"
                     );
+                }
+                if name == "nats" {
+                    nats_server = Some(containers[0].clone());
                 }
                 if name == "dynamo-planner" {
                     planner_account = spec["serviceAccountName"].as_str().map(str::to_string);
@@ -160,6 +165,10 @@ fn kubernetes_manifests_are_valid_and_their_commands_parse() {
     ] {
         assert!(deployments.contains_key(name), "no Deployment {name}");
     }
+    check_bus_security(
+        &bus_clients,
+        nats_server.as_ref().expect("a nats Deployment"),
+    );
     // The planner's service account may get and patch Deployments' scale, through a binding.
     let account = planner_account.expect("the planner runs under its own service account");
     assert!(accounts.contains(&account), "no ServiceAccount {account}");
@@ -199,6 +208,102 @@ fn kubernetes_manifests_are_valid_and_their_commands_parse() {
 }
 
 use serde::Deserialize;
+
+/// The users of config/nats/permissions.conf with the variable each one's password comes
+/// from.
+fn nats_users() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(root().join("config/nats/permissions.conf")).unwrap();
+    let mut users = Vec::new();
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.starts_with('#'));
+    while let Some(l) = lines.next() {
+        if let Some(user) = l.strip_prefix("user: ") {
+            let pw = lines.next().unwrap();
+            let var = pw
+                .strip_prefix("password: $")
+                .unwrap_or_else(|| panic!("user {user}: password from a variable, not {pw:?}"));
+            users.push((user.to_string(), var.to_string()));
+        }
+    }
+    assert!(users.len() >= 6, "{users:?}");
+    users
+}
+
+/// Every process on the bus connects over TLS with a client certificate as a user of
+/// config/nats/permissions.conf, its password from a Secret and its own reply inbox; the
+/// nats Deployment runs config/nats/ and gets every user's password from the same Secret.
+fn check_bus_security(clients: &[(String, Value, Value)], nats: &Value) {
+    let users = nats_users();
+    assert!(
+        clients.len() >= 4,
+        "frontend, router, workers and planner are on the bus"
+    );
+    let env = |c: &Value, name: &str| -> Option<Value> {
+        c["env"]
+            .as_sequence()?
+            .iter()
+            .find(|e| e["name"].as_str() == Some(name))
+            .cloned()
+    };
+    let secret_key = |e: &Value| {
+        let r = s(e, &["valueFrom", "secretKeyRef"])?;
+        Some((
+            r["name"].as_str()?.to_string(),
+            r["key"].as_str()?.to_string(),
+        ))
+    };
+    for (file, c, spec) in clients {
+        let cname = c["name"].as_str().unwrap();
+        let user = env(c, "DYN_NATS__USER")
+            .and_then(|e| e["value"].as_str().map(str::to_string))
+            .unwrap_or_else(|| panic!("{file}: {cname}: no DYN_NATS__USER"));
+        assert!(
+            users.iter().any(|(u, _)| *u == user),
+            "{file}: {cname}: user {user} is not in config/nats/permissions.conf"
+        );
+        let pw = env(c, "DYN_NATS__PASSWORD").unwrap_or_else(|| panic!("{file}: {cname}"));
+        assert_eq!(
+            secret_key(&pw),
+            Some(("dynamo-nats-users".to_string(), user.clone())),
+            "{file}: {cname}: the password comes from the users Secret"
+        );
+        let inbox = env(c, "DYN_NATS__INBOX_PREFIX").unwrap_or_else(|| panic!("{file}: {cname}"));
+        assert_eq!(
+            inbox["value"].as_str(),
+            Some(format!("_INBOX.{user}").as_str())
+        );
+        // The certificate files are in a mounted Secret.
+        let args: Vec<String> = serde_yaml::from_value(c["args"].clone()).unwrap();
+        let mounts = c["volumeMounts"].as_sequence().cloned().unwrap_or_default();
+        for flag in ["--nats-ca", "--nats-cert", "--nats-key"] {
+            let i = args
+                .iter()
+                .position(|a| a == flag)
+                .unwrap_or_else(|| panic!("{file}: {cname}: no {flag}"));
+            let mount = mounts
+                .iter()
+                .find(|m| args[i + 1].starts_with(m["mountPath"].as_str().unwrap()))
+                .unwrap_or_else(|| panic!("{file}: {cname}: {flag} is not in a mount"));
+            let volume = spec["volumes"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .find(|v| v["name"] == mount["name"])
+                .unwrap();
+            assert!(volume.get("secret").is_some(), "{file}: {cname}: {flag}");
+        }
+    }
+    let args: Vec<String> = serde_yaml::from_value(nats["args"].clone()).unwrap();
+    assert_eq!(args, ["-c", "/etc/nats/config/nats-server.conf"]);
+    for (user, var) in &users {
+        let e = env(nats, var).unwrap_or_else(|| panic!("nats: no {var}"));
+        assert_eq!(
+            secret_key(&e),
+            Some(("dynamo-nats-users".to_string(), user.clone()))
+        );
+    }
+    let conf = std::fs::read_to_string(root().join("config/nats/nats-server.conf")).unwrap();
+    assert!(conf.contains("include permissions.conf") && conf.contains("verify: true"));
+}
 
 #[test]
 fn the_dashboard_queries_metrics_the_code_exports() {

@@ -207,12 +207,17 @@ async fn kv_routing_follows_the_prefix_resyncs_and_purges() {
     let (resyncs, refused) = (router.resyncs(), router.forged());
     runtime
         .bus()
-        .publish(Outgoing::new(subject.clone(), encode_event(&forged).unwrap()))
+        .publish(Outgoing::new(
+            subject.clone(),
+            encode_event(&forged).unwrap(),
+        ))
         .await
         .unwrap();
-    eventually("the forged batch is refused", Duration::from_secs(5), || {
-        router.forged() > refused
-    })
+    eventually(
+        "the forged batch is refused",
+        Duration::from_secs(5),
+        || router.forged() > refused,
+    )
     .await;
     assert_eq!(router.resyncs(), resyncs, "a forged batch is no gap");
     assert!(router.index().find_matches(&[forged_block]).is_empty());

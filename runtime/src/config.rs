@@ -144,7 +144,10 @@ mod tests {
     fn nats_credentials_come_from_env_and_never_show() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("ca.pem", "-----BEGIN CERTIFICATE-----\n")?;
-            jail.create_file("rt.yaml", "bus: tls://nats:4222\nnats:\n  tls:\n    ca_file: ca.pem\n")?;
+            jail.create_file(
+                "rt.yaml",
+                "bus: tls://nats:4222\nnats:\n  tls:\n    ca_file: ca.pem\n",
+            )?;
             jail.set_env("DYN_NATS__USER", "worker");
             jail.set_env("DYN_NATS__PASSWORD", "hunter2-secret");
             let s: RuntimeSettings = load(Some(Path::new("rt.yaml")), &Cli::default()).unwrap();
@@ -187,7 +190,10 @@ mod tests {
             creds_file: Some("/nonexistent/w.creds".into()),
             ..Default::default()
         });
-        assert!(e.contains("nats.creds_file") && e.contains("/nonexistent/w.creds"), "{e}");
+        assert!(
+            e.contains("nats.creds_file") && e.contains("/nonexistent/w.creds"),
+            "{e}"
+        );
         let e = bad(NatsSecurity {
             nkey_seed: Some(crate::bus::Secret::new("UABC")),
             ..Default::default()

@@ -83,6 +83,25 @@ pub fn health_checks() -> (bool, Vec<serde_json::Value>) {
     (ok, shown)
 }
 
+/// `text` with every double-quoted part replaced by `"…"`.
+fn unquoted(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut parts = text.split('"');
+    if let Some(first) = parts.next() {
+        out.push_str(first);
+    }
+    let mut inside = true;
+    for part in parts {
+        if inside {
+            out.push_str("\"…\"");
+        } else {
+            out.push_str(part);
+        }
+        inside = !inside;
+    }
+    out
+}
+
 /// What a bus subscriber does with a message it cannot use (an undecodable payload, a
 /// frame from an instance the call is not talking to): counts it in
 /// `dynamo_bus_malformed_messages_total{kind}` and drops it. `kind` names the subject family
@@ -115,11 +134,18 @@ pub fn malformed(kind: &'static str, detail: &dyn std::fmt::Display) {
             }
         }
     };
+    // Decoding errors quote the values they choke on, which may be prompt text: the warning
+    // leaves quoted values out (the debug line has them).
     match warn_now {
-        Some(0) => tracing::warn!(kind, "dropped a malformed bus message: {detail}"),
+        Some(0) => tracing::warn!(
+            kind,
+            "dropped a malformed bus message: {}",
+            unquoted(&detail.to_string())
+        ),
         Some(n) => tracing::warn!(
             kind,
-            "dropped a malformed bus message: {detail} ({n} more of this kind since the last warning)"
+            "dropped a malformed bus message: {} ({n} more of this kind since the last warning)",
+            unquoted(&detail.to_string())
         ),
         None => tracing::debug!(kind, "dropped a malformed bus message: {detail}"),
     }
@@ -303,4 +329,17 @@ pub fn install_metrics(listen: Option<SocketAddr>) -> Result<PrometheusHandle, T
         apply(catalog);
     }
     Ok(handle)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn warnings_leave_quoted_values_out() {
+        let e = r#"invalid type: string "my secret prompt", expected u32 at "x""#;
+        let shown = super::unquoted(e);
+        assert_eq!(shown, r#"invalid type: string "…", expected u32 at "…""#);
+        // An unterminated quote hides everything after it.
+        assert_eq!(super::unquoted(r#"bad "half"#), r#"bad "…""#);
+        assert_eq!(super::unquoted("no quotes"), "no quotes");
+    }
 }

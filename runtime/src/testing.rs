@@ -6,7 +6,7 @@
 
 use std::io;
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -17,6 +17,8 @@ pub struct NatsServer {
     monitor_port: u16,
     store: tempfile::TempDir,
     bin: PathBuf,
+    /// A configuration file (`-c`) and the environment it reads its variables from.
+    config: Option<(PathBuf, Vec<(String, String)>)>,
 }
 
 fn free_port() -> io::Result<u16> {
@@ -51,12 +53,24 @@ impl NatsServer {
     /// A port found free may be taken by another test before the server binds it: a server
     /// that exits at start is tried again on fresh ports, a few times.
     pub fn start() -> io::Result<Self> {
+        Self::start_inner(None)
+    }
+
+    /// Starts a server with a configuration file (TLS, users and permissions); `env` holds
+    /// the variables it references. The port, monitoring port and JetStream store are this
+    /// harness's (flags override the file).
+    pub fn start_with_config(config: &Path, env: &[(String, String)]) -> io::Result<Self> {
+        Self::start_inner(Some((config.to_path_buf(), env.to_vec())))
+    }
+
+    fn start_inner(config: Option<(PathBuf, Vec<(String, String)>)>) -> io::Result<Self> {
         let mut server = Self {
             child: None,
             port: free_port()?,
             monitor_port: free_port()?,
             store: tempfile::tempdir()?,
             bin: nats_server_binary()?,
+            config,
         };
         let mut tries = 0;
         loop {
@@ -72,7 +86,13 @@ impl NatsServer {
     }
 
     fn spawn(&mut self) -> io::Result<()> {
-        let child = Command::new(&self.bin)
+        let mut cmd = Command::new(&self.bin);
+        if let Some((file, env)) = &self.config {
+            cmd.arg("-c")
+                .arg(file)
+                .envs(env.iter().map(|(k, v)| (k, v)));
+        }
+        let child = cmd
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
             .args(["-m", &self.monitor_port.to_string()])
             .arg("-js")

@@ -564,3 +564,68 @@ pub async fn open_completion(
     assert!(first.finish.is_none());
     g
 }
+
+/// Test certificates as PEM files: a CA, a server certificate for 127.0.0.1 and localhost, and
+/// a client certificate (for mutual TLS), both signed by the CA.
+pub struct Pki {
+    pub ca: std::path::PathBuf,
+    pub server_cert: std::path::PathBuf,
+    pub server_key: std::path::PathBuf,
+    pub client_cert: std::path::PathBuf,
+    pub client_key: std::path::PathBuf,
+    /// A client certificate that expired in 2021.
+    pub expired_cert: std::path::PathBuf,
+    pub expired_key: std::path::PathBuf,
+}
+
+impl Pki {
+    pub fn write(dir: &Path) -> Pki {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair,
+        };
+        let params = |names: &[&str], cn: &str| {
+            let mut p =
+                CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                    .unwrap();
+            let mut dn = DistinguishedName::new();
+            dn.push(DnType::CommonName, cn);
+            p.distinguished_name = dn;
+            p
+        };
+        let mut ca = params(&[], "dynamo test CA");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_key = KeyPair::generate().unwrap();
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let pki = Pki {
+            ca: dir.join("ca.pem"),
+            server_cert: dir.join("cert.pem"),
+            server_key: dir.join("key.pem"),
+            client_cert: dir.join("client.pem"),
+            client_key: dir.join("client-key.pem"),
+            expired_cert: dir.join("expired.pem"),
+            expired_key: dir.join("expired-key.pem"),
+        };
+        std::fs::write(&pki.ca, ca_cert.pem()).unwrap();
+        for (names, cn, cert, key) in [
+            (
+                &["localhost", "127.0.0.1"][..],
+                "localhost",
+                &pki.server_cert,
+                &pki.server_key,
+            ),
+            (&[][..], "dynamo worker", &pki.client_cert, &pki.client_key),
+            (&[][..], "expired", &pki.expired_cert, &pki.expired_key),
+        ] {
+            let leaf_key = KeyPair::generate().unwrap();
+            let mut p = params(names, cn);
+            if cn == "expired" {
+                p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+                p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+            }
+            let leaf = p.signed_by(&leaf_key, &ca_cert, &ca_key).unwrap();
+            std::fs::write(cert, leaf.pem()).unwrap();
+            std::fs::write(key, leaf_key.serialize_pem()).unwrap();
+        }
+        pki
+    }
+}

@@ -248,7 +248,10 @@ pub(super) fn spawn_kv_publishers(
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             };
-            let payload = match encode_event(&KvEventBatch { worker, events: batch }) {
+            let payload = match encode_event(&KvEventBatch {
+                worker,
+                events: batch,
+            }) {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot encode KV events");

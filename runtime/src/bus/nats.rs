@@ -134,12 +134,22 @@ impl NatsSecurity {
             self.creds_file.is_some(),
         ];
         if ways.iter().filter(|w| **w).count() > 1 {
-            return Err("nats: set one of user/password, token, nkey_seed or creds_file, not several".into());
+            return Err(
+                "nats: set one of user/password, token, nkey_seed or creds_file, not several"
+                    .into(),
+            );
         }
         if self.user.is_some() != self.password.is_some() {
-            return Err("nats: user and password go together (DYN_NATS__USER and DYN_NATS__PASSWORD)".into());
+            return Err(
+                "nats: user and password go together (DYN_NATS__USER and DYN_NATS__PASSWORD)"
+                    .into(),
+            );
         }
-        if self.user.as_deref().is_some_and(|u| u.trim().is_empty() || u.trim() != u) {
+        if self
+            .user
+            .as_deref()
+            .is_some_and(|u| u.trim().is_empty() || u.trim() != u)
+        {
             return Err("nats.user: empty or surrounded by whitespace".into());
         }
         for (key, secret) in [
@@ -155,7 +165,10 @@ impl NatsSecurity {
         }
         if let Some(seed) = &self.nkey_seed {
             if !seed.0.starts_with("SU") {
-                return Err("nats.nkey_seed: not a user seed (it starts with SU; `nk -gen user` makes one)".into());
+                return Err(
+                    "nats.nkey_seed: not a user seed (it starts with SU; `nk -gen user` makes one)"
+                        .into(),
+                );
             }
         }
         if let Some(p) = &self.inbox_prefix {
@@ -163,7 +176,9 @@ impl NatsSecurity {
                 .map_err(|e| format!("nats.inbox_prefix {p:?}: {e}"))?;
         }
         if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
-            return Err("nats.tls: cert_file and key_file go together (mutual TLS needs both)".into());
+            return Err(
+                "nats.tls: cert_file and key_file go together (mutual TLS needs both)".into(),
+            );
         }
         for (key, path) in [
             ("creds_file", &self.creds_file),
@@ -192,7 +207,10 @@ impl NatsSecurity {
             ("NKEY_SEED", secret(&self.nkey_seed)),
             ("CREDS_FILE", path(&self.creds_file)),
             ("INBOX_PREFIX", self.inbox_prefix.clone()),
-            ("TLS__REQUIRED", self.tls.required.then(|| "true".to_string())),
+            (
+                "TLS__REQUIRED",
+                self.tls.required.then(|| "true".to_string()),
+            ),
             ("TLS__CA_FILE", path(&self.tls.ca_file)),
             ("TLS__CERT_FILE", path(&self.tls.cert_file)),
             ("TLS__KEY_FILE", path(&self.tls.key_file)),
@@ -211,7 +229,10 @@ impl NatsSecurity {
 
     /// Whether any credential is set.
     pub fn authenticates(&self) -> bool {
-        self.user.is_some() || self.token.is_some() || self.nkey_seed.is_some() || self.creds_file.is_some()
+        self.user.is_some()
+            || self.token.is_some()
+            || self.nkey_seed.is_some()
+            || self.creds_file.is_some()
     }
 
     async fn apply(
@@ -252,8 +273,18 @@ impl NatsSecurity {
 }
 
 /// What to do about a failed first connection, by what failed.
-fn connect_advice(kind: async_nats::ConnectErrorKind, security: &NatsSecurity) -> &'static str {
+fn connect_advice(error: &async_nats::ConnectError, security: &NatsSecurity) -> &'static str {
     use async_nats::ConnectErrorKind as K;
+    let text = error.to_string();
+    // The server's TLS alerts arrive as I/O errors.
+    if text.contains("CertificateRequired") && security.tls.cert_file.is_none() {
+        return "the server verifies clients (mutual TLS) and this one has no certificate; give one with --nats-cert and --nats-key (nats.tls.cert_file/key_file)";
+    }
+    let kind = if text.contains("alert") || text.contains("certificate") {
+        K::Tls
+    } else {
+        error.kind()
+    };
     match kind {
         K::Authentication | K::AuthorizationViolation if security.authenticates() => {
             "the server refused these credentials; check nats.user/password, token, nkey_seed or creds_file (DYN_NATS__*) against the server's configuration"
@@ -299,7 +330,7 @@ impl NatsBus {
                 return Err(BusError::Connection(format!(
                     "cannot connect to {}: {e}; {}",
                     settings.url,
-                    connect_advice(e.kind(), &settings.security)
+                    connect_advice(&e, &settings.security)
                 )))
             }
             Err(_) => {
@@ -469,7 +500,9 @@ impl Bus for NatsBus {
 
     async fn flush(&self) -> Result<(), BusError> {
         let err = |e: String| BusError::Connection(format!("flush failed: {e}"));
-        let barrier = crate::subject::new_inbox(self.inbox_prefix()).as_str().to_string();
+        let barrier = crate::subject::new_inbox(self.inbox_prefix())
+            .as_str()
+            .to_string();
         let mut echo = self
             .client
             .subscribe(barrier.clone())
