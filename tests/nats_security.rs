@@ -292,3 +292,56 @@ async fn a_tls_bus_with_per_role_users_serves_and_refuses_what_a_role_may_not_do
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// `serve --bus` with its credentials and TLS files in a `--config` file only (nothing in the
+/// environment): the supervisor and every child process connect with them, and the graph
+/// serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graph_over_a_tls_bus_takes_its_credentials_from_the_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::write(dir.path());
+    let server = secure_server(dir.path(), &pki);
+    let graph = dir.path().join("graph.yaml");
+    std::fs::write(
+        &graph,
+        format!(
+            "namespace: dynamo\ndefaults:\n  model_path: {}\n  model_name: m\ncomponents:\n  backend:\n    role: worker\n    replicas: 2\n    engine: mocker\n    speedup_ratio: 10\n  frontend:\n    role: frontend\n    http_port: {}\n",
+            model_dir(),
+            common::free_port()
+        ),
+    )
+    .unwrap();
+    let config = dir.path().join("runtime.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "nats:\n  user: serve\n  password: {}\n  inbox_prefix: _INBOX.serve\n  tls:\n    ca_file: {:?}\n    cert_file: {:?}\n    key_file: {:?}\n",
+            password("serve"),
+            pki.ca,
+            pki.client_cert,
+            pki.client_key
+        ),
+    )
+    .unwrap();
+    let bus = format!("tls://127.0.0.1:{}", server.port());
+    let mut serve = common::Serve::start(&[
+        graph.to_str().unwrap(),
+        "--bus",
+        &bus,
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    let frontend = serve.wait_out("/v1", 0, Duration::from_secs(60));
+    serve.wait_out("ready: graph", 0, Duration::from_secs(60));
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/completions", common::base(&frontend)))
+        .json(&json!({"model": "m", "prompt": "hello", "max_tokens": 3}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    // The password is in no line the graph printed.
+    serve.stop(Duration::from_secs(20));
+    let printed = [serve.out.lock().unwrap().join("\n"), serve.err.lock().unwrap().join("\n")];
+    assert!(printed.iter().all(|p| !p.contains(&password("serve"))));
+}
