@@ -342,6 +342,64 @@ async fn a_graph_over_a_tls_bus_takes_its_credentials_from_the_config_file() {
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     // The password is in no line the graph printed.
     serve.stop(Duration::from_secs(20));
-    let printed = [serve.out.lock().unwrap().join("\n"), serve.err.lock().unwrap().join("\n")];
+    let printed = [
+        serve.out.lock().unwrap().join("\n"),
+        serve.err.lock().unwrap().join("\n"),
+    ];
     assert!(printed.iter().all(|p| !p.contains(&password("serve"))));
+}
+
+/// The other ways to authenticate against a real server: a token and an NKey seed connect; a
+/// wrong token is refused naming the credentials; a `.creds` file that is not one stops startup
+/// naming it. No secret shows in an error.
+#[test]
+fn tokens_and_nkey_seeds_connect_and_bad_credentials_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let user = nkeys::KeyPair::new_user();
+    let seed = user.seed().unwrap();
+    for (auth, env, ok) in [
+        (
+            "authorization { token: \"t0ken-right\" }".to_string(),
+            ("DYN_NATS__TOKEN", "t0ken-right".to_string()),
+            true,
+        ),
+        (
+            "authorization { token: \"t0ken-right\" }".to_string(),
+            ("DYN_NATS__TOKEN", "t0ken-wrong".to_string()),
+            false,
+        ),
+        (
+            format!(
+                "authorization {{ users = [ {{ nkey: {} }} ] }}",
+                user.public_key()
+            ),
+            ("DYN_NATS__NKEY_SEED", seed.clone()),
+            true,
+        ),
+    ] {
+        let conf = dir.path().join("auth.conf");
+        std::fs::write(&conf, auth).unwrap();
+        let server = NatsServer::start_with_config(&conf, &[]).unwrap();
+        let out = dynamo_run()
+            .args(["--bus", &server.url(), "ls"])
+            .env(env.0, &env.1)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.success(), ok, "{}: {err}", env.0);
+        assert!(!err.contains(&env.1), "{err}");
+        if !ok {
+            assert!(err.contains("refused these credentials"), "{err}");
+        }
+    }
+    let creds = dir.path().join("bad.creds");
+    std::fs::write(&creds, "not a creds file").unwrap();
+    let out = dynamo_run()
+        .args(["--bus", "nats://127.0.0.1:1", "--nats-creds"])
+        .arg(&creds)
+        .arg("ls")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("bad.creds"), "{err}");
 }
