@@ -164,7 +164,7 @@ impl KvRouter {
         if open.is_empty() {
             return PrefillPlan::Local(LocalReason::Saturated);
         }
-        match self.route_as(&open, tokens, bs, false) {
+        match self.route_as(&open, tokens, bs, false, false) {
             Ok(d) => match self.prefill.get(&d.worker) {
                 Some(p) => PrefillPlan::Remote {
                     worker: d.worker,

@@ -81,17 +81,85 @@ impl Default for KvRouterSettings {
 /// Every worker's [`Accounting`] behind one lock: a route reads all its candidates' under
 /// one read lock (a thousand map lookups under a thousand shard locks were a fifth of a
 /// simulated cluster's time), and each update is a short write.
-#[derive(Debug, Default)]
-pub(crate) struct Loads(std::sync::RwLock<HashMap<WorkerId, Accounting, IdBuild>>);
+#[derive(Debug)]
+pub(crate) struct Loads(std::sync::RwLock<LoadTable>);
+
+/// The accounting of every worker, and the workers ordered by their load bound.
+#[derive(Debug)]
+pub(crate) struct LoadTable {
+    map: HashMap<WorkerId, LoadEntry, IdBuild>,
+    /// Workers by [`LoadTable::bound`] (as f64 bits: non-negative floats order as their bits),
+    /// so a route can visit the workers without a prefix hit least loaded first and stop at
+    /// the first whose bound is above the best cost found (see `KvRouter::route_as`).
+    order: std::collections::BTreeSet<(u64, WorkerId)>,
+    /// The router's `overlap_weight`.
+    weight: f64,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct LoadEntry {
+    acc: Accounting,
+    /// Its KV block size (1 until the worker is added with its model).
+    block_size: usize,
+    /// Its key in `order`.
+    key: u64,
+}
+
+/// The part of a worker's cost that is its own load: `overlap_weight x pending prompt blocks
+/// + decode blocks`. Any request's cost there is at least its cost on an idle worker without
+/// a prefix hit plus this.
+fn bound(weight: f64, e: &LoadEntry) -> f64 {
+    let pending = e.acc.pending_prefill_tokens() as f64 / e.block_size.max(1) as f64;
+    weight * pending + e.acc.decode_blocks() as f64
+}
+
+impl LoadTable {
+    pub(crate) fn get(&self, w: &WorkerId) -> Option<&Accounting> {
+        self.map.get(w).map(|e| &e.acc)
+    }
+
+    /// Changes `w`'s entry (starting one when `create`) and its place in the order.
+    fn change(&mut self, w: WorkerId, create: bool, f: impl FnOnce(&mut LoadEntry)) {
+        let weight = self.weight;
+        let entry = match (self.map.get_mut(&w), create) {
+            (Some(e), _) => e,
+            (None, true) => self.map.entry(w).or_insert(LoadEntry {
+                block_size: 1,
+                key: u64::MAX,
+                ..Default::default()
+            }),
+            (None, false) => return,
+        };
+        let old = entry.key;
+        f(entry);
+        let key = bound(weight, entry).max(0.0).to_bits();
+        if key != old {
+            entry.key = key;
+            self.order.remove(&(old, w));
+            self.order.insert((key, w));
+        }
+    }
+
+    /// Workers with their bounds, least first.
+    pub(crate) fn by_bound(&self) -> impl Iterator<Item = (f64, WorkerId)> + '_ {
+        self.order.iter().map(|&(k, w)| (f64::from_bits(k), w))
+    }
+}
 
 impl Loads {
-    pub(crate) fn read(
-        &self,
-    ) -> std::sync::RwLockReadGuard<'_, HashMap<WorkerId, Accounting, IdBuild>> {
+    pub(crate) fn new(weight: f64) -> Self {
+        Self(std::sync::RwLock::new(LoadTable {
+            map: HashMap::default(),
+            order: Default::default(),
+            weight,
+        }))
+    }
+
+    pub(crate) fn read(&self) -> std::sync::RwLockReadGuard<'_, LoadTable> {
         self.0.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<WorkerId, Accounting, IdBuild>> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, LoadTable> {
         self.0.write().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -101,18 +169,25 @@ impl Loads {
 
     /// Changes `w`'s accounting if it has one.
     pub(crate) fn update(&self, w: &WorkerId, f: impl FnOnce(&mut Accounting)) {
-        if let Some(a) = self.write().get_mut(w) {
-            f(a);
-        }
+        self.write().change(*w, false, |e| f(&mut e.acc));
     }
 
     /// Changes `w`'s accounting, starting one if it has none.
     fn upsert(&self, w: WorkerId, f: impl FnOnce(&mut Accounting)) {
-        f(self.write().entry(w).or_default());
+        self.write().change(w, true, |e| f(&mut e.acc));
+    }
+
+    /// Starts `w`'s accounting (idle) if it has none, with its block size.
+    fn add(&self, w: WorkerId, block_size: usize) {
+        self.write()
+            .change(w, true, |e| e.block_size = block_size.max(1));
     }
 
     fn remove(&self, w: &WorkerId) {
-        self.write().remove(w);
+        let mut t = self.write();
+        if let Some(e) = t.map.remove(w) {
+            t.order.remove(&(e.key, *w));
+        }
     }
 }
 
@@ -285,8 +360,8 @@ impl KvRouter {
             rng,
             by_model: Mutex::new(HashMap::new()),
             index: KvIndex::new(settings.index.clone()),
+            loads: Loads::new(settings.overlap_weight),
             settings,
-            loads: Loads::default(),
             resyncs: Default::default(),
             forged: Default::default(),
             events_seen: Default::default(),
@@ -456,6 +531,9 @@ impl KvRouter {
 
     /// Records that `worker` (in discovery) serves `model` with blocks of `block_size`.
     pub fn add_worker(&self, worker: WorkerId, model: String, block_size: usize) {
+        // Every candidate of a model has an accounting (idle until routed to or reported):
+        // routes visit only the workers in the load order.
+        self.loads.add(worker, block_size);
         self.models.insert(worker, (model, block_size));
         self.invalidate_candidates();
     }
@@ -481,14 +559,14 @@ impl KvRouter {
     ) -> Result<Decision, RouteError> {
         let (all, block_size) = self.candidates(model);
         if exclude.is_empty() {
-            return self.route_as(&all, tokens, block_size, load_only);
+            return self.route_as(&all, tokens, block_size, load_only, true);
         }
         let candidates: Vec<WorkerId> = all
             .iter()
             .filter(|w| !exclude.contains(w))
             .copied()
             .collect();
-        self.route_as(&candidates, tokens, block_size, load_only)
+        self.route_as(&candidates, tokens, block_size, load_only, true)
     }
 
     /// The workers serving `model` (sorted) and their block size: kept until a worker joins
@@ -658,54 +736,20 @@ impl KvRouter {
         tokens: &[TokenId],
         block_size: usize,
     ) -> Result<Decision, RouteError> {
-        self.route_as(candidates, tokens, block_size, self.settings.load_only)
+        self.route_as(candidates, tokens, block_size, self.settings.load_only, false)
     }
 
-    pub(crate) fn settings(&self) -> &KvRouterSettings {
-        &self.settings
-    }
-
-    pub(crate) fn route_as(
-        self: &Arc<Self>,
+    /// Scores every candidate: the lowest cost wins (ties drawn at random), or with a
+    /// temperature, a softmax draw over all costs.
+    fn sample(
+        &self,
         candidates: &[WorkerId],
-        tokens: &[TokenId],
-        block_size: usize,
-        load_only: bool,
-    ) -> Result<Decision, RouteError> {
-        let started = Instant::now();
-        if candidates.is_empty() {
-            return Err(RouteError::NoWorkers);
-        }
-        let bs = block_size.max(1);
-        let needed = tokens.len().div_ceil(bs) as f64;
-        let hashes: Vec<SequenceHash> = if load_only {
-            Vec::new()
-        } else {
-            block_hashes(tokens, bs).into_iter().map(|h| h.1).collect()
-        };
-        self.expire_predictions();
-        self.sweep_shared();
-        let overlaps: std::collections::HashMap<WorkerId, Overlap, IdBuild> =
-            self.index.find_matches(&hashes).into_iter().collect();
+        overlaps: &HashMap<WorkerId, Overlap, IdBuild>,
+        needed: f64,
+        bs: usize,
+        best_peer: &dyn Fn(WorkerId) -> (u32, Option<WorkerId>),
+    ) -> Result<(WorkerId, Overlap), RouteError> {
         let s = &self.settings;
-        // The two candidates holding the longest runs a peer can send (device and host),
-        // so each worker's best peer is one of them.
-        let mut peers: [(u32, Option<WorkerId>); 2] = [(0, None); 2];
-        if s.peer_credit > 0.0 {
-            for &w in candidates {
-                let o = overlaps.get(&w).copied().unwrap_or_default();
-                let run = o.device + o.host;
-                if run > peers[0].0 {
-                    peers = [(run, Some(w)), peers[0]];
-                } else if run > peers[1].0 {
-                    peers[1] = (run, Some(w));
-                }
-            }
-        }
-        let best_peer = |w: WorkerId| match peers {
-            [(n, Some(p)), _] if p != w => (n, Some(p)),
-            [_, (n, p)] => (n, p),
-        };
         let mut scored: Vec<(WorkerId, f64, Overlap)> = Vec::with_capacity(candidates.len());
         let loads = self.loads.read();
         for &w in candidates {
@@ -757,6 +801,136 @@ impl KvRouter {
             ties[self.random(|r| rand::Rng::random_range(r, 0..ties.len()))]
         };
         let (worker, _, overlap) = scored[pick];
+        Ok((worker, overlap))
+    }
+
+    /// The lowest cost among `candidates` (sorted, all in the load order), ties drawn at
+    /// random, without scoring them all: the workers with a prefix hit are scored, then the
+    /// others least loaded first (the load order), stopping at the first whose load bound
+    /// alone puts it above the best cost so far. Every worker with the lowest cost is found,
+    /// so the choice is the one scoring all would make (the same ties, drawn the same way).
+    fn least_cost(
+        &self,
+        candidates: &[WorkerId],
+        overlaps: &HashMap<WorkerId, Overlap, IdBuild>,
+        needed: f64,
+        bs: usize,
+        best_peer: &dyn Fn(WorkerId) -> (u32, Option<WorkerId>),
+    ) -> Result<(WorkerId, Overlap), RouteError> {
+        let s = &self.settings;
+        let loads = self.loads.read();
+        // A worker's cost (`None`: busy).
+        let cost_of = |w: WorkerId, o: Overlap| -> Option<f64> {
+            let a = loads.get(&w)?;
+            let (decode, total) = (a.decode_blocks() as f64, a.report.total_blocks as f64);
+            if s
+                .busy_threshold
+                .is_some_and(|t| total > 0.0 && decode / total > t)
+            {
+                return None;
+            }
+            let pending = a.pending_prefill_tokens() as f64 / bs as f64;
+            Some(cost(s, needed, o, best_peer(w).0, pending, decode, total))
+        };
+        let mut best = f64::INFINITY;
+        let mut ties: Vec<(WorkerId, Overlap)> = Vec::new();
+        let mut consider = |best: &mut f64, w: WorkerId, o: Overlap| {
+            let Some(c) = cost_of(w, o) else { return };
+            if c < *best - 1e-9 {
+                *best = c;
+                ties.clear();
+            }
+            if c <= *best + 1e-9 {
+                ties.push((w, o));
+            }
+        };
+        for (&w, &o) in overlaps {
+            if candidates.binary_search(&w).is_ok() {
+                consider(&mut best, w, o);
+            }
+        }
+        // What any worker without a hit costs at the least: its cost idle.
+        let floor = |w: WorkerId| cost(s, needed, Overlap::default(), best_peer(w).0, 0.0, 0.0, 0.0);
+        let mut idle_floor: Option<f64> = None;
+        for (bound, w) in loads.by_bound() {
+            if overlaps.contains_key(&w) {
+                continue;
+            }
+            // Workers without a hit share one floor (the peer credit of the leading holder),
+            // but for the holders themselves, skipped above.
+            let f = *idle_floor.get_or_insert_with(|| floor(w));
+            if f + bound > best + 1e-6 {
+                break;
+            }
+            if candidates.binary_search(&w).is_ok() {
+                consider(&mut best, w, Overlap::default());
+            }
+        }
+        drop(consider);
+        drop(loads);
+        if ties.is_empty() {
+            return Err(RouteError::AllBusy(candidates.len()));
+        }
+        // In candidate order, as scoring them all would list them.
+        ties.sort_unstable_by_key(|t| t.0);
+        let pick = self.random(|r| rand::Rng::random_range(r, 0..ties.len()));
+        Ok(ties[pick])
+    }
+
+    pub(crate) fn settings(&self) -> &KvRouterSettings {
+        &self.settings
+    }
+
+    /// `known`: every candidate was added with [`KvRouter::add_worker`] (so it has an
+    /// accounting in the load order) and `candidates` is sorted.
+    pub(crate) fn route_as(
+        self: &Arc<Self>,
+        candidates: &[WorkerId],
+        tokens: &[TokenId],
+        block_size: usize,
+        load_only: bool,
+        known: bool,
+    ) -> Result<Decision, RouteError> {
+        let started = Instant::now();
+        if candidates.is_empty() {
+            return Err(RouteError::NoWorkers);
+        }
+        let bs = block_size.max(1);
+        let needed = tokens.len().div_ceil(bs) as f64;
+        let hashes: Vec<SequenceHash> = if load_only {
+            Vec::new()
+        } else {
+            block_hashes(tokens, bs).into_iter().map(|h| h.1).collect()
+        };
+        self.expire_predictions();
+        self.sweep_shared();
+        let overlaps: std::collections::HashMap<WorkerId, Overlap, IdBuild> =
+            self.index.find_matches(&hashes).into_iter().collect();
+        let s = &self.settings;
+        // The two candidates holding the longest runs a peer can send (device and host),
+        // so each worker's best peer is one of them.
+        let mut peers: [(u32, Option<WorkerId>); 2] = [(0, None); 2];
+        if s.peer_credit > 0.0 {
+            for &w in candidates {
+                let o = overlaps.get(&w).copied().unwrap_or_default();
+                let run = o.device + o.host;
+                if run > peers[0].0 {
+                    peers = [(run, Some(w)), peers[0]];
+                } else if run > peers[1].0 {
+                    peers[1] = (run, Some(w));
+                }
+            }
+        }
+        let best_peer = |w: WorkerId| match peers {
+            [(n, Some(p)), _] if p != w => (n, Some(p)),
+            [_, (n, p)] => (n, p),
+        };
+        let (worker, overlap) = if s.temperature == 0.0 && known {
+            self.least_cost(candidates, &overlaps, needed, bs, &best_peer)?
+        } else {
+            self.sample(candidates, &overlaps, needed, bs, &best_peer)?
+        };
+
         let peer = match best_peer(worker) {
             (n, Some(p)) if credited(s, overlap, n).1 => Some((p, n)),
             _ => None,

@@ -370,6 +370,58 @@ mod properties {
             prop_assert!(at(all, 0) <= at(none, longer));
         }
 
+        /// Routing a model (the load order, stopping at the first worker whose load alone
+        /// costs more than the best so far) picks exactly the worker scoring every candidate
+        /// picks, through any sequence of stored prefixes, load reports, routes and finished
+        /// requests: two routers with the same seed and the same history agree on every
+        /// decision.
+        #[test]
+        fn the_load_order_picks_what_scoring_every_worker_picks(
+            s in settings(),
+            busy in proptest::option::of(0.3f64..1.0),
+            ops in proptest::collection::vec(
+                (0u64..24, 0u32..6, 1usize..300, 0u64..400, 0u64..200, any::<bool>()),
+                1..60,
+            ),
+        ) {
+            let s = KvRouterSettings { seed: Some(7), busy_threshold: busy, ..s };
+            let (fast, all) = (KvRouter::new(s.clone()), KvRouter::new(s));
+            let workers: Vec<WorkerId> = (1..=24).map(WorkerId).collect();
+            for r in [&fast, &all] {
+                for &w in &workers {
+                    r.add_worker(w, "m".into(), 16);
+                }
+            }
+            let mut open = Vec::new();
+            for (w, prefix, len, active, queued, done) in ops {
+                // Prompts share one of six prefixes.
+                let prompt: Vec<u32> = (0..len as u32).map(|t| t + prefix * 1000).collect();
+                for r in [&fast, &all] {
+                    store(r, w + 1, &prompt[..len / 2], 16);
+                    r.record_load(WorkerId(w + 1), LoadReport {
+                        active_blocks: active,
+                        total_blocks: 400,
+                        queued_prefill_tokens: queued,
+                        ..Default::default()
+                    });
+                }
+                let a = fast.route_model("m", &[], &prompt);
+                let b = all.route(&workers, &prompt, 16);
+                match (a, b) {
+                    (Ok(a), Ok(b)) => {
+                        prop_assert_eq!(a.worker, b.worker);
+                        prop_assert_eq!(a.overlap, b.overlap);
+                        open.push((a.lease, b.lease));
+                    }
+                    (Err(a), Err(b)) => prop_assert_eq!(a, b),
+                    (a, b) => prop_assert!(false, "{:?} against {:?}", a.map(|d| d.worker), b.map(|d| d.worker)),
+                }
+                if done && !open.is_empty() {
+                    open.remove(0);
+                }
+            }
+        }
+
         /// Any interleaving of routing, first tokens and drops: once every lease is gone,
         /// nothing is accounted to any worker (a lease released once, never twice, never
         /// leaked), and a replica applying the shared events (duplicated) agrees.
