@@ -90,8 +90,12 @@ pub struct Evicted {
 pub struct BlockPool {
     block_size: usize,
     tier: StorageTier,
+    /// Every block handed out so far (grown on demand up to `capacity`, so a large pool
+    /// that is never filled costs no memory).
     blocks: Vec<Meta>,
+    /// Blocks released uncached; blocks never handed out are not listed.
     free: Vec<BlockId>,
+    capacity: usize,
     by_hash: HashMap<SequenceHash, BlockId>,
     lru: BTreeMap<u64, BlockId>,
     clock: u64,
@@ -106,8 +110,9 @@ impl BlockPool {
         Self {
             block_size: block_size.max(1),
             tier: StorageTier::Device,
-            blocks: vec![Meta::default(); num_blocks],
-            free: (0..num_blocks as u32).rev().map(BlockId).collect(),
+            blocks: Vec::new(),
+            free: Vec::new(),
+            capacity: num_blocks,
             by_hash: HashMap::new(),
             lru: BTreeMap::new(),
             clock: 0,
@@ -135,7 +140,7 @@ impl BlockPool {
     }
 
     pub fn num_blocks(&self) -> usize {
-        self.blocks.len()
+        self.capacity
     }
 
     /// Blocks referenced by some sequence.
@@ -145,12 +150,12 @@ impl BlockPool {
 
     /// Blocks never used or released uncached: allocating up to this many evicts nothing.
     pub fn unused(&self) -> usize {
-        self.free.len()
+        self.free.len() + (self.capacity - self.blocks.len())
     }
 
     /// Blocks an allocation can get now (free plus evictable).
     pub fn available(&self) -> usize {
-        self.free.len() + self.lru.len()
+        self.unused() + self.lru.len()
     }
 
     pub fn cached_blocks(&self) -> usize {
@@ -199,6 +204,11 @@ impl BlockPool {
         while out.len() < n {
             let id = match self.free.pop() {
                 Some(id) => id,
+                // A block never used: the lowest index not handed out yet.
+                None if self.blocks.len() < self.capacity => {
+                    self.blocks.push(Meta::default());
+                    BlockId(self.blocks.len() as u32 - 1)
+                }
                 None => {
                     let (_, id) = self.lru.pop_first().expect("available() counted it");
                     if let (Some(out), Some(c)) =
