@@ -185,9 +185,97 @@ pub struct ApplyStats {
     pub duplicate_stores: usize,
 }
 
+/// A block's holders: slot -> tier bits. Most blocks have one or two holders (a generated
+/// block always one), so a short list inline; a map once there are more than
+/// [`FEW_HOLDERS`].
+enum Holders {
+    Few(smallvec::SmallVec<[(u32, u8); 2]>),
+    Many(IdMap<u32, u8>),
+}
+
+/// The most holders kept as a list.
+const FEW_HOLDERS: usize = 8;
+
+impl Default for Holders {
+    fn default() -> Self {
+        Holders::Few(smallvec::SmallVec::new())
+    }
+}
+
+impl Holders {
+    fn get(&self, slot: &u32) -> Option<&u8> {
+        match self {
+            Holders::Few(v) => v.iter().find(|(s, _)| s == slot).map(|(_, t)| t),
+            Holders::Many(m) => m.get(slot),
+        }
+    }
+
+    fn contains_key(&self, slot: &u32) -> bool {
+        self.get(slot).is_some()
+    }
+
+    fn insert(&mut self, slot: u32, tiers: u8) -> Option<u8> {
+        match self {
+            Holders::Few(v) => {
+                if let Some((_, t)) = v.iter_mut().find(|(s, _)| *s == slot) {
+                    return Some(std::mem::replace(t, tiers));
+                }
+                if v.len() < FEW_HOLDERS {
+                    v.push((slot, tiers));
+                } else {
+                    let mut m: IdMap<u32, u8> = v.iter().copied().collect();
+                    m.insert(slot, tiers);
+                    *self = Holders::Many(m);
+                }
+                None
+            }
+            Holders::Many(m) => m.insert(slot, tiers),
+        }
+    }
+
+    fn remove(&mut self, slot: &u32) -> Option<u8> {
+        match self {
+            Holders::Few(v) => {
+                let i = v.iter().position(|(s, _)| s == slot)?;
+                Some(v.swap_remove(i).1)
+            }
+            Holders::Many(m) => {
+                let t = m.remove(slot);
+                if m.len() <= FEW_HOLDERS / 2 {
+                    *self = Holders::Few(m.iter().map(|(&s, &t)| (s, t)).collect());
+                }
+                t
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Holders::Few(v) => v.len(),
+            Holders::Many(m) => m.len(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&u32, &u8)> {
+        let (few, many) = match self {
+            Holders::Few(v) => (Some(v.iter().map(|(s, t)| (s, t))), None),
+            Holders::Many(m) => (None, Some(m.iter())),
+        };
+        few.into_iter().flatten().chain(many.into_iter().flatten())
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &u32> {
+        self.iter().map(|(s, _)| s)
+    }
+}
+
 struct Entry {
     /// Slot -> tier bits.
-    holders: IdMap<u32, u8>,
+    holders: Holders,
     /// Bitset of the holders' slots, kept while there are many holders.
     bits: Option<Vec<u64>>,
     /// Holders with no device (or predicted) copy: their hits count as host or disk.
@@ -218,7 +306,7 @@ fn test_and_clear(bits: &mut [u64], slot: u32) -> bool {
 impl Entry {
     fn new(stamp: u64) -> Self {
         Self {
-            holders: IdMap::default(),
+            holders: Holders::default(),
             bits: None,
             lower: 0,
             stamp: AtomicU64::new(stamp),
@@ -570,7 +658,7 @@ impl KvIndex {
             entry.stamp.store(stamp, Ordering::Relaxed);
             let count_lower = |bits: &[u64], lower_hits: &mut IdMap<u32, Overlap>| {
                 if entry.lower > 0 {
-                    for (&s, &t) in &entry.holders {
+                    for (&s, &t) in entry.holders.iter() {
                         let (w, b) = (s as usize / 64, s % 64);
                         if !on_device(t) && bits.get(w).is_some_and(|x| x & (1 << b) != 0) {
                             lower_hits.entry(s).or_default().add(t);
@@ -618,7 +706,7 @@ impl KvIndex {
                     }
                     None => {
                         // Few holders: the live set becomes a list.
-                        for (&s, &t) in &entry.holders {
+                        for (&s, &t) in entry.holders.iter() {
                             if test_and_clear(set, s) {
                                 let mut o = dense_overlap(i, s, &lower_hits);
                                 o.add(t);

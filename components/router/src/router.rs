@@ -736,7 +736,13 @@ impl KvRouter {
         tokens: &[TokenId],
         block_size: usize,
     ) -> Result<Decision, RouteError> {
-        self.route_as(candidates, tokens, block_size, self.settings.load_only, false)
+        self.route_as(
+            candidates,
+            tokens,
+            block_size,
+            self.settings.load_only,
+            false,
+        )
     }
 
     /// Scores every candidate: the lowest cost wins (ties drawn at random), or with a
@@ -823,8 +829,7 @@ impl KvRouter {
         let cost_of = |w: WorkerId, o: Overlap| -> Option<f64> {
             let a = loads.get(&w)?;
             let (decode, total) = (a.decode_blocks() as f64, a.report.total_blocks as f64);
-            if s
-                .busy_threshold
+            if s.busy_threshold
                 .is_some_and(|t| total > 0.0 && decode / total > t)
             {
                 return None;
@@ -850,7 +855,8 @@ impl KvRouter {
             }
         }
         // What any worker without a hit costs at the least: its cost idle.
-        let floor = |w: WorkerId| cost(s, needed, Overlap::default(), best_peer(w).0, 0.0, 0.0, 0.0);
+        let floor =
+            |w: WorkerId| cost(s, needed, Overlap::default(), best_peer(w).0, 0.0, 0.0, 0.0);
         let mut idle_floor: Option<f64> = None;
         for (bound, w) in loads.by_bound() {
             if overlaps.contains_key(&w) {

@@ -68,10 +68,10 @@ fn tier(t: u8) -> StorageTier {
 fn op() -> impl Strategy<Value = Op> {
     let hashes = || proptest::collection::vec(0u64..12, 1..6);
     prop_oneof![
-        5 => (0u64..8, 0u8..3, hashes()).prop_map(|(w, t, h)| Op::Store(w, t, h)),
-        2 => (0u64..8, 0u8..3, hashes()).prop_map(|(w, t, h)| Op::Remove(w, t, h)),
-        1 => (0u64..8, 0u8..3).prop_map(|(w, t)| Op::Clear(w, t)),
-        1 => (0u64..8).prop_map(Op::Gone),
+        5 => (0u64..14, 0u8..3, hashes()).prop_map(|(w, t, h)| Op::Store(w, t, h)),
+        2 => (0u64..14, 0u8..3, hashes()).prop_map(|(w, t, h)| Op::Remove(w, t, h)),
+        1 => (0u64..14, 0u8..3).prop_map(|(w, t)| Op::Clear(w, t)),
+        1 => (0u64..14).prop_map(Op::Gone),
         4 => hashes().prop_map(Op::Query),
     ]
 }
@@ -79,6 +79,7 @@ fn op() -> impl Strategy<Value = Op> {
 proptest! {
     #[test]
     // `dense_holders` 2-5 so that blocks switch between holder lists and bitsets all the time.
+    // Up to 14 workers: blocks move between a holder list and a map (more than 8).
     fn index_matches_the_naive_reference(
         ops in proptest::collection::vec(op(), 1..80),
         dense_holders in 2usize..6,
