@@ -715,6 +715,61 @@ mod tests {
         assert_eq!(load.total_blocks, 64);
     }
 
+    /// At low load a stream's inter-token gaps are the timing model's decode time exactly
+    /// (within 2%, the KV usage growing by a block every 16 tokens): steps keep an absolute
+    /// schedule, so the timer's millisecond granularity never accumulates; and
+    /// `speedup_ratio` divides them exactly.
+    #[tokio::test(start_paused = true)]
+    async fn inter_token_gaps_are_the_model_s_decode_time_and_speedup_divides_them() {
+        let (blocks, bs, prompt, tokens) = (1024usize, 16usize, 100usize, 200u32);
+        let mut means = Vec::new();
+        for speedup in [1.0, 2.0, 7.5] {
+            let engine = MockerEngine::start(MockerSettings {
+                num_gpu_blocks: blocks,
+                block_size: bs,
+                speedup_ratio: speedup,
+                ..Default::default()
+            })
+            .unwrap();
+            let mut stream = engine
+                .generate(
+                    request((0..prompt as TokenId).collect(), tokens),
+                    CancellationToken::new(),
+                )
+                .unwrap();
+            let mut at = Vec::new();
+            while let Some(o) = stream.next().await {
+                let o = o.unwrap();
+                for _ in &o.token_ids {
+                    at.push(tokio::time::Instant::now());
+                }
+            }
+            assert_eq!(at.len(), tokens as usize);
+            let gaps: Vec<f64> = at
+                .windows(2)
+                .map(|w| (w[1] - w[0]).as_secs_f64() * 1e3)
+                .collect();
+            let mean = gaps.iter().sum::<f64>() / gaps.len() as f64;
+            // Step k decodes with the prompt and k tokens in blocks.
+            let model = (1..tokens as usize)
+                .map(|k| decode_ms((prompt + k).div_ceil(bs) as f64 / blocks as f64))
+                .sum::<f64>()
+                / (tokens - 1) as f64
+                / speedup;
+            assert!(
+                (mean / model - 1.0).abs() < 0.02,
+                "speedup {speedup}: mean gap {mean:.4} ms, the model {model:.4} ms"
+            );
+            means.push(mean * speedup);
+        }
+        for m in &means[1..] {
+            assert!(
+                (m / means[0] - 1.0).abs() < 0.02,
+                "speedup scales the gaps: {means:?}"
+            );
+        }
+    }
+
     /// Simulated bytes: a mocker's blocks move to another mocker through the KV capability
     /// (no contents, real hashes), and a request there finds its prefix cached.
     #[tokio::test(start_paused = true)]
