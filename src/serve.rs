@@ -374,7 +374,9 @@ impl Reaper {
                         mine.retain(|(k, _)| *k != key);
                         mine.push((key, info.instance));
                     }
-                    DiscoveryEvent::Left { endpoint, instance } => {
+                    DiscoveryEvent::Left {
+                        endpoint, instance, ..
+                    } => {
                         let key = endpoint.discovery_key(instance);
                         for mine in map.values_mut() {
                             mine.retain(|(k, _)| *k != key);

@@ -118,24 +118,57 @@ async fn openai_sdk_against_frontend_and_two_workers_over_nats() {
     wait_instances(&http, &base, 1, Duration::from_secs(5)).await;
     sdk(&py);
 
-    // The last worker gone: the model is no longer listed.
+    // The last worker vanished (its lease lapsed, no deregistration): the model stays listed
+    // while it may restart, and requests get a 503 to retry, not a 404 (which clients do not
+    // retry).
     w2.kill9();
-    wait_instances(&http, &base, 0, Duration::from_secs(5)).await;
-    let models: Value = http
-        .get(format!("{base}/v1/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(models["data"], serde_json::json!([]));
-    let r = http
-        .post(format!("{base}/v1/completions"))
-        .json(&serde_json::json!({"model": "tiny", "prompt": "anyone"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 404);
+    wait_instances(&http, &base, 0, Duration::from_secs(10)).await;
+    let listed = || async {
+        let models: Value = http
+            .get(format!("{base}/v1/models"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        models["data"].as_array().unwrap().len()
+    };
+    assert_eq!(
+        listed().await,
+        1,
+        "the model stays listed while its worker restarts"
+    );
+    let complete = || async {
+        http.post(format!("{base}/v1/completions"))
+            .json(&serde_json::json!({"model": "tiny", "prompt": "anyone", "max_tokens": 2}))
+            .send()
+            .await
+            .unwrap()
+    };
+    let r = complete().await;
+    assert_eq!(r.status(), 503);
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("retry shortly"),
+        "{body}"
+    );
+    // A worker back: served again.
+    let mut w3 = worker(3);
+    wait_instances(&http, &base, 1, Duration::from_secs(10)).await;
+    assert_eq!(complete().await.status(), 200);
+    // The last worker leaving on purpose (SIGTERM: it deregisters): the model goes at once.
+    w3.signal(nix::sys::signal::Signal::SIGTERM);
+    w3.wait_exit(Duration::from_secs(30));
+    // Well before the linger of a vanished worker (30 s) would end.
+    let until = Instant::now() + Duration::from_secs(5);
+    while listed().await != 0 {
+        assert!(Instant::now() < until, "the model is still listed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(complete().await.status(), 404);
     drop(frontend);
 }

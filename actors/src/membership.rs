@@ -40,6 +40,8 @@ pub enum MemberEvent {
     Left {
         endpoint: EndpointId,
         instance: InstanceId,
+        /// It deregistered itself; `false`: it vanished (see `DiscoveryEvent::Left`).
+        deregistered: bool,
     },
 }
 
@@ -170,13 +172,21 @@ impl Actor for MembershipActor {
                     .insert((m.endpoint.clone(), m.instance), m.clone());
                 state.tell(MemberEvent::Joined(m));
             }
-            Msg::Discovery(DiscoveryEvent::Left { endpoint, instance }) => {
+            Msg::Discovery(DiscoveryEvent::Left {
+                endpoint,
+                instance,
+                deregistered,
+            }) => {
                 if state
                     .members
                     .remove(&(endpoint.clone(), instance))
                     .is_some()
                 {
-                    state.tell(MemberEvent::Left { endpoint, instance });
+                    state.tell(MemberEvent::Left {
+                        endpoint,
+                        instance,
+                        deregistered,
+                    });
                 }
             }
             Msg::Subscribe(reply) => {

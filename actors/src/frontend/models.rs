@@ -4,7 +4,11 @@
 //! member (a worker with a [`ModelCard`]) adds itself to its model; the first time a card's content is seen, the
 //! watcher fetches the card's files from that instance (over the bus, by content hash, checked
 //! on arrival) and builds a [`Preprocessor`]. A model is listed once its preprocessor is built
-//! and stays listed while at least one instance serves it; its last instance leaving drops it.
+//! and stays listed while at least one instance serves it. Its last instance deregistering
+//! drops it at once; its last instance vanishing (a crash, a lost host: its lease lapsed)
+//! leaves it listed with no instance for [`LINGER`], so that requests meanwhile get a 503
+//! "retry shortly", which clients retry, instead of a 404, which they do not, while the worker
+//! restarts.
 //!
 //! Prefill workers are not listed: they serve only the prefill step of a decode worker's
 //! requests.
@@ -27,6 +31,9 @@ use dynamo_runtime::{CallOptions, EndpointId, InstanceId, Runtime, Target};
 use crate::membership::{MemberEvent, MembershipHandle};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::watch;
+
+/// How long a model stays listed after its last instance vanished without deregistering.
+pub const LINGER: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Where one worker instance is reached.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -116,6 +123,11 @@ pub(crate) enum WatcherMsg {
         key: String,
         result: Result<Arc<Preprocessor>, String>,
     },
+    /// The linger of a model whose last instance vanished is up (its generation).
+    Expire {
+        name: String,
+        generation: u64,
+    },
 }
 
 pub(crate) struct ModelWatcher {
@@ -134,6 +146,10 @@ pub(crate) struct WatcherState {
     failures: HashMap<String, u32>,
     cursors: HashMap<String, Arc<AtomicUsize>>,
     created: HashMap<String, u64>,
+    /// Models listed with no instance since their last one vanished: their card's content key
+    /// and the generation of their linger.
+    lingering: HashMap<String, (String, u64)>,
+    generation: u64,
     forward: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -197,8 +213,16 @@ async fn build(
 }
 
 impl ModelWatcher {
-    /// Recomputes the entry of model `name` from the live instances and built pipelines.
-    fn refresh(&self, state: &mut WatcherState, name: &str) {
+    /// Recomputes the entry of model `name` from the live instances and built pipelines;
+    /// `vanished`: its last instance may just have vanished (not deregistered), so the model
+    /// lingers (see [`LINGER`]).
+    fn refresh(
+        &self,
+        myself: &ActorRef<WatcherMsg>,
+        state: &mut WatcherState,
+        name: &str,
+        vanished: bool,
+    ) {
         let mut by_key: BTreeMap<String, Vec<WorkerAddr>> = BTreeMap::new();
         for (addr, card) in &state.cards {
             if card.name == name {
@@ -227,6 +251,42 @@ impl ModelWatcher {
                     .or_insert_with(now_secs),
             })
         });
+        let entry = match entry {
+            Some(e) => {
+                state.lingering.remove(name);
+                Some(e)
+            }
+            None if state.lingering.contains_key(name) => return,
+            None => match self.table.get(name).filter(|_| vanished) {
+                Some(listed) => {
+                    state.generation += 1;
+                    let generation = state.generation;
+                    state
+                        .lingering
+                        .insert(name.to_string(), (listed.card.content_key(), generation));
+                    let (me, model) = (myself.clone(), name.to_string());
+                    tokio::spawn(async move {
+                        tokio::time::sleep(LINGER).await;
+                        let _ = me.cast(WatcherMsg::Expire {
+                            name: model,
+                            generation,
+                        });
+                    });
+                    tracing::warn!(
+                        model = name,
+                        "the model's last worker vanished; listed without workers for {LINGER:?} (requests get 503, retry shortly) while it restarts"
+                    );
+                    Some(ModelEntry {
+                        card: listed.card.clone(),
+                        pre: listed.pre.clone(),
+                        instances: Vec::new(),
+                        cursor: listed.cursor.clone(),
+                        created: listed.created,
+                    })
+                }
+                None => None,
+            },
+        };
         if entry.is_none() {
             state.created.remove(name);
         }
@@ -238,8 +298,13 @@ impl ModelWatcher {
             None => {}
         }
         self.table.replace(name, entry);
-        // Drop preprocessors no live instance uses.
-        let live: HashSet<String> = state.cards.values().map(ModelCard::content_key).collect();
+        // Drop preprocessors no live instance (or lingering model) uses.
+        let live: HashSet<String> = state
+            .cards
+            .values()
+            .map(ModelCard::content_key)
+            .chain(state.lingering.values().map(|(k, _)| k.clone()))
+            .collect();
         state.pipelines.retain(|k, _| live.contains(k));
     }
 
@@ -270,13 +335,17 @@ impl ModelWatcher {
                     });
                 }
                 if let Some(prev) = previous.filter(|p| p.name != name) {
-                    self.refresh(state, &prev.name);
+                    self.refresh(myself, state, &prev.name, false);
                 }
-                self.refresh(state, &name);
+                self.refresh(myself, state, &name, false);
             }
-            MemberEvent::Left { endpoint, instance } => {
+            MemberEvent::Left {
+                endpoint,
+                instance,
+                deregistered,
+            } => {
                 if let Some(card) = state.cards.remove(&WorkerAddr { endpoint, instance }) {
-                    self.refresh(state, &card.name);
+                    self.refresh(myself, state, &card.name, !deregistered);
                 }
             }
         }
@@ -326,6 +395,12 @@ impl Actor for ModelWatcher {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             WatcherMsg::Member(ev) => self.on_event(&myself, state, ev),
+            WatcherMsg::Expire { name, generation } => {
+                if state.lingering.get(&name).map(|l| l.1) == Some(generation) {
+                    state.lingering.remove(&name);
+                    self.refresh(&myself, state, &name, false);
+                }
+            }
             WatcherMsg::Built { key, result } => {
                 state.fetching.remove(&key);
                 match result {
@@ -333,7 +408,7 @@ impl Actor for ModelWatcher {
                         state.failures.remove(&key);
                         let name = pre.name().to_string();
                         state.pipelines.insert(key, pre);
-                        self.refresh(state, &name);
+                        self.refresh(&myself, state, &name, false);
                     }
                     Err(e) => {
                         let failures = state.failures.entry(key.clone()).or_default();

@@ -403,7 +403,9 @@ impl Actor for Ingest {
                     self.resync(&myself, w, track);
                 }
             }
-            IngestMsg::Member(MemberEvent::Left { endpoint, instance }) => {
+            IngestMsg::Member(MemberEvent::Left {
+                endpoint, instance, ..
+            }) => {
                 let w = WorkerId(instance.as_u64());
                 if state
                     .workers

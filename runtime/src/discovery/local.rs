@@ -121,7 +121,7 @@ impl Discovery for LocalDiscovery {
                 loop {
                     let event = match rx.recv().await? {
                         Change::Put(info) => dedup.put(info),
-                        Change::Remove(key) => dedup.remove(&key),
+                        Change::Remove(key) => dedup.remove(&key, true),
                     };
                     if let Some(e) = event {
                         return Some((e, (rx, dedup)));

@@ -134,6 +134,9 @@ pub enum DiscoveryEvent {
     Left {
         endpoint: EndpointId,
         instance: InstanceId,
+        /// It deregistered itself (it meant to leave); `false`: its lease lapsed, or it was
+        /// gone when the watch resynchronized (a crash, a lost host, a restart under way).
+        deregistered: bool,
     },
 }
 
@@ -217,11 +220,12 @@ impl WatchDedup {
         self.known.keys().cloned().collect()
     }
 
-    pub fn remove(&mut self, key: &str) -> Option<DiscoveryEvent> {
+    pub fn remove(&mut self, key: &str, deregistered: bool) -> Option<DiscoveryEvent> {
         let info = self.known.remove(key)?;
         Some(DiscoveryEvent::Left {
             endpoint: info.endpoint,
             instance: info.instance,
+            deregistered,
         })
     }
 }

@@ -406,7 +406,7 @@ async fn run_watch(
                     // there: what was known of it stands until its owner's next refresh
                     // puts it back, as a watcher that saw the junk put keeps it too.
                     for key in dedup.keys() {
-                        if !present.contains(&key) && !send(dedup.remove(&key)) {
+                        if !present.contains(&key) && !send(dedup.remove(&key, false)) {
                             return;
                         }
                     }
@@ -452,6 +452,8 @@ fn apply(dedup: &mut WatchDedup, entry: kv::Entry) -> Option<DiscoveryEvent> {
                 None
             }
         },
-        kv::Operation::Delete | kv::Operation::Purge => dedup.remove(&entry.key),
+        // A delete is a deregistration; a purge, the lease's expiry marker (or an operator).
+        kv::Operation::Delete => dedup.remove(&entry.key, true),
+        kv::Operation::Purge => dedup.remove(&entry.key, false),
     }
 }
