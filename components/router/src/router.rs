@@ -106,8 +106,8 @@ struct LoadEntry {
 }
 
 /// The part of a worker's cost that is its own load: `overlap_weight x pending prompt blocks
-/// + decode blocks`. Any request's cost there is at least its cost on an idle worker without
-/// a prefix hit plus this.
+/// plus decode blocks`. Any request's cost there is at least its cost on an idle worker
+/// without a prefix hit plus this.
 fn bound(weight: f64, e: &LoadEntry) -> f64 {
     let pending = e.acc.pending_prefill_tokens() as f64 / e.block_size.max(1) as f64;
     weight * pending + e.acc.decode_blocks() as f64
@@ -872,7 +872,6 @@ impl KvRouter {
                 consider(&mut best, w, Overlap::default());
             }
         }
-        drop(consider);
         drop(loads);
         if ties.is_empty() {
             return Err(RouteError::AllBusy(candidates.len()));

@@ -165,7 +165,8 @@ async fn discovery_watch_sees_joins_and_leaves(h: &Harness) {
         left,
         DiscoveryEvent::Left {
             endpoint: ep.clone(),
-            instance
+            instance,
+            deregistered: true,
         }
     );
     assert!(watcher
@@ -189,7 +190,8 @@ async fn discovery_watch_sees_joins_and_leaves(h: &Harness) {
         left.ok().flatten(),
         Some(DiscoveryEvent::Left {
             endpoint: dropped_ep,
-            instance
+            instance,
+            deregistered: true,
         })
     );
     drop(rt);
@@ -238,7 +240,12 @@ mod nats_only {
         h.nats.as_mut().unwrap().restart_empty().unwrap();
         let left = tokio::time::timeout(Duration::from_secs(10), watch.next()).await;
         match left {
-            Ok(Some(DiscoveryEvent::Left { instance: gone, .. })) => assert_eq!(gone, instance),
+            // Not a deregistration: it vanished.
+            Ok(Some(DiscoveryEvent::Left {
+                instance: gone,
+                deregistered: false,
+                ..
+            })) => assert_eq!(gone, instance),
             other => panic!("expected the lost instance to leave, got {other:?}"),
         }
         h.finish().await;
