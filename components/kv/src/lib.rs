@@ -5,10 +5,12 @@
 //!   unreferenced cached blocks, and the KV events every change of cached content emits;
 //! - [`index`]: the global prefix index a router keeps from every worker's events;
 //! - [`tier`]: a lower tier (host RAM) below the device pool, LRU within a byte capacity;
-//! - [`disk`]: the tier below it, one checksummed file per block, surviving restarts.
+//! - [`disk`]: the tier below it, one checksummed file per block, surviving restarts;
+//! - [`external`]: KV events of external engines (vLLM, SGLang) re-hashed into ours.
 #![forbid(unsafe_code)]
 
 pub mod disk;
+pub mod external;
 pub mod hash;
 pub mod index;
 pub mod pool;
