@@ -317,6 +317,15 @@ pub struct Decision {
     pub peer: Option<(WorkerId, u32)>,
 }
 
+/// What a route asks of each worker's cost: the prefix hits, the request's blocks, the block
+/// size, and each worker's best peer (with `peer_credit`).
+struct Query<'a> {
+    overlaps: &'a HashMap<WorkerId, Overlap, IdBuild>,
+    needed: f64,
+    bs: usize,
+    best_peer: &'a dyn Fn(WorkerId) -> (u32, Option<WorkerId>),
+}
+
 /// The workers serving a model (sorted) and their block size.
 type Candidates = (Arc<Vec<WorkerId>>, usize);
 
@@ -745,38 +754,44 @@ impl KvRouter {
         )
     }
 
+    /// What `q` costs on worker `w` with `o` cached (`None`: the worker is over the busy
+    /// threshold). A worker without an accounting is idle.
+    fn worker_cost(&self, loads: &LoadTable, q: &Query, w: WorkerId, o: Overlap) -> Option<f64> {
+        let s = &self.settings;
+        let a = loads.get(&w).copied().unwrap_or_default();
+        let (decode, total) = (a.decode_blocks() as f64, a.report.total_blocks as f64);
+        if s.busy_threshold
+            .is_some_and(|t| total > 0.0 && decode / total > t)
+        {
+            return None;
+        }
+        let pending = a.pending_prefill_tokens() as f64 / q.bs as f64;
+        Some(cost(
+            s,
+            q.needed,
+            o,
+            (q.best_peer)(w).0,
+            pending,
+            decode,
+            total,
+        ))
+    }
+
     /// Scores every candidate: the lowest cost wins (ties drawn at random), or with a
     /// temperature, a softmax draw over all costs.
     fn sample(
         &self,
         candidates: &[WorkerId],
-        overlaps: &HashMap<WorkerId, Overlap, IdBuild>,
-        needed: f64,
-        bs: usize,
-        best_peer: &dyn Fn(WorkerId) -> (u32, Option<WorkerId>),
+        q: &Query,
     ) -> Result<(WorkerId, Overlap), RouteError> {
         let s = &self.settings;
         let mut scored: Vec<(WorkerId, f64, Overlap)> = Vec::with_capacity(candidates.len());
         let loads = self.loads.read();
         for &w in candidates {
-            let (decode, pending, total) = loads.get(&w).map_or((0, 0, 0), |a| {
-                (
-                    a.decode_blocks(),
-                    a.pending_prefill_tokens(),
-                    a.report.total_blocks,
-                )
-            });
-            let (decode, total) = (decode as f64, total as f64);
-            let busy = s
-                .busy_threshold
-                .is_some_and(|t| total > 0.0 && decode / total > t);
-            if busy {
-                continue;
+            let o = q.overlaps.get(&w).copied().unwrap_or_default();
+            if let Some(c) = self.worker_cost(&loads, q, w, o) {
+                scored.push((w, c, o));
             }
-            let o = overlaps.get(&w).copied().unwrap_or_default();
-            let pending = pending as f64 / bs as f64;
-            let peer = best_peer(w).0;
-            scored.push((w, cost(s, needed, o, peer, pending, decode, total), o));
         }
         drop(loads);
         if scored.is_empty() {
@@ -818,25 +833,11 @@ impl KvRouter {
     fn least_cost(
         &self,
         candidates: &[WorkerId],
-        overlaps: &HashMap<WorkerId, Overlap, IdBuild>,
-        needed: f64,
-        bs: usize,
-        best_peer: &dyn Fn(WorkerId) -> (u32, Option<WorkerId>),
+        q: &Query,
     ) -> Result<(WorkerId, Overlap), RouteError> {
         let s = &self.settings;
         let loads = self.loads.read();
-        // A worker's cost (`None`: busy).
-        let cost_of = |w: WorkerId, o: Overlap| -> Option<f64> {
-            let a = loads.get(&w)?;
-            let (decode, total) = (a.decode_blocks() as f64, a.report.total_blocks as f64);
-            if s.busy_threshold
-                .is_some_and(|t| total > 0.0 && decode / total > t)
-            {
-                return None;
-            }
-            let pending = a.pending_prefill_tokens() as f64 / bs as f64;
-            Some(cost(s, needed, o, best_peer(w).0, pending, decode, total))
-        };
+        let cost_of = |w: WorkerId, o: Overlap| self.worker_cost(&loads, q, w, o);
         let mut best = f64::INFINITY;
         let mut ties: Vec<(WorkerId, Overlap)> = Vec::new();
         let mut consider = |best: &mut f64, w: WorkerId, o: Overlap| {
@@ -849,17 +850,26 @@ impl KvRouter {
                 ties.push((w, o));
             }
         };
-        for (&w, &o) in overlaps {
+        for (&w, &o) in q.overlaps {
             if candidates.binary_search(&w).is_ok() {
                 consider(&mut best, w, o);
             }
         }
         // What any worker without a hit costs at the least: its cost idle.
-        let floor =
-            |w: WorkerId| cost(s, needed, Overlap::default(), best_peer(w).0, 0.0, 0.0, 0.0);
+        let floor = |w: WorkerId| {
+            cost(
+                s,
+                q.needed,
+                Overlap::default(),
+                (q.best_peer)(w).0,
+                0.0,
+                0.0,
+                0.0,
+            )
+        };
         let mut idle_floor: Option<f64> = None;
         for (bound, w) in loads.by_bound() {
-            if overlaps.contains_key(&w) {
+            if q.overlaps.contains_key(&w) {
                 continue;
             }
             // Workers without a hit share one floor (the peer credit of the leading holder),
@@ -930,10 +940,16 @@ impl KvRouter {
             [(n, Some(p)), _] if p != w => (n, Some(p)),
             [_, (n, p)] => (n, p),
         };
+        let q = Query {
+            overlaps: &overlaps,
+            needed,
+            bs,
+            best_peer: &best_peer,
+        };
         let (worker, overlap) = if s.temperature == 0.0 && known {
-            self.least_cost(candidates, &overlaps, needed, bs, &best_peer)?
+            self.least_cost(candidates, &q)?
         } else {
-            self.sample(candidates, &overlaps, needed, bs, &best_peer)?
+            self.sample(candidates, &q)?
         };
 
         let peer = match best_peer(worker) {
