@@ -172,6 +172,85 @@ pub struct Component {
     pub replicas: usize,
     pub depends_on: Vec<String>,
     pub settings: Settings,
+    /// Its own bus credentials when `serve --bus` runs it as processes (see [`ComponentNats`]).
+    pub nats: Option<ComponentNats>,
+}
+
+/// A component's own NATS user, so that each role of a `serve --bus` graph connects with
+/// least privilege (`config/nats/permissions.conf`) rather than as the supervisor:
+///
+/// ```yaml
+/// backend:
+///   role: worker
+///   nats:
+///     user: backend                       # or creds_file: /etc/dynamo/backend.creds
+///     password_env: DYN_NATS_BACKEND_PASSWORD  # a variable of serve's environment
+///     inbox_prefix: _INBOX.backend         # default: _INBOX.<user>
+/// ```
+///
+/// The password never sits in the graph file; the supervisor reads the variable at start and
+/// hands it to that component's processes only. TLS settings stay the supervisor's.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComponentNats {
+    pub user: Option<String>,
+    pub password_env: Option<String>,
+    pub creds_file: Option<PathBuf>,
+    pub inbox_prefix: Option<String>,
+}
+
+/// A component's own environment for its processes: variables to drop, then to set.
+pub type OwnEnv = (Vec<&'static str>, Vec<(String, String)>);
+
+/// The credential variables a component's own `nats:` replaces in its processes.
+const NATS_CREDENTIAL_VARS: [&str; 6] = [
+    "DYN_NATS__USER",
+    "DYN_NATS__PASSWORD",
+    "DYN_NATS__TOKEN",
+    "DYN_NATS__NKEY_SEED",
+    "DYN_NATS__CREDS_FILE",
+    "DYN_NATS__INBOX_PREFIX",
+];
+
+impl ComponentNats {
+    /// The environment of the component's processes: the credential variables to drop
+    /// (inherited from the supervisor) and the ones to set; `lookup` reads the supervisor's
+    /// environment. Errors name the key at fault.
+    pub fn env(&self, component: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<OwnEnv> {
+        let at = |k: &str| format!("components.{component}.nats.{k}");
+        let mut set = Vec::new();
+        match (&self.user, &self.password_env, &self.creds_file) {
+            (Some(user), Some(var), None) => {
+                let password = lookup(var).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "{}: {var} is not set in this process's environment; export the {component} role's NATS password there",
+                        at("password_env")
+                    )
+                })?;
+                set.push(("DYN_NATS__USER".to_string(), user.clone()));
+                set.push(("DYN_NATS__PASSWORD".to_string(), password));
+            }
+            (None, None, Some(creds)) => {
+                set.push((
+                    "DYN_NATS__CREDS_FILE".to_string(),
+                    creds.display().to_string(),
+                ));
+            }
+            _ => bail!(
+                "components.{component}.nats: give `user` with `password_env`, or `creds_file`"
+            ),
+        }
+        let prefix = self
+            .inbox_prefix
+            .clone()
+            .or_else(|| self.user.as_ref().map(|u| format!("_INBOX.{u}")));
+        if let Some(p) = prefix {
+            dynamo_runtime::subject::validate_inbox_prefix(&p)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", at("inbox_prefix")))?;
+            set.push(("DYN_NATS__INBOX_PREFIX".to_string(), p));
+        }
+        Ok((NATS_CREDENTIAL_VARS.to_vec(), set))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -372,6 +451,17 @@ pub fn load(file: &Path, env: &[(String, String)], sets: &[String]) -> Result<Gr
                 )
             })?,
         };
+        let nats: Option<ComponentNats> = match own.remove(key("nats")) {
+            None => None,
+            Some(v) => Some(serde_yaml::from_value(v).map_err(|e| {
+                loc.error(
+                    &["components", &name, "nats"],
+                    format!(
+                        "{e}; expected user and password_env, or creds_file (and inbox_prefix)"
+                    ),
+                )
+            })?),
+        };
         check_settings(&loc, &path, &own)?;
         // defaults < component.
         let mut merged = defaults.clone();
@@ -386,6 +476,7 @@ pub fn load(file: &Path, env: &[(String, String)], sets: &[String]) -> Result<Gr
             replicas,
             depends_on,
             settings,
+            nats,
         });
     }
     // A planner starts after the pools it scales.
@@ -826,6 +917,58 @@ mod tests {
         let e = load(&p, &[], &[]).unwrap_err().to_string();
         assert!(e.contains("duplicate") && e.contains("backend"), "{e}");
         assert!(e.contains("g.yaml:"), "names the file and line: {e}");
+    }
+
+    /// A component's own NATS user: its processes' credential variables, the password read
+    /// from the variable the graph names (never from the file); incomplete or unknown keys
+    /// and a missing variable are refused naming them.
+    #[test]
+    fn a_component_s_own_nats_user_becomes_its_processes_environment() {
+        let g = |nats: &str| {
+            format!("defaults:\n  model_path: /d\ncomponents:\n  backend:\n    role: worker\n    engine: mocker\n    nats:\n{nats}")
+        };
+        let (_d, p) = write(&g(
+            "      user: backend\n      password_env: GRAPH_TEST_NATS_PW\n",
+        ));
+        let c = load(&p, &[], &[])
+            .unwrap()
+            .component("backend")
+            .unwrap()
+            .clone();
+        let n = c.nats.as_ref().unwrap();
+        let e = n.env("backend", |_| None).unwrap_err().to_string();
+        assert!(
+            e.contains("components.backend.nats.password_env") && e.contains("GRAPH_TEST_NATS_PW"),
+            "{e}"
+        );
+        let env = |v: &str| (v == "GRAPH_TEST_NATS_PW").then(|| "s3cret".to_string());
+        let (drop, set) = n.env("backend", env).unwrap();
+        assert!(
+            drop.contains(&"DYN_NATS__TOKEN"),
+            "inherited credentials are dropped"
+        );
+        assert_eq!(
+            set,
+            [
+                ("DYN_NATS__USER".to_string(), "backend".to_string()),
+                ("DYN_NATS__PASSWORD".to_string(), "s3cret".to_string()),
+                (
+                    "DYN_NATS__INBOX_PREFIX".to_string(),
+                    "_INBOX.backend".to_string()
+                ),
+            ]
+        );
+        let (_d, p) = write(&g("      user: backend\n"));
+        let c = load(&p, &[], &[])
+            .unwrap()
+            .component("backend")
+            .unwrap()
+            .clone();
+        let e = c.nats.unwrap().env("backend", env).unwrap_err().to_string();
+        assert!(e.contains("user` with `password_env`"), "{e}");
+        let (_d, p) = write(&g("      user: backend\n      password: inline\n"));
+        let e = load(&p, &[], &[]).unwrap_err().to_string();
+        assert!(e.contains("nats") && e.contains("password"), "{e}");
     }
 
     #[test]

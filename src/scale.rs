@@ -51,6 +51,8 @@ pub(crate) struct ProcessPool {
     pub shutting_down: CancellationToken,
     pub ready: mpsc::UnboundedSender<(String, String)>,
     pub reaper: crate::serve::Reaper,
+    /// The component's own environment (its NATS credentials).
+    pub env: Arc<crate::serve::OwnEnv>,
 }
 
 enum Replica {
@@ -132,8 +134,11 @@ impl Pool {
                 Kind::Processes(p) => {
                     let stop = CancellationToken::new();
                     let task = tokio::spawn(crate::serve::supervise(
-                        format!("{}.{index}", self.name),
-                        p.component.args(&p.graph, Some(&p.bus), index),
+                        crate::serve::Child {
+                            label: format!("{}.{index}", self.name),
+                            args: p.component.args(&p.graph, Some(&p.bus), index),
+                            env: p.env.clone(),
+                        },
                         p.ready.clone(),
                         stop.clone(),
                         p.shutting_down.clone(),

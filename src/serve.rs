@@ -213,6 +213,10 @@ fn signal(pid: u32, sig: nix::sys::signal::Signal) {
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
 }
 
+/// A component's own environment for its processes (its own NATS credentials,
+/// [`crate::graph::ComponentNats`]).
+pub(crate) use crate::graph::OwnEnv;
+
 /// What every child process gets in its environment besides this one's: the NATS
 /// credentials and TLS settings this supervisor connected with (from its `--config`, flags or
 /// environment), so its replicas connect as it does.
@@ -222,23 +226,40 @@ static CHILD_ENV: std::sync::OnceLock<Vec<(String, String)>> = std::sync::OnceLo
 /// restarts after the first delay.
 const STABLE: Duration = Duration::from_secs(10);
 
+/// A replica's command: its label in the output, its arguments, its own environment.
+pub(crate) struct Child {
+    pub label: String,
+    pub args: Vec<String>,
+    pub env: Arc<OwnEnv>,
+}
+
 /// One replica's supervision loop: run, forward output, restart with backoff until `stop`.
 pub(crate) async fn supervise(
-    label: String,
-    args: Vec<String>,
+    child: Child,
     ready: mpsc::UnboundedSender<(String, String)>,
     stop: CancellationToken,
     shutting_down: CancellationToken,
     grace: Duration,
     reaper: Reaper,
 ) {
+    let Child {
+        label,
+        args,
+        env: own,
+    } = child;
     let exe = std::env::current_exe().unwrap_or_else(|_| "dynamo-run".into());
     let mut backoff = Duration::from_secs(1);
     loop {
         let started = Instant::now();
-        let child = tokio::process::Command::new(&exe)
-            .args(&args)
-            .envs(CHILD_ENV.get().into_iter().flatten().cloned())
+        let mut cmd = tokio::process::Command::new(&exe);
+        cmd.args(&args)
+            .envs(CHILD_ENV.get().into_iter().flatten().cloned());
+        // The component's own credentials replace the supervisor's.
+        for var in &own.0 {
+            cmd.env_remove(var);
+        }
+        let child = cmd
+            .envs(own.1.iter().cloned())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
@@ -433,6 +454,15 @@ pub async fn supervised(runtime: &Runtime, g: &Graph, bus: &str, only: Option<&s
         })?],
         None => g.components.iter().collect(),
     };
+    // Every component's own credentials resolve before anything starts.
+    let mut own_env: BTreeMap<String, Arc<OwnEnv>> = BTreeMap::new();
+    for c in &comps {
+        let env = match &c.nats {
+            Some(n) => n.env(&c.name, |v| std::env::var(v).ok())?,
+            None => Default::default(),
+        };
+        own_env.insert(c.name.clone(), Arc::new(env));
+    }
     let mut running: Vec<Running> = Vec::new();
     let shutting_down = CancellationToken::new();
     let reaper = Reaper::start(runtime, &g.namespace).await?;
@@ -461,6 +491,7 @@ pub async fn supervised(runtime: &Runtime, g: &Graph, bus: &str, only: Option<&s
                         shutting_down: shutting_down.clone(),
                         ready: tx.clone(),
                         reaper: reaper.clone(),
+                        env: own_env[&c.name].clone(),
                     },
                 );
                 pool.scale_to(c.replicas).await?;
@@ -470,8 +501,11 @@ pub async fn supervised(runtime: &Runtime, g: &Graph, bus: &str, only: Option<&s
                 (0..c.replicas)
                     .map(|r| {
                         tokio::spawn(supervise(
-                            format!("{}.{r}", c.name),
-                            c.args(g, Some(bus), r),
+                            Child {
+                                label: format!("{}.{r}", c.name),
+                                args: c.args(g, Some(bus), r),
+                                env: own_env[&c.name].clone(),
+                            },
                             tx.clone(),
                             stop.clone(),
                             shutting_down.clone(),

@@ -294,8 +294,9 @@ async fn a_tls_bus_with_per_role_users_serves_and_refuses_what_a_role_may_not_do
 }
 
 /// `serve --bus` with its credentials and TLS files in a `--config` file only (nothing in the
-/// environment): the supervisor and every child process connect with them, and the graph
-/// serves.
+/// environment): the supervisor connects with them and hands them to its children; a component
+/// with its own `nats:` user connects as that user instead (its password from the variable the
+/// graph names), as nats-server's own list of connections shows; the graph serves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_graph_over_a_tls_bus_takes_its_credentials_from_the_config_file() {
     let dir = tempfile::tempdir().unwrap();
@@ -305,7 +306,7 @@ async fn a_graph_over_a_tls_bus_takes_its_credentials_from_the_config_file() {
     std::fs::write(
         &graph,
         format!(
-            "namespace: dynamo\ndefaults:\n  model_path: {}\n  model_name: m\ncomponents:\n  backend:\n    role: worker\n    replicas: 2\n    engine: mocker\n    speedup_ratio: 10\n  frontend:\n    role: frontend\n    http_port: {}\n",
+            "namespace: dynamo\ndefaults:\n  model_path: {}\n  model_name: m\ncomponents:\n  backend:\n    role: worker\n    replicas: 2\n    engine: mocker\n    speedup_ratio: 10\n    nats:\n      user: backend\n      password_env: TEST_BACKEND_NATS_PASSWORD\n  frontend:\n    role: frontend\n    http_port: {}\n",
             model_dir(),
             common::free_port()
         ),
@@ -324,13 +325,17 @@ async fn a_graph_over_a_tls_bus_takes_its_credentials_from_the_config_file() {
     )
     .unwrap();
     let bus = format!("tls://127.0.0.1:{}", server.port());
-    let mut serve = common::Serve::start(&[
-        graph.to_str().unwrap(),
-        "--bus",
-        &bus,
-        "--config",
-        config.to_str().unwrap(),
-    ]);
+    let backend_password = password("backend");
+    let mut serve = common::Serve::start_with_env(
+        &[
+            graph.to_str().unwrap(),
+            "--bus",
+            &bus,
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        &[("TEST_BACKEND_NATS_PASSWORD", backend_password.as_str())],
+    );
     let frontend = serve.wait_out("/v1", 0, Duration::from_secs(60));
     serve.wait_out("ready: graph", 0, Duration::from_secs(60));
     let r = reqwest::Client::new()
@@ -340,6 +345,25 @@ async fn a_graph_over_a_tls_bus_takes_its_credentials_from_the_config_file() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    // Who is connected: the supervisor and the frontend as `serve`, each backend replica as
+    // `backend`.
+    let connz: serde_json::Value = reqwest::get(format!(
+        "http://127.0.0.1:{}/connz?auth=true",
+        server.monitor_port()
+    ))
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let mut users: Vec<&str> = connz["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["authorized_user"].as_str())
+        .collect();
+    users.sort_unstable();
+    assert_eq!(users, ["backend", "backend", "serve", "serve"], "{connz}");
     // The password is in no line the graph printed.
     serve.stop(Duration::from_secs(20));
     let printed = [
