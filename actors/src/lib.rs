@@ -104,7 +104,7 @@ pub(crate) fn follow(
     runtime: &dynamo_runtime::Runtime,
     pattern: dynamo_runtime::subject::SubjectPattern,
     who: &'static str,
-    mut f: impl FnMut(&str, bytes::Bytes) -> bool + Send + 'static,
+    mut f: impl FnMut(&dynamo_runtime::subject::Subject, bytes::Bytes) -> bool + Send + 'static,
 ) -> tokio::task::JoinHandle<()> {
     let bus = runtime.bus().clone();
     tokio::spawn(async move {
@@ -116,7 +116,7 @@ pub(crate) fn follow(
             }
         };
         while let Some(m) = sub.next().await {
-            if !f(m.subject.last_token(), m.payload) {
+            if !f(&m.subject, m.payload) {
                 return;
             }
         }

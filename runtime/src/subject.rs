@@ -380,6 +380,18 @@ impl Subject {
     pub fn last_token(&self) -> &str {
         self.0.rsplit('.').next().unwrap_or(&self.0)
     }
+
+    /// The component and instance token of an event subject
+    /// (`dyn.ev.{ns}.{component}.{topic}.{instance}`); `None` for any other subject.
+    pub fn event_source(&self) -> Option<(&str, &str)> {
+        let mut t = self.0.split('.');
+        match [(); 7].map(|_| t.next()) {
+            [Some("dyn"), Some("ev"), Some(_), Some(component), Some(_), Some(instance), None] => {
+                Some((component, instance))
+            }
+            _ => None,
+        }
+    }
 }
 
 impl fmt::Display for Subject {
@@ -581,6 +593,19 @@ pub(crate) fn pattern_matches(pattern: &str, subject: &str) -> bool {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn an_event_subject_names_its_component_and_instance() {
+        let c = ComponentId::new("ns", "backend").unwrap();
+        let subject = c.event_subject(&Topic::new("load").unwrap(), InstanceId::new(255));
+        assert_eq!(
+            subject.event_source(),
+            Some(("backend", "00000000000000ff"))
+        );
+        let ep = c.endpoint("generate").unwrap();
+        assert_eq!(ep.subject().event_source(), None);
+        assert_eq!(ep.instance_subject(InstanceId::new(1)).event_source(), None);
+    }
 
     #[test]
     fn names_reject_what_would_change_a_subject() {

@@ -32,7 +32,8 @@ pub const PAGE: &str = include_str!("status.html");
 struct State {
     decisions: VecDeque<PlannerDecision>,
     /// Each worker's last load report, still encoded, and when it came.
-    loads: HashMap<u64, (bytes::Bytes, Instant)>,
+    /// Per instance: the component whose subject it came on, the report, when.
+    loads: HashMap<u64, (String, bytes::Bytes, Instant)>,
     frontend: Option<FrontendStats>,
 }
 
@@ -76,12 +77,20 @@ impl Board {
         // Reports are kept as they came and decoded only when the page is read: a frontend
         // follows every worker's load whether or not anyone looks.
         let b = board.clone();
-        let loads = crate::follow(runtime, loads, "the status page", move |worker, payload| {
-            if let Ok(w) = dynamo_runtime::InstanceId::parse_hex(worker) {
-                b.with(|s| s.loads.insert(w.as_u64(), (payload, Instant::now())));
-            }
-            true
-        });
+        let loads = crate::follow(
+            runtime,
+            loads,
+            "the status page",
+            move |subject, payload| {
+                if let Some((component, worker)) = subject.event_source() {
+                    if let Ok(w) = dynamo_runtime::InstanceId::parse_hex(worker) {
+                        let entry = (component.to_string(), payload, Instant::now());
+                        b.with(|s| s.loads.insert(w.as_u64(), entry));
+                    }
+                }
+                true
+            },
+        );
         tokio::spawn(async move {
             stop.cancelled().await;
             decisions.abort();
@@ -104,9 +113,12 @@ impl Board {
             let mut workers: Vec<Value> = members
                 .iter()
                 .map(|m| {
-                    let load = s.loads.get(&m.instance.as_u64()).and_then(|(p, at)| {
-                        // Only a report its own instance stamped (no worker speaks for
-                        // another).
+                    let load = s.loads.get(&m.instance.as_u64()).and_then(|(c, p, at)| {
+                        // Only a report its own instance stamped, on its own component's
+                        // subject (no worker speaks for another).
+                        if *c != m.endpoint.component.component.as_str() {
+                            return None;
+                        }
                         let r = decode_event::<LoadReport>(p)
                             .ok()
                             .filter(|r| r.worker.map(|w| w.0) == Some(m.instance.as_u64()))?;

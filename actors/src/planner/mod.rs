@@ -340,10 +340,10 @@ impl Actor for PlannerActor {
                 &self.runtime,
                 load,
                 "the planner",
-                move |worker, payload| {
+                move |subject, payload| {
                     me.cast(Msg::Load {
                         role,
-                        worker: worker.to_string(),
+                        worker: subject.last_token().to_string(),
                         payload,
                     })
                     .is_ok()
