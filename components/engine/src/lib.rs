@@ -10,6 +10,7 @@
 #![deny(unsafe_code)]
 
 pub mod echo;
+pub mod external_events;
 pub mod mocker;
 pub mod native;
 pub mod scheduler;

@@ -145,6 +145,18 @@ impl Translator {
         self.blocks.clear();
     }
 
+    /// Forgets everything and returns `Cleared` events of every tier (continuing the ids): for
+    /// a gap in the engine's stream or its restart, so that the router drops what it indexed
+    /// for this engine and rebuilds from the events that follow.
+    pub fn clear_all(&mut self) -> Vec<KvEvent> {
+        self.reset();
+        let mut out = Translated::default();
+        for tier in [StorageTier::Device, StorageTier::Host, StorageTier::Disk] {
+            self.push(&mut out, tier, KvEventData::Cleared);
+        }
+        out.events
+    }
+
     /// Translates one batch payload (MessagePack).
     pub fn translate(&mut self, payload: &[u8]) -> Result<Translated, ExternalError> {
         let batch = rmpv::decode::read_value(&mut &payload[..])
@@ -187,10 +199,8 @@ impl Translator {
             Some("BlockStored") => self.stored(e, out),
             Some("BlockRemoved") => self.removed(e, out),
             Some("AllBlocksCleared") => {
-                self.blocks.clear();
-                for tier in [StorageTier::Device, StorageTier::Host, StorageTier::Disk] {
-                    self.push(out, tier, KvEventData::Cleared);
-                }
+                let cleared = self.clear_all();
+                out.events.extend(cleared);
             }
             Some(_) => out.dropped.unknown_events += 1,
             None => out.dropped.malformed_events += 1,
