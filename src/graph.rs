@@ -202,16 +202,6 @@ pub struct ComponentNats {
 /// A component's own environment for its processes: variables to drop, then to set.
 pub type OwnEnv = (Vec<&'static str>, Vec<(String, String)>);
 
-/// The credential variables a component's own `nats:` replaces in its processes.
-const NATS_CREDENTIAL_VARS: [&str; 6] = [
-    "DYN_NATS__USER",
-    "DYN_NATS__PASSWORD",
-    "DYN_NATS__TOKEN",
-    "DYN_NATS__NKEY_SEED",
-    "DYN_NATS__CREDS_FILE",
-    "DYN_NATS__INBOX_PREFIX",
-];
-
 impl ComponentNats {
     /// The environment of the component's processes: the credential variables to drop
     /// (inherited from the supervisor) and the ones to set; `lookup` reads the supervisor's
@@ -249,7 +239,10 @@ impl ComponentNats {
                 .map_err(|e| anyhow::anyhow!("{}: {e}", at("inbox_prefix")))?;
             set.push(("DYN_NATS__INBOX_PREFIX".to_string(), p));
         }
-        Ok((NATS_CREDENTIAL_VARS.to_vec(), set))
+        Ok((
+            dynamo_runtime::bus::NatsSecurity::CREDENTIAL_VARS.to_vec(),
+            set,
+        ))
     }
 }
 

@@ -213,14 +213,11 @@ fn signal(pid: u32, sig: nix::sys::signal::Signal) {
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
 }
 
-/// A component's own environment for its processes (its own NATS credentials,
-/// [`crate::graph::ComponentNats`]).
+/// What a component's processes get in their environment besides this one's: the NATS
+/// settings this supervisor connected with (from its `--config`, flags or environment), with
+/// the component's own credentials instead of its when it has some
+/// ([`crate::graph::ComponentNats`]).
 pub(crate) use crate::graph::OwnEnv;
-
-/// What every child process gets in its environment besides this one's: the NATS
-/// credentials and TLS settings this supervisor connected with (from its `--config`, flags or
-/// environment), so its replicas connect as it does.
-static CHILD_ENV: std::sync::OnceLock<Vec<(String, String)>> = std::sync::OnceLock::new();
 
 /// Serving this long after its ready line, a replica that exits is not crash-looping: it
 /// restarts after the first delay.
@@ -252,9 +249,7 @@ pub(crate) async fn supervise(
     loop {
         let started = Instant::now();
         let mut cmd = tokio::process::Command::new(&exe);
-        cmd.args(&args)
-            .envs(CHILD_ENV.get().into_iter().flatten().cloned());
-        // The component's own credentials replace the supervisor's.
+        cmd.args(&args);
         for var in &own.0 {
             cmd.env_remove(var);
         }
@@ -447,19 +442,28 @@ impl Reaper {
 /// Runs the graph's components (or only `only`) as supervised child processes on `bus`.
 pub async fn supervised(runtime: &Runtime, g: &Graph, bus: &str, only: Option<&str>) -> Result<()> {
     let grace = runtime.settings().shutdown_grace;
-    let _ = CHILD_ENV.set(runtime.settings().nats.to_env());
     let comps: Vec<&Component> = match only {
         Some(name) => vec![g.component(name).ok_or_else(|| {
             anyhow!("--only {name:?}: no such component in {}", g.file.display())
         })?],
         None => g.components.iter().collect(),
     };
-    // Every component's own credentials resolve before anything starts.
+    // Every component's environment resolves before anything starts: this process's NATS
+    // settings, or its own credentials in place of this process's.
+    let base = runtime.settings().nats.to_env();
     let mut own_env: BTreeMap<String, Arc<OwnEnv>> = BTreeMap::new();
     for c in &comps {
         let env = match &c.nats {
-            Some(n) => n.env(&c.name, |v| std::env::var(v).ok())?,
-            None => Default::default(),
+            Some(n) => {
+                let (drop, own) = n.env(&c.name, |v| std::env::var(v).ok())?;
+                let set = (base.iter())
+                    .filter(|(k, _)| !drop.contains(&k.as_str()))
+                    .cloned()
+                    .chain(own)
+                    .collect();
+                (drop, set)
+            }
+            None => (Vec::new(), base.clone()),
         };
         own_env.insert(c.name.clone(), Arc::new(env));
     }

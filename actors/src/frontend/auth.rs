@@ -273,6 +273,14 @@ fn refuse(path: &str, e: ApiError) -> Response {
     }
 }
 
+/// A 429 for key `name` (`what` it is over), counted as `outcome`.
+fn limited(path: &str, name: &str, outcome: &'static str, what: String, retry: u32) -> Response {
+    count(name, outcome);
+    let mut e = ApiError::new(429, "rate_limit_error", format!("API key {name} is {what}"));
+    e.retry_after = Some(retry);
+    refuse(path, e)
+}
+
 fn count(key: &str, outcome: &'static str) {
     metrics::counter!("dynamo_frontend_api_key_requests_total", "key" => key.to_string(), "outcome" => outcome)
         .increment(1);
@@ -322,17 +330,13 @@ pub(super) async fn check(State(auth): State<Arc<Auth>>, req: Request, next: Nex
                 .front()
                 .map_or(WINDOW, |t| WINDOW.saturating_sub(now.duration_since(*t)));
             drop(recent);
-            count(&key.name, "rate_limited");
-            let mut e = ApiError::new(
-                429,
-                "rate_limit_error",
-                format!(
-                    "API key {} is over its limit of {rpm} requests a minute",
-                    key.name
-                ),
+            return limited(
+                &path,
+                &key.name,
+                "rate_limited",
+                format!("over its limit of {rpm} requests a minute"),
+                wait.as_secs().max(1) as u32,
             );
-            e.retry_after = Some(wait.as_secs().max(1) as u32);
-            return refuse(&path, e);
         }
         recent.push_back(now);
     }
@@ -341,17 +345,13 @@ pub(super) async fn check(State(auth): State<Arc<Auth>>, req: Request, next: Nex
     if let Some(max) = key.max_inflight.or(auth.settings.max_inflight) {
         if before >= max {
             drop(guard);
-            count(&key.name, "inflight_limited");
-            let mut e = ApiError::new(
-                429,
-                "rate_limit_error",
-                format!(
-                    "API key {} is at its limit of {max} requests in flight",
-                    key.name
-                ),
+            return limited(
+                &path,
+                &key.name,
+                "inflight_limited",
+                format!("at its limit of {max} requests in flight"),
+                1,
             );
-            e.retry_after = Some(1);
-            return refuse(&path, e);
         }
     }
     count(&key.name, "ok");

@@ -926,8 +926,14 @@ impl KvRouter {
         // so each worker's best peer is one of them.
         let mut peers: [(u32, Option<WorkerId>); 2] = [(0, None); 2];
         if s.peer_credit > 0.0 {
-            for &w in candidates {
-                let o = overlaps.get(&w).copied().unwrap_or_default();
+            // Only holders have a run; taken in candidate order, as a full scan would.
+            let mut holders: Vec<(WorkerId, Overlap)> = overlaps
+                .iter()
+                .filter(|(w, _)| candidates.contains(w))
+                .map(|(&w, &o)| (w, o))
+                .collect();
+            holders.sort_unstable_by_key(|h| candidates.iter().position(|c| *c == h.0));
+            for (w, o) in holders {
                 let run = o.device + o.host;
                 if run > peers[0].0 {
                     peers = [(run, Some(w)), peers[0]];

@@ -195,6 +195,17 @@ impl NatsSecurity {
         Ok(())
     }
 
+    /// The `DYN_NATS__*` variables of the credentials (not TLS): what a process that connects
+    /// as another user must not inherit.
+    pub const CREDENTIAL_VARS: [&'static str; 6] = [
+        "DYN_NATS__USER",
+        "DYN_NATS__PASSWORD",
+        "DYN_NATS__TOKEN",
+        "DYN_NATS__NKEY_SEED",
+        "DYN_NATS__CREDS_FILE",
+        "DYN_NATS__INBOX_PREFIX",
+    ];
+
     /// These settings as the `DYN_NATS__*` variables that give them to a child process (a
     /// supervisor's replicas connect as it does).
     pub fn to_env(&self) -> Vec<(String, String)> {
