@@ -86,6 +86,11 @@ const WORKER_KEYS: &[&str] = &[
     "max_num_batched_tokens",
     "speedup_ratio",
     "echo_delay_ms",
+    "engine_url",
+    "engine_kind",
+    "engine_model",
+    "kv_events",
+    "kv_events_topic",
     "kv_cache_memory",
     "dtype",
     "host_kv_cache",
@@ -821,6 +826,7 @@ impl Component {
                 let output = match s.engine {
                     Some(EngineKind::Echo) => Output::Echo,
                     Some(EngineKind::Native) => Output::Native,
+                    Some(EngineKind::Openai) => Output::OpenAi,
                     _ => Output::Mocker,
                 };
                 let (kind, endpoint) = match self.role {

@@ -22,6 +22,7 @@ use dynamo_actors::supervisor::{RoleSpec, Started, SupervisorHandle, WorkerSpec}
 use dynamo_actors::worker::{EngineFactory, WorkerSettings};
 use dynamo_engine::{
     EchoEngine, EchoSettings, Engine, MockerEngine, MockerSettings, NativeEngine, NativeSettings,
+    OpenAiEngine, OpenAiSettings, ServerKind,
 };
 use dynamo_preprocessor::{ModelFolder, Preprocessor};
 use dynamo_protocols::llm::{TokenId, WorkerKind};
@@ -48,6 +49,8 @@ pub enum Output {
     Mocker,
     /// The model on the CPU.
     Native,
+    /// An external engine server (vLLM, SGLang, llama.cpp, any OpenAI-compatible one).
+    OpenAi,
     /// Workers found on the bus.
     Dyn,
 }
@@ -86,6 +89,7 @@ impl std::fmt::Display for Output {
             Output::Echo => "echo",
             Output::Mocker => "mocker",
             Output::Native => "native",
+            Output::OpenAi => "openai",
             Output::Dyn => "dyn",
         })
     }
@@ -99,9 +103,10 @@ impl std::str::FromStr for Output {
             "echo" => Ok(Output::Echo),
             "mocker" => Ok(Output::Mocker),
             "native" => Ok(Output::Native),
+            "openai" => Ok(Output::OpenAi),
             "dyn" => Ok(Output::Dyn),
             other => bail!(
-                "out={other} is not an engine; use echo, mocker, native, or dyn for workers on the bus"
+                "out={other} is not an engine; use echo, mocker, native, openai (an engine server), or dyn for workers on the bus"
             ),
         }
     }
@@ -123,6 +128,8 @@ pub struct LaunchSettings {
     pub worker_kind: WorkerKind,
     pub echo_delay: Duration,
     pub mocker: MockerSettings,
+    /// out=openai: the engine server.
+    pub external: OpenAiSettings,
     /// Fault injection: drop the bus connection this long after the worker is ready.
     pub drop_bus_after: Option<Duration>,
     /// KV transfers of prefill and decode workers.
@@ -147,9 +154,9 @@ pub async fn profile_engine(
     s: &LaunchSettings,
 ) -> Result<(Arc<dyn Engine>, Range<TokenId>, String, u32, u64)> {
     let (_, name, pre) = model(s)?;
-    let vocab = pre.ordinary_tokens();
-    let (engine, block_size, blocks) = engine(s, vocab.clone(), 0).await?;
-    Ok((engine, vocab, name, block_size, blocks))
+    let model = EngineModel::of(&pre);
+    let (engine, block_size, blocks) = engine(s, &model, 0).await?;
+    Ok((engine, model.vocab, name, block_size, blocks))
 }
 
 /// The model folder, name and preprocessor for engines hosted here.
@@ -170,16 +177,69 @@ fn model(s: &LaunchSettings) -> Result<(ModelFolder, String, Preprocessor)> {
 }
 
 /// The engine of worker number `index`, and its KV cache (block size, blocks) for the card;
-/// `vocab` is the model's ordinary tokens (the mocker samples from them).
+/// What an engine needs of its model besides the settings.
+#[derive(Clone)]
+struct EngineModel {
+    /// The model's ordinary tokens (the mocker samples from them).
+    vocab: Range<TokenId>,
+    eos: Vec<TokenId>,
+    tokenizer: Arc<tokenizers::Tokenizer>,
+}
+
+impl EngineModel {
+    fn of(pre: &Preprocessor) -> Self {
+        Self {
+            vocab: pre.ordinary_tokens(),
+            eos: pre.eos_ids().to_vec(),
+            tokenizer: pre.tokenizer().clone(),
+        }
+    }
+}
+
+/// A generic engine server's text, through the model's tokenizer.
+struct TokenizerCodec(Arc<tokenizers::Tokenizer>);
+
+impl dynamo_engine::openai::TextCodec for TokenizerCodec {
+    fn decode(&self, ids: &[TokenId]) -> String {
+        self.0.decode(ids, false).unwrap_or_default()
+    }
+
+    fn encode(&self, text: &str) -> Vec<TokenId> {
+        self.0
+            .encode(text, false)
+            .map(|e| e.get_ids().to_vec())
+            .unwrap_or_default()
+    }
+}
+
 async fn engine(
     s: &LaunchSettings,
-    vocab: Range<TokenId>,
+    model: &EngineModel,
     index: usize,
 ) -> Result<(Arc<dyn Engine>, u32, u64)> {
     Ok(match s.output {
+        Output::OpenAi => {
+            let mut o = s.external.clone();
+            o.eos_token_ids = model.eos.clone();
+            if o.kind == ServerKind::Generic {
+                o.codec = Some(Arc::new(TokenizerCodec(model.tokenizer.clone())));
+            }
+            eprintln!("connecting to the {} server at {}", o.kind, o.url);
+            let bs = o.block_size as u32;
+            let e = OpenAiEngine::connect(o)
+                .await
+                .map_err(|e| anyhow!("out=openai: {e}"))?;
+            let blocks = e.total_blocks().await;
+            eprintln!(
+                "engine server ready: model {:?}, {} KV blocks of {bs} tokens",
+                e.model().unwrap_or("(the server's)"),
+                blocks
+            );
+            (Arc::new(e), bs, blocks)
+        }
         Output::Mocker => {
             let mut m = s.mocker.clone();
-            m.vocab = vocab;
+            m.vocab = model.vocab.clone();
             m.seed = index as u64;
             let (bs, blocks) = (m.block_size as u32, m.num_gpu_blocks as u64);
             let e = MockerEngine::start(m).map_err(|e| anyhow!("mocker settings: {e}"))?;
@@ -303,9 +363,9 @@ pub(crate) async fn start_worker(
     let own = own_disk_dir(s, index, own_dir);
     let s = &own;
     let shared = Arc::new(own.clone());
-    let vocab = m.pre.ordinary_tokens();
+    let model = EngineModel::of(&m.pre);
     // The first engine sizes the card (a native engine's blocks depend on its layout).
-    let (first, block_size, blocks) = engine(s, vocab.clone(), index).await?;
+    let (first, block_size, blocks) = engine(s, &model, index).await?;
     let card = m.folder.files().card(&m.name, block_size, blocks)?;
     let mut ws = WorkerSettings::new(card, m.folder.files().clone());
     ws.endpoint = endpoint.endpoint.clone();
@@ -313,9 +373,9 @@ pub(crate) async fn start_worker(
     ws.disagg = s.disagg.clone();
     let s = shared.clone();
     let factory: EngineFactory = Arc::new(move || {
-        let (s, vocab) = (s.clone(), vocab.clone());
+        let (s, model) = (s.clone(), model.clone());
         Box::pin(async move {
-            engine(&s, vocab, index)
+            engine(&s, &model, index)
                 .await
                 .map(|(e, _, _)| e)
                 .map_err(|e| format!("{e:#}"))
@@ -460,7 +520,7 @@ async fn serve_frontend(
     namespace: &Namespace,
 ) -> Result<()> {
     let workers = match s.output {
-        Output::Echo | Output::Mocker | Output::Native => {
+        Output::Echo | Output::Mocker | Output::Native | Output::OpenAi => {
             let ep = ComponentId::new(namespace.as_str(), "backend")?.endpoint("generate")?;
             let n = s.num_workers.max(1);
             let (_, name) = start_workers(sup, s, &ep, n, "backend").await?;

@@ -140,6 +140,26 @@ struct LaunchArgs {
     /// Echo engine: time per generated token. [default: 10]
     #[arg(long, env = "DYN_ECHO_DELAY_MS")]
     echo_delay_ms: Option<u64>,
+    /// out=openai: the engine server this worker fronts (vLLM, SGLang, llama.cpp or any
+    /// OpenAI-compatible server), e.g. http://127.0.0.1:8000. A bearer token it wants goes in
+    /// $DYN_ENGINE_API_KEY.
+    #[arg(long, env = "DYN_ENGINE_URL")]
+    engine_url: Option<String>,
+    /// out=openai: vllm, sglang, llamacpp, or generic (text in and out, re-tokenized:
+    /// approximate). [default: vllm]
+    #[arg(long, env = "DYN_ENGINE_KIND")]
+    engine_kind: Option<String>,
+    /// out=openai: the model name the engine server serves. [default: the first in its
+    /// /v1/models]
+    #[arg(long, env = "DYN_ENGINE_MODEL")]
+    engine_model: Option<String>,
+    /// out=openai: the engine's ZeroMQ KV-event publisher (vLLM's or SGLang's), e.g.
+    /// tcp://127.0.0.1:5557, so the KV router sees its cache. Set --block-size to the engine's.
+    #[arg(long, env = "DYN_KV_EVENTS")]
+    kv_events: Option<String>,
+    /// out=openai: the topic the engine publishes its KV events on. [default: all]
+    #[arg(long, env = "DYN_KV_EVENTS_TOPIC")]
+    kv_events_topic: Option<String>,
     /// KV cache block size in tokens (mocker, native; published in the model card). [default: 64]
     #[arg(long, alias = "kv-block-size", env = "DYN_BLOCK_SIZE")]
     block_size: Option<usize>,
@@ -304,6 +324,11 @@ impl LaunchArgs {
             max_num_batched_tokens: self.max_num_batched_tokens,
             speedup_ratio: self.speedup_ratio,
             echo_delay_ms: self.echo_delay_ms,
+            engine_url: self.engine_url.clone(),
+            engine_kind: self.engine_kind.clone(),
+            engine_model: self.engine_model.clone(),
+            kv_events: self.kv_events.clone(),
+            kv_events_topic: self.kv_events_topic.clone(),
             kv_cache_memory: self.kv_cache_memory.clone(),
             dtype: self.dtype.clone(),
             mocker_panic_at_step: self.mocker_panic_at_step,

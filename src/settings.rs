@@ -24,7 +24,7 @@ use dynamo_actors::planner::{ConnectorChoice, PlannerSettings};
 use dynamo_actors::router::KvRouterSettings;
 use dynamo_actors::worker::DisaggSettings;
 use dynamo_engine::native::Compute;
-use dynamo_engine::{MockerFaults, MockerSettings, NativeSettings};
+use dynamo_engine::{MockerFaults, MockerSettings, NativeSettings, OpenAiSettings, ServerKind};
 use dynamo_planner::{
     Limits, PlannerConfig, PolicySettings, Pools, PredictorKind, Profile, Targets,
 };
@@ -66,6 +66,12 @@ pub struct Settings {
     pub max_num_batched_tokens: Option<usize>,
     pub speedup_ratio: Option<f64>,
     pub echo_delay_ms: Option<u64>,
+    /// out=openai: the engine server it fronts.
+    pub engine_url: Option<String>,
+    pub engine_kind: Option<String>,
+    pub engine_model: Option<String>,
+    pub kv_events: Option<String>,
+    pub kv_events_topic: Option<String>,
     pub kv_cache_memory: Option<String>,
     pub dtype: Option<String>,
     pub mocker_panic_at_step: Option<u64>,
@@ -143,6 +149,8 @@ pub enum EngineKind {
     Echo,
     Mocker,
     Native,
+    /// An external engine server (out=openai).
+    Openai,
 }
 
 /// Keys of a `--config` file that are the runtime's (`dynamo_runtime::config`), not the
@@ -544,6 +552,49 @@ pub fn resolve(
     {
         bail!("--mocker-drop-bus-after-ms drops a mocker worker process's bus connection: use it with in=dyn://... out=mocker --bus nats://...");
     }
+    let external = match (output, &s.engine_url) {
+        (Output::OpenAi, None) => bail!(
+            "out=openai fronts an engine server: give its address with --engine-url http://HOST:PORT"
+        ),
+        (Output::OpenAi, Some(url)) => {
+            let kind: ServerKind = s
+                .engine_kind
+                .as_deref()
+                .unwrap_or("vllm")
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!("--engine-kind: {e}"))?;
+            if !url.starts_with("http://") {
+                bail!("--engine-url {url:?} must start with http:// (e.g. http://127.0.0.1:8000)");
+            }
+            if let Some(ev) = &s.kv_events {
+                if !ev.starts_with("tcp://") {
+                    bail!("--kv-events {ev:?} must be the engine's ZeroMQ publisher, like tcp://127.0.0.1:5557");
+                }
+                if kind == ServerKind::Llamacpp || kind == ServerKind::Generic {
+                    bail!("--kv-events: a {kind} server publishes no KV events (vLLM and SGLang do)");
+                }
+            }
+            OpenAiSettings {
+                url: url.clone(),
+                kind,
+                model: s.engine_model.clone(),
+                // A secret: from the environment only (flags show in `ps`).
+                api_key: std::env::var("DYN_ENGINE_API_KEY").ok().filter(|k| !k.is_empty()),
+                kv_events: s.kv_events.clone(),
+                kv_topic: s.kv_events_topic.clone().unwrap_or_default(),
+                block_size,
+                total_blocks: s.num_gpu_blocks.unwrap_or(0) as u64,
+                ..Default::default()
+            }
+        }
+        (_, Some(_)) => bail!("--engine-url is for out=openai (a worker fronting an engine server)"),
+        (_, None) => {
+            if s.engine_kind.is_some() || s.engine_model.is_some() || s.kv_events.is_some() {
+                bail!("--engine-kind, --engine-model and --kv-events are for out=openai with --engine-url");
+            }
+            OpenAiSettings::default()
+        }
+    };
     if output == Output::Mocker {
         mocker
             .validate()
@@ -608,6 +659,7 @@ pub fn resolve(
         num_workers: s.num_workers.unwrap_or(1),
         worker_kind,
         echo_delay: Duration::from_millis(s.echo_delay_ms.unwrap_or(10)),
+        external,
         mocker,
         native,
         drop_bus_after: s.mocker_drop_bus_after_ms.map(Duration::from_millis),

@@ -7,30 +7,29 @@
 //! or a sequence that starts over (the engine restarted) clears what the router indexed for this
 //! engine (`Cleared` on every tier) and starts again from the next events: the index misses the
 //! blocks stored before until the engine stores them again, and never holds one the engine
-//! dropped. No dump is asked of the engine (it has none), so nothing can loop on resyncs.
+//! dropped. No dump is asked of the engine (it has none), so nothing can loop on resyncs: a
+//! router that resyncs gets the translator's own view of the engine's cache
+//! ([`Translator::dump`]), consistent with the events published so far.
 //! Messages that do not parse are counted (`dynamo_worker_external_kv_total{outcome}`) and
 //! skipped.
 
 use dynamo_kv::external::Translator;
-use dynamo_protocols::kv::KvEvent;
-use tokio::sync::mpsc;
+use dynamo_protocols::kv::{KvDump, KvEvent};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use zeromq::{Socket, SocketRecv};
 
 use crate::EngineError;
 
-/// Our events from the engine's stream, in order, until the returned task is aborted (or the
-/// receiver dropped). `block_size` is the engine's (the model card's).
+/// Publishes our events from the engine's stream on `events`, in order, and answers `dumps`
+/// with the translator's view, until the returned task is aborted. `block_size` is the
+/// engine's (the model card's).
 pub async fn subscribe(
     endpoint: &str,
     topic: &str,
     block_size: usize,
-) -> Result<
-    (
-        mpsc::UnboundedReceiver<Vec<KvEvent>>,
-        tokio::task::JoinHandle<()>,
-    ),
-    EngineError,
-> {
+    events: broadcast::Sender<Vec<KvEvent>>,
+    mut dumps: mpsc::Receiver<oneshot::Sender<KvDump>>,
+) -> Result<tokio::task::JoinHandle<()>, EngineError> {
     let mut socket = zeromq::SubSocket::new();
     socket.connect(endpoint).await.map_err(|e| {
         EngineError::Internal(format!(
@@ -41,14 +40,21 @@ pub async fn subscribe(
         .subscribe(topic)
         .await
         .map_err(|e| EngineError::Internal(format!("cannot subscribe to {endpoint}: {e}")))?;
-    let (tx, rx) = mpsc::unbounded_channel();
     let endpoint = endpoint.to_string();
+    let published = events;
     let task = tokio::spawn(async move {
         let mut translator = Translator::new(block_size);
         let mut last: Option<u64> = None;
         let count = |outcome: &'static str| metrics::counter!("dynamo_worker_external_kv_total", "outcome" => outcome);
         loop {
-            let message = match socket.recv().await {
+            let received = tokio::select! {
+                m = socket.recv() => m,
+                Some(reply) = dumps.recv() => {
+                    let _ = reply.send(translator.dump());
+                    continue;
+                }
+            };
+            let message = match received {
                 Ok(m) => m,
                 Err(e) => {
                     tracing::warn!(endpoint, error = %e, "the engine's KV event stream ended");
@@ -101,12 +107,14 @@ pub async fn subscribe(
                     tracing::debug!(endpoint, error = %e, "skipped a KV event batch");
                 }
             }
-            if !events.is_empty() && tx.send(events).is_err() {
-                return;
+            // No subscriber yet (the worker publishes once it serves): nothing to keep, the
+            // dump has it.
+            if !events.is_empty() {
+                let _ = published.send(events);
             }
         }
     });
-    Ok((rx, task))
+    Ok(task)
 }
 
 #[cfg(test)]
@@ -152,7 +160,9 @@ mod tests {
             .await
             .unwrap()
             .to_string();
-        let (mut rx, task) = subscribe(&at, "", 4).await.unwrap();
+        let (events, mut rx) = broadcast::channel(64);
+        let (dumps, dump_rx) = mpsc::channel(1);
+        let task = subscribe(&at, "", 4, events, dump_rx).await.unwrap();
         // A subscription takes a moment to reach the publisher: publish until one arrives.
         let mut seq = 0;
         let first = loop {
@@ -162,8 +172,8 @@ mod tests {
                 .unwrap();
             seq += 1;
             match tokio::time::timeout(std::time::Duration::from_millis(50), rx.recv()).await {
-                Ok(Some(e)) => break e,
-                Ok(None) => panic!("the subscriber ended"),
+                Ok(Ok(e)) => break e,
+                Ok(Err(e)) => panic!("the subscriber ended: {e}"),
                 Err(_) => continue,
             }
         };
@@ -231,6 +241,16 @@ mod tests {
         assert!(
             ids.windows(2).all(|w| w[1] == w[0] + 1),
             "consecutive ids: {ids:?}"
+        );
+        // A router's resync gets what the engine holds now: the block stored after the gap.
+        let (reply, answer) = oneshot::channel();
+        dumps.send(reply).await.unwrap();
+        let dump = answer.await.unwrap();
+        assert_eq!(dump.last_event_id, ids.last().copied());
+        assert_eq!(dump.blocks.len(), 1);
+        assert_eq!(
+            dump.blocks[0].1.block_hash,
+            dynamo_kv::block_hashes(&[9, 9, 9, 9], 4)[0].1
         );
         task.abort();
     }

@@ -13,6 +13,7 @@ pub mod echo;
 pub mod external_events;
 pub mod mocker;
 pub mod native;
+pub mod openai;
 pub mod scheduler;
 
 use std::pin::Pin;
@@ -29,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 pub use echo::{EchoEngine, EchoSettings};
 pub use mocker::{MockerEngine, MockerFaults, MockerSettings};
 pub use native::{NativeEngine, NativeError, NativeSettings};
+pub use openai::{OpenAiEngine, OpenAiSettings, ServerKind};
 
 /// Why an engine refused or failed a request; each variant is a decision for the caller.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

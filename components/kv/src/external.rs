@@ -21,7 +21,9 @@
 
 use std::collections::HashMap;
 
-use dynamo_protocols::kv::{KvEvent, KvEventData, SequenceHash, StorageTier, StoredBlock};
+use dynamo_protocols::kv::{
+    KvDump, KvEvent, KvEventData, LocalBlockHash, SequenceHash, StorageTier, StoredBlock,
+};
 use dynamo_protocols::llm::TokenId;
 use rmpv::Value;
 
@@ -70,9 +72,21 @@ pub struct Dropped {
 #[derive(Debug)]
 pub struct Translator {
     block_size: usize,
-    /// The engine's hash -> ours, with the tiers holding it (bit per tier).
-    blocks: HashMap<EngineHash, (SequenceHash, u8)>,
+    /// The engine's hash -> what we know of that block.
+    blocks: HashMap<EngineHash, Known>,
     next_event: u64,
+}
+
+/// A block the engine holds, as we hashed it.
+#[derive(Debug, Clone, Copy)]
+struct Known {
+    ours: SequenceHash,
+    parent: Option<SequenceHash>,
+    local: LocalBlockHash,
+    /// Its index in its sequence (a dump lists parents before children).
+    position: u32,
+    /// The tiers holding it (a bit per tier).
+    tiers: u8,
 }
 
 fn tier_bit(t: StorageTier) -> u8 {
@@ -137,6 +151,36 @@ impl Translator {
     /// Blocks it knows (any tier).
     pub fn known_blocks(&self) -> usize {
         self.blocks.len()
+    }
+
+    /// What the engine holds, as a worker's `kv_dump` answers: for a router that resyncs, so
+    /// it never has to ask the engine (which has no dump). Consistent with the events
+    /// translated so far (`last_event_id`).
+    pub fn dump(&self) -> KvDump {
+        let mut known: Vec<&Known> = self.blocks.values().collect();
+        known.sort_by_key(|k| (k.position, k.ours));
+        let mut dump = KvDump {
+            last_event_id: self.next_event.checked_sub(1),
+            block_size: self.block_size as u32,
+            blocks: Vec::new(),
+            lower: Vec::new(),
+        };
+        for k in known {
+            let block = StoredBlock {
+                block_hash: k.ours,
+                tokens_hash: k.local,
+            };
+            for tier in [StorageTier::Device, StorageTier::Host, StorageTier::Disk] {
+                if k.tiers & tier_bit(tier) == 0 {
+                    continue;
+                }
+                match tier {
+                    StorageTier::Device => dump.blocks.push((k.parent, block)),
+                    _ => dump.lower.push((tier, k.parent, block)),
+                }
+            }
+        }
+        dump
     }
 
     /// Forgets everything (the engine restarted, or events were lost and the index was
@@ -246,10 +290,10 @@ impl Translator {
             out.dropped.unsupported += hashes.len();
             return;
         }
-        let mut ours = match parent {
-            None | Some(Value::Nil) => None,
+        let (mut ours, mut position) = match parent {
+            None | Some(Value::Nil) => (None, 0),
             Some(p) => match engine_hash(p).and_then(|p| self.blocks.get(&p)) {
-                Some(&(h, _)) => Some(h),
+                Some(k) => (Some(k.ours), k.position + 1),
                 None => {
                     out.dropped.unknown_parent += hashes.len();
                     return;
@@ -261,14 +305,24 @@ impl Translator {
         for (h, chunk) in hashes.into_iter().zip(tokens.chunks_exact(self.block_size)) {
             let local = hash_block(chunk);
             let seq = sequence_hash(ours, local);
-            let entry = self.blocks.entry(h).or_insert((seq, 0));
-            entry.0 = seq;
-            entry.1 |= tier_bit(tier);
+            let entry = self.blocks.entry(h).or_insert(Known {
+                ours: seq,
+                parent: ours,
+                local,
+                position,
+                tiers: 0,
+            });
+            entry.ours = seq;
+            entry.parent = ours;
+            entry.local = local;
+            entry.position = position;
+            entry.tiers |= tier_bit(tier);
             blocks.push(StoredBlock {
                 block_hash: seq,
                 tokens_hash: local,
             });
             ours = Some(seq);
+            position += 1;
         }
         self.push(
             out,
@@ -294,10 +348,10 @@ impl Translator {
                 continue;
             };
             match self.blocks.get_mut(&h) {
-                Some((ours, tiers)) if *tiers & tier_bit(tier) != 0 => {
-                    gone.push(*ours);
-                    *tiers &= !tier_bit(tier);
-                    if *tiers == 0 {
+                Some(k) if k.tiers & tier_bit(tier) != 0 => {
+                    gone.push(k.ours);
+                    k.tiers &= !tier_bit(tier);
+                    if k.tiers == 0 {
                         self.blocks.remove(&h);
                     }
                 }

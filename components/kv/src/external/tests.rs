@@ -246,3 +246,64 @@ fn bad_events_are_counted_and_the_rest_still_translates() {
     assert_eq!(out.events.len(), 1, "the good event");
     assert_eq!(out.events[0].event_id, 0);
 }
+
+/// The translator answers a router's resync itself (the engine has no dump): what it lists is
+/// what the engine holds per tier, parents before children, as of the last event translated.
+#[test]
+fn a_dump_lists_what_the_engine_holds_per_tier_as_of_the_last_event() {
+    let mut t = Translator::new(BS);
+    assert_eq!(t.dump().last_event_id, None);
+    let tokens: Vec<u64> = (0..12).collect();
+    let ours: Vec<SequenceHash> = block_hashes(&(0..12).collect::<Vec<u32>>(), BS)
+        .into_iter()
+        .map(|h| h.1)
+        .collect();
+    t.translate(&batch_map(vec![
+        // The child first in its own event, after its parent's: positions must still order.
+        stored_map(ints(&[10, 11]), Value::Nil, &tokens[..8], None),
+        stored_map(ints(&[12]), Value::from(11), &tokens[8..], None),
+        stored_map(ints(&[10]), Value::Nil, &tokens[..4], Some("CPU")),
+    ]))
+    .unwrap();
+    let out = t
+        .translate(&batch_array(vec![removed_array(ints(&[11, 12]), "GPU")]))
+        .unwrap();
+    let dump = t.dump();
+    assert_eq!(dump.last_event_id, out.events.last().map(|e| e.event_id));
+    assert_eq!(dump.block_size, BS as u32);
+    let device: Vec<_> = dump
+        .blocks
+        .iter()
+        .map(|(p, b)| (*p, b.block_hash))
+        .collect();
+    assert_eq!(device, [(None, ours[0])], "11 and 12 left the GPU");
+    let host: Vec<_> = dump
+        .lower
+        .iter()
+        .map(|(tier, p, b)| (*tier, *p, b.block_hash))
+        .collect();
+    assert_eq!(host, [(StorageTier::Host, None, ours[0])]);
+    // Deeper chains come out parents first.
+    let mut t = Translator::new(BS);
+    t.translate(&batch_array(vec![
+        stored_array(ints(&[1]), Value::Nil, &tokens[..4], None),
+        stored_array(ints(&[2, 3]), Value::from(1), &tokens[4..], None),
+    ]))
+    .unwrap();
+    let chain: Vec<_> = t
+        .dump()
+        .blocks
+        .iter()
+        .map(|(p, b)| (*p, b.block_hash))
+        .collect();
+    assert_eq!(
+        chain,
+        [
+            (None, ours[0]),
+            (Some(ours[0]), ours[1]),
+            (Some(ours[1]), ours[2])
+        ]
+    );
+    t.clear_all();
+    assert!(t.dump().blocks.is_empty());
+}
