@@ -91,6 +91,7 @@ const WORKER_KEYS: &[&str] = &[
     "engine_model",
     "kv_events",
     "kv_events_topic",
+    "kv_events_replay",
     "kv_cache_memory",
     "dtype",
     "host_kv_cache",

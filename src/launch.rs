@@ -2,7 +2,9 @@
 //!
 //! - `out=echo`: this process hosts `--num-workers` echo workers for the model folder;
 //!   `out=mocker`: simulated engines over real block pools; `out=native`: the model itself on
-//!   the CPU (safetensors weights in the folder); `out=dyn`: workers are elsewhere on the bus,
+//!   the CPU (safetensors weights in the folder); `out=openai`: a sidecar for an external
+//!   engine server (`--engine-url`; vLLM, SGLang, llama.cpp or generic, see
+//!   `dynamo_engine::openai`); `out=dyn`: workers are elsewhere on the bus,
 //!   found through discovery.
 //! - `in=http`: the OpenAI frontend; `in=text`: a chat in the terminal; `in=batch:FILE`: prompts
 //!   from JSONL, answers with timing as JSONL on stdout; `in=dyn://ns.component.endpoint`: this
@@ -476,7 +478,7 @@ pub async fn run(runtime: &Runtime, s: LaunchSettings) -> Result<()> {
     let sup = SupervisorHandle::start(runtime).await?;
     if let Input::Endpoint(ep) = &s.input {
         if s.output == Output::Dyn {
-            bail!("in=dyn://... makes this process a worker: give it an engine (out=echo or out=mocker)");
+            bail!("in=dyn://... makes this process a worker: give it an engine (out=echo, mocker, native, or openai for an engine server)");
         }
         let n = s.num_workers.max(1);
         let role = ep.component.component.to_string();

@@ -104,7 +104,7 @@ struct ProfileCommand {
 /// environment (flags win); unset ones take the documented default.
 #[derive(Args)]
 struct LaunchArgs {
-    /// `in=http|text|batch:FILE.jsonl|dyn://NS.COMPONENT.ENDPOINT` and `out=echo|mocker|native|dyn`
+    /// `in=http|text|batch:FILE.jsonl|dyn://NS.COMPONENT.ENDPOINT` and `out=echo|mocker|native|openai|dyn`
     /// (defaults: in=http out=echo).
     #[arg(value_name = "in=... out=...")]
     io: Vec<String>,
@@ -160,6 +160,11 @@ struct LaunchArgs {
     /// out=openai: the topic the engine publishes its KV events on. [default: all]
     #[arg(long, env = "DYN_KV_EVENTS_TOPIC")]
     kv_events_topic: Option<String>,
+    /// out=openai: the engine's KV-event replay socket (vLLM's `replay_endpoint`), e.g.
+    /// tcp://127.0.0.1:5558: lost events are fetched from it instead of dropping the engine's
+    /// blocks from the index until it stores them again.
+    #[arg(long, env = "DYN_KV_EVENTS_REPLAY")]
+    kv_events_replay: Option<String>,
     /// KV cache block size in tokens (mocker, native; published in the model card). [default: 64]
     #[arg(long, alias = "kv-block-size", env = "DYN_BLOCK_SIZE")]
     block_size: Option<usize>,
@@ -329,6 +334,7 @@ impl LaunchArgs {
             engine_model: self.engine_model.clone(),
             kv_events: self.kv_events.clone(),
             kv_events_topic: self.kv_events_topic.clone(),
+            kv_events_replay: self.kv_events_replay.clone(),
             kv_cache_memory: self.kv_cache_memory.clone(),
             dtype: self.dtype.clone(),
             mocker_panic_at_step: self.mocker_panic_at_step,

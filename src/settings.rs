@@ -72,6 +72,7 @@ pub struct Settings {
     pub engine_model: Option<String>,
     pub kv_events: Option<String>,
     pub kv_events_topic: Option<String>,
+    pub kv_events_replay: Option<String>,
     pub kv_cache_memory: Option<String>,
     pub dtype: Option<String>,
     pub mocker_panic_at_step: Option<u64>,
@@ -582,6 +583,12 @@ pub fn resolve(
                 api_key: std::env::var("DYN_ENGINE_API_KEY").ok().filter(|k| !k.is_empty()),
                 kv_events: s.kv_events.clone(),
                 kv_topic: s.kv_events_topic.clone().unwrap_or_default(),
+                kv_replay: match (&s.kv_events_replay, &s.kv_events) {
+                    (Some(r), Some(_)) if r.starts_with("tcp://") => Some(r.clone()),
+                    (Some(r), Some(_)) => bail!("--kv-events-replay {r:?} must be like tcp://127.0.0.1:5558"),
+                    (Some(_), None) => bail!("--kv-events-replay goes with --kv-events"),
+                    (None, _) => None,
+                },
                 block_size,
                 total_blocks: s.num_gpu_blocks.unwrap_or(0) as u64,
                 ..Default::default()
@@ -589,7 +596,11 @@ pub fn resolve(
         }
         (_, Some(_)) => bail!("--engine-url is for out=openai (a worker fronting an engine server)"),
         (_, None) => {
-            if s.engine_kind.is_some() || s.engine_model.is_some() || s.kv_events.is_some() {
+            if s.engine_kind.is_some()
+                || s.engine_model.is_some()
+                || s.kv_events.is_some()
+                || s.kv_events_replay.is_some()
+            {
                 bail!("--engine-kind, --engine-model and --kv-events are for out=openai with --engine-url");
             }
             OpenAiSettings::default()

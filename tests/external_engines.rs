@@ -249,3 +249,93 @@ async fn kv_routing_over_two_vllm_stand_ins_in_both_event_encodings() {
         .iter()
         .any(|w| w.instance == a));
 }
+
+/// The shipped graph `config/vllm-fleet.yaml`, pointed at two stand-ins, serves on the embedded
+/// bus: both sidecars are listed on the status page with the load their servers' metrics
+/// report (the KV blocks of `vllm:cache_config_info`), and answers stream from the servers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_vllm_fleet_graph_fronts_two_servers() {
+    let a = StandIn::start("map", "int", None);
+    let b = StandIn::start("array", "bytes", None);
+    let sets = [
+        format!("defaults.model_path={}", model_dir()),
+        "defaults.model_name=m".to_string(),
+        "frontend.http_port=0".to_string(),
+        format!("vllm-0.engine_url=http://127.0.0.1:{}", a.http),
+        format!("vllm-0.kv_events=tcp://127.0.0.1:{}", a.zmq),
+        format!("vllm-1.engine_url=http://127.0.0.1:{}", b.http),
+        format!("vllm-1.kv_events=tcp://127.0.0.1:{}", b.zmq),
+    ];
+    let mut args = vec![common::graph("vllm-fleet.yaml")];
+    for s in &sets {
+        args.extend(["--set".to_string(), s.clone()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut serve = common::Serve::start(&args);
+    let ready = serve.wait_out("[frontend] ready: http://", 0, Duration::from_secs(60));
+    serve.wait_out("ready: graph", 0, Duration::from_secs(30));
+    let base = common::base(&ready);
+    let client = reqwest::Client::new();
+    let get = |path: &'static str| {
+        let (client, base) = (client.clone(), base.clone());
+        async move {
+            client
+                .get(format!("{base}{path}"))
+                .send()
+                .await
+                .unwrap()
+                .json::<serde_json::Value>()
+                .await
+                .unwrap()
+        }
+    };
+    common::eventually_async(
+        "both sidecars report their servers' KV blocks",
+        Duration::from_secs(10),
+        || async {
+            let v = get("/status.json").await;
+            let mut seen: Vec<(String, u64)> = v["workers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|w| {
+                    Some((
+                        w["component"].as_str()?.to_string(),
+                        w["total_blocks"].as_u64()?,
+                    ))
+                })
+                .collect();
+            seen.sort();
+            seen == [("vllm-0".to_string(), 1024), ("vllm-1".to_string(), 1024)]
+        },
+    )
+    .await;
+    let mut served = 0;
+    for i in 0..4u32 {
+        let prompt: Vec<u32> = (0..40).map(|t| 500 + i * 40 + t).collect();
+        let r = client
+            .post(format!("{base}/v1/completions"))
+            .json(&json!({"model": "m", "prompt": prompt, "max_tokens": 3}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["usage"]["completion_tokens"], 3, "{v}");
+        served += 1;
+    }
+    let mut total = 0;
+    for port in [a.http, b.http] {
+        let v: serde_json::Value = client
+            .get(format!("http://127.0.0.1:{port}/stats"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        total += v["requests"].as_u64().unwrap();
+    }
+    assert_eq!(total, served, "every answer came from a server");
+    serve.terminate(Duration::from_secs(20));
+}

@@ -4,7 +4,9 @@
 //! that engine publishes as its own.
 //!
 //! A gap in the sequence (messages lost: ZeroMQ's PUB drops what a slow subscriber cannot take)
-//! or a sequence that starts over (the engine restarted) clears what the router indexed for this
+//! is filled from the engine's replay socket when one is configured (vLLM's `replay_endpoint`:
+//! a ROUTER that resends the messages it still buffers); a gap it cannot fill, or a sequence
+//! that starts over (the engine restarted), clears what the router indexed for this
 //! engine (`Cleared` on every tier) and starts again from the next events: the index misses the
 //! blocks stored before until the engine stores them again, and never holds one the engine
 //! dropped. No dump is asked of the engine (it has none), so nothing can loop on resyncs: a
@@ -20,27 +22,82 @@ use zeromq::{Socket, SocketRecv};
 
 use crate::EngineError;
 
+/// The end-of-replay marker of vLLM's replay socket (the sequence -1).
+const END_SEQ: u64 = u64::MAX;
+
+/// How long a replay may take before the gap is handled as unrecoverable.
+const REPLAY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Where an engine publishes its KV events.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct EventSource {
+    /// Its ZeroMQ PUB socket, e.g. `tcp://127.0.0.1:5557`.
+    pub endpoint: String,
+    /// The topic it publishes on ("" takes every topic).
+    pub topic: String,
+    /// Its replay socket (vLLM's `replay_endpoint`, a ROUTER), if configured: a gap is filled
+    /// from it instead of clearing this engine's blocks in the index.
+    pub replay: Option<String>,
+}
+
+/// The messages `from..until` (sequence numbers) the engine's replay socket still buffers, in
+/// order: asked as `[empty, from (8 bytes, big-endian)]`, answered `[empty, sequence, payload]`
+/// per message and an end marker (sequence -1).
+async fn replay(endpoint: &str, from: u64, until: u64) -> Result<Vec<(u64, Vec<u8>)>, String> {
+    use zeromq::SocketSend;
+    let mut socket = zeromq::DealerSocket::new();
+    socket
+        .connect(endpoint)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let mut ask = zeromq::ZmqMessage::from(Vec::<u8>::new());
+    ask.push_back(from.to_be_bytes().to_vec().into());
+    socket.send(ask).await.map_err(|e| format!("send: {e}"))?;
+    let mut out = Vec::new();
+    loop {
+        let frames = socket
+            .recv()
+            .await
+            .map_err(|e| format!("receive: {e}"))?
+            .into_vec();
+        let (seq, payload) = match frames.as_slice() {
+            [_empty, seq, payload] if seq.len() == 8 => {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(seq);
+                (u64::from_be_bytes(b), payload)
+            }
+            _ => return Err("a malformed replay message".into()),
+        };
+        if seq == END_SEQ {
+            return Ok(out);
+        }
+        if (from..until).contains(&seq) {
+            out.push((seq, payload.to_vec()));
+        }
+    }
+}
+
 /// Publishes our events from the engine's stream on `events`, in order, and answers `dumps`
 /// with the translator's view, until the returned task is aborted. `block_size` is the
 /// engine's (the model card's).
 pub async fn subscribe(
-    endpoint: &str,
-    topic: &str,
+    source: &EventSource,
     block_size: usize,
     events: broadcast::Sender<Vec<KvEvent>>,
     mut dumps: mpsc::Receiver<oneshot::Sender<KvDump>>,
 ) -> Result<tokio::task::JoinHandle<()>, EngineError> {
+    let endpoint = source.endpoint.clone();
     let mut socket = zeromq::SubSocket::new();
-    socket.connect(endpoint).await.map_err(|e| {
+    socket.connect(&endpoint).await.map_err(|e| {
         EngineError::Internal(format!(
             "cannot connect to the engine's KV events at {endpoint}: {e}; is its KV-events publisher on?"
         ))
     })?;
     socket
-        .subscribe(topic)
+        .subscribe(&source.topic)
         .await
         .map_err(|e| EngineError::Internal(format!("cannot subscribe to {endpoint}: {e}")))?;
-    let endpoint = endpoint.to_string();
+    let replay_at = source.replay.clone();
     let published = events;
     let task = tokio::spawn(async move {
         let mut translator = Translator::new(block_size);
@@ -73,38 +130,77 @@ pub async fn subscribe(
                     continue;
                 }
             };
+            let mut batches: Vec<Vec<u8>> = Vec::new();
             let mut events = Vec::new();
-            if last.is_some_and(|l| seq != l.wrapping_add(1)) {
-                let outcome = if last.is_some_and(|l| seq <= l) {
-                    "restart"
-                } else {
-                    "gap"
-                };
-                count(outcome).increment(1);
-                tracing::warn!(endpoint, seq, last = ?last, "{outcome} in the engine's KV events: its indexed blocks are dropped and rebuilt from what follows");
-                events.extend(translator.clear_all());
+            match last {
+                Some(l) if seq <= l => {
+                    // The engine started over: what it held is gone.
+                    count("restart").increment(1);
+                    tracing::warn!(endpoint, seq, last = l, "the engine's KV event sequence restarted: its indexed blocks are dropped and rebuilt from what follows");
+                    events.extend(translator.clear_all());
+                }
+                Some(l) if seq != l.wrapping_add(1) => {
+                    let missed = l + 1..seq;
+                    let filled = match &replay_at {
+                        Some(at) => match tokio::time::timeout(
+                            REPLAY_TIMEOUT,
+                            replay(at, missed.start, missed.end),
+                        )
+                        .await
+                        {
+                            Ok(Ok(got)) if got.iter().map(|(s, _)| *s).eq(missed.clone()) => {
+                                batches.extend(got.into_iter().map(|(_, p)| p));
+                                true
+                            }
+                            Ok(Ok(got)) => {
+                                tracing::warn!(endpoint, missed = ?missed, replayed = got.len(), "the engine's replay no longer holds every missed message");
+                                false
+                            }
+                            Ok(Err(e)) => {
+                                tracing::warn!(endpoint, error = %e, "the engine's KV event replay failed");
+                                false
+                            }
+                            Err(_) => {
+                                tracing::warn!(endpoint, "the engine's KV event replay timed out");
+                                false
+                            }
+                        },
+                        None => false,
+                    };
+                    if filled {
+                        count("replayed").increment(missed.end - missed.start);
+                    } else {
+                        count("gap").increment(1);
+                        tracing::warn!(endpoint, seq, last = l, "gap in the engine's KV events: its indexed blocks are dropped and rebuilt from what follows");
+                        events.extend(translator.clear_all());
+                    }
+                }
+                _ => {}
             }
             last = Some(seq);
-            match translator.translate(&payload) {
-                Ok(t) => {
-                    count("batch").increment(1);
-                    let d = t.dropped;
-                    for (reason, n) in [
-                        ("unknown_event", d.unknown_events),
-                        ("malformed_event", d.malformed_events),
-                        ("unknown_parent", d.unknown_parent),
-                        ("unsupported_block", d.unsupported),
-                        ("unknown_removal", d.unknown_removals),
-                    ] {
-                        if n > 0 {
-                            count(reason).increment(n as u64);
+            batches.push(payload.to_vec());
+            for payload in &batches {
+                match translator.translate(payload) {
+                    Ok(t) => {
+                        count("batch").increment(1);
+                        let d = t.dropped;
+                        for (reason, n) in [
+                            ("unknown_event", d.unknown_events),
+                            ("malformed_event", d.malformed_events),
+                            ("unknown_parent", d.unknown_parent),
+                            ("unsupported_block", d.unsupported),
+                            ("unknown_removal", d.unknown_removals),
+                        ] {
+                            if n > 0 {
+                                count(reason).increment(n as u64);
+                            }
                         }
+                        events.extend(t.events);
                     }
-                    events.extend(t.events);
-                }
-                Err(e) => {
-                    count("malformed").increment(1);
-                    tracing::debug!(endpoint, error = %e, "skipped a KV event batch");
+                    Err(e) => {
+                        count("malformed").increment(1);
+                        tracing::debug!(endpoint, error = %e, "skipped a KV event batch");
+                    }
                 }
             }
             // No subscriber yet (the worker publishes once it serves): nothing to keep, the
@@ -162,7 +258,11 @@ mod tests {
             .to_string();
         let (events, mut rx) = broadcast::channel(64);
         let (dumps, dump_rx) = mpsc::channel(1);
-        let task = subscribe(&at, "", 4, events, dump_rx).await.unwrap();
+        let source = EventSource {
+            endpoint: at.clone(),
+            ..Default::default()
+        };
+        let task = subscribe(&source, 4, events, dump_rx).await.unwrap();
         // A subscription takes a moment to reach the publisher: publish until one arrives.
         let mut seq = 0;
         let first = loop {
@@ -252,6 +352,98 @@ mod tests {
             dump.blocks[0].1.block_hash,
             dynamo_kv::block_hashes(&[9, 9, 9, 9], 4)[0].1
         );
+        task.abort();
+    }
+
+    /// A gap filled from the engine's replay socket (a ROUTER resending what it buffers, as
+    /// vLLM's does): the missed batches are translated in order, nothing is cleared, and a
+    /// block whose parent was only in a missed batch still chains.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_gap_is_filled_from_the_replay_socket() {
+        let mut publisher = zeromq::PubSocket::new();
+        let at = publisher
+            .bind("tcp://127.0.0.1:0")
+            .await
+            .unwrap()
+            .to_string();
+        let mut router = zeromq::RouterSocket::new();
+        let replay_at = router.bind("tcp://127.0.0.1:0").await.unwrap().to_string();
+        let payloads: Vec<Vec<u8>> = vec![
+            batch(vec![stored(1, None, &[1, 2, 3, 4])]),
+            batch(vec![stored(2, Some(1), &[5, 6, 7, 8])]),
+            batch(vec![stored(3, Some(2), &[9, 10, 11, 12])]),
+            batch(vec![stored(4, Some(3), &[13, 14, 15, 16])]),
+        ];
+        // The engine's replay side: answers [identity, empty, from] with what it buffers.
+        let buffered = payloads.clone();
+        let served = tokio::spawn(async move {
+            let ask = router.recv().await.unwrap().into_vec();
+            let mut from = [0u8; 8];
+            from.copy_from_slice(&ask[2]);
+            let from = u64::from_be_bytes(from);
+            for (seq, p) in buffered.iter().enumerate().skip(from as usize) {
+                let mut m = zeromq::ZmqMessage::from(ask[0].to_vec());
+                m.push_back(Vec::<u8>::new().into());
+                m.push_back((seq as u64).to_be_bytes().to_vec().into());
+                m.push_back(p.clone().into());
+                router.send(m).await.unwrap();
+            }
+            let mut end = zeromq::ZmqMessage::from(ask[0].to_vec());
+            end.push_back(Vec::<u8>::new().into());
+            end.push_back(END_SEQ.to_be_bytes().to_vec().into());
+            end.push_back(Vec::<u8>::new().into());
+            router.send(end).await.unwrap();
+            from
+        });
+        let (events, mut rx) = broadcast::channel(64);
+        let (_dumps, dump_rx) = mpsc::channel(1);
+        let source = EventSource {
+            endpoint: at,
+            topic: String::new(),
+            replay: Some(replay_at),
+        };
+        let task = subscribe(&source, 4, events, dump_rx).await.unwrap();
+        // Message 0 until the subscription is up (each resend is a restart: cleared, then
+        // block 1 again).
+        loop {
+            publisher
+                .send(message(0, payloads[0].clone()))
+                .await
+                .unwrap();
+            if tokio::time::timeout(std::time::Duration::from_millis(50), rx.recv())
+                .await
+                .is_ok()
+            {
+                break;
+            }
+        }
+        while let Ok(Ok(_)) =
+            tokio::time::timeout(std::time::Duration::from_millis(100), rx.recv()).await
+        {}
+        // 1 and 2 are lost; 3 arrives.
+        publisher
+            .send(message(3, payloads[3].clone()))
+            .await
+            .unwrap();
+        let got = rx.recv().await.unwrap();
+        assert_eq!(
+            served.await.unwrap(),
+            1,
+            "the replay was asked from the first missed"
+        );
+        assert!(
+            got.iter().all(|e| e.data != KvEventData::Cleared),
+            "nothing cleared: {got:?}"
+        );
+        let want = dynamo_kv::block_hashes(&(1..=16).collect::<Vec<u32>>(), 4);
+        let stored: Vec<_> = got
+            .iter()
+            .flat_map(|e| match &e.data {
+                KvEventData::Stored { blocks, .. } => blocks.iter().map(|b| b.block_hash).collect(),
+                _ => Vec::new(),
+            })
+            .collect();
+        assert_eq!(stored, [want[1].1, want[2].1, want[3].1]);
         task.abort();
     }
 }

@@ -20,7 +20,8 @@
 //! llama.cpp, which has no such setting). A migrated request continues exactly when greedy;
 //! seeded draws continue from the server's own generator.
 //!
-//! **Failure.** A server that refuses with 429/503 is `Overloaded` (the frontend tries another
+//! **Failure** (counted in `dynamo_worker_external_errors_total{reason}`). A server that refuses
+//! with 429/503 is `Overloaded` (the frontend tries another
 //! worker); other 4xx are the request's fault (`BadRequest`, with the server's message); a
 //! 5xx, a dropped connection or a stream silent for `stall_timeout` mid-request is `Stopped`,
 //! which the frontend migrates. Cancellation (the client left, a stop token) drops the
@@ -120,6 +121,8 @@ pub struct OpenAiSettings {
     /// The engine's ZeroMQ KV-event publisher (`tcp://host:port`), if it runs one.
     pub kv_events: Option<String>,
     pub kv_topic: String,
+    /// The engine's KV-event replay socket (vLLM's `replay_endpoint`), to fill gaps.
+    pub kv_replay: Option<String>,
     /// The engine's KV block size in tokens (vLLM's `--block-size`; our card's).
     pub block_size: usize,
     /// The engine's KV blocks, for load reports (the server's own figure wins when it has one).
@@ -159,6 +162,7 @@ impl PartialEq for OpenAiSettings {
             &self.api_key,
             &self.kv_events,
             &self.kv_topic,
+            &self.kv_replay,
             self.block_size,
             self.total_blocks,
         ) == (
@@ -168,6 +172,7 @@ impl PartialEq for OpenAiSettings {
             &o.api_key,
             &o.kv_events,
             &o.kv_topic,
+            &o.kv_replay,
             o.block_size,
             o.total_blocks,
         ) && self.eos_token_ids == o.eos_token_ids
@@ -183,6 +188,7 @@ impl Default for OpenAiSettings {
             api_key: None,
             kv_events: None,
             kv_topic: String::new(),
+            kv_replay: None,
             block_size: 16,
             total_blocks: 0,
             eos_token_ids: Vec::new(),
@@ -427,8 +433,11 @@ impl OpenAiEngine {
         match &inner.settings.kv_events {
             Some(endpoint) => tasks.push(
                 crate::external_events::subscribe(
-                    endpoint,
-                    &inner.settings.kv_topic,
+                    &crate::external_events::EventSource {
+                        endpoint: endpoint.clone(),
+                        topic: inner.settings.kv_topic.clone(),
+                        replay: inner.settings.kv_replay.clone(),
+                    },
                     inner.settings.block_size,
                     events.clone(),
                     dumps,
@@ -861,17 +870,37 @@ impl Engine for OpenAiEngine {
         tokio::spawn(async move {
             let mut ticket = Ticket::new(inner.flight.clone(), prompt_len.div_ceil(bs));
             let run = forward(&inner, path, body, &request, &tx, &mut ticket, prompt_len);
-            tokio::select! {
-                result = run => {
-                    if let Err(e) = result {
+            let rest = tokio::select! {
+                result = run => match result {
+                    Ok(rest) => rest,
+                    Err(e) => {
+                        let reason = match &e {
+                            EngineError::Overloaded(_) => "overloaded",
+                            EngineError::BadRequest(_) => "bad_request",
+                            _ => "failed",
+                        };
+                        metrics::counter!("dynamo_worker_external_errors_total", "reason" => reason).increment(1);
+                        if reason == "failed" {
+                            tracing::warn!(url = %inner.settings.url, error = %e, "a request to the engine server failed");
+                        }
                         let _ = tx.send(Err(e)).await;
+                        None
                     }
-                }
-                _ = cancel.cancelled() => {}
-                _ = tx.closed() => {}
+                },
+                _ = cancel.cancelled() => None,
+                _ = tx.closed() => None,
+            };
+            drop((tx, ticket));
+            // A request the server is finishing too: read its last bytes (the final event,
+            // `[DONE]`) so the connection goes back to the pool for the next request. Any
+            // other way out drops the response: the connection closes and the server aborts
+            // the request.
+            if let Some(mut rest) = rest {
+                let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                    while let Some(Ok(_)) = rest.next().await {}
+                })
+                .await;
             }
-            // Leaving drops the upstream response: its connection closes and the server
-            // aborts the request.
         });
         Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }
@@ -885,8 +914,13 @@ impl Engine for OpenAiEngine {
     }
 }
 
+/// The rest of a server's response body.
+type Upstream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<bytes::Bytes, reqwest::Error>> + Send>>;
+
 /// Sends one request upstream and streams its tokens to `tx` until a finish (ours or the
-/// server's).
+/// server's). Returns the rest of the response when the server is finishing as well, for the
+/// caller to read out (so the connection is reused) after the stream ended.
 async fn forward(
     inner: &Inner,
     path: &str,
@@ -895,7 +929,7 @@ async fn forward(
     tx: &mpsc::Sender<Result<EngineOutput, EngineError>>,
     ticket: &mut Ticket,
     prompt_len: u64,
-) -> Result<(), EngineError> {
+) -> Result<Option<Upstream>, EngineError> {
     let kind = inner.settings.kind;
     let url = &inner.settings.url;
     let response = inner.post(path).json(&body).send().await.map_err(|e| {
@@ -1002,11 +1036,17 @@ async fn forward(
             }
             out.finish_reason = finish;
             let last = finish.is_some();
-            if tx.send(Ok(out)).await.is_err() || last {
-                return Ok(());
+            // The server stops by itself at its own finish, at the length it was given, and
+            // (vLLM, SGLang) at the stop tokens it was given.
+            let server_finishes = piece.finish.is_some()
+                || done_by_server
+                || finish == Some(FinishReason::Length)
+                || (finish.is_some() && matches!(kind, ServerKind::Vllm | ServerKind::Sglang));
+            if tx.send(Ok(out)).await.is_err() {
+                return Ok(None);
             }
-            if done_by_server {
-                return Ok(());
+            if last || done_by_server {
+                return Ok(server_finishes.then(|| Box::pin(body) as Upstream));
             }
         }
     }

@@ -514,3 +514,54 @@ async fn llamacpp_and_sglang_requests_carry_token_ids_in_their_dialects() {
     assert_eq!(seen[1].1["sampling_params"]["max_new_tokens"], json!(8));
     assert_eq!(seen[1].1["sampling_params"]["ignore_eos"], json!(true));
 }
+
+/// Ids as text `<id>`, for a generic server.
+struct Angle;
+
+impl TextCodec for Angle {
+    fn decode(&self, ids: &[TokenId]) -> String {
+        ids.iter().map(|t| format!("<{t}>")).collect()
+    }
+
+    fn encode(&self, text: &str) -> Vec<TokenId> {
+        text.split('<')
+            .filter_map(|p| p.strip_suffix('>').and_then(|n| n.parse().ok()))
+            .collect()
+    }
+}
+
+/// A generic server: the prompt goes as text, the answer's text is re-tokenized, and a token
+/// split across chunks comes out once, whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generic_server_gets_text_and_its_text_is_re_tokenized() {
+    let chunk = |text: &str, finish: Option<&str>| {
+        json!({"choices": [{"index": 0, "text": text, "finish_reason": finish}]}).to_string()
+    };
+    let server = Scripted::start(vec![Answer::Events {
+        events: vec![
+            chunk("<5", None),
+            chunk("0><6", None),
+            chunk("1>", None),
+            chunk("<7>", Some("length")),
+        ],
+        hold: false,
+    }])
+    .await;
+    let mut settings = server.settings(ServerKind::Generic);
+    assert!(
+        OpenAiEngine::connect(settings.clone()).await.is_err(),
+        "a generic server needs a codec"
+    );
+    settings.codec = Some(Arc::new(Angle));
+    let engine = OpenAiEngine::connect(settings).await.unwrap();
+    let s = engine
+        .generate(request(vec![1, 2], 8, vec![2]), CancellationToken::new())
+        .unwrap();
+    assert_eq!(
+        collect(s).await,
+        (vec![50, 61, 7], Ok(Some(FinishReason::Length)))
+    );
+    let seen = server.seen.lock().unwrap().clone();
+    assert_eq!(seen[0].1["prompt"], json!("<1><2>"));
+    assert_eq!(seen[0].1["model"], json!("served-model"));
+}
