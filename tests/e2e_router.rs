@@ -16,11 +16,11 @@ use dynamo_actors::frontend::{
 use dynamo_actors::router::KvRouter;
 use dynamo_kv::block_hashes;
 use dynamo_protocols::kv::{
-    KvEvent, KvEventBatch, KvEventData, LoadReport, LocalBlockHash, SequenceHash, StorageTier,
-    StoredBlock, WorkerId, KV_EVENTS_TOPIC, LOAD_TOPIC,
+    KvEvent, KvEventBatch, KvEventData, LocalBlockHash, SequenceHash, StorageTier, StoredBlock,
+    WorkerId, KV_EVENTS_TOPIC, LOAD_TOPIC,
 };
 use dynamo_runtime::bus::Outgoing;
-use dynamo_runtime::serve::{decode_event, encode_event};
+use dynamo_runtime::serve::encode_event;
 use dynamo_runtime::subject::{ComponentId, Namespace, Topic};
 use dynamo_runtime::testing::NatsServer;
 use dynamo_runtime::{InstanceId, Runtime, RuntimeSettings};
@@ -94,24 +94,8 @@ fn held(router: &KvRouter, hashes: &[SequenceHash], w: WorkerId) -> Option<u32> 
         .map(|o| o.blocks())
 }
 
-/// Waits for a load report of `worker` taken after what it just did: reports already
-/// received are dropped, then the next one that shows it idle is awaited.
 async fn idle(loads: &mut dynamo_runtime::bus::Subscription, worker: &str) {
-    use futures::FutureExt;
-    while let Some(Some(_)) = loads.next().now_or_never() {}
-    tokio::time::timeout(Duration::from_secs(5), async {
-        while let Some(m) = loads.next().await {
-            if m.subject.last_token() != worker {
-                continue;
-            }
-            let r: LoadReport = decode_event(&m.payload).unwrap();
-            if r.running_requests == 0 && r.waiting_requests == 0 {
-                return;
-            }
-        }
-    })
-    .await
-    .expect("the worker reports idle");
+    common::until_idle(loads, worker).await
 }
 
 /// Sends `prefix` once, waits until `router` indexes the serving worker's 10 blocks of it,

@@ -16,8 +16,7 @@ use common::{dynamo_run, eventually, model_dir, Proc};
 use dynamo_actors::frontend::{Endpoint, Frontend, FrontendSettings, RouterMode, Serving};
 use dynamo_actors::router::KvRouter;
 use dynamo_kv::block_hashes;
-use dynamo_protocols::kv::{LoadReport, SequenceHash, WorkerId, LOAD_TOPIC};
-use dynamo_runtime::serve::decode_event;
+use dynamo_protocols::kv::{SequenceHash, WorkerId, LOAD_TOPIC};
 use dynamo_runtime::subject::Namespace;
 use dynamo_runtime::testing::NatsServer;
 use dynamo_runtime::InstanceId;
@@ -124,25 +123,8 @@ fn held(router: &KvRouter, hashes: &[SequenceHash], w: InstanceId) -> Option<u32
         .map(|o| o.blocks())
 }
 
-/// Waits for a load report of `worker` showing it idle, after dropping those already queued
-/// (taken while a request ran).
 async fn idle(loads: &mut dynamo_runtime::bus::Subscription, worker: InstanceId) {
-    use futures::FutureExt;
-    while let Some(Some(_)) = loads.next().now_or_never() {}
-    let worker = worker.to_string();
-    tokio::time::timeout(Duration::from_secs(5), async {
-        while let Some(m) = loads.next().await {
-            if m.subject.last_token() != worker {
-                continue;
-            }
-            let r: LoadReport = decode_event(&m.payload).unwrap();
-            if r.running_requests == 0 && r.waiting_requests == 0 {
-                return;
-            }
-        }
-    })
-    .await
-    .expect("the worker reports idle");
+    common::until_idle(loads, &worker.to_string()).await
 }
 
 /// `prefix`'s blocks are indexed for `holder` (from its engine's events), and `n` more

@@ -629,3 +629,25 @@ impl Pki {
         pki
     }
 }
+
+/// Waits for a load report of `worker` (an instance id as its subject's last token) showing it
+/// idle, after dropping the reports already queued on `loads` (taken while a request ran,
+/// they can arrive after its end).
+pub async fn until_idle(loads: &mut dynamo_runtime::bus::Subscription, worker: &str) {
+    use futures::FutureExt;
+    while let Some(Some(_)) = loads.next().now_or_never() {}
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(m) = loads.next().await {
+            if m.subject.last_token() != worker {
+                continue;
+            }
+            let r: dynamo_protocols::kv::LoadReport =
+                dynamo_runtime::serve::decode_event(&m.payload).unwrap();
+            if r.running_requests == 0 && r.waiting_requests == 0 {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the worker reports idle");
+}

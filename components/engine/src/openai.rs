@@ -586,6 +586,15 @@ async fn load_loop(inner: Arc<Inner>, load: watch::Sender<LoadReport>) {
     }
 }
 
+/// `logit_bias` as OpenAI's map from token id (a string) to bias.
+fn bias_map(bias: &[(TokenId, f32)]) -> Value {
+    Value::Object(
+        bias.iter()
+            .map(|(t, b)| (t.to_string(), json!(b)))
+            .collect(),
+    )
+}
+
 /// The JSON body of one request, in the server's dialect.
 fn request_body(
     inner: &Inner,
@@ -633,12 +642,7 @@ fn request_body(
                 put("frequency_penalty", json!(p));
             }
             if !s.logit_bias.is_empty() {
-                let bias: Map<String, Value> = s
-                    .logit_bias
-                    .iter()
-                    .map(|(t, b)| (t.to_string(), json!(b)))
-                    .collect();
-                put("logit_bias", Value::Object(bias));
+                put("logit_bias", bias_map(&s.logit_bias));
             }
             Ok(("/v1/completions", Value::Object(body)))
         }
@@ -665,12 +669,7 @@ fn request_body(
                 sp.insert("frequency_penalty".into(), json!(p));
             }
             if !s.logit_bias.is_empty() {
-                let bias: Map<String, Value> = s
-                    .logit_bias
-                    .iter()
-                    .map(|(t, b)| (t.to_string(), json!(b)))
-                    .collect();
-                sp.insert("logit_bias".into(), Value::Object(bias));
+                sp.insert("logit_bias".into(), bias_map(&s.logit_bias));
             }
             put("input_ids", json!(request.token_ids));
             put("sampling_params", Value::Object(sp));
