@@ -4,7 +4,8 @@
 It speaks the servers' dialects where our sidecar uses them:
 - vLLM: POST /v1/completions with the prompt as token ids and `return_token_ids`, streamed
   as server-sent events whose choices carry `token_ids`; GET /health, /v1/models, /metrics
-  (`vllm:num_requests_running|waiting`, `vllm:kv_cache_usage_perc`, `vllm:cache_config_info`).
+  (`vllm:num_requests_running|waiting`, `vllm:kv_cache_usage_perc`, `vllm:cache_config_info`,
+  and SGLang's `sglang:num_running_reqs`, `num_queue_reqs`, `token_usage`).
 - SGLang: POST /generate with `input_ids`, streamed chunks with cumulative `output_ids`.
 
 It "generates" token ids by a fixed rule (greedy and repeatable: the same prompt gives the same
@@ -189,6 +190,12 @@ def make_app(engine, args):
             f'vllm:kv_cache_usage_perc{{model_name="{args.model}",engine="0"}} {usage}',
             "# TYPE vllm:cache_config_info gauge",
             f'vllm:cache_config_info{{block_size="{args.block_size}",num_gpu_blocks="{args.num_blocks}"}} 1.0',
+            "# TYPE sglang:num_running_reqs gauge",
+            f'sglang:num_running_reqs{{model_name="{args.model}"}} {float(engine.running)}',
+            "# TYPE sglang:num_queue_reqs gauge",
+            f'sglang:num_queue_reqs{{model_name="{args.model}"}} 0.0',
+            "# TYPE sglang:token_usage gauge",
+            f'sglang:token_usage{{model_name="{args.model}"}} {usage}',
         ]
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 

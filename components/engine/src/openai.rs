@@ -361,7 +361,7 @@ fn parse_metrics(kind: ServerKind, text: &str) -> ServerGauges {
             add(&mut g.waiting, value);
         } else if usage.contains(&name) && g.usage.is_none() {
             g.usage = Some(value.clamp(0.0, 1.0));
-        } else if name == "vllm:cache_config_info" {
+        } else if kind == ServerKind::Vllm && name == "vllm:cache_config_info" {
             g.total_blocks = labels.split(',').find_map(|kv| {
                 let (k, v) = kv.split_once('=')?;
                 (k.trim() == "num_gpu_blocks")

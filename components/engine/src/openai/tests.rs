@@ -40,6 +40,9 @@ vllm:num_requests_swapped NaN
         "sglang:num_running_reqs{x=\"y\"} 7\ngarbage\n{\n",
     );
     assert_eq!(g.running, Some(7.0));
+    // Another server's series are not this one's.
+    let g = parse_metrics(ServerKind::Sglang, text);
+    assert_eq!((g.running, g.total_blocks), (None, None));
 }
 
 #[test]
