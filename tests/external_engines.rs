@@ -127,6 +127,28 @@ async fn idle(loads: &mut dynamo_runtime::bus::Subscription, worker: InstanceId)
     common::until_idle(loads, &worker.to_string()).await
 }
 
+/// [`idle`], and the router has recorded an idle report too (its ingest may lag behind this
+/// test's own subscription on a busy machine, and a report taken while the last request ran
+/// would count that request's blocks as load).
+async fn settled(
+    router: &KvRouter,
+    loads: &mut dynamo_runtime::bus::Subscription,
+    worker: InstanceId,
+) {
+    idle(loads, worker).await;
+    let w = WorkerId(worker.as_u64());
+    eventually(
+        "the router records the worker idle",
+        Duration::from_secs(5),
+        || {
+            router
+                .reported(w)
+                .is_some_and(|r| r.running_requests == 0 && r.active_blocks == 0)
+        },
+    )
+    .await;
+}
+
 /// `prefix`'s blocks are indexed for `holder` (from its engine's events), and `n` more
 /// requests with that prefix land there.
 async fn sticks(
@@ -144,14 +166,14 @@ async fn sticks(
         || held(router, &hashes, holder) == Some(hashes.len() as u32),
     )
     .await;
-    idle(loads, holder).await;
+    settled(router, loads, holder).await;
     for i in 0..n {
         assert_eq!(
             ask(serving, prefix, 1000 + i * 10).await,
             holder,
             "request {i} with the cached prefix"
         );
-        idle(loads, holder).await;
+        settled(router, loads, holder).await;
     }
 }
 
@@ -188,7 +210,7 @@ async fn kv_routing_over_two_vllm_stand_ins_in_both_event_encodings() {
     let mut second = None;
     for k in 0..24u32 {
         let prefix: Vec<u32> = (0..160).map(|i| 700 + k * 160 + i).collect();
-        idle(&mut loads, a).await;
+        settled(&router, &mut loads, a).await;
         if ask(&serving, &prefix, 2000).await == b {
             second = Some(prefix);
             break;

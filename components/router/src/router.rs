@@ -718,6 +718,11 @@ impl KvRouter {
         }
     }
 
+    /// The last load report recorded for `w`.
+    pub fn reported(&self, w: WorkerId) -> Option<LoadReport> {
+        self.loads.get(&w).map(|a| a.report)
+    }
+
     pub fn record_load(&self, w: WorkerId, report: LoadReport) {
         self.loads.upsert(w, |acc| {
             acc.report = report;
