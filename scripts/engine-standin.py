@@ -103,6 +103,8 @@ class Cache:
 class Engine:
     def __init__(self, args):
         self.args = args
+        self.requests = 0
+        self.cancelled = 0
         self.running = 0
         self.active_blocks = 0
         self.seq = 0
@@ -289,8 +291,6 @@ async def main():
     p.add_argument("--prefill-us", type=float, default=1.0, help="time per prompt token (µs)")
     args = p.parse_args()
     engine = Engine(args)
-    engine.requests = 0
-    engine.cancelled = 0
     runner = web.AppRunner(make_app(engine, args), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", args.port)

@@ -284,11 +284,11 @@ async fn the_vllm_fleet_graph_fronts_two_servers() {
     serve.wait_out("ready: graph", 0, Duration::from_secs(30));
     let base = common::base(&ready);
     let client = reqwest::Client::new();
-    let get = |path: &'static str| {
-        let (client, base) = (client.clone(), base.clone());
+    let get = |url: String| {
+        let client = client.clone();
         async move {
             client
-                .get(format!("{base}{path}"))
+                .get(url)
                 .send()
                 .await
                 .unwrap()
@@ -297,11 +297,19 @@ async fn the_vllm_fleet_graph_fronts_two_servers() {
                 .unwrap()
         }
     };
+    let requests = |port: u16| {
+        let get = &get;
+        async move {
+            get(format!("http://127.0.0.1:{port}/stats")).await["requests"]
+                .as_u64()
+                .unwrap()
+        }
+    };
     common::eventually_async(
         "both sidecars report their servers' KV blocks",
         Duration::from_secs(10),
         || async {
-            let v = get("/status.json").await;
+            let v = get(format!("{base}/status.json")).await;
             let mut seen: Vec<(String, u64)> = v["workers"]
                 .as_array()
                 .unwrap()
@@ -318,20 +326,6 @@ async fn the_vllm_fleet_graph_fronts_two_servers() {
         },
     )
     .await;
-    let requests = |port: u16| {
-        let client = client.clone();
-        async move {
-            let v: serde_json::Value = client
-                .get(format!("http://127.0.0.1:{port}/stats"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            v["requests"].as_u64().unwrap()
-        }
-    };
     // Fresh prompts (ties between the two, drawn at random) until each server has answered.
     let mut served = 0;
     for i in 0..24u32 {

@@ -22,6 +22,14 @@ use zeromq::{Socket, SocketRecv};
 
 use crate::EngineError;
 
+/// A `[topic or empty, sequence (8 bytes, big-endian), payload]` message's sequence and payload.
+fn sequenced(frames: &[bytes::Bytes]) -> Option<(u64, &bytes::Bytes)> {
+    match frames {
+        [_, seq, payload] => Some((u64::from_be_bytes(seq[..].try_into().ok()?), payload)),
+        _ => None,
+    }
+}
+
 /// The end-of-replay marker of vLLM's replay socket (the sequence -1).
 const END_SEQ: u64 = u64::MAX;
 
@@ -60,13 +68,8 @@ async fn replay(endpoint: &str, from: u64, until: u64) -> Result<Vec<(u64, Vec<u
             .await
             .map_err(|e| format!("receive: {e}"))?
             .into_vec();
-        let (seq, payload) = match frames.as_slice() {
-            [_empty, seq, payload] if seq.len() == 8 => {
-                let mut b = [0u8; 8];
-                b.copy_from_slice(seq);
-                (u64::from_be_bytes(b), payload)
-            }
-            _ => return Err("a malformed replay message".into()),
+        let Some((seq, payload)) = sequenced(&frames) else {
+            return Err("a malformed replay message".into());
         };
         if seq == END_SEQ {
             return Ok(out);
@@ -119,16 +122,9 @@ pub async fn subscribe(
                 }
             };
             let frames = message.into_vec();
-            let (seq, payload) = match frames.as_slice() {
-                [_topic, seq, payload] if seq.len() == 8 => {
-                    let mut b = [0u8; 8];
-                    b.copy_from_slice(seq);
-                    (u64::from_be_bytes(b), payload.clone())
-                }
-                _ => {
-                    count("malformed").increment(1);
-                    continue;
-                }
+            let Some((seq, payload)) = sequenced(&frames) else {
+                count("malformed").increment(1);
+                continue;
             };
             let mut batches: Vec<Vec<u8>> = Vec::new();
             let mut events = Vec::new();

@@ -268,20 +268,19 @@ fn client_error(url: &str, e: &reqwest::Error) -> String {
 }
 
 impl Inner {
-    fn get(&self, path: &str) -> reqwest::RequestBuilder {
-        let rb = self.http.get(format!("{}{path}", self.settings.url));
+    /// A request to the server's `path`, with its bearer token when it wants one.
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let rb = self
+            .http
+            .request(method, format!("{}{path}", self.settings.url));
         match &self.settings.api_key {
             Some(k) => rb.bearer_auth(k),
             None => rb,
         }
     }
 
-    fn post(&self, path: &str) -> reqwest::RequestBuilder {
-        let rb = self.http.post(format!("{}{path}", self.settings.url));
-        match &self.settings.api_key {
-            Some(k) => rb.bearer_auth(k),
-            None => rb,
-        }
+    fn get(&self, path: &str) -> reqwest::RequestBuilder {
+        self.request(reqwest::Method::GET, path)
     }
 
     /// One health probe: `Ok` when the server answers its health path with a success.
@@ -741,8 +740,8 @@ fn token_ids(v: &Value) -> Option<Vec<TokenId>> {
         .collect()
 }
 
-/// Reads one `data:` payload. `emitted` is what the request produced so far (SGLang may send
-/// cumulative ids); `text` accumulates a generic server's text.
+/// Reads one `data:` payload. `emitted` is how many tokens the request produced so far (SGLang
+/// may send cumulative ids). A generic server's text is re-tokenized by the caller.
 fn parse_piece(kind: ServerKind, v: &Value, emitted: usize) -> Result<Piece, String> {
     if let Some(e) = v.get("error") {
         return Err(format!("the server reported an error: {e}"));
@@ -931,12 +930,17 @@ async fn forward(
 ) -> Result<Option<Upstream>, EngineError> {
     let kind = inner.settings.kind;
     let url = &inner.settings.url;
-    let response = inner.post(path).json(&body).send().await.map_err(|e| {
-        EngineError::Stopped(format!(
-            "the engine server did not take the request: {}",
-            client_error(url, &e)
-        ))
-    })?;
+    let response = inner
+        .request(reqwest::Method::POST, path)
+        .json(&body)
+        .send()
+        .await
+        .map_err(|e| {
+            EngineError::Stopped(format!(
+                "the engine server did not take the request: {}",
+                client_error(url, &e)
+            ))
+        })?;
     let status = response.status();
     if !status.is_success() {
         let text = response.text().await.unwrap_or_default();

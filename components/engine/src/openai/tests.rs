@@ -456,7 +456,7 @@ async fn a_server_that_stops_answering_fails_the_engine_and_a_new_one_waits_for_
         .unwrap()
         .unwrap();
     assert_eq!(*again.health().unwrap().borrow(), EngineState::Running);
-    // The load report counts what the sidecar has in flight (no /metrics here).
+    // No /metrics here: the load report's blocks are the settings'.
     let load = again.kv().unwrap().load();
     assert_eq!(load.borrow().total_blocks, 100);
 }
