@@ -3,7 +3,7 @@
 //! per request, each request's blocks stored on one random worker whose pool holds 2048
 //! blocks, evicting its oldest blocks) over 1k and 10k workers. Reports:
 //! - ingest alone: block events applied per second, on one thread and on two threads with
-//!   the workers split between them (as the router's apply threads split them: per-worker
+//!   the workers split between them (as parallel apply threads in the router would split them: per-worker
 //!   order kept, different workers in parallel);
 //! - `find_matches` p50/p99/max for 64-block queries on one thread while another ingests at
 //!   100k block events/s;
