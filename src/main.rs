@@ -383,8 +383,8 @@ impl LaunchArgs {
 }
 
 /// The KV router's settings (frontends with --router-mode kv, and `dynamo-run router`).
-#[derive(Args, Clone)]
-struct RouterArgs {
+#[derive(Args, Clone, Debug)]
+pub(crate) struct RouterArgs {
     /// KV router: weight of prefill work (blocks not cached) against decode load. [default: 1]
     #[arg(long, env = "DYN_KV_OVERLAP_SCORE_WEIGHT")]
     kv_overlap_score_weight: Option<f64>,
@@ -419,7 +419,7 @@ struct RouterArgs {
 }
 
 impl RouterArgs {
-    fn settings(&self) -> Settings {
+    pub(crate) fn settings(&self) -> Settings {
         Settings {
             kv_overlap_score_weight: self.kv_overlap_score_weight,
             kv_host_credit: self.kv_host_credit,

@@ -40,9 +40,16 @@ pub struct SimulateArgs {
     /// Write the generated trace here (Mooncake JSONL), to replay it against a real cluster.
     #[arg(long)]
     write_trace: Option<PathBuf>,
-    /// Workers at the start (without --profile: all the run, static provisioning).
+    /// Workers at the start (without --profile: all the run, static provisioning):
+    /// aggregated, or the decode pool with --prefill-workers or a planner's --prefill-pool.
     #[arg(long, default_value_t = 1)]
     workers: u32,
+    /// Prefill workers at the start: a disaggregated deployment (the router's conditional
+    /// disaggregation sends long uncached prompts to them; their KV crosses to the decode
+    /// worker in the mocker's simulated transfer time). With --profile give --prefill-pool
+    /// too, and the planner scales both pools.
+    #[arg(long, default_value_t = 0)]
+    prefill_workers: u32,
     /// Seconds from a scale-up decision to the new worker serving.
     #[arg(long, default_value_t = 10.0)]
     startup_s: f64,
@@ -81,6 +88,10 @@ pub struct SimulateArgs {
     /// The planner (with --profile; targets are also what SLA attainment counts).
     #[command(flatten)]
     planner: crate::PlannerArgs,
+    /// The KV router, as a frontend or `dynamo-run router` takes it (conditional
+    /// disaggregation included).
+    #[command(flatten)]
+    router: crate::RouterArgs,
 }
 
 pub fn run(a: &SimulateArgs) -> Result<()> {
@@ -131,8 +142,8 @@ pub fn run(a: &SimulateArgs) -> Result<()> {
         );
     }
     let s: Settings = a.planner.settings();
-    if s.prefill_pool.is_some() {
-        bail!("--prefill-pool: the simulator runs aggregated workers");
+    if s.prefill_pool.is_some() && s.profile.is_none() {
+        bail!("--prefill-pool names the pool a planner scales: give --profile too, or --prefill-workers N for a static prefill pool");
     }
     let target = |flag: &str, v: Option<f64>| -> Result<f64> {
         match v {
@@ -170,14 +181,28 @@ pub fn run(a: &SimulateArgs) -> Result<()> {
     if workers == 0 {
         bail!("--workers: at least 1 without a planner");
     }
+    let prefill_workers = match &planner {
+        Some(p) if p.config.policy.pools == dynamo_planner::Pools::Disaggregated => {
+            a.prefill_workers.max(p.config.policy.prefill.min).max(1)
+        }
+        Some(_) if a.prefill_workers > 0 => {
+            bail!("--prefill-workers with --profile: give --prefill-pool NAME too, so the planner scales the prefill pool")
+        }
+        _ => a.prefill_workers,
+    };
+    let router = settings::router_settings(&a.router.settings())?;
+    if router.peer_credit > 0.0 {
+        bail!("--kv-peer-credit: the simulated workers do not fetch blocks from each other; leave it at 0");
+    }
     let cfg = SimConfig {
         model,
         mocker,
         router: KvRouterSettings {
             seed: Some(a.seed),
-            ..Default::default()
+            ..router
         },
         workers,
+        prefill_workers,
         planner,
         targets,
         window_s: a.window_s,
@@ -188,9 +213,13 @@ pub fn run(a: &SimulateArgs) -> Result<()> {
     };
     let span = trace.last().map(|r| r.timestamp / 1e3).unwrap_or(0.0);
     eprintln!(
-        "simulating {} requests over {span:.0} s on {} worker(s){}",
+        "simulating {} requests over {span:.0} s on {} worker(s){}{}",
         trace.len(),
         workers,
+        match prefill_workers {
+            0 => String::new(),
+            n => format!(" decoding and {n} prefilling"),
+        },
         if cfg.planner.is_some() {
             " with the planner"
         } else {
@@ -236,6 +265,12 @@ pub fn run(a: &SimulateArgs) -> Result<()> {
         report.peak_workers,
         report.decisions.len()
     );
+    if prefill_workers > 0 {
+        println!(
+            " {} of {} prompts prefilled on prefill workers, their KV moved to the decode worker",
+            report.remote_prefills, report.requests
+        );
+    }
     if let Some(path) = &a.output_json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing {}", path.display()))?;

@@ -651,6 +651,27 @@ fn simulate_reports_and_refuses_bad_input() {
         text.contains(&format!("{lines} requests (0 failed)")),
         "{text}"
     );
+    // The same trace on a disaggregated deployment: prompts go to the prefill workers.
+    let out = common::succeed(
+        dynamo_run()
+            .args(["simulate", "--workers", "1", "--prefill-workers", "1"])
+            .args(["--ttft-target-ms", "100", "--itl-target-ms", "20"])
+            .arg("--trace")
+            .arg(&trace),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("{lines} requests (0 failed)"))
+            && text.contains("prompts prefilled on prefill workers"),
+        "{text}"
+    );
+    let remote: u64 = text
+        .lines()
+        .find(|l| l.contains("prompts prefilled"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(remote > 0, "{text}");
     // Bad input.
     let bad = |args: &[&str]| {
         let out = dynamo_run().arg("simulate").args(args).output().unwrap();
@@ -662,6 +683,23 @@ fn simulate_reports_and_refuses_bad_input() {
     assert!(e.contains("wave") && e.contains("steady"), "{e}");
     let e = bad(&["--load", "steady:5"]);
     assert!(e.contains("--ttft-target-ms"), "{e}");
+    let e = bad(&[
+        &["--load", "steady:5", "--prefill-pool", "prefill"][..],
+        &targets,
+    ]
+    .concat());
+    assert!(
+        e.contains("--profile") && e.contains("--prefill-workers"),
+        "{e}"
+    );
+    let profiled = ["--profile", profile.to_str().unwrap()];
+    let e = bad(&[
+        &["--load", "steady:5", "--prefill-workers", "2"][..],
+        &targets,
+        &profiled,
+    ]
+    .concat());
+    assert!(e.contains("--prefill-pool"), "{e}");
     let e = bad(&targets);
     assert!(e.contains("--trace") && e.contains("--load"), "{e}");
     let broken = dir.path().join("broken.jsonl");

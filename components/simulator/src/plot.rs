@@ -124,27 +124,29 @@ pub fn svg(r: &SimReport, title: &str) -> String {
         r##"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{h}" font-family="sans-serif"><rect width="100%" height="100%" fill="white"/><text x="{LEFT}" y="22" font-size="15">{}</text>"##,
         title.replace('<', "&lt;").replace('&', "&amp;")
     );
-    panel(
-        &mut svg,
-        30.0,
-        "Load and workers",
-        t_max,
-        &[
-            Series {
-                name: "requests/s",
-                color: "#1f77b4",
-                right: false,
-                points: pts(&|p| p.rate),
-            },
-            Series {
-                name: "workers up (right axis)",
-                color: "#2ca02c",
-                right: true,
-                points: pts(&|p| (p.serving + p.starting + p.draining) as f64),
-            },
-        ],
-        None,
-    );
+    let mut load = vec![
+        Series {
+            name: "requests/s",
+            color: "#1f77b4",
+            right: false,
+            points: pts(&|p| p.rate),
+        },
+        Series {
+            name: "workers up (right axis)",
+            color: "#2ca02c",
+            right: true,
+            points: pts(&|p| (p.serving + p.starting + p.draining) as f64),
+        },
+    ];
+    if r.timeline.iter().any(|p| p.prefill_serving > 0) {
+        load.push(Series {
+            name: "of them prefill, serving (right axis)",
+            color: "#8c564b",
+            right: true,
+            points: pts(&|p| p.prefill_serving as f64),
+        });
+    }
+    panel(&mut svg, 30.0, "Load and workers", t_max, &load, None);
     panel(
         &mut svg,
         30.0 + PANEL,

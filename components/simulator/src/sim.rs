@@ -7,6 +7,15 @@
 //! carried out by a virtual connector: new workers serve after `startup_s`, removed ones
 //! drain (no new requests, finish what they hold).
 //!
+//! Disaggregated (`prefill_workers`, or a planner with a prefill pool): the workers decode,
+//! and the router's conditional disaggregation ([`KvRouter::plan_prefill`]) sends a prompt to
+//! a prefill worker as the real frontend does. The decode worker then reserves the prompt's
+//! blocks (its cached prefix pinned), the prefill worker computes the prompt to its first
+//! token (its own prefix cache counts), the uncached blocks cross in the mocker's simulated
+//! transfer time, and the first token reaches the client as the decode worker takes the
+//! request over, computed ([`Scheduler::add_prefilled_tagged`]). A reservation or a prefill
+//! that fails falls back to prefilling on the decode worker, as the real one does.
+//!
 //! Time is integer nanoseconds; events at the same time run in the order they were
 //! scheduled, so a run is deterministic.
 
@@ -16,13 +25,15 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use dynamo_engine::mocker::{simulated_scheduler, Simulated};
-use dynamo_engine::scheduler::Scheduler;
+use dynamo_engine::scheduler::{Prefilled, Scheduler};
 use dynamo_engine::{EngineError, MockerSettings};
-use dynamo_planner::{Planner, PlannerConfig, PoolRole, Profile, Replicas, Targets};
+use dynamo_planner::{Planner, PlannerConfig, PoolRole, Pools, Profile, Replicas, Targets};
 use dynamo_protocols::kv::{WorkerId, LOAD_MIN_INTERVAL};
-use dynamo_protocols::llm::{EngineOutput, PreprocessedRequest, SamplingOptions, StopConditions};
+use dynamo_protocols::llm::{
+    EngineOutput, PreprocessedRequest, SamplingOptions, StopConditions, TokenId,
+};
 use dynamo_protocols::stats::{FrontendStats, ModelStats, Percentiles};
-use dynamo_router::{KvRouter, KvRouterSettings, RouteLease};
+use dynamo_router::{KvRouter, KvRouterSettings, PrefillPlan, RouteLease};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -33,6 +44,8 @@ use crate::trace::{prompt, TraceRequest};
 const NS: f64 = 1e9;
 /// How far behind its schedule the real-time mocker may start a step and still keep it.
 const SLACK: u64 = 2_000_000;
+/// Tags a prefill worker's job for request `i` as `i | JOB` (a client's stream is tagged `i`).
+const JOB: usize = 1 << 63;
 
 fn ns(s: f64) -> u64 {
     (s.max(0.0) * NS).round() as u64
@@ -53,8 +66,12 @@ pub struct SimConfig {
     pub model: String,
     pub mocker: MockerSettings,
     pub router: KvRouterSettings,
-    /// Workers serving at the start (all the run without a planner).
+    /// Workers serving at the start (all the run without a planner): aggregated, or the
+    /// decode pool of a disaggregated deployment.
     pub workers: u32,
+    /// Prefill workers serving at the start; more than 0 (or a planner with a prefill pool)
+    /// makes the deployment disaggregated.
+    pub prefill_workers: u32,
     pub planner: Option<PlannerSim>,
     /// What a request must meet to count towards SLA attainment: its TTFT, and its mean ITL.
     pub targets: Targets,
@@ -118,9 +135,13 @@ pub struct Point {
     pub t_s: f64,
     /// Requests that arrived in the window, a second.
     pub rate: f64,
+    /// Workers of every pool.
     pub serving: u32,
     pub starting: u32,
     pub draining: u32,
+    /// Of `serving`, the prefill pool's.
+    #[serde(default)]
+    pub prefill_serving: u32,
     pub ttft_p50_ms: f64,
     pub ttft_p99_ms: f64,
     pub itl_p50_ms: f64,
@@ -133,8 +154,14 @@ pub struct Point {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DecisionPoint {
     pub t_s: f64,
+    /// Aggregated workers, or the decode pool.
     pub from: u32,
     pub to: u32,
+    /// The prefill pool (disaggregated).
+    #[serde(default)]
+    pub prefill_from: u32,
+    #[serde(default)]
+    pub prefill_to: u32,
     pub predicted_rate: f64,
     pub reason: String,
 }
@@ -162,6 +189,10 @@ pub struct SimReport {
     pub worker_seconds: f64,
     pub peak_workers: u32,
     pub steps: u64,
+    /// Prompts prefilled on a prefill worker (disaggregated), their KV moved to the decode
+    /// worker.
+    #[serde(default)]
+    pub remote_prefills: u64,
     pub timeline: Vec<Point>,
     pub decisions: Vec<DecisionPoint>,
 }
@@ -174,8 +205,17 @@ enum State {
     Stopped,
 }
 
+/// What a worker does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Aggregated,
+    Decode,
+    Prefill,
+}
+
 struct Worker {
     sched: Scheduler<Simulated>,
+    kind: Kind,
     state: State,
     busy: bool,
     /// When its last step should have ended (the real-time mocker's schedule).
@@ -190,9 +230,46 @@ struct Worker {
     cruise: Option<Cruise>,
     /// Bumped when a stretch is cut short: an event of an older stretch is stale.
     generation: u64,
-    /// Requests that reached it during a stretch: they join the step after it (their
-    /// scheduler would take them then).
-    pending: Vec<(PreprocessedRequest, Sender, usize)>,
+    /// What reached it during a stretch: it is taken after the step in progress (its
+    /// scheduler would take it then).
+    pending: Vec<Pending>,
+}
+
+/// Something that reaches a worker's scheduler.
+enum Pending {
+    /// A request to compute: a client's (tagged `i`) or a prefill job (`i | JOB`).
+    Admit(usize, PreprocessedRequest, Sender),
+    /// A client's request whose prompt goes to prefill worker `prefill` (the decode side
+    /// reserves its blocks first), with the prefill worker's lease.
+    Reserve(
+        usize,
+        PreprocessedRequest,
+        Sender,
+        usize,
+        Option<RouteLease>,
+    ),
+    /// A request prefilled elsewhere, its KV arrived.
+    Prefilled(usize, Box<Prefilled>),
+    /// A reservation given back.
+    Release(u64),
+}
+
+/// A prompt being prefilled on a prefill worker for a decode worker (disaggregated).
+struct Job {
+    decode: usize,
+    prefill: usize,
+    reservation: u64,
+    /// Leading blocks the decode worker holds, and all the prompt's blocks.
+    cached: usize,
+    total: usize,
+    /// The client's request and stream, for the decode worker.
+    request: PreprocessedRequest,
+    tx: Sender,
+    /// The prefill worker's outputs.
+    rx: mpsc::UnboundedReceiver<Result<EngineOutput, EngineError>>,
+    /// The prefill worker's accounting of the prompt (dropped at its first token).
+    lease: Option<RouteLease>,
+    first: Option<TokenId>,
 }
 
 /// A decode-only stretch of steps ([`Scheduler::decode_plan`]): nothing joins or leaves
@@ -215,8 +292,8 @@ const CRUISE_MAX: usize = 4096;
 
 type Sender = mpsc::UnboundedSender<Result<EngineOutput, EngineError>>;
 
-/// A request on its way to its engine: the worker, the request, its output stream.
-type Inbound = (usize, PreprocessedRequest, Sender);
+/// A request on its way to its engine: the worker and what reaches it.
+type Inbound = (usize, Pending);
 
 struct Live {
     arrival: u64,
@@ -236,6 +313,8 @@ enum Ev {
     StepDone(usize),
     /// A stretch's end: (worker, its generation).
     CruiseDone(usize, u64),
+    /// Request `i`'s prompt KV reached its decode worker.
+    Transferred(usize),
     Ready(usize),
     Tick,
     Window,
@@ -292,8 +371,16 @@ struct Sim<'a> {
     seq: u64,
     now: u64,
     planner: Option<Planner>,
-    /// Replicas the virtual connector runs (starting or serving).
+    /// Replicas the virtual connector runs (starting or serving): aggregated or decode
+    /// workers, and prefill workers.
     target: u32,
+    target_prefill: u32,
+    /// Disaggregated: requests may be prefilled on the prefill pool.
+    disaggregated: bool,
+    /// Prompts on prefill workers or on their way to their decode worker, by request.
+    jobs: std::collections::HashMap<usize, Job>,
+    /// The simulated time of moving a number of blocks between workers.
+    transfer: Box<dyn Fn(usize) -> std::time::Duration>,
     total: Span,
     window: Span,
     interval: Span,
@@ -317,12 +404,13 @@ impl<'a> Sim<'a> {
         WorkerId(slot as u64 + 1)
     }
 
-    fn add_worker(&mut self, serving: bool) -> usize {
+    fn add_worker(&mut self, serving: bool, kind: Kind) -> usize {
         let mut m = self.cfg.mocker.clone();
         m.seed = self.workers.len() as u64;
         let sched = simulated_scheduler(&m).expect("settings validated before the run");
         self.workers.push(Worker {
             sched,
+            kind,
             state: if serving {
                 State::Serving
             } else {
@@ -340,10 +428,29 @@ impl<'a> Sim<'a> {
         });
         let slot = self.workers.len() - 1;
         if serving {
-            self.router
-                .add_worker(Self::wid(slot), self.cfg.model.clone(), m.block_size);
+            self.register(slot);
         }
         slot
+    }
+
+    /// The router learns of a worker that serves now, as a frontend would from discovery.
+    fn register(&mut self, slot: usize) {
+        let (id, model, bs) = (
+            Self::wid(slot),
+            self.cfg.model.clone(),
+            self.cfg.mocker.block_size,
+        );
+        match self.workers[slot].kind {
+            Kind::Aggregated => self.router.add_worker(id, model, bs),
+            Kind::Decode => {
+                self.router.add_worker(id, model, bs);
+                self.router.add_decode_worker(id);
+            }
+            Kind::Prefill => {
+                self.router
+                    .add_prefill_worker(id, model, bs, "sim.prefill.prefill".into())
+            }
+        }
     }
 
     fn count(&self, s: State) -> u32 {
@@ -446,6 +553,10 @@ impl<'a> Sim<'a> {
         }
         let last = c.seen[n - 1];
         for &i in &touched {
+            if i & JOB != 0 {
+                self.job_output(i & !JOB);
+                continue;
+            }
             let mut ended = None;
             if let Some(l) = self.live[i].as_mut() {
                 while let Ok(o) = l.rx.try_recv() {
@@ -470,10 +581,10 @@ impl<'a> Sim<'a> {
             }
         }
         self.touched = touched;
-        // Requests that reached it meanwhile join its queue now (a step-by-step scheduler
-        // had them queued already: its load report counts them).
-        for (req, tx, i) in std::mem::take(&mut self.workers[slot].pending) {
-            self.admit(slot, i, req, tx);
+        // What reached it meanwhile is taken now (a step-by-step scheduler had the requests
+        // queued already: its load report counts them).
+        for p in std::mem::take(&mut self.workers[slot].pending) {
+            self.apply(slot, p);
         }
         self.after_step(slot);
         self.kick(slot);
@@ -528,6 +639,19 @@ impl<'a> Sim<'a> {
             }
         };
         let slot = (decision.worker.0 - 1) as usize;
+        // Where the prompt is prefilled (a decode worker may have it done on a prefill worker).
+        let remote = match self.workers[slot].kind {
+            Kind::Decode => match self.router.plan_prefill(
+                &self.cfg.model,
+                decision.worker,
+                decision.overlap,
+                &tokens,
+            ) {
+                PrefillPlan::Remote { worker, lease, .. } => Some(((worker.0 - 1) as usize, lease)),
+                PrefillPlan::Local(_) => None,
+            },
+            _ => None,
+        };
         let (tx, rx) = mpsc::unbounded_channel();
         let input = tokens.len() as u32;
         let req = PreprocessedRequest {
@@ -554,43 +678,232 @@ impl<'a> Sim<'a> {
         });
         self.open += 1;
         self.workers[slot].open += 1;
+        let pending = match remote {
+            Some((prefill, lease)) => {
+                // Its prefill worker holds the job from now (it does not stop meanwhile).
+                self.workers[prefill].open += 1;
+                Pending::Reserve(i, req, tx, prefill, Some(lease))
+            }
+            None => Pending::Admit(i, req, tx),
+        };
         let delay = ns(self.cfg.overhead_ms / 1e3);
         if delay > 0 {
             // On its way to the engine: it can join a step only once there.
-            self.inbound.insert(i, (slot, req, tx));
+            self.inbound.insert(i, (slot, pending));
             let t = self.now + delay;
             self.at(t, Ev::Reach(i));
         } else {
-            self.reached(slot, i, req, tx);
+            self.enter(slot, pending);
         }
     }
 
     /// A request reaches its engine (after the overhead on the way).
     fn reach(&mut self, i: usize) {
-        if let Some((slot, req, tx)) = self.inbound.remove(&i) {
-            self.reached(slot, i, req, tx);
+        if let Some((slot, p)) = self.inbound.remove(&i) {
+            self.enter(slot, p);
         }
     }
 
-    fn reached(&mut self, slot: usize, i: usize, req: PreprocessedRequest, tx: Sender) {
+    /// `p` reaches worker `slot`: taken now, or in a stretch after the step in progress.
+    fn enter(&mut self, slot: usize, p: Pending) {
         if self.workers[slot].cruise.is_some() {
             self.cut(slot);
-            self.workers[slot].pending.push((req, tx, i));
+            self.workers[slot].pending.push(p);
             return;
         }
-        self.admit(slot, i, req, tx);
+        self.apply(slot, p);
         self.kick(slot);
     }
 
-    /// Queues request `i` on its worker's scheduler; one it refuses ends failed.
-    fn admit(&mut self, slot: usize, i: usize, req: PreprocessedRequest, tx: Sender) {
+    /// Hands `p` to worker `slot`'s scheduler (between its steps).
+    fn apply(&mut self, slot: usize, p: Pending) {
+        match p {
+            Pending::Admit(tag, req, tx) => self.admit(slot, tag, req, tx),
+            Pending::Reserve(i, req, tx, prefill, lease) => {
+                self.reserve(slot, i, req, tx, prefill, lease)
+            }
+            Pending::Prefilled(i, p) => {
+                self.workers[slot].sched.add_prefilled_tagged(*p, i as u64);
+                // A hand-off it refuses fails on the stream at once.
+                let refused = self.live[i]
+                    .as_mut()
+                    .is_some_and(|l| matches!(l.rx.try_recv(), Ok(Err(_))));
+                if refused {
+                    self.close(slot, i, false);
+                }
+            }
+            Pending::Release(reservation) => {
+                self.workers[slot].sched.release_reservation(reservation)
+            }
+        }
+    }
+
+    /// Queues `tag` (request `i`, or `i | JOB`: its prefill job) on worker `slot`; a request
+    /// it refuses ends failed, a job it refuses is prefilled on its decode worker.
+    fn admit(&mut self, slot: usize, tag: usize, req: PreprocessedRequest, tx: Sender) {
         if self.workers[slot]
             .sched
-            .add_tagged(req, tx, CancellationToken::new(), i as u64)
+            .add_tagged(req, tx, CancellationToken::new(), tag as u64)
             .is_err()
         {
-            self.close(slot, i, false);
+            match tag & JOB {
+                0 => self.close(slot, tag, false),
+                _ => self.job_failed(tag & !JOB),
+            }
         }
+    }
+
+    /// Decode side of a remote prefill: reserves the prompt's blocks on decode worker `slot`
+    /// (its cached leading blocks pinned) and sends the prompt to `prefill`; prefills here
+    /// instead when the prompt is all cached or the blocks cannot be had.
+    fn reserve(
+        &mut self,
+        slot: usize,
+        i: usize,
+        req: PreprocessedRequest,
+        tx: Sender,
+        prefill: usize,
+        lease: Option<RouteLease>,
+    ) {
+        let bs = self.cfg.mocker.block_size;
+        let hashes: Vec<_> = dynamo_kv::block_hashes(&req.token_ids, bs)
+            .into_iter()
+            .map(|h| h.1)
+            .collect();
+        let total = req.token_ids.len().div_ceil(bs);
+        match self.workers[slot].sched.reserve_prompt(&hashes, total) {
+            Ok((reservation, cached)) if cached < total => {
+                let (jtx, rx) = mpsc::unbounded_channel();
+                // The prefill worker computes the prompt to its first token.
+                let job = PreprocessedRequest {
+                    stop: StopConditions {
+                        max_tokens: 1,
+                        min_tokens: 0,
+                        stop_token_ids: vec![],
+                    },
+                    ..req.clone()
+                };
+                self.jobs.insert(
+                    i,
+                    Job {
+                        decode: slot,
+                        prefill,
+                        reservation,
+                        cached,
+                        total,
+                        request: req,
+                        tx,
+                        rx,
+                        lease,
+                        first: None,
+                    },
+                );
+                self.enter(prefill, Pending::Admit(i | JOB, job, jtx));
+            }
+            held => {
+                if let Ok((reservation, _)) = held {
+                    self.workers[slot].sched.release_reservation(reservation);
+                }
+                self.workers[prefill].open -= 1;
+                drop(lease);
+                self.admit(slot, i, req, tx);
+            }
+        }
+    }
+
+    /// A prefill worker's output for request `i`'s job: at the first token the prompt's
+    /// uncached blocks start crossing to the decode worker; a failure prefills it there.
+    fn job_output(&mut self, i: usize) {
+        let Some(job) = self.jobs.get_mut(&i) else {
+            return;
+        };
+        let mut ok = None;
+        while let Ok(o) = job.rx.try_recv() {
+            match o {
+                Ok(o) => {
+                    if let (None, Some(&t)) = (job.first, o.token_ids.first()) {
+                        job.first = Some(t);
+                        ok = Some(true);
+                    }
+                }
+                Err(_) if job.first.is_none() => ok = Some(false),
+                Err(_) => {}
+            }
+        }
+        match ok {
+            Some(true) => {
+                job.lease = None;
+                let blocks = job.total - job.cached;
+                let prefill = job.prefill;
+                self.workers[prefill].open -= 1;
+                let t = self.now + (self.transfer)(blocks).as_nanos() as u64;
+                self.at(t, Ev::Transferred(i));
+            }
+            Some(false) => self.job_failed(i),
+            None => {}
+        }
+    }
+
+    /// Request `i`'s prefill job failed: its decode worker gives back the reservation and
+    /// prefills the prompt itself (the real decode worker's fallback).
+    fn job_failed(&mut self, i: usize) {
+        let Some(job) = self.jobs.remove(&i) else {
+            return;
+        };
+        self.workers[job.prefill].open -= 1;
+        drop(job.lease);
+        self.enter(job.decode, Pending::Release(job.reservation));
+        self.enter(job.decode, Pending::Admit(i, job.request, job.tx));
+    }
+
+    /// Request `i`'s prompt KV reached its decode worker: the first token (sampled by the
+    /// prefill worker) goes to the client, and the decode worker takes the request over.
+    fn transferred(&mut self, i: usize) {
+        let Some(job) = self.jobs.remove(&i) else {
+            return;
+        };
+        let Job {
+            decode,
+            reservation,
+            cached,
+            total,
+            request,
+            tx,
+            first,
+            ..
+        } = job;
+        let (now, bs) = (self.now, self.cfg.mocker.block_size);
+        let (Some(token), Some(l)) = (first, self.live[i].as_mut()) else {
+            self.enter(decode, Pending::Release(reservation));
+            return;
+        };
+        self.report.remote_prefills += 1;
+        l.first = Some(now);
+        l.cached = (cached * bs) as u32;
+        l.tokens += 1;
+        l.last = now;
+        if let Some(lease) = l.lease.as_mut() {
+            lease.prefill_done();
+        }
+        let ttft = ((now - l.arrival) / 1000).max(1);
+        for s in [&mut self.total, &mut self.window, &mut self.interval] {
+            let _ = s.ttft.record(ttft);
+        }
+        if request.stop.max_tokens <= 1 {
+            self.close(decode, i, true);
+            self.enter(decode, Pending::Release(reservation));
+            return;
+        }
+        let p = Prefilled {
+            reservation,
+            cached,
+            request,
+            first: token,
+            data: vec![Vec::new(); total - cached],
+            out: tx,
+            cancel: CancellationToken::new(),
+        };
+        self.enter(decode, Pending::Prefilled(i, Box::new(p)));
     }
 
     fn fail(&mut self) {
@@ -611,6 +924,10 @@ impl<'a> Sim<'a> {
             .sched
             .deliver_tagged(|tag| touched.push(tag as usize));
         for &i in &touched {
+            if i & JOB != 0 {
+                self.job_output(i & !JOB);
+                continue;
+            }
             let mut ended = None;
             if let Some(l) = self.live[i].as_mut() {
                 while let Ok(o) = l.rx.try_recv() {
@@ -716,6 +1033,11 @@ impl<'a> Sim<'a> {
             serving: self.count(State::Serving),
             starting: self.count(State::Starting),
             draining: self.count(State::Draining),
+            prefill_serving: self
+                .workers
+                .iter()
+                .filter(|w| w.kind == Kind::Prefill && w.state == State::Serving)
+                .count() as u32,
             ttft_p50_ms: ttft.p50,
             ttft_p99_ms: ttft.p99,
             itl_p50_ms: itl.p50,
@@ -765,21 +1087,27 @@ impl<'a> Sim<'a> {
                 // Requests that reached it during a stretch wait in its queue.
                 let mut load = w.sched.load();
                 load.waiting_requests += w.pending.len() as u64;
-                planner.observe_load(PoolRole::Main, slot as u64 + 1, &load);
+                let pool = match w.kind {
+                    Kind::Prefill => PoolRole::Prefill,
+                    _ => PoolRole::Main,
+                };
+                planner.observe_load(pool, slot as u64 + 1, &load);
             }
         }
         let current = Replicas {
             main: self.target,
-            prefill: 0,
+            prefill: self.target_prefill,
         };
         let step = planner.tick(interval_s, current);
         self.interval.reset();
-        let desired = step.decided.replicas.main;
-        if desired != self.target {
+        let desired = step.decided.replicas;
+        if desired != current {
             self.report.decisions.push(DecisionPoint {
                 t_s: self.now as f64 / NS,
-                from: self.target,
-                to: desired,
+                from: current.main,
+                to: desired.main,
+                prefill_from: current.prefill,
+                prefill_to: desired.prefill,
                 predicted_rate: step.predicted.rate,
                 reason: step.decided.reason.clone(),
             });
@@ -791,27 +1119,53 @@ impl<'a> Sim<'a> {
         }
     }
 
-    /// The virtual connector: up by starting workers (serving after `startup_s`), down by
-    /// cancelling starting ones, then draining the newest serving ones.
-    fn scale(&mut self, to: u32) {
+    /// The virtual connector, each pool on its own (see [`Sim::scale_pool`]).
+    fn scale(&mut self, to: Replicas) {
+        if self.disaggregated {
+            self.scale_pool(Kind::Decode, to.main);
+            self.scale_pool(Kind::Prefill, to.prefill);
+        } else {
+            self.scale_pool(Kind::Aggregated, to.main);
+        }
+        let up = self
+            .workers
+            .iter()
+            .filter(|w| w.state != State::Stopped)
+            .count() as u32;
+        self.report.peak_workers = self.report.peak_workers.max(up);
+    }
+
+    /// Scales the pool of `kind` workers: up by starting workers (serving after
+    /// `startup_s`), down by cancelling starting ones, then draining the newest serving ones.
+    fn scale_pool(&mut self, kind: Kind, to: u32) {
         let startup = self
             .cfg
             .planner
             .as_ref()
             .map(|p| p.startup_s)
             .unwrap_or(0.0);
-        while self.target < to {
-            let slot = self.add_worker(false);
+        fn target<'s>(s: &'s mut Sim<'_>, kind: Kind) -> &'s mut u32 {
+            match kind {
+                Kind::Prefill => &mut s.target_prefill,
+                _ => &mut s.target,
+            }
+        }
+        while *target(self, kind) < to {
+            let slot = self.add_worker(false, kind);
             let t = self.now + ns(startup);
             self.at(t, Ev::Ready(slot));
-            self.target += 1;
+            *target(self, kind) += 1;
         }
-        while self.target > to {
+        while *target(self, kind) > to {
             let pick = self
                 .workers
                 .iter()
-                .rposition(|w| w.state == State::Starting)
-                .or_else(|| self.workers.iter().rposition(|w| w.state == State::Serving));
+                .rposition(|w| w.kind == kind && w.state == State::Starting)
+                .or_else(|| {
+                    self.workers
+                        .iter()
+                        .rposition(|w| w.kind == kind && w.state == State::Serving)
+                });
             let Some(slot) = pick else { break };
             let now = self.now;
             let w = &mut self.workers[slot];
@@ -823,24 +1177,14 @@ impl<'a> Sim<'a> {
                 self.router.forget(Self::wid(slot));
                 self.maybe_stop(slot);
             }
-            self.target -= 1;
+            *target(self, kind) -= 1;
         }
-        let up = self
-            .workers
-            .iter()
-            .filter(|w| w.state != State::Stopped)
-            .count() as u32;
-        self.report.peak_workers = self.report.peak_workers.max(up);
     }
 
     fn ready(&mut self, slot: usize) {
         if self.workers[slot].state == State::Starting {
             self.workers[slot].state = State::Serving;
-            self.router.add_worker(
-                Self::wid(slot),
-                self.cfg.model.clone(),
-                self.cfg.mocker.block_size,
-            );
+            self.register(slot);
         }
     }
 }
@@ -859,6 +1203,14 @@ pub fn simulate(
     if !cfg.window_s.is_finite() || cfg.window_s <= 0.0 {
         return Err("the timeline window must be positive".into());
     }
+    let planned_pools = cfg.planner.as_ref().map(|p| p.config.policy.pools);
+    let disaggregated = match planned_pools {
+        Some(Pools::Disaggregated) => true,
+        Some(Pools::Aggregated) if cfg.prefill_workers > 0 => {
+            return Err("the planner scales aggregated workers here: give it a prefill pool to scale the prefill workers, or run without them".into())
+        }
+        _ => cfg.prefill_workers > 0,
+    };
     let started = Instant::now();
     let mut sim = Sim {
         cfg,
@@ -874,6 +1226,10 @@ pub fn simulate(
             .as_ref()
             .map(|p| Planner::new(p.config.clone(), p.profile.clone())),
         target: 0,
+        target_prefill: 0,
+        disaggregated,
+        jobs: Default::default(),
+        transfer: Box::new(cfg.mocker.transfer_time()),
         total: Span::new(),
         window: Span::new(),
         interval: Span::new(),
@@ -892,11 +1248,24 @@ pub fn simulate(
     let first = ns(trace[0].timestamp / 1e3);
     let end = trace.iter().map(|r| r.timestamp).fold(0.0, f64::max) / 1e3;
     sim.now = first;
+    let main = match disaggregated {
+        true => Kind::Decode,
+        false => Kind::Aggregated,
+    };
     for _ in 0..cfg.workers {
-        sim.add_worker(true);
+        sim.add_worker(true, main);
+    }
+    // A planned prefill pool starts at its minimum at least.
+    let prefill_workers = match &cfg.planner {
+        Some(p) if disaggregated => cfg.prefill_workers.max(p.config.policy.prefill.min),
+        _ => cfg.prefill_workers,
+    };
+    for _ in 0..prefill_workers {
+        sim.add_worker(true, Kind::Prefill);
     }
     sim.target = cfg.workers;
-    sim.report.peak_workers = cfg.workers;
+    sim.target_prefill = prefill_workers;
+    sim.report.peak_workers = cfg.workers + prefill_workers;
     for (i, r) in trace.iter().enumerate() {
         sim.at(ns(r.timestamp / 1e3), Ev::Arrive(i));
     }
@@ -913,6 +1282,7 @@ pub fn simulate(
             Ev::Reach(i) => sim.reach(i),
             Ev::StepDone(w) => sim.step_done(w),
             Ev::CruiseDone(w, g) => sim.cruise_done(w, g),
+            Ev::Transferred(i) => sim.transferred(i),
             Ev::Ready(w) => sim.ready(w),
             Ev::Tick => sim.tick(),
             Ev::Window => sim.window(),
@@ -956,7 +1326,7 @@ pub fn simulate(
 mod tests {
     use super::*;
     use crate::trace::{generate, LoadCurve, Shape};
-    use dynamo_planner::{Limits, PolicySettings, Pools, PredictorKind};
+    use dynamo_planner::{Limits, PolicySettings, PredictorKind};
 
     const T: Targets = Targets {
         ttft_ms: 100.0,
@@ -989,6 +1359,7 @@ mod tests {
             seed: 0,
             timer_ms: 0.0,
             stepping: Stepping::Batch,
+            prefill_workers: 0,
         }
     }
 
@@ -1127,5 +1498,103 @@ mod tests {
         // The timeline shows the workers it ran.
         assert!(planned.timeline.iter().any(|p| p.serving >= 2));
         assert!(planned.timeline.last().is_some_and(|p| p.serving == 1));
+    }
+
+    fn long_prompts() -> Shape {
+        Shape {
+            isl: 3000,
+            osl: 200,
+            groups: 64,
+            prefix_blocks: 2,
+            block_size: 64,
+        }
+    }
+
+    /// Prefill workers take the long prompts off the decode workers: every request completes,
+    /// most prompts are prefilled remotely, and decoding no longer waits behind prefills (the
+    /// aggregated workers' ITL p99 is a prefill step; the decode pool's stays a decode step),
+    /// while the transfer shows in TTFT. Reproducible like the aggregated runs.
+    #[test]
+    fn prefill_workers_spare_the_decode_workers_prefills() {
+        let trace = generate(&LoadCurve::Steady { rate: 24.0 }, 30.0, &long_prompts(), 7);
+        let agg = run(&cfg(4, None), &trace);
+        let disagg_cfg = SimConfig {
+            prefill_workers: 2,
+            ..cfg(2, None)
+        };
+        let disagg = run(&disagg_cfg, &trace);
+        assert_eq!(disagg, run(&disagg_cfg, &trace));
+        assert_eq!(agg.remote_prefills, 0);
+        assert_eq!(disagg.completed, trace.len() as u64, "{disagg:?}");
+        assert_eq!(disagg.failed, 0);
+        assert!(
+            disagg.remote_prefills as f64 > 0.8 * trace.len() as f64,
+            "{} of {}",
+            disagg.remote_prefills,
+            trace.len()
+        );
+        assert!(agg.itl_ms.p99 > 40.0, "{:?}", agg.itl_ms);
+        assert!(disagg.itl_ms.p99 < 15.0, "{:?}", disagg.itl_ms);
+        // A 3000-token prompt takes the perf model's ~66 ms to prefill on an idle worker,
+        // plus the move of its blocks.
+        assert!(disagg.ttft_ms.p50 > 66.0, "{:?}", disagg.ttft_ms);
+        assert!((disagg.worker_seconds - 4.0 * disagg.simulated_s).abs() < 1e-6);
+    }
+
+    /// With a prefill pool, the planner sizes both pools: long prompts arriving faster grow
+    /// the prefill pool, which drains back after them, and no request fails.
+    #[test]
+    fn the_planner_scales_the_prefill_pool() {
+        let curve = LoadCurve::Step {
+            base: 4.0,
+            factor: 5.0,
+            at_s: 60.0,
+            until_s: 150.0,
+        };
+        let trace = generate(&curve, 240.0, &long_prompts(), 9);
+        let planner = PlannerSim {
+            config: PlannerConfig {
+                model: "tiny".into(),
+                targets: Targets {
+                    ttft_ms: 400.0,
+                    itl_ms: 30.0,
+                },
+                interval_s: 5.0,
+                predictor: PredictorKind::default(),
+                policy: PolicySettings {
+                    pools: Pools::Disaggregated,
+                    main: Limits { min: 1, max: 8 },
+                    prefill: Limits { min: 1, max: 8 },
+                    budget: 16,
+                    down_after: 2,
+                },
+                stale_after: 3,
+            },
+            profile: profile(),
+            startup_s: 5.0,
+        };
+        let r = run(&cfg(1, Some(planner)), &trace);
+        assert_eq!(r.failed, 0, "{r:?}");
+        assert_eq!(r.completed, trace.len() as u64);
+        assert!(r.remote_prefills > 0);
+        let grew = r
+            .decisions
+            .iter()
+            .find(|d| d.prefill_to > d.prefill_from)
+            .unwrap_or_else(|| panic!("no prefill scale-up: {:?}", r.decisions));
+        assert!(grew.t_s >= 60.0, "{:?}", r.decisions);
+        let shrank = r
+            .decisions
+            .iter()
+            .rfind(|d| d.prefill_to < d.prefill_from)
+            .unwrap_or_else(|| panic!("no prefill scale-down: {:?}", r.decisions));
+        assert!(shrank.t_s >= 150.0, "{:?}", r.decisions);
+        assert!(r.timeline.iter().any(|p| p.prefill_serving >= 2));
+        assert!(r.timeline.last().is_some_and(|p| p.prefill_serving
+            < r.timeline
+                .iter()
+                .map(|p| p.prefill_serving)
+                .max()
+                .unwrap_or(0)));
     }
 }

@@ -57,7 +57,7 @@ impl<E: Executor> Scheduler<E> {
 
     /// Pins the cached leading blocks among `hashes` (the prompt's full blocks) and allocates
     /// the rest of `total` blocks; returns the reservation and how many were cached.
-    pub(super) fn reserve_prompt(
+    pub fn reserve_prompt(
         &mut self,
         hashes: &[SequenceHash],
         total: usize,
@@ -86,8 +86,21 @@ impl<E: Executor> Scheduler<E> {
         Ok((id, cached))
     }
 
+    /// Gives back a reservation's blocks (one not used by [`Scheduler::add_prefilled_tagged`]).
+    pub fn release_reservation(&mut self, reservation: u64) {
+        if let Some(blocks) = self.reservations.remove(&reservation) {
+            self.pool.release(&blocks);
+        }
+    }
+
     /// Queues a request computed elsewhere (see the module); a bad one fails on its stream.
     pub(super) fn add_prefilled(&mut self, p: Prefilled) {
+        self.add_prefilled_tagged(p, 0)
+    }
+
+    /// [`Scheduler::add_prefilled`], naming the request `tag` for
+    /// [`Scheduler::deliver_tagged`].
+    pub fn add_prefilled_tagged(&mut self, p: Prefilled, tag: u64) {
         let Prefilled {
             reservation,
             cached,
@@ -164,7 +177,7 @@ impl<E: Executor> Scheduler<E> {
             out,
             cancel,
             export: None,
-            tag: 0,
+            tag,
             guide: Default::default(),
         };
         seq.extend_hashes(bs);

@@ -38,6 +38,7 @@ mod handoff;
 mod offloader;
 mod tiers;
 
+pub use handoff::Prefilled;
 pub use offloader::Waker;
 pub use tiers::{check_disk, copy_time, fingerprint, DISK_MIN_USES};
 
@@ -988,11 +989,7 @@ impl<E: Executor> Scheduler<E> {
             } => {
                 let _ = reply.send(self.share(&hashes, from));
             }
-            KvCommand::Release(id) => {
-                if let Some(blocks) = self.reservations.remove(&id) {
-                    self.pool.release(&blocks);
-                }
-            }
+            KvCommand::Release(id) => self.release_reservation(id),
             KvCommand::PrefillExport {
                 request,
                 out,
