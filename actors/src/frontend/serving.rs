@@ -40,6 +40,82 @@ const WORKER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// discovery lease, so a dead one is dropped by then; a live one comes back after it).
 const SUSPECT_FOR: std::time::Duration = std::time::Duration::from_secs(15);
 
+/// For this long after this frontend's bus connection came back, "no responders" says little:
+/// live workers are still re-creating their subscriptions on the server. An instance found
+/// gone then stays out of routing for [`SUSPECT_AFTER_RECONNECT`] only.
+const RECONNECT_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+const SUSPECT_AFTER_RECONNECT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Instances found gone from the bus (no responders on their subjects), kept out of every
+/// request's routing until discovery drops them (their lease) or [`SUSPECT_FOR`] passes: a
+/// killed worker stays listed until its lease expires. Not across a reconnection of this
+/// frontend's bus connection: the server that said "no responders" is gone, and with it what
+/// it knew (after a nats-server restart every worker was "gone" for a moment, and kept out
+/// for 15 s the survivors of the restart took all the load).
+struct Suspects {
+    /// Instance -> until when it stays out, and the connection (reconnection count) that
+    /// found it gone.
+    gone: std::sync::Mutex<std::collections::HashMap<InstanceId, (Instant, u64)>>,
+    /// The bus's reconnection count (none in process), and since when this one is seen.
+    reconnections: Option<tokio::sync::watch::Receiver<u64>>,
+    seen: std::sync::Mutex<(u64, Option<Instant>)>,
+}
+
+impl Suspects {
+    fn new(reconnections: Option<tokio::sync::watch::Receiver<u64>>) -> Self {
+        let current = reconnections.as_ref().map_or(0, |r| *r.borrow());
+        Self {
+            gone: Default::default(),
+            reconnections,
+            // The first connection is not a reconnection.
+            seen: std::sync::Mutex::new((current, None)),
+        }
+    }
+
+    /// The current connection, and about when it came back (first seen here).
+    fn connection(&self, now: Instant) -> (u64, Option<Instant>) {
+        let Some(r) = &self.reconnections else {
+            return (0, None);
+        };
+        let current = *r.borrow();
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.0 != current {
+            *seen = (current, Some(now));
+        }
+        *seen
+    }
+
+    /// Keeps `instance` out of routing from `now`; true if it was not already, and whether
+    /// the connection came back just now (then only for [`SUSPECT_AFTER_RECONNECT`]).
+    fn suspect(&self, instance: InstanceId, now: Instant) -> (bool, bool) {
+        let (connection, since) = self.connection(now);
+        let fresh = since.is_some_and(|t| now.duration_since(t) < RECONNECT_GRACE);
+        let until = now
+            + match fresh {
+                true => SUSPECT_AFTER_RECONNECT,
+                false => SUSPECT_FOR,
+            };
+        let mut gone = self.gone.lock().unwrap_or_else(|p| p.into_inner());
+        gone.retain(|_, (u, c)| *c == connection && now < *u);
+        (gone.insert(instance, (until, connection)).is_none(), fresh)
+    }
+
+    /// `tried` and the instances kept out at `now`.
+    fn avoid(&self, tried: &[InstanceId], now: Instant) -> Vec<InstanceId> {
+        let (connection, _) = self.connection(now);
+        let gone = self.gone.lock().unwrap_or_else(|p| p.into_inner());
+        tried
+            .iter()
+            .copied()
+            .chain(
+                gone.iter()
+                    .filter(|(_, (u, c))| *c == connection && now < *u)
+                    .map(|(i, _)| *i),
+            )
+            .collect()
+    }
+}
+
 /// Times a streaming request may move to another worker, by default (`--migration-limit`).
 pub const DEFAULT_MIGRATION_LIMIT: u32 = 3;
 
@@ -191,10 +267,7 @@ pub struct Serving {
     inflight: Arc<AtomicUsize>,
     /// Times a request may move to another worker after its first token.
     migration_limit: u32,
-    /// Instances found gone from the bus (no responders on their subjects), kept out of
-    /// every request's routing until discovery drops them (their lease) or [`SUSPECT_FOR`]
-    /// passes: a killed worker stays listed until its lease expires.
-    suspects: std::sync::Mutex<std::collections::HashMap<InstanceId, Instant>>,
+    suspects: Suspects,
     /// This interval's request statistics, when the frontend publishes them for the planner.
     stats: Option<Arc<super::stats::StatsWindow>>,
 }
@@ -301,6 +374,7 @@ impl Serving {
         remote: Option<RemoteRouter>,
         stats: Option<Arc<super::stats::StatsWindow>>,
     ) -> Self {
+        let suspects = Suspects::new(runtime.bus().reconnections());
         Self {
             runtime,
             router,
@@ -310,7 +384,7 @@ impl Serving {
             max_inflight,
             inflight: Arc::default(),
             migration_limit: DEFAULT_MIGRATION_LIMIT,
-            suspects: Default::default(),
+            suspects,
             stats,
         }
     }
@@ -334,29 +408,21 @@ impl Serving {
         self.inflight.load(Ordering::Acquire)
     }
 
-    /// Keeps `instance` out of routing for a while: the bus says nobody is there.
+    /// Keeps `instance` out of routing for a while: the bus says nobody is there (briefly
+    /// just after this frontend's connection came back, when live workers may not have
+    /// subscribed again yet).
     fn suspect(&self, instance: InstanceId) {
-        let mut s = self.suspects.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        s.retain(|_, at| now.duration_since(*at) < SUSPECT_FOR);
-        if s.insert(instance, now).is_none() {
+        let (new, fresh) = self.suspects.suspect(instance, Instant::now());
+        if new && !fresh {
             tracing::info!(%instance, "no responders at the instance: routing around it until discovery drops it");
+        } else if new {
+            tracing::info!(%instance, "no responders at the instance just after the bus came back: routing around it for a second");
         }
     }
 
-    /// `tried` and the instances currently suspected of being gone.
+    /// `tried` and the instances currently suspected of being gone (on this connection).
     fn avoid(&self, tried: &[InstanceId]) -> Vec<InstanceId> {
-        let s = self.suspects.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        tried
-            .iter()
-            .copied()
-            .chain(
-                s.iter()
-                    .filter(|(_, at)| now.duration_since(**at) < SUSPECT_FOR)
-                    .map(|(i, _)| *i),
-            )
-            .collect()
+        self.suspects.avoid(tried, Instant::now())
     }
 
     /// Takes an in-flight slot before anything of the request is read: over the limit, a
@@ -1216,5 +1282,50 @@ impl Generation {
             }),
             completion_tokens_details: Some(CompletionTokensDetails::default()),
         }
+    }
+}
+
+#[cfg(test)]
+mod suspects_tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// An instance the bus said was gone stays out of routing for [`SUSPECT_FOR`], but not
+    /// across a reconnection (after a nats-server restart every worker was "gone" for a
+    /// moment); one found gone just after the connection came back stays out a second only.
+    #[test]
+    fn suspicion_ends_with_the_connection_that_found_it() {
+        let (tx, rx) = tokio::sync::watch::channel(0u64);
+        let s = Suspects::new(Some(rx));
+        let (a, b) = (InstanceId::new(1), InstanceId::new(2));
+        let t0 = Instant::now();
+        assert_eq!(s.suspect(a, t0), (true, false));
+        assert_eq!(s.suspect(a, t0), (false, false));
+        let tried = [InstanceId::new(9)];
+        assert_eq!(
+            s.avoid(&tried, t0 + Duration::from_secs(1)),
+            vec![tried[0], a]
+        );
+        assert_eq!(
+            s.avoid(&[], t0 + SUSPECT_FOR + Duration::from_millis(1)),
+            vec![]
+        );
+        // The connection comes back: what the old server said no longer counts.
+        assert_eq!(s.avoid(&[], t0 + Duration::from_secs(2)), vec![a]);
+        tx.send(1).unwrap();
+        let t1 = t0 + Duration::from_secs(3);
+        assert_eq!(s.avoid(&[], t1), vec![]);
+        // Just after it, "no responders" keeps an instance out for a second only...
+        assert_eq!(s.suspect(b, t1), (true, true));
+        assert_eq!(s.avoid(&[], t1 + Duration::from_millis(500)), vec![b]);
+        assert_eq!(s.avoid(&[], t1 + SUSPECT_AFTER_RECONNECT), vec![]);
+        // ...and later on the same connection for the full time again.
+        let t2 = t1 + RECONNECT_GRACE;
+        assert_eq!(s.suspect(b, t2), (true, false));
+        assert_eq!(s.avoid(&[], t2 + Duration::from_secs(10)), vec![b]);
+        // In process (no reconnections) suspicion is never cut short.
+        let local = Suspects::new(None);
+        assert_eq!(local.suspect(a, t0), (true, false));
+        assert_eq!(local.avoid(&[], t0 + Duration::from_secs(14)), vec![a]);
     }
 }

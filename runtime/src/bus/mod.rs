@@ -253,6 +253,12 @@ pub trait Bus: Send + Sync + fmt::Debug + 'static {
         crate::subject::DEFAULT_INBOX_PREFIX
     }
 
+    /// A counter that changes each time the connection to the server comes back, for a
+    /// transport that can lose it (NATS); `None` for one that cannot (in process).
+    fn reconnections(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
+
     /// Publishes one message. Fails with [`BusError::PayloadTooLarge`] before sending anything
     /// when the message is over [`Bus::max_payload`].
     async fn publish(&self, msg: Outgoing) -> Result<(), BusError>;

@@ -438,6 +438,10 @@ impl Bus for NatsBus {
         Transport::Nats
     }
 
+    fn reconnections(&self) -> Option<watch::Receiver<u64>> {
+        Some(self.connections.clone())
+    }
+
     fn inbox_prefix(&self) -> &str {
         &self.inbox_prefix
     }
