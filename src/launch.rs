@@ -412,7 +412,7 @@ pub async fn run_router(
     let sup = SupervisorHandle::start(runtime).await?;
     let spec = RoleSpec::Router {
         namespace: namespace.clone(),
-        settings,
+        settings: Box::new(settings),
     };
     let instance = match sup.start_role("router", spec).await? {
         Started::Router { instance } => instance,

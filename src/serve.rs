@@ -125,7 +125,7 @@ async fn start_embedded(
                 for i in 0..c.replicas {
                     let spec = RoleSpec::Router {
                         namespace: ns.clone(),
-                        settings: settings.clone(),
+                        settings: Box::new(settings.clone()),
                     };
                     sup.start_role(&role(i), spec)
                         .await

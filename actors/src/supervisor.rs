@@ -116,7 +116,7 @@ pub enum RoleSpec {
     Frontend(Box<FrontendSettings>),
     Router {
         namespace: Namespace,
-        settings: KvRouterSettings,
+        settings: Box<KvRouterSettings>,
     },
     Worker(Box<WorkerSpec>),
     Planner(Box<PlannerSettings>),
@@ -356,7 +356,8 @@ impl Supervisor {
                 namespace,
                 settings,
             } => Running::Router(
-                RouterComponent::start(&self.runtime, namespace.clone(), settings.clone()).await?,
+                RouterComponent::start(&self.runtime, namespace.clone(), (**settings).clone())
+                    .await?,
             ),
             RoleSpec::Planner(p) => {
                 Running::Planner(PlannerHandle::start(&self.runtime, (**p).clone()).await?)

@@ -9,7 +9,9 @@
 //! A reverse map (worker -> its slot and blocks, in a `DashMap`) makes "worker gone" and
 //! `cleared` cost the worker's own blocks, not the index. Writes lock one shard for one block
 //! at a time; lookups take shard read locks one block at a time, so ingest never blocks a
-//! lookup for longer than one block's update.
+//! lookup for longer than one block's update. A shard is maps of a bounded size under a
+//! directory (`Table`): a full one splits in two rather than one map rehashing millions of
+//! blocks under the write lock, which stalled lookups for 10-23 ms at 10k workers.
 //!
 //! **Lookup** (`find_matches`): walk the query's hashes in order, keeping the set of workers
 //! that held every block so far; a worker's score is its leading run, counted per tier. While
@@ -122,6 +124,9 @@ pub struct IndexSettings {
     pub shards: usize,
     /// A block with this many holders also keeps a bitset of them (dropped again below half).
     pub dense_holders: usize,
+    /// Most blocks one map of a shard holds before it splits in two (bounds how long an
+    /// insert holds the shard's write lock: see `Table`).
+    pub bucket_cap: usize,
 }
 
 impl Default for IndexSettings {
@@ -130,6 +135,7 @@ impl Default for IndexSettings {
             max_blocks: 20_000_000,
             shards: 64,
             dense_holders: 32,
+            bucket_cap: 3_584,
         }
     }
 }
@@ -350,6 +356,101 @@ impl Entry {
     }
 }
 
+/// A shard's blocks: maps of at most `cap` entries each, found through a directory
+/// indexed by the hash's top bits (extendible hashing). One growing map would rehash all its
+/// entries at once under the shard's write lock: at 10k workers (millions of blocks) that
+/// stalled lookups for 10-23 ms. A full map here splits instead, moving half its entries to a
+/// new one, and a map's own growth moves at most `cap` entries: well under a millisecond
+/// either way (`IndexSettings::bucket_cap`, 3,584 by default: a full map is 4,096 slots at
+/// hashbrown's 7/8 load, so it never doubles to 8,192 for a few entries more).
+struct Table {
+    cap: usize,
+    /// Bucket index by the top `depth` bits of the hash.
+    dir: Vec<u32>,
+    depth: u32,
+    /// (local depth: the top bits all of its blocks share, the map).
+    buckets: Vec<(u32, IdMap<SequenceHash, Entry>)>,
+}
+
+impl Table {
+    fn new(cap: usize) -> Self {
+        Self {
+            cap: cap.max(1),
+            dir: vec![0],
+            depth: 0,
+            buckets: vec![(0, IdMap::default())],
+        }
+    }
+
+    fn slot(&self, h: &SequenceHash) -> usize {
+        match self.depth {
+            0 => 0,
+            d => (h.0 >> (64 - d)) as usize,
+        }
+    }
+
+    fn bucket(&self, h: &SequenceHash) -> usize {
+        self.dir[self.slot(h)] as usize
+    }
+
+    fn get(&self, h: &SequenceHash) -> Option<&Entry> {
+        self.buckets[self.bucket(h)].1.get(h)
+    }
+
+    fn get_mut(&mut self, h: &SequenceHash) -> Option<&mut Entry> {
+        let b = self.bucket(h);
+        self.buckets[b].1.get_mut(h)
+    }
+
+    fn remove(&mut self, h: &SequenceHash) -> Option<Entry> {
+        let b = self.bucket(h);
+        self.buckets[b].1.remove(h)
+    }
+
+    fn len(&self) -> usize {
+        self.buckets.iter().map(|(_, m)| m.len()).sum()
+    }
+
+    /// `h`'s entry, made by `new` if absent (splitting a full map first).
+    fn get_or_insert_with(&mut self, h: SequenceHash, new: impl FnOnce() -> Entry) -> &mut Entry {
+        let mut b = self.bucket(&h);
+        if self.buckets[b].1.len() >= self.cap && !self.buckets[b].1.contains_key(&h) {
+            self.split(b);
+            b = self.bucket(&h);
+        }
+        self.buckets[b].1.entry(h).or_insert_with(new)
+    }
+
+    /// Splits bucket `b` by one more top bit of the hash (doubling the directory if the
+    /// bucket already uses all of its bits).
+    fn split(&mut self, b: usize) {
+        let local = self.buckets[b].0;
+        if local >= 63 {
+            return;
+        }
+        if local == self.depth {
+            self.dir = self.dir.iter().flat_map(|&x| [x, x]).collect();
+            self.depth += 1;
+        }
+        let bit = 63 - local;
+        // About half of them move: sized for that, so the new map does not rehash as it fills.
+        let half = self.buckets[b].1.len() / 2 + 1;
+        let mut moved: IdMap<SequenceHash, Entry> =
+            IdMap::with_capacity_and_hasher(half, IdBuild::default());
+        moved.extend(self.buckets[b].1.extract_if(|k, _| (k.0 >> bit) & 1 == 1));
+        let nb = self.buckets.len() as u32;
+        self.buckets[b].0 = local + 1;
+        self.buckets.push((local + 1, moved));
+        // Directory slots of `b` whose next bit is set now name the new bucket.
+        let shift = self.depth - local - 1;
+        for (i, d) in self.dir.iter_mut().enumerate() {
+            if *d as usize == b && (i >> shift) & 1 == 1 {
+                *d = nb;
+            }
+        }
+    }
+}
+
 /// A worker's slot and the blocks it holds.
 struct Held {
     slot: u32,
@@ -364,7 +465,7 @@ struct Slots {
 
 pub struct KvIndex {
     settings: IndexSettings,
-    shards: Vec<RwLock<IdMap<SequenceHash, Entry>>>,
+    shards: Vec<RwLock<Table>>,
     workers: DashMap<WorkerId, Held, IdBuild>,
     slots: RwLock<Slots>,
     pairs: AtomicUsize,
@@ -376,7 +477,7 @@ pub struct KvIndex {
 impl KvIndex {
     pub fn new(settings: IndexSettings) -> Self {
         let shards = (0..settings.shards.max(1))
-            .map(|_| RwLock::new(IdMap::default()))
+            .map(|_| RwLock::new(Table::new(settings.bucket_cap)))
             .collect();
         Self {
             settings,
@@ -390,7 +491,7 @@ impl KvIndex {
         }
     }
 
-    fn shard(&self, h: SequenceHash) -> &RwLock<IdMap<SequenceHash, Entry>> {
+    fn shard(&self, h: SequenceHash) -> &RwLock<Table> {
         // Sequence hashes are already uniformly distributed.
         &self.shards[(h.0 % self.shards.len() as u64) as usize]
     }
@@ -457,7 +558,7 @@ impl KvIndex {
             let slot = held.slot;
             {
                 let mut shard = self.shard(h).write().unwrap_or_else(|p| p.into_inner());
-                let entry = shard.entry(h).or_insert_with(|| {
+                let entry = shard.get_or_insert_with(h, || {
                     new_entry = true;
                     Entry::new(stamp)
                 });

@@ -84,9 +84,17 @@ proptest! {
         ops in proptest::collection::vec(op(), 1..80),
         dense_holders in 2usize..6,
     ) {
-        let index = KvIndex::new(IndexSettings { max_blocks: usize::MAX, shards: 4, dense_holders });
+        // Maps of 2 blocks: shards split all the time (hashes spread over their top bits).
+        let index = KvIndex::new(IndexSettings { max_blocks: usize::MAX, shards: 4, dense_holders, bucket_cap: 2 });
         let mut r: Reference = HashMap::new();
+        let spread = |hs: Vec<u64>| -> Vec<u64> { hs.into_iter().map(|h| (h + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)).collect() };
         for op in ops {
+            let op = match op {
+                Op::Store(w, t, hs) => Op::Store(w, t, spread(hs)),
+                Op::Remove(w, t, hs) => Op::Remove(w, t, spread(hs)),
+                Op::Query(hs) => Op::Query(spread(hs)),
+                other => other,
+            };
             match op {
                 Op::Store(w, t, hs) => {
                     index.apply(WorkerId(w), &[stored(tier(t), &hs)]);
@@ -179,6 +187,7 @@ fn many_workers_agree_with_the_reference() {
         max_blocks: usize::MAX,
         shards: 8,
         dense_holders: 8,
+        ..Default::default()
     });
     let mut r: Reference = HashMap::new();
     let mut x = 0x2545_f491_4f6c_dd1du64;
@@ -231,4 +240,42 @@ fn many_workers_agree_with_the_reference() {
         .map(|h| h.values().filter(|&&t| t != 0).count())
         .sum();
     assert_eq!(index.pairs(), pairs);
+}
+
+/// A shard's maps split when full: every block stays found, removals and lengths agree with a
+/// plain map, and no map grows past its cap (hashes spread over their top bits).
+#[test]
+fn shard_maps_split_instead_of_growing() {
+    let mut t = Table::new(16);
+    let mut reference: HashMap<u64, u64> = HashMap::new();
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for i in 0..5000u64 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let h = SequenceHash(x);
+        t.get_or_insert_with(h, || Entry::new(i));
+        reference.insert(x, i);
+        if i % 3 == 0 {
+            // Remove an earlier one.
+            let old = *reference.keys().next().unwrap();
+            assert!(t.remove(&SequenceHash(old)).is_some());
+            reference.remove(&old);
+        }
+    }
+    assert_eq!(t.len(), reference.len());
+    for (&h, &stamp) in &reference {
+        let e = t
+            .get(&SequenceHash(h))
+            .expect("every block is found after the splits");
+        assert_eq!(e.stamp.load(Ordering::Relaxed), stamp);
+    }
+    assert!(t.buckets.len() > 100, "{} maps", t.buckets.len());
+    assert!(t.buckets.iter().all(|(_, m)| m.len() <= 16));
+    assert_eq!(t.dir.len(), 1 << t.depth);
+    // Inserting an existing block never splits.
+    let before = t.buckets.len();
+    let (&h, _) = reference.iter().next().unwrap();
+    t.get_or_insert_with(SequenceHash(h), || unreachable!());
+    assert_eq!(t.buckets.len(), before);
 }
