@@ -1369,6 +1369,28 @@ mod tests {
         Profile::load(&path, Some("tiny")).unwrap()
     }
 
+    /// The planner every 5 s (Holt), 1-8 workers in the main pool, 5 s startup.
+    fn planner_sim(targets: Targets, pools: Pools, prefill: Limits, budget: u32) -> PlannerSim {
+        PlannerSim {
+            config: PlannerConfig {
+                model: "tiny".into(),
+                targets,
+                interval_s: 5.0,
+                predictor: PredictorKind::default(),
+                policy: PolicySettings {
+                    pools,
+                    main: Limits { min: 1, max: 8 },
+                    prefill,
+                    budget,
+                    down_after: 2,
+                },
+                stale_after: 3,
+            },
+            profile: profile(),
+            startup_s: 5.0,
+        }
+    }
+
     fn run(c: &SimConfig, trace: &[TraceRequest]) -> SimReport {
         let mut r = simulate(c, trace, |_, _| {}).unwrap();
         r.wall_s = 0.0;
@@ -1448,24 +1470,7 @@ mod tests {
             until_s: 120.0,
         };
         let trace = generate(&curve, 180.0, &shape(), 5);
-        let planner = PlannerSim {
-            config: PlannerConfig {
-                model: "tiny".into(),
-                targets: T,
-                interval_s: 5.0,
-                predictor: PredictorKind::default(),
-                policy: PolicySettings {
-                    pools: Pools::Aggregated,
-                    main: Limits { min: 1, max: 8 },
-                    prefill: Limits { min: 0, max: 0 },
-                    budget: 8,
-                    down_after: 2,
-                },
-                stale_after: 3,
-            },
-            profile: profile(),
-            startup_s: 5.0,
-        };
+        let planner = planner_sim(T, Pools::Aggregated, Limits { min: 0, max: 0 }, 8);
         let planned = run(&cfg(1, Some(planner)), &trace);
         assert!(planned.peak_workers >= 2, "{:?}", planned.decisions);
         let ups: Vec<_> = planned.decisions.iter().filter(|d| d.to > d.from).collect();
@@ -1552,27 +1557,11 @@ mod tests {
             until_s: 150.0,
         };
         let trace = generate(&curve, 240.0, &long_prompts(), 9);
-        let planner = PlannerSim {
-            config: PlannerConfig {
-                model: "tiny".into(),
-                targets: Targets {
-                    ttft_ms: 400.0,
-                    itl_ms: 30.0,
-                },
-                interval_s: 5.0,
-                predictor: PredictorKind::default(),
-                policy: PolicySettings {
-                    pools: Pools::Disaggregated,
-                    main: Limits { min: 1, max: 8 },
-                    prefill: Limits { min: 1, max: 8 },
-                    budget: 16,
-                    down_after: 2,
-                },
-                stale_after: 3,
-            },
-            profile: profile(),
-            startup_s: 5.0,
+        let targets = Targets {
+            ttft_ms: 400.0,
+            itl_ms: 30.0,
         };
+        let planner = planner_sim(targets, Pools::Disaggregated, Limits { min: 1, max: 8 }, 16);
         let r = run(&cfg(1, Some(planner)), &trace);
         assert_eq!(r.failed, 0, "{r:?}");
         assert_eq!(r.completed, trace.len() as u64);
