@@ -100,6 +100,16 @@ impl Suspects {
         (gone.insert(instance, (until, connection)).is_none(), fresh)
     }
 
+    /// When the first suspicion still in force at `now` ends.
+    fn next_expiry(&self, now: Instant) -> Option<Instant> {
+        let (connection, _) = self.connection(now);
+        let gone = self.gone.lock().unwrap_or_else(|p| p.into_inner());
+        gone.values()
+            .filter(|(u, c)| *c == connection && now < *u)
+            .map(|(u, _)| *u)
+            .min()
+    }
+
     /// `tried` and the instances kept out at `now`.
     fn avoid(&self, tried: &[InstanceId], now: Instant) -> Vec<InstanceId> {
         let (connection, _) = self.connection(now);
@@ -411,13 +421,15 @@ impl Serving {
     /// Keeps `instance` out of routing for a while: the bus says nobody is there (briefly
     /// just after this frontend's connection came back, when live workers may not have
     /// subscribed again yet).
-    fn suspect(&self, instance: InstanceId) {
+    /// True when the bus came back just now: the answer says little about the worker.
+    fn suspect(&self, instance: InstanceId) -> bool {
         let (new, fresh) = self.suspects.suspect(instance, Instant::now());
         if new && !fresh {
             tracing::info!(%instance, "no responders at the instance: routing around it until discovery drops it");
         } else if new {
             tracing::info!(%instance, "no responders at the instance just after the bus came back: routing around it for a second");
         }
+        fresh
     }
 
     /// `tried` and the instances currently suspected of being gone (on this connection).
@@ -928,9 +940,18 @@ impl Serving {
             }
             if pinned.is_none() && entry.instances.iter().all(|a| avoid.contains(&a.instance)) {
                 // Every worker it knows failed this request or is gone: wait (briefly) for
-                // one to join rather than fail at once (a killed worker restarts in seconds).
-                if let Ok(Ok(())) = tokio::time::timeout_at(wait_until, changes.changed()).await {
-                    continue;
+                // one to join rather than fail at once (a killed worker restarts in seconds),
+                // or for a suspicion to end (one found just after a reconnection lasts a
+                // second).
+                let expiry = self
+                    .suspects
+                    .next_expiry(Instant::now())
+                    .map(tokio::time::Instant::from_std);
+                let until = expiry.map_or(wait_until, |e| e.min(wait_until));
+                match tokio::time::timeout_at(until, changes.changed()).await {
+                    Ok(Ok(())) => continue,
+                    Err(_) if until < wait_until => continue,
+                    _ => {}
                 }
             }
             attempts += 1;
@@ -992,13 +1013,15 @@ impl Serving {
                     let Some(cause) = Cause::of(&e).filter(|_| pinned.is_none()) else {
                         return Err(rpc_error(&e, model));
                     };
-                    if cause.gone() {
-                        self.suspect(addr.instance);
-                    }
+                    // Just after the bus came back, "no responders" may be a live worker
+                    // still subscribing again: kept out a second, not for this whole request.
+                    let fresh = cause.gone() && self.suspect(addr.instance);
                     tracing::debug!(request_id = %id, instance = %addr.instance, error = %e, "worker unavailable; trying another");
                     metrics::counter!("dynamo_frontend_retries_total", "cause" => cause.as_str())
                         .increment(1);
-                    tried.push(addr.instance);
+                    if !fresh {
+                        tried.push(addr.instance);
+                    }
                     last_err = Some(rpc_error(&e, model));
                 }
             }
@@ -1221,11 +1244,11 @@ impl Generation {
             peer_prefix: None,
             resumed_tokens: original.resumed_tokens + done,
         };
-        if cause.blames_worker() {
+        // Just after the bus came back, "no responders" may be a live worker still
+        // subscribing again: kept out a second, not for the rest of this request.
+        let fresh = cause.gone() && self.serving.suspect(self.worker);
+        if cause.blames_worker() && !fresh {
             self.tried.push(self.worker);
-        }
-        if cause.gone() {
-            self.serving.suspect(self.worker);
         }
         self.migrations += 1;
         metrics::counter!("dynamo_frontend_migrations_total", "cause" => cause.as_str())
@@ -1317,8 +1340,10 @@ mod suspects_tests {
         assert_eq!(s.avoid(&[], t1), vec![]);
         // Just after it, "no responders" keeps an instance out for a second only...
         assert_eq!(s.suspect(b, t1), (true, true));
+        assert_eq!(s.next_expiry(t1), Some(t1 + SUSPECT_AFTER_RECONNECT));
         assert_eq!(s.avoid(&[], t1 + Duration::from_millis(500)), vec![b]);
         assert_eq!(s.avoid(&[], t1 + SUSPECT_AFTER_RECONNECT), vec![]);
+        assert_eq!(s.next_expiry(t1 + SUSPECT_AFTER_RECONNECT), None);
         // ...and later on the same connection for the full time again.
         let t2 = t1 + RECONNECT_GRACE;
         assert_eq!(s.suspect(b, t2), (true, false));
