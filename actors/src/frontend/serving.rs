@@ -100,29 +100,26 @@ impl Suspects {
         (gone.insert(instance, (until, connection)).is_none(), fresh)
     }
 
-    /// When the first suspicion still in force at `now` ends.
-    fn next_expiry(&self, now: Instant) -> Option<Instant> {
+    /// The suspicions in force at `now` (on the current connection): instance, until when.
+    fn in_force(&self, now: Instant) -> Vec<(InstanceId, Instant)> {
         let (connection, _) = self.connection(now);
         let gone = self.gone.lock().unwrap_or_else(|p| p.into_inner());
-        gone.values()
-            .filter(|(u, c)| *c == connection && now < *u)
-            .map(|(u, _)| *u)
-            .min()
+        gone.iter()
+            .filter(|(_, (u, c))| *c == connection && now < *u)
+            .map(|(i, (u, _))| (*i, *u))
+            .collect()
+    }
+
+    /// When the first suspicion still in force at `now` ends.
+    fn next_expiry(&self, now: Instant) -> Option<Instant> {
+        self.in_force(now).into_iter().map(|(_, u)| u).min()
     }
 
     /// `tried` and the instances kept out at `now`.
     fn avoid(&self, tried: &[InstanceId], now: Instant) -> Vec<InstanceId> {
-        let (connection, _) = self.connection(now);
-        let gone = self.gone.lock().unwrap_or_else(|p| p.into_inner());
-        tried
-            .iter()
-            .copied()
-            .chain(
-                gone.iter()
-                    .filter(|(_, (u, c))| *c == connection && now < *u)
-                    .map(|(i, _)| *i),
-            )
-            .collect()
+        let mut avoid = tried.to_vec();
+        avoid.extend(self.in_force(now).into_iter().map(|(i, _)| i));
+        avoid
     }
 }
 
@@ -420,8 +417,7 @@ impl Serving {
 
     /// Keeps `instance` out of routing for a while: the bus says nobody is there (briefly
     /// just after this frontend's connection came back, when live workers may not have
-    /// subscribed again yet).
-    /// True when the bus came back just now: the answer says little about the worker.
+    /// subscribed again yet). True in that case: the answer says little about the worker.
     fn suspect(&self, instance: InstanceId) -> bool {
         let (new, fresh) = self.suspects.suspect(instance, Instant::now());
         if new && !fresh {

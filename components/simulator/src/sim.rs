@@ -241,13 +241,7 @@ enum Pending {
     Admit(usize, PreprocessedRequest, Sender),
     /// A client's request whose prompt goes to prefill worker `prefill` (the decode side
     /// reserves its blocks first), with the prefill worker's lease.
-    Reserve(
-        usize,
-        PreprocessedRequest,
-        Sender,
-        usize,
-        Option<RouteLease>,
-    ),
+    Reserve(usize, PreprocessedRequest, Sender, usize, RouteLease),
     /// A request prefilled elsewhere, its KV arrived.
     Prefilled(usize, Box<Prefilled>),
     /// A reservation given back.
@@ -371,10 +365,6 @@ struct Sim<'a> {
     seq: u64,
     now: u64,
     planner: Option<Planner>,
-    /// Replicas the virtual connector runs (starting or serving): aggregated or decode
-    /// workers, and prefill workers.
-    target: u32,
-    target_prefill: u32,
     /// Disaggregated: requests may be prefilled on the prefill pool.
     disaggregated: bool,
     /// Prompts on prefill workers or on their way to their decode worker, by request.
@@ -455,6 +445,22 @@ impl<'a> Sim<'a> {
 
     fn count(&self, s: State) -> u32 {
         self.workers.iter().filter(|w| w.state == s).count() as u32
+    }
+
+    /// Replicas the virtual connector runs in the pool of `kind` (starting or serving).
+    fn running(&self, kind: Kind) -> u32 {
+        self.workers
+            .iter()
+            .filter(|w| w.kind == kind && matches!(w.state, State::Starting | State::Serving))
+            .count() as u32
+    }
+
+    /// The kind of the main pool: aggregated workers, or the decode pool.
+    fn main_kind(&self) -> Kind {
+        match self.disaggregated {
+            true => Kind::Decode,
+            false => Kind::Aggregated,
+        }
     }
 
     /// When a step of `d` starting now ends (on the mocker's absolute schedule), and when
@@ -682,7 +688,7 @@ impl<'a> Sim<'a> {
             Some((prefill, lease)) => {
                 // Its prefill worker holds the job from now (it does not stop meanwhile).
                 self.workers[prefill].open += 1;
-                Pending::Reserve(i, req, tx, prefill, Some(lease))
+                Pending::Reserve(i, req, tx, prefill, lease)
             }
             None => Pending::Admit(i, req, tx),
         };
@@ -763,7 +769,7 @@ impl<'a> Sim<'a> {
         req: PreprocessedRequest,
         tx: Sender,
         prefill: usize,
-        lease: Option<RouteLease>,
+        lease: RouteLease,
     ) {
         let bs = self.cfg.mocker.block_size;
         let hashes: Vec<_> = dynamo_kv::block_hashes(&req.token_ids, bs)
@@ -794,7 +800,7 @@ impl<'a> Sim<'a> {
                         request: req,
                         tx,
                         rx,
-                        lease,
+                        lease: Some(lease),
                         first: None,
                     },
                 );
@@ -1060,6 +1066,10 @@ impl<'a> Sim<'a> {
     }
 
     fn tick(&mut self) {
+        let current = Replicas {
+            main: self.running(self.main_kind()),
+            prefill: self.running(Kind::Prefill),
+        };
         let Some(planner) = self.planner.as_mut() else {
             return;
         };
@@ -1094,10 +1104,6 @@ impl<'a> Sim<'a> {
                 planner.observe_load(pool, slot as u64 + 1, &load);
             }
         }
-        let current = Replicas {
-            main: self.target,
-            prefill: self.target_prefill,
-        };
         let step = planner.tick(interval_s, current);
         self.interval.reset();
         let desired = step.decided.replicas;
@@ -1121,11 +1127,9 @@ impl<'a> Sim<'a> {
 
     /// The virtual connector, each pool on its own (see [`Sim::scale_pool`]).
     fn scale(&mut self, to: Replicas) {
+        self.scale_pool(self.main_kind(), to.main);
         if self.disaggregated {
-            self.scale_pool(Kind::Decode, to.main);
             self.scale_pool(Kind::Prefill, to.prefill);
-        } else {
-            self.scale_pool(Kind::Aggregated, to.main);
         }
         let up = self
             .workers
@@ -1144,19 +1148,13 @@ impl<'a> Sim<'a> {
             .as_ref()
             .map(|p| p.startup_s)
             .unwrap_or(0.0);
-        fn target<'s>(s: &'s mut Sim<'_>, kind: Kind) -> &'s mut u32 {
-            match kind {
-                Kind::Prefill => &mut s.target_prefill,
-                _ => &mut s.target,
-            }
-        }
-        while *target(self, kind) < to {
+        let running = self.running(kind);
+        for _ in running..to {
             let slot = self.add_worker(false, kind);
             let t = self.now + ns(startup);
             self.at(t, Ev::Ready(slot));
-            *target(self, kind) += 1;
         }
-        while *target(self, kind) > to {
+        for _ in to..running {
             let pick = self
                 .workers
                 .iter()
@@ -1177,7 +1175,6 @@ impl<'a> Sim<'a> {
                 self.router.forget(Self::wid(slot));
                 self.maybe_stop(slot);
             }
-            *target(self, kind) -= 1;
         }
     }
 
@@ -1225,8 +1222,6 @@ pub fn simulate(
             .planner
             .as_ref()
             .map(|p| Planner::new(p.config.clone(), p.profile.clone())),
-        target: 0,
-        target_prefill: 0,
         disaggregated,
         jobs: Default::default(),
         transfer: Box::new(cfg.mocker.transfer_time()),
@@ -1248,10 +1243,7 @@ pub fn simulate(
     let first = ns(trace[0].timestamp / 1e3);
     let end = trace.iter().map(|r| r.timestamp).fold(0.0, f64::max) / 1e3;
     sim.now = first;
-    let main = match disaggregated {
-        true => Kind::Decode,
-        false => Kind::Aggregated,
-    };
+    let main = sim.main_kind();
     for _ in 0..cfg.workers {
         sim.add_worker(true, main);
     }
@@ -1263,8 +1255,6 @@ pub fn simulate(
     for _ in 0..prefill_workers {
         sim.add_worker(true, Kind::Prefill);
     }
-    sim.target = cfg.workers;
-    sim.target_prefill = prefill_workers;
     sim.report.peak_workers = cfg.workers + prefill_workers;
     for (i, r) in trace.iter().enumerate() {
         sim.at(ns(r.timestamp / 1e3), Ev::Arrive(i));
