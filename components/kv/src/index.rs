@@ -4,14 +4,24 @@
 //! **Design.** A sequence hash names a whole prefix, so the index is a flat map from
 //! [`SequenceHash`] to the workers holding that block (with a tier bitmask each), split into
 //! `shards` maps behind their own `RwLock`s, chosen by hash. Each worker gets a dense slot
-//! number (recycled when it leaves); a block's holders are a map slot -> tiers, and a block
-//! held by many workers (`dense_holders` or more) also keeps a bitset of its holders' slots.
-//! A reverse map (worker -> its slot and blocks, in a `DashMap`) makes "worker gone" and
-//! `cleared` cost the worker's own blocks, not the index. Writes lock one shard for one block
-//! at a time; lookups take shard read locks one block at a time, so ingest never blocks a
-//! lookup for longer than one block's update. A shard is maps of a bounded size under a
-//! directory (`Table`): a full one splits in two rather than one map rehashing millions of
-//! blocks under the write lock, which stalled lookups for 10-23 ms at 10k workers.
+//! number (recycled when it leaves). A block one worker holds (most blocks: generated and
+//! unshared ones) is 16 bytes, its holder inline; a block with more holders boxes them apart,
+//! as a list (a map past 8), plus a bitset of their slots once there are `dense_holders`.
+//! Writes lock one shard for one block at a time; lookups take shard read locks one block at
+//! a time, so ingest never blocks a lookup for longer than one block's update. A shard is
+//! maps of a bounded size under a directory (`Table`): a full one splits in two rather than
+//! one map rehashing millions of blocks under the write lock, which stalled lookups for 10-23
+//! ms at 10k workers. Each map is open addressing with the key beside its value
+//! (`bucket::Bucket`): a block costs one cache miss, and the slots of the next blocks of an
+//! event or query are prefetched while one is worked on, so their misses overlap.
+//!
+//! **Why it beats a radix tree** (NVIDIA Dynamo's `ConcurrentRadixTreeCompressed`, measured
+//! side by side by `scripts/bench-indexer`): a lookup is one probe per block with no pointer
+//! chasing down the tree, and a popular block's holders are ANDed 64 at a time; a stored or
+//! removed block is one probe too, without the per-worker map of blocks a tree keeps to find
+//! an event's parent; and (worker, block) pairs cost a third of the tree's memory. The price:
+//! a worker that leaves (or clears its cache) costs a walk over the whole index, a bucket at
+//! a time under its shard's lock, which is rare next to the millions of block events a second.
 //!
 //! **Lookup** (`find_matches`): walk the query's hashes in order, keeping the set of workers
 //! that held every block so far; a worker's score is its leading run, counted per tier. While
@@ -23,24 +33,27 @@
 //! or disk tiers only are rare; only blocks that have such holders are walked holder by holder.
 //!
 //! **Bounded memory**: at most `max_blocks` indexed (worker, block) pairs. Past that, whole
-//! blocks are pruned least-recently-used first: a CLOCK-style queue (second chance for blocks
-//! a lookup touched since they were queued), so the index never grows without bound when
-//! events are lost or workers misbehave. Costs per stored block: O(1) amortized.
+//! blocks are pruned by a CLOCK hand walking the shards a bucket at a time: a block a lookup
+//! or a repeated store touched since the hand last passed gets a second chance, one only
+//! stored once goes first. So the index never grows without bound when events are lost or
+//! workers misbehave, and costs nothing per block until then but a bit a lookup sets.
 //!
-//! Events of one worker must be applied in order by one caller at a time (the router applies
-//! each worker's batches in event-id order); different workers' events may be applied
-//! concurrently with each other and with lookups. Lock order: a worker's reverse-map entry,
-//! then one index shard; the prune queue is never taken while either is held by a writer.
+//! Events of one worker must be applied in order (the router applies each worker's batches
+//! in event-id order); each worker's updates take its own lock, so calls for one worker run
+//! one at a time and different workers' events may be applied concurrently with each other
+//! and with lookups. Lock order: a worker's lock, then one shard or the slot table (the
+//! workers' map is let go before a worker's lock is taken); the pruning hand is only tried,
+//! never waited for, and taken with no worker's lock held.
 //!
 //! **Bad input** never corrupts the index: removing a block never stored, or storing one twice,
 //! is counted in [`ApplyStats`] and otherwise ignored.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
-use dashmap::DashMap;
+use bucket::Bucket;
 use dynamo_protocols::kv::{KvEvent, KvEventData, SequenceHash, StorageTier, WorkerId};
 
 /// Hasher for keys that are already random 64-bit values (sequence hashes are XXH3 outputs,
@@ -216,10 +229,6 @@ impl Holders {
         }
     }
 
-    fn contains_key(&self, slot: &u32) -> bool {
-        self.get(slot).is_some()
-    }
-
     fn insert(&mut self, slot: u32, tiers: u8) -> Option<u8> {
         match self {
             Holders::Few(v) => {
@@ -262,10 +271,6 @@ impl Holders {
         }
     }
 
-    fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     fn iter(&self) -> impl Iterator<Item = (&u32, &u8)> {
         let (few, many) = match self {
             Holders::Few(v) => (Some(v.iter().map(|(s, t)| (s, t))), None),
@@ -279,15 +284,15 @@ impl Holders {
     }
 }
 
-struct Entry {
-    /// Slot -> tier bits.
+/// A block's holders when it has more than one: the list (or map), the bitset of their slots
+/// while there are many, and how many hold it in no device tier.
+#[derive(Default)]
+struct Crowd {
     holders: Holders,
     /// Bitset of the holders' slots, kept while there are many holders.
     bits: Option<Vec<u64>>,
     /// Holders with no device (or predicted) copy: their hits count as host or disk.
     lower: u32,
-    /// Last touch (store or lookup), on the index clock.
-    stamp: AtomicU64,
 }
 
 fn set_bit(bits: &mut Vec<u64>, slot: u32) {
@@ -309,18 +314,10 @@ fn test_and_clear(bits: &mut [u64], slot: u32) -> bool {
     }
 }
 
-impl Entry {
-    fn new(stamp: u64) -> Self {
-        Self {
-            holders: Holders::default(),
-            bits: None,
-            lower: 0,
-            stamp: AtomicU64::new(stamp),
-        }
-    }
-
-    /// Sets `slot`'s tier bits to `new` (0: not a holder), keeping `lower` and the bitset.
-    fn set(&mut self, slot: u32, new: u8, dense_at: usize) {
+impl Crowd {
+    /// Sets `slot`'s tier bits to `new` (0: not a holder), keeping `lower` and the bitset;
+    /// returns the old bits.
+    fn set(&mut self, slot: u32, new: u8, dense_at: usize) -> u8 {
         let old = if new == 0 {
             self.holders.remove(&slot)
         } else {
@@ -353,6 +350,118 @@ impl Entry {
             }
             None => {}
         }
+        old
+    }
+}
+
+/// Blocks ahead of the one being updated or looked up whose slots are prefetched.
+const PREFETCH: usize = 4;
+
+/// No single holder (the entry is empty, or its holders are in `crowd`).
+const NO_SLOT: u32 = u32::MAX;
+
+/// A block in the index: 16 bytes while one worker holds it (most blocks: a worker's own
+/// generated or unshared blocks), its holders boxed apart once there are more.
+struct Entry {
+    /// The one holder's slot and tier bits while `crowd` is `None` (`NO_SLOT`: no holder).
+    slot: u32,
+    tiers: u8,
+    /// The CLOCK reference bit of pruning: a lookup or a repeated store touched the block
+    /// since the pruning hand last passed it.
+    used: AtomicBool,
+    crowd: Option<Box<Crowd>>,
+}
+
+impl Default for Entry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Entry {
+    fn new() -> Self {
+        Self {
+            slot: NO_SLOT,
+            tiers: 0,
+            used: AtomicBool::new(false),
+            crowd: None,
+        }
+    }
+
+    fn touch(&self) {
+        if !self.used.load(Ordering::Relaxed) {
+            self.used.store(true, Ordering::Relaxed);
+        }
+    }
+
+    fn get(&self, slot: u32) -> Option<u8> {
+        match &self.crowd {
+            Some(c) => c.holders.get(&slot).copied(),
+            None => (self.slot == slot && slot != NO_SLOT).then_some(self.tiers),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match &self.crowd {
+            Some(c) => c.holders.len(),
+            None => (self.slot != NO_SLOT) as usize,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn bits(&self) -> Option<&Vec<u64>> {
+        self.crowd.as_ref().and_then(|c| c.bits.as_ref())
+    }
+
+    /// Holders with no device copy.
+    fn lower(&self) -> u32 {
+        match &self.crowd {
+            Some(c) => c.lower,
+            None => (self.slot != NO_SLOT && !on_device(self.tiers)) as u32,
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (u32, u8)> + '_ {
+        let one = (self.crowd.is_none() && self.slot != NO_SLOT).then_some((self.slot, self.tiers));
+        let many = self
+            .crowd
+            .as_ref()
+            .map(|c| c.holders.iter().map(|(&s, &t)| (s, t)));
+        one.into_iter().chain(many.into_iter().flatten())
+    }
+
+    /// Sets `slot`'s tier bits to `new` (0: not a holder); returns the old bits.
+    fn set(&mut self, slot: u32, new: u8, dense_at: usize) -> u8 {
+        let Some(crowd) = self.crowd.as_mut() else {
+            if self.slot == NO_SLOT || self.slot == slot {
+                let old = if self.slot == slot { self.tiers } else { 0 };
+                (self.slot, self.tiers) = if new == 0 { (NO_SLOT, 0) } else { (slot, new) };
+                return old;
+            }
+            if new != 0 {
+                let mut crowd = Crowd::default();
+                crowd.set(self.slot, self.tiers, dense_at);
+                crowd.set(slot, new, dense_at);
+                self.crowd = Some(Box::new(crowd));
+                (self.slot, self.tiers) = (NO_SLOT, 0);
+            }
+            return 0;
+        };
+        let old = crowd.set(slot, new, dense_at);
+        if crowd.holders.len() == 1 {
+            let (s, t) = crowd
+                .holders
+                .iter()
+                .map(|(&s, &t)| (s, t))
+                .next()
+                .expect("one");
+            (self.slot, self.tiers) = (s, t);
+            self.crowd = None;
+        }
+        old
     }
 }
 
@@ -369,7 +478,7 @@ struct Table {
     dir: Vec<u32>,
     depth: u32,
     /// (local depth: the top bits all of its blocks share, the map).
-    buckets: Vec<(u32, IdMap<SequenceHash, Entry>)>,
+    buckets: Vec<(u32, Bucket<Entry>)>,
 }
 
 impl Table {
@@ -378,7 +487,7 @@ impl Table {
             cap: cap.max(1),
             dir: vec![0],
             depth: 0,
-            buckets: vec![(0, IdMap::default())],
+            buckets: vec![(0, Bucket::new())],
         }
     }
 
@@ -394,31 +503,36 @@ impl Table {
     }
 
     fn get(&self, h: &SequenceHash) -> Option<&Entry> {
-        self.buckets[self.bucket(h)].1.get(h)
+        self.buckets[self.bucket(h)].1.get(h.0)
     }
 
     fn get_mut(&mut self, h: &SequenceHash) -> Option<&mut Entry> {
         let b = self.bucket(h);
-        self.buckets[b].1.get_mut(h)
+        self.buckets[b].1.get_mut(h.0)
     }
 
     fn remove(&mut self, h: &SequenceHash) -> Option<Entry> {
         let b = self.bucket(h);
-        self.buckets[b].1.remove(h)
+        self.buckets[b].1.remove(h.0)
     }
 
     fn len(&self) -> usize {
         self.buckets.iter().map(|(_, m)| m.len()).sum()
     }
 
-    /// `h`'s entry, made by `new` if absent (splitting a full map first).
-    fn get_or_insert_with(&mut self, h: SequenceHash, new: impl FnOnce() -> Entry) -> &mut Entry {
+    /// Starts loading the slot where `h` would be.
+    fn prefetch(&self, h: &SequenceHash) {
+        self.buckets[self.bucket(h)].1.prefetch(h.0);
+    }
+
+    /// `h`'s entry, a new empty one if absent (splitting a full map first).
+    fn get_or_insert(&mut self, h: SequenceHash) -> &mut Entry {
         let mut b = self.bucket(&h);
-        if self.buckets[b].1.len() >= self.cap && !self.buckets[b].1.contains_key(&h) {
+        if self.buckets[b].1.len() >= self.cap && !self.buckets[b].1.contains_key(h.0) {
             self.split(b);
             b = self.bucket(&h);
         }
-        self.buckets[b].1.entry(h).or_insert_with(new)
+        self.buckets[b].1.get_or_insert(h.0)
     }
 
     /// Splits bucket `b` by one more top bit of the hash (doubling the directory if the
@@ -433,11 +547,16 @@ impl Table {
             self.depth += 1;
         }
         let bit = 63 - local;
-        // About half of them move: sized for that, so the new map does not rehash as it fills.
-        let half = self.buckets[b].1.len() / 2 + 1;
-        let mut moved: IdMap<SequenceHash, Entry> =
-            IdMap::with_capacity_and_hasher(half, IdBuild::default());
-        moved.extend(self.buckets[b].1.extract_if(|k, _| (k.0 >> bit) & 1 == 1));
+        // About half of them move: sized for that, so the new map does not grow as it fills.
+        let mut moved: Bucket<Entry> = Bucket::with_capacity(self.buckets[b].1.len() / 2 + 1);
+        self.buckets[b].1.retain(|k, e| {
+            if (k >> bit) & 1 == 1 {
+                *moved.get_or_insert(k) = std::mem::take(e);
+                false
+            } else {
+                true
+            }
+        });
         let nb = self.buckets.len() as u32;
         self.buckets[b].0 = local + 1;
         self.buckets.push((local + 1, moved));
@@ -449,28 +568,54 @@ impl Table {
             }
         }
     }
+
+    fn bucket_count(&self) -> usize {
+        self.buckets.len()
+    }
+
+    /// Keeps the entries of bucket `b` for which `keep` is true (nothing if there is no `b`).
+    fn retain_bucket(&mut self, b: usize, mut keep: impl FnMut(&mut Entry) -> bool) {
+        if let Some((_, map)) = self.buckets.get_mut(b) {
+            map.retain(|_, e| keep(e));
+        }
+    }
 }
 
-/// A worker's slot and the blocks it holds.
-struct Held {
-    slot: u32,
-    blocks: HashSet<SequenceHash, IdBuild>,
-}
+/// A worker's slot while it is indexed; `None` once [`KvIndex::remove_worker`] took it (a
+/// caller that was waiting for it starts the worker afresh).
+type WorkerCell = Arc<Mutex<Option<u32>>>;
 
 #[derive(Default)]
 struct Slots {
+    /// The worker of each slot (`None`: free, or departed and not purged yet).
     workers: Vec<Option<WorkerId>>,
+    /// Pairs each slot holds.
+    held: Vec<AtomicUsize>,
     free: Vec<u32>,
+    /// Slots of departed workers whose pairs are still in the maps.
+    departed: Vec<u32>,
+}
+
+/// What one caller's updates changed, added to the index's counters once at the end.
+#[derive(Default)]
+struct Delta {
+    added: usize,
+    dropped: usize,
 }
 
 pub struct KvIndex {
     settings: IndexSettings,
     shards: Vec<RwLock<Table>>,
-    workers: DashMap<WorkerId, Held, IdBuild>,
+    /// Each worker's slot, behind its own lock: one worker's updates run one at a time.
+    workers: RwLock<IdMap<WorkerId, WorkerCell>>,
     slots: RwLock<Slots>,
+    /// Pairs of the workers indexed, and of departed ones not purged yet.
     pairs: AtomicUsize,
-    clock: AtomicU64,
-    queue: Mutex<VecDeque<(SequenceHash, u64)>>,
+    departed_pairs: AtomicUsize,
+    /// Held while departed workers' pairs are purged.
+    purging: Mutex<()>,
+    /// The pruning hand: (shard, bucket).
+    hand: Mutex<(usize, usize)>,
     pruned: AtomicU64,
 }
 
@@ -482,11 +627,12 @@ impl KvIndex {
         Self {
             settings,
             shards,
-            workers: DashMap::with_hasher(IdBuild::default()),
+            workers: RwLock::new(IdMap::default()),
             slots: RwLock::new(Slots::default()),
             pairs: AtomicUsize::new(0),
-            clock: AtomicU64::new(0),
-            queue: Mutex::new(VecDeque::new()),
+            departed_pairs: AtomicUsize::new(0),
+            purging: Mutex::new(()),
+            hand: Mutex::new((0, 0)),
             pruned: AtomicU64::new(0),
         }
     }
@@ -494,10 +640,6 @@ impl KvIndex {
     fn shard(&self, h: SequenceHash) -> &RwLock<Table> {
         // Sequence hashes are already uniformly distributed.
         &self.shards[(h.0 % self.shards.len() as u64) as usize]
-    }
-
-    fn tick(&self) -> u64 {
-        self.clock.fetch_add(1, Ordering::Relaxed)
     }
 
     fn dense_at(&self) -> usize {
@@ -518,7 +660,7 @@ impl KvIndex {
     }
 
     pub fn workers(&self) -> usize {
-        self.workers.len()
+        self.workers.read().map(|w| w.len()).unwrap_or(0)
     }
 
     /// Blocks pruned for the memory cap so far.
@@ -535,114 +677,157 @@ impl KvIndex {
             }
             None => {
                 slots.workers.push(Some(worker));
+                slots.held.push(AtomicUsize::new(0));
                 (slots.workers.len() - 1) as u32
             }
         }
     }
 
-    fn free_slot(&self, slot: u32) {
-        let mut slots = self.slots.write().unwrap_or_else(|p| p.into_inner());
-        slots.workers[slot as usize] = None;
-        slots.free.push(slot);
+    /// Runs `f` with `worker`'s slot (a new one for a worker not indexed), holding the
+    /// worker's lock, then adds what it changed to the index's counters.
+    fn with_worker<T>(&self, worker: WorkerId, f: impl FnOnce(u32, &mut Delta) -> T) -> T {
+        loop {
+            let known = self
+                .workers
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&worker)
+                .cloned();
+            let cell = match known {
+                Some(cell) => cell,
+                None => {
+                    let mut workers = self.workers.write().unwrap_or_else(|p| p.into_inner());
+                    workers
+                        .entry(worker)
+                        .or_insert_with(|| Arc::new(Mutex::new(Some(self.new_slot(worker)))))
+                        .clone()
+                }
+            };
+            let guard = cell.lock().unwrap_or_else(|p| p.into_inner());
+            // Removed while this caller waited: start it afresh.
+            let Some(slot) = *guard else { continue };
+            let mut delta = Delta::default();
+            let out = f(slot, &mut delta);
+            if delta.added != delta.dropped {
+                let slots = self.slots.read().unwrap_or_else(|p| p.into_inner());
+                let held = &slots.held[slot as usize];
+                held.fetch_add(delta.added, Ordering::Relaxed);
+                held.fetch_sub(delta.dropped, Ordering::Relaxed);
+                self.pairs.fetch_add(delta.added, Ordering::Relaxed);
+                self.pairs.fetch_sub(delta.dropped, Ordering::Relaxed);
+            }
+            drop(guard);
+            return out;
+        }
     }
 
-    /// Adds `tier` to `worker`'s hold on `h`; true if the block is new to the index.
-    fn store(&self, worker: WorkerId, h: SequenceHash, tier: u8, stats: &mut ApplyStats) {
-        let stamp = self.tick();
-        let mut new_entry = false;
-        {
-            let mut held = self.workers.entry(worker).or_insert_with(|| Held {
-                slot: self.new_slot(worker),
-                blocks: HashSet::default(),
-            });
-            let slot = held.slot;
-            {
-                let mut shard = self.shard(h).write().unwrap_or_else(|p| p.into_inner());
-                let entry = shard.get_or_insert_with(h, || {
-                    new_entry = true;
-                    Entry::new(stamp)
-                });
-                entry.stamp.store(stamp, Ordering::Relaxed);
-                let tiers = entry.holders.get(&slot).copied().unwrap_or(0);
-                if tiers & tier != 0 {
-                    stats.duplicate_stores += 1;
-                    return;
-                }
-                if tiers == 0 {
-                    self.pairs.fetch_add(1, Ordering::Relaxed);
-                }
-                entry.set(slot, tiers | tier, self.dense_at());
+    /// Starts loading the slot of block `i + PREFETCH` of `n` (at `i == 0`, of the first
+    /// ones too; `hash` gives a block's hash): a block's update or lookup then finds its slot
+    /// in the cache, its miss overlapped with the work on the blocks before it.
+    fn prefetch(&self, i: usize, n: usize, hash: impl Fn(usize) -> SequenceHash) {
+        let from = if i == 0 { 0 } else { i + PREFETCH };
+        for k in from..n.min(i + PREFETCH + 1) {
+            let h = hash(k);
+            if let Ok(table) = self.shard(h).try_read() {
+                table.prefetch(&h);
             }
-            held.blocks.insert(h);
         }
+    }
+
+    /// Adds `tier` to `slot`'s hold on `h`.
+    fn store(&self, slot: u32, h: SequenceHash, tier: u8, d: &mut Delta, stats: &mut ApplyStats) {
+        let mut shard = self.shard(h).write().unwrap_or_else(|p| p.into_inner());
+        let entry = shard.get_or_insert(h);
+        let tiers = entry.get(slot).unwrap_or(0);
+        if tiers & tier != 0 {
+            entry.touch();
+            stats.duplicate_stores += 1;
+            return;
+        }
+        if !entry.is_empty() {
+            // Stored again (by another worker, or in another tier): in use.
+            entry.touch();
+        }
+        entry.set(slot, tiers | tier, self.dense_at());
+        d.added += (tiers == 0) as usize;
         stats.stored += 1;
-        if new_entry {
-            if let Ok(mut q) = self.queue.lock() {
-                q.push_back((h, stamp));
-            }
-        }
     }
 
-    /// Drops `tier` of `worker`'s hold on `h`; true if it held it there.
-    fn unhold(&self, worker: WorkerId, h: SequenceHash, tier: u8) -> bool {
-        let Some(mut held) = self.workers.get_mut(&worker) else {
-            return false;
-        };
+    /// Drops `tier` of `slot`'s hold on `h`; true if it held it there.
+    fn unhold(&self, slot: u32, h: SequenceHash, tier: u8, d: &mut Delta) -> bool {
         let mut shard = self.shard(h).write().unwrap_or_else(|p| p.into_inner());
         let Some(entry) = shard.get_mut(&h) else {
             return false;
         };
-        let Some(&tiers) = entry.holders.get(&held.slot) else {
-            return false;
-        };
+        let tiers = entry.get(slot).unwrap_or(0);
         if tiers & tier == 0 {
             return false;
         }
-        entry.set(held.slot, tiers & !tier, self.dense_at());
+        entry.set(slot, tiers & !tier, self.dense_at());
         if tiers & !tier == 0 {
-            self.pairs.fetch_sub(1, Ordering::Relaxed);
-            if entry.holders.is_empty() {
+            d.dropped += 1;
+            if entry.is_empty() {
                 shard.remove(&h);
             }
-            held.blocks.remove(&h);
         }
         true
+    }
+
+    /// Visits every block, one bucket of one shard at a time under that shard's write lock
+    /// (so lookups wait for one bucket at most): `f` updates an entry and says whether it
+    /// stays. Buckets split during the walk are visited again; `f` must be idempotent.
+    fn sweep(&self, mut f: impl FnMut(&mut Entry) -> bool) {
+        for shard in &self.shards {
+            let mut b = 0;
+            loop {
+                let mut table = shard.write().unwrap_or_else(|p| p.into_inner());
+                if b >= table.bucket_count() {
+                    break;
+                }
+                table.retain_bucket(b, &mut f);
+                b += 1;
+            }
+        }
     }
 
     /// Applies one worker's events, in order.
     pub fn apply(&self, worker: WorkerId, events: &[KvEvent]) -> ApplyStats {
         let mut stats = ApplyStats::default();
-        for e in events {
-            let tier = bit(e.tier);
-            match &e.data {
-                KvEventData::Stored { blocks, .. } => {
-                    for b in blocks {
-                        self.store(worker, b.block_hash, tier, &mut stats);
-                    }
-                }
-                KvEventData::Removed { block_hashes } => {
-                    for &h in block_hashes {
-                        if self.unhold(worker, h, tier) {
-                            stats.removed += 1;
-                        } else {
-                            stats.unknown_removals += 1;
+        self.with_worker(worker, |slot, d| {
+            for e in events {
+                let tier = bit(e.tier);
+                match &e.data {
+                    KvEventData::Stored { blocks, .. } => {
+                        for (i, b) in blocks.iter().enumerate() {
+                            self.prefetch(i, blocks.len(), |k| blocks[k].block_hash);
+                            self.store(slot, b.block_hash, tier, d, &mut stats);
                         }
                     }
-                }
-                KvEventData::Cleared => {
-                    let held: Vec<SequenceHash> = self
-                        .workers
-                        .get(&worker)
-                        .map(|b| b.blocks.iter().copied().collect())
-                        .unwrap_or_default();
-                    for h in held {
-                        if self.unhold(worker, h, tier) {
-                            stats.removed += 1;
+                    KvEventData::Removed { block_hashes } => {
+                        for (i, &h) in block_hashes.iter().enumerate() {
+                            self.prefetch(i, block_hashes.len(), |k| block_hashes[k]);
+                            if self.unhold(slot, h, tier, d) {
+                                stats.removed += 1;
+                            } else {
+                                stats.unknown_removals += 1;
+                            }
                         }
+                    }
+                    KvEventData::Cleared => {
+                        let dense_at = self.dense_at();
+                        self.sweep(|e| {
+                            let tiers = e.get(slot).unwrap_or(0);
+                            if tiers & tier != 0 {
+                                e.set(slot, tiers & !tier, dense_at);
+                                stats.removed += 1;
+                                d.dropped += (tiers & !tier == 0) as usize;
+                            }
+                            !e.is_empty()
+                        });
                     }
                 }
             }
-        }
+        });
         self.prune();
         stats
     }
@@ -653,82 +838,149 @@ impl KvIndex {
     /// confirm stay.
     pub fn predict(&self, worker: WorkerId, hashes: &[SequenceHash]) {
         let mut stats = ApplyStats::default();
-        for &h in hashes {
-            self.store(worker, h, PREDICTED, &mut stats);
-        }
+        self.with_worker(worker, |slot, d| {
+            for (i, &h) in hashes.iter().enumerate() {
+                self.prefetch(i, hashes.len(), |k| hashes[k]);
+                self.store(slot, h, PREDICTED, d, &mut stats);
+            }
+        });
         self.prune();
     }
 
     /// Drops the predictions of [`KvIndex::predict`] (their time to be confirmed is up).
     pub fn unpredict(&self, worker: WorkerId, hashes: &[SequenceHash]) {
-        for &h in hashes {
-            self.unhold(worker, h, PREDICTED);
-        }
+        self.with_worker(worker, |slot, d| {
+            for &h in hashes {
+                self.unhold(slot, h, PREDICTED, d);
+            }
+        });
     }
 
-    /// Forgets everything `worker` holds (it left, or is about to be resynced).
+    /// Forgets everything `worker` holds (it left, or is about to be resynced), at once: its
+    /// slot is retired (lookups skip it) and its pairs stay in the maps until a purge, a walk
+    /// over the whole index a bucket at a time, takes them out with those of every worker that
+    /// left since. A purge runs when departed pairs reach a quarter of the live ones, so it
+    /// costs a few map visits per departed pair, and a fleet resyncing after a bus outage costs
+    /// a few walks rather than one per worker. Not keeping each worker's list of blocks makes
+    /// every store and removal cheaper and every pair smaller.
     pub fn remove_worker(&self, worker: WorkerId) {
-        // Taking the entry out first means a concurrent store for this worker either finished
-        // (its block is in `held`) or starts afresh with a new slot.
-        let Some((_, held)) = self.workers.remove(&worker) else {
+        let Some(cell) = self
+            .workers
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&worker)
+        else {
             return;
         };
-        for h in held.blocks {
-            let mut shard = self.shard(h).write().unwrap_or_else(|p| p.into_inner());
-            if let Some(entry) = shard.get_mut(&h) {
-                if entry.holders.contains_key(&held.slot) {
-                    entry.set(held.slot, 0, self.dense_at());
-                    self.pairs.fetch_sub(1, Ordering::Relaxed);
-                }
-                if entry.holders.is_empty() {
-                    shard.remove(&h);
-                }
-            }
+        let mut guard = cell.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(slot) = guard.take() else { return };
+        {
+            let mut slots = self.slots.write().unwrap_or_else(|p| p.into_inner());
+            slots.workers[slot as usize] = None;
+            slots.departed.push(slot);
+            let n = slots.held[slot as usize].load(Ordering::Relaxed);
+            self.pairs.fetch_sub(n, Ordering::Relaxed);
+            self.departed_pairs.fetch_add(n, Ordering::Relaxed);
         }
-        self.free_slot(held.slot);
+        drop(guard);
+        if self.departed_pairs.load(Ordering::Relaxed) * 4 >= self.pairs() {
+            self.purge();
+        }
     }
 
-    /// Prunes least-recently-used blocks while over the cap.
-    fn prune(&self) {
-        if self.pairs() <= self.settings.max_blocks {
-            return;
-        }
-        let Ok(mut q) = self.queue.lock() else {
+    /// Takes departed workers' pairs out of the maps and frees their slots.
+    fn purge(&self) {
+        let Ok(_purging) = self.purging.try_lock() else {
             return;
         };
-        let mut budget = q.len() * 2 + 1;
-        while self.pairs() > self.settings.max_blocks && budget > 0 {
-            budget -= 1;
-            let Some((h, queued)) = q.pop_front() else {
+        let (gone, bits) = {
+            let slots = self.slots.read().unwrap_or_else(|p| p.into_inner());
+            let mut bits = Vec::new();
+            for &s in &slots.departed {
+                set_bit(&mut bits, s);
+            }
+            (slots.departed.clone(), bits)
+        };
+        if gone.is_empty() {
+            return;
+        }
+        let dense_at = self.dense_at();
+        let mut dropped = 0;
+        let mut out = Vec::new();
+        self.sweep(|e| {
+            out.clear();
+            out.extend(e.iter().map(|(s, _)| s).filter(|&s| {
+                bits.get(s as usize / 64)
+                    .is_some_and(|w| w & (1 << (s % 64)) != 0)
+            }));
+            for &s in &out {
+                e.set(s, 0, dense_at);
+            }
+            dropped += out.len();
+            !e.is_empty()
+        });
+        let mut slots = self.slots.write().unwrap_or_else(|p| p.into_inner());
+        slots.departed.retain(|s| !gone.contains(s));
+        for &s in &gone {
+            slots.held[s as usize].store(0, Ordering::Relaxed);
+            slots.free.push(s);
+        }
+        self.departed_pairs.fetch_sub(dropped, Ordering::Relaxed);
+    }
+
+    /// While over the cap, prunes whole blocks that no lookup or repeated store touched since
+    /// the hand last passed them (CLOCK), a bucket at a time.
+    fn prune(&self) {
+        let max = self.settings.max_blocks;
+        // Departed workers' pairs not purged yet take memory too.
+        let total = || self.pairs() + self.departed_pairs.load(Ordering::Relaxed);
+        if total() <= max {
+            return;
+        }
+        // Someone else is pruning.
+        let Ok(mut hand) = self.hand.try_lock() else {
+            return;
+        };
+        // Two turns of the hand at most: the second finds every reference bit cleared.
+        let buckets: usize = self
+            .shards
+            .iter()
+            .map(|s| s.read().map(|t| t.bucket_count()).unwrap_or(0))
+            .sum();
+        for _ in 0..2 * buckets + 2 {
+            let excess = total().saturating_sub(max);
+            if excess == 0 {
                 break;
-            };
-            let mut shard = self.shard(h).write().unwrap_or_else(|p| p.into_inner());
-            let Some(entry) = shard.get(&h) else {
-                continue;
-            };
-            let now = entry.stamp.load(Ordering::Relaxed);
-            if now > queued {
-                // Touched since it was queued: second chance.
-                q.push_back((h, now));
-                continue;
             }
-            let entry = shard.remove(&h).expect("checked above");
-            drop(shard);
-            self.pairs.fetch_sub(entry.holders.len(), Ordering::Relaxed);
-            let owners: Vec<WorkerId> = {
-                let slots = self.slots.read().unwrap_or_else(|p| p.into_inner());
-                entry
-                    .holders
-                    .keys()
-                    .filter_map(|&s| slots.workers.get(s as usize).copied().flatten())
-                    .collect()
-            };
-            for w in owners {
-                if let Some(mut held) = self.workers.get_mut(&w) {
-                    held.blocks.remove(&h);
+            let (s, b) = *hand;
+            let (mut left, mut live, mut departed, mut blocks) = (excess, 0, 0, 0);
+            let mut table = self.shards[s].write().unwrap_or_else(|p| p.into_inner());
+            let slots = self.slots.read().unwrap_or_else(|p| p.into_inner());
+            table.retain_bucket(b, |e| {
+                if e.used.swap(false, Ordering::Relaxed) || left == 0 {
+                    return true;
                 }
-            }
-            self.pruned.fetch_add(1, Ordering::Relaxed);
+                for (slot, _) in e.iter() {
+                    slots.held[slot as usize].fetch_sub(1, Ordering::Relaxed);
+                    match slots.workers[slot as usize] {
+                        Some(_) => live += 1,
+                        None => departed += 1,
+                    }
+                }
+                left = left.saturating_sub(e.len());
+                blocks += 1;
+                false
+            });
+            drop(slots);
+            *hand = if b + 1 < table.bucket_count() {
+                (s, b + 1)
+            } else {
+                ((s + 1) % self.shards.len(), 0)
+            };
+            drop(table);
+            self.pairs.fetch_sub(live, Ordering::Relaxed);
+            self.departed_pairs.fetch_sub(departed, Ordering::Relaxed);
+            self.pruned.fetch_add(blocks, Ordering::Relaxed);
         }
     }
 
@@ -736,7 +988,6 @@ impl KvIndex {
     pub fn find_matches(&self, hashes: &[SequenceHash]) -> OverlapMap {
         // (slot, overlap) of workers whose run ended.
         let mut out: Vec<(u32, Overlap)> = Vec::new();
-        let stamp = self.tick();
         // Live workers as a bitset while blocks are popular; their overlap is the depth,
         // less the host and disk hits recorded in `lower_hits`.
         let mut dense: Option<Vec<u64>> = None;
@@ -752,14 +1003,15 @@ impl KvIndex {
         let mut live: Vec<(u32, Overlap)> = Vec::new();
         let mut depth = 0;
         for (i, h) in hashes.iter().enumerate() {
+            self.prefetch(i, hashes.len(), |k| hashes[k]);
             let shard = self.shard(*h).read().unwrap_or_else(|p| p.into_inner());
             let Some(entry) = shard.get(h) else {
                 break;
             };
-            entry.stamp.store(stamp, Ordering::Relaxed);
+            entry.touch();
             let count_lower = |bits: &[u64], lower_hits: &mut IdMap<u32, Overlap>| {
-                if entry.lower > 0 {
-                    for (&s, &t) in entry.holders.iter() {
+                if entry.lower() > 0 {
+                    for (s, t) in entry.iter() {
                         let (w, b) = (s as usize / 64, s % 64);
                         if !on_device(t) && bits.get(w).is_some_and(|x| x & (1 << b) != 0) {
                             lower_hits.entry(s).or_default().add(t);
@@ -768,16 +1020,15 @@ impl KvIndex {
                 }
             };
             if i == 0 {
-                match &entry.bits {
+                match entry.bits() {
                     Some(bits) => {
                         count_lower(bits, &mut lower_hits);
                         dense = Some(bits.clone());
                     }
                     None => {
                         live = entry
-                            .holders
                             .iter()
-                            .map(|(&s, &t)| {
+                            .map(|(s, t)| {
                                 let mut o = Overlap::default();
                                 o.add(t);
                                 (s, o)
@@ -786,7 +1037,7 @@ impl KvIndex {
                     }
                 }
             } else if let Some(set) = dense.as_mut() {
-                match &entry.bits {
+                match entry.bits() {
                     Some(bits) => {
                         let mut any = false;
                         for (k, word) in set.iter_mut().enumerate() {
@@ -807,7 +1058,7 @@ impl KvIndex {
                     }
                     None => {
                         // Few holders: the live set becomes a list.
-                        for (&s, &t) in entry.holders.iter() {
+                        for (s, t) in entry.iter() {
                             if test_and_clear(set, s) {
                                 let mut o = dense_overlap(i, s, &lower_hits);
                                 o.add(t);
@@ -826,8 +1077,8 @@ impl KvIndex {
                     }
                 }
             } else {
-                live.retain_mut(|(s, o)| match entry.holders.get(s) {
-                    Some(&t) => {
+                live.retain_mut(|(s, o)| match entry.get(*s) {
+                    Some(t) => {
                         o.add(t);
                         true
                     }
@@ -862,5 +1113,6 @@ impl KvIndex {
     }
 }
 
+mod bucket;
 #[cfg(test)]
 mod tests;

@@ -254,7 +254,7 @@ fn shard_maps_split_instead_of_growing() {
         x ^= x >> 7;
         x ^= x << 17;
         let h = SequenceHash(x);
-        t.get_or_insert_with(h, || Entry::new(i));
+        t.get_or_insert(h).set(i as u32, 1, 8);
         reference.insert(x, i);
         if i % 3 == 0 {
             // Remove an earlier one.
@@ -268,7 +268,7 @@ fn shard_maps_split_instead_of_growing() {
         let e = t
             .get(&SequenceHash(h))
             .expect("every block is found after the splits");
-        assert_eq!(e.stamp.load(Ordering::Relaxed), stamp);
+        assert_eq!(e.get(stamp as u32), Some(1));
     }
     assert!(t.buckets.len() > 100, "{} maps", t.buckets.len());
     assert!(t.buckets.iter().all(|(_, m)| m.len() <= 16));
@@ -276,6 +276,45 @@ fn shard_maps_split_instead_of_growing() {
     // Inserting an existing block never splits.
     let before = t.buckets.len();
     let (&h, _) = reference.iter().next().unwrap();
-    t.get_or_insert_with(SequenceHash(h), || unreachable!());
+    t.get_or_insert(SequenceHash(h));
     assert_eq!(t.buckets.len(), before);
+}
+
+/// A departed worker disappears from answers and from `pairs` at once; its blocks leave the
+/// maps at the next purge (a quarter of the live pairs departed), and its recycled slot never
+/// lends its old blocks to the worker that gets it.
+#[test]
+fn departed_workers_are_purged_and_their_slots_reused() {
+    let index = KvIndex::new(IndexSettings::default());
+    let blocks = |w: u64| -> Vec<u64> { (w * 1000..w * 1000 + 100).collect() };
+    for w in 1..=10 {
+        index.apply(WorkerId(w), &[stored(StorageTier::Device, &blocks(w))]);
+    }
+    assert_eq!((index.pairs(), index.blocks()), (1000, 1000));
+    let query = |w: u64| -> Vec<SequenceHash> { blocks(w).into_iter().map(SequenceHash).collect() };
+    index.remove_worker(WorkerId(1));
+    assert_eq!(index.pairs(), 900);
+    assert!(index.find_matches(&query(1)).is_empty());
+    assert_eq!(index.blocks(), 1000, "not purged yet: 100 of 900 departed");
+    index.remove_worker(WorkerId(2));
+    assert_eq!(
+        index.blocks(),
+        800,
+        "purged: 200 departed, a quarter of 800"
+    );
+    index.remove_worker(WorkerId(3));
+    assert_eq!((index.pairs(), index.blocks()), (700, 800));
+    // New workers take the freed slots; worker 1's old blocks are not theirs.
+    for w in 11..=13 {
+        index.apply(WorkerId(w), &[stored(StorageTier::Device, &blocks(w)[..1])]);
+        assert!(index.find_matches(&query(1)).is_empty());
+    }
+    assert_eq!(index.workers(), 10);
+    index.apply(
+        WorkerId(11),
+        &[stored(StorageTier::Device, &blocks(1)[..3])],
+    );
+    let got = index.find_matches(&query(1));
+    assert_eq!((got.len(), got[&WorkerId(11)].device), (1, 3));
+    assert_eq!(index.pairs(), 706);
 }
