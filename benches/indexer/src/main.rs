@@ -281,17 +281,48 @@ impl Workload {
         out
     }
 
-    /// A 64-block query: a recent request's chain, then blocks nobody holds. (local hashes,
-    /// sequence hashes)
-    fn query(&mut self) -> (Vec<u64>, Vec<u64>) {
+    /// A 64-block query: a recent request's chain, then blocks nobody holds.
+    fn query(&mut self) -> Query {
         let i = self.rng.below(self.recent.len() as u64) as usize;
         let mut locals = self.recent[i].clone();
         while locals.len() < QUERY_BLOCKS {
             locals.push(self.next_unique);
             self.next_unique += 1;
         }
-        let hashes = chain(&locals);
-        (locals, hashes)
+        Query {
+            hashes: chain(&locals).into_iter().map(SequenceHash).collect(),
+            locals: locals.into_iter().map(inc::LocalBlockHash).collect(),
+        }
+    }
+}
+
+/// A query in both indexes' forms (the incumbent walks local hashes, ours sequence hashes),
+/// made before anything is timed.
+struct Query {
+    locals: Vec<inc::LocalBlockHash>,
+    hashes: Vec<SequenceHash>,
+}
+
+/// An index's answer to a query, in its own form.
+enum Answer {
+    Ours(dynamo_kv::OverlapMap),
+    Incumbent(inc::OverlapScores),
+}
+
+impl Answer {
+    /// Every worker's matched blocks, sorted.
+    fn matches(self) -> Vec<(u64, u32)> {
+        let mut out: Vec<(u64, u32)> = match self {
+            Answer::Ours(m) => m.into_iter().map(|(w, o)| (w.0, o.blocks())).collect(),
+            Answer::Incumbent(m) => m
+                .scores
+                .into_iter()
+                .map(|(w, s)| (w.worker_id, s))
+                .collect(),
+        };
+        out.retain(|&(_, s)| s > 0);
+        out.sort_unstable();
+        out
     }
 }
 
@@ -352,53 +383,44 @@ impl Index {
         }
     }
 
-    /// Applies everything (the incumbent: enqueued, then waited for).
-    fn apply(&self, events: Prepared) {
+    /// Hands the events over: ours applies them on this thread, the incumbent enqueues them
+    /// for its event thread.
+    fn submit(&self, events: Prepared) {
         match (self, events) {
             (Index::Ours(index), Prepared::Ours(batches)) => {
                 for (w, e) in &batches {
                     index.apply(*w, e);
                 }
             }
-            (Index::Incumbent(index, rt), Prepared::Incumbent(events)) => {
+            (Index::Incumbent(index, _), Prepared::Incumbent(events)) => {
                 for e in events {
                     index
                         .enqueue_event(e)
                         .expect("the incumbent's event thread runs");
                 }
-                rt.block_on(index.flush_and_wait())
-                    .expect("the incumbent flushes");
             }
             _ => unreachable!("events prepared for this index"),
         }
     }
 
-    /// Every worker's matched blocks, sorted.
-    fn matches(&self, locals: &[u64], hashes: &[u64]) -> Vec<(u64, u32)> {
-        let mut out: Vec<(u64, u32)> = match self {
-            Index::Ours(index) => {
-                let q: Vec<SequenceHash> = hashes.iter().map(|&h| SequenceHash(h)).collect();
-                index
-                    .find_matches(&q)
-                    .into_iter()
-                    .map(|(w, o)| (w.0, o.blocks()))
-                    .collect()
-            }
+    /// Applies everything (the incumbent: enqueued, then waited for).
+    fn apply(&self, events: Prepared) {
+        self.submit(events);
+        if let Index::Incumbent(index, rt) = self {
+            rt.block_on(index.flush_and_wait())
+                .expect("the incumbent flushes");
+        }
+    }
+
+    /// The lookup the router makes (the incumbent's `ThreadPoolIndexer::find_matches` runs
+    /// its backend's on the caller's thread, as here).
+    fn find(&self, q: &Query) -> Answer {
+        match self {
+            Index::Ours(index) => Answer::Ours(index.find_matches(&q.hashes)),
             Index::Incumbent(index, _) => {
-                let q: Vec<inc::LocalBlockHash> =
-                    locals.iter().map(|&l| inc::LocalBlockHash(l)).collect();
-                index
-                    .backend()
-                    .find_matches(&q, false)
-                    .scores
-                    .into_iter()
-                    .map(|(w, s)| (w.worker_id, s))
-                    .collect()
+                Answer::Incumbent(index.backend().find_matches(&q.locals, false))
             }
-        };
-        out.retain(|&(_, s)| s > 0);
-        out.sort_unstable();
-        out
+        }
     }
 }
 
@@ -448,7 +470,7 @@ fn run(name: &str, workers: u64) -> Run {
     let (wall, cpu) = (t.elapsed(), cpu_time() - cpu);
 
     eprintln!("[{name}, {workers} workers] lookups under ingest");
-    let queries: Vec<(Vec<u64>, Vec<u64>)> = (0..20_000).map(|_| wl.query()).collect();
+    let queries: Vec<Query> = (0..20_000).map(|_| wl.query()).collect();
     let writes: Vec<Batch> = (0..60_000).map(|_| wl.batch()).collect();
     let write_events: Vec<usize> = writes.iter().map(Batch::block_events).collect();
     let stop = Arc::new(AtomicBool::new(false));
@@ -464,17 +486,7 @@ fn run(name: &str, workers: u64) -> Run {
                 if stop.load(Ordering::Relaxed) {
                     break;
                 }
-                match index {
-                    Index::Ours(ix) => {
-                        let (w, e) = b.ours();
-                        ix.apply(w, &e);
-                    }
-                    Index::Incumbent(ix, _) => {
-                        for e in b.incumbent() {
-                            let _ = ix.enqueue_event(e);
-                        }
-                    }
-                }
+                index.submit(index.prepare(std::slice::from_ref(b)));
                 sent += n;
                 let due = Duration::from_secs_f64(sent as f64 / WRITE_RATE);
                 if let Some(wait) = due.checked_sub(start.elapsed()) {
@@ -483,22 +495,12 @@ fn run(name: &str, workers: u64) -> Run {
             }
         });
         let t = Instant::now();
-        for (locals, hashes) in queries.iter().cycle() {
+        for q in queries.iter().cycle() {
             if t.elapsed() >= Duration::from_secs(LOOKUP_SECS) {
                 break;
             }
             let t0 = Instant::now();
-            match &index {
-                Index::Ours(ix) => {
-                    let q: Vec<SequenceHash> = hashes.iter().map(|&h| SequenceHash(h)).collect();
-                    std::hint::black_box(ix.find_matches(&q));
-                }
-                Index::Incumbent(ix, _) => {
-                    let q: Vec<inc::LocalBlockHash> =
-                        locals.iter().map(|&l| inc::LocalBlockHash(l)).collect();
-                    std::hint::black_box(ix.backend().find_matches(&q, false));
-                }
-            }
+            std::hint::black_box(index.find(q));
             hist.record(t0.elapsed().as_nanos().max(1) as u64)
                 .expect("in range");
             done += 1;
@@ -534,11 +536,8 @@ fn agree(workers: u64, requests: usize, samples: usize) -> usize {
     }
     let (mut differ, mut hits) = (0, 0);
     for i in 0..samples {
-        let (locals, hashes) = wl.query();
-        let (a, b) = (
-            ours.matches(&locals, &hashes),
-            theirs.matches(&locals, &hashes),
-        );
+        let q = wl.query();
+        let (a, b) = (ours.find(&q).matches(), theirs.find(&q).matches());
         hits += a.len();
         if a != b {
             if differ < 3 {

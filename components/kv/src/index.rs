@@ -41,9 +41,9 @@
 //! Events of one worker must be applied in order (the router applies each worker's batches
 //! in event-id order); each worker's updates take its own lock, so calls for one worker run
 //! one at a time and different workers' events may be applied concurrently with each other
-//! and with lookups. Lock order: a worker's lock, then one shard or the slot table (the
-//! workers' map is let go before a worker's lock is taken); the pruning hand is only tried,
-//! never waited for, and taken with no worker's lock held.
+//! and with lookups. Lock order: a worker's lock, then one shard, then the slot table (the
+//! workers' map is let go before a worker's lock is taken); the pruning hand and the purge
+//! are only tried, never waited for, and taken with no worker's lock held.
 //!
 //! **Bad input** never corrupts the index: removing a block never stored, or storing one twice,
 //! is counted in [`ApplyStats`] and otherwise ignored.
@@ -138,7 +138,8 @@ pub struct IndexSettings {
     /// A block with this many holders also keeps a bitset of them (dropped again below half).
     pub dense_holders: usize,
     /// Most blocks one map of a shard holds before it splits in two (bounds how long an
-    /// insert holds the shard's write lock: see `Table`).
+    /// insert holds the shard's write lock: see `Table`). The default, 3,072, is what a map
+    /// of 4,096 slots holds, so a full map never doubles its slots for a few blocks more.
     pub bucket_cap: usize,
 }
 
@@ -148,7 +149,7 @@ impl Default for IndexSettings {
             max_blocks: 20_000_000,
             shards: 64,
             dense_holders: 32,
-            bucket_cap: 3_584,
+            bucket_cap: bucket::room(4096),
         }
     }
 }
@@ -204,9 +205,8 @@ pub struct ApplyStats {
     pub duplicate_stores: usize,
 }
 
-/// A block's holders: slot -> tier bits. Most blocks have one or two holders (a generated
-/// block always one), so a short list inline; a map once there are more than
-/// [`FEW_HOLDERS`].
+/// The holders of a block with more than one ([`Crowd`]): slot -> tier bits, a short list
+/// (two inline), a map once there are more than [`FEW_HOLDERS`].
 enum Holders {
     Few(smallvec::SmallVec<[(u32, u8); 2]>),
     Many(IdMap<u32, u8>),
@@ -301,6 +301,11 @@ fn set_bit(bits: &mut Vec<u64>, slot: u32) {
         bits.resize(w + 1, 0);
     }
     bits[w] |= 1 << b;
+}
+
+fn has_bit(bits: &[u64], slot: u32) -> bool {
+    bits.get(slot as usize / 64)
+        .is_some_and(|w| w & (1 << (slot % 64)) != 0)
 }
 
 fn test_and_clear(bits: &mut [u64], slot: u32) -> bool {
@@ -470,8 +475,7 @@ impl Entry {
 /// entries at once under the shard's write lock: at 10k workers (millions of blocks) that
 /// stalled lookups for 10-23 ms. A full map here splits instead, moving half its entries to a
 /// new one, and a map's own growth moves at most `cap` entries: well under a millisecond
-/// either way (`IndexSettings::bucket_cap`, 3,584 by default: a full map is 4,096 slots at
-/// hashbrown's 7/8 load, so it never doubles to 8,192 for a few entries more).
+/// either way (`IndexSettings::bucket_cap`).
 struct Table {
     cap: usize,
     /// Bucket index by the top `depth` bits of the hash.
@@ -609,8 +613,9 @@ pub struct KvIndex {
     /// Each worker's slot, behind its own lock: one worker's updates run one at a time.
     workers: RwLock<IdMap<WorkerId, WorkerCell>>,
     slots: RwLock<Slots>,
-    /// Pairs of the workers indexed, and of departed ones not purged yet.
+    /// Pairs of the workers indexed.
     pairs: AtomicUsize,
+    /// Pairs of departed workers still in the maps (not purged yet).
     departed_pairs: AtomicUsize,
     /// Held while departed workers' pairs are purged.
     purging: Mutex<()>,
@@ -909,10 +914,7 @@ impl KvIndex {
         let mut out = Vec::new();
         self.sweep(|e| {
             out.clear();
-            out.extend(e.iter().map(|(s, _)| s).filter(|&s| {
-                bits.get(s as usize / 64)
-                    .is_some_and(|w| w & (1 << (s % 64)) != 0)
-            }));
+            out.extend(e.iter().map(|(s, _)| s).filter(|&s| has_bit(&bits, s)));
             for &s in &out {
                 e.set(s, 0, dense_at);
             }
@@ -1012,8 +1014,7 @@ impl KvIndex {
             let count_lower = |bits: &[u64], lower_hits: &mut IdMap<u32, Overlap>| {
                 if entry.lower() > 0 {
                     for (s, t) in entry.iter() {
-                        let (w, b) = (s as usize / 64, s % 64);
-                        if !on_device(t) && bits.get(w).is_some_and(|x| x & (1 << b) != 0) {
+                        if !on_device(t) && has_bit(bits, s) {
                             lower_hits.entry(s).or_default().add(t);
                         }
                     }

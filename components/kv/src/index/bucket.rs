@@ -11,6 +11,11 @@ const LOAD_NUM: usize = 3;
 const LOAD_DEN: usize = 4;
 const MIN_SLOTS: usize = 8;
 
+/// Entries `slots` slots hold before they double.
+pub(super) const fn room(slots: usize) -> usize {
+    slots * LOAD_NUM / LOAD_DEN
+}
+
 struct Slot<V> {
     key: u64,
     value: V,
@@ -46,8 +51,10 @@ impl<V: Default> Bucket<V> {
         b
     }
 
+    /// The fewest slots (a power of two) with room for `n` entries.
     fn slots_for(n: usize) -> usize {
-        (n * LOAD_DEN / LOAD_NUM + 1)
+        (n * LOAD_DEN)
+            .div_ceil(LOAD_NUM)
             .next_power_of_two()
             .max(MIN_SLOTS)
     }
@@ -101,7 +108,7 @@ impl<V: Default> Bucket<V> {
         if let Some(i) = self.find(key) {
             return &mut self.slots[i].value;
         }
-        if (self.len + 1) * LOAD_DEN > self.slots.len() * LOAD_NUM {
+        if self.len + 1 > room(self.slots.len()) {
             self.resize(Self::slots_for(self.len + 1).max(self.slots.len() * 2));
         }
         let i = self.vacant(key);

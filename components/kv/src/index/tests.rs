@@ -318,3 +318,12 @@ fn departed_workers_are_purged_and_their_slots_reused() {
     assert_eq!((got.len(), got[&WorkerId(11)].device), (1, 3));
     assert_eq!(index.pairs(), 706);
 }
+
+/// The docs' figure: a block one worker holds is 16 bytes beside its key, its holder inline.
+#[test]
+fn an_entry_with_one_holder_is_16_bytes() {
+    assert_eq!(std::mem::size_of::<Entry>(), 16);
+    let mut e = Entry::new();
+    e.set(7, 1, 2);
+    assert!(e.crowd.is_none() && e.get(7) == Some(1));
+}
