@@ -12,7 +12,7 @@ const LOAD_DEN: usize = 4;
 const MIN_SLOTS: usize = 8;
 
 /// Entries `slots` slots hold before they double.
-pub(super) const fn room(slots: usize) -> usize {
+const fn room(slots: usize) -> usize {
     slots * LOAD_NUM / LOAD_DEN
 }
 
