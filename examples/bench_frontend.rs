@@ -7,7 +7,8 @@
 //! apply the chat template and tokenize one ~600-token chat.
 //!
 //! Run with `scripts/bench-frontend` (release build). Knobs: BENCH_DELAY_MS (echo pacing, 5),
-//! BENCH_MAX_TOKENS (64), BENCH_REQUESTS (scale factor, 1.0).
+//! BENCH_MAX_TOKENS (64), BENCH_REQUESTS (scale factor, 1.0), BENCH_CONCURRENCY (levels to
+//! run, of 1,32,128).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -323,7 +324,14 @@ async fn main() {
     println!("| concurrency | path | req/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | server CPU-s/req | server peak RSS MiB |");
     println!("|---|---|---|---|---|---|---|---|---|");
     let mut added = Vec::new();
+    let levels: Vec<usize> = std::env::var("BENCH_CONCURRENCY")
+        .ok()
+        .map(|v| v.split(',').filter_map(|c| c.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 32, 128]);
     for (conc, n) in [(1usize, 60usize), (32, 1200), (128, 2400)] {
+        if !levels.contains(&conc) {
+            continue;
+        }
         let n = ((n as f64) * scale).max(conc as f64) as usize;
         let e = engine_load(
             &pre,

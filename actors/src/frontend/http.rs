@@ -11,10 +11,10 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
-use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use bytes::Bytes;
 use dynamo_protocols::openai::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, Completion,
     CompletionChoice, Delta, ModelList, ModelObject, Usage,
@@ -280,16 +280,56 @@ struct Head {
     created: u64,
     model: String,
     endpoint: Endpoint,
+    /// A streamed chunk's JSON before and after its one choice, serialized once per
+    /// response: a token's chunk then costs only its choice.
+    around: Arc<(String, String)>,
 }
 
 impl Head {
     fn of(gen: &Generation, endpoint: Endpoint) -> Self {
-        Self {
-            id: gen.id.clone(),
-            created: gen.created,
-            model: gen.model.clone(),
+        Self::new(gen.id.clone(), gen.created, gen.model.clone(), endpoint)
+    }
+
+    fn new(id: String, created: u64, model: String, endpoint: Endpoint) -> Self {
+        let mut head = Self {
+            id,
+            created,
+            model,
             endpoint,
+            around: Arc::default(),
+        };
+        let empty = match endpoint {
+            Endpoint::Chat => {
+                let mut c = head.chat_chunk(0, Delta::default(), None, None);
+                c.choices.clear();
+                serde_json::to_string(&c)
+            }
+            Endpoint::Completions => serde_json::to_string(&head.completion(Vec::new())),
         }
+        .unwrap_or_default();
+        // The id, model and object come before `choices` (the model name is escaped, so no
+        // `"choices":[]` of its own can match); `usage`, absent here, would come after.
+        const CHOICES: &str = "\"choices\":[]";
+        if let Some(at) = empty.rfind(CHOICES) {
+            let split = at + CHOICES.len() - 1;
+            head.around = Arc::new((empty[..split].to_string(), empty[split..].to_string()));
+        }
+        head
+    }
+
+    /// The SSE event of a chunk holding one choice: the shared JSON around the choice's.
+    fn one_choice(&self, choice: &impl Serialize) -> Bytes {
+        let (before, after) = &*self.around;
+        let mut buf = Vec::with_capacity(before.len() + after.len() + 128);
+        buf.extend_from_slice(b"data: ");
+        buf.extend_from_slice(before.as_bytes());
+        if serde_json::to_writer(&mut buf, choice).is_err() {
+            buf.truncate(6);
+        } else {
+            buf.extend_from_slice(after.as_bytes());
+        }
+        buf.extend_from_slice(b"\n\n");
+        Bytes::from(buf)
     }
 
     fn chat_chunk(
@@ -335,7 +375,7 @@ impl Head {
         first_call: usize,
         finish: Option<&str>,
         logprobs: Option<Value>,
-    ) -> Event {
+    ) -> Bytes {
         match self.endpoint {
             Endpoint::Chat => {
                 let calls: Vec<Value> = piece
@@ -344,29 +384,29 @@ impl Head {
                     .enumerate()
                     .map(|(i, c)| c.to_openai(Some(first_call + i)))
                     .collect();
-                event(&self.chat_chunk(
+                self.one_choice(&ChatChunkChoice {
                     index,
-                    Delta {
+                    delta: Delta {
                         role: None,
                         content: (!piece.text.is_empty()).then_some(piece.text),
                         reasoning_content: (!piece.reasoning.is_empty()).then_some(piece.reasoning),
                         tool_calls: (!calls.is_empty()).then_some(calls),
                     },
-                    finish,
+                    finish_reason: finish.map(str::to_string),
                     logprobs,
-                ))
+                })
             }
-            Endpoint::Completions => event(&self.completion(vec![CompletionChoice {
+            Endpoint::Completions => self.one_choice(&CompletionChoice {
                 index,
                 text: piece.text,
                 finish_reason: finish.map(str::to_string),
                 logprobs,
-            }])),
+            }),
         }
     }
 
     /// The last chunk with `stream_options.include_usage`: usage and no choices.
-    fn usage_chunk(&self, usage: Usage) -> Event {
+    fn usage_chunk(&self, usage: Usage) -> Bytes {
         match self.endpoint {
             Endpoint::Chat => {
                 let mut c = self.chat_chunk(0, Delta::default(), None, None);
@@ -457,17 +497,38 @@ fn total_usage(parts: &[(u32, u32, Usage)]) -> Usage {
     total
 }
 
-fn event(v: &impl Serialize) -> Event {
-    Event::default().data(serde_json::to_string(v).unwrap_or_default())
+/// `v` as one SSE event, `data: <json>\n\n` (what axum's `Event::data` writes, without its
+/// copies).
+fn event(v: &impl Serialize) -> Bytes {
+    let mut buf = Vec::with_capacity(256);
+    buf.extend_from_slice(b"data: ");
+    if serde_json::to_writer(&mut buf, v).is_err() {
+        buf.truncate(6);
+    }
+    buf.extend_from_slice(b"\n\n");
+    Bytes::from(buf)
+}
+
+/// A `text/event-stream` response of already framed events; hyper writes the events that
+/// are ready together in one call.
+pub(crate) fn event_stream(events: impl Stream<Item = Bytes> + Send + 'static) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(events.map(Ok::<_, Infallible>)),
+    )
+        .into_response()
 }
 
 /// What one choice's stream gives the response's.
 enum ChoiceOut {
-    Chunk(Event),
+    Chunk(Bytes),
     /// The choice is over: (its index, n, its usage).
     Finished(u32, u32, Usage),
     /// The request failed (an error event; the response ends after it).
-    Failed(Event),
+    Failed(Bytes),
 }
 
 /// One choice's SSE chunks: its opening chunk (chat: the role; completions: the echoed
@@ -494,7 +555,8 @@ fn choice_stream(gen: Generation, head: Head) -> impl Stream<Item = ChoiceOut> {
         }),
     };
     let opening = futures::stream::iter(opening.map(ChoiceOut::Chunk));
-    let body = futures::stream::unfold(Some(gen), move |gen| {
+    // Boxed: the state moves in and out of the stream's future on every chunk.
+    let body = futures::stream::unfold(Some(Box::new(gen)), move |gen| {
         let head = head.clone();
         async move {
             let mut gen = gen?;
@@ -535,10 +597,7 @@ fn choice_stream(gen: Generation, head: Head) -> impl Stream<Item = ChoiceOut> {
 /// The SSE answer: every choice's chunks as their text arrives (interleaved, each naming
 /// its index), a usage chunk if asked, then `[DONE]`. An error ends the answer (and, by
 /// dropping them, the other choices).
-fn sse(
-    gens: Vec<Generation>,
-    endpoint: Endpoint,
-) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+fn sse(gens: Vec<Generation>, endpoint: Endpoint) -> Response {
     let head = gens.first().map(|g| Head::of(g, endpoint));
     let include_usage = gens.first().is_some_and(|g| g.prepared.include_usage);
     let choices = gens.len();
@@ -554,7 +613,7 @@ fn sse(
         merged: S,
         usage: Vec<(u32, u32, Usage)>,
         /// The last events, once every choice is over or one failed.
-        tail: Option<std::vec::IntoIter<Event>>,
+        tail: Option<std::vec::IntoIter<Bytes>>,
     }
     let state = State {
         merged,
@@ -564,14 +623,14 @@ fn sse(
     let stream = futures::stream::unfold(state, move |mut st| {
         let head = head.clone();
         async move {
-            let done = || Event::default().data("[DONE]");
+            let done = || Bytes::from_static(b"data: [DONE]\n\n");
             loop {
                 if let Some(tail) = &mut st.tail {
                     let next = tail.next();
-                    return next.map(|ev| (Ok(ev), st));
+                    return next.map(|ev| (ev, st));
                 }
                 match st.merged.next().await {
-                    Some(ChoiceOut::Chunk(ev)) => return Some((Ok(ev), st)),
+                    Some(ChoiceOut::Chunk(ev)) => return Some((ev, st)),
                     Some(ChoiceOut::Failed(ev)) => st.tail = Some(vec![ev, done()].into_iter()),
                     Some(ChoiceOut::Finished(index, n, usage)) => {
                         st.usage.push((index, n, usage));
@@ -589,7 +648,7 @@ fn sse(
             }
         }
     });
-    Sse::new(stream)
+    event_stream(stream)
 }
 
 /// One choice, whole: its text (after the echoed prompt, if asked), finish reason,
@@ -777,4 +836,102 @@ async fn metrics(State(state): State<Arc<HttpState>>) -> Response {
         Body::from((state.render_metrics)()),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dynamo_preprocessor::tools::ToolCall;
+
+    /// A streamed chunk, built around its one choice, is byte for byte the whole chunk
+    /// serialized as one SSE event, for every kind of piece and both endpoints (a model name
+    /// that looks like the split point included).
+    #[test]
+    fn a_streamed_chunk_is_the_whole_chunk_as_one_event() {
+        let pieces = || {
+            vec![
+                (
+                    Piece {
+                        text: "Hello, \"world\"\n\u{e9}".into(),
+                        ..Default::default()
+                    },
+                    None,
+                    None,
+                ),
+                (Piece::default(), Some("length"), None),
+                (
+                    Piece {
+                        reasoning: "hmm".into(),
+                        text: "ok".into(),
+                        ..Default::default()
+                    },
+                    Some("stop"),
+                    Some(json!({"content": [{"token": "ok", "logprob": -0.5}], "refusal": null})),
+                ),
+                (
+                    Piece {
+                        tool_calls: vec![ToolCall {
+                            id: "call_1".into(),
+                            name: "get".into(),
+                            arguments: "{\"a\":1}".into(),
+                        }],
+                        ..Default::default()
+                    },
+                    Some("tool_calls"),
+                    None,
+                ),
+            ]
+        };
+        for endpoint in [Endpoint::Chat, Endpoint::Completions] {
+            for model in ["small", "m\",\"choices\":[]"] {
+                let head = Head::new("abc123".into(), 1_700_000_000, model.into(), endpoint);
+                for (i, (piece, finish, logprobs)) in pieces().into_iter().enumerate() {
+                    let index = i as u32;
+                    let whole = match endpoint {
+                        Endpoint::Chat => {
+                            let calls: Vec<Value> = piece
+                                .tool_calls
+                                .iter()
+                                .enumerate()
+                                .map(|(j, c)| c.to_openai(Some(2 + j)))
+                                .collect();
+                            event(
+                                &head.chat_chunk(
+                                    index,
+                                    Delta {
+                                        role: None,
+                                        content: (!piece.text.is_empty())
+                                            .then(|| piece.text.clone()),
+                                        reasoning_content: (!piece.reasoning.is_empty())
+                                            .then(|| piece.reasoning.clone()),
+                                        tool_calls: (!calls.is_empty()).then_some(calls),
+                                    },
+                                    finish,
+                                    logprobs.clone(),
+                                ),
+                            )
+                        }
+                        Endpoint::Completions => event(&head.completion(vec![CompletionChoice {
+                            index,
+                            text: piece.text.clone(),
+                            finish_reason: finish.map(str::to_string),
+                            logprobs: logprobs.clone(),
+                        }])),
+                    };
+                    let streamed = head.chunk(index, piece, 2, finish, logprobs);
+                    assert_eq!(
+                        std::str::from_utf8(&streamed).unwrap(),
+                        std::str::from_utf8(&whole).unwrap()
+                    );
+                    let json = streamed
+                        .strip_prefix(b"data: ")
+                        .and_then(|b| b.strip_suffix(b"\n\n"))
+                        .expect("one SSE data event");
+                    let v: Value = serde_json::from_slice(json).unwrap();
+                    assert_eq!(v["model"], model);
+                    assert_eq!(v["choices"][0]["index"], index);
+                }
+            }
+        }
+    }
 }

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use metrics::{counter, gauge, histogram};
+use metrics::{counter, gauge, histogram, Histogram};
 
 use super::stats::StatsWindow;
 
@@ -91,6 +91,9 @@ pub struct RequestMetrics {
     cached_tokens: u32,
     /// The frontend's statistics for the planner, when it publishes them.
     stats: Option<Arc<StatsWindow>>,
+    /// The ITL series of its model, looked up once: a streamed token records into it without
+    /// building a key and searching the registry.
+    itl: Option<Histogram>,
 }
 
 impl RequestMetrics {
@@ -114,6 +117,7 @@ impl RequestMetrics {
             status: None,
             cached_tokens: 0,
             stats,
+            itl: None,
         }
     }
 
@@ -151,7 +155,10 @@ impl RequestMetrics {
             Some(last) => {
                 let n = total - self.seen_tokens;
                 let per = now.duration_since(last) / n;
-                histogram!(ITL, "model" => self.model.clone()).record(per.as_secs_f64());
+                let model = &self.model;
+                self.itl
+                    .get_or_insert_with(|| histogram!(ITL, "model" => model.clone()))
+                    .record(per.as_secs_f64());
                 if let Some(s) = &self.stats {
                     s.later_tokens(&self.model, per, n);
                 }

@@ -17,20 +17,103 @@ use dynamo_protocols::llm::TokenId;
 /// How many prompt tokens seed the decoding window.
 const CONTEXT_TOKENS: usize = 5;
 
+/// Every token's bytes, for a tokenizer whose decoder is byte-level alone (GPT-2, Llama 3,
+/// Qwen): decoding ids (special tokens skipped) is then joining their bytes and reading them
+/// as UTF-8, lossily, which is what `tokenizers` does after building a string per token and
+/// mapping it back char by char. A streamed token is decoded twice over a window of a few
+/// tokens; from this table that costs a few copies instead of the library's allocations.
+pub struct ByteLevelTable {
+    bytes: Vec<u8>,
+    /// Token `id`'s bytes are `bytes[ends[id - 1]..ends[id]]` (from 0 for id 0); special
+    /// tokens have none.
+    ends: Vec<u32>,
+}
+
+impl ByteLevelTable {
+    /// The table of `tokenizer`, when its decoder is byte-level alone (other decoders strip,
+    /// replace or join pieces in ways a table cannot follow).
+    pub fn of(tokenizer: &tokenizers::Tokenizer) -> Option<Self> {
+        if !matches!(
+            tokenizer.get_decoder(),
+            Some(tokenizers::decoders::DecoderWrapper::ByteLevel(_))
+        ) {
+            return None;
+        }
+        let chars = crate::fast_bpe::byte_chars();
+        let byte_of: std::collections::HashMap<char, u8> = chars
+            .iter()
+            .enumerate()
+            .map(|(b, &c)| (c, b as u8))
+            .collect();
+        let n = tokenizer
+            .get_vocab(true)
+            .values()
+            .max()
+            .map_or(0, |&m| m as usize + 1);
+        let added = tokenizer.get_added_vocabulary();
+        let mut bytes = Vec::new();
+        let mut ends = Vec::with_capacity(n);
+        for id in 0..n as u32 {
+            if let Some(token) = tokenizer.id_to_token(id) {
+                if !added.is_special_token(&token) {
+                    // As the byte-level decoder: a token all of whose chars map to bytes is
+                    // those bytes; any other (an added token's plain text) is its UTF-8.
+                    match token.chars().map(|c| byte_of.get(&c).copied()).collect() {
+                        Some(mapped) => bytes.extend_from_slice(&mapped as &Vec<u8>),
+                        None => bytes.extend_from_slice(token.as_bytes()),
+                    }
+                }
+            }
+            ends.push(u32::try_from(bytes.len()).ok()?);
+        }
+        Some(Self { bytes, ends })
+    }
+
+    fn token(&self, id: TokenId) -> &[u8] {
+        let Some(&end) = self.ends.get(id as usize) else {
+            return &[];
+        };
+        let start = match id {
+            0 => 0,
+            _ => self.ends[id as usize - 1],
+        };
+        &self.bytes[start as usize..end as usize]
+    }
+
+    /// `ids` as `tokenizers` decodes them with special tokens skipped.
+    pub fn decode(&self, ids: &[TokenId]) -> String {
+        let mut out = Vec::with_capacity(ids.len() * 8);
+        for &id in ids {
+            out.extend_from_slice(self.token(id));
+        }
+        match String::from_utf8(out) {
+            Ok(s) => s,
+            Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+        }
+    }
+}
+
 /// Incremental detokenizer for one sequence.
 pub struct Decoder {
     tokenizer: Arc<tokenizers::Tokenizer>,
+    /// The tokenizer's byte table, when it has one.
+    table: Option<Arc<ByteLevelTable>>,
     tokens: Vec<TokenId>,
     prefix: usize,
     read: usize,
 }
 
 impl Decoder {
-    pub fn new(tokenizer: Arc<tokenizers::Tokenizer>, prompt: &[TokenId]) -> Self {
+    pub fn new(
+        tokenizer: Arc<tokenizers::Tokenizer>,
+        table: Option<Arc<ByteLevelTable>>,
+        prompt: &[TokenId],
+    ) -> Self {
         let tokens = prompt[prompt.len().saturating_sub(CONTEXT_TOKENS)..].to_vec();
         let read = tokens.len();
         Self {
             tokenizer,
+            table,
             tokens,
             prefix: 0,
             read,
@@ -38,6 +121,9 @@ impl Decoder {
     }
 
     fn decode(&self, range: std::ops::Range<usize>) -> String {
+        if let Some(table) = &self.table {
+            return table.decode(&self.tokens[range]);
+        }
         // Ids come from our own engine, checked against the vocabulary by the preprocessor;
         // an unknown id decodes to nothing rather than failing the stream.
         self.tokenizer

@@ -17,7 +17,7 @@ use dynamo_protocols::openai::{
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::detok::{Decoder, StopJail, TokenBytes};
+use crate::detok::{ByteLevelTable, Decoder, StopJail, TokenBytes};
 use crate::fast_bpe::FastBpe;
 use crate::fields::Api;
 use crate::model::{
@@ -166,6 +166,8 @@ pub struct Preprocessor {
     tokenizer: Arc<tokenizers::Tokenizer>,
     /// Each token's bytes, for logprobs.
     token_bytes: Arc<TokenBytes>,
+    /// Fast incremental detokenization, for byte-level tokenizers.
+    byte_table: Option<Arc<ByteLevelTable>>,
     /// The vocabulary for checking guided-decoding specs, built on first use.
     grammars: std::sync::OnceLock<Result<dynamo_guided::Grammars, String>>,
     /// How tool calls and reasoning are read out of this model's output.
@@ -247,6 +249,7 @@ impl Preprocessor {
             name: name.to_string(),
             vocab_size: tokenizer.get_vocab_size(true) as u32,
             token_bytes: Arc::new(TokenBytes::new(tokenizer.clone())),
+            byte_table: ByteLevelTable::of(&tokenizer).map(Arc::new),
             grammars: std::sync::OnceLock::new(),
             parsers: OutputParsers::default(),
             tokenizer,
@@ -881,7 +884,11 @@ impl Preprocessor {
     /// The output side of one request.
     pub fn output(&self, prepared: &Prepared) -> OutputProcessor {
         OutputProcessor {
-            decoder: Decoder::new(self.tokenizer.clone(), &prepared.request.token_ids),
+            decoder: Decoder::new(
+                self.tokenizer.clone(),
+                self.byte_table.clone(),
+                &prepared.request.token_ids,
+            ),
             token_bytes: prepared
                 .request
                 .sampling

@@ -1,9 +1,9 @@
 //! The preprocessor on a generated model folder: template, tokenization, validation,
 //! incremental detokenization and stop handling, as a frontend uses them.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
-use dynamo_preprocessor::detok::Decoder;
+use dynamo_preprocessor::detok::{ByteLevelTable, Decoder};
 use dynamo_preprocessor::make_model::{build_tokenizer, make_model, MakeModelSettings, IM_END};
 use dynamo_preprocessor::{ModelFolder, Preprocessor, RequestError};
 use dynamo_protocols::llm::{EngineOutput, FinishReason};
@@ -269,16 +269,57 @@ fn incremental_detokenization_matches_whole_decode() {
             .unwrap()
             .get_ids()
             .to_vec();
-        let mut d = Decoder::new(tok.clone(), &prompt);
-        let mut out = String::new();
-        for &t in &ids {
-            let piece = d.push(t);
-            assert!(!piece.contains('\u{FFFD}'), "split character in {piece:?}");
-            out.push_str(&piece);
+        let table = ByteLevelTable::of(tok).map(Arc::new);
+        assert!(table.is_some(), "the generated tokenizer is byte-level");
+        // With the byte table and through the library: the same text.
+        for table in [None, table] {
+            let mut d = Decoder::new(tok.clone(), table, &prompt);
+            let mut out = String::new();
+            for &t in &ids {
+                let piece = d.push(t);
+                assert!(!piece.contains('\u{FFFD}'), "split character in {piece:?}");
+                out.push_str(&piece);
+            }
+            out.push_str(&d.flush());
+            assert_eq!(out, tok.decode(&ids, true).unwrap());
+            assert_eq!(out, text);
         }
-        out.push_str(&d.flush());
-        assert_eq!(out, tok.decode(&ids, true).unwrap());
-        assert_eq!(out, text);
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
+    /// Any ids (special tokens, added tokens, pieces of multi-byte characters, ids past the
+    /// vocabulary): the byte table decodes them as `tokenizers` does, and streaming them
+    /// releases the same pieces either way.
+    #[test]
+    fn the_byte_table_decodes_as_the_tokenizer(
+        ids in proptest::collection::vec(0u32..2_000, 0..24),
+        specials in proptest::collection::vec(proptest::prelude::any::<bool>(), 24),
+    ) {
+        let tok = pre().tokenizer();
+        let table = Arc::new(ByteLevelTable::of(tok).unwrap());
+        let vocab = tok.get_vocab_size(true) as u32;
+        let added: Vec<u32> = tok.get_added_tokens_decoder().keys().copied().collect();
+        // Some ids swapped for added (special) tokens, one past the vocabulary.
+        let ids: Vec<u32> = ids
+            .iter()
+            .zip(&specials)
+            .map(|(&id, &s)| match (s, id % 7) {
+                (true, 0) => vocab + 3,
+                (true, _) => added[id as usize % added.len()],
+                _ => id % vocab,
+            })
+            .collect();
+        proptest::prop_assert_eq!(table.decode(&ids), tok.decode(&ids, true).unwrap());
+        let (mut a, mut b) = (
+            Decoder::new(tok.clone(), None, &ids[..ids.len() / 4]),
+            Decoder::new(tok.clone(), Some(table), &ids[..ids.len() / 4]),
+        );
+        for &t in &ids {
+            proptest::prop_assert_eq!(a.push(t), b.push(t));
+        }
+        proptest::prop_assert_eq!(a.flush(), b.flush());
     }
 }
 

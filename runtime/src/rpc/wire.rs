@@ -150,8 +150,12 @@ impl fmt::Display for RemoteErrorKind {
     }
 }
 
+/// Encodes `value` (named fields). The buffer starts at 128 bytes: a streamed token's frame
+/// fits, where growing from empty took four reallocations per frame.
 pub(crate) fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Bytes, rmp_serde::encode::Error> {
-    rmp_serde::to_vec_named(value).map(Bytes::from)
+    let mut buf = Vec::with_capacity(128);
+    rmp_serde::encode::write_named(&mut buf, value)?;
+    Ok(Bytes::from(buf))
 }
 
 pub(crate) fn decode<'a, T: Deserialize<'a>>(
