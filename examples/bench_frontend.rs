@@ -285,39 +285,41 @@ async fn main() {
                 .unwrap()
                 .join("dynamo-run")
         });
-    let mut child = Command::new(&bin)
-        .args([
-            "in=http",
-            "out=echo",
-            "--model-path",
-            dir.path().to_str().unwrap(),
-            "--model-name",
-            model,
-            "--http-host",
-            "127.0.0.1",
-            "--http-port",
-            "0",
-            "--echo-delay-ms",
-            &delay_ms.to_string(),
-            "--max-inflight",
-            "100000",
-        ])
-        .env("DYN_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn dynamo-run (cargo build --release first)");
+    let serve = |engine: &[&str]| {
+        let mut child = Command::new(&bin)
+            .args(["in=http"])
+            .args(engine)
+            .args([
+                "--model-path",
+                dir.path().to_str().unwrap(),
+                "--model-name",
+                model,
+                "--http-host",
+                "127.0.0.1",
+                "--http-port",
+                "0",
+                "--max-inflight",
+                "100000",
+            ])
+            .env("DYN_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn dynamo-run (cargo build --release first)");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .split("http://")
+            .nth(1)
+            .and_then(|s| s.split('/').next())
+            .expect("ready line")
+            .to_string();
+        (child, format!("http://{addr}"))
+    };
+    let delay = delay_ms.to_string();
+    let (mut child, base) = serve(&["out=echo", "--echo-delay-ms", &delay]);
     let pid = child.id();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|s| s.split('/').next())
-        .expect("ready line")
-        .to_string();
-    let base = format!("http://{addr}");
     // Warm up connections and caches.
     http_load(&base, model, 4, 40, max_tokens).await;
 
@@ -397,4 +399,29 @@ async fn main() {
     );
     let _ = child.kill();
     let _ = child.wait();
+
+    // The same load on four mocker workers in the server's process (default timing model):
+    // the serving system's CPU per request where the engine batches.
+    if levels.contains(&32) {
+        let (mut child, base) = serve(&["out=mocker", "--num-workers", "4"]);
+        let pid = child.id();
+        http_load(&base, model, 4, 40, max_tokens).await;
+        let n = ((1200.0 * scale) as usize).max(32);
+        let cpu0 = proc_cpu_secs(pid);
+        let h = http_load(&base, model, 32, n, max_tokens).await;
+        let cpu = (proc_cpu_secs(pid) - cpu0) / h.requests as f64;
+        println!("\n| concurrency | path | req/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | server CPU-s/req | server peak RSS MiB |");
+        println!("|---|---|---|---|---|---|---|---|---|");
+        println!(
+            "| 32 | frontend + 4 mockers | {:.1} | {:.3} | {:.3} | {:.3} | {:.3} | {cpu:.4} | {:.0} |",
+            h.requests as f64 / h.wall,
+            pct(&h.ttft, 0.5),
+            pct(&h.ttft, 0.99),
+            pct(&h.itl, 0.5),
+            pct(&h.itl, 0.99),
+            peak_rss_mib(pid)
+        );
+        let _ = child.kill();
+        let _ = child.wait();
+    }
 }

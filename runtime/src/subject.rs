@@ -23,6 +23,7 @@
 //! more trailing tokens).
 
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -213,7 +214,7 @@ impl ComponentId {
 
     /// Where instance `instance` publishes events of `topic`.
     pub fn event_subject(&self, topic: &Topic, instance: InstanceId) -> Subject {
-        Subject(format!(
+        Subject::own(format!(
             "dyn.ev.{}.{}.{}.{}",
             self.namespace, self.component, topic, instance
         ))
@@ -271,7 +272,7 @@ impl EndpointId {
 
     /// The load-balanced subject: any one instance answers.
     pub fn subject(&self) -> Subject {
-        Subject(format!(
+        Subject::own(format!(
             "dyn.ep.{}.{}.{}",
             self.component.namespace, self.component.component, self.endpoint
         ))
@@ -279,17 +280,17 @@ impl EndpointId {
 
     /// The queue group every instance of this endpoint joins.
     pub fn queue_group(&self) -> QueueGroup {
-        QueueGroup(self.subject().0)
+        QueueGroup(self.subject().0.to_string())
     }
 
     /// One instance's own subject.
     pub fn instance_subject(&self, instance: InstanceId) -> Subject {
-        Subject(format!("{}.{}", self.subject().0, instance))
+        Subject::own(format!("{}.{}", self.subject().0, instance))
     }
 
     /// Where callers send control messages (cancellation) meant for one instance.
     pub fn control_subject(&self, instance: InstanceId) -> Subject {
-        Subject(format!(
+        Subject::own(format!(
             "{}.{}",
             self.control_broadcast_subject().0,
             instance
@@ -298,7 +299,7 @@ impl EndpointId {
 
     /// Where callers send control messages when they do not know which instance took a request.
     pub fn control_broadcast_subject(&self) -> Subject {
-        Subject(format!(
+        Subject::own(format!(
             "dyn.ctl.{}.{}.{}",
             self.component.namespace, self.component.component, self.endpoint
         ))
@@ -347,7 +348,7 @@ impl DiscoveryFilter {
 /// Where a supervisor announces that `instance`'s process died (empty payload): callers
 /// streaming from it stop waiting at once.
 pub fn gone_subject(instance: InstanceId) -> Subject {
-    Subject(format!("dyn.gone.{instance}"))
+    Subject::own(format!("dyn.gone.{instance}"))
 }
 
 /// Every [`gone_subject`].
@@ -355,21 +356,26 @@ pub fn gone_pattern() -> SubjectPattern {
     SubjectPattern("dyn.gone.*".into())
 }
 
-/// A concrete subject: no wildcards.
+/// A concrete subject: no wildcards. Shared, not copied: a streamed token's frame clones
+/// its reply subject on the way out and each subscriber's copy on the way in.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Subject(String);
+pub struct Subject(Arc<str>);
 
 impl Subject {
     /// Validates a raw subject (e.g. one received from the bus, or an inbox).
     pub fn parse(value: impl Into<String>) -> Result<Self, SubjectError> {
         let value = value.into();
         validate_tokens(&value, false)?;
-        Ok(Self(value))
+        Ok(Self::own(value))
+    }
+
+    fn own(value: String) -> Self {
+        Self(value.into())
     }
 
     /// A subject the bus delivered: the server validated it already.
     pub(crate) fn from_bus(value: String) -> Self {
-        Self(value)
+        Self::own(value)
     }
 
     pub fn as_str(&self) -> &str {
@@ -427,13 +433,13 @@ impl SubjectPattern {
 
 impl From<Subject> for SubjectPattern {
     fn from(s: Subject) -> Self {
-        SubjectPattern(s.0)
+        SubjectPattern(s.0.to_string())
     }
 }
 
 impl From<&Subject> for SubjectPattern {
     fn from(s: &Subject) -> Self {
-        SubjectPattern(s.0.clone())
+        SubjectPattern(s.0.to_string())
     }
 }
 
@@ -470,7 +476,7 @@ pub(crate) fn service_protocol_subjects(service: &str, id: &str) -> Vec<(Service
             format!("$SRV.{v}.{service}"),
             format!("$SRV.{v}.{service}.{id}"),
         ] {
-            out.push((verb, Subject(s)));
+            out.push((verb, Subject::own(s)));
         }
     }
     out
@@ -478,7 +484,7 @@ pub(crate) fn service_protocol_subjects(service: &str, id: &str) -> Vec<(Service
 
 /// The subject a discovery client sends a service-protocol query to, for every service.
 pub fn service_query_subject(verb: ServiceVerb) -> Subject {
-    Subject(format!("$SRV.{}", verb.as_str()))
+    Subject::own(format!("$SRV.{}", verb.as_str()))
 }
 
 /// The three NATS service-protocol verbs.
@@ -506,7 +512,7 @@ pub const DEFAULT_INBOX_PREFIX: &str = "_INBOX";
 /// ([`crate::bus::Bus::inbox_prefix`]), so a role's server permissions can let it subscribe to
 /// its own replies only.
 pub(crate) fn new_inbox(prefix: &str) -> Subject {
-    Subject(format!("{prefix}.{}", nuid::next()))
+    Subject::own(format!("{prefix}.{}", nuid::next()))
 }
 
 /// Checks an inbox prefix: one or more subject tokens, no wildcards.
@@ -529,7 +535,7 @@ impl MuxInbox {
     }
 
     pub fn reply(&self, token: u64) -> Subject {
-        Subject(format!("{}.{token}", self.0))
+        Subject::own(format!("{}.{token}", self.0))
     }
 
     /// The token of a reply subject of this inbox.

@@ -534,7 +534,7 @@ enum ChoiceOut {
 /// One choice's SSE chunks: its opening chunk (chat: the role; completions: the echoed
 /// prompt, if asked), then a chunk per piece with text or a finish reason (empty pieces are
 /// skipped; their logprobs go with the next chunk), then its usage.
-fn choice_stream(gen: Generation, head: Head) -> impl Stream<Item = ChoiceOut> {
+fn choice_stream(gen: Generation, head: Arc<Head>) -> impl Stream<Item = ChoiceOut> {
     let opening = match head.endpoint {
         Endpoint::Chat => Some(event(&head.chat_chunk(
             gen.prepared.index,
@@ -598,13 +598,18 @@ fn choice_stream(gen: Generation, head: Head) -> impl Stream<Item = ChoiceOut> {
 /// its index), a usage chunk if asked, then `[DONE]`. An error ends the answer (and, by
 /// dropping them, the other choices).
 fn sse(gens: Vec<Generation>, endpoint: Endpoint) -> Response {
-    let head = gens.first().map(|g| Head::of(g, endpoint));
+    let head = gens.first().map(|g| Arc::new(Head::of(g, endpoint)));
     let include_usage = gens.first().is_some_and(|g| g.prepared.include_usage);
     let choices = gens.len();
     let merged = futures::stream::select_all(
         gens.into_iter()
             .map(|g| {
-                let head = Head::of(&g, endpoint);
+                let head = match &head {
+                    Some(h) if h.id == g.id && h.model == g.model && h.created == g.created => {
+                        h.clone()
+                    }
+                    _ => Arc::new(Head::of(&g, endpoint)),
+                };
                 Box::pin(choice_stream(g, head))
             })
             .collect::<Vec<_>>(),

@@ -48,6 +48,9 @@ struct Table {
 struct Entry {
     id: u64,
     pattern: String,
+    /// A wildcard pattern's tokens before its first wildcard, with their dot: a subject
+    /// that does not start with them is passed over without matching token by token.
+    literal: String,
     queue: Option<String>,
     sink: Sink,
 }
@@ -92,12 +95,13 @@ impl LocalBus {
     fn deliver(&self, msg: Message) {
         let table = self.inner.table.read().unwrap_or_else(|p| p.into_inner());
         let exact = table.exact.get(msg.subject.as_str());
-        let matching = exact.into_iter().flatten().chain(
-            table
-                .wildcard
-                .iter()
-                .filter(|e| pattern_matches(&e.pattern, msg.subject.as_str())),
-        );
+        let matching = exact
+            .into_iter()
+            .flatten()
+            .chain(table.wildcard.iter().filter(|e| {
+                msg.subject.as_str().starts_with(&e.literal)
+                    && pattern_matches(&e.pattern, msg.subject.as_str())
+            }));
         let mut groups: Vec<(&str, Vec<&Entry>)> = Vec::new();
         let mut delivered_any = false;
         for entry in matching {
@@ -139,9 +143,16 @@ impl LocalBus {
     ) -> Unsubscribe {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let wildcard = pattern.has_wildcards();
+        let literal = pattern
+            .as_str()
+            .split('.')
+            .take_while(|t| *t != "*" && *t != ">")
+            .map(|t| format!("{t}."))
+            .collect();
         let entry = Entry {
             id,
             pattern: pattern.as_str().to_string(),
+            literal,
             queue: queue.map(|q| q.as_str().to_string()),
             sink,
         };

@@ -236,7 +236,7 @@ impl RpcClient {
             .await?;
         Ok(RawResponseStream {
             rx,
-            gone: Some(shared.gone.subscribe()),
+            gone: GoneNotices::new(shared.gone.subscribe()),
             _guard: guard,
             bus: self.inner.bus.clone(),
             id,
@@ -260,18 +260,47 @@ impl RpcClient {
     }
 }
 
-/// The next instance announced gone. Missed notices (a lagging receiver) are skipped: probes
-/// still find a dead responder. Never resolves once the notices' sender is gone.
-async fn next_gone(gone: &mut Option<tokio::sync::broadcast::Receiver<InstanceId>>) -> InstanceId {
-    use tokio::sync::broadcast::error::RecvError;
-    loop {
-        let Some(rx) = gone else {
-            return std::future::pending().await;
-        };
-        match rx.recv().await {
-            Ok(instance) => return instance,
-            Err(RecvError::Lagged(_)) => continue,
-            Err(RecvError::Closed) => *gone = None,
+type GoneReceiver = tokio::sync::broadcast::Receiver<InstanceId>;
+type GoneRecv = (
+    Result<InstanceId, tokio::sync::broadcast::error::RecvError>,
+    GoneReceiver,
+);
+
+async fn recv_gone(mut rx: GoneReceiver) -> GoneRecv {
+    let result = rx.recv().await;
+    (result, rx)
+}
+
+/// The instances announced gone, as one receive that stays registered between polls (a
+/// fresh receive per poll joined and left the channel's waiter list on every streamed
+/// frame). Missed notices (a lagging receiver) are skipped: probes still find a dead
+/// responder. Never ready once the notices' sender is gone.
+struct GoneNotices {
+    next: Option<tokio_util::sync::ReusableBoxFuture<'static, GoneRecv>>,
+}
+
+impl GoneNotices {
+    fn new(rx: GoneReceiver) -> Self {
+        Self {
+            next: Some(tokio_util::sync::ReusableBoxFuture::new(recv_gone(rx))),
+        }
+    }
+
+    fn poll_next(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<InstanceId> {
+        use tokio::sync::broadcast::error::RecvError;
+        loop {
+            let Some(next) = &mut self.next else {
+                return std::task::Poll::Pending;
+            };
+            let (result, rx) = std::task::ready!(next.poll(cx));
+            match result {
+                Ok(instance) => {
+                    next.set(recv_gone(rx));
+                    return std::task::Poll::Ready(instance);
+                }
+                Err(RecvError::Lagged(_)) => next.set(recv_gone(rx)),
+                Err(RecvError::Closed) => self.next = None,
+            }
         }
     }
 }
@@ -290,8 +319,8 @@ impl Drop for PendingGuard {
 /// The responses of one call, as raw bytes. Dropping it before the end cancels the request.
 pub struct RawResponseStream {
     rx: mpsc::Receiver<Message>,
-    /// Gone notices; `None` once the client that sent them is dropped.
-    gone: Option<tokio::sync::broadcast::Receiver<InstanceId>>,
+    /// Gone notices.
+    gone: GoneNotices,
     _guard: PendingGuard,
     bus: Arc<dyn Bus>,
     id: RequestId,
@@ -396,7 +425,7 @@ impl RawResponseStream {
             let received = tokio::select! {
                 biased;
                 m = self.rx.recv() => Ok(m),
-                instance = next_gone(&mut self.gone) => {
+                instance = std::future::poll_fn(|cx| self.gone.poll_next(cx)) => {
                     if self.probe_target() == Some(instance) {
                         let now = Instant::now();
                         self.done = true;
