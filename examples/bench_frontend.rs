@@ -6,6 +6,10 @@
 //! the server process's CPU-seconds per request and peak RSS; and, separately, the time to
 //! apply the chat template and tokenize one ~600-token chat.
 //!
+//! At concurrency 32 it also runs the same load against four mocker workers in the server's
+//! process (`out=mocker --num-workers 4`): the serving system's CPU per request where the
+//! engine batches.
+//!
 //! Run with `scripts/bench-frontend` (release build). Knobs: BENCH_DELAY_MS (echo pacing, 5),
 //! BENCH_MAX_TOKENS (64), BENCH_REQUESTS (scale factor, 1.0), BENCH_CONCURRENCY (levels to
 //! run, of 1,32,128).
@@ -224,6 +228,18 @@ async fn engine_load(
     drive(conc, n, Arc::new(one)).await
 }
 
+/// One table row: throughput and latency percentiles, then `extra` (the last columns).
+fn row(conc: usize, name: &str, s: &Stats, extra: &str) {
+    println!(
+        "| {conc} | {name} | {:.1} | {:.3} | {:.3} | {:.3} | {:.3} {extra}",
+        s.requests as f64 / s.wall,
+        pct(&s.ttft, 0.5),
+        pct(&s.ttft, 0.99),
+        pct(&s.itl, 0.5),
+        pct(&s.itl, 0.99),
+    );
+}
+
 fn env_or<T: std::str::FromStr>(k: &str, d: T) -> T {
     std::env::var(k)
         .ok()
@@ -355,14 +371,7 @@ async fn main() {
                 format!("| {:.4} | {:.0} |", cpu, peak_rss_mib(pid)),
             ),
         ] {
-            println!(
-                "| {conc} | {name} | {:.1} | {:.3} | {:.3} | {:.3} | {:.3} {extra}",
-                s.requests as f64 / s.wall,
-                pct(&s.ttft, 0.5),
-                pct(&s.ttft, 0.99),
-                pct(&s.itl, 0.5),
-                pct(&s.itl, 0.99),
-            );
+            row(conc, name, s, &extra);
         }
         added.push((
             conc,
@@ -412,15 +421,8 @@ async fn main() {
         let cpu = (proc_cpu_secs(pid) - cpu0) / h.requests as f64;
         println!("\n| concurrency | path | req/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | server CPU-s/req | server peak RSS MiB |");
         println!("|---|---|---|---|---|---|---|---|---|");
-        println!(
-            "| 32 | frontend + 4 mockers | {:.1} | {:.3} | {:.3} | {:.3} | {:.3} | {cpu:.4} | {:.0} |",
-            h.requests as f64 / h.wall,
-            pct(&h.ttft, 0.5),
-            pct(&h.ttft, 0.99),
-            pct(&h.itl, 0.5),
-            pct(&h.itl, 0.99),
-            peak_rss_mib(pid)
-        );
+        let extra = format!("| {cpu:.4} | {:.0} |", peak_rss_mib(pid));
+        row(32, "frontend + 4 mockers", &h, &extra);
         let _ = child.kill();
         let _ = child.wait();
     }
