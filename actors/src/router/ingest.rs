@@ -21,6 +21,15 @@
 //! in its payload is the one in its subject and that instance is registered in the subject's
 //! component.
 //!
+//! The index is changed off the actor, in parallel across workers ([`Appliers`]): the actor
+//! decodes, checks and orders each worker's batches (cheap), and hands what to apply to one of
+//! a few apply threads, always the same one for a worker (its instance id modulo their number),
+//! through a bounded queue. A worker's changes are thus applied in the order the actor decided
+//! them (events, a resync's replacement, a departure's removal), and different workers' on
+//! different cores at once: the index's shards take concurrent writers, which one actor
+//! applying everything serially left unused. A full queue makes the actor wait, so the
+//! mailbox bound above still limits what waits in memory.
+//!
 //! Malformed payloads, forged ones and events for unknown workers are counted
 //! (`dynamo_router_bad_events_total{reason}`, and malformed ones also in
 //! `dynamo_bus_malformed_messages_total`), never applied, and leave no per-worker state behind.
@@ -77,6 +86,97 @@ impl Admission {
     }
 }
 
+/// A change of one worker's part of the index, for its apply thread.
+enum Apply {
+    Events(WorkerId, Vec<KvEvent>),
+    /// Drops the worker's entries, then applies these (a resync's dump).
+    Replace(WorkerId, Vec<KvEvent>),
+    /// The worker left: its entries go, after whatever was queued for it before.
+    Remove(WorkerId),
+    /// Answers once everything queued before it on this thread is applied.
+    #[cfg(test)]
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
+/// Ops one apply thread may have queued before the actor waits.
+const APPLY_QUEUE: usize = 256;
+
+/// The apply threads (see the module header).
+struct Appliers {
+    shards: Vec<tokio::sync::mpsc::Sender<Apply>>,
+}
+
+impl Appliers {
+    /// One thread per core (at most 8), applying to `router`'s index.
+    fn start(router: &Arc<KvRouter>) -> Self {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get().clamp(1, 8));
+        Self::with_threads(router, n)
+    }
+
+    fn with_threads(router: &Arc<KvRouter>, n: usize) -> Self {
+        let shards = (0..n.max(1))
+            .map(|i| {
+                let (tx, mut rx) = tokio::sync::mpsc::channel::<Apply>(APPLY_QUEUE);
+                let router = router.clone();
+                std::thread::Builder::new()
+                    .name(format!("kv-apply-{i}"))
+                    .spawn(move || {
+                        while let Some(op) = rx.blocking_recv() {
+                            let index = router.index();
+                            let stats = match op {
+                                Apply::Events(w, events) => index.apply(w, &events),
+                                Apply::Replace(w, events) => {
+                                    index.remove_worker(w);
+                                    index.apply(w, &events)
+                                }
+                                Apply::Remove(w) => {
+                                    index.remove_worker(w);
+                                    continue;
+                                }
+                                #[cfg(test)]
+                                Apply::Flush(done) => {
+                                    let _ = done.send(());
+                                    continue;
+                                }
+                            };
+                            if stats.unknown_removals > 0 {
+                                metrics::counter!("dynamo_router_bad_events_total", "reason" => "unknown_removal")
+                                    .increment(stats.unknown_removals as u64);
+                            }
+                        }
+                    })
+                    .expect("spawn a KV apply thread");
+                tx
+            })
+            .collect();
+        Self { shards }
+    }
+
+    /// Queues `op` on its worker's thread (waits while that queue is full).
+    async fn send(&self, op: Apply) {
+        let w = match &op {
+            Apply::Events(_, e) if e.is_empty() => return,
+            Apply::Events(w, _) | Apply::Replace(w, _) | Apply::Remove(w) => *w,
+            // One thread's flush ([`Appliers::flush`] asks each).
+            #[cfg(test)]
+            Apply::Flush(_) => WorkerId(0),
+        };
+        let shard = &self.shards[(w.0 % self.shards.len() as u64) as usize];
+        let _ = shard.send(op).await;
+    }
+
+    /// Waits until everything queued so far is applied.
+    #[cfg(test)]
+    async fn flush(&self) {
+        for shard in &self.shards {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            if shard.send(Apply::Flush(tx)).await.is_ok() {
+                let _ = rx.await;
+            }
+        }
+    }
+}
+
 enum IngestMsg {
     Member(MemberEvent),
     /// `component` is the subscription's: the subject's component.
@@ -117,6 +217,7 @@ struct Ingest {
     router: Arc<KvRouter>,
     /// Event and load messages in the mailbox (see [`MAX_QUEUED`]).
     queued: Arc<Admission>,
+    appliers: Appliers,
 }
 
 /// The running ingest actor.
@@ -155,6 +256,7 @@ pub async fn start_ingest(
         .await
         .map_err(|e| e.to_string())?;
     let ingest = Ingest {
+        appliers: Appliers::start(&router),
         runtime: runtime.clone(),
         router,
         queued: Arc::new(Admission::new(MAX_QUEUED)),
@@ -285,17 +387,17 @@ impl Ingest {
         });
     }
 
-    /// Applies events in id order; starts a resync on a gap.
+    /// What of `events` to apply, in id order (those before a gap); starts a resync on a gap.
     fn on_events(
         &self,
         myself: &ActorRef<IngestMsg>,
         w: WorkerId,
         track: &mut WorkerTrack,
         events: Vec<KvEvent>,
-    ) {
+    ) -> Vec<KvEvent> {
         if track.resyncing {
             track.pending.extend(events);
-            return;
+            return Vec::new();
         }
         let mut apply = Vec::with_capacity(events.len());
         for e in events {
@@ -305,9 +407,8 @@ impl Ingest {
                 continue;
             }
             if e.event_id != expected {
-                // A gap, or a router that started late: rebuild this worker from a dump.
-                self.router.index().apply(w, &apply);
-                apply.clear();
+                // A gap, or a router that started late: rebuild this worker from a dump
+                // (what came before the gap is still applied, first).
                 track.pending.push(e);
                 self.resync(myself, w, track);
                 continue;
@@ -319,11 +420,7 @@ impl Ingest {
             track.next_id = Some(e.event_id + 1);
             apply.push(e);
         }
-        let stats = self.router.index().apply(w, &apply);
-        if stats.unknown_removals > 0 {
-            metrics::counter!("dynamo_router_bad_events_total", "reason" => "unknown_removal")
-                .increment(stats.unknown_removals as u64);
-        }
+        apply
     }
 }
 
@@ -414,6 +511,8 @@ impl Actor for Ingest {
                 {
                     state.workers.remove(&w);
                     self.router.forget(w);
+                    // After anything still queued for it.
+                    self.appliers.send(Apply::Remove(w)).await;
                 }
             }
             IngestMsg::Events {
@@ -461,7 +560,8 @@ impl Actor for Ingest {
                     return Ok(());
                 }
                 self.router.note_events();
-                self.on_events(&myself, w, track, batch.events);
+                let apply = self.on_events(&myself, w, track, batch.events);
+                self.appliers.send(Apply::Events(w, apply)).await;
             }
             IngestMsg::Load {
                 component,
@@ -492,7 +592,6 @@ impl Actor for Ingest {
                 track.resyncing = false;
                 match dump {
                     Ok(dump) => {
-                        self.router.index().remove_worker(w);
                         let blocks = dump.blocks.iter().map(|(_, b)| *b).collect();
                         let mut events = vec![KvEvent {
                             event_id: 0,
@@ -511,7 +610,6 @@ impl Actor for Ingest {
                                 blocks: vec![*b],
                             },
                         }));
-                        self.router.index().apply(w, &events);
                         let next = dump.last_event_id.map_or(0, |l| l + 1);
                         track.next_id = Some(next);
                         // Events the dump already reflects are dropped; those continuing
@@ -528,7 +626,8 @@ impl Actor for Ingest {
                             }
                         }
                         track.next_id = Some(expected);
-                        self.router.index().apply(w, &apply);
+                        events.extend(apply);
+                        self.appliers.send(Apply::Replace(w, events)).await;
                         self.router.count_resync();
                     }
                     Err(e) => {
@@ -545,7 +644,111 @@ impl Actor for Ingest {
 
 #[cfg(test)]
 mod tests {
-    use super::Admission;
+    use super::*;
+    use dynamo_kv::{IndexSettings, KvIndex};
+    use dynamo_protocols::kv::{LocalBlockHash, SequenceHash, StoredBlock};
+
+    fn stored(chain: &[SequenceHash]) -> KvEvent {
+        KvEvent {
+            event_id: 0,
+            tier: StorageTier::Device,
+            data: KvEventData::Stored {
+                parent_hash: None,
+                blocks: chain
+                    .iter()
+                    .map(|&h| StoredBlock {
+                        block_hash: h,
+                        tokens_hash: LocalBlockHash(h.0),
+                    })
+                    .collect(),
+            },
+        }
+    }
+
+    /// Changes of many workers through three apply threads leave the index as applying them
+    /// one by one does: each worker's order is kept (a store then its removal, a resync's
+    /// replacement after earlier events, a departure after everything queued before it).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn parallel_apply_keeps_each_worker_s_order() {
+        let router = KvRouter::new(super::super::KvRouterSettings::default());
+        let appliers = Appliers::with_threads(&router, 3);
+        let serial = KvIndex::new(IndexSettings::default());
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rand = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let chains: Vec<Vec<SequenceHash>> = (0..40u64)
+            .map(|c| {
+                let locals: Vec<LocalBlockHash> = (0..1 + c % 6)
+                    .map(|i| LocalBlockHash(c * 100 + i))
+                    .collect();
+                let mut parent = None;
+                locals
+                    .iter()
+                    .map(|&l| {
+                        let h = dynamo_kv::sequence_hash(parent, l);
+                        parent = Some(h);
+                        h
+                    })
+                    .collect()
+            })
+            .collect();
+        for _ in 0..4000 {
+            let w = WorkerId(rand(24) * 0x1_0000_0001);
+            let chain = &chains[rand(chains.len() as u64) as usize];
+            let op = match rand(20) {
+                0 => Apply::Remove(w),
+                1 => Apply::Replace(w, vec![stored(chain)]),
+                2..=7 => Apply::Events(
+                    w,
+                    vec![KvEvent {
+                        event_id: 0,
+                        tier: StorageTier::Device,
+                        data: KvEventData::Removed {
+                            block_hashes: vec![*chain.last().unwrap()],
+                        },
+                    }],
+                ),
+                _ => Apply::Events(w, vec![stored(chain)]),
+            };
+            match &op {
+                Apply::Events(w, e) => {
+                    serial.apply(*w, e);
+                }
+                Apply::Replace(w, e) => {
+                    serial.remove_worker(*w);
+                    serial.apply(*w, e);
+                }
+                Apply::Remove(w) => serial.remove_worker(*w),
+                Apply::Flush(_) => unreachable!(),
+            }
+            appliers.send(op).await;
+        }
+        appliers.flush().await;
+        assert_eq!(router.index().pairs(), serial.pairs());
+        for chain in &chains {
+            let (mut got, mut want): (Vec<_>, Vec<_>) = (
+                router
+                    .index()
+                    .find_matches(chain)
+                    .iter()
+                    .map(|(w, o)| (*w, o.blocks()))
+                    .collect(),
+                serial
+                    .find_matches(chain)
+                    .iter()
+                    .map(|(w, o)| (*w, o.blocks()))
+                    .collect(),
+            );
+            got.sort();
+            want.sort();
+            assert_eq!(got, want);
+        }
+        assert!(serial.pairs() > 0, "the workload leaves blocks indexed");
+    }
 
     #[test]
     fn the_mailbox_bound_refuses_past_it_and_frees_places_as_messages_are_handled() {
