@@ -274,7 +274,6 @@ async fn generate(state: Arc<HttpState>, req: Request, endpoint: Endpoint) -> Re
 }
 
 /// What every chunk of a response shares.
-#[derive(Clone)]
 struct Head {
     id: String,
     created: u64,
@@ -282,7 +281,7 @@ struct Head {
     endpoint: Endpoint,
     /// A streamed chunk's JSON before and after its one choice, serialized once per
     /// response: a token's chunk then costs only its choice.
-    around: Arc<(String, String)>,
+    around: (String, String),
 }
 
 impl Head {
@@ -296,7 +295,7 @@ impl Head {
             created,
             model,
             endpoint,
-            around: Arc::default(),
+            around: Default::default(),
         };
         let empty = match endpoint {
             Endpoint::Chat => {
@@ -312,24 +311,20 @@ impl Head {
         const CHOICES: &str = "\"choices\":[]";
         if let Some(at) = empty.rfind(CHOICES) {
             let split = at + CHOICES.len() - 1;
-            head.around = Arc::new((empty[..split].to_string(), empty[split..].to_string()));
+            head.around = (empty[..split].to_string(), empty[split..].to_string());
         }
         head
     }
 
     /// The SSE event of a chunk holding one choice: the shared JSON around the choice's.
     fn one_choice(&self, choice: &impl Serialize) -> Bytes {
-        let (before, after) = &*self.around;
-        let mut buf = Vec::with_capacity(before.len() + after.len() + 128);
-        buf.extend_from_slice(b"data: ");
-        buf.extend_from_slice(before.as_bytes());
-        if serde_json::to_writer(&mut buf, choice).is_err() {
-            buf.truncate(6);
-        } else {
+        let (before, after) = &self.around;
+        sse_event(before.len() + after.len() + 128, |buf| {
+            buf.extend_from_slice(before.as_bytes());
+            serde_json::to_writer(&mut *buf, choice)?;
             buf.extend_from_slice(after.as_bytes());
-        }
-        buf.extend_from_slice(b"\n\n");
-        Bytes::from(buf)
+            Ok(())
+        })
     }
 
     fn chat_chunk(
@@ -497,21 +492,27 @@ fn total_usage(parts: &[(u32, u32, Usage)]) -> Usage {
     total
 }
 
-/// `v` as one SSE event, `data: <json>\n\n` (what axum's `Event::data` writes, without its
-/// copies).
-fn event(v: &impl Serialize) -> Bytes {
-    let mut buf = Vec::with_capacity(256);
-    buf.extend_from_slice(b"data: ");
-    if serde_json::to_writer(&mut buf, v).is_err() {
-        buf.truncate(6);
+/// One SSE event, `data: <json>\n\n` (what axum's `Event::data` writes, without its copies),
+/// its JSON written by `json` (an event with no data if that fails).
+fn sse_event(capacity: usize, json: impl FnOnce(&mut Vec<u8>) -> serde_json::Result<()>) -> Bytes {
+    const DATA: &[u8] = b"data: ";
+    let mut buf = Vec::with_capacity(capacity + DATA.len() + 2);
+    buf.extend_from_slice(DATA);
+    if json(&mut buf).is_err() {
+        buf.truncate(DATA.len());
     }
     buf.extend_from_slice(b"\n\n");
     Bytes::from(buf)
 }
 
+/// `v` as one SSE event.
+fn event(v: &impl Serialize) -> Bytes {
+    sse_event(256, |buf| serde_json::to_writer(buf, v))
+}
+
 /// A `text/event-stream` response of already framed events; hyper writes the events that
 /// are ready together in one call.
-pub(crate) fn event_stream(events: impl Stream<Item = Bytes> + Send + 'static) -> Response {
+fn event_stream(events: impl Stream<Item = Bytes> + Send + 'static) -> Response {
     (
         [
             (header::CONTENT_TYPE, "text/event-stream"),
@@ -598,18 +599,16 @@ fn choice_stream(gen: Generation, head: Arc<Head>) -> impl Stream<Item = ChoiceO
 /// its index), a usage chunk if asked, then `[DONE]`. An error ends the answer (and, by
 /// dropping them, the other choices).
 fn sse(gens: Vec<Generation>, endpoint: Endpoint) -> Response {
+    // Every choice of a request has its id, model and creation time: one head for all.
     let head = gens.first().map(|g| Arc::new(Head::of(g, endpoint)));
     let include_usage = gens.first().is_some_and(|g| g.prepared.include_usage);
     let choices = gens.len();
     let merged = futures::stream::select_all(
         gens.into_iter()
             .map(|g| {
-                let head = match &head {
-                    Some(h) if h.id == g.id && h.model == g.model && h.created == g.created => {
-                        h.clone()
-                    }
-                    _ => Arc::new(Head::of(&g, endpoint)),
-                };
+                let head = head
+                    .clone()
+                    .unwrap_or_else(|| Arc::new(Head::of(&g, endpoint)));
                 Box::pin(choice_stream(g, head))
             })
             .collect::<Vec<_>>(),

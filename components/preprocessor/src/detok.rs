@@ -10,6 +10,7 @@
 //! [`StopJail`]: stop strings. Text that could still be the start of a stop string is held
 //! back; once a stop string appears, the text before it is released and the rest discarded.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use dynamo_protocols::llm::TokenId;
@@ -33,35 +34,22 @@ impl ByteLevelTable {
     /// The table of `tokenizer`, when its decoder is byte-level alone (other decoders strip,
     /// replace or join pieces in ways a table cannot follow).
     pub fn of(tokenizer: &tokenizers::Tokenizer) -> Option<Self> {
-        if !matches!(
-            tokenizer.get_decoder(),
-            Some(tokenizers::decoders::DecoderWrapper::ByteLevel(_))
-        ) {
-            return None;
-        }
-        let chars = crate::fast_bpe::byte_chars();
-        let byte_of: std::collections::HashMap<char, u8> = chars
-            .iter()
-            .enumerate()
-            .map(|(b, &c)| (c, b as u8))
-            .collect();
+        let byte_of = byte_level_chars(tokenizer)?;
+        // The model's ids are dense from 0; added tokens may lie past them.
         let n = tokenizer
-            .get_vocab(true)
-            .values()
-            .max()
-            .map_or(0, |&m| m as usize + 1);
+            .get_added_tokens_decoder()
+            .keys()
+            .copied()
+            .fold(tokenizer.get_vocab_size(false), |n, id| {
+                n.max(id as usize + 1)
+            });
         let added = tokenizer.get_added_vocabulary();
         let mut bytes = Vec::new();
         let mut ends = Vec::with_capacity(n);
         for id in 0..n as u32 {
             if let Some(token) = tokenizer.id_to_token(id) {
                 if !added.is_special_token(&token) {
-                    // As the byte-level decoder: a token all of whose chars map to bytes is
-                    // those bytes; any other (an added token's plain text) is its UTF-8.
-                    match token.chars().map(|c| byte_of.get(&c).copied()).collect() {
-                        Some(mapped) => bytes.extend_from_slice(&mapped as &Vec<u8>),
-                        None => bytes.extend_from_slice(token.as_bytes()),
-                    }
+                    bytes.extend(byte_level_bytes(token, &byte_of));
                 }
             }
             ends.push(u32::try_from(bytes.len()).ok()?);
@@ -91,6 +79,31 @@ impl ByteLevelTable {
             Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
         }
     }
+}
+
+/// GPT-2's table inverted (character -> byte), when `tokenizer`'s decoder is byte-level alone.
+fn byte_level_chars(tokenizer: &tokenizers::Tokenizer) -> Option<HashMap<char, u8>> {
+    matches!(
+        tokenizer.get_decoder(),
+        Some(tokenizers::decoders::DecoderWrapper::ByteLevel(_))
+    )
+    .then(|| {
+        crate::fast_bpe::byte_chars()
+            .iter()
+            .enumerate()
+            .map(|(b, &c)| (c, b as u8))
+            .collect()
+    })
+}
+
+/// A token's bytes as the byte-level decoder reads it: a token all of whose characters map to
+/// bytes is those bytes; any other (an added token's plain text) is its UTF-8.
+fn byte_level_bytes(token: String, byte_of: &HashMap<char, u8>) -> Vec<u8> {
+    token
+        .chars()
+        .map(|c| byte_of.get(&c).copied())
+        .collect::<Option<Vec<u8>>>()
+        .unwrap_or_else(|| token.into_bytes())
 }
 
 /// Incremental detokenizer for one sequence.
@@ -171,22 +184,12 @@ impl Decoder {
 pub struct TokenBytes {
     tokenizer: Arc<tokenizers::Tokenizer>,
     /// Byte-level decoding: character -> byte (GPT-2's table, inverted).
-    byte_level: Option<std::collections::HashMap<char, u8>>,
+    byte_level: Option<HashMap<char, u8>>,
 }
 
 impl TokenBytes {
     pub fn new(tokenizer: Arc<tokenizers::Tokenizer>) -> Self {
-        let byte_level = matches!(
-            tokenizer.get_decoder(),
-            Some(tokenizers::decoders::DecoderWrapper::ByteLevel(_))
-        )
-        .then(|| {
-            crate::fast_bpe::byte_chars()
-                .iter()
-                .enumerate()
-                .map(|(b, &c)| (c, b as u8))
-                .collect()
-        });
+        let byte_level = byte_level_chars(&tokenizer);
         Self {
             tokenizer,
             byte_level,
@@ -198,10 +201,7 @@ impl TokenBytes {
             return Vec::new();
         };
         if let Some(table) = &self.byte_level {
-            if let Some(bytes) = piece.chars().map(|c| table.get(&c).copied()).collect() {
-                return bytes;
-            }
-            return piece.into_bytes();
+            return byte_level_bytes(piece, table);
         }
         if let Some(hex) = piece
             .strip_prefix("<0x")
