@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Converts a Llama-family model folder of ours (`dynamo-run make-model`) to GGUF for llama.cpp.
 
-usage: model-to-gguf.py MODEL_DIR OUT.gguf
+usage: model-to-gguf.py MODEL_DIR OUT.gguf [f32|bf16|f16]
 
 Needs the `gguf` package (llama.cpp's gguf-py) and numpy; no torch (llama.cpp's own converter
-imports it). Weights are written as F32. As llama.cpp's converter does, the q and k projection
+imports it). Weight matrices are written in the type asked for (default f32; bf16 and f16 are
+rounded to nearest, ties to even, as the native engine rounds them), norms in F32 as llama.cpp's
+converter writes them. As llama.cpp's converter does, the q and k projection
 rows are permuted from Hugging Face's rotate-half RoPE layout to llama.cpp's interleaved one.
 The tokenizer (byte-level BPE) goes in as `gpt2` with its merges; special tokens are control
 tokens; `<|im_end|>` is the end-of-turn token.
@@ -29,9 +31,13 @@ def permute(w, heads):
 
 
 def main():
-    if len(sys.argv) != 3:
+    if len(sys.argv) not in (3, 4):
         raise SystemExit(__doc__)
     src, out = sys.argv[1], sys.argv[2]
+    outtype = sys.argv[3] if len(sys.argv) == 4 else "f32"
+    qtypes = {"f32": None, "bf16": gguf.GGMLQuantizationType.BF16, "f16": gguf.GGMLQuantizationType.F16}
+    if outtype not in qtypes:
+        raise SystemExit(f"type {outtype!r}: use f32, bf16 or f16")
     cfg = json.load(open(os.path.join(src, "config.json")))
     if cfg.get("model_type") != "llama":
         raise SystemExit(f"{src}: model_type {cfg.get('model_type')!r}; only llama is converted")
@@ -55,7 +61,8 @@ def main():
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_rope_freq_base(cfg.get("rope_theta", 10000.0))
     w.add_vocab_size(cfg["vocab_size"])
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+                     "f16": gguf.LlamaFileType.MOSTLY_F16}[outtype])
 
     vocab = tok["model"]["vocab"]
     added = {t["id"]: t for t in tok.get("added_tokens", [])}
@@ -119,12 +126,16 @@ def main():
                 a = permute(a, kv_heads)
         else:
             raise SystemExit(f"unexpected tensor {name}")
-        w.add_tensor(target, np.ascontiguousarray(a))
+        a = np.ascontiguousarray(a)
+        if qtypes[outtype] is not None and a.ndim == 2:
+            w.add_tensor(target, gguf.quants.quantize(a, qtypes[outtype]), raw_dtype=qtypes[outtype])
+        else:
+            w.add_tensor(target, a)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    print(f"wrote {out} ({len(weights)} tensors, vocabulary {n})", file=sys.stderr)
+    print(f"wrote {out} ({len(weights)} tensors, {outtype}, vocabulary {n})", file=sys.stderr)
 
 
 if __name__ == "__main__":

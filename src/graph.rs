@@ -94,6 +94,7 @@ const WORKER_KEYS: &[&str] = &[
     "kv_events_replay",
     "kv_cache_memory",
     "dtype",
+    "kv_cache_dtype",
     "host_kv_cache",
     "mocker_host_gbps",
     "disk_kv_cache",

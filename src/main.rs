@@ -176,10 +176,15 @@ struct LaunchArgs {
     /// [default: 1GiB]
     #[arg(long, env = "DYN_KV_CACHE_MEMORY")]
     kv_cache_memory: Option<String>,
-    /// Native: arithmetic type of the weights, f32 or bf16 (activations and KV stay f32).
-    /// [default: f32]
+    /// Native: the type the weights are held in: auto (the checkpoint's), f32, bf16 or f16.
+    /// Activations stay f32; bf16 uses the CPU's bf16 dot product where it has one (activations
+    /// rounded to bf16), f16 is widened in registers. [default: auto]
     #[arg(long, env = "DYN_DTYPE")]
     dtype: Option<String>,
+    /// Native: the KV cache's element type: auto (the weights' type), f32, f16 or bf16. f16 or
+    /// bf16 halve the cache's memory per token and the bytes attention reads. [default: auto]
+    #[arg(long, env = "DYN_KV_CACHE_DTYPE")]
+    kv_cache_dtype: Option<String>,
     /// Sequences per batch at most (mocker, native). [default: 256]
     #[arg(long, env = "DYN_MAX_NUM_SEQS")]
     max_num_seqs: Option<usize>,
@@ -337,6 +342,7 @@ impl LaunchArgs {
             kv_events_replay: self.kv_events_replay.clone(),
             kv_cache_memory: self.kv_cache_memory.clone(),
             dtype: self.dtype.clone(),
+            kv_cache_dtype: self.kv_cache_dtype.clone(),
             mocker_panic_at_step: self.mocker_panic_at_step,
             mocker_panic_on_token: self.mocker_panic_on_token,
             mocker_stall_at_step: self.mocker_stall_at_step,
@@ -557,6 +563,11 @@ enum Command {
         /// Element type of the weight files: f32, bf16 or f16.
         #[arg(long, default_value = "f32")]
         weights_dtype: String,
+        /// Whether the output projection is the embedding matrix (the preset's choice when
+        /// unset; `small` ties them, as SmolLM2 does). With random weights a tied head makes
+        /// greedy decoding repeat one token; untied, continuations vary.
+        #[arg(long)]
+        tie_word_embeddings: Option<bool>,
     },
     /// Load-test an OpenAI frontend and report throughput and latency.
     Bench(Box<bench::BenchArgs>),
@@ -680,6 +691,7 @@ async fn run(cli: Cli) -> Result<()> {
         context_length,
         preset,
         weights_dtype,
+        tie_word_embeddings,
     }) = &cli.command
     {
         if *vocab_size < 512 {
@@ -703,6 +715,9 @@ async fn run(cli: Cli) -> Result<()> {
         let mut weights = RandomModel::preset(preset, vocab).map_err(|e| anyhow::anyhow!("{e}"))?;
         weights.max_position_embeddings = *context_length as usize;
         weights.dtype = dtype;
+        if let Some(tie) = tie_word_embeddings {
+            weights.tie_word_embeddings = *tie;
+        }
         eprintln!(
             "writing {preset} weights ({:.1}M parameters, {weights_dtype})...",
             dynamo_engine::native::config::ModelConfig::parse(&weights.config_keys().to_string())

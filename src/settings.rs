@@ -23,7 +23,7 @@ use dynamo_actors::frontend::RouterMode;
 use dynamo_actors::planner::{ConnectorChoice, PlannerSettings};
 use dynamo_actors::router::KvRouterSettings;
 use dynamo_actors::worker::DisaggSettings;
-use dynamo_engine::native::Compute;
+use dynamo_engine::native::{Compute, KvDtype};
 use dynamo_engine::{MockerFaults, MockerSettings, NativeSettings, OpenAiSettings, ServerKind};
 use dynamo_planner::{
     Limits, PlannerConfig, PolicySettings, Pools, PredictorKind, Profile, Targets,
@@ -75,6 +75,7 @@ pub struct Settings {
     pub kv_events_replay: Option<String>,
     pub kv_cache_memory: Option<String>,
     pub dtype: Option<String>,
+    pub kv_cache_dtype: Option<String>,
     pub mocker_panic_at_step: Option<u64>,
     pub mocker_panic_on_token: Option<u32>,
     pub mocker_stall_at_step: Option<u64>,
@@ -616,10 +617,20 @@ pub fn resolve(
         None => NativeSettings::default().kv_cache_memory,
     };
     let native = NativeSettings {
-        compute: match s.dtype.as_deref().unwrap_or("f32") {
-            "f32" => Compute::F32,
-            "bf16" => Compute::Bf16,
-            other => bail!("--dtype {other:?}: use f32 or bf16"),
+        compute: match s.dtype.as_deref().unwrap_or("auto") {
+            "auto" => None,
+            "f32" => Some(Compute::F32),
+            "bf16" => Some(Compute::Bf16),
+            "f16" => Some(Compute::F16),
+            other => bail!("--dtype {other:?}: use auto (the checkpoint's), f32, bf16 or f16"),
+        },
+        kv_cache_dtype: match s.kv_cache_dtype.as_deref().unwrap_or("auto") {
+            "auto" => None,
+            other => Some(KvDtype::parse(other).with_context(|| {
+                format!(
+                    "--kv-cache-dtype {other:?}: use auto (the weights' type), f32, f16 or bf16"
+                )
+            })?),
         },
         block_size,
         num_gpu_blocks: s.num_gpu_blocks,
@@ -828,6 +839,7 @@ mod tests {
             echo_delay_ms: Some(3),
             kv_cache_memory: Some("64MiB".into()),
             dtype: Some("bf16".into()),
+            kv_cache_dtype: Some("f16".into()),
             mocker_panic_at_step: Some(4),
             mocker_panic_on_token: Some(77),
             mocker_stall_at_step: Some(5),
@@ -927,6 +939,11 @@ mod tests {
             ..Default::default()
         })
         .contains("--dtype"));
+        assert!(bad(Settings {
+            kv_cache_dtype: Some("fp8".into()),
+            ..Default::default()
+        })
+        .contains("--kv-cache-dtype"));
         assert!(bad(Settings {
             router_mode: Some("fastest".into()),
             ..Default::default()

@@ -1,5 +1,6 @@
 //! Native engine benchmark (`scripts/bench-engine`): the `small` preset (SmolLM2-135M's layer
-//! shapes, random weights), f32 and bf16 weights, on the forward pass directly (no scheduler):
+//! shapes, random weights), f32, bf16 and f16 weights (each with its KV cache in the same type),
+//! on the forward pass directly (no scheduler):
 //! - prefill tokens/s of one 512-token prompt, next to the matmul floor: the step's FLOPs over
 //!   the GEMM rate measured here with the same kernels;
 //! - decode tokens/s at batch 1, 8 and 32 (each sequence 128 tokens in), next to the step's
@@ -18,7 +19,7 @@ use dynamo_engine::native::kv::KvCache;
 use dynamo_engine::native::model::SeqStep;
 use dynamo_engine::native::ops::Linear;
 use dynamo_engine::native::random::RandomModel;
-use dynamo_engine::native::{Compute, Model};
+use dynamo_engine::native::{Compute, KvDtype, Model};
 use dynamo_kv::BlockId;
 use rayon::prelude::*;
 
@@ -77,7 +78,7 @@ fn read_bandwidth() -> f64 {
 fn gemm_rate() -> f64 {
     let (m, k, n) = (512, 576, 1536);
     let w: Vec<f32> = (0..n * k).map(|i| (i % 7) as f32 * 0.01).collect();
-    let lin = Linear::new(n, k, w, None, false);
+    let lin = Linear::new(n, k, w, None, Compute::F32);
     let x = vec![0.5f32; m * k];
     let mut y = vec![0f32; m * n];
     let mut best = f64::INFINITY;
@@ -170,14 +171,16 @@ fn main() {
     println!();
     println!("| weights | workload | tokens/s | floor tokens/s | of floor | vs batch 1 |");
     println!("|---|---|---:|---:|---:|---:|");
-    for compute in [Compute::F32, Compute::Bf16] {
-        let label = if compute == Compute::F32 {
-            "f32"
-        } else {
-            "bf16"
-        };
+    for (compute, kv) in [
+        (Compute::F32, KvDtype::F32),
+        (Compute::Bf16, KvDtype::Bf16),
+        (Compute::F16, KvDtype::F16),
+    ] {
+        let label = format!("{}, KV {}", compute.name(), kv.name());
         eprintln!("loading ({label}) ...");
-        let m = Model::load(&dir, compute, &mut |_, _| {}).unwrap();
+        let m = Model::load(&dir, compute, &mut |_, _| {})
+            .unwrap()
+            .with_kv_dtype(kv);
         // Prefill: one 512-token prompt.
         let prompt: Vec<u32> = (0..512).map(|i| (i * 7 + 3) % 4000).collect();
         let mut best = f64::INFINITY;
@@ -201,7 +204,7 @@ fn main() {
         let c = m.config();
         let context = 128 + 1 + 24; // attended positions, averaged over the timed steps
         let kv_bytes_per_seq =
-            (context * c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4) as f64;
+            (context * c.num_layers * 2 * c.num_kv_heads * c.head_dim * kv.size()) as f64;
         let mut batch1 = 0.0;
         for batch in [1usize, 8, 32] {
             let bytes = m.weight_bytes() as f64 + batch as f64 * kv_bytes_per_seq;

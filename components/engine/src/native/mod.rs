@@ -38,7 +38,7 @@ use crate::{
     panic_message, Engine, EngineError, EngineState, EngineStream, KvBlockData, KvCapability,
     KvHandle,
 };
-pub use kv::{KvBlock, KvBlocks, KvLayout};
+pub use kv::{KvBlock, KvBlocks, KvDtype, KvLayout};
 pub use model::{Compute, Model};
 
 /// What can go wrong loading or driving the native engine.
@@ -63,7 +63,10 @@ pub enum NativeError {
 #[derive(Debug, Clone, PartialEq)]
 pub struct NativeSettings {
     pub model_path: PathBuf,
-    pub compute: Compute,
+    /// The type the weights are held in; unset: the checkpoint's (f32, bf16 or f16).
+    pub compute: Option<Compute>,
+    /// The KV cache's element type; unset: the weights' type (f32, bf16 or f16).
+    pub kv_cache_dtype: Option<KvDtype>,
     /// Tokens per KV block.
     pub block_size: usize,
     /// KV blocks; unset: as many as `kv_cache_memory` holds.
@@ -92,7 +95,8 @@ impl Default for NativeSettings {
     fn default() -> Self {
         Self {
             model_path: PathBuf::new(),
-            compute: Compute::F32,
+            compute: None,
+            kv_cache_dtype: None,
             block_size: 16,
             num_gpu_blocks: None,
             kv_cache_memory: 1 << 30,
@@ -299,11 +303,28 @@ impl NativeEngine {
                 "block_size, max_num_seqs and max_num_batched_tokens must be positive".into(),
             ));
         }
-        let model = Arc::new(Model::load(
-            &settings.model_path,
-            settings.compute,
-            progress,
-        )?);
+        let compute = match settings.compute {
+            Some(c) => c,
+            None => match weights::Weights::open(&settings.model_path)?.dtype() {
+                Some(weights::Dtype::Bf16) => Compute::Bf16,
+                Some(weights::Dtype::F16) => Compute::F16,
+                _ => Compute::F32,
+            },
+        };
+        let kv_dtype = settings.kv_cache_dtype.unwrap_or(match compute {
+            Compute::F32 => KvDtype::F32,
+            Compute::Bf16 => KvDtype::Bf16,
+            Compute::F16 => KvDtype::F16,
+        });
+        let model =
+            Arc::new(Model::load(&settings.model_path, compute, progress)?.with_kv_dtype(kv_dtype));
+        tracing::info!(
+            weights = compute.name(),
+            kv_cache = kv_dtype.name(),
+            "native engine: weights held as {}, KV cache in {}",
+            compute.name(),
+            kv_dtype.name()
+        );
         crate::scheduler::check_disk(settings.disk_kv_cache, settings.disk_kv_dir.as_deref())
             .map_err(NativeError::Settings)?;
         let layout = model.kv_layout(settings.block_size);
@@ -507,7 +528,7 @@ fn disk_tier(
         .take(64)
         .flat_map(|x| x.to_le_bytes())
         .collect();
-    let shape = format!("{:?} {layout:?} {:?}", model.config(), settings.compute);
+    let shape = format!("{:?} {layout:?} {:?}", model.config(), model.compute());
     Some(dynamo_kv::DiskSettings {
         dir,
         capacity: settings.disk_kv_cache,

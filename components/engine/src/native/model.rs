@@ -13,18 +13,11 @@ use dynamo_protocols::llm::TokenId;
 use rayon::prelude::*;
 
 use super::config::ModelConfig;
-use super::kv::{KvCache, KvLayout};
-use super::ops::{self, Linear};
+use super::kv::{KvCache, KvDtype, KvLayout, LayerMut};
+pub use super::ops::Compute;
+use super::ops::{self, KvElem, Linear};
 use super::weights::Weights;
 use super::NativeError;
-
-/// The arithmetic type of the weights at run time (activations and KV are f32).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Compute {
-    #[default]
-    F32,
-    Bf16,
-}
 
 struct Layer {
     attn_norm: Vec<f32>,
@@ -44,6 +37,8 @@ pub struct Model {
     norm: Vec<f32>,
     lm_head: Linear,
     inv_freq: Vec<f64>,
+    compute: Compute,
+    kv_dtype: KvDtype,
 }
 
 /// One sequence's part of a step.
@@ -70,7 +65,6 @@ impl Model {
             .map_err(|e| NativeError::Config(format!("{}: {e}", cfg_path.display())))?;
         let cfg = ModelConfig::parse(&text)?;
         let w = Weights::open(dir)?;
-        let bf = compute == Compute::Bf16;
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let (q_dim, kv_dim, inter) = (
             cfg.num_heads * hd,
@@ -96,22 +90,22 @@ impl Model {
             gate_up.extend(w.f32(&p("mlp.up_proj.weight"), &[inter, h])?);
             layers.push(Layer {
                 attn_norm: w.f32(&p("input_layernorm.weight"), &[h])?,
-                qkv: Linear::new(q_dim + 2 * kv_dim, h, qkv, bias, bf),
+                qkv: Linear::new(q_dim + 2 * kv_dim, h, qkv, bias, compute),
                 o: Linear::new(
                     h,
                     q_dim,
                     w.f32(&p("self_attn.o_proj.weight"), &[h, q_dim])?,
                     None,
-                    bf,
+                    compute,
                 ),
                 mlp_norm: w.f32(&p("post_attention_layernorm.weight"), &[h])?,
-                gate_up: Linear::new(2 * inter, h, gate_up, None, bf),
+                gate_up: Linear::new(2 * inter, h, gate_up, None, compute),
                 down: Linear::new(
                     h,
                     inter,
                     w.f32(&p("mlp.down_proj.weight"), &[h, inter])?,
                     None,
-                    bf,
+                    compute,
                 ),
             });
             progress(i + 1, cfg.num_layers);
@@ -123,12 +117,25 @@ impl Model {
         };
         Ok(Self {
             norm: w.f32("model.norm.weight", &[h])?,
-            lm_head: Linear::new(cfg.vocab_size, h, head, None, bf),
+            lm_head: Linear::new(cfg.vocab_size, h, head, None, compute),
             inv_freq: cfg.rope_inv_freq(),
+            compute,
+            kv_dtype: KvDtype::F32,
             embed,
             layers,
             cfg,
         })
+    }
+
+    /// The model with its KV cache (and [`Model::kv_layout`]) in `dtype`.
+    pub fn with_kv_dtype(mut self, dtype: KvDtype) -> Self {
+        self.kv_dtype = dtype;
+        self
+    }
+
+    /// The type the weights are held in.
+    pub fn compute(&self) -> Compute {
+        self.compute
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -150,7 +157,7 @@ impl Model {
             kv_heads: self.cfg.num_kv_heads,
             head_dim: self.cfg.head_dim,
             block_size,
-            dtype: "f32",
+            dtype: self.kv_dtype.name(),
         }
     }
 
@@ -238,50 +245,18 @@ impl Model {
                         ops::rope(head, table);
                     }
                 });
-            {
-                let (kc, vc) = cache.layer_mut(l);
-                for (row, &(s, pos)) in qkv.chunks_exact(width).zip(&rows) {
-                    let base = cache_rows[s][pos];
-                    for g in 0..nkv {
-                        let off = base + g * bs * hd;
-                        let (k, v) = (q_dim + g * hd, q_dim + kv_dim + g * hd);
-                        kc[off..off + hd].copy_from_slice(&row[k..k + hd]);
-                        vc[off..off + hd].copy_from_slice(&row[v..v + hd]);
-                    }
-                }
-            }
-            // Attention, one task per (row, kv head): the query heads sharing a kv head read
-            // each cached K and V row once.
-            let (kc, vc) = cache.layer(l);
-            let rep = nh / nkv;
-            // Tasks of several (row, kv head) pairs, but at least two per thread so that a
-            // decode step's few pairs still spread over the cores.
-            let min_len = (n * nkv / (4 * rayon::current_num_threads())).clamp(1, 4);
-            // Pair i's cached rows: its row's positions, at its kv head.
-            let kv_rows = |i: usize| {
-                let (s, pos) = rows[i / nkv];
-                ops::KvRows {
-                    k: kc,
-                    v: vc,
-                    offsets: &cache_rows[s][..=pos],
-                    head: (i % nkv) * bs * hd,
-                }
+            let step = AttentionStep {
+                rows: &rows,
+                cache_rows: &cache_rows,
+                qkv: &qkv,
+                bs,
+                scale,
             };
-            att.par_chunks_mut(rep * hd)
-                .enumerate()
-                .with_min_len(min_len)
-                .for_each(|(i, out)| {
-                    let (row, g) = (i / nkv, i % nkv);
-                    let group = ops::GroupQuery {
-                        q: &qkv[row * width + g * rep * hd..row * width + (g + 1) * rep * hd],
-                        rep,
-                        hd,
-                        scale,
-                    };
-                    // The pair this thread most likely takes next, for prefetching.
-                    let next = (i + 1 < n * nkv).then(|| kv_rows(i + 1));
-                    ops::attend(group, kv_rows(i), out, next);
-                });
+            match cache.layer_mut(l) {
+                LayerMut::F32(k, v) => self.attention(&step, k, v, &mut att),
+                LayerMut::F16(k, v) => self.attention(&step, k, v, &mut att),
+                LayerMut::Bf16(k, v) => self.attention(&step, k, v, &mut att),
+            }
             layer.o.forward(&att, n, &mut proj);
             for (a, b) in x.iter_mut().zip(&proj) {
                 *a += b;
@@ -319,4 +294,84 @@ impl Model {
             .map(<[f32]>::to_vec)
             .collect()
     }
+
+    /// One layer's attention for a step: the rows' new K and V (RoPE applied) into the cache
+    /// (rounded to the cache's type), then each row's query heads over its cached positions.
+    fn attention<E: KvElem>(
+        &self,
+        step: &AttentionStep<'_>,
+        kc: &mut [E],
+        vc: &mut [E],
+        att: &mut [f32],
+    ) {
+        let c = &self.cfg;
+        let hd = c.head_dim;
+        let (nh, nkv) = (c.num_heads, c.num_kv_heads);
+        let (q_dim, kv_dim) = (nh * hd, nkv * hd);
+        let AttentionStep {
+            rows,
+            cache_rows,
+            qkv,
+            bs,
+            scale,
+        } = *step;
+        let n = rows.len();
+        let width = q_dim + 2 * kv_dim;
+        for (row, &(s, pos)) in qkv.chunks_exact(width).zip(rows) {
+            let base = cache_rows[s][pos];
+            for g in 0..nkv {
+                let off = base + g * bs * hd;
+                let (k, v) = (q_dim + g * hd, q_dim + kv_dim + g * hd);
+                for (d, x) in kc[off..off + hd].iter_mut().zip(&row[k..k + hd]) {
+                    *d = E::narrow(*x);
+                }
+                for (d, x) in vc[off..off + hd].iter_mut().zip(&row[v..v + hd]) {
+                    *d = E::narrow(*x);
+                }
+            }
+        }
+        // Attention, one task per (row, kv head): the query heads sharing a kv head read
+        // each cached K and V row once.
+        let (kc, vc) = (&*kc, &*vc);
+        let rep = nh / nkv;
+        // Tasks of several (row, kv head) pairs, but at least two per thread so that a
+        // decode step's few pairs still spread over the cores.
+        let min_len = (n * nkv / (4 * rayon::current_num_threads())).clamp(1, 4);
+        // Pair i's cached rows: its row's positions, at its kv head.
+        let kv_rows = |i: usize| {
+            let (s, pos) = rows[i / nkv];
+            ops::KvRows {
+                k: kc,
+                v: vc,
+                offsets: &cache_rows[s][..=pos],
+                head: (i % nkv) * bs * hd,
+            }
+        };
+        att.par_chunks_mut(rep * hd)
+            .enumerate()
+            .with_min_len(min_len)
+            .for_each(|(i, out)| {
+                let (row, g) = (i / nkv, i % nkv);
+                let group = ops::GroupQuery {
+                    q: &qkv[row * width + g * rep * hd..row * width + (g + 1) * rep * hd],
+                    rep,
+                    hd,
+                    scale,
+                };
+                // The pair this thread most likely takes next, for prefetching.
+                let next = (i + 1 < n * nkv).then(|| kv_rows(i + 1));
+                ops::attend(group, kv_rows(i), out, next);
+            });
+    }
+}
+
+/// What a layer's attention needs of a step: each row's (sequence, position), each
+/// sequence's cache offsets by position, the rows' q/k/v projections (RoPE applied).
+#[derive(Clone, Copy)]
+struct AttentionStep<'a> {
+    rows: &'a [(usize, usize)],
+    cache_rows: &'a [Vec<usize>],
+    qkv: &'a [f32],
+    bs: usize,
+    scale: f32,
 }

@@ -1,20 +1,25 @@
 //! The numeric kernels of the native engine, on `f32` activations:
 //! - [`Linear`]: `y = x W^T (+ b)`, every row count (a decode token, a decode batch, a prefill
 //!   chunk) through one kernel over weights repacked at load time into panels of 16 output
-//!   features (`[panel][in][16]`, f32 or bf16). A panel is one contiguous stream, so the
-//!   hardware prefetcher (helped by a software prefetch) keeps up at any batch size. The
-//!   micro-kernel keeps a block of outputs in registers so that each weight vector loaded
-//!   serves several rows: 16 features x 6 rows with AVX2/FMA, 16 features x up to 16 rows with
-//!   AVX-512. Panels are split across the cores; the input dimension is walked in blocks whose
-//!   panel slice stays in L1 while every row uses it.
-//! - Attention of the query heads sharing a kv head, over a block table's cache rows.
+//!   features (`[panel][in][16]` in f32 or f16, `[panel][in / 2][16][2]` in bf16). Half-type
+//!   weights stay half in memory (half the bytes a decode step streams) and are widened in
+//!   registers. A panel is one contiguous stream, so the hardware prefetcher (helped by a
+//!   software prefetch) keeps up at any batch size. The micro-kernel keeps a block of outputs
+//!   in registers so that each weight vector loaded serves several rows: 16 features x 6 rows
+//!   with AVX2/FMA, 16 features x up to 16 rows with AVX-512. Panels are split across the
+//!   cores; the input dimension is walked in blocks whose panel slice stays in L1 while every
+//!   row uses it. bf16 matmuls of 16 rows or more run on AMX tiles where the CPU has them
+//!   (module `amx`): the bf16 panel is already a tile operand.
+//! - Attention of the query heads sharing a kv head, over a block table's cache rows, in f32,
+//!   f16 or bf16 ([`KvElem`]).
 //! - RMSNorm, RoPE, SiLU-gating and the numerically stable softmax the model needs.
 //!
-//! The hot loops are compiled for baseline x86-64 and again with AVX2/FMA and AVX-512
+//! The hot loops are compiled for baseline x86-64 and again with AVX2/FMA/F16C and AVX-512
 //! enabled (`#[target_feature]`), and [`Simd`] picks the best level the CPU has at run time
-//! (`is_x86_feature_detected!`). The only `unsafe` is that dispatch and the SIMD kernels:
-//! intrinsics over raw pointers whose bounds are checked before, and the matmul's writes into
-//! disjoint column strips of one output.
+//! (`is_x86_feature_detected!`, CPUID and the OS's permission for AMX). The only `unsafe` is
+//! that dispatch and the SIMD kernels: intrinsics (and AMX's inline assembly) over raw
+//! pointers whose bounds are checked before, and the matmul's writes into disjoint column
+//! strips of one output.
 //!
 //! Why these and not a tensor library: the forward pass needs six operations, and paged
 //! attention reads K/V through block tables no dense tensor type expresses; a decode step is
@@ -22,7 +27,7 @@
 //! `candle-core` on top of it) repack on every call. A CUDA backend implements the same
 //! [`super::model`] steps with cuBLAS and a paged attention kernel over the same block layout.
 
-use half::bf16;
+use half::{bf16, f16};
 use rayon::prelude::*;
 
 /// Output features per weight panel (two AVX2 vectors, one AVX-512 vector).
@@ -35,6 +40,8 @@ const K_BLOCK: usize = 256;
 const ROW_GROUP: usize = 6;
 /// Rows per AVX-512 micro-kernel call (16 accumulators of its 32 registers).
 const ROW_GROUP_512: usize = 16;
+/// Rows from which a bf16 matmul goes through AMX tiles (16 rows a tile).
+const AMX_MIN_ROWS: usize = 16;
 /// How far ahead of the multi-row kernel the weight stream is prefetched, in bytes: without
 /// it the hardware prefetcher falls behind once each weight feeds several rows (measured on
 /// 8 rows: ~19 GB/s of weights without, ~24 GB/s with). The one-row kernel streams fast
@@ -44,18 +51,56 @@ const PREFETCH_AHEAD: usize = 2048;
 /// more.
 const PARALLEL_MIN: usize = 1 << 16;
 
-/// Weights repacked as panels: element `(f, c)` at `((f / 16) * in + c) * 16 + f % 16`, the
-/// last panel zero-padded.
+/// The type a model's weights are held in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Compute {
+    #[default]
+    F32,
+    /// bf16 weights. Where the CPU has AMX (Sapphire Rapids and later), matmuls of 16 rows
+    /// or more (prefill, large batches) run on its tiles: the activations are rounded to bf16
+    /// and `tdpbf16ps` sums bf16 products into f32. Fewer rows, or no AMX: the weights are
+    /// widened to f32 in registers. (AVX512_BF16's `vdpbf16ps` was measured slower than
+    /// widening and f32 multiply-adds on Sapphire Rapids: 23 against 30 GMAC/s per core.)
+    Bf16,
+    /// f16 weights, widened to f32 in registers by the CPU's half-precision conversion
+    /// (`vcvtph2ps`); the arithmetic is f32. (AVX512-FP16 multiplies in f16 only, with f16
+    /// sums: too coarse for a 576-long dot product.)
+    F16,
+}
+
+impl Compute {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+            Self::F16 => "f16",
+        }
+    }
+}
+
+/// Weights repacked as panels of 16 output features, the last panel zero-padded.
+/// - f32 and f16: element `(f, c)` at `((f / 16) * in + c) * 16 + f % 16`.
+/// - bf16: inputs in pairs, the operand layout of the bf16 dot product: `(f, c)` at
+///   `((f / 16) * in2 + c - c % 2) * 16 + 2 * (f % 16) + c % 2`, `in2` being the input count
+///   rounded up to even (the pad is zero). A pair takes the bytes two f16 inputs would, so the
+///   walk over a panel is the same for both.
 pub enum WeightData {
     F32(Vec<f32>),
     Bf16(Vec<bf16>),
+    F16(Vec<f16>),
 }
+
+/// The weight kinds, as the SIMD kernels' const parameter.
+const WF32: u8 = 0;
+const WBF16: u8 = 1;
+const WF16: u8 = 2;
 
 impl WeightData {
     fn len(&self) -> usize {
         match self {
             Self::F32(w) => w.len(),
             Self::Bf16(w) => w.len(),
+            Self::F16(w) => w.len(),
         }
     }
 
@@ -63,9 +108,57 @@ impl WeightData {
     fn elem(&self) -> usize {
         match self {
             Self::F32(_) => 4,
-            Self::Bf16(_) => 2,
+            Self::Bf16(_) | Self::F16(_) => 2,
         }
     }
+
+    /// Inputs per panel as stored (`k`, or `k` rounded up to even for bf16 pairs).
+    fn stored_inputs(&self, k: usize) -> usize {
+        match self {
+            Self::Bf16(_) => k.next_multiple_of(2),
+            _ => k,
+        }
+    }
+
+    /// Weight `(f, c)` of a matrix with `k` inputs, widened (the portable kernel).
+    fn at(&self, f: usize, c: usize, k: usize) -> f32 {
+        let (p, lane) = (f / PANEL, f % PANEL);
+        match self {
+            Self::F32(w) => w[(p * k + c) * PANEL + lane],
+            Self::F16(w) => w[(p * k + c) * PANEL + lane].to_f32(),
+            Self::Bf16(w) => {
+                let k2 = k.next_multiple_of(2);
+                widen(w[(p * k2 + c - c % 2) * PANEL + 2 * lane + c % 2])
+            }
+        }
+    }
+}
+
+/// `w` (`[n, k]` row-major) as panels of `T` (see [`WeightData`]), `pairs` for the bf16
+/// layout.
+fn pack<T: Copy>(
+    w: &[f32],
+    n: usize,
+    k: usize,
+    pairs: bool,
+    zero: T,
+    to: impl Fn(f32) -> T,
+) -> Vec<T> {
+    let kw = if pairs { k.next_multiple_of(2) } else { k };
+    let mut out = vec![zero; n.div_ceil(PANEL) * kw * PANEL];
+    for (f, row) in w.chunks_exact(k.max(1)).enumerate() {
+        let (p, lane) = (f / PANEL, f % PANEL);
+        let panel = &mut out[p * kw * PANEL..(p + 1) * kw * PANEL];
+        for (c, &v) in row.iter().enumerate() {
+            let at = if pairs {
+                (c - c % 2) * PANEL + 2 * lane + c % 2
+            } else {
+                c * PANEL + lane
+            };
+            panel[at] = to(v);
+        }
+    }
+    out
 }
 
 /// A linear layer's weight and optional bias.
@@ -77,28 +170,20 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// `w` is `[out, in]` row-major, as checkpoints store it.
+    /// `w` is `[out, in]` row-major, as checkpoints store it; it is held as `compute` says.
     pub fn new(
         out_dim: usize,
         in_dim: usize,
         w: Vec<f32>,
         bias: Option<Vec<f32>>,
-        bf: bool,
+        compute: Compute,
     ) -> Self {
         assert_eq!(w.len(), out_dim * in_dim, "weight shape");
         let (n, k) = (out_dim, in_dim);
-        let mut packed = vec![0f32; n.div_ceil(PANEL) * k * PANEL];
-        for (f, row) in w.chunks_exact(k.max(1)).enumerate() {
-            let (p, lane) = (f / PANEL, f % PANEL);
-            let panel = &mut packed[p * k * PANEL..(p + 1) * k * PANEL];
-            for (c, &v) in row.iter().enumerate() {
-                panel[c * PANEL + lane] = v;
-            }
-        }
-        let w = if bf {
-            WeightData::Bf16(packed.into_iter().map(bf16::from_f32).collect())
-        } else {
-            WeightData::F32(packed)
+        let w = match compute {
+            Compute::F32 => WeightData::F32(pack(&w, n, k, false, 0.0, |v| v)),
+            Compute::F16 => WeightData::F16(pack(&w, n, k, false, f16::ZERO, f16::from_f32)),
+            Compute::Bf16 => WeightData::Bf16(pack(&w, n, k, true, bf16::ZERO, bf16::from_f32)),
         };
         Self {
             out_dim,
@@ -125,11 +210,22 @@ impl Linear {
             x.len() >= rows * k && y.len() >= rows * n,
             "matmul operand sizes"
         );
+        // AMX takes its activations as bf16 pairs too, in blocks of 32 rows.
+        let amx = simd == Simd::Amx && amx_fits(&self.w, rows, k);
+        let (simd, xb) = match (simd, amx) {
+            (Simd::Amx, true) => (
+                simd,
+                bf16_pairs(&x[..rows * k], k, rows.next_multiple_of(32)),
+            ),
+            (Simd::Amx, false) => (Simd::Avx512, Vec::new()),
+            _ => (simd, Vec::new()),
+        };
         let panels = n.div_ceil(PANEL);
         let out = OutPtr(y.as_mut_ptr());
         let run = |lo: usize, hi: usize| {
             let strip = Strip {
                 x,
+                xb: &xb,
                 rows,
                 k,
                 n,
@@ -159,6 +255,35 @@ impl Linear {
     }
 }
 
+/// Whether a matmul of `rows` goes through AMX tiles: bf16 weights, at least
+/// [`AMX_MIN_ROWS`] rows, and inputs in whole tiles (32).
+fn amx_fits(w: &WeightData, rows: usize, k: usize) -> bool {
+    matches!(w, WeightData::Bf16(_)) && rows >= AMX_MIN_ROWS && k.is_multiple_of(32) && k > 0
+}
+
+/// Rows of `k` activations rounded to bf16 (to nearest, ties to even), as pairs in `u32`s
+/// (the first of a pair in the low half), each row padded with a zero to whole pairs, and
+/// zero rows up to `padded_rows`.
+fn bf16_pairs(x: &[f32], k: usize, padded_rows: usize) -> Vec<u32> {
+    let k2 = k.div_ceil(2);
+    let rows = x.len() / k.max(1);
+    let mut out = vec![0u32; padded_rows.max(rows) * k2];
+    let bits = |v: f32| bf16::from_f32(v).to_bits() as u32;
+    let convert = |(xr, or): (&[f32], &mut [u32])| {
+        for (pair, o) in xr.chunks(2).zip(or.iter_mut()) {
+            *o = bits(pair[0]) | pair.get(1).map_or(0, |&v| bits(v) << 16);
+        }
+    };
+    if rows >= 64 {
+        x.par_chunks(k)
+            .zip(out.par_chunks_mut(k2))
+            .for_each(convert);
+    } else {
+        x.chunks(k).zip(out.chunks_mut(k2)).for_each(convert);
+    }
+    out
+}
+
 /// The output matrix, shared by the tasks of one matmul: each writes only the columns of its
 /// own panels.
 #[derive(Clone, Copy)]
@@ -174,6 +299,8 @@ unsafe impl Sync for OutPtr {}
 #[derive(Clone, Copy)]
 struct Strip<'a> {
     x: &'a [f32],
+    /// `x` as bf16 pairs (`ceil(rows / 32) * 32 x k / 2`), for the AMX kernel; else empty.
+    xb: &'a [u32],
     rows: usize,
     k: usize,
     n: usize,
@@ -192,27 +319,45 @@ fn panels_dispatch(s: Strip<'_>, w: &WeightData, simd: Simd) {
         lo,
         hi,
         y,
+        ..
     } = s;
+    let kw = w.stored_inputs(k);
     assert!(
-        hi * PANEL <= n.div_ceil(PANEL) * PANEL && w.len() >= hi * k * PANEL && x.len() >= rows * k
+        hi * PANEL <= n.div_ceil(PANEL) * PANEL
+            && w.len() >= hi * kw * PANEL
+            && x.len() >= rows * k
     );
     #[cfg(target_arch = "x86_64")]
     {
         // SAFETY: `simd` names an instruction set the CPU has (`Simd::best`, or a test's
         // `Simd::available`); the assert above and `forward`'s bound every read (panels below
-        // `hi`, rows below `rows`, inputs below `k`) and write (rows below `rows`, columns of
-        // panels `lo..hi` below `n`).
+        // `hi`, rows below `rows`, inputs below `k`, pairs of `xb` below `rows x ceil(k / 2)`,
+        // which `bf16_pairs` sizes) and write (rows below `rows`, columns of panels `lo..hi`
+        // below `n`).
         #[allow(unsafe_code)]
         unsafe {
-            let (wp, bf) = match w {
-                WeightData::F32(w) => (w.as_ptr().cast::<u8>(), false),
-                WeightData::Bf16(w) => (w.as_ptr().cast::<u8>(), true),
+            let wp = match w {
+                WeightData::F32(w) => w.as_ptr().cast::<u8>(),
+                WeightData::Bf16(w) => w.as_ptr().cast::<u8>(),
+                WeightData::F16(w) => w.as_ptr().cast::<u8>(),
             };
-            match (simd, bf) {
-                (Simd::Avx512, false) => return panels_avx512::<false>(s, wp),
-                (Simd::Avx512, true) => return panels_avx512::<true>(s, wp),
-                (Simd::Avx2, false) => return panels_avx2::<false>(s, wp),
-                (Simd::Avx2, true) => return panels_avx2::<true>(s, wp),
+            match (simd, w) {
+                (Simd::Amx, WeightData::Bf16(_)) => {
+                    assert!(
+                        amx_fits(w, rows, k) && s.xb.len() >= rows.next_multiple_of(32) * k / 2
+                    );
+                    return amx::strip(s, wp);
+                }
+                (Simd::Avx512 | Simd::Amx, WeightData::F32(_)) => {
+                    return panels_avx512::<WF32>(s, wp)
+                }
+                (Simd::Avx512, WeightData::Bf16(_)) => return panels_avx512::<WBF16>(s, wp),
+                (Simd::Avx512 | Simd::Amx, WeightData::F16(_)) => {
+                    return panels_avx512::<WF16>(s, wp)
+                }
+                (Simd::Avx2, WeightData::F32(_)) => return panels_avx2::<WF32>(s, wp),
+                (Simd::Avx2, WeightData::Bf16(_)) => return panels_avx2::<WBF16>(s, wp),
+                (Simd::Avx2, WeightData::F16(_)) => return panels_avx2::<WF16>(s, wp),
                 (Simd::Portable, _) => {}
             }
         }
@@ -223,13 +368,8 @@ fn panels_dispatch(s: Strip<'_>, w: &WeightData, simd: Simd) {
             let mut acc = [0f32; PANEL];
             let xr = &x[r * k..(r + 1) * k];
             for (c, &xv) in xr.iter().enumerate() {
-                let at = (p * k + c) * PANEL;
                 for (l, a) in acc.iter_mut().enumerate() {
-                    let wv = match w {
-                        WeightData::F32(w) => w[at + l],
-                        WeightData::Bf16(w) => widen(w[at + l]),
-                    };
-                    *a += xv * wv;
+                    *a += xv * w.at(p * PANEL + l, c, k);
                 }
             }
             // SAFETY: row r < rows and columns p*16..p*16+cols < n of the caller's `y`, a
@@ -243,7 +383,7 @@ fn panels_dispatch(s: Strip<'_>, w: &WeightData, simd: Simd) {
 }
 
 /// One micro-kernel call: rows of `x` (`k` apart) times a panel's inputs `c0..c1` (`w` at the
-/// panel's start), stored into (`first`) or added to rows of `y` (`ldy` apart).
+/// panel's start; `c0` even), stored into (`first`) or added to rows of `y` (`ldy` apart).
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 struct Tile {
@@ -260,7 +400,8 @@ struct Tile {
 /// The walk over a strip's panels shared by the SIMD bodies: per panel, input blocks of
 /// [`K_BLOCK`] (the first block stores, later ones add) and, inside each, row groups of at most
 /// `G` rows through `micro(rows in the group, tile)`. The zero-padded last panel goes through
-/// a scratch tile in one block so that only its valid columns are written.
+/// a scratch tile in one block so that only its valid columns are written. `elem` is the
+/// weight's size, `kw` the inputs a panel stores.
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 #[inline(always)]
@@ -268,6 +409,7 @@ unsafe fn panel_walk<const G: usize>(
     s: Strip<'_>,
     w: *const u8,
     elem: usize,
+    kw: usize,
     micro: impl Fn(usize, Tile),
 ) {
     let Strip {
@@ -278,6 +420,7 @@ unsafe fn panel_walk<const G: usize>(
         lo,
         hi,
         y,
+        ..
     } = s;
     let mut tmp = [[0f32; PANEL]; 16];
     assert!(G <= tmp.len());
@@ -285,7 +428,7 @@ unsafe fn panel_walk<const G: usize>(
         let tile = |r: usize, c0: usize, c1: usize, y: *mut f32, ldy: usize| Tile {
             x: x.as_ptr().add(r * k),
             k,
-            w: w.add(p * k * PANEL * elem),
+            w: w.add(p * kw * PANEL * elem),
             c0,
             c1,
             first: c0 == 0,
@@ -317,12 +460,23 @@ unsafe fn panel_walk<const G: usize>(
     }
 }
 
-/// AVX2/FMA body of [`panels_dispatch`] (`w` points at f32 or, with `BF`, bf16 panels).
+/// AVX2/FMA body of [`panels_dispatch`] (`w` points at panels of kind `W`).
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn panels_avx2<const BF: bool>(s: Strip<'_>, w: *const u8) {
-    panel_walk::<ROW_GROUP>(s, w, if BF { 2 } else { 4 }, |g, t| micro_any::<BF>(g, t));
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn panels_avx2<const W: u8>(s: Strip<'_>, w: *const u8) {
+    let (elem, kw) = weight_shape::<W>(s.k);
+    panel_walk::<ROW_GROUP>(s, w, elem, kw, |g, t| micro_any::<W>(g, t));
+}
+
+/// Bytes per weight and inputs per panel of kind `W`.
+#[cfg(target_arch = "x86_64")]
+fn weight_shape<const W: u8>(k: usize) -> (usize, usize) {
+    match W {
+        WF32 => (4, k),
+        WBF16 => (2, k.next_multiple_of(2)),
+        _ => (2, k),
+    }
 }
 
 /// AVX-512 body of [`panels_dispatch`]: a panel is one 16-lane register, and up to 16 rows
@@ -331,55 +485,85 @@ unsafe fn panels_avx2<const BF: bool>(s: Strip<'_>, w: *const u8) {
 /// multiply-add instead of two-thirds of one per 8-lane AVX2 multiply-add.
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn panels_avx512<const BF: bool>(s: Strip<'_>, w: *const u8) {
-    panel_walk::<ROW_GROUP_512>(s, w, if BF { 2 } else { 4 }, |g, t| match g {
-        16 => micro512::<16, BF>(t),
-        15 => micro512::<15, BF>(t),
-        14 => micro512::<14, BF>(t),
-        13 => micro512::<13, BF>(t),
-        12 => micro512::<12, BF>(t),
-        11 => micro512::<11, BF>(t),
-        10 => micro512::<10, BF>(t),
-        9 => micro512::<9, BF>(t),
-        8 => micro512::<8, BF>(t),
-        7 => micro512::<7, BF>(t),
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn panels_avx512<const W: u8>(s: Strip<'_>, w: *const u8) {
+    let (elem, kw) = weight_shape::<W>(s.k);
+    panel_walk::<ROW_GROUP_512>(s, w, elem, kw, |g, t| match g {
+        16 => micro512::<16, W>(t),
+        15 => micro512::<15, W>(t),
+        14 => micro512::<14, W>(t),
+        13 => micro512::<13, W>(t),
+        12 => micro512::<12, W>(t),
+        11 => micro512::<11, W>(t),
+        10 => micro512::<10, W>(t),
+        9 => micro512::<9, W>(t),
+        8 => micro512::<8, W>(t),
+        7 => micro512::<7, W>(t),
         // Fewer rows: the AVX2 kernels (the one-row one is tuned for streaming).
-        _ => micro_any::<BF>(g, t),
+        _ => micro_any::<W>(g, t),
     });
 }
 
-/// [`micro`] in 16-lane registers: `R` accumulators, one weight load per input position.
+/// Stores 16 outputs (`first`) or adds them to what is there.
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 #[inline(always)]
-unsafe fn micro512<const R: usize, const BF: bool>(t: Tile) {
+unsafe fn store512(o: *mut f32, v: std::arch::x86_64::__m512, first: bool) {
+    use std::arch::x86_64::*;
+    let v = if first {
+        v
+    } else {
+        _mm512_add_ps(v, _mm512_loadu_ps(o))
+    };
+    _mm512_storeu_ps(o, v);
+}
+
+/// [`micro`] in 16-lane registers: `R` accumulators, one weight load per input position (per
+/// pair of them for bf16).
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+#[inline(always)]
+unsafe fn micro512<const R: usize, const W: u8>(t: Tile) {
     use std::arch::x86_64::*;
     let Tile {
         x, k, w, y, ldy, ..
     } = t;
     let mut acc = [_mm512_setzero_ps(); R];
-    let line = if BF { PANEL * 2 } else { PANEL * 4 };
-    for c in t.c0..t.c1 {
-        _mm_prefetch::<_MM_HINT_T0>(w.add(c * line + PREFETCH_AHEAD).cast());
-        let wv = if BF {
-            let h = _mm256_loadu_si256(w.add(c * line).cast());
-            _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
-        } else {
-            _mm512_loadu_ps(w.add(c * line).cast())
-        };
-        for (i, a) in acc.iter_mut().enumerate() {
-            *a = _mm512_fmadd_ps(wv, _mm512_set1_ps(*x.add(i * k + c)), *a);
+    if W == WBF16 {
+        // A pair's 16 lanes hold (input c, input c + 1) per feature: the low halves shifted up
+        // and the high halves masked are the two inputs' weights.
+        let mask = _mm512_set1_epi32(-65536);
+        let mut c = t.c0;
+        while c < t.c1 {
+            _mm_prefetch::<_MM_HINT_T0>(w.add(c * PANEL * 2 + PREFETCH_AHEAD).cast());
+            let v = _mm512_loadu_si512(w.add(c * PANEL * 2).cast());
+            let lo = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+            let hi = _mm512_castsi512_ps(_mm512_and_si512(v, mask));
+            let two = c + 1 < t.c1;
+            for (i, a) in acc.iter_mut().enumerate() {
+                *a = _mm512_fmadd_ps(lo, _mm512_set1_ps(*x.add(i * k + c)), *a);
+                if two {
+                    *a = _mm512_fmadd_ps(hi, _mm512_set1_ps(*x.add(i * k + c + 1)), *a);
+                }
+            }
+            c += 2;
+        }
+    } else {
+        let line = if W == WF32 { PANEL * 4 } else { PANEL * 2 };
+        for c in t.c0..t.c1 {
+            _mm_prefetch::<_MM_HINT_T0>(w.add(c * line + PREFETCH_AHEAD).cast());
+            let wv = if W == WF16 {
+                _mm512_cvtph_ps(_mm256_loadu_si256(w.add(c * line).cast()))
+            } else {
+                _mm512_loadu_ps(w.add(c * line).cast())
+            };
+            for (i, a) in acc.iter_mut().enumerate() {
+                *a = _mm512_fmadd_ps(wv, _mm512_set1_ps(*x.add(i * k + c)), *a);
+            }
         }
     }
     for (i, a) in acc.iter().enumerate() {
-        let o = y.add(i * ldy);
-        let v = if t.first {
-            *a
-        } else {
-            _mm512_add_ps(*a, _mm512_loadu_ps(o))
-        };
-        _mm512_storeu_ps(o, v);
+        store512(y.add(i * ldy), *a, t.first);
     }
 }
 
@@ -398,38 +582,54 @@ fn row_groups(rows: usize, max: usize) -> impl Iterator<Item = (usize, usize)> {
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 #[inline(always)]
-unsafe fn micro_any<const BF: bool>(g: usize, t: Tile) {
+unsafe fn micro_any<const W: u8>(g: usize, t: Tile) {
     match g {
-        6 => micro::<6, BF>(t),
-        5 => micro::<5, BF>(t),
-        4 => micro::<4, BF>(t),
-        3 => micro::<3, BF>(t),
-        2 => micro::<2, BF>(t),
-        _ => micro1::<BF>(t),
+        6 => micro::<6, W>(t),
+        5 => micro::<5, W>(t),
+        4 => micro::<4, W>(t),
+        3 => micro::<3, W>(t),
+        2 => micro::<2, W>(t),
+        _ => micro1::<W>(t),
     }
 }
 
-/// 16 weights of a panel at input position `c`, widened to f32.
+/// 16 weights of an f32 or f16 panel at input position `c`, widened to f32.
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 #[inline(always)]
-unsafe fn load_panel<const BF: bool>(
+unsafe fn load_panel<const W: u8>(
     w: *const u8,
     c: usize,
 ) -> (std::arch::x86_64::__m256, std::arch::x86_64::__m256) {
     use std::arch::x86_64::*;
-    if BF {
-        let v = _mm256_loadu_si256(w.add(c * PANEL * 2).cast());
-        let wide =
-            |h: __m128i| _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    if W == WF16 {
+        let p: *const __m128i = w.add(c * PANEL * 2).cast();
         (
-            wide(_mm256_castsi256_si128(v)),
-            wide(_mm256_extracti128_si256(v, 1)),
+            _mm256_cvtph_ps(_mm_loadu_si128(p)),
+            _mm256_cvtph_ps(_mm_loadu_si128(p.add(1))),
         )
     } else {
         let p: *const f32 = w.add(c * PANEL * 4).cast();
         (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)))
     }
+}
+
+/// 16 weights of a bf16 panel at the input pair `c, c + 1` (`c` even), widened to f32: the
+/// weights of input `c`, then of `c + 1`, each as features 0-7 and 8-15.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+#[inline(always)]
+unsafe fn load_pair(
+    w: *const u8,
+    c: usize,
+) -> [(std::arch::x86_64::__m256, std::arch::x86_64::__m256); 2] {
+    use std::arch::x86_64::*;
+    let p: *const __m256i = w.add(c * PANEL * 2).cast();
+    let (v0, v1) = (_mm256_loadu_si256(p), _mm256_loadu_si256(p.add(1)));
+    let mask = _mm256_set1_epi32(-65536);
+    let lo = |v: __m256i| _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    let hi = |v: __m256i| _mm256_castsi256_ps(_mm256_and_si256(v, mask));
+    [(lo(v0), lo(v1)), (hi(v0), hi(v1))]
 }
 
 /// Stores 16 outputs (`first`) or adds them to what is there.
@@ -456,20 +656,35 @@ unsafe fn store16(
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 #[inline(always)]
-unsafe fn micro<const R: usize, const BF: bool>(t: Tile) {
+unsafe fn micro<const R: usize, const W: u8>(t: Tile) {
     use std::arch::x86_64::*;
     let Tile {
         x, k, w, y, ldy, ..
     } = t;
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
-    let line = if BF { PANEL * 2 } else { PANEL * 4 };
-    for c in t.c0..t.c1 {
-        _mm_prefetch::<_MM_HINT_T0>(w.add(c * line + PREFETCH_AHEAD).cast());
-        let (w0, w1) = load_panel::<BF>(w, c);
+    let fma = |acc: &mut [[__m256; 2]; R], (w0, w1): (__m256, __m256), c: usize| {
         for (i, a) in acc.iter_mut().enumerate() {
             let b = _mm256_broadcast_ss(&*x.add(i * k + c));
             a[0] = _mm256_fmadd_ps(w0, b, a[0]);
             a[1] = _mm256_fmadd_ps(w1, b, a[1]);
+        }
+    };
+    if W == WBF16 {
+        let mut c = t.c0;
+        while c < t.c1 {
+            _mm_prefetch::<_MM_HINT_T0>(w.add(c * PANEL * 2 + PREFETCH_AHEAD).cast());
+            let [lo, hi] = load_pair(w, c);
+            fma(&mut acc, lo, c);
+            if c + 1 < t.c1 {
+                fma(&mut acc, hi, c + 1);
+            }
+            c += 2;
+        }
+    } else {
+        let line = if W == WF32 { PANEL * 4 } else { PANEL * 2 };
+        for c in t.c0..t.c1 {
+            _mm_prefetch::<_MM_HINT_T0>(w.add(c * line + PREFETCH_AHEAD).cast());
+            fma(&mut acc, load_panel::<W>(w, c), c);
         }
     }
     for (i, a) in acc.iter().enumerate() {
@@ -482,7 +697,7 @@ unsafe fn micro<const R: usize, const BF: bool>(t: Tile) {
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 #[inline(always)]
-unsafe fn micro1<const BF: bool>(t: Tile) {
+unsafe fn micro1<const W: u8>(t: Tile) {
     use std::arch::x86_64::*;
     let Tile {
         x,
@@ -494,26 +709,237 @@ unsafe fn micro1<const BF: bool>(t: Tile) {
         ..
     } = t;
     let mut acc = [_mm256_setzero_ps(); 8];
+    let fma = |acc: &mut [__m256; 8], u: usize, (w0, w1): (__m256, __m256), c: usize| {
+        let b = _mm256_broadcast_ss(&*x.add(c));
+        acc[2 * u] = _mm256_fmadd_ps(w0, b, acc[2 * u]);
+        acc[2 * u + 1] = _mm256_fmadd_ps(w1, b, acc[2 * u + 1]);
+    };
+    // (c0 is even: a bf16 pair never straddles the unrolled loop and the tail.)
     let mut c = c0;
     while c + 4 <= c1 {
-        for u in 0..4 {
-            let (w0, w1) = load_panel::<BF>(w, c + u);
-            let b = _mm256_broadcast_ss(&*x.add(c + u));
-            acc[2 * u] = _mm256_fmadd_ps(w0, b, acc[2 * u]);
-            acc[2 * u + 1] = _mm256_fmadd_ps(w1, b, acc[2 * u + 1]);
+        if W == WBF16 {
+            let ([a, b], [d, e]) = (load_pair(w, c), load_pair(w, c + 2));
+            for (u, wv) in [a, b, d, e].into_iter().enumerate() {
+                fma(&mut acc, u, wv, c + u);
+            }
+        } else {
+            for u in 0..4 {
+                fma(&mut acc, u, load_panel::<W>(w, c + u), c + u);
+            }
         }
         c += 4;
     }
     while c < c1 {
-        let (w0, w1) = load_panel::<BF>(w, c);
-        let b = _mm256_broadcast_ss(&*x.add(c));
-        acc[0] = _mm256_fmadd_ps(w0, b, acc[0]);
-        acc[1] = _mm256_fmadd_ps(w1, b, acc[1]);
-        c += 1;
+        if W == WBF16 {
+            let [a, b] = load_pair(w, c);
+            fma(&mut acc, 0, a, c);
+            if c + 1 < c1 {
+                fma(&mut acc, 1, b, c + 1);
+            }
+            c += 2;
+        } else {
+            fma(&mut acc, 0, load_panel::<W>(w, c), c);
+            c += 1;
+        }
     }
     let v0 = _mm256_add_ps(_mm256_add_ps(acc[0], acc[2]), _mm256_add_ps(acc[4], acc[6]));
     let v1 = _mm256_add_ps(_mm256_add_ps(acc[1], acc[3]), _mm256_add_ps(acc[5], acc[7]));
     store16(y, (v0, v1), first);
+}
+
+/// Matmuls on AMX tiles (bf16 weights, activations rounded to bf16, sums in f32).
+///
+/// A tile is 16 rows of 64 bytes. The weight panels are already the operand layout of
+/// `tdpbf16ps`: a panel's 16 input pairs x 16 features are one 16 x 64-byte B tile, and 16
+/// activation rows of 32 inputs (as bf16 pairs) are one A tile. Per pair of panels and block
+/// of 32 rows, four tiles accumulate a 32 x 32 block of outputs over the whole input, loading
+/// two A and two B tiles per 32 inputs (a 2 x 2 blocking: each tile loaded serves two
+/// products). The tile instructions are written as inline assembly: Rust has no stable AMX
+/// intrinsics.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod amx {
+    use std::arch::asm;
+
+    use super::{Strip, PANEL};
+
+    /// The tile configuration: palette 1, tiles 0-7 each 16 rows of 64 bytes.
+    #[repr(C, align(64))]
+    struct TileConfig {
+        palette: u8,
+        start_row: u8,
+        reserved: [u8; 14],
+        colsb: [u16; 16],
+        rows: [u8; 16],
+    }
+
+    const CONFIG: TileConfig = TileConfig {
+        palette: 1,
+        start_row: 0,
+        reserved: [0; 14],
+        colsb: [64, 64, 64, 64, 64, 64, 64, 64, 0, 0, 0, 0, 0, 0, 0, 0],
+        rows: [16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0],
+    };
+
+    /// Whether the CPU has AMX tiles with bf16 and the OS lets this process use them (Linux
+    /// hands out tile state only on request: `arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA)`,
+    /// which holds for the whole process).
+    pub(super) fn ready() -> bool {
+        static READY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *READY.get_or_init(|| {
+            // CPUID leaf 7: EDX bit 22 is AMX-BF16, bit 24 AMX-TILE.
+            let edx = std::arch::x86_64::__cpuid_count(7, 0).edx;
+            if edx & (1 << 22) == 0 || edx & (1 << 24) == 0 {
+                return false;
+            }
+            request()
+        })
+    }
+
+    #[cfg(target_os = "linux")]
+    fn request() -> bool {
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        // SAFETY: a system call with integer arguments; it only changes which register state
+        // the process may use.
+        unsafe {
+            libc::syscall(
+                libc::SYS_arch_prctl,
+                ARCH_REQ_XCOMP_PERM,
+                XFEATURE_XTILEDATA,
+            ) == 0
+        }
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn request() -> bool {
+        false
+    }
+
+    /// `tileloadd tmmT, [p + stride * row]`.
+    macro_rules! load {
+        ($t:literal, $p:expr, $stride:expr) => {
+            asm!(concat!("tileloadd tmm", $t, ", [{p} + {s}*1]"), p = in(reg) $p, s = in(reg) $stride,
+                options(nostack, readonly, preserves_flags))
+        };
+    }
+    /// `tilestored [p + stride * row], tmmT`.
+    macro_rules! store {
+        ($t:literal, $p:expr, $stride:expr) => {
+            asm!(concat!("tilestored [{p} + {s}*1], tmm", $t), p = in(reg) $p, s = in(reg) $stride,
+                options(nostack, preserves_flags))
+        };
+    }
+
+    /// Panels `lo..hi` of `y[rows, n] = xb[rows, k] W^T`: `xb` the activations as bf16 pairs
+    /// (`k / 2` per row, rows padded with zeros to a multiple of 32), `w` bf16 pair panels,
+    /// `k` a multiple of 32.
+    ///
+    /// # Safety
+    /// The CPU has AMX and [`ready`] returned true; `xb` holds the padded rows, `w` panels
+    /// below `hi`, `y` rows below `rows` and columns of panels below `hi` below `n` (the
+    /// caller's assert).
+    pub(super) unsafe fn strip(s: Strip<'_>, w: *const u8) {
+        let Strip {
+            xb,
+            rows,
+            k,
+            n,
+            lo,
+            hi,
+            y,
+            ..
+        } = s;
+        let lda = k * 2; // bytes per activation row
+        let panel = k * PANEL * 2; // bytes per weight panel
+        let ldy = n * 4;
+        let xb: *const u8 = xb.as_ptr().cast();
+        let mut scratch = [[0f32; PANEL]; 16];
+        // A result tile to its rows and columns of `y`: straight there when whole, else through
+        // the scratch tile.
+        let mut put = |t: u8, r: usize, p: usize| {
+            if r >= rows {
+                return;
+            }
+            let (valid, cols) = ((rows - r).min(16), (n - p * PANEL).min(PANEL));
+            let whole = valid == 16 && cols == PANEL;
+            let (dst, stride) = if whole {
+                (y.0.add(r * n + p * PANEL).cast::<u8>(), ldy)
+            } else {
+                (scratch.as_mut_ptr().cast::<u8>(), PANEL * 4)
+            };
+            match t {
+                0 => store!("0", dst, stride),
+                1 => store!("1", dst, stride),
+                2 => store!("2", dst, stride),
+                _ => store!("3", dst, stride),
+            }
+            if !whole {
+                for (i, row) in scratch.iter().enumerate().take(valid) {
+                    std::ptr::copy_nonoverlapping(
+                        row.as_ptr(),
+                        y.0.add((r + i) * n + p * PANEL),
+                        cols,
+                    );
+                }
+            }
+        };
+        asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly, preserves_flags));
+        let mut p = lo;
+        while p < hi {
+            let two = p + 1 < hi;
+            let (b0, b1) = (w.add(p * panel), w.add((p + 1).min(hi - 1) * panel));
+            for r in (0..rows).step_by(32) {
+                let (a0, a1) = (xb.add(r * lda), xb.add((r + 16) * lda));
+                // A block's second 16 rows, if any are real (one decode token: none).
+                let lower = r + 16 < rows;
+                asm!(
+                    "tilezero tmm0",
+                    "tilezero tmm1",
+                    "tilezero tmm2",
+                    "tilezero tmm3",
+                    options(nostack, nomem, preserves_flags)
+                );
+                for c in (0..k).step_by(32) {
+                    // 32 inputs: 64 bytes of each activation row, 16 pair rows of a panel.
+                    load!("4", a0.add(c * 2), lda);
+                    load!("6", b0.add(c * 32), 64usize);
+                    asm!(
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        options(nostack, nomem, preserves_flags)
+                    );
+                    if lower {
+                        load!("5", a1.add(c * 2), lda);
+                        asm!(
+                            "tdpbf16ps tmm1, tmm5, tmm6",
+                            options(nostack, nomem, preserves_flags)
+                        );
+                    }
+                    if two {
+                        load!("7", b1.add(c * 32), 64usize);
+                        asm!(
+                            "tdpbf16ps tmm2, tmm4, tmm7",
+                            options(nostack, nomem, preserves_flags)
+                        );
+                        if lower {
+                            asm!(
+                                "tdpbf16ps tmm3, tmm5, tmm7",
+                                options(nostack, nomem, preserves_flags)
+                            );
+                        }
+                    }
+                }
+                put(0, r, p);
+                put(1, r + 16, p);
+                if two {
+                    put(2, r, p + 1);
+                    put(3, r + 16, p + 1);
+                }
+            }
+            p += 2;
+        }
+        asm!("tilerelease", options(nostack, nomem, preserves_flags));
+    }
 }
 
 /// A bf16 is the top half of an f32: widening is a shift (vectorizes, unlike a call).
@@ -549,11 +975,13 @@ fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// The instruction sets the kernels are compiled for, best last.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Simd {
     Portable,
     Avx2,
     Avx512,
+    /// AVX-512 and AMX tiles (only bf16 matmuls of many rows use the tiles).
+    Amx,
 }
 
 impl Simd {
@@ -566,30 +994,59 @@ impl Simd {
             #[cfg(target_arch = "x86_64")]
             if std::is_x86_feature_detected!("avx512f") {
                 v.push(Self::Avx512);
+                if amx::ready() {
+                    v.push(Self::Amx);
+                }
             }
         }
         v
     }
 
+    /// The best level the CPU has, or the one `DYN_NATIVE_ISA` (portable, avx2, avx512) caps
+    /// it at, for comparing the kernels.
     fn best() -> Self {
+        static BEST: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| {
+            let best = Self::detect();
+            let cap = match std::env::var("DYN_NATIVE_ISA").as_deref() {
+                Ok("portable") => Self::Portable,
+                Ok("avx2") => Self::Avx2,
+                Ok("avx512") => Self::Avx512,
+                _ => best,
+            };
+            best.min(cap)
+        })
+    }
+
+    fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
         {
             if has_avx2_fma() {
-                return if std::is_x86_feature_detected!("avx512f") {
-                    Self::Avx512
-                } else {
+                return if !std::is_x86_feature_detected!("avx512f") {
                     Self::Avx2
+                } else if amx::ready() {
+                    Self::Amx
+                } else {
+                    Self::Avx512
                 };
             }
         }
         Self::Portable
     }
+
+    /// Whether the 16-lane kernels run.
+    fn wide(self) -> bool {
+        matches!(self, Self::Avx512 | Self::Amx)
+    }
 }
 
+/// AVX2 with FMA and the f16 conversions (F16C): every x86 CPU with AVX2 that this runs on.
 fn has_avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+        std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -669,6 +1126,108 @@ fn silu_mul_generic(gate_up: &[f32], i: usize, out: &mut [f32]) {
     }
 }
 
+/// An element type of the KV cache: f32, or f16 / bf16 widened to f32 as attention reads it.
+#[allow(unsafe_code)]
+pub trait KvElem: Copy + Send + Sync + 'static {
+    /// Rounded to nearest (ties to even).
+    fn narrow(v: f32) -> Self;
+    fn widen(from: &[Self], to: &mut [f32]);
+    /// 8 elements widened.
+    ///
+    /// # Safety
+    /// `p..p + 8` is in bounds; called only inlined into a function with AVX2 and F16C
+    /// enabled, on a CPU that has them.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+    /// 16 elements widened.
+    ///
+    /// # Safety
+    /// `p..p + 16` is in bounds; called only inlined into a function with AVX-512 enabled, on
+    /// a CPU that has it.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+}
+
+#[allow(unsafe_code)]
+impl KvElem for f32 {
+    #[inline(always)]
+    fn narrow(v: f32) -> Self {
+        v
+    }
+    #[inline(always)]
+    fn widen(from: &[Self], to: &mut [f32]) {
+        to.copy_from_slice(from);
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        std::arch::x86_64::_mm512_loadu_ps(p)
+    }
+}
+
+#[allow(unsafe_code)]
+impl KvElem for f16 {
+    #[inline(always)]
+    fn narrow(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+    #[inline(always)]
+    fn widen(from: &[Self], to: &mut [f32]) {
+        for (t, f) in to.iter_mut().zip(from) {
+            *t = f.to_f32();
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()))
+    }
+}
+
+#[allow(unsafe_code)]
+impl KvElem for bf16 {
+    #[inline(always)]
+    fn narrow(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+    #[inline(always)]
+    fn widen(from: &[Self], to: &mut [f32]) {
+        for (t, &f) in to.iter_mut().zip(from) {
+            *t = widen(f);
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast())),
+            16,
+        ))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast())),
+            16,
+        ))
+    }
+}
+
 /// The query heads that share one kv head: `rep` heads of `hd` in `q`; scores are scaled by
 /// `scale`.
 #[derive(Clone, Copy)]
@@ -682,9 +1241,9 @@ pub struct GroupQuery<'a> {
 /// One kv head's cached positions in a layer: position `t`'s K and V start at
 /// `offsets[t] + head` in `k` and `v`.
 #[derive(Clone, Copy)]
-pub struct KvRows<'a> {
-    pub k: &'a [f32],
-    pub v: &'a [f32],
+pub struct KvRows<'a, E = f32> {
+    pub k: &'a [E],
+    pub v: &'a [E],
     pub offsets: &'a [usize],
     pub head: usize,
 }
@@ -692,22 +1251,27 @@ pub struct KvRows<'a> {
 /// Attention of a group of query heads over one kv head's cached positions, into `out`
 /// (`rep x hd`). `next` optionally names the rows of the call likely to follow on this thread,
 /// only to prefetch them. Runs the best kernel the CPU has.
-pub fn attend(g: GroupQuery<'_>, kv: KvRows<'_>, out: &mut [f32], next: Option<KvRows<'_>>) {
+pub fn attend<E: KvElem>(
+    g: GroupQuery<'_>,
+    kv: KvRows<'_, E>,
+    out: &mut [f32],
+    next: Option<KvRows<'_, E>>,
+) {
     attend_with(g, kv, out, next, Simd::best())
 }
 
 /// [`attend`] with the kernels of one instruction set (one the CPU has).
-fn attend_with(
+fn attend_with<E: KvElem>(
     g: GroupQuery<'_>,
-    kv: KvRows<'_>,
+    kv: KvRows<'_, E>,
     out: &mut [f32],
-    next: Option<KvRows<'_>>,
+    next: Option<KvRows<'_, E>>,
     simd: Simd,
 ) {
     #[cfg(target_arch = "x86_64")]
     {
         if simd != Simd::Portable {
-            let fits = |c: &[f32]| kv.offsets.iter().all(|&o| o + kv.head + g.hd <= c.len());
+            let fits = |c: &[E]| kv.offsets.iter().all(|&o| o + kv.head + g.hd <= c.len());
             if g.hd.is_multiple_of(64)
                 && g.q.len() >= g.rep * g.hd
                 && out.len() >= g.rep * g.hd
@@ -719,7 +1283,7 @@ fn attend_with(
                 // of the kernel.
                 #[allow(unsafe_code)]
                 unsafe {
-                    if simd == Simd::Avx512 {
+                    if simd.wide() {
                         attend_avx512_64(g, kv, out, next)
                     } else {
                         attend_avx2_64(g, kv, out, next)
@@ -736,7 +1300,7 @@ fn attend_with(
             return;
         }
     }
-    attend_generic::<false>(g, kv, out)
+    attend_generic::<false, E>(g, kv, out)
 }
 
 /// Positions per tile of the value pass: their V rows (16 KiB at head_dim 64) stay in L1
@@ -756,27 +1320,27 @@ const PF_POS: usize = 32;
 ///   value pass, so the memory stays busy through the whole call.
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn attend_avx2_64(
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn attend_avx2_64<E: KvElem>(
     g: GroupQuery<'_>,
-    kv: KvRows<'_>,
+    kv: KvRows<'_, E>,
     out: &mut [f32],
-    next: Option<KvRows<'_>>,
+    next: Option<KvRows<'_, E>>,
 ) {
-    attend_64::<Ymm>(g, kv, out, next)
+    attend_64::<Ymm, E>(g, kv, out, next)
 }
 
 /// [`attend_avx2_64`] with 16-lane registers: half the loads and multiply-adds per head slice.
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn attend_avx512_64(
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn attend_avx512_64<E: KvElem>(
     g: GroupQuery<'_>,
-    kv: KvRows<'_>,
+    kv: KvRows<'_, E>,
     out: &mut [f32],
-    next: Option<KvRows<'_>>,
+    next: Option<KvRows<'_, E>>,
 ) {
-    attend_64::<Zmm>(g, kv, out, next)
+    attend_64::<Zmm, E>(g, kv, out, next)
 }
 
 /// The register width of the attention kernel, for a 64-lane slice of a head: its query
@@ -790,9 +1354,9 @@ trait Slice64 {
     /// only inlined into a function with the width's target features.)
     unsafe fn load(p: *const f32) -> Self::Regs;
     /// The 8-lane partial sums of `q . k[..64]`.
-    unsafe fn dot(q: &Self::Regs, k: *const f32) -> std::arch::x86_64::__m256;
+    unsafe fn dot<E: KvElem>(q: &Self::Regs, k: *const E) -> std::arch::x86_64::__m256;
     /// `acc += p * v[..64]`.
-    unsafe fn axpy(acc: &mut Self::Regs, p: f32, v: *const f32);
+    unsafe fn axpy<E: KvElem>(acc: &mut Self::Regs, p: f32, v: *const E);
     unsafe fn store(acc: &Self::Regs, p: *mut f32);
 }
 
@@ -810,22 +1374,22 @@ impl Slice64 for Ymm {
         std::array::from_fn(|u| std::arch::x86_64::_mm256_loadu_ps(p.add(8 * u)))
     }
     #[inline(always)]
-    unsafe fn dot(q: &Self::Regs, k: *const f32) -> std::arch::x86_64::__m256 {
+    unsafe fn dot<E: KvElem>(q: &Self::Regs, k: *const E) -> std::arch::x86_64::__m256 {
         use std::arch::x86_64::*;
-        let mut a0 = _mm256_mul_ps(q[0], _mm256_loadu_ps(k));
-        let mut a1 = _mm256_mul_ps(q[1], _mm256_loadu_ps(k.add(8)));
+        let mut a0 = _mm256_mul_ps(q[0], E::load8(k));
+        let mut a1 = _mm256_mul_ps(q[1], E::load8(k.add(8)));
         for u in (2..8).step_by(2) {
-            a0 = _mm256_fmadd_ps(q[u], _mm256_loadu_ps(k.add(8 * u)), a0);
-            a1 = _mm256_fmadd_ps(q[u + 1], _mm256_loadu_ps(k.add(8 * u + 8)), a1);
+            a0 = _mm256_fmadd_ps(q[u], E::load8(k.add(8 * u)), a0);
+            a1 = _mm256_fmadd_ps(q[u + 1], E::load8(k.add(8 * u + 8)), a1);
         }
         _mm256_add_ps(a0, a1)
     }
     #[inline(always)]
-    unsafe fn axpy(acc: &mut Self::Regs, p: f32, v: *const f32) {
+    unsafe fn axpy<E: KvElem>(acc: &mut Self::Regs, p: f32, v: *const E) {
         use std::arch::x86_64::*;
         let p = _mm256_set1_ps(p);
         for (u, a) in acc.iter_mut().enumerate() {
-            *a = _mm256_fmadd_ps(p, _mm256_loadu_ps(v.add(8 * u)), *a);
+            *a = _mm256_fmadd_ps(p, E::load8(v.add(8 * u)), *a);
         }
     }
     #[inline(always)]
@@ -845,12 +1409,12 @@ impl Slice64 for Zmm {
         std::array::from_fn(|u| std::arch::x86_64::_mm512_loadu_ps(p.add(16 * u)))
     }
     #[inline(always)]
-    unsafe fn dot(q: &Self::Regs, k: *const f32) -> std::arch::x86_64::__m256 {
+    unsafe fn dot<E: KvElem>(q: &Self::Regs, k: *const E) -> std::arch::x86_64::__m256 {
         use std::arch::x86_64::*;
-        let mut a0 = _mm512_mul_ps(q[0], _mm512_loadu_ps(k));
-        let mut a1 = _mm512_mul_ps(q[1], _mm512_loadu_ps(k.add(16)));
-        a0 = _mm512_fmadd_ps(q[2], _mm512_loadu_ps(k.add(32)), a0);
-        a1 = _mm512_fmadd_ps(q[3], _mm512_loadu_ps(k.add(48)), a1);
+        let mut a0 = _mm512_mul_ps(q[0], E::load16(k));
+        let mut a1 = _mm512_mul_ps(q[1], E::load16(k.add(16)));
+        a0 = _mm512_fmadd_ps(q[2], E::load16(k.add(32)), a0);
+        a1 = _mm512_fmadd_ps(q[3], E::load16(k.add(48)), a1);
         let s = _mm512_castps_pd(_mm512_add_ps(a0, a1));
         _mm256_add_ps(
             _mm256_castpd_ps(_mm512_castpd512_pd256(s)),
@@ -858,11 +1422,11 @@ impl Slice64 for Zmm {
         )
     }
     #[inline(always)]
-    unsafe fn axpy(acc: &mut Self::Regs, p: f32, v: *const f32) {
+    unsafe fn axpy<E: KvElem>(acc: &mut Self::Regs, p: f32, v: *const E) {
         use std::arch::x86_64::*;
         let p = _mm512_set1_ps(p);
         for (u, a) in acc.iter_mut().enumerate() {
-            *a = _mm512_fmadd_ps(p, _mm512_loadu_ps(v.add(16 * u)), *a);
+            *a = _mm512_fmadd_ps(p, E::load16(v.add(16 * u)), *a);
         }
     }
     #[inline(always)]
@@ -877,11 +1441,11 @@ impl Slice64 for Zmm {
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 #[inline(always)]
-unsafe fn attend_64<L: Slice64>(
+unsafe fn attend_64<L: Slice64, E: KvElem>(
     g: GroupQuery<'_>,
-    kv: KvRows<'_>,
+    kv: KvRows<'_, E>,
     out: &mut [f32],
-    next: Option<KvRows<'_>>,
+    next: Option<KvRows<'_, E>>,
 ) {
     use std::arch::x86_64::*;
     let GroupQuery { q, rep, hd, scale } = g;
@@ -897,8 +1461,8 @@ unsafe fn attend_64<L: Slice64>(
     let (kp, vp, qp) = (kc.as_ptr(), vc.as_ptr(), q.as_ptr());
     // Prefetch addresses are formed with wrapping arithmetic (a hint may point anywhere; a
     // prefetch never faults).
-    let prefetch_row = |p: *const f32, near: bool| {
-        for line in (0..hd).step_by(16) {
+    let prefetch_row = |p: *const E, near: bool| {
+        for line in (0..hd).step_by(64 / std::mem::size_of::<E>()) {
             if near {
                 _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(line).cast());
             } else {
@@ -983,12 +1547,16 @@ unsafe fn attend_64<L: Slice64>(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn attend_avx2(g: GroupQuery<'_>, kv: KvRows<'_>, out: &mut [f32]) {
-    attend_generic::<true>(g, kv, out)
+fn attend_avx2<E: KvElem>(g: GroupQuery<'_>, kv: KvRows<'_, E>, out: &mut [f32]) {
+    attend_generic::<true, E>(g, kv, out)
 }
 
 #[inline(always)]
-fn attend_generic<const FMA: bool>(g: GroupQuery<'_>, kv: KvRows<'_>, out: &mut [f32]) {
+fn attend_generic<const FMA: bool, E: KvElem>(
+    g: GroupQuery<'_>,
+    kv: KvRows<'_, E>,
+    out: &mut [f32],
+) {
     let GroupQuery { q, rep, hd, scale } = g;
     let KvRows {
         k: kc,
@@ -999,11 +1567,13 @@ fn attend_generic<const FMA: bool>(g: GroupQuery<'_>, kv: KvRows<'_>, out: &mut 
     let span = offsets.len();
     let mut scores = vec![0f32; rep * span];
     let madd = |a: f32, b: f32, c: f32| if FMA { a.mul_add(b, c) } else { c + a * b };
+    // A row widened to f32 (a copy for f32).
+    let mut wide = vec![0f32; hd];
     for (t, &row) in offsets.iter().enumerate() {
         let off = row + head;
-        let k = &kc[off..off + hd];
+        E::widen(&kc[off..off + hd], &mut wide);
         for j in 0..rep {
-            let sum = dot::<FMA>(&q[j * hd..(j + 1) * hd], k);
+            let sum = dot::<FMA>(&q[j * hd..(j + 1) * hd], &wide);
             scores[j * span + t] = sum * scale;
         }
     }
@@ -1013,10 +1583,10 @@ fn attend_generic<const FMA: bool>(g: GroupQuery<'_>, kv: KvRows<'_>, out: &mut 
     out.fill(0.0);
     for (t, &row) in offsets.iter().enumerate() {
         let off = row + head;
-        let v = &vc[off..off + hd];
+        E::widen(&vc[off..off + hd], &mut wide);
         for j in 0..rep {
             let p = scores[j * span + t];
-            for (o, x) in out[j * hd..(j + 1) * hd].iter_mut().zip(v) {
+            for (o, x) in out[j * hd..(j + 1) * hd].iter_mut().zip(&wide) {
                 *o = madd(p, *x, *o);
             }
         }
@@ -1191,12 +1761,57 @@ mod tests {
                             );
                         }
                     }
+                    // A half-precision cache: the same attention over the rounded values.
+                    check_half_attend::<f16>(group, kv, "f16");
+                    check_half_attend::<bf16>(group, kv, "bf16");
                 }
             }
         }
     }
 
+    /// Attention over K and V narrowed to `E` agrees with the f64 reference over the same
+    /// narrowed values, on every instruction set.
+    fn check_half_attend<E: KvElem>(g: GroupQuery<'_>, kv: KvRows<'_>, dtype: &str) {
+        let narrow = |v: &[f32]| v.iter().map(|&x| E::narrow(x)).collect::<Vec<E>>();
+        let (kn, vn) = (narrow(kv.k), narrow(kv.v));
+        let wide = |v: &[E]| {
+            let mut w = vec![0f32; v.len()];
+            E::widen(v, &mut w);
+            w
+        };
+        let (kw, vw) = (wide(&kn), wide(&vn));
+        let want = naive_attend(
+            g,
+            KvRows {
+                k: &kw,
+                v: &vw,
+                ..kv
+            },
+        );
+        let rows = KvRows {
+            k: &kn[..],
+            v: &vn[..],
+            offsets: kv.offsets,
+            head: kv.head,
+        };
+        for simd in Simd::available() {
+            let mut out = vec![f32::NAN; g.rep * g.hd];
+            attend_with(g, rows, &mut out, Some(KvRows { head: 0, ..rows }), simd);
+            for (a, b) in out.iter().zip(&want) {
+                assert!(
+                    (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                    "{dtype} cache, hd {} rep {} span {} {simd:?}: {a} vs {b}",
+                    g.hd,
+                    g.rep,
+                    kv.offsets.len()
+                );
+            }
+        }
+    }
+
     fn check_linear(n: usize, k: usize) {
+        // Weights and inputs exact in bf16 and f16: every path computes the same products, so
+        // only the order of the sums differs.
         let w: Vec<f32> = (0..n * k)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 64.0)
             .collect();
@@ -1205,18 +1820,59 @@ mod tests {
                 .map(|i| ((i * 13 % 29) as f32 - 14.0) / 16.0)
                 .collect();
             let want = naive(&x, rows, &w, n, k);
-            for (bf, simd) in [false, true]
-                .into_iter()
-                .flat_map(|bf| Simd::available().into_iter().map(move |s| (bf, s)))
-            {
-                let lin = Linear::new(n, k, w.clone(), None, bf);
+            for compute in [Compute::F32, Compute::Bf16, Compute::F16] {
+                let lin = Linear::new(n, k, w.clone(), None, compute);
+                for simd in Simd::available() {
+                    let mut y = vec![0f32; rows * n];
+                    lin.forward_with(&x, rows, &mut y, simd);
+                    for (a, b) in y.iter().zip(&want) {
+                        assert!(
+                            (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                            "{n}x{k}, rows {rows}, {compute:?}, {simd:?}: {a} vs {b}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn half_weights_round_as_documented() {
+        // Values no half type holds exactly: f16 and bf16 weights are rounded to nearest; the
+        // bf16 dot product rounds the inputs too, the other paths keep them in f32.
+        // Shapes: odd inputs and a few rows (never AMX); whole tiles of inputs with a partial
+        // block of rows and a partial panel, and an odd panel count (AMX where the CPU has it).
+        for (n, k, rows) in [(40, 301, 5), (40, 320, 37), (300, 96, 100), (16, 64, 16)] {
+            check_rounding(n, k, rows);
+        }
+    }
+
+    fn check_rounding(n: usize, k: usize, rows: usize) {
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 7919 % 1013) as f32 - 506.3) / 997.1)
+            .collect();
+        let x: Vec<f32> = (0..rows * k)
+            .map(|i| ((i * 104_729 % 877) as f32 - 438.7) / 311.9)
+            .collect();
+        type Round = fn(f32) -> f32;
+        let round = |v: &[f32], to: Round| v.iter().map(|&a| to(a)).collect::<Vec<_>>();
+        let bf: Round = |a| bf16::from_f32(a).to_f32();
+        let hf: Round = |a| f16::from_f32(a).to_f32();
+        for compute in [Compute::Bf16, Compute::F16] {
+            let lin = Linear::new(n, k, w.clone(), None, compute);
+            for simd in Simd::available() {
+                let dp = compute == Compute::Bf16 && simd == Simd::Amx && amx_fits(&lin.w, rows, k);
+                let want = match compute {
+                    Compute::F16 => naive(&x, rows, &round(&w, hf), n, k),
+                    _ if dp => naive(&round(&x, bf), rows, &round(&w, bf), n, k),
+                    _ => naive(&x, rows, &round(&w, bf), n, k),
+                };
                 let mut y = vec![0f32; rows * n];
                 lin.forward_with(&x, rows, &mut y, simd);
-                let tol = if bf { 0.05 } else { 1e-4 };
                 for (a, b) in y.iter().zip(&want) {
                     assert!(
-                        (a - b).abs() <= tol * (1.0 + b.abs()),
-                        "{n}x{k}, rows {rows}, bf16 {bf}, {simd:?}: {a} vs {b}"
+                        (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                        "{n}x{k}, rows {rows}, {compute:?}, {simd:?}: {a} vs {b}"
                     );
                 }
             }

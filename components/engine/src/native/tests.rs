@@ -169,28 +169,50 @@ async fn seeds_make_sampling_reproducible() {
 }
 
 /// Engine A computes a prompt; its blocks go to engine B, which continues from them and
-/// produces what A alone produces.
+/// produces what A alone produces. With each KV cache type; blocks of another type are
+/// refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exported_blocks_continue_decoding_on_another_engine() {
     let dir = tempfile::tempdir().unwrap();
     tiny(dir.path());
-    let (a, b) = (engine(dir.path(), |_| {}), engine(dir.path(), |_| {}));
-    let p = prompt(5, 70);
-    let want = run(&a, request(p.clone(), 10, greedy())).await.0;
-    let hashes = crate::scheduler::prompt_hashes(&p, 16);
-    assert_eq!(hashes.len(), 4);
-    let blocks = a.export(hashes.clone()).await.unwrap();
-    assert_eq!(blocks.blocks.len(), 4);
-    assert_eq!(blocks.layout.block_bytes(), blocks.blocks[0].data.len());
-    assert_eq!(b.import(blocks.clone()).await.unwrap(), 4);
-    let (got, cached) = run(&b, request(p.clone(), 10, greedy())).await;
-    assert_eq!(cached, 64, "B reused the imported blocks");
-    assert_eq!(got, want);
-    // Importing again writes nothing; a mismatched layout is refused.
-    assert_eq!(b.import(blocks.clone()).await.unwrap(), 0);
-    let mut wrong = blocks;
-    wrong.layout.head_dim += 1;
-    assert!(matches!(b.import(wrong).await, Err(NativeError::Import(_))));
+    let f32_bytes = engine(dir.path(), |_| {}).kv_layout().block_bytes();
+    for kv in [KvDtype::F32, KvDtype::F16, KvDtype::Bf16] {
+        let start = || engine(dir.path(), |s| s.kv_cache_dtype = Some(kv));
+        let (a, b) = (start(), start());
+        let p = prompt(5, 70);
+        let want = run(&a, request(p.clone(), 10, greedy())).await.0;
+        let hashes = crate::scheduler::prompt_hashes(&p, 16);
+        assert_eq!(hashes.len(), 4);
+        let blocks = a.export(hashes.clone()).await.unwrap();
+        assert_eq!(blocks.blocks.len(), 4);
+        assert_eq!(blocks.layout.dtype, kv.name());
+        assert_eq!(blocks.layout.block_bytes(), blocks.blocks[0].data.len());
+        assert_eq!(
+            blocks.layout.block_bytes() * 4,
+            f32_bytes * kv.size(),
+            "{kv:?}"
+        );
+        assert_eq!(b.import(blocks.clone()).await.unwrap(), 4);
+        let (got, cached) = run(&b, request(p.clone(), 10, greedy())).await;
+        assert_eq!(cached, 64, "B reused the imported blocks ({kv:?})");
+        assert_eq!(got, want, "{kv:?}");
+        // Importing again writes nothing; a mismatched layout or type is refused.
+        assert_eq!(b.import(blocks.clone()).await.unwrap(), 0);
+        let mut wrong = blocks.clone();
+        wrong.layout.head_dim += 1;
+        assert!(matches!(b.import(wrong).await, Err(NativeError::Import(_))));
+        let other = engine(dir.path(), |s| {
+            s.kv_cache_dtype = Some(if kv == KvDtype::F32 {
+                KvDtype::F16
+            } else {
+                KvDtype::F32
+            })
+        });
+        assert!(
+            matches!(other.import(blocks).await, Err(NativeError::Import(_))),
+            "{kv:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -638,4 +660,29 @@ async fn guided_decoding_holds_output_to_the_grammar() {
         Some(Err(EngineError::BadRequest(m))) => assert!(m.contains("tokenizer.json"), "{m}"),
         other => panic!("{other:?}"),
     }
+}
+
+/// Unset, the weights' type is the checkpoint's and the KV cache's the weights'; either can be
+/// set apart. The greedy tokens of an f16 checkpoint held in f16 with an f16 cache equal those
+/// of the same checkpoint computed in f32 for this short run (f16 weights are exact in f32).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_checkpoint_is_held_in_its_own_type_unless_told() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = RandomModel {
+        dtype: weights::Dtype::F16,
+        ..RandomModel::preset("tiny", 512).unwrap()
+    };
+    m.write(dir.path(), &mut |_, _| {}).unwrap();
+    let auto = engine(dir.path(), |_| {});
+    assert_eq!(auto.kv_layout().dtype, "f16");
+    let wide = engine(dir.path(), |s| {
+        s.compute = Some(Compute::F32);
+    });
+    assert_eq!(wide.kv_layout().dtype, "f32");
+    let mixed = engine(dir.path(), |s| s.kv_cache_dtype = Some(KvDtype::Bf16));
+    assert_eq!(mixed.kv_layout().dtype, "bf16");
+    let p = prompt(9, 40);
+    let (a, _) = run(&auto, request(p.clone(), 12, greedy())).await;
+    let (b, _) = run(&wide, request(p, 12, greedy())).await;
+    assert_eq!(a, b);
 }

@@ -133,11 +133,12 @@ impl Weights {
         self.tensors.values().map(|t| t.end - t.start).sum()
     }
 
-    /// The most common dtype of the tensors.
+    /// The dtype holding most of the tensor bytes (the weight matrices': a checkpoint may keep
+    /// its norms in f32).
     pub fn dtype(&self) -> Option<Dtype> {
         let mut counts: HashMap<&'static str, (usize, Dtype)> = HashMap::new();
         for t in self.tensors.values() {
-            counts.entry(t.dtype.name()).or_insert((0, t.dtype)).0 += 1;
+            counts.entry(t.dtype.name()).or_insert((0, t.dtype)).0 += t.end - t.start;
         }
         counts.into_values().max_by_key(|c| c.0).map(|c| c.1)
     }
