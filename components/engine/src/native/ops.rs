@@ -8,8 +8,8 @@
 //!   in registers so that each weight vector loaded serves several rows: 16 features x 6 rows
 //!   with AVX2/FMA, 16 features x up to 16 rows with AVX-512. Panels are split across the
 //!   cores; the input dimension is walked in blocks whose panel slice stays in L1 while every
-//!   row uses it. bf16 matmuls of 16 rows or more run on AMX tiles where the CPU has them
-//!   (module `amx`): the bf16 panel is already a tile operand.
+//!   row uses it. bf16 matmuls run on AMX tiles where the CPU has them (module `amx`): the
+//!   bf16 panel is already a tile operand.
 //! - Attention of the query heads sharing a kv head, over a block table's cache rows, in f32,
 //!   f16 or bf16 ([`KvElem`]).
 //! - RMSNorm, RoPE, SiLU-gating and the numerically stable softmax the model needs.
@@ -40,8 +40,6 @@ const K_BLOCK: usize = 256;
 const ROW_GROUP: usize = 6;
 /// Rows per AVX-512 micro-kernel call (16 accumulators of its 32 registers).
 const ROW_GROUP_512: usize = 16;
-/// Rows from which a bf16 matmul goes through AMX tiles (16 rows a tile).
-const AMX_MIN_ROWS: usize = 16;
 /// How far ahead of the multi-row kernel the weight stream is prefetched, in bytes: without
 /// it the hardware prefetcher falls behind once each weight feeds several rows (measured on
 /// 8 rows: ~19 GB/s of weights without, ~24 GB/s with). The one-row kernel streams fast
@@ -56,10 +54,9 @@ const PARALLEL_MIN: usize = 1 << 16;
 pub enum Compute {
     #[default]
     F32,
-    /// bf16 weights. Where the CPU has AMX (Sapphire Rapids and later), matmuls of 16 rows
-    /// or more (prefill, large batches) run on its tiles: the activations are rounded to bf16
-    /// and `tdpbf16ps` sums bf16 products into f32. Fewer rows, or no AMX: the weights are
-    /// widened to f32 in registers. (AVX512_BF16's `vdpbf16ps` was measured slower than
+    /// bf16 weights. Where the CPU has AMX (Sapphire Rapids and later), matmuls run on its
+    /// tiles: the activations are rounded to bf16 and `tdpbf16ps` sums bf16 products into
+    /// f32. Without AMX the weights are widened to f32 in registers. (AVX512_BF16's `vdpbf16ps` was measured slower than
     /// widening and f32 multiply-adds on Sapphire Rapids: 23 against 30 GMAC/s per core.)
     Bf16,
     /// f16 weights, widened to f32 in registers by the CPU's half-precision conversion
@@ -255,10 +252,11 @@ impl Linear {
     }
 }
 
-/// Whether a matmul of `rows` goes through AMX tiles: bf16 weights, at least
-/// [`AMX_MIN_ROWS`] rows, and inputs in whole tiles (32).
+/// Whether a matmul of `rows` goes through AMX tiles: bf16 weights and inputs in whole tiles
+/// (32). Every row count does, one decode token too (the tile streams the weights at the
+/// memory's speed), so a token's arithmetic is the same alone or in a batch.
 fn amx_fits(w: &WeightData, rows: usize, k: usize) -> bool {
-    matches!(w, WeightData::Bf16(_)) && rows >= AMX_MIN_ROWS && k.is_multiple_of(32) && k > 0
+    matches!(w, WeightData::Bf16(_)) && rows > 0 && k.is_multiple_of(32)
 }
 
 /// Rows of `k` activations rounded to bf16 (to nearest, ties to even), as pairs in `u32`s
@@ -268,11 +266,16 @@ fn bf16_pairs(x: &[f32], k: usize, padded_rows: usize) -> Vec<u32> {
     let k2 = k.div_ceil(2);
     let rows = x.len() / k.max(1);
     let mut out = vec![0u32; padded_rows.max(rows) * k2];
-    let bits = |v: f32| bf16::from_f32(v).to_bits() as u32;
     let convert = |(xr, or): (&[f32], &mut [u32])| {
-        for (pair, o) in xr.chunks(2).zip(or.iter_mut()) {
-            *o = bits(pair[0]) | pair.get(1).map_or(0, |&v| bits(v) << 16);
+        #[cfg(target_arch = "x86_64")]
+        if has_avx512_bf16() {
+            // SAFETY: the CPU has AVX512_BF16 (checked at run time); `or` holds half of `xr`.
+            #[allow(unsafe_code)]
+            unsafe {
+                return bf16_row_avx512(xr, or);
+            }
         }
+        bf16_row(xr, or)
     };
     if rows >= 64 {
         x.par_chunks(k)
@@ -282,6 +285,43 @@ fn bf16_pairs(x: &[f32], k: usize, padded_rows: usize) -> Vec<u32> {
         x.chunks(k).zip(out.chunks_mut(k2)).for_each(convert);
     }
     out
+}
+
+/// One row of [`bf16_pairs`] (half's rounding: to nearest, ties to even).
+fn bf16_row(xr: &[f32], or: &mut [u32]) {
+    let bits = |v: f32| bf16::from_f32(v).to_bits() as u32;
+    for (pair, o) in xr.chunks(2).zip(or.iter_mut()) {
+        *o = bits(pair[0]) | pair.get(1).map_or(0, |&v| bits(v) << 16);
+    }
+}
+
+/// [`bf16_row`] 32 values at a time with `vcvtne2ps2bf16` (the same rounding; the instruction
+/// takes denormal inputs as zero, which no activation is).
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+#[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
+unsafe fn bf16_row_avx512(xr: &[f32], or: &mut [u32]) {
+    use std::arch::x86_64::*;
+    assert!(or.len() * 2 >= xr.len());
+    let whole = xr.len() / 32 * 32;
+    for c in (0..whole).step_by(32) {
+        let lo = _mm512_loadu_ps(xr.as_ptr().add(c));
+        let hi = _mm512_loadu_ps(xr.as_ptr().add(c + 16));
+        // The low 16 words come from the second operand.
+        let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+        _mm512_storeu_si512(or.as_mut_ptr().add(c / 2).cast(), v);
+    }
+    bf16_row(&xr[whole..], &mut or[whole / 2..]);
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx512_bf16() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        std::is_x86_feature_detected!("avx512bf16")
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512vl")
+    })
 }
 
 /// The output matrix, shared by the tasks of one matmul: each writes only the columns of its
@@ -487,8 +527,81 @@ fn weight_shape<const W: u8>(k: usize) -> (usize, usize) {
 #[allow(unsafe_code)]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 unsafe fn panels_avx512<const W: u8>(s: Strip<'_>, w: *const u8) {
+    if W == WF16 && s.rows > ROW_GROUP_512 {
+        return f16_widened(s, w);
+    }
     let (elem, kw) = weight_shape::<W>(s.k);
-    panel_walk::<ROW_GROUP_512>(s, w, elem, kw, |g, t| match g {
+    panel_walk::<ROW_GROUP_512>(s, w, elem, kw, |g, t| micro512_any::<W>(g, t));
+}
+
+/// [`panels_avx512`] for f16 panels and several row groups: each block of a panel's inputs is
+/// widened once into an f32 scratch (16 KiB, in L1) that every row group then reads with the
+/// f32 kernel, instead of each row group converting it again (measured: f16 prefill ran ~7%
+/// below f32; a conversion takes a slot of the port the multiply-adds use).
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+#[inline(always)]
+unsafe fn f16_widened(s: Strip<'_>, w: *const u8) {
+    use std::arch::x86_64::*;
+    let Strip {
+        x,
+        rows,
+        k,
+        n,
+        lo,
+        hi,
+        y,
+        ..
+    } = s;
+    let mut scratch = vec![0f32; K_BLOCK * PANEL];
+    for p in lo..hi {
+        let pw = w.add(p * k * PANEL * 2);
+        let cols = (n - p * PANEL).min(PANEL);
+        // The zero-padded last panel accumulates into its own rows, copied out at the end.
+        let mut part = if cols < PANEL {
+            vec![0f32; rows * PANEL]
+        } else {
+            Vec::new()
+        };
+        let mut c0 = 0;
+        while c0 < k {
+            let c1 = (c0 + K_BLOCK).min(k);
+            for c in c0..c1 {
+                let v = _mm512_cvtph_ps(_mm256_loadu_si256(pw.add(c * PANEL * 2).cast()));
+                _mm512_storeu_ps(scratch.as_mut_ptr().add((c - c0) * PANEL), v);
+            }
+            for (r, g) in row_groups(rows, ROW_GROUP_512) {
+                let (out, ldy) = if cols < PANEL {
+                    (part.as_mut_ptr().add(r * PANEL), PANEL)
+                } else {
+                    (y.0.add(r * n + p * PANEL), n)
+                };
+                let t = Tile {
+                    x: x.as_ptr().add(r * k + c0),
+                    k,
+                    w: scratch.as_ptr().cast(),
+                    c0: 0,
+                    c1: c1 - c0,
+                    first: c0 == 0,
+                    y: out,
+                    ldy,
+                };
+                micro512_any::<WF32>(g, t);
+            }
+            c0 = c1;
+        }
+        for (r, row) in part.chunks_exact(PANEL).enumerate() {
+            std::ptr::copy_nonoverlapping(row.as_ptr(), y.0.add(r * n + p * PANEL), cols);
+        }
+    }
+}
+
+/// The AVX-512 kernel for a group of `g` rows.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+#[inline(always)]
+unsafe fn micro512_any<const W: u8>(g: usize, t: Tile) {
+    match g {
         16 => micro512::<16, W>(t),
         15 => micro512::<15, W>(t),
         14 => micro512::<14, W>(t),
@@ -499,9 +612,78 @@ unsafe fn panels_avx512<const W: u8>(s: Strip<'_>, w: *const u8) {
         9 => micro512::<9, W>(t),
         8 => micro512::<8, W>(t),
         7 => micro512::<7, W>(t),
-        // Fewer rows: the AVX2 kernels (the one-row one is tuned for streaming).
+        1 => micro512_1::<W>(t),
+        // 2-6 rows: the AVX2 kernels.
         _ => micro_any::<W>(g, t),
-    });
+    }
+}
+
+/// 16 f32 or f16 weights at byte `at`, widened to f32.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+#[inline(always)]
+unsafe fn load16<const W: u8>(w: *const u8, at: usize) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    if W == WF16 {
+        _mm512_cvtph_ps(_mm256_loadu_si256(w.add(at).cast()))
+    } else {
+        _mm512_loadu_ps(w.add(at).cast())
+    }
+}
+
+/// [`micro512`] for one row (a decode token): four accumulators over consecutive input
+/// positions (pairs for bf16), so the weight stream is not held up by FMA latency.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+#[inline(always)]
+unsafe fn micro512_1<const W: u8>(t: Tile) {
+    use std::arch::x86_64::*;
+    let Tile { x, w, y, .. } = t;
+    let (c0, c1) = (t.c0, t.c1);
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let line = if W == WF32 { PANEL * 4 } else { PANEL * 2 };
+    let mut c = c0;
+    if W == WBF16 {
+        let mask = _mm512_set1_epi32(-65536);
+        while c + 4 <= c1 {
+            for u in 0..2 {
+                let v = _mm512_loadu_si512(w.add((c + 2 * u) * PANEL * 2).cast());
+                let lo = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+                let hi = _mm512_castsi512_ps(_mm512_and_si512(v, mask));
+                acc[2 * u] = _mm512_fmadd_ps(lo, _mm512_set1_ps(*x.add(c + 2 * u)), acc[2 * u]);
+                acc[2 * u + 1] =
+                    _mm512_fmadd_ps(hi, _mm512_set1_ps(*x.add(c + 2 * u + 1)), acc[2 * u + 1]);
+            }
+            c += 4;
+        }
+        while c < c1 {
+            let v = _mm512_loadu_si512(w.add(c * PANEL * 2).cast());
+            let lo = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+            acc[0] = _mm512_fmadd_ps(lo, _mm512_set1_ps(*x.add(c)), acc[0]);
+            if c + 1 < c1 {
+                let hi = _mm512_castsi512_ps(_mm512_and_si512(v, mask));
+                acc[1] = _mm512_fmadd_ps(hi, _mm512_set1_ps(*x.add(c + 1)), acc[1]);
+            }
+            c += 2;
+        }
+    } else {
+        while c + 4 <= c1 {
+            for (u, a) in acc.iter_mut().enumerate() {
+                *a = _mm512_fmadd_ps(
+                    load16::<W>(w, (c + u) * line),
+                    _mm512_set1_ps(*x.add(c + u)),
+                    *a,
+                );
+            }
+            c += 4;
+        }
+        while c < c1 {
+            acc[0] = _mm512_fmadd_ps(load16::<W>(w, c * line), _mm512_set1_ps(*x.add(c)), acc[0]);
+            c += 1;
+        }
+    }
+    let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+    store512(y, sum, t.first);
 }
 
 /// Stores 16 outputs (`first`) or adds them to what is there.
@@ -627,9 +809,17 @@ unsafe fn load_pair(
     let p: *const __m256i = w.add(c * PANEL * 2).cast();
     let (v0, v1) = (_mm256_loadu_si256(p), _mm256_loadu_si256(p.add(1)));
     let mask = _mm256_set1_epi32(-65536);
-    let lo = |v: __m256i| _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-    let hi = |v: __m256i| _mm256_castsi256_ps(_mm256_and_si256(v, mask));
-    [(lo(v0), lo(v1)), (hi(v0), hi(v1))]
+    // (No closures: they would not inherit the caller's target features.)
+    [
+        (
+            _mm256_castsi256_ps(_mm256_slli_epi32(v0, 16)),
+            _mm256_castsi256_ps(_mm256_slli_epi32(v1, 16)),
+        ),
+        (
+            _mm256_castsi256_ps(_mm256_and_si256(v0, mask)),
+            _mm256_castsi256_ps(_mm256_and_si256(v1, mask)),
+        ),
+    ]
 }
 
 /// Stores 16 outputs (`first`) or adds them to what is there.
@@ -662,21 +852,30 @@ unsafe fn micro<const R: usize, const W: u8>(t: Tile) {
         x, k, w, y, ldy, ..
     } = t;
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
-    let fma = |acc: &mut [[__m256; 2]; R], (w0, w1): (__m256, __m256), c: usize| {
+    // (A function, not a closure: a closure does not inherit the caller's target features,
+    // and its intrinsics would be calls.)
+    #[inline(always)]
+    unsafe fn fma<const R: usize>(
+        acc: &mut [[__m256; 2]; R],
+        (w0, w1): (__m256, __m256),
+        x: *const f32,
+        k: usize,
+        c: usize,
+    ) {
         for (i, a) in acc.iter_mut().enumerate() {
             let b = _mm256_broadcast_ss(&*x.add(i * k + c));
             a[0] = _mm256_fmadd_ps(w0, b, a[0]);
             a[1] = _mm256_fmadd_ps(w1, b, a[1]);
         }
-    };
+    }
     if W == WBF16 {
         let mut c = t.c0;
         while c < t.c1 {
             _mm_prefetch::<_MM_HINT_T0>(w.add(c * PANEL * 2 + PREFETCH_AHEAD).cast());
             let [lo, hi] = load_pair(w, c);
-            fma(&mut acc, lo, c);
+            fma(&mut acc, lo, x, k, c);
             if c + 1 < t.c1 {
-                fma(&mut acc, hi, c + 1);
+                fma(&mut acc, hi, x, k, c + 1);
             }
             c += 2;
         }
@@ -684,7 +883,7 @@ unsafe fn micro<const R: usize, const W: u8>(t: Tile) {
         let line = if W == WF32 { PANEL * 4 } else { PANEL * 2 };
         for c in t.c0..t.c1 {
             _mm_prefetch::<_MM_HINT_T0>(w.add(c * line + PREFETCH_AHEAD).cast());
-            fma(&mut acc, load_panel::<W>(w, c), c);
+            fma(&mut acc, load_panel::<W>(w, c), x, k, c);
         }
     }
     for (i, a) in acc.iter().enumerate() {
@@ -709,22 +908,24 @@ unsafe fn micro1<const W: u8>(t: Tile) {
         ..
     } = t;
     let mut acc = [_mm256_setzero_ps(); 8];
-    let fma = |acc: &mut [__m256; 8], u: usize, (w0, w1): (__m256, __m256), c: usize| {
-        let b = _mm256_broadcast_ss(&*x.add(c));
+    // (A function, not a closure: see `micro`.)
+    #[inline(always)]
+    unsafe fn fma(acc: &mut [__m256; 8], u: usize, (w0, w1): (__m256, __m256), x: *const f32) {
+        let b = _mm256_broadcast_ss(&*x);
         acc[2 * u] = _mm256_fmadd_ps(w0, b, acc[2 * u]);
         acc[2 * u + 1] = _mm256_fmadd_ps(w1, b, acc[2 * u + 1]);
-    };
+    }
     // (c0 is even: a bf16 pair never straddles the unrolled loop and the tail.)
     let mut c = c0;
     while c + 4 <= c1 {
         if W == WBF16 {
             let ([a, b], [d, e]) = (load_pair(w, c), load_pair(w, c + 2));
             for (u, wv) in [a, b, d, e].into_iter().enumerate() {
-                fma(&mut acc, u, wv, c + u);
+                fma(&mut acc, u, wv, x.add(c + u));
             }
         } else {
             for u in 0..4 {
-                fma(&mut acc, u, load_panel::<W>(w, c + u), c + u);
+                fma(&mut acc, u, load_panel::<W>(w, c + u), x.add(c + u));
             }
         }
         c += 4;
@@ -732,13 +933,13 @@ unsafe fn micro1<const W: u8>(t: Tile) {
     while c < c1 {
         if W == WBF16 {
             let [a, b] = load_pair(w, c);
-            fma(&mut acc, 0, a, c);
+            fma(&mut acc, 0, a, x.add(c));
             if c + 1 < c1 {
-                fma(&mut acc, 1, b, c + 1);
+                fma(&mut acc, 1, b, x.add(c + 1));
             }
             c += 2;
         } else {
-            fma(&mut acc, 0, load_panel::<W>(w, c), c);
+            fma(&mut acc, 0, load_panel::<W>(w, c), x.add(c));
             c += 1;
         }
     }
@@ -1837,12 +2038,48 @@ mod tests {
     }
 
     #[test]
+    fn the_vector_bf16_rounding_is_the_scalar_one() {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx512_bf16() {
+            // Ties both ways, values just either side of them, signs, zeros, large and tiny
+            // normals; 70 values: two whole vectors and a tail.
+            let mut x: Vec<f32> = vec![
+                1.003_906_3,
+                1.011_718_8,
+                -1.003_906_3,
+                0.0,
+                -0.0,
+                3.0e38,
+                1.0e-37,
+            ];
+            x.extend(
+                (0..63)
+                    .map(|i| ((i * 7919 % 1013) as f32 - 506.3) / 97.1 * (1.0 + i as f32 * 1e-3)),
+            );
+            let (mut a, mut b) = (vec![0u32; 35], vec![0u32; 35]);
+            bf16_row(&x, &mut a);
+            // SAFETY: checked above.
+            #[allow(unsafe_code)]
+            unsafe {
+                bf16_row_avx512(&x, &mut b)
+            };
+            assert_eq!(a, b);
+        }
+    }
+
+    #[test]
     fn half_weights_round_as_documented() {
         // Values no half type holds exactly: f16 and bf16 weights are rounded to nearest; the
         // bf16 dot product rounds the inputs too, the other paths keep them in f32.
-        // Shapes: odd inputs and a few rows (never AMX); whole tiles of inputs with a partial
-        // block of rows and a partial panel, and an odd panel count (AMX where the CPU has it).
-        for (n, k, rows) in [(40, 301, 5), (40, 320, 37), (300, 96, 100), (16, 64, 16)] {
+        // Shapes: odd inputs (never AMX); whole tiles of inputs with a partial block of rows,
+        // a partial panel, an odd panel count, one row (AMX where the CPU has it).
+        for (n, k, rows) in [
+            (40, 301, 5),
+            (40, 320, 37),
+            (300, 96, 100),
+            (16, 64, 16),
+            (48, 64, 1),
+        ] {
             check_rounding(n, k, rows);
         }
     }
