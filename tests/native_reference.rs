@@ -100,18 +100,14 @@ fn logits_match_the_numpy_reference() {
     );
     // Head dim 64 (the shape of SmolLM2 and Qwen2.5-0.5B): the vectorized attention kernel;
     // 2 x 180 gate/up features end in a zero-padded weight panel.
-    check(
-        "head dim 64",
-        &RandomModel {
-            hidden_size: 128,
-            num_heads: 2,
-            num_kv_heads: 1,
-            intermediate_size: 180,
-            ..base.clone()
-        },
-        Compute::F32,
-        1e-4,
-    );
+    let hd64 = RandomModel {
+        hidden_size: 128,
+        num_heads: 2,
+        num_kv_heads: 1,
+        intermediate_size: 180,
+        ..base.clone()
+    };
+    check("head dim 64", &hd64, Compute::F32, 1e-4);
     // bf16 files are read exactly (the reference widens them the same way).
     check(
         "bf16 file",
@@ -128,8 +124,8 @@ fn logits_match_the_numpy_reference() {
         ..base.clone()
     };
     check("f16 file, f16 weights", &f16_file, Compute::F16, 1e-4);
-    // Holding f32 weights in bf16 rounds them (and, where the CPU has the bf16 dot product,
-    // the activations entering each matmul): close, not exact (measured: up to 5.0e-3).
+    // Holding f32 weights in bf16 rounds them (and, where the CPU has AMX, the activations
+    // entering each matmul): close, not exact (measured: up to 5.0e-3).
     check("bf16 weights", &base, Compute::Bf16, 2e-2);
     // A half-precision KV cache rounds each cached K and V: f16 keeps 11 significant bits,
     // bf16 8 (measured: up to 2.3e-4 and 1.7e-3).
@@ -145,13 +141,7 @@ fn logits_match_the_numpy_reference() {
     // Head dim 64: the vectorized attention over half-precision rows.
     check_kv(
         "head dim 64, f16 KV cache",
-        &RandomModel {
-            hidden_size: 128,
-            num_heads: 2,
-            num_kv_heads: 1,
-            intermediate_size: 180,
-            ..base.clone()
-        },
+        &hd64,
         Compute::F32,
         KvDtype::F16,
         1e-3,
