@@ -1553,13 +1553,19 @@ unsafe fn attend_avx512_64<E: KvElem>(
 #[allow(unsafe_code)]
 trait Slice64 {
     type Regs: Copy;
-    /// Loads 64 floats. (All four: raw pointers the caller keeps in bounds, and intrinsics
-    /// only inlined into a function with the width's target features.)
+    /// Query heads whose slices stay in registers together while a K row streams past (each
+    /// K slice loaded and widened once for all of them).
+    const HEADS: usize;
+    /// Loads 64 floats. (All: raw pointers the caller keeps in bounds, and intrinsics only
+    /// inlined into a function with the width's target features.)
     unsafe fn load(p: *const f32) -> Self::Regs;
-    /// The 8-lane partial sums of `q . k[..64]`.
-    unsafe fn dot<E: KvElem>(q: &Self::Regs, k: *const E) -> std::arch::x86_64::__m256;
+    /// Loads 64 cache elements, widened.
+    unsafe fn load_kv<E: KvElem>(p: *const E) -> Self::Regs;
+    /// The 8-lane partial sums of `q . k`.
+    unsafe fn dot_regs(q: &Self::Regs, k: &Self::Regs) -> std::arch::x86_64::__m256;
+
     /// `acc += p * v[..64]`.
-    unsafe fn axpy<E: KvElem>(acc: &mut Self::Regs, p: f32, v: *const E);
+    unsafe fn axpy(acc: &mut Self::Regs, p: f32, v: &Self::Regs);
     unsafe fn store(acc: &Self::Regs, p: *mut f32);
 }
 
@@ -1572,27 +1578,42 @@ struct Zmm;
 #[allow(unsafe_code)]
 impl Slice64 for Ymm {
     type Regs = [std::arch::x86_64::__m256; 8];
+    // (8 registers a head of AVX2's 16: one at a time.)
+    const HEADS: usize = 1;
     #[inline(always)]
     unsafe fn load(p: *const f32) -> Self::Regs {
         std::array::from_fn(|u| std::arch::x86_64::_mm256_loadu_ps(p.add(8 * u)))
     }
     #[inline(always)]
-    unsafe fn dot<E: KvElem>(q: &Self::Regs, k: *const E) -> std::arch::x86_64::__m256 {
+    unsafe fn load_kv<E: KvElem>(p: *const E) -> Self::Regs {
+        [
+            E::load8(p),
+            E::load8(p.add(8)),
+            E::load8(p.add(16)),
+            E::load8(p.add(24)),
+            E::load8(p.add(32)),
+            E::load8(p.add(40)),
+            E::load8(p.add(48)),
+            E::load8(p.add(56)),
+        ]
+    }
+    #[inline(always)]
+    unsafe fn dot_regs(q: &Self::Regs, k: &Self::Regs) -> std::arch::x86_64::__m256 {
         use std::arch::x86_64::*;
-        let mut a0 = _mm256_mul_ps(q[0], E::load8(k));
-        let mut a1 = _mm256_mul_ps(q[1], E::load8(k.add(8)));
+        let mut a0 = _mm256_mul_ps(q[0], k[0]);
+        let mut a1 = _mm256_mul_ps(q[1], k[1]);
         for u in (2..8).step_by(2) {
-            a0 = _mm256_fmadd_ps(q[u], E::load8(k.add(8 * u)), a0);
-            a1 = _mm256_fmadd_ps(q[u + 1], E::load8(k.add(8 * u + 8)), a1);
+            a0 = _mm256_fmadd_ps(q[u], k[u], a0);
+            a1 = _mm256_fmadd_ps(q[u + 1], k[u + 1], a1);
         }
         _mm256_add_ps(a0, a1)
     }
     #[inline(always)]
-    unsafe fn axpy<E: KvElem>(acc: &mut Self::Regs, p: f32, v: *const E) {
+    unsafe fn axpy(acc: &mut Self::Regs, p: f32, v: &Self::Regs) {
         use std::arch::x86_64::*;
         let p = _mm256_set1_ps(p);
-        for (u, a) in acc.iter_mut().enumerate() {
-            *a = _mm256_fmadd_ps(p, E::load8(v.add(8 * u)), *a);
+        for (a, v) in acc.iter_mut().zip(v) {
+            *a = _mm256_fmadd_ps(p, *v, *a);
         }
     }
     #[inline(always)]
@@ -1607,17 +1628,28 @@ impl Slice64 for Ymm {
 #[allow(unsafe_code)]
 impl Slice64 for Zmm {
     type Regs = [std::arch::x86_64::__m512; 4];
+    // (4 registers a head: four heads' queries, a K slice and the sums fit AVX-512's 32.)
+    const HEADS: usize = 4;
     #[inline(always)]
     unsafe fn load(p: *const f32) -> Self::Regs {
         std::array::from_fn(|u| std::arch::x86_64::_mm512_loadu_ps(p.add(16 * u)))
     }
     #[inline(always)]
-    unsafe fn dot<E: KvElem>(q: &Self::Regs, k: *const E) -> std::arch::x86_64::__m256 {
+    unsafe fn load_kv<E: KvElem>(p: *const E) -> Self::Regs {
+        [
+            E::load16(p),
+            E::load16(p.add(16)),
+            E::load16(p.add(32)),
+            E::load16(p.add(48)),
+        ]
+    }
+    #[inline(always)]
+    unsafe fn dot_regs(q: &Self::Regs, k: &Self::Regs) -> std::arch::x86_64::__m256 {
         use std::arch::x86_64::*;
-        let mut a0 = _mm512_mul_ps(q[0], E::load16(k));
-        let mut a1 = _mm512_mul_ps(q[1], E::load16(k.add(16)));
-        a0 = _mm512_fmadd_ps(q[2], E::load16(k.add(32)), a0);
-        a1 = _mm512_fmadd_ps(q[3], E::load16(k.add(48)), a1);
+        let mut a0 = _mm512_mul_ps(q[0], k[0]);
+        let mut a1 = _mm512_mul_ps(q[1], k[1]);
+        a0 = _mm512_fmadd_ps(q[2], k[2], a0);
+        a1 = _mm512_fmadd_ps(q[3], k[3], a1);
         let s = _mm512_castps_pd(_mm512_add_ps(a0, a1));
         _mm256_add_ps(
             _mm256_castpd_ps(_mm512_castpd512_pd256(s)),
@@ -1625,11 +1657,11 @@ impl Slice64 for Zmm {
         )
     }
     #[inline(always)]
-    unsafe fn axpy<E: KvElem>(acc: &mut Self::Regs, p: f32, v: *const E) {
+    unsafe fn axpy(acc: &mut Self::Regs, p: f32, v: &Self::Regs) {
         use std::arch::x86_64::*;
         let p = _mm512_set1_ps(p);
-        for (u, a) in acc.iter_mut().enumerate() {
-            *a = _mm512_fmadd_ps(p, E::load16(v.add(16 * u)), *a);
+        for (a, v) in acc.iter_mut().zip(v) {
+            *a = _mm512_fmadd_ps(p, *v, *a);
         }
     }
     #[inline(always)]
@@ -1676,33 +1708,44 @@ unsafe fn attend_64<L: Slice64, E: KvElem>(
     // Scores: per query head and 64-lane slice of the head, the slice of q stays in 8
     // registers while every position's K slice streams past (one load per multiply-add);
     // each position's 8-lane partial sum is kept, and eight of them reduced together.
-    let mut part = vec![_mm256_setzero_ps(); padded];
-    for j in 0..rep {
-        for c0 in (0..hd).step_by(64) {
-            let qv = L::load(qp.add(j * hd + c0));
-            for (t, &o) in offsets.iter().enumerate() {
-                // The memory traffic spread over the passes: K rows ahead of the first head's
-                // pass, V rows (into L2, for the value pass) during the second.
-                if c0 == 0 {
-                    if j == 0 {
-                        if let Some(&ahead) = offsets.get(t + PF_POS) {
-                            prefetch_row(kp.wrapping_add(ahead + head), true);
-                        }
-                    }
-                    if j == rep.min(2) - 1 {
-                        prefetch_row(vp.wrapping_add(o + head), false);
-                    }
-                }
-                let sum = L::dot(&qv, kp.add(o + head + c0));
-                part[t] = if c0 == 0 {
-                    sum
-                } else {
-                    _mm256_add_ps(part[t], sum)
-                };
+    let mut part = vec![_mm256_setzero_ps(); rep * padded];
+    for c0 in (0..hd).step_by(64) {
+        let mut j0 = 0;
+        while j0 < rep {
+            let g = (rep - j0).min(L::HEADS);
+            let mut qv = [L::load(qp.add(j0 * hd + c0)); 4];
+            for (i, q) in qv.iter_mut().enumerate().take(g).skip(1) {
+                *q = L::load(qp.add((j0 + i) * hd + c0));
             }
+            for (t, &o) in offsets.iter().enumerate() {
+                // The memory traffic spread over the pass: K rows ahead, V rows into L2 for
+                // the value pass.
+                if c0 == 0 && j0 == 0 {
+                    if let Some(&ahead) = offsets.get(t + PF_POS) {
+                        prefetch_row(kp.wrapping_add(ahead + head), true);
+                    }
+                    prefetch_row(vp.wrapping_add(o + head), false);
+                }
+                let k = L::load_kv(kp.add(o + head + c0));
+                for (i, q) in qv.iter().enumerate().take(g) {
+                    let sum = L::dot_regs(q, &k);
+                    let slot = &mut part[(j0 + i) * padded + t];
+                    *slot = if c0 == 0 {
+                        sum
+                    } else {
+                        _mm256_add_ps(*slot, sum)
+                    };
+                }
+            }
+            j0 += g;
         }
+    }
+    for j in 0..rep {
         // Eight 8-lane partial sums to one vector of eight totals (the padding stays zero).
-        for (g, p) in part.chunks_exact(8).enumerate() {
+        for (g, p) in part[j * padded..(j + 1) * padded]
+            .chunks_exact(8)
+            .enumerate()
+        {
             let h01 = _mm256_hadd_ps(p[0], p[1]);
             let h23 = _mm256_hadd_ps(p[2], p[3]);
             let h45 = _mm256_hadd_ps(p[4], p[5]);
@@ -1727,21 +1770,32 @@ unsafe fn attend_64<L: Slice64, E: KvElem>(
     let mut t0 = 0;
     while t0 < span {
         let t1 = (t0 + V_TILE).min(span);
-        for j in 0..rep {
-            let sj = scores.as_ptr().add(j * padded);
-            for c0 in (0..hd).step_by(64) {
-                let o = op.add(j * hd + c0);
-                let mut acc = L::load(o);
+        // Per group of query heads and 64-lane slice: their outputs accumulate in registers
+        // while each V slice is loaded (and widened) once for all of them.
+        for c0 in (0..hd).step_by(64) {
+            let mut j0 = 0;
+            while j0 < rep {
+                let g = (rep - j0).min(L::HEADS);
+                let mut acc = [L::load(op.add(j0 * hd + c0)); 4];
+                for (i, a) in acc.iter_mut().enumerate().take(g).skip(1) {
+                    *a = L::load(op.add((j0 + i) * hd + c0));
+                }
                 for (t, &row) in offsets.iter().enumerate().take(t1).skip(t0) {
                     // Meanwhile the next task's K rows come into L2.
-                    if let (0, 0, Some(n)) = (j, c0, next) {
+                    if let (0, 0, Some(n)) = (j0, c0, next) {
                         if let Some(&o) = n.offsets.get(t) {
                             prefetch_row(n.k.as_ptr().wrapping_add(o + n.head), false);
                         }
                     }
-                    L::axpy(&mut acc, *sj.add(t), vp.add(row + head + c0));
+                    let v = L::load_kv(vp.add(row + head + c0));
+                    for (i, a) in acc.iter_mut().enumerate().take(g) {
+                        L::axpy(a, *scores.as_ptr().add((j0 + i) * padded + t), &v);
+                    }
                 }
-                L::store(&acc, o);
+                for (i, a) in acc.iter().enumerate().take(g) {
+                    L::store(a, op.add((j0 + i) * hd + c0));
+                }
+                j0 += g;
             }
         }
         t0 = t1;
@@ -1928,7 +1982,8 @@ mod tests {
         // scattered over blocks in reverse order, at a kv head other than the first.
         let (bs, kv_heads) = (16, 2);
         for hd in [16, 64, 128] {
-            for rep in [1, 3] {
+            // (5 query heads: a group of 4 held together in AVX-512 registers, and one more.)
+            for rep in [1, 3, 5] {
                 for span in [1usize, 7, 8, 9, 70, 170] {
                     let blocks = span.div_ceil(bs);
                     let len = blocks * kv_heads * bs * hd;
