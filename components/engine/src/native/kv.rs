@@ -211,8 +211,8 @@ impl KvCache {
         let plane = n * self.layout.elem_bytes();
         for (l, layer) in data.chunks(2 * plane).take(self.layout.layers).enumerate() {
             let (k, v) = layer.split_at(plane.min(layer.len()));
-            self.k.write(l, start, &k[..k.len().min(plane)]);
-            self.v.write(l, start, &v[..v.len().min(plane)]);
+            self.k.write(l, start, k);
+            self.v.write(l, start, v);
         }
     }
 }

@@ -229,7 +229,6 @@ impl Model {
         let mut proj = vec![0f32; n * h];
         let mut gu = vec![0f32; n * 2 * c.intermediate_size];
         let mut act = vec![0f32; n * c.intermediate_size];
-        let scale = 1.0 / (hd as f32).sqrt();
         for (l, layer) in self.layers.iter().enumerate() {
             ops::rms_norm(&x, &layer.attn_norm, c.rms_norm_eps, &mut xn);
             layer.qkv.forward(&xn, n, &mut qkv);
@@ -250,7 +249,6 @@ impl Model {
                 cache_rows: &cache_rows,
                 qkv: &qkv,
                 bs,
-                scale,
             };
             match cache.layer_mut(l) {
                 LayerMut::F32(k, v) => self.attention(&step, k, v, &mut att),
@@ -313,8 +311,8 @@ impl Model {
             cache_rows,
             qkv,
             bs,
-            scale,
         } = *step;
+        let scale = 1.0 / (hd as f32).sqrt();
         let n = rows.len();
         let width = q_dim + 2 * kv_dim;
         for (row, &(s, pos)) in qkv.chunks_exact(width).zip(rows) {
@@ -373,5 +371,4 @@ struct AttentionStep<'a> {
     cache_rows: &'a [Vec<usize>],
     qkv: &'a [f32],
     bs: usize,
-    scale: f32,
 }

@@ -101,19 +101,12 @@ impl WeightData {
         }
     }
 
-    /// Bytes per weight.
-    fn elem(&self) -> usize {
+    /// The kernels' name for the type ([`WF32`], [`WBF16`], [`WF16`]).
+    fn kind(&self) -> u8 {
         match self {
-            Self::F32(_) => 4,
-            Self::Bf16(_) | Self::F16(_) => 2,
-        }
-    }
-
-    /// Inputs per panel as stored (`k`, or `k` rounded up to even for bf16 pairs).
-    fn stored_inputs(&self, k: usize) -> usize {
-        match self {
-            Self::Bf16(_) => k.next_multiple_of(2),
-            _ => k,
+            Self::F32(_) => WF32,
+            Self::Bf16(_) => WBF16,
+            Self::F16(_) => WF16,
         }
     }
 
@@ -192,7 +185,7 @@ impl Linear {
 
     /// Bytes of weight data (including the last panel's padding).
     pub fn bytes(&self) -> usize {
-        self.w.len() * self.w.elem()
+        self.w.len() * weight_shape(self.w.kind(), 0).0
     }
 
     /// `y[rows, out] = x[rows, in] W^T + b`.
@@ -361,7 +354,7 @@ fn panels_dispatch(s: Strip<'_>, w: &WeightData, simd: Simd) {
         y,
         ..
     } = s;
-    let kw = w.stored_inputs(k);
+    let kw = weight_shape(w.kind(), k).1;
     assert!(
         hi * PANEL <= n.div_ceil(PANEL) * PANEL
             && w.len() >= hi * kw * PANEL
@@ -505,14 +498,14 @@ unsafe fn panel_walk<const G: usize>(
 #[allow(unsafe_code)]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn panels_avx2<const W: u8>(s: Strip<'_>, w: *const u8) {
-    let (elem, kw) = weight_shape::<W>(s.k);
+    let (elem, kw) = weight_shape(W, s.k);
     panel_walk::<ROW_GROUP>(s, w, elem, kw, |g, t| micro_any::<W>(g, t));
 }
 
-/// Bytes per weight and inputs per panel of kind `W`.
-#[cfg(target_arch = "x86_64")]
-fn weight_shape<const W: u8>(k: usize) -> (usize, usize) {
-    match W {
+/// Bytes per weight and inputs a panel stores, for weights of kind `w` and `k` inputs (bf16
+/// pairs round `k` up to even).
+fn weight_shape(w: u8, k: usize) -> (usize, usize) {
+    match w {
         WF32 => (4, k),
         WBF16 => (2, k.next_multiple_of(2)),
         _ => (2, k),
@@ -530,16 +523,15 @@ unsafe fn panels_avx512<const W: u8>(s: Strip<'_>, w: *const u8) {
     if W == WF16 && s.rows > ROW_GROUP_512 {
         return f16_widened(s, w);
     }
-    let (elem, kw) = weight_shape::<W>(s.k);
+    let (elem, kw) = weight_shape(W, s.k);
     panel_walk::<ROW_GROUP_512>(s, w, elem, kw, |g, t| micro512_any::<W>(g, t));
 }
 
 /// [`panels_avx512`] for f16 panels and several row groups: each block of a panel's inputs is
 /// widened once into an f32 scratch (16 KiB, in L1) that every row group then reads with the
 /// f32 kernel, instead of each row group converting it again (a conversion takes a slot of
-/// the port the multiply-adds use). With it, a 512-token prefill with f16 weights runs within
-/// 5% of f32 weights (paired runs); before, bench-engine measured it 7-10% slower, on a VM
-/// too noisy to say how much of that was the conversions.
+/// the port the multiply-adds use). Measured on a 512x576x1536 f16 matmul, 15 paired
+/// alternations in one process, twice: converting per row group takes 1.04-1.06x the time.
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 #[inline(always)]
