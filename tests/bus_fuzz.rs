@@ -611,6 +611,20 @@ async fn fuzzed_bus_messages_crash_nothing_and_are_counted() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The router lists both workers too (its `dynamo_router_workers` gauge).
+    let router_metrics = format!("http://127.0.0.1:{}/metrics", ports + 2);
+    loop {
+        let m = get(router_metrics.clone()).await;
+        if m.lines().any(|l| l == "dynamo_router_workers 2") {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "the router does not list both workers: {:?}",
+            m.lines().find(|l| l.starts_with("dynamo_router_workers"))
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // The graph still serves whole answers.
     for i in 0..10 {
         let prompt: String = (0..30).map(|k| format!("after{i}t{k} ")).collect();

@@ -460,6 +460,7 @@ async fn no_live_worker_is_503_and_the_inflight_limit_is_429() {
         instance: InstanceId::random(),
         metadata: json!({"role": "worker", "model": folder().files().card(MODEL, 64, 0).unwrap()}),
         process: None,
+        lease: None,
     };
     s.runtime.discovery().register(ghost.clone()).await.unwrap();
     let table = s.frontend.as_ref().unwrap().models().clone();

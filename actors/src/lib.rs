@@ -51,6 +51,7 @@ const METRICS: &[MetricHelp] = &[
     ("dynamo_router_resyncs_total", MetricKind::Counter, "Times the router rebuilt a worker's entries from its KV dump."),
     ("dynamo_router_routing_seconds", MetricKind::Histogram, "Seconds the router spent choosing a worker."),
     ("dynamo_router_shared_leases", MetricKind::Gauge, "Requests routed by other routers that this router accounts for."),
+    ("dynamo_router_workers", MetricKind::Gauge, "Workers listed in discovery that the router indexes (prefill workers included)."),
     ("dynamo_planner_desired_replicas", MetricKind::Gauge, "Replicas the planner runs per pool from its last decision."),
     ("dynamo_planner_ready_replicas", MetricKind::Gauge, "Workers of the pool registered on the bus (serving) at the planner's last decision."),
     ("dynamo_planner_unmeetable", MetricKind::Gauge, "1 while no replica count meets the planner's latency targets (the pools run at max), else 0."),

@@ -198,9 +198,9 @@ async fn serve_http(listener: tokio::net::TcpListener, handle: PrometheusHandle)
 static INSTALL: Mutex<()> = Mutex::new(());
 
 /// Histogram buckets by unit suffix: latencies (`*_seconds`) and lengths (`*_tokens`).
-const SECONDS_BUCKETS: [f64; 17] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-    60.0, 300.0,
+const SECONDS_BUCKETS: [f64; 19] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0, 300.0,
 ];
 const TOKENS_BUCKETS: [f64; 14] = [
     1.0, 4.0, 16.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32768.0,

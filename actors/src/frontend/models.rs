@@ -123,6 +123,8 @@ pub(crate) enum WatcherMsg {
         key: String,
         result: Result<Arc<Preprocessor>, String>,
     },
+    /// Recompute the models changed since the last refresh (`WatcherState::dirty`).
+    Refresh,
     /// The linger of a model whose last instance vanished is up (its generation).
     Expire {
         name: String,
@@ -150,7 +152,20 @@ pub(crate) struct WatcherState {
     /// and the generation of their linger.
     lingering: HashMap<String, (String, u64)>,
     generation: u64,
+    /// Models whose instances changed since the last refresh, and whether one of them may
+    /// have vanished. A burst of membership events (a fleet of thousands starting) makes one
+    /// refresh after it, not one per event: a refresh reads every card.
+    dirty: HashMap<String, bool>,
     forward: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Marks model `name` for the next refresh, which is queued behind the events already waiting
+/// (they are applied first, and the refresh covers them all).
+fn mark(myself: &ActorRef<WatcherMsg>, state: &mut WatcherState, name: &str, vanished: bool) {
+    if state.dirty.is_empty() {
+        let _ = myself.cast(WatcherMsg::Refresh);
+    }
+    *state.dirty.entry(name.to_string()).or_default() |= vanished;
 }
 
 fn now_secs() -> u64 {
@@ -335,9 +350,9 @@ impl ModelWatcher {
                     });
                 }
                 if let Some(prev) = previous.filter(|p| p.name != name) {
-                    self.refresh(myself, state, &prev.name, false);
+                    mark(myself, state, &prev.name, false);
                 }
-                self.refresh(myself, state, &name, false);
+                mark(myself, state, &name, false);
             }
             MemberEvent::Left {
                 endpoint,
@@ -345,7 +360,7 @@ impl ModelWatcher {
                 deregistered,
             } => {
                 if let Some(card) = state.cards.remove(&WorkerAddr { endpoint, instance }) {
-                    self.refresh(myself, state, &card.name, !deregistered);
+                    mark(myself, state, &card.name, !deregistered);
                 }
             }
         }
@@ -395,6 +410,11 @@ impl Actor for ModelWatcher {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             WatcherMsg::Member(ev) => self.on_event(&myself, state, ev),
+            WatcherMsg::Refresh => {
+                for (name, vanished) in std::mem::take(&mut state.dirty) {
+                    self.refresh(&myself, state, &name, vanished);
+                }
+            }
             WatcherMsg::Expire { name, generation } => {
                 if state.lingering.get(&name).map(|l| l.1) == Some(generation) {
                     state.lingering.remove(&name);

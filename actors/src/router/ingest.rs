@@ -207,6 +207,8 @@ struct WorkerTrack {
 
 pub struct IngestState {
     workers: HashMap<WorkerId, WorkerTrack>,
+    /// Workers of `workers` listed in discovery (those with a component).
+    listed: usize,
     subscribed: HashSet<ComponentId>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -445,6 +447,7 @@ impl Actor for Ingest {
         });
         Ok(IngestState {
             workers: HashMap::new(),
+            listed: 0,
             subscribed: HashSet::new(),
             tasks: vec![forward],
         })
@@ -493,7 +496,10 @@ impl Actor for Ingest {
                     );
                 }
                 let track = state.workers.entry(w).or_default();
-                track.component = Some(component);
+                if track.component.replace(component).is_none() {
+                    state.listed += 1;
+                    metrics::gauge!("dynamo_router_workers").set(state.listed as f64);
+                }
                 // A worker we have no events from yet may hold blocks already (this router
                 // started late): rebuild its part of the index from its dump now.
                 if track.next_id.is_none() {
@@ -510,6 +516,8 @@ impl Actor for Ingest {
                     .is_some_and(|t| t.component.as_ref() == Some(&endpoint.component))
                 {
                     state.workers.remove(&w);
+                    state.listed -= 1;
+                    metrics::gauge!("dynamo_router_workers").set(state.listed as f64);
                     self.router.forget(w);
                     // After anything still queued for it.
                     self.appliers.send(Apply::Remove(w)).await;

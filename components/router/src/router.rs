@@ -118,6 +118,11 @@ impl LoadTable {
         self.map.get(w).map(|e| &e.acc)
     }
 
+    /// Workers with an accounting.
+    pub(crate) fn len(&self) -> usize {
+        self.map.len()
+    }
+
     /// Changes `w`'s entry (starting one when `create`) and its place in the order.
     fn change(&mut self, w: WorkerId, create: bool, f: impl FnOnce(&mut LoadEntry)) {
         let weight = self.weight;
@@ -873,6 +878,11 @@ impl KvRouter {
             )
         };
         let mut idle_floor: Option<f64> = None;
+        // Candidates are sorted, distinct and all in the load order: as many as it holds, they
+        // are all of it (one model, nothing excluded: the usual case), and the walk below need
+        // not look each worker up (at 10k idle workers, all tied, that lookup was most of a
+        // route's time).
+        let every = candidates.len() == loads.len();
         for (bound, w) in loads.by_bound() {
             if q.overlaps.contains_key(&w) {
                 continue;
@@ -883,7 +893,7 @@ impl KvRouter {
             if f + bound > best + 1e-6 {
                 break;
             }
-            if candidates.binary_search(&w).is_ok() {
+            if every || candidates.binary_search(&w).is_ok() {
                 consider(&mut best, w, Overlap::default());
             }
         }
@@ -891,10 +901,11 @@ impl KvRouter {
         if ties.is_empty() {
             return Err(RouteError::AllBusy(candidates.len()));
         }
-        // In candidate order, as scoring them all would list them.
-        ties.sort_unstable_by_key(|t| t.0);
+        // The pick-th in candidate order, as scoring them all would list them (a selection,
+        // not a sort: at 10k idle workers every one of them ties).
         let pick = self.random(|r| rand::Rng::random_range(r, 0..ties.len()));
-        Ok(ties[pick])
+        let (_, chosen, _) = ties.select_nth_unstable_by_key(pick, |t| t.0);
+        Ok(*chosen)
     }
 
     pub(crate) fn settings(&self) -> &KvRouterSettings {

@@ -3,11 +3,14 @@
 //! An instance registers an [`InstanceInfo`] under the key `{ns}.{component}.{endpoint}.{instance}`;
 //! watchers see it join, and see it leave when it deregisters or when its lease lapses.
 //! - [`LocalDiscovery`]: in memory; entries live until deregistered (the process is the lease).
-//! - [`NatsDiscovery`]: a JetStream key-value bucket whose `max_age` is the lease. A background
-//!   task re-puts every registration every third of the lease, and recreates the bucket if a
-//!   server restart lost it, so reconnects never drop registrations. A process killed with
-//!   `kill -9` stops re-putting; the server expires its keys after the lease and, with limit
-//!   markers on, tells watchers, who see the instance leave.
+//! - [`NatsDiscovery`]: two JetStream key-value buckets. Entries sit in `{bucket}` without an
+//!   expiry, each naming its process's lease; the leases sit in `{bucket}-leases`, whose
+//!   `max_age` is the lease. A process refreshes its one lease every third of the lease, however
+//!   many instances it hosts (a fleet's idle discovery traffic grows with its processes, not its
+//!   workers), and recreates the buckets if a server restart lost them, so reconnects never
+//!   drop registrations. A process killed with `kill -9` stops refreshing; the server expires
+//!   its lease and, with limit markers on, tells watchers, who see its instances leave (and
+//!   remove the entries it left behind). An entry is listed only while its lease is.
 //!
 //! Watch streams start with a `Joined` for each instance present, then report changes; a
 //! lease refresh of an unchanged entry is not reported. On NATS a watch outlives server
@@ -86,6 +89,10 @@ pub struct InstanceInfo {
     /// (absent in entries written by older builds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub process: Option<ProcessId>,
+    /// On NATS, the key of the process's lease (in the `{bucket}-leases` bucket) that keeps
+    /// this entry listed; set by discovery when it registers the entry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<String>,
 }
 
 /// A process: its host name and id.
@@ -199,7 +206,7 @@ pub trait Discovery: Send + Sync + fmt::Debug + 'static {
     async fn close(&self);
 }
 
-/// Turns raw puts/removals into `Joined`/`Left`, dropping repeats (lease refreshes).
+/// Turns raw puts/removals into `Joined`/`Left`, dropping repeats.
 #[derive(Default)]
 pub(crate) struct WatchDedup {
     known: HashMap<String, InstanceInfo>,

@@ -1,10 +1,27 @@
-//! Discovery in a JetStream key-value bucket (see the parent module for the lease scheme).
+//! Discovery in two JetStream key-value buckets (the scheme: the parent module).
 //!
-//! Values are JSON [`InstanceInfo`], so `nats kv get dynamo-discovery KEY` shows them readably.
-//! The bucket's `max_age` is the lease. If the bucket already exists with another `max_age`,
-//! that one wins (all processes must agree) and refreshes follow it, with a warning.
+//! - `{bucket}` holds one entry per instance under `{ns}.{component}.{endpoint}.{instance}`:
+//!   its JSON [`InstanceInfo`] (`nats kv get dynamo-discovery KEY` shows it readably), which
+//!   names its process's lease. Entries do not expire.
+//! - `{bucket}-leases` holds one entry per process under a random key: its [`ProcessId`].
+//!   The bucket's `max_age` is the lease, with limit markers so that watchers learn of a lapse.
+//!   If the bucket already exists with another `max_age`, that one wins (all processes must
+//!   agree) and refreshes follow it, with a warning.
+//!
+//! An entry is listed while its lease is. A process puts its lease before its first entry,
+//! so an entry read before its lease is found missing has outlived its process: whoever
+//! sees that (a watcher when the lease lapses, a listing) purges the entry, guarded by the
+//! revision it read, so an entry put back meanwhile stays. The two buckets are two streams:
+//! a watcher may see an entry before its lease, and holds it until the lease arrives.
+//!
+//! A refresh is a compare-and-set of the lease on its last revision. If the lease lapsed
+//! meanwhile (a process stalled longer than the lease), the set fails and the process
+//! registers its lease and entries again. Each registering process also watches the entries
+//! and puts back any of its own that another client overwrote or removed (junk on the bus, or
+//! a watcher's clean-up of a lapse the process has since recovered from).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -16,7 +33,7 @@ use tokio::sync::{mpsc, RwLock};
 
 use super::{
     Discovery, DiscoveryError, DiscoveryEvent, DiscoverySettings, DiscoveryWatch, InstanceInfo,
-    WatchDedup,
+    ProcessId, WatchDedup,
 };
 use crate::bus::NatsBus;
 use crate::subject::{DiscoveryFilter, EndpointId, InstanceId};
@@ -31,16 +48,31 @@ pub struct NatsDiscovery {
     inner: Arc<Inner>,
 }
 
+/// The two buckets.
+#[derive(Clone)]
+struct Stores {
+    entries: kv::Store,
+    leases: kv::Store,
+}
+
 struct Inner {
     /// The bus's client: whether it is connected now.
     client: async_nats::Client,
     js: jetstream::Context,
     settings: DiscoverySettings,
-    store: RwLock<kv::Store>,
+    stores: RwLock<Stores>,
     lease: Duration,
-    /// What this process registered: refreshed every third of the lease.
+    /// This process's lease: its key and value.
+    lease_key: String,
+    lease_value: Bytes,
+    /// The lease's last revision once put (`None`: not yet put, or lost).
+    lease_revision: tokio::sync::Mutex<Option<u64>>,
+    /// What this process registered: kept listed by the lease, put back if someone else
+    /// changes it.
     registered: Mutex<HashMap<String, Bytes>>,
-    refresher: Mutex<Option<tokio::task::AbortHandle>>,
+    /// The refresher, and the task that puts back this process's entries.
+    tasks: Mutex<Vec<tokio::task::AbortHandle>>,
+    healing: AtomicBool,
     reconnections: tokio::sync::watch::Receiver<u64>,
 }
 
@@ -57,62 +89,106 @@ fn unavailable(e: impl std::fmt::Display) -> DiscoveryError {
     DiscoveryError::Unavailable(e.to_string())
 }
 
-async fn open_bucket(
+/// The bucket of leases for entries in `bucket`.
+fn leases_bucket(bucket: &str) -> String {
+    format!("{bucket}-leases")
+}
+
+async fn open_or_create(
     js: &jetstream::Context,
-    settings: &DiscoverySettings,
+    config: kv::Config,
 ) -> Result<kv::Store, DiscoveryError> {
-    if let Ok(store) = js.get_key_value(&settings.bucket).await {
+    if let Ok(store) = js.get_key_value(&config.bucket).await {
         return Ok(store);
     }
-    let config = kv::Config {
-        bucket: settings.bucket.clone(),
-        description: "dynamo instance registrations; max_age is the lease".to_string(),
-        history: 1,
-        max_age: settings.lease,
-        // Expiry leaves a marker so watchers learn that a lease lapsed.
-        limit_markers: Some(settings.lease.max(Duration::from_secs(1))),
-        ..Default::default()
-    };
+    let bucket = config.bucket.clone();
     match js.create_key_value(config).await {
         Ok(store) => Ok(store),
         // Another process created it between our two calls.
-        Err(create_err) => js.get_key_value(&settings.bucket).await.map_err(|_| {
-            unavailable(format!(
-                "cannot create bucket {}: {create_err}",
-                settings.bucket
-            ))
-        }),
+        Err(create_err) => js
+            .get_key_value(&bucket)
+            .await
+            .map_err(|_| unavailable(format!("cannot create bucket {bucket}: {create_err}"))),
     }
 }
 
+async fn open_buckets(
+    js: &jetstream::Context,
+    settings: &DiscoverySettings,
+) -> Result<Stores, DiscoveryError> {
+    let bucket = &settings.bucket;
+    let entries = open_or_create(
+        js,
+        kv::Config {
+            bucket: bucket.clone(),
+            description: "dynamo instance registrations, listed while their process's lease is"
+                .to_string(),
+            history: 1,
+            ..Default::default()
+        },
+    )
+    .await?;
+    // A bucket whose entries expire was made by a build that refreshed every entry: entries
+    // of this one would vanish after the lease.
+    if let Ok(status) = entries.status().await {
+        if !status.max_age().is_zero() {
+            return Err(unavailable(format!(
+                "discovery bucket {bucket} expires its entries after {:?}: an older dynamo made it. \
+                 Delete it (`nats kv del {bucket}`; running processes register again) or set \
+                 another discovery.bucket",
+                status.max_age()
+            )));
+        }
+    }
+    let leases = open_or_create(
+        js,
+        kv::Config {
+            bucket: leases_bucket(bucket),
+            description: format!("dynamo process leases of {bucket}; max_age is the lease"),
+            history: 1,
+            max_age: settings.lease,
+            // Expiry leaves a marker so watchers learn that a lease lapsed.
+            limit_markers: Some(settings.lease.max(Duration::from_secs(1))),
+            ..Default::default()
+        },
+    )
+    .await?;
+    Ok(Stores { entries, leases })
+}
+
 impl NatsDiscovery {
-    /// Opens (or creates) the bucket and starts refreshing this process's registrations.
+    /// Opens (or creates) the buckets and starts refreshing this process's lease.
     pub async fn connect(
         bus: &NatsBus,
         settings: DiscoverySettings,
     ) -> Result<Self, DiscoveryError> {
         let js = jetstream::new(bus.client().clone());
-        let store = open_bucket(&js, &settings).await?;
-        let lease = match store.status().await {
+        let stores = open_buckets(&js, &settings).await?;
+        let lease = match stores.leases.status().await {
             Ok(status) if !status.max_age().is_zero() => status.max_age(),
             _ => settings.lease,
         };
         if lease != settings.lease {
             tracing::warn!(
-                bucket = %settings.bucket,
+                bucket = %leases_bucket(&settings.bucket),
                 configured = ?settings.lease,
                 actual = ?lease,
-                "discovery bucket exists with another lease; using the bucket's"
+                "discovery lease bucket exists with another lease; using the bucket's"
             );
         }
+        let lease_value = Bytes::from(serde_json::to_vec(&ProcessId::this()).map_err(unavailable)?);
         let inner = Arc::new(Inner {
             client: bus.client().clone(),
             js,
             settings,
-            store: RwLock::new(store),
+            stores: RwLock::new(stores),
             lease,
+            lease_key: format!("{:016x}", rand::random::<u64>()),
+            lease_value,
+            lease_revision: tokio::sync::Mutex::new(None),
             registered: Mutex::new(HashMap::new()),
-            refresher: Mutex::new(None),
+            tasks: Mutex::new(Vec::new()),
+            healing: AtomicBool::new(false),
             reconnections: bus.reconnections(),
         });
         let weak = Arc::downgrade(&inner);
@@ -125,7 +201,7 @@ impl NatsDiscovery {
                 inner.refresh().await;
             }
         });
-        *inner.refresher.lock().unwrap_or_else(|p| p.into_inner()) = Some(task.abort_handle());
+        inner.tasks().push(task.abort_handle());
         Ok(Self { inner })
     }
 }
@@ -136,113 +212,236 @@ impl Inner {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
 
+    fn tasks(&self) -> std::sync::MutexGuard<'_, Vec<tokio::task::AbortHandle>> {
+        self.tasks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn registered(&self) -> std::sync::MutexGuard<'_, HashMap<String, Bytes>> {
+        self.registered.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn snapshot(&self) -> Vec<(String, Bytes)> {
-        self.registered
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
+        (self.registered().iter())
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
     }
 
-    /// Re-puts every registration; reopens the bucket once if a put fails (e.g. a server
-    /// restarted without its store lost the bucket).
+    /// Puts the lease if it is not there yet.
+    async fn ensure_lease(&self) -> Result<(), DiscoveryError> {
+        let mut revision = self.lease_revision.lock().await;
+        if revision.is_none() {
+            let stores = self.stores.read().await.clone();
+            let put = stores.leases.put(&self.lease_key, self.lease_value.clone());
+            *revision = Some(put.await.map_err(unavailable)?);
+        }
+        Ok(())
+    }
+
+    /// Renews the lease. If it lapsed (this process stalled for a lease) or the server lost
+    /// it, reopens the buckets (a restarted server may have lost them) and registers the
+    /// lease and every entry again.
     async fn refresh(&self) {
+        let mut revision = self.lease_revision.lock().await;
+        if let Some(last) = *revision {
+            let stores = self.stores.read().await.clone();
+            match (stores.leases)
+                .update(&self.lease_key, self.lease_value.clone(), last)
+                .await
+            {
+                Ok(next) => {
+                    *revision = Some(next);
+                    return;
+                }
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "discovery lease lapsed or lost; registering this process's instances again"
+                ),
+            }
+        }
+        *revision = None;
         let entries = self.snapshot();
         if entries.is_empty() {
             return;
         }
-        let mut failed = false;
+        let stores = match open_buckets(&self.js, &self.settings).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "discovery buckets unavailable");
+                return;
+            }
+        };
+        *self.stores.write().await = stores.clone();
+        match stores
+            .leases
+            .put(&self.lease_key, self.lease_value.clone())
+            .await
         {
-            let store = self.store.read().await;
-            for (k, v) in &entries {
-                if let Err(e) = store.put(k, v.clone()).await {
-                    tracing::warn!(key = %k, error = %e, "discovery refresh failed");
-                    failed = true;
-                    break;
-                }
+            Ok(r) => *revision = Some(r),
+            Err(e) => {
+                tracing::warn!(error = %e, "discovery lease could not be put");
+                return;
             }
         }
-        if failed {
-            match open_bucket(&self.js, &self.settings).await {
-                Ok(store) => {
-                    for (k, v) in &entries {
-                        if let Err(e) = store.put(k, v.clone()).await {
-                            tracing::warn!(key = %k, error = %e, "discovery re-register failed");
-                        }
-                    }
-                    *self.store.write().await = store;
-                }
-                Err(e) => tracing::warn!(error = %e, "discovery bucket unavailable"),
+        for (k, v) in &entries {
+            if let Err(e) = stores.entries.put(k, v.clone()).await {
+                tracing::warn!(key = %k, error = %e, "discovery re-register failed");
             }
         }
     }
+
+    /// Starts (once) the task that puts back this process's entries when someone else
+    /// overwrites or removes them.
+    fn start_healing(self: &Arc<Self>) {
+        if self.healing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        let task = tokio::spawn(heal(weak));
+        self.tasks().push(task.abort_handle());
+    }
+}
+
+/// Follows every entry and puts back those of this process that changed under it.
+async fn heal(inner: Weak<Inner>) {
+    loop {
+        let Some(i) = inner.upgrade() else { return };
+        // From each key's last value: whatever changed while this was not watching (before
+        // it started, or while a server restarted) is seen too.
+        let watch = i.stores.read().await.entries.watch_with_history(">").await;
+        drop(i);
+        if let Ok(mut watch) = watch {
+            while let Some(entry) = watch.next().await {
+                // A broken watch (junk on the consumer's inbox, a server restart) is
+                // followed anew, from each key's last value.
+                let Ok(entry) = entry else { break };
+                let Some(i) = inner.upgrade() else { return };
+                let Some(want) = i.registered().get(&entry.key).cloned() else {
+                    continue;
+                };
+                if entry.operation == kv::Operation::Put && entry.value == want {
+                    continue;
+                }
+                tracing::warn!(key = %entry.key, "discovery entry changed by another client; putting it back");
+                let stores = i.stores.read().await.clone();
+                if let Err(e) = stores.entries.put(&entry.key, want).await {
+                    tracing::debug!(key = %entry.key, error = %e, "could not put a discovery entry back");
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// The instances and leases found by a listing.
+struct Listing {
+    /// Valid entries under the filter, with their revisions.
+    entries: Vec<(InstanceInfo, u64)>,
+    /// Live leases.
+    leases: HashSet<String>,
+}
+
+impl Listing {
+    /// Entries whose lease was gone when listed after them: left by a dead process.
+    fn orphans(&self) -> Vec<(String, u64)> {
+        (self.entries.iter())
+            .filter(|(i, _)| !i.lease.as_ref().is_some_and(|l| self.leases.contains(l)))
+            .map(|(i, r)| (i.key(), *r))
+            .collect()
+    }
+
+    fn live(self) -> Vec<InstanceInfo> {
+        let leases = self.leases;
+        let mut out: Vec<InstanceInfo> = (self.entries.into_iter())
+            .map(|(i, _)| i)
+            .filter(|i| i.lease.as_ref().is_some_and(|l| leases.contains(l)))
+            .collect();
+        out.sort_by_key(|i| i.key());
+        out
+    }
+}
+
+/// Purges entries whose lease is gone, each only if still at the revision seen (an entry put
+/// back meanwhile stays).
+fn purge_orphans(stores: &Stores, orphans: Vec<(String, u64)>) {
+    if orphans.is_empty() {
+        return;
+    }
+    let store = stores.entries.clone();
+    tokio::spawn(async move {
+        for (key, revision) in orphans {
+            // Another watcher may have purged it first: nothing to report.
+            let _ = store.purge_expect_revision(&key, Some(revision)).await;
+        }
+    });
 }
 
 impl Inner {
     async fn list(&self, filter: &DiscoveryFilter) -> Result<Vec<InstanceInfo>, DiscoveryError> {
-        Ok(self.list_keys(filter).await?.0)
+        let listing = self.listing(filter).await?;
+        purge_orphans(&*self.stores.read().await, listing.orphans());
+        Ok(listing.live())
     }
 
-    /// The valid entries under `filter`, and every key there (those with unusable values too).
-    async fn list_keys(
-        &self,
-        filter: &DiscoveryFilter,
-    ) -> Result<(Vec<InstanceInfo>, std::collections::HashSet<String>), DiscoveryError> {
-        let store = self.store.read().await.clone();
-        let keys: Vec<String> = store
-            .keys()
-            .await
-            .map_err(unavailable)?
+    /// The valid entries under `filter`, then the live leases (in that order: an entry
+    /// listed before its lease was found missing has outlived its process).
+    async fn listing(&self, filter: &DiscoveryFilter) -> Result<Listing, DiscoveryError> {
+        let stores = self.stores.read().await.clone();
+        let keys: Vec<String> = (stores.entries.keys().await.map_err(unavailable)?)
             .try_filter(|k| futures::future::ready(filter.matches(k)))
             .try_collect()
             .await
             .map_err(unavailable)?;
         let values = futures::stream::iter(keys)
             .map(|k| {
-                let store = store.clone();
-                async move { (k.clone(), store.get(k).await) }
+                let store = stores.entries.clone();
+                async move { (k.clone(), store.entry(k).await) }
             })
             .buffer_unordered(64)
             .collect::<Vec<_>>()
             .await;
-        let mut out = Vec::with_capacity(values.len());
-        let mut present = std::collections::HashSet::with_capacity(values.len());
+        let mut entries = Vec::with_capacity(values.len());
         for (key, value) in values {
             match value {
-                Ok(Some(bytes)) => {
-                    match entry_info(&key, &bytes) {
-                        Ok(info) => out.push(info),
+                Ok(Some(e)) if e.operation == kv::Operation::Put => {
+                    match entry_info(&key, &e.value) {
+                        Ok(info) => entries.push((info, e.revision)),
                         Err(e) => crate::telemetry::malformed("discovery", &e),
                     }
-                    present.insert(key);
                 }
-                Ok(None) => {} // expired or deleted between the two calls
+                Ok(_) => {} // removed between the two calls
                 Err(e) => return Err(unavailable(e)),
             }
         }
-        out.sort_by_key(|i| i.key());
-        Ok((out, present))
+        let leases = (stores.leases.keys().await.map_err(unavailable)?)
+            .try_collect()
+            .await
+            .map_err(unavailable)?;
+        Ok(Listing { entries, leases })
     }
 }
 
 #[async_trait]
 impl Discovery for NatsDiscovery {
     async fn register(&self, info: InstanceInfo) -> Result<(), DiscoveryError> {
+        let info = InstanceInfo {
+            lease: Some(self.inner.lease_key.clone()),
+            ..info
+        };
         let key = info.key();
         let value = Bytes::from(serde_json::to_vec(&info).map_err(unavailable)?);
-        self.inner
-            .store
-            .read()
-            .await
-            .put(&key, value.clone())
-            .await
-            .map_err(unavailable)?;
-        self.inner
-            .registered
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key, value);
+        self.inner.ensure_lease().await?;
+        // Recorded first: the healing task must not put back an older value of an update.
+        let before = self.inner.registered().insert(key.clone(), value.clone());
+        let stores = self.inner.stores.read().await.clone();
+        if let Err(e) = stores.entries.put(&key, value).await {
+            let mut registered = self.inner.registered();
+            match before {
+                Some(v) => registered.insert(key, v),
+                None => registered.remove(&key),
+            };
+            return Err(unavailable(e));
+        }
+        self.inner.start_healing();
         Ok(())
     }
 
@@ -252,21 +451,17 @@ impl Discovery for NatsDiscovery {
         instance: InstanceId,
     ) -> Result<(), DiscoveryError> {
         let key = endpoint.discovery_key(instance);
-        self.inner
-            .registered
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&key);
+        self.inner.registered().remove(&key);
         if !self.inner.connected() {
             return Err(DiscoveryError::Unavailable(
-                "the bus is disconnected; the entry's lease expires it".into(),
+                "the bus is disconnected; the entry leaves with this process's lease".into(),
             ));
         }
-        let store = self.inner.store.read().await.clone();
+        let store = self.inner.stores.read().await.entries.clone();
         match tokio::time::timeout(GIVE_UP, store.delete(&key)).await {
             Ok(r) => r.map_err(unavailable),
             Err(_) => Err(DiscoveryError::Unavailable(format!(
-                "no answer from the store within {GIVE_UP:?}; the entry's lease expires it"
+                "no answer from the store within {GIVE_UP:?}; the entry leaves with this process's lease"
             ))),
         }
     }
@@ -276,17 +471,19 @@ impl Discovery for NatsDiscovery {
     }
 
     async fn watch(&self, filter: DiscoveryFilter) -> Result<DiscoveryWatch, DiscoveryError> {
-        // Fail early if the bucket cannot be watched at all; later failures are retried.
-        let first = self
-            .inner
-            .store
-            .read()
-            .await
-            .watch(filter.as_str())
-            .await
-            .map_err(unavailable)?;
+        // Fail early if the buckets cannot be watched at all; later failures are retried.
+        let stores = self.inner.stores.read().await.clone();
+        // Both from each key's last value: the present instances and leases, then changes.
+        let entries =
+            (stores.entries.watch_with_history(filter.as_str()).await).map_err(unavailable)?;
+        let leases = (stores.leases.watch_with_history(">").await).map_err(unavailable)?;
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run_watch(Arc::downgrade(&self.inner), filter, first, tx));
+        tokio::spawn(run_watch(
+            Arc::downgrade(&self.inner),
+            filter,
+            (entries, leases),
+            tx,
+        ));
         let stream =
             futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (e, rx)) });
         Ok(DiscoveryWatch::new(stream))
@@ -297,68 +494,175 @@ impl Discovery for NatsDiscovery {
     }
 
     async fn close(&self) {
-        if let Some(task) = self
-            .inner
-            .refresher
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
+        for task in self.inner.tasks().drain(..) {
             task.abort();
         }
-        let keys: Vec<String> = std::mem::take(
-            &mut *self
-                .inner
-                .registered
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()),
-        )
-        .into_keys()
-        .collect();
+        let keys: Vec<String> = std::mem::take(&mut *self.inner.registered())
+            .into_keys()
+            .collect();
         if !self.inner.connected() {
             tracing::warn!(
-                "the bus is disconnected; leaving this process's discovery entries to their leases"
+                "the bus is disconnected; leaving this process's discovery entries to its lease"
             );
             return;
         }
-        let store = self.inner.store.read().await.clone();
-        // Without the bus (nats-server gone) this must not hold the process: the leases
-        // expire the entries anyway.
+        let stores = self.inner.stores.read().await.clone();
+        let lease = self.inner.lease_revision.lock().await.take();
+        // Without the bus (nats-server gone) this must not hold the process: the lease
+        // lapses anyway, and its entries leave with it.
         let deleted = tokio::time::timeout(GIVE_UP, async {
             for key in keys {
-                if let Err(e) = store.delete(&key).await {
+                if let Err(e) = stores.entries.delete(&key).await {
                     tracing::warn!(%key, error = %e, "could not deregister on close");
+                }
+            }
+            if lease.is_some() {
+                if let Err(e) = stores.leases.delete(&self.inner.lease_key).await {
+                    tracing::warn!(error = %e, "could not remove the discovery lease on close");
                 }
             }
         })
         .await;
         if deleted.is_err() {
-            tracing::warn!("the discovery store did not answer within {GIVE_UP:?}; leaving the entries to their leases");
+            tracing::warn!("the discovery store did not answer within {GIVE_UP:?}; leaving the entries to the lease");
         }
     }
 }
 
-/// Feeds one watcher: follows the bucket's changes and, whenever the watch breaks or the
-/// client reconnects (a restarted server may have lost the watch, or the whole bucket),
-/// reconciles against a fresh listing (missed leaves and joins are reported) and watches anew.
+/// What a watcher knows: the entries under its filter, the live leases, and what it reported
+/// (entries whose lease is live).
+#[derive(Default)]
+struct View {
+    entries: HashMap<String, (InstanceInfo, u64)>,
+    by_lease: HashMap<String, HashSet<String>>,
+    leases: HashSet<String>,
+    dedup: WatchDedup,
+}
+
+impl View {
+    fn unlink(&mut self, key: &str) -> Option<(InstanceInfo, u64)> {
+        let (info, revision) = self.entries.remove(key)?;
+        if let Some(lease) = &info.lease {
+            if let Some(keys) = self.by_lease.get_mut(lease) {
+                keys.remove(key);
+                if keys.is_empty() {
+                    self.by_lease.remove(lease);
+                }
+            }
+        }
+        Some((info, revision))
+    }
+
+    fn put(&mut self, info: InstanceInfo, revision: u64) -> Option<DiscoveryEvent> {
+        let key = info.key();
+        self.unlink(&key);
+        let lease = info.lease.clone()?;
+        self.by_lease
+            .entry(lease.clone())
+            .or_default()
+            .insert(key.clone());
+        self.entries.insert(key.clone(), (info.clone(), revision));
+        if self.leases.contains(&lease) {
+            self.dedup.put(info)
+        } else {
+            // Held until its lease shows up.
+            self.dedup.remove(&key, false)
+        }
+    }
+
+    fn remove(&mut self, key: &str, deregistered: bool) -> Option<DiscoveryEvent> {
+        self.unlink(key);
+        self.dedup.remove(key, deregistered)
+    }
+
+    fn lease_up(&mut self, lease: &str) -> Vec<DiscoveryEvent> {
+        if !self.leases.insert(lease.to_string()) {
+            return Vec::new();
+        }
+        let keys = self.by_lease.get(lease).cloned().unwrap_or_default();
+        (keys.iter())
+            .filter_map(|k| self.entries.get(k).cloned())
+            .filter_map(|(info, _)| self.dedup.put(info))
+            .collect()
+    }
+
+    /// The lease is gone: its entries leave, and are returned (with their revisions) for
+    /// purging.
+    fn lease_down(
+        &mut self,
+        lease: &str,
+        deregistered: bool,
+    ) -> (Vec<DiscoveryEvent>, Vec<(String, u64)>) {
+        self.leases.remove(lease);
+        let keys = self.by_lease.get(lease).cloned().unwrap_or_default();
+        let events = (keys.iter())
+            .filter_map(|k| self.dedup.remove(k, deregistered))
+            .collect();
+        let orphans = (keys.into_iter())
+            .filter_map(|k| self.entries.get(&k).map(|(_, r)| (k, *r)))
+            .collect();
+        (events, orphans)
+    }
+
+    /// Replaces what is known by a fresh listing; returns the changes to report.
+    fn reset(&mut self, listing: Listing) -> Vec<DiscoveryEvent> {
+        self.entries.clear();
+        self.by_lease.clear();
+        self.leases = listing.leases;
+        let mut events = Vec::new();
+        let mut live = HashSet::new();
+        for (info, revision) in listing.entries {
+            if info.lease.as_ref().is_some_and(|l| self.leases.contains(l)) {
+                live.insert(info.key());
+            }
+            // Not reported yet: the leaves come first.
+            let key = info.key();
+            let lease = info.lease.clone().unwrap_or_default();
+            self.by_lease.entry(lease).or_default().insert(key.clone());
+            self.entries.insert(key, (info, revision));
+        }
+        for key in self.dedup.keys() {
+            if !live.contains(&key) {
+                events.extend(self.dedup.remove(&key, false));
+            }
+        }
+        for key in live {
+            let info = self.entries[&key].0.clone();
+            events.extend(self.dedup.put(info));
+        }
+        events
+    }
+}
+
+/// Feeds one watcher: follows both buckets' changes and, whenever a watch breaks or the client
+/// reconnects (a restarted server may have lost the watches, or the buckets), reconciles
+/// against a fresh listing (missed leaves and joins are reported) and watches anew.
 async fn run_watch(
     inner: Weak<Inner>,
     filter: DiscoveryFilter,
-    mut watch: kv::Watch,
+    (mut entries, mut leases): (kv::Watch, kv::Watch),
     tx: mpsc::UnboundedSender<DiscoveryEvent>,
 ) {
-    let mut dedup = WatchDedup::default();
+    let mut view = View::default();
     let mut reconnections = match inner.upgrade() {
         Some(i) => i.reconnections.clone(),
         None => return,
     };
     reconnections.mark_unchanged();
-    let send = |event: Option<DiscoveryEvent>| match event {
-        Some(e) => tx.send(e).is_ok(),
-        None => true,
+    let send = |events: Vec<DiscoveryEvent>| events.into_iter().all(|e| tx.send(e).is_ok());
+    let purge = |orphans: Vec<(String, u64)>| {
+        if orphans.is_empty() {
+            return;
+        }
+        if let Some(i) = inner.upgrade() {
+            tokio::spawn(async move {
+                let stores = i.stores.read().await.clone();
+                purge_orphans(&stores, orphans);
+            });
+        }
     };
     loop {
-        // Follow the watch until it breaks or the connection is re-established.
+        // Follow the watches until one breaks or the connection is re-established.
         loop {
             tokio::select! {
                 _ = tx.closed() => return,
@@ -368,14 +672,36 @@ async fn run_watch(
                     }
                     break;
                 }
-                entry = watch.next() => match entry {
+                entry = entries.next() => match entry {
                     Some(Ok(entry)) => {
-                        if !send(apply(&mut dedup, entry)) {
+                        if !send(apply(&mut view, entry).into_iter().collect()) {
                             return;
                         }
                     }
                     Some(Err(e)) => {
                         tracing::warn!(error = %e, "discovery watch broke; re-watching");
+                        break;
+                    }
+                    None => break,
+                },
+                entry = leases.next() => match entry {
+                    Some(Ok(entry)) => {
+                        let events = match entry.operation {
+                            kv::Operation::Put => view.lease_up(&entry.key),
+                            // A delete: the process closed; a purge: the lease lapsed.
+                            op => {
+                                let (events, orphans) =
+                                    view.lease_down(&entry.key, op == kv::Operation::Delete);
+                                purge(orphans);
+                                events
+                            }
+                        };
+                        if !send(events) {
+                            return;
+                        }
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "discovery lease watch broke; re-watching");
                         break;
                     }
                     None => break,
@@ -390,30 +716,25 @@ async fn run_watch(
             }
             let Some(i) = inner.upgrade() else { return };
             let reopened = async {
-                // A server that lost its store lost the bucket too: whoever comes first makes it.
-                let store = open_bucket(&i.js, &i.settings).await?;
-                *i.store.write().await = store.clone();
-                let w = store.watch(filter.as_str()).await.map_err(unavailable)?;
-                let now = i.list_keys(&filter).await?;
-                Ok::<_, DiscoveryError>((w, now))
+                // A server that lost its store lost the buckets too: whoever comes first makes them.
+                let stores = open_buckets(&i.js, &i.settings).await?;
+                *i.stores.write().await = stores.clone();
+                let e = stores.entries.watch_with_history(filter.as_str()).await;
+                let l = stores.leases.watch_with_history(">").await;
+                let now = i.listing(&filter).await?;
+                Ok::<_, DiscoveryError>((e.map_err(unavailable)?, l.map_err(unavailable)?, now))
             }
             .await;
             drop(i);
             match reopened {
-                Ok((w, (now, present))) => {
-                    watch = w;
+                Ok((e, l, now)) => {
+                    entries = e;
+                    leases = l;
+                    purge(now.orphans());
                     // A key whose value is junk (overwritten by someone on the bus) is still
-                    // there: what was known of it stands until its owner's next refresh
-                    // puts it back, as a watcher that saw the junk put keeps it too.
-                    for key in dedup.keys() {
-                        if !present.contains(&key) && !send(dedup.remove(&key, false)) {
-                            return;
-                        }
-                    }
-                    for info in now {
-                        if !send(dedup.put(info)) {
-                            return;
-                        }
+                    // there but not listed: its owner puts it back at once.
+                    if !send(view.reset(now)) {
+                        return;
                     }
                     break;
                 }
@@ -439,21 +760,24 @@ fn entry_info(key: &str, value: &[u8]) -> Result<InstanceInfo, String> {
             info.key()
         ));
     }
+    if info.lease.is_none() {
+        return Err(format!("discovery entry {key} names no lease"));
+    }
     Ok(info)
 }
 
-/// Turns one bucket entry into the event it means, if any.
-fn apply(dedup: &mut WatchDedup, entry: kv::Entry) -> Option<DiscoveryEvent> {
+/// Turns one entry of the instances' bucket into the event it means, if any.
+fn apply(view: &mut View, entry: kv::Entry) -> Option<DiscoveryEvent> {
     match entry.operation {
         kv::Operation::Put => match entry_info(&entry.key, &entry.value) {
-            Ok(info) => dedup.put(info),
+            Ok(info) => view.put(info, entry.revision),
             Err(e) => {
                 crate::telemetry::malformed("discovery", &e);
                 None
             }
         },
         // A delete is a deregistration; a purge, the lease's expiry marker (or an operator).
-        kv::Operation::Delete => dedup.remove(&entry.key, true),
-        kv::Operation::Purge => dedup.remove(&entry.key, false),
+        kv::Operation::Delete => view.remove(&entry.key, true),
+        kv::Operation::Purge => view.remove(&entry.key, false),
     }
 }

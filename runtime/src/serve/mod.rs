@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dashmap::DashMap;
-use ractor::{ActorRef, ActorStatus};
+use ractor::ActorRef;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::Notify;
@@ -263,6 +263,7 @@ impl ComponentInstance {
             instance: self.id,
             metadata,
             process: Some(crate::discovery::ProcessId::this()),
+            lease: None,
         };
         if let Err(e) = self.discovery.register(info).await {
             self.service.remove_endpoint(&endpoint);
@@ -307,9 +308,6 @@ struct Server<Req, Resp, M: ractor::Message> {
 /// callers to go elsewhere.
 const HANDOFF_WAIT: Duration = Duration::from_secs(1);
 
-/// How often a server checks that its actor is still alive.
-const ACTOR_CHECK: Duration = Duration::from_millis(500);
-
 impl<Req, Resp, M> Server<Req, Resp, M>
 where
     Req: DeserializeOwned + Send + 'static,
@@ -325,7 +323,13 @@ where
     ) {
         use futures::StreamExt;
         let mut requests = Some(requests);
-        let mut check = tokio::time::interval(ACTOR_CHECK);
+        // The actor's exit, as an event: no timer per endpoint (a process hosting thousands
+        // of workers has three endpoints each, and polling them all twice a second was most
+        // of an idle fleet's CPU).
+        let cell = self.actor.get_cell();
+        let actor_gone = cell.wait(None);
+        tokio::pin!(actor_gone);
+        let mut actor_alive = true;
         loop {
             tokio::select! {
                 biased;
@@ -337,12 +341,11 @@ where
                 Some(m) = async { requests.as_mut()?.next().await }, if requests.is_some() => {
                     self.request(m).await
                 }
-                _ = check.tick() => {
-                    if matches!(self.actor.get_status(), ActorStatus::Stopping | ActorStatus::Stopped) {
-                        tracing::warn!(endpoint = %self.shared.endpoint, "actor stopped; endpoint stops serving");
-                        self.accepting.store(false, Ordering::Relaxed);
-                        requests = None;
-                    }
+                _ = &mut actor_gone, if actor_alive => {
+                    actor_alive = false;
+                    tracing::warn!(endpoint = %self.shared.endpoint, "actor stopped; endpoint stops serving");
+                    self.accepting.store(false, Ordering::Relaxed);
+                    requests = None;
                 }
             }
         }

@@ -251,6 +251,40 @@ mod nats_only {
         h.finish().await;
     }
 
+    /// Serves `component` on `rt` and watches it join from another runtime: the served
+    /// endpoint, its observations, the watching runtime, its watch and the joined instance.
+    async fn joined(
+        h: &Harness,
+        rt: &Runtime,
+        component: &str,
+    ) -> (
+        dynamo_runtime::ServedEndpoint,
+        tokio::sync::mpsc::UnboundedReceiver<Observed>,
+        Runtime,
+        dynamo_runtime::discovery::DiscoveryWatch,
+        dynamo_runtime::discovery::InstanceInfo,
+    ) {
+        let (served, obs) = crate::common::serve_test_actor(rt, component).await;
+        let caller = h.runtime().await;
+        let mut watch = watch_all(&caller).await;
+        let Some(DiscoveryEvent::Joined(info)) = watch.next().await else {
+            panic!("the served instance joins");
+        };
+        assert_eq!(info.instance, served.instance());
+        (served, obs, caller, watch, info)
+    }
+
+    /// A key-value bucket of the harness's nats-server, through a plain client.
+    async fn bucket(h: &Harness, name: &str) -> async_nats::jetstream::kv::Store {
+        let client = async_nats::connect(h.nats.as_ref().unwrap().url())
+            .await
+            .unwrap();
+        async_nats::jetstream::new(client)
+            .get_key_value(name)
+            .await
+            .unwrap()
+    }
+
     /// Anyone on the bus can write the discovery bucket. Junk under an instance's key, and an
     /// entry stored under a key that names another instance, change nothing a watcher sees:
     /// no `Left` for the instance whose value was overwritten, no ghost `Joined` that no
@@ -259,20 +293,8 @@ mod nats_only {
     async fn junk_and_foreign_discovery_entries_change_nothing() {
         let h = Harness::nats().await;
         let rt = h.runtime().await;
-        let (served, _obs) = crate::common::serve_test_actor(&rt, "real").await;
-        let caller = h.runtime().await;
-        let mut watch = watch_all(&caller).await;
-        let Some(DiscoveryEvent::Joined(info)) = watch.next().await else {
-            panic!("the served instance joins");
-        };
-        assert_eq!(info.instance, served.instance());
-        let client = async_nats::connect(h.nats.as_ref().unwrap().url())
-            .await
-            .unwrap();
-        let bucket = async_nats::jetstream::new(client)
-            .get_key_value("dynamo-discovery")
-            .await
-            .unwrap();
+        let (served, _obs, _caller, mut watch, info) = joined(&h, &rt, "real").await;
+        let bucket = bucket(&h, "dynamo-discovery").await;
         let value = serde_json::to_vec(&info).unwrap();
         let ghost_key = info
             .endpoint
@@ -291,6 +313,89 @@ mod nats_only {
             e => panic!("junk changed what the watcher sees: {e:?}"),
         }
         drop((served, other));
+        h.finish().await;
+    }
+
+    /// An idle process refreshes one lease, however many instances it hosts: its discovery
+    /// traffic does not grow with them (a fleet of 10k workers in 8 processes puts 8 leases
+    /// per refresh, not 30k entries).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn idle_discovery_traffic_does_not_grow_with_instances() {
+        let h = Harness::nats().await;
+        let rt = h.runtime().await;
+        let mut served = Vec::new();
+        for i in 0..20 {
+            served.push(crate::common::serve_test_actor(&rt, &format!("many-{i}")).await);
+        }
+        let client = async_nats::connect(h.nats.as_ref().unwrap().url())
+            .await
+            .unwrap();
+        let mut puts = client.subscribe("$KV.>").await.unwrap();
+        // Three leases of idling: refreshes every third of a lease (2 s here), so about 9.
+        let lease = rt.discovery().lease();
+        let window = tokio::time::sleep(lease * 3);
+        tokio::pin!(window);
+        let mut subjects = Vec::new();
+        loop {
+            tokio::select! {
+                _ = &mut window => break,
+                m = futures::StreamExt::next(&mut puts) => subjects.push(m.unwrap().subject.to_string()),
+            }
+        }
+        assert!(
+            (3..=12).contains(&subjects.len()),
+            "{} discovery puts in three leases: {subjects:?}",
+            subjects.len()
+        );
+        assert!(
+            subjects
+                .iter()
+                .all(|s| s.starts_with("$KV.dynamo-discovery-leases.")),
+            "only the lease is refreshed: {subjects:?}"
+        );
+        assert_eq!(
+            rt.discovery()
+                .list(&DiscoveryFilter::all())
+                .await
+                .unwrap()
+                .len(),
+            20
+        );
+        drop(served);
+        h.finish().await;
+    }
+
+    /// A lease that lapsed while its process lived (it stalled for longer than the lease, or
+    /// someone removed it): watchers see its instances leave, and the process registers them
+    /// again at its next refresh.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lapsed_lease_is_taken_again() {
+        let h = Harness::nats().await;
+        let rt = h.runtime().await;
+        let (served, _obs, caller, mut watch, info) = joined(&h, &rt, "stalled").await;
+        let lease = info.lease.clone().expect("entries name their lease");
+        let leases = bucket(&h, "dynamo-discovery-leases").await;
+        // What the server does when a lease runs out: a purge marker.
+        leases.purge(&lease).await.unwrap();
+        match tokio::time::timeout(Duration::from_secs(5), watch.next()).await {
+            Ok(Some(DiscoveryEvent::Left {
+                instance,
+                deregistered: false,
+                ..
+            })) => assert_eq!(instance, served.instance()),
+            other => panic!("expected the instance to leave with its lease, got {other:?}"),
+        }
+        match tokio::time::timeout(Duration::from_secs(5), watch.next()).await {
+            Ok(Some(DiscoveryEvent::Joined(again))) => assert_eq!(again, info),
+            other => panic!("expected the instance back at the next refresh, got {other:?}"),
+        }
+        let listed = caller
+            .discovery()
+            .list(&DiscoveryFilter::all())
+            .await
+            .unwrap();
+        assert_eq!(listed, vec![info]);
+        drop(served);
         h.finish().await;
     }
 
