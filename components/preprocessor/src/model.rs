@@ -36,16 +36,17 @@ pub fn content_hash(bytes: &[u8]) -> String {
     format!("{:032x}", xxhash_rust::xxh3::xxh3_128(bytes))
 }
 
-/// The preprocessor's files, by name, with their bytes.
+/// The preprocessor's files, by name, with their bytes. Cheap to clone: the workers of a
+/// process share one copy (a tokenizer is hundreds of KB, and a process may host thousands).
 #[derive(Debug, Clone, Default)]
 pub struct ModelFiles {
     /// Name -> (content hash, bytes); the hash is computed once, on insert.
-    files: BTreeMap<String, (String, Vec<u8>)>,
+    files: std::sync::Arc<BTreeMap<String, (String, Vec<u8>)>>,
 }
 
 impl ModelFiles {
     pub fn insert(&mut self, name: &str, bytes: Vec<u8>) {
-        self.files
+        std::sync::Arc::make_mut(&mut self.files)
             .insert(name.to_string(), (content_hash(&bytes), bytes));
     }
 
