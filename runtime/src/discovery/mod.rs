@@ -41,7 +41,8 @@ pub struct DiscoverySettings {
     /// How long an instance stays listed after its process stops refreshing it.
     #[serde(with = "humantime_serde")]
     pub lease: Duration,
-    /// The JetStream key-value bucket that holds registrations (NATS only).
+    /// The JetStream key-value bucket that holds registrations (NATS only); the processes'
+    /// leases are in `{bucket}-leases`.
     pub bucket: String,
 }
 

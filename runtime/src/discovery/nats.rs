@@ -332,8 +332,15 @@ async fn heal(inner: Weak<Inner>) {
     }
 }
 
+/// Whether `info`'s lease is among the live `leases`.
+fn leased(info: &InstanceInfo, leases: &HashSet<String>) -> bool {
+    info.lease.as_ref().is_some_and(|l| leases.contains(l))
+}
+
 /// The instances and leases found by a listing.
 struct Listing {
+    /// The entries' bucket, as read.
+    store: kv::Store,
     /// Valid entries under the filter, with their revisions.
     entries: Vec<(InstanceInfo, u64)>,
     /// Live leases.
@@ -341,19 +348,20 @@ struct Listing {
 }
 
 impl Listing {
-    /// Entries whose lease was gone when listed after them: left by a dead process.
-    fn orphans(&self) -> Vec<(String, u64)> {
-        (self.entries.iter())
-            .filter(|(i, _)| !i.lease.as_ref().is_some_and(|l| self.leases.contains(l)))
+    /// Purges the entries whose lease was gone when listed after them: left by a dead process.
+    fn purge_orphans(&self) {
+        let orphans = (self.entries.iter())
+            .filter(|(i, _)| !leased(i, &self.leases))
             .map(|(i, r)| (i.key(), *r))
-            .collect()
+            .collect();
+        purge_orphans(self.store.clone(), orphans);
     }
 
     fn live(self) -> Vec<InstanceInfo> {
         let leases = self.leases;
         let mut out: Vec<InstanceInfo> = (self.entries.into_iter())
             .map(|(i, _)| i)
-            .filter(|i| i.lease.as_ref().is_some_and(|l| leases.contains(l)))
+            .filter(|i| leased(i, &leases))
             .collect();
         out.sort_by_key(|i| i.key());
         out
@@ -362,11 +370,10 @@ impl Listing {
 
 /// Purges entries whose lease is gone, each only if still at the revision seen (an entry put
 /// back meanwhile stays).
-fn purge_orphans(stores: &Stores, orphans: Vec<(String, u64)>) {
+fn purge_orphans(store: kv::Store, orphans: Vec<(String, u64)>) {
     if orphans.is_empty() {
         return;
     }
-    let store = stores.entries.clone();
     tokio::spawn(async move {
         for (key, revision) in orphans {
             // Another watcher may have purged it first: nothing to report.
@@ -378,7 +385,7 @@ fn purge_orphans(stores: &Stores, orphans: Vec<(String, u64)>) {
 impl Inner {
     async fn list(&self, filter: &DiscoveryFilter) -> Result<Vec<InstanceInfo>, DiscoveryError> {
         let listing = self.listing(filter).await?;
-        purge_orphans(&*self.stores.read().await, listing.orphans());
+        listing.purge_orphans();
         Ok(listing.live())
     }
 
@@ -416,7 +423,11 @@ impl Inner {
             .try_collect()
             .await
             .map_err(unavailable)?;
-        Ok(Listing { entries, leases })
+        Ok(Listing {
+            store: stores.entries,
+            entries,
+            leases,
+        })
     }
 }
 
@@ -612,7 +623,7 @@ impl View {
         let mut events = Vec::new();
         let mut live = HashSet::new();
         for (info, revision) in listing.entries {
-            if info.lease.as_ref().is_some_and(|l| self.leases.contains(l)) {
+            if leased(&info, &self.leases) {
                 live.insert(info.key());
             }
             // Not reported yet: the leaves come first.
@@ -650,17 +661,6 @@ async fn run_watch(
     };
     reconnections.mark_unchanged();
     let send = |events: Vec<DiscoveryEvent>| events.into_iter().all(|e| tx.send(e).is_ok());
-    let purge = |orphans: Vec<(String, u64)>| {
-        if orphans.is_empty() {
-            return;
-        }
-        if let Some(i) = inner.upgrade() {
-            tokio::spawn(async move {
-                let stores = i.stores.read().await.clone();
-                purge_orphans(&stores, orphans);
-            });
-        }
-    };
     loop {
         // Follow the watches until one breaks or the connection is re-established.
         loop {
@@ -692,7 +692,10 @@ async fn run_watch(
                             op => {
                                 let (events, orphans) =
                                     view.lease_down(&entry.key, op == kv::Operation::Delete);
-                                purge(orphans);
+                                if let Some(i) = inner.upgrade() {
+                                    let store = i.stores.read().await.entries.clone();
+                                    purge_orphans(store, orphans);
+                                }
                                 events
                             }
                         };
@@ -730,7 +733,7 @@ async fn run_watch(
                 Ok((e, l, now)) => {
                     entries = e;
                     leases = l;
-                    purge(now.orphans());
+                    now.purge_orphans();
                     // A key whose value is junk (overwritten by someone on the bus) is still
                     // there but not listed: its owner puts it back at once.
                     if !send(view.reset(now)) {
