@@ -36,6 +36,7 @@
 #![forbid(unsafe_code)]
 
 mod disagg;
+mod idle;
 mod lease;
 mod router;
 mod sink;

@@ -291,14 +291,14 @@ mod properties {
     use proptest::prelude::*;
 
     fn settings() -> impl Strategy<Value = KvRouterSettings> {
-        (0.0f64..4.0, 0.0f64..1.0, 0.0f64..1.0, 0.0f64..1.0).prop_map(|(w, h, d, p)| {
-            KvRouterSettings {
-                overlap_weight: w,
-                host_credit: h,
-                disk_credit: d.min(h),
-                peer_credit: p,
-                ..Default::default()
-            }
+        // A weight of 0 (load alone) makes every idle worker tie, prefix hit or not.
+        let weight = prop_oneof![1 => Just(0.0), 4 => 0.0f64..4.0];
+        (weight, 0.0f64..1.0, 0.0f64..1.0, 0.0f64..1.0).prop_map(|(w, h, d, p)| KvRouterSettings {
+            overlap_weight: w,
+            host_credit: h,
+            disk_credit: d.min(h),
+            peer_credit: p,
+            ..Default::default()
         })
     }
 
@@ -370,9 +370,9 @@ mod properties {
             prop_assert!(at(all, 0) <= at(none, longer));
         }
 
-        /// Routing a model (the load order, stopping at the first worker whose load alone
-        /// costs more than the best so far) picks exactly the worker scoring every candidate
-        /// picks, through any sequence of stored prefixes, load reports, routes and finished
+        /// Routing a model (idle workers counted, the others in load order, stopping at the
+        /// first worker whose load alone costs more than the best so far) picks exactly the
+        /// worker scoring every candidate picks, through any sequence of stored prefixes, load reports, routes and finished
         /// requests: two routers with the same seed and the same history agree on every
         /// decision.
         #[test]
@@ -380,7 +380,17 @@ mod properties {
             s in settings(),
             busy in proptest::option::of(0.3f64..1.0),
             ops in proptest::collection::vec(
-                (0u64..24, 0u32..6, 1usize..300, 0u64..400, 0u64..200, any::<bool>()),
+                (
+                    0u64..24,
+                    0u32..6,
+                    1usize..300,
+                    // Idle reports often (a worker whose pool is smaller than a prompt
+                    // costs more even idle).
+                    prop_oneof![Just(0u64), 0u64..400],
+                    prop_oneof![Just(0u64), 0u64..200],
+                    any::<bool>(),
+                    prop_oneof![4u64..24, 24u64..800],
+                ),
                 1..60,
             ),
         ) {
@@ -393,14 +403,15 @@ mod properties {
                 }
             }
             let mut open = Vec::new();
-            for (w, prefix, len, active, queued, done) in ops {
+            for (w, prefix, len, active, queued, done, total) in ops {
                 // Prompts share one of six prefixes.
                 let prompt: Vec<u32> = (0..len as u32).map(|t| t + prefix * 1000).collect();
                 for r in [&fast, &all] {
                     store(r, w + 1, &prompt[..len / 2], 16);
                     r.record_load(WorkerId(w + 1), LoadReport {
                         active_blocks: active,
-                        total_blocks: 400,
+                        // Pools from smaller than a prompt to twice the largest load.
+                        total_blocks: total,
                         queued_prefill_tokens: queued,
                         ..Default::default()
                     });
