@@ -914,8 +914,18 @@ impl KvRouter {
                 ties.push((w, o));
             }
         };
+        // Candidates are sorted, distinct and all in the load order: as many as it holds, they
+        // are all of it (one model, nothing excluded: the usual case), and neither the holders
+        // nor the walk below need look each worker up among them (a popular prefix has
+        // hundreds of holders; at 10k idle workers, all tied, that lookup was most of a
+        // route's time).
+        let every = candidates.len() == loads.len();
         for (&w, &o) in q.overlaps {
-            if candidates.binary_search(&w).is_ok() {
+            let candidate = match every {
+                true => loads.get(&w).is_some(),
+                false => candidates.binary_search(&w).is_ok(),
+            };
+            if candidate {
                 consider(&mut best, &mut ties, w, o);
             }
         }
@@ -932,10 +942,6 @@ impl KvRouter {
             )
         };
         let mut idle_floor: Option<f64> = None;
-        // Candidates are sorted, distinct and all in the load order: as many as it holds, they
-        // are all of it (one model, nothing excluded: the usual case), and the walk below need
-        // not look each worker up.
-        let every = candidates.len() == loads.len();
         // The idle workers with a hit (scored above), sorted: the rest of the idle set, when
         // counted, is the workers without one.
         let mut idle_holders: Vec<WorkerId> = Vec::new();

@@ -493,7 +493,8 @@ impl<'a> Sim<'a> {
             .then(|| w.load_at.map(|t| t + LOAD_MIN_INTERVAL.as_nanos() as u64));
         let mut schedule = w.schedule;
         let mut now = self.now;
-        let (mut seen, mut ends) = (Vec::new(), Vec::new());
+        let n = durations.len();
+        let (mut seen, mut ends) = (Vec::with_capacity(n), Vec::with_capacity(n));
         for d in durations {
             let (end, at) = self.step_end(schedule, now, d);
             seen.push(at);
@@ -549,12 +550,22 @@ impl<'a> Sim<'a> {
         self.workers[slot]
             .sched
             .deliver_tagged(|tag| touched.push(tag as usize));
-        // Steps after the first: every sequence of the batch waited the same gap.
+        // Steps after the first: every sequence of the batch waited the same gap (runs of
+        // equal gaps recorded at once: steps take the same time until a block is allocated).
         let batch = touched.len() as u64;
-        for j in 1..n {
-            let itl = ((c.seen[j] - c.seen[j - 1]) / 1000).max(1);
-            for s in [&mut self.total, &mut self.window, &mut self.interval] {
-                let _ = s.itl.record_n(itl, batch);
+        let mut run: Option<(u64, u64)> = None;
+        for j in 1..=n {
+            let itl = (j < n).then(|| ((c.seen[j] - c.seen[j - 1]) / 1000).max(1));
+            match (&mut run, itl) {
+                (Some((v, count)), Some(itl)) if *v == itl => *count += 1,
+                _ => {
+                    if let Some((v, count)) = run {
+                        for s in [&mut self.total, &mut self.window, &mut self.interval] {
+                            let _ = s.itl.record_n(v, batch * count);
+                        }
+                    }
+                    run = itl.map(|itl| (itl, 1));
+                }
             }
         }
         let last = c.seen[n - 1];

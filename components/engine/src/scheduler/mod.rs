@@ -1342,8 +1342,13 @@ impl<E: Executor> Scheduler<E> {
             }
             room -= new;
             active += new;
-            self.planned
-                .push(exec.decode_time(batch, active as f64 / total));
+            // The time changes with KV usage only: the same as the last step's until a block
+            // is allocated (a block of 64 tokens is 64 steps of one sequence).
+            let d = match self.planned.last() {
+                Some(&d) if new == 0 => d,
+                _ => exec.decode_time(batch, active as f64 / total),
+            };
+            self.planned.push(d);
         }
         &self.planned
     }
