@@ -96,7 +96,9 @@ pub struct BlockPool {
     /// Blocks released uncached; blocks never handed out are not listed.
     free: Vec<BlockId>,
     capacity: usize,
-    by_hash: HashMap<SequenceHash, BlockId>,
+    /// Keyed by sequence hashes, already random: one multiply spreads them (SipHash was a
+    /// tenth of a block's registration).
+    by_hash: HashMap<SequenceHash, BlockId, crate::index::IdBuild>,
     lru: BTreeMap<u64, BlockId>,
     clock: u64,
     next_event: u64,
@@ -113,7 +115,7 @@ impl BlockPool {
             blocks: Vec::new(),
             free: Vec::new(),
             capacity: num_blocks,
-            by_hash: HashMap::new(),
+            by_hash: HashMap::default(),
             lru: BTreeMap::new(),
             clock: 0,
             next_event: 0,

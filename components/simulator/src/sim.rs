@@ -357,6 +357,8 @@ impl Span {
 
 struct Sim<'a> {
     cfg: &'a SimConfig,
+    /// The timer's tick (`timer_ms`) in ns.
+    tick: u64,
     trace: &'a [TraceRequest],
     router: Arc<KvRouter>,
     workers: Vec<Worker>,
@@ -468,7 +470,7 @@ impl<'a> Sim<'a> {
     fn step_end(&self, schedule: Option<u64>, now: u64, d: std::time::Duration) -> (u64, u64) {
         let start = schedule.filter(|s| s + SLACK >= now).unwrap_or(now);
         let end = start + d.as_nanos() as u64;
-        let tick = ns(self.cfg.timer_ms / 1e3);
+        let tick = self.tick;
         let seen = if tick > 0 {
             end.div_ceil(tick) * tick
         } else {
@@ -1222,6 +1224,7 @@ pub fn simulate(
     let started = Instant::now();
     let mut sim = Sim {
         cfg,
+        tick: ns(cfg.timer_ms / 1e3),
         trace,
         router: KvRouter::new(cfg.router.clone()),
         workers: Vec::new(),

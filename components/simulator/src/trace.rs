@@ -21,9 +21,14 @@ impl Rng {
 
     /// `n` token ids in 260..3900 (inside any vocabulary of 4096 or more).
     pub fn tokens(&mut self, n: usize) -> Vec<u32> {
-        (0..n)
-            .map(|_| 260 + (self.next_u64() % 3640) as u32)
-            .collect()
+        let mut out = Vec::with_capacity(n);
+        self.extend_tokens(&mut out, n);
+        out
+    }
+
+    /// [`Rng::tokens`] appended to `out`.
+    pub fn extend_tokens(&mut self, out: &mut Vec<u32>, n: usize) {
+        out.extend((0..n).map(|_| 260 + (self.next_u64() % 3640) as u32));
     }
 
     /// Uniform in [0, 1).
@@ -117,11 +122,11 @@ pub fn prompt(r: &TraceRequest, index: usize, block_size: usize, seed: u64) -> V
         if p.len() >= input {
             break;
         }
-        p.extend(Rng(*h ^ 0x5eed).tokens(bs));
+        Rng(*h ^ 0x5eed).extend_tokens(&mut p, bs);
     }
     let mut filler = Rng(index as u64 ^ seed);
     while p.len() < input {
-        p.extend(filler.tokens(bs));
+        filler.extend_tokens(&mut p, bs);
     }
     p.truncate(input.max(1));
     p

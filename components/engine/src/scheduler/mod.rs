@@ -1368,6 +1368,17 @@ impl<E: Executor> Scheduler<E> {
             .map(|_| Vec::with_capacity(n))
             .collect();
         let mut total = Duration::ZERO;
+        let exec = self
+            .executor
+            .bulk_decode()
+            .expect("a plan is made only with bulk decode");
+        // Where each sequence next completes a block (a registration) and needs a new one (an
+        // allocation): between those, a step only counts and samples.
+        let mut full: Vec<usize> = self
+            .running
+            .iter()
+            .map(|s| (s.computed / bs + 1) * bs)
+            .collect();
         for j in 0..n {
             for seq in self.running.iter_mut() {
                 if seq.computed + 1 > seq.blocks.len() * bs {
@@ -1382,14 +1393,19 @@ impl<E: Executor> Scheduler<E> {
             c.busy_micros += d.as_micros() as u64;
             c.batched += self.running.len() as u64;
             c.decode_tokens += self.running.len() as u64;
-            let exec = self
-                .executor
-                .bulk_decode()
-                .expect("a plan is made only with bulk decode");
             exec.count_step();
-            for (seq, out) in self.running.iter_mut().zip(tokens.iter_mut()) {
+            for ((seq, out), full) in self
+                .running
+                .iter_mut()
+                .zip(tokens.iter_mut())
+                .zip(full.iter_mut())
+            {
                 seq.computed += 1;
-                seq.register_computed(&mut self.pool, bs);
+                // The first step catches up whatever the sequence had left to register.
+                if j == 0 || seq.computed >= *full {
+                    seq.register_computed(&mut self.pool, bs);
+                    *full = (seq.computed / bs + 1) * bs;
+                }
                 let token = exec.sample();
                 seq.tokens.push(token);
                 seq.generated += 1;
