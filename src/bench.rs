@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use dynamo_simulator::trace::{self, Rng};
+use dynamo_simulator::RequestRecord;
 use futures::StreamExt;
 use serde_json::{json, Value};
 use tokio::sync::{Mutex, Semaphore};
@@ -76,6 +77,11 @@ pub struct BenchArgs {
     on_bad_line: String,
     #[arg(long)]
     output_json: PathBuf,
+    /// One JSON line per measured request (its index in the workload, start, TTFT,
+    /// end-to-end, cached tokens, status), as `dynamo-run simulate --requests-jsonl` writes
+    /// them: to compare a real run with a simulated one request by request.
+    #[arg(long)]
+    requests_jsonl: Option<PathBuf>,
     /// Write an SVG plot of TTFT and end-to-end latency over the run.
     #[arg(long)]
     plot: Option<PathBuf>,
@@ -188,6 +194,10 @@ fn trace(a: &BenchArgs, path: &Path) -> Result<Vec<Job>> {
 
 #[derive(Debug, Default, Clone)]
 struct Sample {
+    /// The request's index in the workload.
+    index: usize,
+    /// The worker instance that served it (the frontend's `x-dynamo-instance-id`).
+    worker: Option<u64>,
     start: f64,
     ttft: Option<f64>,
     itl: Vec<f64>,
@@ -225,6 +235,11 @@ async fn send(client: &reqwest::Client, url: &str, model: &str, job: &Job, t0: I
         s.status = Some(resp.status().as_u16());
         return s;
     }
+    s.worker = resp
+        .headers()
+        .get(dynamo_actors::frontend::WORKER_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| u64::from_str_radix(v, 16).ok());
     let mut stream = resp.bytes_stream();
     let mut buf = Vec::new();
     let mut last: Option<Instant> = None;
@@ -391,10 +406,11 @@ pub async fn run(a: BenchArgs) -> Result<()> {
             )
             .await;
             drop(permit);
-            let s = s.unwrap_or(Sample {
+            let mut s = s.unwrap_or(Sample {
                 status: Some(0),
                 ..Default::default()
             });
+            s.index = i;
             if s.status != Some(200) {
                 errors.fetch_add(1, Ordering::Relaxed);
             }
@@ -443,6 +459,19 @@ fn oracle_ratio(measured: &[Job], warmup: &[Job], block_size: usize) -> f64 {
     } else {
         cached as f64 / total as f64
     }
+}
+
+/// Writes `records` as JSON lines.
+pub(crate) fn write_jsonl<T: serde::Serialize>(path: &Path, records: &[T]) -> Result<()> {
+    let mut out = std::io::BufWriter::new(
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+    );
+    for r in records {
+        serde_json::to_writer(&mut out, r)?;
+        out.write_all(b"\n")?;
+    }
+    out.flush()
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 fn report(a: &BenchArgs, samples: &[Sample], oracle: f64) -> Result<()> {
@@ -504,6 +533,25 @@ fn report(a: &BenchArgs, samples: &[Sample], oracle: f64) -> Result<()> {
     }
     std::fs::write(&a.output_json, serde_json::to_string_pretty(&result)?)
         .with_context(|| format!("writing {}", a.output_json.display()))?;
+    if let Some(path) = &a.requests_jsonl {
+        let mut records: Vec<RequestRecord> = samples
+            .iter()
+            .map(|s| RequestRecord {
+                index: s.index,
+                start_s: s.start,
+                ttft_ms: s.ttft,
+                e2e_ms: s.e2e,
+                prompt_tokens: s.prompt_tokens as u32,
+                cached_tokens: s.cached_tokens as u32,
+                output_tokens: s.output_tokens as u32,
+                // 0: the frontend did not say.
+                worker: s.worker.unwrap_or(0),
+                ok: s.status == Some(200),
+            })
+            .collect();
+        records.sort_by_key(|r| r.index);
+        write_jsonl(path, &records)?;
+    }
     let f = |v: &Value| v.as_f64().map_or("-".into(), |x| format!("{x:.1}"));
     println!(
         "completed {} ({} errors) in {:.1}s: {:.2} req/s, {:.0} output tok/s, cached tokens {:.1}% (oracle {:.1}%)",

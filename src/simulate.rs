@@ -3,8 +3,9 @@
 //! the planner, driven by a Mooncake trace or a generated load curve. Prints a summary, and
 //! writes the report as JSON (`--output-json`) and its timeline as SVG (`--plot`).
 
+use std::collections::HashMap;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -82,6 +83,17 @@ pub struct SimulateArgs {
     seed: u64,
     #[arg(long)]
     output_json: Option<PathBuf>,
+    /// One JSON line per request (trace index, arrival, TTFT, end-to-end, cached tokens, the
+    /// worker), as `dynamo-run bench --requests-jsonl` writes them for a real cluster: to
+    /// compare the two request by request.
+    #[arg(long)]
+    requests_jsonl: Option<PathBuf>,
+    /// Send each request to the worker another run served it on (a `--requests-jsonl` file of
+    /// `dynamo-run bench` or `simulate`; workers are matched in order of first use) instead
+    /// of the router's choice: to compare the two runs' timing with the same routing. Static
+    /// workers only.
+    #[arg(long)]
+    route_from: Option<PathBuf>,
     /// An SVG of the timeline (load, workers, TTFT against its target).
     #[arg(long)]
     plot: Option<PathBuf>,
@@ -194,6 +206,15 @@ pub fn run(a: &SimulateArgs) -> Result<()> {
     if router.peer_credit > 0.0 {
         bail!("--kv-peer-credit: the simulated workers do not fetch blocks from each other; leave it at 0");
     }
+    let routes = match &a.route_from {
+        Some(path) => {
+            if planner.is_some() || prefill_workers > 0 {
+                bail!("--route-from: static aggregated workers only (no --profile, no --prefill-workers)");
+            }
+            Some(routes_from(path, trace.len(), workers as usize)?)
+        }
+        None => None,
+    };
     let cfg = SimConfig {
         model,
         mocker,
@@ -210,6 +231,8 @@ pub fn run(a: &SimulateArgs) -> Result<()> {
         seed: a.seed,
         timer_ms: a.timer_ms.max(0.0),
         stepping: a.stepping,
+        record_requests: a.requests_jsonl.is_some(),
+        routes,
     };
     let span = trace.last().map(|r| r.timestamp / 1e3).unwrap_or(0.0);
     eprintln!(
@@ -275,6 +298,11 @@ pub fn run(a: &SimulateArgs) -> Result<()> {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
+    if let Some(path) = &a.requests_jsonl {
+        let mut records = report.request_records.clone();
+        records.sort_by_key(|r| r.index);
+        crate::bench::write_jsonl(path, &records)?;
+    }
     if let Some(path) = &a.plot {
         let title = format!(
             "{} requests, {}: {:.1}% within targets, {:.0} worker-seconds",
@@ -291,4 +319,53 @@ pub fn run(a: &SimulateArgs) -> Result<()> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
+}
+
+/// Each request's worker (from 0) in a requests JSONL file, by trace index: the file's worker
+/// ids numbered in order of first use (by index). Requests it lacks, or whose worker it does
+/// not name (0), are left to the router.
+fn routes_from(path: &Path, requests: usize, workers: usize) -> Result<Vec<Option<usize>>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("--route-from: reading {}", path.display()))?;
+    let mut records = Vec::new();
+    for (n, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let r: dynamo_simulator::RequestRecord = serde_json::from_str(line).with_context(|| {
+            format!(
+                "--route-from {} line {}: not a request record (write one with --requests-jsonl)",
+                path.display(),
+                n + 1
+            )
+        })?;
+        records.push(r);
+    }
+    records.sort_by_key(|r| r.index);
+    let mut slots: HashMap<u64, usize> = HashMap::new();
+    let mut routes = vec![None; requests];
+    for r in records
+        .iter()
+        .filter(|r| r.worker != 0 && r.index < requests)
+    {
+        let next = slots.len();
+        let slot = *slots.entry(r.worker).or_insert(next);
+        routes[r.index] = Some(slot);
+    }
+    if slots.len() > workers {
+        bail!(
+            "--route-from {}: its requests ran on {} workers; give --workers {}",
+            path.display(),
+            slots.len(),
+            slots.len()
+        );
+    }
+    if slots.is_empty() {
+        bail!(
+            "--route-from {}: no request names its worker",
+            path.display()
+        );
+    }
+    Ok(routes)
 }

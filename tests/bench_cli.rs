@@ -74,6 +74,7 @@ fn shared_prefix_and_multi_turn_reuse_the_cache_and_report_everything() {
     let s = server("256", &["--router-mode", "round-robin"]);
     let dir = tempfile::tempdir().unwrap();
     let plot = dir.path().join("plot.svg");
+    let records = dir.path().join("requests.jsonl");
     let (out, v) = bench(
         &s.url,
         &[
@@ -97,6 +98,8 @@ fn shared_prefix_and_multi_turn_reuse_the_cache_and_report_everything() {
             "4",
             "--plot",
             plot.to_str().unwrap(),
+            "--requests-jsonl",
+            records.to_str().unwrap(),
         ],
     );
     assert!(
@@ -118,6 +121,23 @@ fn shared_prefix_and_multi_turn_reuse_the_cache_and_report_everything() {
     let ratio = v["cached_token_ratio"].as_f64().unwrap();
     assert!(ratio > 0.5, "cached token ratio {ratio}");
     assert!(std::fs::read_to_string(&plot).unwrap().starts_with("<svg"));
+    // One record per measured request (after the warm-up), naming the worker that served it
+    // (round-robin: all four), adding up to the report's cached ratio.
+    let recs: Vec<Value> = std::fs::read_to_string(&records)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let index: Vec<u64> = recs.iter().map(|r| r["index"].as_u64().unwrap()).collect();
+    assert_eq!(index, (4..52).collect::<Vec<u64>>());
+    assert!(recs
+        .iter()
+        .all(|r| r["ok"] == true && r["ttft_ms"].as_f64().unwrap() > 0.0));
+    let workers: std::collections::BTreeSet<u64> =
+        recs.iter().map(|r| r["worker"].as_u64().unwrap()).collect();
+    assert!(workers.len() == 4 && !workers.contains(&0), "{workers:?}");
+    let sum = |k: &str| recs.iter().map(|r| r[k].as_f64().unwrap()).sum::<f64>();
+    assert!((sum("cached_tokens") / sum("prompt_tokens") - ratio).abs() < 1e-9);
 
     let (out, v) = bench(
         &s.url,

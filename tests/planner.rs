@@ -651,6 +651,45 @@ fn simulate_reports_and_refuses_bad_input() {
         text.contains(&format!("{lines} requests (0 failed)")),
         "{text}"
     );
+    // Per-request records, and a run replaying their routing: the same latencies.
+    let records = dir.path().join("requests.jsonl");
+    let static2 = |extra: &[&std::ffi::OsStr]| {
+        let mut c = dynamo_run();
+        c.args(["simulate", "--workers", "2"])
+            .args(["--ttft-target-ms", "100", "--itl-target-ms", "20"])
+            .arg("--trace")
+            .arg(&trace)
+            .args(extra);
+        c
+    };
+    let own = common::succeed(&mut static2(&[
+        "--requests-jsonl".as_ref(),
+        records.as_os_str(),
+    ]));
+    let recs: Vec<serde_json::Value> = std::fs::read_to_string(&records)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(recs.len() as u64, lines);
+    assert!(recs
+        .iter()
+        .all(|r| r["ok"] == true && r["ttft_ms"].as_f64().unwrap() > 0.0));
+    let workers: std::collections::BTreeSet<u64> =
+        recs.iter().map(|r| r["worker"].as_u64().unwrap()).collect();
+    assert_eq!(workers.len(), 2, "{workers:?}");
+    let replay = common::succeed(&mut static2(&[
+        "--route-from".as_ref(),
+        records.as_os_str(),
+    ]));
+    let latencies = |o: &std::process::Output| {
+        let t = String::from_utf8_lossy(&o.stdout).to_string();
+        t.lines()
+            .find(|l| l.contains("TTFT ms"))
+            .map(str::to_string)
+            .unwrap_or(t)
+    };
+    assert_eq!(latencies(&replay), latencies(&own));
     // The same trace on a disaggregated deployment: prompts go to the prefill workers.
     let out = common::succeed(
         dynamo_run()
@@ -706,4 +745,33 @@ fn simulate_reports_and_refuses_bad_input() {
     std::fs::write(&broken, "{\"timestamp\": 1, \"input_length\": 10}\n").unwrap();
     let e = bad(&[&["--trace", broken.to_str().unwrap()][..], &targets].concat());
     assert!(e.contains("line 1") && e.contains("output_length"), "{e}");
+    // Routes from a run on two workers cannot be replayed on one, nor from a file that
+    // holds no request records.
+    let replay = |from: &Path, workers: &str| {
+        bad(&[
+            &["--trace", trace.to_str().unwrap(), "--workers", workers][..],
+            &["--route-from", from.to_str().unwrap()],
+            &targets,
+        ]
+        .concat())
+    };
+    let e = replay(&records, "1");
+    assert!(e.contains("2 workers") && e.contains("--workers 2"), "{e}");
+    let e = replay(&broken, "2");
+    assert!(
+        e.contains("line 1") && e.contains("--requests-jsonl"),
+        "{e}"
+    );
+    let e = bad(&[
+        &[
+            "--load",
+            "steady:5",
+            "--route-from",
+            records.to_str().unwrap(),
+        ][..],
+        &targets,
+        &profiled,
+    ]
+    .concat());
+    assert!(e.contains("static"), "{e}");
 }

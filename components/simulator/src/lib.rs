@@ -7,5 +7,5 @@ pub mod plot;
 pub mod sim;
 pub mod trace;
 
-pub use sim::{simulate, PlannerSim, SimConfig, SimReport, Stepping};
+pub use sim::{simulate, PlannerSim, RequestRecord, SimConfig, SimReport, Stepping};
 pub use trace::{generate, parse_mooncake, LoadCurve, Shape, TraceRequest};

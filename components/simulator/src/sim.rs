@@ -89,6 +89,32 @@ pub struct SimConfig {
     pub timer_ms: f64,
     /// How engine steps become events.
     pub stepping: Stepping,
+    /// Keep a record of each request ([`SimReport::request_records`]), to compare a run
+    /// with another request by request (`dynamo-run simulate --requests-jsonl`).
+    pub record_requests: bool,
+    /// The worker (index from 0) each request goes to, by trace index, instead of the
+    /// router's choice (`None`, or past the end: the router chooses): to replay the routing
+    /// of another run (`dynamo-run simulate --route-from`). The router still accounts the
+    /// request there and finds its cached prefix. Static workers only.
+    pub routes: Option<Vec<Option<usize>>>,
+}
+
+/// One request as a run served it (with [`SimConfig::record_requests`]); `dynamo-run bench
+/// --requests-jsonl` writes the same fields for a real cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RequestRecord {
+    /// Its place in the trace (from 0).
+    pub index: usize,
+    /// Seconds from the start of the run to its arrival.
+    pub start_s: f64,
+    pub ttft_ms: Option<f64>,
+    pub e2e_ms: f64,
+    pub prompt_tokens: u32,
+    pub cached_tokens: u32,
+    pub output_tokens: u32,
+    /// The worker it ran on (the simulator's numbering, from 1).
+    pub worker: u64,
+    pub ok: bool,
 }
 
 /// How engine steps become events.
@@ -195,6 +221,10 @@ pub struct SimReport {
     pub remote_prefills: u64,
     pub timeline: Vec<Point>,
     pub decisions: Vec<DecisionPoint>,
+    /// Each request that reached a worker, in the order they ended (with
+    /// [`SimConfig::record_requests`]; not part of the JSON report).
+    #[serde(skip)]
+    pub request_records: Vec<RequestRecord>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -649,7 +679,17 @@ impl<'a> Sim<'a> {
         self.total.arrivals += 1;
         self.window.arrivals += 1;
         self.interval.arrivals += 1;
-        let decision = match self.router.route_model(&self.cfg.model, &[], &tokens) {
+        let forced = (self.cfg.routes.as_ref())
+            .and_then(|r| r.get(i).copied().flatten())
+            .filter(|&slot| slot < self.workers.len());
+        let routed = match forced {
+            Some(slot) => {
+                self.router
+                    .route(&[Self::wid(slot)], &tokens, self.cfg.mocker.block_size)
+            }
+            None => self.router.route_model(&self.cfg.model, &[], &tokens),
+        };
+        let decision = match routed {
             Ok(d) => d,
             Err(_) => {
                 // No worker serving (a 503 at a real frontend).
@@ -1013,6 +1053,20 @@ impl<'a> Sim<'a> {
     fn close(&mut self, slot: usize, i: usize, ok: bool) {
         if let Some(l) = self.live[i].take() {
             self.workers[slot].open -= 1;
+            if self.cfg.record_requests {
+                let ms = |t: u64| t.saturating_sub(l.arrival) as f64 / 1e6;
+                self.report.request_records.push(RequestRecord {
+                    index: i,
+                    start_s: l.arrival as f64 / NS,
+                    ttft_ms: l.first.map(ms),
+                    e2e_ms: ms(l.last),
+                    prompt_tokens: l.input,
+                    cached_tokens: l.cached,
+                    output_tokens: l.tokens,
+                    worker: slot as u64 + 1,
+                    ok,
+                });
+            }
             self.end(l, ok);
         }
     }
@@ -1364,6 +1418,8 @@ mod tests {
             timer_ms: 0.0,
             stepping: Stepping::Batch,
             prefill_workers: 0,
+            record_requests: false,
+            routes: None,
         }
     }
 
@@ -1425,6 +1481,89 @@ mod tests {
         );
         // Two static workers over the whole run.
         assert!((b.worker_seconds - 2.0 * b.simulated_s).abs() < 1e-6);
+    }
+
+    /// With `record_requests`, every completed request has one record, under its trace
+    /// index and at its trace time, and the records add up to the report (its cached ratio,
+    /// its mean TTFT); without, there are none.
+    #[test]
+    fn request_records_add_up_to_the_report() {
+        let trace = generate(&LoadCurve::Steady { rate: 20.0 }, 20.0, &shape(), 3);
+        let r = run(
+            &SimConfig {
+                record_requests: true,
+                ..cfg(2, None)
+            },
+            &trace,
+        );
+        let recs = &r.request_records;
+        assert!(r.completed > 300, "{}", r.completed);
+        assert_eq!(recs.len() as u64, r.completed);
+        let mut seen: Vec<usize> = recs.iter().map(|x| x.index).collect();
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen.len(), recs.len(), "each request once");
+        for x in recs {
+            assert!(x.ok && (1..=2).contains(&x.worker), "{x:?}");
+            assert!(
+                (x.start_s - trace[x.index].timestamp / 1e3).abs() < 1e-6,
+                "{x:?}"
+            );
+            assert!(x.ttft_ms.is_some_and(|t| t > 0.0 && t <= x.e2e_ms), "{x:?}");
+            assert_eq!(x.output_tokens, trace[x.index].output_length);
+        }
+        let (cached, prompt) = recs.iter().fold((0u64, 0u64), |(c, p), x| {
+            (c + x.cached_tokens as u64, p + x.prompt_tokens as u64)
+        });
+        assert!((cached as f64 / prompt as f64 - r.cached_ratio).abs() < 1e-9);
+        assert!(cached > 0, "shared prefixes are cached");
+        let mean = recs.iter().filter_map(|x| x.ttft_ms).sum::<f64>() / recs.len() as f64;
+        assert!(
+            (mean - r.ttft_ms.mean).abs() <= 0.01 * r.ttft_ms.mean,
+            "{mean} against {}",
+            r.ttft_ms.mean
+        );
+        assert!(run(&cfg(2, None), &trace).request_records.is_empty());
+    }
+
+    /// Replaying a run's own routing (`routes`, from its request records) gives the same run:
+    /// a forced route is accounted, cached and drawn for as the router's own choice; and a
+    /// different routing gives a different run.
+    #[test]
+    fn replaying_a_run_s_routing_gives_the_same_run() {
+        let trace = generate(&LoadCurve::Steady { rate: 30.0 }, 20.0, &shape(), 5);
+        let c = SimConfig {
+            record_requests: true,
+            ..cfg(3, None)
+        };
+        let first = run(&c, &trace);
+        let mut routes = vec![None; trace.len()];
+        for r in &first.request_records {
+            routes[r.index] = Some(r.worker as usize - 1);
+        }
+        let again = run(
+            &SimConfig {
+                routes: Some(routes.clone()),
+                ..c.clone()
+            },
+            &trace,
+        );
+        assert_eq!(again, first);
+        // Everything on one worker of three: a different (worse) run.
+        let piled = run(
+            &SimConfig {
+                routes: Some(vec![Some(0); trace.len()]),
+                ..c
+            },
+            &trace,
+        );
+        assert!(piled.request_records.iter().all(|r| r.worker == 1));
+        assert!(
+            piled.ttft_ms.p90 > first.ttft_ms.p90,
+            "{} against {}",
+            piled.ttft_ms.p90,
+            first.ttft_ms.p90
+        );
     }
 
     /// A worker's decode stretches as single events change nothing a user would see: cut
