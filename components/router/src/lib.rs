@@ -21,9 +21,8 @@
 //! `overflow` is the request's blocks that would not fit beside the active ones and `wait` is
 //! `n` when there is any overflow (the request waits there for a running one to finish;
 //! [`cost`]), and `decode_blocks` is the
-//! router's own count plus what the worker's reports showed beyond the router's count when
-//! they arrived (load from elsewhere; the lesser of the last two reports, so one that raced a
-//! release is not counted), so a stale report does not outlive the requests in it. Workers whose KV
+//! router's own count plus whatever the worker's last report showed beyond the router's count
+//! at that time (load from elsewhere), so a stale report does not outlive the requests in it. Workers whose KV
 //! usage is over `busy_threshold` are skipped; the lowest cost wins (ties broken at random), or
 //! with `temperature > 0` a softmax over `-cost / temperature` picks.
 //!

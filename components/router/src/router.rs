@@ -254,22 +254,29 @@ pub(crate) struct Accounting {
     pub(crate) blocks: u64,
     /// All blocks those requests occupy, shared prefix blocks included.
     pub(crate) occupied: u64,
-    /// Load beyond ours (active blocks, queued prompt tokens) as the last report showed it
-    /// against our counts when it arrived (`None` before the first report)...
-    seen_other: Option<(u64, u64)>,
-    /// ...and as counted: the lesser of the last two reports' (see [`KvRouter::record_load`]).
-    other: (u64, u64),
+    /// Our own counts when the report was taken: the rest of a report is other load.
+    occupied_at_report: u64,
+    prefill_at_report: u64,
 }
 
 impl Accounting {
-    /// Active blocks: ours now, plus the load beyond ours the reports showed (requests from
-    /// elsewhere), so a report taken before our requests finished does not linger.
-    pub(crate) fn decode_blocks(&self) -> u64 {
-        self.blocks.saturating_add(self.other.0)
+    /// Active blocks: ours now, plus what the last report showed beyond ours then (other
+    /// routers' requests), so a report taken before our requests finished does not linger.
+    fn decode_blocks(&self) -> u64 {
+        // Saturating: a report is bus input, and no figure in it may overflow the sum.
+        self.blocks.saturating_add(
+            self.report
+                .active_blocks
+                .saturating_sub(self.occupied_at_report),
+        )
     }
 
     pub(crate) fn pending_prefill_tokens(&self) -> u64 {
-        self.prefill_tokens.saturating_add(self.other.1)
+        self.prefill_tokens.saturating_add(
+            self.report
+                .queued_prefill_tokens
+                .saturating_sub(self.prefill_at_report),
+        )
     }
 }
 
@@ -770,30 +777,11 @@ impl KvRouter {
         self.loads.get(&w).map(|a| a.report)
     }
 
-    /// Records `w`'s load report. What it shows beyond this router's own counts is load from
-    /// elsewhere, counted once two reports in a row show it (the lesser of the two; a
-    /// worker's first report counts as it is): a report
-    /// is taken before it reaches the router, so one taken just before one of our requests
-    /// finished (or got its first token) but received after shows that request's blocks as
-    /// someone else's, for a whole report period. Under load those phantoms drew requests
-    /// away from the workers that had just freed room, and onto workers busy with a prefill
-    /// (`scripts/validate-simulator`: 20.8% of requests against 10.6% with reports ignored).
-    /// Load from elsewhere that persists counts one report later.
     pub fn record_load(&self, w: WorkerId, report: LoadReport) {
         self.loads.upsert(w, |acc| {
-            // Saturating: a report is bus input, and no figure in it may overflow the sum.
-            let seen = (
-                report.active_blocks.saturating_sub(acc.occupied),
-                report
-                    .queued_prefill_tokens
-                    .saturating_sub(acc.prefill_tokens),
-            );
-            acc.other = match acc.seen_other {
-                Some(last) => (seen.0.min(last.0), seen.1.min(last.1)),
-                None => seen,
-            };
-            acc.seen_other = Some(seen);
             acc.report = report;
+            acc.occupied_at_report = acc.occupied;
+            acc.prefill_at_report = acc.prefill_tokens;
         });
     }
 
