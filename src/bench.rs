@@ -239,7 +239,8 @@ async fn send(client: &reqwest::Client, url: &str, model: &str, job: &Job, t0: I
         .headers()
         .get(dynamo_actors::frontend::WORKER_HEADER)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| u64::from_str_radix(v, 16).ok());
+        .and_then(|v| dynamo_runtime::InstanceId::parse_hex(v).ok())
+        .map(|i| i.as_u64());
     let mut stream = resp.bytes_stream();
     let mut buf = Vec::new();
     let mut last: Option<Instant> = None;
@@ -461,19 +462,6 @@ fn oracle_ratio(measured: &[Job], warmup: &[Job], block_size: usize) -> f64 {
     }
 }
 
-/// Writes `records` as JSON lines.
-pub(crate) fn write_jsonl<T: serde::Serialize>(path: &Path, records: &[T]) -> Result<()> {
-    let mut out = std::io::BufWriter::new(
-        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
-    );
-    for r in records {
-        serde_json::to_writer(&mut out, r)?;
-        out.write_all(b"\n")?;
-    }
-    out.flush()
-        .with_context(|| format!("writing {}", path.display()))
-}
-
 fn report(a: &BenchArgs, samples: &[Sample], oracle: f64) -> Result<()> {
     let ok: Vec<&Sample> = samples.iter().filter(|s| s.status == Some(200)).collect();
     let mut errors: BTreeMap<String, usize> = BTreeMap::new();
@@ -550,7 +538,8 @@ fn report(a: &BenchArgs, samples: &[Sample], oracle: f64) -> Result<()> {
             })
             .collect();
         records.sort_by_key(|r| r.index);
-        write_jsonl(path, &records)?;
+        std::fs::write(path, trace::to_jsonl(&records))
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     let f = |v: &Value| v.as_f64().map_or("-".into(), |x| format!("{x:.1}"));
     println!(

@@ -299,9 +299,8 @@ pub fn run(a: &SimulateArgs) -> Result<()> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(path) = &a.requests_jsonl {
-        let mut records = report.request_records.clone();
-        records.sort_by_key(|r| r.index);
-        crate::bench::write_jsonl(path, &records)?;
+        std::fs::write(path, trace::to_jsonl(&report.request_records))
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(path) = &a.plot {
         let title = format!(

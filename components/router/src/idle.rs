@@ -93,12 +93,12 @@ impl IdleSet {
         None
     }
 
-    /// The first id not in `skip`.
+    /// The first id not in `skip` (sorted).
     pub(crate) fn first_not_in(&self, skip: &[WorkerId]) -> Option<WorkerId> {
         self.chunks
             .iter()
             .flatten()
-            .find(|w| !skip.contains(w))
+            .find(|w| skip.binary_search(w).is_err())
             .copied()
     }
 

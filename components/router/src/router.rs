@@ -904,14 +904,20 @@ impl KvRouter {
         let cost_of = |w: WorkerId, o: Overlap| self.worker_cost(&loads, q, w, o);
         let mut best = f64::INFINITY;
         let mut ties: Vec<(WorkerId, Overlap)> = Vec::new();
-        let consider = |best: &mut f64, ties: &mut Vec<_>, w: WorkerId, o: Overlap| {
-            let Some(c) = cost_of(w, o) else { return };
+        // Whether cost `c` ties the best so far (after lowering it, and dropping the ties it
+        // beats, when it is lower).
+        let ties_best = |best: &mut f64, ties: &mut Vec<(WorkerId, Overlap)>, c: f64| {
             if c < *best - 1e-9 {
                 *best = c;
                 ties.clear();
             }
-            if c <= *best + 1e-9 {
-                ties.push((w, o));
+            c <= *best + 1e-9
+        };
+        let consider = |best: &mut f64, ties: &mut Vec<_>, w: WorkerId, o: Overlap| {
+            if let Some(c) = cost_of(w, o) {
+                if ties_best(best, ties, c) {
+                    ties.push((w, o));
+                }
             }
         };
         // Candidates are sorted, distinct and all in the load order: as many as it holds, they
@@ -962,11 +968,7 @@ impl KvRouter {
                 // Idle and without a hit: nothing pending, nothing decoding, and the request
                 // fits, so each costs exactly the floor.
                 let f = *idle_floor.get_or_insert_with(|| floor(w));
-                if f < best - 1e-9 {
-                    best = f;
-                    ties.clear();
-                }
-                if f <= best + 1e-9 {
+                if ties_best(&mut best, &mut ties, f) {
                     idle_tied = loads.idle.len() - idle_holders.len();
                 }
             }

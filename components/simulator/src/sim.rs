@@ -93,7 +93,8 @@ pub struct SimConfig {
     /// with another request by request (`dynamo-run simulate --requests-jsonl`).
     pub record_requests: bool,
     /// The worker (index from 0) each request goes to, by trace index, instead of the
-    /// router's choice (`None`, or past the end: the router chooses): to replay the routing
+    /// router's choice (`None`, past the end, or a worker the run does not have: the router
+    /// chooses): to replay the routing
     /// of another run (`dynamo-run simulate --route-from`). The router still accounts the
     /// request there and finds its cached prefix. Static workers only.
     pub routes: Option<Vec<Option<usize>>>,
@@ -221,7 +222,7 @@ pub struct SimReport {
     pub remote_prefills: u64,
     pub timeline: Vec<Point>,
     pub decisions: Vec<DecisionPoint>,
-    /// Each request that reached a worker, in the order they ended (with
+    /// Each request that reached a worker, by trace index (with
     /// [`SimConfig::record_requests`]; not part of the JSON report).
     #[serde(skip)]
     pub request_records: Vec<RequestRecord>,
@@ -585,19 +586,17 @@ impl<'a> Sim<'a> {
         // Steps after the first: every sequence of the batch waited the same gap (runs of
         // equal gaps recorded at once: steps take the same time until a block is allocated).
         let batch = touched.len() as u64;
-        let mut run: Option<(u64, u64)> = None;
-        for j in 1..=n {
-            let itl = (j < n).then(|| ((c.seen[j] - c.seen[j - 1]) / 1000).max(1));
-            match (&mut run, itl) {
-                (Some((v, count)), Some(itl)) if *v == itl => *count += 1,
-                _ => {
-                    if let Some((v, count)) = run {
-                        for s in [&mut self.total, &mut self.window, &mut self.interval] {
-                            let _ = s.itl.record_n(v, batch * count);
-                        }
-                    }
-                    run = itl.map(|itl| (itl, 1));
-                }
+        let mut gaps = c.seen[..n]
+            .windows(2)
+            .map(|p| ((p[1] - p[0]) / 1000).max(1))
+            .peekable();
+        while let Some(itl) = gaps.next() {
+            let mut count = 1;
+            while gaps.next_if_eq(&itl).is_some() {
+                count += 1;
+            }
+            for s in [&mut self.total, &mut self.window, &mut self.interval] {
+                let _ = s.itl.record_n(itl, batch * count);
             }
         }
         let last = c.seen[n - 1];
@@ -1356,6 +1355,7 @@ pub fn simulate(
     let end_at = sim.now;
 
     let mut report = std::mem::take(&mut sim.report);
+    report.request_records.sort_by_key(|r| r.index);
     report.simulated_s = (end_at - first) as f64 / NS;
     report.wall_s = started.elapsed().as_secs_f64();
     report.speed = report.simulated_s / report.wall_s.max(1e-9);
@@ -1543,7 +1543,7 @@ mod tests {
         }
         let again = run(
             &SimConfig {
-                routes: Some(routes.clone()),
+                routes: Some(routes),
                 ..c.clone()
             },
             &trace,

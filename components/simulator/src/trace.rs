@@ -132,11 +132,11 @@ pub fn prompt(r: &TraceRequest, index: usize, block_size: usize, seed: u64) -> V
     p
 }
 
-/// Writes requests as Mooncake JSONL.
-pub fn to_jsonl(reqs: &[TraceRequest]) -> String {
+/// Writes items as JSON lines (trace requests: Mooncake JSONL).
+pub fn to_jsonl<T: Serialize>(items: &[T]) -> String {
     let mut s = String::new();
-    for r in reqs {
-        s.push_str(&serde_json::to_string(r).expect("a trace request serializes"));
+    for r in items {
+        s.push_str(&serde_json::to_string(r).expect("plain data serializes"));
         s.push('\n');
     }
     s
