@@ -58,9 +58,7 @@ impl RouteLease {
             } => {
                 let tokens = std::mem::take(prefill_tokens);
                 if tokens > 0 {
-                    router.loads.update(worker, |acc| {
-                        acc.prefill_tokens = acc.prefill_tokens.saturating_sub(tokens);
-                    });
+                    router.loads.update(worker, |acc| acc.settle(tokens, 0, 0));
                     router.publish(*id, RouterEventKind::PrefillDone);
                 }
             }
@@ -92,11 +90,9 @@ impl Drop for RouteLease {
                 blocks,
                 occupied,
             } => {
-                router.loads.update(&worker, |acc| {
-                    acc.prefill_tokens = acc.prefill_tokens.saturating_sub(prefill_tokens);
-                    acc.blocks = acc.blocks.saturating_sub(blocks);
-                    acc.occupied = acc.occupied.saturating_sub(occupied);
-                });
+                router
+                    .loads
+                    .update(&worker, |acc| acc.settle(prefill_tokens, blocks, occupied));
                 router.publish(id, RouterEventKind::Finished);
             }
             LeaseInner::Remote { sink, lease, .. } => sink.send(RouterEvent {

@@ -22,7 +22,10 @@
 //! `n` when there is any overflow (the request waits there for a running one to finish;
 //! [`cost`]), and `decode_blocks` is the
 //! router's own count plus whatever the worker's last report showed beyond the router's count
-//! at that time (load from elsewhere), so a stale report does not outlive the requests in it. Workers whose KV
+//! (load from elsewhere; read against the highest the router's count was since the report
+//! before, so a report taken before one of its requests ended, but received after, does not
+//! show that request as someone else's), so a stale report does not outlive the requests in
+//! it. Workers whose KV
 //! usage is over `busy_threshold` are skipped; the lowest cost wins (ties broken at random), or
 //! with `temperature > 0` a softmax over `-cost / temperature` picks.
 //!

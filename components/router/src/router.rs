@@ -254,15 +254,42 @@ pub(crate) struct Accounting {
     pub(crate) blocks: u64,
     /// All blocks those requests occupy, shared prefix blocks included.
     pub(crate) occupied: u64,
-    /// Our own counts when the report was taken: the rest of a report is other load.
+    /// Our own counts when the report was taken (at most: see [`Accounting::settle`]): the
+    /// rest of a report is other load.
     occupied_at_report: u64,
     prefill_at_report: u64,
+    /// The highest our counts were since the last report arrived (before a settle lowered
+    /// them).
+    occupied_peak: u64,
+    prefill_peak: u64,
 }
 
 impl Accounting {
+    /// Our requests gave back `prefill_tokens` of prompt work (first token), or their `blocks`
+    /// and `occupied` blocks (finished). A report is taken before it arrives: one taken just
+    /// before this but received after still shows them, and read against our lowered counts
+    /// they would look like someone else's load for a whole report period (under load that
+    /// steered requests away from the workers that had just freed room, onto workers busy
+    /// with a prefill: `scripts/validate-simulator`). So the next report is read against the
+    /// highest our counts were since the previous one: whenever it was taken, our requests
+    /// then were at most that many.
+    pub(crate) fn settle(&mut self, prefill_tokens: u64, blocks: u64, occupied: u64) {
+        self.prefill_peak = self.prefill_peak.max(self.prefill_tokens);
+        self.occupied_peak = self.occupied_peak.max(self.occupied);
+        self.prefill_tokens = self.prefill_tokens.saturating_sub(prefill_tokens);
+        self.blocks = self.blocks.saturating_sub(blocks);
+        self.occupied = self.occupied.saturating_sub(occupied);
+    }
+
+    fn record(&mut self, report: LoadReport) {
+        self.report = report;
+        self.occupied_at_report = std::mem::take(&mut self.occupied_peak).max(self.occupied);
+        self.prefill_at_report = std::mem::take(&mut self.prefill_peak).max(self.prefill_tokens);
+    }
+
     /// Active blocks: ours now, plus what the last report showed beyond ours then (other
     /// routers' requests), so a report taken before our requests finished does not linger.
-    fn decode_blocks(&self) -> u64 {
+    pub(crate) fn decode_blocks(&self) -> u64 {
         // Saturating: a report is bus input, and no figure in it may overflow the sum.
         self.blocks.saturating_add(
             self.report
@@ -534,9 +561,8 @@ impl KvRouter {
                 match shared.leases.get_mut(&event.lease) {
                     Some(lease) => {
                         let tokens = std::mem::take(&mut lease.prefill_tokens);
-                        self.loads.update(&lease.worker, |acc| {
-                            acc.prefill_tokens = acc.prefill_tokens.saturating_sub(tokens);
-                        });
+                        self.loads
+                            .update(&lease.worker, |acc| acc.settle(tokens, 0, 0));
                     }
                     None if early < MAX_SHARED_LEASES => {
                         shared.early.entry(event.lease).or_insert((now, false));
@@ -557,9 +583,7 @@ impl KvRouter {
 
     fn release(&self, lease: &SharedLease) {
         self.loads.update(&lease.worker, |acc| {
-            acc.prefill_tokens = acc.prefill_tokens.saturating_sub(lease.prefill_tokens);
-            acc.blocks = acc.blocks.saturating_sub(lease.blocks);
-            acc.occupied = acc.occupied.saturating_sub(lease.occupied);
+            acc.settle(lease.prefill_tokens, lease.blocks, lease.occupied)
         });
     }
 
@@ -778,11 +802,7 @@ impl KvRouter {
     }
 
     pub fn record_load(&self, w: WorkerId, report: LoadReport) {
-        self.loads.upsert(w, |acc| {
-            acc.report = report;
-            acc.occupied_at_report = acc.occupied;
-            acc.prefill_at_report = acc.prefill_tokens;
-        });
+        self.loads.upsert(w, |acc| acc.record(report));
     }
 
     pub fn forget(&self, w: WorkerId) {

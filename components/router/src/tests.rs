@@ -262,22 +262,18 @@ fn leases_account_until_dropped_and_busy_workers_are_skipped() {
             "leases released everything"
         );
     }
-    router.record_load(
-        WorkerId(1),
-        LoadReport {
-            active_blocks: 99,
-            total_blocks: 100,
-            ..Default::default()
-        },
-    );
-    router.record_load(
-        WorkerId(2),
-        LoadReport {
-            active_blocks: 99,
-            total_blocks: 100,
-            ..Default::default()
-        },
-    );
+    // Both workers report nearly full pools: the first report after the leases' release is
+    // read against the counts before it (it may have been taken then), the second as it is.
+    for w in [1, 2, 1, 2] {
+        router.record_load(
+            WorkerId(w),
+            LoadReport {
+                active_blocks: 99,
+                total_blocks: 100,
+                ..Default::default()
+            },
+        );
+    }
     assert_eq!(
         router.route(&workers, &prompt, 16).err(),
         Some(RouteError::AllBusy(2))
@@ -517,7 +513,9 @@ fn prefill_goes_remote_only_for_long_uncached_prompts_with_room_in_the_prefill_p
             .label(),
         "remote"
     );
-    for w in [10, 11] {
+    // (Reported twice: the plan above took a lease on one of them and gave it back, and the
+    // first report after that is read against the router's counts before it.)
+    for w in [10, 11, 10, 11] {
         router.record_load(
             WorkerId(w),
             LoadReport {
@@ -571,8 +569,9 @@ fn prefill_goes_remote_only_for_long_uncached_prompts_with_room_in_the_prefill_p
             .pending_prefill_tokens(),
         100
     );
-    // Both prefill workers report deep queues: saturated, the decode worker prefills.
-    for w in [10, 11] {
+    // Both prefill workers report deep queues (twice, as above): saturated, the decode
+    // worker prefills.
+    for w in [10, 11, 10, 11] {
         router.record_load(
             WorkerId(w),
             LoadReport {
@@ -628,7 +627,16 @@ fn a_prefix_held_on_the_host_tier_still_attracts_the_request() {
     drop(d);
     // Worker 1's device pool is full: the request's 4 blocks would wait for memory there.
     // Without that wait it would still win (cost 4 - 2 + 10 = 12 against 4 + 9 = 13); with
-    // it (12 + 4 = 16), the others, which have room, win.
+    // it (12 + 4 = 16), the others, which have room, win. (Reported twice: the first report
+    // after the release is read against the router's counts before it.)
+    router.record_load(
+        WorkerId(1),
+        LoadReport {
+            active_blocks: 10,
+            total_blocks: 10,
+            ..Default::default()
+        },
+    );
     router.record_load(
         WorkerId(1),
         LoadReport {
@@ -730,4 +738,51 @@ fn a_full_worker_holding_the_prefix_lends_it_to_one_with_room() {
     router.record_load(WorkerId(1), LoadReport::default());
     let d = router.route(&workers, &prompt, 16).unwrap();
     assert_eq!((d.worker, d.peer), (WorkerId(1), None));
+}
+
+/// A report taken just before one of the router's requests finished, but received after, shows
+/// that request's blocks as someone else's load: read against the highest the router's counts
+/// were since the previous report, it adds nothing. Load from elsewhere counts from the first
+/// report that shows it, and goes with the first that does not.
+#[test]
+fn a_report_that_raced_a_finish_adds_no_load() {
+    let router = KvRouter::new(KvRouterSettings::default());
+    let (a, b) = (WorkerId(1), WorkerId(2));
+    for w in [a, b] {
+        router.add_worker(w, "m".into(), 16);
+    }
+    let report = |active, queued| LoadReport {
+        active_blocks: active,
+        queued_prefill_tokens: queued,
+        total_blocks: 1000,
+        ..Default::default()
+    };
+    let load = |w| {
+        let acc = router.loads.get(&w).unwrap();
+        (acc.decode_blocks(), acc.pending_prefill_tokens())
+    };
+    let prompt: Vec<u32> = (0..160).collect();
+    let mut lease = router.route(&[a], &prompt, 16).unwrap().lease;
+    // 10 blocks and 160 prompt tokens ours, and the worker's report agrees.
+    router.record_load(a, report(10, 160));
+    assert_eq!(load(a), (10, 160));
+    // The first token comes back; a report taken before that arrives after it.
+    lease.prefill_done();
+    router.record_load(a, report(11, 160));
+    assert_eq!(load(a), (11, 0), "not the prefill done already");
+    // The request finishes; a report taken before that arrives after it.
+    drop(lease);
+    router.record_load(a, report(12, 0));
+    assert_eq!(
+        load(a),
+        (2, 0),
+        "only its output blocks, beyond the router's count"
+    );
+    router.record_load(a, report(0, 0));
+    assert_eq!(load(a), (0, 0));
+    // Load from elsewhere counts as soon as a report shows it, and goes with it.
+    router.record_load(b, report(40, 300));
+    assert_eq!(load(b), (40, 300));
+    router.record_load(b, report(5, 0));
+    assert_eq!(load(b), (5, 0));
 }
