@@ -58,8 +58,10 @@ pub struct SimulateArgs {
     /// engine step only after that.
     #[arg(long, default_value_t = 0.0)]
     overhead_ms: f64,
-    /// Model the real-time mocker's timer tick (tokio: 1 ms) to compare with a real-time
-    /// mocker cluster; 0, the default, models exact step times (an engine on a GPU).
+    /// Model the real-time mocker's timer tick (tokio: 1 ms; a step's outputs are seen
+    /// where the timer wakes the worker, within the tick after the step's end) to compare
+    /// with a real-time mocker cluster; 0, the default, models exact step times (an engine
+    /// on a GPU).
     #[arg(long, default_value_t = 0.0)]
     timer_ms: f64,
     /// How engine steps become events: `each` (every step one event: the reference),

@@ -100,9 +100,10 @@ pub struct SimConfig {
     /// Seed of the prompts' filler tokens (as `dynamo-run bench --seed`).
     pub seed: u64,
     /// Granularity of the real-time mocker's timer, milliseconds (0: exact). The mocker in
-    /// real time (tokio) sees a step end at the next tick of its timer, and keeps its steps
-    /// on an absolute schedule (a step starts when the last one should have ended, unless
-    /// that is over 2 ms ago); 1 reproduces it. Engines on GPUs have no such tick.
+    /// real time (tokio) sees a step end somewhere within the tick after it (see
+    /// [`wake_lateness`]), and keeps its steps on an absolute schedule (a step starts when
+    /// the last one should have ended, unless that is over 2 ms ago); 1 reproduces it.
+    /// Engines on GPUs have no such tick.
     pub timer_ms: f64,
     /// How engine steps become events.
     pub stepping: Stepping,
@@ -1618,7 +1619,10 @@ mod tests {
         let itl = ticked.itl_ms;
         // Steps of 5.7-5.8 ms (the KV usage grows) at exact times, and the same on average.
         assert!(exact.p90 - exact.p50 < 0.1, "{exact:?}");
-        assert!((itl.mean - exact.mean).abs() < 0.01 * exact.mean, "{itl:?} against {exact:?}");
+        assert!(
+            (itl.mean - exact.mean).abs() < 0.01 * exact.mean,
+            "{itl:?} against {exact:?}"
+        );
         assert!(itl.p90 > 6.2 && itl.p50 < 6.1, "{itl:?}");
         let each = with(1.0, Stepping::Each);
         assert_eq!(with(1.0, Stepping::Report), each);
