@@ -101,7 +101,7 @@ pub struct SimConfig {
     pub seed: u64,
     /// Granularity of the real-time mocker's timer, milliseconds (0: exact). The mocker in
     /// real time (tokio) sees a step end somewhere within the tick after it (see
-    /// [`wake_lateness`]), and keeps its steps on an absolute schedule (a step starts when
+    /// `wake_lateness`), and keeps its steps on an absolute schedule (a step starts when
     /// the last one should have ended, unless that is over 2 ms ago); 1 reproduces it.
     /// Engines on GPUs have no such tick.
     pub timer_ms: f64,
@@ -142,7 +142,7 @@ pub struct RequestRecord {
 pub enum Stepping {
     /// Every step is an event: the reference (slowest).
     Each,
-    /// A worker's decode-only stretch is one event (see [`Cruise`]), ending at the latest
+    /// A worker's decode-only stretch is one event (see `Cruise`), ending at the latest
     /// where its next load report is due: the same results as `each` but for the KV events
     /// of a stretch reaching the router at its end (evictions, up to one report period late).
     Report,
