@@ -1013,6 +1013,10 @@ impl KvIndex {
                 break;
             };
             entry.touch();
+            if i == 0 {
+                // Every holder of the first block ends in `out`: sized once.
+                out.reserve_exact(entry.len());
+            }
             let count_lower = |bits: &[u64], lower_hits: &mut IdMap<u32, Overlap>| {
                 if entry.lower() > 0 {
                     for (s, t) in entry.iter() {

@@ -306,9 +306,12 @@ impl BlockPool {
                 return;
             }
         }
+        // Room for the blocks a prompt's prefill registers after this one (they extend it).
+        let mut blocks = Vec::with_capacity(8);
+        blocks.push(stored);
         self.emit(KvEventData::Stored {
             parent_hash: parent,
-            blocks: vec![stored],
+            blocks,
         });
     }
 

@@ -64,6 +64,26 @@ fn wake_lateness(slot: usize, end: u64, tick: u64) -> u64 {
     ((x as u128 * tick as u128) >> 64) as u64
 }
 
+/// When a step of `d` starting now on worker `slot` ends (on the mocker's absolute
+/// schedule), and when its outputs are seen: with a timer `tick` (ns; 0: none), when tokio's
+/// timer wakes the worker ([`wake_lateness`]).
+fn step_end(
+    tick: u64,
+    slot: usize,
+    schedule: Option<u64>,
+    now: u64,
+    d: std::time::Duration,
+) -> (u64, u64) {
+    let start = schedule.filter(|s| s + SLACK >= now).unwrap_or(now);
+    let end = start + d.as_nanos() as u64;
+    let seen = if tick > 0 {
+        end.div_ceil(tick) * tick + wake_lateness(slot, end, tick)
+    } else {
+        end
+    };
+    (end, seen.max(now))
+}
+
 fn ns(s: f64) -> u64 {
     (s.max(0.0) * NS).round() as u64
 }
@@ -408,6 +428,8 @@ struct Sim<'a> {
     cfg: &'a SimConfig,
     /// The timer's tick (`timer_ms`) in ns.
     tick: u64,
+    /// Buffers of ended stretches, for the next ones.
+    spare: Vec<Vec<u64>>,
     trace: &'a [TraceRequest],
     router: Arc<KvRouter>,
     workers: Vec<Worker>,
@@ -514,47 +536,27 @@ impl<'a> Sim<'a> {
         }
     }
 
-    /// When a step of `d` starting now on worker `slot` ends (on the mocker's absolute
-    /// schedule), and when its outputs are seen: with a timer tick, when tokio's timer wakes
-    /// the worker ([`wake_lateness`]).
-    fn step_end(
-        &self,
-        slot: usize,
-        schedule: Option<u64>,
-        now: u64,
-        d: std::time::Duration,
-    ) -> (u64, u64) {
-        let start = schedule.filter(|s| s + SLACK >= now).unwrap_or(now);
-        let end = start + d.as_nanos() as u64;
-        let tick = self.tick;
-        let seen = if tick > 0 {
-            end.div_ceil(tick) * tick + wake_lateness(slot, end, tick)
-        } else {
-            end
-        };
-        (end, seen.max(now))
-    }
-
     /// Starts a decode-only stretch on an idle worker when its next steps make one (at
     /// least two steps): true if it did.
     fn cruise(&mut self, slot: usize) -> bool {
         if self.cfg.stepping == Stepping::Each {
             return false;
         }
+        let tick = self.tick;
         let w = &mut self.workers[slot];
+        let report_due = (w.state != State::Draining && self.cfg.stepping == Stepping::Report)
+            .then(|| w.load_at.map(|t| t + LOAD_MIN_INTERVAL.as_nanos() as u64));
         let durations = w.sched.decode_plan(CRUISE_MAX, true);
         if durations.len() < 2 {
             return false;
         }
-        let durations = durations.to_vec();
-        let report_due = (w.state != State::Draining && self.cfg.stepping == Stepping::Report)
-            .then(|| w.load_at.map(|t| t + LOAD_MIN_INTERVAL.as_nanos() as u64));
         let mut schedule = w.schedule;
         let mut now = self.now;
-        let n = durations.len();
-        let (mut seen, mut ends) = (Vec::with_capacity(n), Vec::with_capacity(n));
-        for d in durations {
-            let (end, at) = self.step_end(slot, schedule, now, d);
+        // The buffers of a stretch that ended (a stretch is an event: they are reused).
+        let mut seen = self.spare.pop().unwrap_or_default();
+        let mut ends = self.spare.pop().unwrap_or_default();
+        for &d in durations {
+            let (end, at) = step_end(tick, slot, schedule, now, d);
             seen.push(at);
             ends.push(end);
             (schedule, now) = (Some(end), at);
@@ -564,16 +566,22 @@ impl<'a> Sim<'a> {
             }
         }
         if seen.len() < 2 {
+            self.recycle(seen, ends);
             return false;
         }
         let len = seen.len();
-        let w = &mut self.workers[slot];
         w.busy = true;
         let last = seen[len - 1];
         let generation = w.generation;
         w.cruise = Some(Cruise { seen, ends, len });
         self.at(last, Ev::CruiseDone(slot, generation));
         true
+    }
+
+    fn recycle(&mut self, mut seen: Vec<u64>, mut ends: Vec<u64>) {
+        seen.clear();
+        ends.clear();
+        self.spare.extend([seen, ends]);
     }
 
     /// A request reached a worker in a stretch: the stretch ends with the step in progress
@@ -654,6 +662,7 @@ impl<'a> Sim<'a> {
             }
         }
         self.touched = touched;
+        self.recycle(c.seen, c.ends);
         // What reached it meanwhile is taken now (a step-by-step scheduler had the requests
         // queued already: its load report counts them).
         for p in std::mem::take(&mut self.workers[slot].pending) {
@@ -677,7 +686,7 @@ impl<'a> Sim<'a> {
                 w.busy = true;
                 self.report.steps += 1;
                 let schedule = w.schedule;
-                let (end, at) = self.step_end(slot, schedule, self.now, d);
+                let (end, at) = step_end(self.tick, slot, schedule, self.now, d);
                 self.workers[slot].schedule = Some(end);
                 self.at(at, Ev::StepDone(slot));
             }
@@ -1303,6 +1312,7 @@ pub fn simulate(
     let mut sim = Sim {
         cfg,
         tick: ns(cfg.timer_ms / 1e3),
+        spare: Vec::new(),
         trace,
         router: KvRouter::new(cfg.router.clone()),
         workers: Vec::new(),

@@ -117,7 +117,8 @@ pub fn parse_mooncake(
 pub fn prompt(r: &TraceRequest, index: usize, block_size: usize, seed: u64) -> Vec<u32> {
     let bs = block_size.max(1);
     let input = r.input_length as usize;
-    let mut p = Vec::with_capacity(input + bs);
+    // Room for the last block's filler, and for the answer an engine appends to it.
+    let mut p = Vec::with_capacity(input + bs + r.output_length as usize);
     for h in &r.hash_ids {
         if p.len() >= input {
             break;

@@ -600,6 +600,7 @@ impl Seq {
 
     fn extend_hashes(&mut self, block_size: usize) {
         let full = self.tokens.len() / block_size;
+        self.hashes.reserve(full.saturating_sub(self.hashes.len()));
         while self.hashes.len() < full {
             let i = self.hashes.len();
             let local = hash_block(&self.tokens[i * block_size..(i + 1) * block_size]);
