@@ -837,14 +837,18 @@ impl KvRouter {
     /// threshold). A worker without an accounting is idle.
     fn worker_cost(&self, loads: &LoadTable, q: &Query, w: WorkerId, o: Overlap) -> Option<f64> {
         let s = &self.settings;
-        let a = loads.get(&w).copied().unwrap_or_default();
-        let (decode, total) = (a.decode_blocks() as f64, a.report.total_blocks as f64);
+        // Read in place (a route reads hundreds: the holders of a popular prefix); a worker
+        // without an accounting is idle.
+        let (decode, total, pending) = loads.get(&w).map_or((0.0, 0.0, 0), |a| {
+            let total = a.report.total_blocks as f64;
+            (a.decode_blocks() as f64, total, a.pending_prefill_tokens())
+        });
         if s.busy_threshold
             .is_some_and(|t| total > 0.0 && decode / total > t)
         {
             return None;
         }
-        let pending = a.pending_prefill_tokens() as f64 / q.bs as f64;
+        let pending = pending as f64 / q.bs as f64;
         Some(cost(
             s,
             q.needed,
