@@ -629,28 +629,12 @@ fn a_prefix_held_on_the_host_tier_still_attracts_the_request() {
     // Without that wait it would still win (cost 4 - 2 + 10 = 12 against 4 + 9 = 13); with
     // it (12 + 4 = 16), the others, which have room, win. (Reported twice: the first report
     // after the release is read against the router's counts before it.)
-    router.record_load(
-        WorkerId(1),
-        LoadReport {
-            active_blocks: 10,
-            total_blocks: 10,
-            ..Default::default()
-        },
-    );
-    router.record_load(
-        WorkerId(1),
-        LoadReport {
-            active_blocks: 10,
-            total_blocks: 10,
-            ..Default::default()
-        },
-    );
-    for w in [2, 3] {
+    for (w, active, total) in [(1, 10, 10), (1, 10, 10), (2, 9, 100), (3, 9, 100)] {
         router.record_load(
             WorkerId(w),
             LoadReport {
-                active_blocks: 9,
-                total_blocks: 100,
+                active_blocks: active,
+                total_blocks: total,
                 ..Default::default()
             },
         );
