@@ -23,10 +23,13 @@
 //! still hold the evicted contents (nothing writes a block between its allocation and the
 //! next compute step), so an offloader can copy them first.
 //!
-//! Costs: allocate and release are O(log n) per block (the LRU is a B-tree on a use stamp);
-//! prefix matching is O(matched) hash lookups.
+//! Costs: allocate and release are O(1) per block (the LRU is a list threaded through the
+//! blocks' metadata); prefix matching is O(matched) hash lookups.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
+
+/// No block (the ends of the LRU list).
+const NIL: u32 = u32::MAX;
 
 use dynamo_protocols::kv::{
     KvDump, KvEvent, KvEventData, LocalBlockHash, SequenceHash, StorageTier, StoredBlock,
@@ -70,8 +73,11 @@ struct Cached {
 struct Meta {
     refs: u32,
     cached: Option<Cached>,
-    /// LRU key while idle.
+    /// When it became idle (increasing along the LRU list; for [`BlockPool::check`]).
     stamp: u64,
+    /// Its neighbours in the LRU list while idle (older, newer).
+    prev: u32,
+    next: u32,
 }
 
 /// A cached block an allocation evicted (see the module header).
@@ -99,7 +105,11 @@ pub struct BlockPool {
     /// Keyed by sequence hashes, already random: one multiply spreads them (SipHash was a
     /// tenth of a block's registration).
     by_hash: HashMap<SequenceHash, BlockId, crate::index::IdBuild>,
-    lru: BTreeMap<u64, BlockId>,
+    /// Idle cached blocks, least recently released first: the ends of a list through
+    /// `Meta::prev` and `Meta::next`, and its length.
+    lru_head: u32,
+    lru_tail: u32,
+    lru_len: usize,
     clock: u64,
     next_event: u64,
     pending: Vec<KvEvent>,
@@ -116,7 +126,9 @@ impl BlockPool {
             free: Vec::new(),
             capacity: num_blocks,
             by_hash: HashMap::default(),
-            lru: BTreeMap::new(),
+            lru_head: NIL,
+            lru_tail: NIL,
+            lru_len: 0,
             clock: 0,
             next_event: 0,
             pending: Vec::new(),
@@ -147,7 +159,7 @@ impl BlockPool {
 
     /// Blocks referenced by some sequence.
     pub fn active_blocks(&self) -> usize {
-        self.blocks.len() - self.free.len() - self.lru.len()
+        self.blocks.len() - self.free.len() - self.lru_len
     }
 
     /// Blocks never used or released uncached: allocating up to this many evicts nothing.
@@ -157,7 +169,7 @@ impl BlockPool {
 
     /// Blocks an allocation can get now (free plus evictable).
     pub fn available(&self) -> usize {
-        self.unused() + self.lru.len()
+        self.unused() + self.lru_len
     }
 
     pub fn cached_blocks(&self) -> usize {
@@ -185,10 +197,11 @@ impl BlockPool {
                 break;
             };
             let meta = &mut self.blocks[id.index()];
-            if meta.refs == 0 {
-                self.lru.remove(&meta.stamp);
-            }
+            let idle = meta.refs == 0;
             meta.refs += 1;
+            if idle {
+                self.lru_unlink(id);
+            }
             out.push(id);
         }
         out
@@ -212,7 +225,7 @@ impl BlockPool {
                     BlockId(self.blocks.len() as u32 - 1)
                 }
                 None => {
-                    let (_, id) = self.lru.pop_first().expect("available() counted it");
+                    let id = self.lru_pop().expect("available() counted it");
                     if let (Some(out), Some(c)) =
                         (self.evicted.as_mut(), self.blocks[id.index()].cached)
                     {
@@ -315,6 +328,44 @@ impl BlockPool {
         });
     }
 
+    /// Appends `id` to the LRU list (the most recently released).
+    fn lru_push(&mut self, id: BlockId) {
+        let i = id.0;
+        let tail = self.lru_tail;
+        let m = &mut self.blocks[i as usize];
+        (m.prev, m.next) = (tail, NIL);
+        match tail {
+            NIL => self.lru_head = i,
+            t => self.blocks[t as usize].next = i,
+        }
+        self.lru_tail = i;
+        self.lru_len += 1;
+    }
+
+    /// Takes `id` (idle) out of the LRU list.
+    fn lru_unlink(&mut self, id: BlockId) {
+        let m = &self.blocks[id.index()];
+        let (prev, next) = (m.prev, m.next);
+        match prev {
+            NIL => self.lru_head = next,
+            p => self.blocks[p as usize].next = next,
+        }
+        match next {
+            NIL => self.lru_tail = prev,
+            n => self.blocks[n as usize].prev = prev,
+        }
+        self.lru_len -= 1;
+    }
+
+    /// Takes the least recently released idle block out of the LRU list.
+    fn lru_pop(&mut self) -> Option<BlockId> {
+        let head = self.lru_head;
+        (head != NIL).then(|| {
+            self.lru_unlink(BlockId(head));
+            BlockId(head)
+        })
+    }
+
     /// Drops one reference on each block; unreferenced cached blocks become idle (evictable,
     /// the last given first), the others free.
     pub fn release(&mut self, blocks: &[BlockId]) {
@@ -328,7 +379,7 @@ impl BlockPool {
             if meta.cached.is_some() {
                 self.clock += 1;
                 meta.stamp = self.clock;
-                self.lru.insert(self.clock, id);
+                self.lru_push(id);
             } else {
                 self.free.push(id);
             }
@@ -341,7 +392,7 @@ impl BlockPool {
         if active > 0 {
             return Err(PoolError::Busy { active });
         }
-        while let Some((_, id)) = self.lru.pop_first() {
+        while let Some(id) = self.lru_pop() {
             self.blocks[id.index()].cached = None;
             self.free.push(id);
         }
@@ -399,17 +450,26 @@ impl BlockPool {
                 return Err(format!("free {id:?} is referenced or cached"));
             }
         }
-        for (stamp, id) in &self.lru {
-            let m = &self.blocks[id.index()];
-            if m.refs > 0 || m.cached.is_none() || m.stamp != *stamp || free[id.index()] {
-                return Err(format!(
-                    "idle {id:?} is referenced, uncached, misfiled or free"
-                ));
+        let mut idle = vec![false; self.blocks.len()];
+        let (mut at, mut prev, mut last_stamp, mut len) = (self.lru_head, NIL, 0, 0);
+        while at != NIL {
+            let m = &self.blocks[at as usize];
+            if std::mem::replace(&mut idle[at as usize], true) || len >= self.blocks.len() {
+                return Err(format!("the LRU list loops at block {at}"));
             }
+            if m.refs > 0 || m.cached.is_none() || free[at as usize] {
+                return Err(format!("idle block {at} is referenced, uncached or free"));
+            }
+            if m.prev != prev || m.stamp <= last_stamp {
+                return Err(format!("idle block {at} is misfiled"));
+            }
+            (prev, last_stamp, len, at) = (at, m.stamp, len + 1, m.next);
+        }
+        if prev != self.lru_tail || len != self.lru_len {
+            return Err("the LRU list's tail or length is wrong".into());
         }
         for (i, m) in self.blocks.iter().enumerate() {
-            let idle = self.lru.contains_key(&m.stamp) && self.lru[&m.stamp].index() == i;
-            if m.refs == 0 && !free[i] && !idle {
+            if m.refs == 0 && !free[i] && !idle[i] {
                 return Err(format!(
                     "block {i} is unreferenced but neither free nor idle"
                 ));
