@@ -454,7 +454,7 @@ impl BlockPool {
         let (mut at, mut prev, mut last_stamp, mut len) = (self.lru_head, NIL, 0, 0);
         while at != NIL {
             let m = &self.blocks[at as usize];
-            if std::mem::replace(&mut idle[at as usize], true) || len >= self.blocks.len() {
+            if std::mem::replace(&mut idle[at as usize], true) {
                 return Err(format!("the LRU list loops at block {at}"));
             }
             if m.refs > 0 || m.cached.is_none() || free[at as usize] {
