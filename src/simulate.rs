@@ -58,6 +58,11 @@ pub struct SimulateArgs {
     /// engine step only after that.
     #[arg(long, default_value_t = 0.0)]
     overhead_ms: f64,
+    /// Disaggregated: time of one message between two workers over the bus (a remote
+    /// prefill's request to the prefill worker, and its answer back; each crossing takes
+    /// it). Half a request/reply round trip: about 0.1 ms over NATS, 0.004 in process.
+    #[arg(long, default_value_t = 0.0)]
+    hop_ms: f64,
     /// Model the real-time mocker's timer tick (tokio: 1 ms; a step's outputs are seen
     /// where the timer wakes the worker, within the tick after the step's end) to compare
     /// with a real-time mocker cluster; 0, the default, models exact step times (an engine
@@ -120,6 +125,15 @@ pub fn run(a: &SimulateArgs) -> Result<()> {
     mocker
         .validate()
         .map_err(|e| anyhow::anyhow!("mocker settings: {e}"))?;
+    for (flag, ms) in [
+        ("--overhead-ms", a.overhead_ms),
+        ("--hop-ms", a.hop_ms),
+        ("--timer-ms", a.timer_ms),
+    ] {
+        if !(ms.is_finite() && ms >= 0.0) {
+            bail!("{flag} must be a number of milliseconds, 0 or more (got {ms})");
+        }
+    }
     let trace = match (&a.trace, &a.load) {
         (Some(path), None) => {
             let text = std::fs::read_to_string(path)
@@ -229,9 +243,10 @@ pub fn run(a: &SimulateArgs) -> Result<()> {
         planner,
         targets,
         window_s: a.window_s,
-        overhead_ms: a.overhead_ms.max(0.0),
+        overhead_ms: a.overhead_ms,
+        hop_ms: a.hop_ms,
         seed: a.seed,
-        timer_ms: a.timer_ms.max(0.0),
+        timer_ms: a.timer_ms,
         stepping: a.stepping,
         record_requests: a.requests_jsonl.is_some(),
         routes,

@@ -741,6 +741,8 @@ fn simulate_reports_and_refuses_bad_input() {
     assert!(e.contains("--prefill-pool"), "{e}");
     let e = bad(&targets);
     assert!(e.contains("--trace") && e.contains("--load"), "{e}");
+    let e = bad(&[&["--load", "steady:5", "--hop-ms=-1"][..], &targets].concat());
+    assert!(e.contains("--hop-ms") && e.contains("0 or more"), "{e}");
     let broken = dir.path().join("broken.jsonl");
     std::fs::write(&broken, "{\"timestamp\": 1, \"input_length\": 10}\n").unwrap();
     let e = bad(&[&["--trace", broken.to_str().unwrap()][..], &targets].concat());

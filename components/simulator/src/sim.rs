@@ -117,6 +117,11 @@ pub struct SimConfig {
     /// Time from a request's arrival to its engine (HTTP, the frontend, the bus): it can join
     /// an engine step only after that, so it may wait a whole step more.
     pub overhead_ms: f64,
+    /// Time of one message between two workers over the bus (disaggregated): a remote
+    /// prefill's request crosses from the decode worker to the prefill worker, and its answer
+    /// (the first token, once the KV is written) crosses back, each taking this. Half a
+    /// request/reply round trip: about 0.1 ms over NATS, a few microseconds in process.
+    pub hop_ms: f64,
     /// Seed of the prompts' filler tokens (as `dynamo-run bench --seed`).
     pub seed: u64,
     /// Granularity of the real-time mocker's timer, milliseconds (0: exact). The mocker in
@@ -778,20 +783,25 @@ impl<'a> Sim<'a> {
             }
             None => Pending::Admit(i, req, tx),
         };
-        let delay = ns(self.cfg.overhead_ms / 1e3);
-        if delay > 0 {
-            // On its way to the engine: it can join a step only once there.
-            self.inbound.insert(i, (slot, pending));
-            let t = self.now + delay;
-            self.at(t, Ev::Reach(i));
-        } else {
-            self.enter(slot, pending);
-        }
+        // On its way to the engine: it can join a step only once there.
+        self.send(slot, i, pending, ns(self.cfg.overhead_ms / 1e3));
     }
 
-    /// A request reaches its engine (after the overhead on the way).
-    fn reach(&mut self, i: usize) {
-        if let Some((slot, p)) = self.inbound.remove(&i) {
+    /// `p` (for request or job `key`) reaches worker `slot` in `delay` ns: on its way until
+    /// then ([`Ev::Reach`]).
+    fn send(&mut self, slot: usize, key: usize, p: Pending, delay: u64) {
+        if delay == 0 {
+            self.enter(slot, p);
+            return;
+        }
+        self.inbound.insert(key, (slot, p));
+        let t = self.now + delay;
+        self.at(t, Ev::Reach(key));
+    }
+
+    /// A request (or a prefill job) reaches its engine (after the time on the way).
+    fn reach(&mut self, key: usize) {
+        if let Some((slot, p)) = self.inbound.remove(&key) {
             self.enter(slot, p);
         }
     }
@@ -890,7 +900,9 @@ impl<'a> Sim<'a> {
                         first: None,
                     },
                 );
-                self.enter(prefill, Pending::Admit(i | JOB, job, jtx));
+                // The request crosses the bus to the prefill worker.
+                let hop = ns(self.cfg.hop_ms / 1e3);
+                self.send(prefill, i | JOB, Pending::Admit(i | JOB, job, jtx), hop);
             }
             held => {
                 if let Ok((reservation, _)) = held {
@@ -928,12 +940,21 @@ impl<'a> Sim<'a> {
                 let blocks = job.total - job.cached;
                 let prefill = job.prefill;
                 self.workers[prefill].open -= 1;
-                let t = self.now + (self.transfer)(blocks).as_nanos() as u64;
+                let t = self.written(prefill, (self.transfer)(blocks));
+                // The answer crosses the bus back to the decode worker.
+                let t = t + ns(self.cfg.hop_ms / 1e3);
                 self.at(t, Ev::Transferred(i));
             }
             Some(false) => self.job_failed(i),
             None => {}
         }
+    }
+
+    /// When prefill worker `slot`, starting now, has written a prompt's KV that takes `d` to
+    /// move: the simulated engine waits out the transfer, so with a timer tick it wakes as a
+    /// step's end does ([`step_end`]).
+    fn written(&self, slot: usize, d: std::time::Duration) -> u64 {
+        step_end(self.tick, slot, None, self.now, d).1
     }
 
     /// Request `i`'s prefill job failed: its decode worker gives back the reservation and
@@ -1449,6 +1470,7 @@ mod tests {
             targets: T,
             window_s: 10.0,
             overhead_ms: 0.0,
+            hop_ms: 0.0,
             seed: 0,
             timer_ms: 0.0,
             stepping: Stepping::Batch,
@@ -1763,6 +1785,41 @@ mod tests {
         // plus the move of its blocks.
         assert!(disagg.ttft_ms.p50 > 66.0, "{:?}", disagg.ttft_ms);
         assert!((disagg.worker_seconds - 4.0 * disagg.simulated_s).abs() < 1e-6);
+    }
+
+    /// A remote prefill crosses the bus twice (its request to the prefill worker, its answer
+    /// back): each crossing adds `hop_ms` to the first token of a request that has the
+    /// workers to itself.
+    #[test]
+    fn a_remote_prefill_pays_the_hop_both_ways() {
+        // One request a second, each done well before the next: 3000-token prompts, two
+        // shared leading blocks, 20 output tokens.
+        let mut trace = generate(&LoadCurve::Steady { rate: 4.0 }, 5.0, &long_prompts(), 3);
+        for (k, r) in trace.iter_mut().enumerate() {
+            r.timestamp = 1000.0 * k as f64;
+            r.output_length = 20;
+        }
+        let with = |hop_ms| {
+            let c = SimConfig {
+                prefill_workers: 1,
+                hop_ms,
+                record_requests: true,
+                ..cfg(1, None)
+            };
+            run(&c, &trace)
+        };
+        let (direct, hopped) = (with(0.0), with(0.25));
+        assert_eq!(hopped.remote_prefills, trace.len() as u64, "{hopped:?}");
+        assert_eq!(direct.remote_prefills, trace.len() as u64);
+        for (a, b) in direct.request_records.iter().zip(&hopped.request_records) {
+            assert_eq!(a.index, b.index);
+            let extra = b.ttft_ms.unwrap() - a.ttft_ms.unwrap();
+            assert!(
+                (extra - 0.5).abs() < 0.002,
+                "request {}: {extra} ms",
+                a.index
+            );
+        }
     }
 
     /// With a prefill pool, the planner sizes both pools: long prompts arriving faster grow
