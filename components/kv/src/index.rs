@@ -1112,11 +1112,13 @@ impl KvIndex {
         }
         out.extend(live);
         let slots = self.slots.read().unwrap_or_else(|p| p.into_inner());
-        OverlapMap(
+        // Sized once (a popular prefix has hundreds of holders).
+        let mut found = Vec::with_capacity(out.len());
+        found.extend(
             out.into_iter()
-                .filter_map(|(s, o)| Some((slots.workers.get(s as usize).copied().flatten()?, o)))
-                .collect(),
-        )
+                .filter_map(|(s, o)| Some((slots.workers.get(s as usize).copied().flatten()?, o))),
+        );
+        OverlapMap(found)
     }
 }
 

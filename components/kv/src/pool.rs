@@ -216,6 +216,9 @@ impl BlockPool {
             });
         }
         let mut out = Vec::with_capacity(n);
+        // Blocks this takes from the idle cached ones (each evicted: a removal to publish).
+        let unused = self.capacity.saturating_sub(self.blocks.len());
+        let mut evicting = n.saturating_sub(self.free.len() + unused);
         while out.len() < n {
             let id = match self.free.pop() {
                 Some(id) => id,
@@ -237,7 +240,8 @@ impl BlockPool {
                             position: c.position,
                         });
                     }
-                    self.uncache(id);
+                    self.uncache(id, evicting);
+                    evicting = evicting.saturating_sub(1);
                     id
                 }
             };
@@ -247,7 +251,9 @@ impl BlockPool {
         Ok(out)
     }
 
-    fn uncache(&mut self, id: BlockId) {
+    /// Forgets `id`'s contents, publishing their removal (`more`: removals this one starts,
+    /// to size a new event for).
+    fn uncache(&mut self, id: BlockId, more: usize) {
         if let Some(c) = self.blocks[id.index()].cached.take() {
             self.by_hash.remove(&c.hash);
             let own_tier = self.tier;
@@ -258,9 +264,9 @@ impl BlockPool {
             {
                 block_hashes.push(c.hash);
             } else {
-                self.emit(KvEventData::Removed {
-                    block_hashes: vec![c.hash],
-                });
+                let mut block_hashes = Vec::with_capacity(more.max(1));
+                block_hashes.push(c.hash);
+                self.emit(KvEventData::Removed { block_hashes });
             }
         }
     }

@@ -93,6 +93,11 @@ impl IdleSet {
         None
     }
 
+    /// The ids, in order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = WorkerId> + '_ {
+        self.chunks.iter().flatten().copied()
+    }
+
     /// The first id not in `skip` (sorted).
     pub(crate) fn first_not_in(&self, skip: &[WorkerId]) -> Option<WorkerId> {
         self.chunks

@@ -405,6 +405,8 @@ struct Query<'a> {
     needed: f64,
     bs: usize,
     best_peer: &'a dyn Fn(WorkerId) -> (u32, Option<WorkerId>),
+    /// The longest run a peer can send (what `best_peer` gives at most).
+    top_run: u32,
 }
 
 /// The workers serving a model (sorted) and their block size.
@@ -909,10 +911,13 @@ impl KvRouter {
     }
 
     /// The lowest cost among `candidates` (sorted, all in the load order), ties drawn at
-    /// random, without scoring them all: the workers with a prefix hit are scored, then the
-    /// others least loaded first (the load order), stopping at the first whose load bound
-    /// alone puts it above the best cost so far. Every worker with the lowest cost is found,
-    /// so the choice is the one scoring all would make (the same ties, drawn the same way).
+    /// random, without scoring them all: the workers are visited least loaded first (the
+    /// load order), stopping at the first whose load bound plus the least any worker's
+    /// prefix hit can take off puts it above the best cost so far. Every worker with the
+    /// lowest cost is found, so the choice is the one scoring all would make (the same ties,
+    /// drawn the same way). A popular prefix has hundreds of holders; the walk visits the few
+    /// least loaded of them (scoring every holder was a fifth of a busy simulated fleet's
+    /// time).
     ///
     /// Idle workers without a hit all cost the same (the idle floor) when the request fits
     /// every idle pool: when the candidates are every worker, they are counted, not visited,
@@ -944,73 +949,103 @@ impl KvRouter {
                 }
             }
         };
+        // What a worker costs idle, with `o` cached.
+        let floor =
+            |w: WorkerId, o: Overlap| cost(s, q.needed, o, (q.best_peer)(w).0, 0.0, 0.0, 0.0);
         // Candidates are sorted, distinct and all in the load order: as many as it holds, they
-        // are all of it (one model, nothing excluded: the usual case), and neither the holders
-        // nor the walk below need look each worker up among them (a popular prefix has
-        // hundreds of holders; at 10k idle workers, all tied, that lookup was most of a
-        // route's time).
+        // are all of it (one model, nothing excluded: the usual case), and the walk below
+        // need not look each worker up among them.
         let every = candidates.len() == loads.len();
+        let candidate = |w: WorkerId| every || candidates.binary_search(&w).is_ok();
+        // A worker's cost is at least its load bound plus its idle cost (`cost` is
+        // `overlap_weight` times the prompt's uncached blocks and its pending ones, plus its
+        // decode blocks, plus terms that are never negative), so with a weight of 0 or more
+        // the walk can stop at the first worker whose bound plus the least idle cost of any
+        // worker is above the best: the holders need not be scored one by one.
+        let prune = s.overlap_weight >= 0.0;
+        // The least idle cost: of a holder, or of any other worker (whose best peer holds at
+        // most the longest run).
+        let mut least_floor = cost(s, q.needed, Overlap::default(), q.top_run, 0.0, 0.0, 0.0);
         for (&w, &o) in q.overlaps {
-            let candidate = match every {
+            if prune {
+                least_floor = least_floor.min(floor(w, o));
+            } else if match every {
                 true => loads.get(&w).is_some(),
                 false => candidates.binary_search(&w).is_ok(),
-            };
-            if candidate {
+            } {
                 consider(&mut best, &mut ties, w, o);
             }
         }
-        // What any worker without a hit costs at the least: its cost idle.
-        let floor = |w: WorkerId| {
-            cost(
-                s,
-                q.needed,
-                Overlap::default(),
-                (q.best_peer)(w).0,
-                0.0,
-                0.0,
-                0.0,
-            )
-        };
         let mut idle_floor: Option<f64> = None;
-        // The idle workers with a hit (scored above), sorted: the rest of the idle set, when
-        // counted, is the workers without one.
+        // The idle workers with a hit, sorted: the rest of the idle set, when counted, is the
+        // workers without one.
         let mut idle_holders: Vec<WorkerId> = Vec::new();
-        let mut idle_tied = 0;
+        // The idle workers without a hit, and what each costs (counted, not visited).
+        let mut idle_rest: Option<(usize, f64)> = None;
         let counted = every
-            && s.overlap_weight >= 0.0
+            && prune
             && s.busy_threshold.is_none_or(|t| t >= 0.0)
             && loads.fits_every_idle(q.needed);
         if counted {
-            idle_holders = q
-                .overlaps
-                .keys()
-                .filter(|w| loads.idle.contains(**w))
-                .copied()
-                .collect();
+            idle_holders = match loads.idle.len() < q.overlaps.len() {
+                true => loads
+                    .idle
+                    .iter()
+                    .filter(|w| q.overlaps.contains_key(w))
+                    .collect(),
+                false => q
+                    .overlaps
+                    .keys()
+                    .filter(|w| loads.idle.contains(**w))
+                    .copied()
+                    .collect(),
+            };
             idle_holders.sort_unstable();
+            // The walk skips idle workers: those with a hit are scored here.
+            for &w in &idle_holders {
+                consider(&mut best, &mut ties, w, q.overlaps[&w]);
+            }
             if let Some(w) = loads.idle.first_not_in(&idle_holders) {
                 // Idle and without a hit: nothing pending, nothing decoding, and the request
                 // fits, so each costs exactly the floor.
-                let f = *idle_floor.get_or_insert_with(|| floor(w));
+                let f = *idle_floor.get_or_insert_with(|| floor(w, Overlap::default()));
                 if ties_best(&mut best, &mut ties, f) {
-                    idle_tied = loads.idle.len() - idle_holders.len();
+                    idle_rest = Some((loads.idle.len() - idle_holders.len(), f));
                 }
             }
         }
         for (bound, w) in loads.by_bound(counted) {
-            if q.overlaps.contains_key(&w) {
-                continue;
-            }
-            // Workers without a hit share one floor (the peer credit of the leading holder),
-            // but for the holders themselves, skipped above.
-            let f = *idle_floor.get_or_insert_with(|| floor(w));
-            if f + bound > best + 1e-6 {
-                break;
-            }
-            if every || candidates.binary_search(&w).is_ok() {
-                consider(&mut best, &mut ties, w, Overlap::default());
+            let hit = q.overlaps.get(&w).copied();
+            match (prune, hit) {
+                (true, Some(o)) => {
+                    if least_floor + bound > best + 1e-6 {
+                        break;
+                    }
+                    if candidate(w) {
+                        consider(&mut best, &mut ties, w, o);
+                    }
+                }
+                // Scored above.
+                (false, Some(_)) => {}
+                (_, None) => {
+                    // Workers without a hit share one floor (the peer credit of the leading
+                    // holder).
+                    let f = *idle_floor.get_or_insert_with(|| floor(w, Overlap::default()));
+                    if f.min(least_floor) + bound > best + 1e-6 {
+                        break;
+                    }
+                    // Above the best: only a holder, further on, may still tie or beat it.
+                    if f + bound <= best + 1e-6 && candidate(w) {
+                        consider(&mut best, &mut ties, w, Overlap::default());
+                    }
+                }
             }
         }
+        // They tie the best unless a worker visited after them cost less.
+        let idle_tied = match idle_rest {
+            Some((n, f)) if f <= best + 1e-9 => n,
+            _ => 0,
+        };
         if ties.is_empty() && idle_tied == 0 {
             return Err(RouteError::AllBusy(candidates.len()));
         }
@@ -1088,6 +1123,7 @@ impl KvRouter {
             needed,
             bs,
             best_peer: &best_peer,
+            top_run: peers[0].0,
         };
         let (worker, overlap) = if s.temperature == 0.0 && known {
             self.least_cost(candidates, &q)?
