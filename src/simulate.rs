@@ -249,6 +249,8 @@ pub fn run(a: &SimulateArgs) -> Result<()> {
         timer_ms: a.timer_ms,
         stepping: a.stepping,
         record_requests: a.requests_jsonl.is_some(),
+        // A second core applies the index's events (the same results).
+        index_thread: std::thread::available_parallelism().map_or(1, |n| n.get()) > 1,
         routes,
     };
     let span = trace.last().map(|r| r.timestamp / 1e3).unwrap_or(0.0);

@@ -21,6 +21,7 @@
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -28,7 +29,7 @@ use dynamo_engine::mocker::{simulated_scheduler, Simulated};
 use dynamo_engine::scheduler::{Prefilled, Scheduler};
 use dynamo_engine::{EngineError, MockerSettings};
 use dynamo_planner::{Planner, PlannerConfig, PoolRole, Pools, Profile, Replicas, Targets};
-use dynamo_protocols::kv::{WorkerId, LOAD_MIN_INTERVAL};
+use dynamo_protocols::kv::{KvEvent, WorkerId, LOAD_MIN_INTERVAL};
 use dynamo_protocols::llm::{
     EngineOutput, PreprocessedRequest, SamplingOptions, StopConditions, TokenId,
 };
@@ -132,6 +133,10 @@ pub struct SimConfig {
     pub timer_ms: f64,
     /// How engine steps become events.
     pub stepping: Stepping,
+    /// Apply the workers' KV events to the router's index on a second thread while this one
+    /// goes on (a route, or a worker leaving the index, first waits for every event sent
+    /// before it, so the results are the same either way). Worth it with a second core.
+    pub index_thread: bool,
     /// Keep a record of each request ([`SimReport::request_records`]), to compare a run
     /// with another request by request (`dynamo-run simulate --requests-jsonl`).
     pub record_requests: bool,
@@ -460,12 +465,64 @@ struct Sim<'a> {
     touched: Vec<usize>,
     /// Requests on their way to their engine (`overhead_ms`).
     inbound: std::collections::HashMap<usize, Inbound>,
+    /// The index thread's feed ([`SimConfig::index_thread`]).
+    feed: Option<IndexFeed>,
+}
+
+/// What the index thread's count of applied batches reads once it has panicked.
+const FAILED: u64 = u64::MAX;
+
+/// Marks the index thread's count [`FAILED`] if it unwinds.
+struct Failing<'a>(&'a AtomicU64);
+
+impl Drop for Failing<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.store(FAILED, Ordering::Release);
+        }
+    }
+}
+
+/// KV events on their way to the index thread, and how many batches it has applied.
+struct IndexFeed {
+    tx: std::sync::mpsc::Sender<(WorkerId, Vec<KvEvent>)>,
+    sent: u64,
+    applied: Arc<AtomicU64>,
+}
+
+impl IndexFeed {
+    /// Waits until the index thread has applied every batch sent (it is then idle until the
+    /// next, so the index is this thread's to read).
+    fn settle(&self) {
+        let mut spins = 0u32;
+        loop {
+            match self.applied.load(Ordering::Acquire) {
+                FAILED => panic!("the index thread failed (see its panic above)"),
+                n if n >= self.sent => return,
+                _ => {}
+            }
+            if spins < 1 << 12 {
+                std::hint::spin_loop();
+                spins += 1;
+            } else {
+                std::thread::yield_now();
+            }
+        }
+    }
 }
 
 impl<'a> Sim<'a> {
     fn at(&mut self, t: u64, ev: Ev) {
         self.seq += 1;
         self.queue.push(Reverse((t, self.seq, ev)));
+    }
+
+    /// Before the router reads its index (or drops a worker from it): every KV event sent so
+    /// far applied.
+    fn settle_index(&self) {
+        if let Some(f) = &self.feed {
+            f.settle();
+        }
     }
 
     fn wid(slot: usize) -> WorkerId {
@@ -717,6 +774,7 @@ impl<'a> Sim<'a> {
         self.total.arrivals += 1;
         self.window.arrivals += 1;
         self.interval.arrivals += 1;
+        self.settle_index();
         let forced = (self.cfg.routes.as_ref())
             .and_then(|r| r.get(i).copied().flatten())
             .filter(|&slot| slot < self.workers.len());
@@ -1090,7 +1148,16 @@ impl<'a> Sim<'a> {
         let events = self.workers[slot].sched.take_events();
         if !events.is_empty() {
             self.router.note_events();
-            self.router.index().apply(Self::wid(slot), &events);
+            match self.feed.as_mut() {
+                Some(f) => {
+                    f.tx.send((Self::wid(slot), events))
+                        .expect("the index thread runs until the simulation ends");
+                    f.sent += 1;
+                }
+                None => {
+                    self.router.index().apply(Self::wid(slot), &events);
+                }
+            }
         }
         let w = &mut self.workers[slot];
         let due = w
@@ -1293,6 +1360,7 @@ impl<'a> Sim<'a> {
                 w.down_at = Some(now);
             } else {
                 w.state = State::Draining;
+                self.settle_index();
                 self.router.forget(Self::wid(slot));
                 self.maybe_stop(slot);
             }
@@ -1362,6 +1430,7 @@ pub fn simulate(
         arrived: 0,
         touched: Vec::new(),
         inbound: Default::default(),
+        feed: None,
     };
     let first = ns(trace[0].timestamp / 1e3);
     let end = trace.iter().map(|r| r.timestamp).fold(0.0, f64::max) / 1e3;
@@ -1387,27 +1456,56 @@ pub fn simulate(
         sim.at(t, Ev::Tick);
     }
     sim.at(first + ns(cfg.window_s), Ev::Window);
-    let mut reported = 0u64;
-    while let Some(Reverse((t, _, ev))) = sim.queue.pop() {
-        sim.now = t;
-        match ev {
-            Ev::Arrive(i) => sim.arrive(i),
-            Ev::Reach(i) => sim.reach(i),
-            Ev::StepDone(w) => sim.step_done(w),
-            Ev::CruiseDone(w, g) => sim.cruise_done(w, g),
-            Ev::Transferred(i) => sim.transferred(i),
-            Ev::Ready(w) => sim.ready(w),
-            Ev::Tick => sim.tick(),
-            Ev::Window => sim.window(),
+    std::thread::scope(|scope| {
+        if cfg.index_thread {
+            let (tx, rx) = std::sync::mpsc::channel::<(WorkerId, Vec<KvEvent>)>();
+            let applied = Arc::new(AtomicU64::new(0));
+            let (router, done) = (sim.router.clone(), applied.clone());
+            scope.spawn(move || {
+                let _failing = Failing(&done);
+                // Until the simulation drops its sender. A batch comes every few microseconds
+                // of a busy run: waiting for the next one spins a while before it sleeps (a
+                // sleeping receiver costs each send a wake-up call into the kernel).
+                let mut idle = 0u32;
+                loop {
+                    match rx.try_recv() {
+                        Ok((w, events)) => {
+                            router.index().apply(w, &events);
+                            done.fetch_add(1, Ordering::Release);
+                            idle = 0;
+                        }
+                        Err(std::sync::mpsc::TryRecvError::Empty) if idle < 1 << 14 => {
+                            std::hint::spin_loop();
+                            idle += 1;
+                        }
+                        Err(std::sync::mpsc::TryRecvError::Empty) => match rx.recv() {
+                            Ok((w, events)) => {
+                                router.index().apply(w, &events);
+                                done.fetch_add(1, Ordering::Release);
+                                idle = 0;
+                            }
+                            Err(_) => break,
+                        },
+                        Err(std::sync::mpsc::TryRecvError::Disconnected) => break,
+                    }
+                }
+            });
+            sim.feed = Some(IndexFeed {
+                tx,
+                sent: 0,
+                applied,
+            });
         }
-        if t / 1_000_000_000 > reported {
-            reported = t / 1_000_000_000;
-            progress(t as f64 / NS, end);
+        // The index thread stops when its sender is dropped: also when a panic unwinds here
+        // (the scope waits for it before passing the panic on).
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            run_events(&mut sim, end, &mut progress)
+        }));
+        sim.feed = None;
+        if let Err(panic) = ran {
+            std::panic::resume_unwind(panic);
         }
-        if sim.finished() {
-            break;
-        }
-    }
+    });
     let end_at = sim.now;
 
     let mut report = std::mem::take(&mut sim.report);
@@ -1434,6 +1532,31 @@ pub fn simulate(
         .map(|w| (w.down_at.unwrap_or(end_at).max(w.up_at) - w.up_at) as f64 / NS)
         .sum();
     Ok(report)
+}
+
+/// Runs the events in time order until every request has ended.
+fn run_events(sim: &mut Sim, end: f64, progress: &mut impl FnMut(f64, f64)) {
+    let mut reported = 0u64;
+    while let Some(Reverse((t, _, ev))) = sim.queue.pop() {
+        sim.now = t;
+        match ev {
+            Ev::Arrive(i) => sim.arrive(i),
+            Ev::Reach(i) => sim.reach(i),
+            Ev::StepDone(w) => sim.step_done(w),
+            Ev::CruiseDone(w, g) => sim.cruise_done(w, g),
+            Ev::Transferred(i) => sim.transferred(i),
+            Ev::Ready(w) => sim.ready(w),
+            Ev::Tick => sim.tick(),
+            Ev::Window => sim.window(),
+        }
+        if t / 1_000_000_000 > reported {
+            reported = t / 1_000_000_000;
+            progress(t as f64 / NS, end);
+        }
+        if sim.finished() {
+            break;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1476,6 +1599,7 @@ mod tests {
             stepping: Stepping::Batch,
             prefill_workers: 0,
             record_requests: false,
+            index_thread: false,
             routes: None,
         }
     }
@@ -1695,6 +1819,55 @@ mod tests {
                 (batch.simulated_s, each.simulated_s),
             ] {
                 assert!(close(a, b), "at {rate} req/s: {batch:?} against {each:?}");
+            }
+        }
+    }
+
+    /// Applying the KV events on a second thread changes nothing: the same reports with and
+    /// without it, for a planner adding and draining workers (each drained worker leaves the
+    /// index) on pools small enough to evict, and for a disaggregated deployment.
+    #[test]
+    fn the_index_thread_gives_the_same_runs() {
+        let curve = LoadCurve::Step {
+            base: 10.0,
+            factor: 6.0,
+            at_s: 30.0,
+            until_s: 60.0,
+        };
+        let trace = generate(&curve, 90.0, &shape(), 5);
+        let mut planned = cfg(
+            1,
+            Some(planner_sim(
+                T,
+                Pools::Aggregated,
+                Limits { min: 0, max: 0 },
+                8,
+            )),
+        );
+        planned.mocker.num_gpu_blocks = 64;
+        let disaggregated = SimConfig {
+            prefill_workers: 2,
+            ..cfg(2, None)
+        };
+        for c in [planned, disaggregated] {
+            let alone = run(&c, &trace);
+            let threaded = run(
+                &SimConfig {
+                    index_thread: true,
+                    ..c.clone()
+                },
+                &trace,
+            );
+            assert_eq!(threaded, alone);
+            assert_eq!(alone.completed, trace.len() as u64);
+            if c.planner.is_some() {
+                assert!(
+                    alone.decisions.iter().any(|d| d.to < d.from),
+                    "{:?}",
+                    alone.decisions
+                );
+            } else {
+                assert!(alone.remote_prefills > 0);
             }
         }
     }
