@@ -1632,6 +1632,17 @@ mod tests {
         }
     }
 
+    /// 10 req/s, six times that from `at_s` until `until_s`, for `duration_s`.
+    fn step_trace(at_s: f64, until_s: f64, duration_s: f64) -> Vec<TraceRequest> {
+        let curve = LoadCurve::Step {
+            base: 10.0,
+            factor: 6.0,
+            at_s,
+            until_s,
+        };
+        generate(&curve, duration_s, &shape(), 5)
+    }
+
     fn run(c: &SimConfig, trace: &[TraceRequest]) -> SimReport {
         let mut r = simulate(c, trace, |_, _| {}).unwrap();
         r.wall_s = 0.0;
@@ -1828,13 +1839,7 @@ mod tests {
     /// index) on pools small enough to evict, and for a disaggregated deployment.
     #[test]
     fn the_index_thread_gives_the_same_runs() {
-        let curve = LoadCurve::Step {
-            base: 10.0,
-            factor: 6.0,
-            at_s: 30.0,
-            until_s: 60.0,
-        };
-        let trace = generate(&curve, 90.0, &shape(), 5);
+        let trace = step_trace(30.0, 60.0, 90.0);
         let mut planned = cfg(
             1,
             Some(planner_sim(
@@ -1877,13 +1882,7 @@ mod tests {
     /// all along, at a comparable attainment; without enough workers attainment collapses.
     #[test]
     fn the_planner_follows_a_step_and_saves_worker_seconds() {
-        let curve = LoadCurve::Step {
-            base: 10.0,
-            factor: 6.0,
-            at_s: 60.0,
-            until_s: 120.0,
-        };
-        let trace = generate(&curve, 180.0, &shape(), 5);
+        let trace = step_trace(60.0, 120.0, 180.0);
         let planner = planner_sim(T, Pools::Aggregated, Limits { min: 0, max: 0 }, 8);
         let planned = run(&cfg(1, Some(planner)), &trace);
         assert!(planned.peak_workers >= 2, "{:?}", planned.decisions);
