@@ -13,11 +13,13 @@
 //! blocks (its cached prefix pinned), the prefill worker computes the prompt to its first
 //! token (its own prefix cache counts), the uncached blocks cross in the mocker's simulated
 //! transfer time, and the first token reaches the client as the decode worker takes the
-//! request over, computed ([`Scheduler::add_prefilled_tagged`]). A reservation or a prefill
+//! request over, computed ([`Scheduler::add_prefilled_tagged`]); the request to the prefill
+//! worker and its answer each cross the bus in [`SimConfig::hop_ms`]. A reservation or a prefill
 //! that fails falls back to prefilling on the decode worker, as the real one does.
 //!
 //! Time is integer nanoseconds; events at the same time run in the order they were
-//! scheduled, so a run is deterministic.
+//! scheduled, so a run is deterministic (with [`SimConfig::index_thread`] too: the router
+//! reads its index only once every KV event sent before has been applied).
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
