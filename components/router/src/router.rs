@@ -910,7 +910,8 @@ impl KvRouter {
         Ok((worker, overlap))
     }
 
-    /// The lowest cost among `candidates` (sorted, all in the load order), ties drawn at
+    /// The lowest cost among `candidates` (sorted, all in the load order; the overlap weight
+    /// at least 0), ties drawn at
     /// random, without scoring them all: the workers are visited least loaded first (the
     /// load order), stopping at the first whose load bound plus the least any worker's
     /// prefix hit can take off puts it above the best cost so far. Every worker with the
@@ -958,34 +959,23 @@ impl KvRouter {
         let every = candidates.len() == loads.len();
         let candidate = |w: WorkerId| every || candidates.binary_search(&w).is_ok();
         // A worker's cost is at least its load bound plus its idle cost (`cost` is
-        // `overlap_weight` times the prompt's uncached blocks and its pending ones, plus its
-        // decode blocks, plus terms that are never negative), so with a weight of 0 or more
-        // the walk can stop at the first worker whose bound plus the least idle cost of any
-        // worker is above the best: the holders need not be scored one by one.
-        let prune = s.overlap_weight >= 0.0;
-        // The least idle cost: of a holder, or of any other worker (whose best peer holds at
-        // most the longest run).
-        let mut least_floor = cost(s, q.needed, Overlap::default(), q.top_run, 0.0, 0.0, 0.0);
-        for (&w, &o) in q.overlaps {
-            if prune {
-                least_floor = least_floor.min(floor(w, o));
-            } else if match every {
-                true => loads.get(&w).is_some(),
-                false => candidates.binary_search(&w).is_ok(),
-            } {
-                consider(&mut best, &mut ties, w, o);
-            }
-        }
+        // `overlap_weight`, never negative here, times the prompt's uncached blocks and its
+        // pending ones, plus its decode blocks, plus terms that are never negative), so the
+        // walk can stop at the first worker whose bound plus the least idle cost of any worker
+        // is above the best: the holders need not be scored one by one. The least idle cost:
+        // of a holder, or of any other worker (whose best peer holds at most the longest run).
+        let least_floor = q.overlaps.iter().fold(
+            cost(s, q.needed, Overlap::default(), q.top_run, 0.0, 0.0, 0.0),
+            |least, (&w, &o)| least.min(floor(w, o)),
+        );
         let mut idle_floor: Option<f64> = None;
         // The idle workers with a hit, sorted: the rest of the idle set, when counted, is the
         // workers without one.
         let mut idle_holders: Vec<WorkerId> = Vec::new();
         // The idle workers without a hit, and what each costs (counted, not visited).
         let mut idle_rest: Option<(usize, f64)> = None;
-        let counted = every
-            && prune
-            && s.busy_threshold.is_none_or(|t| t >= 0.0)
-            && loads.fits_every_idle(q.needed);
+        let counted =
+            every && s.busy_threshold.is_none_or(|t| t >= 0.0) && loads.fits_every_idle(q.needed);
         if counted {
             idle_holders = match loads.idle.len() < q.overlaps.len() {
                 true => loads
@@ -1015,27 +1005,20 @@ impl KvRouter {
             }
         }
         for (bound, w) in loads.by_bound(counted) {
-            let hit = q.overlaps.get(&w).copied();
-            match (prune, hit) {
-                (true, Some(o)) => {
-                    if least_floor + bound > best + 1e-6 {
-                        break;
-                    }
-                    if candidate(w) {
-                        consider(&mut best, &mut ties, w, o);
-                    }
-                }
-                // Scored above.
-                (false, Some(_)) => {}
-                (_, None) => {
+            if least_floor + bound > best + 1e-6 {
+                break;
+            }
+            if !candidate(w) {
+                continue;
+            }
+            match q.overlaps.get(&w) {
+                Some(&o) => consider(&mut best, &mut ties, w, o),
+                None => {
                     // Workers without a hit share one floor (the peer credit of the leading
-                    // holder).
+                    // holder): one already above the best is not scored (only a holder,
+                    // further on, may still tie or beat it).
                     let f = *idle_floor.get_or_insert_with(|| floor(w, Overlap::default()));
-                    if f.min(least_floor) + bound > best + 1e-6 {
-                        break;
-                    }
-                    // Above the best: only a holder, further on, may still tie or beat it.
-                    if f + bound <= best + 1e-6 && candidate(w) {
+                    if f + bound <= best + 1e-6 {
                         consider(&mut best, &mut ties, w, Overlap::default());
                     }
                 }
@@ -1125,7 +1108,9 @@ impl KvRouter {
             best_peer: &best_peer,
             top_run: peers[0].0,
         };
-        let (worker, overlap) = if s.temperature == 0.0 && known {
+        // The load order's walk needs costs that grow with load: a negative overlap weight
+        // (refused by the CLI, possible in a library's settings) scores every worker.
+        let (worker, overlap) = if s.temperature == 0.0 && known && s.overlap_weight >= 0.0 {
             self.least_cost(candidates, &q)?
         } else {
             self.sample(candidates, &q)?

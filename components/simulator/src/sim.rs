@@ -1468,28 +1468,23 @@ pub fn simulate(
                 // Until the simulation drops its sender. A batch comes every few microseconds
                 // of a busy run: waiting for the next one spins a while before it sleeps (a
                 // sleeping receiver costs each send a wake-up call into the kernel).
+                use std::sync::mpsc::TryRecvError;
                 let mut idle = 0u32;
                 loop {
-                    match rx.try_recv() {
-                        Ok((w, events)) => {
-                            router.index().apply(w, &events);
-                            done.fetch_add(1, Ordering::Release);
-                            idle = 0;
-                        }
-                        Err(std::sync::mpsc::TryRecvError::Empty) if idle < 1 << 14 => {
+                    let next = match rx.try_recv() {
+                        Ok(batch) => Some(batch),
+                        Err(TryRecvError::Empty) if idle < 1 << 14 => {
                             std::hint::spin_loop();
                             idle += 1;
+                            continue;
                         }
-                        Err(std::sync::mpsc::TryRecvError::Empty) => match rx.recv() {
-                            Ok((w, events)) => {
-                                router.index().apply(w, &events);
-                                done.fetch_add(1, Ordering::Release);
-                                idle = 0;
-                            }
-                            Err(_) => break,
-                        },
-                        Err(std::sync::mpsc::TryRecvError::Disconnected) => break,
-                    }
+                        Err(TryRecvError::Empty) => rx.recv().ok(),
+                        Err(TryRecvError::Disconnected) => None,
+                    };
+                    let Some((w, events)) = next else { break };
+                    router.index().apply(w, &events);
+                    done.fetch_add(1, Ordering::Release);
+                    idle = 0;
                 }
             });
             sim.feed = Some(IndexFeed {
